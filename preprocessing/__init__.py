@@ -1,0 +1,1 @@
+"""Corpus → masked BERT pretraining examples, as an Apache Beam pipeline."""
