@@ -1,0 +1,274 @@
+"""Streaming reader for MediaWiki XML dumps (``pages-articles.xml[.bz2]``).
+
+A dump is never held in memory: bytes are decompressed in 1 MiB chunks and each
+``<page>…</page>`` is parsed on its own with ElementTree as soon as it is complete.
+
+Splitting one big file across workers: a bzip2 file is a sequence of independent
+streams, each starting with the byte-aligned header ``BZh[1-9]`` + the block magic
+``0x314159265359``. Multistream dumps (``*-multistream.xml.bz2``) hold 100 pages per
+stream, and files made by parallel compressors (pbzip2, lbzip2) hold one stream per
+~900 kB block, so a file can be cut into byte ranges and each range read alone. The
+owner of a page is the range in which the stream holding the page's ``<page>`` tag
+starts; an owner reads past its range end to finish a page in progress, and the next
+range skips the text before its first ``<page>``. A single-stream file (plain
+``bzip2``) has one stream, so one range reads it all; the pipeline reshuffles pages
+afterwards so that cleaning still spreads across workers.
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import logging
+import re
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from preprocessing.documents import Problem
+
+log = logging.getLogger(__name__)
+
+# Stream header: "BZh", block size digit, then the 48-bit block magic (pi in BCD).
+BZ2_STREAM_HEADER = re.compile(rb"BZh[1-9]\x31\x41\x59\x26\x53\x59")
+_READ_CHUNK = 1 << 20
+_PAGE_OPEN = b"<page>"
+_PAGE_CLOSE = b"</page>"
+_REDIRECT_TEXT = re.compile(r"\s*#redirect", re.IGNORECASE)
+# The disambiguation template family ({{disambiguation}}, {{dab}}, {{hndis}}, {{geodis}},
+# {{Airport disambiguation}}, …); set-index articles are prose and are kept.
+_DISAMBIGUATION = re.compile(
+    r"\{\{\s*(?:[^{}|]*disambig[^{}|]*|dab|disamb|hndis|geodis|numberdis|mathdab|"
+    r"letter-numbercombdisambig)\s*(?:\||\}\})",
+    re.IGNORECASE,
+)
+_TITLE_IN_RAW = re.compile(rb"<title>([^<]{0,300})</title>")
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    page_id: str
+    title: str
+    namespace: int
+    text: str
+    is_redirect: bool
+    # True when invalid UTF-8 bytes were replaced with U+FFFD to keep the page.
+    repaired: bool = False
+
+    @property
+    def is_disambiguation(self) -> bool:
+        return self.title.endswith("(disambiguation)") or bool(_DISAMBIGUATION.search(self.text))
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def parse_page(raw: bytes) -> Page:
+    """Parses one ``<page>…</page>`` element (bytes, UTF-8). Raises ET.ParseError."""
+    element = ET.fromstring(raw)
+    fields: dict[str, str] = {}
+    is_redirect = False
+    text = ""
+    for child in element.iter():
+        name = _local(child.tag)
+        if name in ("title", "ns") or (name == "id" and "id" not in fields):
+            fields[name] = child.text or ""
+        elif name == "redirect":
+            is_redirect = True
+        elif name == "text":
+            text = child.text or ""
+    is_redirect = is_redirect or bool(_REDIRECT_TEXT.match(text))
+    try:
+        namespace = int(fields.get("ns", "0"))
+    except ValueError:
+        namespace = -1
+    return Page(
+        page_id=fields.get("id", ""),
+        title=fields.get("title", ""),
+        namespace=namespace,
+        text=text,
+        is_redirect=is_redirect,
+    )
+
+
+def _decode_page(raw: bytes) -> tuple[bytes, bool]:
+    """Returns UTF-8 bytes safe to parse, and whether invalid bytes were replaced."""
+    try:
+        raw.decode("utf-8")
+        return raw, False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace").encode("utf-8"), True
+
+
+def find_first_stream(f: BinaryIO, start: int, end: int) -> int | None:
+    """Offset of the first bzip2 stream header that begins in [start, end), or None."""
+    keep = len(b"BZh9") + 6 - 1  # a header straddling two reads is found next time
+    f.seek(start)
+    base, data = start, b""
+    while base + len(data) < end + keep:
+        chunk = f.read(_READ_CHUNK * 8)
+        if not chunk:
+            break
+        tail = data[-keep:]
+        base += len(data) - len(tail)
+        data = tail + chunk
+        match = BZ2_STREAM_HEADER.search(data)
+        if match:
+            offset = base + match.start()
+            return offset if offset < end else None
+    return None
+
+
+class _Progress:
+    """Logs reading progress at most every ``every`` seconds."""
+
+    def __init__(self, label: str, every: float = 15.0):
+        self.label, self.every = label, every
+        self.started = self.last = time.monotonic()
+        self.pages = 0
+        self.bytes = 0
+
+    def update(self, pages: int, nbytes: int) -> None:
+        self.pages += pages
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            mb = self.bytes / 1e6
+            log.info("%s: %d pages, %.0f MB of XML, %.1f MB/s", self.label, self.pages, mb,
+                     mb / max(now - self.started, 1e-9))
+
+
+def _pages_from_xml_chunks(chunks: Iterator[tuple[bool, bytes]], path: str
+                           ) -> Iterator[Page | Problem]:
+    """Cuts decompressed XML into pages and parses each.
+
+    ``chunks`` yields ``(foreign, data)``: ``foreign`` marks data from a stream that
+    another range owns. A page whose ``<page>`` tag starts in foreign data is left to
+    that range; a page begun in our data is finished with foreign data.
+    """
+    buffer = b""
+    foreign_from = None  # buffer position where foreign data begins
+    for foreign, chunk in chunks:
+        if foreign and foreign_from is None:
+            foreign_from = len(buffer)
+        buffer += chunk
+        while True:
+            open_at = buffer.find(_PAGE_OPEN)
+            if open_at < 0:
+                # Keep a possible partial "<page>" tag at the tail; drop the rest.
+                keep = len(_PAGE_OPEN) - 1
+                if foreign_from is not None:
+                    if foreign_from <= len(buffer) - keep:
+                        return
+                    foreign_from -= len(buffer) - keep
+                buffer = buffer[-keep:]
+                break
+            if foreign_from is not None and open_at >= foreign_from:
+                return
+            close_at = buffer.find(_PAGE_CLOSE, open_at)
+            next_open = buffer.find(_PAGE_OPEN, open_at + 1)
+            if 0 <= next_open < (close_at if close_at >= 0 else len(buffer)):
+                yield _problem_for(buffer[open_at:next_open], path, "malformed-pages",
+                                   "has no </page> before the next <page>")
+                cut = next_open
+            elif close_at < 0:
+                cut = open_at
+                buffer, foreign_from = _cut(buffer, foreign_from, cut)
+                break
+            else:
+                cut = close_at + len(_PAGE_CLOSE)
+                yield _parse_or_problem(buffer[open_at:cut], path)
+            buffer, foreign_from = _cut(buffer, foreign_from, cut)
+    if _PAGE_OPEN in buffer and (foreign_from is None or buffer.find(_PAGE_OPEN) < foreign_from):
+        yield _problem_for(buffer[buffer.find(_PAGE_OPEN):], path, "truncated-pages",
+                           "ends before its </page> (truncated file?)")
+
+
+def _cut(buffer: bytes, foreign_from: int | None, cut: int) -> tuple[bytes, int | None]:
+    if foreign_from is not None:
+        foreign_from = max(0, foreign_from - cut)
+    return buffer[cut:], foreign_from
+
+
+def _parse_or_problem(raw: bytes, path: str) -> Page | Problem:
+    clean, repaired = _decode_page(raw)
+    try:
+        page = parse_page(clean)
+    except ET.ParseError as err:
+        return _problem_for(raw, path, "malformed-pages", f"is not well-formed XML ({err})")
+    if repaired:
+        log.warning("%s: page %r had invalid UTF-8; bad bytes replaced with U+FFFD", path, page.title)
+        return dataclasses.replace(page, repaired=True)
+    return page
+
+
+def _problem_for(raw: bytes, path: str, reason: str, what: str) -> Problem:
+    title = _TITLE_IN_RAW.search(raw[:4096])
+    name = repr(title.group(1).decode("utf-8", "replace")) if title else "(no title)"
+    return Problem(reason, f"{path}: page {name} {what}; skipped")
+
+
+def read_bz2_range(f: BinaryIO, path: str, start: int, end: int) -> Iterator[Page | Problem]:
+    """Pages owned by the byte range [start, end) of a bzip2 (multi)stream file."""
+    progress = _Progress(f"{path} [{start:,}-{end:,})")
+    first = find_first_stream(f, start, end)
+    if first is None:
+        return
+    # Offset of the stream being decompressed; once a stream ends, of the next one.
+    state = {"stream_at": first, "problem": None}
+
+    def chunks() -> Iterator[bytes]:
+        f.seek(first)
+        decompressor = bz2.BZ2Decompressor()
+        consumed = first  # file offset just past the bytes fed so far
+        data = f.read(_READ_CHUNK)
+        while data:
+            try:
+                out = decompressor.decompress(data)
+            except OSError as err:
+                state["problem"] = f"bad bzip2 data in the stream at byte {state['stream_at']:,} ({err})"
+                return
+            consumed += len(data)
+            if out:
+                progress.update(0, len(out))
+                yield state["stream_at"] >= end, out
+            if decompressor.eof:
+                data = decompressor.unused_data
+                state["stream_at"] = consumed - len(data)
+                if len(data) < 4:
+                    data += f.read(_READ_CHUNK)
+                if not data:
+                    return
+                if not data.startswith(b"BZh"):
+                    log.warning("%s: %d bytes after the last bzip2 stream are not bzip2; ignored",
+                                path, len(data))
+                    return
+                consumed = state["stream_at"]
+                decompressor = bz2.BZ2Decompressor()
+            else:
+                data = f.read(_READ_CHUNK)
+        if not decompressor.eof:
+            state["problem"] = (f"the bzip2 stream at byte {state['stream_at']:,} ends early "
+                                "(truncated file?)")
+
+    for item in _pages_from_xml_chunks(chunks(), path):
+        progress.update(1, 0)
+        yield item
+    if state["problem"]:
+        yield Problem("truncated-streams",
+                          f"{path}: {state['problem']}; the pages before it were kept")
+
+
+def read_xml(f: BinaryIO, path: str) -> Iterator[Page | Problem]:
+    """Pages of an uncompressed XML dump, streamed."""
+    progress = _Progress(path)
+
+    def chunks() -> Iterator[bytes]:
+        while data := f.read(_READ_CHUNK):
+            progress.update(0, len(data))
+            yield False, data
+
+    yield from _pages_from_xml_chunks(chunks(), path)

@@ -1,0 +1,37 @@
+import bz2
+import os
+import re
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DIR = os.path.join(REPO, "preprocessing", "sample_data")
+WIKI_SAMPLE = os.path.join(SAMPLE_DIR, "enwiki-sample-pages-articles.xml.bz2")
+TABLE_SAMPLE = os.path.join(SAMPLE_DIR, "enwiki-table-markup.xml.bz2")
+AUSTEN = os.path.join(SAMPLE_DIR, "austen-novels.txt.bz2")
+
+
+@pytest.fixture(scope="session")
+def wiki_xml() -> bytes:
+    """The real dump sample, decompressed (6.1 MB)."""
+    with bz2.open(WIKI_SAMPLE, "rb") as f:
+        return f.read()
+
+
+def split_dump(xml: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """(header up to the first <page>, the <page> elements, the closing tags)."""
+    first = xml.find(b"<page>")
+    first = xml.rfind(b"\n", 0, first) + 1
+    pages = re.findall(rb"  <page>.*?</page>\n", xml, re.S)
+    return xml[:first], pages, b"</mediawiki>\n"
+
+
+@pytest.fixture(scope="session")
+def multistream_dump(wiki_xml, tmp_path_factory) -> str:
+    """The real sample re-compressed as a multistream dump (header stream, then
+    pages in streams of 7), the layout of Wikipedia's *-multistream.xml.bz2."""
+    header, pages, footer = split_dump(wiki_xml)
+    parts = [header] + [b"".join(pages[i:i + 7]) for i in range(0, len(pages), 7)] + [footer]
+    path = tmp_path_factory.mktemp("dumps") / "enwiki-multistream.xml.bz2"
+    path.write_bytes(b"".join(bz2.compress(p) for p in parts))
+    return str(path)
