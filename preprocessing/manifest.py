@@ -1,0 +1,104 @@
+"""``manifest.json``: the contract between the data dir and its readers.
+
+It records everything a reader must check before use (see DESIGN.md) and is written
+last, atomically (temp file + rename), so a data dir without one is incomplete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from collections.abc import Sequence
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from preprocessing import vocab
+from preprocessing.options import PreprocessConfig
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def input_fingerprint(paths: Sequence[str]) -> str:
+    """sha256 over each input's name, size, and first and last MiB.
+
+    Hashing all of a 20 GB dump would take minutes; name + size + both ends tells
+    dumps apart (they differ in their header's date and in their tail) in milliseconds.
+    """
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        h.update(f"{path.rsplit('/', 1)[-1]}\0{size}\0".encode())
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            h.update(f.read(_FINGERPRINT_BYTES))
+            if size > 2 * _FINGERPRINT_BYTES:
+                f.seek(size - _FINGERPRINT_BYTES)
+                h.update(f.read(_FINGERPRINT_BYTES))
+    return h.hexdigest()
+
+
+def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokenizer_proto: bytes,
+                   shards: Sequence[tuple[str, int]], counters: dict[str, int],
+                   data_run_id: str | None) -> dict:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=tokenizer_proto)
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "data_run_id": data_run_id,
+        "tokenizer": {
+            "path": "tokenizer",
+            "fingerprint": vocab.tokenizer_fingerprint(tokenizer_proto),
+            "vocab_size": sp.get_piece_size(),
+            "model_type": config.model_type if config.tokenizer is None else "given",
+            "special_ids": {t.strip("[]").lower(): sp.piece_to_id(t) for t in vocab.SPECIAL_TOKENS},
+        },
+        "max_seq_length": config.max_seq_length,
+        "masking": {
+            "mode": "static",  # input_ids hold the masked tokens
+            "masked_lm_prob": config.masked_lm_prob,
+            "max_predictions_per_seq": config.max_predictions_per_seq,
+            "whole_word_mask": config.whole_word_mask,
+        },
+        "dupe_factor": config.dupe_factor,
+        "short_seq_prob": config.short_seq_prob,
+        "docs_per_bucket": config.docs_per_bucket,
+        "seed": config.seed,
+        "input": {"paths": sorted(input_paths), "fingerprint": input_fingerprint(input_paths)},
+        "columns": {
+            "input_ids": "list<int32>, masked, [CLS] A [SEP] B [SEP], no padding",
+            "segment_ids": "list<int8>, 0 for [CLS] A [SEP], 1 for B [SEP]",
+            "masked_lm_positions": "list<int32>, sorted",
+            "masked_lm_ids": "list<int32>, original ids at masked_lm_positions",
+            "next_sentence_labels": "int8, 1 = B is a random span, 0 = true continuation",
+        },
+        "num_examples": sum(rows for _, rows in shards),
+        "shards": [{"path": path, "rows": rows} for path, rows in shards],
+        "counters": dict(sorted(counters.items())),
+    }
+
+
+def write_manifest(output: str, manifest: dict) -> str:
+    path = FileSystems.join(output, MANIFEST)
+    temp = FileSystems.join(output, f".{MANIFEST}.inprogress")
+    with FileSystems.create(temp) as f:
+        f.write(json.dumps(manifest, indent=2).encode("utf-8"))
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temp], [path])
+    return path
+
+
+def remove_stale_outputs(output: str) -> None:
+    """Deletes a previous run's manifest first, then its shards and tokenizer."""
+    path = FileSystems.join(output, MANIFEST)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    for pattern in ("shards/*", "shards/.*", "tokenizer/*"):
+        matched = FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list
+        if matched:
+            FileSystems.delete([m.path for m in matched])

@@ -1,0 +1,184 @@
+"""Command-line flags of ``run_beam.py``, parsed into one frozen config.
+
+Our flags use dashes (``--vocab-size``); everything else goes to Beam's
+PipelineOptions unchanged (``--runner``, ``--direct_num_workers``, Dataflow/Flink/Spark
+options). A flag neither side knows is an error, not a silently dropped typo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from collections.abc import Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
+# The bundled real sample: a Wikipedia dump fragment and Jane Austen's novels.
+DEFAULT_INPUTS = (
+    os.path.join(SAMPLE_DIR, "enwiki-sample-pages-articles.xml.bz2"),
+    os.path.join(SAMPLE_DIR, "austen-novels.txt.bz2"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    inputs: tuple[str, ...] = DEFAULT_INPUTS
+    output: str = "output/data"
+    vocab_size: int = 32000
+    model_type: str = "unigram"
+    tokenizer: str | None = None
+    vocab_sample_sentences: int = 1_000_000
+    max_seq_length: int = 128
+    dupe_factor: int = 5
+    masked_lm_prob: float = 0.15
+    max_predictions_per_seq: int = 20
+    short_seq_prob: float = 0.1
+    whole_word_mask: bool = False
+    num_shards: int = 0
+    rows_per_shard: int = 65536
+    docs_per_bucket: int = 256
+    seed: int = 12345
+    text_field: str = "text"
+    max_line_bytes: int = 1 << 20
+    split_bytes: int = 64 << 20
+    mlflow: bool = True
+    experiment: str = "bert-pipeline"
+    run_name: str | None = None
+
+    def __post_init__(self):
+        _check(self.vocab_size >= 100, f"--vocab-size must be at least 100, got {self.vocab_size}")
+        _check(self.model_type in ("unigram", "bpe"),
+               f"--model-type must be unigram or bpe, got {self.model_type!r}")
+        _check(self.vocab_sample_sentences >= 1000,
+               f"--vocab-sample-sentences must be at least 1000, got {self.vocab_sample_sentences}")
+        _check(self.max_seq_length >= 8, f"--max-seq-length must be at least 8, got {self.max_seq_length}")
+        _check(self.dupe_factor >= 1, f"--dupe-factor must be at least 1, got {self.dupe_factor}")
+        _check(0 < self.masked_lm_prob < 1,
+               f"--masked-lm-prob must be in (0, 1), got {self.masked_lm_prob}")
+        _check(1 <= self.max_predictions_per_seq <= self.max_seq_length - 3,
+               f"--max-predictions-per-seq must be in [1, max-seq-length - 3], "
+               f"got {self.max_predictions_per_seq}")
+        _check(0 <= self.short_seq_prob <= 1,
+               f"--short-seq-prob must be in [0, 1], got {self.short_seq_prob}")
+        _check(self.num_shards >= 0, f"--num-shards must be >= 0 (0 = automatic), got {self.num_shards}")
+        _check(self.rows_per_shard >= 1, f"--rows-per-shard must be >= 1, got {self.rows_per_shard}")
+        _check(self.docs_per_bucket >= 2, f"--docs-per-bucket must be at least 2, got {self.docs_per_bucket}")
+        _check(self.max_line_bytes >= 1024, f"--max-line-bytes must be at least 1024, got {self.max_line_bytes}")
+        _check(self.split_bytes >= 1 << 16, f"--split-bytes must be at least 65536, got {self.split_bytes}")
+
+
+class ConfigError(ValueError):
+    """A bad flag value; the message names the flag."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PreprocessConfig()
+    p = argparse.ArgumentParser(
+        prog="python preprocessing/run_beam.py",
+        description=(
+            "Turn a corpus into sharded, masked BERT pretraining examples (MLM + NSP, "
+            "Google's recipe) with a SentencePiece vocabulary trained on it. Writes "
+            "OUTPUT/tokenizer/, OUTPUT/shards/*.parquet and, last, OUTPUT/manifest.json. "
+            "Flags not listed here go to Apache Beam (e.g. --runner=DataflowRunner, "
+            "--direct_num_workers=4 --direct_running_mode=multi_processing)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", nargs="+", default=list(d.inputs), metavar="PATH",
+                    help="files or globs, local or any Beam filesystem (gs://, s3://). Format by "
+                         "extension: .xml/.xml.bz2 MediaWiki dumps (multistream files are split "
+                         "across workers), .txt[.gz|.bz2] (documents separated by blank lines), "
+                         ".jsonl[.gz|.bz2] (see --text-field), .parquet. Default: the bundled "
+                         "Wikipedia sample and Jane Austen's novels")
+    io.add_argument("--output", default=d.output, metavar="DIR",
+                    help="output directory (local or gs://...); an existing manifest there is "
+                         "removed first, so a failed run never looks complete")
+    io.add_argument("--text-field", default=d.text_field,
+                    help="the text field of .jsonl rows / text column of .parquet files")
+    io.add_argument("--max-line-bytes", type=int, default=d.max_line_bytes,
+                    help="longer lines in text/jsonl files are skipped and counted")
+    io.add_argument("--split-bytes", type=int, default=d.split_bytes,
+                    help="bzip2 dumps are read in byte ranges of this size by parallel workers")
+    vocab = p.add_argument_group("vocabulary")
+    vocab.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                       help="SentencePiece vocabulary size, special tokens included (a small "
+                            "corpus may give fewer pieces; the manifest has the real size)")
+    vocab.add_argument("--model-type", choices=("unigram", "bpe"), default=d.model_type,
+                       help="SentencePiece model type")
+    vocab.add_argument("--tokenizer", metavar="PATH",
+                       help="reuse this SentencePiece model (an spm.model file, or a directory "
+                            "holding one, e.g. another run's OUTPUT/tokenizer) instead of training one")
+    vocab.add_argument("--vocab-sample-sentences", type=int, default=d.vocab_sample_sentences,
+                       help="train the vocabulary on a deterministic sample of this many sentences")
+    ex = p.add_argument_group("examples (Google's create_pretraining_data recipe)")
+    ex.add_argument("--max-seq-length", type=int, default=d.max_seq_length,
+                    help="tokens per example, [CLS] and both [SEP] included")
+    ex.add_argument("--dupe-factor", type=int, default=d.dupe_factor,
+                    help="passes over the corpus, each with different segments and masks")
+    ex.add_argument("--masked-lm-prob", type=float, default=d.masked_lm_prob,
+                    help="share of tokens to predict")
+    ex.add_argument("--max-predictions-per-seq", type=int, default=d.max_predictions_per_seq,
+                    help="cap on predicted tokens per example")
+    ex.add_argument("--short-seq-prob", type=float, default=d.short_seq_prob,
+                    help="share of documents per pass that get a random shorter target length")
+    ex.add_argument("--whole-word-mask", action="store_true",
+                    help="mask all pieces of a word together (SentencePiece word boundaries)")
+    ex.add_argument("--docs-per-bucket", type=int, default=d.docs_per_bucket,
+                    help="random next sentences are drawn from a bucket of about this many "
+                         "documents, so no worker holds the whole corpus")
+    ex.add_argument("--seed", type=int, default=d.seed,
+                    help="same input + seed = identical output, for any number of workers")
+    out = p.add_argument_group("shards")
+    out.add_argument("--num-shards", type=int, default=d.num_shards,
+                     help="Parquet shards of equal size (±1 row); 0 = one per --rows-per-shard rows")
+    out.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard,
+                     help="target rows per shard when --num-shards is 0")
+    track = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
+    track.add_argument("--no-mlflow", dest="mlflow", action="store_false",
+                       help="do not log an MLflow run")
+    track.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
+    track.add_argument("--run-name", help="MLflow run name")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[PreprocessConfig, list[str]]:
+    """Returns our config and the Beam pipeline args (runner made explicit)."""
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    _reject_unknown(parser, beam_args)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
+        # The FnApiRunner is the engine the DirectRunner uses for batch pipelines,
+        # named directly: since Beam 2.68 the DirectRunner first tries the Prism
+        # runner, which downloads a binary at start and fails offline.
+        beam_args = ["--runner=FnApiRunner", *beam_args]
+    values = vars(args)
+    values["inputs"] = tuple(values.pop("input"))
+    try:
+        return PreprocessConfig(**values), beam_args
+    except ConfigError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits
+
+
+def _reject_unknown(parser: argparse.ArgumentParser, beam_args: list[str]) -> None:
+    beam_parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(beam_parser)  # how Beam itself collects its flags
+    _, unknown = beam_parser.parse_known_args(beam_args)
+    flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
+    if flags:
+        ours = [o for a in parser._actions for o in a.option_strings]
+        hints = []
+        for flag in flags:
+            close = difflib.get_close_matches(flag.replace("_", "-"), ours, n=1)
+            hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+        parser.error(f"unrecognized arguments: {', '.join(hints)}; neither this script nor "
+                     "Apache Beam knows them")

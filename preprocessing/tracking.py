@@ -1,0 +1,84 @@
+"""MLflow logging for the preprocessing stage: one run, ``stage=preprocess``.
+
+The tracking URI is MLflow's own default (``sqlite:///mlflow.db`` in the working
+directory) unless ``MLFLOW_TRACKING_URI`` points elsewhere. The run id goes into the
+manifest as ``data_run_id``, which the trainer copies into its own run's tags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterator
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from preprocessing.options import PreprocessConfig
+
+_PARAM_MAX = 500  # MLflow's limit on a param value's length
+
+
+class PreprocessRun:
+    """Handle on the active run; every method is a no-op when tracking is off."""
+
+    def __init__(self, mlflow_module):
+        self._mlflow = mlflow_module
+        self.run_id = mlflow_module.active_run().info.run_id if mlflow_module else None
+
+    def log_results(self, counters: dict[str, int], wall_seconds: float, output: str) -> None:
+        if not self._mlflow:
+            return
+        metrics = {f"count/{k}": float(v) for k, v in counters.items()}
+        metrics["wall_seconds"] = wall_seconds
+        tokens = counters.get("tokens", 0)
+        metrics["input_tokens_per_second"] = tokens / max(wall_seconds, 1e-9)
+        metrics["examples_per_second"] = counters.get("instances", 0) / max(wall_seconds, 1e-9)
+        self._mlflow.log_metrics(metrics)  # one batched call, not one per metric
+        with _local_copy(output, ["manifest.json"]) as local:
+            self._mlflow.log_artifact(os.path.join(local, "manifest.json"))
+        tokenizer = FileSystems.join(output, "tokenizer")
+        names = [os.path.basename(m.path) for m in
+                 FileSystems.match([FileSystems.join(tokenizer, "*")])[0].metadata_list]
+        with _local_copy(tokenizer, names) as local:
+            self._mlflow.log_artifacts(local, artifact_path="tokenizer")
+
+
+@contextlib.contextmanager
+def _local_copy(directory: str, names: list[str]) -> Iterator[str]:
+    """A local folder with ``names`` from ``directory`` (which may be gs://…)."""
+    if "://" not in directory:
+        yield directory
+        return
+    with tempfile.TemporaryDirectory() as local:
+        for name in names:
+            with FileSystems.open(FileSystems.join(directory, name),
+                                  compression_type=CompressionTypes.UNCOMPRESSED) as src, \
+                    open(os.path.join(local, name), "wb") as dst:
+                dst.write(src.read())
+        yield local
+
+
+def _params(config: PreprocessConfig, beam_args: list[str]) -> dict[str, str]:
+    params = {}
+    for key, value in dataclasses.asdict(config).items():
+        text = ",".join(value) if isinstance(value, tuple) else str(value)
+        params[key] = text if len(text) <= _PARAM_MAX else text[:_PARAM_MAX - 3] + "..."
+    params["beam_args"] = " ".join(beam_args)[:_PARAM_MAX]
+    return params
+
+
+@contextlib.contextmanager
+def preprocess_run(config: PreprocessConfig, beam_args: list[str]) -> Iterator[PreprocessRun]:
+    """Starts the run (params logged up front); an exception marks it FAILED."""
+    if not config.mlflow:
+        yield PreprocessRun(None)
+        return
+    import mlflow
+
+    mlflow.set_experiment(config.experiment)
+    with mlflow.start_run(run_name=config.run_name, tags={"stage": "preprocess"}):
+        mlflow.log_params(_params(config, beam_args))
+        yield PreprocessRun(mlflow)
