@@ -39,7 +39,7 @@ class PreprocessConfig:
     whole_word_mask: bool = False
     num_shards: int = 0
     rows_per_shard: int = 65536
-    docs_per_bucket: int = 256
+    docs_per_bucket: int = 128
     seed: int = 12345
     text_field: str = "text"
     max_line_bytes: int = 1 << 20

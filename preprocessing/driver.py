@@ -1,0 +1,122 @@
+"""Runs the preprocessing pipeline end to end and writes the manifest last."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from preprocessing import inputs, manifest, tracking, transforms
+from preprocessing.options import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    output: str
+    manifest_path: str
+    manifest: dict
+    counters: dict[str, int]
+    wall_seconds: float
+    run_id: str | None
+
+
+def load_tokenizer_proto(path: str) -> bytes:
+    """Reads an spm.model file, or the spm.model inside a directory."""
+    model = path if path.endswith(".model") else FileSystems.join(path, "spm.model")
+    if not FileSystems.exists(model):
+        raise inputs.InputError(f"--tokenizer {path}: no SentencePiece model there "
+                                "(give an spm.model file or a directory holding one)")
+    with FileSystems.open(model, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        proto = f.read()
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as err:
+        raise inputs.InputError(f"--tokenizer {model}: not a SentencePiece model ({err})") from None
+    return proto
+
+
+def query_counters(result) -> dict[str, int]:
+    found = result.metrics().query(MetricsFilter().with_namespace(transforms.NAMESPACE))["counters"]
+    counters: dict[str, int] = {}
+    for c in found:
+        value = c.committed if c.committed is not None else c.attempted
+        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(value or 0)
+    return counters
+
+
+def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
+    tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes)
+    inputs.check_inputs(tasks, config.text_field)
+    given_proto = load_tokenizer_proto(config.tokenizer) if config.tokenizer else None
+    input_paths = sorted({t.path for t in tasks})
+    log.info("%d input file(s), %d read task(s) → %s", len(input_paths), len(tasks), config.output)
+    manifest.remove_stale_outputs(config.output)
+
+    with tracking.preprocess_run(config, beam_args) as run:
+        started = time.monotonic()
+        pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+        transforms.build_pipeline(pipeline, tasks, config, given_proto)
+        result = pipeline.run()
+        result.wait_until_finish()
+        wall = time.monotonic() - started
+        counters = query_counters(result)
+
+        shards = transforms.read_shard_counts(config.output)
+        with FileSystems.open(FileSystems.join(config.output, "tokenizer", "spm.model"),
+                              compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            proto = f.read()
+        data = manifest.build_manifest(config, input_paths, proto, shards, counters, run.run_id)
+        _check_complete(data, counters)
+        path = manifest.write_manifest(config.output, data)
+        run.log_results(counters, wall, config.output)
+    return Summary(config.output, path, data, counters, wall, run.run_id)
+
+
+def _check_complete(data: dict, counters: dict[str, int]) -> None:
+    """The shards on disk must hold exactly the examples the pipeline made."""
+    made = counters.get("instances", 0)
+    if data["num_examples"] != made:
+        raise RuntimeError(f"the shards hold {data['num_examples']} examples but the pipeline made "
+                           f"{made}; not writing a manifest for incomplete output")
+    if made == 0:
+        raise inputs.InputError("no examples were made: the input has no usable text "
+                                f"(counters: {counters})")
+
+
+def format_summary(summary: Summary) -> str:
+    c = summary.counters
+    m = summary.manifest
+    tokens = c.get("tokens", 0)
+    rows = [
+        ("documents read", c.get("documents-read", 0)),
+        *[(k.replace("-", " "), v) for k, v in sorted(c.items())
+          if k.startswith("skipped") or k.endswith(("errors", "pages", "lines", "streams", "files"))
+          and k != "pages-read"],
+        ("sentences", c.get("sentences", 0)),
+        ("input tokens", tokens),
+        ("examples", c.get("instances", 0)),
+        ("masked tokens", c.get("masked-tokens", 0)),
+        ("random-next share", f"{c.get('random-next', 0) / max(c.get('instances', 1), 1):.3f}"),
+        ("vocabulary size", m["tokenizer"]["vocab_size"]),
+        ("shards", len(m["shards"])),
+        ("wall time", f"{summary.wall_seconds:.1f} s"),
+        ("throughput", f"{tokens / max(summary.wall_seconds, 1e-9):,.0f} input tokens/s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k:<{width}}  {v:>,}" if isinstance(v, int) else f"  {k:<{width}}  {v:>}" for k, v in rows]
+    lines.append(f"\nWrote {m['num_examples']:,} examples to {summary.output}")
+    lines.append(f"  manifest:  {summary.manifest_path}")
+    lines.append(f"  tokenizer: {FileSystems.join(summary.output, 'tokenizer')}")
+    if summary.run_id:
+        lines.append(f"  MLflow run {summary.run_id} (stage=preprocess); browse with: mlflow ui")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""``python preprocessing/run_beam.py`` end to end on the real Wikipedia dump sample."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from .conftest import REPO, WIKI_SAMPLE
+
+pytestmark = pytest.mark.e2e
+
+SCRIPT = os.path.join(REPO, "preprocessing", "run_beam.py")
+# Small enough to run three times in CI, large enough to exercise every step.
+COMMON = ["--input", WIKI_SAMPLE, "--vocab-size", "8000", "--dupe-factor", "2", "--num-shards", "3"]
+TWO_WORKERS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def run_beam(args, env=None, check=True):
+    proc = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run_beam failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def shard_digests(output):
+    shards = sorted(os.listdir(os.path.join(output, "shards")))
+    return {name: hashlib.sha256(open(os.path.join(output, "shards", name), "rb").read()).hexdigest()
+            for name in shards}
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(tmp_path_factory, mlflow_server):
+    output = str(tmp_path_factory.mktemp("one") / "data")
+    proc = run_beam([*COMMON, "--output", output], env={"MLFLOW_TRACKING_URI": mlflow_server})
+    return output, proc
+
+
+def test_output_layout_manifest_and_summary(one_worker_run):
+    output, proc = one_worker_run
+    manifest = json.load(open(os.path.join(output, "manifest.json")))
+    assert f"Wrote {manifest['num_examples']:,} examples to {output}" in proc.stdout
+    assert sorted(os.listdir(os.path.join(output, "shards"))) == [
+        f"part-{i:05d}-of-00003.parquet" for i in range(3)]
+    rows = [s["rows"] for s in manifest["shards"]]
+    assert max(rows) - min(rows) <= 1 and sum(rows) == manifest["num_examples"]
+    counters = manifest["counters"]
+    assert counters["pages-read"] == 206
+    # 100 redirects (one of them in another namespace), 8 disambiguation pages, 98 articles:
+    # every page is either a document or counted under its skip reason.
+    assert counters["skipped-redirects"] == 99
+    assert counters["skipped-non-article-namespace"] == 1
+    assert counters["skipped-disambiguation"] == 8
+    assert counters["documents-read"] == 98
+    assert counters["instances"] == manifest["num_examples"]
+    assert manifest["tokenizer"]["special_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert manifest["max_seq_length"] == 128 and manifest["dupe_factor"] == 2
+    assert len(manifest["tokenizer"]["fingerprint"]) == 64 and len(manifest["input"]["fingerprint"]) == 64
+    for shard in manifest["shards"]:
+        assert pq.ParquetFile(os.path.join(output, shard["path"])).metadata.num_rows == shard["rows"]
+
+
+def test_two_workers_and_a_rerun_give_identical_shards(one_worker_run, tmp_path):
+    output, _ = one_worker_run
+    two = str(tmp_path / "two")
+    run_beam([*COMMON, "--output", two, "--no-mlflow", *TWO_WORKERS])
+    assert shard_digests(two) == shard_digests(output)
+    # A rerun into the same directory replaces the output with identical shards.
+    run_beam([*COMMON, "--output", two, "--no-mlflow"])
+    assert shard_digests(two) == shard_digests(output)
+    spm = [open(os.path.join(d, "tokenizer", "spm.model"), "rb").read() for d in (output, two)]
+    assert spm[0] == spm[1]
+
+
+def test_output_loads_with_datasets_and_autotokenizer(one_worker_run):
+    import datasets
+    from transformers import AutoTokenizer
+
+    output, _ = one_worker_run
+    manifest = json.load(open(os.path.join(output, "manifest.json")))
+    ds = datasets.load_dataset("parquet", data_files=os.path.join(output, "shards", "*.parquet"),
+                               split="train")
+    assert len(ds) == manifest["num_examples"]
+    assert set(ds.column_names) == {"input_ids", "segment_ids", "masked_lm_positions",
+                                    "masked_lm_ids", "next_sentence_labels"}
+    row = ds[0]
+    assert row["input_ids"][0] == 2 and row["input_ids"][-1] == 3 and len(row["input_ids"]) <= 128
+    tok = AutoTokenizer.from_pretrained(os.path.join(output, "tokenizer"))
+    assert tok.mask_token_id == 4 and tok.cls_token_id == 2 and tok.sep_token_id == 3
+    assert len(tok) == manifest["tokenizer"]["vocab_size"]
+
+
+def test_mlflow_run_records_params_counters_and_artifacts(one_worker_run, mlflow_server):
+    import mlflow
+
+    output, _ = one_worker_run
+    manifest = json.load(open(os.path.join(output, "manifest.json")))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(manifest["data_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == "preprocess"
+    assert run.data.params["vocab_size"] == "8000" and run.data.params["dupe_factor"] == "2"
+    for name in ("documents-read", "skipped-redirects", "sentences", "tokens", "instances", "masked-tokens"):
+        assert run.data.metrics[f"count/{name}"] == manifest["counters"][name]
+    assert run.data.metrics["input_tokens_per_second"] > 0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"manifest.json", "tokenizer"} <= artifacts
+    tokenizer_files = {a.path for a in client.list_artifacts(run.info.run_id, "tokenizer")}
+    assert "tokenizer/spm.model" in tokenizer_files and "tokenizer/tokenizer.json" in tokenizer_files
+
+
+def test_reusing_a_tokenizer_skips_training(one_worker_run, tmp_path):
+    output, _ = one_worker_run
+    again = str(tmp_path / "again")
+    run_beam([*COMMON, "--output", again, "--no-mlflow", "--tokenizer", os.path.join(output, "tokenizer")])
+    assert shard_digests(again) == shard_digests(output)
+
+
+def test_failed_run_leaves_no_manifest(tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "manifest.json").write_text("{}")  # a previous run's
+    proc = run_beam(["--input", WIKI_SAMPLE, "--output", str(output), "--vocab-size", "100",
+                     "--no-mlflow"], check=False)
+    assert proc.returncode != 0
+    assert "--vocab-size" in proc.stderr
+    assert not (output / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "/nonexistent/*.xml.bz2"], "no file matches"),
+    (["--masked-lm-prob", "1.5"], "--masked-lm-prob must be in (0, 1)"),
+    (["--vocab_size", "8000"], "--vocab_size (did you mean --vocab-size?)"),
+    (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no SentencePiece model"),
+])
+def test_bad_flags_fail_fast_with_a_clear_message(args, message, tmp_path):
+    proc = run_beam([*args, "--output", str(tmp_path / "o"), "--no-mlflow"], check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
