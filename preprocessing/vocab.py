@@ -1,0 +1,338 @@
+"""The SentencePiece vocabulary: training, the Hugging Face tokenizer files, word starts.
+
+One serialized SentencePiece model (``spm.model``) is the vocabulary of record. The
+preprocessing tokenizes with SentencePiece itself; fine-tuning and ``pipeline("fill-mask")``
+load the same vocabulary through ``AutoTokenizer.from_pretrained(OUTPUT/tokenizer)``, a fast
+(``tokenizers``) tokenizer built here from the model's own pieces, scores and normalization
+table. It gives SentencePiece's ids for text without special token strings, with one
+measured exception: a unigram segmentation that ties exactly ("111" as 1+11 or 11+1) is
+decided by SentencePiece's float32 rounding, tokenizers sums in float64. On the bundled
+samples: 0 of 51,036 prose sentences differ, 9 of 60,000 raw wikitext lines (digit tables,
+runs of dashes); BPE: none. tests/test_vocab.py checks this on real text.
+
+Every model has ``SPECIAL_TOKENS`` at ids 0..4. [CLS], [SEP] and [MASK] are SentencePiece
+*control* symbols: SentencePiece never produces them from text, so a literal "[MASK]" in
+the corpus stays text in the training data. The Hugging Face tokenizer, like BERT's,
+does map a typed "[MASK]" (or "[CLS]", ...) to its special id: that is how fill-mask
+input is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import string
+from collections.abc import Iterable
+
+import numpy as np
+import sentencepiece
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS
+MODEL_TYPES = ("unigram", "bpe")
+SPM_MODEL_FILE = "spm.model"
+
+# Unigram training sums per-thread expected counts, so its pieces depend on the number of
+# threads (measured: 1, 2, 4 and 16 threads give four different vocabularies; the same
+# count gives identical bytes on every run). The default is therefore a fixed number, not
+# os.cpu_count(), so that the same sample gives the same vocabulary on any machine. BPE
+# pieces do not depend on it; the count is recorded in the model's trainer_spec either way.
+DEFAULT_NUM_THREADS = 8
+# SentencePiece skips training sentences longer than this (its default is 4192 bytes,
+# shorter than some Wikipedia sentences, e.g. long lists split on no full stop).
+MAX_SENTENCE_BYTES = 1 << 16
+CHARACTER_COVERAGE = 0.9995
+
+
+class VocabError(ValueError):
+    """Training input or settings SentencePiece cannot use; the message names the flag."""
+
+
+# ---------------------------------------------------------------------------- training
+def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: str = "unigram",
+                        num_threads: int = DEFAULT_NUM_THREADS) -> bytes:
+    """Trains a SentencePiece model in memory and returns the serialized model proto.
+
+    ``sentences`` is used in full and in order (SentencePiece's own sampling and shuffling
+    are off: the caller passes a deterministic sample), so the same sentences, size, type
+    and ``num_threads`` give identical bytes. ``vocab_size`` is an upper bound: a corpus
+    too small for it gives fewer pieces; read the size from the model.
+    """
+    if model_type not in MODEL_TYPES:
+        raise VocabError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise VocabError(f"--vocab-size {vocab_size} is too small: the {len(SPECIAL_TOKENS)} special "
+                         "tokens alone take that many ids")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    remaining = iter(sentences)
+    # SentencePiece skips empty lines; one non-empty sentence is needed to train at all.
+    first = next((s for s in remaining if s.strip()), None)
+    if first is None:
+        raise VocabError("no sentences to train the vocabulary on: the input has no text "
+                         "(check --input and the documents-read counters)")
+
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=itertools.chain([first], remaining),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            pad_id=0, pad_piece=PAD,
+            unk_id=1, unk_piece=UNK,
+            bos_id=-1, eos_id=-1,
+            control_symbols=[CLS, SEP, MASK],  # ids 2, 3, 4: the next free ids, in order
+            character_coverage=CHARACTER_COVERAGE,
+            byte_fallback=False,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            input_sentence_size=0,  # 0 = every sentence, no reservoir sampling
+            shuffle_input_sentence=False,
+            num_threads=num_threads,
+            minloglevel=1,  # warnings and errors only: its INFO log is thousands of lines
+        )
+    except RuntimeError as err:
+        raise VocabError(_explain_training_error(str(err), vocab_size)) from err
+    return model.getvalue()
+
+
+def _explain_training_error(message: str, vocab_size: int) -> str:
+    # SentencePiece's text: "INTERNAL: src/trainer_interface.cc(638) [<the failed check>]
+    # Vocabulary size is smaller than required_chars. 40 vs 63. Increase vocab_size or ..."
+    reason = message.rsplit("] ", 1)[-1].strip()
+    sizes = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", reason)
+    if sizes:
+        return (f"--vocab-size {vocab_size} is too small for this corpus: the special tokens and "
+                f"the characters that cover {CHARACTER_COVERAGE:.2%} of its text need "
+                f"{sizes.group(2)} ids; raise --vocab-size to at least that")
+    return f"SentencePiece could not train the vocabulary (--vocab-size {vocab_size}): {reason}"
+
+
+def tokenizer_fingerprint(model_proto: bytes) -> str:
+    """sha256 (hex) of the serialized model: what a data dir's manifest records."""
+    return hashlib.sha256(model_proto).hexdigest()
+
+
+# ---------------------------------------------------------------------------- reading the model
+# Piece types and model types of sentencepiece_model.proto.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_UNIGRAM, _BPE = 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SpmModel:
+    """The fields of a serialized SentencePiece ModelProto that the tokenizer files need."""
+
+    pieces: tuple[str, ...]
+    scores: tuple[float, ...]
+    types: tuple[int, ...]
+    model_type: str
+    unk_id: int
+    byte_fallback: bool
+    precompiled_charsmap: bytes
+    add_dummy_prefix: bool
+    remove_extra_whitespaces: bool
+    escape_whitespaces: bool
+
+
+def read_model(model_proto: bytes) -> SpmModel:
+    """Parses the model proto's wire format directly.
+
+    Not through ``sentencepiece_model_pb2``: the one in the sentencepiece 0.2.3 wheel is
+    generated for a newer protobuf runtime than many environments have (here 6.33: it
+    raises VersionError on import, and so does transformers' SentencePiece converter,
+    which imports it first). The handful of fields needed here is 30 lines to read.
+    """
+    pieces, scores, types = [], [], []
+    trainer: dict = {}
+    normalizer: dict = {}
+    try:
+        for field, value in _fields(model_proto):
+            if field == 1:  # repeated SentencePiece {piece = 1; score = 2; type = 3}
+                piece = dict(_fields(value))
+                pieces.append(piece.get(1, b"").decode("utf-8"))
+                scores.append(float(np.frombuffer(piece.get(2, b"\0\0\0\0"), "<f4")[0]))
+                types.append(piece.get(3, NORMAL))
+            elif field == 2:
+                trainer = dict(_fields(value))
+            elif field == 3:
+                normalizer = dict(_fields(value))
+    except (IndexError, TypeError, ValueError) as err:  # truncated or not a protobuf at all
+        raise VocabError(f"not a SentencePiece model: {err}") from err
+    model_type = {_UNIGRAM: "unigram", _BPE: "bpe"}.get(trainer.get(3, _UNIGRAM))
+    if model_type is None or not pieces:
+        raise VocabError(f"not a unigram or BPE SentencePiece model (model_type={trainer.get(3)}, "
+                         f"{len(pieces)} pieces)")
+    return SpmModel(
+        pieces=tuple(pieces), scores=tuple(scores), types=tuple(types), model_type=model_type,
+        unk_id=trainer.get(40, 0), byte_fallback=bool(trainer.get(35, 0)),
+        precompiled_charsmap=normalizer.get(2, b""),
+        add_dummy_prefix=bool(normalizer.get(3, 1)),
+        remove_extra_whitespaces=bool(normalizer.get(4, 1)),
+        escape_whitespaces=bool(normalizer.get(5, 1)))
+
+
+def _fields(buf: bytes):
+    """(field number, value) pairs of a protobuf message: ints for varints, bytes otherwise."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        yield field, value
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        result |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+# ---------------------------------------------------------------------------- word starts
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def word_start_table(model_proto: bytes) -> np.ndarray:
+    """bool[vocab_size]: True where a piece starts a new word (for whole-word masking).
+
+    ALBERT's rule for SentencePiece vocabularies: a piece starts a word if it begins with
+    "▁" or "<", is punctuation, or holds a non-ASCII character (scripts without spaces
+    have no "▁" to go by); special, control and unknown pieces count as starts. A word
+    is then a start piece plus the non-start pieces that follow it.
+    """
+    model = read_model(model_proto)
+    table = np.zeros(len(model.pieces), dtype=bool)
+    for i, (piece, kind) in enumerate(zip(model.pieces, model.types)):
+        table[i] = (kind != NORMAL
+                    or piece.startswith(("▁", "<"))
+                    or all(c in _PUNCTUATION for c in piece)
+                    or not piece.isascii())
+    return table
+
+
+# ---------------------------------------------------------------------------- Hugging Face files
+def build_backend_tokenizer(model_proto: bytes):
+    """A ``tokenizers.Tokenizer`` that encodes text to SentencePiece's ids.
+
+    SentencePiece normalizes the whole text (its precompiled NFKC table, then: drop leading
+    and trailing spaces, collapse runs of spaces, prepend "▁", spaces to "▁") and then
+    segments it. The same steps here, as a normalizer, so that they also apply to each
+    piece of text between special tokens. The Metaspace pre-tokenizer only splits at "▁":
+    no piece has "▁" inside (split_by_whitespace), so segmenting word by word gives
+    SentencePiece's segmentation of the whole string.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE, Unigram
+
+    model = read_model(model_proto)
+    if model.byte_fallback or not (model.add_dummy_prefix and model.remove_extra_whitespaces
+                                   and model.escape_whitespaces):
+        raise VocabError("the SentencePiece model must use byte_fallback=false and the default "
+                         "whitespace handling; train it with train_sentencepiece")
+    ids = {piece: i for i, piece in enumerate(model.pieces)}
+    if tuple(ids.get(t) for t in SPECIAL_TOKENS) != tuple(range(len(SPECIAL_TOKENS))):
+        raise VocabError(f"the SentencePiece model must have {', '.join(SPECIAL_TOKENS)} at ids 0-4")
+
+    if model.model_type == "unigram":
+        backend = Tokenizer(Unigram(list(zip(model.pieces, model.scores)), unk_id=model.unk_id,
+                                    byte_fallback=False))
+    else:
+        backend = Tokenizer(BPE(ids, _bpe_merges(model), unk_token=model.pieces[model.unk_id],
+                                fuse_unk=True, byte_fallback=False, dropout=None))
+
+    # NFC first: tokenizers applies the charsmap per grapheme with a shortest-prefix match
+    # and drops the rest of the grapheme (huggingface/tokenizers#2116, #2334), which loses
+    # accents of decomposed (NFD) text. Composed first, the charsmap sees single code
+    # points, where it agrees with SentencePiece on all 1,112,064 of them, and on the NFD
+    # form of every sample sentence (without NFC: 6 of 22,130 differ). Still different:
+    # made-up stacks of 2+ combining marks on one letter (zalgo text), which no setting fixes.
+    steps = [normalizers.NFC(), normalizers.Precompiled(model.precompiled_charsmap)] \
+        if model.precompiled_charsmap else []
+    backend.normalizer = normalizers.Sequence(steps + [
+        normalizers.Replace(Regex(" {2,}"), " "),
+        normalizers.Replace(Regex(r"\A +| +\z"), ""),
+        normalizers.Prepend("▁"),  # SentencePiece's add_dummy_prefix
+        normalizers.Replace(" ", "▁"),
+    ])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{CLS}:0 $A:0 {SEP}:0",
+        pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
+        special_tokens=[(CLS, ids[CLS]), (SEP, ids[SEP])],
+    )
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return backend
+
+
+def _bpe_merges(model: SpmModel) -> list[tuple[str, str]]:
+    """SentencePiece BPE merges the adjacent pair whose concatenation is the piece with the
+    highest score; as a merge list: every split of every piece into two pieces, ordered by
+    the score of the result (then by id, as SentencePiece's training added them)."""
+    ids = {piece: i for i, piece in enumerate(model.pieces)}
+    ranked = []
+    for i, (piece, kind) in enumerate(zip(model.pieces, model.types)):
+        if kind != NORMAL:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids \
+                    and model.types[ids[left]] == NORMAL and model.types[ids[right]] == NORMAL:
+                ranked.append((-model.scores[i], i, ids[left], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def write_tokenizer(model_proto: bytes, out_dir: str, max_seq_length: int) -> None:
+    """Writes ``spm.model`` and the Hugging Face tokenizer files into the local ``out_dir``.
+
+    ``AutoTokenizer.from_pretrained(out_dir)`` then loads a fast tokenizer with BERT's
+    input format ([CLS] A [SEP] B [SEP], token_type_ids 0/1) and special tokens, and
+    ``model_max_length = max_seq_length``.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_backend_tokenizer(model_proto),
+        pad_token=PAD, unk_token=UNK, cls_token=CLS, sep_token=SEP, mask_token=MASK,
+        model_max_length=max_seq_length,
+        # transformers 5 returns only input_ids and attention_mask unless told otherwise.
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        # The Metaspace decoder restores SentencePiece's spacing; "clean-up" would then
+        # remove real spaces before punctuation ("a ." -> "a.").
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.save_pretrained(out_dir)
+    # transformers 5 records its class as "TokenizersBackend", a name transformers 4 cannot
+    # resolve; "PreTrainedTokenizerFast" (an alias of it in 5) loads the same in both.
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+    with open(os.path.join(out_dir, SPM_MODEL_FILE), "wb") as f:
+        f.write(model_proto)

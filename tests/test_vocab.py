@@ -1,0 +1,234 @@
+"""The SentencePiece vocabulary and its Hugging Face tokenizer, on real text: Jane Austen's
+novels and the Wikipedia dump sample."""
+
+import bz2
+import hashlib
+import html
+import json
+import os
+import re
+import unicodedata
+
+import numpy as np
+import pytest
+import sentencepiece
+
+from preprocessing import vocab
+
+from .conftest import AUSTEN
+
+VOCAB_SIZE = 4000
+# Not special-token strings, not found in the corpus as written: the cases a crude
+# sentence split never produces (SentencePiece's whitespace rules, Unicode normalization,
+# characters the vocabulary does not cover, which become [UNK]).
+EDGE_CASES = [
+    "", " ", "   ", "\t\n", "a", " a", "a ", "  Emma   Woodhouse,\thandsome,\n\nclever  ",
+    "a\u00a0b\u3000c\u2009d", "ｆｕｌｌｗｉｄｔｈ　ＡＢＣ　１２３", "ﬁne ½ Ⅻ ㎏ ℃ №", "café naïve Ångström façade",
+    unicodedata.normalize("NFD", "café naïve Ångström Tiếng Việt"), "cafe\u0301 x\u200by \u200b z",
+    "“Quoted,” she said — ‘twice’ – «so» … 'plain' \"double\"", "1,234,567.89 £40 3.14159 2nd 1990s",
+    "中文字符测试", "日本語のテキスト", "Привет, мир!", "Ἀριστοτέλης ἀρετή", "العربية", "😀 emoji 👍🏽 👨‍👩‍👧",
+    "▁", "▁a", "a▁b", "a ▁ b", "x\u1680y", "\x00\x01control\x7f", "antidisestablishmentarianism" * 20,
+    "word " * 400,
+]
+
+
+def austen_sentences():
+    with bz2.open(AUSTEN, "rt", encoding="utf-8") as f:
+        paragraphs = re.split(r"\n\s*\n", f.read())
+    return [s.strip() for p in paragraphs for s in " ".join(p.split("\n")).split(". ") if s.strip()]
+
+
+def wiki_sentences(xml: bytes):
+    """Prose lines of the dump, crudely de-marked: refs, templates and link syntax dropped."""
+    out = []
+    for body in re.findall(r"<text[^>]*>(.*?)</text>", xml.decode("utf-8"), re.S):
+        body = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", html.unescape(body), flags=re.S)
+        for line in body.split("\n"):
+            if len(line) < 20 or not line[0].isalpha():
+                continue
+            line = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", line)
+            line = re.sub(r"\{\{[^{}]*\}\}", "", line).replace("'''", "").replace("''", "")
+            out.extend(s for s in line.split(". ") if s.strip())
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(wiki_xml):
+    """(training sentences, held-out sentences): 6,000 to train on, ~10,000 to compare."""
+    austen, wiki = austen_sentences(), wiki_sentences(wiki_xml)
+    train = austen[:3000] + wiki[:3000]
+    held_out = austen[-4000:] + wiki[3000:9000]
+    return train, held_out
+
+
+@pytest.fixture(scope="module")
+def protos(corpus):
+    return {t: vocab.train_sentencepiece(corpus[0], VOCAB_SIZE, t) for t in vocab.MODEL_TYPES}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(protos, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    loaded = {}
+    for model_type, proto in protos.items():
+        out = str(tmp_path_factory.mktemp(model_type) / "tokenizer")
+        vocab.write_tokenizer(proto, out, max_seq_length=128)
+        loaded[model_type] = (out, AutoTokenizer.from_pretrained(out),
+                              sentencepiece.SentencePieceProcessor(model_proto=proto))
+    return loaded
+
+
+@pytest.mark.parametrize("model_type", vocab.MODEL_TYPES)
+def test_special_tokens_have_fixed_ids(protos, model_type):
+    sp = sentencepiece.SentencePieceProcessor(model_proto=protos[model_type])
+    assert [sp.id_to_piece(i) for i in range(5)] == list(vocab.SPECIAL_TOKENS)
+    assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, -1, -1)
+    assert all(sp.is_control(i) for i in (2, 3, 4))
+    # Control symbols: literal "[MASK]" in the corpus stays text, never the mask id.
+    assert not {0, 2, 3, 4} & set(sp.encode("He typed [MASK] and [CLS] [SEP] [PAD]."))
+    assert sp.get_piece_size() == VOCAB_SIZE
+
+
+@pytest.mark.parametrize("model_type", vocab.MODEL_TYPES)
+def test_training_is_deterministic(corpus, protos, model_type):
+    again = vocab.train_sentencepiece(iter(corpus[0]), VOCAB_SIZE, model_type)
+    assert again == protos[model_type]
+    assert vocab.tokenizer_fingerprint(again) == hashlib.sha256(again).hexdigest()
+    assert vocab.tokenizer_fingerprint(again) != vocab.tokenizer_fingerprint(
+        vocab.train_sentencepiece(corpus[0], VOCAB_SIZE - 1, model_type))
+
+
+def test_a_small_corpus_gives_a_smaller_vocabulary(corpus):
+    proto = vocab.train_sentencepiece(corpus[0][:300], 8000, "unigram")
+    size = sentencepiece.SentencePieceProcessor(model_proto=proto).get_piece_size()
+    assert 100 < size < 8000
+
+
+def test_read_model_agrees_with_sentencepiece(protos):
+    for model_type, proto in protos.items():
+        sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        model = vocab.read_model(proto)
+        assert model.model_type == model_type and model.unk_id == 1 and not model.byte_fallback
+        assert list(model.pieces) == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        assert np.array_equal(np.float32(model.scores),
+                              np.float32([sp.get_score(i) for i in range(sp.get_piece_size())]))
+        assert [i for i, t in enumerate(model.types) if t == vocab.CONTROL] == [0, 2, 3, 4]
+        assert len(model.precompiled_charsmap) > 100_000  # nmt_nfkc
+
+
+@pytest.mark.parametrize("model_type", vocab.MODEL_TYPES)
+def test_hf_tokenizer_gives_sentencepiece_ids(corpus, tokenizers, model_type):
+    _, tok, sp = tokenizers[model_type]
+    held_out = corpus[1]
+    # What the held-out text covers: accents and other non-ASCII, quotes, digits; and
+    # variants with runs of whitespace, and in NFD (decomposed accents).
+    non_ascii = [s for s in held_out if not s.isascii()]
+    assert len(held_out) > 9000 and len(non_ascii) > 300
+    assert sum('"' in s or "“" in s for s in held_out) > 300
+    assert sum(any(c.isdigit() for c in s) for s in held_out) > 1000
+    spaced = [re.sub(" ", "  \t", s, count=3) + "  " for s in held_out[::10]]
+    texts = held_out + spaced + [unicodedata.normalize("NFD", s) for s in non_ascii] + EDGE_CASES
+
+    expected = sp.encode(texts)
+    got = tok(texts, add_special_tokens=False)["input_ids"]
+    differ = [(t, tok.convert_ids_to_tokens(g), [sp.id_to_piece(i) for i in e])
+              for t, g, e in zip(texts, got, expected) if g != e]
+    assert not differ, f"{len(differ)} of {len(texts)} texts differ, e.g. {differ[:3]}"
+    # The comparison covered characters the vocabulary lacks (runs of them are one [UNK]).
+    assert sum(1 in ids for ids in expected) > 20
+
+
+@pytest.mark.parametrize("model_type", vocab.MODEL_TYPES)
+def test_bert_input_format(tokenizers, model_type):
+    _, tok, sp = tokenizers[model_type]
+    a, b = "Emma Woodhouse, handsome, clever, and rich", "She was the youngest of the two daughters."
+    single = tok(a)
+    assert single["input_ids"] == [2, *sp.encode(a), 3]
+    assert single["token_type_ids"] == [0] * len(single["input_ids"])
+    pair = tok(a, b)
+    len_a = len(sp.encode(a)) + 2
+    assert pair["input_ids"] == [2, *sp.encode(a), 3, *sp.encode(b), 3]
+    assert pair["token_type_ids"] == [0] * len_a + [1] * (len(sp.encode(b)) + 1)
+    assert pair["attention_mask"] == [1] * len(pair["input_ids"])
+    assert tok.model_max_length == 128 and len(tok("word " * 500, truncation=True)["input_ids"]) == 128
+    batch = tok([a, "Short."], padding=True)
+    assert batch["input_ids"][1][-1] == tok.pad_token_id == 0
+
+
+@pytest.mark.parametrize("model_type", vocab.MODEL_TYPES)
+def test_literal_special_tokens_map_to_their_ids(tokenizers, model_type):
+    _, tok, sp = tokenizers[model_type]
+    assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id,
+            tok.mask_token_id) == (0, 1, 2, 3, 4)
+    ids = tok("It is a truth universally [MASK] that a single man")["input_ids"]
+    assert ids == [2, *sp.encode("It is a truth universally"), 4, *sp.encode("that a single man"), 3]
+    assert tok("[CLS]x[SEP]", add_special_tokens=False)["input_ids"] == [2, *sp.encode("x"), 3]
+
+
+@pytest.mark.parametrize("model_type", vocab.MODEL_TYPES)
+def test_decode_gives_the_normalized_text(corpus, tokenizers, model_type):
+    _, tok, sp = tokenizers[model_type]
+    texts = [s for s in corpus[1][:3000] if 1 not in sp.encode(s)][:1000] + ["  Emma   was\tclever  ", "ﬁne ｆｕｌｌ"]
+    for text in texts:
+        normalized = sp.normalize(text).replace("▁", " ").strip()
+        assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == normalized
+        assert sp.decode(sp.encode(text)) == normalized
+
+
+def test_tokenizer_files(protos, tokenizers):
+    out, _, _ = tokenizers["unigram"]
+    assert {"spm.model", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    with open(os.path.join(out, "spm.model"), "rb") as f:
+        assert f.read() == protos["unigram"]
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (config["mask_token"], config["model_max_length"]) == ("[MASK]", 128)
+
+
+def test_fill_mask_pipeline_uses_the_mask_token(tokenizers):
+    from transformers import BertConfig, BertForMaskedLM, pipeline
+
+    _, tok, _ = tokenizers["unigram"]
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64,
+                                       max_position_embeddings=128))
+    ids = tok("Emma was very [MASK] indeed.")["input_ids"]
+    predictions = pipeline("fill-mask", model=model, tokenizer=tok, top_k=3)("Emma was very [MASK] indeed.")
+    assert len(predictions) == 3
+    for p in predictions:
+        filled = [p["token"] if i == tok.mask_token_id else i for i in ids]
+        assert p["sequence"] == tok.decode(filled, skip_special_tokens=True)
+        assert p["sequence"].startswith("Emma was very") and p["sequence"].endswith(" indeed.")
+
+
+def test_word_start_table(protos):
+    proto = protos["unigram"]
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    table = vocab.word_start_table(proto)
+    assert table.dtype == bool and table.shape == (sp.get_piece_size(),)
+    assert table[:5].all()  # special pieces
+    piece = {sp.id_to_piece(i): bool(table[i]) for i in range(sp.get_piece_size())}
+    assert piece["▁the"] and piece["▁"] and piece[","] and piece["."]
+    assert not piece["s"] and not piece["ing"]
+    assert all(start for p, start in piece.items() if not p.isascii())
+    # Grouping pieces by the table recovers the words of plain text.
+    for text in ["Emma Woodhouse handsome clever and rich with a comfortable home",
+                 "the misunderstanding was unaccountable and disagreeable"]:
+        starts = table[sp.encode(text)]
+        assert starts.sum() == len(text.split())
+    assert table[sp.encode("Mr. Knightley, however")].sum() == 5  # Mr . Knightley , however
+
+
+def test_bad_settings_are_clear_errors(corpus):
+    with pytest.raises(vocab.VocabError, match=r"--vocab-size 40 is too small for this corpus: .* need \d+ ids"):
+        vocab.train_sentencepiece(corpus[0], 40, "unigram")
+    with pytest.raises(ValueError, match="--model-type must be one of unigram, bpe, got 'char'"):
+        vocab.train_sentencepiece(corpus[0], 1000, "char")
+    with pytest.raises(ValueError, match="no sentences"):
+        vocab.train_sentencepiece(iter([]), 1000, "bpe")
+    with pytest.raises(ValueError, match="no sentences"):
+        vocab.train_sentencepiece(["", "   "], 1000, "unigram")
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        vocab.read_model(b"\x0a\xff")
