@@ -6,14 +6,20 @@ import re
 
 from preprocessing.inputs import InputError
 from preprocessing.options import ConfigError
+from preprocessing.vocab import VocabError
 
-# Errors raised inside Beam workers reach the driver as text in a RuntimeError.
+_KNOWN = (InputError, ConfigError, VocabError)
+# Errors raised in a Beam worker process reach the driver as text in a RuntimeError.
 _WORKER_ERROR = re.compile(r"(?:InputError|ConfigError|VocabError): (.+)")
+_BEAM_SUFFIX = re.compile(r"\s*\[while running '[^']*'\]\s*$")
 
 
 def explain(err: BaseException) -> str | None:
     """The user-facing message for ``err``, or None for an unexpected error."""
-    if isinstance(err, (InputError, ConfigError)):
-        return str(err)
+    seen = err
+    while seen is not None:
+        if isinstance(seen, _KNOWN):
+            return _BEAM_SUFFIX.sub("", str(seen))
+        seen = seen.__cause__ or seen.__context__
     found = _WORKER_ERROR.findall(str(err))
-    return found[-1].strip() if found else None
+    return _BEAM_SUFFIX.sub("", found[-1]).strip() if found else None

@@ -84,6 +84,32 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
     return tasks
 
 
+def needs_rebalancing(tasks: Sequence[ReadTask], split_bytes: int) -> bool:
+    """Whether one task may read much more than others, so that the documents it reads
+    should be spread across workers before cleaning (a reshuffle costs a pass of all
+    raw text through the runner, so it is skipped when reading is already balanced).
+
+    True for fewer than 16 tasks (too few to keep many workers busy), for any
+    whole-file task larger than ``split_bytes``, and for a bzip2 dump made of a single
+    stream (its first range reads the whole file).
+    """
+    if len(tasks) < 16:
+        return True
+    for task in tasks:
+        if task.end < 0:
+            if _size(task.path) > split_bytes:
+                return True
+        elif task.start == 0 and task.end < _size(task.path):
+            with _open_raw(task.path) as raw:
+                if wiki_dump.find_first_stream(raw, 1, min(_size(task.path), 4 * split_bytes)) is None:
+                    return True
+    return False
+
+
+def _size(path: str) -> int:
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+
+
 def _open_raw(path: str) -> BinaryIO:
     # UNCOMPRESSED: we decompress ourselves (Beam's AUTO would hide the stream offsets).
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)

@@ -88,20 +88,21 @@ class _ReadTaskFn(beam.DoFn):
 class ReadDocuments(beam.PTransform):
     """Read tasks → RawDocument, with pages filtered and every skip counted."""
 
-    def __init__(self, text_field: str, max_line_bytes: int):
+    def __init__(self, text_field: str, max_line_bytes: int, rebalance: bool = True):
         super().__init__()
         self.text_field, self.max_line_bytes = text_field, max_line_bytes
+        self.rebalance = rebalance
 
     def expand(self, tasks):
-        return (
-            tasks
-            # One task per worker at a time: without this, Create's bundles decide.
-            | "DistributeReadTasks" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadTaskFn(self.text_field, self.max_line_bytes))
+        docs = (tasks
+                # One task per worker at a time: without this, Create's bundles decide.
+                | "DistributeReadTasks" >> beam.Reshuffle()
+                | "Read" >> beam.ParDo(_ReadTaskFn(self.text_field, self.max_line_bytes)))
+        if self.rebalance:
             # Breaks fusion: a single-stream dump is read by one worker, but its pages
             # are cleaned by all of them.
-            | "SpreadDocuments" >> beam.Reshuffle()
-        )
+            docs = docs | "SpreadDocuments" >> beam.Reshuffle()
+        return docs
 
 
 # ---------------------------------------------------------------------------- cleaning
@@ -376,7 +377,8 @@ def build_pipeline(p: beam.Pipeline, tasks: list[inputs.ReadTask], config: Prepr
     """Adds the whole pipeline to ``p``; returns the PCollection of written shards."""
     docs = (p
             | "ReadTasks" >> beam.Create(tasks)
-            | "ReadDocuments" >> ReadDocuments(config.text_field, config.max_line_bytes)
+            | "ReadDocuments" >> ReadDocuments(config.text_field, config.max_line_bytes,
+                                               inputs.needs_rebalancing(tasks, config.split_bytes))
             | "ExtractSentences" >> ExtractSentences())
     if tokenizer_proto is None:
         model = docs | "TrainTokenizer" >> TrainTokenizer(config)

@@ -124,10 +124,13 @@ def test_failed_run_leaves_no_manifest(tmp_path):
     output = tmp_path / "out"
     output.mkdir()
     (output / "manifest.json").write_text("{}")  # a previous run's
-    proc = run_beam(["--input", WIKI_SAMPLE, "--output", str(output), "--vocab-size", "100",
-                     "--no-mlflow"], check=False)
-    assert proc.returncode != 0
-    assert "--vocab-size" in proc.stderr
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text('{"body": "the text is under another field"}\n' * 50)
+    proc = run_beam(["--input", str(corpus), "--output", str(output), "--no-mlflow"], check=False)
+    assert proc.returncode == 2
+    assert "error: no sentences to train the vocabulary on: the input has no text" in proc.stderr
+    assert "jsonl-missing-text-field" in proc.stderr
+    assert f"{corpus}:1: row has no 'text' field (see --text-field)" in proc.stderr
     assert not (output / "manifest.json").exists()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to, is_not_empty
 
 from preprocessing import examples, inputs, transforms, vocab
@@ -21,7 +21,7 @@ from .conftest import AUSTEN, WIKI_SAMPLE
 
 def pipeline():
     # FnApiRunner: the DirectRunner's batch engine, named so Beam does not try Prism.
-    return TestPipeline(runner="FnApiRunner")
+    return test_pipeline.TestPipeline(runner="FnApiRunner")
 
 
 def austen_documents(limit=400):
