@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Google's recipe) with a SentencePiece vocabulary trained on it. Writes "
             "OUTPUT/tokenizer/, OUTPUT/shards/*.parquet and, last, OUTPUT/manifest.json. "
             "Flags not listed here go to Apache Beam (e.g. --runner=DataflowRunner, "
-            "--direct_num_workers=4 --direct_running_mode=multi_processing)."),
+            "--direct_num_workers=4 --direct_running_mode=multi_processing); the default "
+            "runner is FnApiRunner, the DirectRunner's batch engine."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("input and output")
