@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -54,6 +55,20 @@ class _ProblemLog:
             log.warning("%s [%s #%d]", problem.message, problem.reason, n)
 
 
+class _Throttled:
+    """Logs a running total at most every ``every`` seconds: progress a user can see."""
+
+    def __init__(self, label: str, every: float = 15.0):
+        self.label, self.every, self.total = label, every, 0
+        self.last = time.monotonic()
+
+    def add(self, n: int, what: str) -> None:
+        self.total += n
+        if time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            log.info("%s: %s %s", self.label, f"{self.total:,}", what)
+
+
 # ---------------------------------------------------------------------------- reading
 class _ReadTaskFn(beam.DoFn):
     def __init__(self, text_field: str, max_line_bytes: int):
@@ -61,6 +76,7 @@ class _ReadTaskFn(beam.DoFn):
 
     def setup(self):
         self.problems = _ProblemLog()
+        self.progress = _Throttled("read")
 
     def process(self, task: inputs.ReadTask) -> Iterator[RawDocument]:
         name = os.path.basename(task.path)
@@ -79,9 +95,11 @@ class _ReadTaskFn(beam.DoFn):
                     counter("skipped-disambiguation").inc()
                 else:
                     counter("documents-read").inc()
+                    self.progress.add(1, "documents read in this worker")
                     yield RawDocument(f"{name}#{item.page_id}", item.text, "wikitext", item.title)
             else:
                 counter("documents-read").inc()
+                self.progress.add(1, "documents read in this worker")
                 yield item
 
 
@@ -245,6 +263,9 @@ class _CreateInstancesFn(beam.DoFn):
             max_predictions_per_seq=config.max_predictions_per_seq,
             whole_word_mask=config.whole_word_mask)
 
+    def setup(self):
+        self.progress = _Throttled("examples")
+
     def process(self, bucket_docs, proto: bytes):
         bucket, docs = bucket_docs
         _, vocab_info = load_model(proto)
@@ -261,6 +282,7 @@ class _CreateInstancesFn(beam.DoFn):
         counter("short-target-document-passes").inc(stats.short_target_documents)
         if batch.skipped:
             counter("skipped-instances-single-document-bucket").inc(batch.skipped)
+        self.progress.add(len(batch), "examples created in this worker")
         yield bucket, batch
 
 
@@ -351,6 +373,7 @@ class _WriteShardFn(beam.DoFn):
             FileSystems.delete([final])
         FileSystems.rename([temp], [final])
         counter("shards-written").inc()
+        log.info("wrote %s (%d rows)", final, table.num_rows)
         yield name, table.num_rows
 
 
