@@ -1,0 +1,89 @@
+"""DeepSpeed JSON configs: engine settings from a file, batch and optimizer values injected.
+
+A file in ``ds_configs/`` says *how* the engine runs (ZeRO stage, precision, optimizer
+type, offload). The trainer's own config says *what* it trains with (global batch,
+micro batch, learning rate, weight decay, clipping); those values are injected here,
+in one place. A value has one home: a file that also sets an injected value is refused
+with a message that names the key and the flag that owns it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+# DeepSpeed key (dotted path) → the trainer flag that owns it.
+INJECTED_KEYS = {
+    "train_batch_size": "--global-batch-size",
+    "train_micro_batch_size_per_gpu": "--micro-batch-size",
+    "gradient_accumulation_steps": "--global-batch-size / --micro-batch-size",
+    "gradient_clipping": "--grad-clip",
+    "optimizer.params.lr": "--learning-rate",
+    "optimizer.params.weight_decay": "--weight-decay",
+    # The schedule is built by the trainer (linear warmup + decay), not by DeepSpeed.
+    "scheduler": "--warmup-steps / --steps",
+}
+
+
+class DsConfigError(ValueError):
+    """A DeepSpeed config or batch setting that cannot work; the message says which."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    global_batch_size: int
+    micro_batch_size: int
+    world_size: int
+    accumulation_steps: int
+
+
+def plan_batches(global_batch_size: int, micro_batch_size: int, world_size: int) -> BatchPlan:
+    """global = micro × world × accumulation, exactly, or a loud error."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size <= 0 or micro_batch_size <= 0:
+        raise DsConfigError("--global-batch-size and --micro-batch-size must be positive")
+    if global_batch_size % per_step:
+        lower = max(per_step, global_batch_size // per_step * per_step)
+        raise DsConfigError(
+            f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size "
+            f"{micro_batch_size} x {world_size} processes = {per_step}; use {lower} or "
+            f"{lower + per_step}, or change --micro-batch-size")
+    return BatchPlan(global_batch_size, micro_batch_size, world_size, global_batch_size // per_step)
+
+
+def _get(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def load_ds_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise DsConfigError(f"--ds-config {path}: no such file (see ds_configs/README.md)") from None
+    except json.JSONDecodeError as err:
+        raise DsConfigError(f"--ds-config {path}: not valid JSON ({err})") from None
+    for key, flag in INJECTED_KEYS.items():
+        if _get(config, key) is not None:
+            raise DsConfigError(f"--ds-config {path} sets {key!r}, which comes from {flag}: "
+                                "remove it from the file (a value has one home)")
+    return config
+
+
+def inject(config: dict, batches: BatchPlan, learning_rate: float, weight_decay: float,
+           grad_clip: float) -> dict:
+    """The complete DeepSpeed config: the file's engine settings + the trainer's values."""
+    out = copy.deepcopy(config)
+    out["train_batch_size"] = batches.global_batch_size
+    out["train_micro_batch_size_per_gpu"] = batches.micro_batch_size
+    out["gradient_accumulation_steps"] = batches.accumulation_steps
+    out["gradient_clipping"] = grad_clip
+    optimizer = out.setdefault("optimizer", {"type": "AdamW"})
+    optimizer.setdefault("params", {}).update(lr=learning_rate, weight_decay=weight_decay)
+    return out
