@@ -28,7 +28,7 @@ pipeline's text reader makes them) on a 2-core x86 VM (Xeon), Python 3.11, one c
 ================  =======  ================================================================
 splitter          MB/s     why not
 ================  =======  ================================================================
-this module       ~78      (~84 MB/s as one call on the whole text)
+this module       ~80      (~86 MB/s as one call on the whole text)
 pysbd 0.3.4       0.31     pure-Python rule cascade, ~250x slower. Austen is 5.6 bytes a
                            word, so 100k tokens/s needs at most ~0.56 MB/s: pysbd alone
                            would take 1.8 cores; this module takes under 1% of one.
