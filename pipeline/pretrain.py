@@ -1,0 +1,45 @@
+"""Pretrain BERT (MLM + NSP) with DeepSpeed on the shards of preprocessing/run_beam.py.
+
+    python pipeline/pretrain.py --data output/data --run-dir runs/tiny --steps 200
+    torchrun --nproc_per_node 8 pipeline/pretrain.py --data … --model base \
+        --ds-config ds_configs/gpu_base_bf16_zero2_fused-adam.json --global-batch-size 4096
+
+Exit code 0 when --steps are done; 3 when a stop signal (SIGTERM/SIGUSR1) was honoured
+with a checkpoint, so a scheduler can requeue the job and --resume auto continues it.
+"""
+
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from pipeline.tracking import Tracker, config_params  # noqa: E402
+from pipeline.train_config import parse_args  # noqa: E402
+from pipeline.trainer import Trainer  # noqa: E402
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_args(argv)
+    trainer = Trainer(config)
+    tracker = None
+    if config.mlflow and trainer.is_rank0:
+        tracker = Tracker("pretrain", config.experiment, config.run_name,
+                          {"data_run_id": str(trainer.manifest.get("data_run_id"))})
+        tracker.log_params({**config_params(config), "world_size": trainer.world_size,
+                            "accumulation_steps": trainer.batches.accumulation_steps})
+        tracker.log_json(trainer.ds_config, "ds_config.json")
+    status = "FAILED"
+    try:
+        code = trainer.train(tracker)
+        status = "FINISHED" if code == 0 else "KILLED"
+        return code
+    finally:
+        if tracker:
+            tracker.finish(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

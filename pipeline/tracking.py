@@ -1,0 +1,41 @@
+"""MLflow for the training stages: only global rank 0 logs; metrics go in batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+
+class Tracker:
+    """One MLflow run; ``None``-safe so the loop never asks which rank it is on."""
+
+    def __init__(self, stage: str, experiment: str, run_name: str | None, tags: dict[str, str]):
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(run_name=run_name, tags={"stage": stage, **tags})
+        self.run_id = self.run.info.run_id
+
+    def log_params(self, params: dict) -> None:
+        flat = {k: str(v)[:500] for k, v in params.items()}
+        self._mlflow.log_params(flat)
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        self._mlflow.log_metrics(values, step=step)  # one call for the whole set
+
+    def log_json(self, obj: dict, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, name)
+            with open(path, "w") as f:
+                json.dump(obj, f, indent=2)
+            self._mlflow.log_artifact(path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._mlflow.end_run(status=status)
+
+
+def config_params(config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,104 @@
+"""The pretraining flags, parsed into one frozen config; cross-field checks name the flag."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DS_CONFIG = os.path.join(REPO, "ds_configs", "cpu_fp32_zero2_torch-adamw.json")
+
+
+class TrainConfigError(ValueError):
+    """A bad flag value; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    run_dir: str = "runs/pretrain"
+    model: str = "tiny"
+    ds_config: str = DEFAULT_DS_CONFIG
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    steps: int = 100
+    learning_rate: float = 5e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 42
+    log_every: int = 10
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    peak_tflops: float = 0.0
+    mlflow: bool = True
+    experiment: str = "bert-pipeline"
+    run_name: str | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (0 <= self.warmup_steps <= self.steps,
+             f"--warmup-steps must be in [0, --steps={self.steps}], got {self.warmup_steps}"),
+            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
+            (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
+            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainConfigError(message)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.run_dir, "checkpoints")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(data="")
+    p = argparse.ArgumentParser(
+        prog="python pipeline/pretrain.py",
+        description="Pretrain BERT (MLM + NSP) with DeepSpeed on the shards of preprocessing/run_beam.py. "
+                    "Runs as one process, or under torchrun / deepspeed / srun (one process per GPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="data dir written by preprocessing/run_beam.py")
+    p.add_argument("--run-dir", default=d.run_dir, help="checkpoints/, latest and the export go here")
+    p.add_argument("--model", default=d.model, help="preset (tiny, mini, small, base, large) or a config.json")
+    p.add_argument("--ds-config", default=d.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
+    p.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
+                   help="sequences per optimizer step, over all processes")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
+                   help="sequences per process per forward pass; accumulation makes up the rest")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear warmup, then linear decay to 0 at --steps")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clipping (0 = off)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metric logs")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="steps between checkpoints (0 = only at the end and on a stop signal)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--resume", default=d.resume,
+                   help="auto (newest complete checkpoint in --run-dir, if any), none, or a checkpoint tag")
+    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
+                   help="the hardware's peak TFLOP/s per process, to report MFU (0 = not reported)")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+    p.add_argument("--experiment", default=d.experiment)
+    p.add_argument("--run-name")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> TrainConfig:
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
+    try:
+        return TrainConfig(**values)
+    except TrainConfigError as err:
+        parser.error(str(err))
+        raise
