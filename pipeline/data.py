@@ -197,15 +197,17 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
 
 # ---------------------------------------------------------------------------- sampling
 class BatchSampler:
-    """Row indices of rank ``rank``'s batches, epoch after epoch, from (seed, epoch, rank).
+    """Row indices of rank ``rank``'s micro-batches, epoch after epoch, from (seed, epoch).
 
-    Each epoch: a permutation of all rows from ``default_rng([seed, epoch])`` (the same on
-    every rank), cut to a multiple of ``world_size * batch_size`` (the dropped < world·batch
-    rows differ by epoch), dealt round-robin to the ranks, so ranks are disjoint and run
-    the same number of steps. Length grouping: within windows of ``length_window``
-    batches a rank sorts its rows by length and cuts batches of similar length, then
-    the batch order of the whole epoch is shuffled (``default_rng([seed, epoch, rank])``).
-    ``length_window`` 1 turns it off.
+    Each epoch is one global list of micro-batches, the same whatever the number of
+    processes: a permutation of all rows from ``default_rng([seed, epoch])``, length
+    grouping (within windows of ``length_window`` batches rows are sorted by length and
+    cut into batches of similar length), then the batch order shuffled. Rank r takes
+    batches r, r + world, r + 2·world, … So an optimizer step of ``world × accumulation``
+    micro-batches covers the same rows for 1 process accumulating 2 and for 2 processes
+    accumulating 1: the same global batch gives the same loss. The list is cut to a
+    multiple of ``world_size × accumulation_steps`` batches, so every rank runs the same
+    number of steps (a rank that ran out early would hang the others' collectives).
 
     The state is (epoch, batch): the next batch to produce. Iterating is endless (epoch
     after epoch) and advances the state; ``load_state_dict`` jumps anywhere in O(1) plus
@@ -213,7 +215,7 @@ class BatchSampler:
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, length_window: int = 64):
+                 seed: int = 0, length_window: int = 64, accumulation_steps: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or length_window < 1:
@@ -221,10 +223,12 @@ class BatchSampler:
         self.lengths = np.asarray(lengths)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.length_window = seed, length_window
-        self.batches_per_epoch = len(self.lengths) // (world_size * batch_size)
+        per_step = world_size * accumulation_steps
+        self.global_batches = len(self.lengths) // batch_size // per_step * per_step
+        self.batches_per_epoch = self.global_batches // world_size
         if self.batches_per_epoch == 0:
             raise ValueError(f"{len(self.lengths)} rows are fewer than world_size {world_size} × batch size "
-                             f"{batch_size}: lower the micro-batch size")
+                             f"{batch_size} × accumulation {accumulation_steps}: lower the micro-batch size")
         self.epoch, self.batch = 0, 0
         self._cached: tuple[int, np.ndarray] | None = None
 
@@ -235,25 +239,19 @@ class BatchSampler:
         """(batches_per_epoch, batch_size) row indices of this rank's batches in ``epoch``."""
         if self._cached is not None and self._cached[0] == epoch:
             return self._cached[1]
-        used = self.batches_per_epoch * self.world_size * self.batch_size
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))[:used]
-        mine = order[self.rank::self.world_size]
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))[:self.global_batches * self.batch_size]
         window = self.length_window * self.batch_size
         if self.length_window > 1:
             # stable sort inside each window: rows of equal length keep their random order
-            grouped = mine.reshape(-1, window) if len(mine) % window == 0 else None
-            if grouped is None:
-                pieces = [w[np.argsort(self.lengths[w], kind="stable")]
-                          for w in np.split(mine, range(window, len(mine), window))]
-                mine = np.concatenate(pieces)
-            else:
-                mine = np.take_along_axis(grouped, np.argsort(self.lengths[grouped], axis=1, kind="stable"),
-                                          axis=1).ravel()
-        batches = mine.reshape(self.batches_per_epoch, self.batch_size)
+            order = np.concatenate([w[np.argsort(self.lengths[w], kind="stable")]
+                                    for w in np.split(order, range(window, len(order), window))])
+        batches = order.reshape(self.global_batches, self.batch_size)
         if self.length_window > 1:
-            batches = batches[np.random.default_rng([self.seed, epoch, self.rank]).permutation(len(batches))]
-        self._cached = (epoch, batches)
-        return batches
+            batches = batches[rng.permutation(len(batches))]
+        mine = batches[self.rank::self.world_size]
+        self._cached = (epoch, mine)
+        return mine
 
     def positions(self, epoch: int, batch: int) -> Iterator[tuple[int, int, np.ndarray]]:
         """(epoch, batch, rows) from the given position on, endlessly; leaves the state alone."""

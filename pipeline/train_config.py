@@ -25,7 +25,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     steps: int = 100
     learning_rate: float = 5e-4
-    warmup_steps: int = 10
+    warmup_steps: int | None = None  # None: a tenth of --steps
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 42
@@ -39,6 +39,8 @@ class TrainConfig:
     run_name: str | None = None
 
     def __post_init__(self):
+        if self.warmup_steps is None:
+            object.__setattr__(self, "warmup_steps", self.steps // 10)
         checks = [
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (0 <= self.warmup_steps <= self.steps,
@@ -75,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per process per forward pass; accumulation makes up the rest")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help="linear warmup, then linear decay to 0 at --steps")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup, then linear decay to 0 at --steps (default: a tenth of --steps)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clipping (0 = off)")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -7,6 +7,7 @@ micro-batches DeepSpeed accumulates, then metrics, checkpoints and the stop chec
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -86,6 +87,7 @@ class Trainer:
 
         self.config = config
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
+        os.makedirs(config.run_dir, exist_ok=True)
         self.manifest = read_manifest(config.data)
         self.dataset = PretrainingDataset(config.data, self.manifest)
         self.batches = plan_batches(config.global_batch_size, config.micro_batch_size, self.world_size)
@@ -99,7 +101,8 @@ class Trainer:
             model=model, model_parameters=model.parameters(), config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.sampler = BatchSampler(self.dataset.lengths, config.micro_batch_size, rank=self.rank,
-                                    world_size=self.world_size, seed=config.seed)
+                                    world_size=self.world_size, seed=config.seed,
+                                    accumulation_steps=self.batches.accumulation_steps)
         self.step = 0
         self.stop = StopFlag()
         self.flops = FlopCounter.for_config(self.model_config)
@@ -204,11 +207,19 @@ class Trainer:
             "real_tokens_per_second": tokens / max(seconds, 1e-9),
             "real_token_share": self.loader.real_token_share,
         }
+        if self.world_size > 1:
+            # Every rank saw different micro-batches: report the global means.
+            names = ["loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "real_token_share"]
+            local = torch.tensor([values[n] for n in names], dtype=torch.float64)
+            torch.distributed.all_reduce(local)
+            values.update({n: float(v) / self.world_size for n, v in zip(names, local)})
         if self.config.peak_tflops:
-            per_seq = self.flops.per_sequence(self.manifest["max_seq_length"])
-            values["mfu"] = values["sequences_per_second"] * per_seq / (
+            mean_length = tokens / max(seqs, 1)
+            values["mfu"] = values["sequences_per_second"] * self.flops.per_sequence(mean_length) / (
                 self.config.peak_tflops * 1e12 * self.world_size)
         if self.is_rank0:
+            with open(os.path.join(self.config.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.step, **values}) + "\n")
             log.info("step %d/%d  %s", self.step, self.config.steps,
                      "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if tracker:

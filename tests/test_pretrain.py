@@ -80,3 +80,44 @@ def test_a_partial_save_is_never_resumed_from(data_dir, tmp_path):
     with open(os.path.join(directory, "latest"), "w") as f:
         f.write("step00000003")  # even a pointer at it is not trusted
     assert checkpoint.find_latest(directory) == "step00000002"
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_pretrain(args, nproc, tmp_path):
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_free_port()}", os.path.join(REPO, "pipeline", "pretrain.py"), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = args[args.index("--run-dir") + 1]
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+@pytest.mark.e2e
+def test_one_and_two_ranks_give_the_same_losses(data_dir, tmp_path):
+    """gloo, ZeRO-2, the same global batch of 16: 1 rank x 2 micro-batches vs 2 ranks x 1."""
+    import json
+
+    from pipeline.model import PRESETS
+
+    model = tmp_path / "no-dropout.json"  # dropout draws differ per rank; the maths must not
+    model.write_text(json.dumps({**PRESETS["tiny"], "hidden_dropout_prob": 0.0,
+                                 "attention_probs_dropout_prob": 0.0}))
+    common = ["--data", data_dir, "--model", str(model), "--steps", "6", "--global-batch-size", "16",
+              "--micro-batch-size", "8", "--log-every", "1", "--no-mlflow", "--learning-rate", "2e-3"]
+    one = _run_pretrain([*common, "--run-dir", str(tmp_path / "one")], 1, tmp_path)
+    two = _run_pretrain([*common, "--run-dir", str(tmp_path / "two")], 2, tmp_path)
+    assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
+    assert one[-1]["loss"] < one[0]["loss"]
