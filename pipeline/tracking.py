@@ -24,7 +24,9 @@ class Tracker:
         self._mlflow.log_params(flat)
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
-        self._mlflow.log_metrics(values, step=step)  # one call for the whole set
+        # One call for the whole set, queued: training never waits on the tracking server
+        # (end_run flushes the queue).
+        self._mlflow.log_metrics(values, step=step, synchronous=False)
 
     def log_json(self, obj: dict, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:

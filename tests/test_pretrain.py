@@ -121,3 +121,57 @@ def test_one_and_two_ranks_give_the_same_losses(data_dir, tmp_path):
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
     assert one[-1]["loss"] < one[0]["loss"]
+
+
+@pytest.mark.e2e
+def test_sigterm_checkpoints_and_resume_finishes_the_same_run(data_dir, tmp_path, mlflow_server):
+    """A real SIGTERM mid-run: exit code 3 after a checkpoint; rerunning finishes the steps
+    with the losses of an uninterrupted run; MLflow records both runs against a real server."""
+    import json
+    import signal
+    import time
+
+    import mlflow
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    env.update(MLFLOW_TRACKING_URI=mlflow_server, MASTER_PORT=str(_free_port()))
+    script = os.path.join(REPO, "pipeline", "pretrain.py")
+    common = ["--data", data_dir, "--steps", "60", "--global-batch-size", "8", "--micro-batch-size", "8",
+              "--log-every", "1", "--run-name", "sigterm"]
+    whole_dir, split_dir = tmp_path / "whole", tmp_path / "split"
+    proc = subprocess.Popen([sys.executable, script, *common, "--run-dir", str(split_dir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = split_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, out[-3000:]
+    stopped_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert 5 <= stopped_at < 60
+    assert checkpoint.find_latest(str(split_dir / "checkpoints")) == checkpoint.tag_for(stopped_at)
+
+    # Finish it with the same command (--resume auto), and run the same job uninterrupted.
+    subprocess.run([sys.executable, script, *common, "--run-dir", str(split_dir)], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, script, *common, "--run-dir", str(whole_dir)], env=env, check=True,
+                   capture_output=True)
+    split = [json.loads(line) for line in metrics.read_text().splitlines()]
+    whole = [json.loads(line) for line in (whole_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in split] == list(range(1, 61))
+    assert [m["loss"] for m in split] == [m["loss"] for m in whole]
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("bert-pipeline").experiment_id],
+                              filter_string="tags.stage = 'pretrain' and attributes.run_name = 'sigterm'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
+    done = next(r for r in runs if r.info.status == "FINISHED")
+    assert done.data.params["world_size"] == "1" and done.data.params["global_batch_size"] == "8"
+    manifest = json.load(open(os.path.join(data_dir, "manifest.json")))
+    assert done.data.tags["data_run_id"] == str(manifest["data_run_id"])
+    history = client.get_metric_history(done.info.run_id, "mlm_loss")
+    assert len(history) >= 60 - stopped_at and {"sequences_per_second", "learning_rate", "mlm_accuracy"} <= set(done.data.metrics)
+    assert "ds_config.json" in {a.path for a in client.list_artifacts(done.info.run_id)}
