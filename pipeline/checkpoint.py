@@ -9,6 +9,7 @@ A process killed mid-save leaves a tag without a marker, which resume ignores.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -39,14 +40,22 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def save(engine, directory: str, step: int, client_state: dict, keep: int, is_rank0: bool) -> str:
-    """Saves tag ``step…`` on every rank, then marks it complete and points ``latest`` at it."""
+def save(engine, directory: str, step: int, client_state: dict, keep: int, is_rank0: bool,
+         meta: dict | None = None) -> str:
+    """Saves tag ``step…`` on every rank, then marks it complete and points ``latest`` at it.
+
+    ``meta`` (small, JSON) goes into the marker, readable without loading the checkpoint.
+    """
     tag = tag_for(step)
     engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+    if os.environ.get("BERT_PIPELINE_FAULT") == f"kill-during-save:{step}":
+        # Fault injection for the crash test: die like `kill -9` with the files written
+        # but the tag not yet marked complete.
+        os.kill(os.getpid(), 9)
     _barrier()  # every rank's shards are on disk before the tag is declared complete
     if is_rank0:
         with open(os.path.join(directory, tag, COMPLETE), "w") as f:
-            f.write(tag)
+            json.dump({"tag": tag, "step": step, **(meta or {})}, f)
         temp = os.path.join(directory, f".{LATEST}.tmp")
         with open(temp, "w") as f:
             f.write(tag)
@@ -88,6 +97,11 @@ def prune(directory: str, keep: int) -> None:
         stale_partial = name not in tags and newest is not None and name < newest
         if name in tags[:-keep] or stale_partial:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def read_meta(directory: str, tag: str) -> dict:
+    with open(os.path.join(directory, tag, COMPLETE)) as f:
+        return json.load(f)
 
 
 def load(engine, directory: str, tag: str) -> dict:

@@ -120,6 +120,13 @@ class Trainer:
                else self.config.resume)
         if tag is None:
             return
+        meta = checkpoint.read_meta(self.config.checkpoint_dir, tag)
+        fingerprint = self.manifest["tokenizer"]["fingerprint"]
+        if meta.get("tokenizer_fingerprint", fingerprint) != fingerprint:
+            raise ValueError(f"{self.config.checkpoint_dir}/{tag} was trained with tokenizer "
+                             f"{meta['tokenizer_fingerprint'][:12]}… but --data {self.config.data} has "
+                             f"{fingerprint[:12]}… (manifest field tokenizer.fingerprint): use the same "
+                             "data, or a new --run-dir")
         state = checkpoint.load(self.engine, self.config.checkpoint_dir, tag)
         self.step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
@@ -134,8 +141,10 @@ class Trainer:
         else:
             states = [checkpoint.rng_state()]
         client = {"step": self.step, "sampler": self.loader.state_dict(), "rng": states}
+        meta = {"tokenizer_fingerprint": self.manifest["tokenizer"]["fingerprint"],
+                "data_run_id": self.manifest.get("data_run_id")}
         return checkpoint.save(self.engine, self.config.checkpoint_dir, self.step, client,
-                               self.config.keep_checkpoints, self.is_rank0)
+                               self.config.keep_checkpoints, self.is_rank0, meta)
 
     def train_step(self) -> StepMetrics:
         """One optimizer step: DeepSpeed's accumulation over the micro-batches."""

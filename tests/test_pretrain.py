@@ -175,3 +175,32 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(data_dir, tmp_path
     history = client.get_metric_history(done.info.run_id, "mlm_loss")
     assert len(history) >= 60 - stopped_at and {"sequences_per_second", "learning_rate", "mlm_accuracy"} <= set(done.data.metrics)
     assert "ds_config.json" in {a.path for a in client.list_artifacts(done.info.run_id)}
+
+
+def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(data_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    env.update(MASTER_PORT=str(_free_port()), BERT_PIPELINE_FAULT="kill-during-save:4")
+    script = os.path.join(REPO, "pipeline", "pretrain.py")
+    args = ["--data", data_dir, "--run-dir", str(tmp_path), "--steps", "6", "--global-batch-size", "8",
+            "--micro-batch-size", "8", "--checkpoint-every", "2", "--no-mlflow"]
+    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9
+    directory = str(tmp_path / "checkpoints")
+    assert os.path.isdir(os.path.join(directory, "step00000004"))  # written, never completed
+    assert checkpoint.find_latest(directory) == "step00000002"
+    env.pop("BERT_PIPELINE_FAULT")
+    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step00000002 at step 2" in proc.stderr
+    assert checkpoint.find_latest(directory) == "step00000006"
+    assert not os.path.exists(os.path.join(directory, "step00000002"))  # pruned: keep 2 (4 and 6)
+
+
+def test_resuming_with_another_tokenizer_is_refused(data_dir, tmp_path, tmp_path_factory):
+    losses_of(Trainer(config(data_dir, tmp_path, steps=2)))
+    other = str(tmp_path_factory.mktemp("other") / "data")
+    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
+                    "--output", other, "--vocab-size", "3000", "--dupe-factor", "1", "--no-mlflow"],
+                   check=True, capture_output=True)
+    with pytest.raises(ValueError, match="manifest field tokenizer.fingerprint"):
+        Trainer(config(other, tmp_path, steps=4))
