@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 pipeline/pretrain.py --data … --model base \
         --ds-config ds_configs/gpu_base_bf16_zero2_fused-adam.json --global-batch-size 4096
 
-Exit code 0 when --steps are done; 3 when a stop signal (SIGTERM/SIGUSR1) was honoured
+Exit code 0 when --steps are done (rank 0 then exports the last checkpoint in Hugging Face
+format to RUN_DIR/hf/<tag>, see pipeline/export.py); 3 when a stop signal (SIGTERM/SIGUSR1) was honoured
 with a checkpoint, so a scheduler can requeue the job and --resume auto continues it.
 """
 
@@ -15,6 +16,7 @@ import sys
 if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from pipeline.export import export_checkpoint, write_train_config  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 from pipeline.train_config import parse_args  # noqa: E402
 from pipeline.trainer import Trainer  # noqa: E402
@@ -31,9 +33,15 @@ def main(argv=None) -> int:
         tracker.log_params({**config_params(config), "world_size": trainer.world_size,
                             "accumulation_steps": trainer.batches.accumulation_steps})
         tracker.log_json(trainer.ds_config, "ds_config.json")
+    if trainer.is_rank0:
+        write_train_config(config, tracker.run_id if tracker else None)  # what the export rebuilds from
     status = "FAILED"
     try:
         code = trainer.train(tracker)
+        # The export reads the saved checkpoint files only (no collectives): rank 0 alone writes it,
+        # after save()'s barriers have put every rank's shards on disk.
+        if code == 0 and trainer.is_rank0:
+            logging.getLogger(__name__).info("Hugging Face export: %s", export_checkpoint(config.run_dir))
         status = "FINISHED" if code == 0 else "KILLED"
         return code
     finally:

@@ -1,0 +1,190 @@
+"""Export a DeepSpeed checkpoint of pretrain.py in Hugging Face format (contract 3).
+
+    python pipeline/export.py runs/tiny                       # newest complete checkpoint
+    python pipeline/export.py runs/tiny --tag step00000200 --out models/tiny
+
+The export (default ``RUN_DIR/hf/<tag>``) holds ``model.safetensors`` + ``config.json``
+(``save_pretrained``), the data dir's tokenizer files and ``training_info.json`` (tag,
+step, data_run_id, pretrain_run_id), so that ``AutoModelForPreTraining``,
+``AutoTokenizer`` and ``pipeline("fill-mask")`` load it and fine-tuning knows its inputs.
+
+The fp32 weights are rebuilt with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
+(ZeRO 1-3, any number of ranks), not the ``zero_to_fp32.py`` script copied into the
+checkpoint, which fails with safetensors on BERT's tied embeddings/decoder. A ZeRO-0
+checkpoint has no ZeRO partitions: its module weights are taken as they are.
+The model is rebuilt from ``RUN_DIR/train_config.json`` (written by pretrain.py) and
+the data dir's manifest, the same way the trainer built it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+
+if __package__ in (None, ""):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from pipeline import checkpoint  # noqa: E402
+
+log = logging.getLogger(__name__)
+TRAIN_CONFIG = "train_config.json"
+TRAINING_INFO = "training_info.json"
+
+
+class ExportError(ValueError):
+    """A run dir or checkpoint that cannot be exported; the message names the path."""
+
+
+def write_train_config(config, pretrain_run_id: str | None = None) -> str:
+    """``RUN_DIR/train_config.json``: the trainer's resolved config (+ its MLflow run id),
+    what the export needs to rebuild the model. Call on rank 0 only."""
+    path = os.path.join(config.run_dir, TRAIN_CONFIG)
+    os.makedirs(config.run_dir, exist_ok=True)
+    values = {**dataclasses.asdict(config), "pretrain_run_id": pretrain_run_id}
+    temp = path + ".tmp"
+    with open(temp, "w") as f:
+        json.dump(values, f, indent=2)
+    os.replace(temp, path)
+    return path
+
+
+def resolve(path: str, tag: str | None = None) -> tuple[str, str, str]:
+    """(run dir, checkpoints dir, tag) from a run dir, its ``checkpoints/`` or one tag dir.
+
+    Without ``tag``: the newest complete one. A tag without a COMPLETE marker is refused.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ExportError(f"{path} does not exist (pass the --run-dir of pipeline/pretrain.py)")
+    if os.path.isfile(os.path.join(path, checkpoint.COMPLETE)) or (
+            os.path.basename(path).startswith("step") and os.path.basename(os.path.dirname(path)) == "checkpoints"):
+        checkpoints, path_tag = os.path.dirname(path), os.path.basename(path)
+        if tag is not None and tag != path_tag:
+            raise ExportError(f"{path} is checkpoint {path_tag}, but --tag {tag} was asked for")
+        tag = path_tag
+    elif os.path.isdir(os.path.join(path, "checkpoints")):
+        checkpoints = os.path.join(path, "checkpoints")
+    elif os.path.basename(path) == "checkpoints" or os.path.exists(os.path.join(path, checkpoint.LATEST)):
+        checkpoints = path
+    else:
+        raise ExportError(f"{path} has no checkpoints/ folder: no complete checkpoint to export "
+                          "(pass the --run-dir of a pipeline/pretrain.py run that finished a save)")
+    run_dir = os.path.dirname(checkpoints)
+    if tag is None:
+        tag = checkpoint.find_latest(checkpoints)
+        if tag is None:
+            raise ExportError(f"{checkpoints} has no complete checkpoint (no step*/ with a "
+                              f"{checkpoint.COMPLETE} marker): train until a save finishes, then export")
+    elif not os.path.isfile(os.path.join(checkpoints, tag, checkpoint.COMPLETE)):
+        have = checkpoint.complete_tags(checkpoints)
+        raise ExportError(f"{os.path.join(checkpoints, tag)} is not a complete checkpoint (missing, or its "
+                          f"save did not finish); complete tags: {', '.join(have) or 'none'}")
+    return run_dir, checkpoints, tag
+
+
+def read_train_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, TRAIN_CONFIG)
+    if not os.path.isfile(path):
+        raise ExportError(f"{path} is missing: it records the model and data the run used (pretrain.py "
+                          "writes it); without it, pass data_dir and write it with write_train_config")
+    with open(path) as f:
+        return json.load(f)
+
+
+def fp32_state_dict(checkpoints: str, tag: str) -> dict:
+    """The full fp32 weights of one tag, from any ZeRO stage and number of ranks."""
+    import torch
+
+    tag_dir = os.path.join(checkpoints, tag)
+    if glob.glob(os.path.join(tag_dir, "*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoints, tag=tag)
+    # ZeRO 0: no partitioned optimizer files; the module's weights are whole in the model states.
+    files = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
+    if not files:
+        raise ExportError(f"{tag_dir} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
+    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, out_dir: str | None = None,
+                      data_dir: str | None = None, pretrain_run_id: str | None = None) -> str:
+    """Writes the Hugging Face export of ``tag`` (default: newest complete) and returns its dir."""
+    from pipeline.data import read_manifest
+    from pipeline.model import build_model, model_config
+    from pipeline.train_config import TrainConfig
+
+    run_dir, checkpoints, tag = resolve(run_dir_or_checkpoint_dir, tag)
+    # Without train_config.json (a run not started by pretrain.py), data_dir must be given
+    # and the model is the trainer's default preset; a wrong guess fails on the shapes.
+    has_config = os.path.isfile(os.path.join(run_dir, TRAIN_CONFIG))
+    train_config = read_train_config(run_dir) if has_config or data_dir is None else {}
+    data_dir = data_dir or train_config["data"]
+    manifest = read_manifest(data_dir)
+    model = build_model(model_config(train_config.get("model", TrainConfig.model), manifest))
+    log.info("exporting %s/%s", checkpoints, tag)
+    state = fp32_state_dict(checkpoints, tag)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ: another model than train_config.json says
+        raise ExportError(f"{checkpoints}/{tag} does not fit the model {train_config.get('model')!r}: "
+                          f"{str(err).splitlines()[-1].strip()}") from None
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    if set(missing) - tied or unexpected:
+        raise ExportError(f"{checkpoints}/{tag} does not match the model of {run_dir}/{TRAIN_CONFIG}: "
+                          f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    model.tie_weights()
+
+    out = os.path.abspath(out_dir or os.path.join(run_dir, "hf", tag))
+    temp = out + ".partial"
+    shutil.rmtree(temp, ignore_errors=True)
+    os.makedirs(temp)
+    model.save_pretrained(temp, safe_serialization=True)
+    tokenizer_dir = os.path.join(data_dir, manifest["tokenizer"].get("path", "tokenizer"))
+    for name in sorted(os.listdir(tokenizer_dir)):
+        source = os.path.join(tokenizer_dir, name)
+        if os.path.isfile(source):
+            shutil.copy2(source, os.path.join(temp, name))
+    info = {"tag": tag, "step": int(tag[len("step"):]) if tag[len("step"):].isdigit() else None,
+            "data_run_id": manifest.get("data_run_id"),
+            "pretrain_run_id": pretrain_run_id or train_config.get("pretrain_run_id"),
+            "checkpoint": os.path.join(checkpoints, tag), "data_dir": os.path.abspath(data_dir),
+            "model": train_config.get("model"), "tokenizer_fingerprint": manifest["tokenizer"].get("fingerprint")}
+    with open(os.path.join(temp, TRAINING_INFO), "w") as f:
+        json.dump(info, f, indent=2)
+    # A finished export replaces an older one whole; a crash leaves only the .partial dir.
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(temp, out)
+    log.info("exported %s to %s", tag, out)
+    return out
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(
+        prog="python pipeline/export.py",
+        description="Export a pretrain.py checkpoint in Hugging Face format (safetensors + config + "
+                    "tokenizer), loadable with AutoModelForPreTraining.from_pretrained and pipeline('fill-mask').")
+    p.add_argument("run_dir", help="the --run-dir of pipeline/pretrain.py (or its checkpoints/ or one tag dir)")
+    p.add_argument("--tag", help="checkpoint tag, e.g. step00000200 (default: the newest complete one)")
+    p.add_argument("--out", help="output dir (default: RUN_DIR/hf/<tag>)")
+    p.add_argument("--data", help="the data dir, if it moved since training (default: from train_config.json)")
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(args.run_dir, args.tag, args.out, args.data)
+    except (ExportError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
