@@ -70,5 +70,5 @@ def test_injected_config_drives_a_real_deepspeed_engine(monkeypatch):
         engine.step()
     assert engine.global_steps == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    if torch.distributed.is_initialized():  # leave no process group to later tests
-        torch.distributed.destroy_process_group()
+    # The 1-process group stays up for later in-process tests: DeepSpeed caches its
+    # groups, and a destroyed one breaks every engine built after it.
