@@ -1,0 +1,373 @@
+"""Fine-tuning data: labelled text tables from csv/tsv/jsonl/parquet or a saved ``datasets`` dir.
+
+Every row keeps where it came from (``file:line N`` for csv/tsv/jsonl, ``file: row N``
+for parquet and saved datasets), so that a bad cell is reported by file and line: a
+missing column, an empty file, a label in validation/test that train never saw, a
+regression target that is not a number. Nothing is dropped silently: ``--drop-label``
+rows are counted per split.
+
+Splits come from ``--train/--validation/--test`` files, from a saved ``DatasetDict``'s
+splits, or, for what is missing, from a seeded stratified split of the training rows
+(per class for classification, per target quantile for regression), so that the same
+file and seed give the same split on any machine and any number of processes.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import dataclasses
+import gzip
+import json
+import lzma
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+_OPENERS = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}
+
+
+class FinetuneDataError(ValueError):
+    """Data that cannot be used; the message names the file and the line or row."""
+
+
+@dataclasses.dataclass
+class Table:
+    """Rows of one source: ``columns[name][i]`` is row i's cell, ``where[i]`` says where it was read."""
+
+    source: str
+    columns: dict[str, list]
+    where: list[str]
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def take(self, indices: Sequence[int], source: str | None = None) -> Table:
+        return Table(source or self.source, {k: [v[i] for i in indices] for k, v in self.columns.items()},
+                     [self.where[i] for i in indices])
+
+
+@dataclasses.dataclass
+class Examples:
+    """One split, ready to tokenize: texts, optional pair texts, labels (ids or floats)."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    labels: np.ndarray
+    where: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, rows: np.ndarray) -> Examples:
+        return Examples([self.texts[i] for i in rows], [self.pairs[i] for i in rows] if self.pairs else None,
+                        self.labels[rows], [self.where[i] for i in rows])
+
+
+@dataclasses.dataclass
+class TaskData:
+    task: str  # "classification" | "regression"
+    labels: list[str]  # classification: id → label, sorted; regression: []
+    splits: dict[str, Examples]
+    dropped: dict[str, int]  # rows skipped by --drop-label, per split
+    split_from: dict[str, str]  # per split: the file it was read from, or "train (seeded split)"
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.labels))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+
+# ---------------------------------------------------------------------------- reading files
+def _format_of(path: str) -> tuple[str, str | None]:
+    """(format, compression) from the file name: data.csv.bz2 → ("csv", ".bz2")."""
+    root, ext = os.path.splitext(path.lower())
+    compression = None
+    if ext in _OPENERS:
+        compression, (root, ext) = ext, os.path.splitext(root)
+    formats = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+    if ext not in formats:
+        raise FinetuneDataError(f"{path}: unknown format {ext or '(no extension)'!r}: use .csv, .tsv, .jsonl "
+                                "or .parquet (optionally .gz/.bz2/.xz), or a datasets.save_to_disk dir")
+    return formats[ext], compression
+
+
+def _open_text(path: str, compression: str | None):
+    opener = _OPENERS.get(compression, open)
+    return opener(path, "rt", encoding="utf-8", newline="")
+
+
+def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table:
+    csv.field_size_limit(1 << 24)
+    with _open_text(path, compression) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise FinetuneDataError(f"{path}: the file is empty (no header line, no rows)") from None
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise FinetuneDataError(f"{path}:1: cannot read the header: {err}") from None
+        columns: dict[str, list] = {name: [] for name in header}
+        where = []
+        while True:
+            start = reader.line_num + 1  # a quoted cell may span lines: report where the row starts
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except (csv.Error, UnicodeDecodeError) as err:
+                raise FinetuneDataError(f"{path}:{start}: {err}") from None
+            if not row:
+                continue  # a blank line is no row (csv's own convention)
+            if len(row) != len(header):
+                raise FinetuneDataError(f"{path}:{start}: {len(row)} fields, but the header has {len(header)} "
+                                        f"({', '.join(header)})")
+            for name, cell in zip(header, row):
+                columns[name].append(cell)
+            where.append(f"{path}:{start}")
+    return Table(path, columns, where)
+
+
+def _read_jsonl(path: str, compression: str | None) -> Table:
+    rows, where = [], []
+    with _open_text(path, compression) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FinetuneDataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise FinetuneDataError(f"{path}:{line_no}: a JSON object per line is expected, got "
+                                        f"{type(row).__name__}")
+            rows.append(row)
+            where.append(f"{path}:{line_no}")
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    return Table(path, {n: [row.get(n) for row in rows] for n in names}, where)
+
+
+def _read_parquet(path: str) -> Table:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise FinetuneDataError(f"{path}: not a readable Parquet file ({err})") from None
+    return Table(path, table.to_pydict(), [f"{path}: row {i + 1}" for i in range(table.num_rows)])
+
+
+def _dataset_table(dataset, source: str) -> Table:
+    return Table(source, dataset.to_dict(), [f"{source}: row {i + 1}" for i in range(len(dataset))])
+
+
+def read_table(path: str) -> Table:
+    if not os.path.exists(path):
+        raise FinetuneDataError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        tables = read_saved_dataset(path)
+        if list(tables) != ["train"]:
+            raise FinetuneDataError(f"{path}: a saved DatasetDict with splits {', '.join(tables)}: pass it as "
+                                    "--data, not as one split's file")
+        return tables["train"]
+    fmt, compression = _format_of(path)
+    if fmt == "parquet":
+        return _read_parquet(path)
+    if fmt == "jsonl":
+        return _read_jsonl(path, compression)
+    return _read_delimited(path, compression, "," if fmt == "csv" else "\t")
+
+
+def read_saved_dataset(path: str) -> dict[str, Table]:
+    """A ``datasets.save_to_disk`` dir: a ``Dataset`` (→ {"train": …}) or a ``DatasetDict``."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except FileNotFoundError as err:
+        raise FinetuneDataError(f"{path}: not a datasets.save_to_disk dir ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        aliases = {"dev": "validation", "valid": "validation", "val": "validation"}
+        tables = {}
+        for name, dataset in loaded.items():
+            split = aliases.get(name, name)
+            if split not in SPLITS:
+                raise FinetuneDataError(f"{path}: split {name!r} is not one of {', '.join(SPLITS)} (or dev)")
+            tables[split] = _dataset_table(dataset, f"{path}[{name}]")
+        if "train" not in tables:
+            raise FinetuneDataError(f"{path}: the DatasetDict has no train split (it has {', '.join(loaded)})")
+        return tables
+    return {"train": _dataset_table(loaded, path)}
+
+
+# ---------------------------------------------------------------------------- columns and labels
+def _check_table(table: Table, needed: Sequence[str]) -> None:
+    if len(table) == 0:
+        raise FinetuneDataError(f"{table.source}: the file has no rows")
+    for column in needed:
+        if column not in table.columns:
+            raise FinetuneDataError(f"{table.source}: no column {column!r} (columns: "
+                                    f"{', '.join(map(str, table.columns)) or 'none'}); set the matching "
+                                    "--text-column / --text-pair-column / --label-column")
+
+
+def _label_key(value) -> str:
+    """One spelling per label: 1, 1.0 and "1" from csv, jsonl or parquet are the same class."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _is_number(value) -> bool:
+    try:
+        return math.isfinite(float(value)) and not isinstance(value, bool)
+    except (TypeError, ValueError):
+        return False
+
+
+def infer_task(values: Sequence) -> str:
+    """Regression when every label is a number and some are not whole; classification otherwise."""
+    if values and all(_is_number(v) for v in values):
+        if any(not float(v).is_integer() for v in values):
+            return "regression"
+    return "classification"
+
+
+def _sort_labels(keys) -> list[str]:
+    keys = set(keys)
+    if all(_is_number(k) for k in keys):
+        return sorted(keys, key=float)
+    return sorted(keys)
+
+
+def _texts(table: Table, column: str) -> list[str]:
+    out = []
+    for value, where in zip(table.columns[column], table.where):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            raise FinetuneDataError(f"{where}: column {column!r} is empty")
+        out.append(str(value))
+    return out
+
+
+def stratified_split(keys: Sequence, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Row indices for each fraction, then the rest, drawn per key (class) with ``seed``.
+
+    Part k holds round(fraction_k · n) rows in all; each key gets its share of them,
+    floor(fraction_k · n_key) plus one for the keys with the largest remainders, so class
+    shares are kept as closely as whole rows allow. Indices come back sorted.
+    """
+    keys = np.asarray([str(k) for k in keys])
+    rng = np.random.default_rng(seed)
+    names = sorted(set(keys.tolist()))
+    rows = {key: rng.permutation(np.flatnonzero(keys == key)) for key in names}
+    left = {key: len(rows[key]) for key in names}
+    taken = {key: 0 for key in names}
+    tie_break = dict(zip(names, rng.permutation(len(names))))  # equal remainders: a seeded draw, not key order
+    parts = []
+    for fraction in fractions:
+        quota = {key: fraction * len(rows[key]) for key in names}
+        counts = {key: min(int(quota[key]), left[key]) for key in names}
+        extra = int(round(fraction * len(keys))) - sum(counts.values())
+        for key in sorted(names, key=lambda k: (counts[k] - quota[k], tie_break[k])):  # largest remainder first
+            if extra <= 0:
+                break
+            if left[key] > counts[key]:
+                counts[key] += 1
+                extra -= 1
+        part = []
+        for key in names:
+            part.append(rows[key][taken[key]:taken[key] + counts[key]])
+            taken[key] += counts[key]
+            left[key] -= counts[key]
+        parts.append(np.sort(np.concatenate(part)))
+    parts.append(np.sort(np.concatenate([rows[key][taken[key]:] for key in names])))
+    return parts
+
+
+def _quantile_bins(values: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Regression strata: the target's deciles."""
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
+    return np.searchsorted(edges, values, side="right")
+
+
+def load_task_data(*, data: str | None = None, train: str | None = None, validation: str | None = None,
+                   test: str | None = None, text_column: str = "text", text_pair_column: str | None = None,
+                   label_column: str = "label", task: str | None = None, drop_labels: Sequence[str] = (),
+                   validation_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 42) -> TaskData:
+    """Reads the splits, drops ``drop_labels`` rows (counted), makes missing splits, maps labels."""
+    if (data is None) == (train is None):
+        raise FinetuneDataError("give either --data (one file or a saved datasets dir) or --train "
+                                "[--validation] [--test]")
+    if data is not None:
+        tables = read_saved_dataset(data) if os.path.isdir(data) else {"train": read_table(data)}
+        sources = {name: data for name in tables}
+    else:
+        tables = {name: read_table(path) for name, path in (("train", train), ("validation", validation),
+                                                            ("test", test)) if path}
+        sources = {name: t.source for name, t in tables.items()}
+    needed = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
+    dropped = {}
+    drop = {_label_key(v) for v in drop_labels}
+    for name, table in list(tables.items()):
+        _check_table(table, needed)
+        keep = [i for i, v in enumerate(table.columns[label_column]) if _label_key(v) not in drop]
+        dropped[name] = len(table) - len(keep)
+        if dropped[name]:
+            table = tables[name] = table.take(keep)
+        if not len(table):
+            raise FinetuneDataError(f"{table.source}: no rows left after --drop-label {', '.join(sorted(drop))}")
+
+    task = task or infer_task(tables["train"].columns[label_column])
+    labels: list[str] = []
+    if task == "classification":
+        labels = _sort_labels(_label_key(v) for v in tables["train"].columns[label_column])
+        if len(labels) < 2:
+            raise FinetuneDataError(f"{tables['train'].source}: column {label_column!r} has one label "
+                                    f"({labels[0]!r}); classification needs two or more")
+    mapping = {label: i for i, label in enumerate(labels)}
+    splits = {name: _examples(table, task, mapping, text_column, text_pair_column, label_column)
+              for name, table in tables.items()}
+
+    missing = [s for s in ("validation", "test") if s not in splits]
+    if missing:
+        whole = splits["train"]
+        strata = whole.labels if task == "classification" else _quantile_bins(whole.labels)
+        fractions = [validation_fraction if s == "validation" else test_fraction for s in missing]
+        parts = stratified_split(strata, fractions, seed)
+        for split, rows in zip(missing, parts):
+            splits[split] = whole.take(rows)
+            sources[split] = f"{sources['train']} (seeded split)"
+            dropped[split] = 0
+        splits["train"] = whole.take(parts[-1])
+        for split in ("train", *missing):
+            if not len(splits[split]):
+                raise FinetuneDataError(f"{tables['train'].source}: too few rows ({len(whole)}) to split off "
+                                        f"{', '.join(missing)} and keep a train split")
+    return TaskData(task, labels, {name: splits[name] for name in SPLITS}, dropped, sources)
+
+
+def _examples(table: Table, task: str, mapping: dict[str, int], text_column: str, text_pair_column: str | None,
+              label_column: str) -> Examples:
+    values = []
+    for value, where in zip(table.columns[label_column], table.where):
+        if task == "classification":
+            key = _label_key(value)
+            if key not in mapping:
+                raise FinetuneDataError(f"{where}: label {key!r} in column {label_column!r} does not occur "
+                                        f"in the train split (labels: {', '.join(mapping)})")
+            values.append(mapping[key])
+        else:
+            if not _is_number(value):
+                raise FinetuneDataError(f"{where}: regression target {value!r} in column {label_column!r} "
+                                        "is not a finite number")
+            values.append(float(value))
+    return Examples(_texts(table, text_column), _texts(table, text_pair_column) if text_pair_column else None,
+                    np.asarray(values, dtype=np.int64 if task == "classification" else np.float32), table.where)

@@ -1,0 +1,173 @@
+"""Fine-tuning data: every format reads the same rows; bad data fails naming file and line;
+the seeded stratified split keeps class shares and is reproducible."""
+
+import bz2
+import collections
+import csv
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.finetune_data import FinetuneDataError, infer_task, load_task_data, read_table, stratified_split
+
+from .conftest import REPO
+
+ROTTEN_TOMATOES = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
+
+ROWS = [{"text": f"sentence number {i}", "other": f"pair {i}", "label": ["pos", "neg", "neutral"][i % 3],
+         "score": round(i * 0.37 % 5, 2)} for i in range(60)]
+
+
+def write(path, rows=ROWS, fmt=None):
+    fmt = fmt or path.suffix.lstrip(".")
+    if fmt in ("csv", "tsv"):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="," if fmt == "csv" else "\t")
+            w.writeheader()
+            w.writerows(rows)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_every_format_gives_the_same_splits(tmp_path, fmt):
+    data = load_task_data(data=write(tmp_path / f"d.{fmt}"), text_pair_column="other", seed=3)
+    reference = load_task_data(data=write(tmp_path / "ref.csv"), text_pair_column="other", seed=3)
+    assert data.task == "classification" and data.labels == ["neg", "neutral", "pos"]
+    for name in ("train", "validation", "test"):
+        assert data.splits[name].texts == reference.splits[name].texts
+        assert data.splits[name].pairs == [t.replace("sentence number", "pair") for t in data.splits[name].texts]
+        assert (data.splits[name].labels == reference.splits[name].labels).all()
+
+
+def test_saved_datasets_dict_and_dataset(tmp_path):
+    import datasets
+
+    rows = {k: [r[k] for r in ROWS] for k in ROWS[0]}
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({k: v[:40] for k, v in rows.items()}),
+                               "dev": datasets.Dataset.from_dict({k: v[40:50] for k, v in rows.items()}),
+                               "test": datasets.Dataset.from_dict({k: v[50:] for k, v in rows.items()})})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    data = load_task_data(data=str(tmp_path / "dd"))
+    assert [len(data.splits[s]) for s in ("train", "validation", "test")] == [40, 10, 10]
+    assert data.splits["validation"].texts == rows["text"][40:50]
+    assert data.splits["test"].where[0].endswith("[test]: row 1")
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    data = load_task_data(data=str(tmp_path / "one"))  # no splits: split off train
+    assert sum(len(s) for s in data.splits.values()) == 60 and "seeded split" in data.split_from["test"]
+
+
+def test_stratified_split_keeps_class_shares_and_is_seeded():
+    keys = ["a"] * 700 + ["b"] * 250 + ["c"] * 50
+    val, test, train = stratified_split(keys, [0.1, 0.2], seed=1)
+    assert sorted(np.concatenate([val, test, train]).tolist()) == list(range(1000))  # a partition
+    for part, fraction in ((val, 0.1), (test, 0.2)):
+        counts = collections.Counter(keys[i] for i in part)
+        assert counts == {"a": round(700 * fraction), "b": round(250 * fraction), "c": round(50 * fraction)}
+    again = stratified_split(keys, [0.1, 0.2], seed=1)
+    assert all((x == y).all() for x, y in zip(again, (val, test, train)))
+    other = stratified_split(keys, [0.1, 0.2], seed=2)
+    assert not (other[0] == val).all()
+
+
+def test_regression_is_inferred_and_split_by_target_quantiles(tmp_path):
+    data = load_task_data(data=write(tmp_path / "d.csv"), label_column="score", seed=0)
+    assert data.task == "regression" and data.labels == []
+    assert data.splits["train"].labels.dtype == np.float32
+    # 6 test rows from 6 different deciles of the target (quantile strata, not luck)
+    test = data.splits["test"].labels
+    deciles = np.quantile([r["score"] for r in ROWS], np.linspace(0.1, 0.9, 9))
+    assert len(test) == 6 and len(set(np.searchsorted(deciles, test, side="right"))) == 6
+    assert infer_task(["1", "0", "1"]) == "classification"  # whole numbers: class ids
+    assert infer_task(["0.5", "3", "4.2"]) == "regression"
+    assert infer_task(["pos", "3.5"]) == "classification"
+
+
+def test_labels_of_any_type_map_to_one_id(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(20)))
+    validation = write(tmp_path / "validation.csv", [{"text": "x", "label": "1"}, {"text": "y", "label": "0"}])
+    test = tmp_path / "test.parquet"
+    pq.write_table(pa.table({"text": ["z", "w"], "label": [1.0, 0.0]}), test)
+    data = load_task_data(train=str(train), validation=validation, test=str(test))
+    assert data.labels == ["0", "1"] and data.label2id == {"0": 0, "1": 1}
+    assert data.splits["validation"].labels.tolist() == [1, 0] == data.splits["test"].labels.tolist()
+    assert data.split_from == {"train": str(train), "validation": validation, "test": str(test)}
+
+
+def test_dropped_labels_are_counted_on_the_real_reviews():
+    data = load_task_data(data=ROTTEN_TOMATOES, label_column="category", drop_labels=["plot"], seed=42)
+    assert data.labels == ["fresh", "rotten"]
+    assert data.dropped["train"] == 1097  # every plot summary, counted
+    sizes = {name: len(split) for name, split in data.splits.items()}
+    assert sum(sizes.values()) == 7403 + 5405 and sizes["test"] == sizes["validation"] == 1281
+    for split in data.splits.values():  # fresh share 57.8% in every split
+        assert np.mean(split.labels == 0) == pytest.approx(7403 / 12808, abs=0.002)
+
+
+# ------------------------------------------------------------------ bad data: file and line named
+def test_missing_column_names_the_file_and_the_columns(tmp_path):
+    path = write(tmp_path / "d.csv")
+    with pytest.raises(FinetuneDataError, match=r"d\.csv: no column 'sentence' \(columns: text, other, label, score\)"):
+        load_task_data(data=path, text_column="sentence")
+    with pytest.raises(FinetuneDataError, match="no column 'pair2'"):
+        load_task_data(data=path, text_pair_column="pair2")
+
+
+def test_empty_files(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(FinetuneDataError, match=r"empty\.csv: the file is empty"):
+        load_task_data(data=str(tmp_path / "empty.csv"))
+    (tmp_path / "header.csv").write_text("text,label\n")
+    with pytest.raises(FinetuneDataError, match=r"header\.csv: the file has no rows"):
+        load_task_data(data=str(tmp_path / "header.csv"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(FinetuneDataError, match=r"empty\.jsonl: the file has no rows"):
+        load_task_data(train=write(tmp_path / "t.csv"), test=str(tmp_path / "empty.jsonl"))
+
+
+def test_unknown_label_in_test_names_file_and_line(tmp_path):
+    test = tmp_path / "test.csv"
+    test.write_text('text,label\n"a line\nthat spans two",pos\nsomething,surprised\n')
+    with pytest.raises(FinetuneDataError) as err:
+        load_task_data(train=write(tmp_path / "train.csv"), test=str(test))
+    # the bad row starts on line 4 (the quoted cell of the row before spans lines 2-3)
+    assert f"{test}:4: label 'surprised' in column 'label' does not occur in the train split" in str(err.value)
+    assert "(labels: neg, neutral, pos)" in str(err.value)
+
+
+def test_non_numeric_regression_target_names_file_and_line(tmp_path):
+    rows = [{"text": f"t{i}", "label": f"{i * 0.5}"} for i in range(10)]
+    rows[6]["label"] = "n/a"
+    path = write(tmp_path / "scores.tsv", rows)
+    with pytest.raises(FinetuneDataError, match=rf"{tmp_path}/scores\.tsv:8: regression target 'n/a'.*not a finite number"):
+        load_task_data(data=path, task="regression")
+    jsonl = tmp_path / "scores.jsonl"
+    jsonl.write_text('{"text": "a", "label": 1.5}\n{"text": "b", "label": null}\n')
+    with pytest.raises(FinetuneDataError, match=rf"scores\.jsonl:2: regression target None"):
+        load_task_data(train=str(jsonl), validation=str(jsonl), test=str(jsonl), task="regression")
+
+
+def test_malformed_rows_and_formats(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nfine,pos\ntoo,many,fields\n")
+    with pytest.raises(FinetuneDataError, match=r"bad\.csv:3: 3 fields, but the header has 2"):
+        read_table(str(bad))
+    jsonl = tmp_path / "bad.jsonl.bz2"
+    jsonl.write_bytes(bz2.compress(b'{"text": "a", "label": "x"}\n{"text": oops}\n'))
+    with pytest.raises(FinetuneDataError, match=r"bad\.jsonl\.bz2:2: not valid JSON"):
+        read_table(str(jsonl))
+    with pytest.raises(FinetuneDataError, match=r"data\.xlsx: unknown format '\.xlsx'"):
+        read_table(str(tmp_path / "data.xlsx") if (tmp_path / "data.xlsx").write_text("x") else "")
+    with pytest.raises(FinetuneDataError, match="no such file"):
+        read_table(str(tmp_path / "missing.csv"))
+    empty_text = write(tmp_path / "e.jsonl", [{"text": "a", "label": "x"}, {"text": None, "label": "y"}] * 5)
+    with pytest.raises(FinetuneDataError, match=r"e\.jsonl:\d+: column 'text' is empty"):
+        load_task_data(data=empty_text)
