@@ -153,7 +153,9 @@ class PretrainingDataset:
 
         input_ids (pad = manifest's [PAD]), token_type_ids, attention_mask, labels (-100
         except at masked positions, which hold the original ids), next_sentence_label;
-        all int64.
+        all int64. Also the masked positions in flat form, for a head that predicts only
+        those: ``mlm_positions`` (indices into the flattened ``(n, width)`` batch, in row
+        order) and ``mlm_labels`` (the original ids there).
         """
         rows = np.asarray(rows, dtype=np.int64)
         n, width = len(rows), self.padded_length(rows)
@@ -172,7 +174,8 @@ class PretrainingDataset:
         batch_row = np.repeat(np.arange(n), counts)
         # index of each prediction in the flat arrays: its row's start + its rank within the row
         flat = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-        labels[batch_row, self.masked_lm_positions[flat]] = self.masked_lm_ids[flat]
+        positions = self.masked_lm_positions[flat].astype(np.int64)
+        labels[batch_row, positions] = self.masked_lm_ids[flat]
 
         return {
             "input_ids": torch.from_numpy(input_ids),
@@ -180,6 +183,8 @@ class PretrainingDataset:
             "attention_mask": torch.from_numpy(real.astype(np.int64)),
             "labels": torch.from_numpy(labels),
             "next_sentence_label": torch.from_numpy(self.next_sentence_labels[rows].astype(np.int64)),
+            "mlm_positions": torch.from_numpy(batch_row * width + positions),
+            "mlm_labels": torch.from_numpy(self.masked_lm_ids[flat].astype(np.int64)),
         }
 
     __getitem__ = batch
@@ -280,6 +285,36 @@ class BatchSampler:
             raise ValueError(f"data loader state: position epoch {state['epoch']} batch {state['batch']} is "
                              f"outside an epoch of {self.batches_per_epoch} batches")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def training_rows(manifest: dict, eval_shards: int) -> int:
+    """How many rows (from the start, in manifest order) train; the last ``eval_shards``
+    shards are held out for evaluation. Refuses to hold out every shard."""
+    shards = manifest["shards"]
+    if eval_shards >= len(shards):
+        raise DataDirError(f"--eval-shards {eval_shards}: the data dir has {len(shards)} shard(s), and at least "
+                           "one must be left to train on (rerun preprocessing with more --num-shards, or "
+                           "pass --eval-shards 0)")
+    return sum(int(s["rows"]) for s in shards[:len(shards) - eval_shards])
+
+
+def eval_batches(lengths: np.ndarray, start: int, batch_size: int, rank: int, world_size: int,
+                 max_batches: int = 0, seed: int = 0) -> np.ndarray:
+    """This rank's evaluation micro-batches over rows ``start:``, the same at every evaluation.
+
+    A seeded sample of ``max_batches × world_size`` batches' worth of rows (all when 0) —
+    random, so that a partial evaluation is not biased towards any length — sorted by
+    length so batches pad little, cut to a multiple of ``world_size`` batches (every rank
+    runs the same number of forward passes: ZeRO-3 gathers parameters collectively).
+    """
+    rows = np.arange(start, len(lengths))
+    rows = rows[np.random.default_rng(seed).permutation(len(rows))]
+    count = len(rows) // batch_size // world_size * world_size
+    if max_batches:
+        count = min(count, max_batches * world_size)
+    rows = rows[:count * batch_size]
+    rows = rows[np.argsort(lengths[rows], kind="stable")]
+    return rows.reshape(count, batch_size)[rank::world_size]
 
 
 def padding_share(lengths: np.ndarray, batches: np.ndarray, max_seq_length: int, multiple: int = 8) -> float:

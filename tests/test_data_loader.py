@@ -95,6 +95,12 @@ def test_batch_contents_match_the_shards(dataset, rows):
         others[positions] = False
         assert (labels[others] == -100).all()
         assert batch["next_sentence_label"][i].item() == row["next_sentence_labels"]
+    # the flat form of the same masks: row-major positions, their original ids
+    width = batch["input_ids"].shape[1]
+    expected = [(i * width + p, m) for i, r in enumerate(picked)
+                for p, m in zip(rows[r]["masked_lm_positions"], rows[r]["masked_lm_ids"])]
+    assert list(zip(batch["mlm_positions"].tolist(), batch["mlm_labels"].tolist())) == expected
+    assert torch.equal(batch["labels"].flatten()[batch["mlm_positions"]], batch["mlm_labels"])
 
 
 # ---------------------------------------------------------------------------- sampling
