@@ -114,6 +114,22 @@ def fp32_state_dict(checkpoints: str, tag: str) -> dict:
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
+def load_weights(model, checkpoints: str, tag: str, model_name: str) -> None:
+    """Loads the fp32 weights of ``checkpoints/tag`` into ``model`` (a BertForPreTraining),
+    keeping its tied embeddings; a checkpoint of another shape is an ExportError naming both."""
+    state = fp32_state_dict(checkpoints, tag)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ: another model
+        raise ExportError(f"{checkpoints}/{tag} does not fit {model_name}: "
+                          f"{str(err).splitlines()[-1].strip()}") from None
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    if set(missing) - tied or unexpected:
+        raise ExportError(f"{checkpoints}/{tag} does not match {model_name}: "
+                          f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    model.tie_weights()
+
+
 def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, out_dir: str | None = None,
                       data_dir: str | None = None, pretrain_run_id: str | None = None) -> str:
     """Writes the Hugging Face export of ``tag`` (default: newest complete) and returns its dir."""
@@ -130,17 +146,8 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
     manifest = read_manifest(data_dir)
     model = build_model(model_config(train_config.get("model", TrainConfig.model), manifest))
     log.info("exporting %s/%s", checkpoints, tag)
-    state = fp32_state_dict(checkpoints, tag)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shapes differ: another model than train_config.json says
-        raise ExportError(f"{checkpoints}/{tag} does not fit the model {train_config.get('model')!r}: "
-                          f"{str(err).splitlines()[-1].strip()}") from None
-    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
-    if set(missing) - tied or unexpected:
-        raise ExportError(f"{checkpoints}/{tag} does not match the model of {run_dir}/{TRAIN_CONFIG}: "
-                          f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-    model.tie_weights()
+    load_weights(model, checkpoints, tag, f"the model of {run_dir}/{TRAIN_CONFIG} "
+                                          f"({train_config.get('model')!r})")
 
     out = os.path.abspath(out_dir or os.path.join(run_dir, "hf", tag))
     temp = out + ".partial"

@@ -28,16 +28,21 @@ def main(argv=None) -> int:
     trainer = Trainer(config)
     tracker = None
     if config.mlflow and trainer.is_rank0:
-        tracker = Tracker("pretrain", config.experiment, config.run_name,
-                          {"data_run_id": str(trainer.manifest.get("data_run_id"))})
+        tags = {"data_run_id": str(trainer.manifest.get("data_run_id"))}
+        if trainer.init_info:  # phase 2: the run whose weights it starts from
+            tags["init_from_run_id"] = str(trainer.init_info["init_from_run_id"])
+        tracker = Tracker("pretrain", config.experiment, config.run_name, tags)
         tracker.log_params({**config_params(config), "world_size": trainer.world_size,
-                            "accumulation_steps": trainer.batches.accumulation_steps})
+                            "accumulation_steps": trainer.batches.accumulation_steps,
+                            "eval_shards_used": trainer.eval_shards, "train_rows": trainer.train_rows})
         tracker.log_json(trainer.ds_config, "ds_config.json")
     if trainer.is_rank0:
         write_train_config(config, tracker.run_id if tracker else None)  # what the export rebuilds from
     status = "FAILED"
     try:
         code = trainer.train(tracker)
+        if tracker and trainer.final_eval:
+            tracker.log_json(trainer.final_eval, "final_eval.json")
         # The export reads the saved checkpoint files only (no collectives): rank 0 alone writes it,
         # after save()'s barriers have put every rank's shards on disk.
         if code == 0 and trainer.is_rank0:

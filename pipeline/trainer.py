@@ -11,20 +11,25 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tqdm import tqdm
+
 from pipeline import checkpoint
-from pipeline.data import BatchSampler, PretrainingDataset, PretrainingLoader, read_manifest
+from pipeline.data import (BatchSampler, PretrainingDataset, PretrainingLoader, eval_batches, read_manifest,
+                           training_rows)
 from pipeline.ds_config import inject, load_ds_config, plan_batches
 from pipeline.model import FlopCounter, build_model, model_config
 from pipeline.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 EXIT_STOPPED = 3  # a stop signal was honoured: checkpoint written, the job can requeue
+MAX_NONFINITE_STEPS = 10  # skipped non-finite steps in a row before the run is declared broken
 
 
 def ensure_distributed_env() -> tuple[int, int, int]:
@@ -57,6 +62,25 @@ class StepMetrics:
     nsp_accuracy: float
     real_tokens: int
     sequences: int
+    predictions: int = 0  # masked tokens the MLM head ran on
+    grad_norm: float = float("nan")
+    loss_scale: float = float("nan")
+    applied: bool = True  # False when fp16 overflow made DeepSpeed skip the update
+
+
+def pretraining_losses(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mlm loss, nsp loss, detached counts [mlm hits, masked tokens, nsp hits, real tokens])
+    of one micro-batch, on the engine's device. ``batch`` as PretrainingDataset.batch gives it."""
+    device = engine.device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+    mlm_labels, nsp = batch.pop("mlm_labels"), batch.pop("next_sentence_label")
+    mlm_logits, nsp_logits = engine(**batch)  # the sparse head: masked positions only
+    mlm = F.cross_entropy(mlm_logits.float(), mlm_labels)
+    nsp_loss = F.cross_entropy(nsp_logits.float(), nsp)
+    with torch.no_grad():
+        counts = torch.stack([(mlm_logits.argmax(-1) == mlm_labels).sum(), mlm_labels.new_tensor(len(mlm_labels)),
+                              (nsp_logits.argmax(-1) == nsp).sum(), batch["attention_mask"].sum()])
+    return mlm, nsp_loss, counts
 
 
 class StopFlag:
@@ -73,10 +97,10 @@ class StopFlag:
         log.warning("received signal %d: checkpointing at the end of this step", signum)
         self.requested = True
 
-    def agreed(self, world_size: int) -> bool:
+    def agreed(self, world_size: int, device="cpu") -> bool:
         if world_size == 1:
             return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)  # NCCL reduces GPU tensors only
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -90,22 +114,35 @@ class Trainer:
         os.makedirs(config.run_dir, exist_ok=True)
         self.manifest = read_manifest(config.data)
         self.dataset = PretrainingDataset(config.data, self.manifest)
+        shards = len(self.manifest["shards"])
+        self.eval_shards = config.eval_shards if config.eval_shards is not None else int(shards >= 2)
+        self.train_rows = training_rows(self.manifest, self.eval_shards)
         self.batches = plan_batches(config.global_batch_size, config.micro_batch_size, self.world_size)
         torch.manual_seed(config.seed)
         self.model_config = model_config(config.model, self.manifest)
-        model = build_model(self.model_config)
+        model = build_model(self.model_config, sparse_mlm=True)
+        self.resume_tag = self._resume_tag()
+        self.init_info = self._init_weights(model) if config.init_from and self.resume_tag is None else {}
         self.ds_config = inject(load_ds_config(config.ds_config), self.batches, config.learning_rate,
                                 config.weight_decay, config.grad_clip)
         schedule = linear_warmup_decay(config.steps, config.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-        self.sampler = BatchSampler(self.dataset.lengths, config.micro_batch_size, rank=self.rank,
-                                    world_size=self.world_size, seed=config.seed,
+        self.sampler = BatchSampler(self.dataset.lengths[:self.train_rows], config.micro_batch_size,
+                                    rank=self.rank, world_size=self.world_size, seed=config.seed,
                                     accumulation_steps=self.batches.accumulation_steps)
+        self.eval_rows = eval_batches(self.dataset.lengths, self.train_rows, config.micro_batch_size, self.rank,
+                                      self.world_size, config.eval_batches, config.seed)
+        if self.eval_shards and len(self.eval_rows) == 0:
+            raise ValueError(f"--eval-shards {self.eval_shards}: the held-out rows are fewer than one micro-batch "
+                             f"({config.micro_batch_size}) per process")
         self.step = 0
         self.stop = StopFlag()
         self.flops = FlopCounter.for_config(self.model_config)
+        self.final_eval: dict[str, float] = {}
+        self._fault = os.environ.get("BERT_PIPELINE_FAULT", "")  # fault injection for the tests
+        self._nonfinite = 0
         self._resume()
         self.loader = PretrainingLoader(self.dataset, self.sampler)
 
@@ -113,11 +150,33 @@ class Trainer:
     def is_rank0(self) -> bool:
         return self.rank == 0
 
-    def _resume(self) -> None:
+    def _resume_tag(self) -> str | None:
         if self.config.resume == "none":
-            return
-        tag = (checkpoint.find_latest(self.config.checkpoint_dir) if self.config.resume == "auto"
-               else self.config.resume)
+            return None
+        if self.config.resume == "auto":
+            return checkpoint.find_latest(self.config.checkpoint_dir)
+        return self.config.resume
+
+    def _init_weights(self, model) -> dict:
+        """Phase 2: the weights of another run's checkpoint; optimizer and schedule start fresh."""
+        from pipeline.export import TRAIN_CONFIG, load_weights, read_train_config, resolve
+
+        run_dir, checkpoints, tag = resolve(self.config.init_from)
+        meta = checkpoint.read_meta(checkpoints, tag)
+        fingerprint = self.manifest["tokenizer"]["fingerprint"]
+        if meta.get("tokenizer_fingerprint", fingerprint) != fingerprint:
+            raise ValueError(f"--init-from {checkpoints}/{tag} was trained with tokenizer "
+                             f"{meta['tokenizer_fingerprint'][:12]}… but --data {self.config.data} has "
+                             f"{fingerprint[:12]}… (manifest field tokenizer.fingerprint): preprocess the phase-2 "
+                             "corpus with --tokenizer <phase-1 data dir>/tokenizer/spm.model")
+        previous = read_train_config(run_dir) if os.path.isfile(os.path.join(run_dir, TRAIN_CONFIG)) else {}
+        load_weights(model, checkpoints, tag, f"--model {self.config.model} (the checkpoint was trained with "
+                                              f"--model {previous.get('model', '?')})")
+        log.info("initialized the weights from %s/%s (fresh optimizer and schedule)", checkpoints, tag)
+        return {"init_from": os.path.join(checkpoints, tag), "init_from_run_id": previous.get("pretrain_run_id")}
+
+    def _resume(self) -> None:
+        tag = self.resume_tag
         if tag is None:
             return
         meta = checkpoint.read_meta(self.config.checkpoint_dir, tag)
@@ -147,60 +206,116 @@ class Trainer:
                                self.config.keep_checkpoints, self.is_rank0, meta)
 
     def train_step(self) -> StepMetrics:
-        """One optimizer step: DeepSpeed's accumulation over the micro-batches."""
-        totals = np.zeros(7)
+        """One optimizer step: DeepSpeed's accumulation over the micro-batches.
+
+        Sums stay on the device; one transfer per step (not per micro-batch) keeps a GPU busy.
+        """
+        totals = torch.zeros(3, device=self.engine.device)
+        counts = torch.zeros(4, dtype=torch.long, device=self.engine.device)
         for _ in range(self.batches.accumulation_steps):
-            batch = next(self.loader)
-            labels, nsp = batch.pop("labels"), batch.pop("next_sentence_label")
-            out = self.engine(**batch)
-            logits = out.prediction_logits.float()
-            mlm = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
-            nsp_loss = F.cross_entropy(out.seq_relationship_logits.float(), nsp)
+            mlm, nsp_loss, batch_counts = pretraining_losses(self.engine, next(self.loader))
             loss = mlm + nsp_loss
+            if self._fault == f"nan-loss:{self.step + 1}" or (
+                    self._fault.startswith("nan-loss-from:") and self.step + 1 >= int(self._fault.split(":")[1])):
+                loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
-            with torch.no_grad():
-                masked = labels != -100
-                hits = (logits.argmax(-1) == labels)[masked].sum().item()
-                nsp_hits = (out.seq_relationship_logits.argmax(-1) == nsp).sum().item()
-            totals += [loss.item(), mlm.item(), nsp_loss.item(), hits, nsp_hits, masked.sum().item(),
-                       batch["attention_mask"].sum().item()]
+            totals += torch.stack([loss.detach(), mlm.detach(), nsp_loss.detach()])
+            counts += batch_counts
         self.step += 1
         n = self.batches.accumulation_steps
         seqs = n * self.config.micro_batch_size
-        return StepMetrics(totals[0] / n, totals[1] / n, totals[2] / n, totals[3] / max(totals[5], 1),
-                           totals[4] / seqs, int(totals[6]), seqs)
+        (loss, mlm, nsp_loss), (hits, masked, nsp_hits, real) = totals.tolist(), counts.tolist()
+        grad_norm = self.engine.get_global_grad_norm()
+        scale = self.engine._get_optimizer_loss_scale() if self.engine.fp16_enabled() else None
+        return StepMetrics(loss / n, mlm / n, nsp_loss / n, hits / max(masked, 1), nsp_hits / seqs, real, seqs,
+                           masked, float("nan") if grad_norm is None else float(grad_norm),
+                           float("nan") if scale is None else float(scale), self.engine.was_step_applied())
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracies on the held-out shards, summed over all processes."""
+        self.engine.eval()
+        sums = torch.zeros(5, dtype=torch.float64, device=self.engine.device)
+        try:
+            for rows in self.eval_rows:
+                batch = self.dataset.batch(rows)
+                mlm, nsp_loss, (hits, masked, nsp_hits, _) = pretraining_losses(self.engine, batch)
+                sums += torch.stack([mlm.double() * masked, nsp_loss.double() * len(rows), hits.double(),
+                                     masked.double(), torch.tensor(float(len(rows)), device=sums.device)])
+        finally:
+            self.engine.train()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        mlm_sum, nsp_sum, hits, masked, seqs = sums.tolist()
+        return {"eval_mlm_loss": mlm_sum / masked, "eval_nsp_loss": nsp_sum / seqs,
+                "eval_loss": mlm_sum / masked + nsp_sum / seqs, "eval_mlm_accuracy": hits / masked,
+                "eval_sequences": seqs}
 
     def train(self, tracker=None, on_step=None) -> int:
         """Runs to ``--steps``; returns 0, or EXIT_STOPPED after a stop signal's checkpoint."""
         self.stop.install()
         started, window = time.monotonic(), []
+        # On a terminal, a bar; in a batch log (SLURM), the metric lines every --log-every are the progress.
+        bar = tqdm(total=self.config.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.is_rank0 and sys.stderr.isatty()))
         try:
             while self.step < self.config.steps:
                 metrics = self.train_step()
                 window.append(metrics)
-                if not np.isfinite(metrics.loss) and not self._fp16_skipped():
-                    raise FloatingPointError(f"loss is {metrics.loss} at step {self.step}: stopping "
-                                             "without writing a checkpoint over a good one")
+                self._check_finite(metrics)
+                bar.update(1)
                 if on_step:
                     on_step(self, metrics)
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                    self._log(window, time.monotonic() - started, tracker)
-                    started, window = time.monotonic(), []
-                if self.stop.agreed(self.world_size):
+                    values = self._log(window, time.monotonic() - started, tracker)
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", mlm_acc=f"{values['mlm_accuracy']:.3f}")
+                    window = []
+                if self.eval_shards and self.config.eval_every and self.step % self.config.eval_every == 0 \
+                        and self.step < self.config.steps:
+                    self._log_eval(self.evaluate(), tracker)
+                if not window:
+                    started = time.monotonic()  # throughput counts training time only
+                if self.stop.agreed(self.world_size, self.engine.device):
                     self.save()
                     return EXIT_STOPPED
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save()
+            if self.eval_shards:
+                self.final_eval = {"step": self.step, **self.evaluate()}
+                self._log_eval(self.final_eval, tracker)
             if not self.config.checkpoint_every or self.step % self.config.checkpoint_every:
                 self.save()
             return 0
         finally:
+            bar.close()
             self.loader.close()
 
-    def _fp16_skipped(self) -> bool:
-        # With dynamic loss scaling an overflow skips the step; that is the scaler's job.
-        return bool(getattr(self.optimizer, "overflow", False))
+    def _check_finite(self, metrics: StepMetrics) -> None:
+        """A non-finite loss whose update was applied stops the run at once, before any checkpoint
+        could save the poisoned weights. One whose update DeepSpeed skipped (the fp16 loss
+        scaler's overflow; ZeRO checks fp32 gradients too) left the weights intact: the run goes
+        on, unless it never recovers."""
+        if np.isfinite(metrics.loss):
+            self._nonfinite = 0
+            return
+        self._nonfinite += 1
+        if metrics.applied:
+            raise FloatingPointError(f"loss is {metrics.loss} at step {self.step} and the update was applied: "
+                                     "stopping without writing a checkpoint (lower --learning-rate, or check "
+                                     "the data)")
+        if self._nonfinite >= MAX_NONFINITE_STEPS:
+            raise FloatingPointError(f"loss non-finite for {self._nonfinite} steps in a row up to step {self.step} "
+                                     "(each update skipped): stopping")
+
+    def _log_eval(self, values: dict, tracker) -> None:
+        values = {k: v for k, v in values.items() if k != "step"}
+        if self.is_rank0:
+            with open(os.path.join(self.config.run_dir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.step, **values}) + "\n")
+            log.info("eval at step %d  %s", self.step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
+            if tracker:
+                tracker.log_metrics(values, self.step)
 
     def _log(self, window: list[StepMetrics], seconds: float, tracker) -> None:
         seqs = sum(m.sequences for m in window) * self.world_size
@@ -215,21 +330,30 @@ class Trainer:
             "sequences_per_second": seqs / max(seconds, 1e-9),
             "real_tokens_per_second": tokens / max(seconds, 1e-9),
             "real_token_share": self.loader.real_token_share,
+            "grad_norm": float(np.nanmean([m.grad_norm for m in window])) if any(
+                np.isfinite(m.grad_norm) for m in window) else float("nan"),
         }
+        if self.engine.fp16_enabled():
+            values["loss_scale"] = window[-1].loss_scale
+            values["skipped_steps"] = float(self.engine.skipped_steps)
         if self.world_size > 1:
             # Every rank saw different micro-batches: report the global means.
             names = ["loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "real_token_share"]
-            local = torch.tensor([values[n] for n in names], dtype=torch.float64)
+            local = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.engine.device)
             torch.distributed.all_reduce(local)
             values.update({n: float(v) / self.world_size for n, v in zip(names, local)})
         if self.config.peak_tflops:
+            # Per sequence at the window's mean real length and masked count (a length-grouped
+            # batch pads at most 7 tokens; their FLOPs are not counted).
             mean_length = tokens / max(seqs, 1)
-            values["mfu"] = values["sequences_per_second"] * self.flops.per_sequence(mean_length) / (
-                self.config.peak_tflops * 1e12 * self.world_size)
+            predictions = sum(m.predictions for m in window) * self.world_size / max(seqs, 1)
+            flops = self.flops.per_sequence(mean_length, predictions)
+            values["mfu"] = values["sequences_per_second"] * flops / (self.config.peak_tflops * 1e12 * self.world_size)
         if self.is_rank0:
             with open(os.path.join(self.config.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": self.step, **values}) + "\n")
             log.info("step %d/%d  %s", self.step, self.config.steps,
                      "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if tracker:
-                tracker.log_metrics(values, self.step)
+                tracker.log_metrics({k: v for k, v in values.items() if np.isfinite(v)}, self.step)
+        return values

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from pipeline import checkpoint
 from pipeline.train_config import TrainConfig
@@ -80,6 +82,102 @@ def test_a_partial_save_is_never_resumed_from(data_dir, tmp_path):
     with open(os.path.join(directory, "latest"), "w") as f:
         f.write("step00000003")  # even a pointer at it is not trusted
     assert checkpoint.find_latest(directory) == "step00000002"
+
+
+def test_held_out_shard_is_evaluated_and_never_trained_on(data_dir, tmp_path):
+    import json
+
+    trainer = Trainer(config(data_dir, tmp_path, steps=6, eval_every=3, eval_batches=4))
+    manifest = trainer.manifest
+    assert trainer.eval_shards == 1  # the default with 2 shards
+    assert trainer.train_rows == manifest["shards"][0]["rows"]
+    trained = trainer.sampler.epoch_batches(0)
+    assert trained.max() < trainer.train_rows <= trainer.eval_rows.min()
+    assert trainer.eval_rows.shape == (4, 8)
+    assert trainer.train() == 0
+    evals = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    assert [e["step"] for e in evals] == [3, 6]
+    assert evals[-1]["eval_sequences"] == 32 and 0 < evals[-1]["eval_mlm_accuracy"] < 1
+    assert evals[-1]["eval_loss"] == pytest.approx(evals[-1]["eval_mlm_loss"] + evals[-1]["eval_nsp_loss"])
+    assert trainer.final_eval["step"] == 6 and trainer.final_eval["eval_loss"] == evals[-1]["eval_loss"]
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in metrics)
+
+    with pytest.raises(ValueError, match="--eval-shards 2: the data dir has 2 shard"):
+        Trainer(config(data_dir, tmp_path / "all", eval_shards=2))
+
+
+@pytest.fixture(scope="module")
+def data_512(data_dir, tmp_path_factory):
+    """The phase-2 corpus: the same text at 512 tokens, with phase 1's tokenizer."""
+    out = str(tmp_path_factory.mktemp("pretrain512") / "data")
+    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
+                    "--output", out, "--tokenizer", os.path.join(data_dir, "tokenizer", "spm.model"),
+                    "--max-seq-length", "512", "--max-predictions-per-seq", "76", "--dupe-factor", "1",
+                    "--num-shards", "2", "--no-mlflow"], check=True, capture_output=True)
+    return out
+
+
+def test_phase_two_starts_from_phase_one_weights_with_a_fresh_optimizer(data_dir, data_512, tmp_path):
+    phase1 = Trainer(config(data_dir, tmp_path / "phase1", steps=30, warmup_steps=3))
+    assert phase1.train() == 0
+    weights = {k: v.clone() for k, v in phase1.engine.module.state_dict().items()}
+
+    phase2 = Trainer(config(data_512, tmp_path / "phase2", steps=4, micro_batch_size=4, global_batch_size=8,
+                            warmup_steps=2, init_from=str(tmp_path / "phase1")))
+    assert phase2.init_info["init_from"].endswith("step00000030") and phase2.step == 0
+    for name, value in phase2.engine.module.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    fresh = Trainer(config(data_512, tmp_path / "fresh", steps=4, micro_batch_size=4, global_batch_size=8,
+                           warmup_steps=2))
+    (continued, _), (scratch, _) = losses_of(phase2), losses_of(fresh)
+    assert continued[0] < scratch[0] - 1.0  # it knows the language already
+    assert phase2.scheduler.get_last_lr()[0] == pytest.approx(0)  # its own schedule ran to its end
+    assert checkpoint.find_latest(str(tmp_path / "phase2" / "checkpoints")) == "step00000004"
+
+    # A requeued phase-2 job resumes its own checkpoint, not phase 1's weights.
+    again = Trainer(config(data_512, tmp_path / "phase2", steps=6, micro_batch_size=4, global_batch_size=8,
+                           warmup_steps=2, init_from=str(tmp_path / "phase1")))
+    assert again.step == 4 and again.init_info == {}
+
+
+def test_phase_two_refuses_another_tokenizer(data_dir, tmp_path, tmp_path_factory):
+    losses_of(Trainer(config(data_dir, tmp_path / "phase1", steps=2)))
+    other = str(tmp_path_factory.mktemp("other512") / "data")
+    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
+                    "--output", other, "--vocab-size", "3000", "--dupe-factor", "1", "--no-mlflow"],
+                   check=True, capture_output=True)
+    with pytest.raises(ValueError, match="--init-from .* preprocess the phase-2 corpus with --tokenizer"):
+        Trainer(config(other, tmp_path / "phase2", init_from=str(tmp_path / "phase1")))
+
+
+def test_a_nan_loss_with_an_applied_update_stops_before_any_checkpoint_holds_it(data_dir, tmp_path,
+                                                                                  monkeypatch):
+    import json
+
+    # ZeRO 0 in fp32 applies whatever the gradients are: the weights are poisoned at once.
+    ds_config = tmp_path / "zero0.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 0},
+                                     "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    monkeypatch.setenv("BERT_PIPELINE_FAULT", "nan-loss:5")
+    trainer = Trainer(config(data_dir, tmp_path, steps=8, checkpoint_every=2, ds_config=str(ds_config)))
+    with pytest.raises(FloatingPointError, match="loss is nan at step 5 and the update was applied"):
+        trainer.train()
+    assert checkpoint.complete_tags(str(tmp_path / "checkpoints")) == ["step00000002", "step00000004"]
+
+
+def test_a_skipped_nan_step_is_survived_but_a_lasting_one_stops_the_run(data_dir, tmp_path, monkeypatch):
+    # ZeRO 2 skips an update whose gradients are not finite, as the fp16 loss scaler does.
+    monkeypatch.setenv("BERT_PIPELINE_FAULT", "nan-loss:3")
+    trainer = Trainer(config(data_dir, tmp_path / "once", steps=5))
+    losses, code = losses_of(trainer)
+    assert code == 0 and np.isnan(losses[2]) and np.isfinite(losses[3:]).all()
+    assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
+
+    monkeypatch.setenv("BERT_PIPELINE_FAULT", "nan-loss-from:3")
+    trainer = Trainer(config(data_dir, tmp_path / "lasting", steps=20))
+    with pytest.raises(FloatingPointError, match="non-finite for 10 steps in a row up to step 12"):
+        trainer.train()
 
 
 def _free_port():
