@@ -1,0 +1,125 @@
+# shellcheck shell=bash
+# Shell functions shared by the sbatch scripts in slurm/ (sourced, not run).
+#
+# What they settle once for every stage:
+#   - fail fast, before srun starts anything, with a message that names the variable;
+#   - the rendezvous address: the first node of the job, mapped through SLURM's NodeAddr
+#     (node names need not resolve by DNS), and a port derived from the job id;
+#   - one srun task per rank, with RANK / LOCAL_RANK / WORLD_SIZE taken from SLURM;
+#   - stop signals: the batch shell forwards USR1/TERM to the ranks, and a stage that
+#     checkpointed and exited 3 is requeued with `scontrol requeue`.
+
+log() {
+  printf '%s %s[job %s%s]: %s\n' "$(date '+%F %T')" "${STAGE:-slurm}" "${SLURM_JOB_ID:-?}" \
+    "${SLURM_RESTART_COUNT:+, restart $SLURM_RESTART_COUNT}" "$*" >&2
+}
+
+die() {
+  log "error: $*"
+  exit 2
+}
+
+# The folder of the repository the job runs: REPO, else the folder sbatch ran in.
+# (SLURM runs a copy of the script from its spool folder, so $0 does not tell.)
+find_repo() {
+  : "${SLURM_JOB_ID:?not inside a SLURM job: submit this script with sbatch}"
+  REPO=${REPO:-$SLURM_SUBMIT_DIR}
+  [[ -f "$REPO/pipeline/pretrain.py" ]] ||
+    die "REPO=$REPO is not the bert-pipeline repository: submit from its root or set REPO"
+}
+
+# Sources SETUP (module loads, a virtualenv, a conda env) and checks the interpreter.
+setup_python() {
+  if [[ -n "${SETUP:-}" ]]; then
+    [[ -f "$SETUP" ]] || die "SETUP=$SETUP does not exist"
+    # shellcheck disable=SC1090
+    source "$SETUP"
+  fi
+  PYTHON=${PYTHON:-python}
+  command -v "$PYTHON" >/dev/null ||
+    die "PYTHON=$PYTHON not found on PATH: activate the project's environment before sbatch, or set SETUP or PYTHON"
+  export PYTHONUNBUFFERED=1 # log lines reach slurm-%j.out as they happen
+}
+
+# MASTER_ADDR: the first node of the job as the other nodes reach it. A node's NodeAddr is
+# what slurmd itself is contacted at; NodeName often resolves too, but need not.
+set_master() {
+  local first addr
+  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  addr=$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+  export MASTER_ADDR=${MASTER_ADDR:-${addr:-$first}}
+  # Below the Linux ephemeral range (32768+) and unique among running jobs unless their
+  # ids are 15000 apart; a requeued job keeps its id and so its port.
+  export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
+}
+
+# srun_ranks CMD...: one task per rank on every node, in the background (SRUN_PID).
+# Tasks per node come from the job (--ntasks-per-node); SRUN_ARGS adds srun options.
+srun_ranks() {
+  local -a extra=()
+  read -r -a extra <<<"${SRUN_ARGS:-}"
+  # srun does not inherit the job's --cpus-per-task (SLURM >= 22.05).
+  if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
+  fi
+  # The rank variables torch.distributed reads, from the task's SLURM variables; exec
+  # makes the Python process the task itself, so SLURM's signals reach it directly.
+  # shellcheck disable=SC2016
+  srun --label --kill-on-bad-exit=0 "${extra[@]}" bash -c \
+    'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank "$@" &
+  SRUN_PID=$!
+}
+
+STOP_SIGNAL=""
+_SIGNALLED=0
+
+_forward() {
+  STOP_SIGNAL=$1
+  _SIGNALLED=1
+  log "received SIG$1: every rank checkpoints at the end of its current step, then exits 3"
+  kill -s "$1" "$SRUN_PID" 2>/dev/null || true # srun passes it on to every task
+}
+
+# Waits for the srun started by srun_ranks, forwarding USR1 and TERM to it; returns srun's
+# exit status. A shell runs no trap while a foreground command runs, hence srun in the
+# background and `wait`, which a trapped signal interrupts: then wait again, for srun's own.
+wait_forwarding_signals() {
+  local code
+  trap '_forward USR1' USR1
+  trap '_forward TERM' TERM
+  while :; do
+    _SIGNALLED=0
+    code=0
+    wait "$SRUN_PID" || code=$?
+    ((_SIGNALLED)) || break
+  done
+  trap - USR1 TERM
+  return "$code"
+}
+
+# After the ranks ended: 0 ends the job; 3 (checkpointed on a stop signal) requeues it; a rank
+# killed by the stop signal itself (128+n, before the trainer installed its handler) also
+# requeues, since resume starts from the newest complete checkpoint. Anything else fails.
+finish_or_requeue() {
+  local code=$1
+  if ((code == 0)); then
+    log "finished"
+    exit 0
+  fi
+  if ((code != 3 && code != 128 + 10)) && [[ -z "$STOP_SIGNAL" || $code -lt 128 ]]; then
+    log "failed: the ranks exited with code $code (see the lines above)"
+    exit "$code"
+  fi
+  local restarts=${SLURM_RESTART_COUNT:-0}
+  if ((restarts >= MAX_REQUEUES)); then
+    log "stopped with a checkpoint; not requeued: requeued $restarts times already (MAX_REQUEUES=$MAX_REQUEUES)"
+    exit 3
+  fi
+  log "stopped with a checkpoint (exit $code): requeueing; the job resumes from its newest checkpoint"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    # Preemption with PreemptMode=REQUEUE requeues the job itself; a job past its time
+    # limit or cancelled cannot be requeued: resubmit it with the same RUN_DIR.
+    log "scontrol requeue failed: resubmit with the same settings to resume"
+  fi
+  exit 3
+}

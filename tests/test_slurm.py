@@ -1,0 +1,253 @@
+"""slurm/*.sh on a real two-node SLURM (tests/slurm_cluster.py): preprocessing on one node,
+pretraining on 2 nodes x 1 rank (gloo), preemption and requeue, and settings that fail fast.
+
+The uninterrupted job runs in the background beside the preempted one (it is that test's
+reference), so the module takes about as long as the preempted job's three starts.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import checkpoint
+
+from .conftest import REPO, WIKI_SAMPLE
+from .slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
+
+STEPS = 150  # ~60 ms each here: long enough to stop a run midway, twice
+CPU_2x1 = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+
+
+def job_env(**values):
+    """What a user's shell passes on to sbatch: the project's Python first on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    return {**env, "REPO": REPO, **values}
+
+
+def submit(cluster, folder, script, *sbatch_args, script_args=(), env):
+    """sbatch from ``folder``, where the header's slurm-%j.out lands; the job id."""
+    os.makedirs(folder, exist_ok=True)
+    proc = cluster.run("sbatch", "--parsable", *sbatch_args, os.path.join(REPO, "slurm", script), *script_args,
+                       check=False, cwd=folder, env=env)
+    job_id = proc.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), f"sbatch failed: {proc.stdout}{proc.stderr}\n{cluster.diagnostics()}"
+    return job_id
+
+
+def output_of(folder, job_id):
+    path = os.path.join(folder, f"slurm-{job_id}.out")
+    return open(path, errors="replace").read() if os.path.exists(path) else ""
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path).read().splitlines() if line.strip()]
+
+
+def mlflow_runs(mlflow_server, job_id):
+    """The MLflow runs of a job: the script names them JOBNAME-JOBID, the same for every restart."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("bert-pipeline")
+    return client.search_runs([experiment.experiment_id],
+                              filter_string=f"attributes.run_name = 'bert-pretrain-{job_id}'")
+
+
+@pytest.fixture(scope="module")
+def data_dir(slurm_cluster, tmp_path_factory):  # noqa: F811
+    """A data dir made by ``sbatch slurm/preprocess.sh`` on one node of the cluster."""
+    folder = str(tmp_path_factory.mktemp("preprocess"))
+    data = os.path.join(folder, "data")
+    job_id = submit(slurm_cluster, folder, "preprocess.sh", "--cpus-per-task=2", "--time=10",
+                    script_args=["--input", WIKI_SAMPLE, "--vocab-size", "4000", "--dupe-factor", "2",
+                                 "--num-shards", "2", "--no-mlflow"],
+                    env=job_env(DATA_DIR=data))
+    job = slurm_cluster.wait_job(job_id)
+    output = os.path.join(folder, f"slurm-{job_id}.out")
+    assert job["JobState"] == "COMPLETED", f"preprocess.sh: {job}\n{slurm_cluster.diagnostics(output)}"
+    return data, output_of(folder, job_id), job
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory):
+    """The tiny preset without dropout (as in tests/test_pretrain.py)."""
+    from pipeline.model import PRESETS
+
+    path = tmp_path_factory.mktemp("model") / "tiny-no-dropout.json"
+    path.write_text(json.dumps({**PRESETS["tiny"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    return str(path)
+
+
+def pretrain_env(data_dir, run_dir, model_config, **values):
+    return job_env(DATA_DIR=data_dir, RUN_DIR=run_dir, MODEL=model_config, STEPS=str(STEPS),
+                   TRAIN_ARGS="--global-batch-size 8 --micro-batch-size 4 --log-every 1", **values)
+
+
+class BackgroundJob:
+    """``sbatch --wait slurm/pretrain.sh`` running in the background; ``result()`` waits for it."""
+
+    def __init__(self, cluster, folder, env):
+        self.cluster, self.folder, self.run_dir = cluster, folder, env["RUN_DIR"]
+        os.makedirs(folder, exist_ok=True)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(["sbatch", "--parsable", "--wait", *CPU_2x1,
+                                      os.path.join(REPO, "slurm", "pretrain.sh")],
+                                     cwd=folder, env={**cluster.env, **env}, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._result = None
+
+    def result(self):
+        """(job id, sbatch's exit code, which is the job's; seconds until sbatch returned)."""
+        if self._result is None:
+            out, err = self.proc.communicate(timeout=600)
+            assert out.strip().isdigit(), f"sbatch: {out}{err}\n{self.cluster.diagnostics()}"
+            self._result = out.strip(), self.proc.returncode, time.monotonic() - self.started
+        return self._result
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, data_dir, model_config, mlflow_server, tmp_path_factory):  # noqa: F811
+    folder = str(tmp_path_factory.mktemp("uninterrupted"))
+    job = BackgroundJob(slurm_cluster, folder, pretrain_env(data_dir[0], os.path.join(folder, "run"), model_config,
+                                                             MLFLOW_TRACKING_URI=mlflow_server))
+    yield job
+    if job.proc.poll() is None:
+        job.proc.kill()
+        job.proc.wait()
+
+
+def _wait_for(what, predicate, timeout, diagnose):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{diagnose()}"
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_preprocess_runs_beam_locally_on_one_node(data_dir):
+    data, out, job = data_dir
+    assert "Beam local runner on" in out and "2 worker processes" in out, out[-3000:]
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    assert f"Wrote {manifest['num_examples']:,} examples to {data}" in out
+    assert len(manifest["shards"]) == 2 and manifest["tokenizer"]["vocab_size"] == 4000
+    assert job["NumNodes"] == "1" and job["NumCPUs"] == "4"  # --exclusive: the whole node
+
+
+@pytest.mark.e2e
+def test_preemption_checkpoints_requeues_and_resumes(uninterrupted, slurm_cluster, data_dir,  # noqa: F811
+                                                      model_config, mlflow_server, tmp_path):
+    """Two stops of one job, one by each signal path, then the end: the uninterrupted job's
+    steps and losses.
+
+    1. ``scancel --batch --signal=USR1``: how SLURM delivers ``--signal=B:USR1@N`` before the
+       time limit, to the batch shell only; the script passes it on through srun.
+    2. ``scancel --signal=USR1``: SLURM signals the job steps, i.e. the ranks, and not the
+       batch shell; the ranks exit 3 and the script requeues all the same.
+    """
+    folder, run_dir = str(tmp_path), str(tmp_path / "run")
+    job_id = submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1,
+                    env=pretrain_env(data_dir[0], run_dir, model_config, MLFLOW_TRACKING_URI=mlflow_server))
+
+    def diagnose():
+        return f"job {job_id}: {slurm_cluster.job(job_id)}\n" + slurm_cluster.diagnostics(
+            os.path.join(folder, f"slurm-{job_id}.out"))
+
+    stops = []
+    for restart, scancel in enumerate([["--batch", "--signal=USR1"], ["--signal=USR1"]]):
+        done = len(read_metrics(run_dir))
+        _wait_for(f"start {restart + 1} to train 15 steps", lambda: len(read_metrics(run_dir)) >= done + 15,
+                  240, diagnose)
+        slurm_cluster.run("scancel", *scancel, job_id)
+        _wait_for(f"requeue {restart + 1}", lambda: slurm_cluster.job(job_id)["Restarts"] == str(restart + 1),
+                  120, diagnose)
+        stops.append(read_metrics(run_dir)[-1]["step"])
+        assert checkpoint.find_latest(os.path.join(run_dir, "checkpoints")) == checkpoint.tag_for(stops[-1])
+    job = slurm_cluster.wait_job(job_id)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "2", diagnose()
+    assert 15 <= stops[0] < stops[1] < STEPS, stops
+
+    # One output file for the three starts (--open-mode=append): what happened, in order.
+    out = output_of(folder, job_id)
+    starts = [line for line in out.splitlines() if "pretrain.sh[job" in line and "world size 2" in line]
+    assert len(starts) == 3 and "restart 1]" in starts[1] and "restart 2]" in starts[2], diagnose()
+    assert out.count("received SIGUSR1") == 1, diagnose()  # only the batch-path stop reaches the shell
+    assert out.count("requeueing") == 2 and out.rstrip().endswith("finished"), diagnose()
+    for rank in (0, 1):
+        resumed = [line.split("resumed from ")[1] for line in out.splitlines()
+                   if line.startswith(f"{rank}: ") and "resumed from " in line]
+        assert resumed == [f"{checkpoint.tag_for(s)} at step {s}" for s in stops], diagnose()
+
+    # Every step exactly once, and the uninterrupted job's losses, exactly.
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1)), diagnose()
+    assert uninterrupted.result()[1] == 0, "the uninterrupted job failed: see test_pretrain_on_two_nodes"
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in read_metrics(uninterrupted.run_dir)]
+    tag = checkpoint.tag_for(STEPS)
+    assert checkpoint.find_latest(os.path.join(run_dir, "checkpoints")) == tag
+    assert os.path.exists(os.path.join(run_dir, "hf", tag, "model.safetensors"))
+    assert sorted(r.info.status for r in mlflow_runs(mlflow_server, job_id)) == ["FINISHED", "KILLED", "KILLED"]
+
+
+@pytest.mark.e2e
+def test_pretrain_on_two_nodes(uninterrupted, slurm_cluster, mlflow_server):  # noqa: F811
+    job_id, code, seconds = uninterrupted.result()
+    folder, run_dir = uninterrupted.folder, uninterrupted.run_dir
+    out = output_of(folder, job_id)
+    why = f"job {job_id} exited {code}\n{slurm_cluster.diagnostics(os.path.join(folder, f'slurm-{job_id}.out'))}"
+    assert code == 0, why
+    job = slurm_cluster.job(job_id)
+    assert job["JobState"] == "COMPLETED" and job["NodeList"] == "n[1-2]" and job["Restarts"] == "0", job
+    assert "world size 2, master 127.0.0.1:" in out, out[:2000]  # n1's NodeAddr: n1 does not resolve
+    assert "\n0: " in out and "\n1: " in out  # both ranks' lines, labelled by srun
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, STEPS + 1))
+    tag = checkpoint.tag_for(STEPS)
+    assert checkpoint.find_latest(os.path.join(run_dir, "checkpoints")) == tag
+    assert os.path.exists(os.path.join(run_dir, "hf", tag, "model.safetensors"))
+    assert os.path.exists(os.path.join(run_dir, "hf", tag, "config.json"))
+    runs = mlflow_runs(mlflow_server, job_id)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", why
+    assert runs[0].data.params["world_size"] == "2" and runs[0].data.tags["stage"] == "pretrain"
+    print(f"\nsbatch --wait slurm/pretrain.sh, 2 x 1 ranks, {STEPS} steps: returned after {seconds:.0f} s, "
+          f"job run time {job['RunTime']}")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("bad, message", [
+    ({"DATA_DIR": None}, "DATA_DIR: set DATA_DIR to the data dir written by preprocessing"),
+    ({"DATA_DIR": "/nonexistent/data"}, "DATA_DIR=/nonexistent/data does not exist: run preprocessing first"),
+    ({"RUN_DIR": None}, "RUN_DIR: set RUN_DIR to the folder for checkpoints"),
+    ({"DS_CONFIG": "ds_configs/missing.json"}, "DS_CONFIG=ds_configs/missing.json does not exist"),
+])
+def test_a_bad_setting_fails_fast_with_a_readable_message(bad, message, slurm_cluster, data_dir,  # noqa: F811
+                                                         model_config, tmp_path):
+    folder, run_dir = str(tmp_path), str(tmp_path / "run")
+    env = pretrain_env(data_dir[0], run_dir, model_config)
+    for key, value in bad.items():
+        if value is None:
+            del env[key]
+        else:
+            env[key] = value
+    started = time.monotonic()
+    job = slurm_cluster.wait_job(submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1, env=env), timeout=60)
+    out = output_of(folder, job["JobId"])
+    assert job["JobState"] == "FAILED" and message in out, f"{job}\noutput:\n{out}"
+    assert "pipeline.trainer" not in out and not os.path.exists(run_dir)  # no rank was started
+    assert time.monotonic() - started < 30
+
+
+def test_scripts_are_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    scripts = sorted(os.path.join("slurm", f) for f in os.listdir(os.path.join(REPO, "slurm")) if f.endswith(".sh"))
+    proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
