@@ -272,7 +272,8 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(data_dir, tmp_path
     assert done.data.tags["data_run_id"] == str(manifest["data_run_id"])
     history = client.get_metric_history(done.info.run_id, "mlm_loss")
     assert len(history) >= 60 - stopped_at and {"sequences_per_second", "learning_rate", "mlm_accuracy"} <= set(done.data.metrics)
-    assert "ds_config.json" in {a.path for a in client.list_artifacts(done.info.run_id)}
+    assert {"ds_config.json", "final_eval.json"} <= {a.path for a in client.list_artifacts(done.info.run_id)}
+    assert 0 < done.data.metrics["eval_mlm_accuracy"] < 1 and done.data.metrics["grad_norm"] > 0
 
 
 def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(data_dir, tmp_path):
