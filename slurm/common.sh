@@ -41,6 +41,18 @@ setup_python() {
   export PYTHONUNBUFFERED=1 # log lines reach slurm-%j.out as they happen
 }
 
+# torch serializes JIT builds of DeepSpeed's ops (the CPU comm op, FusedAdam, …) across
+# processes with a `lock` file in the extensions folder; a process killed while holding it
+# (a job stopped during its first, cold build) leaves it behind, and every later job then
+# waits on it forever. Warn about old ones; whether one is stale only the user can tell.
+warn_stale_build_locks() {
+  local folder=${TORCH_EXTENSIONS_DIR:-${HOME:-/root}/.cache/torch_extensions} lock
+  [[ -d "$folder" ]] || return 0
+  while IFS= read -r lock; do
+    log "warning: $lock is over an hour old; if no job is compiling ops now, delete it, or the ranks wait on it forever"
+  done < <(find "$folder" -maxdepth 3 -name lock -mmin +60 2>/dev/null)
+}
+
 # MASTER_ADDR: the first node of the job as the other nodes reach it. A node's NodeAddr is
 # what slurmd itself is contacted at; NodeName often resolves too, but need not.
 set_master() {
@@ -98,16 +110,23 @@ wait_forwarding_signals() {
 }
 
 # After the ranks ended: 0 ends the job; 3 (checkpointed on a stop signal) requeues it; a rank
-# killed by the stop signal itself (128+n, before the trainer installed its handler) also
-# requeues, since resume starts from the newest complete checkpoint. Anything else fails.
+# killed by USR1 itself (before the trainer installed its handler) too, since resume starts
+# from the newest complete checkpoint. Not after a SIGTERM: SLURM sends it for `scancel`, at
+# the time limit and on preemption, where the job must end (SLURM requeues a preempted job
+# itself when the partition says PreemptMode=REQUEUE). Anything else is a failure.
 finish_or_requeue() {
   local code=$1
   if ((code == 0)); then
     log "finished"
     exit 0
   fi
-  if ((code != 3 && code != 128 + 10)) && [[ -z "$STOP_SIGNAL" || $code -lt 128 ]]; then
+  if ((code != 3 && code != 128 + 10)) && [[ "$STOP_SIGNAL" != USR1 || $code -lt 128 ]]; then
     log "failed: the ranks exited with code $code (see the lines above)"
+    exit "$code"
+  fi
+  if [[ "$STOP_SIGNAL" == TERM ]]; then
+    log "stopped by SIGTERM with a checkpoint (exit $code): not requeued (scancel, time limit or preemption);" \
+      "resubmit with the same RUN_DIR to continue"
     exit "$code"
   fi
   local restarts=${SLURM_RESTART_COUNT:-0}
@@ -116,10 +135,6 @@ finish_or_requeue() {
     exit 3
   fi
   log "stopped with a checkpoint (exit $code): requeueing; the job resumes from its newest checkpoint"
-  if ! scontrol requeue "$SLURM_JOB_ID"; then
-    # Preemption with PreemptMode=REQUEUE requeues the job itself; a job past its time
-    # limit or cancelled cannot be requeued: resubmit it with the same RUN_DIR.
-    log "scontrol requeue failed: resubmit with the same settings to resume"
-  fi
+  scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed: resubmit with the same RUN_DIR to continue"
   exit 3
 }

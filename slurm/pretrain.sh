@@ -19,6 +19,8 @@
 #   MODEL           --model: preset (tiny … large) or a config.json     [trainer default]
 #   DS_CONFIG       --ds-config: a file in ds_configs/                  [trainer default: CPU]
 #   STEPS           --steps: optimizer steps in all                     [trainer default]
+#   INIT_FROM       --init-from: phase 2 starts from this phase-1 run dir's weights with a fresh
+#                   optimizer; once RUN_DIR has a checkpoint, a requeued job resumes that instead
 #   RUN_NAME        --run-name: MLflow run name                         [JOBNAME-JOBID]
 #   TRAIN_ARGS      more trainer flags, split on spaces                 [none]
 #   MLFLOW_TRACKING_URI  MLflow server for rank 0                       [sqlite:///mlflow.db in the submit dir]
@@ -75,6 +77,9 @@ MAX_REQUEUES=${MAX_REQUEUES:-20}
 if [[ -n "${DS_CONFIG:-}" && ! -f "$DS_CONFIG" ]]; then
   die "DS_CONFIG=$DS_CONFIG does not exist (see ds_configs/)"
 fi
+if [[ -n "${INIT_FROM:-}" && ! -e "$INIT_FROM" ]]; then
+  die "INIT_FROM=$INIT_FROM does not exist: set it to the phase-1 RUN_DIR"
+fi
 gpus=${SLURM_GPUS_PER_NODE:-0}
 gpus=${gpus##*:} # "a100:8" -> 8
 ranks_per_node=${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))}
@@ -83,12 +88,14 @@ if ((gpus > 0 && gpus != ranks_per_node)); then
 fi
 setup_python
 set_master
+warn_stale_build_locks
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 args=(--data "$DATA_DIR" --run-dir "$RUN_DIR" --run-name "${RUN_NAME:-$SLURM_JOB_NAME-$SLURM_JOB_ID}")
 [[ -z "${MODEL:-}" ]] || args+=(--model "$MODEL")
 [[ -z "${DS_CONFIG:-}" ]] || args+=(--ds-config "$DS_CONFIG")
 [[ -z "${STEPS:-}" ]] || args+=(--steps "$STEPS")
+[[ -z "${INIT_FROM:-}" ]] || args+=(--init-from "$INIT_FROM")
 read -r -a train_args <<<"${TRAIN_ARGS:-}"
 args+=("${train_args[@]}" "$@")
 

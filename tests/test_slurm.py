@@ -222,6 +222,35 @@ def test_pretrain_on_two_nodes(uninterrupted, slurm_cluster, mlflow_server):  # 
 
 
 @pytest.mark.e2e
+def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm_cluster, data_dir, model_config,  # noqa: F811
+                                                               tmp_path):
+    """Plain ``scancel`` sends SIGTERM to every process of the job: the ranks checkpoint, and the
+    script must not requeue a job its user cancelled."""
+    from .slurm_cluster import CRED_EXPIRE_S
+
+    folder, run_dir = str(tmp_path), str(tmp_path / "run")
+    env = pretrain_env(data_dir[0], run_dir, model_config)
+    env["TRAIN_ARGS"] += " --no-mlflow"
+    job_id = submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1, env=env)
+
+    def diagnose():
+        return f"job {job_id}: {slurm_cluster.job(job_id)}\n" + slurm_cluster.diagnostics(
+            os.path.join(folder, f"slurm-{job_id}.out"))
+
+    _wait_for("5 steps", lambda: len(read_metrics(run_dir)) >= 5, 240, diagnose)
+    slurm_cluster.run("scancel", job_id)
+    _wait_for("the script's last word", lambda: "not requeued" in output_of(folder, job_id), 60, diagnose)
+    time.sleep(CRED_EXPIRE_S + 3)  # when a requeued job could start again
+    job = slurm_cluster.job(job_id)
+    assert job["JobState"] == "CANCELLED" and job["Restarts"] == "0", diagnose()
+    out = output_of(folder, job_id)
+    assert "received SIGTERM" in out and "stopped by SIGTERM with a checkpoint (exit 3): not requeued" in out
+    stopped_at = read_metrics(run_dir)[-1]["step"]
+    assert 5 <= stopped_at < STEPS
+    assert checkpoint.find_latest(os.path.join(run_dir, "checkpoints")) == checkpoint.tag_for(stopped_at)
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("bad, message", [
     ({"DATA_DIR": None}, "DATA_DIR: set DATA_DIR to the data dir written by preprocessing"),
     ({"DATA_DIR": "/nonexistent/data"}, "DATA_DIR=/nonexistent/data does not exist: run preprocessing first"),
