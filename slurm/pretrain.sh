@@ -37,8 +37,11 @@
 # Preemption: 300 s before --time runs out SLURM sends USR1 to this shell (--signal=B:…),
 # which passes it to every rank; they finish the current step, checkpoint, and exit 3; the
 # job then requeues itself and, on its next start, resumes with `--resume auto`. The 300 s
-# must cover one step plus one checkpoint save. `scancel --signal=USR1 JOBID` (signals the
-# ranks) and `scancel --batch --signal=USR1 JOBID` (this shell) do the same by hand.
+# must cover one step plus one checkpoint save (SLURM may signal up to 60 s early).
+# `scancel --signal=USR1 JOBID` (signals the ranks) and `scancel --batch --signal=USR1 JOBID`
+# (this shell) do the same by hand. Preemption with GraceTime sends SIGTERM to the ranks:
+# they checkpoint, exit 3, and the job requeues. A SIGTERM to this shell (plain `scancel`,
+# the time limit) stops the ranks with a checkpoint but ends the job.
 #
 #SBATCH --job-name=bert-pretrain
 #SBATCH --nodes=1
