@@ -76,6 +76,8 @@ srun_ranks() {
   fi
   # The rank variables torch.distributed reads, from the task's SLURM variables; exec
   # makes the Python process the task itself, so SLURM's signals reach it directly.
+  # --kill-on-bad-exit=0: after a stop the other ranks exit 3 while rank 0 still marks the
+  # checkpoint complete; killing the step at the first non-zero exit would cut that short.
   # shellcheck disable=SC2016
   srun --label --kill-on-bad-exit=0 "${extra[@]}" bash -c \
     'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank "$@" &

@@ -117,6 +117,14 @@ class BackgroundJob:
 
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, data_dir, model_config, mlflow_server, tmp_path_factory):  # noqa: F811
+    import mlflow
+
+    # This job and the preempted one start side by side. On a server without the experiment
+    # both would create it, and MLflow 3's set_experiment answers the loser of that race
+    # without making the experiment active: its run lands in experiment 0 (seen here).
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    if client.get_experiment_by_name("bert-pipeline") is None:
+        client.create_experiment("bert-pipeline")
     folder = str(tmp_path_factory.mktemp("uninterrupted"))
     job = BackgroundJob(slurm_cluster, folder, pretrain_env(data_dir[0], os.path.join(folder, "run"), model_config,
                                                              MLFLOW_TRACKING_URI=mlflow_server))
