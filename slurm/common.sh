@@ -132,6 +132,7 @@ finish_or_requeue() {
     exit "$code"
   fi
   local restarts=${SLURM_RESTART_COUNT:-0}
+  MAX_REQUEUES=${MAX_REQUEUES:-20}
   if ((restarts >= MAX_REQUEUES)); then
     log "stopped with a checkpoint; not requeued: requeued $restarts times already (MAX_REQUEUES=$MAX_REQUEUES)"
     exit 3

@@ -73,7 +73,6 @@ source "$common"
 find_repo
 : "${DATA_DIR:?set DATA_DIR to the data dir written by preprocessing (it holds manifest.json)}"
 : "${RUN_DIR:?set RUN_DIR to the folder for checkpoints and metrics (the same one resumes)}"
-MAX_REQUEUES=${MAX_REQUEUES:-20}
 [[ -d "$DATA_DIR" ]] || die "DATA_DIR=$DATA_DIR does not exist: run preprocessing first (slurm/preprocess.sh)"
 [[ -f "$DATA_DIR/manifest.json" ]] ||
   die "DATA_DIR=$DATA_DIR has no manifest.json: preprocessing did not finish there (it writes the manifest last)"
