@@ -57,7 +57,7 @@ warn_stale_build_locks() {
 # what slurmd itself is contacted at; NodeName often resolves too, but need not.
 set_master() {
   local first addr
-  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p) # sed reads all: no SIGPIPE
   addr=$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
   export MASTER_ADDR=${MASTER_ADDR:-${addr:-$first}}
   # Below the Linux ephemeral range (32768+) and unique among running jobs unless their
@@ -113,9 +113,10 @@ wait_forwarding_signals() {
 
 # After the ranks ended: 0 ends the job; 3 (checkpointed on a stop signal) requeues it; a rank
 # killed by USR1 itself (before the trainer installed its handler) too, since resume starts
-# from the newest complete checkpoint. Not after a SIGTERM: SLURM sends it for `scancel`, at
-# the time limit and on preemption, where the job must end (SLURM requeues a preempted job
-# itself when the partition says PreemptMode=REQUEUE). Anything else is a failure.
+# from the newest complete checkpoint. Not when this shell got a SIGTERM: SLURM sends it to
+# the whole job for `scancel` and at the time limit, where the job must end. (Preemption with
+# GraceTime sends SIGTERM to the ranks only: they exit 3 and the job requeues, which is what
+# PreemptMode=REQUEUE would do.) Anything else is a failure.
 finish_or_requeue() {
   local code=$1
   if ((code == 0)); then
