@@ -1,0 +1,78 @@
+"""Fine-tune a BERT from pipeline/pretrain.py on a labelled text task, with DeepSpeed.
+
+    python pipeline/finetune.py --model runs/tiny --data reviews.csv.bz2 --label-column category \
+        --drop-label plot
+    deepspeed pipeline/finetune.py --model runs/base128/hf/step00007038 --train train.tsv \
+        --validation dev.tsv --text-column sentence1 --text-pair-column sentence2 --task regression \
+        --ds-config ds_configs/gpu_base_bf16_zero2_fused-adam.json --register-name sts-b
+
+Writes OUTPUT_DIR/model (Hugging Face, best validation epoch, label mapping in its config),
+report.json (test metrics, confusion matrix) and confusion_matrix.png; rank 0 logs one MLflow
+run (stage=finetune, tags pretrain_run_id and data_run_id). Exit code 0, or 2 with one line
+naming the file, row or flag for bad data, flags or model.
+"""
+
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from pipeline.ds_config import DsConfigError  # noqa: E402
+from pipeline.finetune_config import FinetuneConfigError, parse_args  # noqa: E402
+from pipeline.finetune_data import FinetuneDataError  # noqa: E402
+from pipeline.finetune_model import ModelSourceError  # noqa: E402
+from pipeline.finetune_report import log_to_mlflow, write_report  # noqa: E402
+from pipeline.tracking import Tracker, config_params  # noqa: E402
+
+USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfigError)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_args(argv)
+    from pipeline.finetuner import Finetuner
+
+    try:
+        finetuner = Finetuner(config)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tracker = None
+    if config.mlflow and finetuner.is_rank0:
+        info = finetuner.pretrained_info
+        tracker = Tracker("finetune", config.experiment, config.run_name,
+                          {"pretrain_run_id": str(info.get("pretrain_run_id")),
+                           "data_run_id": str(info.get("data_run_id"))})
+        data = finetuner.data
+        tracker.log_params({**config_params(config), "world_size": finetuner.world_size,
+                            "accumulation_steps": finetuner.batches.accumulation_steps, "task_inferred": data.task,
+                            "best_metric": finetuner.metric, "labels": ",".join(data.labels),
+                            "model_dir": finetuner.hf_dir, "max_seq_length_used": finetuner.max_length,
+                            **{f"rows_{name}": len(split) for name, split in finetuner.splits.items()},
+                            **{f"rows_dropped_{name}": n for name, n in data.dropped.items()}})
+        tracker.log_json(finetuner.ds_config, "ds_config.json")
+    status = "FAILED"
+    try:
+        best = finetuner.train(tracker)
+        report = finetuner.test_report()  # every rank: the test pass is all-gathered
+        if finetuner.is_rank0:
+            model_dir = finetuner.save_model(os.path.join(config.output_dir, "model"))
+            paths = write_report(report, config.output_dir)
+            test = "  ".join(f"{k}={v:.4f}" for k, v in report["test"].items())
+            print(f"best epoch {best.epoch} (validation {finetuner.metric} {best.validation[finetuner.metric]:.4f}); "
+                  f"test: {test}\nmodel: {model_dir}\nreport: {paths[0]}", flush=True)
+            if tracker:
+                tracker.log_metrics({f"test/{k}": v for k, v in report["test"].items()}, best.epoch)
+                log_to_mlflow(tracker, paths, model_dir if config.log_model else None, finetuner.task,
+                              config.register_name)
+        status = "FINISHED"
+        return 0
+    finally:
+        if tracker:
+            tracker.finish(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The fine-tuning flags, parsed into one frozen config; cross-field checks name the flag."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DS_CONFIG = os.path.join(REPO, "ds_configs", "cpu_fp32_zero2_torch-adamw.json")
+BEST_METRIC = {"classification": "accuracy", "regression": "pearson"}
+
+
+class FinetuneConfigError(ValueError):
+    """A bad flag value; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    model: str  # a Hugging Face export, or a pretrain run dir / checkpoints dir / checkpoint tag dir
+    tokenizer: str | None = None  # None: the model dir's own tokenizer
+    init: str = "pretrained"  # or "random": the same architecture and tokenizer, untrained (a baseline)
+    data: str | None = None
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    task: str | None = None  # None: inferred from the train labels
+    drop_labels: tuple[str, ...] = ()
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_seq_length: int | None = None  # None: the tokenizer's (the pretraining sequence length)
+    output_dir: str = "runs/finetune"
+    ds_config: str = DEFAULT_DS_CONFIG
+    global_batch_size: int = 32
+    micro_batch_size: int = 32
+    eval_batch_size: int = 128
+    epochs: int = 3
+    learning_rate: float = 5e-5
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    metric: str | None = None  # None: accuracy (classification) or pearson (regression)
+    patience: int = 2
+    seed: int = 42
+    mlflow: bool = True
+    experiment: str = "bert-pipeline"
+    run_name: str | None = None
+    register_name: str | None = None
+    log_model: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "drop_labels", tuple(self.drop_labels))
+        metrics = {"accuracy", "f1_macro", "f1_binary", "mcc", "pearson", "spearman", "mse", "loss"}
+        checks = [
+            ((self.data is None) != (self.train is None), "give either --data or --train (not both, not neither)"),
+            (self.data is None or not (self.validation or self.test),
+             "--validation/--test go with --train; with --data the splits come from the data"),
+            (self.init in ("pretrained", "random"), f"--init must be pretrained or random, got {self.init!r}"),
+            (self.task in (None, "classification", "regression"),
+             f"--task must be classification or regression, got {self.task!r}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
+            (0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}"),
+            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
+            (self.patience >= 0, f"--patience must be >= 0, got {self.patience}"),
+            (self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}"),
+            (self.max_seq_length is None or self.max_seq_length >= 8,
+             f"--max-seq-length must be >= 8, got {self.max_seq_length}"),
+            (0 < self.validation_fraction < 1 and 0 < self.test_fraction < 1
+             and self.validation_fraction + self.test_fraction < 1,
+             "--validation-fraction and --test-fraction must be in (0, 1) with a sum below 1"),
+            (self.metric is None or self.metric in metrics,
+             f"--metric must be one of {', '.join(sorted(metrics))}, got {self.metric!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise FinetuneConfigError(message)
+
+    def best_metric(self, task: str) -> str:
+        return self.metric or BEST_METRIC[task]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FinetuneConfig(model="", data="")
+    p = argparse.ArgumentParser(
+        prog="python pipeline/finetune.py",
+        description="Fine-tune a BERT from pipeline/pretrain.py on a labelled text task (single-sentence or "
+                    "sentence-pair classification, or regression) with DeepSpeed. Runs as one process, or under "
+                    "deepspeed / torchrun (one process per GPU or CPU rank). Writes OUTPUT_DIR/model (Hugging "
+                    "Face, with the label mapping), report.json and confusion_matrix.png; logs one MLflow run.",
+        epilog="example: python pipeline/finetune.py --model runs/tiny --data reviews.csv --text-column text "
+               "--label-column category --drop-label plot",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", required=True,
+                   help="a Hugging Face export (RUN_DIR/hf/<tag>), or a pretrain --run-dir, its checkpoints/ or one "
+                        "checkpoint dir (exported on the fly, ZeRO partitions included)")
+    m.add_argument("--tokenizer", help="tokenizer dir (default: the model's); refused if it does not match the model")
+    m.add_argument("--init", choices=("pretrained", "random"), default=d.init,
+                   help="random: same architecture and tokenizer, untrained weights (the baseline pretraining must beat)")
+    data = p.add_argument_group("data (csv, tsv, jsonl, parquet, optionally .gz/.bz2/.xz, or a datasets.save_to_disk dir)")
+    data.add_argument("--data", help="one file or saved dataset; missing validation/test splits are split off "
+                                     "train (seeded, stratified)")
+    data.add_argument("--train", help="train split file (instead of --data)")
+    data.add_argument("--validation", help="validation split file (default: split off --train)")
+    data.add_argument("--test", help="test split file (default: split off --train)")
+    data.add_argument("--text-column", default=d.text_column)
+    data.add_argument("--text-pair-column", help="second text of a sentence-pair task")
+    data.add_argument("--label-column", default=d.label_column)
+    data.add_argument("--task", choices=("classification", "regression"),
+                      help="default: regression if every train label is a number and some are not whole")
+    data.add_argument("--drop-label", dest="drop_labels", action="append", default=[], metavar="LABEL",
+                      help="skip rows with this label (repeatable); skipped rows are counted and logged")
+    data.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
+    data.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    data.add_argument("--max-seq-length", type=int, help="tokens per example (default: the tokenizer's, i.e. the "
+                                                        "pretraining length)")
+    t = p.add_argument_group("training")
+    t.add_argument("--output-dir", default=d.output_dir)
+    t.add_argument("--ds-config", default=d.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
+    t.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
+                   help="sequences per optimizer step, over all processes")
+    t.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
+                   help="sequences per process per forward pass; accumulation makes up the rest")
+    t.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="per process")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="at most; early stopping may end sooner")
+    t.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate")
+    t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
+                   help="linear warmup over this share of the steps, then linear decay to 0")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clipping (0 = off)")
+    t.add_argument("--metric", help="validation metric that picks the best epoch (default: accuracy, or pearson "
+                                    "for regression; also f1_macro, f1_binary, mcc, spearman, mse, loss)")
+    t.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after this many epochs without a better validation metric (0 = never stop early)")
+    t.add_argument("--seed", type=int, default=d.seed, help="split, classifier initialisation and batch order")
+    tr = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
+    tr.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+    tr.add_argument("--experiment", default=d.experiment)
+    tr.add_argument("--run-name")
+    tr.add_argument("--register-name", help="register the logged model under this name in the model registry")
+    tr.add_argument("--no-log-model", dest="log_model", action="store_false",
+                    help="do not log the model to MLflow (the report and metrics still are)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> FinetuneConfig:
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
+    try:
+        config = FinetuneConfig(**values)
+    except FinetuneConfigError as err:
+        parser.error(str(err))
+        raise
+    if config.register_name and not (config.mlflow and config.log_model):
+        parser.error("--register-name needs the model logged to MLflow: drop --no-mlflow / --no-log-model")
+    return config

@@ -1,0 +1,131 @@
+"""What fine-tuning starts from: a Hugging Face export, or a DeepSpeed checkpoint exported on the fly.
+
+``--model`` may be an export (``RUN_DIR/hf/<tag>``, anything ``from_pretrained`` loads),
+or a pretrain run dir, its ``checkpoints/`` or one tag dir. A checkpoint is turned into
+an export with ``pipeline/export.py`` (ZeRO partitions included): the run's own
+``hf/<tag>`` when pretraining already wrote it for that checkpoint, else a fresh export
+under ``OUTPUT_DIR/pretrained/<tag>``, written by rank 0 while the others wait.
+
+The tokenizer must be the one the model was pretrained with: a separate ``--tokenizer``
+(or the export's own) is checked against the model's vocabulary size and [PAD] id, and
+against the SentencePiece fingerprint recorded in ``training_info.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+from pipeline import export
+
+log = logging.getLogger(__name__)
+
+
+class ModelSourceError(ValueError):
+    """A model or tokenizer that cannot be fine-tuned; the message names the path and the field."""
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def read_training_info(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, export.TRAINING_INFO)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def resolve_model_dir(model: str, output_dir: str, is_rank0: bool, barrier) -> str:
+    """The Hugging Face dir to load: ``model`` itself, or the export of the checkpoint it names."""
+    if not os.path.exists(model):
+        raise ModelSourceError(f"--model {model}: no such file or directory")
+    if is_hf_dir(model):
+        return model
+    try:
+        run_dir, checkpoints, tag = export.resolve(model)
+    except export.ExportError as err:
+        raise ModelSourceError(f"--model {model}: neither a Hugging Face export (no config.json) nor a "
+                               f"usable pretrain run: {err}") from None
+    checkpoint_dir = os.path.join(checkpoints, tag)
+    cached = os.path.join(run_dir, "hf", tag)
+    if is_hf_dir(cached) and read_training_info(cached).get("checkpoint") == checkpoint_dir:
+        log.info("using the export of %s written by pretraining: %s", checkpoint_dir, cached)
+        return cached
+    out = os.path.abspath(os.path.join(output_dir, "pretrained", tag))
+    if is_rank0:
+        log.info("exporting %s to %s", checkpoint_dir, out)
+        try:
+            export.export_checkpoint(checkpoint_dir, out_dir=out)
+        except export.ExportError as err:
+            raise ModelSourceError(f"--model {model}: {err}") from None
+    barrier()  # the others read the export once rank 0 has written it
+    return out
+
+
+def spm_fingerprint(tokenizer_dir: str) -> str | None:
+    """sha256 of ``spm.model`` (what a data dir's manifest records), if the dir has one."""
+    path = os.path.join(tokenizer_dir, "spm.model")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_tokenizer(hf_dir: str, tokenizer_dir: str | None, model_config):
+    """The tokenizer, refused when it is not the model's: vocabulary size, [PAD] id, fingerprint."""
+    from transformers import AutoTokenizer
+
+    path = tokenizer_dir or hf_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"--tokenizer {path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    flag = "--tokenizer" if tokenizer_dir else "--model"
+    if len(tokenizer) != model_config.vocab_size:
+        raise ModelSourceError(f"{flag} {path}: the tokenizer has {len(tokenizer)} tokens but the model in {hf_dir} "
+                               f"has vocab_size {model_config.vocab_size}: use the tokenizer it was pretrained with")
+    if model_config.pad_token_id is not None and tokenizer.pad_token_id != model_config.pad_token_id:
+        raise ModelSourceError(f"{flag} {path}: [PAD] is id {tokenizer.pad_token_id} but the model in {hf_dir} has "
+                               f"pad_token_id {model_config.pad_token_id}")
+    expected = read_training_info(hf_dir).get("tokenizer_fingerprint") or spm_fingerprint(hf_dir)
+    actual = spm_fingerprint(path)
+    if expected and actual and expected != actual:
+        raise ModelSourceError(f"{flag} {path}: tokenizer fingerprint {actual[:12]}… differs from the one the model "
+                               f"in {hf_dir} was pretrained with ({expected[:12]}…, training_info.json "
+                               "tokenizer_fingerprint): use that tokenizer")
+    return tokenizer
+
+
+def build_classifier(hf_dir: str, task: str, labels: list[str], init: str):
+    """A sequence classifier (or regressor: one output) on the pretrained encoder, or untrained."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(hf_dir)
+    if task == "classification":
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+        config.problem_type = "single_label_classification"
+    else:
+        config.num_labels = 1
+        config.id2label, config.label2id = {0: "score"}, {"score": 0}
+        config.problem_type = "regression"
+    config.architectures = None
+    if init == "random":
+        return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    from transformers.utils import logging as hf_logging
+
+    # The pretraining heads are left out and the classifier starts fresh by design: say so in one
+    # line instead of the library's table of "unexpected" and "missing" weights.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(hf_dir, config=config, attn_implementation="sdpa")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    log.info("encoder loaded from %s; %s head initialised for %d output(s)", hf_dir, task, config.num_labels)
+    return model

@@ -1,0 +1,79 @@
+"""The fine-tuning report: JSON, a confusion-matrix PNG, and the MLflow run's artifacts and model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+REPORT = "report.json"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+def write_report(report: dict, output_dir: str) -> list[str]:
+    """``report.json`` and, for classification, ``confusion_matrix.png``; returns the paths."""
+    path = os.path.join(output_dir, REPORT)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    paths = [path]
+    if "confusion_matrix" in report:
+        paths.append(plot_confusion_matrix(report["confusion_matrix"], report["labels"],
+                                           os.path.join(output_dir, CONFUSION_PNG),
+                                           f"test: accuracy {report['test']['accuracy']:.3f}, "
+                                           f"MCC {report['test']['mcc']:.3f}"))
+    return paths
+
+
+def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(matrix)
+    size = max(4.0, 0.6 * len(labels) + 2.5)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    image = ax.imshow(m, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(len(labels)), labels=labels, rotation=45 if len(labels) > 4 else 0, ha="right"
+                  if len(labels) > 4 else "center")
+    ax.set_yticks(range(len(labels)), labels=labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = m.max() / 2 if m.size else 0
+    for (i, j), count in np.ndenumerate(m):
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def pip_requirements() -> list[str]:
+    """What the logged model needs to load. Given explicitly: MLflow's inference of them
+    imports torchvision and fails offline (see ENVIRONMENT.md)."""
+    import tokenizers
+    import torch
+    import transformers
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+            f"tokenizers=={tokenizers.__version__}"]
+
+
+def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, register_name: str | None) -> None:
+    """Report files as artifacts; the saved model with MLflow's transformers flavour (registered if named)."""
+    import mlflow
+
+    for path in paths:
+        mlflow.log_artifact(path)
+    if model_dir is None:
+        return
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+        task="text-classification",  # regression too: one score per text (function_to_apply none)
+        pip_requirements=pip_requirements(), registered_model_name=register_name)

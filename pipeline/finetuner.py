@@ -1,0 +1,305 @@
+"""The fine-tuning loop around a DeepSpeed engine.
+
+Reads top to bottom: data → tokenizer → model → engine; then per epoch the optimizer
+steps (DeepSpeed accumulates the micro-batches), a validation pass, the best weights
+kept, early stopping; then the test pass with the best weights.
+
+Batches do not depend on the number of processes: every epoch's order is one seeded
+permutation, cut into global batches, each cut into micro-batches dealt in turn to the
+ranks (1 rank x 2 accumulation steps and 2 ranks x 1 see the same global batch). The
+last global batch of an epoch is filled from the epoch's start, so no row is skipped.
+Evaluation: every rank predicts a disjoint strided part, the predictions are
+all-gathered, and every rank computes the same metrics, so early stopping agrees
+without another collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from pipeline.ds_config import DsConfigError, inject, load_ds_config, plan_batches
+from pipeline.finetune_config import FinetuneConfig, FinetuneConfigError
+from pipeline.finetune_data import Examples, load_task_data
+from pipeline.finetune_model import build_classifier, load_tokenizer, read_training_info, resolve_model_dir
+from pipeline.metrics import LOWER_IS_BETTER, confusion_matrix, task_metrics
+from pipeline.trainer import ensure_distributed_env, linear_warmup_decay
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Encoded:
+    """A tokenized split: unpadded id lists, labels, and where each row came from."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    labels: np.ndarray
+    truncated: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
+    enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length,
+                    return_token_type_ids=True)
+    # Truncation is counted, never silent: a row at the limit may have been cut.
+    truncated = sum(len(ids) >= max_length for ids in enc["input_ids"])
+    return Encoded(enc["input_ids"], enc["token_type_ids"], examples.labels, truncated)
+
+
+def collate(split: Encoded, rows: np.ndarray, pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    """Padded to the longest row rounded up to 8 (tensor-core friendly, fewer shapes)."""
+    longest = max(len(split.input_ids[i]) for i in rows)
+    width = -(-longest // 8) * 8
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    types = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for k, i in enumerate(rows):
+        n = len(split.input_ids[i])
+        ids[k, :n], types[k, :n], mask[k, :n] = split.input_ids[i], split.token_type_ids[i], 1
+    labels = torch.from_numpy(split.labels[rows])
+    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
+            "attention_mask": torch.from_numpy(mask),
+            "labels": labels.long() if task == "classification" else labels.float()}
+
+
+@dataclasses.dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    validation: dict[str, float]
+    seconds: float
+    sequences: int
+
+
+class Finetuner:
+    def __init__(self, config: FinetuneConfig):
+        import deepspeed
+        from transformers import AutoConfig
+
+        self.config = config
+        self.rank, self.local_rank, self.world_size = ensure_distributed_env()
+        deepspeed.init_distributed()
+        os.makedirs(config.output_dir, exist_ok=True)
+        self.data = load_task_data(
+            data=config.data, train=config.train, validation=config.validation, test=config.test,
+            text_column=config.text_column, text_pair_column=config.text_pair_column,
+            label_column=config.label_column, task=config.task, drop_labels=config.drop_labels,
+            validation_fraction=config.validation_fraction, test_fraction=config.test_fraction, seed=config.seed)
+        self.task = self.data.task
+        self.metric = config.best_metric(self.task)
+        if self.task == "regression" and self.metric in ("accuracy", "f1_macro", "f1_binary", "mcc"):
+            raise FinetuneConfigError(f"--metric {self.metric} is a classification metric; this is a regression task")
+        if self.metric == "f1_binary" and len(self.data.labels) != 2:
+            raise FinetuneConfigError(f"--metric f1_binary needs two labels; the data has {len(self.data.labels)}")
+
+        self.hf_dir = resolve_model_dir(config.model, config.output_dir, self.is_rank0, self.barrier)
+        self.pretrained_info = read_training_info(self.hf_dir)
+        # The tokenizer is checked against the model's config before any weight is loaded.
+        self.tokenizer = load_tokenizer(self.hf_dir, config.tokenizer, AutoConfig.from_pretrained(self.hf_dir))
+        torch.manual_seed(config.seed)  # the classifier head (and, with --init random, every weight)
+        model = build_classifier(self.hf_dir, self.task, self.data.labels, config.init)
+        self.max_length = self._max_length(model.config)
+        self.splits = {name: encode(self.tokenizer, examples, self.max_length)
+                       for name, examples in self.data.splits.items()}
+
+        self.batches = plan_batches(config.global_batch_size, config.micro_batch_size, self.world_size)
+        self.steps_per_epoch = math.ceil(len(self.splits["train"]) / config.global_batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        warmup = int(config.warmup_fraction * self.total_steps)
+        self.ds_config = inject(load_ds_config(config.ds_config), self.batches, config.learning_rate,
+                                config.weight_decay, config.grad_clip)
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        if stage > 2:
+            raise DsConfigError(f"--ds-config {config.ds_config}: ZeRO stage {stage} partitions the weights, which "
+                                "keeping the best epoch's weights needs whole; use a stage 0-2 config")
+        schedule = linear_warmup_decay(self.total_steps, warmup)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.step = 0
+        self.history: list[EpochResult] = []
+        self.best: EpochResult | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def _max_length(self, model_config) -> int:
+        limit = model_config.max_position_embeddings
+        if self.config.max_seq_length is None:
+            default = getattr(self.tokenizer, "model_max_length", limit)
+            return min(default if default and default < 1e9 else limit, limit)
+        if self.config.max_seq_length > limit:
+            raise FinetuneConfigError(f"--max-seq-length {self.config.max_seq_length} exceeds the model's "
+                                f"max_position_embeddings {limit}")
+        return self.config.max_seq_length
+
+    # ------------------------------------------------------------------ training
+    def epoch_micro_batches(self, epoch: int) -> list[list[np.ndarray]]:
+        """Per optimizer step, this rank's micro-batches (row indices into the train split)."""
+        n, g, micro = len(self.splits["train"]), self.config.global_batch_size, self.config.micro_batch_size
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(n)
+        order = np.concatenate([order, np.resize(order, (-n) % g)])  # fill the last step from the start
+        steps = []
+        for start in range(0, len(order), g):
+            micro_batches = order[start:start + g].reshape(-1, micro)
+            steps.append([micro_batches[a * self.world_size + self.rank]
+                          for a in range(self.batches.accumulation_steps)])
+        return steps
+
+    def train_epoch(self, epoch: int, progress=None) -> tuple[float, float, int]:
+        """(mean train loss over all ranks, seconds, sequences over all ranks)."""
+        self.engine.train()
+        pad = self.tokenizer.pad_token_id
+        losses = []
+        started = time.perf_counter()
+        for micro_batches in self.epoch_micro_batches(epoch):
+            for rows in micro_batches:
+                out = self.engine(**collate(self.splits["train"], rows, pad, self.task))
+                self.engine.backward(out.loss)
+                self.engine.step()
+                losses.append(out.loss.item())
+            self.step += 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+        seconds = time.perf_counter() - started
+        loss = torch.tensor([float(np.mean(losses))], dtype=torch.float64)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"train loss is {loss.item()} in epoch {epoch}: lower --learning-rate")
+        if self.world_size > 1:
+            torch.distributed.all_reduce(loss)
+        sequences = self.steps_per_epoch * self.config.global_batch_size
+        return loss.item() / self.world_size, seconds, sequences
+
+    @torch.no_grad()
+    def predict(self, split: str) -> np.ndarray:
+        """Model outputs (logits, or scores for regression) for every row, on every rank."""
+        data = self.splits[split]
+        module = self.engine.module
+        module.eval()
+        mine = np.arange(self.rank, len(data), self.world_size)
+        outputs = []
+        for start in range(0, len(mine), self.config.eval_batch_size):
+            rows = mine[start:start + self.config.eval_batch_size]
+            batch = collate(data, rows, self.tokenizer.pad_token_id, self.task)
+            batch.pop("labels")
+            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+            outputs.append(module(**batch).logits.float().cpu().numpy())
+        width = module.config.num_labels
+        local = np.concatenate(outputs) if outputs else np.zeros((0, width), dtype=np.float32)
+        if self.world_size == 1:
+            return local
+        gathered = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, (mine, local))
+        full = np.zeros((len(data), width), dtype=np.float32)
+        for rows, values in gathered:
+            full[rows] = values
+        return full
+
+    def evaluate(self, split: str) -> tuple[dict[str, float], np.ndarray]:
+        outputs = self.predict(split)
+        labels = self.splits[split].labels
+        metrics = task_metrics(self.task, labels, outputs, len(self.data.labels))
+        if self.task == "classification":
+            logits = torch.from_numpy(outputs)
+            metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)))
+        else:
+            metrics["loss"] = metrics["mse"]
+        return metrics, outputs
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        best = self.best.validation[self.metric]
+        return value < best if self.metric in LOWER_IS_BETTER else value > best
+
+    def train(self, tracker=None) -> EpochResult:
+        """Runs the epochs (early stopping after --patience epochs without a better --metric);
+        leaves the best epoch's weights in the model and returns that epoch."""
+        from tqdm import tqdm
+
+        progress = tqdm(total=self.total_steps, desc="fine-tuning", unit="step", disable=not self.is_rank0,
+                        dynamic_ncols=True, mininterval=1.0)
+        stale = 0
+        try:
+            for epoch in range(1, self.config.epochs + 1):
+                loss, seconds, sequences = self.train_epoch(epoch, progress)
+                validation, _ = self.evaluate("validation")
+                result = EpochResult(epoch, loss, validation, seconds, sequences)
+                self.history.append(result)
+                improved = self._improved(validation[self.metric])
+                if improved:
+                    self.best, stale = result, 0
+                    self._best_state = {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+                else:
+                    stale += 1
+                self._log_epoch(result, improved, tracker)
+                if self.config.patience and stale >= self.config.patience and epoch < self.config.epochs:
+                    log.info("early stop after epoch %d: validation %s has not improved for %d epochs (best %.4f, "
+                             "epoch %d)", epoch, self.metric, stale, self.best.validation[self.metric], self.best.epoch)
+                    break
+        finally:
+            progress.close()
+        self.engine.module.load_state_dict(self._best_state)
+        return self.best
+
+    def _log_epoch(self, result: EpochResult, improved: bool, tracker) -> None:
+        values = {"train/loss": result.train_loss, "train/sequences_per_second": result.sequences / result.seconds,
+                  "learning_rate": self.scheduler.get_last_lr()[0],
+                  **{f"validation/{k}": v for k, v in result.validation.items()}}
+        if not self.is_rank0:
+            return
+        with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"epoch": result.epoch, "step": self.step, **values}) + "\n")
+        log.info("epoch %d/%d  %s%s", result.epoch, self.config.epochs,
+                 "  ".join(f"{k}={v:.4g}" for k, v in values.items()), "  (best so far)" if improved else "")
+        if tracker:
+            tracker.log_metrics(values, result.epoch)
+
+    # ------------------------------------------------------------------ the report
+    def test_report(self) -> dict:
+        """Test-split metrics with the best weights, as the JSON report (every rank must call it)."""
+        metrics, outputs = self.evaluate("test")
+        report = {
+            "task": self.task, "metric": self.metric, "best_epoch": self.best.epoch,
+            "epochs_run": len(self.history), "init": self.config.init,
+            "test": metrics, "validation": self.best.validation,
+            "history": [dataclasses.asdict(h) for h in self.history],
+            "rows": {name: len(split) for name, split in self.splits.items()},
+            "rows_dropped": self.data.dropped, "rows_truncated": {n: s.truncated for n, s in self.splits.items()},
+            "split_from": self.data.split_from, "max_seq_length": self.max_length,
+            "model": self.hf_dir, "pretrain_run_id": self.pretrained_info.get("pretrain_run_id"),
+            "data_run_id": self.pretrained_info.get("data_run_id"), "world_size": self.world_size,
+            "train_sequences_per_second": (sum(h.sequences for h in self.history)
+                                           / max(sum(h.seconds for h in self.history), 1e-9)),
+        }
+        if self.task == "classification":
+            report["labels"] = self.data.labels
+            report["confusion_matrix"] = confusion_matrix(self.splits["test"].labels, outputs.argmax(-1),
+                                                          len(self.data.labels)).tolist()
+            if len(self.data.labels) == 2:
+                report["f1_binary_positive_label"] = self.data.labels[1]
+        return report
+
+    def save_model(self, directory: str) -> str:
+        """The best weights in Hugging Face format, fp32, with the tokenizer and the label mapping."""
+        model = self.engine.module.float()
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        return directory

@@ -1,0 +1,337 @@
+"""Fine-tuning with the real DeepSpeed engine on real reviews: from a DeepSpeed checkpoint or a
+Hugging Face export, best epoch kept, the report consistent with the saved model, 1 and 2
+ranks agreeing, the MLflow run and registered model on a real server, bad input refused."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import export
+from pipeline.finetune_config import FinetuneConfig
+from pipeline.finetune_data import read_table, stratified_split
+from pipeline.finetune_model import ModelSourceError, load_tokenizer
+from pipeline.train_config import TrainConfig
+from pipeline.trainer import Trainer
+
+from .conftest import REPO, WIKI_SAMPLE
+
+ROTTEN_TOMATOES = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
+SCRIPT = os.path.join(REPO, "pipeline", "finetune.py")
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def one_process_world(monkeypatch):
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29535"}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A pretrain run dir: 4 ZeRO-2 steps of the tiny preset on the dump sample (no export yet)."""
+    root = tmp_path_factory.mktemp("finetune")
+    data = str(root / "data")
+    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
+                    "--output", data, "--vocab-size", "4000", "--dupe-factor", "1", "--max-seq-length", "64",
+                    "--no-mlflow"], check=True, capture_output=True)
+    mp = pytest.MonkeyPatch()
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29535"}.items():
+        mp.setenv(key, value)
+    config = TrainConfig(data=data, run_dir=str(root / "run"), steps=4, global_batch_size=8, micro_batch_size=8,
+                         learning_rate=2e-3, warmup_steps=1, log_every=100, mlflow=False)
+    trainer = Trainer(config)
+    export.write_train_config(config, "pretrain-run-123")  # what pretrain.py writes on rank 0
+    assert trainer.train() == 0
+    mp.undo()
+    return str(root / "run")
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    """600 real reviews (stratified sample) + 40 plot summaries, in the bundled file's columns."""
+    table = read_table(ROTTEN_TOMATOES)
+    keys = table.columns["category"]
+    review_rows, plot_rows = stratified_split(keys, [600 / 12808], seed=1)[0], [i for i, k in enumerate(keys) if k == "plot"][:40]
+    rows = sorted([i for i in review_rows if keys[i] != "plot"] + plot_rows)
+    path = tmp_path_factory.mktemp("reviews") / "reviews.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["category", "text", "movie_name"])
+        for i in rows:
+            w.writerow([keys[i], table.columns["text"][i], table.columns["movie_name"][i]])
+    return str(path)
+
+
+def finetune_config(model, output_dir, data, **overrides):
+    values = dict(model=model, data=data, label_column="category", drop_labels=("plot",), output_dir=str(output_dir),
+                  epochs=2, global_batch_size=16, micro_batch_size=16, learning_rate=1e-3, mlflow=False, seed=3)
+    return FinetuneConfig(**{**values, **overrides})
+
+
+def saved_model_outputs(model_dir, finetuner, split="test"):
+    """The saved model's outputs on a split, computed apart from the finetuner."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.finetuner import collate
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    data = finetuner.splits[split]
+    batch = collate(data, np.arange(len(data)), finetuner.tokenizer.pad_token_id, finetuner.task)
+    batch.pop("labels")
+    with torch.no_grad():
+        return model(**batch).logits.numpy(), model
+
+
+def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predicts(pretrained, reviews, tmp_path):
+    from pipeline.finetune_report import write_report
+    from pipeline.finetuner import Finetuner
+
+    finetuner = Finetuner(finetune_config(pretrained, tmp_path, reviews))
+    # the checkpoint (ZeRO-2 partitions) was exported on the fly, lineage included
+    assert finetuner.hf_dir == str(tmp_path / "pretrained" / "step00000004")
+    assert finetuner.pretrained_info["pretrain_run_id"] == "pretrain-run-123"
+    assert finetuner.max_length == 64  # the pretraining sequence length, from the tokenizer
+    best = finetuner.train()
+    report = finetuner.test_report()
+    model_dir = finetuner.save_model(str(tmp_path / "model"))
+    paths = write_report(report, str(tmp_path))
+
+    assert report["rows_dropped"] == {"train": 40, "validation": 0, "test": 0}
+    assert report["rows"] == {"train": 480, "validation": 60, "test": 60}
+    assert report["labels"] == ["fresh", "rotten"] and report["epochs_run"] == 2
+    assert best.epoch == report["best_epoch"] and report["history"][1]["train_loss"] < report["history"][0]["train_loss"]
+    cm = np.array(report["confusion_matrix"])
+    assert cm.sum() == 60 and cm.sum(axis=1).tolist() == np.bincount(finetuner.splits["test"].labels).tolist()
+    # the saved model is the best epoch's and gives the reported test metrics
+    logits, model = saved_model_outputs(model_dir, finetuner)
+    predictions = logits.argmax(-1)
+    assert np.mean(predictions == finetuner.splits["test"].labels) == pytest.approx(report["test"]["accuracy"])
+    assert np.diag(cm).sum() == (predictions == finetuner.splits["test"].labels).sum()
+    assert model.config.id2label == {0: "fresh", 1: "rotten"} and model.config.label2id == {"fresh": 0, "rotten": 1}
+    assert os.path.isfile(os.path.join(model_dir, "tokenizer.json"))
+    assert [os.path.basename(p) for p in paths] == ["report.json", "confusion_matrix.png"]
+    assert open(paths[1], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(paths[0]))["test"] == report["test"]
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(pretrained, reviews, tmp_path, monkeypatch):
+    from pipeline.finetuner import Finetuner
+
+    finetuner = Finetuner(finetune_config(pretrained, tmp_path, reviews, epochs=6, patience=2, metric="mcc"))
+    scripted = iter([0.10, 0.30, 0.25, 0.20, 0.90, 0.95])  # best at epoch 2, then two worse: stop after 4
+    snapshots = []
+    real_evaluate = finetuner.evaluate
+
+    def evaluate(split):
+        metrics, outputs = real_evaluate(split)
+        if split == "validation":
+            metrics["mcc"] = next(scripted)
+            snapshots.append({k: v.clone() for k, v in finetuner.engine.module.state_dict().items()})
+        return metrics, outputs
+
+    monkeypatch.setattr(finetuner, "evaluate", evaluate)
+    best = finetuner.train()
+    assert best.epoch == 2 and len(finetuner.history) == 4 and best.validation["mcc"] == 0.30
+    final = finetuner.engine.module.state_dict()
+    assert all(torch.equal(final[k], snapshots[1][k]) for k in final)
+    assert not all(torch.equal(snapshots[3][k], snapshots[1][k]) for k in final)  # it did train on
+
+
+def test_global_batches_do_not_depend_on_the_number_of_ranks():
+    from types import SimpleNamespace
+
+    from pipeline.ds_config import plan_batches
+    from pipeline.finetuner import Finetuner
+
+    def steps(world, rank, micro):
+        f = object.__new__(Finetuner)
+        f.splits = {"train": [0] * 100}
+        f.config = SimpleNamespace(seed=5, global_batch_size=32, micro_batch_size=micro)
+        f.rank, f.world_size, f.batches = rank, world, plan_batches(32, micro, world)
+        return f.epoch_micro_batches(epoch=1)
+
+    one = steps(1, 0, 8)  # 1 rank x 4 accumulation steps
+    ranks = [steps(4, r, 8) for r in range(4)]  # 4 ranks x 1
+    two = [steps(2, r, 8) for r in range(2)]  # 2 ranks x 2
+    assert len(one) == 4  # ceil(100 / 32): the last step filled from the epoch's start
+    for k, step in enumerate(one):
+        whole = sorted(np.concatenate(step).tolist())
+        assert sorted(np.concatenate([rs[k][0] for rs in ranks]).tolist()) == whole
+        assert sorted(np.concatenate([m for rs in two for m in rs[k]]).tolist()) == whole
+    seen = np.concatenate([np.concatenate(s) for s in one])
+    assert set(seen.tolist()) == set(range(100)) and len(seen) == 128
+    f = object.__new__(Finetuner)
+    f.__dict__.update(splits={"train": [0] * 100}, rank=0, world_size=1, batches=plan_batches(32, 8, 1),
+                      config=SimpleNamespace(seed=5, global_batch_size=32, micro_batch_size=8))
+    assert not np.array_equal(np.concatenate(f.epoch_micro_batches(2)[0]), np.concatenate(one[0]))  # reshuffled
+
+
+def test_sentence_pairs_and_regression(pretrained, tmp_path):
+    """Pairs: does this plot and this review concern the same film? Regression: a 0-1 score."""
+    from pipeline.finetuner import Finetuner
+
+    table = read_table(ROTTEN_TOMATOES)
+    plots = {m: t for c, t, m in zip(table.columns["category"], table.columns["text"], table.columns["movie_name"])
+             if c == "plot"}
+    reviews = [(t, m) for c, t, m in zip(table.columns["category"], table.columns["text"], table.columns["movie_name"])
+               if c != "plot" and m in plots][:300]
+    films = sorted(plots)
+    rng = np.random.default_rng(0)
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as f:
+        for k, (review, film) in enumerate(reviews):
+            same = k % 2 == 0
+            other = film if same else films[(films.index(film) + 1 + rng.integers(len(films) - 1)) % len(films)]
+            f.write(json.dumps({"plot": plots[other], "review": review, "same_film": same,
+                                "score": float(same) * 0.8 + rng.random() * 0.2}) + "\n")
+    pair = Finetuner(FinetuneConfig(model=pretrained, data=str(path), text_column="plot", text_pair_column="review",
+                                    label_column="same_film", output_dir=str(tmp_path / "pair"), epochs=1,
+                                    mlflow=False, global_batch_size=16, micro_batch_size=16))
+    assert pair.task == "classification" and pair.data.labels == ["0", "1"]
+    train = pair.splits["train"]
+    assert all(1 in types for types in train.token_type_ids)  # the review is segment B
+    assert max(len(ids) for ids in train.input_ids) == 64 and train.truncated > 0  # long plots, counted
+    pair.train()
+    assert pair.test_report()["rows_truncated"]["train"] == train.truncated
+
+    regression = Finetuner(FinetuneConfig(model=pretrained, data=str(path), text_column="review", label_column="score",
+                                          output_dir=str(tmp_path / "regression"), epochs=3, learning_rate=1e-3,
+                                          mlflow=False, global_batch_size=16, micro_batch_size=16, patience=0))
+    assert regression.task == "regression" and regression.metric == "pearson"
+    regression.train()
+    report = regression.test_report()
+    losses = [h["train_loss"] for h in report["history"]]
+    assert losses[-1] < losses[0]  # MSE falls
+    model_dir = regression.save_model(str(tmp_path / "regression" / "model"))
+    scores, model = saved_model_outputs(model_dir, regression)
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    from pipeline.metrics import regression_metrics
+
+    expected = regression_metrics(regression.splits["test"].labels, scores[:, 0])
+    assert report["test"]["pearson"] == pytest.approx(expected["pearson"], abs=1e-5)
+    assert report["test"]["spearman"] == pytest.approx(expected["spearman"], abs=1e-5)
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(pretrained, tmp_path):
+    from transformers import AutoConfig
+
+    hf_dir = export.export_checkpoint(pretrained, out_dir=str(tmp_path / "hf"))
+    config = AutoConfig.from_pretrained(hf_dir)
+    load_tokenizer(hf_dir, None, config)  # its own: fine
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(hf_dir, other)
+    spm = other / "spm.model"
+    spm.write_bytes(spm.read_bytes() + b"\0")  # same vocabulary size, another SentencePiece model
+    with pytest.raises(ModelSourceError, match=r"--tokenizer .*other_tokenizer: tokenizer fingerprint .* differs"):
+        load_tokenizer(hf_dir, str(other), config)
+    config.vocab_size = 4096
+    with pytest.raises(ModelSourceError, match=r"the tokenizer has 4000 tokens but the model in .* has vocab_size 4096"):
+        load_tokenizer(hf_dir, None, config)
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(extra)
+    return env
+
+
+def test_bad_data_and_bad_model_fail_with_one_line(pretrained, reviews, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    cases = [
+        (["--model", pretrained, "--data", reviews, "--label-column", "label"],
+         f"{reviews}: no column 'label' (columns: category, text, movie_name)"),
+        (["--model", pretrained, "--train", reviews, "--test", str(empty), "--label-column", "category"],
+         f"{empty}: the file is empty"),
+        (["--model", str(tmp_path), "--data", reviews, "--label-column", "category"],
+         "neither a Hugging Face export (no config.json) nor a usable pretrain run"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, SCRIPT, *args, "--no-mlflow", "--output-dir", str(tmp_path / "out")],
+                              capture_output=True, text=True, env=_clean_env(MASTER_PORT=str(_free_port())))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--text-pair-column" in proc.stdout and "--register-name" in proc.stdout
+
+
+@pytest.mark.e2e
+def test_one_and_two_ranks_give_the_same_run(pretrained, reviews, tmp_path):
+    """torchrun, gloo, ZeRO-2, global batch 16: 1 rank x 2 micro-batches vs 2 ranks x 1; an HF export
+    without dropout, so that the maths must agree."""
+    hf_dir = export.export_checkpoint(pretrained, out_dir=str(tmp_path / "hf"))
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    json.dump(config, open(os.path.join(hf_dir, "config.json"), "w"))
+    args = ["--model", hf_dir, "--data", reviews, "--label-column", "category", "--drop-label", "plot", "--epochs", "2",
+            "--global-batch-size", "16", "--micro-batch-size", "8", "--learning-rate", "1e-3", "--no-mlflow"]
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"ranks{n}"
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                               f"--master_port={_free_port()}", SCRIPT, *args, "--output-dir", str(out)],
+                              capture_output=True, text=True, env=_clean_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[n] = ([json.loads(line) for line in open(out / "metrics.jsonl")], json.load(open(out / "report.json")))
+    (one, one_report), (two, two_report) = runs[1], runs[2]
+    assert two_report["world_size"] == 2 and [m["epoch"] for m in one] == [m["epoch"] for m in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
+        assert b["validation/loss"] == pytest.approx(a["validation/loss"], rel=1e-4)
+        assert b["validation/accuracy"] == a["validation/accuracy"]
+    assert two_report["test"]["accuracy"] == one_report["test"]["accuracy"]
+    assert two_report["confusion_matrix"] == one_report["confusion_matrix"]
+
+
+@pytest.mark.e2e
+def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path, mlflow_server):
+    """deepspeed launcher, one rank; the run, its lineage tags, metrics per epoch, the report, and
+    the model logged with the transformers flavour and registered, on a real MLflow server."""
+    import mlflow
+
+    pretrain_hf = export.export_checkpoint(pretrained)  # where pretrain.py puts it: RUN_DIR/hf/<tag>
+    proc = subprocess.run(
+        ["deepspeed", "--master_port", str(_free_port()), SCRIPT, "--model", pretrained, "--data", reviews,
+         "--label-column", "category", "--drop-label", "plot", "--epochs", "2", "--output-dir", str(tmp_path / "out"),
+         "--run-name", "ft-e2e", "--register-name", "reviews-tiny", "--learning-rate", "1e-3"],
+        capture_output=True, text=True, env=_clean_env(MLFLOW_TRACKING_URI=mlflow_server), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("bert-pipeline").experiment_id],
+                             filter_string="tags.stage = 'finetune' and attributes.run_name = 'ft-e2e'")[0]
+    info = json.load(open(os.path.join(pretrain_hf, "training_info.json")))
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["pretrain_run_id"] == "pretrain-run-123"
+    assert run.data.tags["data_run_id"] == str(info["data_run_id"])
+    params = run.data.params
+    assert params["model_dir"] == pretrain_hf  # the run's own export was used, not a new one
+    assert params["labels"] == "fresh,rotten" and params["rows_dropped_train"] == "40" and params["epochs"] == "2"
+    history = client.get_metric_history(run.info.run_id, "validation/accuracy")
+    assert [m.step for m in history] == [1, 2]
+    report = json.load(open(tmp_path / "out" / "report.json"))
+    assert run.data.metrics["test/accuracy"] == pytest.approx(report["test"]["accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.json", "confusion_matrix.png", "ds_config.json"} <= artifacts
+    version = client.get_registered_model("reviews-tiny").latest_versions[0]
+    assert version.run_id == run.info.run_id
+    mlflow.set_tracking_uri(mlflow_server)
+    classifier = mlflow.transformers.load_model(f"models:/reviews-tiny/{version.version}")
+    prediction = classifier(["A dull, lifeless film.", "A triumph."])
+    assert {p["label"] for p in prediction} <= {"fresh", "rotten"}
