@@ -31,6 +31,7 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 10
     checkpoint_every: int = 0
+    checkpoint_minutes: float = 0.0
     keep_checkpoints: int = 2
     resume: str = "auto"
     peak_tflops: float = 0.0
@@ -52,6 +53,7 @@ class TrainConfig:
             (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
+            (self.checkpoint_minutes >= 0, f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}"),
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
             (self.eval_shards is None or self.eval_shards >= 0,
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metric logs")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="steps between checkpoints (0 = only at the end and on a stop signal)")
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
+                   help="also checkpoint when this many minutes have passed since the last save (0 = off); "
+                        "bounds the work a crash loses, whatever the step time")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--resume", default=d.resume,
                    help="auto (newest complete checkpoint in --run-dir, if any), none, or a checkpoint tag")

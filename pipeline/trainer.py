@@ -83,8 +83,17 @@ def pretraining_losses(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor,
     return mlm, nsp_loss, counts
 
 
+def agree(flags: list[bool], world_size: int, device="cpu") -> list[bool]:
+    """Each flag set if it is set on any rank: one all-reduce, which every rank must call."""
+    if world_size == 1:
+        return list(flags)
+    values = torch.tensor([float(f) for f in flags], device=device)  # NCCL reduces GPU tensors only
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 on any rank; all ranks agree through an all-reduce."""
+    """Set by SIGTERM/SIGUSR1 on any rank; all ranks agree through ``agree``."""
 
     def __init__(self):
         self.requested = False
@@ -96,13 +105,6 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         log.warning("received signal %d: checkpointing at the end of this step", signum)
         self.requested = True
-
-    def agreed(self, world_size: int, device="cpu") -> bool:
-        if world_size == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)  # NCCL reduces GPU tensors only
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 class Trainer:
@@ -143,6 +145,7 @@ class Trainer:
         self.final_eval: dict[str, float] = {}
         self._fault = os.environ.get("BERT_PIPELINE_FAULT", "")  # fault injection for the tests
         self._nonfinite = 0
+        self._saved_at, self._saved_step = time.monotonic(), None
         self._resume()
         self.loader = PretrainingLoader(self.dataset, self.sampler)
 
@@ -187,7 +190,7 @@ class Trainer:
                              f"{fingerprint[:12]}… (manifest field tokenizer.fingerprint): use the same "
                              "data, or a new --run-dir")
         state = checkpoint.load(self.engine, self.config.checkpoint_dir, tag)
-        self.step = state["step"]
+        self.step = self._saved_step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"][self.rank])
         log.info("resumed from %s at step %d", tag, self.step)
@@ -202,8 +205,10 @@ class Trainer:
         client = {"step": self.step, "sampler": self.loader.state_dict(), "rng": states}
         meta = {"tokenizer_fingerprint": self.manifest["tokenizer"]["fingerprint"],
                 "data_run_id": self.manifest.get("data_run_id")}
-        return checkpoint.save(self.engine, self.config.checkpoint_dir, self.step, client,
-                               self.config.keep_checkpoints, self.is_rank0, meta)
+        tag = checkpoint.save(self.engine, self.config.checkpoint_dir, self.step, client,
+                              self.config.keep_checkpoints, self.is_rank0, meta)
+        self._saved_at, self._saved_step = time.monotonic(), self.step
+        return tag
 
     def train_step(self) -> StepMetrics:
         """One optimizer step: DeepSpeed's accumulation over the micro-batches.
@@ -276,15 +281,20 @@ class Trainer:
                     self._log_eval(self.evaluate(), tracker)
                 if not window:
                     started = time.monotonic()  # throughput counts training time only
-                if self.stop.agreed(self.world_size, self.engine.device):
+                # Clocks differ between ranks: a time-based save is agreed like a stop request.
+                minutes = self.config.checkpoint_minutes
+                stop, timely = agree([self.stop.requested,
+                                      minutes > 0 and time.monotonic() - self._saved_at >= 60 * minutes],
+                                     self.world_size, self.engine.device)
+                if stop:
                     self.save()
                     return EXIT_STOPPED
-                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                if timely or (self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0):
                     self.save()
             if self.eval_shards:
                 self.final_eval = {"step": self.step, **self.evaluate()}
                 self._log_eval(self.final_eval, tracker)
-            if not self.config.checkpoint_every or self.step % self.config.checkpoint_every:
+            if self._saved_step != self.step:
                 self.save()
             return 0
         finally:

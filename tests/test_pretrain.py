@@ -72,6 +72,15 @@ def test_stopped_run_resumes_to_the_same_losses(data_dir, tmp_path):
     assert first + rest == whole  # exactly: same samples, same masks, same RNG, same optimizer state
 
 
+def test_time_based_checkpoints(data_dir, tmp_path):
+    trainer = Trainer(config(data_dir, tmp_path, steps=3, checkpoint_minutes=1e-6, keep_checkpoints=5))
+    assert trainer.train() == 0
+    # due after every step; the end of the run does not save step 3 twice
+    assert checkpoint.complete_tags(str(tmp_path / "checkpoints")) == ["step00000001", "step00000002",
+                                                                        "step00000003"]
+    assert Trainer(config(data_dir, tmp_path, steps=3)).train() == 0  # resumed at the end: nothing to do
+
+
 def test_a_partial_save_is_never_resumed_from(data_dir, tmp_path):
     losses_of(Trainer(config(data_dir, tmp_path, steps=2)))
     directory = os.path.join(tmp_path, "checkpoints")
