@@ -1,0 +1,121 @@
+"""Draw a run's curves from MLflow to one PNG: losses, accuracies, throughput, learning rate.
+
+    python pipeline/report.py RUN_ID                         # -> RUN_ID.png
+    python pipeline/report.py RUN_ID --out curves.png --log-artifact
+    MLFLOW_TRACKING_URI=http://host:5000 python pipeline/report.py RUN_ID
+
+Works for any stage's run: every metric with a history (two or more points) becomes a
+line, and metrics are grouped into panels by what they measure, so a pretraining run shows
+its train/eval losses together and a fine-tuning run its per-epoch validation metrics.
+The tracking URI is MLflow's default (or MLFLOW_TRACKING_URI, or --tracking-uri).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+# Panel title -> predicate on the metric name. The first match wins; the rest go in "other".
+PANELS = (
+    ("loss", lambda name: "loss" in name),
+    ("accuracy and scores", lambda name: any(k in name for k in ("accuracy", "f1", "mcc", "pearson", "spearman"))),
+    ("throughput", lambda name: name.endswith("_per_second") or name == "mfu"),
+    ("learning rate", lambda name: name == "learning_rate"),
+    ("gradients and scaling", lambda name: name in ("grad_norm", "loss_scale", "skipped_steps")),
+)
+
+
+class ReportError(ValueError):
+    """A run that cannot be drawn; the message says why."""
+
+
+def histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} of every metric of the run with at least two points."""
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:  # MlflowException, or a server that is not there
+        raise ReportError(f"run {run_id}: {err}") from None
+    out = {}
+    for name in sorted(run.data.metrics):
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+        points = [(s, v) for s, v in points if math.isfinite(v)]
+        if len(points) >= 2:
+            out[name] = points
+    if not out:
+        raise ReportError(f"run {run_id} ({run.data.tags.get('stage', 'no stage tag')}) has no metric with two "
+                          "or more points to draw")
+    return out
+
+
+def group(names) -> list[tuple[str, list[str]]]:
+    panels: dict[str, list[str]] = {}
+    for name in names:
+        title = next((t for t, match in PANELS if match(name.split("/")[-1])), "other")
+        panels.setdefault(title, []).append(name)
+    order = [t for t, _ in PANELS] + ["other"]
+    return [(t, panels[t]) for t in order if t in panels]
+
+
+def draw(curves: dict[str, list[tuple[int, float]]], title: str, out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    panels = group(curves)
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (panel, names) in zip(axes.flat, panels):
+        for name in names:
+            steps, values = zip(*curves[name])
+            ax.plot(steps, values, label=name, marker="o" if len(steps) <= 20 else None, markersize=3)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        if panel == "learning rate" or panel == "throughput":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def report(run_id: str, out: str | None = None, tracking_uri: str | None = None, log_artifact: bool = False) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    curves = histories(client, run_id)
+    run = client.get_run(run_id)
+    title = f"{run.info.run_name or run_id} · stage {run.data.tags.get('stage', '?')} · run {run_id[:12]}"
+    path = draw(curves, title, out or f"{run_id}.png")
+    if log_artifact:
+        client.log_artifact(run_id, path)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python pipeline/report.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_id", help="the MLflow run id (shown by mlflow ui, or the stage's log)")
+    p.add_argument("--out", help="PNG path (default: RUN_ID.png)")
+    p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)")
+    p.add_argument("--log-artifact", action="store_true", help="also attach the PNG to the run")
+    args = p.parse_args(argv)
+    try:
+        print(report(args.run_id, args.out, args.tracking_uri, args.log_artifact))
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""pipeline/report.py: a run's metric histories from a real MLflow server, drawn to PNG."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.report import ReportError, group, histories, report
+
+from .conftest import REPO
+
+
+def test_metrics_are_grouped_by_what_they_measure():
+    names = ["loss", "eval_loss", "mlm_accuracy", "validation/f1", "sequences_per_second", "mfu",
+             "learning_rate", "grad_norm", "epoch_seconds"]
+    assert group(names) == [("loss", ["loss", "eval_loss"]),
+                            ("accuracy and scores", ["mlm_accuracy", "validation/f1"]),
+                            ("throughput", ["sequences_per_second", "mfu"]),
+                            ("learning rate", ["learning_rate"]),
+                            ("gradients and scaling", ["grad_norm"]),
+                            ("other", ["epoch_seconds"])]
+
+
+@pytest.mark.e2e
+def test_report_draws_the_run_from_a_real_server(mlflow_server, tmp_path):
+    import matplotlib.image
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.create_experiment(f"report-{os.getpid()}-{tmp_path.name}")
+    run = client.create_run(experiment, tags={"stage": "pretrain"}, run_name="curves")
+    run_id = run.info.run_id
+    for step in range(1, 11):
+        client.log_batch(run_id, metrics=[
+            mlflow.entities.Metric("loss", 10.0 / step, 0, step),
+            mlflow.entities.Metric("mlm_accuracy", 0.05 * step, 0, step),
+            mlflow.entities.Metric("sequences_per_second", 100.0 + step, 0, step),
+            mlflow.entities.Metric("learning_rate", 1e-4 * min(step, 5), 0, step)])
+    client.log_metric(run_id, "eval_loss", 3.0, step=5)
+    client.log_metric(run_id, "eval_loss", 2.0, step=10)
+    client.log_metric(run_id, "final_only", 1.0, step=10)  # one point: nothing to draw
+
+    curves = histories(client, run_id)
+    assert set(curves) == {"loss", "mlm_accuracy", "sequences_per_second", "learning_rate", "eval_loss"}
+    assert curves["eval_loss"] == [(5, 3.0), (10, 2.0)]
+
+    out = tmp_path / "curves.png"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "report.py"), run_id, "--out", str(out),
+                           "--log-artifact"], env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(out)
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 600 and image.shape[1] > 1200  # 2 x 2 panels
+    assert "curves.png" in {a.path for a in client.list_artifacts(run_id)}
+
+    empty = client.create_run(experiment).info.run_id
+    with pytest.raises(ReportError, match="no metric with two or more points"):
+        report(empty, str(tmp_path / "empty.png"), mlflow_server)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "report.py"), "0" * 32],
+                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: run 000000")
