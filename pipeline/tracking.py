@@ -15,8 +15,12 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
-        mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_name=run_name, tags={"stage": stage, **tags})
+        # The experiment's id, explicitly: when two jobs create the experiment at once, MLflow 3's
+        # set_experiment returns it to the loser of the race without making it active, and
+        # start_run would then land in experiment 0.
+        exp = mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name,
+                                    tags={"stage": stage, **tags})
         self.run_id = self.run.info.run_id
 
     def log_params(self, params: dict) -> None:

@@ -113,6 +113,10 @@ class Trainer:
 
         self.config = config
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
+        # From the start: a stop signal during start-up (loading, engine, resume) is honoured
+        # after the first step instead of killing the rank.
+        self.stop = StopFlag()
+        self.stop.install()
         os.makedirs(config.run_dir, exist_ok=True)
         self.manifest = read_manifest(config.data)
         self.dataset = PretrainingDataset(config.data, self.manifest)
@@ -140,7 +144,6 @@ class Trainer:
             raise ValueError(f"--eval-shards {self.eval_shards}: the held-out rows are fewer than one micro-batch "
                              f"({config.micro_batch_size}) per process")
         self.step = 0
-        self.stop = StopFlag()
         self.flops = FlopCounter.for_config(self.model_config)
         self.final_eval: dict[str, float] = {}
         self._fault = os.environ.get("BERT_PIPELINE_FAULT", "")  # fault injection for the tests
@@ -259,7 +262,6 @@ class Trainer:
 
     def train(self, tracker=None, on_step=None) -> int:
         """Runs to ``--steps``; returns 0, or EXIT_STOPPED after a stop signal's checkpoint."""
-        self.stop.install()
         started, window = time.monotonic(), []
         # On a terminal, a bar; in a batch log (SLURM), the metric lines every --log-every are the progress.
         bar = tqdm(total=self.config.steps, initial=self.step, unit="step", dynamic_ncols=True,

@@ -78,7 +78,9 @@ def preprocess_run(config: PreprocessConfig, beam_args: list[str]) -> Iterator[P
         return
     import mlflow
 
-    mlflow.set_experiment(config.experiment)
-    with mlflow.start_run(run_name=config.run_name, tags={"stage": "preprocess"}):
+    # By id: MLflow 3's set_experiment leaves the loser of a creation race without an active one.
+    experiment = mlflow.set_experiment(config.experiment)
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=config.run_name,
+                          tags={"stage": "preprocess"}):
         mlflow.log_params(_params(config, beam_args))
         yield PreprocessRun(mlflow)
