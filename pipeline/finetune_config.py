@@ -145,12 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--register-name", help="register the logged model under this name in the model registry")
     tr.add_argument("--no-log-model", dest="log_model", action="store_false",
                     help="do not log the model to MLflow (the report and metrics still are)")
+    # The deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     return p
 
 
 def parse_args(argv: Sequence[str] | None) -> FinetuneConfig:
     parser = build_parser()
     values = vars(parser.parse_args(argv))
+    values.pop("local_rank")
     try:
         config = FinetuneConfig(**values)
     except FinetuneConfigError as err:
