@@ -35,8 +35,16 @@ MAX_NONFINITE_STEPS = 10  # skipped non-finite steps in a row before the run is 
 def ensure_distributed_env() -> tuple[int, int, int]:
     """(rank, local rank, world size); a plain ``python`` run becomes a 1-process world.
 
-    DeepSpeed otherwise tries MPI discovery and fails without mpi4py.
+    DeepSpeed otherwise tries MPI discovery and fails without mpi4py. A 1-process world's
+    rendezvous port is a free one, so two plain runs on one machine (or one beside a
+    torchrun job on the default 29500) do not collide.
     """
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
