@@ -90,7 +90,7 @@ _SIGNALLED=0
 _forward() {
   STOP_SIGNAL=$1
   _SIGNALLED=1
-  log "received SIG$1: every rank checkpoints at the end of its current step, then exits 3"
+  log "received SIG$1: ${ON_STOP:-every rank checkpoints at the end of its current step, then exits 3}"
   kill -s "$1" "$SRUN_PID" 2>/dev/null || true # srun passes it on to every task
 }
 

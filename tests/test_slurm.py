@@ -230,6 +230,49 @@ def test_pretrain_on_two_nodes(uninterrupted, slurm_cluster, mlflow_server):  # 
 
 
 @pytest.mark.e2e
+def test_finetune_on_two_nodes_from_the_pretrained_run(uninterrupted, slurm_cluster, mlflow_server,  # noqa: F811
+                                                       tmp_path):
+    """``sbatch slurm/finetune.sh`` on 2 nodes x 1 rank from the two-node pretraining run dir
+    (its newest checkpoint exported on the fly): the report, and an MLflow run linked to the
+    pretraining run."""
+    import bz2
+    import csv
+    import io
+
+    import mlflow
+
+    pretrain_job, code, _ = uninterrupted.result()
+    assert code == 0, "the pretraining job failed: see test_pretrain_on_two_nodes"
+    reviews = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
+    with io.TextIOWrapper(bz2.open(reviews), encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] != "plot"][:400]
+    data = tmp_path / "reviews.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.DictWriter(f, ["text", "category"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    folder, out = str(tmp_path), str(tmp_path / "finetuned")
+    env = job_env(MODEL=uninterrupted.run_dir, OUTPUT_DIR=out, MLFLOW_TRACKING_URI=mlflow_server,
+                  FINETUNE_ARGS="--label-column category --epochs 1 --global-batch-size 16 --micro-batch-size 8 "
+                                "--max-seq-length 64 --no-log-model")
+    job = slurm_cluster.wait_job(submit(slurm_cluster, folder, "finetune.sh", *CPU_2x1, script_args=["--data", str(data)],
+                                        env=env), timeout=300)
+    output = os.path.join(folder, f"slurm-{job['JobId']}.out")
+    assert job["JobState"] == "COMPLETED", f"{job}\n{slurm_cluster.diagnostics(output)}"
+    assert f"finished: {out}/report.json" in output_of(folder, job["JobId"])
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["labels"] == ["fresh", "rotten"] and 0 <= report["test"]["accuracy"] <= 1
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("bert-pipeline").experiment_id
+    (finetuned,) = client.search_runs([experiment], filter_string=f"attributes.run_name = 'bert-finetune-{job['JobId']}'")
+    (pretrained,) = mlflow_runs(mlflow_server, pretrain_job)
+    assert finetuned.info.status == "FINISHED" and finetuned.data.tags["stage"] == "finetune"
+    assert finetuned.data.params["world_size"] == "2"
+    assert finetuned.data.tags["pretrain_run_id"] == pretrained.info.run_id
+
+
+@pytest.mark.e2e
 def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm_cluster, data_dir, model_config,  # noqa: F811
                                                                tmp_path):
     """Plain ``scancel`` sends SIGTERM to every process of the job: the ranks checkpoint, and the
