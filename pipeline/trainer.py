@@ -171,18 +171,22 @@ class Trainer:
             return checkpoint.find_latest(self.config.checkpoint_dir)
         return self.config.resume
 
+    def _check_tokenizer(self, checkpoints: str, tag: str, what: str, advice: str) -> None:
+        """A checkpoint trained on another tokenizer's ids is refused before it is loaded."""
+        meta = checkpoint.read_meta(checkpoints, tag)
+        fingerprint = self.manifest["tokenizer"]["fingerprint"]
+        if meta.get("tokenizer_fingerprint", fingerprint) != fingerprint:
+            raise ValueError(f"{what} was trained with tokenizer {meta['tokenizer_fingerprint'][:12]}… but --data "
+                             f"{self.config.data} has {fingerprint[:12]}… (manifest field tokenizer.fingerprint): "
+                             f"{advice}")
+
     def _init_weights(self, model) -> dict:
         """Phase 2: the weights of another run's checkpoint; optimizer and schedule start fresh."""
         from pipeline.export import TRAIN_CONFIG, load_weights, read_train_config, resolve
 
         run_dir, checkpoints, tag = resolve(self.config.init_from)
-        meta = checkpoint.read_meta(checkpoints, tag)
-        fingerprint = self.manifest["tokenizer"]["fingerprint"]
-        if meta.get("tokenizer_fingerprint", fingerprint) != fingerprint:
-            raise ValueError(f"--init-from {checkpoints}/{tag} was trained with tokenizer "
-                             f"{meta['tokenizer_fingerprint'][:12]}… but --data {self.config.data} has "
-                             f"{fingerprint[:12]}… (manifest field tokenizer.fingerprint): preprocess the phase-2 "
-                             "corpus with --tokenizer <phase-1 data dir>/tokenizer/spm.model")
+        self._check_tokenizer(checkpoints, tag, f"--init-from {checkpoints}/{tag}",
+                              "preprocess the phase-2 corpus with --tokenizer <phase-1 data dir>/tokenizer/spm.model")
         previous = read_train_config(run_dir) if os.path.isfile(os.path.join(run_dir, TRAIN_CONFIG)) else {}
         load_weights(model, checkpoints, tag, f"--model {self.config.model} (the checkpoint was trained with "
                                               f"--model {previous.get('model', '?')})")
@@ -193,13 +197,8 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return
-        meta = checkpoint.read_meta(self.config.checkpoint_dir, tag)
-        fingerprint = self.manifest["tokenizer"]["fingerprint"]
-        if meta.get("tokenizer_fingerprint", fingerprint) != fingerprint:
-            raise ValueError(f"{self.config.checkpoint_dir}/{tag} was trained with tokenizer "
-                             f"{meta['tokenizer_fingerprint'][:12]}… but --data {self.config.data} has "
-                             f"{fingerprint[:12]}… (manifest field tokenizer.fingerprint): use the same "
-                             "data, or a new --run-dir")
+        self._check_tokenizer(self.config.checkpoint_dir, tag, f"{self.config.checkpoint_dir}/{tag}",
+                              "use the same data, or a new --run-dir")
         state = checkpoint.load(self.engine, self.config.checkpoint_dir, tag)
         self.step = self._saved_step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
