@@ -21,6 +21,7 @@ class FinetuneConfig:
     model: str  # a Hugging Face export, or a pretrain run dir / checkpoints dir / checkpoint tag dir
     tokenizer: str | None = None  # None: the model dir's own tokenizer
     init: str = "pretrained"  # or "random": the same architecture and tokenizer, untrained (a baseline)
+    reinit_pooler: bool = False
     data: str | None = None
     train: str | None = None
     validation: str | None = None
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", help="tokenizer dir (default: the model's); refused if it does not match the model")
     m.add_argument("--init", choices=("pretrained", "random"), default=d.init,
                    help="random: same architecture and tokenizer, untrained weights (the baseline pretraining must beat)")
+    m.add_argument("--reinit-pooler", action="store_true",
+                   help="start the pooler (the [CLS] dense + tanh layer, trained on next-sentence prediction) fresh, "
+                        "as Zhang et al. 2021 do for few-sample fine-tuning")
     data = p.add_argument_group("data (csv, tsv, jsonl, parquet, optionally .gz/.bz2/.xz, or a datasets.save_to_disk dir)")
     data.add_argument("--data", help="one file or saved dataset; missing validation/test splits are split off "
                                      "train (seeded, stratified)")

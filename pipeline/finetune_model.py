@@ -100,8 +100,9 @@ def load_tokenizer(hf_dir: str, tokenizer_dir: str | None, model_config):
     return tokenizer
 
 
-def build_classifier(hf_dir: str, task: str, labels: list[str], init: str):
+def build_classifier(hf_dir: str, task: str, labels: list[str], init: str, reinit_pooler: bool = False):
     """A sequence classifier (or regressor: one output) on the pretrained encoder, or untrained."""
+    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(hf_dir)
@@ -127,5 +128,14 @@ def build_classifier(hf_dir: str, task: str, labels: list[str], init: str):
         model = AutoModelForSequenceClassification.from_pretrained(hf_dir, config=config, attn_implementation="sdpa")
     finally:
         hf_logging.set_verbosity(verbosity)
-    log.info("encoder loaded from %s; %s head initialised for %d output(s)", hf_dir, task, config.num_labels)
+    pooler = getattr(getattr(model, model.base_model_prefix, None), "pooler", None)
+    if reinit_pooler and pooler is not None:
+        # BERT's own initialisation, done by hand: transformers skips modules it loaded from a checkpoint.
+        with torch.no_grad():
+            for module in pooler.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.normal_(0.0, config.initializer_range)
+                    module.bias.zero_()
+    log.info("encoder loaded from %s; %s head initialised for %d output(s)%s", hf_dir, task, config.num_labels,
+             " and the pooler re-initialised" if reinit_pooler and pooler is not None else "")
     return model

@@ -35,6 +35,14 @@ from pipeline.trainer import ensure_distributed_env, linear_warmup_decay
 log = logging.getLogger(__name__)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @dataclasses.dataclass
 class Encoded:
     """A tokenized split: unpadded id lists, labels, and where each row came from."""
@@ -87,6 +95,10 @@ class Finetuner:
         from transformers import AutoConfig
 
         self.config = config
+        if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+            # A plain `python` run: its own free port, so that two such runs on one machine do not
+            # collide on ensure_distributed_env's default.
+            os.environ["MASTER_PORT"] = str(_free_port())
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
         deepspeed.init_distributed()
         os.makedirs(config.output_dir, exist_ok=True)
@@ -107,7 +119,7 @@ class Finetuner:
         # The tokenizer is checked against the model's config before any weight is loaded.
         self.tokenizer = load_tokenizer(self.hf_dir, config.tokenizer, AutoConfig.from_pretrained(self.hf_dir))
         torch.manual_seed(config.seed)  # the classifier head (and, with --init random, every weight)
-        model = build_classifier(self.hf_dir, self.task, self.data.labels, config.init)
+        model = build_classifier(self.hf_dir, self.task, self.data.labels, config.init, config.reinit_pooler)
         self.max_length = self._max_length(model.config)
         self.splits = {name: encode(self.tokenizer, examples, self.max_length)
                        for name, examples in self.data.splits.items()}

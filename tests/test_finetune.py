@@ -246,6 +246,25 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(pretrained, tmp_path):
         load_tokenizer(hf_dir, None, config)
 
 
+def test_pretrained_encoder_fresh_head_and_optionally_fresh_pooler(pretrained, tmp_path):
+    from transformers import AutoModelForPreTraining
+
+    from pipeline.finetune_model import build_classifier
+
+    hf_dir = export.export_checkpoint(pretrained, out_dir=str(tmp_path / "hf"))
+    source = AutoModelForPreTraining.from_pretrained(hf_dir).state_dict()
+    for reinit in (False, True):
+        torch.manual_seed(0)
+        model = build_classifier(hf_dir, "classification", ["a", "b"], "pretrained", reinit_pooler=reinit)
+        weights = model.state_dict()
+        encoder = [k for k in weights if k.startswith("bert.") and ".pooler." not in k]
+        assert encoder and all(torch.equal(weights[k], source[k]) for k in encoder)
+        assert torch.equal(weights["bert.pooler.dense.weight"], source["bert.pooler.dense.weight"]) != reinit
+        assert weights["classifier.weight"].shape == (2, model.config.hidden_size)
+    random = build_classifier(hf_dir, "classification", ["a", "b"], "random").state_dict()
+    assert not torch.equal(random["bert.embeddings.word_embeddings.weight"], source["bert.embeddings.word_embeddings.weight"])
+
+
 def _clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(extra)
