@@ -142,3 +142,18 @@ finish_or_requeue() {
   scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed: resubmit with the same RUN_DIR to continue"
   exit 3
 }
+
+# Before the ranks start: one rank per GPU (ranks per node = --ntasks-per-node, sets
+# RANKS_PER_NODE), the interpreter, the rendezvous address, stale build locks, NCCL's logging.
+prepare_ranks() {
+  local gpus=${SLURM_GPUS_PER_NODE:-0}
+  gpus=${gpus##*:} # "a100:8" -> 8
+  RANKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))}
+  if ((gpus > 0 && gpus != RANKS_PER_NODE)); then
+    die "--gpus-per-node=$gpus but --ntasks-per-node=$RANKS_PER_NODE: one rank per GPU, set both to the same number"
+  fi
+  setup_python
+  set_master
+  warn_stale_build_locks
+  export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+}

@@ -58,23 +58,14 @@ find_repo
 if [[ -n "${DS_CONFIG:-}" && ! -f "$DS_CONFIG" ]]; then
   die "DS_CONFIG=$DS_CONFIG does not exist (see ds_configs/)"
 fi
-gpus=${SLURM_GPUS_PER_NODE:-0}
-gpus=${gpus##*:} # "a100:8" -> 8
-ranks_per_node=${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))}
-if ((gpus > 0 && gpus != ranks_per_node)); then
-  die "--gpus-per-node=$gpus but --ntasks-per-node=$ranks_per_node: one rank per GPU, set both to the same number"
-fi
-setup_python
-set_master
-warn_stale_build_locks
-export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+prepare_ranks
 
 args=(--model "$MODEL" --output-dir "$OUTPUT_DIR" --run-name "${RUN_NAME:-$SLURM_JOB_NAME-$SLURM_JOB_ID}")
 [[ -z "${DS_CONFIG:-}" ]] || args+=(--ds-config "$DS_CONFIG")
 read -r -a finetune_args <<<"${FINETUNE_ARGS:-}"
 args+=("${finetune_args[@]}" "$@")
 
-log "nodes $SLURM_JOB_NODELIST, $ranks_per_node ranks per node, world size $SLURM_NTASKS," \
+log "nodes $SLURM_JOB_NODELIST, $RANKS_PER_NODE ranks per node, world size $SLURM_NTASKS," \
   "master $MASTER_ADDR:$MASTER_PORT, model $MODEL, output $OUTPUT_DIR"
 
 # ---- the ranks ------------------------------------------------------------------------------

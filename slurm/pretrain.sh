@@ -82,16 +82,7 @@ fi
 if [[ -n "${INIT_FROM:-}" && ! -e "$INIT_FROM" ]]; then
   die "INIT_FROM=$INIT_FROM does not exist: set it to the phase-1 RUN_DIR"
 fi
-gpus=${SLURM_GPUS_PER_NODE:-0}
-gpus=${gpus##*:} # "a100:8" -> 8
-ranks_per_node=${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))}
-if ((gpus > 0 && gpus != ranks_per_node)); then
-  die "--gpus-per-node=$gpus but --ntasks-per-node=$ranks_per_node: one rank per GPU, set both to the same number"
-fi
-setup_python
-set_master
-warn_stale_build_locks
-export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+prepare_ranks
 
 args=(--data "$DATA_DIR" --run-dir "$RUN_DIR" --run-name "${RUN_NAME:-$SLURM_JOB_NAME-$SLURM_JOB_ID}")
 [[ -z "${MODEL:-}" ]] || args+=(--model "$MODEL")
@@ -101,7 +92,7 @@ args=(--data "$DATA_DIR" --run-dir "$RUN_DIR" --run-name "${RUN_NAME:-$SLURM_JOB
 read -r -a train_args <<<"${TRAIN_ARGS:-}"
 args+=("${train_args[@]}" "$@")
 
-log "nodes $SLURM_JOB_NODELIST, $ranks_per_node ranks per node, world size $SLURM_NTASKS," \
+log "nodes $SLURM_JOB_NODELIST, $RANKS_PER_NODE ranks per node, world size $SLURM_NTASKS," \
   "master $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
 
 # ---- the ranks ------------------------------------------------------------------------------
