@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         seconds[f"finetune ({init})"] = run_stage(f"finetune-{init}", [
             os.path.join(REPO, "pipeline", "finetune.py"), "--model", run, "--init", init, "--train", task["train"],
             "--validation", task["validation"], "--test", task["test"], "--max-seq-length", "64",
-            "--epochs", str(args.finetune_epochs), "--patience", "3",
+            "--epochs", str(args.finetune_epochs), "--patience", "3", "--reinit-pooler",
             "--learning-rate", str(args.finetune_learning_rate), "--seed", str(args.seed), "--output-dir", out,
             *mlflow_flags, "--run-name", f"demo-{init}"], logs)
         accuracy[init] = json.load(open(os.path.join(out, "report.json")))["test"]["accuracy"]
