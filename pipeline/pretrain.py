@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 pipeline/pretrain.py --data … --model base \
         --ds-config ds_configs/gpu_base_bf16_zero2_fused-adam.json --global-batch-size 4096
 
-Exit code 0 when --steps are done (rank 0 then exports the last checkpoint in Hugging Face
+Exit code 2 with one line naming the flag, file or field for a bad data dir, DeepSpeed config,
+model or checkpoint; 0 when --steps are done (rank 0 then exports the last checkpoint in Hugging Face
 format to RUN_DIR/hf/<tag>, see pipeline/export.py); 3 when a stop signal (SIGTERM/SIGUSR1) was honoured
 with a checkpoint, so a scheduler can requeue the job and --resume auto continues it.
 """
@@ -16,16 +17,25 @@ import sys
 if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline.export import export_checkpoint, write_train_config  # noqa: E402
+from pipeline.data import DataDirError  # noqa: E402
+from pipeline.ds_config import DsConfigError  # noqa: E402
+from pipeline.export import ExportError, export_checkpoint, write_train_config  # noqa: E402
+from pipeline.model import ModelConfigError  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 from pipeline.train_config import parse_args  # noqa: E402
 from pipeline.trainer import Trainer  # noqa: E402
+
+USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except USER_ERRORS as err:  # a bad flag, data dir or checkpoint: one line that names it, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     tracker = None
     if config.mlflow and trainer.is_rank0:
         tags = {"data_run_id": str(trainer.manifest.get("data_run_id"))}

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import checkpoint
-from pipeline.data import (BatchSampler, PretrainingDataset, PretrainingLoader, eval_batches, read_manifest,
-                           training_rows)
+from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
+                           read_manifest, training_rows)
 from pipeline.ds_config import inject, load_ds_config, plan_batches
 from pipeline.model import FlopCounter, build_model, model_config
 from pipeline.train_config import TrainConfig
@@ -149,7 +149,7 @@ class Trainer:
         self.eval_rows = eval_batches(self.dataset.lengths, self.train_rows, config.micro_batch_size, self.rank,
                                       self.world_size, config.eval_batches, config.seed)
         if self.eval_shards and len(self.eval_rows) == 0:
-            raise ValueError(f"--eval-shards {self.eval_shards}: the held-out rows are fewer than one micro-batch "
+            raise DataDirError(f"--eval-shards {self.eval_shards}: the held-out rows are fewer than one micro-batch "
                              f"({config.micro_batch_size}) per process")
         self.step = 0
         self.flops = FlopCounter.for_config(self.model_config)
@@ -176,7 +176,7 @@ class Trainer:
         meta = checkpoint.read_meta(checkpoints, tag)
         fingerprint = self.manifest["tokenizer"]["fingerprint"]
         if meta.get("tokenizer_fingerprint", fingerprint) != fingerprint:
-            raise ValueError(f"{what} was trained with tokenizer {meta['tokenizer_fingerprint'][:12]}… but --data "
+            raise DataDirError(f"{what} was trained with tokenizer {meta['tokenizer_fingerprint'][:12]}… but --data "
                              f"{self.config.data} has {fingerprint[:12]}… (manifest field tokenizer.fingerprint): "
                              f"{advice}")
 

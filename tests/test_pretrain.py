@@ -304,6 +304,21 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(data_dir, tmp
     assert not os.path.exists(os.path.join(directory, "step00000002"))  # pruned: keep 2 (4 and 6)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/data"], "error: data dir /nonexistent/data does not exist"),
+    (["--ds-config", "ds_configs/missing.json"], "error: --ds-config ds_configs/missing.json: no such file"),
+    (["--global-batch-size", "12"], "error: --global-batch-size 12 is not divisible by --micro-batch-size 8"),
+    (["--model", "huge"], "error: --model 'huge': not a preset"),
+])
+def test_bad_settings_fail_with_one_line(data_dir, tmp_path, args, message):
+    base = {"--data": data_dir, "--run-dir": str(tmp_path / "run"), "--no-mlflow": None}
+    argv = [a for k, v in base.items() if k not in args for a in ([k] if v is None else [k, v])] + args
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "pretrain.py"), *argv], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_resuming_with_another_tokenizer_is_refused(data_dir, tmp_path, tmp_path_factory):
     losses_of(Trainer(config(data_dir, tmp_path, steps=2)))
     other = str(tmp_path_factory.mktemp("other") / "data")
