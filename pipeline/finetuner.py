@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -246,8 +247,9 @@ class Finetuner:
         leaves the best epoch's weights in the model and returns that epoch."""
         from tqdm import tqdm
 
-        progress = tqdm(total=self.total_steps, desc="fine-tuning", unit="step", disable=not self.is_rank0,
-                        dynamic_ncols=True, mininterval=1.0)
+        # A bar on a terminal; in a batch log (SLURM, a file) the per-epoch lines are the progress.
+        progress = tqdm(total=self.total_steps, desc="fine-tuning", unit="step",
+                        disable=not (self.is_rank0 and sys.stderr.isatty()), dynamic_ncols=True, mininterval=1.0)
         stale = 0
         try:
             for epoch in range(1, self.config.epochs + 1):
