@@ -27,7 +27,6 @@ import csv
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,16 +35,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.side_by_side import run_worker, summarize  # noqa: E402
+
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
 REVIEWS = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
 RESULT = "FINETUNE_CPU_RESULT "
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(args, root: str) -> None:
@@ -86,13 +82,6 @@ def prepare(args, root: str) -> None:
     args.files = root
 
 
-def summarize(stamps: list[float], tokens: list[int], warmup: int, batch: int) -> dict:
-    """stamps[k] = end of step k+1, tokens[k] = its real tokens; steps 1..warmup are not timed."""
-    timed = len(stamps) - warmup
-    seconds = stamps[-1] - stamps[warmup - 1]
-    durations = sorted(b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:]))
-    return {"timed_steps": timed, "seconds": seconds, "sequences_per_s": timed * batch / seconds,
-            "tokens_per_s": sum(tokens[warmup:]) / seconds, "median_step_s": durations[len(durations) // 2]}
 
 
 # ---------------------------------------------------------------------------- ours
@@ -187,24 +176,11 @@ def run_hf(args) -> dict:
 
 # ---------------------------------------------------------------------------- driver
 def launch(side: str, args) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    if side == "ours":  # a 1-process world for DeepSpeed, on a free port
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model-dir", args.model_dir,
            "--files", args.files, "--ds-config", args.ds_config, *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
                "steps", "warmup", "batch_size", "threads", "learning_rate", "lr_warmup", "weight_decay",
                "grad_clip", "seed", "max_seq_length")]]
-    print(f"[{side}] running {args.steps} steps ...", flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-        raise SystemExit(f"[{side}] worker failed with exit code {proc.returncode}")
-    result = json.loads(lines[-1][len(RESULT):])
-    result["process_s"] = time.perf_counter() - started
-    return result
+    return run_worker(side, cmd, RESULT, args.threads, args.steps)
 
 
 def main(argv=None) -> int:

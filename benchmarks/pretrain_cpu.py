@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,9 +36,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.side_by_side import run_worker, summarize  # noqa: E402
+
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
 RESULT = "PRETRAIN_CPU_RESULT "
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def make_data_dir(output: str) -> None:
@@ -49,20 +49,8 @@ def make_data_dir(output: str) -> None:
                    check=True, cwd=REPO, stdout=subprocess.DEVNULL)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def summarize(stamps: list[float], tokens: list[int], warmup: int, batch: int) -> dict:
-    """stamps[k] = end of step k+1, tokens[k] = its real tokens; steps 1..warmup are not timed."""
-    timed = len(stamps) - warmup
-    seconds = stamps[-1] - stamps[warmup - 1]
-    real = sum(tokens[warmup:])
-    durations = sorted(b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:]))
-    return {"timed_steps": timed, "seconds": seconds, "real_tokens": real, "tokens_per_s": real / seconds,
-            "sequences_per_s": timed * batch / seconds, "median_step_s": durations[len(durations) // 2]}
 
 
 # ---------------------------------------------------------------------------- ours
@@ -191,22 +179,7 @@ def worker_cmd(side: str, args) -> list[str]:
 
 
 def launch(side: str, args) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env["OMP_NUM_THREADS"] = str(args.threads)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if side == "ours":  # a 1-process world for DeepSpeed (ensure_distributed_env), on a free port
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    print(f"[{side}] running {args.steps} steps ...", flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(worker_cmd(side, args), cwd=REPO, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-        raise SystemExit(f"[{side}] worker failed with exit code {proc.returncode}")
-    result = json.loads(lines[-1][len(RESULT):])
-    result["process_s"] = time.perf_counter() - started
-    return result
+    return run_worker(side, worker_cmd(side, args), RESULT, args.threads, args.steps)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,40 @@
+"""What the CPU benchmarks share: each side runs in its own fresh process and is timed the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Launcher variables are dropped: a plain process is a 1-process world on a free port.
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def summarize(stamps: list[float], tokens: list[int], warmup: int, batch: int) -> dict:
+    """stamps[k] = end of step k+1, tokens[k] = its real tokens; steps 1..warmup are not timed."""
+    timed = len(stamps) - warmup
+    seconds = stamps[-1] - stamps[warmup - 1]
+    real = sum(tokens[warmup:])
+    durations = sorted(b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:]))
+    return {"timed_steps": timed, "seconds": seconds, "real_tokens": real, "tokens_per_s": real / seconds,
+            "sequences_per_s": timed * batch / seconds, "median_step_s": durations[len(durations) // 2]}
+
+
+def run_worker(side: str, cmd: list[str], result_prefix: str, threads: int, steps: int) -> dict:
+    """Runs one side's worker process; the JSON it printed after ``result_prefix``, plus its wall time."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(f"[{side}] running {steps} steps ...", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(result_prefix)]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+        raise SystemExit(f"[{side}] worker failed with exit code {proc.returncode}")
+    result = json.loads(lines[-1][len(result_prefix):])
+    result["process_s"] = time.perf_counter() - started
+    return result
