@@ -93,6 +93,22 @@ def _check_complete(data: dict, counters: dict[str, int]) -> None:
                                 f"(counters: {counters})")
 
 
+# Google's recipe makes B a random span ~50% of the time, and always when a chunk holds a
+# single sentence (no A/B split point): far above half means most sentences fill the target
+# length alone, and NSP degenerates into "is there a second sentence at all".
+LOPSIDED_RANDOM_NEXT = 0.6
+
+
+def random_next_warning(counters: dict[str, int], max_seq_length: int) -> str | None:
+    """A hint when the NSP labels are lopsided, naming the flag that fixes it."""
+    share = counters.get("random-next", 0) / max(counters.get("instances", 0), 1)
+    if share <= LOPSIDED_RANDOM_NEXT:
+        return None
+    return (f"warning: {share:.0%} of examples have a random next segment (the recipe aims at 50%): most "
+            f"sentences fill --max-seq-length {max_seq_length} on their own, so a chunk has one sentence and "
+            "no true continuation to pair it with; a larger --max-seq-length gives NSP balanced labels")
+
+
 def format_summary(summary: Summary) -> str:
     c = summary.counters
     m = summary.manifest
@@ -114,6 +130,9 @@ def format_summary(summary: Summary) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {v:>,}" if isinstance(v, int) else f"  {k:<{width}}  {v:>}" for k, v in rows]
+    warning = random_next_warning(c, m["max_seq_length"])
+    if warning:
+        lines.append(warning)
     lines.append(f"\nWrote {m['num_examples']:,} examples to {summary.output}")
     lines.append(f"  manifest:  {summary.manifest_path}")
     lines.append(f"  tokenizer: {FileSystems.join(summary.output, 'tokenizer')}")

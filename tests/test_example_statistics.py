@@ -644,3 +644,17 @@ def test_whole_word_masking_needs_the_word_start_table(corpus):
     bare = ex.VocabInfo(vocab.vocab_size, CLS, SEP, MASK, vocab.special_ids)
     with pytest.raises(ValueError, match="--whole-word-mask"):
         ex.create_instances(docs[:3], 0, SEED, ex.ExampleConfig(whole_word_mask=True), bare)
+
+
+def test_short_max_seq_length_makes_nsp_lopsided_and_the_summary_says_so(corpus, plain):
+    from preprocessing.driver import random_next_warning
+
+    docs, vocab = corpus
+    short = passes(docs[:300], vocab, ex.ExampleConfig(max_seq_length=32), dupes=1)
+    counters = {"instances": len(short), "random-next": int(short.next_sentence_labels.sum())}
+    # Austen's sentences mostly fill a 29-token target alone: one-sentence chunks, forced random B.
+    assert counters["random-next"] / counters["instances"] > 0.65
+    warning = random_next_warning(counters, 32)
+    assert warning and "--max-seq-length 32" in warning and "%" in warning
+    balanced = {"instances": len(plain), "random-next": int(plain.next_sentence_labels.sum())}
+    assert random_next_warning(balanced, 128) is None
