@@ -90,6 +90,21 @@ class EpochResult:
     sequences: int
 
 
+def untrained_positions_warning(max_length: int, tokenizer, init: str) -> str | None:
+    """Says so when fine-tuning reaches positions pretraining never saw.
+
+    The tokenizer written by preprocessing keeps the pretraining sequence length as its
+    ``model_max_length``: position embeddings beyond it are still as initialised, so an
+    example that long meets the encoder half untrained.
+    """
+    pretrained = getattr(tokenizer, "model_max_length", None)
+    if init != "pretrained" or not pretrained or pretrained >= 1e9 or max_length <= pretrained:
+        return None
+    return (f"--max-seq-length {max_length} is longer than the {pretrained} tokens the model was pretrained on: "
+            f"position embeddings {pretrained}..{max_length - 1} were never trained. Pretrain at "
+            f"--max-seq-length {max_length} (or phase 2 with --init-from), or fine-tune at {pretrained}")
+
+
 class Finetuner:
     def __init__(self, config: FinetuneConfig):
         import deepspeed
@@ -160,6 +175,9 @@ class Finetuner:
         if self.config.max_seq_length > limit:
             raise FinetuneConfigError(f"--max-seq-length {self.config.max_seq_length} exceeds the model's "
                                 f"max_position_embeddings {limit}")
+        warning = untrained_positions_warning(self.config.max_seq_length, self.tokenizer, self.config.init)
+        if warning and self.is_rank0:
+            log.warning(warning)
         return self.config.max_seq_length
 
     # ------------------------------------------------------------------ training

@@ -122,7 +122,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="data dir, run dir, fine-tuned models and logs go here")
     p.add_argument("--vocab-size", type=int, default=2000)
-    p.add_argument("--max-seq-length", type=int, default=32, help="pretraining sequence length")
+    p.add_argument("--max-seq-length", type=int, default=64,
+                   help="sequence length of pretraining and fine-tuning alike (half the reviews are longer than "
+                        "32 tokens; positions past the pretraining length would start fine-tuning untrained)")
     p.add_argument("--model", default="tiny", help="model preset (see pipeline/model.py)")
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--pretrain-batch-size", type=int, default=64)
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
         out = os.path.join(work, f"finetune-{init}")
         seconds[f"finetune ({init})"] = run_stage(f"finetune-{init}", [
             os.path.join(REPO, "pipeline", "finetune.py"), "--model", run, "--init", init, "--train", task["train"],
-            "--validation", task["validation"], "--test", task["test"], "--max-seq-length", "64",
+            "--validation", task["validation"], "--test", task["test"], "--max-seq-length", str(args.max_seq_length),
             "--epochs", str(args.finetune_epochs), "--patience", "3", "--reinit-pooler",
             "--learning-rate", str(args.finetune_learning_rate), "--seed", str(args.seed), "--output-dir", out,
             *mlflow_flags, "--run-name", f"demo-{init}"], logs)

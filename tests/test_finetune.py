@@ -246,6 +246,20 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(pretrained, tmp_path):
         load_tokenizer(hf_dir, None, config)
 
 
+def test_fine_tuning_past_the_pretrained_length_is_flagged(pretrained, tmp_path):
+    from transformers import AutoConfig
+
+    from pipeline.finetuner import untrained_positions_warning
+
+    hf_dir = export.export_checkpoint(pretrained, out_dir=str(tmp_path / "hf"))
+    tokenizer = load_tokenizer(hf_dir, None, AutoConfig.from_pretrained(hf_dir))
+    assert tokenizer.model_max_length == 64  # the pretraining data's --max-seq-length
+    warning = untrained_positions_warning(128, tokenizer, "pretrained")
+    assert "--max-seq-length 128" in warning and "position embeddings 64..127 were never trained" in warning
+    assert untrained_positions_warning(64, tokenizer, "pretrained") is None
+    assert untrained_positions_warning(128, tokenizer, "random") is None  # nothing was trained anyway
+
+
 def test_pretrained_encoder_fresh_head_and_optionally_fresh_pooler(pretrained, tmp_path):
     from transformers import AutoModelForPreTraining
 
