@@ -34,8 +34,14 @@ LABELLED, FINETUNE_EPOCHS, FINETUNE_LR, MARGIN = 2000, 6, 1e-3, 0.03
 # random initialisation. Test accuracy, pretrained vs random: 2,000 labels 0.663 vs 0.665 (0.646 without
 # --reinit-pooler); with 400 steps of pretraining at seq 64, vocab 8000 (MLM accuracy 0.07): all 10,246
 # labels 0.739 vs 0.745, 1,000 labels 0.614 vs 0.677.
-# A few CPU-minutes of MLM leave the tiny encoder a worse start than random weights. The test stays as
-# the harness for the next attempt (more pretraining compute, or a larger model), skipped until then.
+# A few CPU-minutes of MLM leave the tiny encoder a worse start than random weights. Why, as measured:
+# a linear probe on the frozen features gives 0.58-0.59 for the pretrained encoder and 0.57-0.58 for
+# random weights (bag-of-words logistic regression on the same 1,000 labels: 0.66), so the features hold
+# no sentiment yet; a stock BertForPreTraining in a plain PyTorch loop learns no faster (MLM accuracy
+# 0.140 after the same 1,500 steps); hidden 128 with dropout 0 (0.21), seq 64 / vocab 4000 and the
+# reviews alone did not turn the fine-tuned comparison either. The test stays as the harness for the
+# next attempt (about 10x the pretraining compute, or a task closer to MLM/NSP such as "same film?"),
+# skipped until then.
 NOT_YET = ("pretraining that fits CI time does not yet beat random init on this task (measured: see the "
            "comment above); kept as the harness")
 
