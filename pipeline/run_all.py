@@ -1,6 +1,6 @@
 """The whole pipeline on the bundled real samples: preprocess -> pretrain -> fine-tune, then a summary.
 
-    python pipeline/run_all.py                      # ~10 minutes on 2 CPU cores
+    python pipeline/run_all.py                      # ~8.5 minutes on 2 idle CPU cores
     python pipeline/run_all.py --workdir runs/demo --pretrain-steps 3000
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python pipeline/run_all.py
 
