@@ -53,6 +53,8 @@ def test_three_stages_run_end_to_end_and_their_runs_are_linked(mlflow_server, tm
                  "[finetune-pretrained] $ python pipeline/finetune.py", "Pretraining:   held-out MLM accuracy",
                  "Fine-tuning:   Rotten Tomatoes test accuracy", f"See them:      open {mlflow_server}"):
         assert line in out, out
+    # The demo fine-tunes at the length it pretrained at: no position starts untrained.
+    assert "were never trained" not in (work / "logs" / "finetune-pretrained.log").read_text()
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("lineage").experiment_id
