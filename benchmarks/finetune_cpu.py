@@ -35,7 +35,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.side_by_side import run_worker, summarize  # noqa: E402
+from benchmarks.side_by_side import run_worker, summarize, timed_hf_trainer  # noqa: E402
 
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
 REVIEWS = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
@@ -130,8 +130,8 @@ def run_hf(args) -> dict:
 
     torch.set_num_threads(args.threads)
     import transformers
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              TrainingArguments)
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -144,18 +144,6 @@ def run_hf(args) -> dict:
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(args.model_dir, num_labels=len(labels),
                                                                attn_implementation="sdpa")
-    tokens: list[int] = []
-    stamps: list[float] = []
-
-    class CountingTrainer(Trainer):
-        def training_step(self, model, inputs, *rest, **kw):
-            tokens.append(int(inputs["attention_mask"].sum()))
-            return super().training_step(model, inputs, *rest, **kw)
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, targs, state, control, **kw):
-            stamps.append(time.perf_counter())
-
     with tempfile.TemporaryDirectory(prefix="finetune_cpu_hf_") as out:
         targs = TrainingArguments(
             output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
@@ -163,8 +151,9 @@ def run_hf(args) -> dict:
             warmup_steps=args.lr_warmup, lr_scheduler_type="linear", adam_epsilon=1e-6, seed=args.seed,
             use_cpu=True, eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
             disable_tqdm=True, dataloader_num_workers=0)
-        trainer = CountingTrainer(model=model, args=targs, train_dataset=train, callbacks=[Timer()],
-                                  data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
+        trainer, tokens, stamps = timed_hf_trainer(
+            model=model, args=targs, train_dataset=train,
+            data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
         trainer.train()
         optimizer = type(trainer.optimizer).__name__
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)

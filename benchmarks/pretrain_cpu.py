@@ -36,7 +36,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.side_by_side import run_worker, summarize  # noqa: E402
+from benchmarks.side_by_side import run_worker, summarize, timed_hf_trainer  # noqa: E402
 
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
 RESULT = "PRETRAIN_CPU_RESULT "
@@ -98,8 +98,8 @@ def run_hf(args) -> dict:
     torch.set_num_threads(args.threads)
     import datasets
     import transformers
-    from transformers import (AutoTokenizer, BertForPreTraining, DataCollatorForLanguageModeling, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (AutoTokenizer, BertForPreTraining, DataCollatorForLanguageModeling,
+                              TrainingArguments)
 
     from pipeline.data import read_manifest
     from pipeline.model import model_config
@@ -131,18 +131,6 @@ def run_hf(args) -> dict:
     config._attn_implementation = "sdpa"
     model = BertForPreTraining(config)
 
-    tokens: list[int] = []
-    stamps: list[float] = []
-
-    class CountingTrainer(Trainer):
-        def training_step(self, model, inputs, *rest, **kw):
-            tokens.append(int(inputs["attention_mask"].sum()))
-            return super().training_step(model, inputs, *rest, **kw)
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, targs, state, control, **kw):
-            stamps.append(time.perf_counter())
-
     with tempfile.TemporaryDirectory(prefix="pretrain_cpu_hf_") as out:
         targs = TrainingArguments(
             output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
@@ -151,8 +139,8 @@ def run_hf(args) -> dict:
             lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed, use_cpu=True,
             eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
             disable_tqdm=True, dataloader_num_workers=0, dataloader_drop_last=True)
-        trainer = CountingTrainer(model=model, args=targs, train_dataset=train, data_collator=collator,
-                                  callbacks=[Timer()])
+        trainer, tokens, stamps = timed_hf_trainer(model=model, args=targs, train_dataset=train,
+                                                   data_collator=collator)
         trainer.train()
         optimizer = type(trainer.optimizer).__name__
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)

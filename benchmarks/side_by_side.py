@@ -23,6 +23,28 @@ def summarize(stamps: list[float], tokens: list[int], warmup: int, batch: int) -
             "sequences_per_s": timed * batch / seconds, "median_step_s": durations[len(durations) // 2]}
 
 
+def timed_hf_trainer(**trainer_kwargs):
+    """A Hugging Face ``Trainer`` that records each step's real tokens and end time, for ``summarize``.
+
+    Returns ``(trainer, tokens, stamps)``; the lists fill as ``trainer.train()`` runs.
+    """
+    from transformers import Trainer, TrainerCallback
+
+    tokens: list[int] = []
+    stamps: list[float] = []
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, *rest, **kw):
+            tokens.append(int(inputs["attention_mask"].sum()))
+            return super().training_step(model, inputs, *rest, **kw)
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    return CountingTrainer(callbacks=[Timer()], **trainer_kwargs), tokens, stamps
+
+
 def run_worker(side: str, cmd: list[str], result_prefix: str, threads: int, steps: int) -> dict:
     """Runs one side's worker process; the JSON it printed after ``result_prefix``, plus its wall time."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
