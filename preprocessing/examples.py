@@ -405,6 +405,55 @@ class SegmentPlan:
     keys: np.ndarray            # uint64 [n]
     stats: ExampleStats
 
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    # Pickled form: what the pipeline ships from planning to masking, in place of the
+    # masked instances (dupe_factor copies of every token, ~2.5x the bytes of the plan).
+    # Ids fit uint16 for vocabularies under 65,536; spans fit int32 in any bucket.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if len(self.tokens) and self.tokens.max() <= 0xFFFF:
+            state["tokens"] = self.tokens.astype(np.uint16)
+        for name in ("a_start", "a_end", "b_start", "b_end", "document", "b_document"):
+            state[name] = state[name].astype(np.int32)
+        return state
+
+    def __setstate__(self, state):
+        state["tokens"] = state["tokens"].astype(np.int32, copy=False)
+        for name in ("a_start", "a_end", "b_start", "b_end", "document", "b_document"):
+            state[name] = state[name].astype(np.int64)
+        self.__dict__.update(state)
+
+    def take(self, rows) -> SegmentPlan:
+        """The instances ``rows``, in that order, over the same tokens (``stats`` describe
+        the whole plan: not carried)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return SegmentPlan(
+            tokens=self.tokens, a_start=self.a_start[rows], a_end=self.a_end[rows],
+            b_start=self.b_start[rows], b_end=self.b_end[rows], is_random_next=self.is_random_next[rows],
+            num_segments=self.num_segments[rows], document=self.document[rows],
+            b_document=self.b_document[rows], keys=self.keys[rows], stats=ExampleStats())
+
+    @staticmethod
+    def concat(plans: Sequence[SegmentPlan]) -> SegmentPlan:
+        """The plans of one bucket (its duplicate passes) as one: they share ``tokens``."""
+        plans = list(plans)
+        if any(len(p.tokens) != len(plans[0].tokens) for p in plans):
+            raise ValueError("SegmentPlan.concat: the plans index different buckets' tokens")
+        stats = ExampleStats()
+        for plan in plans:
+            stats = stats + plan.stats
+        return SegmentPlan(tokens=plans[0].tokens, stats=stats, **{
+            name: np.concatenate([getattr(p, name) for p in plans])
+            for name in ("a_start", "a_end", "b_start", "b_end", "is_random_next", "num_segments",
+                         "document", "b_document", "keys")})
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the instances, [CLS] and both [SEP] included."""
+        return int((self.a_end - self.a_start).sum() + (self.b_end - self.b_start).sum()) + 3 * len(self)
+
 
 class Bucket:
     """The documents of one bucket, prepared once for all duplicate passes: every
@@ -606,14 +655,26 @@ def create_instances(documents: Sequence[Document] | Bucket, dupe_index: int, se
     outputs concatenate to the whole bucket's output. Passing a :class:`Bucket` instead
     of the list saves preparing it again for every duplicate pass (~13% of the time).
     """
+    bucket = documents if isinstance(documents, Bucket) else Bucket(documents)
+    check_vocabulary(bucket, config, vocab)
+    return mask_instances(plan_segments(bucket, dupe_index, seed, config, targets), config, vocab)
+
+
+def check_vocabulary(bucket: Bucket, config: ExampleConfig, vocab: VocabInfo) -> None:
+    """Refuses documents tokenized with another model, and whole-word masking without
+    the word-start table, before any instance is made."""
     if config.whole_word_mask and vocab.word_start is None:
         raise ValueError("--whole-word-mask needs VocabInfo.word_start (the word-start table)")
-    bucket = documents if isinstance(documents, Bucket) else Bucket(documents)
     low, high = bucket.id_range
     if low < 0 or high >= vocab.vocab_size:
         raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary (size "
                          f"{vocab.vocab_size}): the documents were tokenized with another model")
-    plan = plan_segments(bucket, dupe_index, seed, config, targets)
+
+
+def mask_instances(plan: SegmentPlan, config: ExampleConfig, vocab: VocabInfo) -> InstanceBatch:
+    """The planned instances, assembled as [CLS] A [SEP] B [SEP] and masked. Every random
+    draw is keyed by the instance's key, so a subset of a plan masks exactly as it does
+    within the whole plan."""
     n = len(plan.keys)
     if n == 0:
         batch = InstanceBatch.empty()

@@ -254,44 +254,120 @@ class TokenizeDocuments(beam.PTransform):
 
 
 # ---------------------------------------------------------------------------- examples
-class _CreateInstancesFn(beam.DoFn):
+def _example_config(config: PreprocessConfig) -> examples.ExampleConfig:
+    return examples.ExampleConfig(
+        max_seq_length=config.max_seq_length, short_seq_prob=config.short_seq_prob,
+        masked_lm_prob=config.masked_lm_prob, max_predictions_per_seq=config.max_predictions_per_seq,
+        whole_word_mask=config.whole_word_mask)
+
+
+class _PlanInstancesFn(beam.DoFn):
+    """(bucket, documents) → (bucket, SegmentPlan of every duplicate pass): where each
+    instance's A and B come from, not yet assembled or masked."""
+
     def __init__(self, config: PreprocessConfig):
         self.config = config
-        self.example_config = examples.ExampleConfig(
-            max_seq_length=config.max_seq_length, short_seq_prob=config.short_seq_prob,
-            masked_lm_prob=config.masked_lm_prob,
-            max_predictions_per_seq=config.max_predictions_per_seq,
-            whole_word_mask=config.whole_word_mask)
-
-    def setup(self):
-        self.progress = _Throttled("examples")
+        self.example_config = _example_config(config)
 
     def process(self, bucket_docs, proto: bytes):
         bucket, docs = bucket_docs
         _, vocab_info = load_model(proto)
         # The bucket's order must not depend on which worker grouped it.
         prepared = examples.Bucket([d.to_document() for d in sorted(docs, key=lambda d: d.key)])
-        batch = examples.InstanceBatch.concat([
-            examples.create_instances(prepared, dupe, self.config.seed, self.example_config, vocab_info)
+        examples.check_vocabulary(prepared, self.example_config, vocab_info)
+        plan = examples.SegmentPlan.concat([
+            examples.plan_segments(prepared, dupe, self.config.seed, self.example_config)
             for dupe in range(self.config.dupe_factor)])
-        stats = batch.stats
-        counter("instances").inc(len(batch))
+        counter("instances").inc(len(plan))
+        counter("instance-tokens").inc(plan.num_tokens)
+        counter("random-next").inc(int(plan.is_random_next.sum()))
+        counter("short-target-document-passes").inc(plan.stats.short_target_documents)
+        if plan.stats.skipped_single_document:
+            counter("skipped-instances-single-document-bucket").inc(plan.stats.skipped_single_document)
+        yield bucket, plan
+
+
+def shard_layout(counts: dict[int, int], config: PreprocessConfig) -> tuple[dict[int, int], int, int]:
+    """Each bucket's first global instance index (buckets in key order), the number of
+    instances and the number of shards."""
+    offsets, total = {}, 0
+    for bucket in sorted(counts):
+        offsets[bucket] = total
+        total += counts[bucket]
+    num_shards = config.num_shards or max(1, math.ceil(total / config.rows_per_shard))
+    return offsets, total, num_shards
+
+
+def shard_of(global_index: np.ndarray, total: int, num_shards: int) -> np.ndarray:
+    """Shard s holds the global indices i with i * num_shards // total == s: contiguous
+    ranges whose sizes differ by at most one, so no rank runs out before the others."""
+    return global_index * num_shards // max(total, 1)
+
+
+class _SplitToShardsFn(beam.DoFn):
+    """A bucket's plan, cut where shard boundaries fall: a bucket goes to one shard, or
+    to two where a boundary crosses it. Its tokens travel with each part, so a shard's
+    instances are assembled where the shard is written, and only the plan (about a
+    fifth of the masked instances' bytes) crosses the shuffle."""
+
+    def __init__(self, config: PreprocessConfig):
+        self.config = config
+        self._layout = None
+
+    def process(self, bucket_plan, counts: dict[int, int]):
+        if self._layout is None:  # the side input is the same for every element
+            self._layout = shard_layout(counts, self.config)
+        offsets, total, num_shards = self._layout
+        bucket, plan = bucket_plan
+        global_index = offsets[bucket] + np.arange(len(plan), dtype=np.int64)
+        shards = shard_of(global_index, total, num_shards)
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(shards == shard)
+            yield int(shard), (int(global_index[rows[0]]), plan.take(rows))
+
+
+@dataclasses.dataclass(eq=False)
+class ShardBatch:
+    """The instances of one output shard, in their final order."""
+
+    index: int
+    num_shards: int
+    batch: examples.InstanceBatch
+
+
+class _AssembleShardFn(beam.DoFn):
+    """(shard, plan parts) → ShardBatch: the instances assembled and masked, then put in
+    a stable order shuffled by their keys (global index breaks ties)."""
+
+    def __init__(self, config: PreprocessConfig):
+        self.config = config
+        self.example_config = _example_config(config)
+
+    def setup(self):
+        self.progress = _Throttled("examples")
+
+    def process(self, shard_parts, counts: dict[int, int], proto: bytes):
+        shard, parts = shard_parts
+        _, _, num_shards = shard_layout(counts, self.config)
+        _, vocab_info = load_model(proto)
+        parts = sorted(parts, key=lambda p: p[0])
+        index = np.concatenate([first + np.arange(len(plan), dtype=np.int64) for first, plan in parts])
+        batch = examples.InstanceBatch.concat(
+            [examples.mask_instances(plan, self.example_config, vocab_info) for _, plan in parts])
         counter("masked-tokens").inc(batch.num_masked)
-        counter("instance-tokens").inc(batch.num_tokens)
-        counter("random-next").inc(int(batch.next_sentence_labels.sum()))
-        counter("short-target-document-passes").inc(stats.short_target_documents)
-        if batch.skipped:
-            counter("skipped-instances-single-document-bucket").inc(batch.skipped)
         self.progress.add(len(batch), "examples created in this worker")
-        yield bucket, batch
+        yield ShardBatch(shard, num_shards, batch.take(np.lexsort((index, batch.keys))))
 
 
 class CreateMlmNspExamples(beam.PTransform):
-    """TokenizedDocument → (bucket, InstanceBatch).
+    """TokenizedDocument → ShardBatch: the masked MLM/NSP instances of each output shard.
 
     Documents are grouped into buckets of about ``docs_per_bucket`` by a stable hash;
     random next sentences come from the same bucket, so memory per worker is bounded
-    by a bucket, not by the corpus (Google's script holds every document).
+    by a bucket, not by the corpus (Google's script holds every document). Buckets are
+    planned (Google's segment choices, the Python-heavy part), the plans are cut into
+    shards of equal size (contiguous runs of buckets in key order), and each shard's
+    instances are assembled and masked (numpy) where the shard is grouped.
     """
 
     def __init__(self, config: PreprocessConfig, model):
@@ -305,12 +381,19 @@ class CreateMlmNspExamples(beam.PTransform):
         def to_bucket(doc, n):
             return (stable_hash(doc.key, "bucket") % max(1, n // per_bucket), doc)
 
-        return (
+        model = beam.pvalue.AsSingleton(self.model)
+        plans = (
             docs
             | "AssignBuckets" >> beam.Map(to_bucket, beam.pvalue.AsSingleton(num_docs))
             | "GroupBuckets" >> beam.GroupByKey()
-            | "CreateInstances" >> beam.ParDo(_CreateInstancesFn(self.config),
-                                              beam.pvalue.AsSingleton(self.model))
+            | "PlanInstances" >> beam.ParDo(_PlanInstancesFn(self.config), model)
+        )
+        counts = beam.pvalue.AsDict(plans | "CountPerBucket" >> beam.Map(lambda kv: (kv[0], len(kv[1]))))
+        return (
+            plans
+            | "SplitToShards" >> beam.ParDo(_SplitToShardsFn(self.config), counts)
+            | "GroupShards" >> beam.GroupByKey()
+            | "AssembleAndMask" >> beam.ParDo(_AssembleShardFn(self.config), counts, model)
         )
 
 
@@ -319,50 +402,13 @@ def shard_name(index: int, num_shards: int) -> str:
     return f"part-{index:05d}-of-{num_shards:05d}.parquet"
 
 
-def _plan(counts: dict[int, int], config: PreprocessConfig) -> tuple[dict[int, int], int]:
-    """Global index offset of each bucket, and the number of shards."""
-    offsets, total = {}, 0
-    for bucket in sorted(counts):
-        offsets[bucket] = total
-        total += counts[bucket]
-    num_shards = config.num_shards or max(1, math.ceil(total / config.rows_per_shard))
-    return offsets, num_shards
-
-
-class _SplitToShardsFn(beam.DoFn):
-    """Instance i of the corpus (buckets in key order) goes to shard i % num_shards:
-    shard sizes differ by at most one row, so no rank runs out before the others."""
-
-    def __init__(self, config: PreprocessConfig):
-        self.config = config
-        self._plan = None
-
-    def process(self, bucket_batch, counts: dict[int, int]):
-        if self._plan is None:  # the side input is the same for every element
-            self._plan = _plan(counts, self.config)
-        offsets, num_shards = self._plan
-        bucket, batch = bucket_batch
-        global_index = offsets[bucket] + np.arange(len(batch), dtype=np.int64)
-        shard_of = global_index % num_shards
-        for shard in np.unique(shard_of):
-            rows = np.flatnonzero(shard_of == shard)
-            yield int(shard), (global_index[rows], batch.take(rows))
-
-
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, output: str, config: PreprocessConfig):
-        self.output, self.config = output, config
+    def __init__(self, output: str):
+        self.output = output
 
-    def process(self, shard_parts, counts: dict[int, int]):
-        shard, parts = shard_parts
-        _, num_shards = _plan(counts, self.config)
-        parts = sorted(parts, key=lambda p: int(p[0][0]))
-        index = np.concatenate([p[0] for p in parts])
-        batch = examples.InstanceBatch.concat([p[1] for p in parts])
-        # In-shard shuffle by the instances' stable keys (index breaks ties).
-        order = np.lexsort((index, batch.keys))
-        table = batch.take(order).to_arrow()
-        name = shard_name(shard, num_shards)
+    def process(self, shard: ShardBatch):
+        table = shard.batch.to_arrow()
+        name = shard_name(shard.index, shard.num_shards)
         final = FileSystems.join(self.output, "shards", name)
         temp = FileSystems.join(self.output, "shards", f".{name}.inprogress")
         buffer = io.BytesIO()
@@ -378,21 +424,15 @@ class _WriteShardFn(beam.DoFn):
 
 
 class WriteShards(beam.PTransform):
-    """(bucket, InstanceBatch) → Parquet shards of equal size; yields (name, rows)."""
+    """ShardBatch → one Parquet file each, written under a temporary name and renamed
+    when complete; yields (name, rows)."""
 
     def __init__(self, config: PreprocessConfig):
         super().__init__()
         self.config = config
 
-    def expand(self, batches):
-        counts = batches | "CountPerBucket" >> beam.Map(lambda kv: (kv[0], len(kv[1])))
-        counts_view = beam.pvalue.AsDict(counts)
-        return (
-            batches
-            | "SplitToShards" >> beam.ParDo(_SplitToShardsFn(self.config), counts_view)
-            | "GroupShards" >> beam.GroupByKey()
-            | "WriteParquet" >> beam.ParDo(_WriteShardFn(self.config.output, self.config), counts_view)
-        )
+    def expand(self, shards):
+        return shards | "WriteParquet" >> beam.ParDo(_WriteShardFn(self.config.output))
 
 
 def build_pipeline(p: beam.Pipeline, tasks: list[inputs.ReadTask], config: PreprocessConfig,

@@ -119,10 +119,10 @@ def test_examples_and_equal_shards(tmp_path, spm_proto):
     p = pipeline()
     model = p | "Model" >> beam.Create([spm_proto])
     tokenized = p | beam.Create(docs) | transforms.TokenizeDocuments(model)
-    batches = tokenized | transforms.CreateMlmNspExamples(config, model)
-    assert_that(batches | "Buckets" >> beam.Map(lambda kv: kv[0]) | beam.Distinct(),
-                equal_to(list(range(8))), label="EightBuckets")
-    written = batches | transforms.WriteShards(config)
+    shards = tokenized | transforms.CreateMlmNspExamples(config, model)
+    assert_that(shards | "Shards" >> beam.Map(lambda s: (s.index, s.num_shards)),
+                equal_to([(i, 4) for i in range(4)]), label="FourShards")
+    written = shards | transforms.WriteShards(config)
     assert_that(written, is_not_empty(), label="Written")
     p.run().wait_until_finish()
     rows = [pq.ParquetFile(tmp_path / "shards" / transforms.shard_name(i, 4)).metadata.num_rows
