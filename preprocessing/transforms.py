@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Iterator
 
@@ -254,6 +255,13 @@ class TokenizeDocuments(beam.PTransform):
 
 
 # ---------------------------------------------------------------------------- examples
+def _wire(value) -> bytes:
+    """A shuffled value as bytes the worker pickles once. The local multi-process runner
+    groups every GroupByKey in its own process, decoding and re-encoding each value while
+    the workers wait: as bytes that is a copy, as objects an unpickle and a pickle."""
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _example_config(config: PreprocessConfig) -> examples.ExampleConfig:
     return examples.ExampleConfig(
         max_seq_length=config.max_seq_length, short_seq_prob=config.short_seq_prob,
@@ -270,8 +278,9 @@ class _PlanInstancesFn(beam.DoFn):
         self.example_config = _example_config(config)
 
     def process(self, bucket_docs, proto: bytes):
-        bucket, docs = bucket_docs
+        bucket, wired = bucket_docs
         _, vocab_info = load_model(proto)
+        docs = [pickle.loads(d) for d in wired]
         # The bucket's order must not depend on which worker grouped it.
         prepared = examples.Bucket([d.to_document() for d in sorted(docs, key=lambda d: d.key)])
         examples.check_vocabulary(prepared, self.example_config, vocab_info)
@@ -323,7 +332,7 @@ class _SplitToShardsFn(beam.DoFn):
         shards = shard_of(global_index, total, num_shards)
         for shard in np.unique(shards):
             rows = np.flatnonzero(shards == shard)
-            yield int(shard), (int(global_index[rows[0]]), plan.take(rows))
+            yield int(shard), _wire((int(global_index[rows[0]]), plan.take(rows)))
 
 
 @dataclasses.dataclass(eq=False)
@@ -347,10 +356,10 @@ class _AssembleShardFn(beam.DoFn):
         self.progress = _Throttled("examples")
 
     def process(self, shard_parts, counts: dict[int, int], proto: bytes):
-        shard, parts = shard_parts
+        shard, wired = shard_parts
         _, _, num_shards = shard_layout(counts, self.config)
         _, vocab_info = load_model(proto)
-        parts = sorted(parts, key=lambda p: p[0])
+        parts = sorted((pickle.loads(p) for p in wired), key=lambda p: p[0])
         index = np.concatenate([first + np.arange(len(plan), dtype=np.int64) for first, plan in parts])
         batch = examples.InstanceBatch.concat(
             [examples.mask_instances(plan, self.example_config, vocab_info) for _, plan in parts])
@@ -379,12 +388,13 @@ class CreateMlmNspExamples(beam.PTransform):
         per_bucket = self.config.docs_per_bucket
 
         def to_bucket(doc, n):
-            return (stable_hash(doc.key, "bucket") % max(1, n // per_bucket), doc)
+            return (stable_hash(doc.key, "bucket") % max(1, n // per_bucket), _wire(doc))
 
         model = beam.pvalue.AsSingleton(self.model)
         plans = (
             docs
             | "AssignBuckets" >> beam.Map(to_bucket, beam.pvalue.AsSingleton(num_docs))
+                                    .with_output_types(tuple[int, bytes])
             | "GroupBuckets" >> beam.GroupByKey()
             | "PlanInstances" >> beam.ParDo(_PlanInstancesFn(self.config), model)
         )
@@ -392,6 +402,7 @@ class CreateMlmNspExamples(beam.PTransform):
         return (
             plans
             | "SplitToShards" >> beam.ParDo(_SplitToShardsFn(self.config), counts)
+                                    .with_output_types(tuple[int, bytes])
             | "GroupShards" >> beam.GroupByKey()
             | "AssembleAndMask" >> beam.ParDo(_AssembleShardFn(self.config), counts, model)
         )
