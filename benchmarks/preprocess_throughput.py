@@ -7,7 +7,7 @@ fresh process each time, start-up included) with 1 and 2 DirectRunner workers, a
 dupe_factor 5 and max_seq_length 128, and prints input tokens per second per worker
 and the 2-worker speed-up.
 
-    python benchmarks/preprocess_throughput.py [--copies 8] [--workers 1 2]
+    python benchmarks/preprocess_throughput.py [--copies 8] [--workers 1 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import bz2
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8, help="copies of the 106-article sample")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of runs, alternating the worker counts; the speed-up is the "
+                             "ratio of the median times (this VM's speed drifts by a third)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dump = os.path.join(tmp, "enwiki-bench-multistream.xml.bz2")
@@ -76,18 +80,26 @@ def main() -> None:
         print(f"with vocabulary training: {manifest['counters']['tokens']:,} input tokens in "
               f"{vocab_wall:.1f} s = {manifest['counters']['tokens'] / vocab_wall:,.0f} tokens/s (1 worker)")
         tokenizer = os.path.join(tmp, "vocab", "tokenizer")
-        rates = {}
-        for workers in args.workers:
-            wall, manifest = run(dump, os.path.join(tmp, f"w{workers}"), workers, tokenizer, [])
-            tokens = manifest["counters"]["tokens"]
-            rates[workers] = tokens / wall
-            print(f"{workers} worker(s): {tokens:,} input tokens → {manifest['num_examples']:,} examples "
-                  f"in {wall:.1f} s = {rates[workers]:,.0f} tokens/s = "
-                  f"{rates[workers] / workers:,.0f} tokens/s per worker")
-        if 1 in rates:
-            for workers, rate in rates.items():
+        walls: dict[int, list[float]] = {w: [] for w in args.workers}
+        # Rounds alternate the worker counts, so that a machine that drifts slower or
+        # faster during the benchmark shifts both sides of the ratio alike.
+        for rnd in range(args.repeats):
+            for workers in args.workers:
+                wall, manifest = run(dump, os.path.join(tmp, f"w{workers}-{rnd}"), workers, tokenizer, [])
+                walls[workers].append(wall)
+                tokens = manifest["counters"]["tokens"]
+                print(f"{workers} worker(s): {tokens:,} input tokens → {manifest['num_examples']:,} examples "
+                      f"in {wall:.1f} s = {tokens / wall:,.0f} tokens/s = "
+                      f"{tokens / wall / workers:,.0f} tokens/s per worker")
+        median = {w: statistics.median(v) for w, v in walls.items()}
+        if args.repeats > 1:
+            for workers, wall in median.items():
+                print(f"{workers} worker(s), median of {args.repeats}: {wall:.1f} s = "
+                      f"{tokens / wall / workers:,.0f} tokens/s per worker")
+        if 1 in median:
+            for workers, wall in median.items():
                 if workers > 1:
-                    print(f"speed-up {workers} workers vs 1: {rate / rates[1]:.2f}x")
+                    print(f"speed-up {workers} workers vs 1: {median[1] / wall:.2f}x")
 
 
 if __name__ == "__main__":
