@@ -113,6 +113,21 @@ def test_tokenize_documents_matches_sentencepiece(spm_proto):
     p.run().wait_until_finish()
 
 
+@pytest.mark.parametrize("total,num_shards", [(1, 1), (10, 3), (65_536, 7), (1_433_311, 22), (5, 8)])
+def test_shards_are_contiguous_runs_of_equal_size(total, num_shards):
+    shards = transforms.shard_of(np.arange(total, dtype=np.int64), total, num_shards)
+    assert np.all(np.diff(shards) >= 0)  # contiguous: a bucket spans one shard or two neighbours
+    sizes = np.bincount(shards, minlength=num_shards)
+    assert len(sizes) == num_shards and sizes.sum() == total
+    assert sizes.max() - sizes.min() <= 1
+
+
+def test_shard_layout_orders_buckets_by_key():
+    config = PreprocessConfig(output="unused", num_shards=0, rows_per_shard=100)
+    offsets, total, num_shards = transforms.shard_layout({7: 30, 2: 50, 5: 150}, config)
+    assert offsets == {2: 0, 5: 50, 7: 200} and total == 230 and num_shards == 3
+
+
 def test_examples_and_equal_shards(tmp_path, spm_proto):
     docs = [SentenceDocument(d.doc_id, tuple(d.text.split(". "))) for d in austen_documents(400)]
     config = PreprocessConfig(output=str(tmp_path), num_shards=4, dupe_factor=2, docs_per_bucket=50)
