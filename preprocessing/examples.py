@@ -409,7 +409,8 @@ class SegmentPlan:
         return len(self.keys)
 
     # Pickled form: what the pipeline ships from planning to masking, in place of the
-    # masked instances (dupe_factor copies of every token, ~2.5x the bytes of the plan).
+    # masked instances (dupe_factor copies of every token: 4.3x the bytes of the plan at
+    # seq 128, dupe 5, vocab 32k).
     # Ids fit uint16 for vocabularies under 65,536; spans fit int32 in any bucket.
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -317,7 +317,7 @@ class _SplitToShardsFn(beam.DoFn):
     """A bucket's plan, cut where shard boundaries fall: a bucket goes to one shard, or
     to two where a boundary crosses it. Its tokens travel with each part, so a shard's
     instances are assembled where the shard is written, and only the plan (about a
-    fifth of the masked instances' bytes) crosses the shuffle."""
+    quarter of the masked instances' bytes) crosses the shuffle."""
 
     def __init__(self, config: PreprocessConfig):
         self.config = config
