@@ -47,6 +47,11 @@ def write_train_config(config, pretrain_run_id: str | None = None) -> str:
     path = os.path.join(config.run_dir, TRAIN_CONFIG)
     os.makedirs(config.run_dir, exist_ok=True)
     values = {**dataclasses.asdict(config), "pretrain_run_id": pretrain_run_id}
+    # Paths as the trainer saw them: relative ones would resolve against whoever exports
+    # later (another working directory), not against where pretraining ran.
+    values["data"] = os.path.abspath(config.data)
+    if os.path.isfile(config.model):  # a config.json rather than a preset name
+        values["model"] = os.path.abspath(config.model)
     temp = path + ".tmp"
     with open(temp, "w") as f:
         json.dump(values, f, indent=2)

@@ -111,6 +111,19 @@ def test_cli_help():
     assert proc.returncode == 0 and "--tag" in proc.stdout and "--out" in proc.stdout
 
 
+def test_train_config_paths_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    # pretraining started as `pretrain.py --data data --model model.json` in tmp_path ...
+    (tmp_path / "model.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    export.write_train_config(TrainConfig(data="data", run_dir="run", model="model.json"))
+    export.write_train_config(TrainConfig(data="data", run_dir="preset", model="tiny"))
+    # ... is exported later from somewhere else
+    monkeypatch.chdir(REPO)
+    saved = export.read_train_config(str(tmp_path / "run"))
+    assert saved["data"] == str(tmp_path / "data") and saved["model"] == str(tmp_path / "model.json")
+    assert export.read_train_config(str(tmp_path / "preset"))["model"] == "tiny"
+
+
 def test_a_run_without_a_complete_checkpoint_is_refused(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "step00000003").mkdir(parents=True)  # a save that never finished
