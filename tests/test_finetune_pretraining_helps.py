@@ -26,12 +26,11 @@ import sys
 import pytest
 
 from pipeline.finetune_model import spm_fingerprint
-from pipeline.run_all import write_review_task
+from pipeline.run_all import DIST_ENV, write_review_task
 
 from .conftest import REPO
 
 BUNDLE = os.environ.get("BERT_PIPELINE_REVIEWS_BUNDLE") or os.path.join(REPO, "tests", "data", "pretrained_reviews")
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SEEDS, EPOCHS, LEARNING_RATE, MARGIN = (1, 2), 10, 1e-3, 0.02
 
 pytestmark = pytest.mark.skipif(
