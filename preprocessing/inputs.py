@@ -1,8 +1,20 @@
-"""Which files to read, in which format, split into units of reading work.
+"""Which files to read, in which format, split into bounded units of reading work.
 
 Paths and globs go through Beam's FileSystems, so local paths, gs://, s3:// and
 hdfs:// all work. Formats are chosen by extension; an unknown one is an error that
 names the file.
+
+A file larger than ``--split-bytes`` is cut into read tasks of about that size wherever
+its format allows, so that no worker reads a whole big file alone; the cut points depend
+only on the file and ``--split-bytes``, never on the number of workers:
+
+- uncompressed text and JSON lines: byte ranges; each reads the documents that begin
+  in it (see ``text_formats``);
+- bzip2 XML dumps: byte ranges; each reads the pages of the bzip2 streams that begin
+  in it (see ``wiki_dump``);
+- Parquet: runs of consecutive row groups (a row group is never cut).
+
+Compressed text and JSON lines (.gz, .bz2) and uncompressed XML are one task per file.
 """
 
 from __future__ import annotations
@@ -39,13 +51,24 @@ SUPPORTED_EXTENSIONS = tuple(ext for ext, _, _ in _FORMATS)
 
 @dataclasses.dataclass(frozen=True)
 class ReadTask:
-    """One unit of reading work: a whole file, or a byte range of a splittable one."""
+    """One unit of reading work: a whole file, a part of a file, or a run of Parquet row groups.
+
+    ``start`` and ``end`` delimit the part: for a file that can be split (uncompressed
+    text and JSON lines, bzip2 XML dumps), byte offsets ``[start, end)`` of the file;
+    for Parquet, row-group indices ``[start, end)``; for any other file, 0 and -1 (the
+    whole file; an ``end`` of -1 means "to the end" for any format).
+
+    ``stored_bytes`` is how much of the file as stored (compressed or not) the task
+    covers: the size of its range, file or row groups, a measure of its work comparable
+    across formats (``end - start`` is not one for Parquet). Set by ``plan_read_tasks``.
+    """
 
     path: str
     format: str
     compression: str | None
     start: int = 0
-    end: int = -1  # -1: to the end of the file
+    end: int = -1
+    stored_bytes: int = 0
 
 
 def detect_format(path: str) -> tuple[str, str | None]:
@@ -58,11 +81,8 @@ def detect_format(path: str) -> tuple[str, str | None]:
 
 
 def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]:
-    """Expands paths/globs into read tasks, in a stable order.
-
-    bzip2 XML dumps are cut into ``split_bytes`` ranges so that several workers share
-    one big (multistream) file; every other file is one task.
-    """
+    """Expands paths/globs into read tasks of about ``split_bytes`` each where the
+    format allows, in a stable order: by path, then by position in the file."""
     tasks: list[ReadTask] = []
     seen: set[str] = set()
     for result in FileSystems.match(list(patterns)):
@@ -75,39 +95,34 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
             fmt, compression = detect_format(meta.path)
             if meta.size_in_bytes == 0:
                 raise InputError(f"{meta.path}: the file is empty")
-            if fmt == "wiki" and compression == "bz2":
-                for start in range(0, meta.size_in_bytes, split_bytes):
-                    end = min(start + split_bytes, meta.size_in_bytes)
-                    tasks.append(ReadTask(meta.path, fmt, compression, start, end))
-            else:
-                tasks.append(ReadTask(meta.path, fmt, compression))
+            tasks.extend(_file_tasks(meta.path, fmt, compression, meta.size_in_bytes, split_bytes))
     return tasks
 
 
-def needs_rebalancing(tasks: Sequence[ReadTask], split_bytes: int) -> bool:
-    """Whether one task may read much more than others, so that the documents it reads
-    should be spread across workers before cleaning (a reshuffle costs a pass of all
-    raw text through the runner, so it is skipped when reading is already balanced).
-
-    True for fewer than 16 tasks (too few to keep many workers busy), for any
-    whole-file task larger than ``split_bytes``, and for a bzip2 dump made of a single
-    stream (its first range reads the whole file).
-    """
-    if len(tasks) < 16:
-        return True
-    for task in tasks:
-        if task.end < 0:
-            if _size(task.path) > split_bytes:
-                return True
-        elif task.start == 0 and task.end < _size(task.path):
-            with _open_raw(task.path) as raw:
-                if wiki_dump.find_first_stream(raw, 1, min(_size(task.path), 4 * split_bytes)) is None:
-                    return True
-    return False
+def _file_tasks(path: str, fmt: str, compression: str | None, size: int, split_bytes: int
+                ) -> list[ReadTask]:
+    if fmt == "parquet":
+        with _open_raw(path) as raw:
+            runs = text_formats.parquet_row_group_runs(raw, split_bytes)
+        return [ReadTask(path, fmt, None, first, end, stored) for first, end, stored in runs]
+    if _splits_by_bytes(fmt, compression):
+        return [ReadTask(path, fmt, compression, start, end, end - start)
+                for start, end in byte_ranges(size, split_bytes)]
+    return [ReadTask(path, fmt, compression, stored_bytes=size)]
 
 
-def _size(path: str) -> int:
-    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+def _splits_by_bytes(fmt: str, compression: str | None) -> bool:
+    # A reader can start mid-file in an uncompressed text or JSON-lines file (at the
+    # next document boundary) and in a bzip2 dump (at the next stream); a gzip or
+    # single-stream bzip2 text file can only be decompressed from its first byte.
+    return (fmt == "wiki" and compression == "bz2") or (fmt in ("text", "jsonl") and compression is None)
+
+
+def byte_ranges(size: int, split_bytes: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges covering ``size`` bytes, as few as keep each within
+    ``split_bytes``, of equal sizes (give or take a byte: no small last range)."""
+    count = -(-size // split_bytes)
+    return [(size * i // count, size * (i + 1) // count) for i in range(count)]
 
 
 def _open_raw(path: str) -> BinaryIO:
@@ -131,16 +146,17 @@ def read_task(task: ReadTask, text_field: str, max_line_bytes: int
             yield from wiki_dump.read_bz2_range(raw, task.path, task.start, task.end)
             return
         if task.format == "parquet":
-            yield from text_formats.read_parquet(raw, task.path, text_field)
+            yield from text_formats.read_parquet(raw, task.path, text_field, task.start, task.end)
             return
         f = _decompressed(raw, task.compression)
         try:
             if task.format == "wiki":
                 yield from wiki_dump.read_xml(f, task.path)
             elif task.format == "text":
-                yield from text_formats.read_text(f, task.path, max_line_bytes)
+                yield from text_formats.read_text(f, task.path, max_line_bytes, task.start, task.end)
             else:
-                yield from text_formats.read_jsonl(f, task.path, text_field, max_line_bytes)
+                yield from text_formats.read_jsonl(f, task.path, text_field, max_line_bytes,
+                                                   task.start, task.end)
         except (EOFError, OSError) as err:
             # gzip/bz2 raise on a truncated or corrupt file: keep what came before.
             yield Problem("truncated-files", f"{task.path}: {err} (truncated or corrupt file); "
@@ -149,7 +165,6 @@ def read_task(task: ReadTask, text_field: str, max_line_bytes: int
 
 def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
     """Cheap checks before launching the pipeline, so bad input fails in seconds."""
-    for task in tasks:
-        if task.format == "parquet":
-            with _open_raw(task.path) as raw:
-                text_formats.check_parquet_column(raw, task.path, text_field)
+    for path in dict.fromkeys(task.path for task in tasks if task.format == "parquet"):
+        with _open_raw(path) as raw:
+            text_formats.check_parquet_column(raw, path, text_field)

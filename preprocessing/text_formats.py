@@ -1,12 +1,29 @@
 """Readers for plain text, JSON lines and Parquet corpora.
 
-Each reader streams its file and yields ``RawDocument``s, or a ``Problem`` for input
-it had to skip (counted by the pipeline, logged with file and line).
+Each reader streams its input and yields ``RawDocument``s, or a ``Problem`` for input
+it had to skip (counted by the pipeline, logged with file and place).
+
+Reading a part of a file. Text and JSON-lines readers take a byte range
+``[start, end)`` and read exactly the documents that *begin* in it (Hadoop's rule): a
+range that starts mid-file first skips to the first document boundary at or after
+``start``, and a range reads on past ``end`` to finish the document it began before
+``end``. Every document is therefore read once whatever the cut points, and the ranges
+of a file read, in start order, exactly what one reader of the whole file reads. The
+boundaries are line starts for JSON lines and, for text, line starts that follow a
+blank line (or the file start). Parquet files are read by runs of row groups.
+
+Ids and places do not depend on how a file was cut: a text or JSON-lines document is
+``name@offset``, the byte offset of its first byte in the file (in the decompressed
+stream for a .gz/.bz2 file), and a Parquet row is ``name#row``, its index in the whole
+file. A problem is placed by file and byte offset, plus the line number when reading
+began at byte 0 (only there is the line number known without reading from the start):
+``path: line 12 (byte 3456): ...`` or ``path: byte 3456: ...``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -16,128 +33,266 @@ import pyarrow.parquet as pq
 from preprocessing.documents import Problem, RawDocument
 
 _READ_CHUNK = 1 << 20
+# A small range reads in smaller pieces, so that a 64 KiB range does not read 1 MiB.
+_MIN_READ_CHUNK = 1 << 16
+# Step of the backward search for the start of the line before a range.
+_BACKWARD_STEP = 1 << 16
 
 
 class InputError(ValueError):
     """Input that cannot be read at all (e.g. a Parquet file without the text column)."""
 
 
-def iter_lines(f: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """Yields ``(line_number, line)`` from 1, without the newline.
+def iter_lines(f: BinaryIO, max_line_bytes: int, offset: int = 0, chunk_bytes: int = _READ_CHUNK
+               ) -> Iterator[tuple[int, int, bytes | None]]:
+    """Yields ``(line_number, offset, line)`` without the newline, reading ``f`` from
+    its current position, which is byte ``offset`` of the file.
+
+    Line numbers count from 1 at that position: they are the file's only when reading
+    began at byte 0. ``offset`` is the byte offset of the line's first byte.
 
     A line longer than ``max_line_bytes`` is yielded as ``None`` and never held in
     memory whole: a 50 MB line of garbage costs 1 MiB of buffer, not 50 MB.
     """
     line_no = 0
+    line_at = chunk_at = offset
     pending = b""
     oversized = False
     # read1: returns what one decompression step gives, so a truncated .gz/.bz2
     # loses only its last piece, not the whole buffered megabyte.
     read = getattr(f, "read1", f.read)
-    while chunk := read(_READ_CHUNK):
+    while chunk := read(chunk_bytes):
         start = 0
         while (newline := chunk.find(b"\n", start)) >= 0:
             line_no += 1
             if oversized or len(pending) + newline - start > max_line_bytes:
-                yield line_no, None
+                yield line_no, line_at, None
             else:
-                yield line_no, pending + chunk[start:newline]
+                yield line_no, line_at, pending + chunk[start:newline]
             pending, oversized, start = b"", False, newline + 1
+            line_at = chunk_at + start
         if not oversized:
             pending += chunk[start:]
             if len(pending) > max_line_bytes:
                 pending, oversized = b"", True
+        chunk_at += len(chunk)
     if pending or oversized:
-        yield line_no + 1, None if oversized else pending
+        yield line_no + 1, line_at, None if oversized else pending
 
 
-def _decode(line: bytes, path: str, line_no: int) -> tuple[str, Problem | None]:
+def _chunk_bytes(start: int, end: float) -> int:
+    return int(min(_READ_CHUNK, max(_MIN_READ_CHUNK, end - start)))
+
+
+def _range_end(end: int | None) -> float:
+    """``end`` of a range, with None or a negative value meaning the end of the file."""
+    return math.inf if end is None or end < 0 else end
+
+
+class _Places:
+    """Writes where a problem is: file, line number when known, byte offset."""
+
+    def __init__(self, path: str, line_numbers_known: bool):
+        self.path, self.line_numbers_known = path, line_numbers_known
+
+    def __call__(self, line_no: int, offset: int) -> str:
+        if self.line_numbers_known:
+            return f"{self.path}: line {line_no} (byte {offset})"
+        return f"{self.path}: byte {offset}"
+
+
+def _decode(line: bytes, place: _Places, line_no: int, offset: int) -> tuple[str, Problem | None]:
     try:
         return line.decode("utf-8"), None
     except UnicodeDecodeError as err:
         return line.decode("utf-8", errors="replace"), Problem(
             "invalid-utf8-lines",
-            f"{path}:{line_no}: invalid UTF-8 at byte {err.start}; bad bytes replaced with U+FFFD")
+            f"{place(line_no, offset + err.start)}: invalid UTF-8; bad bytes replaced with U+FFFD")
 
 
-def _oversized(path: str, line_no: int, max_line_bytes: int) -> Problem:
+def _oversized(place: _Places, line_no: int, offset: int, max_line_bytes: int) -> Problem:
     return Problem("oversized-lines",
-                   f"{path}:{line_no}: line longer than --max-line-bytes={max_line_bytes:,}; skipped")
+                   f"{place(line_no, offset)}: line longer than --max-line-bytes={max_line_bytes:,}; skipped")
 
 
-def read_text(f: BinaryIO, path: str, max_line_bytes: int) -> Iterator[RawDocument | Problem]:
+def _start_of_line_before(f: BinaryIO, start: int, max_line_bytes: int) -> int:
+    """Where a text reader of the range at ``start`` begins, so that it classifies the
+    line holding byte ``start - 1`` (blank or not: whether a document can begin at the
+    next line) exactly as a reader of the whole file does.
+
+    That is the line's first byte; for a line longer than ``max_line_bytes``, a byte in
+    it more than ``max_line_bytes`` before its end, so that it is still read as an
+    oversized line (never blank) while the search back stays bounded.
+    """
+    if start == 0:
+        return 0
+    last = start - 1
+    floor = max(0, last - max_line_bytes - 1)
+    high = last
+    while high > floor:
+        low = max(floor, high - _BACKWARD_STEP)
+        f.seek(low)
+        newline = f.read(high - low).rfind(b"\n")
+        if newline >= 0:
+            return low + newline + 1
+        high = low
+    return floor
+
+
+def _is_blank(raw: bytes | None) -> bool:
+    # The same test as read_text's (decoded, then stripped), so that a range and a
+    # reader of the whole file agree on where documents begin.
+    return raw is not None and not raw.decode("utf-8", errors="replace").strip()
+
+
+def read_text(f: BinaryIO, path: str, max_line_bytes: int, start: int = 0, end: int | None = None
+              ) -> Iterator[RawDocument | Problem]:
     """Google's corpus format: documents separated by blank lines.
 
     Lines of a document are joined with spaces (Google's files have one sentence per
     line; wrapped prose like Project Gutenberg books has one paragraph per block):
-    the sentence splitter then finds the sentences either way.
+    the sentence splitter then finds the sentences either way. Reads the documents
+    that begin in ``[start, end)`` (``f`` must be seekable when ``start > 0``). A line
+    longer than ``max_line_bytes`` is skipped but does not end its document.
     """
     name = os.path.basename(path)
-    lines: list[str] = []
-    first_line = 0
-    for line_no, raw in iter_lines(f, max_line_bytes):
+    end = _range_end(end)
+    scan_from = _start_of_line_before(f, start, max_line_bytes)
+    if start > 0:
+        f.seek(scan_from)
+    place = _Places(path, line_numbers_known=scan_from == 0)
+    lines = iter_lines(f, max_line_bytes, scan_from, _chunk_bytes(start, end))
+    if start > 0 and not _skip_to_text_boundary(lines, start, end):
+        return
+    parts: list[str] = []
+    doc_at = 0
+    for line_no, offset, raw in lines:
         if raw is None:
-            yield _oversized(path, line_no, max_line_bytes)
+            yield _oversized(place, line_no, offset, max_line_bytes)
             continue
-        text, problem = _decode(raw, path, line_no)
+        text, problem = _decode(raw, place, line_no, offset)
         if problem:
             yield problem
         text = text.strip()
         if text:
-            if not lines:
-                first_line = line_no
-            lines.append(text)
-        elif lines:
-            yield RawDocument(f"{name}:{first_line}", " ".join(lines))
-            lines = []
-    if lines:
-        yield RawDocument(f"{name}:{first_line}", " ".join(lines))
+            if not parts:
+                doc_at = offset
+            parts.append(text)
+            continue
+        if parts:
+            yield RawDocument(f"{name}@{doc_at}", " ".join(parts))
+            parts = []
+        if offset + len(raw) + 1 >= end:
+            return  # a document beginning at the next line belongs to the next range
+    if parts:
+        yield RawDocument(f"{name}@{doc_at}", " ".join(parts))
 
 
-def read_jsonl(f: BinaryIO, path: str, text_field: str, max_line_bytes: int
-               ) -> Iterator[RawDocument | Problem]:
-    """One JSON object per line; the document is its ``text_field`` string."""
+def _skip_to_text_boundary(lines: Iterator[tuple[int, int, bytes | None]], start: int, end: float
+                           ) -> bool:
+    """Consumes the lines before the first document boundary at or after ``start``;
+    False when that boundary is at or after ``end`` (the range owns no document).
+    The lines skipped belong to the previous range, which reports their problems."""
+    for _, offset, raw in lines:
+        if _is_blank(raw):
+            boundary = offset + len(raw) + 1
+            if boundary >= start:
+                return boundary < end
+    return False
+
+
+def read_jsonl(f: BinaryIO, path: str, text_field: str, max_line_bytes: int,
+               start: int = 0, end: int | None = None) -> Iterator[RawDocument | Problem]:
+    """One JSON object per line; the document is its ``text_field`` string.
+
+    Reads the lines that begin in ``[start, end)`` (``f`` must be seekable when
+    ``start > 0``).
+    """
     name = os.path.basename(path)
-    for line_no, raw in iter_lines(f, max_line_bytes):
+    end = _range_end(end)
+    # From the byte before ``start``: the (partial) line read first ends there or later
+    # and belongs to the previous range; the next line is the first that begins at or
+    # after ``start``.
+    scan_from = max(0, start - 1)
+    if start > 0:
+        f.seek(scan_from)
+    place = _Places(path, line_numbers_known=scan_from == 0)
+    lines = iter_lines(f, max_line_bytes, scan_from, _chunk_bytes(start, end))
+    if start > 0:
+        next(lines, None)
+    for line_no, offset, raw in lines:
+        if offset >= end:
+            return
         if raw is None:
-            yield _oversized(path, line_no, max_line_bytes)
+            yield _oversized(place, line_no, offset, max_line_bytes)
             continue
         if not raw.strip():
             continue
-        text, problem = _decode(raw, path, line_no)
+        text, problem = _decode(raw, place, line_no, offset)
         if problem:
             yield problem
         try:
             record = json.loads(text)
         except json.JSONDecodeError as err:
-            yield Problem("jsonl-parse-errors", f"{path}:{line_no}: not valid JSON ({err}); skipped")
+            yield Problem("jsonl-parse-errors", f"{place(line_no, offset)}: not valid JSON ({err}); skipped")
             continue
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             what = "has no" if not isinstance(record, dict) or text_field not in record else "has a non-string"
-            yield Problem("jsonl-missing-text-field",
-                          f"{path}:{line_no}: row {what} {text_field!r} field (see --text-field); skipped")
+            yield Problem("jsonl-missing-text-field", f"{place(line_no, offset)}: row {what} "
+                                                      f"{text_field!r} field (see --text-field); skipped")
             continue
-        yield RawDocument(f"{name}:{line_no}", value)
+        yield RawDocument(f"{name}@{offset}", value)
 
 
-def check_parquet_column(f: BinaryIO, path: str, text_field: str) -> None:
-    """Fails early, naming the file and its columns, when the text column is missing."""
-    columns = pq.ParquetFile(f).schema_arrow.names
+def _check_column(parquet: pq.ParquetFile, path: str, text_field: str) -> None:
+    columns = parquet.schema_arrow.names
     if text_field not in columns:
         raise InputError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)}); "
                          "pass the right one with --text-field")
 
 
-def read_parquet(f: BinaryIO, path: str, text_field: str) -> Iterator[RawDocument | Problem]:
-    """Rows of a Parquet file; the document is the ``text_field`` column."""
-    check_parquet_column(f, path, text_field)
+def check_parquet_column(f: BinaryIO, path: str, text_field: str) -> None:
+    """Fails early, naming the file and its columns, when the text column is missing."""
+    _check_column(pq.ParquetFile(f), path, text_field)
+
+
+def parquet_row_group_runs(f: BinaryIO, split_bytes: int) -> list[tuple[int, int, int]]:
+    """``(first, end, stored_bytes)`` for runs of consecutive row groups of at most
+    ``split_bytes`` compressed bytes (from the footer), or of one bigger row group."""
+    metadata = pq.ParquetFile(f).metadata
+    runs: list[tuple[int, int, int]] = []
+    first, size = 0, 0
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        group_size = sum(row_group.column(c).total_compressed_size for c in range(row_group.num_columns))
+        if group > first and size + group_size > split_bytes:
+            runs.append((first, group, size))
+            first, size = group, 0
+        size += group_size
+    if metadata.num_row_groups:
+        runs.append((first, metadata.num_row_groups, size))
+    return runs
+
+
+def read_parquet(f: BinaryIO, path: str, text_field: str, first_group: int = 0,
+                 end_group: int | None = None) -> Iterator[RawDocument | Problem]:
+    """Rows of the row groups ``[first_group, end_group)`` of a Parquet file (to the
+    last when ``end_group`` is None or negative); the document is the ``text_field``
+    column."""
+    parquet = pq.ParquetFile(f)
+    _check_column(parquet, path, text_field)
+    metadata = parquet.metadata
+    last = metadata.num_row_groups if end_group is None or end_group < 0 else end_group
+    groups = range(first_group, last)
+    if not groups:
+        return
     name = os.path.basename(path)
-    row = 0
-    for batch in pq.ParquetFile(f).iter_batches(columns=[text_field], batch_size=4096):
+    row = sum(metadata.row_group(g).num_rows for g in range(first_group))  # index in the whole file
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096, row_groups=list(groups)):
         for value in batch.column(0).to_pylist():
             if isinstance(value, str):
-                yield RawDocument(f"{name}:{row}", value)
+                yield RawDocument(f"{name}#{row}", value)
             else:
                 yield Problem("parquet-null-text", f"{path}: row {row} has no {text_field!r} text; skipped")
             row += 1

@@ -11,8 +11,8 @@ stream, and files made by parallel compressors (pbzip2, lbzip2) hold one stream 
 owner of a page is the range in which the stream holding the page's ``<page>`` tag
 starts; an owner reads past its range end to finish a page in progress, and the next
 range skips the text before its first ``<page>``. A single-stream file (plain
-``bzip2``) has one stream, so one range reads it all; the pipeline reshuffles pages
-afterwards so that cleaning still spreads across workers.
+``bzip2``) has one stream, so one range reads and processes it all: recompress such a
+file with a parallel compressor (or use the multistream dump) to spread it across workers.
 """
 
 from __future__ import annotations

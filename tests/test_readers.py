@@ -1,8 +1,11 @@
-"""Reading documents: real dump sample, split multistream files, and every kind of bad input."""
+"""Reading documents: real dump sample, files split into read tasks, and every kind of bad input."""
 
 import bz2
 import gzip
 import json
+import os
+import random
+import re
 import time
 
 import pyarrow as pa
@@ -110,7 +113,8 @@ def test_plain_text_documents_are_blank_line_separated(tmp_path):
         f.write("First sentence.\nSecond line of doc one.\n\n\nDoc two, only line.\n")
     docs = [i for i in read_all(str(path)) if isinstance(i, RawDocument)]
     assert [d.text for d in docs] == ["First sentence. Second line of doc one.", "Doc two, only line."]
-    assert [d.doc_id for d in docs] == ["corpus.txt.gz:1", "corpus.txt.gz:5"]
+    # Ids are byte offsets in the decompressed text: "Doc two" begins at byte 42.
+    assert [d.doc_id for d in docs] == ["corpus.txt.gz@0", "corpus.txt.gz@42"]
 
 
 def test_real_novels_read_as_paragraph_documents():
@@ -131,7 +135,7 @@ def test_a_50_megabyte_line_is_skipped_without_holding_it(tmp_path):
     assert [d.text for d in items if isinstance(d, RawDocument)] == [
         "A normal document.", "Another normal document."]
     [problem] = problems(items)
-    assert problem.reason == "oversized-lines" and f"{path}:3" in problem.message
+    assert problem.reason == "oversized-lines" and f"{path}: line 3 (byte 20): line longer" in problem.message
 
 
 def test_invalid_utf8_line_is_counted_with_file_and_line(tmp_path):
@@ -139,7 +143,9 @@ def test_invalid_utf8_line_is_counted_with_file_and_line(tmp_path):
     path.write_bytes(b"Good line.\n\nBad \xc3\x28 line.\n")
     items = read_all(str(path))
     [problem] = problems(items)
-    assert problem.reason == "invalid-utf8-lines" and f"{path}:3" in problem.message
+    # Line 3 begins at byte 12; the bad byte is the 5th of the line.
+    assert problem.reason == "invalid-utf8-lines"
+    assert f"{path}: line 3 (byte 16): invalid UTF-8" in problem.message
     assert [d.text for d in items if isinstance(d, RawDocument)] == ["Good line.", "Bad \ufffd( line."]
 
 
@@ -149,17 +155,20 @@ def test_jsonl_rows_without_the_text_field_are_counted(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken json\n")
     items = read_all(str(path))
     assert [d.text for d in items if isinstance(d, RawDocument)] == ["One."]
-    found = [(p.reason, p.message.split(":")[1]) for p in problems(items)]
+    found = [(p.reason, re.search(r": line (\d+) \(byte \d+\): ", p.message).group(1))
+             for p in problems(items)]
     assert found == [("jsonl-missing-text-field", "2"), ("jsonl-missing-text-field", "3"),
                      ("jsonl-missing-text-field", "4"), ("jsonl-parse-errors", "5")]
-    assert "--text-field" in problems(items)[0].message
+    assert problems(items)[0].message == (f"{path}: line 2 (byte 17): row has no 'text' field "
+                                          "(see --text-field); skipped")
 
 
 def test_parquet_text_column_and_missing_column_error(tmp_path):
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"content": ["Doc one.", None, "Doc three."]}), path)
     items = read_all(str(path), text_field="content")
-    assert [d.text for d in items if isinstance(d, RawDocument)] == ["Doc one.", "Doc three."]
+    assert [(d.doc_id, d.text) for d in items if isinstance(d, RawDocument)] == [
+        ("docs.parquet#0", "Doc one."), ("docs.parquet#2", "Doc three.")]
     assert [p.reason for p in problems(items)] == ["parquet-null-text"]
     tasks = inputs.plan_read_tasks([str(path)], 1 << 20)
     with pytest.raises(InputError, match=r"docs\.parquet: no column 'text' \(columns: content\)"):
@@ -181,3 +190,198 @@ def test_truncated_gzip_text_keeps_earlier_documents(tmp_path):
     items = read_all(str(path))
     assert [p.reason for p in problems(items)] == ["truncated-files"]
     assert 100 < sum(isinstance(i, RawDocument) for i in items) < 20000
+
+
+# ------------------------------------------------ files split into read tasks
+# A task reads the documents that begin in its range, so the tasks of a file, read in
+# order, give exactly what one reader of the whole file gives, whatever the cut points.
+
+def read_tasks(tasks, text_field="text", max_line_bytes=1 << 20):
+    """What each task reads, in task order."""
+    return [list(inputs.read_task(task, text_field, max_line_bytes)) for task in tasks]
+
+
+def documents(items):
+    return [(d.doc_id, d.text) for d in items if isinstance(d, RawDocument)]
+
+
+def problem_places(items):
+    """(reason, byte offset) of each problem: the same whatever the split, unlike the
+    line number, which only a task that starts at byte 0 knows."""
+    return [(p.reason, int(re.search(r"\bbyte (\d+)\b", p.message).group(1))) for p in problems(items)]
+
+
+def concatenated(per_task):
+    return [item for items in per_task for item in items]
+
+
+def whole_file_task(path, fmt):
+    return inputs.ReadTask(str(path), fmt, None)
+
+
+def cut_in_two(path, fmt, cut):
+    size = os.path.getsize(path)
+    return [inputs.ReadTask(str(path), fmt, None, 0, cut), inputs.ReadTask(str(path), fmt, None, cut, size)]
+
+
+def assert_reads_like_the_whole_file(tasks, whole, max_line_bytes=1 << 20):
+    got = concatenated(read_tasks(tasks, max_line_bytes=max_line_bytes))
+    assert documents(got) == documents(whole)
+    assert problem_places(got) == problem_places(whole)
+
+
+@pytest.fixture(scope="module")
+def austen_txt(tmp_path_factory):
+    """The bundled novels, decompressed: 4 MB of real prose, paragraphs separated by
+    runs of one to several blank lines."""
+    path = tmp_path_factory.mktemp("text") / "austen-novels.txt"
+    with bz2.open(AUSTEN, "rb") as f:
+        path.write_bytes(f.read())
+    return str(path)
+
+
+@pytest.mark.parametrize("split_bytes", [65536, 100_003, 1 << 30])
+def test_text_file_split_into_ranges_reads_each_document_once(austen_txt, split_bytes):
+    whole = list(inputs.read_task(whole_file_task(austen_txt, "text"), "text", 1 << 20))
+    assert len(documents(whole)) > 5000
+    tasks = inputs.plan_read_tasks([austen_txt], split_bytes)
+    size = os.path.getsize(austen_txt)
+    assert [t.start for t in tasks[1:]] == [t.end for t in tasks[:-1]]
+    assert tasks[0].start == 0 and tasks[-1].end == size
+    assert all(t.stored_bytes == t.end - t.start <= split_bytes for t in tasks)
+    if split_bytes < size:
+        assert len(tasks) > 30
+    assert_reads_like_the_whole_file(tasks, whole)
+
+
+def test_text_ids_are_byte_offsets_the_same_compressed_or_not(austen_txt):
+    plain = documents(read_all(austen_txt, split_bytes=65536))
+    compressed = documents(read_all(AUSTEN))
+    assert [(i.replace(".txt@", ".txt.bz2@"), text) for i, text in plain] == compressed
+    text = open(austen_txt, "rb").read()
+    for doc_id, doc_text in plain[::500]:
+        offset = int(doc_id.rsplit("@", 1)[1])
+        first_words = doc_text.split()[:5]
+        assert text[offset:offset + 200].decode("utf-8", "ignore").split()[:len(first_words)] == first_words
+
+
+@pytest.mark.parametrize("split_bytes", [65536, 100_003])
+def test_crlf_text_split_reads_the_same_documents(austen_txt, tmp_path, split_bytes):
+    path = tmp_path / "austen-crlf.txt"
+    path.write_bytes(open(austen_txt, "rb").read().replace(b"\n", b"\r\n"))
+    whole = list(inputs.read_task(whole_file_task(path, "text"), "text", 1 << 20))
+    assert [t for _, t in documents(whole)] == [t for _, t in documents(read_all(austen_txt))]
+    assert_reads_like_the_whole_file(inputs.plan_read_tasks([str(path)], split_bytes), whole)
+
+
+# Every case a cut can fall in: inside a document, inside a run of blank lines (empty,
+# whitespace-only, CRLF, a no-break space, which str.strip() counts as blank), at a
+# boundary, inside oversized lines (max_line_bytes=40; one all spaces: oversized, so
+# not blank) and a bad UTF-8 one.
+TRICKY_TEXT = (b"First doc, line one.\nline two.\n\n\n\n  \t \n"
+               b"Second doc.\r\n\r\n\xc2\xa0\n"
+               b"Third \xff doc.\n" + b"x" * 50 + b"\n" + b" " * 50 + b"\nstill third.\n\n"
+               b"Last doc, no final newline")
+TRICKY_DOCS = [("tricky.txt@0", "First doc, line one. line two."),
+               ("tricky.txt@39", "Second doc."),
+               ("tricky.txt@57", "Third \ufffd doc. still third."),
+               ("tricky.txt@186", "Last doc, no final newline")]
+
+
+def test_tricky_text_reads_the_same_from_every_cut_point(tmp_path):
+    path = tmp_path / "tricky.txt"
+    path.write_bytes(TRICKY_TEXT)
+    size = len(TRICKY_TEXT)
+    whole = list(inputs.read_task(whole_file_task(path, "text"), "text", 40))
+    assert documents(whole) == TRICKY_DOCS
+    assert problem_places(whole) == [("invalid-utf8-lines", 63), ("oversized-lines", 70),
+                                     ("oversized-lines", 121)]
+    for cut in range(1, size):
+        assert_reads_like_the_whole_file(cut_in_two(path, "text", cut), whole, max_line_bytes=40)
+    for split_bytes in range(1, 40):  # many ranges, most of them owning no document
+        assert_reads_like_the_whole_file(inputs.plan_read_tasks([str(path)], split_bytes), whole, 40)
+
+
+def write_jsonl(path, rows):
+    """Writes raw lines (bytes); returns the id each line that holds a document gets."""
+    ids, offset = [], 0
+    with open(path, "wb") as f:
+        for line in rows:
+            if line.startswith(b'{"text": "'):
+                ids.append(f"{path.name}@{offset}")
+            f.write(line + b"\n")
+            offset += len(line) + 1
+    return ids
+
+
+def test_jsonl_split_into_ranges_reads_each_row_once_even_cut_inside_a_long_line(tmp_path):
+    rng = random.Random(7)
+    rows = [json.dumps({"text": f"Row {i}. " + "word " * rng.randrange(400)}).encode() for i in range(2000)]
+    rows[300] = json.dumps({"text": "long " * 60_000}).encode()  # 300 kB: spans several ranges
+    rows[500:500] = [b"", b"{broken", b'{"body": "no text"}', json.dumps({"text": "crlf"}).encode() + b"\r"]
+    path = tmp_path / "rows.jsonl"
+    ids = write_jsonl(path, rows)
+    whole = list(inputs.read_task(whole_file_task(path, "jsonl"), "text", 1 << 20))
+    assert [doc_id for doc_id, _ in documents(whole)] == ids
+    assert [r for r, _ in problem_places(whole)] == ["jsonl-parse-errors", "jsonl-missing-text-field"]
+    long_at = int(ids[300].rsplit("@", 1)[1])
+    for split_bytes in (65536, 100_003, 1 << 30):
+        tasks = inputs.plan_read_tasks([str(path)], split_bytes)
+        if split_bytes < 1 << 20:
+            assert any(long_at < t.start < long_at + len(rows[300]) for t in tasks)
+        assert_reads_like_the_whole_file(tasks, whole)
+
+
+def test_jsonl_reads_the_same_from_every_cut_point_and_reports_problems_once(tmp_path):
+    path = tmp_path / "small.jsonl"
+    rows = [b'{"text": "one"}', b"", b"{broken", b'{"text": "' + b"y" * 50 + b'"}',
+            b'{"text": "bad \xff utf8"}', b"   ", b'{"other": 1}', b'{"text": "last"}\r']
+    write_jsonl(path, rows)
+    size = path.stat().st_size
+    whole = list(inputs.read_task(whole_file_task(path, "jsonl"), "text", 40))
+    assert [t for _, t in documents(whole)] == ["one", "bad \ufffd utf8", "last"]
+    assert [r for r, _ in problem_places(whole)] == [
+        "jsonl-parse-errors", "oversized-lines", "invalid-utf8-lines", "jsonl-missing-text-field"]
+    for cut in range(1, size):
+        assert_reads_like_the_whole_file(cut_in_two(path, "jsonl", cut), whole, max_line_bytes=40)
+    for split_bytes in range(1, 40):
+        assert_reads_like_the_whole_file(inputs.plan_read_tasks([str(path)], split_bytes), whole, 40)
+
+
+def test_problem_in_a_range_starting_mid_file_is_placed_by_byte(tmp_path):
+    path = tmp_path / "late.jsonl"
+    path.write_bytes(b'{"text": "padding"}\n' * 10_000 + b"{broken\n")
+    tasks = inputs.plan_read_tasks([str(path)], 65536)
+    assert len(tasks) == 4
+    [problem] = problems(concatenated(read_tasks(tasks)))
+    assert problem.message.startswith(f"{path}: byte 200000: not valid JSON")
+
+
+def test_parquet_row_groups_are_read_tasks_with_stable_row_ids(tmp_path):
+    path = tmp_path / "rows.parquet"
+    texts = [None if i % 97 == 5 else f"Row {i}. " + "word " * (i % 50) for i in range(1000)]
+    pq.write_table(pa.table({"text": texts, "n": list(range(1000))}), path, row_group_size=128)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 8
+    whole = read_all(str(path))
+    assert documents(whole) == [(f"rows.parquet#{i}", t) for i, t in enumerate(texts) if t is not None]
+    assert len(problems(whole)) == 11
+    one_group = max(t.stored_bytes for t in inputs.plan_read_tasks([str(path)], 1))
+    for split_bytes, expected_tasks in ((1, 8), (one_group, 8), (3 * one_group, 3), (1 << 30, 1)):
+        tasks = inputs.plan_read_tasks([str(path)], split_bytes)
+        assert len(tasks) == expected_tasks
+        assert tasks[0].start == 0 and tasks[-1].end == 8
+        assert [t.start for t in tasks[1:]] == [t.end for t in tasks[:-1]]
+        got = concatenated(read_tasks(tasks))
+        assert documents(got) == documents(whole)
+        assert [p.message for p in problems(got)] == [p.message for p in problems(whole)]
+
+
+def test_compressed_text_is_one_task_and_a_row_group_is_never_cut(austen_txt, tmp_path):
+    [task] = inputs.plan_read_tasks([AUSTEN], 65536)
+    assert (task.start, task.end, task.stored_bytes) == (0, -1, os.path.getsize(AUSTEN))
+    ranges = inputs.plan_read_tasks([austen_txt], 65536)
+    assert len(ranges) > 10 and all(t.stored_bytes <= 65536 for t in ranges)
+    big_group = tmp_path / "one-group.parquet"
+    pq.write_table(pa.table({"text": [f"Row {i} " * 20 for i in range(20_000)]}), big_group)
+    parquet_tasks = inputs.plan_read_tasks([str(big_group)], 65536)
+    assert len(parquet_tasks) == 1 and parquet_tasks[0].stored_bytes > 65536
