@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import inputs, manifest, tracking, transforms
+import pyarrow.parquet as pq
+
+from preprocessing import inputs, manifest, parts, tracking, transforms
 from preprocessing.options import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -45,13 +48,22 @@ def load_tokenizer_proto(path: str) -> bytes:
     return proto
 
 
-def query_counters(result) -> dict[str, int]:
-    found = result.metrics().query(MetricsFilter().with_namespace(transforms.NAMESPACE))["counters"]
-    counters: dict[str, int] = {}
-    for c in found:
-        value = c.committed if c.committed is not None else c.attempted
-        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(value or 0)
-    return counters
+def read_counters(output: str) -> dict[str, int]:
+    """The pipeline's summed count records (see transforms.py: counts travel in the data)."""
+    path = FileSystems.join(output, parts.PARTS_DIR, parts.COUNTERS_FILE)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return json.load(f)
+
+
+def remove_parts(output: str) -> None:
+    """The intermediate part files go once the shards are written."""
+    matched = FileSystems.match([FileSystems.join(output, parts.PARTS_DIR, "*")])[0].metadata_list
+    hidden = FileSystems.match([FileSystems.join(output, parts.PARTS_DIR, ".*")])[0].metadata_list
+    if matched or hidden:
+        FileSystems.delete([m.path for m in matched + hidden])
+    directory = FileSystems.join(output, parts.PARTS_DIR)
+    if "://" not in output and os.path.isdir(directory):
+        os.rmdir(directory)
 
 
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
@@ -69,9 +81,10 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         result = pipeline.run()
         result.wait_until_finish()
         wall = time.monotonic() - started
-        counters = query_counters(result)
+        counters = read_counters(config.output)
+        remove_parts(config.output)
 
-        shards = transforms.read_shard_counts(config.output)
+        shards = read_shard_counts(config.output)
         with FileSystems.open(FileSystems.join(config.output, "tokenizer", "spm.model"),
                               compression_type=CompressionTypes.UNCOMPRESSED) as f:
             proto = f.read()
@@ -91,6 +104,17 @@ def _check_complete(data: dict, counters: dict[str, int]) -> None:
     if made == 0:
         raise inputs.InputError("no examples were made: the input has no usable text "
                                 f"(counters: {counters})")
+
+
+def read_shard_counts(output: str) -> list[tuple[str, int]]:
+    """(relative path, rows) of every written shard, read from the Parquet footers."""
+    pattern = FileSystems.join(output, "shards", "part-*.parquet")
+    result = []
+    for meta in sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path):
+        with FileSystems.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        result.append((f"shards/{os.path.basename(meta.path)}", rows))
+    return result
 
 
 # Google's recipe makes B a random span ~50% of the time, and always when a chunk holds a

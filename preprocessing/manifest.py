@@ -67,6 +67,7 @@ def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokeniz
         "dupe_factor": config.dupe_factor,
         "short_seq_prob": config.short_seq_prob,
         "docs_per_bucket": config.docs_per_bucket,
+        "split_bytes": config.split_bytes,
         "seed": config.seed,
         "input": {"paths": sorted(input_paths), "fingerprint": input_fingerprint(input_paths)},
         "columns": {
@@ -98,7 +99,7 @@ def remove_stale_outputs(output: str) -> None:
     path = FileSystems.join(output, MANIFEST)
     if FileSystems.exists(path):
         FileSystems.delete([path])
-    for pattern in ("shards/*", "shards/.*", "tokenizer/*"):
+    for pattern in ("shards/*", "shards/.*", "tokenizer/*", "parts/*", "parts/.*"):
         matched = FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list
         if matched:
             FileSystems.delete([m.path for m in matched])

@@ -1,58 +1,61 @@
 """The pipeline's steps as composite PTransforms, each named for what it produces.
 
-    ReadTasks ─► ReadDocuments ─► ExtractSentences ─┬─► TrainTokenizer ─► model (side input)
-                                                     └─► TokenizeDocuments ─► CreateMlmNspExamples ─► WriteShards
+    ReadTasks ─┬─► TrainTokenizer (a bounded sample of the tasks) ─► model (side input)
+               └─► WriteExampleParts ─► AssembleShards ─► OUTPUT/shards/*.parquet
+                          └─► CombineCounts ─► OUTPUT/parts/counters.json
 
-Every element that is dropped is counted in a ``Metrics.counter`` of the namespace
-``preprocess`` named for the reason; the driver logs the counters and puts them in the
-manifest. Heavy objects (SentencePiece processors) are built once per worker and
-cached, never pickled with the DoFn.
+No step gathers the corpus. A read task (a byte range of one file, defined by the input
+alone) streams its documents in buckets of ``--docs-per-bucket`` consecutive documents;
+each bucket is cleaned, split into sentences, tokenized, cut into Google's segments and
+masked, and its examples go to the task's part file before the next bucket is read. Random
+next segments come from the same bucket. What crosses a shuffle is small: read tasks, the
+parts' row counts, shard numbers, per-task count records and the vocabulary sample, whose
+size is fixed by flags. Equal-size shards are then assembled from the parts (see
+``parts.py``). Memory per worker is bounded by a bucket or a shard, never by the corpus.
+
+Counts travel in the data: every task emits one record of its counts (every skipped page,
+line and document under its reason, and the totals), the records are summed at the end
+and written to ``OUTPUT/parts/counters.json``, which the driver reads. A runner that
+retries a bundle discards the failed attempt's outputs, so nothing is counted twice, and
+every runner reports them (Beam metrics are not available on every runner).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
+import collections
+import heapq
 import itertools
+import json
 import logging
-import math
 import os
-import pickle
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
-import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
-from preprocessing import examples, inputs, vocab, wiki_dump
-from preprocessing.documents import Problem, RawDocument, SentenceDocument, document_key, stable_hash
+from preprocessing import examples, inputs, parts, vocab, wiki_dump
+from preprocessing.documents import Problem, RawDocument, SentenceDocument, stable_hash
 from preprocessing.options import PreprocessConfig
 from preprocessing.sentences import split_sentences
 from preprocessing.wikitext import clean_wikitext
 
 log = logging.getLogger(__name__)
-NAMESPACE = "preprocess"
 _MAX_WARNINGS_PER_REASON = 20
-
-
-def counter(name: str):
-    return Metrics.counter(NAMESPACE, name)
 
 
 class _ProblemLog:
     """Counts every problem; logs the first few of each reason, then every 1000th."""
 
-    def __init__(self):
-        self.seen: dict[str, int] = {}
+    def __init__(self, counts: collections.Counter, quiet: bool = False):
+        self.counts, self.quiet = counts, quiet
+        self.first: dict[str, str] = {}
 
     def report(self, problem: Problem) -> None:
-        counter(problem.reason).inc()
-        n = self.seen[problem.reason] = self.seen.get(problem.reason, 0) + 1
-        if n <= _MAX_WARNINGS_PER_REASON or n % 1000 == 0:
+        n = self.counts[problem.reason] = self.counts[problem.reason] + 1
+        self.first.setdefault(problem.reason, problem.message)
+        if not self.quiet and (n <= _MAX_WARNINGS_PER_REASON or n % 1000 == 0):
             log.warning("%s [%s #%d]", problem.message, problem.reason, n)
 
 
@@ -70,93 +73,167 @@ class _Throttled:
             log.info("%s: %s %s", self.label, f"{self.total:,}", what)
 
 
-# ---------------------------------------------------------------------------- reading
-class _ReadTaskFn(beam.DoFn):
-    def __init__(self, text_field: str, max_line_bytes: int):
-        self.text_field, self.max_line_bytes = text_field, max_line_bytes
+def merge_counts(records: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Sums count records (CombineGlobally calls it on records and on its own sums)."""
+    total: collections.Counter = collections.Counter()
+    for record in records:
+        total.update(record)
+    return dict(sorted(total.items()))
 
-    def setup(self):
-        self.problems = _ProblemLog()
-        self.progress = _Throttled("read")
 
-    def process(self, task: inputs.ReadTask) -> Iterator[RawDocument]:
-        name = os.path.basename(task.path)
-        for item in inputs.read_task(task, self.text_field, self.max_line_bytes):
-            if isinstance(item, Problem):
-                self.problems.report(item)
-            elif isinstance(item, wiki_dump.Page):
-                counter("pages-read").inc()
-                if item.repaired:
-                    counter("invalid-utf8-pages").inc()
-                if item.namespace != 0:
-                    counter("skipped-non-article-namespace").inc()
-                elif item.is_redirect:
-                    counter("skipped-redirects").inc()
-                elif item.is_disambiguation:
-                    counter("skipped-disambiguation").inc()
-                else:
-                    counter("documents-read").inc()
-                    self.progress.add(1, "documents read in this worker")
-                    yield RawDocument(f"{name}#{item.page_id}", item.text, "wikitext", item.title)
+# ---------------------------------------------------------------------------- documents
+def task_documents(task: inputs.ReadTask, text_field: str, max_line_bytes: int,
+                   problems: _ProblemLog) -> Iterator[RawDocument]:
+    """The documents one read task reads, with non-article pages filtered; every page,
+    skip and problem counted in ``problems.counts``."""
+    counts = problems.counts
+    name = os.path.basename(task.path)
+    for item in inputs.read_task(task, text_field, max_line_bytes):
+        if isinstance(item, Problem):
+            problems.report(item)
+        elif isinstance(item, wiki_dump.Page):
+            counts["pages-read"] += 1
+            if item.repaired:
+                counts["invalid-utf8-pages"] += 1
+            if item.namespace != 0:
+                counts["skipped-non-article-namespace"] += 1
+            elif item.is_redirect:
+                counts["skipped-redirects"] += 1
+            elif item.is_disambiguation:
+                counts["skipped-disambiguation"] += 1
             else:
-                counter("documents-read").inc()
-                self.progress.add(1, "documents read in this worker")
-                yield item
+                counts["documents-read"] += 1
+                yield RawDocument(f"{name}#{item.page_id}", item.text, "wikitext", item.title)
+        else:
+            counts["documents-read"] += 1
+            yield item
 
 
-class ReadDocuments(beam.PTransform):
-    """Read tasks → RawDocument, with pages filtered and every skip counted."""
-
-    def __init__(self, text_field: str, max_line_bytes: int, rebalance: bool = True):
-        super().__init__()
-        self.text_field, self.max_line_bytes = text_field, max_line_bytes
-        self.rebalance = rebalance
-
-    def expand(self, tasks):
-        docs = (tasks
-                # One task per worker at a time: without this, Create's bundles decide.
-                | "DistributeReadTasks" >> beam.Reshuffle()
-                | "Read" >> beam.ParDo(_ReadTaskFn(self.text_field, self.max_line_bytes)))
-        if self.rebalance:
-            # Breaks fusion: a single-stream dump is read by one worker, but its pages
-            # are cleaned by all of them.
-            docs = docs | "SpreadDocuments" >> beam.Reshuffle()
-        return docs
-
-
-# ---------------------------------------------------------------------------- cleaning
-def _to_sentences(doc: RawDocument) -> Iterator[SentenceDocument]:
+def to_sentences(doc: RawDocument, counts: collections.Counter) -> SentenceDocument | None:
+    """Markup cleaned to prose and split into sentences; None (counted) when nothing is left."""
     text = clean_wikitext(doc.text) if doc.markup == "wikitext" else doc.text
     sentences = tuple(split_sentences(text))
     if not sentences:
-        counter("skipped-empty-documents").inc()
-        return
-    counter("sentences").inc(len(sentences))
-    counter("characters").inc(sum(map(len, sentences)))
-    yield SentenceDocument(doc.doc_id, sentences)
+        counts["skipped-empty-documents"] += 1
+        return None
+    counts["sentences"] += len(sentences)
+    counts["characters"] += sum(map(len, sentences))
+    return SentenceDocument(doc.doc_id, sentences)
 
 
-class ExtractSentences(beam.PTransform):
-    """RawDocument → SentenceDocument: markup cleaned to prose, split into sentences."""
-
-    def expand(self, docs):
-        return docs | "CleanAndSplit" >> beam.FlatMap(_to_sentences)
+def consecutive_buckets(docs: Iterable, size: int) -> Iterator[list]:
+    """Lists of ``size`` consecutive items; the last holds between ``size`` and
+    ``2 * size - 1`` (or all, when there are fewer), so no task ends on a tiny bucket whose
+    random next segments would have almost no documents to come from."""
+    pending: list = []
+    for doc in docs:
+        pending.append(doc)
+        if len(pending) == 2 * size:
+            yield pending[:size]
+            pending = pending[size:]
+    if pending:
+        yield pending
 
 
 # ---------------------------------------------------------------------------- vocabulary
-def _sampled_sentences(doc: SentenceDocument, total: int, wanted: int) -> Iterator[tuple[int, str]]:
-    # Keyed sampling: a sentence is in the sample iff its hash falls under a threshold,
-    # so the sample is the same for any number of workers and any processing order.
-    threshold = (1 << 64) if total <= wanted else int(wanted / total * (1 << 64))
-    key = doc.key
-    for i, sentence in enumerate(doc.sentences):
-        h = stable_hash(key, i)
-        if h < threshold:
-            yield h, sentence
+def vocabulary_tasks(tasks: list[inputs.ReadTask], sample_bytes: int) -> list[inputs.ReadTask]:
+    """The read tasks the vocabulary is trained on: in an order fixed by a hash of each
+    task (file name and range), as many as it takes to cover ``sample_bytes`` of input.
+    A spread of ranges from across the corpus, the same for any number of workers."""
+    ranked = sorted(tasks, key=lambda t: stable_hash(os.path.basename(t.path), t.start, t.end))
+    chosen, covered = [], 0
+    for task in ranked:
+        if covered >= sample_bytes:
+            break
+        chosen.append(task)
+        covered += task.stored_bytes
+    return chosen
 
 
-def _train_and_write(sample: list[tuple[int, str]], config: PreprocessConfig) -> bytes:
-    sample.sort()
+class _SampleSentencesFn(beam.DoFn):
+    """A read task → its ``k`` sentences of smallest hash, sorted: (hash, sentence) pairs.
+
+    The sample of the whole corpus is then the ``k`` smallest of all tasks' lists, the
+    same for any number of workers and any order. Also outputs, tagged ``problems``, the
+    task's counts with the first message of each reason, for the error when nothing is left.
+    """
+
+    def __init__(self, text_field: str, max_line_bytes: int, k: int):
+        self.text_field, self.max_line_bytes, self.k = text_field, max_line_bytes, k
+
+    def process(self, task: inputs.ReadTask):
+        counts: collections.Counter = collections.Counter()
+        # Quiet: the examples step reads these tasks again and logs their problems once.
+        problems = _ProblemLog(counts, quiet=True)
+        heap: list[tuple[int, str]] = []  # max-heap by negated hash: the k smallest so far
+        for raw in task_documents(task, self.text_field, self.max_line_bytes, problems):
+            doc = to_sentences(raw, counts)
+            if doc is None:
+                continue
+            key = doc.key
+            for i, sentence in enumerate(doc.sentences):
+                h = stable_hash(key, i)
+                if len(heap) < self.k:
+                    heapq.heappush(heap, (-h, sentence))
+                elif -h > heap[0][0]:
+                    heapq.heapreplace(heap, (-h, sentence))
+        yield sorted((-negated, sentence) for negated, sentence in heap)
+        yield beam.pvalue.TaggedOutput("problems", (dict(counts), problems.first))
+
+
+class _SmallestSentences(beam.CombineFn):
+    """The ``k`` smallest (hash, sentence) pairs of sorted lists; memory O(k)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, accumulator, sorted_pairs):
+        return self.merge_accumulators([accumulator, sorted_pairs])
+
+    def merge_accumulators(self, accumulators):
+        return list(itertools.islice(heapq.merge(*accumulators), self.k))
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def _merge_problems(records):
+    counts, first = collections.Counter(), {}
+    for record_counts, record_first in records:
+        counts.update(record_counts)
+        for reason, message in record_first.items():
+            first.setdefault(reason, message)
+    return dict(counts), first
+
+
+class _MergeProblems(beam.CombineFn):
+    """Sums the sample tasks' problem counts, keeping the first message of each reason."""
+
+    def create_accumulator(self):
+        return {}, {}
+
+    def add_input(self, accumulator, record):
+        return _merge_problems([accumulator, record])
+
+    def merge_accumulators(self, accumulators):
+        return _merge_problems(accumulators)
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+
+def _train_and_write(sample: list[tuple[int, str]], problems, config: PreprocessConfig) -> bytes:
+    if not sample:
+        counts, first = problems
+        skipped = "; ".join(f"{reason}: {counts[reason]:,} (first: {message})"
+                            for reason, message in sorted(first.items()))
+        raise vocab.VocabError("no sentences to train the vocabulary on: the input has no text"
+                               + (f". Skipped while reading: {skipped}" if skipped else
+                                  " (check --input and --text-field)"))
     log.info("training a %s SentencePiece vocabulary of %d on %d sentences",
              config.model_type, config.vocab_size, len(sample))
     proto = vocab.train_sentencepiece((s for _, s in sample), config.vocab_size, config.model_type)
@@ -166,39 +243,43 @@ def _train_and_write(sample: list[tuple[int, str]], config: PreprocessConfig) ->
 
 def write_tokenizer_files(proto: bytes, output: str, max_seq_length: int) -> bytes:
     """Writes OUTPUT/tokenizer/ (spm.model + Hugging Face files) on any Beam filesystem."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as local:
         vocab.write_tokenizer(proto, local, max_seq_length)
-        target = FileSystems.join(output, "tokenizer")
+        target = f"{output.rstrip('/')}/tokenizer"
         for name in sorted(os.listdir(local)):
-            with open(os.path.join(local, name), "rb") as src, \
-                    FileSystems.create(FileSystems.join(target, name)) as dst:
-                dst.write(src.read())
+            with open(os.path.join(local, name), "rb") as src:
+                parts.write_atomically(f"{target}/{name}", src.read())
     return proto
 
 
 class TrainTokenizer(beam.PTransform):
-    """SentenceDocument → one serialized SentencePiece model, also written to OUTPUT/tokenizer."""
+    """Read tasks → one serialized SentencePiece model, also written to OUTPUT/tokenizer.
+
+    Trained on the ``--vocab-sample-sentences`` sentences of smallest hash among the read
+    tasks that ``vocabulary_tasks`` picks (``--vocab-sample-bytes`` of input): its memory
+    and time are bounded by those two flags, whatever the corpus size.
+    """
 
     def __init__(self, config: PreprocessConfig):
         super().__init__()
         self.config = config
 
-    def expand(self, docs):
-        total = (docs
-                 | "SentencesPerDocument" >> beam.Map(lambda d: len(d.sentences))
-                 | "TotalSentences" >> beam.CombineGlobally(sum))
-        return (
-            docs
-            | "SampleSentences" >> beam.FlatMap(_sampled_sentences, beam.pvalue.AsSingleton(total),
-                                                self.config.vocab_sample_sentences)
-            | "CollectSample" >> beam.combiners.ToList()
-            | "Train" >> beam.Map(_train_and_write, self.config)
-        )
+    def expand(self, tasks):
+        c = self.config
+        sampled = (tasks
+                   | "DistributeSampleTasks" >> beam.Reshuffle()
+                   | "SampleSentences" >> beam.ParDo(
+                       _SampleSentencesFn(c.text_field, c.max_line_bytes, c.vocab_sample_sentences)
+                   ).with_outputs("problems", main="sentences"))
+        problems = sampled.problems | "CombineProblems" >> beam.CombineGlobally(_MergeProblems())
+        return (sampled.sentences
+                | "SmallestHashes" >> beam.CombineGlobally(_SmallestSentences(c.vocab_sample_sentences))
+                | "Train" >> beam.Map(_train_and_write, beam.pvalue.AsSingleton(problems), c))
 
 
-# ---------------------------------------------------------------------------- tokenizing
+
+
+# ---------------------------------------------------------------------------- examples
 _processors: dict[int, tuple[object, examples.VocabInfo]] = {}
 
 
@@ -217,261 +298,142 @@ def load_model(proto: bytes):
     return _processors[key]
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenizedDocument:
-    """Sentences as one flat id array + lengths: pickles as two arrays, not one small
-    array per sentence (which made unpickling 7% of the run time)."""
-
-    key: int
-    tokens: np.ndarray   # int32, every sentence's ids concatenated
-    lengths: np.ndarray  # int32, tokens per sentence
-
-    def to_document(self) -> examples.Document:
-        return examples.Document(key=self.key, sentences=np.split(self.tokens, np.cumsum(self.lengths)[:-1]))
-
-
-def _tokenize(doc: SentenceDocument, proto: bytes) -> Iterator[TokenizedDocument]:
-    sp, _ = load_model(proto)
-    # One call per document: SentencePiece's batch encode is ~20% faster than a loop.
-    pieces = [p for p in sp.encode(list(doc.sentences), num_threads=1) if p]
-    if not pieces:
-        counter("skipped-empty-after-tokenizing").inc()
-        return
-    lengths = np.fromiter(map(len, pieces), dtype=np.int32, count=len(pieces))
-    tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
-    counter("tokens").inc(len(tokens))
-    yield TokenizedDocument(doc.key, tokens, lengths)
-
-
-class TokenizeDocuments(beam.PTransform):
-    """SentenceDocument → TokenizedDocument (sentences as int32 ids)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def expand(self, docs):
-        return docs | "Encode" >> beam.FlatMap(_tokenize, beam.pvalue.AsSingleton(self.model))
-
-
-# ---------------------------------------------------------------------------- examples
-def _wire(value) -> bytes:
-    """A shuffled value as bytes the worker pickles once. The local multi-process runner
-    groups every GroupByKey in its own process, decoding and re-encoding each value while
-    the workers wait: as bytes that is a copy, as objects an unpickle and a pickle."""
-    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _example_config(config: PreprocessConfig) -> examples.ExampleConfig:
+def example_config(config: PreprocessConfig) -> examples.ExampleConfig:
     return examples.ExampleConfig(
         max_seq_length=config.max_seq_length, short_seq_prob=config.short_seq_prob,
         masked_lm_prob=config.masked_lm_prob, max_predictions_per_seq=config.max_predictions_per_seq,
         whole_word_mask=config.whole_word_mask)
 
 
-class _PlanInstancesFn(beam.DoFn):
-    """(bucket, documents) → (bucket, SegmentPlan of every duplicate pass): where each
-    instance's A and B come from, not yet assembled or masked."""
+def tokenize(doc: SentenceDocument, sp, counts: collections.Counter) -> examples.Document | None:
+    # One call per document: SentencePiece's batch encode is ~20% faster than a loop.
+    pieces = [np.array(p, np.int32) for p in sp.encode(list(doc.sentences), num_threads=1) if p]
+    if not pieces:
+        counts["skipped-empty-after-tokenizing"] += 1
+        return None
+    counts["tokens"] += sum(map(len, pieces))
+    return examples.Document(key=doc.key, sentences=pieces)
+
+
+def bucket_instances(docs: list[examples.Document], config: PreprocessConfig,
+                     ex_config: examples.ExampleConfig, vocab_info: examples.VocabInfo,
+                     counts: collections.Counter) -> examples.InstanceBatch:
+    """Every duplicate pass of one bucket: Google's segments, then masking."""
+    bucket = examples.Bucket(docs)
+    examples.check_vocabulary(bucket, ex_config, vocab_info)
+    plan = examples.SegmentPlan.concat([
+        examples.plan_segments(bucket, dupe, config.seed, ex_config) for dupe in range(config.dupe_factor)])
+    counts["instances"] += len(plan)
+    counts["instance-tokens"] += plan.num_tokens
+    counts["random-next"] += int(plan.is_random_next.sum())
+    counts["short-target-document-passes"] += plan.stats.short_target_documents
+    if plan.stats.skipped_single_document:
+        counts["skipped-instances-single-document-bucket"] += plan.stats.skipped_single_document
+    batch = examples.mask_instances(plan, ex_config, vocab_info)
+    counts["masked-tokens"] += batch.num_masked
+    return batch
+
+
+class _WriteExamplePartsFn(beam.DoFn):
+    """(task index, read task) → the task's PartInfo, and tagged ``counts``, its count
+    record. Reads, cleans, tokenizes and makes examples one bucket at a time."""
 
     def __init__(self, config: PreprocessConfig):
         self.config = config
-        self.example_config = _example_config(config)
-
-    def process(self, bucket_docs, proto: bytes):
-        bucket, wired = bucket_docs
-        _, vocab_info = load_model(proto)
-        docs = [pickle.loads(d) for d in wired]
-        # The bucket's order must not depend on which worker grouped it.
-        prepared = examples.Bucket([d.to_document() for d in sorted(docs, key=lambda d: d.key)])
-        examples.check_vocabulary(prepared, self.example_config, vocab_info)
-        plan = examples.SegmentPlan.concat([
-            examples.plan_segments(prepared, dupe, self.config.seed, self.example_config)
-            for dupe in range(self.config.dupe_factor)])
-        counter("instances").inc(len(plan))
-        counter("instance-tokens").inc(plan.num_tokens)
-        counter("random-next").inc(int(plan.is_random_next.sum()))
-        counter("short-target-document-passes").inc(plan.stats.short_target_documents)
-        if plan.stats.skipped_single_document:
-            counter("skipped-instances-single-document-bucket").inc(plan.stats.skipped_single_document)
-        yield bucket, plan
-
-
-def shard_layout(counts: dict[int, int], config: PreprocessConfig) -> tuple[dict[int, int], int, int]:
-    """Each bucket's first global instance index (buckets in key order), the number of
-    instances and the number of shards."""
-    offsets, total = {}, 0
-    for bucket in sorted(counts):
-        offsets[bucket] = total
-        total += counts[bucket]
-    num_shards = config.num_shards or max(1, math.ceil(total / config.rows_per_shard))
-    return offsets, total, num_shards
-
-
-def shard_of(global_index: np.ndarray, total: int, num_shards: int) -> np.ndarray:
-    """Shard s holds the global indices i with i * num_shards // total == s: contiguous
-    ranges whose sizes differ by at most one, so no rank runs out before the others."""
-    return global_index * num_shards // max(total, 1)
-
-
-class _SplitToShardsFn(beam.DoFn):
-    """A bucket's plan, cut where shard boundaries fall: a bucket goes to one shard, or
-    to two where a boundary crosses it. Its tokens travel with each part, so a shard's
-    instances are assembled where the shard is written, and only the plan (about a
-    quarter of the masked instances' bytes) crosses the shuffle."""
-
-    def __init__(self, config: PreprocessConfig):
-        self.config = config
-        self._layout = None
-
-    def process(self, bucket_plan, counts: dict[int, int]):
-        if self._layout is None:  # the side input is the same for every element
-            self._layout = shard_layout(counts, self.config)
-        offsets, total, num_shards = self._layout
-        bucket, plan = bucket_plan
-        global_index = offsets[bucket] + np.arange(len(plan), dtype=np.int64)
-        shards = shard_of(global_index, total, num_shards)
-        for shard in np.unique(shards):
-            rows = np.flatnonzero(shards == shard)
-            yield int(shard), _wire((int(global_index[rows[0]]), plan.take(rows)))
-
-
-@dataclasses.dataclass(eq=False)
-class ShardBatch:
-    """The instances of one output shard, in their final order."""
-
-    index: int
-    num_shards: int
-    batch: examples.InstanceBatch
-
-
-class _AssembleShardFn(beam.DoFn):
-    """(shard, plan parts) → ShardBatch: the instances assembled and masked, then put in
-    a stable order shuffled by their keys (global index breaks ties)."""
-
-    def __init__(self, config: PreprocessConfig):
-        self.config = config
-        self.example_config = _example_config(config)
+        self.ex_config = example_config(config)
 
     def setup(self):
         self.progress = _Throttled("examples")
 
-    def process(self, shard_parts, counts: dict[int, int], proto: bytes):
-        shard, wired = shard_parts
-        _, _, num_shards = shard_layout(counts, self.config)
-        _, vocab_info = load_model(proto)
-        parts = sorted((pickle.loads(p) for p in wired), key=lambda p: p[0])
-        index = np.concatenate([first + np.arange(len(plan), dtype=np.int64) for first, plan in parts])
-        batch = examples.InstanceBatch.concat(
-            [examples.mask_instances(plan, self.example_config, vocab_info) for _, plan in parts])
-        counter("masked-tokens").inc(batch.num_masked)
-        self.progress.add(len(batch), "examples created in this worker")
-        yield ShardBatch(shard, num_shards, batch.take(np.lexsort((index, batch.keys))))
+    def process(self, indexed_task, proto: bytes):
+        index, task = indexed_task
+        c = self.config
+        sp, vocab_info = load_model(proto)
+        counts: collections.Counter = collections.Counter()
+        problems = _ProblemLog(counts)
+        sentence_docs = filter(None, (to_sentences(raw, counts) for raw in
+                                      task_documents(task, c.text_field, c.max_line_bytes, problems)))
+        writer = parts.PartWriter(f"{c.output.rstrip('/')}/{parts.PARTS_DIR}/{parts.part_name(index)}")
+        for bucket in consecutive_buckets(sentence_docs, c.docs_per_bucket):
+            docs = [d for d in (tokenize(doc, sp, counts) for doc in bucket) if d is not None]
+            if docs:
+                batch = bucket_instances(docs, c, self.ex_config, vocab_info, counts)
+                writer.add(batch)
+                self.progress.add(len(batch), "examples written by this worker")
+        rows = writer.close()
+        counts["read-tasks"] += 1
+        yield parts.PartInfo(index, writer.path, rows)
+        yield beam.pvalue.TaggedOutput("counts", dict(counts))
 
 
-class CreateMlmNspExamples(beam.PTransform):
-    """TokenizedDocument → ShardBatch: the masked MLM/NSP instances of each output shard.
-
-    Documents are grouped into buckets of about ``docs_per_bucket`` by a stable hash;
-    random next sentences come from the same bucket, so memory per worker is bounded
-    by a bucket, not by the corpus (Google's script holds every document). Buckets are
-    planned (Google's segment choices, the Python-heavy part), the plans are cut into
-    shards of equal size (contiguous runs of buckets in key order), and each shard's
-    instances are assembled and masked (numpy) where the shard is grouped.
-    """
+class WriteExampleParts(beam.PTransform):
+    """(task index, read task) → PartInfo per task (main output) and count records
+    (output ``counts``)."""
 
     def __init__(self, config: PreprocessConfig, model):
         super().__init__()
         self.config, self.model = config, model
 
-    def expand(self, docs):
-        num_docs = docs | "CountDocuments" >> beam.combiners.Count.Globally()
-        per_bucket = self.config.docs_per_bucket
-
-        def to_bucket(doc, n):
-            return (stable_hash(doc.key, "bucket") % max(1, n // per_bucket), _wire(doc))
-
-        model = beam.pvalue.AsSingleton(self.model)
-        plans = (
-            docs
-            | "AssignBuckets" >> beam.Map(to_bucket, beam.pvalue.AsSingleton(num_docs))
-                                    .with_output_types(tuple[int, bytes])
-            | "GroupBuckets" >> beam.GroupByKey()
-            | "PlanInstances" >> beam.ParDo(_PlanInstancesFn(self.config), model)
-        )
-        counts = beam.pvalue.AsDict(plans | "CountPerBucket" >> beam.Map(lambda kv: (kv[0], len(kv[1]))))
-        return (
-            plans
-            | "SplitToShards" >> beam.ParDo(_SplitToShardsFn(self.config), counts)
-                                    .with_output_types(tuple[int, bytes])
-            | "GroupShards" >> beam.GroupByKey()
-            | "AssembleAndMask" >> beam.ParDo(_AssembleShardFn(self.config), counts, model)
-        )
+    def expand(self, indexed_tasks):
+        return (indexed_tasks
+                # One task per worker at a time: without this, Create's bundles decide.
+                | "DistributeReadTasks" >> beam.Reshuffle()
+                | "MakeExamples" >> beam.ParDo(_WriteExamplePartsFn(self.config),
+                                               beam.pvalue.AsSingleton(self.model))
+                .with_outputs("counts", main="parts"))
 
 
-# ---------------------------------------------------------------------------- writing
-def shard_name(index: int, num_shards: int) -> str:
-    return f"part-{index:05d}-of-{num_shards:05d}.parquet"
+# ---------------------------------------------------------------------------- shards
+def _assemble_and_write(shard: int, layout: parts.ShardLayout, config: PreprocessConfig):
+    table = parts.assemble_shard(layout, shard, config.seed)
+    name = parts.shard_name(shard, layout.num_shards)
+    path = f"{config.output.rstrip('/')}/shards/{name}"
+    parts.write_atomically(path, parts.encode_shard(table))
+    log.info("wrote %s (%d rows)", path, table.num_rows)
+    return name, table.num_rows
 
 
-class _WriteShardFn(beam.DoFn):
-    def __init__(self, output: str):
-        self.output = output
-
-    def process(self, shard: ShardBatch):
-        table = shard.batch.to_arrow()
-        name = shard_name(shard.index, shard.num_shards)
-        final = FileSystems.join(self.output, "shards", name)
-        temp = FileSystems.join(self.output, "shards", f".{name}.inprogress")
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd", row_group_size=8192)
-        with FileSystems.create(temp) as f:
-            f.write(buffer.getvalue())
-        if FileSystems.exists(final):
-            FileSystems.delete([final])
-        FileSystems.rename([temp], [final])
-        counter("shards-written").inc()
-        log.info("wrote %s (%d rows)", final, table.num_rows)
-        yield name, table.num_rows
-
-
-class WriteShards(beam.PTransform):
-    """ShardBatch → one Parquet file each, written under a temporary name and renamed
-    when complete; yields (name, rows)."""
+class AssembleShards(beam.PTransform):
+    """PartInfo → (shard name, rows): equal-size shards cut from the parts in task order,
+    each assembled by its own task from its slices and shuffled within itself."""
 
     def __init__(self, config: PreprocessConfig):
         super().__init__()
         self.config = config
 
-    def expand(self, shards):
-        return shards | "WriteParquet" >> beam.ParDo(_WriteShardFn(self.config.output))
+    def expand(self, part_infos):
+        c = self.config
+        layout = (part_infos
+                  | "CollectParts" >> beam.combiners.ToList()
+                  | "PlanShards" >> beam.Map(parts.ShardLayout.plan, c.num_shards, c.rows_per_shard))
+        return (layout
+                | "ShardNumbers" >> beam.FlatMap(lambda lay: range(lay.num_shards))
+                | "DistributeShards" >> beam.Reshuffle()
+                | "AssembleAndWrite" >> beam.Map(_assemble_and_write, beam.pvalue.AsSingleton(layout), c))
+
+
+def _write_counters(counts: dict[str, int], output: str) -> None:
+    parts.write_atomically(f"{output.rstrip('/')}/{parts.PARTS_DIR}/{parts.COUNTERS_FILE}",
+                           json.dumps(counts, indent=1, sort_keys=True).encode())
 
 
 def build_pipeline(p: beam.Pipeline, tasks: list[inputs.ReadTask], config: PreprocessConfig,
                    tokenizer_proto: bytes | None):
-    """Adds the whole pipeline to ``p``; returns the PCollection of written shards."""
-    docs = (p
-            | "ReadTasks" >> beam.Create(tasks)
-            | "ReadDocuments" >> ReadDocuments(config.text_field, config.max_line_bytes,
-                                               inputs.needs_rebalancing(tasks, config.split_bytes))
-            | "ExtractSentences" >> ExtractSentences())
+    """Adds the whole pipeline to ``p``; returns the PCollection of written (shard, rows)."""
     if tokenizer_proto is None:
-        model = docs | "TrainTokenizer" >> TrainTokenizer(config)
+        sample = vocabulary_tasks(tasks, config.vocab_sample_bytes)
+        log.info("vocabulary sample: %d of %d read tasks", len(sample), len(tasks))
+        model = (p
+                 | "VocabularyTasks" >> beam.Create(sample)
+                 | "TrainTokenizer" >> TrainTokenizer(config))
     else:
         model = (p
                  | "GivenTokenizer" >> beam.Create([tokenizer_proto])
                  | "WriteTokenizer" >> beam.Map(write_tokenizer_files, config.output, config.max_seq_length))
-    return (docs
-            | "TokenizeDocuments" >> TokenizeDocuments(model)
-            | "CreateMlmNspExamples" >> CreateMlmNspExamples(config, model)
-            | "WriteShards" >> WriteShards(config))
-
-
-def read_shard_counts(output: str) -> list[tuple[str, int]]:
-    """(relative path, rows) of every written shard, read from the Parquet footers."""
-    pattern = FileSystems.join(output, "shards", "part-*.parquet")
-    result = []
-    for meta in sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path):
-        with FileSystems.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        result.append((f"shards/{os.path.basename(meta.path)}", rows))
-    return result
+    written = (p
+               | "ReadTasks" >> beam.Create(list(enumerate(tasks)))
+               | "WriteExampleParts" >> WriteExampleParts(config, model))
+    _ = (written.counts
+         | "CombineCounts" >> beam.CombineGlobally(merge_counts)
+         | "WriteCounters" >> beam.Map(_write_counters, config.output))
+    return written.parts | "AssembleShards" >> AssembleShards(config)

@@ -76,6 +76,21 @@ def test_two_workers_and_a_rerun_give_identical_shards(one_worker_run, tmp_path)
     assert spm[0] == spm[1]
 
 
+def test_many_tasks_buckets_and_shards_are_identical_for_any_worker_count(multistream_dump, tmp_path):
+    """~26 read tasks of 64 KiB, ~1,300 buckets of 4 documents, 5 shards cut across tasks."""
+    args = ["--input", multistream_dump, "--vocab-size", "4000", "--dupe-factor", "2", "--split-bytes",
+            "65536", "--docs-per-bucket", "4", "--num-shards", "5", "--no-mlflow"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_beam([*args, "--output", one])
+    run_beam([*args, "--output", two, *TWO_WORKERS])
+    assert shard_digests(one) == shard_digests(two)
+    manifest = json.load(open(os.path.join(one, "manifest.json")))
+    counters = manifest["counters"]
+    assert counters["read-tasks"] > 20 and counters["documents-read"] == 98
+    assert counters == json.load(open(os.path.join(two, "manifest.json")))["counters"]
+    assert sorted(os.listdir(one)) == ["manifest.json", "shards", "tokenizer"]  # parts removed
+
+
 def test_output_loads_with_datasets_and_autotokenizer(one_worker_run):
     import datasets
     from transformers import AutoTokenizer
@@ -130,7 +145,7 @@ def test_failed_run_leaves_no_manifest(tmp_path):
     assert proc.returncode == 2
     assert "error: no sentences to train the vocabulary on: the input has no text" in proc.stderr
     assert "jsonl-missing-text-field" in proc.stderr
-    assert f"{corpus}:1: row has no 'text' field (see --text-field)" in proc.stderr
+    assert f"{corpus}: line 1 (byte 0): row has no 'text' field (see --text-field)" in proc.stderr
     assert not (output / "manifest.json").exists()
 
 

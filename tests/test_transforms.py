@@ -1,18 +1,22 @@
-"""Each composite PTransform on its own: TestPipeline + assert_that, real sample data."""
+"""Each composite PTransform and the functions behind it, on real sample data:
+TestPipeline + assert_that where a step is a Beam transform."""
 
+import collections
 import dataclasses
+import json
 import os
 import pickle
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece
 from apache_beam.testing import test_pipeline
-from apache_beam.testing.util import assert_that, equal_to, is_not_empty
+from apache_beam.testing.util import assert_that, equal_to
 
-from preprocessing import examples, inputs, transforms, vocab
+from preprocessing import examples, inputs, parts, transforms, vocab
 from preprocessing.documents import RawDocument, SentenceDocument
 from preprocessing.options import PreprocessConfig
 
@@ -41,45 +45,80 @@ def spm_proto():
     return vocab.train_sentencepiece(sentences, 4000, "unigram")
 
 
-def test_read_documents_filters_and_counts_every_page():
-    tasks = inputs.plan_read_tasks([WIKI_SAMPLE], 1 << 30)
-    p = pipeline()
-    docs = p | beam.Create(tasks) | transforms.ReadDocuments("text", 1 << 20)
-    assert_that(docs | "Ids" >> beam.Map(lambda d: (d.doc_id.split("#")[0], d.markup)),
-                equal_to([("enwiki-sample-pages-articles.xml.bz2", "wikitext")] * 98))
-    result = p.run()
-    result.wait_until_finish()
-    from preprocessing.driver import query_counters
-
-    counters = query_counters(result)
-    assert counters["pages-read"] == 206
-    assert counters["skipped-redirects"] == 99
-    assert counters["skipped-disambiguation"] == 8  # Alien, Ada, Aa River, 5 "(disambiguation)"
-    assert counters["skipped-non-article-namespace"] == 1
-    assert counters["documents-read"] == 98
+def test_task_documents_filter_and_count_every_page():
+    [task] = inputs.plan_read_tasks([WIKI_SAMPLE], 1 << 30)
+    counts = collections.Counter()
+    docs = list(transforms.task_documents(task, "text", 1 << 20, transforms._ProblemLog(counts)))
+    assert {(d.doc_id.split("#")[0], d.markup) for d in docs} == {
+        ("enwiki-sample-pages-articles.xml.bz2", "wikitext")}
+    assert len(docs) == 98
+    assert counts["pages-read"] == 206
+    assert counts["skipped-redirects"] == 99
+    assert counts["skipped-disambiguation"] == 8  # Alien, Ada, Aa River, 5 "(disambiguation)"
+    assert counts["skipped-non-article-namespace"] == 1
+    assert counts["documents-read"] == 98
 
 
-def test_extract_sentences_cleans_markup_and_drops_empty_documents():
+def test_to_sentences_cleans_markup_and_counts_empty_documents():
+    counts = collections.Counter()
     raw = [
         RawDocument("w#1", "'''Anarchism''' is a [[political philosophy|philosophy]].{{cite}} "
                            "It has many forms.", "wikitext", "Anarchism"),
         RawDocument("w#2", "{{only a template}}", "wikitext", "Empty"),
         RawDocument("t:1", "Mr. Darcy walked in. Elizabeth looked up."),
     ]
-    p = pipeline()
-    out = p | beam.Create(raw) | transforms.ExtractSentences()
-    assert_that(out, equal_to([
-        SentenceDocument("w#1", ("Anarchism is a philosophy.", "It has many forms.")),
-        SentenceDocument("t:1", ("Mr. Darcy walked in.", "Elizabeth looked up.")),
-    ]))
-    p.run().wait_until_finish()
+    out = [transforms.to_sentences(d, counts) for d in raw]
+    assert out == [SentenceDocument("w#1", ("Anarchism is a philosophy.", "It has many forms.")), None,
+                   SentenceDocument("t:1", ("Mr. Darcy walked in.", "Elizabeth looked up."))]
+    assert counts["skipped-empty-documents"] == 1 and counts["sentences"] == 4
+
+
+@pytest.mark.parametrize("n,size", [(0, 4), (3, 4), (4, 4), (7, 4), (8, 4), (11, 4), (1000, 128)])
+def test_buckets_are_consecutive_and_the_last_is_never_small(n, size):
+    buckets = list(transforms.consecutive_buckets(range(n), size))
+    assert [x for b in buckets for x in b] == list(range(n))
+    assert all(len(b) == size for b in buckets[:-1])
+    if n >= size:
+        assert size <= len(buckets[-1]) < 2 * size
+    elif n:
+        assert len(buckets) == 1
+
+
+def test_vocabulary_tasks_are_a_hash_ordered_prefix_covering_the_budget(multistream_dump):
+    tasks = inputs.plan_read_tasks([multistream_dump], 65536)
+    assert len(tasks) > 20
+    chosen = transforms.vocabulary_tasks(tasks, 200_000)
+    assert 200_000 <= sum(t.stored_bytes for t in chosen) < 200_000 + 65536
+    assert transforms.vocabulary_tasks(list(reversed(tasks)), 200_000) == chosen  # order-free
+    starts = sorted(t.start for t in chosen)
+    assert starts != [t.start for t in tasks[:len(chosen)]]  # a spread, not the file's head
+    assert set(transforms.vocabulary_tasks(tasks, 1 << 40)) == set(tasks)  # a small corpus: all
+
+
+def sample_of(task, k):
+    out = transforms._SampleSentencesFn("text", 1 << 20, k).process(task)
+    return next(iter(out))
+
+
+def test_vocabulary_sample_is_the_smallest_hashes_for_any_grouping(multistream_dump):
+    tasks = inputs.plan_read_tasks([multistream_dump], 65536)
+    lists = [sample_of(t, 3000) for t in tasks]
+    combine = transforms._SmallestSentences(3000)
+    one = combine.merge_accumulators(lists)
+    # Any grouping and order of the partial results gives the same sample ...
+    halves = [combine.merge_accumulators(lists[1::2]), combine.merge_accumulators(lists[0::2][::-1])]
+    assert combine.merge_accumulators(halves) == one
+    assert combine.merge_accumulators([combine.add_input([], lst) for lst in lists]) == one
+    # ... the sentences of smallest hash in the whole corpus.
+    everything = sorted(pair for t in tasks for pair in sample_of(t, 10 ** 9))
+    assert len(everything) > 10_000 and one == everything[:3000]
 
 
 def test_train_tokenizer_writes_the_model_and_hf_files(tmp_path):
-    docs = [SentenceDocument(d.doc_id, tuple(d.text.split(". "))) for d in austen_documents(2000)]
+    tasks = inputs.plan_read_tasks([AUSTEN], 1 << 30)
     config = PreprocessConfig(output=str(tmp_path), vocab_size=3000, vocab_sample_sentences=5000)
     p = pipeline()
-    model = p | beam.Create(docs) | transforms.TrainTokenizer(config)
+    model = p | beam.Create(tasks) | transforms.TrainTokenizer(config)
 
     def check(protos):
         assert len(protos) == 1
@@ -93,61 +132,124 @@ def test_train_tokenizer_writes_the_model_and_hf_files(tmp_path):
     assert {"spm.model", "tokenizer.json", "tokenizer_config.json"} <= files
 
 
-def test_vocabulary_sample_is_the_same_for_any_order():
-    docs = [SentenceDocument(d.doc_id, tuple(d.text.split(". "))) for d in austen_documents(300)]
-    total = sum(len(d.sentences) for d in docs)
-    sample = [s for d in docs for s in transforms._sampled_sentences(d, total, total // 4)]
-    again = [s for d in reversed(docs) for s in transforms._sampled_sentences(d, total, total // 4)]
-    assert sorted(sample) == sorted(again)
-    assert abs(len(sample) - total / 4) < 0.1 * total / 4
-
-
-def test_tokenize_documents_matches_sentencepiece(spm_proto):
-    docs = [SentenceDocument(d.doc_id, tuple(d.text.split(". "))) for d in austen_documents(50)]
-    sp = sentencepiece.SentencePieceProcessor(model_proto=spm_proto)
-    expected = [(d.key, [i for s in d.sentences for i in sp.encode(s)]) for d in docs]
+def test_no_text_to_train_on_names_what_was_skipped(tmp_path):
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text('{"body": "the text is under another field"}\n' * 5)
+    tasks = inputs.plan_read_tasks([str(corpus)], 1 << 30)
     p = pipeline()
-    model = p | "Model" >> beam.Create([spm_proto])
-    out = p | beam.Create(docs) | transforms.TokenizeDocuments(model)
-    assert_that(out | beam.Map(lambda t: (t.key, t.tokens.tolist())), equal_to(expected))
+    _ = p | beam.Create(tasks) | transforms.TrainTokenizer(PreprocessConfig(output=str(tmp_path / "o")))
+    with pytest.raises(Exception, match="no sentences to train the vocabulary on.*jsonl-missing-text-field: 5"):
+        p.run().wait_until_finish()
+
+
+def run_examples_and_shards(tasks, config, proto):
+    """The example parts, shards and summed counts of ``tasks``, as the pipeline makes them."""
+    p = pipeline()
+    model = p | "Model" >> beam.Create([proto])
+    written = (p | beam.Create(list(enumerate(tasks)))
+               | transforms.WriteExampleParts(config, model))
+    _ = (written.counts | beam.CombineGlobally(transforms.merge_counts)
+         | beam.Map(transforms._write_counters, config.output))
+    shards = written.parts | transforms.AssembleShards(config)
+    assert_that(shards | beam.Map(lambda s: s[0]), equal_to([parts.shard_name(i, config.num_shards)
+                                                             for i in range(config.num_shards)]))
     p.run().wait_until_finish()
+    with open(os.path.join(config.output, parts.PARTS_DIR, parts.COUNTERS_FILE)) as f:
+        records = json.load(f)
+    records["part_rows"] = sorted(pq.ParquetFile(os.path.join(config.output, parts.PARTS_DIR, n)).metadata.num_rows
+                                  for n in os.listdir(os.path.join(config.output, parts.PARTS_DIR))
+                                  if n.endswith(".parquet"))
+    records["shards"] = [(n, pq.ParquetFile(os.path.join(config.output, "shards", n)).metadata.num_rows)
+                         for n in sorted(os.listdir(os.path.join(config.output, "shards")))]
+    return records
+
+
+@pytest.fixture(scope="module")
+def made(multistream_dump, spm_proto, tmp_path_factory):
+    out = tmp_path_factory.mktemp("made")
+    tasks = inputs.plan_read_tasks([multistream_dump], 65536)
+    config = PreprocessConfig(output=str(out), num_shards=5, dupe_factor=2, docs_per_bucket=3)
+    return tasks, config, run_examples_and_shards(tasks, config, spm_proto)
+
+
+def test_every_task_writes_a_part_and_counts_travel_with_the_data(made):
+    tasks, config, records = made
+    parts_dir = os.path.join(config.output, parts.PARTS_DIR)
+    names = sorted(n for n in os.listdir(parts_dir) if n != parts.COUNTERS_FILE)
+    assert names == [parts.part_name(i) for i in range(len(tasks))]  # no temporary file left
+    assert records["read-tasks"] == len(tasks)
+    assert records["documents-read"] == 98 and records["pages-read"] == 206
+    rows = [pq.ParquetFile(os.path.join(parts_dir, n)).metadata.num_rows for n in names]
+    assert sorted(rows) == records["part_rows"] and sum(rows) == records["instances"] > 5000
+    # Buckets of 3 consecutive documents: single-document buckets never happen, and the
+    # random-next share stays in the recipe's range (RECIPE: 0.5 among multi-segment chunks).
+    assert "skipped-instances-single-document-bucket" not in records
+    assert 0.45 < records["random-next"] / records["instances"] < 0.65
+
+
+def test_shards_are_equal_complete_and_shuffled(made):
+    tasks, config, records = made
+    shards = records["shards"]
+    assert [name for name, _ in shards] == [parts.shard_name(i, 5) for i in range(5)]
+    sizes = [rows for _, rows in shards]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == records["instances"]
+    shard_tables = [pq.read_table(os.path.join(config.output, "shards", name)) for name, _ in shards]
+    part_tables = [pq.read_table(os.path.join(config.output, parts.PARTS_DIR, parts.part_name(i)))
+                   for i in range(len(tasks))]
+    every_part_row = pa.concat_tables(part_tables)
+
+    def rows(table):
+        return [tuple(map(tuple, (r["input_ids"], r["masked_lm_positions"]))) + (r["next_sentence_labels"],)
+                for r in table.to_pylist()]
+
+    in_parts = rows(every_part_row)
+    in_shards = [rows(t) for t in shard_tables]
+    # Shard s holds exactly the s-th contiguous range of the parts' rows (task order), shuffled.
+    start = 0
+    for shard_rows in in_shards:
+        expected = in_parts[start:start + len(shard_rows)]
+        assert sorted(shard_rows) == sorted(expected)
+        assert shard_rows != expected
+        start += len(shard_rows)
+
+
+def test_shard_layout_cuts_across_parts():
+    layout = parts.ShardLayout.plan([parts.PartInfo(2, "c", 5), parts.PartInfo(0, "a", 30),
+                                     parts.PartInfo(1, "b", 0)], num_shards=0, rows_per_shard=10)
+    assert [p.task_index for p in layout.parts] == [0, 1, 2] and layout.num_shards == 4
+    assert [layout.shard_range(s) for s in range(4)] == [(0, 8), (8, 17), (17, 26), (26, 35)]
+    assert [[(p.path, lo, hi) for p, lo, hi in layout.slices(s)] for s in range(4)] == [
+        [("a", 0, 8)], [("a", 8, 17)], [("a", 17, 26)], [("a", 26, 30), ("c", 0, 5)]]
+    assert parts.ShardLayout.plan([parts.PartInfo(0, "a", 0)], 0, 10).num_shards == 0
 
 
 @pytest.mark.parametrize("total,num_shards", [(1, 1), (10, 3), (65_536, 7), (1_433_311, 22), (5, 8)])
-def test_shards_are_contiguous_runs_of_equal_size(total, num_shards):
-    shards = transforms.shard_of(np.arange(total, dtype=np.int64), total, num_shards)
-    assert np.all(np.diff(shards) >= 0)  # contiguous: a bucket spans one shard or two neighbours
-    sizes = np.bincount(shards, minlength=num_shards)
-    assert len(sizes) == num_shards and sizes.sum() == total
-    assert sizes.max() - sizes.min() <= 1
+def test_shard_sizes_differ_by_at_most_one(total, num_shards):
+    layout = parts.ShardLayout((parts.PartInfo(0, "a", total),), num_shards)
+    sizes = [hi - lo for lo, hi in map(layout.shard_range, range(num_shards))]
+    assert sum(sizes) == total and max(sizes) - min(sizes) <= 1
 
 
-def test_shard_layout_orders_buckets_by_key():
-    config = PreprocessConfig(output="unused", num_shards=0, rows_per_shard=100)
-    offsets, total, num_shards = transforms.shard_layout({7: 30, 2: 50, 5: 150}, config)
-    assert offsets == {2: 0, 5: 50, 7: 200} and total == 230 and num_shards == 3
+def test_read_part_rows_reads_any_slice_across_row_groups(tmp_path, spm_proto):
+    sp, info = transforms.load_model(spm_proto)
+    docs = [examples.Document(i, [np.asarray(sp.encode(s), np.int32) for s in r.text.split(". ")])
+            for i, r in enumerate(austen_documents(400))]
+    batch = examples.create_instances(docs, 0, 1, examples.ExampleConfig(), info)
+    assert len(batch) > 500
+    path = str(tmp_path / "p.parquet")
+    writer = parts.PartWriter(path, row_group_rows=100)
+    for piece in np.array_split(np.arange(len(batch)), 7):
+        writer.add(batch.take(piece))
+    assert writer.close() == len(batch) and os.listdir(tmp_path) == ["p.parquet"]
+    whole = pq.read_table(path)
+    assert pq.ParquetFile(path).num_row_groups > 5
+    for lo, hi in [(0, 1), (5, 500), (99, 101), (len(batch) - 10, len(batch)), (123, 123)]:
+        assert parts.read_part_rows(path, lo, hi).equals(whole.slice(lo, hi - lo))
 
 
-def test_examples_and_equal_shards(tmp_path, spm_proto):
-    docs = [SentenceDocument(d.doc_id, tuple(d.text.split(". "))) for d in austen_documents(400)]
-    config = PreprocessConfig(output=str(tmp_path), num_shards=4, dupe_factor=2, docs_per_bucket=50)
-    p = pipeline()
-    model = p | "Model" >> beam.Create([spm_proto])
-    tokenized = p | beam.Create(docs) | transforms.TokenizeDocuments(model)
-    shards = tokenized | transforms.CreateMlmNspExamples(config, model)
-    assert_that(shards | "Shards" >> beam.Map(lambda s: (s.index, s.num_shards)),
-                equal_to([(i, 4) for i in range(4)]), label="FourShards")
-    written = shards | transforms.WriteShards(config)
-    assert_that(written, is_not_empty(), label="Written")
-    p.run().wait_until_finish()
-    rows = [pq.ParquetFile(tmp_path / "shards" / transforms.shard_name(i, 4)).metadata.num_rows
-            for i in range(4)]
-    assert max(rows) - min(rows) <= 1
-    table = pq.read_table(tmp_path / "shards")
-    assert table.num_rows == sum(rows) > 1000
-    batch = examples.InstanceBatch.from_arrow(table)
-    assert set(np.unique(batch.input_ids[batch.offsets[:-1]])) == {2}  # every row starts with [CLS]
-    assert len(set(map(tuple, np.split(batch.input_ids, batch.offsets[1:-1])))) == table.num_rows
+def test_counts_merge_is_a_sum():
+    assert transforms.merge_counts([{"a": 1}, {"a": 2, "b": 3}, {}]) == {"a": 3, "b": 3}
+    assert json.dumps(transforms.merge_counts([])) == "{}"
 
 
 def test_instance_batch_pickles_compactly_and_exactly(spm_proto):

@@ -1,0 +1,173 @@
+"""Part files and the equal-size shards assembled from them; no Beam here.
+
+Each read task writes its examples, bucket after bucket, to one *part file*
+(``OUTPUT/parts/task-NNNNNN.parquet``) while it reads, so no step ever gathers the
+corpus. Once every part is written their row counts fix the output: the rows of all
+parts in task order are one global sequence, cut into ``num_shards`` contiguous ranges
+of equal size (±1 row). Each shard is then assembled on its own by reading only its
+slices of the parts (whole row groups, sliced), shuffled within the shard from the seed,
+and written under a temporary name that is renamed when complete. Memory per step is
+bounded by one bucket (writing) or one shard (assembling), whatever the corpus size.
+
+Every file goes through Beam's FileSystems, so the same code writes local paths, gs://
+or s3://.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from preprocessing.examples import SCHEMA, InstanceBatch
+
+PARTS_DIR = "parts"
+COUNTERS_FILE = "counters.json"
+# Rows per Parquet row group in part files and shards. A shard's assembly reads whole
+# row groups of the parts it overlaps, so this bounds what it reads beyond its slice.
+ROW_GROUP_ROWS = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class PartInfo:
+    """One read task's written part: where it is and how many examples it holds."""
+
+    task_index: int
+    path: str
+    rows: int
+
+
+def part_name(task_index: int) -> str:
+    return f"task-{task_index:06d}.parquet"
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    return f"part-{index:05d}-of-{num_shards:05d}.parquet"
+
+
+def write_atomically(output_path: str, data: bytes) -> None:
+    """Writes ``data`` under a temporary name, then renames it: a reader never sees half a
+    file, and a retried task simply replaces it."""
+    directory, name = output_path.rsplit("/", 1)
+    temp = f"{directory}/.{name}.inprogress"
+    with FileSystems.create(temp) as f:
+        f.write(data)
+    if FileSystems.exists(output_path):
+        FileSystems.delete([output_path])
+    FileSystems.rename([temp], [output_path])
+
+
+class PartWriter:
+    """Collects one task's instance batches and writes them as one Parquet part file.
+
+    Batches are buffered until a row group is full, then encoded and streamed to a
+    temporary file, so memory holds at most a row group of instances. ``close`` renames
+    the file into place: a part that exists is complete, and a retried task replaces it.
+    """
+
+    def __init__(self, path: str, row_group_rows: int = ROW_GROUP_ROWS):
+        self.path, self.row_group_rows = path, row_group_rows
+        self.rows = 0
+        self._pending: list[InstanceBatch] = []
+        self._pending_rows = 0
+        directory, name = path.rsplit("/", 1)
+        self._temp = f"{directory}/.{name}.inprogress"
+        self._sink = FileSystems.create(self._temp)
+        self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="zstd")
+
+    def add(self, batch: InstanceBatch) -> None:
+        if not len(batch):
+            return
+        self._pending.append(batch)
+        self._pending_rows += len(batch)
+        self.rows += len(batch)
+        if self._pending_rows >= self.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            table = InstanceBatch.concat(self._pending).to_arrow()
+            self._writer.write_table(table, row_group_size=self.row_group_rows)
+            self._pending, self._pending_rows = [], 0
+
+    def close(self) -> int:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        if FileSystems.exists(self.path):
+            FileSystems.delete([self.path])
+        FileSystems.rename([self._temp], [self.path])
+        return self.rows
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardLayout:
+    """The parts in task order and the shards cut from their concatenated rows."""
+
+    parts: tuple[PartInfo, ...]
+    num_shards: int
+
+    @staticmethod
+    def plan(parts: Sequence[PartInfo], num_shards: int, rows_per_shard: int) -> ShardLayout:
+        ordered = tuple(sorted(parts, key=lambda p: p.task_index))
+        total = sum(p.rows for p in ordered)
+        if total == 0:
+            return ShardLayout(ordered, 0)
+        return ShardLayout(ordered, num_shards or max(1, math.ceil(total / rows_per_shard)))
+
+    @property
+    def total(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Global rows [start, stop) of ``shard``: sizes differ by at most one row."""
+        return shard * self.total // self.num_shards, (shard + 1) * self.total // self.num_shards
+
+    def slices(self, shard: int) -> list[tuple[PartInfo, int, int]]:
+        """(part, first row, stop row) within each part that ``shard`` takes rows from."""
+        start, stop = self.shard_range(shard)
+        result, offset = [], 0
+        for part in self.parts:
+            lo, hi = max(start, offset), min(stop, offset + part.rows)
+            if lo < hi:
+                result.append((part, lo - offset, hi - offset))
+            offset += part.rows
+        return result
+
+
+def read_part_rows(path: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a part file, reading only the row groups that hold them."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        parquet = pq.ParquetFile(f)
+        groups, first_row, row = [], None, 0
+        for g in range(parquet.num_row_groups):
+            n = parquet.metadata.row_group(g).num_rows
+            if row < stop and row + n > start:
+                groups.append(g)
+                first_row = row if first_row is None else first_row
+            row += n
+        if not groups:
+            return SCHEMA.empty_table()
+        table = parquet.read_row_groups(groups)
+    return table.slice(start - first_row, stop - start)
+
+
+def assemble_shard(layout: ShardLayout, shard: int, seed: int) -> pa.Table:
+    """The rows of ``shard``, shuffled by a permutation drawn from (seed, shard)."""
+    pieces = [read_part_rows(part.path, lo, hi) for part, lo, hi in layout.slices(shard)]
+    table = pa.concat_tables(pieces) if pieces else SCHEMA.empty_table()
+    order = np.random.default_rng([seed, shard]).permutation(table.num_rows)
+    return table.take(pa.array(order)).combine_chunks()
+
+
+def encode_shard(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    return buffer.getvalue()
