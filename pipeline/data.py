@@ -1,35 +1,67 @@
 """The trainer's data loader: a preprocessing data dir → padded batches of torch tensors.
 
-Reads contracts 1 and 2 of DESIGN.md (manifest.json + Parquet shards). Three parts:
+Reads contracts 1 and 2 of DESIGN.md (manifest.json + Parquet shards). A training
+process's own (anonymous) memory does not grow with the corpus: the rows live in
+memory-mapped files whose pages the kernel shares between the ranks of a node, and
+the batch order is computed a block at a time. Four parts:
 
 - ``read_manifest``: refuses an unfinished or inconsistent data dir, naming file and field.
-- ``PretrainingDataset``: every shard's columns as flat numpy values + offsets (no
-  per-row Python objects: 13k rows of seq 128 take ~8 MB), and ``batch(rows)``, which
-  assembles a padded batch in vectorized numpy in the ``BertForPreTraining`` convention.
+- ``flat_cache``: on first use, the shards (in manifest order) are converted, one row group
+  at a time and checked on the way, into flat uncompressed ``.npy`` files in
+  ``DATA_DIR/flat/`` (or ``cache_dir``): per list column its concatenated values (the
+  Parquet dtype), one int64 offsets array (N + 1) per pair of columns that must agree
+  row by row (input_ids/segment_ids, masked_lm_positions/masked_lm_ids), the row lengths
+  (int16) and next_sentence_labels (int8). The cache is written to a temporary sibling
+  and renamed into place when complete; ``flat.json`` in it records what it was built from
+  (a hash of the manifest, each shard's path, rows and size), so a rewritten data dir is
+  converted again. Ranks starting together take an ``fcntl.flock``: one converts, the
+  others wait and then map its files. Without a working lock each converts into its own
+  temporary dir and the renames settle it (more work, same result).
+- ``PretrainingDataset``: the flat arrays opened with ``np.load(mmap_mode="r")``, and
+  ``batch(rows)``, which gathers a padded batch in vectorized numpy in the
+  ``BertForPreTraining`` convention.
 - ``BatchSampler`` + ``PretrainingLoader``: per-rank, equal-size, length-grouped batches
-  whose order is a pure function of (seed, epoch, rank), so a resume recomputes the
-  order from the state (epoch, batch) instead of replaying batches; a daemon thread
-  prepares the next batches ahead of the training loop.
+  whose order is a pure function of (seed, epoch, rank). An epoch's order is a keyed
+  pseudo-random bijection of the row indices (a Feistel network), cut into blocks of
+  ~65k rows; only the block in use is materialized (length grouping and the batch
+  shuffle happen inside it). A resume computes its position's block from the state
+  (epoch, batch) instead of replaying batches; a daemon thread prepares the next
+  batches ahead of the training loop.
 
 No DeepSpeed here: the trainer passes its rank and world size in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import queue
+import shutil
+import struct
+import tempfile
 import threading
+import time
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
 IGNORE_INDEX = -100  # transformers' CrossEntropyLoss ignore_index for MLM labels
 LIST_COLUMNS = ("input_ids", "segment_ids", "masked_lm_positions", "masked_lm_ids")
 SCALAR_COLUMNS = ("next_sentence_labels",)
+# Contract 2's value types; the flat arrays keep them.
+COLUMN_DTYPES = {"input_ids": np.int32, "segment_ids": np.int8, "masked_lm_positions": np.int32,
+                 "masked_lm_ids": np.int32, "next_sentence_labels": np.int8}
 
 
 class DataDirError(ValueError):
@@ -41,7 +73,8 @@ def read_manifest(data_dir: str) -> dict:
     """The data dir's manifest.json, after checking it against the files beside it.
 
     Checks: the dir and manifest exist, the format version is one this reader knows,
-    every listed shard exists and has the number of rows the manifest records.
+    every listed shard exists, pyarrow can read its footer, and it has the number of
+    rows the manifest records.
     """
     if not os.path.isdir(data_dir):
         raise DataDirError(f"data dir {data_dir} does not exist (pass the --output of preprocessing/run_beam.py)")
@@ -67,7 +100,7 @@ def read_manifest(data_dir: str) -> dict:
         shard_path = os.path.join(data_dir, shard["path"])
         if not os.path.isfile(shard_path):
             raise DataDirError(f"{path}: shards[{i}] {shard['path']!r} is listed but {shard_path} is missing")
-        rows = pq.ParquetFile(shard_path).metadata.num_rows
+        rows = _open_shard(shard_path).metadata.num_rows
         if rows != shard["rows"]:
             raise DataDirError(f"{path}: shards[{i}].rows is {shard['rows']} but {shard_path} has {rows} rows "
                                "(the shard was rewritten or truncated after the manifest)")
@@ -77,7 +110,116 @@ def read_manifest(data_dir: str) -> dict:
     return manifest
 
 
-# ---------------------------------------------------------------------------- dataset
+def _open_shard(shard_path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(shard_path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataDirError(f"{shard_path}: pyarrow cannot read this shard ({e}); it is truncated or corrupt "
+                           "(rerun preprocessing/run_beam.py)") from None
+
+
+# ---------------------------------------------------------------------------- shards → flat arrays
+# The flat arrays, file name → dtype (lengths: int16 up to 32,767 tokens, see _lengths_dtype).
+# input_ids/segment_ids and masked_lm_positions/masked_lm_ids must agree row by row, so
+# each pair shares one offsets array: 16 bytes a row less on disk and in the page cache.
+FLAT_ARRAYS = ("input_ids", "segment_ids", "token_offsets", "masked_lm_positions", "masked_lm_ids",
+               "mask_offsets", "lengths", "next_sentence_labels")
+CACHE_DIR = "flat"
+CACHE_MARKER = "flat.json"  # written last into the temporary dir: a cache without it is never used
+CACHE_FORMAT = 1  # bump when the files change
+NPY_HEADER_BYTES = 128  # room kept at the start of each .npy for its header, written last
+
+
+def _lengths_dtype(max_seq_length: int) -> type:
+    # Signed: an unsigned length wraps under arithmetic like -(-n // 8).
+    return np.int16 if max_seq_length <= np.iinfo(np.int16).max else np.int32
+
+
+def cache_source(data_dir: str, manifest: dict) -> dict:
+    """What a flat cache is built from; a cache recording anything else is stale.
+
+    The manifest's hash changes with every preprocessing run (it records its creation
+    time); each shard's size catches a shard rewritten under an unchanged manifest.
+    """
+    shards = [{"path": s["path"], "rows": int(s["rows"]),
+               "bytes": os.path.getsize(os.path.join(data_dir, s["path"]))} for s in manifest["shards"]]
+    return {"cache_format": CACHE_FORMAT,
+            "manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+            "tokenizer_fingerprint": manifest["tokenizer"].get("fingerprint"),
+            "shards": shards}
+
+
+def _cache_is_current(directory: str, source: dict) -> bool:
+    """The directory holds complete flat arrays built from ``source``."""
+    try:
+        with open(os.path.join(directory, CACHE_MARKER)) as f:
+            marker = json.load(f)
+        return marker["source"] == source and all(
+            _file_size(os.path.join(directory, name + ".npy")) == marker["arrays"][name]["file_bytes"]
+            for name in FLAT_ARRAYS)
+    except (OSError, ValueError, KeyError, TypeError):  # no marker, or not one this code wrote
+        return False
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
+class _NpyAppender:
+    """A 1-D ``.npy`` file written by appending, for when its final length is not known up
+    front (a list column's value count is only known once its shards are read): the
+    data goes after room kept for the header, which ``close`` writes once the length is known."""
+
+    def __init__(self, path: str, dtype):
+        self.path, self.dtype, self.length = path, np.dtype(dtype), 0
+        self._file = open(path, "wb")
+        self._file.write(b"\0" * NPY_HEADER_BYTES)
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        self._file.write(memoryview(values).cast("B"))
+        self.length += len(values)
+
+    def finish(self) -> dict:
+        """Writes the header and closes the file; its description for the marker."""
+        self._file.seek(0)
+        self._file.write(_npy_header(self.dtype, self.length))
+        self._file.close()
+        return {"dtype": self.dtype.name, "length": self.length,
+                "file_bytes": NPY_HEADER_BYTES + self.length * self.dtype.itemsize}
+
+    def __enter__(self) -> _NpyAppender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()  # after finish() a no-op; after an error the temporary dir goes anyway
+
+
+def _npy_header(dtype: np.dtype, length: int) -> bytes:
+    """A .npy version 1.0 header of exactly NPY_HEADER_BYTES bytes (data stays 64-byte aligned)."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (length,)})
+    text = text.ljust(NPY_HEADER_BYTES - 10 - 1) + "\n"  # 10: magic, version, header length
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+def _check_schema(shard_path: str, schema: pa.Schema) -> None:
+    for name, dtype in COLUMN_DTYPES.items():
+        if name not in schema.names:
+            raise DataDirError(f"{shard_path}: column {name!r} is missing")
+        kind, want = schema.field(name).type, pa.from_numpy_dtype(dtype)
+        if name in LIST_COLUMNS:
+            ok = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and kind.value_type == want
+            expected = f"list<{want}>"
+        else:
+            ok, expected = kind == want, str(want)
+        if not ok:
+            raise DataDirError(f"{shard_path}: column {name!r} has type {kind}, expected {expected} "
+                               "(contract 2 of DESIGN.md; rerun preprocessing/run_beam.py)")
+
+
 def _list_column(chunked) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets starting at 0) of a Parquet list column, without Python rows."""
     array = chunked.combine_chunks()
@@ -88,15 +230,209 @@ def _list_column(chunked) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets - offsets[0]
 
 
+def _checked_columns(where: str, table: pa.Table, max_seq_length: int, first_row: int) -> dict[str, np.ndarray]:
+    """One row group's columns as numpy (offsets local to it), after the checks a batch relies on.
+    Errors name the row by its index in the shard (the group starts at ``first_row``)."""
+    out: dict[str, np.ndarray] = {}
+    offsets: dict[str, np.ndarray] = {}
+    for name in LIST_COLUMNS:
+        try:
+            out[name], offsets[name] = _list_column(table.column(name))
+        except ValueError as e:
+            raise DataDirError(f"{where}: column {name}: {e}") from None
+    labels = table.column("next_sentence_labels")
+    if labels.null_count:
+        raise DataDirError(f"{where}: column next_sentence_labels: {labels.null_count} null rows")
+    out["next_sentence_labels"] = labels.to_numpy()
+
+    def first_bad(mask) -> int:
+        return first_row + int(np.flatnonzero(mask)[0])
+
+    if not np.array_equal(offsets["input_ids"], offsets["segment_ids"]):
+        row = first_bad(offsets["input_ids"][1:] != offsets["segment_ids"][1:])
+        raise DataDirError(f"{where}: segment_ids and input_ids differ in length in row {row}")
+    if not np.array_equal(offsets["masked_lm_positions"], offsets["masked_lm_ids"]):
+        row = first_bad(offsets["masked_lm_positions"][1:] != offsets["masked_lm_ids"][1:])
+        raise DataDirError(f"{where}: masked_lm_positions and masked_lm_ids differ in length in row {row}")
+    lengths = np.diff(offsets["input_ids"])
+    if len(lengths) and lengths.max() > max_seq_length:
+        raise DataDirError(f"{where}: row {first_bad(lengths > max_seq_length)} has {lengths.max()} tokens, "
+                           f"more than the manifest's max_seq_length {max_seq_length}")
+    positions = out["masked_lm_positions"]
+    row_of_mask = np.repeat(np.arange(len(lengths)), np.diff(offsets["masked_lm_positions"]))
+    outside = (positions >= lengths[row_of_mask]) | (positions < 0)
+    if outside.any():
+        raise DataDirError(f"{where}: a masked_lm_positions value lies outside its row "
+                           f"(row {first_row + row_of_mask[np.flatnonzero(outside)[0]]})")
+    out["token_offsets"], out["mask_offsets"], out["lengths"] = (offsets["input_ids"],
+                                                                 offsets["masked_lm_positions"], lengths)
+    return out
+
+
+def _shard_row_groups(shard_path: str, max_seq_length: int) -> Iterator[dict[str, np.ndarray]]:
+    """A shard's row groups, checked, one at a time: memory stays bounded by a row group
+    (preprocessing writes one per shard, ~65k rows)."""
+    parquet = _open_shard(shard_path)
+    _check_schema(shard_path, parquet.schema_arrow)
+    first_row = 0
+    for group in range(parquet.num_row_groups):
+        try:
+            table = parquet.read_row_group(group, columns=list(COLUMN_DTYPES))
+        except (pa.ArrowException, OSError) as e:
+            raise DataDirError(f"{shard_path}: pyarrow cannot read row group {group} ({e}); the shard is "
+                               "corrupt (rerun preprocessing/run_beam.py)") from None
+        yield _checked_columns(shard_path, table, max_seq_length, first_row)
+        first_row += table.num_rows
+
+
+def _write_flat_arrays(data_dir: str, manifest: dict, out: str, source: dict) -> None:
+    """Every shard's rows appended to the flat arrays in ``out``, then the marker."""
+    max_seq_length = int(manifest["max_seq_length"])
+    dtypes = {**COLUMN_DTYPES, "token_offsets": np.int64, "mask_offsets": np.int64,
+              "lengths": _lengths_dtype(max_seq_length)}
+    with contextlib.ExitStack() as stack:
+        files = {name: stack.enter_context(_NpyAppender(os.path.join(out, name + ".npy"), dtypes[name]))
+                 for name in FLAT_ARRAYS}
+        base = {"token_offsets": 0, "mask_offsets": 0}  # values written so far: the next offsets' start
+        for name in base:
+            files[name].append(np.zeros(1, dtype=np.int64))
+        for shard in manifest["shards"]:
+            for columns in _shard_row_groups(os.path.join(data_dir, shard["path"]), max_seq_length):
+                for name, values in columns.items():
+                    if name in base:  # local offsets from 0: shift past the rows before, drop the leading 0
+                        files[name].append(values[1:] + base[name])
+                        base[name] += int(values[-1])
+                    else:
+                        files[name].append(values)
+        arrays = {name: f.finish() for name, f in files.items()}
+    with open(os.path.join(out, CACHE_MARKER), "w") as f:
+        json.dump({"source": source, "rows": arrays["lengths"]["length"], "arrays": arrays,
+                   "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=1)
+
+
+def _install(temp: str, target: str, source: dict) -> None:
+    """Renames the complete ``temp`` to ``target``. A stale target is moved aside first; a
+    current one (another process finished first, its lock not working) wins, and ``temp``
+    is left for the caller to delete. Readers that mapped a stale cache's files keep them
+    (an unlinked file lives on while mapped)."""
+    parent = os.path.dirname(target)
+    for _ in range(5):
+        try:
+            os.rename(temp, target)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        if _cache_is_current(target, source):
+            return
+        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.stale-", dir=parent)
+        try:
+            os.rename(target, aside)  # replaces the empty dir mkdtemp made
+        except FileNotFoundError:
+            pass  # another process moved it first
+        shutil.rmtree(aside, ignore_errors=True)
+    raise DataDirError(f"{target}: could not replace the stale flat cache (other processes keep rewriting it)")
+
+
+def build_flat_cache(data_dir: str, manifest: dict, target: str) -> None:
+    """Converts the shards into a temporary sibling of ``target`` and renames it into place.
+
+    Safe without any lock: concurrent builders each use their own temporary dir.
+    """
+    source = cache_source(data_dir, manifest)
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        temp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.building-", dir=parent)
+        os.chmod(temp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared data dir's cache from others
+    except OSError as e:
+        raise DataDirError(f"cannot write the flat cache {target} ({e}): pass a writable cache dir "
+                           "(--data-cache) for a read-only data dir") from None
+    try:
+        started = time.monotonic()
+        log.info("converting %d shard(s) of %s into flat arrays in %s (once per data dir)",
+                 len(manifest["shards"]), data_dir, target)
+        try:
+            _write_flat_arrays(data_dir, manifest, temp, source)
+        except OSError as e:
+            raise DataDirError(f"cannot write the flat cache {target} ({e}): free space there, or pass "
+                               "another cache dir (--data-cache)") from None
+        _install(temp, target, source)
+        log.info("flat arrays ready in %s (%.1f s)", target, time.monotonic() - started)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)  # gone already after a successful rename
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    """An exclusive ``flock`` on ``lock_path``, released on exit. Where none can be had (a
+    read-only dir, a filesystem without flock) the block runs unlocked."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish the flat cache (lock %s)", lock_path)
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> tuple[str, bool]:
+    """(the directory of the data dir's flat arrays, whether this call built them).
+
+    ``cache_dir`` (default ``DATA_DIR/flat``) is this data dir's cache; it is converted
+    when missing or stale. Processes starting together: one converts, the others wait on
+    the lock and then find it current.
+    """
+    target = os.path.abspath(cache_dir or os.path.join(data_dir, CACHE_DIR))
+    source = cache_source(data_dir, manifest)
+    if _cache_is_current(target, source):
+        return target, False
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    with _exclusive(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock")):
+        if _cache_is_current(target, source):  # built while this process waited
+            return target, False
+        build_flat_cache(data_dir, manifest, target)
+    return target, True
+
+
+def _map_flat_arrays(directory: str) -> dict[str, np.ndarray]:
+    """The flat arrays, memory-mapped read-only. Plain ndarray views of the maps: indexing
+    a ``np.memmap`` subclass costs more, and the views keep the maps alive."""
+    return {name: np.asarray(np.load(os.path.join(directory, name + ".npy"), mmap_mode="r"))
+            for name in FLAT_ARRAYS}
+
+
+# ---------------------------------------------------------------------------- dataset
 class PretrainingDataset:
-    """All rows of a data dir as flat numpy arrays; ``batch(rows)`` pads a batch.
+    """All rows of a data dir as memory-mapped flat arrays; ``batch(rows)`` pads a batch.
 
     Per list column: ``values`` (all rows concatenated, the Parquet dtype) and
     ``offsets`` (int64, len rows + 1). Row ``i`` of input_ids is
-    ``input_ids[offsets[i]:offsets[i + 1]]``.
+    ``input_ids[input_ids_offsets[i]:input_ids_offsets[i + 1]]``. ``lengths`` (int16) is
+    each row's token count. The arrays are read-only maps of the files in
+    ``cache_dir`` (see ``flat_cache``); ``built_cache`` tells whether this instance
+    converted the shards.
     """
 
-    def __init__(self, data_dir: str, manifest: dict | None = None, pad_to_multiple_of: int = 8):
+    def __init__(self, data_dir: str, manifest: dict | None = None, pad_to_multiple_of: int = 8,
+                 cache_dir: str | None = None):
         self.data_dir = data_dir
         self.manifest = manifest if manifest is not None else read_manifest(data_dir)
         masking = self.manifest["masking"].get("mode", "static")
@@ -107,37 +443,17 @@ class PretrainingDataset:
         self.pad_id = int(self.manifest["tokenizer"]["special_ids"]["pad"])
         self.pad_to_multiple_of = pad_to_multiple_of
 
-        parts: dict[str, list] = {name: [] for name in LIST_COLUMNS + SCALAR_COLUMNS}
-        for shard in self.manifest["shards"]:
-            shard_path = os.path.join(data_dir, shard["path"])
-            table = pq.read_table(shard_path, columns=list(LIST_COLUMNS + SCALAR_COLUMNS))
-            for name in LIST_COLUMNS:
-                try:
-                    parts[name].append(_list_column(table.column(name)))
-                except ValueError as e:
-                    raise DataDirError(f"{shard_path}: column {name}: {e}") from None
-            parts["next_sentence_labels"].append(table.column("next_sentence_labels").to_numpy())
-
-        for name in LIST_COLUMNS:
-            values, offsets = _concat(parts[name])
-            setattr(self, name, values)
-            setattr(self, name + "_offsets", offsets)
-        self.next_sentence_labels = np.concatenate(parts["next_sentence_labels"])
-        self.lengths = np.diff(self.input_ids_offsets)
-        self._check()
-
-    def _check(self) -> None:
-        where = f"{self.data_dir}/shards"
-        if not np.array_equal(self.input_ids_offsets, self.segment_ids_offsets):
-            raise DataDirError(f"{where}: segment_ids and input_ids differ in length in some row")
-        if not np.array_equal(self.masked_lm_positions_offsets, self.masked_lm_ids_offsets):
-            raise DataDirError(f"{where}: masked_lm_positions and masked_lm_ids differ in length in some row")
-        if len(self) and self.lengths.max() > self.max_seq_length:
-            raise DataDirError(f"{where}: a row has {self.lengths.max()} tokens, more than the manifest's "
-                               f"max_seq_length {self.max_seq_length}")
-        row_of_mask = np.repeat(np.arange(len(self)), np.diff(self.masked_lm_positions_offsets))
-        if np.any(self.masked_lm_positions >= self.lengths[row_of_mask]) or np.any(self.masked_lm_positions < 0):
-            raise DataDirError(f"{where}: a masked_lm_positions value lies outside its row")
+        self.cache_dir, self.built_cache = flat_cache(data_dir, self.manifest, cache_dir)
+        arrays = _map_flat_arrays(self.cache_dir)
+        self.input_ids, self.segment_ids = arrays["input_ids"], arrays["segment_ids"]
+        self.input_ids_offsets = self.segment_ids_offsets = arrays["token_offsets"]
+        self.masked_lm_positions, self.masked_lm_ids = arrays["masked_lm_positions"], arrays["masked_lm_ids"]
+        self.masked_lm_positions_offsets = self.masked_lm_ids_offsets = arrays["mask_offsets"]
+        self.next_sentence_labels = arrays["next_sentence_labels"]
+        self.lengths = arrays["lengths"]
+        if len(self.lengths) != self.manifest["num_examples"]:
+            raise DataDirError(f"{self.cache_dir}: holds {len(self.lengths)} rows but the manifest has "
+                               f"{self.manifest['num_examples']}; delete it to convert the shards again")
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -190,33 +506,77 @@ class PretrainingDataset:
     __getitem__ = batch
 
 
-def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate (values, offsets) pairs, shifting each part's offsets past the previous."""
-    values = np.concatenate([v for v, _ in parts])
-    shifted, base = [np.zeros(1, dtype=np.int64)], 0
-    for v, o in parts:
-        shifted.append(o[1:] + base)
-        base += len(v)
-    return values, np.concatenate(shifted)
-
-
 # ---------------------------------------------------------------------------- sampling
+ORDER = "feistel-blocks-1"  # the order's design, in the sampler state: a resume needs the same
+BLOCK_ROWS = 1 << 16  # rows of an epoch materialized at a time (a few MB of work arrays)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's multipliers
+
+
+class RowPermutation:
+    """A keyed pseudo-random bijection of [0, n), evaluated for any positions in O(their count).
+
+    A 4-round Feistel network over the smallest even number of bits covering n (a domain
+    of at most 4n), with cycle walking: a value that lands outside [0, n) is permuted
+    again until it lands inside, which keeps the map a bijection of [0, n). The round
+    function is splitmix64's output mix of (half + round key). Replaces
+    ``rng.permutation(n)``, whose n int64 (1.4 GB for 170M rows) every rank held.
+    """
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        self.shift = np.uint64(64 - self.half)
+        # [.., 1]: a stream apart from the block shuffles' [seed, epoch, block, 2]
+        self.keys = np.random.default_rng([seed, epoch, 1]).integers(0, 2**63, self.ROUNDS, dtype=np.uint64)
+
+    def _round(self, right: np.ndarray, key: np.uint64) -> np.ndarray:
+        z = right + key
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z ^= z >> np.uint64(31)
+        return z >> self.shift  # the top bits
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << half) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        out = self._feistel(np.asarray(positions, dtype=np.uint64))
+        outside = np.flatnonzero(out >= self.n)
+        while outside.size:  # ~1 extra pass on average (the domain is < 4n)
+            out[outside] = self._feistel(out[outside])
+            outside = outside[out[outside] >= self.n]
+        return out.astype(np.int64)
+
+
 class BatchSampler:
     """Row indices of rank ``rank``'s micro-batches, epoch after epoch, from (seed, epoch).
 
     Each epoch is one global list of micro-batches, the same whatever the number of
-    processes: a permutation of all rows from ``default_rng([seed, epoch])``, length
-    grouping (within windows of ``length_window`` batches rows are sorted by length and
-    cut into batches of similar length), then the batch order shuffled. Rank r takes
-    batches r, r + world, r + 2·world, … So an optimizer step of ``world × accumulation``
-    micro-batches covers the same rows for 1 process accumulating 2 and for 2 processes
-    accumulating 1: the same global batch gives the same loss. The list is cut to a
-    multiple of ``world_size × accumulation_steps`` batches, so every rank runs the same
-    number of steps (a rank that ran out early would hang the others' collectives).
+    processes. Position p of the epoch holds row ``RowPermutation(rows, seed, epoch)(p)``;
+    the positions are cut into blocks of ``block_batches`` batches (~65k rows). Within a
+    block, windows of ``length_window`` batches are sorted by length (stable: equal
+    lengths keep their random order) and cut into batches of similar length, then the
+    block's batches are shuffled by ``default_rng([seed, epoch, block, 2])``. Global
+    batch g is batch ``g % block_batches`` of block ``g // block_batches``; rank r takes
+    global batches r, r + world, r + 2·world, … So an optimizer step of ``world ×
+    accumulation`` micro-batches covers the same rows for 1 process accumulating 2 and
+    for 2 processes accumulating 1: the same global batch gives the same loss. An epoch
+    is cut to a multiple of ``world_size × accumulation_steps`` batches, so every rank
+    runs the same number of steps (a rank that ran out early would hang the others'
+    collectives).
 
-    The state is (epoch, batch): the next batch to produce. Iterating is endless (epoch
-    after epoch) and advances the state; ``load_state_dict`` jumps anywhere in O(1) plus
-    one epoch's permutation.
+    Memory: one block's arrays (a few MB), whatever the number of rows; ``lengths`` is
+    only indexed (pass the dataset's memory map). The state is (epoch, batch): the next
+    batch to produce. Iterating is endless (epoch after epoch) and advances the state;
+    ``load_state_dict`` jumps anywhere, computing one block.
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -225,45 +585,65 @@ class BatchSampler:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or length_window < 1:
             raise ValueError(f"batch_size ({batch_size}) and length_window ({length_window}) must be >= 1")
-        self.lengths = np.asarray(lengths)
+        self.lengths = lengths if isinstance(lengths, np.ndarray) else np.asarray(lengths)
+        self.rows = len(self.lengths)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.length_window = seed, length_window
         per_step = world_size * accumulation_steps
-        self.global_batches = len(self.lengths) // batch_size // per_step * per_step
+        self.global_batches = self.rows // batch_size // per_step * per_step
         self.batches_per_epoch = self.global_batches // world_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(self.lengths)} rows are fewer than world_size {world_size} × batch size "
+            raise ValueError(f"{self.rows} rows are fewer than world_size {world_size} × batch size "
                              f"{batch_size} × accumulation {accumulation_steps}: lower the micro-batch size")
+        # whole windows per block, so that no length window straddles two blocks
+        self.block_batches = length_window * max(1, BLOCK_ROWS // (length_window * batch_size))
         self.epoch, self.batch = 0, 0
-        self._cached: tuple[int, np.ndarray] | None = None
+        self._block: tuple[int, int, np.ndarray] | None = None  # (epoch, block, its batches)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def block(self, epoch: int, block: int) -> np.ndarray:
+        """(batches, batch_size) row indices of the global batches in ``block`` of ``epoch``."""
+        first = block * self.block_batches
+        count = min(self.block_batches, self.global_batches - first)
+        b = self.batch_size
+        rows = RowPermutation(self.rows, self.seed, epoch)(np.arange(first * b, (first + count) * b,
+                                                                     dtype=np.uint64))
+        if self.length_window == 1:
+            return rows.reshape(count, b)  # already a random order: nothing to shuffle
+        window = np.arange(len(rows)) // (self.length_window * b)
+        rows = rows[np.lexsort((self.lengths[rows], window))]  # stable: by window, then length
+        batches = rows.reshape(count, b)
+        return batches[np.random.default_rng([self.seed, epoch, block, 2]).permutation(count)]
+
+    def global_batch(self, epoch: int, index: int) -> np.ndarray:
+        """Row indices of global batch ``index`` of ``epoch``; computes its block once."""
+        block = index // self.block_batches
+        cached = self._block  # one read: the prefetch thread may replace it meanwhile
+        if cached is None or cached[:2] != (epoch, block):
+            cached = (epoch, block, self.block(epoch, block))
+            self._block = cached
+        return cached[2][index % self.block_batches]
+
+    def rows_of(self, epoch: int, batch: int) -> np.ndarray:
+        """Row indices of this rank's ``batch``-th micro-batch of ``epoch``."""
+        return self.global_batch(epoch, self.rank + batch * self.world_size)
+
     def epoch_batches(self, epoch: int) -> np.ndarray:
-        """(batches_per_epoch, batch_size) row indices of this rank's batches in ``epoch``."""
-        if self._cached is not None and self._cached[0] == epoch:
-            return self._cached[1]
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths))[:self.global_batches * self.batch_size]
-        window = self.length_window * self.batch_size
-        if self.length_window > 1:
-            # stable sort inside each window: rows of equal length keep their random order
-            order = np.concatenate([w[np.argsort(self.lengths[w], kind="stable")]
-                                    for w in np.split(order, range(window, len(order), window))])
-        batches = order.reshape(self.global_batches, self.batch_size)
-        if self.length_window > 1:
-            batches = batches[rng.permutation(len(batches))]
-        mine = batches[self.rank::self.world_size]
-        self._cached = (epoch, mine)
-        return mine
+        """(batches_per_epoch, batch_size) row indices of this rank's batches in ``epoch``.
+
+        A whole epoch at once, for tests and measurements; training iterates ``positions``.
+        """
+        blocks = -(-self.global_batches // self.block_batches)
+        batches = np.concatenate([self.block(epoch, k) for k in range(blocks)])
+        return batches[self.rank::self.world_size]
 
     def positions(self, epoch: int, batch: int) -> Iterator[tuple[int, int, np.ndarray]]:
         """(epoch, batch, rows) from the given position on, endlessly; leaves the state alone."""
         while True:
-            batches = self.epoch_batches(epoch)
-            for b in range(batch, len(batches)):
-                yield epoch, b, batches[b]
+            for b in range(batch, self.batches_per_epoch):
+                yield epoch, b, self.rows_of(epoch, b)
             epoch, batch = epoch + 1, 0
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -273,14 +653,18 @@ class BatchSampler:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "rows": len(self.lengths)}
+                "batch_size": self.batch_size, "rows": self.rows, "order": ORDER}
 
     def load_state_dict(self, state: dict) -> None:
         for field, have in (("seed", self.seed), ("world_size", self.world_size),
-                            ("batch_size", self.batch_size), ("rows", len(self.lengths))):
+                            ("batch_size", self.batch_size), ("rows", self.rows), ("order", ORDER)):
             if field in state and state[field] != have:
                 raise ValueError(f"data loader state: {field} was {state[field]} when saved but is {have} now; "
-                                 "an exact resume needs the same data, seed, world size and micro-batch size")
+                                 "an exact resume needs the same data, seed, world size, micro-batch size "
+                                 "and sampler version")
+        if "order" not in state:
+            log.warning("data loader state saved by an older sampler: the rest of epoch %s follows this "
+                        "sampler's order, so some of its rows may repeat or be skipped", state["epoch"])
         if not (0 <= state["batch"] < self.batches_per_epoch and state["epoch"] >= 0):
             raise ValueError(f"data loader state: position epoch {state['epoch']} batch {state['batch']} is "
                              f"outside an epoch of {self.batches_per_epoch} batches")
@@ -306,6 +690,7 @@ def eval_batches(lengths: np.ndarray, start: int, batch_size: int, rank: int, wo
     random, so that a partial evaluation is not biased towards any length — sorted by
     length so batches pad little, cut to a multiple of ``world_size`` batches (every rank
     runs the same number of forward passes: ZeRO-3 gathers parameters collectively).
+    Memory: O(the held-out rows), whatever the rows before ``start``.
     """
     rows = np.arange(start, len(lengths))
     rows = rows[np.random.default_rng(seed).permutation(len(rows))]
@@ -319,7 +704,7 @@ def eval_batches(lengths: np.ndarray, start: int, batch_size: int, rank: int, wo
 
 def padding_share(lengths: np.ndarray, batches: np.ndarray, max_seq_length: int, multiple: int = 8) -> float:
     """Share of pad tokens in ``batches`` (rows of row indices) padded as ``PretrainingDataset`` pads."""
-    batch_lengths = lengths[batches]
+    batch_lengths = lengths[batches].astype(np.int64)  # the dataset's int16 would overflow below
     width = np.minimum(-(-batch_lengths.max(axis=1) // multiple) * multiple, max_seq_length)
     total = (width * batches.shape[1]).sum()
     return float(1.0 - batch_lengths.sum() / total)

@@ -42,6 +42,7 @@ class TrainConfig:
     mlflow: bool = True
     experiment: str = "bert-pipeline"
     run_name: str | None = None
+    data_cache: str | None = None  # None: DATA/flat
 
     def __post_init__(self):
         if self.warmup_steps is None:
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Runs as one process, or under torchrun / deepspeed / srun (one process per GPU).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="data dir written by preprocessing/run_beam.py")
+    p.add_argument("--data-cache",
+                   help="where the data dir's shards are converted once into flat memory-mapped arrays "
+                        "(default: DATA/flat; pass one for a read-only data dir, or to put them on local disk)")
     p.add_argument("--run-dir", default=d.run_dir, help="checkpoints/, latest and the export go here")
     p.add_argument("--model", default=d.model, help="preset (tiny, mini, small, base, large) or a config.json")
     p.add_argument("--ds-config", default=d.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")

@@ -127,7 +127,7 @@ class Trainer:
         self.stop.install()
         os.makedirs(config.run_dir, exist_ok=True)
         self.manifest = read_manifest(config.data)
-        self.dataset = PretrainingDataset(config.data, self.manifest)
+        self.dataset = PretrainingDataset(config.data, self.manifest, cache_dir=config.data_cache)
         shards = len(self.manifest["shards"])
         self.eval_shards = config.eval_shards if config.eval_shards is not None else int(shards >= 2)
         self.train_rows = training_rows(self.manifest, self.eval_shards)

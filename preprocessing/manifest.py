@@ -95,7 +95,8 @@ def write_manifest(output: str, manifest: dict) -> str:
 
 
 def remove_stale_outputs(output: str) -> None:
-    """Deletes a previous run's manifest first, then its shards and tokenizer."""
+    """Deletes a previous run's manifest first, then its shards, tokenizer, parts and the
+    trainer's flat copy of the shards."""
     path = FileSystems.join(output, MANIFEST)
     if FileSystems.exists(path):
         FileSystems.delete([path])
@@ -103,3 +104,7 @@ def remove_stale_outputs(output: str) -> None:
         matched = FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list
         if matched:
             FileSystems.delete([m.path for m in matched])
+    # The trainer's memory-mapped copy of the old shards (pipeline/data.py) goes too.
+    flat = FileSystems.join(output, "flat")
+    if FileSystems.exists(flat):
+        FileSystems.delete([flat])

@@ -6,7 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
+import time
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
@@ -14,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, padding_share,
-                           read_manifest)
+from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, RowPermutation,
+                           build_flat_cache, padding_share, read_manifest)
 
 from .conftest import REPO, WIKI_SAMPLE
 
@@ -76,10 +79,9 @@ def test_batch_shapes_dtypes_and_padding(dataset):
     assert len(widths) > 1  # length grouping gives short batches too
 
 
-def test_batch_contents_match_the_shards(dataset, rows):
+def assert_batch_matches_rows(dataset, rows, picked):
+    """``dataset.batch(picked)`` holds exactly the Python rows ``rows[picked]``, padded."""
     pad = dataset.manifest["tokenizer"]["special_ids"]["pad"]
-    picked = np.random.default_rng(0).choice(len(dataset), 64, replace=False)
-    picked[0] = int(np.argmin(dataset.lengths))  # the shortest row: lots of padding
     batch = dataset.batch(picked)
     for i, r in enumerate(picked):
         row, n = rows[r], len(rows[r]["input_ids"])
@@ -101,6 +103,13 @@ def test_batch_contents_match_the_shards(dataset, rows):
                 for p, m in zip(rows[r]["masked_lm_positions"], rows[r]["masked_lm_ids"])]
     assert list(zip(batch["mlm_positions"].tolist(), batch["mlm_labels"].tolist())) == expected
     assert torch.equal(batch["labels"].flatten()[batch["mlm_positions"]], batch["mlm_labels"])
+
+
+def test_batch_contents_match_the_shards(dataset, rows):
+    picked = np.random.default_rng(0).choice(len(dataset), 64, replace=False)
+    picked[0] = int(np.argmin(dataset.lengths))  # the shortest row: lots of padding
+    picked[1] = len(dataset) - 1  # the last row of the last shard: the offsets run to the end
+    assert_batch_matches_rows(dataset, rows, picked)
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -181,13 +190,186 @@ def test_prefetch_gives_the_same_batches_and_stops(dataset):
     assert threading.active_count() == before  # close() ended the thread
 
 
+# ---------------------------------------------------------------------------- the sampler at scale
+def synthetic_lengths(n, seed=0):
+    return np.random.default_rng(seed).integers(8, 129, n, dtype=np.int16)
+
+
+def test_row_permutation_is_a_bijection_keyed_by_seed_and_epoch():
+    for n in (1, 2, 3, 5, 1000, 4097, 65_537):
+        order = RowPermutation(n, seed=3, epoch=1)(np.arange(n))
+        assert np.array_equal(np.sort(order), np.arange(n)), n
+    a, b, c = (RowPermutation(10_000, s, e)(np.arange(10_000)) for s, e in ((3, 1), (3, 2), (4, 1)))
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)
+    assert abs(np.corrcoef(np.arange(10_000), a)[0, 1]) < 0.05  # no trace of the identity left
+
+
+def test_sampler_memory_does_not_grow_with_the_rows():
+    lengths = synthetic_lengths(50_000_000)  # 100 MB, made before tracing: the loader maps it from disk
+    tracemalloc.start()
+    try:
+        started = time.perf_counter()
+        sampler = BatchSampler(lengths, 64, rank=3, world_size=8, seed=1, accumulation_steps=2)
+        first, late = sampler.rows_of(0, 0), sampler.rows_of(4, len(sampler) - 1)
+        sampler.load_state_dict({**sampler.state_dict(), "epoch": 2, "batch": len(sampler) // 2})
+        for rows_ in itertools.islice(sampler, 500):
+            assert len(rows_) == 64
+        seconds = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # measured: 4.0 MiB and 0.1 s (a full permutation would take 400 MB, the old epoch array 800 MB)
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert seconds < 10
+    assert len(np.unique(np.concatenate([first, late]))) == 128 and late.max() < len(lengths)
+
+
+def test_resume_deep_into_an_epoch_gives_the_batches_iterating_gave():
+    # ~9 blocks of 8,192 batches per epoch: the positions below cross block and epoch boundaries
+    lengths = synthetic_lengths(600_011)
+
+    def sampler():
+        return BatchSampler(lengths, 8, rank=1, world_size=3, seed=9, accumulation_steps=2)
+
+    per_epoch = len(sampler())
+    reference = list(itertools.islice(sampler(), per_epoch + 100))
+    for position in (1, 2730, 2731, 16_384, per_epoch - 3):
+        resumed = sampler()
+        resumed.load_state_dict({**resumed.state_dict(), "epoch": 0, "batch": position})
+        for expected, got in zip(reference[position:position + 120], resumed):
+            assert np.array_equal(expected, got), position
+    assert np.array_equal(np.stack(reference[:per_epoch]), sampler().epoch_batches(0))
+
+
+def test_every_row_of_an_epoch_appears_once_across_ranks():
+    lengths = synthetic_lengths(200_003)
+    batch, world, accumulation = 8, 3, 2
+    for epoch in (0, 3):
+        parts = [BatchSampler(lengths, batch, rank=r, world_size=world, seed=4,
+                              accumulation_steps=accumulation).epoch_batches(epoch) for r in range(world)]
+        assert len({p.shape for p in parts}) == 1
+        seen = np.concatenate([p.ravel() for p in parts])
+        assert len(np.unique(seen)) == len(seen)
+        assert 0 <= len(lengths) - len(seen) < world * accumulation * batch  # only the cut remainder
+    grouped = BatchSampler(lengths, 64, seed=4).epoch_batches(0)
+    plain = BatchSampler(lengths, 64, seed=4, length_window=1).epoch_batches(0)
+    assert padding_share(lengths, grouped, 128) < padding_share(lengths, plain, 128) / 4  # 6.1% vs 46.9%
+
+
+def test_one_process_accumulating_two_sees_the_global_batches_of_two_processes():
+    lengths = synthetic_lengths(150_001)
+    alone = BatchSampler(lengths, 16, rank=0, world_size=1, seed=2, accumulation_steps=2).epoch_batches(1)
+    pair = [BatchSampler(lengths, 16, rank=r, world_size=2, seed=2).epoch_batches(1) for r in (0, 1)]
+    assert np.array_equal(alone[0::2], pair[0]) and np.array_equal(alone[1::2], pair[1])
+
+
+# ---------------------------------------------------------------------------- the flat cache
+def copy_without_cache(data_dir, path):
+    shutil.copytree(data_dir, path, ignore=shutil.ignore_patterns("flat", ".flat*"))
+    return str(path)
+
+
+def cache_files(directory):
+    """name → (inode, mtime) of the files of a flat cache."""
+    stats = {name: os.stat(os.path.join(directory, name)) for name in os.listdir(directory)}
+    return {name: (st.st_ino, st.st_mtime_ns) for name, st in stats.items()}
+
+
+def leftovers(directory):
+    """Temporary dirs a conversion left in ``directory``."""
+    return [n for n in os.listdir(directory) if n.startswith(".flat.") and n != ".flat.lock"]
+
+
+def test_cache_is_built_once_then_mapped(data_dir, tmp_path, rows):
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    first = PretrainingDataset(data)
+    assert first.built_cache and first.cache_dir == os.path.join(data, "flat")
+    files = cache_files(first.cache_dir)
+    assert {"input_ids.npy", "token_offsets.npy", "lengths.npy", "flat.json"} <= set(files)
+    second = PretrainingDataset(data)
+    assert not second.built_cache and cache_files(second.cache_dir) == files  # not rewritten
+    assert leftovers(data) == []
+    # read-only maps of the files, nothing copied into the process
+    for array in (second.input_ids, second.input_ids_offsets, second.lengths, second.next_sentence_labels):
+        assert not array.flags.writeable and not array.flags.owndata
+    assert second.input_ids.dtype == np.int32 and second.segment_ids.dtype == np.int8
+    assert second.lengths.dtype == np.int16 and second.input_ids_offsets.dtype == np.int64
+    assert_batch_matches_rows(second, rows, np.arange(len(second) - 50, len(second)))
+
+
+def test_cache_dir_can_be_elsewhere(data_dir, tmp_path):
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    elsewhere = str(tmp_path / "local" / "cache")
+    dataset = PretrainingDataset(data, cache_dir=elsewhere)
+    assert dataset.built_cache and dataset.cache_dir == elsewhere and not os.path.exists(os.path.join(data, "flat"))
+    assert not PretrainingDataset(data, cache_dir=elsewhere).built_cache
+
+
+def test_stale_cache_is_rebuilt_when_the_shards_change(data_dir, dataset, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(data_dir, data)  # with the cache the dataset fixture built
+    assert not PretrainingDataset(data).built_cache  # a copy of a current cache is current
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    shard = os.path.join(data, manifest["shards"][1]["path"])
+    table = pq.read_table(shard)
+    kept = table.num_rows // 2
+    pq.write_table(table.slice(0, kept), shard, row_group_size=300)  # several row groups, converted in turn
+    manifest["shards"][1]["rows"] = kept
+    manifest["num_examples"] -= table.num_rows - kept
+    json.dump(manifest, open(os.path.join(data, "manifest.json"), "w"))
+
+    rebuilt = PretrainingDataset(data)
+    assert rebuilt.built_cache and len(rebuilt) == manifest["num_examples"]
+    assert leftovers(data) == []
+    rows_ = pa.concat_tables([pq.read_table(os.path.join(data, s["path"])) for s in manifest["shards"]]).to_pylist()
+    around = manifest["shards"][0]["rows"] + kept  # the rows after the shortened shard moved up
+    assert_batch_matches_rows(rebuilt, rows_, np.r_[around - 20:around + 20])
+
+
+OPEN_AT = textwrap.dedent("""
+    import hashlib, json, sys, time
+    from pipeline.data import PretrainingDataset, build_flat_cache, read_manifest
+    data, start, how = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    time.sleep(max(0.0, start - time.time()))  # all processes begin the conversion together
+    if how == "unlocked":
+        build_flat_cache(data, read_manifest(data), data + "/flat")
+    dataset = PretrainingDataset(data)
+    digest = hashlib.sha256(dataset.input_ids.tobytes() + dataset.input_ids_offsets.tobytes()).hexdigest()
+    print(json.dumps({"built": dataset.built_cache, "rows": len(dataset), "digest": digest}))
+""")
+
+
+def open_together(data, processes, how):
+    """``processes`` Python processes opening ``data`` at the same moment; their reports."""
+    start = time.time() + 6  # past their imports
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, data, str(start), how], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(processes)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def test_ranks_starting_together_convert_once(data_dir, tmp_path):
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    reports = open_together(data, 3, "locked")
+    assert sum(r["built"] for r in reports) == 1  # the others waited on the lock, then mapped its files
+    assert len({(r["rows"], r["digest"]) for r in reports}) == 1
+    assert leftovers(data) == []
+
+
+def test_conversions_without_a_lock_still_give_one_complete_cache(data_dir, tmp_path, rows):
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    reports = open_together(data, 3, "unlocked")  # each converts into its own temporary dir
+    assert not any(r["built"] for r in reports) and len({(r["rows"], r["digest"]) for r in reports}) == 1
+    assert leftovers(data) == []
+    assert_batch_matches_rows(PretrainingDataset(data), rows, np.arange(0, len(rows), 97))
+
+
 # ---------------------------------------------------------------------------- manifest errors
 @pytest.fixture
 def broken(data_dir, tmp_path):
-    """A copy of the data dir to break."""
-    copy = str(tmp_path / "data")
-    shutil.copytree(data_dir, copy)
-    return copy
+    """A copy of the data dir to break (without a flat cache: it is converted, and checked, on first use)."""
+    return copy_without_cache(data_dir, tmp_path / "data")
 
 
 def edit_manifest(path, **changes):
@@ -232,3 +414,65 @@ def test_shard_row_count_differs(broken):
     with pytest.raises(DataDirError, match=rf"shards\[1\].rows is {table.num_rows} but .*part-00001-of-00004"
                                            rf".parquet has {table.num_rows - 1} rows"):
         read_manifest(broken)
+
+
+# ---------------------------------------------------------------------------- corrupt shards
+SHARD = os.path.join("shards", "part-00001-of-00004.parquet")
+
+
+def assert_refused(data, message):
+    with pytest.raises(DataDirError, match=message):
+        PretrainingDataset(data)
+    assert leftovers(data) == [] and not os.path.exists(os.path.join(data, "flat"))
+
+
+def rewrite_column(data, name, array):
+    path = os.path.join(data, SHARD)
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.schema.get_field_index(name), name, array), path)
+    return table
+
+
+def test_truncated_shard_is_refused_naming_it(broken):
+    path = os.path.join(broken, SHARD)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    assert_refused(broken, rf"{SHARD}: pyarrow cannot read this shard .*truncated or corrupt")
+
+
+def test_column_of_the_wrong_type_is_refused_naming_shard_and_column(broken):
+    table = pq.read_table(os.path.join(broken, SHARD))
+    rewrite_column(broken, "input_ids", table.column("input_ids").cast(pa.list_(pa.int64())))
+    assert_refused(broken, rf"{SHARD}: column 'input_ids' has type list<.*int64>, expected list<int32>")
+
+
+@pytest.mark.parametrize("row_group_size", [None, 1000])  # the bad row in the first or the third row group
+def test_masked_position_outside_its_row_is_refused_naming_shard_and_row(broken, row_group_size):
+    path = os.path.join(broken, SHARD)
+    table = pq.read_table(path)
+    positions = table.column("masked_lm_positions").to_pylist()
+    positions[2345][0] = len(table.column("input_ids")[2345]) + 3
+    table = table.set_column(table.schema.get_field_index("masked_lm_positions"), "masked_lm_positions",
+                             pa.array(positions, pa.list_(pa.int32())))
+    pq.write_table(table, path, row_group_size=row_group_size)
+    assert_refused(broken, rf"{SHARD}: a masked_lm_positions value lies outside its row \(row 2345\)")
+
+
+def test_segment_ids_shorter_than_input_ids_are_refused_naming_shard_and_row(broken):
+    table = pq.read_table(os.path.join(broken, SHARD))
+    segments = table.column("segment_ids").to_pylist()
+    segments[11] = segments[11][:-1]
+    rewrite_column(broken, "segment_ids", pa.array(segments, pa.list_(pa.int8())))
+    assert_refused(broken, rf"{SHARD}: segment_ids and input_ids differ in length in row 11")
+
+
+def test_the_trainer_refuses_a_corrupt_shard_before_training(broken, tmp_path):
+    table = pq.read_table(os.path.join(broken, SHARD))
+    rewrite_column(broken, "next_sentence_labels", table.column("next_sentence_labels").cast(pa.string()))
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "pretrain.py"), "--data", broken,
+                           "--run-dir", str(run), "--steps", "2", "--no-mlflow"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{SHARD}: column 'next_sentence_labels' has type string, expected int8" in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(run / "checkpoints")
