@@ -213,40 +213,6 @@ class InstanceBatch:
     def __len__(self) -> int:
         return len(self.next_sentence_labels)
 
-    # Pickled form: what crosses every Beam shuffle, so it is made small. Ids fit
-    # uint16 for vocabularies under 65,536; offsets become row lengths (uint16);
-    # segment ids are 0…0 1…1, so one number per row, the length of segment A,
-    # stores them. Measured on the Wikipedia sample at seq 128: 2.4x smaller.
-    def __getstate__(self):
-        lengths = np.diff(self.offsets)
-        if len(lengths) and (lengths.max() > 0xFFFF or max(self.input_ids.max(initial=0),
-                                                             self.masked_lm_ids.max(initial=0)) > 0xFFFF):
-            return dict(self.__dict__)
-        len_a = lengths - np.add.reduceat(self.segment_ids, self.offsets[:-1]).astype(np.int64) \
-            if len(lengths) else lengths
-        return {"compact": True, "ids": self.input_ids.astype(np.uint16),
-                "lengths": lengths.astype(np.uint16), "len_a": len_a.astype(np.uint16),
-                "positions": self.masked_lm_positions.astype(np.uint16),
-                "masked_ids": self.masked_lm_ids.astype(np.uint16),
-                "masked_lengths": np.diff(self.masked_offsets).astype(np.uint16),
-                "labels": self.next_sentence_labels, "keys": self.keys, "stats": self.stats}
-
-    def __setstate__(self, state):
-        if not state.get("compact"):
-            self.__dict__.update(state)
-            return
-        lengths = state["lengths"].astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        # Position within the row >= len(A) marks segment B.
-        within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
-        segment_ids = (within >= np.repeat(state["len_a"].astype(np.int64), lengths)).astype(np.int8)
-        self.__dict__.update(
-            input_ids=state["ids"].astype(np.int32), offsets=offsets, segment_ids=segment_ids,
-            masked_lm_positions=state["positions"].astype(np.int32),
-            masked_lm_ids=state["masked_ids"].astype(np.int32),
-            masked_offsets=np.concatenate([[0], np.cumsum(state["masked_lengths"].astype(np.int64))]),
-            next_sentence_labels=state["labels"], keys=state["keys"], stats=state["stats"])
-
     @property
     def skipped(self) -> int:
         return self.stats.skipped_single_document
@@ -407,24 +373,6 @@ class SegmentPlan:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    # Pickled form: what the pipeline ships from planning to masking, in place of the
-    # masked instances (dupe_factor copies of every token: 4.3x the bytes of the plan at
-    # seq 128, dupe 5, vocab 32k).
-    # Ids fit uint16 for vocabularies under 65,536; spans fit int32 in any bucket.
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if len(self.tokens) and self.tokens.max() <= 0xFFFF:
-            state["tokens"] = self.tokens.astype(np.uint16)
-        for name in ("a_start", "a_end", "b_start", "b_end", "document", "b_document"):
-            state[name] = state[name].astype(np.int32)
-        return state
-
-    def __setstate__(self, state):
-        state["tokens"] = state["tokens"].astype(np.int32, copy=False)
-        for name in ("a_start", "a_end", "b_start", "b_end", "document", "b_document"):
-            state[name] = state[name].astype(np.int64)
-        self.__dict__.update(state)
 
     def take(self, rows) -> SegmentPlan:
         """The instances ``rows``, in that order, over the same tokens (``stats`` describe

@@ -514,9 +514,8 @@ def test_other_dupe_or_seed_gives_other_instances_and_masks(corpus):
 
 
 def test_any_cut_of_a_plan_masks_as_it_does_within_the_whole(corpus):
-    """The pipeline plans a bucket, cuts the plan at shard boundaries, ships the parts
-    pickled and masks each part where its shard is written: the instances must be the
-    ones masking the whole plan gives."""
+    """Masking is keyed per instance: any cut of a plan, masked part by part, gives the
+    instances that masking the whole plan gives."""
     docs, vocab = corpus
     bucket = ex.Bucket(docs[:120])
     for config in (ex.ExampleConfig(), ex.ExampleConfig(whole_word_mask=True)):
@@ -527,15 +526,11 @@ def test_any_cut_of_a_plan_masks_as_it_does_within_the_whole(corpus):
             [ex.create_instances(bucket, d, SEED, config, vocab) for d in range(3)]))
         assert whole.num_tokens == plan.num_tokens
         cuts = [0, 1, 400, len(plan) // 2, len(plan)]
-        parts = [pickle.loads(pickle.dumps(plan.take(np.arange(a, b)))) for a, b in zip(cuts, cuts[1:])]
+        parts = [plan.take(np.arange(a, b)) for a, b in zip(cuts, cuts[1:])]
         assert [len(p) for p in parts] == list(np.diff(cuts))
         masked = ex.InstanceBatch.concat([ex.mask_instances(p, config, vocab) for p in parts])
         assert digest(masked) == digest(whole)
         assert np.array_equal(masked.keys, whole.keys)
-    shipped = pickle.dumps(plan)
-    assert pickle.loads(shipped).tokens.dtype == np.int32
-    # The plan is what crosses the shuffle instead of the masked instances: much smaller.
-    assert len(shipped) < len(pickle.dumps(whole)) / 2
 
 
 @pytest.mark.parametrize("piece", [1, 7, 100])

@@ -2,10 +2,8 @@
 TestPipeline + assert_that where a step is a Beam transform."""
 
 import collections
-import dataclasses
 import json
 import os
-import pickle
 
 import apache_beam as beam
 import numpy as np
@@ -250,18 +248,3 @@ def test_read_part_rows_reads_any_slice_across_row_groups(tmp_path, spm_proto):
 def test_counts_merge_is_a_sum():
     assert transforms.merge_counts([{"a": 1}, {"a": 2, "b": 3}, {}]) == {"a": 3, "b": 3}
     assert json.dumps(transforms.merge_counts([])) == "{}"
-
-
-def test_instance_batch_pickles_compactly_and_exactly(spm_proto):
-    sp, info = transforms.load_model(spm_proto)
-    raws = austen_documents(60)
-    docs = [examples.Document(SentenceDocument(r.doc_id, ()).key,
-                              [np.asarray(sp.encode(s), np.int32) for s in r.text.split(". ")]) for r in raws]
-    batch = examples.create_instances(docs, 0, 1, examples.ExampleConfig(), info)
-    restored = pickle.loads(pickle.dumps(batch))
-    for field in dataclasses.fields(examples.InstanceBatch):
-        a, b = getattr(batch, field.name), getattr(restored, field.name)
-        if isinstance(a, np.ndarray):
-            assert a.dtype == b.dtype and np.array_equal(a, b), field.name
-    plain = pickle.dumps({f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)})
-    assert len(pickle.dumps(batch)) < len(plain) / 2
