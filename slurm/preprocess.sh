@@ -3,9 +3,10 @@
 #
 # What this is: preprocessing/run_beam.py with Apache Beam's LOCAL runner (the FnApiRunner,
 # the engine behind the DirectRunner) on ONE node, one worker process per CPU of the job
-# (--direct_running_mode=multi_processing). It does not spread over nodes, and the local
-# runner keeps the data between steps in memory: it suits corpora up to a few GB of text
-# (see the README's "Scaling out"); for the full English Wikipedia use a cluster runner.
+# (--direct_running_mode=multi_processing). It does not spread over nodes. Memory does not
+# grow with the corpus (each worker streams its read tasks bucket by bucket; about 0.7 GB
+# per worker process, see the README's "Scaling out"), so one big node handles the full
+# English Wikipedia; for more, use a cluster runner.
 # It has no checkpoints: a job that is stopped starts over (the manifest is written last,
 # so a stopped run never looks complete). Submit from the repository root:
 #
