@@ -122,12 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     p.add_argument("--experiment", default=d.experiment)
     p.add_argument("--run-name")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the
+    # same, and ensure_distributed_env reads that.
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     return p
 
 
 def parse_args(argv: Sequence[str] | None) -> TrainConfig:
     parser = build_parser()
     values = vars(parser.parse_args(argv))
+    values.pop("local_rank")
     try:
         return TrainConfig(**values)
     except TrainConfigError as err:

@@ -197,13 +197,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_pretrain(args, nproc, tmp_path):
+def _run_pretrain(args, nproc, tmp_path, launcher="torchrun"):
     import json
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
                                                             "MASTER_ADDR", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", os.path.join(REPO, "pipeline", "pretrain.py"), *args]
+    if launcher == "torchrun":
+        start = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    else:  # DeepSpeed's launcher appends --local_rank=N to the script's arguments
+        start = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}"]
+    cmd = [*start, f"--master_port={_free_port()}", os.path.join(REPO, "pipeline", "pretrain.py"), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = args[args.index("--run-dir") + 1]
@@ -212,7 +215,8 @@ def _run_pretrain(args, nproc, tmp_path):
 
 @pytest.mark.e2e
 def test_one_and_two_ranks_give_the_same_losses(data_dir, tmp_path):
-    """gloo, ZeRO-2, the same global batch of 16: 1 rank x 2 micro-batches vs 2 ranks x 1."""
+    """gloo, ZeRO-2, the same global batch of 16: 1 rank x 2 micro-batches vs 2 ranks x 1,
+    under torchrun and under the deepspeed launcher."""
     import json
 
     from pipeline.model import PRESETS
@@ -224,9 +228,11 @@ def test_one_and_two_ranks_give_the_same_losses(data_dir, tmp_path):
               "--micro-batch-size", "8", "--log-every", "1", "--no-mlflow", "--learning-rate", "2e-3"]
     one = _run_pretrain([*common, "--run-dir", str(tmp_path / "one")], 1, tmp_path)
     two = _run_pretrain([*common, "--run-dir", str(tmp_path / "two")], 2, tmp_path)
-    assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(1, 7))
-    for a, b in zip(one, two):
+    launched = _run_pretrain([*common, "--run-dir", str(tmp_path / "ds")], 2, tmp_path, launcher="deepspeed")
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [m["step"] for m in launched] == list(range(1, 7))
+    for a, b, c in zip(one, two, launched):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
+        assert c["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
     assert one[-1]["loss"] < one[0]["loss"]
 
 
