@@ -55,17 +55,6 @@ def read_counters(output: str) -> dict[str, int]:
         return json.load(f)
 
 
-def remove_parts(output: str) -> None:
-    """The intermediate part files go once the shards are written."""
-    matched = FileSystems.match([FileSystems.join(output, parts.PARTS_DIR, "*")])[0].metadata_list
-    hidden = FileSystems.match([FileSystems.join(output, parts.PARTS_DIR, ".*")])[0].metadata_list
-    if matched or hidden:
-        FileSystems.delete([m.path for m in matched + hidden])
-    directory = FileSystems.join(output, parts.PARTS_DIR)
-    if "://" not in output and os.path.isdir(directory):
-        os.rmdir(directory)
-
-
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes)
     inputs.check_inputs(tasks, config.text_field)
@@ -82,7 +71,7 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         result.wait_until_finish()
         wall = time.monotonic() - started
         counters = read_counters(config.output)
-        remove_parts(config.output)
+        manifest.delete_dir(config.output, parts.PARTS_DIR)  # the shards are written
 
         shards = read_shard_counts(config.output)
         with FileSystems.open(FileSystems.join(config.output, "tokenizer", "spm.model"),

@@ -100,11 +100,17 @@ def remove_stale_outputs(output: str) -> None:
     path = FileSystems.join(output, MANIFEST)
     if FileSystems.exists(path):
         FileSystems.delete([path])
-    for pattern in ("shards/*", "shards/.*", "tokenizer/*", "parts/*", "parts/.*"):
+    for pattern in ("shards/*", "shards/.*", "tokenizer/*"):
         matched = FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list
         if matched:
             FileSystems.delete([m.path for m in matched])
-    # The trainer's memory-mapped copy of the old shards (pipeline/data.py) goes too.
-    flat = FileSystems.join(output, "flat")
-    if FileSystems.exists(flat):
-        FileSystems.delete([flat])
+    # "flat": the trainer's memory-mapped copy of the old shards (pipeline/data.py).
+    for name in ("parts", "flat"):
+        delete_dir(output, name)
+
+
+def delete_dir(output: str, name: str) -> None:
+    """Deletes OUTPUT/name and everything in it, if it is there."""
+    path = FileSystems.join(output, name)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])

@@ -55,13 +55,21 @@ def shard_name(index: int, num_shards: int) -> str:
 def write_atomically(output_path: str, data: bytes) -> None:
     """Writes ``data`` under a temporary name, then renames it: a reader never sees half a
     file, and a retried task simply replaces it."""
-    directory, name = output_path.rsplit("/", 1)
-    temp = f"{directory}/.{name}.inprogress"
+    temp = _temporary_name(output_path)
     with FileSystems.create(temp) as f:
         f.write(data)
-    if FileSystems.exists(output_path):
-        FileSystems.delete([output_path])
-    FileSystems.rename([temp], [output_path])
+    _replace(temp, output_path)
+
+
+def _temporary_name(path: str) -> str:
+    directory, name = path.rsplit("/", 1)
+    return f"{directory}/.{name}.inprogress"
+
+
+def _replace(temp: str, path: str) -> None:
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temp], [path])
 
 
 class PartWriter:
@@ -77,8 +85,7 @@ class PartWriter:
         self.rows = 0
         self._pending: list[InstanceBatch] = []
         self._pending_rows = 0
-        directory, name = path.rsplit("/", 1)
-        self._temp = f"{directory}/.{name}.inprogress"
+        self._temp = _temporary_name(path)
         self._sink = FileSystems.create(self._temp)
         self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="zstd")
 
@@ -101,9 +108,7 @@ class PartWriter:
         self._flush()
         self._writer.close()
         self._sink.close()
-        if FileSystems.exists(self.path):
-            FileSystems.delete([self.path])
-        FileSystems.rename([self._temp], [self.path])
+        _replace(self._temp, self.path)
         return self.rows
 
 

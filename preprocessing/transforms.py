@@ -201,29 +201,14 @@ class _SmallestSentences(beam.CombineFn):
 
 
 def _merge_problems(records):
+    """Sums the sample tasks' problem counts, keeping the first message of each reason
+    (CombineGlobally calls it on records and on its own sums)."""
     counts, first = collections.Counter(), {}
     for record_counts, record_first in records:
         counts.update(record_counts)
         for reason, message in record_first.items():
             first.setdefault(reason, message)
     return dict(counts), first
-
-
-class _MergeProblems(beam.CombineFn):
-    """Sums the sample tasks' problem counts, keeping the first message of each reason."""
-
-    def create_accumulator(self):
-        return {}, {}
-
-    def add_input(self, accumulator, record):
-        return _merge_problems([accumulator, record])
-
-    def merge_accumulators(self, accumulators):
-        return _merge_problems(accumulators)
-
-    def extract_output(self, accumulator):
-        return accumulator
-
 
 
 def _train_and_write(sample: list[tuple[int, str]], problems, config: PreprocessConfig) -> bytes:
@@ -271,7 +256,7 @@ class TrainTokenizer(beam.PTransform):
                    | "SampleSentences" >> beam.ParDo(
                        _SampleSentencesFn(c.text_field, c.max_line_bytes, c.vocab_sample_sentences)
                    ).with_outputs("problems", main="sentences"))
-        problems = sampled.problems | "CombineProblems" >> beam.CombineGlobally(_MergeProblems())
+        problems = sampled.problems | "CombineProblems" >> beam.CombineGlobally(_merge_problems)
         return (sampled.sentences
                 | "SmallestHashes" >> beam.CombineGlobally(_SmallestSentences(c.vocab_sample_sentences))
                 | "Train" >> beam.Map(_train_and_write, beam.pvalue.AsSingleton(problems), c))
