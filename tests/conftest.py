@@ -1,6 +1,8 @@
 import bz2
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -77,3 +79,14 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """A pretraining data dir from the dump sample (vocabulary 4,000, 2 shards), shared by the
+    trainer, export and fault tests; a test must not write into it."""
+    out = str(tmp_path_factory.mktemp("pretrain") / "data")
+    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
+                    "--output", out, "--vocab-size", "4000", "--dupe-factor", "2", "--num-shards", "2",
+                    "--no-mlflow"], check=True, capture_output=True)
+    return out

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, RowPermutation,
-                           build_flat_cache, padding_share, read_manifest)
+                           padding_share, read_manifest)
 
 from .conftest import REPO, WIKI_SAMPLE
 

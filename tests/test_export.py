@@ -13,16 +13,7 @@ from pipeline import export
 from pipeline.train_config import DEFAULT_DS_CONFIG, TrainConfig
 from pipeline.trainer import Trainer
 
-from .conftest import REPO, WIKI_SAMPLE
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("export") / "data")
-    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-                    "--output", out, "--vocab-size", "4000", "--dupe-factor", "2", "--num-shards", "2",
-                    "--no-mlflow"], check=True, capture_output=True)
-    return out
+from .conftest import REPO
 
 
 @pytest.fixture(autouse=True)

@@ -151,7 +151,7 @@ def test_non_numeric_regression_target_names_file_and_line(tmp_path):
         load_task_data(data=path, task="regression")
     jsonl = tmp_path / "scores.jsonl"
     jsonl.write_text('{"text": "a", "label": 1.5}\n{"text": "b", "label": null}\n')
-    with pytest.raises(FinetuneDataError, match=rf"scores\.jsonl:2: regression target None"):
+    with pytest.raises(FinetuneDataError, match=r"scores\.jsonl:2: regression target None"):
         load_task_data(train=str(jsonl), validation=str(jsonl), test=str(jsonl), task="regression")
 
 

@@ -15,15 +15,6 @@ from pipeline.trainer import EXIT_STOPPED, Trainer
 from .conftest import REPO, WIKI_SAMPLE
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("pretrain") / "data")
-    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-                    "--output", out, "--vocab-size", "4000", "--dupe-factor", "2", "--num-shards", "2",
-                    "--no-mlflow"], check=True, capture_output=True)
-    return out
-
-
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
