@@ -4,7 +4,7 @@
 #
 #   MODEL=runs/base512 OUTPUT_DIR=runs/sst2 sbatch slurm/finetune.sh \
 #       --train sst2/train.tsv --validation sst2/dev.tsv --text-column sentence --label-column label \
-#       --ds-config ds_configs/gpu_base_bf16_zero2_fused-adam.json --register-name sst2-base
+#       --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --register-name sst2-base
 #   MODEL=… OUTPUT_DIR=… sbatch --nodes=1 --ntasks-per-node=1 --gpus-per-node=0 slurm/finetune.sh …  # CPU
 #
 # Arguments after the script go to pipeline/finetune.py (see its --help: data files, columns,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -72,3 +73,44 @@ def test_injected_config_drives_a_real_deepspeed_engine(monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # The 1-process group stays up for later in-process tests: DeepSpeed caches its
     # groups, and a destroyed one breaks every engine built after it.
+
+
+def test_the_readme_table_lists_exactly_the_shipped_files():
+    readme = open(os.path.join(DS_DIR, "README.md")).read()
+    assert sorted(re.findall(r"^\| `([^`]+\.json)` \|", readme, re.M)) == CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_follows_the_readme_rules(name):
+    """The rules of ds_configs/README.md: the name says the stage; fused Adam runs ZeRO-1 or 3,
+    LAMB no ZeRO; GPU buckets overlap the backward pass (at most 1e8 elements, at least the
+    model's word embeddings, its largest tensor); bf16 ZeRO-1 keeps DeepSpeed's ZeRO optimizer."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from pipeline.model import PRESETS
+    from preprocessing.options import PreprocessConfig
+
+    config = load_ds_config(os.path.join(DS_DIR, name))
+    where, *_, zero_name, optimizer = name[:-len(".json")].split("_")
+    zero = config["zero_optimization"]
+    DeepSpeedZeroConfig(**zero)  # DeepSpeed's own parser: a misspelt key is refused, not ignored
+    stage = zero["stage"]
+    assert zero_name == f"zero{stage}", f"{name}: the name says {zero_name}, the file stage {stage}"
+    if optimizer == "fused-lamb":
+        assert stage == 0 and config["optimizer"]["type"] == "Lamb", f"{name}: LAMB runs without ZeRO"
+    if optimizer == "fused-adam":
+        assert stage in (1, 3) and config["optimizer"]["type"] == "Adam", f"{name}: fused Adam runs ZeRO-1 or 3"
+        assert config["optimizer"]["params"]["adam_w_mode"] is True
+    if where == "gpu" and stage > 0:
+        largest = PRESETS[name.split("_")[1]]["hidden_size"] * PreprocessConfig.vocab_size
+        buckets = ["reduce_bucket_size", "stage3_prefetch_bucket_size" if stage == 3 else "allgather_bucket_size"]
+        for key in buckets:
+            assert largest <= zero[key] <= 1e8, f"{name}: {key} {zero[key]:.3g}"
+        assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
+    if stage == 1:
+        assert zero.get("allgather_bucket_size") == zero.get("reduce_bucket_size")
+        # fp32 accumulation would switch bf16 to BF16_Optimizer, which ignores buckets and overlap.
+        assert config.get("data_types", {}).get("grad_accum_dtype") in (None, "bf16", "fp16")
+    if stage == 3:
+        # Prefetch is capped by the live-parameter budget: a smaller budget would starve it.
+        assert zero.get("stage3_prefetch_bucket_size", 5e7) <= zero.get("stage3_max_live_parameters", 1e9)

@@ -2,7 +2,7 @@
 
     python tests/data/pretrained_reviews/make_bundle.py --workdir runs/reviews_bundle
     python tests/data/pretrained_reviews/make_bundle.py --workdir W --model mini.json \
-        --vocab-size 16000 --ds-config ds_configs/gpu_base_bf16_zero2_fused-adam.json --steps 50000
+        --vocab-size 16000 --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --steps 50000
 
 Pretraining takes longer than a test may (the defaults: ~90 minutes on 2 CPU cores), so
 tests/test_finetune_pretraining_helps.py fine-tunes the bundle this writes (by default into
