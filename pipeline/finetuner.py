@@ -31,6 +31,7 @@ from pipeline.finetune_config import FinetuneConfig, FinetuneConfigError
 from pipeline.finetune_data import Examples, load_task_data
 from pipeline.finetune_model import build_classifier, load_tokenizer, read_training_info, resolve_model_dir
 from pipeline.metrics import LOWER_IS_BETTER, confusion_matrix, task_metrics
+from pipeline.param_groups import weight_decay_groups
 from pipeline.trainer import ensure_distributed_env, linear_warmup_decay
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ class Finetuner:
                                 "keeping the best epoch's weights needs whole; use a stage 0-2 config")
         schedule = linear_warmup_decay(self.total_steps, warmup)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=self.ds_config,
+            model=model, model_parameters=weight_decay_groups(model, config.weight_decay),
+            config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.step = 0
         self.history: list[EpochResult] = []

@@ -102,16 +102,23 @@ def sparse_mlm_class():
 
 @dataclasses.dataclass(frozen=True)
 class FlopCounter:
-    """Training FLOPs per sequence, for MFU.
+    """Training FLOPs per sequence, for MFU, counted two ways.
 
-    FLOPs = 6 · (N_enc · T + N_mlm · P + N_cls) + 12 · L · H · T² per sequence of T tokens
-    with P predicted (masked) tokens: 6 per parameter per token for the forward and backward
-    matrix multiplies, where N_enc are the encoder layers' matmul weights, N_mlm the MLM
-    head's (its H×H transform and the output projection onto the vocabulary, tied to the
-    embeddings but a real matmul), applied to the P masked tokens only when the head is
-    sparse (P = T for the stock head), and N_cls the pooler and NSP classifier, once per
-    sequence; plus the attention scores and weighted sums, QKᵀ and AV, 2 · 2 · T² · H per
-    layer forward, times 3 with the backward. Embedding lookups are not matmuls.
+    Both count 6 FLOPs per matmul weight per token it multiplies (2 forward, 4 backward)
+    and attention's QKᵀ and AV, 2 · 2 · T² · H per layer forward, times 3 with the
+    backward: 12 · L · H · T². Embedding lookups, norms, softmax and GELU are not counted.
+
+    - executed (``executed_per_sequence``): what this trainer runs on a sequence of T real
+      tokens with P masked: 6 · (N_enc · T + N_mlm · P + N_cls) + 12 · L · H · T², with
+      N_enc the encoder layers' matmul weights, N_mlm the MLM head's (its H×H transform and
+      the vocabulary projection, tied to the embeddings but a real matmul) on the masked
+      tokens only, N_cls the pooler and NSP classifier on [CLS] once. Padding is not counted.
+    - model (``model_per_sequence``): the dense model on a full-length sequence, as
+      published MFU figures count it (PaLM's appendix B, Megatron-LM's formula without
+      recomputation, MosaicML's llm-foundry): 6 · N · T + 12 · L · H · T², T the data's
+      max_seq_length, N every matmul weight (so the MLM head projects every position onto
+      the vocabulary). It does not depend on the implementation: a sparse head, unpadding or
+      padding change the time taken, not this count, so the MFU compares across codebases.
     """
 
     encoder_params: int
@@ -130,9 +137,14 @@ class FlopCounter:
     def matmul_params(self) -> int:
         return self.encoder_params + self.mlm_head_params + self.cls_params
 
-    def per_sequence(self, tokens: float, predictions: float | None = None) -> float:
-        """FLOPs of one sequence of ``tokens`` tokens; ``predictions``: masked tokens the MLM
-        head runs on (None: every token, the stock head)."""
-        predicted = tokens if predictions is None else predictions
-        return (6.0 * (self.encoder_params * tokens + self.mlm_head_params * predicted + self.cls_params)
-                + 12.0 * self.layers * self.hidden * tokens * tokens)
+    def _attention(self, tokens: float) -> float:
+        return 12.0 * self.layers * self.hidden * tokens * tokens
+
+    def executed_per_sequence(self, tokens: float, predictions: float) -> float:
+        """FLOPs run on one sequence of ``tokens`` real tokens, ``predictions`` of them masked."""
+        return (6.0 * (self.encoder_params * tokens + self.mlm_head_params * predictions + self.cls_params)
+                + self._attention(tokens))
+
+    def model_per_sequence(self, max_seq_length: int) -> float:
+        """FLOPs of the dense model on one sequence of ``max_seq_length`` tokens."""
+        return 6.0 * self.matmul_params * max_seq_length + self._attention(max_seq_length)

@@ -2,12 +2,16 @@
 
     python pipeline/pretrain.py --data output/data --run-dir runs/tiny --steps 200
     torchrun --nproc_per_node 8 pipeline/pretrain.py --data … --model base \
-        --ds-config ds_configs/gpu_base_bf16_zero2_fused-adam.json --global-batch-size 4096
+        --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --global-batch-size 4096
 
 Exit code 2 with one line naming the flag, file or field for a bad data dir, DeepSpeed config,
 model or checkpoint; 0 when --steps are done (rank 0 then exports the last checkpoint in Hugging Face
 format to RUN_DIR/hf/<tag>, see pipeline/export.py); 3 when a stop signal (SIGTERM/SIGUSR1) was honoured
-with a checkpoint, so a scheduler can requeue the job and --resume auto continues it.
+with a checkpoint, so a scheduler can requeue the job and --resume auto continues it; 1 on a failure.
+A failure on one rank ends every rank in bounded time: a non-finite loss is agreed, so all raise it
+at the same step; a rank that raises exits at once, and its peers' collectives fail (gloo) or the
+launcher ends them (torchrun, deepspeed, srun --kill-on-bad-exit=1); --dist-timeout-minutes bounds
+the rest (a rank that hangs without exiting).
 """
 
 import logging
@@ -17,13 +21,15 @@ import sys
 if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import torch  # noqa: E402
+
 from pipeline.data import DataDirError  # noqa: E402
 from pipeline.ds_config import DsConfigError  # noqa: E402
 from pipeline.export import ExportError, export_checkpoint, write_train_config  # noqa: E402
 from pipeline.model import ModelConfigError  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 from pipeline.train_config import parse_args  # noqa: E402
-from pipeline.trainer import Trainer  # noqa: E402
+from pipeline.trainer import NonFiniteLoss, Trainer  # noqa: E402
 
 USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError)
 
@@ -48,21 +54,42 @@ def main(argv=None) -> int:
         tracker.log_json(trainer.ds_config, "ds_config.json")
     if trainer.is_rank0:
         write_train_config(config, tracker.run_id if tracker else None)  # what the export rebuilds from
-    status = "FAILED"
+    status, code = "FAILED", 1
     try:
         code = trainer.train(tracker)
         if tracker and trainer.final_eval:
             tracker.log_json(trainer.final_eval, "final_eval.json")
         # The export reads the saved checkpoint files only (no collectives): rank 0 alone writes it,
-        # after save()'s barriers have put every rank's shards on disk.
+        # after save()'s barriers have put every rank's shards on disk. The other ranks exit 0 meanwhile,
+        # which ends no one; if the export fails, rank 0 alone exits 1 and nobody waits for it.
         if code == 0 and trainer.is_rank0:
             logging.getLogger(__name__).info("Hugging Face export: %s", export_checkpoint(config.run_dir))
         status = "FINISHED" if code == 0 else "KILLED"
-        return code
+    except NonFiniteLoss as err:  # raised by every rank at the same step: one line each, no traceback
+        print(f"error: rank {trainer.rank}: {err}", file=sys.stderr)
     finally:
         if tracker:
             tracker.finish(status)
+    # After a stop (3) or an agreed failure every rank is here. Under srun --kill-on-bad-exit=1 the first
+    # rank to exit non-zero ends the others: none may leave before rank 0 has finished its MLflow run.
+    if code != 0 and trainer.world_size > 1:
+        torch.distributed.barrier()
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except Exception:
+        sys.excepthook(*sys.exc_info())  # torch.distributed's hook prefixes each line with [rankN]
+        exit_code = 1
+    if exit_code != 0:
+        # Out at once, without the interpreter's teardown (7-16 s measured on 2 busy cores, and C++
+        # destructors may wait on peers): a failed rank's peers and launcher learn of it when its process
+        # ends, and after a stop every rank must exit 3 together: srun --kill-on-bad-exit=1 kills a rank
+        # still tearing down KillWait seconds after the first exit, and the job's 3 (requeue) becomes 137.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)

@@ -21,7 +21,7 @@ import sys
 PANELS = (
     ("loss", lambda name: "loss" in name),
     ("accuracy and scores", lambda name: any(k in name for k in ("accuracy", "f1", "mcc", "pearson", "spearman"))),
-    ("throughput", lambda name: name.endswith("_per_second") or name == "mfu"),
+    ("throughput", lambda name: name.endswith("_per_second") or name.startswith("mfu_")),
     ("learning rate", lambda name: name == "learning_rate"),
     ("gradients and scaling", lambda name: name in ("grad_norm", "loss_scale", "skipped_steps")),
 )

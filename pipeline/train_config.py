@@ -34,6 +34,7 @@ class TrainConfig:
     checkpoint_minutes: float = 0.0
     keep_checkpoints: int = 2
     resume: str = "auto"
+    dist_timeout_minutes: float = 10.0
     peak_tflops: float = 0.0
     eval_shards: int | None = None  # None: 1 when the data has 2+ shards, else 0
     eval_every: int = 0
@@ -43,6 +44,7 @@ class TrainConfig:
     experiment: str = "bert-pipeline"
     run_name: str | None = None
     data_cache: str | None = None  # None: DATA/flat
+    compile: bool = False
 
     def __post_init__(self):
         if self.warmup_steps is None:
@@ -56,6 +58,7 @@ class TrainConfig:
             (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.checkpoint_minutes >= 0, f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}"),
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.dist_timeout_minutes > 0, f"--dist-timeout-minutes must be > 0, got {self.dist_timeout_minutes}"),
             (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
             (self.eval_shards is None or self.eval_shards >= 0,
              f"--eval-shards must be >= 0, got {self.eval_shards}"),
@@ -105,9 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--resume", default=d.resume,
                    help="auto (newest complete checkpoint in --run-dir, if any), none, or a checkpoint tag")
+    p.add_argument("--dist-timeout-minutes", type=float, default=d.dist_timeout_minutes,
+                   help="how long a rank waits in a collective (all-reduce, barrier) for the others before it "
+                        "fails: the last resort when a rank hangs without exiting, or a node is lost with no "
+                        "launcher to end the rest (a rank that exits is noticed in seconds). It must exceed the "
+                        "longest wait a healthy run has: one rank's checkpoint write, a first-run op build "
+                        "(10 = DeepSpeed's default)")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
-                   help="the hardware's peak TFLOP/s per process, to report MFU (0 = not reported; "
-                        "H100 SXM dense bf16/fp16: 989, A100: 312)")
+                   help="the hardware's dense peak TFLOP/s per process, to report mfu_model and mfu_executed "
+                        "(0 = not reported; bf16/fp16 on H100 SXM and H200: 989.5, A100: 312)")
     p.add_argument("--eval-shards", type=int, default=None,
                    help="the data dir's last N shards are held out of training and evaluated on "
                         "(default: 1 when the data has 2 or more shards, else 0 = no evaluation)")
@@ -119,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from the weights of another run's checkpoint (a run dir, its checkpoints/ "
                         "or one tag dir) with a fresh optimizer and schedule: phase 2 (seq 512) after "
                         "phase 1 (seq 128). Ignored when --run-dir already has a checkpoint to resume")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder (Inductor). Batches are then padded to the data's "
+                        "max_seq_length so that one graph serves every step; the first steps are slower "
+                        "while it compiles. Checkpoints and exports are the same as without it")
     p.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     p.add_argument("--experiment", default=d.experiment)
     p.add_argument("--run-name")

@@ -7,6 +7,7 @@ micro-batches DeepSpeed accumulates, then metrics, checkpoints and the stop chec
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, Pretr
                            read_manifest, training_rows)
 from pipeline.ds_config import inject, load_ds_config, plan_batches
 from pipeline.model import FlopCounter, build_model, model_config
+from pipeline.param_groups import weight_decay_groups
 from pipeline.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -91,13 +93,18 @@ def pretraining_losses(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor,
     return mlm, nsp_loss, counts
 
 
-def agree(flags: list[bool], world_size: int, device="cpu") -> list[bool]:
-    """Each flag set if it is set on any rank: one all-reduce, which every rank must call."""
+def agree(flags: list[float], world_size: int, device="cpu") -> list[float]:
+    """Each value's maximum over the ranks, so a flag is set if it is set on any rank: one
+    all-reduce, which every rank must call."""
     if world_size == 1:
-        return list(flags)
+        return [float(f) for f in flags]
     values = torch.tensor([float(f) for f in flags], device=device)  # NCCL reduces GPU tensors only
     torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
+    return values.tolist()
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Raised on every rank at the same step: the decision is agreed (``Trainer._check_finite``)."""
 
 
 class StopFlag:
@@ -127,7 +134,11 @@ class Trainer:
         self.stop.install()
         os.makedirs(config.run_dir, exist_ok=True)
         self.manifest = read_manifest(config.data)
-        self.dataset = PretrainingDataset(config.data, self.manifest, cache_dir=config.data_cache)
+        # A compiled encoder recompiles for every new batch shape: a padded length per length bucket
+        # would pass torch._dynamo's recompile limit. Padded to max_seq_length, one graph serves all.
+        pad_to = self.manifest["max_seq_length"] if config.compile else 8
+        self.dataset = PretrainingDataset(config.data, self.manifest, pad_to_multiple_of=pad_to,
+                                          cache_dir=config.data_cache)
         shards = len(self.manifest["shards"])
         self.eval_shards = config.eval_shards if config.eval_shards is not None else int(shards >= 2)
         self.train_rows = training_rows(self.manifest, self.eval_shards)
@@ -135,13 +146,28 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model_config = model_config(config.model, self.manifest)
         model = build_model(self.model_config, sparse_mlm=True)
+        if config.compile:
+            # The encoder alone: its shapes are static; the sparse MLM head's input (the masked
+            # tokens) changes size every batch. Module.compile keeps the state-dict names, so
+            # checkpoints and exports do not change.
+            model.bert.encoder.compile(dynamic=False)
         self.resume_tag = self._resume_tag()
         self.init_info = self._init_weights(model) if config.init_from and self.resume_tag is None else {}
         self.ds_config = inject(load_ds_config(config.ds_config), self.batches, config.learning_rate,
                                 config.weight_decay, config.grad_clip)
+        # Decided before the engine exists: loading another world size's ZeRO partitions is an engine setting.
+        self.resume_plan = self.resume_tag and checkpoint.plan_resume(
+            config.checkpoint_dir, self.resume_tag, self.world_size, self.ds_config, config.ds_config,
+            self.batches.global_batch_size)
+        if self.resume_plan and self.resume_plan.universal:
+            self.ds_config = checkpoint.universal_load_config(self.ds_config)
+        # deepspeed.initialize would create the process group with DeepSpeed's default timeout; the
+        # timeout bounds how long a rank waits in a collective for a peer that hangs without exiting.
+        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=config.dist_timeout_minutes))
         schedule = linear_warmup_decay(config.steps, config.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=self.ds_config,
+            model=model, model_parameters=weight_decay_groups(model, config.weight_decay),
+            config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.sampler = BatchSampler(self.dataset.lengths[:self.train_rows], config.micro_batch_size,
                                     rank=self.rank, world_size=self.world_size, seed=config.seed,
@@ -199,11 +225,37 @@ class Trainer:
             return
         self._check_tokenizer(self.config.checkpoint_dir, tag, f"{self.config.checkpoint_dir}/{tag}",
                               "use the same data, or a new --run-dir")
-        state = checkpoint.load(self.engine, self.config.checkpoint_dir, tag)
+        plan = self.resume_plan
+        load_tag = self._universal_tag(tag) if plan.universal else tag
+        state = checkpoint.load(self.engine, self.config.checkpoint_dir, load_tag)
         self.step = self._saved_step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
-        checkpoint.set_rng_state(state["rng"][self.rank])
-        log.info("resumed from %s at step %d", tag, self.step)
+        self.sampler.load_state_dict(checkpoint.regroup_sampler_state(state["sampler"], self.world_size))
+        if len(state["rng"]) == self.world_size:
+            checkpoint.set_rng_state(state["rng"][self.rank])  # the same dropout masks as an uninterrupted run
+            log.info("resumed from %s at step %d", tag, self.step)
+        else:
+            # No saved generator belongs to this rank: new ones, still reproducible.
+            checkpoint.reseed(self.config.seed, self.rank, self.step)
+            if self.is_rank0:
+                log.info("resumed from %s at step %d on %s (saved by %d): the same data order and optimizer "
+                         "state; dropout generators reseeded from (--seed, rank, step)", tag, self.step,
+                         checkpoint.processes(self.world_size), len(state["rng"]))
+
+    def _universal_tag(self, tag: str) -> str:
+        """Rank 0 converts ``tag`` to a universal checkpoint (once); every rank then loads that."""
+        failed = None
+        if self.is_rank0:
+            log.info("%s/%s was saved by %s: regrouping its ZeRO partitions for %d (a universal checkpoint, "
+                     "once)", self.config.checkpoint_dir, tag, checkpoint.processes(self.resume_plan.saved_world_size),
+                     self.world_size)
+            try:
+                checkpoint.to_universal(self.config.checkpoint_dir, tag)
+            except Exception as err:  # the other ranks must not wait for a conversion that never ends
+                failed = err
+        if agree([failed is not None], self.world_size, self.engine.device)[0]:
+            raise failed or RuntimeError(f"rank 0 failed to convert {self.config.checkpoint_dir}/{tag} to a "
+                                         "universal checkpoint (see its log)")
+        return tag + checkpoint.UNIVERSAL
 
     def save(self) -> str:
         # Every rank's RNG state, gathered so that any rank can restore its own.
@@ -213,8 +265,10 @@ class Trainer:
         else:
             states = [checkpoint.rng_state()]
         client = {"step": self.step, "sampler": self.loader.state_dict(), "rng": states}
+        # What a resume on another number of processes checks before loading anything.
         meta = {"tokenizer_fingerprint": self.manifest["tokenizer"]["fingerprint"],
-                "data_run_id": self.manifest.get("data_run_id")}
+                "data_run_id": self.manifest.get("data_run_id"), "world_size": self.world_size,
+                "global_batch_size": self.batches.global_batch_size}
         tag = checkpoint.save(self.engine, self.config.checkpoint_dir, self.step, client,
                               self.config.keep_checkpoints, self.is_rank0, meta)
         self._saved_at, self._saved_step = time.monotonic(), self.step
@@ -230,8 +284,14 @@ class Trainer:
         for _ in range(self.batches.accumulation_steps):
             mlm, nsp_loss, batch_counts = pretraining_losses(self.engine, next(self.loader))
             loss = mlm + nsp_loss
+            if self._fault == f"raise-on-rank:{self.rank}:{self.step + 1}":
+                # Mid-step, like a data error or an out-of-memory: the other ranks wait in backward's all-reduce.
+                raise RuntimeError(f"rank {self.rank}: injected failure at step {self.step + 1} "
+                                   f"(BERT_PIPELINE_FAULT={self._fault})")
             if self._fault == f"nan-loss:{self.step + 1}" or (
-                    self._fault.startswith("nan-loss-from:") and self.step + 1 >= int(self._fault.split(":")[1])):
+                    self._fault.startswith("nan-loss-from:") and self.step + 1 >= int(self._fault.split(":")[1])) or (
+                    self._fault.startswith(f"nan-loss-on-rank:{self.rank}:")
+                    and self.step + 1 >= int(self._fault.split(":")[2])):
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
@@ -277,7 +337,6 @@ class Trainer:
             while self.step < self.config.steps:
                 metrics = self.train_step()
                 window.append(metrics)
-                self._check_finite(metrics)
                 bar.update(1)
                 if on_step:
                     on_step(self, metrics)
@@ -290,11 +349,17 @@ class Trainer:
                     self._log_eval(self.evaluate(), tracker)
                 if not window:
                     started = time.monotonic()  # throughput counts training time only
-                # Clocks differ between ranks: a time-based save is agreed like a stop request.
+                # One all-reduce a step settles what every rank must do alike: a stop (a signal may
+                # reach some ranks only), a time-based save (clocks differ), and a non-finite loss (one
+                # rank's batch can poison its loss alone; had that rank raised by itself, the others
+                # would wait for it in their next collective until a timeout).
+                # A bad loss is sent as world size - rank: the maximum names the lowest rank that has one.
                 minutes = self.config.checkpoint_minutes
-                stop, timely = agree([self.stop.requested,
-                                      minutes > 0 and time.monotonic() - self._saved_at >= 60 * minutes],
-                                     self.world_size, self.engine.device)
+                stop, timely, bad_rank, applied = agree(
+                    [self.stop.requested, minutes > 0 and time.monotonic() - self._saved_at >= 60 * minutes,
+                     0 if np.isfinite(metrics.loss) else self.world_size - self.rank, metrics.applied],
+                    self.world_size, self.engine.device)
+                self._check_finite(metrics, self.world_size - int(bad_rank) if bad_rank else None, bool(applied))
                 if stop:
                     self.save()
                     return EXIT_STOPPED
@@ -310,22 +375,28 @@ class Trainer:
             bar.close()
             self.loader.close()
 
-    def _check_finite(self, metrics: StepMetrics) -> None:
+    def _check_finite(self, metrics: StepMetrics, bad_rank: int | None, applied: bool) -> None:
         """A non-finite loss whose update was applied stops the run at once, before any checkpoint
         could save the poisoned weights. One whose update DeepSpeed skipped (the fp16 loss
         scaler's overflow; ZeRO checks fp32 gradients too) left the weights intact: the run goes
-        on, unless it never recovers."""
-        if np.isfinite(metrics.loss):
+        on, unless it never recovers.
+
+        Decided from what every rank agreed on, so all ranks raise NonFiniteLoss at the same step:
+        ``bad_rank`` is the lowest rank whose loss is not finite (None: every loss is finite) and
+        ``applied`` whether any rank applied its update."""
+        if bad_rank is None:
             self._nonfinite = 0
             return
         self._nonfinite += 1
-        if metrics.applied:
-            raise FloatingPointError(f"loss is {metrics.loss} at step {self.step} and the update was applied: "
-                                     "stopping without writing a checkpoint (lower --learning-rate, or check "
-                                     "the data)")
+        loss = metrics.loss if not np.isfinite(metrics.loss) else "non-finite"  # this rank's own, if bad
+        where = f"on rank {bad_rank} of {self.world_size}" if self.world_size > 1 else ""
+        if applied:
+            raise NonFiniteLoss(f"loss is {loss} at step {self.step} and the update was applied"
+                                f"{f' ({where})' if where else ''}: stopping every rank without writing a "
+                                "checkpoint (lower --learning-rate, or check the data)")
         if self._nonfinite >= MAX_NONFINITE_STEPS:
-            raise FloatingPointError(f"loss non-finite for {self._nonfinite} steps in a row up to step {self.step} "
-                                     "(each update skipped): stopping")
+            raise NonFiniteLoss(f"loss non-finite for {self._nonfinite} steps in a row up to step {self.step} "
+                                f"({f'{where}, ' if where else ''}each update skipped): stopping every rank")
 
     def _log_eval(self, values: dict, tracker) -> None:
         values = {k: v for k, v in values.items() if k != "step"}
@@ -362,12 +433,16 @@ class Trainer:
             torch.distributed.all_reduce(local)
             values.update({n: float(v) / self.world_size for n, v in zip(names, local)})
         if self.config.peak_tflops:
-            # Per sequence at the window's mean real length and masked count (a length-grouped
-            # batch pads at most 7 tokens; their FLOPs are not counted).
+            # Two MFUs (FlopCounter): mfu_model counts the dense model on full-length sequences, as
+            # published figures do; mfu_executed what ran, at the window's mean real length and
+            # masked count (a length-grouped batch pads at most 7 tokens; their FLOPs are not counted).
+            peak = self.config.peak_tflops * 1e12 * self.world_size
             mean_length = tokens / max(seqs, 1)
             predictions = sum(m.predictions for m in window) * self.world_size / max(seqs, 1)
-            flops = self.flops.per_sequence(mean_length, predictions)
-            values["mfu"] = values["sequences_per_second"] * flops / (self.config.peak_tflops * 1e12 * self.world_size)
+            model_flops = self.flops.model_per_sequence(self.manifest["max_seq_length"])
+            values["mfu_model"] = values["sequences_per_second"] * model_flops / peak
+            values["mfu_executed"] = (values["sequences_per_second"]
+                                      * self.flops.executed_per_sequence(mean_length, predictions) / peak)
         if self.is_rank0:
             with open(os.path.join(self.config.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": self.step, **values}) + "\n")

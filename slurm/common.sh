@@ -7,7 +7,9 @@
 #     (node names need not resolve by DNS), and a port derived from the job id;
 #   - one srun task per rank, with RANK / LOCAL_RANK / WORLD_SIZE taken from SLURM;
 #   - stop signals: the batch shell forwards USR1/TERM to the ranks, and a stage that
-#     checkpointed and exited 3 is requeued with `scontrol requeue`.
+#     checkpointed and exited 3 is requeued with `scontrol requeue`;
+#   - failures: the first rank to exit non-zero ends every rank (srun --kill-on-bad-exit=1),
+#     and the job fails with srun's code, not requeued.
 
 log() {
   printf '%s %s[job %s%s]: %s\n' "$(date '+%F %T')" "${STAGE:-slurm}" "${SLURM_JOB_ID:-?}" \
@@ -76,10 +78,14 @@ srun_ranks() {
   fi
   # The rank variables torch.distributed reads, from the task's SLURM variables; exec
   # makes the Python process the task itself, so SLURM's signals reach it directly.
-  # --kill-on-bad-exit=0: after a stop the other ranks exit 3 while rank 0 still marks the
-  # checkpoint complete; killing the step at the first non-zero exit would cut that short.
+  # --kill-on-bad-exit=1: the first task to exit non-zero ends the step (SIGTERM, then SIGKILL
+  # after KillWait), so a failed rank's peers do not wait for it in a collective until the
+  # process-group timeout (NCCL does not notice a dead peer; gloo does). A non-zero exit is never
+  # early: after a stop (3) or an agreed failure, pretrain.py's ranks meet at a final barrier once
+  # rank 0 has written its checkpoint and closed its MLflow run, then all exit at once; fine-tuning
+  # ranks exit 0 unless they failed.
   # shellcheck disable=SC2016
-  srun --label --kill-on-bad-exit=0 "${extra[@]}" bash -c \
+  srun --label --kill-on-bad-exit=1 "${extra[@]}" bash -c \
     'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank "$@" &
   SRUN_PID=$!
 }

@@ -3,7 +3,7 @@
 # node of the job. Submit from the repository root, in the project's environment:
 #
 #   DATA_DIR=data/wiki128 RUN_DIR=runs/base128 sbatch slurm/pretrain.sh \
-#       --model base --ds-config ds_configs/gpu_base_bf16_zero2_fused-adam.json --steps 7038
+#       --model base --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --steps 7038
 #   DATA_DIR=… RUN_DIR=… sbatch --nodes=4 slurm/pretrain.sh …           # 4 nodes x 8 GPUs, no edits
 #   DATA_DIR=… RUN_DIR=… sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 slurm/pretrain.sh  # CPU (tests)
 #
@@ -42,6 +42,12 @@
 # (this shell) do the same by hand. Preemption with GraceTime sends SIGTERM to the ranks:
 # they checkpoint, exit 3, and the job requeues. A SIGTERM to this shell (plain `scancel`,
 # the time limit) stops the ranks with a checkpoint but ends the job.
+#
+# Failures: a rank that fails (an exception, out of memory, a crash) exits non-zero, and srun
+# ends the other ranks at once (--kill-on-bad-exit=1, see slurm/common.sh); a non-finite loss
+# stops every rank at the same step. The job fails (srun's exit code), is not requeued, and
+# keeps its newest complete checkpoint. A rank that hangs without exiting is ended by the
+# others' process-group timeout: TRAIN_ARGS="--dist-timeout-minutes N" (default 10).
 #
 #SBATCH --job-name=bert-pretrain
 #SBATCH --nodes=1

@@ -14,8 +14,8 @@ and no early stopping: with patience, random init was stopped on its first epoch
 plateau while its validation loss still fell, a loss that was the stopping rule's, not the
 init's. It compares accuracy on the 1,281 test reviews, and again on the 1,281 validation reviews
 with the two splits' roles swapped (best epoch chosen on test): one standard error of a figure is
-about 1.3 points, so the gain must exceed MARGIN on test, the split the claim is about, and must
-not reverse on validation. The README's "Does pretraining help?" has the five-seed figures.
+about 1.3 points, so the mean gain over five seeds must exceed MARGIN on test, the split the claim
+is about, and must not reverse on validation. The README's "Does pretraining help?" has the five-seed figures.
 BERT_PIPELINE_REVIEWS_BUNDLE=DIR runs these tests against a bundle built elsewhere.
 """
 import csv
@@ -34,7 +34,10 @@ from pipeline.run_all import DIST_ENV, write_review_task
 from .conftest import REPO
 
 BUNDLE = os.environ.get("BERT_PIPELINE_REVIEWS_BUNDLE") or os.path.join(REPO, "tests", "data", "pretrained_reviews")
-LABELLED, SEEDS, EPOCHS, LEARNING_RATE, MARGIN = 300, (1, 2, 3), 20, 1e-3, 0.02
+LABELLED, EPOCHS, LEARNING_RATE, MARGIN = 300, 20, 1e-3, 0.02
+# Five seeds on test, where the claim is made: the mean gain's standard error there is about 0.9
+# points, so MARGIN is two of them. Validation, which only has to not reverse, runs three (CI time).
+SEEDS = {"test": (1, 2, 3, 4, 5), "validation": (1, 2, 3)}
 
 pytestmark = pytest.mark.skipif(
     not os.path.isfile(os.path.join(BUNDLE, "provenance.json")),
@@ -126,7 +129,7 @@ def finetune(task: dict, init: str, seed: int, out: str, report_on: str) -> floa
 @pytest.mark.e2e
 @pytest.mark.parametrize("report_on", ["test", "validation"])
 def test_pretrained_beats_random_init_on_real_reviews(task, report_on, tmp_path, record_property):
-    runs = [(init, seed) for init in ("pretrained", "random") for seed in SEEDS]
+    runs = [(init, seed) for init in ("pretrained", "random") for seed in SEEDS[report_on]]
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         figures = list(pool.map(lambda run: finetune(task, *run, str(tmp_path / "-".join(map(str, run))), report_on),
                                 runs))
@@ -134,7 +137,7 @@ def test_pretrained_beats_random_init_on_real_reviews(task, report_on, tmp_path,
     mean = {init: sum(a) / len(a) for init, a in accuracy.items()}
     for init in accuracy:
         record_property(f"{init}_{report_on}_accuracy", mean[init])
-    print(f"\nRotten Tomatoes {report_on} accuracy, {LABELLED} labelled reviews, seeds {SEEDS}: "
+    print(f"\nRotten Tomatoes {report_on} accuracy, {LABELLED} labelled reviews, seeds {SEEDS[report_on]}: "
           f"pretrained {mean['pretrained']:.4f} {accuracy['pretrained']} vs random init {mean['random']:.4f} "
           f"{accuracy['random']}")
     # The claim is about test; on validation (roles swapped) the gain must at least not reverse.

@@ -1,4 +1,4 @@
-"""Model presets sized by the data's manifest, and the FLOP count behind MFU."""
+"""Model presets sized by the data's manifest, and the two FLOP counts behind the MFUs."""
 
 import json
 
@@ -37,20 +37,67 @@ def test_unknown_preset_and_too_long_data_are_clear_errors():
         model_config("tiny", {**MANIFEST, "max_seq_length": 1024})
 
 
-def test_flop_count_matches_the_model_and_the_known_bert_base_figure():
-    config = model_config("base", {**MANIFEST, "tokenizer": {**MANIFEST["tokenizer"], "vocab_size": 30522}})
+def bert_base(vocab_size):
+    return model_config("base", {**MANIFEST, "tokenizer": {**MANIFEST["tokenizer"], "vocab_size": vocab_size}})
+
+
+def test_flop_count_takes_every_matmul_weight_of_the_model():
+    config = bert_base(30522)
     flops = FlopCounter.for_config(config)
-    model = build_model(config)
     # Every matrix multiply's weight: the Linear layers, with the output projection tied
     # to the word embeddings.
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linear = sum(m.weight.numel() for m in build_model(config).modules() if isinstance(m, torch.nn.Linear))
     assert flops.matmul_params == linear
-    # 50% MFU at 989 TFLOP/s is about 5,700 sequences/s at 128 tokens: ~86 GFLOP each.
-    assert flops.per_sequence(128) == pytest.approx(86.0e9, rel=0.01)
-    # The sparse head projects 20 masked tokens, not 128: 18% fewer FLOPs.
-    saved = 6 * (768 * 768 + 768 * 30522) * (128 - 20)
-    assert flops.per_sequence(128, predictions=20) == pytest.approx(flops.per_sequence(128) - saved)
-    assert saved / flops.per_sequence(128) == pytest.approx(0.18, abs=0.01)
+    # BERT-base by hand: 12 layers of 4·768² + 2·768·3072; MLM head 768² + 768·30522; pooler + NSP 768² + 2·768.
+    assert (flops.encoder_params, flops.mlm_head_params, flops.cls_params) == (84_934_656, 24_030_720, 591_360)
+    assert flops.matmul_params == 109_556_736
+
+
+def test_model_and_executed_flops_by_hand_for_bert_base_at_128():
+    flops = FlopCounter.for_config(bert_base(30522))
+    attention = 12 * 12 * 768 * 128**2  # 12·L·H·T² = 1.81 GFLOP
+    # Model FLOPs (PaLM's count): 6·N·T + 12·L·H·T², whatever runs.
+    assert flops.model_per_sequence(128) == 6 * 109_556_736 * 128 + attention == 85_951_512_576
+    # Executed: the encoder on the 128 tokens, the sparse MLM head on 20, pooler and NSP once.
+    executed = 6 * (84_934_656 * 128 + 24_030_720 * 20 + 591_360) + attention
+    assert flops.executed_per_sequence(128, 20) == executed == 69_928_989_696
+    # So at full length the executed count is 81% of the model count: the head's projection on
+    # the 108 unmasked tokens, and the pooler counted per token in 6·N·T.
+    assert flops.model_per_sequence(128) - executed == 6 * 24_030_720 * (128 - 20) + 6 * 591_360 * 127
+    assert executed / flops.model_per_sequence(128) == pytest.approx(0.814, abs=0.001)
+    # With every token predicted, the two differ only by the pooler and NSP (counted once, not per token).
+    assert flops.model_per_sequence(128) - flops.executed_per_sequence(128, 128) == 6 * 591_360 * 127
+    # Real-length data: the executed count shrinks with the length, the model count does not.
+    assert flops.executed_per_sequence(100, 15) < executed
+    assert flops.executed_per_sequence(100, 15) / flops.model_per_sequence(128) == pytest.approx(0.631, abs=0.001)
+
+
+def test_model_flops_make_the_published_target_50_percent_mfu():
+    # The benchmark's vocabulary, 32,000: 5,700 sequences/s of BERT-base at 128 on a 989.5
+    # TFLOP/s H100/H200 is 50% model-FLOPs MFU (86.8 GFLOP a sequence).
+    flops = FlopCounter.for_config(bert_base(32000))
+    assert flops.model_per_sequence(128) == pytest.approx(86.82e9, rel=1e-3)
+    assert 5700 * flops.model_per_sequence(128) / 989.5e12 == pytest.approx(0.50, abs=0.001)
+
+
+def test_trainer_logs_both_mfus_named(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.trainer import StepMetrics, Trainer
+
+    flops = FlopCounter.for_config(bert_base(32000))
+    trainer = SimpleNamespace(  # what Trainer._log reads
+        world_size=1, is_rank0=True, step=10, flops=flops, manifest={"max_seq_length": 128},
+        config=SimpleNamespace(peak_tflops=989.5, run_dir=str(tmp_path), steps=10),
+        scheduler=SimpleNamespace(get_last_lr=lambda: [1e-4]), loader=SimpleNamespace(real_token_share=0.8),
+        engine=SimpleNamespace(fp16_enabled=lambda: False))
+    # 10 steps of 256 sequences of 100 real tokens, 15 masked, in the time of 5,700 sequences/s
+    window = [StepMetrics(1.0, 0.5, 0.5, 0.1, 0.5, real_tokens=256 * 100, sequences=256, predictions=256 * 15)] * 10
+    values = Trainer._log(trainer, window, 2560 / 5700, None)
+    assert "mfu" not in values
+    assert values["mfu_model"] == pytest.approx(0.50, abs=0.001)
+    assert values["mfu_executed"] == pytest.approx(5700 * flops.executed_per_sequence(100, 15) / 989.5e12)
+    assert values["mfu_executed"] < 0.7 * values["mfu_model"]
 
 
 def test_sparse_head_gives_the_stock_logits_at_the_masked_positions():

@@ -12,11 +12,11 @@ from .conftest import REPO
 
 
 def test_metrics_are_grouped_by_what_they_measure():
-    names = ["loss", "eval_loss", "mlm_accuracy", "validation/f1", "sequences_per_second", "mfu",
+    names = ["loss", "eval_loss", "mlm_accuracy", "validation/f1", "sequences_per_second", "mfu_model",
              "learning_rate", "grad_norm", "epoch_seconds"]
     assert group(names) == [("loss", ["loss", "eval_loss"]),
                             ("accuracy and scores", ["mlm_accuracy", "validation/f1"]),
-                            ("throughput", ["sequences_per_second", "mfu"]),
+                            ("throughput", ["sequences_per_second", "mfu_model"]),
                             ("learning rate", ["learning_rate"]),
                             ("gradients and scaling", ["grad_norm"]),
                             ("other", ["epoch_seconds"])]

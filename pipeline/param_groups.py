@@ -1,0 +1,35 @@
+"""Optimizer parameter groups: weight decay on the matrices, none on biases and LayerNorm.
+
+The BERT recipe (Google's ``optimization.py``, NVIDIA's ``run_pretraining.py``, Hugging Face's
+``Trainer``) excludes biases and LayerNorm gains and shifts from weight decay: decaying them pulls
+a normalisation's scale towards zero and a bias towards no offset, which regularises nothing
+useful. Layers are told apart by module type, not by name, so a renamed or extra LayerNorm is
+still found; embeddings are matrices and decay, as in all three.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def decays(module: torch.nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` (its name inside ``module``, e.g. ``bias``) takes weight decay."""
+    return not (isinstance(module, torch.nn.LayerNorm) or name == "bias")
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups for ``torch.optim``/DeepSpeed: ``[{decayed, weight_decay}, {the rest, 0.0}]``.
+
+    Each group carries its own ``weight_decay``, which overrides the optimizer's default, so a
+    DeepSpeed config's injected value applies to the first group only. A parameter shared by
+    two modules (BERT ties the MLM output projection to the word embeddings) appears once.
+    """
+    decayed, exempt, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            (decayed if decays(module, name) else exempt).append(param)
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+

@@ -1,0 +1,58 @@
+"""Weight decay reaches the weight matrices and embeddings, never a bias or a LayerNorm."""
+
+import pytest
+import torch
+
+from pipeline.model import build_model, model_config
+from pipeline.param_groups import weight_decay_groups
+from pipeline.train_config import TrainConfig
+from pipeline.trainer import Trainer
+
+MANIFEST = {"tokenizer": {"vocab_size": 500, "special_ids": {"pad": 0}}, "max_seq_length": 32}
+
+
+def names_by_group(model, groups):
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [{name_of[id(p)] for p in g["params"]} for g in groups]
+
+
+def test_biases_and_layer_norms_are_exempt_and_every_parameter_is_in_one_group():
+    model = build_model(model_config("tiny", MANIFEST))
+    groups = weight_decay_groups(model, 0.01)
+    decayed, exempt = names_by_group(model, groups)
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert exempt == {n for n, _ in model.named_parameters() if n.endswith(".bias") or ".LayerNorm." in n}
+    assert decayed == {n for n, _ in model.named_parameters()} - exempt
+    assert "bert.embeddings.word_embeddings.weight" in decayed  # tied to the MLM output projection: once
+    assert "bert.encoder.layer.0.attention.self.query.weight" in decayed
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture
+def one_process_world(monkeypatch):
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29531"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_the_trainers_engine_decays_only_the_decayed_group(data_dir, tmp_path, one_process_world):
+    """One real optimizer step with all-zero gradients: AdamW's moments stay zero, so the only change
+    is the decoupled decay, p ← p · (1 − lr · wd), on the decayed parameters and nothing else."""
+    lr, wd = 0.1, 0.5
+    trainer = Trainer(TrainConfig(data=data_dir, run_dir=str(tmp_path), steps=4, global_batch_size=16,
+                                  micro_batch_size=8, learning_rate=lr, weight_decay=wd, warmup_steps=0,
+                                  log_every=100, mlflow=False))
+    model = trainer.engine.module
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    decayed, _ = names_by_group(model, weight_decay_groups(model, wd))
+    batch = next(trainer.loader)
+    for _ in range(trainer.batches.accumulation_steps):
+        mlm_logits, nsp_logits = trainer.engine(**{k: v for k, v in batch.items()
+                                                   if k not in ("labels", "mlm_labels", "next_sentence_label")})
+        trainer.engine.backward((mlm_logits.sum() + nsp_logits.sum()) * 0.0)
+        trainer.engine.step()
+    assert trainer.engine.global_steps == 1
+    for name, param in model.named_parameters():
+        expected = before[name] * (1 - lr * wd) if name in decayed else before[name]
+        torch.testing.assert_close(param.detach(), expected, rtol=1e-6, atol=1e-7, msg=name)
+    trainer.loader.close()

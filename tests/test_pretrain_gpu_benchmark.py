@@ -1,0 +1,74 @@
+"""benchmarks/pretrain_gpu.py on CPU: rows written as measured, from synthetic and real data, and a
+configuration killed by its timeout or left out by the budget is a row too."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+SCRIPT = os.path.join(REPO, "benchmarks", "pretrain_gpu.py")
+
+
+def bench(tmp_path, *args):
+    # What the GPU box lacks: the benchmark must not import Beam or MLflow.
+    shadow = tmp_path / "shadow"
+    for name in ("apache_beam", "mlflow"):
+        (shadow / name).mkdir(parents=True, exist_ok=True)
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "rows.jsonl"), *args], env=env,
+                          capture_output=True, text=True, timeout=1300)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    return proc, rows
+
+
+def test_cpu_smoke_run_writes_a_row_per_configuration(data_dir, tmp_path):
+    # data_dir: the real data dir of conftest.py (seq 128, vocabulary 4,000)
+    proc, rows = bench(tmp_path, "--only", "tiny-128-fp32", "--data", data_dir, "--micro-batches", "4",
+                       "--steps", "3", "--warmup", "1", "--peak-tflops", "1",
+                       "--timeout", "600", "--budget", "1200")  # a loaded CPU is slow to start a worker
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert [(r["config"], r["data"], r["status"], r["precision"]) for r in rows] == [
+        ("tiny-128-fp32", "synthetic", "ok", "fp32"), ("tiny-128-fp32", "real", "ok", "fp32")]
+    synthetic, real = rows
+    assert synthetic["vocab"] == 32000 and real["vocab"] == 4000  # the manifest's vocabulary
+    assert synthetic["mean_tokens"] == 128 and 10 < real["mean_tokens"] <= 128  # 89% are full length
+    for r in rows:
+        assert r["timed_steps"] == 2 and r["seq_per_s"] > 0 and r["wall_s"] > r["seconds"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["seq_per_s"] * r["mean_tokens"])
+        # tiny BERT: the dense head's projection of every token dominates the model count
+        assert 0 < r["mfu_executed"] < r["mfu_model"] < 1 and r["gflop_executed"] < r["gflop_model"]
+        assert r["mfu_model"] == pytest.approx(r["seq_per_s"] * r["gflop_model"] / 1e3)
+        assert r["skipped_steps"] is None and r["peak_memory_gib"] is None and r["device"] == "cpu"
+    table = [line.split()[:4] for line in proc.stdout.splitlines() if line.startswith("tiny-128-fp32")]
+    assert table == [["tiny-128-fp32", "4", "synthetic", "ok"], ["tiny-128-fp32", "4", "real", "ok"]]
+
+    # A configuration killed by its timeout is a row after the earlier ones; one the budget
+    # leaves no time for is a skipped row; a missing ds config is an error row at once.
+    proc, rows = bench(tmp_path, "--only", "tiny-128-fp32", "--only", "mini-128-fp32", "--timeout", "1",
+                       "--budget", "2")
+    assert proc.returncode == 1
+    assert [(r["config"], r["status"]) for r in rows[2:]] == [("tiny-128-fp32", "timeout"),
+                                                              ("mini-128-fp32", "skipped")]
+    assert [r["status"] for r in rows[:2]] == ["ok", "ok"]
+    assert rows[2]["message"] == "killed after 1 s" and rows[2]["seq_per_s"] is None
+    proc, rows = bench(tmp_path, "--only", "tiny-128-fp32", "--ds-config", str(tmp_path / "missing.json"))
+    assert proc.returncode == 1 and len(rows) == 5
+    assert rows[-1]["status"] == "error" and rows[-1]["message"].endswith("missing.json does not exist")
+
+
+def test_a_crashed_configuration_is_an_oom_or_error_row():
+    from benchmarks.pretrain_gpu import failure
+
+    oom = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+           "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 3.00 GiB.\n"
+           "[rank0]:[W1203 torch/csrc/distributed] Warning: process group was not destroyed\n")
+    assert failure(1, oom) == {"status": "oom", "message": "torch.OutOfMemoryError: CUDA out of memory. "
+                                                           "Tried to allocate 3.00 GiB."}
+    assert failure(1, "Traceback ...\nValueError: 10 rows are fewer than world_size 1 × batch size 64\n") == {
+        "status": "error", "message": "ValueError: 10 rows are fewer than world_size 1 × batch size 64"}
+    assert failure(-9, "") == {"status": "error", "message": "exit code -9"}

@@ -1,0 +1,81 @@
+"""A failure on one rank ends every rank within bounded time (2 ranks on gloo under torchrun,
+faults injected with BERT_PIPELINE_FAULT)."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from pipeline import checkpoint
+
+from .conftest import REPO
+from .test_pretrain import _free_port
+
+
+def _launch(data_dir, run_dir, fault, *args, marker=None):
+    """torchrun with 2 ranks: (exit code, output, seconds from the first line holding ``marker`` until
+    the launcher exited)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    env.update(BERT_PIPELINE_FAULT=fault, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           os.path.join(REPO, "pipeline", "pretrain.py"), "--data", data_dir, "--run-dir", str(run_dir),
+           "--steps", "8", "--global-batch-size", "16", "--micro-batch-size", "8", "--log-every", "1",
+           "--no-mlflow", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []  # (arrival time, line), read beside the wait so that a hang cannot block the test
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in proc.stdout))
+    reader.start()
+    try:
+        code = proc.wait(timeout=240)  # start-up included
+    except subprocess.TimeoutExpired:
+        launcher = psutil.Process(proc.pid)
+        for p in [*launcher.children(recursive=True), launcher]:  # torchrun starts each rank in its own session
+            p.kill()
+        code = None
+    ended = time.monotonic()
+    reader.join(timeout=30)
+    output = "".join(line for _, line in lines)
+    assert code is not None, f"still running after 240 s:\n{output[-4000:]}"
+    seen = [t for t, line in lines if marker and marker in line]
+    return code, output, ended - seen[0] if seen else None
+
+
+@pytest.mark.e2e
+def test_a_rank_that_raises_ends_the_job_within_60_s(data_dir, tmp_path):
+    code, output, seconds = _launch(data_dir, tmp_path, "raise-on-rank:1:3", marker="injected failure")
+    assert code != 0, output[-4000:]
+    assert "[rank1]: RuntimeError: rank 1: injected failure at step 3" in output, output[-4000:]
+    assert seconds is not None and seconds < 60, (seconds, output[-4000:])
+    assert "step 3/8" not in output  # rank 0 did not finish the step without rank 1
+    assert "SIGKILL" not in output  # rank 0 ended by itself, not by the launcher's kill after 30 s
+
+
+@pytest.mark.e2e
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_a_checkpoint(data_dir, tmp_path):
+    """ZeRO 0 in fp32 applies rank 1's NaN gradients everywhere: both ranks must stop at that step,
+    with the same decision, although rank 0's own loss is finite."""
+    ds_config = tmp_path / "zero0.json"
+    ds_config.write_text('{"zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW", '
+                         '"params": {"torch_adam": true}}}')
+    code, output, _ = _launch(data_dir, tmp_path / "run", "nan-loss-on-rank:1:4",
+                                    "--ds-config", str(ds_config), "--checkpoint-every", "2")
+    assert code != 0, output[-4000:]
+    where = "at step 4 and the update was applied (on rank 1 of 2): stopping every rank"
+    assert f"error: rank 1: loss is nan {where}" in output, output[-4000:]
+    assert f"error: rank 0: loss is non-finite {where}" in output, output[-4000:]
+    assert "]: Traceback" not in output  # an agreed stop on both ranks, no crash (torchrun prints its own)
+    assert checkpoint.complete_tags(str(tmp_path / "run" / "checkpoints")) == ["step00000002"]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "step00000004")
+
+
+def test_the_process_group_timeout_is_a_positive_number_of_minutes():
+    from pipeline.train_config import TrainConfig, TrainConfigError, parse_args
+
+    assert parse_args(["--data", "d", "--dist-timeout-minutes", "0.5"]).dist_timeout_minutes == 0.5
+    with pytest.raises(TrainConfigError, match="--dist-timeout-minutes must be > 0, got 0"):
+        TrainConfig(data="d", dist_timeout_minutes=0)
