@@ -227,8 +227,10 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
     from pipeline.metrics import regression_metrics
 
     expected = regression_metrics(regression.splits["test"].labels, scores[:, 0])
-    assert report["test"]["pearson"] == pytest.approx(expected["pearson"], abs=1e-5)
-    assert report["test"]["spearman"] == pytest.approx(expected["spearman"], abs=1e-5)
+    # The saved model reruns the test rows padded differently from the engine's batches: scores agree to
+    # float rounding, which moved the correlation by 1.2e-5 in a run.
+    assert report["test"]["pearson"] == pytest.approx(expected["pearson"], abs=1e-4)
+    assert report["test"]["spearman"] == pytest.approx(expected["spearman"], abs=1e-4)
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused(pretrained, tmp_path):
