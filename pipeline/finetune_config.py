@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--task", choices=("classification", "regression"),
                       help="default: regression if every train label is a number and some are not whole")
     data.add_argument("--drop-label", dest="drop_labels", action="append", default=[], metavar="LABEL",
-                      help="skip rows with this label (repeatable); skipped rows are counted and logged")
+                      help="skip rows with this label (repeatable; '' for blank labels); skipped rows are "
+                           "counted and logged")
     data.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
     data.add_argument("--test-fraction", type=float, default=d.test_fraction)
     data.add_argument("--max-seq-length", type=int, help="tokens per example (default: the tokenizer's, i.e. the "

@@ -1,10 +1,11 @@
 """Fine-tuning data: labelled text tables from csv/tsv/jsonl/parquet or a saved ``datasets`` dir.
 
-Every row keeps where it came from (``file:line N`` for csv/tsv/jsonl, ``file: row N``
-for parquet and saved datasets), so that a bad cell is reported by file and line: a
-missing column, an empty file, a label in validation/test that train never saw, a
+Every row keeps where it came from (``file:line N`` for csv/tsv/jsonl, the physical line
+its record starts on; ``file: row N`` for parquet and saved datasets), so that a bad cell
+is reported by file and line: a byte that is not UTF-8, a missing column (or jsonl key),
+an empty file, a blank label, a label in validation/test that train never saw, a
 regression target that is not a number. Nothing is dropped silently: ``--drop-label``
-rows are counted per split.
+rows (``--drop-label ""``: the blank ones) are counted per split.
 
 Splits come from ``--train/--validation/--test`` files, from a saved ``DatasetDict``'s
 splits, or, for what is missing, from a seeded stratified split of the training rows
@@ -32,6 +33,16 @@ _OPENERS = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}
 
 class FinetuneDataError(ValueError):
     """Data that cannot be used; the message names the file and the line or row."""
+
+
+class _NoKey:
+    """The cell of a jsonl row that lacks a key other rows have; told apart from null, a blank cell."""
+
+    def __repr__(self) -> str:
+        return "(no key)"
+
+
+_NO_KEY = _NoKey()
 
 
 @dataclasses.dataclass
@@ -99,19 +110,36 @@ def _format_of(path: str) -> tuple[str, str | None]:
 
 
 def _open_text(path: str, compression: str | None):
+    # utf-8-sig: a byte-order mark (Excel, Notepad) is not part of the first column's name.
+    # surrogateescape: a bad byte decodes to a marker instead of failing the whole chunk being
+    # read, so that _utf8_lines can name the line it is on.
     opener = _OPENERS.get(compression, open)
-    return opener(path, "rt", encoding="utf-8", newline="")
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _utf8_lines(path: str, f):
+    """The physical lines of ``f``; the first one holding a byte that is not UTF-8 stops the read."""
+    for line_no, line in enumerate(f, 1):
+        if not line.isascii():
+            try:
+                line.encode("utf-8")  # only surrogateescape's markers (U+DC80..U+DCFF) fail
+            except UnicodeEncodeError as err:
+                byte = ord(line[err.start]) - 0xDC00  # the marker of byte b is U+DC00 + b
+                raise FinetuneDataError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{byte:02x} at column "
+                                        f"{err.start + 1}); save the file as UTF-8") from None
+        yield line
 
 
 def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table:
     csv.field_size_limit(1 << 24)
     with _open_text(path, compression) as f:
-        reader = csv.reader(f, delimiter=delimiter)
+        # fed physical lines, the reader's line_num counts them, not records
+        reader = csv.reader(_utf8_lines(path, f), delimiter=delimiter)
         try:
             header = next(reader)
         except StopIteration:
             raise FinetuneDataError(f"{path}: the file is empty (no header line, no rows)") from None
-        except (csv.Error, UnicodeDecodeError) as err:
+        except csv.Error as err:
             raise FinetuneDataError(f"{path}:1: cannot read the header: {err}") from None
         columns: dict[str, list] = {name: [] for name in header}
         where = []
@@ -121,7 +149,7 @@ def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table
                 row = next(reader)
             except StopIteration:
                 break
-            except (csv.Error, UnicodeDecodeError) as err:
+            except csv.Error as err:
                 raise FinetuneDataError(f"{path}:{start}: {err}") from None
             if not row:
                 continue  # a blank line is no row (csv's own convention)
@@ -137,7 +165,7 @@ def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table
 def _read_jsonl(path: str, compression: str | None) -> Table:
     rows, where = [], []
     with _open_text(path, compression) as f:
-        for line_no, line in enumerate(f, 1):
+        for line_no, line in enumerate(_utf8_lines(path, f), 1):
             if not line.strip():
                 continue
             try:
@@ -150,7 +178,7 @@ def _read_jsonl(path: str, compression: str | None) -> Table:
             rows.append(row)
             where.append(f"{path}:{line_no}")
     names = list(dict.fromkeys(k for row in rows for k in row))
-    return Table(path, {n: [row.get(n) for row in rows] for n in names}, where)
+    return Table(path, {n: [row.get(n, _NO_KEY) for row in rows] for n in names}, where)
 
 
 def _read_parquet(path: str) -> Table:
@@ -215,10 +243,25 @@ def _check_table(table: Table, needed: Sequence[str]) -> None:
             raise FinetuneDataError(f"{table.source}: no column {column!r} (columns: "
                                     f"{', '.join(map(str, table.columns)) or 'none'}); set the matching "
                                     "--text-column / --text-pair-column / --label-column")
+        for value, where in zip(table.columns[column], table.where):
+            if value is _NO_KEY:
+                raise FinetuneDataError(f"{where}: no key {column!r} in this row (other rows have it)")
+
+
+def _check_no_blank_labels(table: Table, column: str) -> None:
+    """A blank label would become a class "" (or turn a regression target column into classes)."""
+    blank = [where for value, where in zip(table.columns[column], table.where) if _label_key(value) == ""]
+    if blank:
+        rows = f"{len(blank)} row{'s' if len(blank) > 1 else ''} in {table.source}"
+        raise FinetuneDataError(f"{blank[0]}: column {column!r} is blank ({rows}); fill in the labels, or skip "
+                                "such rows with --drop-label ''")
 
 
 def _label_key(value) -> str:
-    """One spelling per label: 1, 1.0 and "1" from csv, jsonl or parquet are the same class."""
+    """One spelling per label: 1, 1.0 and "1" from csv, jsonl or parquet are the same class;
+    blank (empty, spaces, null, NaN) is ""."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
     if isinstance(value, bool):
         return str(int(value))
     if isinstance(value, float) and value.is_integer():
@@ -323,7 +366,9 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
         if dropped[name]:
             table = tables[name] = table.take(keep)
         if not len(table):
-            raise FinetuneDataError(f"{table.source}: no rows left after --drop-label {', '.join(sorted(drop))}")
+            raise FinetuneDataError(f"{table.source}: no rows left after --drop-label "
+                                    f"{', '.join(map(repr, sorted(drop)))}")
+        _check_no_blank_labels(table, label_column)
 
     task = task or infer_task(tables["train"].columns[label_column])
     labels: list[str] = []

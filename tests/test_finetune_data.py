@@ -4,6 +4,7 @@ the seeded stratified split keeps class shares and is reproducible."""
 import bz2
 import collections
 import csv
+import gzip
 import json
 import os
 
@@ -151,7 +152,7 @@ def test_non_numeric_regression_target_names_file_and_line(tmp_path):
         load_task_data(data=path, task="regression")
     jsonl = tmp_path / "scores.jsonl"
     jsonl.write_text('{"text": "a", "label": 1.5}\n{"text": "b", "label": null}\n')
-    with pytest.raises(FinetuneDataError, match=r"scores\.jsonl:2: regression target None"):
+    with pytest.raises(FinetuneDataError, match=r"scores\.jsonl:2: column 'label' is blank"):
         load_task_data(train=str(jsonl), validation=str(jsonl), test=str(jsonl), task="regression")
 
 
@@ -171,3 +172,100 @@ def test_malformed_rows_and_formats(tmp_path):
     empty_text = write(tmp_path / "e.jsonl", [{"text": "a", "label": "x"}, {"text": None, "label": "y"}] * 5)
     with pytest.raises(FinetuneDataError, match=r"e\.jsonl:\d+: column 'text' is empty"):
         load_task_data(data=empty_text)
+
+
+# ------------------------------------------------------------------ bad bytes, BOMs, blank labels
+def _spanning_csv(bad_line: int) -> bytes:
+    """A header and 300 rows whose quoted text spans two lines (601 physical lines, ~12 KB, so
+    the bad byte lies past the first 8 KiB read), with a 0xff byte on physical line ``bad_line``."""
+    lines = [b"text,label"]
+    for i in range(300):
+        lines += [b'"row %d first half' % i, b'second half",%s' % [b"pos", b"neg"][i % 2]]
+    lines[bad_line - 1] = lines[bad_line - 1].replace(b"half", b"h\xffalf")
+    return b"\n".join(lines) + b"\n"
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.csv.gz"])
+def test_invalid_utf8_in_csv_names_the_physical_line(tmp_path, name):
+    content = _spanning_csv(bad_line=403)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    # line 403 is the second half of record 201 (lines 402-403): counting records says 201 or 202
+    with pytest.raises(FinetuneDataError, match=rf"{name}:403: not valid UTF-8 \(byte 0xff at column 9\)"):
+        read_table(str(path))
+    header = tmp_path / "header.csv"
+    header.write_bytes(b"te\xe9xt,label\nfine,pos\n")  # latin-1 é in the header
+    with pytest.raises(FinetuneDataError, match=r"header\.csv:1: not valid UTF-8 \(byte 0xe9 at column 3\)"):
+        read_table(str(header))
+
+
+def test_invalid_utf8_in_jsonl_names_the_line(tmp_path):
+    lines = [json.dumps({"text": f"sentence {i} " + "x" * 40, "label": "ab"[i % 2]}).encode() for i in range(300)]
+    lines[249] = lines[249].replace(b"sentence", b"sent\xc3\x28nce")  # a broken two-byte sequence
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(FinetuneDataError, match=r"d\.jsonl:250: not valid UTF-8 \(byte 0xc3 at column 15\)"):
+        read_table(str(path))
+    truncated = tmp_path / "t.jsonl"  # a multi-byte character cut off at the end of the file
+    truncated.write_bytes(b'{"text": "a", "label": "x"}\n{"text": "\xe2\x82')
+    with pytest.raises(FinetuneDataError, match=r"t\.jsonl:2: not valid UTF-8 \(byte 0xe2 at column 11\)"):
+        read_table(str(truncated))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.csv").write_bytes(bom + "text,label\nünïcode,pos\nplain,neg\n".encode())
+    (tmp_path / "d.tsv.gz").write_bytes(gzip.compress(bom + b"text\tlabel\nfirst\tpos\nsecond\tneg\n"))
+    (tmp_path / "d.jsonl").write_bytes(bom + b'{"text": "first", "label": "pos"}\n{"text": "2nd", "label": "neg"}\n')
+    for name, first_line in (("d.csv", 2), ("d.tsv.gz", 2), ("d.jsonl", 1)):
+        table = read_table(str(tmp_path / name))
+        assert list(table.columns) == ["text", "label"], name
+        assert table.columns["label"] == ["pos", "neg"] and table.where[0] == f"{tmp_path / name}:{first_line}"
+    assert read_table(str(tmp_path / "d.csv")).columns["text"][0] == "ünïcode"
+
+
+def test_a_blank_label_is_an_error_or_a_counted_drop(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    rows[10]["label"] = ""
+    rows[20]["label"] = "  "
+    path = write(tmp_path / "d.csv", rows)
+    with pytest.raises(FinetuneDataError, match=r"d\.csv:12: column 'label' is blank \(2 rows in .*d\.csv\).*"
+                                                r"--drop-label ''"):
+        load_task_data(data=path)
+    data = load_task_data(data=path, drop_labels=[""])
+    assert data.labels == ["neg", "neutral", "pos"] and data.dropped["train"] == 2
+    assert sum(len(s) for s in data.splits.values()) == 58
+    jsonl = tmp_path / "d.jsonl"  # null is blank too
+    jsonl.write_text("".join(json.dumps({"text": f"t{i}", "label": None if i == 4 else "ab"[i % 2]}) + "\n"
+                             for i in range(20)))
+    with pytest.raises(FinetuneDataError, match=r"d\.jsonl:5: column 'label' is blank \(1 row in"):
+        load_task_data(data=str(jsonl))
+    assert load_task_data(data=str(jsonl), drop_labels=[""]).dropped["train"] == 1
+
+
+def test_a_blank_regression_target_does_not_make_a_classification_task(tmp_path):
+    rows = [{"text": r["text"], "score": r["score"]} for r in ROWS]
+    rows[33]["score"] = ""
+    path = write(tmp_path / "scores.csv", rows)
+    # before: "" is no number, so the 59 distinct scores and "" became 60 classes
+    with pytest.raises(FinetuneDataError, match=r"scores\.csv:35: column 'score' is blank"):
+        load_task_data(data=path, label_column="score")
+    data = load_task_data(data=path, label_column="score", drop_labels=[""])
+    assert data.task == "regression" and data.dropped["train"] == 1
+    (tmp_path / "test.csv").write_text("text,score\na,0.5\nb,\n")
+    with pytest.raises(FinetuneDataError, match=r"test\.csv:3: column 'score' is blank"):
+        load_task_data(train=write(tmp_path / "train.csv", rows[:33] + rows[34:]), test=str(tmp_path / "test.csv"),
+                       label_column="score")
+
+
+def test_a_jsonl_row_without_the_label_key_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(20)]
+    del rows[6]["label"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FinetuneDataError, match=r"d\.jsonl:7: no key 'label' in this row \(other rows have it\)"):
+        load_task_data(data=str(path), drop_labels=[""])  # a missing key is not a blank label
+    del rows[3]["text"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FinetuneDataError, match=r"d\.jsonl:4: no key 'text' in this row"):
+        load_task_data(data=str(path))
