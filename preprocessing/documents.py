@@ -11,9 +11,10 @@ import xxhash
 class RawDocument:
     """One document as read from its file, before any cleaning.
 
-    ``doc_id`` is stable across reruns, worker counts and ``--split-bytes`` (file name
-    plus ``#page_id`` for wiki pages, ``@byte_offset`` for text and JSON lines,
-    ``#row`` for Parquet): every random choice made for this document is seeded from it.
+    ``doc_id`` is stable across reruns, worker counts and ``--split-bytes`` (file name,
+    relative to the inputs' common folder, plus ``#page_id`` for wiki pages,
+    ``@byte_offset`` for text and JSON lines, ``#row`` for Parquet): every random choice
+    made for this document is seeded from it.
     """
 
     doc_id: str

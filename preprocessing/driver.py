@@ -129,7 +129,7 @@ def format_summary(summary: Summary) -> str:
     rows = [
         ("documents read", c.get("documents-read", 0)),
         *[(k.replace("-", " "), v) for k, v in sorted(c.items())
-          if k.startswith("skipped") or k.endswith(("errors", "pages", "lines", "streams", "files"))
+          if k.startswith(("skipped", "split")) or k.endswith(("errors", "pages", "lines", "streams", "files"))
           and k != "pages-read"],
         ("sentences", c.get("sentences", 0)),
         ("input tokens", tokens),

@@ -15,6 +15,11 @@ only on the file and ``--split-bytes``, never on the number of workers:
 - Parquet: runs of consecutive row groups (a row group is never cut).
 
 Compressed text and JSON lines (.gz, .bz2) and uncompressed XML are one task per file.
+
+Document ids begin with the file's *name*: its path relative to the deepest folder
+holding all the input files (``document_names``). Two inputs called ``part-0.txt`` in
+different folders thus get different ids, hence different random streams, while the
+ids stay the same when the whole corpus moves to another folder or bucket.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 import bz2
 import dataclasses
 import gzip
+import os
+import posixpath
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
@@ -61,6 +68,9 @@ class ReadTask:
     ``stored_bytes`` is how much of the file as stored (compressed or not) the task
     covers: the size of its range, file or row groups, a measure of its work comparable
     across formats (``end - start`` is not one for Parquet). Set by ``plan_read_tasks``.
+
+    ``name`` begins the ids of the task's documents (see ``document_names``); empty
+    means the file's base name, enough when a task is made for one file alone.
     """
 
     path: str
@@ -69,6 +79,11 @@ class ReadTask:
     start: int = 0
     end: int = -1
     stored_bytes: int = 0
+    name: str = ""
+
+    @property
+    def doc_name(self) -> str:
+        return self.name or posixpath.basename(self.path.replace("\\", "/"))
 
 
 def detect_format(path: str) -> tuple[str, str | None]:
@@ -83,27 +98,53 @@ def detect_format(path: str) -> tuple[str, str | None]:
 def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]:
     """Expands paths/globs into read tasks of about ``split_bytes`` each where the
     format allows, in a stable order: by path, then by position in the file."""
-    tasks: list[ReadTask] = []
-    seen: set[str] = set()
+    files: dict[str, int] = {}
     for result in FileSystems.match(list(patterns)):
         if not result.metadata_list:
             raise InputError(f"--input {result.pattern!r}: no file matches")
         for meta in sorted(result.metadata_list, key=lambda m: m.path):
-            if meta.path in seen:
-                continue
-            seen.add(meta.path)
-            fmt, compression = detect_format(meta.path)
-            if meta.size_in_bytes == 0:
-                raise InputError(f"{meta.path}: the file is empty")
-            tasks.extend(_file_tasks(meta.path, fmt, compression, meta.size_in_bytes, split_bytes))
+            files.setdefault(meta.path, meta.size_in_bytes)
+    names = document_names(list(files))
+    tasks: list[ReadTask] = []
+    for path, size in files.items():
+        fmt, compression = detect_format(path)
+        if size == 0:
+            raise InputError(f"{path}: the file is empty")
+        tasks.extend(dataclasses.replace(task, name=names[path])
+                     for task in _file_tasks(path, fmt, compression, size, split_bytes))
     return tasks
+
+
+def document_names(paths: Sequence[str]) -> dict[str, str]:
+    """Each path relative to the deepest folder holding them all: what document ids
+    begin with. A lone file, or files of one folder, are named by their base names.
+
+    Relative to the inputs' common folder, not absolute: ids (and so every random
+    choice and the output) stay the same when the corpus is moved or copied elsewhere,
+    yet two files of the same base name in different folders never share ids."""
+    split = {path: _components(path) for path in paths}
+    common = min(split.values(), key=len, default=[])
+    for parts in split.values():
+        depth = 0
+        while depth < min(len(common), len(parts) - 1) and common[depth] == parts[depth]:
+            depth += 1
+        common = common[:depth]
+    return {path: "/".join(parts[len(common):]) for path, parts in split.items()}
+
+
+def _components(path: str) -> list[str]:
+    # Local paths are made absolute so that "a/x.txt" and "/data/b/x.txt" compare;
+    # URLs (gs://, s3://, hdfs://) are split as they are.
+    if "://" not in path:
+        path = os.path.abspath(path)
+    return path.replace("\\", "/").split("/")
 
 
 def _file_tasks(path: str, fmt: str, compression: str | None, size: int, split_bytes: int
                 ) -> list[ReadTask]:
     if fmt == "parquet":
         with _open_raw(path) as raw:
-            runs = text_formats.parquet_row_group_runs(raw, split_bytes)
+            runs = text_formats.parquet_row_group_runs(raw, path, split_bytes)
         return [ReadTask(path, fmt, None, first, end, stored) for first, end, stored in runs]
     if _splits_by_bytes(fmt, compression):
         return [ReadTask(path, fmt, compression, start, end, end - start)
@@ -146,17 +187,19 @@ def read_task(task: ReadTask, text_field: str, max_line_bytes: int
             yield from wiki_dump.read_bz2_range(raw, task.path, task.start, task.end)
             return
         if task.format == "parquet":
-            yield from text_formats.read_parquet(raw, task.path, text_field, task.start, task.end)
+            yield from text_formats.read_parquet(raw, task.path, text_field, task.start, task.end,
+                                                  task.doc_name)
             return
         f = _decompressed(raw, task.compression)
         try:
             if task.format == "wiki":
                 yield from wiki_dump.read_xml(f, task.path)
             elif task.format == "text":
-                yield from text_formats.read_text(f, task.path, max_line_bytes, task.start, task.end)
+                yield from text_formats.read_text(f, task.path, max_line_bytes, task.start, task.end,
+                                                  name=task.doc_name)
             else:
                 yield from text_formats.read_jsonl(f, task.path, text_field, max_line_bytes,
-                                                   task.start, task.end)
+                                                   task.start, task.end, task.doc_name)
         except (EOFError, OSError) as err:
             # gzip/bz2 raise on a truncated or corrupt file: keep what came before.
             yield Problem("truncated-files", f"{task.path}: {err} (truncated or corrupt file); "

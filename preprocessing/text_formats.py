@@ -10,13 +10,15 @@ range that starts mid-file first skips to the first document boundary at or afte
 ``end``. Every document is therefore read once whatever the cut points, and the ranges
 of a file read, in start order, exactly what one reader of the whole file reads. The
 boundaries are line starts for JSON lines and, for text, line starts that follow a
-blank line (or the file start). Parquet files are read by runs of row groups.
+blank line (or the file start), and in a long run without blank lines, the cuts of
+``_is_forced_boundary``. Parquet files are read by runs of row groups.
 
 Ids and places do not depend on how a file was cut: a text or JSON-lines document is
 ``name@offset``, the byte offset of its first byte in the file (in the decompressed
 stream for a .gz/.bz2 file), and a Parquet row is ``name#row``, its index in the whole
-file. A problem is placed by file and byte offset, plus the line number when reading
-began at byte 0 (only there is the line number known without reading from the start):
+file (``name``: see ``inputs.document_names``). A problem is placed by file and byte
+offset, plus the line number when reading began at byte 0 (only there is the line
+number known without reading from the start):
 ``path: line 12 (byte 3456): ...`` or ``path: byte 3456: ...``.
 """
 
@@ -28,6 +30,7 @@ import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocessing.documents import Problem, RawDocument
@@ -37,6 +40,12 @@ _READ_CHUNK = 1 << 20
 _MIN_READ_CHUNK = 1 << 16
 # Step of the backward search for the start of the line before a range.
 _BACKWARD_STEP = 1 << 16
+# A text document with no blank line is cut into pieces of at most twice this size:
+# far beyond any real paragraph or article, so only a file that lacks document
+# separators is cut, and a bucket of such documents stays a few MiB. A byte size, not
+# a line count: a reader starting mid-file finds byte offsets without reading from the
+# document's start (see _is_forced_boundary).
+MAX_DOCUMENT_BYTES = 1 << 20
 
 
 class InputError(ValueError):
@@ -145,7 +154,8 @@ def _is_blank(raw: bytes | None) -> bool:
     return raw is not None and not raw.decode("utf-8", errors="replace").strip()
 
 
-def read_text(f: BinaryIO, path: str, max_line_bytes: int, start: int = 0, end: int | None = None
+def read_text(f: BinaryIO, path: str, max_line_bytes: int, start: int = 0, end: int | None = None,
+              max_document_bytes: int = MAX_DOCUMENT_BYTES, name: str | None = None
               ) -> Iterator[RawDocument | Problem]:
     """Google's corpus format: documents separated by blank lines.
 
@@ -153,20 +163,35 @@ def read_text(f: BinaryIO, path: str, max_line_bytes: int, start: int = 0, end: 
     line; wrapped prose like Project Gutenberg books has one paragraph per block):
     the sentence splitter then finds the sentences either way. Reads the documents
     that begin in ``[start, end)`` (``f`` must be seekable when ``start > 0``). A line
-    longer than ``max_line_bytes`` is skipped but does not end its document.
+    longer than ``max_line_bytes`` is skipped but does not end its document; a
+    document too long is cut (see ``_is_forced_boundary``), each cut counted under
+    ``split-long-documents``.
     """
-    name = os.path.basename(path)
+    name = name or os.path.basename(path)
     end = _range_end(end)
-    scan_from = _start_of_line_before(f, start, max_line_bytes)
+    scan_from = _text_scan_start(f, start, max_line_bytes, max_document_bytes)
     if start > 0:
         f.seek(scan_from)
     place = _Places(path, line_numbers_known=scan_from == 0)
     lines = iter_lines(f, max_line_bytes, scan_from, _chunk_bytes(start, end))
-    if start > 0 and not _skip_to_text_boundary(lines, start, end):
-        return
     parts: list[str] = []
     doc_at = 0
-    for line_no, offset, raw in lines:
+    reading = False  # from the first document boundary at or after ``start``
+    for line_no, offset, raw, boundary in _text_boundaries(lines, scan_from, max_document_bytes):
+        if not reading:
+            # The lines before belong to the previous range, which reports their problems.
+            if not boundary or offset < start:
+                continue
+            reading = True
+        if boundary == "forced" and parts:
+            # Reported by the range that held the document cut, so once.
+            yield RawDocument(f"{name}@{doc_at}", " ".join(parts))
+            parts = []
+            yield Problem("split-long-documents",
+                          f"{place(line_no, offset)}: no blank line for {max_document_bytes:,} bytes; "
+                          "the document is cut here")
+        if boundary and offset >= end:
+            break  # a document beginning here belongs to the next range
         if raw is None:
             yield _oversized(place, line_no, offset, max_line_bytes)
             continue
@@ -178,37 +203,69 @@ def read_text(f: BinaryIO, path: str, max_line_bytes: int, start: int = 0, end: 
             if not parts:
                 doc_at = offset
             parts.append(text)
-            continue
-        if parts:
+        elif parts:
             yield RawDocument(f"{name}@{doc_at}", " ".join(parts))
             parts = []
-        if offset + len(raw) + 1 >= end:
-            return  # a document beginning at the next line belongs to the next range
     if parts:
         yield RawDocument(f"{name}@{doc_at}", " ".join(parts))
 
 
-def _skip_to_text_boundary(lines: Iterator[tuple[int, int, bytes | None]], start: int, end: float
-                           ) -> bool:
-    """Consumes the lines before the first document boundary at or after ``start``;
-    False when that boundary is at or after ``end`` (the range owns no document).
-    The lines skipped belong to the previous range, which reports their problems."""
-    for _, offset, raw in lines:
-        if _is_blank(raw):
-            boundary = offset + len(raw) + 1
-            if boundary >= start:
-                return boundary < end
-    return False
+def _text_scan_start(f: BinaryIO, start: int, max_line_bytes: int, max_document_bytes: int) -> int:
+    """Where a text reader of the range at ``start`` begins: early enough to classify
+    the line holding byte ``start - 1`` (is a document boundary next?) and to see every
+    blank line of the window before the first multiple of ``max_document_bytes`` that
+    can force a boundary at or after ``start`` (see ``_is_forced_boundary``). That
+    window costs a read of less than ``max_document_bytes`` before ``start``."""
+    line_before = _start_of_line_before(f, start, max_line_bytes)
+    if line_before == 0:
+        return 0
+    window = line_before // max_document_bytes * max_document_bytes
+    return min(line_before, _start_of_line_before(f, window + 1, max_line_bytes))
+
+
+def _text_boundaries(lines: Iterator[tuple[int, int, bytes | None]], scan_from: int,
+                     max_document_bytes: int) -> Iterator[tuple[int, int, bytes | None, str | None]]:
+    """Each line with whether a document may begin at its first byte: "natural" (the
+    file start, or the line after a blank one), "forced" or None."""
+    last_natural = 0 if scan_from == 0 else -math.inf
+    previous_at, previous_blank = None, scan_from == 0
+    for line_no, offset, raw in lines:
+        boundary = None
+        if previous_blank:
+            boundary, last_natural = "natural", offset
+        elif previous_at is not None and _is_forced_boundary(previous_at, offset, raw, last_natural,
+                                                             max_document_bytes):
+            boundary = "forced"
+        yield line_no, offset, raw, boundary
+        previous_at, previous_blank = offset, _is_blank(raw)
+
+
+def _is_forced_boundary(previous_at: int, offset: int, raw: bytes | None, last_natural: float,
+                        max_document_bytes: int) -> bool:
+    """Whether a long document is cut at this line, which starts at ``offset``.
+
+    Without a cut, a file with no blank line would be one document held whole in
+    memory. The cut is at the first line start at or after a multiple ``m`` of
+    ``max_document_bytes`` when no document began naturally in the window
+    ``(m - max_document_bytes, m]``, unless the line is blank (the document ends
+    there anyway). The rule looks at that window only, never at where the document
+    began (maybe gigabytes back), so a reader starting anywhere finds the same cuts.
+    A long run is cut at every multiple, into pieces of at most two windows (plus a
+    line); a document shorter than a window is never cut.
+    """
+    m = offset // max_document_bytes * max_document_bytes
+    return m > max(previous_at, 0) and last_natural <= m - max_document_bytes and not _is_blank(raw)
 
 
 def read_jsonl(f: BinaryIO, path: str, text_field: str, max_line_bytes: int,
-               start: int = 0, end: int | None = None) -> Iterator[RawDocument | Problem]:
+               start: int = 0, end: int | None = None, name: str | None = None
+               ) -> Iterator[RawDocument | Problem]:
     """One JSON object per line; the document is its ``text_field`` string.
 
     Reads the lines that begin in ``[start, end)`` (``f`` must be seekable when
     ``start > 0``).
     """
-    name = os.path.basename(path)
+    name = name or os.path.basename(path)
     end = _range_end(end)
     # From the byte before ``start``: the (partial) line read first ends there or later
     # and belongs to the previous range; the next line is the first that begins at or
@@ -252,15 +309,24 @@ def _check_column(parquet: pq.ParquetFile, path: str, text_field: str) -> None:
                          "pass the right one with --text-field")
 
 
+def open_parquet(f: BinaryIO, path: str) -> pq.ParquetFile:
+    """The file's footer read, or an InputError naming the file: a file that is not
+    Parquet or lost its end (truncated copy) would otherwise be a pyarrow traceback."""
+    try:
+        return pq.ParquetFile(f)
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(f"{path}: not a readable Parquet file ({_one_line(err)})") from None
+
+
 def check_parquet_column(f: BinaryIO, path: str, text_field: str) -> None:
     """Fails early, naming the file and its columns, when the text column is missing."""
-    _check_column(pq.ParquetFile(f), path, text_field)
+    _check_column(open_parquet(f, path), path, text_field)
 
 
-def parquet_row_group_runs(f: BinaryIO, split_bytes: int) -> list[tuple[int, int, int]]:
+def parquet_row_group_runs(f: BinaryIO, path: str, split_bytes: int) -> list[tuple[int, int, int]]:
     """``(first, end, stored_bytes)`` for runs of consecutive row groups of at most
     ``split_bytes`` compressed bytes (from the footer), or of one bigger row group."""
-    metadata = pq.ParquetFile(f).metadata
+    metadata = open_parquet(f, path).metadata
     runs: list[tuple[int, int, int]] = []
     first, size = 0, 0
     for group in range(metadata.num_row_groups):
@@ -276,23 +342,39 @@ def parquet_row_group_runs(f: BinaryIO, split_bytes: int) -> list[tuple[int, int
 
 
 def read_parquet(f: BinaryIO, path: str, text_field: str, first_group: int = 0,
-                 end_group: int | None = None) -> Iterator[RawDocument | Problem]:
+                 end_group: int | None = None, name: str | None = None) -> Iterator[RawDocument | Problem]:
     """Rows of the row groups ``[first_group, end_group)`` of a Parquet file (to the
     last when ``end_group`` is None or negative); the document is the ``text_field``
-    column."""
-    parquet = pq.ParquetFile(f)
+    column.
+
+    A row group that cannot be read is an InputError naming the file and the group,
+    not a skip: Parquet is written by a program, so a damaged one is a bad copy to
+    fetch again, and going on would quietly train on part of it.
+    """
+    parquet = open_parquet(f, path)
     _check_column(parquet, path, text_field)
     metadata = parquet.metadata
     last = metadata.num_row_groups if end_group is None or end_group < 0 else end_group
-    groups = range(first_group, last)
-    if not groups:
-        return
-    name = os.path.basename(path)
+    name = name or os.path.basename(path)
     row = sum(metadata.row_group(g).num_rows for g in range(first_group))  # index in the whole file
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096, row_groups=list(groups)):
-        for value in batch.column(0).to_pylist():
+    for group in range(first_group, last):
+        for value in _row_group_texts(parquet, path, text_field, group):
             if isinstance(value, str):
                 yield RawDocument(f"{name}#{row}", value)
             else:
                 yield Problem("parquet-null-text", f"{path}: row {row} has no {text_field!r} text; skipped")
             row += 1
+
+
+def _row_group_texts(parquet: pq.ParquetFile, path: str, text_field: str, group: int) -> Iterator:
+    try:
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=4096, row_groups=[group]):
+            yield from batch.column(0).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(f"{path}: row group {group} of {parquet.metadata.num_row_groups} cannot be read "
+                         f"({_one_line(err)}); the file is damaged") from None
+
+
+def _one_line(err: BaseException) -> str:
+    # pyarrow's messages span lines; the user gets one line naming the file.
+    return " ".join(str(err).split())

@@ -87,7 +87,7 @@ def task_documents(task: inputs.ReadTask, text_field: str, max_line_bytes: int,
     """The documents one read task reads, with non-article pages filtered; every page,
     skip and problem counted in ``problems.counts``."""
     counts = problems.counts
-    name = os.path.basename(task.path)
+    name = task.doc_name
     for item in inputs.read_task(task, text_field, max_line_bytes):
         if isinstance(item, Problem):
             problems.report(item)
@@ -140,7 +140,7 @@ def vocabulary_tasks(tasks: list[inputs.ReadTask], sample_bytes: int) -> list[in
     """The read tasks the vocabulary is trained on: in an order fixed by a hash of each
     task (file name and range), as many as it takes to cover ``sample_bytes`` of input.
     A spread of ranges from across the corpus, the same for any number of workers."""
-    ranked = sorted(tasks, key=lambda t: stable_hash(os.path.basename(t.path), t.start, t.end))
+    ranked = sorted(tasks, key=lambda t: stable_hash(t.doc_name, t.start, t.end))
     chosen, covered = [], 0
     for task in ranked:
         if covered >= sample_bytes:

@@ -13,6 +13,7 @@ starts; an owner reads past its range end to finish a page in progress, and the 
 range skips the text before its first ``<page>``. A single-stream file (plain
 ``bzip2``) has one stream, so one range reads and processes it all: recompress such a
 file with a parallel compressor (or use the multistream dump) to spread it across workers.
+A corrupt stream loses its own pages only: reading goes on at the next stream header.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import bz2
 import dataclasses
 import logging
+import math
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 # Stream header: "BZh", block size digit, then the 48-bit block magic (pi in BCD).
 BZ2_STREAM_HEADER = re.compile(rb"BZh[1-9]\x31\x41\x59\x26\x53\x59")
 _READ_CHUNK = 1 << 20
+# Compressed bytes given to the decompressor at a time (see _aligned_read).
+_FEED_BYTES = 1 << 16
 _PAGE_OPEN = b"<page>"
 _PAGE_CLOSE = b"</page>"
 _REDIRECT_TEXT = re.compile(r"\s*#redirect", re.IGNORECASE)
@@ -212,54 +216,81 @@ def _problem_for(raw: bytes, path: str, reason: str, what: str) -> Problem:
 
 
 def read_bz2_range(f: BinaryIO, path: str, start: int, end: int) -> Iterator[Page | Problem]:
-    """Pages owned by the byte range [start, end) of a bzip2 (multi)stream file."""
+    """Pages owned by the byte range [start, end) of a bzip2 (multi)stream file.
+
+    A corrupt stream loses only its own pages: reading resumes at the next stream
+    header, exactly as a range starting there would (text before its first ``<page>``
+    skipped), and the loss is counted under ``corrupt-bz2-streams`` with the file and
+    byte offsets. Only the range that owns the corrupt stream counts it; a range that
+    was reading into it to finish a page counts that page as truncated.
+    """
     progress = _Progress(f"{path} [{start:,}-{end:,})")
-    first = find_first_stream(f, start, end)
-    if first is None:
-        return
-    # Offset of the stream being decompressed; once a stream ends, of the next one.
-    state = {"stream_at": first, "problem": None}
+    at = find_first_stream(f, start, end)
+    while at is not None:
+        damage: dict = {}  # why _bz2_chunks stopped early, and the stream at fault
+        for item in _pages_from_xml_chunks(_bz2_chunks(f, path, at, end, progress, damage), path):
+            progress.update(1, 0)
+            yield item
+        if damage.get("stream_at", end) >= end:
+            return  # the file's end, or damage in a stream another range owns and counts
+        if "truncated" in damage:
+            yield Problem("truncated-streams",
+                          f"{path}: {damage['truncated']}; the pages before it were kept")
+            return
+        stream_at = int(damage["stream_at"])
+        at = find_first_stream(f, stream_at + 1, math.inf)
+        lost_to = f"byte {at:,}" if at is not None else "the end of the file"
+        yield Problem("corrupt-bz2-streams",
+                      f"{path}: byte {stream_at:,}: corrupt bzip2 stream ({damage['corrupt']}); its pages "
+                      f"were lost, from byte {stream_at:,} to {lost_to}; the pages before it were kept")
+        at = at if at is not None and at < end else None
 
-    def chunks() -> Iterator[bytes]:
-        f.seek(first)
-        decompressor = bz2.BZ2Decompressor()
-        consumed = first  # file offset just past the bytes fed so far
-        data = f.read(_READ_CHUNK)
-        while data:
-            try:
-                out = decompressor.decompress(data)
-            except OSError as err:
-                state["problem"] = f"bad bzip2 data in the stream at byte {state['stream_at']:,} ({err})"
+
+def _aligned_read(f: BinaryIO, position: int) -> bytes:
+    """Reads up to the next multiple of ``_FEED_BYTES``, so that every stream is fed to
+    its decompressor in the same pieces whichever range reads it: what a corrupt stream
+    gives before its error is detected (a failing call gives nothing) is then the same
+    for any --split-bytes, and small pieces keep most of what precedes the damage."""
+    return f.read(_FEED_BYTES - position % _FEED_BYTES)
+
+
+def _bz2_chunks(f: BinaryIO, path: str, first: int, end: int, progress: _Progress,
+                damage: dict) -> Iterator[tuple[bool, bytes]]:
+    """Decompressed ``(foreign, data)`` from the stream at ``first`` on, stream after
+    stream, until the file ends or a stream is corrupt or truncated; records in
+    ``damage`` why it stopped early and the offset of the stream at fault."""
+    f.seek(first)
+    decompressor = bz2.BZ2Decompressor()
+    stream_at = consumed = first  # the stream being decompressed; file offset past the bytes fed
+    data = _aligned_read(f, consumed)
+    while data:
+        try:
+            out = decompressor.decompress(data)
+        except OSError as err:
+            damage.update(corrupt=f"{err}, detected by byte {consumed + len(data):,}", stream_at=stream_at)
+            return
+        consumed += len(data)
+        if out:
+            progress.update(0, len(out))
+            yield stream_at >= end, out
+        if decompressor.eof:
+            data = decompressor.unused_data
+            stream_at = consumed - len(data)
+            if len(data) < 4:
+                data += _aligned_read(f, consumed)
+            if not data:
                 return
-            consumed += len(data)
-            if out:
-                progress.update(0, len(out))
-                yield state["stream_at"] >= end, out
-            if decompressor.eof:
-                data = decompressor.unused_data
-                state["stream_at"] = consumed - len(data)
-                if len(data) < 4:
-                    data += f.read(_READ_CHUNK)
-                if not data:
-                    return
-                if not data.startswith(b"BZh"):
-                    log.warning("%s: %d bytes after the last bzip2 stream are not bzip2; ignored",
-                                path, len(data))
-                    return
-                consumed = state["stream_at"]
-                decompressor = bz2.BZ2Decompressor()
-            else:
-                data = f.read(_READ_CHUNK)
-        if not decompressor.eof:
-            state["problem"] = (f"the bzip2 stream at byte {state['stream_at']:,} ends early "
-                                "(truncated file?)")
-
-    for item in _pages_from_xml_chunks(chunks(), path):
-        progress.update(1, 0)
-        yield item
-    if state["problem"]:
-        yield Problem("truncated-streams",
-                          f"{path}: {state['problem']}; the pages before it were kept")
+            if not data.startswith(b"BZh"):
+                log.warning("%s: %d bytes after the last bzip2 stream are not bzip2; ignored",
+                            path, len(data))
+                return
+            consumed = stream_at
+            decompressor = bz2.BZ2Decompressor()
+        else:
+            data = _aligned_read(f, consumed)
+    if not decompressor.eof:
+        damage.update(truncated=f"the bzip2 stream at byte {stream_at:,} ends early (truncated file?)",
+                      stream_at=stream_at)
 
 
 def read_xml(f: BinaryIO, path: str) -> Iterator[Page | Problem]:

@@ -1,0 +1,209 @@
+"""Damaged and awkward input: corrupt bzip2 streams, damaged Parquet, text without
+blank lines, and inputs of the same name in different folders."""
+
+import bz2
+import hashlib
+import json
+import os
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from preprocessing import inputs, run_beam, text_formats, wiki_dump
+from preprocessing.text_formats import InputError
+
+from .conftest import AUSTEN, WIKI_SAMPLE, split_dump
+from .test_readers import documents, problem_places, problems, read_all
+
+
+def titles(items):
+    return [i.title for i in items if isinstance(i, wiki_dump.Page)]
+
+
+def corrupt(data: bytes, at: int, length: int = 200) -> bytes:
+    """``data`` with ``length`` bytes from ``at`` replaced by garbage."""
+    return data[:at] + bytes((i * 37 + 11) % 256 for i in range(length)) + data[at + length:]
+
+
+# ------------------------------------------------ corrupt bzip2 streams
+def test_corrupt_stream_of_a_multistream_dump_loses_only_its_pages(multistream_dump, wiki_xml, tmp_path):
+    data = open(multistream_dump, "rb").read()
+    streams = [m.start() for m in wiki_dump.BZ2_STREAM_HEADER.finditer(data)]
+    bad = len(streams) // 2  # stream 0 is the header; stream i holds pages 7(i-1) .. 7i-1
+    path = tmp_path / "enwiki-multistream.xml.bz2"
+    path.write_bytes(corrupt(data, streams[bad] + 500))
+    _, page_list, _ = split_dump(wiki_xml)
+    lost = {re.search(rb"<title>(.*?)</title>", p).group(1).decode()
+            for p in page_list[7 * (bad - 1):7 * bad]}
+    expected = [t for t in titles(read_all(WIKI_SAMPLE)) if t not in lost]
+    for split_bytes in (65536, 100_003, 1 << 30):
+        items = read_all(str(path), split_bytes=split_bytes)
+        assert titles(items) == expected
+        [problem] = problems(items)
+        assert problem.reason == "corrupt-bz2-streams"
+        assert problem.message.startswith(f"{path}: byte {streams[bad]:,}: corrupt bzip2 stream")
+        assert f"from byte {streams[bad]:,} to byte {streams[bad + 1]:,}" in problem.message
+
+
+@pytest.mark.parametrize("damage, reason", [("corrupt", "corrupt-bz2-streams"),
+                                           ("truncated", "truncated-streams")])
+def test_damaged_stream_with_pages_spanning_streams_reads_the_same_for_any_split(damage, reason, wiki_xml,
+                                                                               tmp_path):
+    """pbzip2-like file: the page cut by the bad stream, and the stream, are counted
+    once, whatever the ranges (a range reading into a stream to finish a page does not
+    count the stream's damage: its owner does)."""
+    streams = [bz2.compress(wiki_xml[i:i + 300_001]) for i in range(0, len(wiki_xml), 300_001)]
+    bad_at = sum(map(len, streams[:8]))
+    path = tmp_path / "parallel.xml.bz2"
+    data = b"".join(streams)
+    path.write_bytes(corrupt(data, bad_at + 300) if damage == "corrupt" else data[:bad_at + 300])
+    whole = read_all(str(path), split_bytes=1 << 30)
+    assert 100 < len(titles(whole)) < 206
+    assert [p.reason for p in problems(whole)] == ["truncated-pages", reason]
+    for split_bytes in (65536, 100_003, 4099):
+        items = read_all(str(path), split_bytes=split_bytes)
+        assert titles(items) == titles(whole)
+        assert [p.message for p in problems(items)] == [p.message for p in problems(whole)]
+
+
+def test_single_stream_file_corrupted_midway_keeps_what_precedes_the_damage(tmp_path):
+    data = open(WIKI_SAMPLE, "rb").read()
+    path = tmp_path / "single.xml.bz2"
+    path.write_bytes(corrupt(data, len(data) * 2 // 3))
+    items = read_all(str(path))
+    got, whole = titles(items), titles(read_all(WIKI_SAMPLE))
+    assert 50 < len(got) < len(whole) and got == whole[:len(got)]
+    reasons = [p.reason for p in problems(items)]
+    assert reasons[-1] == "corrupt-bz2-streams" and set(reasons) <= {"truncated-pages", "corrupt-bz2-streams"}
+    assert problems(items)[-1].message.startswith(f"{path}: byte 0: corrupt bzip2 stream")
+    assert "to the end of the file" in problems(items)[-1].message
+
+
+# ------------------------------------------------ damaged Parquet
+@pytest.mark.parametrize("damage", ["not parquet", "truncated footer"])
+def test_unreadable_parquet_is_one_line_naming_the_file(damage, tmp_path, capsys):
+    path = tmp_path / "docs.parquet"
+    if damage == "not parquet":
+        path.write_text("title,text\nOne,A csv file named .parquet\n")
+    else:
+        pq.write_table(pa.table({"text": [f"Row {i}." for i in range(1000)]}), path)
+        path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: not a readable Parquet file \("):
+        inputs.plan_read_tasks([str(path)], 1 << 20)
+    assert run_beam.main(["--input", str(path), "--output", str(tmp_path / "out"), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {path}: not a readable Parquet file")
+    assert "Traceback" not in "".join(err)
+
+
+def test_unreadable_parquet_row_group_is_an_error_naming_file_and_group(tmp_path):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": [f"Row {i}. " + "word " * (i % 50) for i in range(1000)]}), path,
+                   row_group_size=128)
+    column = pq.ParquetFile(path).metadata.row_group(2).column(0)
+    first_page = column.dictionary_page_offset or column.data_page_offset
+    path.write_bytes(corrupt(path.read_bytes(), first_page, 64))
+    tasks = inputs.plan_read_tasks([str(path)], 1)  # the footer is intact: planning works
+    assert len(tasks) == 8
+    assert len(documents(inputs.read_task(tasks[1], "text", 1 << 20))) == 128
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: row group 2 of 8 cannot be read \("):
+        list(inputs.read_task(tasks[2], "text", 1 << 20))
+
+
+# ------------------------------------------------ text without blank lines
+def read_text_range(path, start, end, max_line_bytes, max_document_bytes):
+    with open(path, "rb") as f:
+        return list(text_formats.read_text(f, str(path), max_line_bytes, start, end, max_document_bytes))
+
+
+def test_text_without_blank_lines_is_cut_the_same_from_every_cut_point(tmp_path):
+    """Windows of 64 bytes: runs without blank lines are cut, short documents never,
+    and every split into two ranges reads exactly what one reader does."""
+    lines = [f"Sentence number {i} of the long run." for i in range(40)]
+    text = ("\n".join(lines[:20]) + "\n\nShort doc.\n\n" + "\n".join(lines[20:]) + "\n" + "z" * 50
+            + "\n" + "\n".join(lines[:8]) + "\n\n\nTail doc.\n").encode()
+    path = tmp_path / "runs.txt"
+    path.write_bytes(text)
+    whole = read_text_range(path, 0, None, 40, 64)
+    pieces = [t for _, t in documents(whole)]
+    assert "Short doc." in pieces and "Tail doc." in pieces
+    assert all(len(p) < 2 * 64 + 40 for p in pieces)
+    cuts = [o for r, o in problem_places(whole) if r == "split-long-documents"]
+    assert len(cuts) == len(pieces) - 4  # four pieces end at a blank line or the file end
+    assert all(text[o - 1:o] == b"\n" for o in cuts)
+    for cut in range(1, len(text)):
+        got = read_text_range(path, 0, cut, 40, 64) + read_text_range(path, cut, None, 40, 64)
+        assert documents(got) == documents(whole)
+        assert problem_places(got) == problem_places(whole)
+
+
+def test_real_prose_without_blank_lines_is_cut_into_bounded_counted_documents(tmp_path):
+    with bz2.open(AUSTEN, "rb") as f:
+        prose = re.sub(rb"\n\s*\n", b"\n", f.read())  # 4 MB, not one blank line
+    path = tmp_path / "no-blank-lines.txt"
+    path.write_bytes(prose)
+    whole = read_all(str(path), split_bytes=1 << 30)
+    docs = documents(whole)
+    limit = text_formats.MAX_DOCUMENT_BYTES
+    assert len(docs) == -(-len(prose) // limit)  # cut at every MiB multiple
+    assert all(len(t.encode()) < 2 * limit for _, t in docs)
+    assert [p.reason for p in problems(whole)] == ["split-long-documents"] * (len(docs) - 1)
+    assert str(path) in problems(whole)[0].message
+    for split_bytes in (65536, 1_000_003):
+        items = read_all(str(path), split_bytes=split_bytes)
+        assert documents(items) == docs
+        assert problem_places(items) == problem_places(whole)
+
+
+# ------------------------------------------------ inputs of the same name
+def test_document_names_are_relative_to_the_inputs_common_folder(tmp_path):
+    names = inputs.document_names(["/data/corpus/a/part-0.txt", "/data/corpus/b/part-0.txt",
+                                   "/data/corpus/b/c/part-1.txt"])
+    assert list(names.values()) == ["a/part-0.txt", "b/part-0.txt", "b/c/part-1.txt"]
+    moved = inputs.document_names(["gs://bucket/x/a/part-0.txt", "gs://bucket/x/b/part-0.txt"])
+    assert list(moved.values()) == ["a/part-0.txt", "b/part-0.txt"]
+    assert inputs.document_names(["/data/a/part-0.txt"]) == {"/data/a/part-0.txt": "part-0.txt"}
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "corpus.txt").write_text(f"Text of folder {folder}.\n")
+    items = read_all(str(tmp_path / "*" / "corpus.txt"))
+    assert documents(items) == [("a/corpus.txt@0", "Text of folder a."), ("b/corpus.txt@0", "Text of folder b.")]
+
+
+@pytest.mark.e2e
+def test_same_named_inputs_in_two_folders_get_their_own_examples(tmp_path):
+    """b/corpus.txt is a/corpus.txt plus one more document: with ids from the base name
+    alone, the shared documents got the same random choices, hence duplicate examples."""
+    with bz2.open(AUSTEN, "rb") as f:
+        prose = f.read()[:150_000]
+    for folder, text in (("a", prose), ("b", prose + b"\n\nOne more document, only in b.\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "corpus.txt").write_bytes(text)
+    args = ["--input", str(tmp_path / "*" / "corpus.txt"), "--vocab-size", "1000", "--dupe-factor", "1",
+            "--no-mlflow"]
+    digests = []
+    for workers, output in ((["--direct_num_workers=1"], "one"),
+                            (["--direct_num_workers=2", "--direct_running_mode=multi_processing"], "two")):
+        proc = run_beam_subprocess([*args, "--output", str(tmp_path / output), *workers])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        shards = sorted((tmp_path / output / "shards").iterdir())
+        digests.append([hashlib.sha256(s.read_bytes()).hexdigest() for s in shards])
+    assert digests[0] == digests[1]
+    rows = pa.concat_tables([pq.read_table(s) for s in sorted((tmp_path / "one" / "shards").iterdir())])
+    examples = [(tuple(i), tuple(m)) for i, m in zip(rows.column("input_ids").to_pylist(),
+                                                      rows.column("masked_lm_positions").to_pylist())]
+    counters = json.load(open(tmp_path / "one" / "manifest.json"))["counters"]
+    assert counters["documents-read"] == 2 * len(documents(read_all(str(tmp_path / "a" / "corpus.txt")))) + 1
+    assert len(set(examples)) > 0.95 * len(examples)  # not two copies of a's examples
+
+
+def run_beam_subprocess(args):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    return subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), *args],
+                          capture_output=True, text=True, timeout=600)
