@@ -6,6 +6,12 @@ counts as complete only once every rank has finished writing it and rank 0 has p
 ``COMPLETE`` marker in it; only then does ``latest`` move to it, by an atomic rename.
 A process killed mid-save leaves a tag without a marker, which resume ignores.
 
+The marker is written to a temporary file, flushed to disk and renamed, after the tag's files
+are flushed; it lists every file of the tag with its size. A tag whose marker cannot be read
+(a node crash, a full disk) or whose files are missing or shorter than listed is skipped with a
+warning, and resume takes the newest good one. Markers of older versions, without a file list,
+are trusted as they are.
+
 A tag resumes on another number of processes too (``plan_resume``): ZeRO-0 files hold whole
 tensors and load as they are; ZeRO-1/2/3 partitions are regrouped through DeepSpeed's universal
 checkpoint, converted once into a sibling folder ``<tag>.universal``.
@@ -16,9 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import glob
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -28,9 +36,19 @@ import torch
 
 from pipeline.ds_config import DsConfigError
 
+log = logging.getLogger(__name__)
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 UNIVERSAL = ".universal"  # suffix of a tag's universal copy; "step…" without a marker, so prune removes it
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (no marker, or a damaged one); the message names it and why."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save that could not be finished (e.g. a full disk); one line naming the checkpoint dir.
+    The tag is left without a marker, so resume uses the previous one."""
 
 
 def tag_for(step: int) -> str:
@@ -64,33 +82,185 @@ def save(engine, directory: str, step: int, client_state: dict, keep: int, is_ra
     """Saves tag ``step…`` on every rank, then marks it complete and points ``latest`` at it.
 
     ``meta`` (small, JSON) goes into the marker, readable without loading the checkpoint.
+    CheckpointWriteError when a file cannot be written (the tag stays unmarked).
     """
     tag = tag_for(step)
-    engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
-    if os.environ.get("BERT_PIPELINE_FAULT") == f"kill-during-save:{step}":
-        # Fault injection for the crash test: die like `kill -9` with the files written
-        # but the tag not yet marked complete.
-        os.kill(os.getpid(), 9)
-    _barrier()  # every rank's shards are on disk before the tag is declared complete
+    try:
+        if is_rank0:
+            # A tag saved again (a resume from an earlier one): its old marker must not vouch for the
+            # mix of old and new files a crash mid-save would leave. DeepSpeed's save starts with a
+            # barrier, so no rank writes before it is gone.
+            _remove_marker(os.path.join(directory, tag))
+        engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+        _inject_save_fault(directory, tag, step)
+        _barrier()  # every rank's shards are on disk before the tag is declared complete
+        if is_rank0:
+            _write_marker(directory, tag, {"tag": tag, "step": step, **(meta or {})})
+            _write_durably(os.path.join(directory, LATEST), tag.encode())
+    except OSError as err:
+        raise _write_error(directory, tag, err) from None
+    except RuntimeError as err:
+        failure = _torch_write_failure(directory, err)
+        if failure is None:
+            raise
+        raise _write_error(directory, tag, failure) from None
     if is_rank0:
-        with open(os.path.join(directory, tag, COMPLETE), "w") as f:
-            json.dump({"tag": tag, "step": step, **(meta or {})}, f)
-        temp = os.path.join(directory, f".{LATEST}.tmp")
-        with open(temp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, os.path.join(directory, LATEST))
         prune(directory, keep)
     _barrier()
     return tag
 
 
+def _inject_save_fault(directory: str, tag: str, step: int) -> None:
+    """Fault injection for the tests (BERT_PIPELINE_FAULT), once DeepSpeed wrote the tag's files."""
+    fault = os.environ.get("BERT_PIPELINE_FAULT")
+    if fault == f"kill-during-save:{step}":
+        # Die like `kill -9` with the files written but the tag not yet marked complete.
+        os.kill(os.getpid(), 9)
+    if fault == f"enospc-during-save:{step}":
+        # A disk that filled up mid-save: the last file DeepSpeed wrote is cut short.
+        files = _tag_files(os.path.join(directory, tag))
+        last = max(files, key=lambda name: os.path.getmtime(os.path.join(directory, tag, name)))
+        os.truncate(os.path.join(directory, tag, last), files[last] // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(directory, tag, last))
+
+
+def _torch_write_failure(directory: str, err: RuntimeError) -> OSError | None:
+    """torch.save reports a failed write (a full disk among others) as a RuntimeError of its zip
+    writer, without an errno: an OSError for it, ENOSPC when the filesystem is (nearly) full."""
+    if "inline_container" not in str(err) and "PytorchStreamWriter" not in str(err):
+        return None
+    try:
+        usage = shutil.disk_usage(directory)
+        full = usage.free < min(64 << 20, usage.total // 100)
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC if full else errno.EIO, f"torch.save failed: {str(err).splitlines()[0]}")
+
+
+def _write_error(directory: str, tag: str, err: OSError) -> CheckpointWriteError:
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    why = "no space left on device" if full else "a write failed"
+    previous = find_latest(directory)  # the tag itself if only `latest` failed to move
+    resume_from = os.path.join(directory, previous) if previous else "scratch (no complete checkpoint yet)"
+    advice = f"free space in {directory} and rerun" if full else "fix the cause and rerun"
+    return CheckpointWriteError(f"cannot save checkpoint {os.path.join(directory, tag)}: {why} "
+                                f"({err.filename or err.strerror or err}); a resume starts from "
+                                f"{resume_from}: {advice}")
+
+
+def _write_marker(directory: str, tag: str, values: dict) -> None:
+    """The tag's files flushed to disk, then the marker that vouches for them (with their sizes).
+
+    On one node rank 0's fsync flushes every local rank's files; what a network filesystem did
+    not flush, the sizes in the marker catch at resume."""
+    folder = os.path.join(directory, tag)
+    files = _tag_files(folder)
+    for name in files:
+        _fsync_path(os.path.join(folder, name))
+    _write_durably(os.path.join(folder, COMPLETE), json.dumps({**values, "files": files}).encode())
+
+
+def _remove_marker(folder: str) -> None:
+    try:
+        os.remove(os.path.join(folder, COMPLETE))
+    except FileNotFoundError:
+        return
+    _fsync_path(folder)
+
+
+def _tag_files(folder: str) -> dict[str, int]:
+    """Every file under ``folder`` (relative path → size), but the marker and temporary files."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative != COMPLETE and not name.startswith("."):
+                files[relative] = os.path.getsize(path)
+    return dict(sorted(files.items()))
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    """``path`` replaced whole by ``data``: a temporary file, flushed, renamed, and the directory
+    flushed so that the rename itself survives a crash. A failure leaves the old file (or none)."""
+    temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
+    _fsync_path(os.path.dirname(path))
+
+
+def _marker_problem(directory: str, tag: str) -> str | None:
+    """Why ``tag``'s marker does not vouch for a usable checkpoint; None when it does."""
+    folder = os.path.join(directory, tag)
+    try:
+        meta = _read_marker(folder)
+    except CheckpointError as err:
+        return str(err)
+    files = meta.get("files", {})  # older markers list no files: trusted as before
+    if not isinstance(files, dict):
+        return f"its {COMPLETE} marker's field 'files' is not a mapping of file to size"
+    for name, size in files.items():
+        have = _file_size(os.path.join(folder, name))
+        if have < 0:
+            return f"{name} is listed in its {COMPLETE} marker but missing"
+        if have < size:
+            return f"{name} has {have} bytes, its {COMPLETE} marker records {size}"
+    return None
+
+
+def _read_marker(folder: str) -> dict:
+    """The marker's JSON object; CheckpointError saying why not (the caller names the tag)."""
+    try:
+        with open(os.path.join(folder, COMPLETE)) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"no {COMPLETE} marker (not a checkpoint, or its save did not finish)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"its {COMPLETE} marker is unreadable, e.g. empty or cut short by a crash "
+                              f"({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"its {COMPLETE} marker is not a JSON object")
+    return meta
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
 def complete_tags(directory: str) -> list[str]:
+    """The tags whose marker vouches for them; a marked tag that fails its check is skipped with
+    a warning naming it and why."""
     if not os.path.isdir(directory):
         return []
-    return sorted(t for t in os.listdir(directory)
-                  if t.startswith("step") and os.path.exists(os.path.join(directory, t, COMPLETE)))
+    tags = []
+    for tag in sorted(os.listdir(directory)):
+        if not tag.startswith("step") or not os.path.exists(os.path.join(directory, tag, COMPLETE)):
+            continue
+        problem = _marker_problem(directory, tag)
+        if problem is None:
+            tags.append(tag)
+        else:
+            log.warning("skipping checkpoint %s: %s", os.path.join(directory, tag), problem)
+    return tags
 
 
 def find_latest(directory: str) -> str | None:
@@ -98,7 +268,7 @@ def find_latest(directory: str) -> str | None:
     tags = complete_tags(directory)
     pointer = os.path.join(directory, LATEST)
     if os.path.exists(pointer):
-        with open(pointer) as f:
+        with open(pointer, errors="replace") as f:
             tag = f.read().strip()
         if tag in tags:
             return tag
@@ -106,7 +276,8 @@ def find_latest(directory: str) -> str | None:
 
 
 def prune(directory: str, keep: int) -> None:
-    """Keeps the newest ``keep`` complete tags; removes older ones and abandoned partial saves."""
+    """Keeps the newest ``keep`` complete tags; removes older ones, abandoned partial saves and
+    damaged tags older than the newest good one."""
     tags = complete_tags(directory)
     newest = tags[-1] if tags else None
     for name in os.listdir(directory):
@@ -119,11 +290,17 @@ def prune(directory: str, keep: int) -> None:
 
 
 def read_meta(directory: str, tag: str) -> dict:
-    with open(os.path.join(directory, tag, COMPLETE)) as f:
-        return json.load(f)
+    """The marker's contents; CheckpointError naming the tag when it does not vouch for it."""
+    problem = _marker_problem(directory, tag)
+    if problem is not None:
+        good = complete_tags(directory)
+        raise CheckpointError(f"checkpoint {os.path.join(directory, tag)}: {problem}; complete tags: "
+                              f"{', '.join(good) or 'none'}")
+    return _read_marker(os.path.join(directory, tag))
 
 
 def load(engine, directory: str, tag: str) -> dict:
+    # DeepSpeed unpickles the whole checkpoint (code could run): resume only from trusted run dirs.
     _, client_state = engine.load_checkpoint(directory, tag=tag)
     if client_state is None:
         raise RuntimeError(f"{directory}/{tag}: DeepSpeed could not load this checkpoint")
@@ -143,6 +320,8 @@ def _repair_zero3_universal_load(engine, folder: str) -> None:
       increments, so the bias correction runs ahead (a 2e-3 loss drift within 3 steps): each
       group gets its own copy.
     """
+    # DeepSpeed's own file, which engine.load_checkpoint unpickled whole moments ago: reading it the
+    # same way trusts nothing more (hence: resume only from trusted run dirs, README "Reliability").
     saved = torch.load(os.path.join(folder, "zero", "optimizer_state.pt"), map_location="cpu",
                        weights_only=False, mmap=True)["param_groups"]
     optimizer = engine.optimizer.optimizer

@@ -72,9 +72,9 @@ class DataDirError(ValueError):
 def read_manifest(data_dir: str) -> dict:
     """The data dir's manifest.json, after checking it against the files beside it.
 
-    Checks: the dir and manifest exist, the format version is one this reader knows,
-    every listed shard exists, pyarrow can read its footer, and it has the number of
-    rows the manifest records.
+    Checks: the dir and manifest exist, the format version is one this reader knows, the
+    shard and tokenizer paths stay inside the data dir, every listed shard exists, pyarrow
+    can read its footer, and it has the number of rows the manifest records.
     """
     if not os.path.isdir(data_dir):
         raise DataDirError(f"data dir {data_dir} does not exist (pass the --output of preprocessing/run_beam.py)")
@@ -95,6 +95,10 @@ def read_manifest(data_dir: str) -> dict:
         raise DataDirError(f"{path}: format_version {version!r} is not supported by this trainer "
                            f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "
                            "rerun preprocessing with the matching version of this repository")
+    for i, shard in enumerate(manifest["shards"]):
+        _check_inside(path, f"shards[{i}].path", shard.get("path") if isinstance(shard, dict) else None)
+    if isinstance(manifest["tokenizer"], dict) and "path" in manifest["tokenizer"]:
+        _check_inside(path, "tokenizer.path", manifest["tokenizer"]["path"])
     total = 0
     for i, shard in enumerate(manifest["shards"]):
         shard_path = os.path.join(data_dir, shard["path"])
@@ -108,6 +112,16 @@ def read_manifest(data_dir: str) -> dict:
     if total != manifest["num_examples"]:
         raise DataDirError(f"{path}: num_examples is {manifest['num_examples']} but the shards hold {total} rows")
     return manifest
+
+
+def _check_inside(manifest_path: str, field: str, value) -> None:
+    """A path the manifest gives relative to its data dir must stay inside it: an absolute path or
+    a '..' would have the trainer read, and the export copy, files from anywhere."""
+    if not isinstance(value, str) or not value:
+        raise DataDirError(f"{manifest_path}: field {field} is {value!r}, expected a path relative to the data dir")
+    if os.path.isabs(value) or ".." in value.replace("\\", "/").split("/"):
+        raise DataDirError(f"{manifest_path}: field {field} is {value!r}: it must be a path inside the data dir "
+                           "(no absolute path, no '..')")
 
 
 def _open_shard(shard_path: str) -> pq.ParquetFile:

@@ -7,11 +7,15 @@ The export (default ``RUN_DIR/hf/<tag>``) holds ``model.safetensors`` + ``config
 (``save_pretrained``), the data dir's tokenizer files and ``training_info.json`` (tag,
 step, data_run_id, pretrain_run_id), so that ``AutoModelForPreTraining``,
 ``AutoTokenizer`` and ``pipeline("fill-mask")`` load it and fine-tuning knows its inputs.
+An existing output dir is replaced whole, but only when it is empty or an earlier export
+(it holds ``training_info.json``); anything else needs ``--overwrite``.
 
 The fp32 weights are rebuilt with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
 (ZeRO 1-3, any number of ranks), not the ``zero_to_fp32.py`` script copied into the
 checkpoint, which fails with safetensors on BERT's tied embeddings/decoder. A ZeRO-0
-checkpoint has no ZeRO partitions: its module weights are taken as they are.
+checkpoint has no ZeRO partitions: its module weights are taken as they are, loaded with
+``torch.load(weights_only=True)``. DeepSpeed's own loaders unpickle whole objects: export and resume
+only checkpoints of trusted runs.
 The model is rebuilt from ``RUN_DIR/train_config.json`` (written by pretrain.py) and
 the data dir's manifest, the same way the trainer built it.
 """
@@ -24,8 +28,10 @@ import glob
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
+import tempfile
 
 if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +68,8 @@ def write_train_config(config, pretrain_run_id: str | None = None) -> str:
 def resolve(path: str, tag: str | None = None) -> tuple[str, str, str]:
     """(run dir, checkpoints dir, tag) from a run dir, its ``checkpoints/`` or one tag dir.
 
-    Without ``tag``: the newest complete one. A tag without a COMPLETE marker is refused.
+    Without ``tag``: the newest complete one (a damaged one is skipped with a warning). A given tag
+    without a COMPLETE marker, or whose marker does not vouch for its files, is refused.
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -90,6 +97,11 @@ def resolve(path: str, tag: str | None = None) -> tuple[str, str, str]:
         have = checkpoint.complete_tags(checkpoints)
         raise ExportError(f"{os.path.join(checkpoints, tag)} is not a complete checkpoint (missing, or its "
                           f"save did not finish); complete tags: {', '.join(have) or 'none'}")
+    else:
+        try:  # a damaged marker, or files missing or shorter than it lists
+            checkpoint.read_meta(checkpoints, tag)
+        except checkpoint.CheckpointError as err:
+            raise ExportError(str(err)) from None
     return run_dir, checkpoints, tag
 
 
@@ -115,8 +127,25 @@ def fp32_state_dict(checkpoints: str, tag: str) -> dict:
     files = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
     if not files:
         raise ExportError(f"{tag_dir} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    try:  # tensors and plain values only: a checkpoint cannot run code in the exporting process
+        with torch.serialization.safe_globals(_client_state_globals()):
+            states = torch.load(files[0], map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ExportError(f"{files[0]}: refused to unpickle: it holds more than tensors and plain values "
+                          f"({str(err).splitlines()[0]})") from None
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+def _client_state_globals() -> list:
+    """The classes beyond tensors and plain values in DeepSpeed's model states: the trainer's client
+    state holds numpy's RNG state, a uint32 array (torch's own advice for numpy arrays)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct  # numpy 1
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def load_weights(model, checkpoints: str, tag: str, model_name: str) -> None:
@@ -135,14 +164,50 @@ def load_weights(model, checkpoints: str, tag: str, model_name: str) -> None:
     model.tie_weights()
 
 
+def is_own_export(path: str) -> bool:
+    """``path`` is a directory this module wrote: its ``training_info.json`` names a tag and checkpoint."""
+    try:
+        with open(os.path.join(path, TRAINING_INFO)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and {"tag", "checkpoint"} <= set(info)
+
+
+def check_out_dir(out: str, overwrite: bool) -> None:
+    """The export replaces ``out`` whole: only an empty directory or an earlier export is replaced
+    without ``overwrite``, so a mistyped --out never deletes someone's files."""
+    if not os.path.lexists(out) or overwrite or is_own_export(out):
+        return
+    if os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out):
+        return
+    what = "a non-empty directory" if os.path.isdir(out) else "a file"
+    raise ExportError(f"--out {out} is {what} that is not an export of pipeline/export.py (no {TRAINING_INFO} "
+                      "in it); the export would replace it whole: pass --overwrite to allow that, or "
+                      "another --out")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, out_dir: str | None = None,
-                      data_dir: str | None = None, pretrain_run_id: str | None = None) -> str:
-    """Writes the Hugging Face export of ``tag`` (default: newest complete) and returns its dir."""
+                      data_dir: str | None = None, pretrain_run_id: str | None = None,
+                      overwrite: bool = False) -> str:
+    """Writes the Hugging Face export of ``tag`` (default: newest complete) and returns its dir.
+
+    An existing ``out_dir`` is replaced only if it is empty or an earlier export (``check_out_dir``),
+    or with ``overwrite``."""
     from pipeline.data import read_manifest
     from pipeline.model import build_model, model_config
     from pipeline.train_config import TrainConfig
 
     run_dir, checkpoints, tag = resolve(run_dir_or_checkpoint_dir, tag)
+    out = os.path.abspath(out_dir or os.path.join(run_dir, "hf", tag))
+    check_out_dir(out, overwrite)  # before the minutes of loading weights
     # Without train_config.json (a run not started by pretrain.py), data_dir must be given
     # and the model is the trainer's default preset; a wrong guess fails on the shapes.
     has_config = os.path.isfile(os.path.join(run_dir, TRAIN_CONFIG))
@@ -154,10 +219,24 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
     load_weights(model, checkpoints, tag, f"the model of {run_dir}/{TRAIN_CONFIG} "
                                           f"({train_config.get('model')!r})")
 
-    out = os.path.abspath(out_dir or os.path.join(run_dir, "hf", tag))
-    temp = out + ".partial"
-    shutil.rmtree(temp, ignore_errors=True)
-    os.makedirs(temp)
+    # A temporary dir of its own beside ``out`` (never a name someone else could be using); a crash
+    # leaves only it behind.
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    try:
+        _write_export(model, manifest, data_dir, temp, tag, checkpoints, train_config, pretrain_run_id)
+        # A finished export replaces the older one (or, with overwrite, whatever was there) whole.
+        _remove(out)
+        os.replace(temp, out)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)  # gone already after the rename
+    log.info("exported %s to %s", tag, out)
+    return out
+
+
+def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, checkpoints: str,
+                  train_config: dict, pretrain_run_id: str | None) -> None:
+    os.chmod(temp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the export from the other users
     model.save_pretrained(temp, safe_serialization=True)
     tokenizer_dir = os.path.join(data_dir, manifest["tokenizer"].get("path", "tokenizer"))
     for name in sorted(os.listdir(tokenizer_dir)):
@@ -171,11 +250,12 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
             "model": train_config.get("model"), "tokenizer_fingerprint": manifest["tokenizer"].get("fingerprint")}
     with open(os.path.join(temp, TRAINING_INFO), "w") as f:
         json.dump(info, f, indent=2)
-    # A finished export replaces an older one whole; a crash leaves only the .partial dir.
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(temp, out)
-    log.info("exported %s to %s", tag, out)
-    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def main(argv=None) -> int:
@@ -186,11 +266,14 @@ def main(argv=None) -> int:
                     "tokenizer), loadable with AutoModelForPreTraining.from_pretrained and pipeline('fill-mask').")
     p.add_argument("run_dir", help="the --run-dir of pipeline/pretrain.py (or its checkpoints/ or one tag dir)")
     p.add_argument("--tag", help="checkpoint tag, e.g. step00000200 (default: the newest complete one)")
-    p.add_argument("--out", help="output dir (default: RUN_DIR/hf/<tag>)")
+    p.add_argument("--out", help="output dir (default: RUN_DIR/hf/<tag>); an existing one is replaced only if it "
+                                 "is empty or an earlier export (it holds training_info.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is a non-empty directory (or a file) that is not an export")
     p.add_argument("--data", help="the data dir, if it moved since training (default: from train_config.json)")
     args = p.parse_args(argv)
     try:
-        out = export_checkpoint(args.run_dir, args.tag, args.out, args.data)
+        out = export_checkpoint(args.run_dir, args.tag, args.out, args.data, overwrite=args.overwrite)
     except (ExportError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

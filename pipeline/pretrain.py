@@ -7,7 +7,8 @@
 Exit code 2 with one line naming the flag, file or field for a bad data dir, DeepSpeed config,
 model or checkpoint; 0 when --steps are done (rank 0 then exports the last checkpoint in Hugging Face
 format to RUN_DIR/hf/<tag>, see pipeline/export.py); 3 when a stop signal (SIGTERM/SIGUSR1) was honoured
-with a checkpoint, so a scheduler can requeue the job and --resume auto continues it; 1 on a failure.
+with a checkpoint, so a scheduler can requeue the job and --resume auto continues it; 1 on a failure
+(a save that cannot be written, e.g. a full disk, is one `error: …` line naming the checkpoint dir).
 A failure on one rank ends every rank in bounded time: a non-finite loss is agreed, so all raise it
 at the same step; a rank that raises exits at once, and its peers' collectives fail (gloo) or the
 launcher ends them (torchrun, deepspeed, srun --kill-on-bad-exit=1); --dist-timeout-minutes bounds
@@ -23,6 +24,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from pipeline.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from pipeline.data import DataDirError  # noqa: E402
 from pipeline.ds_config import DsConfigError  # noqa: E402
 from pipeline.export import ExportError, export_checkpoint, write_train_config  # noqa: E402
@@ -31,7 +33,7 @@ from pipeline.tracking import Tracker, config_params  # noqa: E402
 from pipeline.train_config import parse_args  # noqa: E402
 from pipeline.trainer import NonFiniteLoss, Trainer  # noqa: E402
 
-USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError)
+USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError, CheckpointError)
 
 
 def main(argv=None) -> int:
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
         tracker.log_json(trainer.ds_config, "ds_config.json")
     if trainer.is_rank0:
         write_train_config(config, tracker.run_id if tracker else None)  # what the export rebuilds from
-    status, code = "FAILED", 1
+    status, code, agreed = "FAILED", 1, True
     try:
         code = trainer.train(tracker)
         if tracker and trainer.final_eval:
@@ -67,12 +69,17 @@ def main(argv=None) -> int:
         status = "FINISHED" if code == 0 else "KILLED"
     except NonFiniteLoss as err:  # raised by every rank at the same step: one line each, no traceback
         print(f"error: rank {trainer.rank}: {err}", file=sys.stderr)
+    except CheckpointWriteError as err:  # a full disk: one line; the previous checkpoint still resumes
+        print(f"error: rank {trainer.rank}: {err}", file=sys.stderr)
+        # Not agreed with the other ranks (they may have written their files): this rank exits at once
+        # and the launcher ends its peers, as for any failed rank; the barrier below would not match.
+        agreed = False
     finally:
         if tracker:
             tracker.finish(status)
     # After a stop (3) or an agreed failure every rank is here. Under srun --kill-on-bad-exit=1 the first
     # rank to exit non-zero ends the others: none may leave before rank 0 has finished its MLflow run.
-    if code != 0 and trainer.world_size > 1:
+    if code != 0 and agreed and trainer.world_size > 1:
         torch.distributed.barrier()
     return code
 

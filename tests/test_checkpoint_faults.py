@@ -1,0 +1,251 @@
+"""Faults and bad input around checkpoints and training data: a damaged COMPLETE marker, a full
+disk during a save, an export over someone's directory, a pickle payload in a checkpoint,
+manifest paths that leave the data dir, corrupt shards."""
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import checkpoint, export, pretrain
+from pipeline.data import DataDirError, read_manifest
+from pipeline.train_config import TrainConfig
+from pipeline.trainer import Trainer
+
+from .conftest import REPO
+
+STEP2, STEP4 = checkpoint.tag_for(2), checkpoint.tag_for(4)
+
+
+@pytest.fixture(autouse=True)
+def one_process_world(monkeypatch):
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29537"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def config(data_dir, run_dir, **overrides):
+    values = dict(data=data_dir, run_dir=str(run_dir), steps=4, global_batch_size=8, micro_batch_size=8,
+                  learning_rate=2e-3, warmup_steps=1, log_every=100, checkpoint_every=2, mlflow=False)
+    return TrainConfig(**{**values, **overrides})
+
+
+def cli_args(data_dir, run_dir):
+    return ["--data", data_dir, "--run-dir", str(run_dir), "--steps", "4", "--global-batch-size", "8",
+            "--micro-batch-size", "8", "--checkpoint-every", "2", "--log-every", "100", "--no-mlflow"]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A run of 4 steps with checkpoints at steps 2 and 4; tests damage copies of it."""
+    mp = pytest.MonkeyPatch()
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29537"}.items():
+        mp.setenv(key, value)
+    run_dir = tmp_path_factory.mktemp("faults") / "run"
+    settings = config(data_dir, run_dir)
+    trainer = Trainer(settings)
+    export.write_train_config(settings)
+    assert trainer.train() == 0
+    mp.undo()
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    return run_dir, str(run_dir / "checkpoints")
+
+
+def test_the_marker_lists_the_files_it_vouches_for(run_copy):
+    run_dir, directory = run_copy
+    meta = checkpoint.read_meta(directory, STEP4)
+    folder = os.path.join(directory, STEP4)
+    on_disk = {os.path.relpath(os.path.join(root, name), folder): os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(folder) for name in names if name != checkpoint.COMPLETE}
+    assert meta["files"] == on_disk and any(name.endswith("_optim_states.pt") for name in on_disk)
+    assert meta["step"] == 4 and meta["world_size"] == 1
+    assert not [n for n in os.listdir(directory) + os.listdir(folder) if n.endswith(".tmp")]
+    # A marker of an older version, without the file list, is still trusted.
+    del meta["files"]
+    (run_dir / "checkpoints" / STEP4 / checkpoint.COMPLETE).write_text(json.dumps(meta))
+    assert checkpoint.find_latest(directory) == STEP4
+
+
+def _damage(folder, how):
+    marker = os.path.join(folder, checkpoint.COMPLETE)
+    listed = json.load(open(marker))["files"]
+    biggest = max(listed, key=listed.get)
+    if how == "empty marker":
+        open(marker, "w").close()
+    elif how == "marker cut short":
+        text = open(marker).read()
+        open(marker, "w").write(text[:len(text) // 2])
+    elif how == "file missing":
+        os.remove(os.path.join(folder, biggest))
+    elif how == "file shorter":
+        os.truncate(os.path.join(folder, biggest), listed[biggest] - 1)
+    return biggest
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("empty marker", "marker is unreadable"),
+    ("marker cut short", "marker is unreadable"),
+    ("file missing", "is listed in its COMPLETE marker but missing"),
+    ("file shorter", "bytes, its COMPLETE marker records"),
+])
+def test_a_damaged_tag_is_skipped_with_a_warning(run_copy, caplog, how, reason):
+    run_dir, directory = run_copy
+    _damage(os.path.join(directory, STEP4), how)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert checkpoint.find_latest(directory) == STEP2  # although `latest` points at step 4
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert os.path.join(directory, STEP4) in warning and reason in warning
+    assert export.resolve(str(run_dir)) == (str(run_dir), directory, STEP2)
+    for explicit in ({"path": str(run_dir), "tag": STEP4}, {"path": os.path.join(directory, STEP4)}):
+        with pytest.raises(export.ExportError, match=reason) as err:
+            export.resolve(**explicit)
+        assert os.path.join(directory, STEP4) in str(err.value)
+
+
+def test_a_run_resumes_from_the_newest_good_tag(data_dir, run_copy):
+    run_dir, directory = run_copy
+    _damage(os.path.join(directory, STEP4), "empty marker")
+    trainer = Trainer(config(data_dir, run_dir, steps=6))
+    assert trainer.step == 2
+    with pytest.raises(checkpoint.CheckpointError, match=f"{STEP4}: its COMPLETE marker is unreadable"):
+        Trainer(config(data_dir, run_dir, resume=STEP4))
+
+
+def test_a_full_disk_during_a_save_stops_with_one_line_and_the_previous_tag_resumes(
+        data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BERT_PIPELINE_FAULT", "enospc-during-save:4")
+    assert pretrain.main(cli_args(data_dir, tmp_path)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    directory = str(tmp_path / "checkpoints")
+    assert len(errors) == 1 and "no space left on device" in errors[0], errors
+    assert f"cannot save checkpoint {os.path.join(directory, STEP4)}" in errors[0]
+    assert f"a resume starts from {os.path.join(directory, STEP2)}" in errors[0]
+    assert os.path.isdir(os.path.join(directory, STEP4))  # the partial save, left without a marker
+    assert not os.path.exists(os.path.join(directory, STEP4, checkpoint.COMPLETE))
+    assert checkpoint.find_latest(directory) == STEP2
+
+    monkeypatch.delenv("BERT_PIPELINE_FAULT")
+    trainer = Trainer(config(data_dir, tmp_path))
+    assert trainer.step == 2
+    assert trainer.train() == 0
+    assert checkpoint.find_latest(directory) == STEP4 and checkpoint.read_meta(directory, STEP4)["step"] == 4
+
+
+def test_a_failed_save_over_a_complete_tag_leaves_it_unmarked(data_dir, run_copy, monkeypatch):
+    # Resumed from step 2, the run saves step 4 again: the old marker must not vouch for what the
+    # failed save left in the tag.
+    run_dir, directory = run_copy
+    monkeypatch.setenv("BERT_PIPELINE_FAULT", "enospc-during-save:4")
+    trainer = Trainer(config(data_dir, run_dir, resume=STEP2))
+    assert trainer.step == 2
+    with pytest.raises(checkpoint.CheckpointWriteError, match="no space left on device"):
+        trainer.train()
+    assert not os.path.exists(os.path.join(directory, STEP4, checkpoint.COMPLETE))
+    assert checkpoint.find_latest(directory) == STEP2
+
+
+def test_export_refuses_a_directory_it_did_not_make(run_copy, tmp_path, capsys):
+    run_dir, _ = run_copy
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not an export")
+    sibling = tmp_path / "mine.partial"  # the name the export used for its temporary dir
+    sibling.mkdir()
+    (sibling / "keep.txt").write_text("someone's")
+
+    assert export.main([str(run_dir), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {mine} is a non-empty directory" in err and "--overwrite" in err
+    assert (mine / "notes.txt").exists()
+
+    assert export.main([str(run_dir), "--out", str(mine), "--overwrite"]) == 0
+    assert not (mine / "notes.txt").exists() and (mine / "model.safetensors").exists()
+    assert (sibling / "keep.txt").exists() and sorted(os.listdir(tmp_path)) == ["mine", "mine.partial", "run"]
+    # Its own export, and the default RUN_DIR/hf/<tag>, are replaced without --overwrite.
+    assert export.main([str(run_dir), "--out", str(mine)]) == 0
+    assert export.export_checkpoint(str(run_dir)) == export.export_checkpoint(str(run_dir))
+
+
+class _Payload:
+    """What a hostile checkpoint carries: unpickling it runs code (here: it writes a file)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (shutil.copyfile, (__file__, self.path))
+
+
+def test_a_pickle_payload_in_model_states_is_refused(tmp_path):
+    import torch
+
+    folder = tmp_path / "checkpoints" / "step00000001"
+    folder.mkdir(parents=True)
+    (folder / checkpoint.COMPLETE).write_text(json.dumps({"step": 1}))
+    ran = tmp_path / "payload-ran"
+    torch.save({"module": {"w": torch.zeros(2)}, "extra": _Payload(str(ran))},
+               folder / "mp_rank_00_model_states.pt", pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(export.ExportError, match="mp_rank_00_model_states.pt"):
+        export.fp32_state_dict(str(tmp_path / "checkpoints"), "step00000001")
+    assert not ran.exists()
+
+
+def _data_copy(data_dir, target):
+    shutil.copytree(data_dir, target, ignore=shutil.ignore_patterns("flat", ".flat*"))
+    return str(target), json.load(open(os.path.join(data_dir, "manifest.json")))
+
+
+@pytest.mark.parametrize("field", ["shards[0].path absolute", "shards[1].path ..", "tokenizer.path .."])
+def test_manifest_paths_stay_inside_the_data_dir(data_dir, tmp_path, field):
+    # The paths point at real files outside: without the check they would be read.
+    data, manifest = _data_copy(data_dir, tmp_path / "data")
+    if field.startswith("shards[0]"):
+        manifest["shards"][0]["path"] = os.path.join(data_dir, manifest["shards"][0]["path"])
+    elif field.startswith("shards[1]"):
+        manifest["shards"][1]["path"] = os.path.relpath(os.path.join(data_dir, manifest["shards"][1]["path"]), data)
+    else:
+        manifest["tokenizer"]["path"] = os.path.relpath(os.path.join(data_dir, "tokenizer"), data)
+    json.dump(manifest, open(os.path.join(data, "manifest.json"), "w"))
+    name = field.split()[0]
+    with pytest.raises(DataDirError, match=rf"manifest.json: field {re.escape(name)} .* must be a path inside "
+                                           "the data dir") as err:
+        read_manifest(data)
+    assert str(err.value).startswith(os.path.join(data, "manifest.json"))
+
+
+@pytest.mark.parametrize("damage, messages", [
+    ("truncated", ["pyarrow cannot read this shard", "truncated or corrupt"]),
+    ("int64 input_ids", ["column 'input_ids' has type list<", "int64>, expected list<int32>"]),
+])
+def test_a_corrupt_shard_stops_pretrain_with_one_line(data_dir, tmp_path, damage, messages):
+    data, manifest = _data_copy(data_dir, tmp_path / "data")
+    shard = os.path.join(data, manifest["shards"][1]["path"])
+    if damage == "truncated":
+        os.truncate(shard, os.path.getsize(shard) // 2)
+    else:
+        table = pq.read_table(shard)
+        column = table.schema.get_field_index("input_ids")
+        table = table.set_column(column, "input_ids", table.column("input_ids").cast(pa.list_(pa.int64())))
+        pq.write_table(table, shard)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "pretrain.py"),
+                           *cli_args(data, tmp_path / "run")], env=env, capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"error: {shard}: ") and all(m in errors[0] for m in messages), errors[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
