@@ -181,19 +181,25 @@ def _decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
 
 def read_task(task: ReadTask, text_field: str, max_line_bytes: int
               ) -> Iterator[wiki_dump.Page | RawDocument | Problem]:
-    """Everything one task reads: wiki pages (filtered later), documents, or problems."""
+    """Everything one task reads: wiki pages (filtered later), documents, or problems.
+
+    A wiki task first reads its dump's head (``wiki_dump.read_site``, from byte 0, once
+    per task: a range starting mid-file holds no siteinfo) and gives the site to its pages."""
     with _open_raw(task.path) as raw:
+        site = wiki_dump.read_site(raw, task.path) if task.format == "wiki" else None
         if task.format == "wiki" and task.compression == "bz2":
-            yield from wiki_dump.read_bz2_range(raw, task.path, task.start, task.end)
+            yield from wiki_dump.read_bz2_range(raw, task.path, task.start, task.end, site)
             return
         if task.format == "parquet":
             yield from text_formats.read_parquet(raw, task.path, text_field, task.start, task.end,
                                                   task.doc_name)
             return
+        if site is not None:
+            raw.seek(0)  # read_site read the head
         f = _decompressed(raw, task.compression)
         try:
             if task.format == "wiki":
-                yield from wiki_dump.read_xml(f, task.path)
+                yield from wiki_dump.read_xml(f, task.path, site)
             elif task.format == "text":
                 yield from text_formats.read_text(f, task.path, max_line_bytes, task.start, task.end,
                                                   name=task.doc_name)
@@ -211,3 +217,10 @@ def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
     for path in dict.fromkeys(task.path for task in tasks if task.format == "parquet"):
         with _open_raw(path) as raw:
             text_formats.check_parquet_column(raw, path, text_field)
+
+
+def dump_language(path: str) -> str | None:
+    """The ``xml:lang`` of a MediaWiki dump's root element, read from its head (en when
+    the dump does not say)."""
+    with _open_raw(path) as raw:
+        return wiki_dump.read_site(raw, path).language

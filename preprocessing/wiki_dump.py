@@ -14,6 +14,12 @@ range skips the text before its first ``<page>``. A single-stream file (plain
 ``bzip2``) has one stream, so one range reads and processes it all: recompress such a
 file with a parallel compressor (or use the multistream dump) to spread it across workers.
 A corrupt stream loses its own pages only: reading goes on at the next stream header.
+
+The wiki's language and namespace names (``<siteinfo>``, see ``wiki_site``) are at the
+very start of a dump, in no range's pages: ``read_site`` reads them from byte 0 for
+every read task, decompressing only the first stream(s) up to ``</siteinfo>`` (a
+multistream dump's first stream holds the head alone, a few kB). Each ``Page`` carries
+its dump's site, so that the cleaner knows ``[[Datei:…]]`` is a file link.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from preprocessing.documents import Problem
+from preprocessing.text_formats import InputError
+from preprocessing.wiki_site import SiteInfoError, WikiSite, parse_siteinfo
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +47,22 @@ _READ_CHUNK = 1 << 20
 _FEED_BYTES = 1 << 16
 _PAGE_OPEN = b"<page>"
 _PAGE_CLOSE = b"</page>"
-_REDIRECT_TEXT = re.compile(r"\s*#redirect", re.IGNORECASE)
+# Redirect magic words: English (valid everywhere), dewiki's, zhwiki's. Dumps mark
+# redirects with <redirect title=…/> too; the text is the fallback for other exports.
+_REDIRECT_TEXT = re.compile(r"\s*#(?:redirect|weiterleitung|重定向)", re.IGNORECASE)
 # The disambiguation template family ({{disambiguation}}, {{dab}}, {{hndis}}, {{geodis}},
 # {{Airport disambiguation}}, …); set-index articles are prose and are kept.
 _DISAMBIGUATION = re.compile(
     r"\{\{\s*(?:[^{}|]*disambig[^{}|]*|dab|disamb|hndis|geodis|numberdis|mathdab|"
-    r"letter-numbercombdisambig)\s*(?:\||\}\})",
+    r"letter-numbercombdisambig|begriffsklärung|消歧义|消歧義)\s*(?:\||\}\})",
     re.IGNORECASE,
 )
+# Title suffixes of disambiguation pages: enwiki, dewiki, zhwiki.
+_DISAMBIGUATION_TITLES = ("(disambiguation)", "(Begriffsklärung)", "(消歧义)", "(消歧義)")
+# How much of a dump's head read_site decompresses at most looking for </siteinfo>
+# (real heads are 2-10 kB; one pbzip2 block is ~900 kB).
+_MAX_HEAD_BYTES = 4 << 20
+_SITEINFO_CLOSE = b"</siteinfo>"
 _TITLE_IN_RAW = re.compile(rb"<title>([^<]{0,300})</title>")
 
 
@@ -59,18 +75,21 @@ class Page:
     is_redirect: bool
     # True when invalid UTF-8 bytes were replaced with U+FFFD to keep the page.
     repaired: bool = False
+    # The dump's language and namespace names (set by the readers; None: unknown).
+    site: WikiSite | None = None
 
     @property
     def is_disambiguation(self) -> bool:
-        return self.title.endswith("(disambiguation)") or bool(_DISAMBIGUATION.search(self.text))
+        return self.title.endswith(_DISAMBIGUATION_TITLES) or bool(_DISAMBIGUATION.search(self.text))
 
 
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def parse_page(raw: bytes) -> Page:
-    """Parses one ``<page>…</page>`` element (bytes, UTF-8). Raises ET.ParseError."""
+def parse_page(raw: bytes, site: WikiSite | None = None) -> Page:
+    """Parses one ``<page>…</page>`` element (bytes, UTF-8) of the dump of ``site``.
+    Raises ET.ParseError."""
     element = ET.fromstring(raw)
     fields: dict[str, str] = {}
     is_redirect = False
@@ -94,6 +113,7 @@ def parse_page(raw: bytes) -> Page:
         namespace=namespace,
         text=text,
         is_redirect=is_redirect,
+        site=site,
     )
 
 
@@ -145,8 +165,8 @@ class _Progress:
                      mb / max(now - self.started, 1e-9))
 
 
-def _pages_from_xml_chunks(chunks: Iterator[tuple[bool, bytes]], path: str
-                           ) -> Iterator[Page | Problem]:
+def _pages_from_xml_chunks(chunks: Iterator[tuple[bool, bytes]], path: str,
+                           site: WikiSite | None = None) -> Iterator[Page | Problem]:
     """Cuts decompressed XML into pages and parses each.
 
     ``chunks`` yields ``(foreign, data)``: ``foreign`` marks data from a stream that
@@ -184,7 +204,7 @@ def _pages_from_xml_chunks(chunks: Iterator[tuple[bool, bytes]], path: str
                 break
             else:
                 cut = close_at + len(_PAGE_CLOSE)
-                yield _parse_or_problem(buffer[open_at:cut], path)
+                yield _parse_or_problem(buffer[open_at:cut], path, site)
             buffer, foreign_from = _cut(buffer, foreign_from, cut)
     if _PAGE_OPEN in buffer and (foreign_from is None or buffer.find(_PAGE_OPEN) < foreign_from):
         yield _problem_for(buffer[buffer.find(_PAGE_OPEN):], path, "truncated-pages",
@@ -197,10 +217,10 @@ def _cut(buffer: bytes, foreign_from: int | None, cut: int) -> tuple[bytes, int 
     return buffer[cut:], foreign_from
 
 
-def _parse_or_problem(raw: bytes, path: str) -> Page | Problem:
+def _parse_or_problem(raw: bytes, path: str, site: WikiSite | None) -> Page | Problem:
     clean, repaired = _decode_page(raw)
     try:
-        page = parse_page(clean)
+        page = parse_page(clean, site)
     except ET.ParseError as err:
         return _problem_for(raw, path, "malformed-pages", f"is not well-formed XML ({err})")
     if repaired:
@@ -215,8 +235,10 @@ def _problem_for(raw: bytes, path: str, reason: str, what: str) -> Problem:
     return Problem(reason, f"{path}: page {name} {what}; skipped")
 
 
-def read_bz2_range(f: BinaryIO, path: str, start: int, end: int) -> Iterator[Page | Problem]:
-    """Pages owned by the byte range [start, end) of a bzip2 (multi)stream file.
+def read_bz2_range(f: BinaryIO, path: str, start: int, end: int, site: WikiSite | None = None
+                   ) -> Iterator[Page | Problem]:
+    """Pages owned by the byte range [start, end) of a bzip2 (multi)stream file, each
+    with ``site`` (from ``read_site``).
 
     A corrupt stream loses only its own pages: reading resumes at the next stream
     header, exactly as a range starting there would (text before its first ``<page>``
@@ -228,7 +250,7 @@ def read_bz2_range(f: BinaryIO, path: str, start: int, end: int) -> Iterator[Pag
     at = find_first_stream(f, start, end)
     while at is not None:
         damage: dict = {}  # why _bz2_chunks stopped early, and the stream at fault
-        for item in _pages_from_xml_chunks(_bz2_chunks(f, path, at, end, progress, damage), path):
+        for item in _pages_from_xml_chunks(_bz2_chunks(f, path, at, end, progress, damage), path, site):
             progress.update(1, 0)
             yield item
         if damage.get("stream_at", end) >= end:
@@ -293,8 +315,8 @@ def _bz2_chunks(f: BinaryIO, path: str, first: int, end: int, progress: _Progres
                       stream_at=stream_at)
 
 
-def read_xml(f: BinaryIO, path: str) -> Iterator[Page | Problem]:
-    """Pages of an uncompressed XML dump, streamed."""
+def read_xml(f: BinaryIO, path: str, site: WikiSite | None = None) -> Iterator[Page | Problem]:
+    """Pages of an uncompressed XML dump, streamed from where ``f`` is, each with ``site``."""
     progress = _Progress(path)
 
     def chunks() -> Iterator[bytes]:
@@ -302,4 +324,63 @@ def read_xml(f: BinaryIO, path: str) -> Iterator[Page | Problem]:
             progress.update(0, len(data))
             yield False, data
 
-    yield from _pages_from_xml_chunks(chunks(), path)
+    yield from _pages_from_xml_chunks(chunks(), path, site)
+
+
+# ---------------------------------------------------------------------------- site info
+def read_site(f: BinaryIO, path: str) -> WikiSite:
+    """The site (language, namespace names) of the dump ``f``, from its head.
+
+    Always reads from byte 0, whatever range the caller reads next (it must seek),
+    and at most ``_MAX_HEAD_BYTES`` of XML. A bzip2 file (told by its magic, not its
+    name) is decompressed stream after stream until ``</siteinfo>``; what cannot be
+    decompressed ends the head there. A head without a siteinfo (hand-made files,
+    exports of single pages) gives English canonical names, the language from
+    ``xml:lang`` if there is one. Raises InputError, naming the file, when the
+    siteinfo is there but is not well-formed XML.
+    """
+    f.seek(0)
+    first = f.read(3)
+    f.seek(0)
+    head = _bz2_head(f, path) if first == b"BZh" else _xml_head(f)
+    try:
+        return parse_siteinfo(head)
+    except SiteInfoError as err:
+        raise InputError(f"{path}: {err}") from err
+
+
+def _xml_head(f: BinaryIO) -> bytes:
+    head = b""
+    while len(head) < _MAX_HEAD_BYTES and _SITEINFO_CLOSE not in head and _PAGE_OPEN not in head:
+        chunk = f.read(_FEED_BYTES)
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+def _bz2_head(f: BinaryIO, path: str) -> bytes:
+    """Decompressed bytes from the file's start until ``</siteinfo>`` (or the first
+    ``<page>``: no siteinfo), the size limit, the file's end or bad data."""
+    decompressor = bz2.BZ2Decompressor()
+    head, data = b"", b""
+    while len(head) < _MAX_HEAD_BYTES and _SITEINFO_CLOSE not in head and _PAGE_OPEN not in head:
+        if decompressor.eof:  # next stream (a multistream head may span a few)
+            data = decompressor.unused_data
+            if data and not data.startswith(b"BZh"[:len(data)]):
+                break
+            decompressor = bz2.BZ2Decompressor()
+        if not data:
+            data = f.read(_FEED_BYTES)
+            if not data:
+                break
+        try:
+            head += decompressor.decompress(data, _MAX_HEAD_BYTES)
+        except OSError as err:
+            log.warning("%s: the dump's head does not decompress (%s); reading its site info "
+                        "from the %d bytes before", path, err, len(head))
+            break
+        data = b""
+        if not decompressor.needs_input and not decompressor.eof:
+            break  # over the limit: _MAX_HEAD_BYTES came out of this one feed
+    return head

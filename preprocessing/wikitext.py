@@ -50,6 +50,26 @@ markup:
   began inside a template such as ``{{Election box begin}}``, an unclosed infobox's
   parameters) are dropped: prose never starts with them.
 
+Other languages
+---------------
+``clean_wikitext(text, site)`` takes the dump's ``WikiSite`` (see ``wiki_site``): the
+link prefixes to drop (``[[Datei:…]]``, ``[[分类:…]]``) and the non-prose section
+titles ("Einzelnachweise", "参考文献") come from it. Without a site the rules are
+English, exactly as before sites existed, and the English site gives the same output
+on any text (English output must not move under the pipeline's users).
+
+On wikis with a LanguageConverter (zh, sr, kk, …) ``-{…}-`` is conversion markup and
+is replaced by what MediaWiki shows for the site's variant (zh: zh-cn, then zh-hans,
+zh, else the first rule): ``-{zh-hans:计算机;zh-hant:計算機}-`` → 计算机, ``-{text}-``
+and ``-{R|text}-`` → text, ``-{A|…}-`` → the variant's text, ``-{H|…}-``, ``-{-|…}-``,
+``-{D|…}-`` and a lone ``-{T|…}-`` → nothing. It runs after links are text, as
+MediaWiki converts the rendered page (so the ``|`` of a link is not a flag bar). On
+other wikis MediaWiki shows ``-{…}-`` as text, and so do we. Spans are matched
+innermost first by an unrolled pattern that stops at the next ``-{`` (linear, as for
+``<ref>``), for at most 3 levels of nesting; what is left unpaired then loses its
+``-{``/``}-`` only. On zh/ja sites full-width punctuation left by removed templates is
+tidied as the ASCII kind is: ``（）``, ``（；）``, ``，，``, ``，。``, spaces around ``，。``.
+
 What is lost: every template goes with its text, including the few that hold prose
 (``{{lang|grc|ἀναρχία}}``, ``{{convert|5|km}}``, ``{{nowrap|…}}``), so a sentence can
 read "from, meaning" where a Greek word was; ``;term : definition`` stays on one line.
@@ -57,8 +77,12 @@ read "from, meaning" where a Greek word was; ``;term : definition`` stays on one
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import html
 import re
+
+from preprocessing.wiki_site import WikiSite
 
 __all__ = ["clean_wikitext", "NON_PROSE_SECTIONS"]
 
@@ -133,6 +157,7 @@ _SECTION_NAME_SEPARATOR = re.compile(r"\s*(?:,|&|\band\b)\s*")
 _ODD_SPACE = re.compile("[\t\x0b\x0c\r\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
 _LINE_START = re.compile(r"\n *(?:(?:[*#:;]+|-{4,}) *)?")  # indentation, list markers, rules
 _EMPTY_PARENS = re.compile(r"\([ ,;:]*\)")  # what "({{IPA}}; {{lang}})" leaves
+_EMPTY_BRACKETS = re.compile(r"\[[ ,;:]*\]")  # what dewiki's "[{{IPA|…}}]" leaves
 _SPACE_RUN = re.compile("  +")
 _SPACE_BEFORE_PUNCT = re.compile(r" ([,;)\n])")  # "".join(split()) keeps the group in C
 _PUNCT_AFTER_PAREN = re.compile(r"\([,; ]+")
@@ -140,6 +165,74 @@ _PUNCT_BEFORE_PAREN = re.compile(r"[,;] ?\)")
 _SPACE_BEFORE_PERIOD = re.compile(r" \.(?!\w)")  # not " .NET"
 # Lines with no letter or digit, and template/table residue (see the module docstring).
 _NON_PROSE_LINE = re.compile(r"\n(?:[|!={}][^\n]*|[^\w\n]*)(?=\n)")
+
+# LanguageConverter markup "-{…}-" whose content holds no other "-{": innermost first,
+# and an unclosed "-{" stops the scan at the next "-{" (the _DROPPED_ELEMENT argument).
+_CONVERSION = re.compile(r"-\{([^-}]*(?:(?:-(?!\{)|\}(?!-))[^-}]*)*)\}-")
+_CONVERSION_TOKEN = re.compile(r"-\{|\}-")
+_MAX_CONVERSION_DEPTH = 3  # passes; deeper nesting (not seen in articles) loses its markup only
+# MediaWiki's display flags (ConverterRule::parseFlags); variant-name flags show the text.
+_HIDING_FLAGS = frozenset({"N", "-", "H", "D"})
+
+# Full-width punctuation (zh, ja) left around removed templates, as the ASCII passes above.
+# Each pattern starts with a rare character or class, except the space ones, which only
+# run on text that holds full-width punctuation.
+_FW_PUNCT = "，。、；：！？"
+_FW_EMPTY_PARENS = re.compile(r"[（(][ ,;:，；：、]*[）)]")  # "（）", "（；）", "（，）"
+_FW_PUNCT_AFTER_PAREN = re.compile(r"（[ ，；、]+")
+_FW_PUNCT_BEFORE_PAREN = re.compile(r"[，；、] *）")
+_FW_DOUBLED_PUNCT = re.compile(rf"[，、；：] *(?=[{_FW_PUNCT}])")  # "，，" → "，", "，。" → "。"
+_FW_SPACE_BEFORE = re.compile(rf" +([{_FW_PUNCT}（）「」『』《》【】])")
+_FW_SPACE_AFTER = re.compile(rf"([{_FW_PUNCT}（「『《【]) +")
+_FULL_WIDTH_MARKS = re.compile(rf"[{_FW_PUNCT}（）]")  # whether the passes above have work
+
+
+# ---------------------------------------------------------------------------- per wiki
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+    """What cleaning needs from a WikiSite, compiled once per site."""
+
+    link_prefixes: frozenset[str]
+    sections: frozenset[str]
+    section_separator: re.Pattern
+    title_strip: str  # trailing characters ignored in a heading title ("See also:")
+    # A rule "zh-hans:…" / "X=>zh-cn:…" starting a piece of -{…}- content; None: no converter.
+    variant_rule: re.Pattern | None
+    variants: tuple[str, ...]
+    full_width: bool
+    # "[]" left by dewiki's "[{{IPA|…}}]". Not on English sites, whose output is kept
+    # exactly as it was before sites existed.
+    empty_brackets: bool
+
+
+# No site: today's English rules, bit for bit (the ENGLISH site compiles to the same).
+_ENGLISH_RULES = _Rules(_DROPPED_NAMESPACES, NON_PROSE_SECTIONS, _SECTION_NAME_SEPARATOR, ":",
+                        None, (), False, False)
+
+
+@functools.lru_cache(maxsize=64)
+def _rules(site: WikiSite) -> _Rules:
+    # Joiners that are words need word boundaries ("and", not "bandstand"); CJK ones
+    # cannot have them (no boundary between two CJK letters).
+    joiners = sorted(site.section_joiners, key=lambda j: (-len(j), j))
+    alternatives = "|".join(rf"\b{re.escape(j)}\b" if j.isascii() and j.isalpha() else re.escape(j)
+                            for j in joiners)
+    variant_rule = None
+    if site.converts:
+        code = rf"{re.escape(site.language)}(?:-[a-z0-9]{{2,8}})*"
+        # The source of "X=>zh-cn:Y" ends before the first ":" (MediaWiki splits a rule
+        # there); each piece is matched once, from its start, so this is linear in it.
+        variant_rule = re.compile(rf"\s*(?:[^;:]*?=>\s*)?({code})\s*:", re.I)
+    return _Rules(
+        link_prefixes=site.link_prefixes,
+        sections=site.non_prose_sections,
+        section_separator=re.compile(rf"\s*(?:{alternatives})\s*"),
+        title_strip=":：" if site.full_width_punctuation else ":",
+        variant_rule=variant_rule,
+        variants=site.variants,
+        full_width=site.full_width_punctuation,
+        empty_brackets=site.language != "en",
+    )
 
 
 # ---------------------------------------------------------------------------- steps
@@ -197,8 +290,9 @@ def _drop_templates_and_tables(text: str) -> str:
     return _cut(text, spans)
 
 
-def _link_text(inner: str) -> str:
-    """What ``[[inner]]`` shows as prose: the anchor, the target, or nothing."""
+def _link_text(inner: str, dropped: frozenset[str]) -> str:
+    """What ``[[inner]]`` shows as prose: the anchor, the target, or nothing (links
+    whose lowercased namespace prefix is in ``dropped``, and interlanguage links)."""
     target, pipe, anchor = inner.partition("|")
     if len(target) > _MAX_TITLE or "\n" in target or "[" in target:
         return inner.replace("[[", "").replace("]]", "")  # not a link: text
@@ -208,7 +302,7 @@ def _link_text(inner: str) -> str:
     else:
         prefix, colon, _ = title.partition(":")
         prefix = prefix.strip().lower()
-        if colon and (prefix in _DROPPED_NAMESPACES
+        if colon and (prefix in dropped
                       or (not pipe and _LANGUAGE_CODE.fullmatch(prefix))):
             return ""
     if not pipe:
@@ -224,9 +318,10 @@ def _link_text(inner: str) -> str:
     return shown.strip()
 
 
-def _replace_links(text: str) -> str:
-    """``[[…]]`` → anchor text; File/Image/Category/interlanguage links dropped whole,
-    including links nested in their captions. Link trails (``[[cat]]s``) follow for free."""
+def _replace_links(text: str, dropped: frozenset[str] = _DROPPED_NAMESPACES) -> str:
+    """``[[…]]`` → anchor text; File/Image/Category (``dropped`` prefixes) and
+    interlanguage links dropped whole, including links nested in their captions.
+    Link trails (``[[cat]]s``) follow for free."""
     text = "".join(filter(None, _SIMPLE_LINK.split(text)))
     if "[[" not in text and "]]" not in text:
         return text
@@ -249,19 +344,20 @@ def _replace_links(text: str) -> str:
             continue
         pieces.append(text[pos:start])
         if end - start > 2:
-            pieces.append(_link_text(text[start + 2:end - 2]))
+            pieces.append(_link_text(text[start + 2:end - 2], dropped))
         pos = end
     pieces.append(text[pos:])
     return "".join(pieces)
 
 
-def _is_non_prose_heading(title: str) -> bool:
-    name = " ".join(title.lower().split()).rstrip(":")
-    return name in NON_PROSE_SECTIONS or all(
-        part in NON_PROSE_SECTIONS for part in _SECTION_NAME_SEPARATOR.split(name) if part)
+def _is_non_prose_heading(title: str, rules: _Rules) -> bool:
+    name = " ".join(title.lower().split()).rstrip(rules.title_strip)
+    sections = rules.sections
+    return name in sections or all(
+        part in sections for part in rules.section_separator.split(name) if part)
 
 
-def _drop_headings_and_non_prose_sections(text: str) -> str:
+def _drop_headings_and_non_prose_sections(text: str, rules: _Rules) -> str:
     """Drops heading lines, and References/External links/… sections up to the next
     heading of the same or a higher level (subsections go with them)."""
     spans: list[tuple[int, int]] = []
@@ -278,7 +374,7 @@ def _drop_headings_and_non_prose_sections(text: str) -> str:
                 continue
             spans.append((section_start, m.start()))
             dropping_level = 0
-        if _is_non_prose_heading(title):
+        if _is_non_prose_heading(title, rules):
             dropping_level, section_start = level, m.start()
         else:
             spans.append((m.start(), m.end()))
@@ -287,9 +383,101 @@ def _drop_headings_and_non_prose_sections(text: str) -> str:
     return _cut(text, spans)
 
 
+def _convert_variants(text: str, rules: _Rules) -> str:
+    """``-{…}-`` → the text shown in the site's variant (see ``_conversion_text``).
+    Innermost first, a few levels deep; ``-{`` or ``}-`` left unpaired then are dropped,
+    their text kept, like unpaired link brackets."""
+    for _ in range(_MAX_CONVERSION_DEPTH):
+        text, count = _CONVERSION.subn(lambda m: _conversion_text(m[1], rules), text)
+        if not count or "-{" not in text:
+            break
+    if "-{" in text:
+        text = _CONVERSION_TOKEN.sub("", text)
+    return text
+
+
+def _conversion_text(content: str, rules: _Rules) -> str:
+    """What MediaWiki's LanguageConverter shows for ``-{content}-``.
+
+    ``flags|rules``: everything before the first ``|`` is flags (unknown ones ignored,
+    as MediaWiki does; links, whose ``|`` would confuse this, are already text).
+    R shows the text raw; H, -, N, D and a lone T show nothing (they define rules, name a
+    variant, describe a rule or set the title); A, none, or variant names show the text
+    for the variant. Without flags, content with no ``variant:`` rule is shown raw.
+    """
+    flags_part, bar, body = content.partition("|")
+    if not bar:
+        return _variant_text(content, rules)
+    flags = {flag.strip() for flag in flags_part.split(";")}  # case-sensitive, as in MediaWiki
+    if "R" in flags:
+        return body
+    if flags & _HIDING_FLAGS or (flags & {"T", "A"}) == {"T"}:
+        return ""
+    return _variant_text(body, rules)
+
+
+def _variant_text(body: str, rules: _Rules) -> str:
+    """The text of ``zh-hans:A; zh-hant:B;`` for the site's variant (its fallbacks, else
+    the first rule's); ``body`` itself when it holds no rule.
+
+    Pieces are split at ";" and a piece that does not start a rule belongs to the one
+    before, as MediaWiki splits only at ";" followed by ``variant:`` (so "&nbsp;" and
+    text with ";" survive). Unidirectional rules (``计算机=>zh-tw:電腦``) show their
+    target in the variant, else their source.
+    """
+    stripped = body.rstrip()
+    if stripped.endswith(";"):  # the closing ";" separates nothing
+        stripped = stripped[:-1]
+    both: dict[str, str] = {}
+    one_way: dict[str, tuple[str, str]] = {}
+    choices: list[tuple[str, int, str]] = []  # (variant, where the rule's text starts, piece)
+    for piece in stripped.split(";"):
+        rule = rules.variant_rule.match(piece)
+        if rule:
+            choices.append((rule[1].lower(), rule.end(), piece))
+        elif choices:
+            variant, at, previous = choices[-1]
+            choices[-1] = (variant, at, previous + ";" + piece)
+    for variant, at, piece in choices:
+        shown = piece[at:].strip()
+        source, arrow, _ = piece[:at].partition("=>")
+        if arrow:
+            one_way.setdefault(variant, (source.strip(), shown))
+        elif shown:
+            both.setdefault(variant, shown)
+    if not both and not one_way:
+        return body
+    for variant in rules.variants:
+        if variant in both:
+            return both[variant]
+    if both:
+        return next(iter(both.values()))
+    for variant in rules.variants:
+        if variant in one_way:
+            return one_way[variant][1]
+    return next(iter(one_way.values()))[0]
+
+
+def _tidy_full_width(text: str) -> str:
+    """``（）``, ``（；）``, ``，，``, ``，。`` and spaces around full-width punctuation,
+    what removed templates leave in Chinese text (the ASCII passes do the rest)."""
+    text = _FW_EMPTY_PARENS.sub("", text)
+    text = _FW_PUNCT_BEFORE_PAREN.sub("）", _FW_PUNCT_AFTER_PAREN.sub("（", text))
+    text = _FW_DOUBLED_PUNCT.sub("", text)
+    if " " in text:
+        text = _FW_SPACE_AFTER.sub(r"\1", _FW_SPACE_BEFORE.sub(r"\1", text))
+    return text
+
+
 # ---------------------------------------------------------------------------- entry point
-def clean_wikitext(text: str) -> str:
-    """The prose of one article's wikitext: paragraphs (and list items) one per line."""
+def clean_wikitext(text: str, site: WikiSite | None = None) -> str:
+    """The prose of one article's wikitext: paragraphs (and list items) one per line.
+
+    ``site`` (the dump's WikiSite) gives the link prefixes and section titles to drop,
+    the LanguageConverter variant to keep and whether to tidy full-width punctuation;
+    without one, English rules (``clean_wikitext(t) == clean_wikitext(t, ENGLISH)``).
+    """
+    rules = _ENGLISH_RULES if site is None else _rules(site)
     text = "\n" + text + "\n"  # every line, the first included, starts after a "\n"
     if "<!--" in text:
         text = _COMMENT.sub("", text) + "\n"  # an unclosed comment ate the last "\n"
@@ -301,7 +489,9 @@ def clean_wikitext(text: str) -> str:
             shielded = True
         text = _DROPPED_ELEMENT.sub("", text)
     text = _drop_templates_and_tables(text)  # no "{" test: stray "}}" go too
-    text = _replace_links(text)
+    text = _replace_links(text, rules.link_prefixes)
+    if rules.variant_rule is not None and "-{" in text:
+        text = _convert_variants(text, rules)
     if "[" in text:
         text = "".join(filter(None, _EXTERNAL_LINK.split(text)))
     if "<" in text:
@@ -314,15 +504,19 @@ def clean_wikitext(text: str) -> str:
     if "&" in text:
         text = html.unescape(text)
     if "\n=" in text:
-        text = _drop_headings_and_non_prose_sections(text)
+        text = _drop_headings_and_non_prose_sections(text, rules)
     text = _LINE_START.sub("\n", _ODD_SPACE.sub(" ", text))
     if "(" in text:
         text = _EMPTY_PARENS.sub("", text)
+    if rules.empty_brackets and "[" in text:
+        text = _EMPTY_BRACKETS.sub("", text)
     text = _SPACE_RUN.sub(" ", text)
     text = "".join(_SPACE_BEFORE_PUNCT.split(text))
     if "(" in text:
         text = _PUNCT_BEFORE_PAREN.sub(")", _PUNCT_AFTER_PAREN.sub("(", text))
     text = _SPACE_BEFORE_PERIOD.sub(".", text)
+    if rules.full_width and _FULL_WIDTH_MARKS.search(text):
+        text = _tidy_full_width(text)
     text = _NON_PROSE_LINE.sub("", text)
     if shielded:
         text = text.translate(_UNSHIELD)
