@@ -1,14 +1,21 @@
-"""English sentence splitting: one compiled regex pass, no model, no dependencies.
+"""Sentence splitting for English, German and Chinese/Japanese: one compiled regex pass,
+no model, no dependencies.
 
-``split_sentences(text)`` takes prose whose "\\n" separates paragraphs and returns its
-sentences, stripped, in order. A sentence ends at ``.``, ``!``, ``?`` or ``…`` (or a run
-of them), then optional closing quotes/brackets, then whitespace, when what follows can
-start a sentence: an uppercase letter (any cased script), a digit, an opening
-quote/bracket, or a letter of an uncased script (CJK, Arabic, Hebrew, ...). A "\\n"
-always ends a sentence. The regex finds candidates; a single ``.`` is then checked in
-Python against the word before it: abbreviations (Mr., Dr., St., Jan., e.g., U.S.),
-single-letter initials (J. R. R. Tolkien), number prefixes followed by a digit (No. 5,
-pp. 12, Fig. 3). Decimals (3.14) and ellipses before a lowercase word never split.
+``split_sentences(text, language="en")`` takes prose whose "\\n" separates paragraphs and
+returns its sentences, stripped, in order. ``language`` is any language code:
+``rules_for(language)`` names the rules it gets, one of ``LANGUAGES``: "zh" for Chinese
+and Japanese in any variant (zh, zh-cn, zh-tw, zh-hans, yue, lzh, ja, ...), "de" for
+German (de, de-CH, ...), "en" for every other language (its rules split any language
+written with spaces after its full stops).
+
+English first. A sentence ends at ``.``, ``!``, ``?`` or ``…`` (or a run of them), then
+optional closing quotes/brackets, then whitespace, when what follows can start a
+sentence: an uppercase letter (any cased script), a digit, an opening quote/bracket, or a
+letter of an uncased script (CJK, Arabic, Hebrew, ...). A "\\n" always ends a sentence.
+The regex finds candidates; a single ``.`` is then checked in Python against the word
+before it: abbreviations (Mr., Dr., St., Jan., e.g., U.S.), single-letter initials
+(J. R. R. Tolkien), number prefixes followed by a digit (No. 5, pp. 12, Fig. 3).
+Decimals (3.14) and ellipses before a lowercase word never split.
 
 Beyond the plain rule, two things the bundled corpora need:
 
@@ -46,17 +53,62 @@ pysbd's 10,495 (blingfire: 91.9%). Of the 306 others, half are dash boundaries (
 ".--Miss") that pysbd splits only sometimes; most of the rest are boundaries pysbd misses
 or its splits after "--Mr." (benchmark ``--show-diffs N`` prints them).
 
-Left out: CJK full stops with no space after them ("。"), numbered-list items inside a
-paragraph ("1. First"), spaced ellipses (". . . I" splits), and lowercase letters beyond
-the Basic Multilingual Plane (treated as capitals).
+German ("de") is the English machinery with German tables:
+
+* abbreviations that never end a sentence (z. B., d. h., ca., vgl., Nr., Dr., Prof., Hr.,
+  Fr., St., geb., gest., evtl., ggf., inkl., sog., bzw., month names: Jan., Febr., ...),
+  also when written with a space: the short dotted tokens before a dot are joined, so
+  "z. B." is looked up as "z.b"; any single letter with a dot is an initial or part of
+  one ("J. S. Bach", the "z" of "z. B."). Number prefixes (Abs., Art., Bd., Kap.) only
+  before a digit.
+* ordinals: a dot after a number of 1-3 digits ("am 3. Oktober 1990", "im 19.
+  Jahrhundert", "1. FC Köln", "der 100. Geburtstag") and regnal numbers ("Friedrich II.")
+  end a sentence only before a German sentence opener (Der, Die, Das, Er, Sie, Es, Im,
+  Am, Als, Nach, ...), as do the abbreviations that can end one (usw., etc., u. a.,
+  u. a. m., o. Ä., Jh., Jhd., Mio., Mrd., v. Chr.): "im 19. Jh. Die Stadt" splits,
+  "im 19. Jh. erstmals" and "u. a. Sitz" do not. "1990." is a year and ends a sentence.
+* German quotes open and close sentences: „…“ ‚…‘ »…« «…» (and English-style “…”).
+
+Chinese and Japanese ("zh") write no space after a sentence. A sentence ends at a run of
+"。", "！", "？", "；", "…"/"……" (or "⋯⋯"), ASCII "!" and "?", with the closing
+quotes/brackets after it (」』”’）】〕 ...), no whitespace needed. "；" counts as a sentence
+end as in Chinese BERT preprocessing practice (a clause of its own, and it keeps long
+enumerations from becoming one 500-character "sentence"). As in that practice (and as
+the English rules do with 'He said "Stop. Go now."'), a stop inside a quotation ends a
+sentence and the closer stays with it: "他说：“你好。”然后走了。" is "他说：“你好。”" and
+"然后走了。". Not before "，", "、", ":" ("他喊“好！”，然后走了。" is one sentence), nor
+before the Japanese quotative particle after a closer ("「本当？」と聞いた"), nor inside a
+book title ("《你好！世界》"). ASCII "!"/"?" before a lowercase word are English inside a
+sentence ("Yahoo! is"). An ASCII "." takes the English rule, whitespace then a sentence
+start (a CJK character counts), with the English abbreviations for embedded English
+("他在U.S. Army工作", "J. K. Rowling"): never in 3.14 or example.com; "..." right before a
+CJK character is an ellipsis.
+
+Speed, measured on the benchmark's VM in CPU time (the VM was shared; English on Austen
+gave 47 MB/s then, against ~80 in the table below), one call per paragraph: German prose
+dense with abbreviations and ordinals (``GERMAN`` in tests/test_sentences.py, 38 dots in
+1.4 KB) ~9 MB/s, Chinese (``CHINESE`` repeated to 1 MB) ~18 MB/s: Python work per candidate,
+not the regex scan, sets both, and both are far above what a tokenizer consumes.
+
+Left out: with the English rules, CJK full stops with no space after them ("。"); with
+the CJK rules, an ASCII "." with no space between two Chinese sentences ("走了.然后"),
+full-width "．" (also a decimal point in "３．１４"); numbered-list items inside a
+paragraph ("1. First"); spaced ellipses (". . . I" splits); in German, a sentence that
+ends with an ordinal-like number before a word that is no opener ("Er wurde 3. Berlin
+gewann." stays one); and lowercase letters beyond the Basic Multilingual Plane (treated
+as capitals).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 
-__all__ = ["split_sentences"]
+__all__ = ["LANGUAGES", "rules_for", "split_sentences"]
+
+# The codes with rules of their own; ``rules_for`` maps any language code to one of them.
+LANGUAGES = ("en", "de", "zh")
 
 # Titles and other abbreviations that never end a sentence here (lowercased, no dot).
 _ABBREVIATIONS = frozenset("""
@@ -98,35 +150,35 @@ def _lowercase_class() -> str:
 # digits, and uncased scripts), or an opening quote/bracket; after a dash only the former,
 # as in Austen '?--"' closes a quotation.
 _START_WORD = rf"(?!{_lowercase_class()})[^\W_]"
-_START = rf"(?:[{re.escape(_OPENERS)}]|{_START_WORD})"
 
-# The first item is a plain character class on purpose: CPython's regex engine then
-# skips ahead with a C-level scan for [\n.!?…] (~220 MB/s on Austen), while a leading
-# alternation "\n|[.!?…]+" scans at ~60 MB/s.
-_BOUNDARY = re.compile(rf"""
-    [\n.!?…]
-    (?:
-        (?<=\n)                                   # a paragraph break: always a boundary
-      | (?P<stops>[.!?…]*)                        # the rest of a run such as "?!" or "..."
-        (?P<closers>[{re.escape(_CLOSERS)}]*)     # ." ?' .) ]
-        (?: [^\S\n]+ (?= (?:{_DASH})? {_START} )  # whitespace
-          | (?= (?:{_DASH}) {_START_WORD} ) )      # or Austen's ".--Miss"
-    )""", re.X)
+
+def _boundary(closers: str, openers: str) -> re.Pattern:
+    """The candidate boundaries of a language written with spaces between sentences."""
+    start = rf"(?:[{re.escape(openers)}]|{_START_WORD})"
+    # The first item is a plain character class on purpose: CPython's regex engine then
+    # skips ahead with a C-level scan for [\n.!?…] (~220 MB/s on Austen), while a leading
+    # alternation "\n|[.!?…]+" scans at ~60 MB/s.
+    return re.compile(rf"""
+        [\n.!?…] (?<![.!?…].)                      # only from the start of a run: "!!!!a"
+        (?:                                           # would otherwise take quadratic time
+            (?<=\n)                                   # a paragraph break: always a boundary
+          | (?P<stops>[.!?…]*)                        # the rest of a run such as "?!" or "..."
+            (?P<closers>[{re.escape(closers)}]*)      # ." ?' .) ]
+            (?: [^\S\n]+ (?= (?:{_DASH})? {start} )   # whitespace
+              | (?= (?:{_DASH}) {_START_WORD} ) )      # or Austen's ".--Miss"
+        )""", re.X)
+
+
+_BOUNDARY = _boundary(_CLOSERS, _OPENERS)
 
 _DOTTED = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]")  # U.S  e.g  a.m  H.M.S (before the last dot)
 _WORD_WINDOW = 24  # characters looked back for the word before a dot; longer ones are no abbreviation
 _DASHES = re.compile("[-—]")
 
 
-def _dot_continues(text: str, dot: int, next_start: int) -> bool:
-    """True when the "." at ``dot`` ends an abbreviation or initial, not a sentence;
-    ``next_start`` is where the next sentence would begin."""
-    if dot == 0 or text[dot - 1].isspace():
-        return False
-    word = text[max(0, dot - _WORD_WINDOW):dot].rsplit(None, 1)[-1]
-    if "-" in word or "—" in word:  # "cheerful--Mr. Weston"
-        word = _DASHES.split(word)[-1]
-    word = word.lstrip(_OPENERS)
+def _word_continues(word: str, text: str, next_start: int) -> bool:
+    """English: True when ``word`` followed by "." is an abbreviation or initial that
+    does not end the sentence; ``next_start`` is where the next sentence would begin."""
     lower = word.lower()
     if lower in _ABBREVIATIONS or (lower in _NUMBER_ABBREVIATIONS and text[next_start].isdigit()):
         return True
@@ -139,14 +191,22 @@ def _dot_continues(text: str, dot: int, next_start: int) -> bool:
     return False
 
 
-def split_sentences(text: str) -> list[str]:
-    """The sentences of ``text`` in order, each stripped, none empty; "\\n" separates
-    paragraphs and always ends a sentence. Joining the result loses no non-space
-    character."""
+def _dot_continues(text: str, dot: int, next_start: int) -> bool:
+    """True when the "." at ``dot`` ends an abbreviation or initial, not a sentence;
+    ``next_start`` is where the next sentence would begin."""
+    if dot == 0 or text[dot - 1].isspace():
+        return False
+    word = text[max(0, dot - _WORD_WINDOW):dot].rsplit(None, 1)[-1]
+    if "-" in word or "—" in word:  # "cheerful--Mr. Weston"
+        word = _DASHES.split(word)[-1]
+    return _word_continues(word.lstrip(_OPENERS), text, next_start)
+
+
+def _split(text: str, boundary: re.Pattern, dot_continues) -> list[str]:
     sentences = []
     append = sentences.append
     start = 0
-    for m in _BOUNDARY.finditer(text):
+    for m in boundary.finditer(text):
         end = m.start()
         if text[end] == "\n":
             piece = text[start:end].strip()
@@ -154,7 +214,7 @@ def split_sentences(text: str) -> list[str]:
         else:
             # A lone "." followed by no closing quote/bracket may be an abbreviation.
             if not m.group("stops") and text[end] == "." and not m.group("closers").strip("_") \
-                    and _dot_continues(text, end, m.end()):
+                    and dot_continues(text, end, m.end()):
                 continue
             piece = text[start:m.end("closers")].strip()
             start = m.end()
@@ -166,6 +226,191 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-if __name__ == "__main__":  # python -m preprocessing.sentences < file.txt
-    for sentence in split_sentences(sys.stdin.read()):
+# ---------------------------------------------------------------------------- German
+# German abbreviations, lowercased, inner spaces removed ("z. B." is "z.b"), no final dot.
+# Never a sentence end: they stand before what they qualify.
+_DE_ABBREVIATIONS = frozenset("""
+    z.b d.h v.a z.t u.u i.d.r m.e o.g i.a i.v z.zt z.hd
+    ca vgl nr dr prof hr hrn fr frl st geb gest evtl ggf inkl sog bzw bzgl bspw zzgl
+    ehem eigtl einschl gegr insb insbes sen jun dt engl frz franz lat griech ital hl
+    jan jän febr feb mrz apr jun jul aug sep sept okt nov dez
+""".split())
+# Often at the end of a sentence: split before a German sentence opener ("im 19. Jh. Die
+# Stadt wuchs", "Äpfel, Birnen usw. Er aß").
+_DE_FINAL_ABBREVIATIONS = frozenset("""
+    usw etc u.a u.a.m u.ä o.ä u.v.m s.o s.u v.chr n.chr jh jhd jhdt mio mrd tsd ebd
+    hrsg aufl str ff
+""".split())
+# Only before a digit ("Abs. 2", "Art. 5", but "eine neue Art. Sie").
+_DE_NUMBER_ABBREVIATIONS = frozenset("abs art bd bde kap abb tab anm ziff sp".split())
+# Words that start German sentences, also after an opening quote ("usw. „Die Stadt ...").
+_DE_SENTENCE_OPENER = re.compile(r"[„»«\"']?(?:%s)\b" % "|".join("""
+    Der Die Das Dem Den Des Ein Eine Einen Einem Einer Er Sie Es Wir Ich Ihr Man Im In Am
+    An Auf Aus Als Nach Vor Bei Mit Seit Von Zu Zum Zur Um Unter Über Während Bis Dies
+    Diese Dieser Dieses Dort Da Dann Danach Damit Doch Aber Und Auch So Heute Hier Nun
+    Jedoch Zudem Außerdem Später Seine Sein Seinen Seiner Ihre Wie Wenn Obwohl Nachdem
+""".split()))
+# German quotes: „…“ and ‚…‘, and »…« (or «…» in Switzerland); “ and ‘ also open
+# English-style quotations, so the marks that can do both are in both sets.
+_DE_CLOSERS = "\"'“”‘’»«)\\]_"
+_DE_OPENERS = "\"'„‚“‘»«(\\[¿¡_"
+_DE_BOUNDARY = _boundary(_DE_CLOSERS, _DE_OPENERS)
+_ORDINAL = re.compile(r"\d{1,3}")  # "am 3. Oktober", "im 19. Jahrhundert", "1. FC Köln"
+_ROMAN = re.compile(r"[IVX]+")     # "Friedrich II. von Preußen"
+_SHORT_DOTTED = re.compile(r"[^\W\d_]{1,4}\.")  # "z." "u." "v." "Chr." of a spaced abbreviation
+
+
+def _de_dot_continues(text: str, dot: int, next_start: int) -> bool:
+    """``_dot_continues`` for German: its abbreviations, also those written with a space
+    ("z. B.", "u. a. m."), and ordinals ("am 3. Oktober")."""
+    if dot == 0 or text[dot - 1].isspace():
+        return False
+    tokens = text[max(0, dot - _WORD_WINDOW):dot].split()
+    word = tokens[-1]
+    if "-" in word or "—" in word:
+        word = _DASHES.split(word)[-1]
+    word = word.lstrip(_DE_OPENERS)
+    # "z. B" / "u. a. m": join up to three short dotted tokens before the word, longest first.
+    first = len(tokens) - 1
+    while first > max(0, len(tokens) - 4) and _SHORT_DOTTED.fullmatch(tokens[first - 1]):
+        first -= 1
+    for i in range(first, len(tokens) - 1):
+        key = "".join(tokens[i:-1]).lstrip(_DE_OPENERS).lower() + word.lower()
+        if key in _DE_ABBREVIATIONS:
+            return True
+        if key in _DE_FINAL_ABBREVIATIONS:
+            return not _DE_SENTENCE_OPENER.match(text, next_start)
+    lower = word.lower()
+    if lower in _DE_ABBREVIATIONS or (lower in _DE_NUMBER_ABBREVIATIONS and text[next_start].isdigit()):
+        return True
+    # Ordinals and regnal numbers end a sentence only before an opener ("Er wurde 3. Im
+    # Finale ..."); "1990." is a year and ends it.
+    if lower in _DE_FINAL_ABBREVIATIONS or _ORDINAL.fullmatch(word) or _ROMAN.fullmatch(word) \
+            or _DOTTED.fullmatch(word):
+        return not _DE_SENTENCE_OPENER.match(text, next_start)
+    # An initial ("J. S. Bach"), or the first letter of "z. B.", "d. h.", "u. a.".
+    return len(word) == 1 and word.isalpha()
+
+
+# ---------------------------------------------------------------------------- CJK
+# Chinese and Japanese put no space after a sentence: a run of "。", "！", "？", "；",
+# "…" (or "⋯"), ASCII "!" and "?" ends one, with the closing quotes/brackets after it.
+_CJK_STOPS = "。！？；｡…⋯"
+_CJK_CLOSERS = "」』”’）】〕〗〙〛］｝﹂﹄〞〟｣\"')]"  # not 》〉: see _in_title
+_CJK_OPENERS = "「『“‘（《【〔〈〖〘〚［｛﹁﹃〝｢" + _OPENERS
+# Ideographs, kana, CJK punctuation and full-width forms: where a word of mixed text
+# begins ("他去了Mr. Smith家" looks back only to "Mr").
+_CJK_CHARS = "\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef" \
+             "\U00020000-\U0003134f"
+# A candidate is a "\n", or a whole run of stops (ASCII "." included) with the closers
+# after it, taken atomically (the lookahead-and-backreference idiom; Python 3.10 has no
+# possessive quantifiers): no backtracking into a run, and no second try from inside
+# one, so a long run costs linear time. Python then decides what the run is.
+_CJK_BOUNDARY = re.compile(rf"""
+    [\n{_CJK_STOPS}!?.]
+    (?: (?<=\n)
+      | (?= (?P<run> [{_CJK_STOPS}!?.]* [{re.escape(_CJK_CLOSERS)}]* ) ) (?P=run) )
+    """, re.X)
+_CJK_STOP_SET = frozenset(_CJK_STOPS)
+# After an ASCII "." (or "..."): the English rule, whitespace then a sentence start.
+_CJK_AFTER_DOT = re.compile(rf"[^\S\n]+(?:{_DASH})?(?:[{re.escape(_CJK_OPENERS)}]|{_START_WORD})")
+_CJK_START = re.compile(rf"[{_CJK_CHARS}]")
+_CJK_WORD = re.compile(rf"[^\s{_CJK_CHARS}]*\Z")
+_CONTINUES = frozenset("，、,：:")  # "“好！”，他说。" is one sentence
+_SPACES = re.compile(r"[^\S\n]*")
+_TITLE_WINDOW = 40  # characters; titles are short
+
+
+def _in_title(text: str, run_start: int, end: int) -> bool:
+    """Whether a stop is inside a book title, "《你好！世界》", "《谁？》": a "《" open before
+    it and a "》" after it, both within ``_TITLE_WINDOW`` characters (so a stray "《" costs
+    little). "》" is no closer for that reason: it ends a title, not a sentence."""
+    opened = text.rfind("《", max(0, run_start - _TITLE_WINDOW), run_start)
+    return opened >= 0 and text.find("》", opened, run_start) < 0 \
+        and text.find("》", end, end + _TITLE_WINDOW) >= 0
+
+
+def _cjk_boundary(text: str, m: re.Match) -> bool:
+    """Whether the run of stops and closers that ``m`` matched ends a sentence."""
+    run_start, end = m.start(), m.end()
+    stops = text[run_start:end].rstrip(_CJK_CLOSERS)
+    next_start = _SPACES.match(text, end).end()
+    following = text[next_start] if next_start < len(text) else ""
+    if not _CJK_STOP_SET.isdisjoint(stops):
+        # 。！？；… end a sentence with no space after them; a quotation closed before
+        # the Japanese quotative particle ("「本当？」と聞いた", "」って") goes on.
+        quoted = len(stops) < end - run_start
+        return following not in _CONTINUES and not (quoted and following and following in "とっ") \
+            and not _in_title(text, run_start, end)
+    if stops.strip("."):
+        # ASCII "!" or "?": not before a lowercase word, English inside a sentence ("Yahoo! is").
+        return following not in _CONTINUES and not following.islower() \
+            and not _in_title(text, run_start, end)
+    # ASCII dots: never in 3.14 or example.com; a sentence ends before whitespace and a
+    # start (uppercase, digit, opener, CJK), or at "..." right before CJK.
+    if not _CJK_AFTER_DOT.match(text, end):
+        return len(stops) >= 3 and bool(_CJK_START.match(text, end))
+    if len(stops) == 1 and end - run_start == 1 and run_start > 0 and not text[run_start - 1].isspace():
+        # A lone "." may end an English abbreviation or initial in mixed text ("U.S. Army").
+        word = _CJK_WORD.search(text, max(0, run_start - _WORD_WINDOW), run_start).group()
+        if "-" in word or "—" in word:
+            word = _DASHES.split(word)[-1]
+        word = word.lstrip(_OPENERS)
+        return not (word and _word_continues(word, text, next_start))
+    return True
+
+
+def _split_cjk(text: str) -> list[str]:
+    sentences = []
+    append = sentences.append
+    start = 0
+    for m in _CJK_BOUNDARY.finditer(text):
+        if text[m.start()] == "\n" or _cjk_boundary(text, m):
+            piece = text[start:m.end()].strip()
+            start = m.end()
+            if piece:
+                append(piece)
+    piece = text[start:].strip()
+    if piece:
+        append(piece)
+    return sentences
+
+
+# ---------------------------------------------------------------------------- languages
+# Chinese in Han characters and Japanese, by ISO 639-1/-2/-3 code (Wikipedia's zh-yue,
+# zh-classical, ... by their "zh" prefix); Korean writes spaces and ASCII stops, so the
+# English rules serve it.
+_CJK_CODES = frozenset("zh zho chi cmn yue wuu gan hsn lzh ja jpn".split())
+_GERMAN_CODES = frozenset("de deu ger gsw bar".split())
+# BCP 47 and Wikipedia's codes ("zh-classical", "roa-tara"), "_" or "-" between parts.
+_LANGUAGE_CODE = re.compile(r"[A-Za-z]{1,12}(?:[-_][A-Za-z0-9]{1,12})*")
+
+
+@functools.lru_cache(maxsize=256)
+def rules_for(language: str) -> str:
+    """The code in ``LANGUAGES`` whose rules split ``language``: "zh" for Chinese and
+    Japanese in any variant ("zh-cn", "zh_TW", "zh-hans", "yue", "ja"), "de" for German
+    ("de-CH"), "en" for every other language (a BCP 47 / ISO 639 code; case and
+    "_" or "-" do not matter). ValueError for what is no language code."""
+    if not isinstance(language, str) or not _LANGUAGE_CODE.fullmatch(language.strip()):
+        raise ValueError(f"not a language code: {language!r}")
+    base = language.strip().replace("_", "-").split("-", 1)[0].lower()
+    return "zh" if base in _CJK_CODES else "de" if base in _GERMAN_CODES else "en"
+
+
+def split_sentences(text: str, language: str = "en") -> list[str]:
+    """The sentences of ``text`` in order, each stripped, none empty; "\\n" separates
+    paragraphs and always ends a sentence. Joining the result loses no non-space
+    character. ``language``: any language code, see ``rules_for``."""
+    if language != "en":
+        rules = rules_for(language)
+        if rules == "zh":
+            return _split_cjk(text)
+        if rules == "de":
+            return _split(text, _DE_BOUNDARY, _de_dot_continues)
+    return _split(text, _BOUNDARY, _dot_continues)
+
+
+if __name__ == "__main__":  # python -m preprocessing.sentences [language] < file.txt
+    for sentence in split_sentences(sys.stdin.read(), *sys.argv[1:2]):
         print(sentence)
