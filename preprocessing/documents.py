@@ -22,6 +22,8 @@ class RawDocument:
     # "wikitext" for MediaWiki pages (cleaned to prose first), "plain" otherwise.
     markup: str = "plain"
     title: str = ""
+    # The dump's WikiSite (namespace names, language) for wikitext; None otherwise.
+    site: object = None
 
 
 @dataclasses.dataclass(frozen=True)

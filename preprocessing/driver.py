@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import pyarrow.parquet as pq
 
-from preprocessing import inputs, manifest, parts, tracking, transforms
+from preprocessing import inputs, language, manifest, parts, subwords, tracking, transforms, vocab
 from preprocessing.options import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -31,21 +31,25 @@ class Summary:
     run_id: str | None
 
 
-def load_tokenizer_proto(path: str) -> bytes:
-    """Reads an spm.model file, or the spm.model inside a directory."""
-    model = path if path.endswith(".model") else FileSystems.join(path, "spm.model")
-    if not FileSystems.exists(model):
-        raise inputs.InputError(f"--tokenizer {path}: no SentencePiece model there "
-                                "(give an spm.model file or a directory holding one)")
-    with FileSystems.open(model, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        proto = f.read()
-    import sentencepiece
+def resolve_language(config: PreprocessConfig, tasks: list[inputs.ReadTask]) -> PreprocessConfig:
+    """``--language`` (else the first MediaWiki dump's ``xml:lang``, else en) and what
+    ``--whole-word-mask auto`` means for it, fixed before the pipeline starts."""
+    code = config.language
+    if code is None:
+        dump = next((t for t in tasks if t.format == "wiki"), None)
+        code = (inputs.dump_language(dump.path) if dump else None) or "en"
+        log.info("language: %s (%s; --language sets another)", code,
+                 f"the xml:lang of {dump.path}" if dump else "the default")
+    wwm = config.whole_word_mask
+    if wwm == "auto":
+        wwm = language.default_segmenter(code)
+    return dataclasses.replace(config, language=code, whole_word_mask=wwm)
 
-    try:
-        sentencepiece.SentencePieceProcessor(model_proto=proto)
-    except RuntimeError as err:
-        raise inputs.InputError(f"--tokenizer {model}: not a SentencePiece model ({err})") from None
-    return proto
+
+def _trained_tokenizer(output: str) -> subwords.TokenizerModel:
+    with FileSystems.open(FileSystems.join(output, "tokenizer", vocab.SPM_MODEL_FILE),
+                          compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return subwords.TokenizerModel(subwords.SENTENCEPIECE, f.read())
 
 
 def read_counters(output: str) -> dict[str, int]:
@@ -58,7 +62,8 @@ def read_counters(output: str) -> dict[str, int]:
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes)
     inputs.check_inputs(tasks, config.text_field)
-    given_proto = load_tokenizer_proto(config.tokenizer) if config.tokenizer else None
+    config = resolve_language(config, tasks)
+    given = subwords.load_given(config.tokenizer) if config.tokenizer else None
     input_paths = sorted({t.path for t in tasks})
     log.info("%d input file(s), %d read task(s) → %s", len(input_paths), len(tasks), config.output)
     manifest.remove_stale_outputs(config.output)
@@ -66,7 +71,7 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     with tracking.preprocess_run(config, beam_args) as run:
         started = time.monotonic()
         pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-        transforms.build_pipeline(pipeline, tasks, config, given_proto)
+        transforms.build_pipeline(pipeline, tasks, config, given)
         result = pipeline.run()
         result.wait_until_finish()
         wall = time.monotonic() - started
@@ -74,10 +79,8 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         manifest.delete_dir(config.output, parts.PARTS_DIR)  # the shards are written
 
         shards = read_shard_counts(config.output)
-        with FileSystems.open(FileSystems.join(config.output, "tokenizer", "spm.model"),
-                              compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            proto = f.read()
-        data = manifest.build_manifest(config, input_paths, proto, shards, counters, run.run_id)
+        data = manifest.build_manifest(config, input_paths, given or _trained_tokenizer(config.output),
+                                       shards, counters, run.run_id)
         _check_complete(data, counters)
         path = manifest.write_manifest(config.output, data)
         run.log_results(counters, wall, config.output)

@@ -44,7 +44,8 @@ Deviations from Google, each on purpose:
 * A random replacement is drawn uniformly from the *non-special* ids (Google draws
   any vocabulary id, [CLS]/[SEP]/[MASK]/[PAD] included). It may equal the original.
 * Whole-word masking groups pieces by ``VocabInfo.word_start`` (ALBERT's
-  SentencePiece rule, computed elsewhere); a group never spans a [SEP] (Google appends
+  SentencePiece rule, computed elsewhere), or by the documents' own per-token word
+  starts when a segmenter gave them (Chinese words from jieba, as BERT-wwm); a group never spans a [SEP] (Google appends
   a continuation piece after [SEP] to the last word before it). Groups are taken in
   random order with Google's greedy rule: a group that would overflow
   ``num_to_predict`` is skipped and later ones are still tried.
@@ -172,6 +173,10 @@ class VocabInfo:
 class Document:
     key: int                     # stable 64-bit key from a hash of the document id: seeds it
     sentences: list[np.ndarray]  # token ids per sentence (int32); empty ones are ignored
+    # bool per token, parallel to ``sentences``: the token starts a word. Given when words
+    # come from a segmenter (jieba for Chinese) rather than from the pieces themselves;
+    # whole-word masking then groups by these instead of ``VocabInfo.word_start``.
+    word_starts: list[np.ndarray] | None = None
 
 
 @dataclasses.dataclass
@@ -370,6 +375,7 @@ class SegmentPlan:
     b_document: np.ndarray      # int64 [n]: index of B's document
     keys: np.ndarray            # uint64 [n]
     stats: ExampleStats
+    word_starts: np.ndarray | None = None  # bool, parallel to ``tokens`` (see Document)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -382,7 +388,8 @@ class SegmentPlan:
             tokens=self.tokens, a_start=self.a_start[rows], a_end=self.a_end[rows],
             b_start=self.b_start[rows], b_end=self.b_end[rows], is_random_next=self.is_random_next[rows],
             num_segments=self.num_segments[rows], document=self.document[rows],
-            b_document=self.b_document[rows], keys=self.keys[rows], stats=ExampleStats())
+            b_document=self.b_document[rows], keys=self.keys[rows], stats=ExampleStats(),
+            word_starts=self.word_starts)
 
     @staticmethod
     def concat(plans: Sequence[SegmentPlan]) -> SegmentPlan:
@@ -393,7 +400,7 @@ class SegmentPlan:
         stats = ExampleStats()
         for plan in plans:
             stats = stats + plan.stats
-        return SegmentPlan(tokens=plans[0].tokens, stats=stats, **{
+        return SegmentPlan(tokens=plans[0].tokens, stats=stats, word_starts=plans[0].word_starts, **{
             name: np.concatenate([getattr(p, name) for p in plans])
             for name in ("a_start", "a_end", "b_start", "b_end", "is_random_next", "num_segments",
                          "document", "b_document", "keys")})
@@ -412,6 +419,10 @@ class Bucket:
 
     def __init__(self, documents: Sequence[Document]):
         sentences: list[np.ndarray] = []
+        starts: list[np.ndarray] = []
+        segmented = [doc.word_starts is not None for doc in documents]
+        if any(segmented) and not all(segmented):
+            raise ValueError("a bucket mixes documents with and without segmenter word starts")
         self.keys = [doc.key for doc in documents]
         self.cums: list[list[int] | None] = []  # cumulative sentence lengths, from 0
         self.offsets: list[int] = []           # each document's first token in ``tokens``
@@ -420,6 +431,10 @@ class Bucket:
         total = 0
         for index, doc in enumerate(documents):
             kept = [s for s in doc.sentences if len(s)]
+            if doc.word_starts is not None:
+                if [len(w) for w in doc.word_starts] != [len(s) for s in doc.sentences]:
+                    raise ValueError("Document.word_starts must match its sentences' lengths")
+                starts.extend(w for w in doc.word_starts if len(w))
             self.offsets.append(total)
             self.live_rank.append(len(self.live))
             if kept:
@@ -432,6 +447,10 @@ class Bucket:
                 self.cums.append(None)
         self.tokens = (np.concatenate(sentences).astype(np.int32, copy=False) if sentences
                        else np.zeros(0, np.int32))
+        self.word_starts = None
+        if documents and all(segmented):
+            self.word_starts = (np.concatenate(starts).astype(bool, copy=False) if starts
+                                else np.zeros(0, bool))
         self.id_range = (int(self.tokens.min()), int(self.tokens.max())) if total else (0, 0)
 
     def __len__(self) -> int:
@@ -533,7 +552,7 @@ def plan_segments(documents: Sequence[Document] | Bucket, dupe_index: int, seed:
         is_random_next=is_random_next, num_segments=num_segments,
         document=a_doc_arr, b_document=np.array(b_doc, np.int64),
         keys=_mix64(seeds + (within + np.uint64(1)) * _GOLDEN),
-        stats=stats)
+        stats=stats, word_starts=bucket.word_starts)
 
 
 def _below(getrandbits, n: int) -> int:
@@ -611,8 +630,8 @@ def create_instances(documents: Sequence[Document] | Bucket, dupe_index: int, se
 
 def check_vocabulary(bucket: Bucket, config: ExampleConfig, vocab: VocabInfo) -> None:
     """Refuses documents tokenized with another model, and whole-word masking without
-    the word-start table, before any instance is made."""
-    if config.whole_word_mask and vocab.word_start is None:
+    word starts (the vocabulary's table, or the documents' own), before any instance is made."""
+    if config.whole_word_mask and vocab.word_start is None and bucket.word_starts is None:
         raise ValueError("--whole-word-mask needs VocabInfo.word_start (the word-start table)")
     low, high = bucket.id_range
     if low < 0 or high >= vocab.vocab_size:
@@ -643,7 +662,12 @@ def mask_instances(plan: SegmentPlan, config: ExampleConfig, vocab: VocabInfo) -
     pieces = pieces.ravel()
     piece_offsets = np.zeros(5 * n + 1, np.int64)
     np.cumsum(pieces, out=piece_offsets[1:])
-    original = source[_multi_arange(starts.ravel(), pieces, piece_offsets)]
+    gather = _multi_arange(starts.ravel(), pieces, piece_offsets)
+    original = source[gather]
+    token_word_start = None
+    if config.whole_word_mask and plan.word_starts is not None:
+        # [CLS] and [SEP] count as starts, as in the vocabulary's table.
+        token_word_start = np.concatenate([plan.word_starts, np.ones(2, bool)])[gather]
 
     lengths = len_a + len_b + 3
     offsets = np.zeros(n + 1, np.int64)
@@ -651,7 +675,7 @@ def mask_instances(plan: SegmentPlan, config: ExampleConfig, vocab: VocabInfo) -
     segment_lengths = np.stack([len_a + 2, len_b + 1], axis=1).ravel()
     segment_ids = np.repeat(np.tile(np.array([0, 1], np.int8), n), segment_lengths)
 
-    rows, cols = _choose_masked(plan.keys, lengths, len_a, original, config, vocab)
+    rows, cols = _choose_masked(plan.keys, lengths, len_a, original, config, vocab, token_word_start)
     flat = offsets[rows] + cols
     masked_ids = original[flat]
     input_ids = original.copy()
@@ -682,7 +706,8 @@ def num_to_predict(lengths: np.ndarray, config: ExampleConfig) -> np.ndarray:
 
 
 def _choose_masked(keys: np.ndarray, lengths: np.ndarray, len_a: np.ndarray, original: np.ndarray,
-                   config: ExampleConfig, vocab: VocabInfo) -> tuple[np.ndarray, np.ndarray]:
+                   config: ExampleConfig, vocab: VocabInfo, token_word_start: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """(row, position) of every masked piece, rows ascending, positions ascending within a row.
 
     Works on an [n, longest] matrix: each position gets a random 64-bit key whose low
@@ -713,7 +738,8 @@ def _choose_masked(keys: np.ndarray, lengths: np.ndarray, len_a: np.ndarray, ori
     # ranked by the key of their first piece and taken greedily, skipping a group that
     # would overflow ``num`` (Google's rule), one vectorized step per rank.
     starts_word = np.zeros((n, width), bool)
-    starts_word[pos < lengths[:, None]] = vocab.word_start[original]
+    starts_word[pos < lengths[:, None]] = (vocab.word_start[original] if token_word_start is None
+                                           else token_word_start)
     group_start = candidate & starts_word
     group_start[:, 1:] |= candidate[:, 1:] & ~candidate[:, :-1]
     # A group runs from its start to the next start or non-candidate ([SEP], padding).

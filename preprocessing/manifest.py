@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from preprocessing import vocab
+from preprocessing import subwords
 from preprocessing.options import PreprocessConfig
 
 FORMAT_VERSION = 1
@@ -40,29 +40,29 @@ def input_fingerprint(paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokenizer_proto: bytes,
+def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokenizer: subwords.TokenizerModel,
                    shards: Sequence[tuple[str, int]], counters: dict[str, int],
                    data_run_id: str | None) -> dict:
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_proto=tokenizer_proto)
+    fields = subwords.manifest_fields(tokenizer, config.model_type if config.tokenizer is None else "given")
+    if tokenizer.kind == subwords.SENTENCEPIECE and config.tokenizer is None:
+        fields["character_coverage"] = config.character_coverage
+    segmenter = config.word_segmenter
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "data_run_id": data_run_id,
-        "tokenizer": {
-            "path": "tokenizer",
-            "fingerprint": vocab.tokenizer_fingerprint(tokenizer_proto),
-            "vocab_size": sp.get_piece_size(),
-            "model_type": config.model_type if config.tokenizer is None else "given",
-            "special_ids": {t.strip("[]").lower(): sp.piece_to_id(t) for t in vocab.SPECIAL_TOKENS},
-        },
+        "tokenizer": {"path": "tokenizer", **fields},
+        # What the text was read with: sentence rules and dump tables by language, script conversion.
+        "language": config.language or "en",
+        "convert": config.convert,
         "max_seq_length": config.max_seq_length,
         "masking": {
             "mode": "static",  # input_ids hold the masked tokens
             "masked_lm_prob": config.masked_lm_prob,
             "max_predictions_per_seq": config.max_predictions_per_seq,
-            "whole_word_mask": config.whole_word_mask,
+            "whole_word_mask": segmenter != "none",
+            # pieces: the vocabulary's word starts; jieba: Chinese words from the segmenter.
+            "word_segmenter": None if segmenter == "none" else segmenter,
         },
         "dupe_factor": config.dupe_factor,
         "short_seq_prob": config.short_seq_prob,

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from preprocessing import language
+
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
 # The bundled real sample: a Wikipedia dump fragment and Jane Austen's novels.
 DEFAULT_INPUTS = (
@@ -39,7 +41,17 @@ class PreprocessConfig:
     masked_lm_prob: float = 0.15
     max_predictions_per_seq: int = 20
     short_seq_prob: float = 0.1
-    whole_word_mask: bool = False
+    # none, pieces (the vocabulary's word starts), jieba (Chinese words), or auto: jieba for
+    # Chinese, pieces otherwise; the driver resolves auto once the language is known.
+    whole_word_mask: str = "none"
+    # None: from the first MediaWiki dump's xml:lang, else "en" (resolved by the driver).
+    language: str | None = None
+    convert: str | None = None
+    # SentencePiece keeps the characters that cover this share of the sample's text; the
+    # rest become [UNK]. Not 1.0 by default, even for alphabetic languages: Wikipedia
+    # quotes every script (the 6 MB English sample holds 866 distinct characters, of which
+    # 125 cover 99.95%), and 1.0 would spend a small vocabulary on single rare characters.
+    character_coverage: float = 0.9995
     num_shards: int = 0
     rows_per_shard: int = 65536
     docs_per_bucket: int = 128
@@ -72,6 +84,22 @@ class PreprocessConfig:
         _check(self.docs_per_bucket >= 2, f"--docs-per-bucket must be at least 2, got {self.docs_per_bucket}")
         _check(self.max_line_bytes >= 1024, f"--max-line-bytes must be at least 1024, got {self.max_line_bytes}")
         _check(self.split_bytes >= 1 << 16, f"--split-bytes must be at least 65536, got {self.split_bytes}")
+        _check(self.whole_word_mask in language.WHOLE_WORD_CHOICES,
+               f"--whole-word-mask must be one of {', '.join(language.WHOLE_WORD_CHOICES)}, "
+               f"got {self.whole_word_mask!r}")
+        _check(self.convert is None or self.convert in language.CONVERSIONS,
+               f"--convert must be one of {', '.join(language.CONVERSIONS)}, got {self.convert!r}")
+        _check(0.98 <= self.character_coverage <= 1.0,
+               f"--character-coverage must be in [0.98, 1], got {self.character_coverage}")
+        _check(self.language is None or bool(self.language.strip()), "--language must not be empty")
+
+
+    @property
+    def word_segmenter(self) -> str:
+        """What whole-word masking groups by: none, pieces or jieba (auto resolved by language)."""
+        if self.whole_word_mask == "auto":
+            return language.default_segmenter(self.language or "en")
+        return self.whole_word_mask
 
 
 class ConfigError(ValueError):
@@ -106,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output", default=d.output, metavar="DIR",
                     help="output directory (local or gs://...); an existing manifest there is "
                          "removed first, so a failed run never looks complete")
+    io.add_argument("--language", metavar="CODE",
+                    help="the corpus's language (ISO code: en, de, zh, zh-hans, ...): it selects the "
+                         "sentence rules (CJK full stops, German abbreviations and ordinals), the "
+                         "non-prose section titles of dumps, and what --whole-word-mask groups. Default: "
+                         "the xml:lang of the first MediaWiki dump among the inputs, else en")
+    io.add_argument("--convert", choices=language.CONVERSIONS, metavar="CONVERSION",
+                    help="convert the script with OpenCC before tokenizing, e.g. t2s (Traditional to "
+                         "Simplified Chinese); one of " + ", ".join(language.CONVERSIONS))
     io.add_argument("--text-field", default=d.text_field,
                     help="the text field of .jsonl rows / text column of .parquet files")
     io.add_argument("--max-line-bytes", type=int, default=d.max_line_bytes,
@@ -121,8 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--model-type", choices=("unigram", "bpe"), default=d.model_type,
                        help="SentencePiece model type")
     vocab.add_argument("--tokenizer", metavar="PATH",
-                       help="reuse this SentencePiece model (an spm.model file, or a directory "
-                            "holding one, e.g. another run's OUTPUT/tokenizer) instead of training one")
+                       help="reuse a tokenizer instead of training one: a SentencePiece model (an "
+                            "spm.model file, or a directory holding one, e.g. another run's "
+                            "OUTPUT/tokenizer), or a published BERT's WordPiece tokenizer (its directory "
+                            "with tokenizer.json or vocab.txt, e.g. a downloaded bert-base-chinese), to "
+                            "continue pretraining that model with pipeline/pretrain.py --init-from")
+    vocab.add_argument("--character-coverage", type=float, default=d.character_coverage,
+                       help="SentencePiece keeps the characters covering this share of the sample's text "
+                            "(the rest become [UNK]); 1.0 keeps every character, which suits a corpus "
+                            "with a small alphabet and no foreign scripts")
     vocab.add_argument("--vocab-sample-sentences", type=int, default=d.vocab_sample_sentences,
                        help="train the vocabulary on this many sentences: those of smallest hash "
                             "among the read tasks --vocab-sample-bytes picks (memory and time of "
@@ -142,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cap on predicted tokens per example")
     ex.add_argument("--short-seq-prob", type=float, default=d.short_seq_prob,
                     help="share of documents per pass that get a random shorter target length")
-    ex.add_argument("--whole-word-mask", action="store_true",
-                    help="mask all pieces of a word together (SentencePiece word boundaries)")
+    ex.add_argument("--whole-word-mask", nargs="?", const="auto", default=d.whole_word_mask,
+                    choices=language.WHOLE_WORD_CHOICES,
+                    help="mask all pieces of a word together. pieces: words as the vocabulary marks "
+                         "them (a piece starting with ▁, or not starting with ##); jieba: Chinese words "
+                         "from the jieba segmenter (BERT-wwm); auto (the flag alone): jieba for Chinese, "
+                         "pieces otherwise")
     ex.add_argument("--docs-per-bucket", type=int, default=d.docs_per_bucket,
                     help="each read task makes its examples in buckets of this many consecutive "
                          "documents (the last one of a task up to twice as many); random next "

@@ -23,6 +23,8 @@ every runner reports them (Beam metrics are not available on every runner).
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import heapq
 import itertools
 import json
@@ -35,7 +37,7 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 import numpy as np
 
-from preprocessing import examples, inputs, parts, vocab, wiki_dump
+from preprocessing import examples, inputs, language, parts, subwords, vocab, wiki_dump, word_starts
 from preprocessing.documents import Problem, RawDocument, SentenceDocument, stable_hash
 from preprocessing.options import PreprocessConfig
 from preprocessing.sentences import split_sentences
@@ -103,22 +105,37 @@ def task_documents(task: inputs.ReadTask, text_field: str, max_line_bytes: int,
                 counts["skipped-disambiguation"] += 1
             else:
                 counts["documents-read"] += 1
-                yield RawDocument(f"{name}#{item.page_id}", item.text, "wikitext", item.title)
+                yield RawDocument(f"{name}#{item.page_id}", item.text, "wikitext", item.title,
+                                  getattr(item, "site", None))
         else:
             counts["documents-read"] += 1
             yield item
 
 
-def to_sentences(doc: RawDocument, counts: collections.Counter) -> SentenceDocument | None:
-    """Markup cleaned to prose and split into sentences; None (counted) when nothing is left."""
-    text = clean_wikitext(doc.text) if doc.markup == "wikitext" else doc.text
-    sentences = tuple(split_sentences(text))
+def to_sentences(doc: RawDocument, counts: collections.Counter, config: PreprocessConfig
+                 ) -> SentenceDocument | None:
+    """Markup cleaned to prose, the script converted (``--convert``), and split into
+    sentences by the language's rules; None (counted) when nothing is left."""
+    text = clean_wikitext(doc.text, _site_for(doc.site, config.language)) if doc.markup == "wikitext" \
+        else doc.text
+    if config.convert:
+        text = language.Converter(config.convert)(text)
+    sentences = tuple(split_sentences(text, config.language or "en"))
     if not sentences:
         counts["skipped-empty-documents"] += 1
         return None
     counts["sentences"] += len(sentences)
     counts["characters"] += sum(map(len, sentences))
     return SentenceDocument(doc.doc_id, sentences)
+
+
+@functools.lru_cache(maxsize=16)
+def _site_for(site, code: str | None):
+    """The dump's site, showing the variant ``--language`` names (zh-tw, zh-hk, ...) of
+    conversion markup; other languages leave the dump's default (zh-cn for zh)."""
+    if site is None or not code or "-" not in code or not site.converts:
+        return site
+    return dataclasses.replace(site, variant=code.lower())
 
 
 def consecutive_buckets(docs: Iterable, size: int) -> Iterator[list]:
@@ -158,8 +175,10 @@ class _SampleSentencesFn(beam.DoFn):
     task's counts with the first message of each reason, for the error when nothing is left.
     """
 
-    def __init__(self, text_field: str, max_line_bytes: int, k: int):
-        self.text_field, self.max_line_bytes, self.k = text_field, max_line_bytes, k
+    def __init__(self, config: PreprocessConfig):
+        self.config = config
+        self.text_field, self.max_line_bytes, self.k = \
+            config.text_field, config.max_line_bytes, config.vocab_sample_sentences
 
     def process(self, task: inputs.ReadTask):
         counts: collections.Counter = collections.Counter()
@@ -167,7 +186,7 @@ class _SampleSentencesFn(beam.DoFn):
         problems = _ProblemLog(counts, quiet=True)
         heap: list[tuple[int, str]] = []  # max-heap by negated hash: the k smallest so far
         for raw in task_documents(task, self.text_field, self.max_line_bytes, problems):
-            doc = to_sentences(raw, counts)
+            doc = to_sentences(raw, counts, self.config)
             if doc is None:
                 continue
             key = doc.key
@@ -211,7 +230,8 @@ def _merge_problems(records):
     return dict(counts), first
 
 
-def _train_and_write(sample: list[tuple[int, str]], problems, config: PreprocessConfig) -> bytes:
+def _train_and_write(sample: list[tuple[int, str]], problems, config: PreprocessConfig
+                     ) -> subwords.TokenizerModel:
     if not sample:
         counts, first = problems
         skipped = "; ".join(f"{reason}: {counts[reason]:,} (first: {message})"
@@ -221,20 +241,22 @@ def _train_and_write(sample: list[tuple[int, str]], problems, config: Preprocess
                                   " (check --input and --text-field)"))
     log.info("training a %s SentencePiece vocabulary of %d on %d sentences",
              config.model_type, config.vocab_size, len(sample))
-    proto = vocab.train_sentencepiece((s for _, s in sample), config.vocab_size, config.model_type)
-    write_tokenizer_files(proto, config.output, config.max_seq_length)
-    return proto
+    proto = vocab.train_sentencepiece((s for _, s in sample), config.vocab_size, config.model_type,
+                                      character_coverage=config.character_coverage)
+    return write_tokenizer_files(subwords.TokenizerModel(subwords.SENTENCEPIECE, proto), config.output,
+                                 config.max_seq_length)
 
 
-def write_tokenizer_files(proto: bytes, output: str, max_seq_length: int) -> bytes:
-    """Writes OUTPUT/tokenizer/ (spm.model + Hugging Face files) on any Beam filesystem."""
+def write_tokenizer_files(model: subwords.TokenizerModel, output: str, max_seq_length: int
+                          ) -> subwords.TokenizerModel:
+    """Writes OUTPUT/tokenizer/ (the model + Hugging Face files) on any Beam filesystem."""
     with tempfile.TemporaryDirectory() as local:
-        vocab.write_tokenizer(proto, local, max_seq_length)
+        subwords.write_files(model, local, max_seq_length)
         target = f"{output.rstrip('/')}/tokenizer"
         for name in sorted(os.listdir(local)):
             with open(os.path.join(local, name), "rb") as src:
                 parts.write_atomically(f"{target}/{name}", src.read())
-    return proto
+    return model
 
 
 class TrainTokenizer(beam.PTransform):
@@ -254,7 +276,7 @@ class TrainTokenizer(beam.PTransform):
         sampled = (tasks
                    | "DistributeSampleTasks" >> beam.Reshuffle()
                    | "SampleSentences" >> beam.ParDo(
-                       _SampleSentencesFn(c.text_field, c.max_line_bytes, c.vocab_sample_sentences)
+                       _SampleSentencesFn(c)
                    ).with_outputs("problems", main="sentences"))
         problems = sampled.problems | "CombineProblems" >> beam.CombineGlobally(_merge_problems)
         return (sampled.sentences
@@ -265,39 +287,39 @@ class TrainTokenizer(beam.PTransform):
 
 
 # ---------------------------------------------------------------------------- examples
-_processors: dict[int, tuple[object, examples.VocabInfo]] = {}
+_encoders: dict[str, subwords.Encoder] = {}
 
 
-def load_model(proto: bytes):
-    """A SentencePiece processor and VocabInfo for ``proto``, cached per worker process."""
-    key = hash(proto)
-    if key not in _processors:
-        import sentencepiece
-
-        sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
-        ids = {t: sp.piece_to_id(t) for t in vocab.SPECIAL_TOKENS}
-        _processors[key] = (sp, examples.VocabInfo(
-            vocab_size=sp.get_piece_size(), cls_id=ids["[CLS]"], sep_id=ids["[SEP]"],
-            mask_id=ids["[MASK]"], special_ids=tuple(sorted(ids.values())),
-            word_start=vocab.word_start_table(proto)))
-    return _processors[key]
+def load_model(model: subwords.TokenizerModel) -> subwords.Encoder:
+    """The model's Encoder (ids and VocabInfo), cached per worker process."""
+    if model.fingerprint not in _encoders:
+        _encoders[model.fingerprint] = subwords.Encoder(model)
+    return _encoders[model.fingerprint]
 
 
 def example_config(config: PreprocessConfig) -> examples.ExampleConfig:
     return examples.ExampleConfig(
         max_seq_length=config.max_seq_length, short_seq_prob=config.short_seq_prob,
         masked_lm_prob=config.masked_lm_prob, max_predictions_per_seq=config.max_predictions_per_seq,
-        whole_word_mask=config.whole_word_mask)
+        whole_word_mask=config.word_segmenter != "none")
 
 
-def tokenize(doc: SentenceDocument, sp, counts: collections.Counter) -> examples.Document | None:
-    # One call per document: SentencePiece's batch encode is ~20% faster than a loop.
-    pieces = [np.array(p, np.int32) for p in sp.encode(list(doc.sentences), num_threads=1) if p]
+def tokenize(doc: SentenceDocument, encoder: subwords.Encoder, counts: collections.Counter,
+             segmenter: str = "none") -> examples.Document | None:
+    """Token ids per sentence; with ``segmenter`` jieba, also which tokens start a word."""
+    if segmenter == "jieba":
+        encoded = [(np.array(ids, np.int32), word_starts.word_starts(sentence, begins, encoder.offset_unit))
+                   for sentence, (ids, begins) in zip(doc.sentences, encoder.encode_with_begins(list(doc.sentences)))
+                   if ids]
+        pieces, starts = [e[0] for e in encoded], [e[1] for e in encoded]
+    else:
+        pieces = [np.array(p, np.int32) for p in encoder.encode(list(doc.sentences)) if p]
+        starts = None
     if not pieces:
         counts["skipped-empty-after-tokenizing"] += 1
         return None
     counts["tokens"] += sum(map(len, pieces))
-    return examples.Document(key=doc.key, sentences=pieces)
+    return examples.Document(key=doc.key, sentences=pieces, word_starts=starts)
 
 
 def bucket_instances(docs: list[examples.Document], config: PreprocessConfig,
@@ -330,17 +352,19 @@ class _WriteExamplePartsFn(beam.DoFn):
     def setup(self):
         self.progress = _Throttled("examples")
 
-    def process(self, indexed_task, proto: bytes):
+    def process(self, indexed_task, model: subwords.TokenizerModel):
         index, task = indexed_task
         c = self.config
-        sp, vocab_info = load_model(proto)
+        encoder = load_model(model)
+        vocab_info = encoder.info
         counts: collections.Counter = collections.Counter()
         problems = _ProblemLog(counts)
-        sentence_docs = filter(None, (to_sentences(raw, counts) for raw in
+        sentence_docs = filter(None, (to_sentences(raw, counts, c) for raw in
                                       task_documents(task, c.text_field, c.max_line_bytes, problems)))
         writer = parts.PartWriter(f"{c.output.rstrip('/')}/{parts.PARTS_DIR}/{parts.part_name(index)}")
         for bucket in consecutive_buckets(sentence_docs, c.docs_per_bucket):
-            docs = [d for d in (tokenize(doc, sp, counts) for doc in bucket) if d is not None]
+            docs = [d for d in (tokenize(doc, encoder, counts, c.word_segmenter) for doc in bucket)
+                    if d is not None]
             if docs:
                 batch = bucket_instances(docs, c, self.ex_config, vocab_info, counts)
                 writer.add(batch)
@@ -403,9 +427,9 @@ def _write_counters(counts: dict[str, int], output: str) -> None:
 
 
 def build_pipeline(p: beam.Pipeline, tasks: list[inputs.ReadTask], config: PreprocessConfig,
-                   tokenizer_proto: bytes | None):
+                   given: subwords.TokenizerModel | None):
     """Adds the whole pipeline to ``p``; returns the PCollection of written (shard, rows)."""
-    if tokenizer_proto is None:
+    if given is None:
         sample = vocabulary_tasks(tasks, config.vocab_sample_bytes)
         log.info("vocabulary sample: %d of %d read tasks", len(sample), len(tasks))
         model = (p
@@ -413,7 +437,7 @@ def build_pipeline(p: beam.Pipeline, tasks: list[inputs.ReadTask], config: Prepr
                  | "TrainTokenizer" >> TrainTokenizer(config))
     else:
         model = (p
-                 | "GivenTokenizer" >> beam.Create([tokenizer_proto])
+                 | "GivenTokenizer" >> beam.Create([given])
                  | "WriteTokenizer" >> beam.Map(write_tokenizer_files, config.output, config.max_seq_length))
     written = (p
                | "ReadTasks" >> beam.Create(list(enumerate(tasks)))

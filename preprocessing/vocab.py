@@ -55,7 +55,8 @@ class VocabError(ValueError):
 
 # ---------------------------------------------------------------------------- training
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: str = "unigram",
-                        num_threads: int = DEFAULT_NUM_THREADS) -> bytes:
+                        num_threads: int = DEFAULT_NUM_THREADS,
+                        character_coverage: float = CHARACTER_COVERAGE) -> bytes:
     """Trains a SentencePiece model in memory and returns the serialized model proto.
 
     ``sentences`` is used in full and in order (SentencePiece's own sampling and shuffling
@@ -89,7 +90,7 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
             unk_id=1, unk_piece=UNK,
             bos_id=-1, eos_id=-1,
             control_symbols=[CLS, SEP, MASK],  # ids 2, 3, 4: the next free ids, in order
-            character_coverage=CHARACTER_COVERAGE,
+            character_coverage=character_coverage,
             byte_fallback=False,
             max_sentence_length=MAX_SENTENCE_BYTES,
             input_sentence_size=0,  # 0 = every sentence, no reservoir sampling
@@ -98,18 +99,18 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
             minloglevel=1,  # warnings and errors only: its INFO log is thousands of lines
         )
     except RuntimeError as err:
-        raise VocabError(_explain_training_error(str(err), vocab_size)) from err
+        raise VocabError(_explain_training_error(str(err), vocab_size, character_coverage)) from err
     return model.getvalue()
 
 
-def _explain_training_error(message: str, vocab_size: int) -> str:
+def _explain_training_error(message: str, vocab_size: int, coverage: float = CHARACTER_COVERAGE) -> str:
     # SentencePiece's text: "INTERNAL: src/trainer_interface.cc(638) [<the failed check>]
     # Vocabulary size is smaller than required_chars. 40 vs 63. Increase vocab_size or ..."
     reason = message.rsplit("] ", 1)[-1].strip()
     sizes = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", reason)
     if sizes:
         return (f"--vocab-size {vocab_size} is too small for this corpus: the special tokens and "
-                f"the characters that cover {CHARACTER_COVERAGE:.2%} of its text need "
+                f"the characters that cover {coverage:.2%} of its text (--character-coverage) need "
                 f"{sizes.group(2)} ids; raise --vocab-size to at least that")
     return f"SentencePiece could not train the vocabulary (--vocab-size {vocab_size}): {reason}"
 

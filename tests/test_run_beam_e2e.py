@@ -153,7 +153,7 @@ def test_failed_run_leaves_no_manifest(tmp_path):
     (["--input", "/nonexistent/*.xml.bz2"], "no file matches"),
     (["--masked-lm-prob", "1.5"], "--masked-lm-prob must be in (0, 1)"),
     (["--vocab_size", "8000"], "--vocab_size (did you mean --vocab-size?)"),
-    (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no SentencePiece model"),
+    (["--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no tokenizer there"),
 ])
 def test_bad_flags_fail_fast_with_a_clear_message(args, message, tmp_path):
     proc = run_beam([*args, "--output", str(tmp_path / "o"), "--no-mlflow"], check=False)

@@ -14,7 +14,7 @@ import sentencepiece
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from preprocessing import examples, inputs, parts, transforms, vocab
+from preprocessing import examples, inputs, parts, subwords, transforms, vocab
 from preprocessing.documents import RawDocument, SentenceDocument
 from preprocessing.options import PreprocessConfig
 
@@ -65,7 +65,7 @@ def test_to_sentences_cleans_markup_and_counts_empty_documents():
         RawDocument("w#2", "{{only a template}}", "wikitext", "Empty"),
         RawDocument("t:1", "Mr. Darcy walked in. Elizabeth looked up."),
     ]
-    out = [transforms.to_sentences(d, counts) for d in raw]
+    out = [transforms.to_sentences(d, counts, PreprocessConfig()) for d in raw]
     assert out == [SentenceDocument("w#1", ("Anarchism is a philosophy.", "It has many forms.")), None,
                    SentenceDocument("t:1", ("Mr. Darcy walked in.", "Elizabeth looked up."))]
     assert counts["skipped-empty-documents"] == 1 and counts["sentences"] == 4
@@ -94,7 +94,7 @@ def test_vocabulary_tasks_are_a_hash_ordered_prefix_covering_the_budget(multistr
 
 
 def sample_of(task, k):
-    out = transforms._SampleSentencesFn("text", 1 << 20, k).process(task)
+    out = transforms._SampleSentencesFn(PreprocessConfig(vocab_sample_sentences=max(k, 1000))).process(task)
     return next(iter(out))
 
 
@@ -118,9 +118,9 @@ def test_train_tokenizer_writes_the_model_and_hf_files(tmp_path):
     p = pipeline()
     model = p | beam.Create(tasks) | transforms.TrainTokenizer(config)
 
-    def check(protos):
-        assert len(protos) == 1
-        sp = sentencepiece.SentencePieceProcessor(model_proto=protos[0])
+    def check(models):
+        assert len(models) == 1 and models[0].kind == subwords.SENTENCEPIECE
+        sp = sentencepiece.SentencePieceProcessor(model_proto=models[0].data)
         assert [sp.id_to_piece(i) for i in range(5)] == list(vocab.SPECIAL_TOKENS)
         assert 2000 < sp.get_piece_size() <= 3000
 
@@ -143,7 +143,7 @@ def test_no_text_to_train_on_names_what_was_skipped(tmp_path):
 def run_examples_and_shards(tasks, config, proto):
     """The example parts, shards and summed counts of ``tasks``, as the pipeline makes them."""
     p = pipeline()
-    model = p | "Model" >> beam.Create([proto])
+    model = p | "Model" >> beam.Create([subwords.TokenizerModel(subwords.SENTENCEPIECE, proto)])
     written = (p | beam.Create(list(enumerate(tasks)))
                | transforms.WriteExampleParts(config, model))
     _ = (written.counts | beam.CombineGlobally(transforms.merge_counts)
@@ -229,8 +229,9 @@ def test_shard_sizes_differ_by_at_most_one(total, num_shards):
 
 
 def test_read_part_rows_reads_any_slice_across_row_groups(tmp_path, spm_proto):
-    sp, info = transforms.load_model(spm_proto)
-    docs = [examples.Document(i, [np.asarray(sp.encode(s), np.int32) for s in r.text.split(". ")])
+    encoder = transforms.load_model(subwords.TokenizerModel(subwords.SENTENCEPIECE, spm_proto))
+    info = encoder.info
+    docs = [examples.Document(i, [np.asarray(ids, np.int32) for ids in encoder.encode(r.text.split(". "))])
             for i, r in enumerate(austen_documents(400))]
     batch = examples.create_instances(docs, 0, 1, examples.ExampleConfig(), info)
     assert len(batch) > 500

@@ -1,0 +1,63 @@
+"""What a corpus's language decides: sentence rules, word segmentation for whole-word
+masking, script conversion, and the vocabulary's character coverage.
+
+A language is data, not code: ``--language`` (default: the ``xml:lang`` of the first
+MediaWiki dump among the inputs, else ``en``) selects tables; the choices are recorded
+in the manifest so that a data dir says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Languages written without spaces between words: sentences end at full-width stops with
+# no space after them, and words for whole-word masking come from a segmenter.
+CJK = ("zh", "ja", "ko", "yue", "wuu", "gan", "lzh")
+# OpenCC's conversions (opencc on PyPI ships their tables): Traditional → Simplified and
+# back, and the regional variants.
+CONVERSIONS = ("t2s", "s2t", "tw2s", "hk2s", "s2tw", "s2hk", "t2tw", "t2hk", "tw2sp", "s2twp")
+WHOLE_WORD_CHOICES = ("none", "auto", "pieces", "jieba")
+
+
+def base_language(code: str) -> str:
+    """``zh-hans`` → ``zh``, ``de-CH`` → ``de``: the part the rule tables are keyed by."""
+    return code.replace("_", "-").split("-", 1)[0].lower()
+
+
+def is_cjk(code: str) -> bool:
+    return base_language(code) in CJK
+
+
+def default_segmenter(code: str) -> str:
+    """What ``--whole-word-mask`` (without a value) means for a language: jieba words for
+    Chinese, as BERT-wwm (Cui et al. 2019) does; the vocabulary's own word starts
+    (pieces that begin with "▁" or "##" mark) for languages written with spaces."""
+    return "jieba" if base_language(code) in ("zh", "yue", "wuu", "gan", "lzh") else "pieces"
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    """Script conversion with OpenCC, loaded once per worker process (its tables take
+    ~50 ms to load) and picklable for Beam: only the config name travels."""
+
+    name: str
+
+    def __post_init__(self):
+        if self.name not in CONVERSIONS:
+            raise ValueError(f"--convert must be one of {', '.join(CONVERSIONS)}, got {self.name!r}")
+
+    def __call__(self, text: str) -> str:
+        return _opencc(self.name).convert(text)
+
+
+_CONVERTERS: dict = {}
+
+
+def _opencc(name: str):
+    if name not in _CONVERTERS:
+        try:
+            import opencc
+        except ImportError as err:  # pragma: no cover - a declared dependency
+            raise RuntimeError("--convert needs OpenCC: pip install opencc") from err
+        _CONVERTERS[name] = opencc.OpenCC(name)
+    return _CONVERTERS[name]

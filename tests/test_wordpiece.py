@@ -1,0 +1,110 @@
+"""``run_beam.py --tokenizer`` with a published BERT's WordPiece vocabulary: the data's ids
+are that vocabulary's, so the model can be continued from its weights."""
+
+import bz2
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import AUSTEN, REPO, TABLE_SAMPLE
+
+SCRIPT = os.path.join(REPO, "preprocessing", "run_beam.py")
+# BERT's layout: [PAD] 0, [unused*], then [UNK] [CLS] [SEP] [MASK] at 100-103.
+SPECIAL_IDS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
+
+
+@pytest.fixture(scope="module")
+def bert_vocab_dir(tmp_path_factory) -> str:
+    """A cased WordPiece vocabulary in bert-base-cased's layout, trained on Austen:
+    just ``vocab.txt``, as a downloaded model directory holds it."""
+    from tokenizers import BertWordPieceTokenizer
+
+    with bz2.open(AUSTEN, "rt", encoding="utf-8") as f:
+        text = f.read(600_000).split("\n\n")
+    trainer = BertWordPieceTokenizer(lowercase=False)
+    trainer.train_from_iterator(text, vocab_size=3000, special_tokens=[], show_progress=False)
+    learned = [t for t, _ in sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + learned
+    out = tmp_path_factory.mktemp("bert-cased")
+    (out / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def wordpiece_data(bert_vocab_dir, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("wp") / "data")
+    subprocess.run([sys.executable, SCRIPT, "--input", TABLE_SAMPLE, AUSTEN, "--output", out,
+                    "--tokenizer", bert_vocab_dir, "--dupe-factor", "1", "--whole-word-mask",
+                    "--num-shards", "1", "--no-mlflow"], check=True, capture_output=True, text=True)
+    return out
+
+
+def test_manifest_records_the_given_vocabulary(wordpiece_data, bert_vocab_dir):
+    with open(os.path.join(wordpiece_data, "manifest.json")) as f:
+        manifest = json.load(f)
+    tok = manifest["tokenizer"]
+    assert tok["kind"] == "wordpiece" and tok["model_type"] == "wordpiece"
+    assert tok["special_ids"] == SPECIAL_IDS
+    with open(os.path.join(bert_vocab_dir, "vocab.txt"), encoding="utf-8") as f:
+        assert tok["vocab_size"] == len(f.read().splitlines())
+    assert tok["lowercase"] is False  # capitalized words in the vocabulary: cased
+    assert manifest["masking"]["word_segmenter"] == "pieces" and manifest["language"] == "en"
+
+
+def test_written_tokenizer_gives_the_original_vocabularys_ids(wordpiece_data, bert_vocab_dir):
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import AutoTokenizer
+
+    ours = AutoTokenizer.from_pretrained(os.path.join(wordpiece_data, "tokenizer"))
+    # BERT's reference pipeline for a cased vocab.txt.
+    original = BertWordPieceTokenizer(os.path.join(bert_vocab_dir, "vocab.txt"), lowercase=False)
+    text = "Emma Woodhouse, handsome, clever, and rich, had lived nearly twenty-one years. Élodie 北京"
+    assert ours(text)["input_ids"] == original.encode(text).ids
+    assert "Emma" in ours.tokenize(text)  # cased: not lowercased
+    assert ours(text)["input_ids"][0] == SPECIAL_IDS["cls"] and ours(text)["input_ids"][-1] == SPECIAL_IDS["sep"]
+    assert ours.mask_token_id == SPECIAL_IDS["mask"] and ours.pad_token_id == SPECIAL_IDS["pad"]
+    with open(os.path.join(wordpiece_data, "tokenizer", "vocab.txt"), encoding="utf-8") as f, \
+            open(os.path.join(bert_vocab_dir, "vocab.txt"), encoding="utf-8") as g:
+        assert f.read() == g.read()
+
+
+def test_shards_hold_the_vocabularys_ids_with_whole_words_masked(wordpiece_data, bert_vocab_dir):
+    with open(os.path.join(bert_vocab_dir, "vocab.txt"), encoding="utf-8") as f:
+        tokens = f.read().splitlines()
+    shard = pq.read_table(os.path.join(wordpiece_data, "shards")).to_pydict()
+    assert len(shard["input_ids"]) > 500
+    masked = continued = 0
+    for ids, segments, positions, originals in zip(shard["input_ids"], shard["segment_ids"],
+                                                   shard["masked_lm_positions"], shard["masked_lm_ids"]):
+        assert ids[0] == SPECIAL_IDS["cls"] and ids[-1] == SPECIAL_IDS["sep"] and ids.count(SPECIAL_IDS["sep"]) == 2
+        chosen = set(positions)
+        for p, original in zip(positions, originals):
+            masked += ids[p] == SPECIAL_IDS["mask"]
+            # A "##" piece is masked only with the piece before it: whole words.
+            # (A segment truncated at its front may begin with one: it starts its group.)
+            if tokens[original].startswith("##") and p > 1 and segments[p - 1] == segments[p]:
+                continued += 1
+                assert p - 1 in chosen
+    total = sum(map(len, shard["masked_lm_positions"]))
+    assert 0.77 < masked / total < 0.83
+    assert continued > 100
+
+
+def test_a_directory_without_a_tokenizer_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, SCRIPT, "--input", TABLE_SAMPLE, "--output", str(tmp_path / "o"),
+                          "--tokenizer", str(tmp_path), "--no-mlflow"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert f"--tokenizer {tmp_path}: no tokenizer there" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_vocabulary_without_bert_special_tokens_is_refused(tmp_path):
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nthe\n##s\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, SCRIPT, "--input", TABLE_SAMPLE, "--output", str(tmp_path / "o"),
+                          "--tokenizer", str(tmp_path), "--no-mlflow"], capture_output=True, text=True)
+    assert out.returncode != 0 and "has no [CLS], [SEP], [MASK]" in out.stderr
+    assert "Traceback" not in out.stderr
