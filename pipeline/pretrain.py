@@ -47,8 +47,10 @@ def main(argv=None) -> int:
     tracker = None
     if config.mlflow and trainer.is_rank0:
         tags = {"data_run_id": str(trainer.manifest.get("data_run_id"))}
-        if trainer.init_info:  # phase 2: the run whose weights it starts from
-            tags["init_from_run_id"] = str(trainer.init_info["init_from_run_id"])
+        if trainer.init_info:  # phase 2 or continued pretraining: the weights it starts from, and their run
+            tags["init_from"] = str(trainer.init_info["init_from"])
+            if trainer.init_info.get("init_from_run_id"):  # a published model has none
+                tags["init_from_run_id"] = str(trainer.init_info["init_from_run_id"])
         tracker = Tracker("pretrain", config.experiment, config.run_name, tags)
         tracker.log_params({**config_params(config), "world_size": trainer.world_size,
                             "accumulation_steps": trainer.batches.accumulation_steps,

@@ -7,6 +7,8 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
+from pipeline import hf_init
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DS_CONFIG = os.path.join(REPO, "ds_configs", "cpu_fp32_zero2_torch-adamw.json")
 
@@ -19,7 +21,7 @@ class TrainConfigError(ValueError):
 class TrainConfig:
     data: str
     run_dir: str = "runs/pretrain"
-    model: str = "tiny"
+    model: str | None = "tiny"  # None (the command line's default): tiny, or an --init-from HF dir's config.json
     ds_config: str = DEFAULT_DS_CONFIG
     global_batch_size: int = 32
     micro_batch_size: int = 8
@@ -47,6 +49,11 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self):
+        if self.model is None:
+            # Continued pretraining of a Hugging Face BERT: its own architecture. Resolved here, so that
+            # train_config.json (what the export rebuilds the model from) records it.
+            object.__setattr__(self, "model", hf_init.config_path(self.init_from)
+                               if hf_init.is_hf_dir(self.init_from) else "tiny")
         if self.warmup_steps is None:
             object.__setattr__(self, "warmup_steps", self.steps // 10)
         checks = [
@@ -86,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the data dir's shards are converted once into flat memory-mapped arrays "
                         "(default: DATA/flat; pass one for a read-only data dir, or to put them on local disk)")
     p.add_argument("--run-dir", default=d.run_dir, help="checkpoints/, latest and the export go here")
-    p.add_argument("--model", default=d.model, help="preset (tiny, mini, small, base, large) or a config.json")
+    p.add_argument("--model", default=None,
+                   help="preset (tiny, mini, small, base, large) or a config.json (default: tiny; with a Hugging "
+                        "Face --init-from, the directory's config.json, and an explicit one must match it)")
     p.add_argument("--ds-config", default=d.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
     p.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
                    help="sequences per optimizer step, over all processes")
@@ -127,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from",
                    help="start from the weights of another run's checkpoint (a run dir, its checkpoints/ "
                         "or one tag dir) with a fresh optimizer and schedule: phase 2 (seq 512) after "
-                        "phase 1 (seq 128). Ignored when --run-dir already has a checkpoint to resume")
+                        "phase 1 (seq 128); or from a Hugging Face BERT directory (config.json + "
+                        "model.safetensors or pytorch_model.bin, e.g. a downloaded bert-base-chinese or "
+                        "RUN_DIR/hf/<tag>): continued pretraining, with the directory's architecture and a "
+                        "corpus preprocessed with its tokenizer. Ignored when --run-dir already has a "
+                        "checkpoint to resume")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder (Inductor). Batches are then padded to the data's "
                         "max_seq_length so that one graph serves every step; the first steps are slower "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from tqdm import tqdm
 
-from pipeline import checkpoint
+from pipeline import checkpoint, hf_init
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
 from pipeline.ds_config import inject, load_ds_config, plan_batches
@@ -144,6 +144,8 @@ class Trainer:
         self.train_rows = training_rows(self.manifest, self.eval_shards)
         self.batches = plan_batches(config.global_batch_size, config.micro_batch_size, self.world_size)
         torch.manual_seed(config.seed)
+        if hf_init.is_hf_dir(config.init_from):  # before a model of the wrong size or vocabulary is built
+            hf_init.check(config.init_from, config.model, self.manifest, config.data)
         self.model_config = model_config(config.model, self.manifest)
         model = build_model(self.model_config, sparse_mlm=True)
         if config.compile:
@@ -207,8 +209,12 @@ class Trainer:
                              f"{advice}")
 
     def _init_weights(self, model) -> dict:
-        """Phase 2: the weights of another run's checkpoint; optimizer and schedule start fresh."""
+        """Phase 2: the weights of another run's checkpoint, or continued pretraining of a Hugging
+        Face BERT directory; optimizer and schedule start fresh."""
         from pipeline.export import TRAIN_CONFIG, load_weights, read_train_config, resolve
+
+        if hf_init.is_hf_dir(self.config.init_from):
+            return hf_init.load_weights(model, self.config.init_from)
 
         run_dir, checkpoints, tag = resolve(self.config.init_from)
         self._check_tokenizer(checkpoints, tag, f"--init-from {checkpoints}/{tag}",
