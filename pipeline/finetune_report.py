@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import os
 
+from pipeline.metrics import format_per_class, per_class_metrics
+
 REPORT = "report.json"
 CONFUSION_PNG = "confusion_matrix.png"
 
 
 def write_report(report: dict, output_dir: str) -> list[str]:
-    """``report.json`` and, for classification, ``confusion_matrix.png``; returns the paths."""
+    """``report.json`` and, for classification, ``confusion_matrix.png``; returns the paths.
+    Classification also prints the test split's per-class table (rank 0 alone calls this)."""
     path = os.path.join(output_dir, REPORT)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     paths = [path]
+    if "per_class" in report:
+        print(format_per_class(report["per_class"]["test"], "test"), flush=True)
     if "confusion_matrix" in report:
         paths.append(plot_confusion_matrix(report["confusion_matrix"], report["labels"],
                                            os.path.join(output_dir, CONFUSION_PNG),
@@ -50,6 +55,18 @@ def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: str,
     return path
 
 
+def log_per_class_metrics(tracker, report_path: str) -> None:
+    """``test/f1/<label>``, ``validation/recall/<label>``, ``test/precision_weighted`` … from the
+    report just written, at the best epoch's step as the other test metrics."""
+    with open(report_path) as f:
+        report = json.load(f)
+    values = {}
+    for split, per_class in report.get("per_class", {}).items():
+        values.update(per_class_metrics(per_class, split))
+    if values:
+        tracker.log_metrics(values, report["best_epoch"])
+
+
 def pip_requirements() -> list[str]:
     """What the logged model needs to load. Given explicitly: MLflow's inference of them
     imports torchvision and fails offline (see ENVIRONMENT.md)."""
@@ -67,6 +84,7 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
 
     for path in paths:
         mlflow.log_artifact(path)
+    log_per_class_metrics(tracker, paths[0])
     if model_dir is None:
         return
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -30,7 +30,7 @@ from pipeline.ds_config import DsConfigError, inject, load_ds_config, plan_batch
 from pipeline.finetune_config import FinetuneConfig, FinetuneConfigError
 from pipeline.finetune_data import Examples, load_task_data
 from pipeline.finetune_model import build_classifier, load_tokenizer, read_training_info, resolve_model_dir
-from pipeline.metrics import LOWER_IS_BETTER, confusion_matrix, task_metrics
+from pipeline.metrics import LOWER_IS_BETTER, confusion_matrix, per_class_report, task_metrics
 from pipeline.param_groups import weight_decay_groups
 from pipeline.trainer import ensure_distributed_env, linear_warmup_decay
 
@@ -326,10 +326,20 @@ class Finetuner:
             "train_sequences_per_second": (sum(h.sequences for h in self.history)
                                            / max(sum(h.seconds for h in self.history), 1e-9)),
         }
+        mlflow = sys.modules.get("mlflow")  # imported only where a run is tracked (rank 0)
+        active = mlflow.active_run() if mlflow is not None else None
+        # The fine-tuning run's id, so that what uses the saved model (embed.py) can name its lineage.
+        report["finetune_run_id"] = active.info.run_id if active is not None else None
         if self.task == "classification":
+            k = len(self.data.labels)
             report["labels"] = self.data.labels
-            report["confusion_matrix"] = confusion_matrix(self.splits["test"].labels, outputs.argmax(-1),
-                                                          len(self.data.labels)).tolist()
+            test_matrix = confusion_matrix(self.splits["test"].labels, outputs.argmax(-1), k)
+            report["confusion_matrix"] = test_matrix.tolist()
+            # Validation again with the best weights, now loaded: the same outputs as in the best epoch.
+            validation_matrix = confusion_matrix(self.splits["validation"].labels,
+                                                 self.predict("validation").argmax(-1), k)
+            report["per_class"] = {"validation": per_class_report(validation_matrix, self.data.labels),
+                                   "test": per_class_report(test_matrix, self.data.labels)}
             if len(self.data.labels) == 2:
                 report["f1_binary_positive_label"] = self.data.labels[1]
         return report

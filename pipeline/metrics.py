@@ -3,11 +3,14 @@
 Classification: accuracy, macro F1 (the mean of per-class F1, every class counting the
 same: the headline for imbalanced or multi-class data), binary F1 of the positive class
 (label id 1) for two-class tasks, Matthews correlation (multi-class form), confusion
-matrix. Regression: Pearson and Spearman (Pearson of average ranks, ties included)
-correlations, and the mean squared error.
+matrix, and the per-class report (precision, recall, F1, support; macro and weighted
+averages: what scikit-learn's ``classification_report`` prints). Regression: Pearson and
+Spearman (Pearson of average ranks, ties included) correlations, and the mean squared error.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -45,6 +48,80 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_clas
     if num_classes == 2:
         out["f1_binary"] = float(f1[1])  # positive class = label id 1
     return out
+
+
+def per_class_report(m: np.ndarray, label_names: list[str]) -> dict:
+    """Precision, recall, F1 and support per class, and their macro and weighted averages.
+
+    From the confusion matrix ``m[true, predicted]``. A class never predicted has precision 0
+    and one absent from the labels recall 0 (scikit-learn's ``zero_division=0``, without its
+    warning); both stay in the macro average, as with ``labels=range(num_classes)``.
+    Returns ``{"classes": {label: {...}}, "macro_avg": {...}, "weighted_avg": {...}}``.
+    """
+    m = np.asarray(m, dtype=np.float64)
+    tp = np.diag(m)
+    predicted, support = m.sum(axis=0), m.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = _f1_per_class(m)
+    total = support.sum()
+    weights = support / total if total > 0 else np.zeros_like(support)
+
+    def averages(w: np.ndarray, n: float) -> dict:
+        return {"precision": float(precision @ w), "recall": float(recall @ w), "f1": float(f1 @ w),
+                "support": int(n)}
+
+    classes = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                      "support": int(support[i])} for i, name in enumerate(label_names)}
+    k = len(label_names)
+    return {"classes": classes, "macro_avg": averages(np.full(k, 1.0 / k) if k else np.zeros(0), total),
+            "weighted_avg": averages(weights, total)}
+
+
+def metric_name_part(name: str) -> str:
+    """``name`` as one part of an MLflow metric name: MLflow allows only letters, digits, ``_-. /:``
+    (and a part of dots alone would resolve to another path), so the rest become ``_``."""
+    part = re.sub(r"[^A-Za-z0-9_.-]", "_", str(name))[:100]
+    return "_" * len(part) if set(part) <= {"."} else part
+
+
+def per_class_metric_names(label_names: list[str]) -> list[str]:
+    """Distinct MLflow-safe names for the labels: ``a:b`` and ``a?b`` become ``a_b_0`` and ``a_b_1``."""
+    parts = [metric_name_part(n) or "_" for n in label_names]
+    clashes = {p for p in parts if parts.count(p) > 1}
+    return [f"{p}_{i}" if p in clashes else p for i, p in enumerate(parts)]
+
+
+def per_class_metrics(report: dict, prefix: str) -> dict[str, float]:
+    """A :func:`per_class_report` as flat MLflow metrics: ``PREFIX/f1/<label>`` … and
+    ``PREFIX/f1_weighted`` … (macro F1 is already ``PREFIX/f1_macro``)."""
+    names = per_class_metric_names(list(report["classes"]))
+    out = {}
+    for name, values in zip(names, report["classes"].values()):
+        out.update({f"{prefix}/{key}/{name}": float(values[key]) for key in ("precision", "recall", "f1", "support")})
+    for average in ("macro", "weighted"):
+        values = report[f"{average}_avg"]
+        out.update({f"{prefix}/{key}_{average}": values[key] for key in ("precision", "recall", "f1")
+                    if not (average == "macro" and key == "f1")})
+    return out
+
+
+def format_per_class(report: dict, title: str = "") -> str:
+    """The report as an aligned table, as scikit-learn's ``classification_report`` prints it."""
+    names = list(report["classes"]) + ["macro avg", "weighted avg"]
+    width = max(12, *(len(n) for n in names))
+    header = f"{title:<{width}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>9}"
+    rows = [*report["classes"].items(), None, ("macro avg", report["macro_avg"]),
+            ("weighted avg", report["weighted_avg"])]
+    lines = [header]
+    for row in rows:
+        if row is None:
+            lines.append("")
+            continue
+        name, v = row
+        lines.append(f"{name:>{width}}  {v['precision']:>9.4f}  {v['recall']:>9.4f}  {v['f1']:>9.4f}  "
+                     f"{v['support']:>9d}")
+    return "\n".join(lines)
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:

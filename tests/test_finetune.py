@@ -99,7 +99,7 @@ def saved_model_outputs(model_dir, finetuner, split="test"):
         return model(**batch).logits.numpy(), model
 
 
-def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predicts(pretrained, reviews, tmp_path):
+def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predicts(pretrained, reviews, tmp_path, capsys):
     from pipeline.finetune_report import write_report
     from pipeline.finetuner import Finetuner
 
@@ -131,6 +131,20 @@ def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predi
     assert [os.path.basename(p) for p in paths] == ["report.json", "confusion_matrix.png"]
     assert open(paths[1], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(paths[0]))["test"] == report["test"]
+    # per-class precision/recall/F1/support for both splits, in report.json and printed as a table
+    per_class = json.load(open(paths[0]))["per_class"]
+    assert set(per_class) == {"validation", "test"} and report["finetune_run_id"] is None  # no MLflow run here
+    test_classes = per_class["test"]["classes"]
+    assert list(test_classes) == ["fresh", "rotten"]
+    assert [test_classes[k]["support"] for k in ("fresh", "rotten")] == cm.sum(axis=1).tolist()
+    assert [test_classes[k]["recall"] for k in ("fresh", "rotten")] == pytest.approx(np.diag(cm) / cm.sum(axis=1))
+    assert per_class["test"]["macro_avg"]["f1"] == pytest.approx(report["test"]["f1_macro"])
+    assert test_classes["rotten"]["f1"] == pytest.approx(report["test"]["f1_binary"])
+    # recomputed with the best weights, the validation split gives the best epoch's figures
+    assert per_class["validation"]["macro_avg"]["f1"] == pytest.approx(report["validation"]["f1_macro"])
+    assert per_class["validation"]["weighted_avg"]["support"] == report["rows"]["validation"]
+    printed = capsys.readouterr().out
+    assert "precision" in printed and "weighted avg" in printed and "rotten" in printed
 
 
 def test_early_stopping_keeps_the_best_epochs_weights(pretrained, reviews, tmp_path, monkeypatch):
@@ -364,6 +378,13 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     assert [m.step for m in history] == [1, 2]
     report = json.load(open(tmp_path / "out" / "report.json"))
     assert run.data.metrics["test/accuracy"] == pytest.approx(report["test"]["accuracy"])
+    assert report["finetune_run_id"] == run.info.run_id
+    for split in ("test", "validation"):
+        for label in ("fresh", "rotten"):
+            assert run.data.metrics[f"{split}/f1/{label}"] == pytest.approx(
+                report["per_class"][split]["classes"][label]["f1"])
+    assert run.data.metrics["test/f1_weighted"] == pytest.approx(report["per_class"]["test"]["weighted_avg"]["f1"])
+    assert "weighted avg" in proc.stdout  # the per-class table at the end of the run
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.json", "confusion_matrix.png", "ds_config.json"} <= artifacts
     version = client.get_registered_model("reviews-tiny").latest_versions[0]

@@ -67,3 +67,112 @@ def test_task_metrics_take_model_outputs():
     assert metrics.task_metrics("classification", np.array([0, 1, 0]), logits, 2)["accuracy"] == pytest.approx(2 / 3)
     scores = np.array([[0.5], [1.5], [2.5]])
     assert metrics.task_metrics("regression", np.array([1.0, 2.0, 3.0]), scores, 0)["pearson"] == pytest.approx(1.0)
+
+
+def _sklearn_report(labels, predictions, classes):
+    precision, recall, f1, support = sk.precision_recall_fscore_support(
+        labels, predictions, labels=range(classes), zero_division=0)
+    return precision, recall, f1, support
+
+
+@pytest.mark.parametrize("classes,seed", [(2, 0), (3, 1), (7, 2), (7, 3)])
+def test_per_class_report_matches_sklearn(classes, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, 400)
+    predictions = np.where(rng.random(400) < 0.5, labels, rng.integers(0, classes, 400))
+    names = [f"class {i}" for i in range(classes)]
+    report = metrics.per_class_report(metrics.confusion_matrix(labels, predictions, classes), names)
+    precision, recall, f1, support = _sklearn_report(labels, predictions, classes)
+    assert list(report["classes"]) == names
+    for i, name in enumerate(names):
+        row = report["classes"][name]
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((precision[i], recall[i], f1[i]))
+        assert row["support"] == support[i]
+    for average in ("macro", "weighted"):
+        expected = sk.precision_recall_fscore_support(labels, predictions, labels=range(classes), average=average,
+                                                      zero_division=0)
+        got = report[f"{average}_avg"]
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(expected[:3])
+        assert got["support"] == 400
+    # and what sklearn's classification_report prints
+    printed = sk.classification_report(labels, predictions, labels=range(classes), target_names=names,
+                                       output_dict=True, zero_division=0)
+    assert report["weighted_avg"]["f1"] == pytest.approx(printed["weighted avg"]["f1-score"])
+
+
+def test_a_class_never_predicted_and_one_never_seen_give_zeros_without_warnings(recwarn):
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    predictions = np.array([0, 0, 0, 0, 3, 0])  # class 1 never predicted, class 2 in neither, 3 never true
+    report = metrics.per_class_report(metrics.confusion_matrix(labels, predictions, 4), ["a", "b", "c", "d"])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # no 0/0 from numpy
+    values = [v for row in report["classes"].values() for v in row.values()]
+    assert not np.isnan(values).any()
+    assert report["classes"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 3}
+    assert report["classes"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert report["classes"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    precision, recall, f1, support = _sklearn_report(labels, predictions, 4)
+    for i, name in enumerate("abcd"):
+        row = report["classes"][name]
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx(
+            (precision[i], recall[i], f1[i], support[i]))
+    expected = sk.precision_recall_fscore_support(labels, predictions, labels=range(4), average="macro",
+                                                  zero_division=0)
+    assert report["macro_avg"]["f1"] == pytest.approx(expected[2])
+    # no rows at all: zeros, not NaN
+    empty = metrics.per_class_report(np.zeros((2, 2), dtype=int), ["a", "b"])
+    assert empty["weighted_avg"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_per_class_metric_names_are_mlflow_safe_and_distinct():
+    from mlflow.utils.validation import _validate_metric_name
+
+    labels = ["fresh", "not good/bad", "a:b", "a?b", "..", "ünïcode", "x" * 300]
+    report = metrics.per_class_report(np.eye(len(labels), dtype=int), labels)
+    values = metrics.per_class_metrics(report, "test")
+    for name in values:
+        _validate_metric_name(name)  # raises on a bad character or a path that resolves elsewhere
+        assert len(name) <= 250
+    f1_names = [n for n in values if n.startswith("test/f1/")]
+    assert len(set(f1_names)) == len(labels)
+    assert "test/f1/fresh" in values and "test/f1/not_good_bad" in values
+    assert {"test/f1/a_b_2", "test/f1/a_b_3"} <= set(values)
+    assert {"test/precision_macro", "test/recall_weighted", "test/f1_weighted"} <= set(values)
+    assert "test/f1_macro" not in values  # classification_metrics already has it
+
+
+def test_per_class_table_is_aligned():
+    report = metrics.per_class_report(np.array([[5, 1], [2, 12]]), ["fresh", "rotten"])
+    table = metrics.format_per_class(report, "test").splitlines()
+    assert table[0].split() == ["test", "precision", "recall", "f1", "support"]
+    assert table[1].split() == ["fresh", "0.7143", "0.8333", "0.7692", "6"]
+    assert table[-1].split()[:2] == ["weighted", "avg"]
+    rows = [line for line in table if line]
+    assert len({len(line) for line in rows}) == 1  # every row as wide as the header
+
+
+def test_the_reports_per_class_figures_are_logged_as_metrics(tmp_path):
+    import json
+
+    from pipeline.finetune_report import log_per_class_metrics
+
+    report = {"best_epoch": 3, "per_class": {
+        split: metrics.per_class_report(np.array([[5, 1], [2, 12]]), ["fresh", "rot ten"]) for split in
+        ("validation", "test")}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+
+    class Tracker:
+        logged = []
+
+        def log_metrics(self, values, step):
+            self.logged.append((values, step))
+
+    tracker = Tracker()
+    log_per_class_metrics(tracker, str(path))
+    (values, step), = tracker.logged
+    assert step == 3
+    assert values["test/f1/fresh"] == pytest.approx(2 * 5 / (2 * 5 + 1 + 2))
+    assert values["validation/recall/rot_ten"] == pytest.approx(12 / 14) and values["test/support/rot_ten"] == 14
+    path.write_text(json.dumps({"best_epoch": 1}))  # regression: no per-class figures, nothing logged
+    log_per_class_metrics(tracker, str(path))
+    assert len(tracker.logged) == 1

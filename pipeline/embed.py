@@ -1,0 +1,152 @@
+"""Sentence embeddings from a pretraining export or a fine-tuned model, to Parquet.
+
+    python pipeline/embed.py --model runs/reviews/model --input texts.csv --out emb.parquet \
+        --pooling mean --normalize
+    torchrun --nproc_per_node 2 pipeline/embed.py --model runs/tiny/hf/step00000200 --input texts.jsonl \
+        --out emb.parquet
+
+Writes OUT with the input's id column (or ``row``, the 0-based row number) and ``embedding``
+(list<float32>), in input row order; pooling, normalize, model and lineage in the schema
+metadata. Under torchrun / deepspeed the rows are split across the processes and rank 0
+merges the parts. Rank 0 logs one MLflow run (stage=embed). Exit code 0, or 2 with one line
+naming the file, row or flag for bad input, flags or model.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from pipeline import embedding  # noqa: E402
+from pipeline.finetune_data import FinetuneDataError  # noqa: E402
+from pipeline.finetune_model import ModelSourceError  # noqa: E402
+
+USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError)
+log = logging.getLogger("pipeline.embed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python pipeline/embed.py",
+        description="Embed texts with the encoder of a BERT this project wrote (a pretraining export "
+                    "RUN_DIR/hf/<tag> or fine-tuning's OUTPUT_DIR/model). One process, or several under torchrun / "
+                    "deepspeed (rows split across them, rank 0 merges). Writes OUT: the id column and 'embedding' "
+                    "(list<float32>) in input row order; logs one MLflow run (stage=embed).",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face model dir: config.json, weights and tokenizer")
+    p.add_argument("--input", required=True,
+                   help="csv, tsv, jsonl or parquet (optionally .gz/.bz2/.xz); a blank text is an error naming "
+                        "its line")
+    p.add_argument("--out", required=True, help="output Parquet file (written to a temporary file, then renamed)")
+    p.add_argument("--text-column", default="text",
+                   help="the column (or jsonl key) holding the texts (default: %(default)s)")
+    p.add_argument("--id-column", default=None,
+                   help="column copied to the output beside each embedding (default: 'id' when the input has it, "
+                        f"else a '{embedding.ROW_COLUMN}' column with the 0-based row number)")
+    p.add_argument("--pooling", choices=embedding.POOLINGS, default="cls",
+                   help="cls (default): the [CLS] token's last hidden state; mean: the mean over the real tokens (not "
+                        "padding)")
+    p.add_argument("--normalize", action="store_true", help="scale every embedding to unit L2 norm")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="texts per forward pass, per process (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text, longer ones cut and counted (default: the tokenizer's, i.e. the "
+                        "pretraining length)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (default fp32; refused on CPU)")
+    tr = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
+    tr.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log no MLflow run")
+    tr.add_argument("--experiment", default="bert-pipeline", help="MLflow experiment (default: %(default)s)")
+    tr.add_argument("--run-name", help="MLflow run name (default: MLflow's generated one)")
+    # The deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    import torch
+
+    # torchrun and the deepspeed launcher set these (and MASTER_ADDR/PORT); a plain run is one process.
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
+                                    (("RANK", 0), ("LOCAL_RANK", args.local_rank or 0), ("WORLD_SIZE", 1)))
+    # Every check before the process group: a bad file or flag fails on every rank alike, at once.
+    try:
+        inputs = embedding.read_inputs(args.input, args.text_column, args.id_column)
+        model, tokenizer = embedding.load_model(args.model)
+        max_length = embedding.resolve_max_length(args.max_length, tokenizer, model.config)
+        if args.bf16 and not torch.cuda.is_available():
+            raise embedding.EmbedError("--bf16: no CUDA device; on CPU the embeddings are computed in fp32")
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if world_size > 1:
+        # Only a barrier crosses processes (the parts go through files): gloo, on CPU or GPU.
+        torch.distributed.init_process_group("gloo")
+    lineage = embedding.model_lineage(args.model)
+    tracker = None
+    if args.mlflow and rank == 0:
+        from pipeline.tracking import Tracker
+
+        tracker = Tracker("embed", args.experiment, args.run_name, lineage)
+        tracker.log_params({**{k: v for k, v in vars(args).items() if k not in ("local_rank", "mlflow")},
+                            "id_column_used": inputs.id_column, "max_length_used": max_length,
+                            "world_size": world_size, "rows": len(inputs), "device": device.type})
+    status = "FAILED"
+    try:
+        from tqdm import tqdm
+
+        started = time.perf_counter()
+        rows = embedding.my_rows(len(inputs), rank, world_size)
+        # A bar on a terminal; in a batch log the closing line is the progress.
+        with tqdm(total=len(rows), desc="embedding", unit="text", dynamic_ncols=True, mininterval=1.0,
+                  disable=not (rank == 0 and sys.stderr.isatty())) as progress:
+            vectors, truncated = embedding.embed_texts(
+                model, tokenizer, [inputs.texts[i] for i in rows], pooling=args.pooling, normalize=args.normalize,
+                batch_size=args.batch_size, max_length=max_length, bf16=args.bf16, progress=progress)
+        metadata = {"pooling": args.pooling, "normalize": str(args.normalize).lower(),
+                    "model": os.path.abspath(args.model), "max_length": max_length,
+                    "embedding_dim": model.config.hidden_size, "id_column": inputs.id_column,
+                    "source": os.path.abspath(args.input), **lineage}
+        if world_size > 1:
+            embedding.write_part(args.out, rank, world_size, rows, vectors)
+            counts = torch.tensor([truncated], dtype=torch.int64)
+            torch.distributed.all_reduce(counts)  # also the barrier: every part is written
+            truncated = int(counts.item())
+            if rank == 0:
+                embedding.merge_parts(args.out, world_size, inputs.id_column, inputs.ids, metadata)
+        else:
+            embedding.write_atomic(embedding.embedding_table(inputs.id_column, inputs.ids, vectors, metadata), args.out)
+        seconds = time.perf_counter() - started
+        if rank == 0:
+            print(f"{len(inputs)} embeddings ({model.config.hidden_size} dims, {args.pooling} pooling"
+                  f"{', normalized' if args.normalize else ''}) in {seconds:.1f} s, {truncated} texts cut at "
+                  f"{max_length} tokens: {args.out}", flush=True)
+        if tracker:
+            tracker.log_metrics({"rows_per_second": len(inputs) / max(seconds, 1e-9), "seconds": seconds,
+                                 "rows": len(inputs), "rows_truncated": truncated}, 0)
+        status = "FINISHED"
+        return 0
+    finally:
+        if tracker:
+            tracker.finish(status)
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

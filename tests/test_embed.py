@@ -1,0 +1,283 @@
+"""Sentence embeddings (pipeline/embed.py): pooling that ignores padding, unit norms, rows in input
+order with or without an id column, bad input refused by file and line; a model fine-tuned here on
+real reviews puts reviews of one label closer together than chance does; 2 processes under
+torchrun write the same Parquet as 1, and rank 0 alone logs the MLflow run with its lineage."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import embedding
+from pipeline.finetune_data import read_table, stratified_split
+
+from .conftest import REPO
+
+BUNDLE = os.path.join(REPO, "tests", "data", "pretrained_reviews")  # a pretraining export (make_bundle.py)
+ROTTEN_TOMATOES = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
+SCRIPT = os.path.join(REPO, "pipeline", "embed.py")
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def one_process(monkeypatch):
+    for key in DIST_ENV:
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return embedding.load_model(BUNDLE)
+
+
+@pytest.fixture(scope="module")
+def reviews():
+    """Real reviews (no plot summaries): (texts, labels)."""
+    table = read_table(ROTTEN_TOMATOES)
+    keep = [i for i, c in enumerate(table.columns["category"]) if c != "plot"]
+    return [table.columns["text"][i] for i in keep], [table.columns["category"][i] for i in keep]
+
+
+def embed(encoder, texts, **kwargs):
+    model, tokenizer = encoder
+    return embedding.embed_texts(model, tokenizer, texts, max_length=64, **kwargs)[0]
+
+
+def read_out(path):
+    table = pq.read_table(path)
+    return table, np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+
+
+# ---------------------------------------------------------------------------- unit
+def test_mean_pooling_ignores_padding(encoder, reviews):
+    short = "A triumph."
+    long = max(reviews[0][:200], key=len)
+    for pooling in ("mean", "cls"):
+        alone = embed(encoder, [short], pooling=pooling)
+        batched = embed(encoder, [long, short, long], pooling=pooling, batch_size=8)  # short padded to long's width
+        np.testing.assert_allclose(batched[1], alone[0], atol=1e-5)
+        assert not np.allclose(batched[0], alone[0], atol=1e-2)  # and the texts do differ
+    # the mean is over the real tokens: padding positions added to the mask would move it
+    import torch
+
+    model, tokenizer = encoder
+    ids = torch.tensor([tokenizer(short)["input_ids"] + [tokenizer.pad_token_id] * 5])
+    mask = (ids != tokenizer.pad_token_id).long()
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    mean_alone = embed(encoder, [short], pooling="mean")[0]
+    np.testing.assert_allclose(embedding.pool(hidden, mask, "mean")[0].numpy(), mean_alone, atol=1e-5)
+    assert not np.allclose(hidden[0].mean(0).numpy(), mean_alone, atol=1e-3)
+
+
+def test_normalize_gives_unit_norm_and_order_is_kept(encoder, reviews):
+    texts = reviews[0][:37]
+    raw = embed(encoder, texts, pooling="mean", batch_size=5)
+    unit = embed(encoder, texts, pooling="mean", batch_size=5, normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-2)
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
+    # batched by length, put back in input order: each row is what the text gives alone
+    for i in (0, 13, 36):
+        np.testing.assert_allclose(raw[i], embed(encoder, [texts[i]], pooling="mean")[0], atol=1e-5)
+
+
+def test_output_rows_match_input_rows_with_and_without_id_column(tmp_path, reviews):
+    from pipeline.embed import main
+
+    texts = reviews[0][:25]
+    with_ids = tmp_path / "with_ids.jsonl"
+    with open(with_ids, "w") as f:
+        for k, text in enumerate(texts):
+            f.write(json.dumps({"doc": f"d{100 - k}", "body": text}) + "\n")
+    without = tmp_path / "plain.csv"
+    with open(without, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text"])
+        w.writerows([t] for t in texts)
+    out1, out2 = tmp_path / "a.parquet", tmp_path / "sub" / "b.parquet"
+    assert main(["--model", BUNDLE, "--input", str(with_ids), "--out", str(out1), "--text-column", "body",
+                 "--id-column", "doc", "--batch-size", "4", "--no-mlflow"]) == 0
+    assert main(["--model", BUNDLE, "--input", str(without), "--out", str(out2), "--pooling", "mean",
+                 "--normalize", "--no-mlflow"]) == 0
+    a, a_vectors = read_out(out1)
+    b, b_vectors = read_out(out2)
+    assert a.column_names == ["doc", "embedding"] and a.column("doc").to_pylist() == [f"d{100 - k}" for k in range(25)]
+    assert b.column_names == ["row", "embedding"] and b.column("row").to_pylist() == list(range(25))
+    assert a_vectors.shape == b_vectors.shape == (25, 128) and a_vectors.dtype == np.float32
+    assert str(a.schema.field("embedding").type) == "list<element: float>"
+    assert embedding.read_metadata(str(out1))["pooling"] == "cls"
+    meta = embedding.read_metadata(str(out2))
+    assert meta["pooling"] == "mean" and meta["normalize"] == "true" and meta["model_kind"] == "pretrained"
+    assert meta["embedding_dim"] == "128" and meta["max_length"] == "64"
+    assert sorted(os.listdir(tmp_path / "sub")) == ["b.parquet"]  # no temporary file left behind
+
+
+def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
+    from pipeline.embed import build_parser, main
+
+    blank = tmp_path / "blank.csv"
+    blank.write_text("id,text\n1,fine\n2,\n3,  \n")
+    out, ok = str(tmp_path / "o.parquet"), tmp_path / "ok.csv"
+    cases = [
+        (["--input", str(blank)], f"{blank}:3: column 'text' is blank (2 rows in {blank})"),
+        (["--input", str(blank), "--text-column", "body"], f"{blank}: no column 'body' (columns: id, text)"),
+        (["--input", str(blank), "--id-column", "key"], f"{blank}: no column 'key'"),
+        (["--input", str(tmp_path / "missing.csv")], "missing.csv: no such file or directory"),
+        (["--input", str(tmp_path / "in.txt")], "in.txt: unknown format '.txt'"),
+        (["--model", str(tmp_path), "--input", str(ok)], "not a Hugging Face model dir (no config.json)"),
+    ]
+    (tmp_path / "in.txt").write_text("x")
+    ok.write_text("text\nfine\n")
+    for args, message in cases:
+        assert main(["--model", BUNDLE, *args, "--out", out, "--no-mlflow"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["--model", BUNDLE, "--input", str(ok), "--max-length", "4096", "--out", out, "--no-mlflow"]) == 2
+    assert "--max-length 4096: must be in 3..64" in capsys.readouterr().err
+    assert not os.path.exists(out)
+    # as a script: the one line, no traceback
+    proc = subprocess.run([sys.executable, SCRIPT, "--model", BUNDLE, "--input", str(blank), "--out", out,
+                           "--no-mlflow"], capture_output=True, text=True, env=_clean_env())
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {blank}:3:") and "Traceback" not in proc.stderr
+    help_text = build_parser().format_help()
+    for flag in ("--model", "--input", "--out", "--text-column", "--id-column", "--pooling", "--normalize",
+                 "--batch-size", "--max-length", "--bf16", "--no-mlflow", "--experiment", "--run-name"):
+        assert flag in help_text
+
+
+def test_lineage_from_an_export_and_from_a_fine_tuned_model(tmp_path):
+    export = tmp_path / "hf"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "training_info.json").write_text(json.dumps({"pretrain_run_id": "p1", "data_run_id": None}))
+    assert embedding.model_lineage(str(export)) == {"model_kind": "pretrained", "pretrain_run_id": "p1"}
+    model = tmp_path / "ft" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (tmp_path / "ft" / "report.json").write_text(json.dumps(
+        {"task": "classification", "finetune_run_id": "f1", "pretrain_run_id": "p1", "data_run_id": "d1"}))
+    assert embedding.model_lineage(str(model)) == {"model_kind": "finetuned", "finetune_run_id": "f1",
+                                                   "pretrain_run_id": "p1", "data_run_id": "d1"}
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def finetuned(reviews, tmp_path_factory):
+    """The bundle fine-tuned by finetune.py on 480 reviews (2 epochs, 60 steps), and 300 other reviews held out."""
+    texts, labels = reviews
+    train, validation, test, held_out = stratified_split(labels, [480 / len(labels), 100 / len(labels),
+                                                                  100 / len(labels), 300 / len(labels)], seed=7)[:4]
+    root = tmp_path_factory.mktemp("embed_finetune")
+
+    def write(name, rows):
+        with open(root / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "text", "label"])
+            w.writerows((f"r{i}", texts[i], labels[i]) for i in rows)
+        return str(root / name)
+
+    files = {name: write(f"{name}.csv", rows) for name, rows in
+             (("train", train), ("validation", validation), ("test", test), ("held_out", held_out))}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "pipeline", "finetune.py"), "--model", BUNDLE, "--train", files["train"],
+         "--validation", files["validation"], "--test", files["test"], "--epochs", "2", "--learning-rate", "1e-3",
+         "--global-batch-size", "16", "--micro-batch-size", "16", "--patience", "0", "--output-dir", str(root / "out"),
+         "--no-mlflow"], capture_output=True, text=True, env=_clean_env(MASTER_PORT=str(_free_port())), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return str(root / "out" / "model"), files["held_out"], [labels[i] for i in held_out]
+
+
+def label_gap(vectors: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cosine similarity within a label minus between labels (pairs of distinct rows)."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    same = labels[:, None] == labels[None, :]
+    off_diagonal = ~np.eye(len(labels), dtype=bool)
+    return sims[same & off_diagonal].mean() - sims[~same].mean()
+
+
+@pytest.mark.e2e
+def test_fine_tuned_embeddings_put_a_labels_reviews_closer(finetuned, encoder, tmp_path):
+    from pipeline.embed import main
+
+    model_dir, held_out, labels = finetuned
+    out = tmp_path / "held_out.parquet"
+    assert main(["--model", model_dir, "--input", held_out, "--out", str(out), "--no-mlflow"]) == 0
+    table, vectors = read_out(out)
+    rows = list(csv.DictReader(open(held_out)))
+    assert table.column("id").to_pylist() == [row["id"] for row in rows] and len(rows) == 300
+    assert embedding.read_metadata(str(out))["model_kind"] == "finetuned"
+    labels = np.asarray(labels)
+    gap = label_gap(vectors, labels)
+    # the same statistic with the labels shuffled: what it is with no label structure at all
+    rng = np.random.default_rng(0)
+    null = np.array([label_gap(vectors, rng.permutation(labels)) for _ in range(200)])
+    pretrained = label_gap(embed(encoder, [row["text"] for row in rows]), labels)  # before fine-tuning
+    print(f"\nwithin - between label cosine on 300 held-out reviews: fine-tuned {gap:.4f}, pretrained only "
+          f"{pretrained:.4f}, shuffled labels {null.mean():.4f} +- {null.std():.4f} (max {null.max():.4f})")
+    assert gap > 0 and gap > null.max() and gap > null.mean() + 5 * null.std()
+    assert gap > pretrained  # the label structure comes from fine-tuning
+
+
+@pytest.mark.e2e
+def test_two_processes_write_the_same_parquet_and_rank0_logs_the_run(reviews, tmp_path, mlflow_server):
+    import mlflow
+
+    from pipeline.embed import main
+
+    model = tmp_path / "export"  # the bundle, with lineage recorded as pretrain.py's export records it
+    shutil.copytree(BUNDLE, model)
+    info = json.load(open(model / "training_info.json"))
+    json.dump({**info, "pretrain_run_id": "pretrain-run-e", "data_run_id": "data-run-e"},
+              open(model / "training_info.json", "w"))
+    source = tmp_path / "texts.parquet"
+    import pyarrow as pa
+
+    texts = reviews[0][:61]  # odd: the two ranks get 31 and 30 rows
+    pq.write_table(pa.table({"id": list(range(1000, 1061)), "text": texts}), source)
+    one = tmp_path / "one.parquet"
+    assert main(["--model", str(model), "--input", str(source), "--out", str(one), "--pooling", "mean",
+                 "--batch-size", "8", "--no-mlflow"]) == 0
+    two = tmp_path / "two.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", SCRIPT,
+         "--model", str(model), "--input", str(source), "--out", str(two), "--pooling", "mean", "--batch-size", "8",
+         "--run-name", "embed-e2e"], capture_output=True, text=True, timeout=300,
+        env=_clean_env(MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (a, a_vectors), (b, b_vectors) = read_out(one), read_out(two)
+    assert b.column("id").to_pylist() == a.column("id").to_pylist() == list(range(1000, 1061))
+    np.testing.assert_allclose(b_vectors, a_vectors, atol=1e-5)
+    assert embedding.read_metadata(str(two)) == embedding.read_metadata(str(one))
+    assert sorted(os.listdir(tmp_path)) == sorted(["export", "texts.parquet", "one.parquet", "two.parquet"])
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("bert-pipeline").experiment_id],
+                              filter_string="tags.stage = 'embed' and attributes.run_name = 'embed-e2e'")
+    assert len(runs) == 1  # rank 0 alone
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["pretrain_run_id"] == "pretrain-run-e" and run.data.tags["data_run_id"] == "data-run-e"
+    assert run.data.params["world_size"] == "2" and run.data.params["pooling"] == "mean"
+    assert run.data.params["rows"] == "61" and run.data.metrics["rows"] == 61
+    assert run.data.metrics["rows_per_second"] > 0
