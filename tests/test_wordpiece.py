@@ -108,3 +108,38 @@ def test_a_vocabulary_without_bert_special_tokens_is_refused(tmp_path):
                           "--tokenizer", str(tmp_path), "--no-mlflow"], capture_output=True, text=True)
     assert out.returncode != 0 and "has no [CLS], [SEP], [MASK]" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_continued_pretraining_of_a_wordpiece_bert_loads_its_saved_weights(wordpiece_data, bert_vocab_dir,
+                                                                            tmp_path, monkeypatch):
+    """The whole path a user takes with a downloaded BERT: its directory (config, weights,
+    vocab.txt) → run_beam.py --tokenizer DIR → pretrain --init-from DIR."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertForPreTraining
+
+    from pipeline.train_config import TrainConfig
+    from pipeline.trainer import Trainer
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29543"}.items():
+        monkeypatch.setenv(key, value)
+    published = tmp_path / "bert-published"
+    shutil.copytree(bert_vocab_dir, published)
+    torch.manual_seed(5)
+    with open(os.path.join(bert_vocab_dir, "vocab.txt"), encoding="utf-8") as f:
+        size = len(f.read().splitlines())
+    BertForPreTraining(BertConfig(vocab_size=size, pad_token_id=0, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64)).save_pretrained(published)
+    config = TrainConfig(data=wordpiece_data, run_dir=str(tmp_path / "run"), model=None, init_from=str(published),
+                         steps=1, global_batch_size=8, micro_batch_size=8, learning_rate=1e-4, warmup_steps=0,
+                         eval_shards=0, mlflow=False)
+    trainer = Trainer(config)
+    state = trainer.engine.module.state_dict()
+    saved = load_file(os.path.join(published, "model.safetensors"))
+    assert len(saved) > 30
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+    assert trainer.train() == 0
