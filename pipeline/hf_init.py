@@ -154,6 +154,7 @@ def _check_tokenizer(path: str, manifest: dict, data_dir: str, advice: str) -> N
         if have != want:
             raise HfInitError(f"--init-from {path}: {token} is id {have} in {source} but {want} in --data "
                               f"{data_dir} (manifest tokenizer.special_ids.{key}): {advice}")
+    _check_casing(path, manifest, data_dir, advice)
     data_ids, data_source, data_whole = token_ids(os.path.join(data_dir, manifest["tokenizer"].get("path",
                                                                                                    "tokenizer")))
     if whole and data_whole and ids != data_ids:
@@ -163,6 +164,20 @@ def _check_tokenizer(path: str, manifest: dict, data_dir: str, advice: str) -> N
         raise HfInitError(f"--init-from {path}: its vocabulary ({source}) is not --data {data_dir}'s "
                           f"({data_source}): token {token!r} is id {ids.get(token)} there but "
                           f"{data_ids.get(token)} in the data: {advice}")
+
+
+def _check_casing(path: str, manifest: dict, data_dir: str, advice: str) -> None:
+    """The same vocabulary lowercased or not gives other ids for "Paris": a cased model fed
+    lowercased data (or the reverse) trains on text it never saw, so the two must agree
+    where both say (tokenizer_config.json's do_lower_case; the manifest's tokenizer.lowercase,
+    recorded for WordPiece data)."""
+    lower = _json(os.path.join(path, "tokenizer_config.json")).get("do_lower_case")
+    data_lower = manifest["tokenizer"].get("lowercase")
+    if lower is not None and data_lower is not None and bool(lower) != bool(data_lower):
+        raise HfInitError(f"--init-from {path}: its tokenizer is {'uncased' if lower else 'cased'} "
+                          f"(tokenizer_config.json do_lower_case={str(bool(lower)).lower()}) but --data {data_dir} "
+                          f"was made {'lowercased' if data_lower else 'cased'} (manifest tokenizer.lowercase): "
+                          f"{advice}")
 
 
 def read_weights(path: str) -> dict:

@@ -143,3 +143,24 @@ def test_continued_pretraining_of_a_wordpiece_bert_loads_its_saved_weights(wordp
     for name, tensor in saved.items():
         assert torch.equal(state[name], tensor), name
     assert trainer.train() == 0
+
+
+def test_a_model_whose_casing_differs_from_the_data_is_refused(wordpiece_data, bert_vocab_dir, tmp_path,
+                                                                monkeypatch):
+    import shutil
+
+    from transformers import BertConfig, BertForPreTraining
+
+    from pipeline.hf_init import HfInitError, check
+
+    published = tmp_path / "bert-uncased"
+    shutil.copytree(bert_vocab_dir, published)
+    (published / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    with open(os.path.join(bert_vocab_dir, "vocab.txt"), encoding="utf-8") as f:
+        size = len(f.read().splitlines())
+    BertForPreTraining(BertConfig(vocab_size=size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)).save_pretrained(published)
+    with open(os.path.join(wordpiece_data, "manifest.json")) as f:
+        manifest = json.load(f)
+    with pytest.raises(HfInitError, match="uncased .*do_lower_case=true.* made cased"):
+        check(str(published), str(published / "config.json"), manifest, wordpiece_data)
