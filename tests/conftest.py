@@ -90,3 +90,11 @@ def data_dir(tmp_path_factory) -> str:
                     "--output", out, "--vocab-size", "4000", "--dupe-factor", "2", "--num-shards", "2",
                     "--no-mlflow"], check=True, capture_output=True)
     return out
+
+
+def set_one_process_world(mp: pytest.MonkeyPatch, port: int) -> None:
+    """The environment torchrun gives a one-process world, for in-process trainers; each
+    test module uses its own port so that modules run back to back never collide."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        mp.setenv(key, value)

@@ -20,16 +20,14 @@ from pipeline.data import DataDirError, read_manifest
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
-from .conftest import REPO
+from .conftest import REPO, set_one_process_world
 
 STEP2, STEP4 = checkpoint.tag_for(2), checkpoint.tag_for(4)
 
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29537"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29537)
 
 
 def config(data_dir, run_dir, **overrides):
@@ -47,9 +45,7 @@ def cli_args(data_dir, run_dir):
 def trained(data_dir, tmp_path_factory):
     """A run of 4 steps with checkpoints at steps 2 and 4; tests damage copies of it."""
     mp = pytest.MonkeyPatch()
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29537"}.items():
-        mp.setenv(key, value)
+    set_one_process_world(mp, 29537)
     run_dir = tmp_path_factory.mktemp("faults") / "run"
     settings = config(data_dir, run_dir)
     trainer = Trainer(settings)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, SAMPLE_DIR
+from tests.conftest import REPO, SAMPLE_DIR, set_one_process_world
 
 pytestmark = pytest.mark.e2e
 
@@ -39,9 +39,7 @@ def zh_run(zh_data, tmp_path_factory):
     from pipeline.trainer import Trainer
 
     mp = pytest.MonkeyPatch()
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29541"}.items():
-        mp.setenv(key, value)
+    set_one_process_world(mp, 29541)
     run_dir = str(tmp_path_factory.mktemp("zh-run") / "run")
     config = TrainConfig(data=zh_data, run_dir=run_dir, steps=300, global_batch_size=32, micro_batch_size=32,
                          learning_rate=2e-3, warmup_steps=30, log_every=1000, mlflow=False)
@@ -104,9 +102,7 @@ def test_fine_tuned_tang_song_classifier_beats_the_majority_class(zh_run, tmp_pa
     from pipeline.finetune_config import FinetuneConfig
     from pipeline.finetuner import Finetuner
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29542"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29542)
     run_dir, _ = zh_run
     config = FinetuneConfig(model=run_dir, data=TANG_SONG, output_dir=str(tmp_path), epochs=2,
                             global_batch_size=32, micro_batch_size=32, learning_rate=1e-3, mlflow=False, seed=3)

@@ -10,13 +10,12 @@ from pipeline.export import export_checkpoint, write_train_config
 from pipeline.model import PRESETS
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
+from tests.conftest import set_one_process_world
 
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29531"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29531)
 
 
 def run(data_dir, run_dir, model, compile, stop_at=None, steps=4):

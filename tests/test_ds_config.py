@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.ds_config import DsConfigError, inject, load_ds_config, plan_batches
 
-from .conftest import REPO
+from .conftest import REPO, set_one_process_world
 
 DS_DIR = os.path.join(REPO, "ds_configs")
 CONFIGS = sorted(f for f in os.listdir(DS_DIR) if f.endswith(".json"))
@@ -50,9 +50,7 @@ def test_injected_config_drives_a_real_deepspeed_engine(monkeypatch):
 
     from pipeline.model import build_model, model_config
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29517"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29517)
     manifest = {"tokenizer": {"vocab_size": 500, "special_ids": {"pad": 0}}, "max_seq_length": 32}
     torch.manual_seed(0)
     model = build_model(model_config("tiny", manifest))

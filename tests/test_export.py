@@ -13,14 +13,12 @@ from pipeline import export
 from pipeline.train_config import DEFAULT_DS_CONFIG, TrainConfig
 from pipeline.trainer import Trainer
 
-from .conftest import REPO
+from .conftest import REPO, set_one_process_world
 
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29533"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29533)
 
 
 def train(data_dir, run_dir, **overrides):
@@ -53,9 +51,7 @@ def assert_same_weights_and_ties(out, weights):
 def exported(data_dir, tmp_path_factory):
     """A ZeRO-2 run of 4 steps, exported to its default place."""
     mp = pytest.MonkeyPatch()
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29533"}.items():
-        mp.setenv(key, value)
+    set_one_process_world(mp, 29533)
     run_dir = tmp_path_factory.mktemp("run")
     trainer = train(data_dir, run_dir)
     weights = engine_weights(trainer)

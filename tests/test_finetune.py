@@ -20,7 +20,7 @@ from pipeline.finetune_model import ModelSourceError, load_tokenizer
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
-from .conftest import REPO, WIKI_SAMPLE
+from .conftest import REPO, WIKI_SAMPLE, set_one_process_world
 
 ROTTEN_TOMATOES = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
 SCRIPT = os.path.join(REPO, "pipeline", "finetune.py")
@@ -37,9 +37,7 @@ def _free_port():
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29535"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29535)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +49,7 @@ def pretrained(tmp_path_factory):
                     "--output", data, "--vocab-size", "4000", "--dupe-factor", "1", "--max-seq-length", "64",
                     "--no-mlflow"], check=True, capture_output=True)
     mp = pytest.MonkeyPatch()
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29535"}.items():
-        mp.setenv(key, value)
+    set_one_process_world(mp, 29535)
     config = TrainConfig(data=data, run_dir=str(root / "run"), steps=4, global_batch_size=8, micro_batch_size=8,
                          learning_rate=2e-3, warmup_steps=1, log_every=100, mlflow=False)
     trainer = Trainer(config)

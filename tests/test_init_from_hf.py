@@ -18,14 +18,12 @@ from pipeline.model import PRESETS
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
-from .conftest import REPO
+from .conftest import REPO, set_one_process_world
 
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29537"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29537)
 
 
 def config(data_dir, run_dir, **overrides):

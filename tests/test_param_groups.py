@@ -7,6 +7,7 @@ from pipeline.model import build_model, model_config
 from pipeline.param_groups import weight_decay_groups
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
+from tests.conftest import set_one_process_world
 
 MANIFEST = {"tokenizer": {"vocab_size": 500, "special_ids": {"pad": 0}}, "max_seq_length": 32}
 
@@ -30,9 +31,7 @@ def test_biases_and_layer_norms_are_exempt_and_every_parameter_is_in_one_group()
 
 @pytest.fixture
 def one_process_world(monkeypatch):
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29531"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29531)
 
 
 def test_the_trainers_engine_decays_only_the_decayed_group(data_dir, tmp_path, one_process_world):

@@ -12,14 +12,12 @@ from pipeline import checkpoint
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import EXIT_STOPPED, Trainer
 
-from .conftest import REPO, WIKI_SAMPLE
+from .conftest import REPO, WIKI_SAMPLE, set_one_process_world
 
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29531"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29531)
 
 
 def config(data_dir, run_dir, **overrides):

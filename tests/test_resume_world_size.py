@@ -18,6 +18,7 @@ from pipeline.train_config import parse_args
 from pipeline.trainer import Trainer
 
 from .test_pretrain import _run_pretrain
+from tests.conftest import set_one_process_world
 
 STEPS, AT = 6, 3  # runs of 6 steps; the resumed ones start from the checkpoint of step 3
 # Measured on a model without dropout: a resumed run's losses differ from the uninterrupted run's by at
@@ -29,9 +30,7 @@ TOLERANCE = 1e-4
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
     """This process is a 1-process world; the 2-process runs are launched by torchrun."""
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29533"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29533)
 
 
 @pytest.fixture(scope="module")

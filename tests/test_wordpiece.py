@@ -10,7 +10,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import AUSTEN, REPO, TABLE_SAMPLE
+from tests.conftest import AUSTEN, REPO, TABLE_SAMPLE, set_one_process_world
 
 SCRIPT = os.path.join(REPO, "preprocessing", "run_beam.py")
 # BERT's layout: [PAD] 0, [unused*], then [UNK] [CLS] [SEP] [MASK] at 100-103.
@@ -123,9 +123,7 @@ def test_continued_pretraining_of_a_wordpiece_bert_loads_its_saved_weights(wordp
     from pipeline.train_config import TrainConfig
     from pipeline.trainer import Trainer
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29543"}.items():
-        monkeypatch.setenv(key, value)
+    set_one_process_world(monkeypatch, 29543)
     published = tmp_path / "bert-published"
     shutil.copytree(bert_vocab_dir, published)
     torch.manual_seed(5)
