@@ -160,3 +160,28 @@ def test_bad_flags_fail_fast_with_a_clear_message(args, message, tmp_path):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("dump,language,segmenter,kept,dropped", [
+    ("zhwiki", "zh", "jieba", "长城,又称万里长城,是中国古代的军事防御工事", ("分类", "Category", "-{", "参考文献")),
+    ("dewiki", "de", "pieces", "Die Stadt ist vollständig vom Land Brandenburg umgeben.",
+     ("Kategorie", "Datei", "Einzelnachweise", "mini")),
+])
+def test_the_language_comes_from_the_dumps_xml_lang(tmp_path, dump, language, segmenter, kept, dropped):
+    from transformers import AutoTokenizer
+
+    out = str(tmp_path / "out")
+    run_beam(["--input", os.path.join(REPO, "tests", "data", "wiki", f"{dump}-sample-pages-articles.xml"),
+              "--output", out, "--whole-word-mask", "--vocab-size", "400", "--dupe-factor", "1", "--no-mlflow"])
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["language"] == language and manifest["masking"]["word_segmenter"] == segmenter
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+    table = pq.read_table(os.path.join(out, "shards")).to_pydict()
+    texts = []
+    for ids, positions, originals in zip(table["input_ids"], table["masked_lm_positions"], table["masked_lm_ids"]):
+        for p, token in zip(positions, originals):
+            ids[p] = token
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    text = " ".join(texts)
+    assert kept in text
+    assert not [d for d in dropped if d in text]
