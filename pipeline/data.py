@@ -463,13 +463,21 @@ class PretrainingDataset:
     """
 
     def __init__(self, data_dir: str, manifest: dict | None = None, pad_to_multiple_of: int = 8,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, seed: int = 0):
         self.data_dir = data_dir
         self.manifest = manifest if manifest is not None else read_manifest(data_dir)
         masking = self.manifest["masking"].get("mode", "static")
-        if masking != "static":
+        if masking not in ("static", "dynamic"):
             raise DataDirError(f"{data_dir}/manifest.json: masking.mode is {masking!r}; this loader reads "
-                               "statically masked shards only (rerun preprocessing with static masking)")
+                               "static or dynamic masking (rerun preprocessing)")
+        self.masker = None
+        if masking == "dynamic":  # rows stored unmasked: masks drawn per (seed, epoch, row)
+            from pipeline.dynamic_masking import DynamicMasker
+
+            try:
+                self.masker = DynamicMasker(data_dir, self.manifest, seed)
+            except (OSError, ValueError) as err:
+                raise DataDirError(str(err)) from None
         self.max_seq_length = int(self.manifest["max_seq_length"])
         self.pad_id = int(self.manifest["tokenizer"]["special_ids"]["pad"])
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -495,14 +503,15 @@ class PretrainingDataset:
         m = self.pad_to_multiple_of
         return min(-(-longest // m) * m, self.max_seq_length)
 
-    def batch(self, rows) -> dict[str, torch.Tensor]:
+    def batch(self, rows, epoch: int = 0) -> dict[str, torch.Tensor]:
         """Rows ``rows`` padded to ``padded_length``, as ``BertForPreTraining`` keyword args.
 
         input_ids (pad = manifest's [PAD]), token_type_ids, attention_mask, labels (-100
         except at masked positions, which hold the original ids), next_sentence_label;
         all int64. Also the masked positions in flat form, for a head that predicts only
         those: ``mlm_positions`` (indices into the flattened ``(n, width)`` batch, in row
-        order) and ``mlm_labels`` (the original ids there).
+        order) and ``mlm_labels`` (the original ids there). With dynamic masking, ``epoch``
+        selects the masks (see ``dynamic_masking``); static data ignores it.
         """
         rows = np.asarray(rows, dtype=np.int64)
         n, width = len(rows), self.padded_length(rows)
@@ -514,6 +523,8 @@ class PretrainingDataset:
         input_ids[real] = self.input_ids[source]
         token_type_ids = np.zeros((n, width), dtype=np.int64)
         token_type_ids[real] = self.segment_ids[source]
+        if self.masker is not None:
+            return self._masked(rows, epoch, input_ids, token_type_ids, real, lengths)
 
         labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
         starts = self.masked_lm_positions_offsets[rows]
@@ -535,6 +546,27 @@ class PretrainingDataset:
         }
 
     __getitem__ = batch
+
+    def _masked(self, rows, epoch, input_ids, token_type_ids, real, lengths) -> dict[str, torch.Tensor]:
+        """The batch of unmasked rows with this epoch's masks drawn."""
+        n, width = input_ids.shape
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        len_a = (real & (token_type_ids == 0)).sum(axis=1) - 2  # [CLS] A [SEP] are segment 0
+        masked, batch_row, positions, originals = self.masker.mask(
+            rows, epoch, input_ids[real], offsets, len_a)
+        input_ids[real] = masked
+        labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
+        labels[batch_row, positions] = originals
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "token_type_ids": torch.from_numpy(token_type_ids),
+            "attention_mask": torch.from_numpy(real.astype(np.int64)),
+            "labels": torch.from_numpy(labels),
+            "next_sentence_label": torch.from_numpy(self.next_sentence_labels[rows].astype(np.int64)),
+            "mlm_positions": torch.from_numpy(batch_row * width + positions),
+            "mlm_labels": torch.from_numpy(originals.astype(np.int64)),
+        }
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -742,8 +774,9 @@ def padding_share(lengths: np.ndarray, batches: np.ndarray, max_seq_length: int,
 
 
 # ---------------------------------------------------------------------------- loader
-def _assemble(dataset: PretrainingDataset, rows: np.ndarray, pin_memory: bool) -> dict[str, torch.Tensor]:
-    batch = dataset.batch(rows)
+def _assemble(dataset: PretrainingDataset, rows: np.ndarray, pin_memory: bool, epoch: int
+              ) -> dict[str, torch.Tensor]:
+    batch = dataset.batch(rows, epoch)
     if pin_memory:
         batch = {k: v.pin_memory() for k, v in batch.items()}
     return batch
@@ -765,7 +798,7 @@ def _produce(dataset: PretrainingDataset, pin_memory: bool, positions: Iterator,
     """The prefetch thread: (epoch, batch, tensors) into ``out`` until ``stop``."""
     try:
         for epoch, b, rows in positions:
-            if not _put(out, (epoch, b, _assemble(dataset, rows, pin_memory)), stop):
+            if not _put(out, (epoch, b, _assemble(dataset, rows, pin_memory, epoch)), stop):
                 return
     except BaseException as e:  # handed to the consumer, which re-raises it
         _put(out, e, stop)
@@ -794,8 +827,8 @@ class PretrainingLoader:
         self._positions: Iterator | None = None
 
     # -- producing
-    def _make(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        return _assemble(self.dataset, rows, self.pin_memory)
+    def _make(self, rows: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        return _assemble(self.dataset, rows, self.pin_memory, epoch)
 
     def _start(self) -> None:
         positions = self.sampler.positions(self.sampler.epoch, self.sampler.batch)
@@ -820,7 +853,7 @@ class PretrainingLoader:
             self._start()
         if self._positions is not None:
             epoch, b, rows = next(self._positions)
-            batch = self._make(rows)
+            batch = self._make(rows, epoch)
         else:
             item = self._queue.get()
             if isinstance(item, BaseException):

@@ -138,7 +138,7 @@ class Trainer:
         # would pass torch._dynamo's recompile limit. Padded to max_seq_length, one graph serves all.
         pad_to = self.manifest["max_seq_length"] if config.compile else 8
         self.dataset = PretrainingDataset(config.data, self.manifest, pad_to_multiple_of=pad_to,
-                                          cache_dir=config.data_cache)
+                                          cache_dir=config.data_cache, seed=config.seed)
         shards = len(self.manifest["shards"])
         self.eval_shards = config.eval_shards if config.eval_shards is not None else int(shards >= 2)
         self.train_rows = training_rows(self.manifest, self.eval_shards)

@@ -114,8 +114,13 @@ class ExampleConfig:
     masked_lm_prob: float = 0.15
     max_predictions_per_seq: int = 20
     whole_word_mask: bool = False
+    # static: masks drawn here, dupe_factor times; dynamic: rows stored unmasked, the
+    # trainer's loader draws new masks per epoch (RoBERTa).
+    masking: str = "static"
 
     def __post_init__(self):
+        _flag_check(self.masking in ("static", "dynamic"),
+                    f"--masking must be static or dynamic, got {self.masking!r}")
         _flag_check(self.max_seq_length >= 8,
                     f"--max-seq-length must be at least 8, got {self.max_seq_length}")
         _flag_check(0 <= self.short_seq_prob <= 1,
@@ -675,19 +680,11 @@ def mask_instances(plan: SegmentPlan, config: ExampleConfig, vocab: VocabInfo) -
     segment_lengths = np.stack([len_a + 2, len_b + 1], axis=1).ravel()
     segment_ids = np.repeat(np.tile(np.array([0, 1], np.int8), n), segment_lengths)
 
-    rows, cols = _choose_masked(plan.keys, lengths, len_a, original, config, vocab, token_word_start)
-    flat = offsets[rows] + cols
-    masked_ids = original[flat]
-    input_ids = original.copy()
-    action = _mix64(_stream(plan.keys, _SALT_ACTION)[rows] + (cols + 1).astype(np.uint64) * _GOLDEN)
-    action >>= np.uint64(11)  # 53 uniform bits
-    input_ids[flat[action < _MASK_BELOW]] = vocab.mask_id
-    replace = action >= _KEEP_BELOW
-    if replace.any():
-        r_rows, r_cols = rows[replace], cols[replace]
-        draw = _mix64(_stream(plan.keys, _SALT_RANDOM)[r_rows] + (r_cols + 1).astype(np.uint64) * _GOLDEN)
-        regular = vocab.regular_ids
-        input_ids[flat[replace]] = regular[draw % np.uint64(len(regular))]
+    if config.masking == "dynamic":  # unmasked: the trainer's loader masks per epoch
+        input_ids, rows, cols, masked_ids = original, np.zeros(0, np.int64), np.zeros(0, np.int64), original[:0]
+    else:
+        input_ids, rows, cols, masked_ids = mask_tokens(plan.keys, original, offsets, len_a, config, vocab,
+                                                        token_word_start)
 
     masked_offsets = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=masked_offsets[1:])
@@ -696,6 +693,31 @@ def mask_instances(plan: SegmentPlan, config: ExampleConfig, vocab: VocabInfo) -
         masked_lm_positions=cols.astype(np.int32), masked_lm_ids=masked_ids,
         masked_offsets=masked_offsets, next_sentence_labels=plan.is_random_next,
         keys=plan.keys, stats=plan.stats)
+
+
+def mask_tokens(keys: np.ndarray, original: np.ndarray, offsets: np.ndarray, len_a: np.ndarray,
+                config: ExampleConfig, vocab: VocabInfo, token_word_start: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Google's masking of rows ``[CLS] A [SEP] B [SEP]`` held flat in ``original`` (row i
+    at ``offsets[i]:offsets[i + 1]``, A of ``len_a[i]`` tokens), every draw keyed by the
+    row's ``keys[i]``. Returns (input_ids after masking, row and position of each masked
+    token, their original ids). Shared by static masking here and by the trainer's loader
+    for dynamic masking, so both follow the same rules."""
+    lengths = np.diff(offsets)
+    rows, cols = _choose_masked(keys, lengths, len_a, original, config, vocab, token_word_start)
+    flat = offsets[rows] + cols
+    masked_ids = original[flat]
+    input_ids = original.copy()
+    action = _mix64(_stream(keys, _SALT_ACTION)[rows] + (cols + 1).astype(np.uint64) * _GOLDEN)
+    action >>= np.uint64(11)  # 53 uniform bits
+    input_ids[flat[action < _MASK_BELOW]] = vocab.mask_id
+    replace = action >= _KEEP_BELOW
+    if replace.any():
+        r_rows, r_cols = rows[replace], cols[replace]
+        draw = _mix64(_stream(keys, _SALT_RANDOM)[r_rows] + (r_cols + 1).astype(np.uint64) * _GOLDEN)
+        regular = vocab.regular_ids
+        input_ids[flat[replace]] = regular[draw % np.uint64(len(regular))]
+    return input_ids, rows, cols, masked_ids
 
 
 def num_to_predict(lengths: np.ndarray, config: ExampleConfig) -> np.ndarray:

@@ -57,7 +57,8 @@ def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokeniz
         "convert": config.convert,
         "max_seq_length": config.max_seq_length,
         "masking": {
-            "mode": "static",  # input_ids hold the masked tokens
+            # static: input_ids hold the masked tokens; dynamic: unmasked, the loader masks per epoch.
+            "mode": config.masking,
             "masked_lm_prob": config.masked_lm_prob,
             "max_predictions_per_seq": config.max_predictions_per_seq,
             "whole_word_mask": segmenter != "none",
@@ -71,7 +72,8 @@ def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokeniz
         "seed": config.seed,
         "input": {"paths": sorted(input_paths), "fingerprint": input_fingerprint(input_paths)},
         "columns": {
-            "input_ids": "list<int32>, masked, [CLS] A [SEP] B [SEP], no padding",
+            "input_ids": f"list<int32>, {'masked' if config.masking == 'static' else 'unmasked'}, "
+                         "[CLS] A [SEP] B [SEP], no padding",
             "segment_ids": "list<int8>, 0 for [CLS] A [SEP], 1 for B [SEP]",
             "masked_lm_positions": "list<int32>, sorted",
             "masked_lm_ids": "list<int32>, original ids at masked_lm_positions",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Sequence
 
@@ -37,9 +38,12 @@ class PreprocessConfig:
     vocab_sample_sentences: int = 300_000
     vocab_sample_bytes: int = 256 << 20
     max_seq_length: int = 128
-    dupe_factor: int = 5
+    # None: 5 with static masking (Google's), 1 with dynamic (each epoch draws new masks).
+    dupe_factor: int | None = None
     masked_lm_prob: float = 0.15
-    max_predictions_per_seq: int = 20
+    # None: ceil(max_seq_length * masked_lm_prob), Google's 20 at 128 and 15%, scaled with both.
+    max_predictions_per_seq: int | None = None
+    masking: str = "static"
     short_seq_prob: float = 0.1
     # none, pieces (the vocabulary's word starts), jieba (Chinese words), or auto: jieba for
     # Chinese, pieces otherwise; the driver resolves auto once the language is known.
@@ -64,6 +68,16 @@ class PreprocessConfig:
     run_name: str | None = None
 
     def __post_init__(self):
+        if self.dupe_factor is None:
+            object.__setattr__(self, "dupe_factor", 1 if self.masking == "dynamic" else 5)
+        if self.max_predictions_per_seq is None and 0 < self.masked_lm_prob < 1:
+            object.__setattr__(self, "max_predictions_per_seq",
+                               min(math.ceil(self.max_seq_length * self.masked_lm_prob - 1e-9),
+                                   self.max_seq_length - 3))
+        _check(self.masking in ("static", "dynamic"), f"--masking must be static or dynamic, got {self.masking!r}")
+        _check(not (self.masking == "dynamic" and self.whole_word_mask == "jieba"),
+               "--masking dynamic cannot use --whole-word-mask jieba: the trainer's loader masks from the "
+               "vocabulary alone and never sees jieba's words; use --masking static for Chinese whole words")
         _check(self.vocab_size >= 100, f"--vocab-size must be at least 100, got {self.vocab_size}")
         _check(self.model_type in ("unigram", "bpe"),
                f"--model-type must be unigram or bpe, got {self.model_type!r}")
@@ -177,12 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex = p.add_argument_group("examples (Google's create_pretraining_data recipe)")
     ex.add_argument("--max-seq-length", type=int, default=d.max_seq_length,
                     help="tokens per example, [CLS] and both [SEP] included")
-    ex.add_argument("--dupe-factor", type=int, default=d.dupe_factor,
-                    help="passes over the corpus, each with different segments and masks")
+    ex.add_argument("--masking", choices=("static", "dynamic"), default=d.masking,
+                    help="static: masks drawn here, one set per --dupe-factor pass (Google); dynamic: "
+                         "examples stored unmasked (about 1/5 the size), and the trainer draws new masks "
+                         "every epoch from its seed (RoBERTa)")
+    ex.add_argument("--dupe-factor", type=int,
+                    help="passes over the corpus, each with different segments (and, static, masks); "
+                         "default 5 with static masking, 1 with dynamic")
     ex.add_argument("--masked-lm-prob", type=float, default=d.masked_lm_prob,
-                    help="share of tokens to predict")
-    ex.add_argument("--max-predictions-per-seq", type=int, default=d.max_predictions_per_seq,
-                    help="cap on predicted tokens per example")
+                    help="share of tokens to predict (BERT 0.15; MosaicBERT 0.3)")
+    ex.add_argument("--max-predictions-per-seq", type=int,
+                    help="cap on predicted tokens per example (default: ceil(max-seq-length x "
+                         "masked-lm-prob), 20 at 128 and 0.15)")
     ex.add_argument("--short-seq-prob", type=float, default=d.short_seq_prob,
                     help="share of documents per pass that get a random shorter target length")
     ex.add_argument("--whole-word-mask", nargs="?", const="auto", default=d.whole_word_mask,

@@ -301,7 +301,7 @@ def example_config(config: PreprocessConfig) -> examples.ExampleConfig:
     return examples.ExampleConfig(
         max_seq_length=config.max_seq_length, short_seq_prob=config.short_seq_prob,
         masked_lm_prob=config.masked_lm_prob, max_predictions_per_seq=config.max_predictions_per_seq,
-        whole_word_mask=config.word_segmenter != "none")
+        whole_word_mask=config.word_segmenter != "none", masking=config.masking)
 
 
 def tokenize(doc: SentenceDocument, encoder: subwords.Encoder, counts: collections.Counter,
