@@ -34,7 +34,7 @@ class DynamicMasker:
         self.config = examples.ExampleConfig(
             max_seq_length=int(manifest["max_seq_length"]), masked_lm_prob=float(masking["masked_lm_prob"]),
             max_predictions_per_seq=int(masking["max_predictions_per_seq"]),
-            whole_word_mask=bool(masking.get("whole_word_mask")))
+            whole_word_mask=bool(masking.get("whole_word_mask")), objective=manifest.get("objective", "mlm-nsp"))
         folder = os.path.join(data_dir, tokenizer.get("path", "tokenizer"))
         encoder = subwords.Encoder(_tokenizer_model(folder, tokenizer.get("kind", subwords.SENTENCEPIECE)))
         self.vocab = encoder.info

@@ -142,6 +142,10 @@ class Trainer:
         shards = len(self.manifest["shards"])
         self.eval_shards = config.eval_shards if config.eval_shards is not None else int(shards >= 2)
         self.train_rows = training_rows(self.manifest, self.eval_shards)
+        # An MLM-only data dir (packed rows, NSP labels all 0) trains the MLM head alone. The NSP
+        # head stays in the model with a zero loss weight: its parameters get zero gradients
+        # rather than none, which every ZeRO stage handles alike.
+        self.nsp_weight = 0.0 if self.manifest.get("objective", "mlm-nsp") == "mlm" else 1.0
         self.batches = plan_batches(config.global_batch_size, config.micro_batch_size, self.world_size)
         torch.manual_seed(config.seed)
         if hf_init.is_hf_dir(config.init_from):  # before a model of the wrong size or vocabulary is built
@@ -289,7 +293,7 @@ class Trainer:
         counts = torch.zeros(4, dtype=torch.long, device=self.engine.device)
         for _ in range(self.batches.accumulation_steps):
             mlm, nsp_loss, batch_counts = pretraining_losses(self.engine, next(self.loader))
-            loss = mlm + nsp_loss
+            loss = mlm + nsp_loss * self.nsp_weight
             if self._fault == f"raise-on-rank:{self.rank}:{self.step + 1}":
                 # Mid-step, like a data error or an out-of-memory: the other ranks wait in backward's all-reduce.
                 raise RuntimeError(f"rank {self.rank}: injected failure at step {self.step + 1} "
@@ -330,7 +334,7 @@ class Trainer:
             torch.distributed.all_reduce(sums)
         mlm_sum, nsp_sum, hits, masked, seqs = sums.tolist()
         return {"eval_mlm_loss": mlm_sum / masked, "eval_nsp_loss": nsp_sum / seqs,
-                "eval_loss": mlm_sum / masked + nsp_sum / seqs, "eval_mlm_accuracy": hits / masked,
+                "eval_loss": mlm_sum / masked + self.nsp_weight * nsp_sum / seqs, "eval_mlm_accuracy": hits / masked,
                 "eval_sequences": seqs}
 
     def train(self, tracker=None, on_step=None) -> int:

@@ -56,6 +56,8 @@ def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokeniz
         "language": config.language or "en",
         "convert": config.convert,
         "max_seq_length": config.max_seq_length,
+        # mlm-nsp: [CLS] A [SEP] B [SEP] pairs; mlm: packed FULL-SENTENCES rows, NSP labels all 0.
+        "objective": config.objective,
         "masking": {
             # static: input_ids hold the masked tokens; dynamic: unmasked, the loader masks per epoch.
             "mode": config.masking,

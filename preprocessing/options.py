@@ -44,6 +44,7 @@ class PreprocessConfig:
     # None: ceil(max_seq_length * masked_lm_prob), Google's 20 at 128 and 15%, scaled with both.
     max_predictions_per_seq: int | None = None
     masking: str = "static"
+    objective: str = "mlm-nsp"
     short_seq_prob: float = 0.1
     # none, pieces (the vocabulary's word starts), jieba (Chinese words), or auto: jieba for
     # Chinese, pieces otherwise; the driver resolves auto once the language is known.
@@ -75,6 +76,7 @@ class PreprocessConfig:
                                min(math.ceil(self.max_seq_length * self.masked_lm_prob - 1e-9),
                                    self.max_seq_length - 3))
         _check(self.masking in ("static", "dynamic"), f"--masking must be static or dynamic, got {self.masking!r}")
+        _check(self.objective in ("mlm-nsp", "mlm"), f"--objective must be mlm-nsp or mlm, got {self.objective!r}")
         _check(not (self.masking == "dynamic" and self.whole_word_mask == "jieba"),
                "--masking dynamic cannot use --whole-word-mask jieba: the trainer's loader masks from the "
                "vocabulary alone and never sees jieba's words; use --masking static for Chinese whole words")
@@ -191,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = p.add_argument_group("examples (Google's create_pretraining_data recipe)")
     ex.add_argument("--max-seq-length", type=int, default=d.max_seq_length,
                     help="tokens per example, [CLS] and both [SEP] included")
+    ex.add_argument("--objective", choices=("mlm-nsp", "mlm"), default=d.objective,
+                    help="mlm-nsp: Google's sentence pairs with the next-sentence label; mlm: RoBERTa's "
+                         "FULL-SENTENCES rows, whole sentences packed across documents ([SEP] between "
+                         "them) up to --max-seq-length, no NSP (the trainer then trains the MLM head only)")
     ex.add_argument("--masking", choices=("static", "dynamic"), default=d.masking,
                     help="static: masks drawn here, one set per --dupe-factor pass (Google); dynamic: "
                          "examples stored unmasked (about 1/5 the size), and the trainer draws new masks "

@@ -301,7 +301,7 @@ def example_config(config: PreprocessConfig) -> examples.ExampleConfig:
     return examples.ExampleConfig(
         max_seq_length=config.max_seq_length, short_seq_prob=config.short_seq_prob,
         masked_lm_prob=config.masked_lm_prob, max_predictions_per_seq=config.max_predictions_per_seq,
-        whole_word_mask=config.word_segmenter != "none", masking=config.masking)
+        whole_word_mask=config.word_segmenter != "none", masking=config.masking, objective=config.objective)
 
 
 def tokenize(doc: SentenceDocument, encoder: subwords.Encoder, counts: collections.Counter,
@@ -328,6 +328,14 @@ def bucket_instances(docs: list[examples.Document], config: PreprocessConfig,
     """Every duplicate pass of one bucket: Google's segments, then masking."""
     bucket = examples.Bucket(docs)
     examples.check_vocabulary(bucket, ex_config, vocab_info)
+    if ex_config.objective == "mlm":
+        batch = examples.InstanceBatch.concat([
+            examples.pack_full_sentences(bucket, dupe, config.seed, ex_config, vocab_info)
+            for dupe in range(config.dupe_factor)])
+        counts["instances"] += len(batch)
+        counts["instance-tokens"] += batch.num_tokens
+        counts["masked-tokens"] += batch.num_masked
+        return batch
     plan = examples.SegmentPlan.concat([
         examples.plan_segments(bucket, dupe, config.seed, ex_config) for dupe in range(config.dupe_factor)])
     counts["instances"] += len(plan)

@@ -1,0 +1,109 @@
+"""The MLM-only objective: RoBERTa's FULL-SENTENCES rows packed across documents, no NSP;
+the trainer trains the MLM head alone and the export is a fill-mask model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from preprocessing import examples as ex
+
+from .conftest import REPO, WIKI_SAMPLE, set_one_process_world
+
+CLS, SEP, MASK = 2, 3, 4
+VOCAB = ex.VocabInfo(vocab_size=500, cls_id=CLS, sep_id=SEP, mask_id=MASK, special_ids=(0, 1, 2, 3, 4),
+                     word_start=np.ones(500, bool))
+
+
+def bucket_of(seed=0, docs=12):
+    rng = np.random.default_rng(seed)
+    return ex.Bucket([ex.Document(key=100 + d, sentences=[
+        rng.integers(10, 500, int(rng.integers(1, 70))).astype(np.int32) for _ in range(int(rng.integers(1, 9)))])
+        for d in range(docs)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_hold_every_token_once_in_order_with_a_sep_between_documents(seed):
+    bucket = bucket_of(seed)
+    config = ex.ExampleConfig(max_seq_length=64, objective="mlm", masking="dynamic")
+    batch = ex.pack_full_sentences(bucket, 0, 7, config, VOCAB)
+    rows = [batch.input_ids[a:b] for a, b in zip(batch.offsets[:-1], batch.offsets[1:])]
+    assert all(r[0] == CLS and r[-1] == SEP and len(r) <= 64 for r in rows)
+    content = np.concatenate([r[1:-1] for r in rows])
+    assert (content[content != SEP] == bucket.tokens).all()  # nothing lost, nothing repeated, in order
+    # A [SEP] inside a row sits exactly where a document ends.
+    doc_ends = {bucket.offsets[i] + bucket.cums[i][-1] for i in bucket.live}
+    at = 0
+    for r in rows:
+        for token in r[1:-1]:
+            if token == SEP:
+                assert at in doc_ends
+            else:
+                at += 1
+    # Full rows: only the bucket's last one may be short.
+    assert all(len(r) == 64 for r in rows[:-1])
+    assert (batch.segment_ids == 0).all() and (batch.next_sentence_labels == 0).all()
+
+
+def test_static_masks_never_touch_a_special_token_and_follow_the_count():
+    bucket = bucket_of(3, docs=40)
+    config = ex.ExampleConfig(max_seq_length=64, objective="mlm", masked_lm_prob=0.3, max_predictions_per_seq=20)
+    batch = ex.pack_full_sentences(bucket, 0, 7, config, VOCAB)
+    lengths = np.diff(batch.offsets)
+    assert (np.diff(batch.masked_offsets) == ex.num_to_predict(lengths, config)).all()
+    unmasked = ex.pack_full_sentences(bucket, 0, 7, ex.ExampleConfig(max_seq_length=64, objective="mlm",
+                                                                     masking="dynamic"), VOCAB)
+    flat = np.repeat(batch.offsets[:-1], np.diff(batch.masked_offsets)) + batch.masked_lm_positions
+    assert not np.isin(unmasked.input_ids[flat], [CLS, SEP]).any()
+    assert (unmasked.input_ids[flat] == batch.masked_lm_ids).all()
+    # Another duplicate pass: same rows, other masks.
+    again = ex.pack_full_sentences(bucket, 1, 7, config, VOCAB)
+    assert (again.offsets == batch.offsets).all() and not np.array_equal(again.masked_lm_positions,
+                                                                         batch.masked_lm_positions)
+
+
+@pytest.fixture(scope="module")
+def mlm_data(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("mlm") / "data")
+    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
+                    "--output", out, "--vocab-size", "4000", "--objective", "mlm", "--masking", "dynamic",
+                    "--num-shards", "2", "--no-mlflow"], check=True, capture_output=True)
+    return out
+
+
+def test_packed_rows_have_almost_no_padding(mlm_data):
+    with open(os.path.join(mlm_data, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["objective"] == "mlm" and manifest["masking"]["mode"] == "dynamic"
+    lengths = np.array([len(r) for r in pq.read_table(os.path.join(mlm_data, "shards"),
+                                                      columns=["input_ids"]).column(0).to_pylist()])
+    # Only a bucket's last row is short (Google's pairs on the same text fill about 0.8).
+    assert lengths.mean() / 128 > 0.97 and lengths.max() == 128
+
+
+def test_mlm_only_training_and_a_fill_mask_export(mlm_data, tmp_path, monkeypatch):
+    from transformers import AutoModelForMaskedLM, pipeline
+
+    from pipeline.export import export_checkpoint, write_train_config
+    from pipeline.train_config import TrainConfig
+    from pipeline.trainer import Trainer
+
+    set_one_process_world(monkeypatch, 29547)
+    trainer = Trainer(TrainConfig(data=mlm_data, run_dir=str(tmp_path / "run"), steps=30, global_batch_size=16,
+                                  micro_batch_size=16, learning_rate=2e-3, warmup_steps=3, log_every=100,
+                                  mlflow=False))
+    assert trainer.nsp_weight == 0.0
+    write_train_config(trainer.config)  # what pretrain.py writes: the export rebuilds the model from it
+    seen = []
+    assert trainer.train(on_step=lambda t, m: seen.append(m)) == 0
+    assert all(m.loss == pytest.approx(m.mlm_loss, rel=1e-6) for m in seen)  # no NSP term
+    assert np.mean([m.mlm_loss for m in seen[-5:]]) < np.mean([m.mlm_loss for m in seen[:5]]) - 0.5
+    out = export_checkpoint(str(tmp_path / "run"), out_dir=str(tmp_path / "hf"))
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    fill = pipeline("fill-mask", model=model, tokenizer=out)
+    predictions = fill("The river flows into the [MASK].")
+    assert len(predictions) == 5 and all(p["token_str"] for p in predictions)
