@@ -145,7 +145,11 @@ class Trainer:
         # An MLM-only data dir (packed rows, NSP labels all 0) trains the MLM head alone. The NSP
         # head stays in the model with a zero loss weight: its parameters get zero gradients
         # rather than none, which every ZeRO stage handles alike.
-        self.nsp_weight = 0.0 if self.manifest.get("objective", "mlm-nsp") == "mlm" else 1.0
+        objective = self.manifest.get("objective", "mlm-nsp")
+        if objective not in ("mlm-nsp", "mlm"):
+            raise DataDirError(f"{config.data}/manifest.json: objective {objective!r} is not one this trainer "
+                               "knows (mlm-nsp, mlm); rerun preprocessing with --objective mlm-nsp or mlm")
+        self.nsp_weight = 0.0 if objective == "mlm" else 1.0
         self.batches = plan_batches(config.global_batch_size, config.micro_batch_size, self.world_size)
         torch.manual_seed(config.seed)
         if hf_init.is_hf_dir(config.init_from):  # before a model of the wrong size or vocabulary is built
