@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=d.run_dir, help="checkpoints/, latest and the export go here")
     p.add_argument("--model", default=None,
                    help="preset (tiny, mini, small, base, large) or a config.json (default: tiny; with a Hugging "
-                        "Face --init-from, the directory's config.json, and an explicit one must match it)")
+                        "Face --init-from, the directory's config.json, and an explicit one must match it)"
+                        "%(default).0s")  # an empty format: no "(default: None)" after the real default
     p.add_argument("--ds-config", default=d.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
     p.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
                    help="sequences per optimizer step, over all processes")

@@ -154,10 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the corpus's language (ISO code: en, de, zh, zh-hans, ...): it selects the "
                          "sentence rules (CJK full stops, German abbreviations and ordinals), the "
                          "non-prose section titles of dumps, and what --whole-word-mask groups. Default: "
-                         "the xml:lang of the first MediaWiki dump among the inputs, else en")
+                         "the xml:lang of the first MediaWiki dump among the inputs, else en%(default).0s")
     io.add_argument("--convert", choices=language.CONVERSIONS, metavar="CONVERSION",
                     help="convert the script with OpenCC before tokenizing, e.g. t2s (Traditional to "
-                         "Simplified Chinese); one of " + ", ".join(language.CONVERSIONS))
+                         "Simplified Chinese); one of " + ", ".join(language.CONVERSIONS) + "%(default).0s")
     io.add_argument("--text-field", default=d.text_field,
                     help="the text field of .jsonl rows / text column of .parquet files")
     io.add_argument("--max-line-bytes", type=int, default=d.max_line_bytes,
@@ -203,12 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "every epoch from its seed (RoBERTa)")
     ex.add_argument("--dupe-factor", type=int,
                     help="passes over the corpus, each with different segments (and, static, masks); "
-                         "default 5 with static masking, 1 with dynamic")
+                         "default 5 with static masking, 1 with dynamic%(default).0s")
     ex.add_argument("--masked-lm-prob", type=float, default=d.masked_lm_prob,
                     help="share of tokens to predict (BERT 0.15; MosaicBERT 0.3)")
     ex.add_argument("--max-predictions-per-seq", type=int,
                     help="cap on predicted tokens per example (default: ceil(max-seq-length x "
-                         "masked-lm-prob), 20 at 128 and 0.15)")
+                         "masked-lm-prob), 20 at 128 and 0.15)%(default).0s")
     ex.add_argument("--short-seq-prob", type=float, default=d.short_seq_prob,
                     help="share of documents per pass that get a random shorter target length")
     ex.add_argument("--whole-word-mask", nargs="?", const="auto", default=d.whole_word_mask,
