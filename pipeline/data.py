@@ -1,6 +1,6 @@
 """The trainer's data loader: a preprocessing data dir → padded batches of torch tensors.
 
-Reads contracts 1 and 2 of DESIGN.md (manifest.json + Parquet shards). A training
+Reads contracts 1 and 2 of docs/DESIGN.md (manifest.json + Parquet shards). A training
 process's own (anonymous) memory does not grow with the corpus: the rows live in
 memory-mapped files whose pages the kernel shares between the ranks of a node, and
 the batch order is computed a block at a time. Four parts:
@@ -231,7 +231,7 @@ def _check_schema(shard_path: str, schema: pa.Schema) -> None:
             ok, expected = kind == want, str(want)
         if not ok:
             raise DataDirError(f"{shard_path}: column {name!r} has type {kind}, expected {expected} "
-                               "(contract 2 of DESIGN.md; rerun preprocessing/run_beam.py)")
+                               "(contract 2 of docs/DESIGN.md; rerun preprocessing/run_beam.py)")
 
 
 def _list_column(chunked) -> tuple[np.ndarray, np.ndarray]:

@@ -69,7 +69,7 @@ def log_per_class_metrics(tracker, report_path: str) -> None:
 
 def pip_requirements() -> list[str]:
     """What the logged model needs to load. Given explicitly: MLflow's inference of them
-    imports torchvision and fails offline (see ENVIRONMENT.md)."""
+    imports torchvision and fails offline (MLflow 3.x's transformers flavour)."""
     import tokenizers
     import torch
     import transformers

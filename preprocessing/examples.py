@@ -78,7 +78,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-# Google's TFRecord feature names; the shard contract (DESIGN.md) fixes these columns.
+# Google's TFRecord feature names; the shard contract (docs/DESIGN.md) fixes these columns.
 SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),
     ("segment_ids", pa.list_(pa.int8())),

@@ -1,6 +1,6 @@
 """``manifest.json``: the contract between the data dir and its readers.
 
-It records everything a reader must check before use (see DESIGN.md) and is written
+It records everything a reader must check before use (see docs/DESIGN.md) and is written
 last, atomically (temp file + rename), so a data dir without one is incomplete.
 """
 

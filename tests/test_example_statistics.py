@@ -385,9 +385,9 @@ def test_lengths_and_full_length_share(plain):
     lengths = np.diff(plain.offsets)
     assert lengths.max() == 128
     full = np.mean(lengths == 128)
-    # RECIPE.md: ~72% on ordinary text. Austen's long sentences overshoot the target more
-    # often and truncation then fills the sequence: 80.6% measured here (20-paragraph
-    # documents, seed 12345, 5 passes).
+    # Google's recipe (docs/PREPROCESSING.md): ~72% on ordinary text. Austen's long
+    # sentences overshoot the target more often and truncation then fills the sequence:
+    # 80.6% measured here (20-paragraph documents, seed 12345, 5 passes).
     assert 0.70 < full < 0.85, full
 
 
