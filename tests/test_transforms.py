@@ -180,7 +180,7 @@ def test_every_task_writes_a_part_and_counts_travel_with_the_data(made):
     rows = [pq.ParquetFile(os.path.join(parts_dir, n)).metadata.num_rows for n in names]
     assert sorted(rows) == records["part_rows"] and sum(rows) == records["instances"] > 5000
     # Buckets of 3 consecutive documents: single-document buckets never happen, and the
-    # random-next share stays in the recipe's range (RECIPE: 0.5 among multi-segment chunks).
+    # random-next share stays in the recipe's range (docs/PREPROCESSING.md: 0.5 among multi-segment chunks).
     assert "skipped-instances-single-document-bucket" not in records
     assert 0.45 < records["random-next"] / records["instances"] < 0.65
 
