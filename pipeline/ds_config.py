@@ -12,6 +12,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+
+# The bundled configs: the repository's top-level ds_configs/, which an installed wheel
+# ships as pipeline/ds_configs/ (pyproject's package-dir), so the defaults need no checkout.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_INSTALLED, _CHECKOUT = os.path.join(_HERE, "ds_configs"), os.path.join(os.path.dirname(_HERE), "ds_configs")
+DS_CONFIG_DIR = _INSTALLED if os.path.isdir(_INSTALLED) else _CHECKOUT
+DEFAULT_DS_CONFIG = os.path.join(DS_CONFIG_DIR, "cpu_fp32_zero2_torch-adamw.json")
 
 # DeepSpeed key (dotted path) → the trainer flag that owns it.
 INJECTED_KEYS = {
@@ -61,9 +69,18 @@ def _get(config: dict, dotted: str):
     return node
 
 
+def resolve(path: str) -> str:
+    """``path`` itself if it exists; else, for a bundled config named as the docs do
+    (``ds_configs/NAME.json`` or ``NAME.json``), the bundled file, from any directory."""
+    if os.path.exists(path) or os.path.dirname(os.path.normpath(path)) not in ("", "ds_configs"):
+        return path
+    bundled = os.path.join(DS_CONFIG_DIR, os.path.basename(path))
+    return bundled if os.path.isfile(bundled) else path
+
+
 def load_ds_config(path: str) -> dict:
     try:
-        with open(path) as f:
+        with open(resolve(path)) as f:
             config = json.load(f)
     except FileNotFoundError:
         raise DsConfigError(f"--ds-config {path}: no such file (see ds_configs/README.md)") from None
