@@ -30,7 +30,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from pipeline.data import BatchSampler, PretrainingDataset, PretrainingLoader, padding_share  # noqa: E402
 

@@ -27,7 +27,6 @@ import unicodedata
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from preprocessing import examples  # noqa: E402
 from preprocessing.documents import document_key  # noqa: E402

@@ -31,7 +31,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from pipeline.run_all import AUSTEN, WIKI, run_stage, write_review_task  # noqa: E402
 
