@@ -81,11 +81,11 @@ def print_memory(when: str, kb: dict[str, int]) -> None:
 
 def open_in_child(data: str) -> None:
     """Opens the data dir in a fresh process (the first open converts the shards)."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); t = time.perf_counter(); "
-            "from pipeline.data import PretrainingDataset; d = PretrainingDataset(sys.argv[2]); "
+    code = ("import sys, time; t = time.perf_counter(); "
+            "from pipeline.data import PretrainingDataset; d = PretrainingDataset(sys.argv[1]); "
             "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
             "print(f'{time.perf_counter() - t:.2f} {int(hwm) / 1024:.1f} {getattr(d, \"built_cache\", False)}')")
-    out = subprocess.run([sys.executable, "-c", code, REPO, data], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, data], check=True, capture_output=True, text=True)
     seconds, peak, built = out.stdout.split()
     print(f"first open      in a child process: {seconds} s (imports included), peak RSS {peak} MB"
           f"{', converted the shards into the flat cache' if built == 'True' else ''}", flush=True)

@@ -34,7 +34,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from benchmarks.side_by_side import run_worker, summarize, timed_hf_trainer  # noqa: E402
 

@@ -42,7 +42,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 RESULT = "PRETRAIN_GPU_RESULT "
 VOCAB = 32000  # preprocessing's default; a multiple of 64 keeps the vocabulary matmul on whole tensor-core tiles

@@ -24,7 +24,6 @@ import time
 from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from preprocessing.sentences import split_sentences  # noqa: E402
 

@@ -20,7 +20,6 @@ import time
 import xml.etree.ElementTree as ET
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from preprocessing.wikitext import clean_wikitext  # noqa: E402
 

@@ -37,7 +37,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-sys.path.insert(0, REPO)
 
 LABELLED, SEED = 1000, 42
 MODEL = {"model_type": "bert", "vocab_size": 8000, "hidden_size": 128, "num_hidden_layers": 2,
