@@ -20,7 +20,6 @@ import io
 import os
 import random
 import re
-import sys
 import time
 import unicodedata
 

@@ -19,7 +19,6 @@ import collections
 import os
 import platform
 import re
-import sys
 import time
 from typing import Callable
 

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline import embedding  # noqa: E402

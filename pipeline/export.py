@@ -33,7 +33,7 @@ import shutil
 import sys
 import tempfile
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline import checkpoint  # noqa: E402

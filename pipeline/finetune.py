@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline.ds_config import DsConfigError  # noqa: E402

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402

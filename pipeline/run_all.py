@@ -34,7 +34,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = REPO
 
 SAMPLES = os.path.join(REPO, "preprocessing", "sample_data")

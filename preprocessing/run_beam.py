@@ -11,8 +11,7 @@ import logging
 import os
 import sys
 
-if __package__ in (None, ""):
-    # Run as a script: import the package from the repository, not this folder.
+if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[0] = _root
     # Beam's worker processes must find it too.
