@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import pyarrow.parquet as pq
 
-from preprocessing import inputs, language, manifest, parts, subwords, tracking, transforms, vocab
+from preprocessing import inputs, language, manifest, parts, subwords, tracking, transforms, vocab, worker_package
 from preprocessing.options import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def read_counters(output: str) -> dict[str, int]:
 
 
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
+    beam_args = worker_package.with_setup_file(beam_args)  # Dataflow workers: preprocessing only
     tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes)
     inputs.check_inputs(tasks, config.text_field)
     config = resolve_language(config, tasks)
