@@ -15,7 +15,7 @@ plateau while its validation loss still fell, a loss that was the stopping rule'
 init's. It compares accuracy on the 1,281 test reviews, and again on the 1,281 validation reviews
 with the two splits' roles swapped (best epoch chosen on test): one standard error of a figure is
 about 1.3 points, so the mean gain over five seeds must exceed MARGIN on test, the split the claim
-is about, and must not reverse on validation. The README's "Does pretraining help?" has the five-seed figures.
+is about, and must not reverse on validation. docs/EXPERIMENTS.md has the five-seed figures.
 BERT_PIPELINE_REVIEWS_BUNDLE=DIR runs these tests against a bundle built elsewhere.
 """
 import csv

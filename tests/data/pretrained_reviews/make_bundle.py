@@ -7,7 +7,7 @@
 Pretraining takes longer than a test may (the defaults: ~90 minutes on 2 CPU cores), so
 tests/test_finetune_pretraining_helps.py fine-tunes the bundle this writes (by default into
 this folder, for committing) instead of pretraining in CI. The defaults' bundle does not beat
-random init on both splits yet (README, "Does pretraining help?"), so none is committed. The
+random init on both splits yet (docs/EXPERIMENTS.md, "Does pretraining help?"), so none is committed. The
 steps are the user-facing commands, run as subprocesses:
 
 1. ``pipeline.run_all.write_review_task``: the fine-tuning split (seed 42) and
