@@ -321,7 +321,7 @@ def _repair_zero3_universal_load(engine, folder: str) -> None:
       group gets its own copy.
     """
     # DeepSpeed's own file, which engine.load_checkpoint unpickled whole moments ago: reading it the
-    # same way trusts nothing more (hence: resume only from trusted run dirs, README "Reliability").
+    # same way trusts nothing more (hence: resume only from trusted run dirs, docs/PRETRAINING.md "Reliability").
     saved = torch.load(os.path.join(folder, "zero", "optimizer_state.pt"), map_location="cpu",
                        weights_only=False, mmap=True)["param_groups"]
     optimizer = engine.optimizer.optimizer
