@@ -92,7 +92,7 @@ def run_ours(args) -> dict:
     from pipeline.finetuner import Finetuner, collate
 
     with tempfile.TemporaryDirectory(prefix="finetune_cpu_ours_") as out:
-        config = FinetuneConfig(
+        config = FinetuneConfig.from_flat(
             model=args.model_dir, train=os.path.join(args.files, "train.csv"),
             validation=os.path.join(args.files, "validation.csv"), test=os.path.join(args.files, "test.csv"),
             max_seq_length=args.max_seq_length, output_dir=out, ds_config=args.ds_config,

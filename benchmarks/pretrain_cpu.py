@@ -65,11 +65,11 @@ def run_ours(args) -> dict:
             return ""
 
     with tempfile.TemporaryDirectory(prefix="pretrain_cpu_ours_") as run_dir:
-        config = TrainConfig(data=args.data, run_dir=run_dir, model=args.model,
-                             global_batch_size=args.batch_size, micro_batch_size=args.batch_size,
-                             steps=args.steps, learning_rate=args.learning_rate, warmup_steps=args.lr_warmup,
-                             weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-                             log_every=args.steps, resume="none", mlflow=False)
+        config = TrainConfig.from_flat(data=args.data, run_dir=run_dir, model=args.model,
+                                       global_batch_size=args.batch_size, micro_batch_size=args.batch_size,
+                                       steps=args.steps, learning_rate=args.learning_rate, warmup_steps=args.lr_warmup,
+                                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+                                       log_every=args.steps, resume="none", mlflow=False)
         trainer = NoSaveTrainer(config)
         stamps, tokens = [], []
 

@@ -142,10 +142,10 @@ def measure(spec: dict) -> dict:
             data = sample_data_dir(spec["data_dir"], os.path.join(tmp, "data"), micro * max(steps + 2, 64))
         else:
             data = write_synthetic_data(os.path.join(tmp, "data"), spec["seq"], micro * (steps + 2))
-        config = TrainConfig(data=data, run_dir=os.path.join(tmp, "run"), model=spec["model"],
-                             ds_config=spec["ds_config"], global_batch_size=micro, micro_batch_size=micro,
-                             steps=steps, learning_rate=1e-4, warmup_steps=0, log_every=steps, resume="none",
-                             eval_shards=0, mlflow=False, compile=spec["compile"])
+        config = TrainConfig.from_flat(data=data, run_dir=os.path.join(tmp, "run"), model=spec["model"],
+                                       ds_config=spec["ds_config"], global_batch_size=micro, micro_batch_size=micro,
+                                       steps=steps, learning_rate=1e-4, warmup_steps=0, log_every=steps, resume="none",
+                                       eval_shards=0, mlflow=False, compile=spec["compile"])
 
         class NoSave(Trainer):
             def save(self) -> str:  # the checkpoint is not what is timed

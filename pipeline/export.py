@@ -23,7 +23,6 @@ the data dir's manifest, the same way the trainer built it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import logging
@@ -37,6 +36,7 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline import checkpoint  # noqa: E402
+from pipeline.engine import flat  # noqa: E402
 
 log = logging.getLogger(__name__)
 TRAIN_CONFIG = "train_config.json"
@@ -52,7 +52,8 @@ def write_train_config(config, pretrain_run_id: str | None = None) -> str:
     what the export needs to rebuild the model. Call on rank 0 only."""
     path = os.path.join(config.run_dir, TRAIN_CONFIG)
     os.makedirs(config.run_dir, exist_ok=True)
-    values = {**dataclasses.asdict(config), "pretrain_run_id": pretrain_run_id}
+    # Flat, as before EngineConfig: the engine's settings beside the stage's, under their flag names.
+    values = {**flat(config), "pretrain_run_id": pretrain_run_id}
     # Paths as the trainer saw them: relative ones would resolve against whoever exports
     # later (another working directory), not against where pretraining ran.
     values["data"] = os.path.abspath(config.data)
@@ -111,7 +112,10 @@ def read_train_config(run_dir: str) -> dict:
         raise ExportError(f"{path} is missing: it records the model and data the run used (pretrain.py "
                           "writes it); without it, pass data_dir and write it with write_train_config")
     with open(path) as f:
-        return json.load(f)
+        values = json.load(f)
+    # Written flat (write_train_config); a nested "engine" (dataclasses.asdict of a TrainConfig) reads the same.
+    engine = values.pop("engine", None) or {}
+    return {**values, **engine}
 
 
 def fp32_state_dict(checkpoints: str, tag: str) -> dict:

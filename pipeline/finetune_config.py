@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from collections.abc import Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DS_CONFIG = os.path.join(REPO, "ds_configs", "cpu_fp32_zero2_torch-adamw.json")
+from pipeline.engine import EngineConfig, EngineConfigError, nest
+from pipeline.tracking import DEFAULT_EXPERIMENT
+
+# Fine-tuning's own defaults for the engine settings whose good values differ between the stages.
+ENGINE_DEFAULTS = {"micro_batch_size": 32, "learning_rate": 5e-5}
 BEST_METRIC = {"classification": "accuracy", "regression": "pearson"}
 
 
-class FinetuneConfigError(ValueError):
+class FinetuneConfigError(EngineConfigError):
     """A bad flag value; the message names the flag."""
 
 
@@ -35,20 +37,14 @@ class FinetuneConfig:
     test_fraction: float = 0.1
     max_seq_length: int | None = None  # None: the tokenizer's (the pretraining sequence length)
     output_dir: str = "runs/finetune"
-    ds_config: str = DEFAULT_DS_CONFIG
-    global_batch_size: int = 32
-    micro_batch_size: int = 32
+    engine: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(**ENGINE_DEFAULTS))
     eval_batch_size: int = 128
     epochs: int = 3
-    learning_rate: float = 5e-5
     warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
     metric: str | None = None  # None: accuracy (classification) or pearson (regression)
     patience: int = 2
-    seed: int = 42
     mlflow: bool = True
-    experiment: str = "bert-pipeline"
+    experiment: str = DEFAULT_EXPERIMENT
     run_name: str | None = None
     register_name: str | None = None
     log_model: bool = True
@@ -64,9 +60,7 @@ class FinetuneConfig:
             (self.task in (None, "classification", "regression"),
              f"--task must be classification or regression, got {self.task!r}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
             (0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}"),
-            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
             (self.patience >= 0, f"--patience must be >= 0, got {self.patience}"),
             (self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}"),
             (self.max_seq_length is None or self.max_seq_length >= 8,
@@ -81,12 +75,18 @@ class FinetuneConfig:
             if not ok:
                 raise FinetuneConfigError(message)
 
+    @classmethod
+    def from_flat(cls, **values) -> FinetuneConfig:
+        """From the flags' flat names (``learning_rate=…`` rather than ``engine=EngineConfig(…)``)."""
+        return cls(**nest(values, ENGINE_DEFAULTS))
+
     def best_metric(self, task: str) -> str:
         return self.metric or BEST_METRIC[task]
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = FinetuneConfig(model="", data="")
+    e = d.engine
     p = argparse.ArgumentParser(
         prog="python pipeline/finetune.py",
         description="Fine-tune a BERT from pipeline/pretrain.py on a labelled text task (single-sentence or "
@@ -126,23 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "pretraining length)")
     t = p.add_argument_group("training")
     t.add_argument("--output-dir", default=d.output_dir)
-    t.add_argument("--ds-config", default=d.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
-    t.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
+    t.add_argument("--ds-config", default=e.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
+    t.add_argument("--global-batch-size", type=int, default=e.global_batch_size,
                    help="sequences per optimizer step, over all processes")
-    t.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
+    t.add_argument("--micro-batch-size", type=int, default=e.micro_batch_size,
                    help="sequences per process per forward pass; accumulation makes up the rest")
     t.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="per process")
     t.add_argument("--epochs", type=int, default=d.epochs, help="at most; early stopping may end sooner")
-    t.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate")
+    t.add_argument("--learning-rate", type=float, default=e.learning_rate, help="peak learning rate")
     t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
                    help="linear warmup over this share of the steps, then linear decay to 0")
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    t.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clipping (0 = off)")
+    t.add_argument("--weight-decay", type=float, default=e.weight_decay)
+    t.add_argument("--grad-clip", type=float, default=e.grad_clip, help="gradient norm clipping (0 = off)")
     t.add_argument("--metric", help="validation metric that picks the best epoch (default: accuracy, or pearson "
                                     "for regression; also f1_macro, f1_binary, mcc, spearman, mse, loss)")
     t.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many epochs without a better validation metric (0 = never stop early)")
-    t.add_argument("--seed", type=int, default=d.seed, help="split, classifier initialisation and batch order")
+    t.add_argument("--seed", type=int, default=e.seed, help="split, classifier initialisation and batch order")
     tr = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
     tr.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     tr.add_argument("--experiment", default=d.experiment)
@@ -160,8 +160,8 @@ def parse_args(argv: Sequence[str] | None) -> FinetuneConfig:
     values = vars(parser.parse_args(argv))
     values.pop("local_rank")
     try:
-        config = FinetuneConfig(**values)
-    except FinetuneConfigError as err:
+        config = FinetuneConfig.from_flat(**values)
+    except EngineConfigError as err:
         parser.error(str(err))
         raise
     if config.register_name and not (config.mlflow and config.log_model):

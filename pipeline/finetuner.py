@@ -26,23 +26,14 @@ import time
 import numpy as np
 import torch
 
-from pipeline.ds_config import DsConfigError, inject, load_ds_config, plan_batches
+from pipeline.ds_config import DsConfigError
+from pipeline.engine import ensure_distributed_env, init_distributed, initialize
 from pipeline.finetune_config import FinetuneConfig, FinetuneConfigError
 from pipeline.finetune_data import Examples, load_task_data
 from pipeline.finetune_model import build_classifier, load_tokenizer, read_training_info, resolve_model_dir
 from pipeline.metrics import LOWER_IS_BETTER, confusion_matrix, per_class_report, task_metrics
-from pipeline.param_groups import weight_decay_groups
-from pipeline.trainer import ensure_distributed_env, linear_warmup_decay
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass
@@ -108,22 +99,18 @@ def untrained_positions_warning(max_length: int, tokenizer, init: str) -> str | 
 
 class Finetuner:
     def __init__(self, config: FinetuneConfig):
-        import deepspeed
         from transformers import AutoConfig
 
         self.config = config
-        if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
-            # A plain `python` run: its own free port, so that two such runs on one machine do not
-            # collide on ensure_distributed_env's default.
-            os.environ["MASTER_PORT"] = str(_free_port())
+        settings = config.engine  # EngineConfig (self.engine: the DeepSpeed engine it builds)
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
-        deepspeed.init_distributed()
+        init_distributed()
         os.makedirs(config.output_dir, exist_ok=True)
         self.data = load_task_data(
             data=config.data, train=config.train, validation=config.validation, test=config.test,
             text_column=config.text_column, text_pair_column=config.text_pair_column,
             label_column=config.label_column, task=config.task, drop_labels=config.drop_labels,
-            validation_fraction=config.validation_fraction, test_fraction=config.test_fraction, seed=config.seed)
+            validation_fraction=config.validation_fraction, test_fraction=config.test_fraction, seed=settings.seed)
         self.task = self.data.task
         self.metric = config.best_metric(self.task)
         if self.task == "regression" and self.metric in ("accuracy", "f1_macro", "f1_binary", "mcc"):
@@ -135,27 +122,23 @@ class Finetuner:
         self.pretrained_info = read_training_info(self.hf_dir)
         # The tokenizer is checked against the model's config before any weight is loaded.
         self.tokenizer = load_tokenizer(self.hf_dir, config.tokenizer, AutoConfig.from_pretrained(self.hf_dir))
-        torch.manual_seed(config.seed)  # the classifier head (and, with --init random, every weight)
+        torch.manual_seed(settings.seed)  # the classifier head (and, with --init random, every weight)
         model = build_classifier(self.hf_dir, self.task, self.data.labels, config.init, config.reinit_pooler)
         self.max_length = self._max_length(model.config)
         self.splits = {name: encode(self.tokenizer, examples, self.max_length)
                        for name, examples in self.data.splits.items()}
 
-        self.batches = plan_batches(config.global_batch_size, config.micro_batch_size, self.world_size)
-        self.steps_per_epoch = math.ceil(len(self.splits["train"]) / config.global_batch_size)
+        self.batches = settings.batches(self.world_size)
+        self.steps_per_epoch = math.ceil(len(self.splits["train"]) / settings.global_batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         warmup = int(config.warmup_fraction * self.total_steps)
-        self.ds_config = inject(load_ds_config(config.ds_config), self.batches, config.learning_rate,
-                                config.weight_decay, config.grad_clip)
+        self.ds_config = settings.deepspeed_config(self.batches)
         stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         if stage > 2:
-            raise DsConfigError(f"--ds-config {config.ds_config}: ZeRO stage {stage} partitions the weights, which "
+            raise DsConfigError(f"--ds-config {settings.ds_config}: ZeRO stage {stage} partitions the weights, which "
                                 "keeping the best epoch's weights needs whole; use a stage 0-2 config")
-        schedule = linear_warmup_decay(self.total_steps, warmup)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=weight_decay_groups(model, config.weight_decay),
-            config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.engine, self.optimizer, self.scheduler = initialize(model, settings, self.ds_config, self.total_steps,
+                                                                 warmup)
         self.step = 0
         self.history: list[EpochResult] = []
         self.best: EpochResult | None = None
@@ -185,8 +168,9 @@ class Finetuner:
     # ------------------------------------------------------------------ training
     def epoch_micro_batches(self, epoch: int) -> list[list[np.ndarray]]:
         """Per optimizer step, this rank's micro-batches (row indices into the train split)."""
-        n, g, micro = len(self.splits["train"]), self.config.global_batch_size, self.config.micro_batch_size
-        order = np.random.default_rng([self.config.seed, epoch]).permutation(n)
+        settings = self.config.engine
+        n, g, micro = len(self.splits["train"]), settings.global_batch_size, settings.micro_batch_size
+        order = np.random.default_rng([settings.seed, epoch]).permutation(n)
         order = np.concatenate([order, np.resize(order, (-n) % g)])  # fill the last step from the start
         steps = []
         for start in range(0, len(order), g):
@@ -217,7 +201,7 @@ class Finetuner:
             raise FloatingPointError(f"train loss is {loss.item()} in epoch {epoch}: lower --learning-rate")
         if self.world_size > 1:
             torch.distributed.all_reduce(loss)
-        sequences = self.steps_per_epoch * self.config.global_batch_size
+        sequences = self.steps_per_epoch * self.config.engine.global_batch_size
         return loss.item() / self.world_size, seconds, sequences
 
     @torch.no_grad()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
+
+from pipeline.engine import flat
+
+DEFAULT_EXPERIMENT = "bert-pipeline"  # the training stages' and embed.py's --experiment
 
 
 class Tracker:
@@ -44,4 +47,5 @@ class Tracker:
 
 
 def config_params(config) -> dict:
-    return dataclasses.asdict(config)
+    # Flat: the engine's settings under their flag names (learning_rate, not engine.learning_rate).
+    return flat(config)

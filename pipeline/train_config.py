@@ -8,12 +8,14 @@ import os
 from collections.abc import Sequence
 
 from pipeline import hf_init
+from pipeline.engine import EngineConfig, EngineConfigError, nest
+from pipeline.tracking import DEFAULT_EXPERIMENT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DS_CONFIG = os.path.join(REPO, "ds_configs", "cpu_fp32_zero2_torch-adamw.json")
+# Pretraining's own defaults for the engine settings whose good values differ between the stages.
+ENGINE_DEFAULTS = {"micro_batch_size": 8, "learning_rate": 5e-4}
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(EngineConfigError):
     """A bad flag value; the message names the flag."""
 
 
@@ -22,15 +24,9 @@ class TrainConfig:
     data: str
     run_dir: str = "runs/pretrain"
     model: str | None = "tiny"  # None (the command line's default): tiny, or an --init-from HF dir's config.json
-    ds_config: str = DEFAULT_DS_CONFIG
-    global_batch_size: int = 32
-    micro_batch_size: int = 8
+    engine: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(**ENGINE_DEFAULTS))
     steps: int = 100
-    learning_rate: float = 5e-4
     warmup_steps: int | None = None  # None: a tenth of --steps
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 42
     log_every: int = 10
     checkpoint_every: int = 0
     checkpoint_minutes: float = 0.0
@@ -43,7 +39,7 @@ class TrainConfig:
     eval_batches: int = 50
     init_from: str | None = None
     mlflow: bool = True
-    experiment: str = "bert-pipeline"
+    experiment: str = DEFAULT_EXPERIMENT
     run_name: str | None = None
     data_cache: str | None = None  # None: DATA/flat
     compile: bool = False
@@ -60,13 +56,11 @@ class TrainConfig:
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (0 <= self.warmup_steps <= self.steps,
              f"--warmup-steps must be in [0, --steps={self.steps}], got {self.warmup_steps}"),
-            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.checkpoint_minutes >= 0, f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}"),
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.dist_timeout_minutes > 0, f"--dist-timeout-minutes must be > 0, got {self.dist_timeout_minutes}"),
-            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
             (self.eval_shards is None or self.eval_shards >= 0,
              f"--eval-shards must be >= 0, got {self.eval_shards}"),
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
@@ -76,6 +70,11 @@ class TrainConfig:
             if not ok:
                 raise TrainConfigError(message)
 
+    @classmethod
+    def from_flat(cls, **values) -> TrainConfig:
+        """From the flags' flat names (``learning_rate=…`` rather than ``engine=EngineConfig(…)``)."""
+        return cls(**nest(values, ENGINE_DEFAULTS))
+
     @property
     def checkpoint_dir(self) -> str:
         return os.path.join(self.run_dir, "checkpoints")
@@ -83,6 +82,7 @@ class TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(data="")
+    e = d.engine
     p = argparse.ArgumentParser(
         prog="python pipeline/pretrain.py",
         description="Pretrain BERT (MLM + NSP) with DeepSpeed on the shards of preprocessing/run_beam.py. "
@@ -97,18 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset (tiny, mini, small, base, large) or a config.json (default: tiny; with a Hugging "
                         "Face --init-from, the directory's config.json, and an explicit one must match it)"
                         "%(default).0s")  # an empty format: no "(default: None)" after the real default
-    p.add_argument("--ds-config", default=d.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
-    p.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
+    p.add_argument("--ds-config", default=e.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
+    p.add_argument("--global-batch-size", type=int, default=e.global_batch_size,
                    help="sequences per optimizer step, over all processes")
-    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
+    p.add_argument("--micro-batch-size", type=int, default=e.micro_batch_size,
                    help="sequences per process per forward pass; accumulation makes up the rest")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate")
+    p.add_argument("--learning-rate", type=float, default=e.learning_rate, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warmup, then linear decay to 0 at --steps (default: a tenth of --steps)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clipping (0 = off)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--weight-decay", type=float, default=e.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=e.grad_clip, help="gradient norm clipping (0 = off)")
+    p.add_argument("--seed", type=int, default=e.seed)
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metric logs")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="steps between checkpoints (0 = only at the end and on a stop signal)")
@@ -160,7 +160,7 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
     values = vars(parser.parse_args(argv))
     values.pop("local_rank")
     try:
-        return TrainConfig(**values)
-    except TrainConfigError as err:
+        return TrainConfig.from_flat(**values)
+    except EngineConfigError as err:
         parser.error(str(err))
         raise

@@ -7,7 +7,6 @@ micro-batches DeepSpeed accumulates, then metrics, checkpoints and the stop chec
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -24,43 +23,13 @@ from tqdm import tqdm
 from pipeline import checkpoint, hf_init
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
-from pipeline.ds_config import inject, load_ds_config, plan_batches
+from pipeline.engine import agree, ensure_distributed_env, init_distributed, initialize, loss_scale
 from pipeline.model import FlopCounter, build_model, model_config
-from pipeline.param_groups import weight_decay_groups
 from pipeline.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 EXIT_STOPPED = 3  # a stop signal was honoured: checkpoint written, the job can requeue
 MAX_NONFINITE_STEPS = 10  # skipped non-finite steps in a row before the run is declared broken
-
-
-def ensure_distributed_env() -> tuple[int, int, int]:
-    """(rank, local rank, world size); a plain ``python`` run becomes a 1-process world.
-
-    DeepSpeed otherwise tries MPI discovery and fails without mpi4py. A 1-process world's
-    rendezvous port is a free one, so two plain runs on one machine (or one beside a
-    torchrun job on the default 29500) do not collide.
-    """
-    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-
-
-def linear_warmup_decay(steps: int, warmup: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-    return factor
 
 
 @dataclasses.dataclass
@@ -93,16 +62,6 @@ def pretraining_losses(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor,
     return mlm, nsp_loss, counts
 
 
-def agree(flags: list[float], world_size: int, device="cpu") -> list[float]:
-    """Each value's maximum over the ranks, so a flag is set if it is set on any rank: one
-    all-reduce, which every rank must call."""
-    if world_size == 1:
-        return [float(f) for f in flags]
-    values = torch.tensor([float(f) for f in flags], device=device)  # NCCL reduces GPU tensors only
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-    return values.tolist()
-
-
 class NonFiniteLoss(FloatingPointError):
     """Raised on every rank at the same step: the decision is agreed (``Trainer._check_finite``)."""
 
@@ -124,8 +83,6 @@ class StopFlag:
 
 class Trainer:
     def __init__(self, config: TrainConfig):
-        import deepspeed
-
         self.config = config
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
         # From the start: a stop signal during start-up (loading, engine, resume) is honoured
@@ -138,7 +95,7 @@ class Trainer:
         # would pass torch._dynamo's recompile limit. Padded to max_seq_length, one graph serves all.
         pad_to = self.manifest["max_seq_length"] if config.compile else 8
         self.dataset = PretrainingDataset(config.data, self.manifest, pad_to_multiple_of=pad_to,
-                                          cache_dir=config.data_cache, seed=config.seed)
+                                          cache_dir=config.data_cache, seed=config.engine.seed)
         shards = len(self.manifest["shards"])
         self.eval_shards = config.eval_shards if config.eval_shards is not None else int(shards >= 2)
         self.train_rows = training_rows(self.manifest, self.eval_shards)
@@ -150,8 +107,9 @@ class Trainer:
             raise DataDirError(f"{config.data}/manifest.json: objective {objective!r} is not one this trainer "
                                "knows (mlm-nsp, mlm); rerun preprocessing with --objective mlm-nsp or mlm")
         self.nsp_weight = 0.0 if objective == "mlm" else 1.0
-        self.batches = plan_batches(config.global_batch_size, config.micro_batch_size, self.world_size)
-        torch.manual_seed(config.seed)
+        settings = config.engine  # EngineConfig (self.engine: the DeepSpeed engine it builds)
+        self.batches = settings.batches(self.world_size)
+        torch.manual_seed(settings.seed)
         if hf_init.is_hf_dir(config.init_from):  # before a model of the wrong size or vocabulary is built
             hf_init.check(config.init_from, config.model, self.manifest, config.data)
         self.model_config = model_config(config.model, self.manifest)
@@ -163,30 +121,24 @@ class Trainer:
             model.bert.encoder.compile(dynamic=False)
         self.resume_tag = self._resume_tag()
         self.init_info = self._init_weights(model) if config.init_from and self.resume_tag is None else {}
-        self.ds_config = inject(load_ds_config(config.ds_config), self.batches, config.learning_rate,
-                                config.weight_decay, config.grad_clip)
+        self.ds_config = settings.deepspeed_config(self.batches)
         # Decided before the engine exists: loading another world size's ZeRO partitions is an engine setting.
         self.resume_plan = self.resume_tag and checkpoint.plan_resume(
-            config.checkpoint_dir, self.resume_tag, self.world_size, self.ds_config, config.ds_config,
+            config.checkpoint_dir, self.resume_tag, self.world_size, self.ds_config, settings.ds_config,
             self.batches.global_batch_size)
         if self.resume_plan and self.resume_plan.universal:
             self.ds_config = checkpoint.universal_load_config(self.ds_config)
-        # deepspeed.initialize would create the process group with DeepSpeed's default timeout; the
-        # timeout bounds how long a rank waits in a collective for a peer that hangs without exiting.
-        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=config.dist_timeout_minutes))
-        schedule = linear_warmup_decay(config.steps, config.warmup_steps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=weight_decay_groups(model, config.weight_decay),
-            config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-        self.sampler = BatchSampler(self.dataset.lengths[:self.train_rows], config.micro_batch_size,
-                                    rank=self.rank, world_size=self.world_size, seed=config.seed,
+        init_distributed(config.dist_timeout_minutes)
+        self.engine, self.optimizer, self.scheduler = initialize(model, settings, self.ds_config, config.steps,
+                                                                 config.warmup_steps)
+        self.sampler = BatchSampler(self.dataset.lengths[:self.train_rows], settings.micro_batch_size,
+                                    rank=self.rank, world_size=self.world_size, seed=settings.seed,
                                     accumulation_steps=self.batches.accumulation_steps)
-        self.eval_rows = eval_batches(self.dataset.lengths, self.train_rows, config.micro_batch_size, self.rank,
-                                      self.world_size, config.eval_batches, config.seed)
+        self.eval_rows = eval_batches(self.dataset.lengths, self.train_rows, settings.micro_batch_size, self.rank,
+                                      self.world_size, config.eval_batches, settings.seed)
         if self.eval_shards and len(self.eval_rows) == 0:
             raise DataDirError(f"--eval-shards {self.eval_shards}: the held-out rows are fewer than one micro-batch "
-                             f"({config.micro_batch_size}) per process")
+                             f"({settings.micro_batch_size}) per process")
         self.step = 0
         self.flops = FlopCounter.for_config(self.model_config)
         self.final_eval: dict[str, float] = {}
@@ -249,7 +201,7 @@ class Trainer:
             log.info("resumed from %s at step %d", tag, self.step)
         else:
             # No saved generator belongs to this rank: new ones, still reproducible.
-            checkpoint.reseed(self.config.seed, self.rank, self.step)
+            checkpoint.reseed(self.config.engine.seed, self.rank, self.step)
             if self.is_rank0:
                 log.info("resumed from %s at step %d on %s (saved by %d): the same data order and optimizer "
                          "state; dropout generators reseeded from (--seed, rank, step)", tag, self.step,
@@ -313,10 +265,10 @@ class Trainer:
             counts += batch_counts
         self.step += 1
         n = self.batches.accumulation_steps
-        seqs = n * self.config.micro_batch_size
+        seqs = n * self.config.engine.micro_batch_size
         (loss, mlm, nsp_loss), (hits, masked, nsp_hits, real) = totals.tolist(), counts.tolist()
         grad_norm = self.engine.get_global_grad_norm()
-        scale = self.engine._get_optimizer_loss_scale() if self.engine.fp16_enabled() else None
+        scale = loss_scale(self.engine)
         return StepMetrics(loss / n, mlm / n, nsp_loss / n, hits / max(masked, 1), nsp_hits / seqs, real, seqs,
                            masked, float("nan") if grad_norm is None else float(grad_norm),
                            float("nan") if scale is None else float(scale), self.engine.was_step_applied())

@@ -33,7 +33,7 @@ def one_process_world(monkeypatch):
 def config(data_dir, run_dir, **overrides):
     values = dict(data=data_dir, run_dir=str(run_dir), steps=4, global_batch_size=8, micro_batch_size=8,
                   learning_rate=2e-3, warmup_steps=1, log_every=100, checkpoint_every=2, mlflow=False)
-    return TrainConfig(**{**values, **overrides})
+    return TrainConfig.from_flat(**{**values, **overrides})
 
 
 def cli_args(data_dir, run_dir):

@@ -41,8 +41,8 @@ def zh_run(zh_data, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     set_one_process_world(mp, 29541)
     run_dir = str(tmp_path_factory.mktemp("zh-run") / "run")
-    config = TrainConfig(data=zh_data, run_dir=run_dir, steps=300, global_batch_size=32, micro_batch_size=32,
-                         learning_rate=2e-3, warmup_steps=30, log_every=1000, mlflow=False)
+    config = TrainConfig.from_flat(data=zh_data, run_dir=run_dir, steps=300, global_batch_size=32, micro_batch_size=32,
+                                   learning_rate=2e-3, warmup_steps=30, log_every=1000, mlflow=False)
     trainer = Trainer(config)
     export.write_train_config(config)  # what pretrain.py writes: fine-tuning reads the run dir through it
     assert trainer.train() == 0
@@ -104,8 +104,9 @@ def test_fine_tuned_tang_song_classifier_beats_the_majority_class(zh_run, tmp_pa
 
     set_one_process_world(monkeypatch, 29542)
     run_dir, _ = zh_run
-    config = FinetuneConfig(model=run_dir, data=TANG_SONG, output_dir=str(tmp_path), epochs=2,
-                            global_batch_size=32, micro_batch_size=32, learning_rate=1e-3, mlflow=False, seed=3)
+    config = FinetuneConfig.from_flat(model=run_dir, data=TANG_SONG, output_dir=str(tmp_path), epochs=2,
+                                      global_batch_size=32, micro_batch_size=32, learning_rate=1e-3, mlflow=False,
+                                      seed=3)
     finetuner = Finetuner(config)
     finetuner.train()
     report = finetuner.test_report()

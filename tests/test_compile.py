@@ -20,9 +20,9 @@ def one_process_world(monkeypatch):
 
 def run(data_dir, run_dir, model, compile, stop_at=None, steps=4):
     """Per-step losses of a run; a stop request after step ``stop_at`` checkpoints it there."""
-    config = TrainConfig(data=data_dir, run_dir=str(run_dir), model=model, steps=steps, global_batch_size=16,
-                         micro_batch_size=8, learning_rate=2e-3, warmup_steps=1, eval_shards=0, log_every=100,
-                         mlflow=False, compile=compile)
+    config = TrainConfig.from_flat(data=data_dir, run_dir=str(run_dir), model=model, steps=steps, global_batch_size=16,
+                                   micro_batch_size=8, learning_rate=2e-3, warmup_steps=1, eval_shards=0, log_every=100,
+                                   mlflow=False, compile=compile)
     trainer = Trainer(config)
     write_train_config(config)  # as pretrain.py does: what the export rebuilds the model from
     losses = []

@@ -102,9 +102,9 @@ def test_training_on_dynamic_masks_resumes_exactly(dynamic_data, tmp_path, monke
             if stop_at is not None and t.step == stop_at:
                 t.stop.requested = True
 
-        trainer = Trainer(TrainConfig(data=dynamic_data, run_dir=str(run_dir), steps=8, global_batch_size=16,
-                                      micro_batch_size=8, learning_rate=2e-3, warmup_steps=2, log_every=100,
-                                      mlflow=False))
+        trainer = Trainer(TrainConfig.from_flat(data=dynamic_data, run_dir=str(run_dir), steps=8, global_batch_size=16,
+                                                micro_batch_size=8, learning_rate=2e-3, warmup_steps=2, log_every=100,
+                                                mlflow=False))
         return losses, trainer.train(on_step=record)
 
     whole, code = run(tmp_path / "whole")

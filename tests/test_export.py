@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline import export
-from pipeline.train_config import DEFAULT_DS_CONFIG, TrainConfig
+from pipeline.engine import DEFAULT_DS_CONFIG
+from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
 from .conftest import REPO, set_one_process_world
@@ -24,7 +25,7 @@ def one_process_world(monkeypatch):
 def train(data_dir, run_dir, **overrides):
     values = dict(data=data_dir, run_dir=str(run_dir), steps=4, global_batch_size=8, micro_batch_size=8,
                   learning_rate=2e-3, warmup_steps=1, log_every=100, mlflow=False)
-    config = TrainConfig(**{**values, **overrides})
+    config = TrainConfig.from_flat(**{**values, **overrides})
     trainer = Trainer(config)
     export.write_train_config(config, "run-123")  # what pretrain.py main writes on rank 0
     assert trainer.train() == 0

@@ -50,8 +50,8 @@ def pretrained(tmp_path_factory):
                     "--no-mlflow"], check=True, capture_output=True)
     mp = pytest.MonkeyPatch()
     set_one_process_world(mp, 29535)
-    config = TrainConfig(data=data, run_dir=str(root / "run"), steps=4, global_batch_size=8, micro_batch_size=8,
-                         learning_rate=2e-3, warmup_steps=1, log_every=100, mlflow=False)
+    config = TrainConfig.from_flat(data=data, run_dir=str(root / "run"), steps=4, global_batch_size=8,
+                                   micro_batch_size=8, learning_rate=2e-3, warmup_steps=1, log_every=100, mlflow=False)
     trainer = Trainer(config)
     export.write_train_config(config, "pretrain-run-123")  # what pretrain.py writes on rank 0
     assert trainer.train() == 0
@@ -78,7 +78,7 @@ def reviews(tmp_path_factory):
 def finetune_config(model, output_dir, data, **overrides):
     values = dict(model=model, data=data, label_column="category", drop_labels=("plot",), output_dir=str(output_dir),
                   epochs=2, global_batch_size=16, micro_batch_size=16, learning_rate=1e-3, mlflow=False, seed=3)
-    return FinetuneConfig(**{**values, **overrides})
+    return FinetuneConfig.from_flat(**{**values, **overrides})
 
 
 def saved_model_outputs(model_dir, finetuner, split="test"):
@@ -175,7 +175,7 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
     def steps(world, rank, micro):
         f = object.__new__(Finetuner)
         f.splits = {"train": [0] * 100}
-        f.config = SimpleNamespace(seed=5, global_batch_size=32, micro_batch_size=micro)
+        f.config = SimpleNamespace(engine=SimpleNamespace(seed=5, global_batch_size=32, micro_batch_size=micro))
         f.rank, f.world_size, f.batches = rank, world, plan_batches(32, micro, world)
         return f.epoch_micro_batches(epoch=1)
 
@@ -191,7 +191,7 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
     assert set(seen.tolist()) == set(range(100)) and len(seen) == 128
     f = object.__new__(Finetuner)
     f.__dict__.update(splits={"train": [0] * 100}, rank=0, world_size=1, batches=plan_batches(32, 8, 1),
-                      config=SimpleNamespace(seed=5, global_batch_size=32, micro_batch_size=8))
+                      config=SimpleNamespace(engine=SimpleNamespace(seed=5, global_batch_size=32, micro_batch_size=8)))
     assert not np.array_equal(np.concatenate(f.epoch_micro_batches(2)[0]), np.concatenate(one[0]))  # reshuffled
 
 
@@ -213,9 +213,10 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
             other = film if same else films[(films.index(film) + 1 + rng.integers(len(films) - 1)) % len(films)]
             f.write(json.dumps({"plot": plots[other], "review": review, "same_film": same,
                                 "score": float(same) * 0.8 + rng.random() * 0.2}) + "\n")
-    pair = Finetuner(FinetuneConfig(model=pretrained, data=str(path), text_column="plot", text_pair_column="review",
-                                    label_column="same_film", output_dir=str(tmp_path / "pair"), epochs=1,
-                                    mlflow=False, global_batch_size=16, micro_batch_size=16))
+    pair = Finetuner(FinetuneConfig.from_flat(model=pretrained, data=str(path), text_column="plot",
+                                              text_pair_column="review", label_column="same_film",
+                                              output_dir=str(tmp_path / "pair"), epochs=1, mlflow=False,
+                                              global_batch_size=16, micro_batch_size=16))
     assert pair.task == "classification" and pair.data.labels == ["0", "1"]
     train = pair.splits["train"]
     assert all(1 in types for types in train.token_type_ids)  # the review is segment B
@@ -223,9 +224,10 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
     pair.train()
     assert pair.test_report()["rows_truncated"]["train"] == train.truncated
 
-    regression = Finetuner(FinetuneConfig(model=pretrained, data=str(path), text_column="review", label_column="score",
-                                          output_dir=str(tmp_path / "regression"), epochs=3, learning_rate=1e-3,
-                                          mlflow=False, global_batch_size=16, micro_batch_size=16, patience=0))
+    regression = Finetuner(FinetuneConfig.from_flat(
+        model=pretrained, data=str(path), text_column="review", label_column="score",
+        output_dir=str(tmp_path / "regression"), epochs=3, learning_rate=1e-3, mlflow=False, global_batch_size=16,
+        micro_batch_size=16, patience=0))
     assert regression.task == "regression" and regression.metric == "pearson"
     regression.train()
     report = regression.test_report()

@@ -31,7 +31,7 @@ def config(data_dir, run_dir, **overrides):
     values = dict(data=data_dir, run_dir=str(run_dir), model=None, steps=1, global_batch_size=8,
                   micro_batch_size=8, learning_rate=1e-4, warmup_steps=0, log_every=1, eval_shards=0,
                   mlflow=False)
-    return TrainConfig(**{**values, **overrides})
+    return TrainConfig.from_flat(**{**values, **overrides})
 
 
 @pytest.fixture(scope="module")

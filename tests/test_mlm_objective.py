@@ -93,9 +93,9 @@ def test_mlm_only_training_and_a_fill_mask_export(mlm_data, tmp_path, monkeypatc
     from pipeline.trainer import Trainer
 
     set_one_process_world(monkeypatch, 29547)
-    trainer = Trainer(TrainConfig(data=mlm_data, run_dir=str(tmp_path / "run"), steps=30, global_batch_size=16,
-                                  micro_batch_size=16, learning_rate=2e-3, warmup_steps=3, log_every=100,
-                                  mlflow=False))
+    trainer = Trainer(TrainConfig.from_flat(data=mlm_data, run_dir=str(tmp_path / "run"), steps=30,
+                                            global_batch_size=16, micro_batch_size=16, learning_rate=2e-3,
+                                            warmup_steps=3, log_every=100, mlflow=False))
     assert trainer.nsp_weight == 0.0
     write_train_config(trainer.config)  # what pretrain.py writes: the export rebuilds the model from it
     seen = []

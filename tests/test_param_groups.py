@@ -38,9 +38,9 @@ def test_the_trainers_engine_decays_only_the_decayed_group(data_dir, tmp_path, o
     """One real optimizer step with all-zero gradients: AdamW's moments stay zero, so the only change
     is the decoupled decay, p ← p · (1 − lr · wd), on the decayed parameters and nothing else."""
     lr, wd = 0.1, 0.5
-    trainer = Trainer(TrainConfig(data=data_dir, run_dir=str(tmp_path), steps=4, global_batch_size=16,
-                                  micro_batch_size=8, learning_rate=lr, weight_decay=wd, warmup_steps=0,
-                                  log_every=100, mlflow=False))
+    trainer = Trainer(TrainConfig.from_flat(data=data_dir, run_dir=str(tmp_path), steps=4, global_batch_size=16,
+                                            micro_batch_size=8, learning_rate=lr, weight_decay=wd, warmup_steps=0,
+                                            log_every=100, mlflow=False))
     model = trainer.engine.module
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     decayed, _ = names_by_group(model, weight_decay_groups(model, wd))

@@ -23,7 +23,7 @@ def one_process_world(monkeypatch):
 def config(data_dir, run_dir, **overrides):
     values = dict(data=data_dir, run_dir=str(run_dir), steps=8, global_batch_size=16, micro_batch_size=8,
                   learning_rate=2e-3, warmup_steps=2, log_every=100, mlflow=False)
-    return TrainConfig(**{**values, **overrides})
+    return TrainConfig.from_flat(**{**values, **overrides})
 
 
 def losses_of(trainer, stop_at=None):

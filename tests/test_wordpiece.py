@@ -131,9 +131,9 @@ def test_continued_pretraining_of_a_wordpiece_bert_loads_its_saved_weights(wordp
         size = len(f.read().splitlines())
     BertForPreTraining(BertConfig(vocab_size=size, pad_token_id=0, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=2, intermediate_size=64)).save_pretrained(published)
-    config = TrainConfig(data=wordpiece_data, run_dir=str(tmp_path / "run"), model=None, init_from=str(published),
-                         steps=1, global_batch_size=8, micro_batch_size=8, learning_rate=1e-4, warmup_steps=0,
-                         eval_shards=0, mlflow=False)
+    config = TrainConfig.from_flat(data=wordpiece_data, run_dir=str(tmp_path / "run"), model=None,
+                                   init_from=str(published), steps=1, global_batch_size=8, micro_batch_size=8,
+                                   learning_rate=1e-4, warmup_steps=0, eval_shards=0, mlflow=False)
     trainer = Trainer(config)
     state = trainer.engine.module.state_dict()
     saved = load_file(os.path.join(published, "model.safetensors"))

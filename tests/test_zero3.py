@@ -23,7 +23,7 @@ def exported_eval(out: str, data: str, micro_batch_size: int, eval_batches: int,
     held-out micro-batches of every rank, summed the way Trainer.evaluate sums them."""
     from pipeline.data import PretrainingDataset, eval_batches as eval_rows, read_manifest, training_rows
     from pipeline.model import sparse_mlm_class
-    from pipeline.train_config import TrainConfig
+    from pipeline.engine import EngineConfig
     from pipeline.trainer import pretraining_losses
 
     model = sparse_mlm_class().from_pretrained(out).eval()  # a BertForPreTraining
@@ -34,7 +34,7 @@ def exported_eval(out: str, data: str, micro_batch_size: int, eval_batches: int,
     with torch.no_grad():
         for rank in range(world_size):
             for rows in eval_rows(dataset.lengths, start, micro_batch_size, rank, world_size, eval_batches,
-                                  TrainConfig.seed):
+                                  EngineConfig.seed):
                 mlm, nsp, (_, count, _, _) = pretraining_losses(model, dataset.batch(rows))
                 mlm_sum += mlm.double().item() * count.item()
                 nsp_sum += nsp.double().item() * len(rows)

@@ -1,0 +1,148 @@
+"""The DeepSpeed engine that pretraining and fine-tuning share.
+
+Its settings (``EngineConfig``: DeepSpeed config file, batch sizes, optimizer values, seed),
+the launch environment, the engine with its optimizer parameter groups and linear
+warmup/decay schedule, and the one all-reduce that makes the ranks agree. Each stage keeps
+its own defaults for the settings whose good values differ (``TrainConfig``/``FinetuneConfig``
+hold an ``EngineConfig`` built from them); the rest default here.
+
+``pipeline/ds_config.py`` stays its own module: it reads and checks DeepSpeed JSON without
+importing torch or DeepSpeed, and the checkpoint code plans resumes with it alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+from pipeline.ds_config import DEFAULT_DS_CONFIG, BatchPlan, inject, load_ds_config, plan_batches
+
+
+class EngineConfigError(ValueError):
+    """A bad flag value; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    # No default: the stages' differ (pretraining: micro batch 8, LR 5e-4; fine-tuning: 32, 5e-5).
+    micro_batch_size: int
+    learning_rate: float
+    ds_config: str = DEFAULT_DS_CONFIG
+    global_batch_size: int = 32
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 42
+
+    def __post_init__(self):
+        checks = [
+            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
+            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EngineConfigError(message)
+
+    def batches(self, world_size: int) -> BatchPlan:
+        return plan_batches(self.global_batch_size, self.micro_batch_size, world_size)
+
+    def deepspeed_config(self, batches: BatchPlan) -> dict:
+        """The complete DeepSpeed config: --ds-config's engine settings + these values."""
+        return inject(load_ds_config(self.ds_config), batches, self.learning_rate, self.weight_decay,
+                      self.grad_clip)
+
+
+ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def nest(values: dict, stage_defaults: dict) -> dict:
+    """A stage config's keyword arguments from flat ones (argparse's, or a test's): the engine's
+    settings gathered into one EngineConfig, over the stage's own ``stage_defaults``."""
+    engine = {k: values[k] for k in ENGINE_FIELDS if k in values}
+    rest = {k: v for k, v in values.items() if k not in ENGINE_FIELDS}
+    return {**rest, "engine": EngineConfig(**{**stage_defaults, **engine})}
+
+
+def flat(config) -> dict:
+    """A stage config as one flat dict, the engine's settings beside the stage's: the keys of
+    train_config.json and of the MLflow params, as they were before EngineConfig."""
+    values = dataclasses.asdict(config)
+    engine = values.pop("engine")
+    return {**values, **engine}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_distributed_env() -> tuple[int, int, int]:
+    """(rank, local rank, world size); a plain ``python`` run becomes a 1-process world.
+
+    DeepSpeed otherwise tries MPI discovery and fails without mpi4py. A 1-process world's
+    rendezvous port is a free one, so two plain runs on one machine (or one beside a
+    torchrun job on the default 29500) do not collide.
+    """
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def init_distributed(timeout_minutes: float | None = None) -> None:
+    """The process group, before ``initialize``, which would otherwise create it with DeepSpeed's
+    default timeout; the timeout bounds how long a rank waits in a collective for a peer that
+    hangs without exiting."""
+    import deepspeed
+
+    if timeout_minutes is None:
+        deepspeed.init_distributed()
+    else:
+        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def linear_warmup_decay(steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+    return factor
+
+
+def initialize(model, config: EngineConfig, ds_config: dict, steps: int, warmup: int):
+    """(engine, optimizer, scheduler): weight decay on the matrices only (pipeline/param_groups.py),
+    and the learning rate warmed up linearly over ``warmup`` steps, then decayed to 0 at ``steps``."""
+    import deepspeed
+    import torch
+
+    from pipeline.param_groups import weight_decay_groups
+
+    schedule = linear_warmup_decay(steps, warmup)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=weight_decay_groups(model, config.weight_decay), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine, optimizer, scheduler
+
+
+def loss_scale(engine) -> float | None:
+    """The fp16 loss scale (None without fp16): DeepSpeed has no public accessor for it."""
+    return engine._get_optimizer_loss_scale() if engine.fp16_enabled() else None
+
+
+def agree(flags: list[float], world_size: int, device="cpu") -> list[float]:
+    """Each value's maximum over the ranks, so a flag is set if it is set on any rank: one
+    all-reduce, which every rank must call."""
+    if world_size == 1:
+        return [float(f) for f in flags]
+    import torch
+
+    values = torch.tensor([float(f) for f in flags], device=device)  # NCCL reduces GPU tensors only
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values.tolist()
