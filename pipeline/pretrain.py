@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     return code
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (``python pipeline/pretrain.py``, the ``bert-pretrain`` console script)."""
     try:
         exit_code = main()
     except Exception:
@@ -102,3 +103,7 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(exit_code)
     sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    cli()

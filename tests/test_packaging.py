@@ -136,3 +136,97 @@ def test_worker_sdist_holds_preprocessing_and_the_worker_requirements_only(tmp_p
     assert {"transforms.py", "vocab.py", "requirements-worker.txt"} <= names
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     assert requires == _requirements(WORKER_REQUIREMENTS)
+
+
+def _source_tree(dest) -> str:
+    """The working tree's files that git tracks or would (not .venv, build/, runs/ ...), copied:
+    a wheel built in place could pick up stale modules from an old build/ folder."""
+    import shutil
+
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = os.path.join(REPO, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, rel))
+    return str(dest)
+
+
+def _small_task(path, per_label: int = 120) -> str:
+    """A balanced fresh/rotten csv (text,label) from the packaged Rotten Tomatoes reviews."""
+    import csv
+
+    rows = {"fresh": [], "rotten": []}
+    with bz2.open(os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2"), "rt",
+                  encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in rows and len(rows[row["category"]]) < per_label:
+                rows[row["category"]].append(row["text"])
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows((text, label) for label, texts in rows.items() for text in texts)
+    return str(path)
+
+
+@pytest.mark.e2e
+def test_an_installed_wheel_runs_the_stages_from_any_directory(tmp_path):
+    """pip install . (not editable) into a fresh venv: the console scripts preprocess, pretrain
+    (with the bundled default DeepSpeed config) and fine-tune from a directory that is not this
+    checkout, with the package imported from the venv, never from this checkout."""
+    import sysconfig
+
+    src = _source_tree(tmp_path / "src")
+    wheels = tmp_path / "wheels"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(wheels), src], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = glob.glob(str(wheels / "*.whl"))
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python, bin_dir = str(venv / "bin" / "python"), venv / "bin"
+    proc = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The dependencies (torch, deepspeed, beam, ...) from this environment, after the venv's own
+    # site-packages: a plain path line, so that folder's .pth files (this checkout's editable
+    # install among them) are not run and `pipeline` can only come from the wheel.
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site, "zz_dependencies.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT")}
+
+    def run(*cmd, timeout=600):
+        proc = subprocess.run([str(c) for c in cmd], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    where = json.loads(run(python, "-c", "import json, pipeline, preprocessing; from pipeline import ds_config; "
+                                         "print(json.dumps([pipeline.__file__, preprocessing.__file__, "
+                                         "ds_config.DEFAULT_DS_CONFIG]))"))
+    assert all(path.startswith(site) for path in where), where
+    assert os.path.isfile(where[2])
+
+    corpus = _small_text(work / "austen.txt")
+    run(bin_dir / "bert-preprocess", "--input", corpus, "--output", "data", "--vocab-size", "400",
+        "--max-seq-length", "64", "--dupe-factor", "1", "--num-shards", "1", "--no-mlflow")
+    assert json.load(open(work / "data" / "manifest.json"))["num_examples"] > 0
+    tiny = ["--data", "data", "--steps", "4", "--global-batch-size", "8", "--micro-batch-size", "8",
+            "--eval-every", "4", "--eval-batches", "1", "--no-mlflow"]
+    run(bin_dir / "bert-pretrain", *tiny, "--run-dir", "run")
+    # The docs' --ds-config ds_configs/NAME.json, from a directory that has no ds_configs/.
+    assert not (work / "ds_configs").exists()
+    run(python, "-c", "from pipeline.ds_config import load_ds_config; "
+                      "load_ds_config('ds_configs/gpu_base_bf16_zero1_fused-adam.json')")
+    run(bin_dir / "bert-finetune", "--model", "run", "--data", _small_task(work / "reviews.csv"), "--epochs", "1",
+        "--max-seq-length", "64", "--output-dir", "finetuned", "--no-mlflow")
+    assert "accuracy" in json.load(open(work / "finetuned" / "report.json"))["test"]
