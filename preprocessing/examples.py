@@ -101,19 +101,27 @@ _MASK_BELOW = math.ceil(0.8 * (1 << 53))
 _KEEP_BELOW = math.ceil(0.9 * (1 << 53))
 
 
+class ConfigError(ValueError):
+    """A bad flag value; the message names the flag."""
+
+
 def _flag_check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExampleConfig:
-    """How instances are cut and masked; the defaults are Google's BERT settings."""
+    """How instances are cut and masked; the defaults are Google's BERT settings.
+
+    ``run_beam.py``'s flags of the same names set these (``PreprocessConfig.examples``).
+    """
 
     max_seq_length: int = 128
     short_seq_prob: float = 0.1
     masked_lm_prob: float = 0.15
-    max_predictions_per_seq: int = 20
+    # None: ceil(max_seq_length * masked_lm_prob), Google's 20 at 128 and 15%, scaled with both.
+    max_predictions_per_seq: int | None = None
     whole_word_mask: bool = False
     # static: masks drawn here, dupe_factor times; dynamic: rows stored unmasked, the
     # trainer's loader draws new masks per epoch (RoBERTa).
@@ -123,6 +131,10 @@ class ExampleConfig:
     objective: str = "mlm-nsp"
 
     def __post_init__(self):
+        if self.max_predictions_per_seq is None and 0 < self.masked_lm_prob < 1:
+            object.__setattr__(self, "max_predictions_per_seq",
+                               min(math.ceil(self.max_seq_length * self.masked_lm_prob - 1e-9),
+                                   self.max_seq_length - 3))
         _flag_check(self.objective in OBJECTIVES,
                     f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         _flag_check(self.masking in ("static", "dynamic"),

@@ -47,6 +47,7 @@ def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokeniz
     if tokenizer.kind == subwords.SENTENCEPIECE and config.tokenizer is None:
         fields["character_coverage"] = config.character_coverage
     segmenter = config.word_segmenter
+    ex = config.examples
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -55,26 +56,26 @@ def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokeniz
         # What the text was read with: sentence rules and dump tables by language, script conversion.
         "language": config.language or "en",
         "convert": config.convert,
-        "max_seq_length": config.max_seq_length,
+        "max_seq_length": ex.max_seq_length,
         # mlm-nsp: [CLS] A [SEP] B [SEP] pairs; mlm: packed FULL-SENTENCES rows, NSP labels all 0.
-        "objective": config.objective,
+        "objective": ex.objective,
         "masking": {
             # static: input_ids hold the masked tokens; dynamic: unmasked, the loader masks per epoch.
-            "mode": config.masking,
-            "masked_lm_prob": config.masked_lm_prob,
-            "max_predictions_per_seq": config.max_predictions_per_seq,
+            "mode": ex.masking,
+            "masked_lm_prob": ex.masked_lm_prob,
+            "max_predictions_per_seq": ex.max_predictions_per_seq,
             "whole_word_mask": segmenter != "none",
             # pieces: the vocabulary's word starts; jieba: Chinese words from the segmenter.
             "word_segmenter": None if segmenter == "none" else segmenter,
         },
         "dupe_factor": config.dupe_factor,
-        "short_seq_prob": config.short_seq_prob,
+        "short_seq_prob": ex.short_seq_prob,
         "docs_per_bucket": config.docs_per_bucket,
         "split_bytes": config.split_bytes,
         "seed": config.seed,
         "input": {"paths": sorted(input_paths), "fingerprint": input_fingerprint(input_paths)},
         "columns": {
-            "input_ids": f"list<int32>, {'masked' if config.masking == 'static' else 'unmasked'}, "
+            "input_ids": f"list<int32>, {'masked' if ex.masking == 'static' else 'unmasked'}, "
                          "[CLS] A [SEP] B [SEP], no padding",
             "segment_ids": "list<int8>, 0 for [CLS] A [SEP], 1 for B [SEP]",
             "masked_lm_positions": "list<int32>, sorted",

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
 import os
 from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import language
+from preprocessing import language, mlflow_experiment
+from preprocessing.examples import ConfigError, ExampleConfig
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
 # The bundled real sample: a Wikipedia dump fragment and Jane Austen's novels.
@@ -37,15 +37,12 @@ class PreprocessConfig:
     # 300,000 Wikipedia sentences, 38M characters, peak at 1.0 GB with the sample itself).
     vocab_sample_sentences: int = 300_000
     vocab_sample_bytes: int = 256 << 20
-    max_seq_length: int = 128
+    # How each pass cuts and masks examples (--max-seq-length, --objective, --masking,
+    # --masked-lm-prob, --max-predictions-per-seq, --short-seq-prob): defaults and checks
+    # live there. Its whole_word_mask follows this config's whole_word_mask.
+    examples: ExampleConfig = ExampleConfig()
     # None: 5 with static masking (Google's), 1 with dynamic (each epoch draws new masks).
     dupe_factor: int | None = None
-    masked_lm_prob: float = 0.15
-    # None: ceil(max_seq_length * masked_lm_prob), Google's 20 at 128 and 15%, scaled with both.
-    max_predictions_per_seq: int | None = None
-    masking: str = "static"
-    objective: str = "mlm-nsp"
-    short_seq_prob: float = 0.1
     # none, pieces (the vocabulary's word starts), jieba (Chinese words), or auto: jieba for
     # Chinese, pieces otherwise; the driver resolves auto once the language is known.
     whole_word_mask: str = "none"
@@ -65,19 +62,16 @@ class PreprocessConfig:
     max_line_bytes: int = 1 << 20
     split_bytes: int = 64 << 20
     mlflow: bool = True
-    experiment: str = "bert-pipeline"
+    experiment: str | None = None  # None: $MLFLOW_EXPERIMENT_NAME, else bert-pipeline (mlflow_experiment.py)
     run_name: str | None = None
 
     def __post_init__(self):
+        whole_words = self.whole_word_mask != "none"  # auto resolves to pieces or jieba, never none
+        if self.examples.whole_word_mask != whole_words:
+            object.__setattr__(self, "examples", dataclasses.replace(self.examples, whole_word_mask=whole_words))
         if self.dupe_factor is None:
-            object.__setattr__(self, "dupe_factor", 1 if self.masking == "dynamic" else 5)
-        if self.max_predictions_per_seq is None and 0 < self.masked_lm_prob < 1:
-            object.__setattr__(self, "max_predictions_per_seq",
-                               min(math.ceil(self.max_seq_length * self.masked_lm_prob - 1e-9),
-                                   self.max_seq_length - 3))
-        _check(self.masking in ("static", "dynamic"), f"--masking must be static or dynamic, got {self.masking!r}")
-        _check(self.objective in ("mlm-nsp", "mlm"), f"--objective must be mlm-nsp or mlm, got {self.objective!r}")
-        _check(not (self.masking == "dynamic" and self.whole_word_mask == "jieba"),
+            object.__setattr__(self, "dupe_factor", 1 if self.examples.masking == "dynamic" else 5)
+        _check(not (self.examples.masking == "dynamic" and self.whole_word_mask == "jieba"),
                "--masking dynamic cannot use --whole-word-mask jieba: the trainer's loader masks from the "
                "vocabulary alone and never sees jieba's words; use --masking static for Chinese whole words")
         _check(self.vocab_size >= 100, f"--vocab-size must be at least 100, got {self.vocab_size}")
@@ -86,15 +80,7 @@ class PreprocessConfig:
         _check(self.vocab_sample_sentences >= 1000,
                f"--vocab-sample-sentences must be at least 1000, got {self.vocab_sample_sentences}")
         _check(self.vocab_sample_bytes >= 1, f"--vocab-sample-bytes must be at least 1, got {self.vocab_sample_bytes}")
-        _check(self.max_seq_length >= 8, f"--max-seq-length must be at least 8, got {self.max_seq_length}")
         _check(self.dupe_factor >= 1, f"--dupe-factor must be at least 1, got {self.dupe_factor}")
-        _check(0 < self.masked_lm_prob < 1,
-               f"--masked-lm-prob must be in (0, 1), got {self.masked_lm_prob}")
-        _check(1 <= self.max_predictions_per_seq <= self.max_seq_length - 3,
-               f"--max-predictions-per-seq must be in [1, max-seq-length - 3], "
-               f"got {self.max_predictions_per_seq}")
-        _check(0 <= self.short_seq_prob <= 1,
-               f"--short-seq-prob must be in [0, 1], got {self.short_seq_prob}")
         _check(self.num_shards >= 0, f"--num-shards must be >= 0 (0 = automatic), got {self.num_shards}")
         _check(self.rows_per_shard >= 1, f"--rows-per-shard must be >= 1, got {self.rows_per_shard}")
         _check(self.docs_per_bucket >= 2, f"--docs-per-bucket must be at least 2, got {self.docs_per_bucket}")
@@ -116,10 +102,6 @@ class PreprocessConfig:
         if self.whole_word_mask == "auto":
             return language.default_segmenter(self.language or "en")
         return self.whole_word_mask
-
-
-class ConfigError(ValueError):
-    """A bad flag value; the message names the flag."""
 
 
 def _check(ok: bool, message: str) -> None:
@@ -191,25 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
                             "cover this many bytes of input (as stored, compressed or not), supply "
                             "the vocabulary sample; a smaller corpus is sampled whole")
     ex = p.add_argument_group("examples (Google's create_pretraining_data recipe)")
-    ex.add_argument("--max-seq-length", type=int, default=d.max_seq_length,
+    ex.add_argument("--max-seq-length", type=int, default=d.examples.max_seq_length,
                     help="tokens per example, [CLS] and both [SEP] included")
-    ex.add_argument("--objective", choices=("mlm-nsp", "mlm"), default=d.objective,
+    ex.add_argument("--objective", choices=("mlm-nsp", "mlm"), default=d.examples.objective,
                     help="mlm-nsp: Google's sentence pairs with the next-sentence label; mlm: RoBERTa's "
                          "FULL-SENTENCES rows, whole sentences packed across documents ([SEP] between "
                          "them) up to --max-seq-length, no NSP (the trainer then trains the MLM head only)")
-    ex.add_argument("--masking", choices=("static", "dynamic"), default=d.masking,
+    ex.add_argument("--masking", choices=("static", "dynamic"), default=d.examples.masking,
                     help="static: masks drawn here, one set per --dupe-factor pass (Google); dynamic: "
                          "examples stored unmasked (about 1/5 the size), and the trainer draws new masks "
                          "every epoch from its seed (RoBERTa)")
     ex.add_argument("--dupe-factor", type=int,
                     help="passes over the corpus, each with different segments (and, static, masks); "
                          "default 5 with static masking, 1 with dynamic%(default).0s")
-    ex.add_argument("--masked-lm-prob", type=float, default=d.masked_lm_prob,
+    ex.add_argument("--masked-lm-prob", type=float, default=d.examples.masked_lm_prob,
                     help="share of tokens to predict (BERT 0.15; MosaicBERT 0.3)")
     ex.add_argument("--max-predictions-per-seq", type=int,
                     help="cap on predicted tokens per example (default: ceil(max-seq-length x "
                          "masked-lm-prob), 20 at 128 and 0.15)%(default).0s")
-    ex.add_argument("--short-seq-prob", type=float, default=d.short_seq_prob,
+    ex.add_argument("--short-seq-prob", type=float, default=d.examples.short_seq_prob,
                     help="share of documents per pass that get a random shorter target length")
     ex.add_argument("--whole-word-mask", nargs="?", const="auto", default=d.whole_word_mask,
                     choices=language.WHOLE_WORD_CHOICES,
@@ -231,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     track = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
     track.add_argument("--no-mlflow", dest="mlflow", action="store_false",
                        help="do not log an MLflow run")
-    track.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
+    track.add_argument("--experiment", default=d.experiment, help=mlflow_experiment.HELP)
     track.add_argument("--run-name", help="MLflow run name")
     return p
 
@@ -248,7 +230,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PreprocessConfig, list[str]]
         beam_args = ["--runner=FnApiRunner", *beam_args]
     values = vars(args)
     values["inputs"] = tuple(values.pop("input"))
+    # The flags of ExampleConfig's fields, but --whole-word-mask: PreprocessConfig's own (a segmenter).
+    example_flags = {f.name for f in dataclasses.fields(ExampleConfig)} - {"whole_word_mask"}
     try:
+        values["examples"] = ExampleConfig(**{name: values.pop(name) for name in example_flags})
         return PreprocessConfig(**values), beam_args
     except ConfigError as err:
         parser.error(str(err))

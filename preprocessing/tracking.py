@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from preprocessing.mlflow_experiment import experiment_name
 from preprocessing.options import PreprocessConfig
 
 _PARAM_MAX = 500  # MLflow's limit on a param value's length
@@ -63,7 +64,11 @@ def _local_copy(directory: str, names: list[str]) -> Iterator[str]:
 
 def _params(config: PreprocessConfig, beam_args: list[str]) -> dict[str, str]:
     params = {}
-    for key, value in dataclasses.asdict(config).items():
+    values = dataclasses.asdict(config)
+    # One flat namespace, as the flags are: the example fields beside the rest (whole_word_mask
+    # is the config's own, the segmenter, of which the example config holds a bool).
+    values.update({k: v for k, v in values.pop("examples").items() if k != "whole_word_mask"})
+    for key, value in values.items():
         text = ",".join(value) if isinstance(value, tuple) else str(value)
         params[key] = text if len(text) <= _PARAM_MAX else text[:_PARAM_MAX - 3] + "..."
     params["beam_args"] = " ".join(beam_args)[:_PARAM_MAX]
@@ -79,7 +84,7 @@ def preprocess_run(config: PreprocessConfig, beam_args: list[str]) -> Iterator[P
     import mlflow
 
     # By id: MLflow 3's set_experiment leaves the loser of a creation race without an active one.
-    experiment = mlflow.set_experiment(config.experiment)
+    experiment = mlflow.set_experiment(experiment_name(config.experiment))
     with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=config.run_name,
                           tags={"stage": "preprocess"}):
         mlflow.log_params(_params(config, beam_args))

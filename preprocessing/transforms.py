@@ -244,7 +244,7 @@ def _train_and_write(sample: list[tuple[int, str]], problems, config: Preprocess
     proto = vocab.train_sentencepiece((s for _, s in sample), config.vocab_size, config.model_type,
                                       character_coverage=config.character_coverage)
     return write_tokenizer_files(subwords.TokenizerModel(subwords.SENTENCEPIECE, proto), config.output,
-                                 config.max_seq_length)
+                                 config.examples.max_seq_length)
 
 
 def write_tokenizer_files(model: subwords.TokenizerModel, output: str, max_seq_length: int
@@ -297,13 +297,6 @@ def load_model(model: subwords.TokenizerModel) -> subwords.Encoder:
     return _encoders[model.fingerprint]
 
 
-def example_config(config: PreprocessConfig) -> examples.ExampleConfig:
-    return examples.ExampleConfig(
-        max_seq_length=config.max_seq_length, short_seq_prob=config.short_seq_prob,
-        masked_lm_prob=config.masked_lm_prob, max_predictions_per_seq=config.max_predictions_per_seq,
-        whole_word_mask=config.word_segmenter != "none", masking=config.masking, objective=config.objective)
-
-
 def tokenize(doc: SentenceDocument, encoder: subwords.Encoder, counts: collections.Counter,
              segmenter: str = "none") -> examples.Document | None:
     """Token ids per sentence; with ``segmenter`` jieba, also which tokens start a word."""
@@ -322,11 +315,11 @@ def tokenize(doc: SentenceDocument, encoder: subwords.Encoder, counts: collectio
     return examples.Document(key=doc.key, sentences=pieces, word_starts=starts)
 
 
-def bucket_instances(docs: list[examples.Document], config: PreprocessConfig,
-                     ex_config: examples.ExampleConfig, vocab_info: examples.VocabInfo,
+def bucket_instances(docs: list[examples.Document], config: PreprocessConfig, vocab_info: examples.VocabInfo,
                      counts: collections.Counter) -> examples.InstanceBatch:
     """Every duplicate pass of one bucket: Google's segments, then masking."""
     bucket = examples.Bucket(docs)
+    ex_config = config.examples
     examples.check_vocabulary(bucket, ex_config, vocab_info)
     if ex_config.objective == "mlm":
         batch = examples.InstanceBatch.concat([
@@ -355,7 +348,6 @@ class _WriteExamplePartsFn(beam.DoFn):
 
     def __init__(self, config: PreprocessConfig):
         self.config = config
-        self.ex_config = example_config(config)
 
     def setup(self):
         self.progress = _Throttled("examples")
@@ -374,7 +366,7 @@ class _WriteExamplePartsFn(beam.DoFn):
             docs = [d for d in (tokenize(doc, encoder, counts, c.word_segmenter) for doc in bucket)
                     if d is not None]
             if docs:
-                batch = bucket_instances(docs, c, self.ex_config, vocab_info, counts)
+                batch = bucket_instances(docs, c, vocab_info, counts)
                 writer.add(batch)
                 self.progress.add(len(batch), "examples written by this worker")
         rows = writer.close()
@@ -446,7 +438,7 @@ def build_pipeline(p: beam.Pipeline, tasks: list[inputs.ReadTask], config: Prepr
     else:
         model = (p
                  | "GivenTokenizer" >> beam.Create([given])
-                 | "WriteTokenizer" >> beam.Map(write_tokenizer_files, config.output, config.max_seq_length))
+                 | "WriteTokenizer" >> beam.Map(write_tokenizer_files, config.output, config.examples.max_seq_length))
     written = (p
                | "ReadTasks" >> beam.Create(list(enumerate(tasks)))
                | "WriteExampleParts" >> WriteExampleParts(config, model))

@@ -119,6 +119,8 @@ def test_dynamic_masking_refuses_jieba_words():
     from preprocessing.options import ConfigError, PreprocessConfig
 
     with pytest.raises(ConfigError, match="--masking dynamic cannot use --whole-word-mask jieba"):
-        PreprocessConfig(masking="dynamic", whole_word_mask="jieba")
-    assert PreprocessConfig(masked_lm_prob=0.3).max_predictions_per_seq == 39  # MosaicBERT's 30%, cap scaled
-    assert PreprocessConfig(max_seq_length=512).max_predictions_per_seq == 77
+        PreprocessConfig(examples=examples.ExampleConfig(masking="dynamic"), whole_word_mask="jieba")
+    # The cap's rule lives in the example config that PreprocessConfig embeds.
+    assert examples.ExampleConfig(masked_lm_prob=0.3).max_predictions_per_seq == 39  # MosaicBERT's 30%, cap scaled
+    assert examples.ExampleConfig(max_seq_length=512).max_predictions_per_seq == 77
+    assert PreprocessConfig().examples.max_predictions_per_seq == 20
