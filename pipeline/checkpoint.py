@@ -92,7 +92,6 @@ def save(engine, directory: str, step: int, client_state: dict, keep: int, is_ra
             # barrier, so no rank writes before it is gone.
             _remove_marker(os.path.join(directory, tag))
         engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
-        _inject_save_fault(directory, tag, step)
         _barrier()  # every rank's shards are on disk before the tag is declared complete
         if is_rank0:
             _write_marker(directory, tag, {"tag": tag, "step": step, **(meta or {})})
@@ -108,20 +107,6 @@ def save(engine, directory: str, step: int, client_state: dict, keep: int, is_ra
         prune(directory, keep)
     _barrier()
     return tag
-
-
-def _inject_save_fault(directory: str, tag: str, step: int) -> None:
-    """Fault injection for the tests (BERT_PIPELINE_FAULT), once DeepSpeed wrote the tag's files."""
-    fault = os.environ.get("BERT_PIPELINE_FAULT")
-    if fault == f"kill-during-save:{step}":
-        # Die like `kill -9` with the files written but the tag not yet marked complete.
-        os.kill(os.getpid(), 9)
-    if fault == f"enospc-during-save:{step}":
-        # A disk that filled up mid-save: the last file DeepSpeed wrote is cut short.
-        files = _tag_files(os.path.join(directory, tag))
-        last = max(files, key=lambda name: os.path.getmtime(os.path.join(directory, tag, name)))
-        os.truncate(os.path.join(directory, tag, last), files[last] // 2)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(directory, tag, last))
 
 
 def _torch_write_failure(directory: str, err: RuntimeError) -> OSError | None:

@@ -142,7 +142,6 @@ class Trainer:
         self.step = 0
         self.flops = FlopCounter.for_config(self.model_config)
         self.final_eval: dict[str, float] = {}
-        self._fault = os.environ.get("BERT_PIPELINE_FAULT", "")  # fault injection for the tests
         self._nonfinite = 0
         self._saved_at, self._saved_step = time.monotonic(), None
         self._resume()
@@ -250,15 +249,6 @@ class Trainer:
         for _ in range(self.batches.accumulation_steps):
             mlm, nsp_loss, batch_counts = pretraining_losses(self.engine, next(self.loader))
             loss = mlm + nsp_loss * self.nsp_weight
-            if self._fault == f"raise-on-rank:{self.rank}:{self.step + 1}":
-                # Mid-step, like a data error or an out-of-memory: the other ranks wait in backward's all-reduce.
-                raise RuntimeError(f"rank {self.rank}: injected failure at step {self.step + 1} "
-                                   f"(BERT_PIPELINE_FAULT={self._fault})")
-            if self._fault == f"nan-loss:{self.step + 1}" or (
-                    self._fault.startswith("nan-loss-from:") and self.step + 1 >= int(self._fault.split(":")[1])) or (
-                    self._fault.startswith(f"nan-loss-on-rank:{self.rank}:")
-                    and self.step + 1 >= int(self._fault.split(":")[2])):
-                loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
             totals += torch.stack([loss.detach(), mlm.detach(), nsp_loss.detach()])

@@ -20,6 +20,7 @@ from pipeline.data import DataDirError, read_manifest
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
+from . import faults
 from .conftest import REPO, set_one_process_world
 
 STEP2, STEP4 = checkpoint.tag_for(2), checkpoint.tag_for(4)
@@ -124,7 +125,7 @@ def test_a_run_resumes_from_the_newest_good_tag(data_dir, run_copy):
 
 def test_a_full_disk_during_a_save_stops_with_one_line_and_the_previous_tag_resumes(
         data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("BERT_PIPELINE_FAULT", "enospc-during-save:4")
+    faults.inject(monkeypatch, "enospc-during-save:4")
     assert pretrain.main(cli_args(data_dir, tmp_path)) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     directory = str(tmp_path / "checkpoints")
@@ -146,7 +147,7 @@ def test_a_failed_save_over_a_complete_tag_leaves_it_unmarked(data_dir, run_copy
     # Resumed from step 2, the run saves step 4 again: the old marker must not vouch for what the
     # failed save left in the tag.
     run_dir, directory = run_copy
-    monkeypatch.setenv("BERT_PIPELINE_FAULT", "enospc-during-save:4")
+    faults.inject(monkeypatch, "enospc-during-save:4")
     trainer = Trainer(config(data_dir, run_dir, resume=STEP2))
     assert trainer.step == 2
     with pytest.raises(checkpoint.CheckpointWriteError, match="no space left on device"):

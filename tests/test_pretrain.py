@@ -12,6 +12,7 @@ from pipeline import checkpoint
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import EXIT_STOPPED, Trainer
 
+from . import faults
 from .conftest import REPO, WIKI_SAMPLE, set_one_process_world
 
 
@@ -157,7 +158,7 @@ def test_a_nan_loss_with_an_applied_update_stops_before_any_checkpoint_holds_it(
     ds_config = tmp_path / "zero0.json"
     ds_config.write_text(json.dumps({"zero_optimization": {"stage": 0},
                                      "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
-    monkeypatch.setenv("BERT_PIPELINE_FAULT", "nan-loss:5")
+    faults.inject(monkeypatch, "nan-loss:5")
     trainer = Trainer(config(data_dir, tmp_path, steps=8, checkpoint_every=2, ds_config=str(ds_config)))
     with pytest.raises(FloatingPointError, match="loss is nan at step 5 and the update was applied"):
         trainer.train()
@@ -166,7 +167,7 @@ def test_a_nan_loss_with_an_applied_update_stops_before_any_checkpoint_holds_it(
 
 def test_a_skipped_nan_step_is_survived_but_a_lasting_one_stops_the_run(data_dir, tmp_path, monkeypatch):
     # ZeRO 2 skips an update whose gradients are not finite, as the fp16 loss scaler does.
-    monkeypatch.setenv("BERT_PIPELINE_FAULT", "nan-loss:3")
+    faults.inject(monkeypatch, "nan-loss:3")
     trainer = Trainer(config(data_dir, tmp_path / "once", steps=5))
     losses, code = losses_of(trainer)
     assert code == 0 and np.isnan(losses[2]) and np.isfinite(losses[3:]).all()
@@ -286,7 +287,8 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(data_dir, tmp
     script = os.path.join(REPO, "pipeline", "pretrain.py")
     args = ["--data", data_dir, "--run-dir", str(tmp_path), "--steps", "6", "--global-batch-size", "8",
             "--micro-batch-size", "8", "--checkpoint-every", "2", "--no-mlflow"]
-    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True)
+    faulty = os.path.join(REPO, "tests", "pretrain_with_faults.py")
+    proc = subprocess.run([sys.executable, faulty, *args], env=env, capture_output=True, text=True)
     assert proc.returncode == -9
     directory = str(tmp_path / "checkpoints")
     assert os.path.isdir(os.path.join(directory, "step00000004"))  # written, never completed

@@ -1,5 +1,5 @@
 """A failure on one rank ends every rank within bounded time (2 ranks on gloo under torchrun,
-faults injected with BERT_PIPELINE_FAULT)."""
+faults injected by tests/pretrain_with_faults.py)."""
 
 import os
 import subprocess
@@ -23,7 +23,7 @@ def _launch(data_dir, run_dir, fault, *args, marker=None):
                                                             "MASTER_ADDR", "MASTER_PORT")}
     env.update(BERT_PIPELINE_FAULT=fault, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           os.path.join(REPO, "pipeline", "pretrain.py"), "--data", data_dir, "--run-dir", str(run_dir),
+           os.path.join(REPO, "tests", "pretrain_with_faults.py"), "--data", data_dir, "--run-dir", str(run_dir),
            "--steps", "8", "--global-batch-size", "16", "--micro-batch-size", "8", "--log-every", "1",
            "--no-mlflow", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
