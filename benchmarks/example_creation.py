@@ -5,8 +5,9 @@ on them (not timed), groups 10 paragraphs into a document and the documents into
 buckets of ~500 by key, then times ``examples.create_instances`` for dupe_factor 5 at
 max_seq_length 128, with and without whole-word masking, in this one process (so
 every figure is per core), and, on the same buckets, a straightforward port of Google's
-per-token Python (``create_instances_from_document`` + ``create_masked_lm_predictions``
-on id lists, one ``random.Random`` per bucket as in Google's script).
+per-token Python (``google_reference.py``: ``create_instances_from_document`` +
+``create_masked_lm_predictions`` on id lists, one ``random.Random`` per bucket as in Google's
+script).
 
     python benchmarks/example_creation.py [--repeat 3] [--paragraphs-per-doc 10]
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import collections
 import io
 import os
 import random
@@ -27,6 +27,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from google_reference import Masking, create_training_instances  # noqa: E402 - this folder's port
 from preprocessing import examples  # noqa: E402
 from preprocessing.documents import document_key  # noqa: E402
 
@@ -68,140 +69,6 @@ def load_buckets(paragraphs_per_doc: int, docs_per_bucket: int):
     return buckets, vocab
 
 
-# ---------------------------------------------------------------------------- Google's code, ported
-# google-research/bert create_pretraining_data.py (eedf571), on lists of ids instead of
-# strings; the logic is unchanged, including the 10-draw random-document loop.
-MaskedLm = collections.namedtuple("MaskedLm", ["index", "label"])
-
-
-def google_instances(all_documents, max_seq_length, dupe_factor, short_seq_prob, masked_lm_prob,
-                     max_predictions_per_seq, vocab_words, cls, sep, mask, word_start, rng):
-    instances = []
-    for _ in range(dupe_factor):
-        for document_index in range(len(all_documents)):
-            instances.extend(google_instances_from_document(
-                all_documents, document_index, max_seq_length, short_seq_prob, masked_lm_prob,
-                max_predictions_per_seq, vocab_words, cls, sep, mask, word_start, rng))
-    return instances
-
-
-def google_instances_from_document(all_documents, document_index, max_seq_length, short_seq_prob,
-                                   masked_lm_prob, max_predictions_per_seq, vocab_words, cls, sep,
-                                   mask, word_start, rng):
-    document = all_documents[document_index]
-    max_num_tokens = max_seq_length - 3
-    target_seq_length = max_num_tokens
-    if rng.random() < short_seq_prob:
-        target_seq_length = rng.randint(2, max_num_tokens)
-    instances = []
-    current_chunk = []
-    current_length = 0
-    i = 0
-    while i < len(document):
-        segment = document[i]
-        current_chunk.append(segment)
-        current_length += len(segment)
-        if i == len(document) - 1 or current_length >= target_seq_length:
-            if current_chunk:
-                a_end = 1
-                if len(current_chunk) >= 2:
-                    a_end = rng.randint(1, len(current_chunk) - 1)
-                tokens_a = []
-                for j in range(a_end):
-                    tokens_a.extend(current_chunk[j])
-                tokens_b = []
-                is_random_next = False
-                if len(current_chunk) == 1 or rng.random() < 0.5:
-                    is_random_next = True
-                    target_b_length = target_seq_length - len(tokens_a)
-                    for _ in range(10):
-                        random_document_index = rng.randint(0, len(all_documents) - 1)
-                        if random_document_index != document_index:
-                            break
-                    random_document = all_documents[random_document_index]
-                    random_start = rng.randint(0, len(random_document) - 1)
-                    for j in range(random_start, len(random_document)):
-                        tokens_b.extend(random_document[j])
-                        if len(tokens_b) >= target_b_length:
-                            break
-                    num_unused_segments = len(current_chunk) - a_end
-                    i -= num_unused_segments
-                else:
-                    is_random_next = False
-                    for j in range(a_end, len(current_chunk)):
-                        tokens_b.extend(current_chunk[j])
-                truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
-                assert len(tokens_a) >= 1
-                assert len(tokens_b) >= 1
-                tokens = [cls, *tokens_a, sep, *tokens_b, sep]
-                segment_ids = [0] * (len(tokens_a) + 2) + [1] * (len(tokens_b) + 1)
-                tokens, masked_lm_positions, masked_lm_labels = create_masked_lm_predictions(
-                    tokens, masked_lm_prob, max_predictions_per_seq, vocab_words, cls, sep, mask,
-                    word_start, rng)
-                instances.append((tokens, segment_ids, is_random_next, masked_lm_positions,
-                                  masked_lm_labels))
-            current_chunk = []
-            current_length = 0
-        i += 1
-    return instances
-
-
-def create_masked_lm_predictions(tokens, masked_lm_prob, max_predictions_per_seq, vocab_words, cls,
-                                 sep, mask, word_start, rng):
-    cand_indexes = []
-    for (i, token) in enumerate(tokens):
-        if token == cls or token == sep:
-            continue
-        if word_start is not None and len(cand_indexes) >= 1 and not word_start[token]:
-            cand_indexes[-1].append(i)
-        else:
-            cand_indexes.append([i])
-    rng.shuffle(cand_indexes)
-    output_tokens = list(tokens)
-    num_to_predict = min(max_predictions_per_seq, max(1, int(round(len(tokens) * masked_lm_prob))))
-    masked_lms = []
-    covered_indexes = set()
-    for index_set in cand_indexes:
-        if len(masked_lms) >= num_to_predict:
-            break
-        if len(masked_lms) + len(index_set) > num_to_predict:
-            continue
-        is_any_index_covered = False
-        for index in index_set:
-            if index in covered_indexes:
-                is_any_index_covered = True
-                break
-        if is_any_index_covered:
-            continue
-        for index in index_set:
-            covered_indexes.add(index)
-            masked_token = None
-            if rng.random() < 0.8:
-                masked_token = mask
-            else:
-                if rng.random() < 0.5:
-                    masked_token = tokens[index]
-                else:
-                    masked_token = vocab_words[rng.randint(0, len(vocab_words) - 1)]
-            output_tokens[index] = masked_token
-            masked_lms.append(MaskedLm(index=index, label=tokens[index]))
-    masked_lms = sorted(masked_lms, key=lambda x: x.index)
-    return output_tokens, [p.index for p in masked_lms], [p.label for p in masked_lms]
-
-
-def truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng):
-    while True:
-        total_length = len(tokens_a) + len(tokens_b)
-        if total_length <= max_num_tokens:
-            break
-        trunc_tokens = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b
-        assert len(trunc_tokens) >= 1
-        if rng.random() < 0.5:
-            del trunc_tokens[0]
-        else:
-            trunc_tokens.pop()
-
-
 # ---------------------------------------------------------------------------- timing
 def time_ours(buckets, vocab, config, repeat):
     best, instances = float("inf"), 0
@@ -218,14 +85,14 @@ def time_ours(buckets, vocab, config, repeat):
 
 def time_google(buckets, vocab, whole_word_mask):
     lists = [[[s.tolist() for s in d.sentences] for d in bucket] for bucket in buckets]
-    vocab_words = list(range(vocab.vocab_size))
-    word_start = vocab.word_start.tolist() if whole_word_mask else None
+    masking = Masking(masked_lm_prob=0.15, max_predictions_per_seq=20, vocab_words=list(range(vocab.vocab_size)),
+                      cls=vocab.cls_id, sep=vocab.sep_id, mask=vocab.mask_id,
+                      word_start=vocab.word_start.tolist() if whole_word_mask else None)
     started = time.perf_counter()
     instances = 0
     for bucket in lists:
         rng = random.Random(SEED)
-        instances += len(google_instances(bucket, MAX_SEQ_LENGTH, DUPE_FACTOR, 0.1, 0.15, 20, vocab_words,
-                                          vocab.cls_id, vocab.sep_id, vocab.mask_id, word_start, rng))
+        instances += len(create_training_instances(bucket, MAX_SEQ_LENGTH, DUPE_FACTOR, 0.1, masking, rng))
     return time.perf_counter() - started, instances
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from benchmarks import google_reference
 from preprocessing import examples as ex
 from preprocessing.documents import document_key
 
@@ -113,62 +114,6 @@ def expected_num(length: int, config: ex.ExampleConfig) -> int:
     return min(config.max_predictions_per_seq, max(1, round(length * config.masked_lm_prob)))
 
 
-def google_segments(documents, document_index, max_seq_length, short_seq_prob, rng):
-    """Google's create_instances_from_document (eedf571) on id lists, masking left out,
-    with the random-document bug fixed as in the module; (tokens_a, tokens_b, is_random_next)."""
-    document = documents[document_index]
-    max_num_tokens = max_seq_length - 3
-    target_seq_length = max_num_tokens
-    if rng.random() < short_seq_prob:
-        target_seq_length = rng.randint(2, max_num_tokens)
-    instances = []
-    current_chunk = []
-    current_length = 0
-    i = 0
-    while i < len(document):
-        segment = document[i]
-        current_chunk.append(segment)
-        current_length += len(segment)
-        if i == len(document) - 1 or current_length >= target_seq_length:
-            if current_chunk:
-                a_end = 1
-                if len(current_chunk) >= 2:
-                    a_end = rng.randint(1, len(current_chunk) - 1)
-                tokens_a = []
-                for j in range(a_end):
-                    tokens_a.extend(current_chunk[j])
-                tokens_b = []
-                if len(current_chunk) == 1 or rng.random() < 0.5:
-                    is_random_next = True
-                    target_b_length = target_seq_length - len(tokens_a)
-                    random_document_index = rng.randint(0, len(documents) - 2)
-                    if random_document_index >= document_index:
-                        random_document_index += 1
-                    random_document = documents[random_document_index]
-                    random_start = rng.randint(0, len(random_document) - 1)
-                    for j in range(random_start, len(random_document)):
-                        tokens_b.extend(random_document[j])
-                        if len(tokens_b) >= target_b_length:
-                            break
-                    num_unused_segments = len(current_chunk) - a_end
-                    i -= num_unused_segments
-                else:
-                    is_random_next = False
-                    for j in range(a_end, len(current_chunk)):
-                        tokens_b.extend(current_chunk[j])
-                while len(tokens_a) + len(tokens_b) > max_num_tokens:  # truncate_seq_pair
-                    trunc_tokens = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b
-                    if rng.random() < 0.5:
-                        del trunc_tokens[0]
-                    else:
-                        trunc_tokens.pop()
-                instances.append((tokens_a, tokens_b, is_random_next))
-            current_chunk = []
-            current_length = 0
-        i += 1
-    return instances
-
-
 # ---------------------------------------------------------------------------- segments
 @pytest.mark.parametrize("max_seq_length,short_seq_prob", [(128, 0.1), (64, 0.5), (512, 0.1)])
 def test_segments_follow_google_control_flow_exactly(corpus, max_seq_length, short_seq_prob):
@@ -180,7 +125,9 @@ def test_segments_follow_google_control_flow_exactly(corpus, max_seq_length, sho
     want = []
     for index, doc in enumerate(docs):
         rng = random.Random(ex.document_seed(SEED, doc.key, 3))
-        want.extend(google_segments(lists, index, max_seq_length, short_seq_prob, rng))
+        # Google's function, masking left out, the random document always another one, as in the module.
+        want.extend(google_reference.create_instances_from_document(
+            lists, index, max_seq_length, short_seq_prob, rng, another_document=True))
     t = plan.tokens
     got = [(t[a0:a1].tolist(), t[b0:b1].tolist(), bool(label)) for a0, a1, b0, b1, label
            in zip(plan.a_start, plan.a_end, plan.b_start, plan.b_end, plan.is_random_next)]
