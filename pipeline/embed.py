@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
 from pipeline import embedding  # noqa: E402
 from pipeline.finetune_data import FinetuneDataError  # noqa: E402
 from pipeline.finetune_model import ModelSourceError  # noqa: E402
-from pipeline.tracking import DEFAULT_EXPERIMENT  # noqa: E402
+from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP  # noqa: E402
 
 USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError)
 log = logging.getLogger("pipeline.embed")
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (default fp32; refused on CPU)")
     tr = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
     tr.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log no MLflow run")
-    tr.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
+    tr.add_argument("--experiment", help=EXPERIMENT_HELP)
     tr.add_argument("--run-name", help="MLflow run name (default: MLflow's generated one)")
     # The deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same.
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)

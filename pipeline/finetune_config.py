@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from pipeline.engine import EngineConfig, EngineConfigError, nest
-from pipeline.tracking import DEFAULT_EXPERIMENT
+from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP
 
 # Fine-tuning's own defaults for the engine settings whose good values differ between the stages.
 ENGINE_DEFAULTS = {"micro_batch_size": 32, "learning_rate": 5e-5}
@@ -44,7 +44,7 @@ class FinetuneConfig:
     metric: str | None = None  # None: accuracy (classification) or pearson (regression)
     patience: int = 2
     mlflow: bool = True
-    experiment: str = DEFAULT_EXPERIMENT
+    experiment: str | None = None  # None: $MLFLOW_EXPERIMENT_NAME, else bert-pipeline (preprocessing/mlflow_experiment.py)
     run_name: str | None = None
     register_name: str | None = None
     log_model: bool = True
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=e.seed, help="split, classifier initialisation and batch order")
     tr = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
     tr.add_argument("--no-mlflow", dest="mlflow", action="store_false")
-    tr.add_argument("--experiment", default=d.experiment)
+    tr.add_argument("--experiment", default=d.experiment, help=EXPERIMENT_HELP)
     tr.add_argument("--run-name")
     tr.add_argument("--register-name", help="register the logged model under this name in the model registry")
     tr.add_argument("--no-log-model", dest="log_model", action="store_false",

@@ -8,20 +8,20 @@ import tempfile
 
 from pipeline.engine import flat
 
-DEFAULT_EXPERIMENT = "bert-pipeline"  # the training stages' and embed.py's --experiment
+from preprocessing.mlflow_experiment import experiment_name
 
 
 class Tracker:
     """One MLflow run; ``None``-safe so the loop never asks which rank it is on."""
 
-    def __init__(self, stage: str, experiment: str, run_name: str | None, tags: dict[str, str]):
+    def __init__(self, stage: str, experiment: str | None, run_name: str | None, tags: dict[str, str]):
         import mlflow
 
         self._mlflow = mlflow
         # The experiment's id, explicitly: when two jobs create the experiment at once, MLflow 3's
         # set_experiment returns it to the loser of the race without making it active, and
         # start_run would then land in experiment 0.
-        exp = mlflow.set_experiment(experiment)
+        exp = mlflow.set_experiment(experiment_name(experiment))
         self.run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name,
                                     tags={"stage": stage, **tags})
         self.run_id = self.run.info.run_id

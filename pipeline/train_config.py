@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from pipeline import hf_init
 from pipeline.engine import EngineConfig, EngineConfigError, nest
-from pipeline.tracking import DEFAULT_EXPERIMENT
+from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP
 
 # Pretraining's own defaults for the engine settings whose good values differ between the stages.
 ENGINE_DEFAULTS = {"micro_batch_size": 8, "learning_rate": 5e-4}
@@ -39,7 +39,7 @@ class TrainConfig:
     eval_batches: int = 50
     init_from: str | None = None
     mlflow: bool = True
-    experiment: str = DEFAULT_EXPERIMENT
+    experiment: str | None = None  # None: $MLFLOW_EXPERIMENT_NAME, else bert-pipeline (preprocessing/mlflow_experiment.py)
     run_name: str | None = None
     data_cache: str | None = None  # None: DATA/flat
     compile: bool = False
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "max_seq_length so that one graph serves every step; the first steps are slower "
                         "while it compiles. Checkpoints and exports are the same as without it")
     p.add_argument("--no-mlflow", dest="mlflow", action="store_false")
-    p.add_argument("--experiment", default=d.experiment)
+    p.add_argument("--experiment", default=d.experiment, help=EXPERIMENT_HELP)
     p.add_argument("--run-name")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the
     # same, and ensure_distributed_env reads that.

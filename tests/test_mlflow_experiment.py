@@ -1,0 +1,58 @@
+"""MLFLOW_EXPERIMENT_NAME names the MLflow experiment when --experiment is not given, in every
+stage: the flags leave it unset and tracking resolves it, in one place."""
+
+import pytest
+
+from preprocessing.mlflow_experiment import DEFAULT_EXPERIMENT, experiment_name
+
+
+def test_the_flag_then_the_environment_then_the_default(monkeypatch):
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert experiment_name(None) == DEFAULT_EXPERIMENT == "bert-pipeline"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    assert experiment_name(None) == "from-env"
+    assert experiment_name("given") == "given"
+
+
+def test_no_stage_s_flags_fix_the_experiment(monkeypatch):
+    from pipeline.embed import build_parser as embed_parser
+    from pipeline.finetuning.config import build_parser as finetune_parser
+    from pipeline.train_config import build_parser as pretrain_parser
+    from preprocessing.options import build_parser as preprocess_parser
+    from preprocessing.options import parse_args as preprocess_args
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    assert preprocess_args([])[0].experiment is None
+    assert preprocess_args(["--experiment", "given"])[0].experiment == "given"
+    assert "$MLFLOW_EXPERIMENT_NAME, else bert-pipeline" in " ".join(preprocess_parser().format_help().split())
+    parsers = {pretrain_parser(): ["--data", "d"], finetune_parser(): ["--model", "m", "--data", "d"],
+               embed_parser(): ["--model", "m", "--input", "i", "--out", "o"]}
+    for parser, required in parsers.items():
+        assert parser.parse_args(required).experiment is None, parser.prog
+        assert parser.parse_args([*required, "--experiment", "given"]).experiment == "given", parser.prog
+        assert "$MLFLOW_EXPERIMENT_NAME, else bert-pipeline" in " ".join(parser.format_help().split()), parser.prog
+
+
+@pytest.mark.e2e
+def test_runs_land_in_the_environment_s_experiment_unless_one_is_given(tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline.tracking import Tracker
+    from preprocessing import tracking
+    from preprocessing.options import PreprocessConfig
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    with tracking.preprocess_run(PreprocessConfig(output=str(tmp_path / "data")), []) as run:
+        preprocess = run.run_id
+    pretrain = Tracker("pretrain", None, None, {})
+    pretrain.finish()
+    given = Tracker("finetune", "given", None, {})
+    given.finish()
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    in_env = client.search_runs([client.get_experiment_by_name("from-env").experiment_id])
+    assert {r.info.run_id for r in in_env} == {preprocess, pretrain.run_id}
+    assert client.get_run(given.run_id).info.experiment_id == client.get_experiment_by_name("given").experiment_id
+    assert client.get_experiment_by_name(DEFAULT_EXPERIMENT) is None
