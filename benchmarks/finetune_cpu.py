@@ -8,7 +8,7 @@ clip / linear warmup and torch thread count. Each side runs in its own fresh sub
 after the other, and is timed the same way: wall clock from the end of the warmup steps to the
 end of the last step (no evaluation inside the timing).
 
-- ours: ``pipeline.finetuner.Finetuner`` (DeepSpeed engine, ds_configs/cpu_fp32_zero2_torch-adamw.json),
+- ours: ``pipeline.finetuning.trainer.Finetuner`` (DeepSpeed engine, ds_configs/cpu_fp32_zero2_torch-adamw.json),
   one epoch over exactly ``steps x batch`` train rows, timed through its progress hook.
 - hf: ``transformers.Trainer`` with ``DataCollatorWithPadding(pad_to_multiple_of=8)``, its default
   AdamW, no eval, no checkpoints, no logging, timed with a ``TrainerCallback``.
@@ -50,7 +50,7 @@ def prepare(args, root: str) -> None:
     import torch
 
     from pipeline.data import read_manifest
-    from pipeline.finetune_data import read_table, stratified_split
+    from pipeline.finetuning.data import read_table, stratified_split
     from pipeline.model import build_model, model_config
 
     if not args.data:
@@ -88,8 +88,8 @@ def run_ours(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pipeline.finetune_config import FinetuneConfig
-    from pipeline.finetuner import Finetuner, collate
+    from pipeline.finetuning.config import FinetuneConfig
+    from pipeline.finetuning.trainer import Finetuner, collate
 
     with tempfile.TemporaryDirectory(prefix="finetune_cpu_ours_") as out:
         config = FinetuneConfig.from_flat(

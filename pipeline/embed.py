@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline import embedding  # noqa: E402
-from pipeline.finetune_data import FinetuneDataError  # noqa: E402
-from pipeline.finetune_model import ModelSourceError  # noqa: E402
+from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
+from pipeline.finetuning.model import ModelSourceError  # noqa: E402
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP  # noqa: E402
 
 USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError)

@@ -27,7 +27,7 @@ import shutil
 
 import numpy as np
 
-from pipeline.finetune_data import _NO_KEY, FinetuneDataError, read_table
+from pipeline.finetuning.data import _NO_KEY, FinetuneDataError, read_table
 
 POOLINGS = ("cls", "mean")
 ROW_COLUMN = "row"  # the id column when the input has none: the 0-based data row
@@ -87,7 +87,7 @@ def read_inputs(path: str, text_column: str = "text", id_column: str | None = No
 def model_lineage(model_dir: str) -> dict[str, str]:
     """Run ids the model dir's files record: ``training_info.json`` (an export: pretraining and
     preprocessing runs) or, for finetune.py's ``OUTPUT_DIR/model``, the ``report.json`` beside it."""
-    from pipeline.finetune_model import read_training_info
+    from pipeline.finetuning.model import read_training_info
 
     info = {k: read_training_info(model_dir).get(k) for k in ("pretrain_run_id", "data_run_id")}
     kind = "pretrained" if os.path.isfile(os.path.join(model_dir, "training_info.json")) else "unknown"
@@ -109,7 +109,7 @@ def load_model(model_dir: str):
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
-    from pipeline.finetune_model import is_hf_dir, load_tokenizer
+    from pipeline.finetuning.model import is_hf_dir, load_tokenizer
 
     if not os.path.isdir(model_dir):
         raise EmbedError(f"--model {model_dir}: no such directory")

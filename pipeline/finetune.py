@@ -20,10 +20,10 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline.ds_config import DsConfigError  # noqa: E402
-from pipeline.finetune_config import FinetuneConfigError, parse_args  # noqa: E402
-from pipeline.finetune_data import FinetuneDataError  # noqa: E402
-from pipeline.finetune_model import ModelSourceError  # noqa: E402
-from pipeline.finetune_report import log_to_mlflow, write_report  # noqa: E402
+from pipeline.finetuning.config import FinetuneConfigError, parse_args  # noqa: E402
+from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
+from pipeline.finetuning.model import ModelSourceError  # noqa: E402
+from pipeline.finetuning.report import log_to_mlflow, write_report  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 
 USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfigError)
@@ -32,7 +32,7 @@ USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfi
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
-    from pipeline.finetuner import Finetuner
+    from pipeline.finetuning.trainer import Finetuner
 
     try:
         finetuner = Finetuner(config)

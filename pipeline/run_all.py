@@ -52,7 +52,7 @@ def write_review_task(out: str, labelled: int, seed: int = 42) -> dict[str, str]
     every train-split review grouped by film, plus the plot summaries, one document per film
     (blank-line separated, Google's text format). No validation or test text is in it.
     """
-    from pipeline.finetune_data import load_task_data, stratified_split
+    from pipeline.finetuning.data import load_task_data, stratified_split
 
     os.makedirs(out, exist_ok=True)
     data = load_task_data(data=REVIEWS, label_column="category", drop_labels=["plot"], seed=seed)

@@ -99,8 +99,8 @@ def test_pretraining_learns_chinese_beyond_the_most_frequent_token(zh_data, zh_r
 
 
 def test_fine_tuned_tang_song_classifier_beats_the_majority_class(zh_run, tmp_path, monkeypatch):
-    from pipeline.finetune_config import FinetuneConfig
-    from pipeline.finetuner import Finetuner
+    from pipeline.finetuning.config import FinetuneConfig
+    from pipeline.finetuning.trainer import Finetuner
 
     set_one_process_world(monkeypatch, 29542)
     run_dir, _ = zh_run

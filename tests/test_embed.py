@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import embedding
-from pipeline.finetune_data import read_table, stratified_split
+from pipeline.finetuning.data import read_table, stratified_split
 
 from .conftest import REPO
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pipeline import export
-from pipeline.finetune_config import FinetuneConfig
-from pipeline.finetune_data import read_table, stratified_split
-from pipeline.finetune_model import ModelSourceError, load_tokenizer
+from pipeline.finetuning.config import FinetuneConfig
+from pipeline.finetuning.data import read_table, stratified_split
+from pipeline.finetuning.model import ModelSourceError, load_tokenizer
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
@@ -85,7 +85,7 @@ def saved_model_outputs(model_dir, finetuner, split="test"):
     """The saved model's outputs on a split, computed apart from the finetuner."""
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.finetuner import collate
+    from pipeline.finetuning.trainer import collate
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     data = finetuner.splits[split]
@@ -96,8 +96,8 @@ def saved_model_outputs(model_dir, finetuner, split="test"):
 
 
 def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predicts(pretrained, reviews, tmp_path, capsys):
-    from pipeline.finetune_report import write_report
-    from pipeline.finetuner import Finetuner
+    from pipeline.finetuning.report import write_report
+    from pipeline.finetuning.trainer import Finetuner
 
     finetuner = Finetuner(finetune_config(pretrained, tmp_path, reviews))
     # the checkpoint (ZeRO-2 partitions) was exported on the fly, lineage included
@@ -144,7 +144,7 @@ def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predi
 
 
 def test_early_stopping_keeps_the_best_epochs_weights(pretrained, reviews, tmp_path, monkeypatch):
-    from pipeline.finetuner import Finetuner
+    from pipeline.finetuning.trainer import Finetuner
 
     finetuner = Finetuner(finetune_config(pretrained, tmp_path, reviews, epochs=6, patience=2, metric="mcc"))
     scripted = iter([0.10, 0.30, 0.25, 0.20, 0.90, 0.95])  # best at epoch 2, then two worse: stop after 4
@@ -170,7 +170,7 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
     from types import SimpleNamespace
 
     from pipeline.ds_config import plan_batches
-    from pipeline.finetuner import Finetuner
+    from pipeline.finetuning.trainer import Finetuner
 
     def steps(world, rank, micro):
         f = object.__new__(Finetuner)
@@ -197,7 +197,7 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
 
 def test_sentence_pairs_and_regression(pretrained, tmp_path):
     """Pairs: does this plot and this review concern the same film? Regression: a 0-1 score."""
-    from pipeline.finetuner import Finetuner
+    from pipeline.finetuning.trainer import Finetuner
 
     table = read_table(ROTTEN_TOMATOES)
     plots = {m: t for c, t, m in zip(table.columns["category"], table.columns["text"], table.columns["movie_name"])
@@ -265,7 +265,7 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(pretrained, tmp_path):
 def test_fine_tuning_past_the_pretrained_length_is_flagged(pretrained, tmp_path):
     from transformers import AutoConfig
 
-    from pipeline.finetuner import untrained_positions_warning
+    from pipeline.finetuning.trainer import untrained_positions_warning
 
     hf_dir = export.export_checkpoint(pretrained, out_dir=str(tmp_path / "hf"))
     tokenizer = load_tokenizer(hf_dir, None, AutoConfig.from_pretrained(hf_dir))
@@ -279,7 +279,7 @@ def test_fine_tuning_past_the_pretrained_length_is_flagged(pretrained, tmp_path)
 def test_pretrained_encoder_fresh_head_and_optionally_fresh_pooler(pretrained, tmp_path):
     from transformers import AutoModelForPreTraining
 
-    from pipeline.finetune_model import build_classifier
+    from pipeline.finetuning.model import build_classifier
 
     hf_dir = export.export_checkpoint(pretrained, out_dir=str(tmp_path / "hf"))
     source = AutoModelForPreTraining.from_pretrained(hf_dir).state_dict()

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.finetune_data import FinetuneDataError, infer_task, load_task_data, read_table, stratified_split
+from pipeline.finetuning.data import FinetuneDataError, infer_task, load_task_data, read_table, stratified_split
 
 from .conftest import REPO
 

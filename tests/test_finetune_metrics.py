@@ -153,7 +153,7 @@ def test_per_class_table_is_aligned():
 def test_the_reports_per_class_figures_are_logged_as_metrics(tmp_path):
     import json
 
-    from pipeline.finetune_report import log_per_class_metrics
+    from pipeline.finetuning.report import log_per_class_metrics
 
     report = {"best_epoch": 3, "per_class": {
         split: metrics.per_class_report(np.array([[5, 1], [2, 12]]), ["fresh", "rot ten"]) for split in

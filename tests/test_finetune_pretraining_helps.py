@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipeline.finetune_model import spm_fingerprint
+from pipeline.finetuning.model import spm_fingerprint
 from pipeline.run_all import DIST_ENV, write_review_task
 
 from .conftest import REPO

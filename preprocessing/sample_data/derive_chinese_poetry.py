@@ -173,7 +173,7 @@ def derive(package: str, seed: int):
 
 def baseline(csv_path: str) -> None:
     """Majority rate and two baselines on the test split finetune.py makes with its defaults."""
-    from pipeline.finetune_data import load_task_data
+    from pipeline.finetuning.data import load_task_data
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 

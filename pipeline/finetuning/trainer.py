@@ -28,9 +28,9 @@ import torch
 
 from pipeline.ds_config import DsConfigError
 from pipeline.engine import ensure_distributed_env, init_distributed, initialize
-from pipeline.finetune_config import FinetuneConfig, FinetuneConfigError
-from pipeline.finetune_data import Examples, load_task_data
-from pipeline.finetune_model import build_classifier, load_tokenizer, read_training_info, resolve_model_dir
+from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError
+from pipeline.finetuning.data import Examples, load_task_data
+from pipeline.finetuning.model import build_classifier, load_tokenizer, read_training_info, resolve_model_dir
 from pipeline.metrics import LOWER_IS_BETTER, confusion_matrix, per_class_report, task_metrics
 
 log = logging.getLogger(__name__)
