@@ -230,3 +230,18 @@ def test_an_installed_wheel_runs_the_stages_from_any_directory(tmp_path):
     run(bin_dir / "bert-finetune", "--model", "run", "--data", _small_task(work / "reviews.csv"), "--epochs", "1",
         "--max-seq-length", "64", "--output-dir", "finetuned", "--no-mlflow")
     assert "accuracy" in json.load(open(work / "finetuned" / "report.json"))["test"]
+
+
+def test_a_bundled_ds_config_is_found_by_its_documented_path_from_any_directory(tmp_path, monkeypatch):
+    from pipeline import ds_config
+
+    monkeypatch.chdir(tmp_path)
+    name = "gpu_base_bf16_zero1_fused-adam.json"
+    for given in (f"ds_configs/{name}", name):
+        assert ds_config.resolve(given) == os.path.join(ds_config.DS_CONFIG_DIR, name)
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / name).write_text("{}")
+    assert ds_config.resolve(f"ds_configs/{name}") == f"ds_configs/{name}"  # the user's own file first
+    for other in ("elsewhere/" + name, "ds_configs/missing.json"):
+        assert ds_config.resolve(other) == other  # and the error names what was given
+    assert os.path.isfile(ds_config.DEFAULT_DS_CONFIG)
