@@ -82,14 +82,31 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> str:
+def preprocessed_sample(tmp_path_factory):
+    """``preprocessed_sample(*flags)``: the data dir ``run_beam.py --input WIKI_SAMPLE *flags
+    --no-mlflow`` writes, made once per session for each set of flags, so that modules which
+    preprocess the dump sample alike share one run. The dir is shared: a test must not write
+    into it (copy it first); the trainer's own cache of the shards (DATA/flat/) is the exception."""
+    made: dict[tuple[str, ...], str] = {}
+
+    def data_dir(*flags: str) -> str:
+        if flags not in made:
+            out = str(tmp_path_factory.mktemp("sample") / "data")
+            proc = subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"),
+                                   "--input", WIKI_SAMPLE, "--output", out, *flags, "--no-mlflow"],
+                                  capture_output=True, text=True, cwd=REPO, timeout=600)
+            assert proc.returncode == 0, f"run_beam.py {' '.join(flags)} failed:\n{proc.stderr[-3000:]}"
+            made[flags] = out
+        return made[flags]
+
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def data_dir(preprocessed_sample) -> str:
     """A pretraining data dir from the dump sample (vocabulary 4,000, 2 shards), shared by the
     trainer, export and fault tests; a test must not write into it."""
-    out = str(tmp_path_factory.mktemp("pretrain") / "data")
-    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-                    "--output", out, "--vocab-size", "4000", "--dupe-factor", "2", "--num-shards", "2",
-                    "--no-mlflow"], check=True, capture_output=True)
-    return out
+    return preprocessed_sample("--vocab-size", "4000", "--dupe-factor", "2", "--num-shards", "2")
 
 
 def set_one_process_world(mp: pytest.MonkeyPatch, port: int) -> None:

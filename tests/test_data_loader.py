@@ -20,20 +20,15 @@ import torch
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, RowPermutation,
                            padding_share, read_manifest)
 
-from .conftest import REPO, WIKI_SAMPLE
+from .conftest import REPO
 
 BATCH = 16
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    output = str(tmp_path_factory.mktemp("loader") / "data")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-         "--output", output, "--vocab-size", "8000", "--dupe-factor", "2", "--num-shards", "4", "--no-mlflow"],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    return output
+def data_dir(preprocessed_sample):
+    """Four shards (the tests below name them); shared, so the tests that break it copy it first."""
+    return preprocessed_sample("--vocab-size", "8000", "--dupe-factor", "2", "--num-shards", "4")
 
 
 @pytest.fixture(scope="module")

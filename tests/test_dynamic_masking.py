@@ -3,8 +3,6 @@ with the static recipe's rules; exact resume and the same batches for any number
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,16 +13,12 @@ from pipeline.train_config import TrainConfig
 from pipeline.trainer import EXIT_STOPPED, Trainer
 from preprocessing import examples
 
-from .conftest import REPO, WIKI_SAMPLE, set_one_process_world
+from .conftest import set_one_process_world
 
 
 @pytest.fixture(scope="module")
-def dynamic_data(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("dynamic") / "data")
-    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-                    "--output", out, "--vocab-size", "4000", "--masking", "dynamic", "--num-shards", "2",
-                    "--no-mlflow"], check=True, capture_output=True)
-    return out
+def dynamic_data(preprocessed_sample) -> str:
+    return preprocessed_sample("--vocab-size", "4000", "--masking", "dynamic", "--num-shards", "2")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pipeline.finetuning.model import ModelSourceError, load_tokenizer
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
-from .conftest import REPO, WIKI_SAMPLE, set_one_process_world
+from .conftest import REPO, set_one_process_world
 
 ROTTEN_TOMATOES = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
 SCRIPT = os.path.join(REPO, "pipeline", "finetune.py")
@@ -41,13 +41,10 @@ def one_process_world(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(tmp_path_factory, preprocessed_sample):
     """A pretrain run dir: 4 ZeRO-2 steps of the tiny preset on the dump sample (no export yet)."""
     root = tmp_path_factory.mktemp("finetune")
-    data = str(root / "data")
-    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-                    "--output", data, "--vocab-size", "4000", "--dupe-factor", "1", "--max-seq-length", "64",
-                    "--no-mlflow"], check=True, capture_output=True)
+    data = preprocessed_sample("--vocab-size", "4000", "--dupe-factor", "1", "--max-seq-length", "64")
     mp = pytest.MonkeyPatch()
     set_one_process_world(mp, 29535)
     config = TrainConfig.from_flat(data=data, run_dir=str(root / "run"), steps=4, global_batch_size=8,

@@ -3,8 +3,6 @@ the trainer trains the MLM head alone and the export is a fill-mask model."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +10,7 @@ import pytest
 
 from preprocessing import examples as ex
 
-from .conftest import REPO, WIKI_SAMPLE, set_one_process_world
+from .conftest import set_one_process_world
 
 CLS, SEP, MASK = 2, 3, 4
 VOCAB = ex.VocabInfo(vocab_size=500, cls_id=CLS, sep_id=SEP, mask_id=MASK, special_ids=(0, 1, 2, 3, 4),
@@ -67,12 +65,9 @@ def test_static_masks_never_touch_a_special_token_and_follow_the_count():
 
 
 @pytest.fixture(scope="module")
-def mlm_data(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("mlm") / "data")
-    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-                    "--output", out, "--vocab-size", "4000", "--objective", "mlm", "--masking", "dynamic",
-                    "--num-shards", "2", "--no-mlflow"], check=True, capture_output=True)
-    return out
+def mlm_data(preprocessed_sample) -> str:
+    return preprocessed_sample("--vocab-size", "4000", "--objective", "mlm", "--masking", "dynamic",
+                               "--num-shards", "2")
 
 
 def test_packed_rows_have_almost_no_padding(mlm_data):

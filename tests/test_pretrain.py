@@ -13,7 +13,7 @@ from pipeline.train_config import TrainConfig
 from pipeline.trainer import EXIT_STOPPED, Trainer
 
 from . import faults
-from .conftest import REPO, WIKI_SAMPLE, set_one_process_world
+from .conftest import REPO, set_one_process_world
 
 
 @pytest.fixture(autouse=True)
@@ -107,14 +107,17 @@ def test_held_out_shard_is_evaluated_and_never_trained_on(data_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data_512(data_dir, tmp_path_factory):
+def data_512(data_dir, preprocessed_sample):
     """The phase-2 corpus: the same text at 512 tokens, with phase 1's tokenizer."""
-    out = str(tmp_path_factory.mktemp("pretrain512") / "data")
-    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-                    "--output", out, "--tokenizer", os.path.join(data_dir, "tokenizer", "spm.model"),
-                    "--max-seq-length", "512", "--max-predictions-per-seq", "76", "--dupe-factor", "1",
-                    "--num-shards", "2", "--no-mlflow"], check=True, capture_output=True)
-    return out
+    return preprocessed_sample("--tokenizer", os.path.join(data_dir, "tokenizer", "spm.model"),
+                               "--max-seq-length", "512", "--max-predictions-per-seq", "76", "--dupe-factor", "1",
+                               "--num-shards", "2")
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_data(preprocessed_sample):
+    """The same text with another vocabulary (3,000): its tokenizer is not data_dir's."""
+    return preprocessed_sample("--vocab-size", "3000", "--dupe-factor", "1")
 
 
 def test_phase_two_starts_from_phase_one_weights_with_a_fresh_optimizer(data_dir, data_512, tmp_path):
@@ -140,14 +143,10 @@ def test_phase_two_starts_from_phase_one_weights_with_a_fresh_optimizer(data_dir
     assert again.step == 4 and again.init_info == {}
 
 
-def test_phase_two_refuses_another_tokenizer(data_dir, tmp_path, tmp_path_factory):
+def test_phase_two_refuses_another_tokenizer(data_dir, other_tokenizer_data, tmp_path):
     losses_of(Trainer(config(data_dir, tmp_path / "phase1", steps=2)))
-    other = str(tmp_path_factory.mktemp("other512") / "data")
-    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-                    "--output", other, "--vocab-size", "3000", "--dupe-factor", "1", "--no-mlflow"],
-                   check=True, capture_output=True)
     with pytest.raises(ValueError, match="--init-from .* preprocess the phase-2 corpus with --tokenizer"):
-        Trainer(config(other, tmp_path / "phase2", init_from=str(tmp_path / "phase1")))
+        Trainer(config(other_tokenizer_data, tmp_path / "phase2", init_from=str(tmp_path / "phase1")))
 
 
 def test_a_nan_loss_with_an_applied_update_stops_before_any_checkpoint_holds_it(data_dir, tmp_path,
@@ -316,14 +315,10 @@ def test_bad_settings_fail_with_one_line(data_dir, tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
-def test_resuming_with_another_tokenizer_is_refused(data_dir, tmp_path, tmp_path_factory):
+def test_resuming_with_another_tokenizer_is_refused(data_dir, other_tokenizer_data, tmp_path):
     losses_of(Trainer(config(data_dir, tmp_path, steps=2)))
-    other = str(tmp_path_factory.mktemp("other") / "data")
-    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-                    "--output", other, "--vocab-size", "3000", "--dupe-factor", "1", "--no-mlflow"],
-                   check=True, capture_output=True)
     with pytest.raises(ValueError, match="manifest field tokenizer.fingerprint"):
-        Trainer(config(other, tmp_path, steps=4))
+        Trainer(config(other_tokenizer_data, tmp_path, steps=4))
 
 
 def test_rng_state_restores_every_generator_draw_for_draw():
