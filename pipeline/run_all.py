@@ -44,7 +44,7 @@ REVIEWS = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def write_review_task(out: str, labelled: int, seed: int = 42) -> dict[str, str]:
+def write_review_task(out: str, labelled: int, seed: int) -> dict[str, str]:
     """The fine-tuning files and the unlabelled pretraining text, from the bundled reviews.
 
     train_few.csv (``labelled`` reviews, stratified), validation.csv and test.csv (the

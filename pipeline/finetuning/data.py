@@ -27,6 +27,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.engine import EngineConfig
+from pipeline.finetuning.config import FinetuneConfig
+
 SPLITS = ("train", "validation", "test")
 _OPENERS = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}
 
@@ -341,10 +344,17 @@ def _quantile_bins(values: np.ndarray, bins: int = 10) -> np.ndarray:
     return np.searchsorted(edges, values, side="right")
 
 
+# The fine-tuner's defaults (its flags'), one home: FinetuneConfig's and EngineConfig's fields.
+_DEFAULTS = {f.name: f.default for f in (*dataclasses.fields(FinetuneConfig), *dataclasses.fields(EngineConfig))
+             if f.default is not dataclasses.MISSING}
+
+
 def load_task_data(*, data: str | None = None, train: str | None = None, validation: str | None = None,
-                   test: str | None = None, text_column: str = "text", text_pair_column: str | None = None,
-                   label_column: str = "label", task: str | None = None, drop_labels: Sequence[str] = (),
-                   validation_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 42) -> TaskData:
+                   test: str | None = None, text_column: str = _DEFAULTS["text_column"],
+                   text_pair_column: str | None = None, label_column: str = _DEFAULTS["label_column"],
+                   task: str | None = None, drop_labels: Sequence[str] = (),
+                   validation_fraction: float = _DEFAULTS["validation_fraction"],
+                   test_fraction: float = _DEFAULTS["test_fraction"], seed: int = _DEFAULTS["seed"]) -> TaskData:
     """Reads the splits, drops ``drop_labels`` rows (counted), makes missing splits, maps labels."""
     if (data is None) == (train is None):
         raise FinetuneDataError("give either --data (one file or a saved datasets dir) or --train "

@@ -177,7 +177,7 @@ def baseline(csv_path: str) -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    data = load_task_data(data=csv_path)  # --text-column text --label-column label, seed 42, 0.1/0.1
+    data = load_task_data(data=csv_path)  # finetune.py's defaults: columns, split fractions, seed
     train, test = data.splits["train"], data.splits["test"]
     print("rows:", {k: len(v) for k, v in data.splits.items()}, "labels:", data.labels)
     majority = max((test.labels == i).mean() for i in range(len(data.labels)))
