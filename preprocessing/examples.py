@@ -88,6 +88,7 @@ SCHEMA = pa.schema([
 ])
 
 OBJECTIVES = ("mlm-nsp", "mlm")
+MASKINGS = ("static", "dynamic")
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
 _MAX_KEY = np.uint64(_U64)
@@ -137,8 +138,8 @@ class ExampleConfig:
                                    self.max_seq_length - 3))
         _flag_check(self.objective in OBJECTIVES,
                     f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        _flag_check(self.masking in ("static", "dynamic"),
-                    f"--masking must be static or dynamic, got {self.masking!r}")
+        _flag_check(self.masking in MASKINGS,
+                    f"--masking must be {' or '.join(MASKINGS)}, got {self.masking!r}")
         _flag_check(self.max_seq_length >= 8,
                     f"--max-seq-length must be at least 8, got {self.max_seq_length}")
         _flag_check(0 <= self.short_seq_prob <= 1,

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import language, mlflow_experiment
-from preprocessing.examples import ConfigError, ExampleConfig
+from preprocessing import language, mlflow_experiment, vocab as vocab_lib
+from preprocessing.examples import MASKINGS, OBJECTIVES, ConfigError, ExampleConfig
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
 # The bundled real sample: a Wikipedia dump fragment and Jane Austen's novels.
@@ -24,6 +24,9 @@ DEFAULT_INPUTS = (
     os.path.join(SAMPLE_DIR, "enwiki-sample-pages-articles.xml.bz2"),
     os.path.join(SAMPLE_DIR, "austen-novels.txt.bz2"),
 )
+# --dupe-factor's default by masking mode: static masks need several passes for mask variety;
+# dynamic masking draws new masks every epoch.
+DUPE_FACTORS = {"static": 5, "dynamic": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +44,7 @@ class PreprocessConfig:
     # --masked-lm-prob, --max-predictions-per-seq, --short-seq-prob): defaults and checks
     # live there. Its whole_word_mask follows this config's whole_word_mask.
     examples: ExampleConfig = ExampleConfig()
-    # None: 5 with static masking (Google's), 1 with dynamic (each epoch draws new masks).
+    # None: DUPE_FACTORS[masking] (Google's for static masking; dynamic draws new masks each epoch).
     dupe_factor: int | None = None
     # none, pieces (the vocabulary's word starts), jieba (Chinese words), or auto: jieba for
     # Chinese, pieces otherwise; the driver resolves auto once the language is known.
@@ -53,7 +56,7 @@ class PreprocessConfig:
     # rest become [UNK]. Not 1.0 by default, even for alphabetic languages: Wikipedia
     # quotes every script (the 6 MB English sample holds 866 distinct characters, of which
     # 125 cover 99.95%), and 1.0 would spend a small vocabulary on single rare characters.
-    character_coverage: float = 0.9995
+    character_coverage: float = vocab_lib.CHARACTER_COVERAGE
     num_shards: int = 0
     rows_per_shard: int = 65536
     docs_per_bucket: int = 128
@@ -70,13 +73,13 @@ class PreprocessConfig:
         if self.examples.whole_word_mask != whole_words:
             object.__setattr__(self, "examples", dataclasses.replace(self.examples, whole_word_mask=whole_words))
         if self.dupe_factor is None:
-            object.__setattr__(self, "dupe_factor", 1 if self.examples.masking == "dynamic" else 5)
+            object.__setattr__(self, "dupe_factor", DUPE_FACTORS[self.examples.masking])
         _check(not (self.examples.masking == "dynamic" and self.whole_word_mask == "jieba"),
                "--masking dynamic cannot use --whole-word-mask jieba: the trainer's loader masks from the "
                "vocabulary alone and never sees jieba's words; use --masking static for Chinese whole words")
         _check(self.vocab_size >= 100, f"--vocab-size must be at least 100, got {self.vocab_size}")
-        _check(self.model_type in ("unigram", "bpe"),
-               f"--model-type must be unigram or bpe, got {self.model_type!r}")
+        _check(self.model_type in vocab_lib.MODEL_TYPES,
+               f"--model-type must be {' or '.join(vocab_lib.MODEL_TYPES)}, got {self.model_type!r}")
         _check(self.vocab_sample_sentences >= 1000,
                f"--vocab-sample-sentences must be at least 1000, got {self.vocab_sample_sentences}")
         _check(self.vocab_sample_bytes >= 1, f"--vocab-sample-bytes must be at least 1, got {self.vocab_sample_bytes}")
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--vocab-size", type=int, default=d.vocab_size,
                        help="SentencePiece vocabulary size, special tokens included (a small "
                             "corpus may give fewer pieces; the manifest has the real size)")
-    vocab.add_argument("--model-type", choices=("unigram", "bpe"), default=d.model_type,
+    vocab.add_argument("--model-type", choices=vocab_lib.MODEL_TYPES, default=d.model_type,
                        help="SentencePiece model type")
     vocab.add_argument("--tokenizer", metavar="PATH",
                        help="reuse a tokenizer instead of training one: a SentencePiece model (an "
@@ -175,17 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex = p.add_argument_group("examples (Google's create_pretraining_data recipe)")
     ex.add_argument("--max-seq-length", type=int, default=d.examples.max_seq_length,
                     help="tokens per example, [CLS] and both [SEP] included")
-    ex.add_argument("--objective", choices=("mlm-nsp", "mlm"), default=d.examples.objective,
+    ex.add_argument("--objective", choices=OBJECTIVES, default=d.examples.objective,
                     help="mlm-nsp: Google's sentence pairs with the next-sentence label; mlm: RoBERTa's "
                          "FULL-SENTENCES rows, whole sentences packed across documents ([SEP] between "
                          "them) up to --max-seq-length, no NSP (the trainer then trains the MLM head only)")
-    ex.add_argument("--masking", choices=("static", "dynamic"), default=d.examples.masking,
+    ex.add_argument("--masking", choices=MASKINGS, default=d.examples.masking,
                     help="static: masks drawn here, one set per --dupe-factor pass (Google); dynamic: "
                          "examples stored unmasked (about 1/5 the size), and the trainer draws new masks "
                          "every epoch from its seed (RoBERTa)")
     ex.add_argument("--dupe-factor", type=int,
                     help="passes over the corpus, each with different segments (and, static, masks); "
-                         "default 5 with static masking, 1 with dynamic%(default).0s")
+                         f"default {DUPE_FACTORS['static']} with static masking, {DUPE_FACTORS['dynamic']} with "
+                         "dynamic%(default).0s")
     ex.add_argument("--masked-lm-prob", type=float, default=d.examples.masked_lm_prob,
                     help="share of tokens to predict (BERT 0.15; MosaicBERT 0.3)")
     ex.add_argument("--max-predictions-per-seq", type=int,

@@ -54,7 +54,7 @@ class VocabError(ValueError):
 
 
 # ---------------------------------------------------------------------------- training
-def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: str = "unigram",
+def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: str,
                         num_threads: int = DEFAULT_NUM_THREADS,
                         character_coverage: float = CHARACTER_COVERAGE) -> bytes:
     """Trains a SentencePiece model in memory and returns the serialized model proto.
