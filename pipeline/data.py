@@ -53,6 +53,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.engine import PAD_MULTIPLE
+from preprocessing.examples import MASKINGS
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -462,14 +465,14 @@ class PretrainingDataset:
     converted the shards.
     """
 
-    def __init__(self, data_dir: str, manifest: dict | None = None, pad_to_multiple_of: int = 8,
+    def __init__(self, data_dir: str, manifest: dict | None = None, pad_to_multiple_of: int = PAD_MULTIPLE,
                  cache_dir: str | None = None, seed: int = 0):
         self.data_dir = data_dir
         self.manifest = manifest if manifest is not None else read_manifest(data_dir)
         masking = self.manifest["masking"].get("mode", "static")
-        if masking not in ("static", "dynamic"):
+        if masking not in MASKINGS:
             raise DataDirError(f"{data_dir}/manifest.json: masking.mode is {masking!r}; this loader reads "
-                               "static or dynamic masking (rerun preprocessing)")
+                               f"{' or '.join(MASKINGS)} masking (rerun preprocessing)")
         self.masker = None
         if masking == "dynamic":  # rows stored unmasked: masks drawn per (seed, epoch, row)
             from pipeline.dynamic_masking import DynamicMasker
@@ -765,7 +768,8 @@ def eval_batches(lengths: np.ndarray, start: int, batch_size: int, rank: int, wo
     return rows.reshape(count, batch_size)[rank::world_size]
 
 
-def padding_share(lengths: np.ndarray, batches: np.ndarray, max_seq_length: int, multiple: int = 8) -> float:
+def padding_share(lengths: np.ndarray, batches: np.ndarray, max_seq_length: int,
+                  multiple: int = PAD_MULTIPLE) -> float:
     """Share of pad tokens in ``batches`` (rows of row indices) padded as ``PretrainingDataset`` pads."""
     batch_lengths = lengths[batches].astype(np.int64)  # the dataset's int16 would overflow below
     width = np.minimum(-(-batch_lengths.max(axis=1) // multiple) * multiple, max_seq_length)

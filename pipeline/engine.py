@@ -19,13 +19,18 @@ import os
 from pipeline.ds_config import DEFAULT_DS_CONFIG, BatchPlan, inject, load_ds_config, plan_batches
 
 
+# Batches are padded to a multiple of this many tokens (tensor-core friendly, fewer shapes),
+# in both stages' loaders.
+PAD_MULTIPLE = 8
+
+
 class EngineConfigError(ValueError):
     """A bad flag value; the message names the flag."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    # No default: the stages' differ (pretraining: micro batch 8, LR 5e-4; fine-tuning: 32, 5e-5).
+    # No default: the stages' differ (see each stage's ENGINE_DEFAULTS).
     micro_batch_size: int
     learning_rate: float
     ds_config: str = DEFAULT_DS_CONFIG
@@ -64,8 +69,8 @@ def nest(values: dict, stage_defaults: dict) -> dict:
 
 
 def flat(config) -> dict:
-    """A stage config as one flat dict, the engine's settings beside the stage's: the keys of
-    train_config.json and of the MLflow params, as they were before EngineConfig."""
+    """A stage config as one flat dict, the engine's settings beside the stage's: the flat keys
+    of train_config.json and the MLflow params."""
     values = dataclasses.asdict(config)
     engine = values.pop("engine")
     return {**values, **engine}

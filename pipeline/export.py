@@ -52,7 +52,7 @@ def write_train_config(config, pretrain_run_id: str | None = None) -> str:
     what the export needs to rebuild the model. Call on rank 0 only."""
     path = os.path.join(config.run_dir, TRAIN_CONFIG)
     os.makedirs(config.run_dir, exist_ok=True)
-    # Flat, as before EngineConfig: the engine's settings beside the stage's, under their flag names.
+    # Flat: the engine's settings beside the stage's, under their flag names (the MLflow params' keys).
     values = {**flat(config), "pretrain_run_id": pretrain_run_id}
     # Paths as the trainer saw them: relative ones would resolve against whoever exports
     # later (another working directory), not against where pretraining ran.

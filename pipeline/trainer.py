@@ -23,9 +23,10 @@ from tqdm import tqdm
 from pipeline import checkpoint, hf_init
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
-from pipeline.engine import agree, ensure_distributed_env, init_distributed, initialize, loss_scale
+from pipeline.engine import PAD_MULTIPLE, agree, ensure_distributed_env, init_distributed, initialize, loss_scale
 from pipeline.model import FlopCounter, build_model, model_config
 from pipeline.train_config import TrainConfig
+from preprocessing.examples import OBJECTIVES
 
 log = logging.getLogger(__name__)
 EXIT_STOPPED = 3  # a stop signal was honoured: checkpoint written, the job can requeue
@@ -93,7 +94,7 @@ class Trainer:
         self.manifest = read_manifest(config.data)
         # A compiled encoder recompiles for every new batch shape: a padded length per length bucket
         # would pass torch._dynamo's recompile limit. Padded to max_seq_length, one graph serves all.
-        pad_to = self.manifest["max_seq_length"] if config.compile else 8
+        pad_to = self.manifest["max_seq_length"] if config.compile else PAD_MULTIPLE
         self.dataset = PretrainingDataset(config.data, self.manifest, pad_to_multiple_of=pad_to,
                                           cache_dir=config.data_cache, seed=config.engine.seed)
         shards = len(self.manifest["shards"])
@@ -103,9 +104,10 @@ class Trainer:
         # head stays in the model with a zero loss weight: its parameters get zero gradients
         # rather than none, which every ZeRO stage handles alike.
         objective = self.manifest.get("objective", "mlm-nsp")
-        if objective not in ("mlm-nsp", "mlm"):
+        if objective not in OBJECTIVES:
             raise DataDirError(f"{config.data}/manifest.json: objective {objective!r} is not one this trainer "
-                               "knows (mlm-nsp, mlm); rerun preprocessing with --objective mlm-nsp or mlm")
+                               f"knows ({', '.join(OBJECTIVES)}); rerun preprocessing with --objective "
+                               f"{' or '.join(OBJECTIVES)}")
         self.nsp_weight = 0.0 if objective == "mlm" else 1.0
         settings = config.engine  # EngineConfig (self.engine: the DeepSpeed engine it builds)
         self.batches = settings.batches(self.world_size)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.ds_config import DsConfigError
-from pipeline.engine import ensure_distributed_env, init_distributed, initialize
+from pipeline.engine import PAD_MULTIPLE, ensure_distributed_env, init_distributed, initialize
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError
 from pipeline.finetuning.data import Examples, load_task_data
 from pipeline.finetuning.model import build_classifier, load_tokenizer, read_training_info, resolve_model_dir
@@ -58,9 +58,9 @@ def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
 
 
 def collate(split: Encoded, rows: np.ndarray, pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """Padded to the longest row rounded up to 8 (tensor-core friendly, fewer shapes)."""
+    """Padded to the longest row rounded up to PAD_MULTIPLE."""
     longest = max(len(split.input_ids[i]) for i in rows)
-    width = -(-longest // 8) * 8
+    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     types = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
