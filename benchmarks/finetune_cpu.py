@@ -35,6 +35,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from benchmarks.side_by_side import run_worker, summarize, timed_hf_trainer  # noqa: E402
+from pipeline.ds_config import DEFAULT_DS_CONFIG  # noqa: E402
 
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
 REVIEWS = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     p.add_argument("--batch-size", type=int, default=32, help="micro = global batch size (sequences)")
     p.add_argument("--max-seq-length", type=int, default=128)
-    p.add_argument("--ds-config", default=os.path.join(REPO, "ds_configs", "cpu_fp32_zero2_torch-adamw.json"),
+    p.add_argument("--ds-config", default=DEFAULT_DS_CONFIG,
                    help="ours: the DeepSpeed engine settings")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     p.add_argument("--learning-rate", type=float, default=5e-5)

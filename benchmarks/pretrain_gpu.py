@@ -44,7 +44,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RESULT = "PRETRAIN_GPU_RESULT "
-VOCAB = 32000  # preprocessing's default; a multiple of 64 keeps the vocabulary matmul on whole tensor-core tiles
+VOCAB = 32000  # a multiple of 64: the vocabulary matmul stays on whole tensor-core tiles
 PREDICTIONS = {128: 20, 512: 80}  # Google's max_predictions_per_seq
 TABLE = [f"{model}-{seq}-{precision}" for seq in (128, 512) for model in ("base", "large")
          for precision in ("bf16", "fp16")]

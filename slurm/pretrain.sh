@@ -47,7 +47,7 @@
 # ends the other ranks at once (--kill-on-bad-exit=1, see slurm/common.sh); a non-finite loss
 # stops every rank at the same step. The job fails (srun's exit code), is not requeued, and
 # keeps its newest complete checkpoint. A rank that hangs without exiting is ended by the
-# others' process-group timeout: TRAIN_ARGS="--dist-timeout-minutes N" (default 10).
+# others' process-group timeout: TRAIN_ARGS="--dist-timeout-minutes N" (default: see pipeline/pretrain.py --help).
 #
 #SBATCH --job-name=bert-pretrain
 #SBATCH --nodes=1
