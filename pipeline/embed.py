@@ -43,16 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="csv, tsv, jsonl or parquet (optionally .gz/.bz2/.xz); a blank text is an error naming "
                         "its line")
     p.add_argument("--out", required=True, help="output Parquet file (written to a temporary file, then renamed)")
-    p.add_argument("--text-column", default="text",
+    p.add_argument("--text-column", default=embedding.TEXT_COLUMN,
                    help="the column (or jsonl key) holding the texts (default: %(default)s)")
     p.add_argument("--id-column", default=None,
                    help="column copied to the output beside each embedding (default: 'id' when the input has it, "
                         f"else a '{embedding.ROW_COLUMN}' column with the 0-based row number)")
-    p.add_argument("--pooling", choices=embedding.POOLINGS, default="cls",
-                   help="cls (default): the [CLS] token's last hidden state; mean: the mean over the real tokens (not "
+    p.add_argument("--pooling", choices=embedding.POOLINGS, default=embedding.POOLING,
+                   help=f"{embedding.POOLING} (default): the [CLS] token's last hidden state; mean: the mean over the real tokens (not "
                         "padding)")
     p.add_argument("--normalize", action="store_true", help="scale every embedding to unit L2 norm")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=int, default=embedding.BATCH_SIZE,
                    help="texts per forward pass, per process (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per text, longer ones cut and counted (default: the tokenizer's, i.e. the "

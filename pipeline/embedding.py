@@ -30,6 +30,10 @@ import numpy as np
 from pipeline.finetuning.data import _NO_KEY, FinetuneDataError, read_table
 
 POOLINGS = ("cls", "mean")
+# embed.py's flag defaults.
+TEXT_COLUMN = "text"
+POOLING = "cls"
+BATCH_SIZE = 64
 ROW_COLUMN = "row"  # the id column when the input has none: the 0-based data row
 
 
@@ -54,7 +58,7 @@ def _blank(value) -> bool:
         isinstance(value, str) and not value.strip())
 
 
-def read_inputs(path: str, text_column: str = "text", id_column: str | None = None) -> Inputs:
+def read_inputs(path: str, text_column: str = TEXT_COLUMN, id_column: str | None = None) -> Inputs:
     """The texts (and ids) of a csv/tsv/jsonl/parquet file. ``id_column`` None: ``id`` if the file
     has it, else the row number; a named one must exist."""
     table = read_table(path)  # FinetuneDataError naming the file (and line) for unreadable input
@@ -133,10 +137,11 @@ def load_model(model_dir: str):
 
 def resolve_max_length(requested: int | None, tokenizer, model_config) -> int:
     """``--max-length``, or the tokenizer's (the pretraining length), at most the position embeddings."""
+    from pipeline.finetuning.model import default_max_length
+
     limit = model_config.max_position_embeddings
     if requested is None:
-        default = getattr(tokenizer, "model_max_length", None)
-        return min(default if default and default < 1e9 else limit, limit)
+        return default_max_length(tokenizer, model_config)
     if not 2 < requested <= limit:
         raise EmbedError(f"--max-length {requested}: must be in 3..{limit} (the model's max_position_embeddings)")
     return requested
@@ -158,8 +163,8 @@ def pool(hidden, mask, pooling: str):
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def embed_texts(model, tokenizer, texts: list[str], *, pooling: str = "cls", normalize: bool = False,
-                batch_size: int = 64, max_length: int = 128, bf16: bool = False,
+def embed_texts(model, tokenizer, texts: list[str], *, max_length: int, pooling: str = POOLING,
+                normalize: bool = False, batch_size: int = BATCH_SIZE, bf16: bool = False,
                 progress=None) -> tuple[np.ndarray, int]:
     """(float32 [len(texts), hidden] in the order of ``texts``, rows cut at ``max_length``)."""
     import torch

@@ -155,6 +155,10 @@ def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict:
 
 # Larger is better for all but these.
 LOWER_IS_BETTER = {"mse", "loss"}
+# The metrics fine-tuning's --metric can pick the best epoch by (loss: the validation loss).
+CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "f1_binary", "mcc")
+REGRESSION_METRICS = ("pearson", "spearman", "mse")
+METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS + ("loss",)
 
 
 def task_metrics(task: str, labels: np.ndarray, outputs: np.ndarray, num_classes: int) -> dict:

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from pipeline.engine import EngineConfig, EngineConfigError, nest
+from pipeline.metrics import METRICS
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP
 
 # Fine-tuning's own defaults for the engine settings whose good values differ between the stages.
@@ -51,7 +52,6 @@ class FinetuneConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "drop_labels", tuple(self.drop_labels))
-        metrics = {"accuracy", "f1_macro", "f1_binary", "mcc", "pearson", "spearman", "mse", "loss"}
         checks = [
             ((self.data is None) != (self.train is None), "give either --data or --train (not both, not neither)"),
             (self.data is None or not (self.validation or self.test),
@@ -68,8 +68,8 @@ class FinetuneConfig:
             (0 < self.validation_fraction < 1 and 0 < self.test_fraction < 1
              and self.validation_fraction + self.test_fraction < 1,
              "--validation-fraction and --test-fraction must be in (0, 1) with a sum below 1"),
-            (self.metric is None or self.metric in metrics,
-             f"--metric must be one of {', '.join(sorted(metrics))}, got {self.metric!r}"),
+            (self.metric is None or self.metric in METRICS,
+             f"--metric must be one of {', '.join(sorted(METRICS))}, got {self.metric!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", required=True,
                    help="a Hugging Face export (RUN_DIR/hf/<tag>), or a pretrain --run-dir, its checkpoints/ or one "
                         "checkpoint dir (exported on the fly, ZeRO partitions included)")
-    m.add_argument("--tokenizer", help="tokenizer dir (default: the model's); refused if it does not match the model")
+    m.add_argument("--tokenizer", help="tokenizer dir (default: the model's); refused if it does not match the "
+                                       "model%(default).0s")
     m.add_argument("--init", choices=("pretrained", "random"), default=d.init,
                    help="random: same architecture and tokenizer, untrained weights (the baseline pretraining must beat)")
     m.add_argument("--reinit-pooler", action="store_true",
@@ -110,20 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", help="one file or saved dataset; missing validation/test splits are split off "
                                      "train (seeded, stratified)")
     data.add_argument("--train", help="train split file (instead of --data)")
-    data.add_argument("--validation", help="validation split file (default: split off --train)")
-    data.add_argument("--test", help="test split file (default: split off --train)")
+    data.add_argument("--validation", help="validation split file (default: split off --train)%(default).0s")
+    data.add_argument("--test", help="test split file (default: split off --train)%(default).0s")
     data.add_argument("--text-column", default=d.text_column)
     data.add_argument("--text-pair-column", help="second text of a sentence-pair task")
     data.add_argument("--label-column", default=d.label_column)
     data.add_argument("--task", choices=("classification", "regression"),
-                      help="default: regression if every train label is a number and some are not whole")
+                      help="default: regression if every train label is a number and some are not whole"
+                           "%(default).0s")
     data.add_argument("--drop-label", dest="drop_labels", action="append", default=[], metavar="LABEL",
                       help="skip rows with this label (repeatable; '' for blank labels); skipped rows are "
                            "counted and logged")
     data.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
     data.add_argument("--test-fraction", type=float, default=d.test_fraction)
     data.add_argument("--max-seq-length", type=int, help="tokens per example (default: the tokenizer's, i.e. the "
-                                                        "pretraining length)")
+                                                        "pretraining length)%(default).0s")
     t = p.add_argument_group("training")
     t.add_argument("--output-dir", default=d.output_dir)
     t.add_argument("--ds-config", default=e.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
@@ -138,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear warmup over this share of the steps, then linear decay to 0")
     t.add_argument("--weight-decay", type=float, default=e.weight_decay)
     t.add_argument("--grad-clip", type=float, default=e.grad_clip, help="gradient norm clipping (0 = off)")
-    t.add_argument("--metric", help="validation metric that picks the best epoch (default: accuracy, or pearson "
-                                    "for regression; also f1_macro, f1_binary, mcc, spearman, mse, loss)")
+    others = ", ".join(name for name in METRICS if name not in BEST_METRIC.values())
+    t.add_argument("--metric", help=f"validation metric that picks the best epoch (default: "
+                                    f"{BEST_METRIC['classification']}, or {BEST_METRIC['regression']} for "
+                                    f"regression; also {others})%(default).0s")
     t.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many epochs without a better validation metric (0 = never stop early)")
     t.add_argument("--seed", type=int, default=e.seed, help="split, classifier initialisation and batch order")

@@ -75,6 +75,14 @@ def spm_fingerprint(tokenizer_dir: str) -> str | None:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def default_max_length(tokenizer, model_config) -> int:
+    """Tokens per text when none is asked for: the tokenizer's ``model_max_length`` (the
+    pretraining length; unset or huge means none), at most the model's position embeddings."""
+    limit = model_config.max_position_embeddings
+    default = getattr(tokenizer, "model_max_length", None)
+    return min(default if default and default < 1e9 else limit, limit)
+
+
 def load_tokenizer(hf_dir: str, tokenizer_dir: str | None, model_config):
     """The tokenizer, refused when it is not the model's: vocabulary size, [PAD] id, fingerprint."""
     from transformers import AutoTokenizer

@@ -30,8 +30,9 @@ from pipeline.ds_config import DsConfigError
 from pipeline.engine import PAD_MULTIPLE, ensure_distributed_env, init_distributed, initialize
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError
 from pipeline.finetuning.data import Examples, load_task_data
-from pipeline.finetuning.model import build_classifier, load_tokenizer, read_training_info, resolve_model_dir
-from pipeline.metrics import LOWER_IS_BETTER, confusion_matrix, per_class_report, task_metrics
+from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, read_training_info,
+                                       resolve_model_dir)
+from pipeline.metrics import CLASSIFICATION_METRICS, LOWER_IS_BETTER, confusion_matrix, per_class_report, task_metrics
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Finetuner:
             validation_fraction=config.validation_fraction, test_fraction=config.test_fraction, seed=settings.seed)
         self.task = self.data.task
         self.metric = config.best_metric(self.task)
-        if self.task == "regression" and self.metric in ("accuracy", "f1_macro", "f1_binary", "mcc"):
+        if self.task == "regression" and self.metric in CLASSIFICATION_METRICS:
             raise FinetuneConfigError(f"--metric {self.metric} is a classification metric; this is a regression task")
         if self.metric == "f1_binary" and len(self.data.labels) != 2:
             raise FinetuneConfigError(f"--metric f1_binary needs two labels; the data has {len(self.data.labels)}")
@@ -155,8 +156,7 @@ class Finetuner:
     def _max_length(self, model_config) -> int:
         limit = model_config.max_position_embeddings
         if self.config.max_seq_length is None:
-            default = getattr(self.tokenizer, "model_max_length", limit)
-            return min(default if default and default < 1e9 else limit, limit)
+            return default_max_length(self.tokenizer, model_config)
         if self.config.max_seq_length > limit:
             raise FinetuneConfigError(f"--max-seq-length {self.config.max_seq_length} exceeds the model's "
                                 f"max_position_embeddings {limit}")
