@@ -19,11 +19,14 @@ class TrainConfigError(EngineConfigError):
     """A bad flag value; the message names the flag."""
 
 
+DEFAULT_MODEL = "tiny"  # the preset, unless a Hugging Face --init-from brings its own config.json
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     data: str
     run_dir: str = "runs/pretrain"
-    model: str | None = "tiny"  # None (the command line's default): tiny, or an --init-from HF dir's config.json
+    model: str | None = DEFAULT_MODEL  # None (the command line's): DEFAULT_MODEL, or an HF --init-from's config.json
     engine: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(**ENGINE_DEFAULTS))
     steps: int = 100
     warmup_steps: int | None = None  # None: a tenth of --steps
@@ -49,7 +52,7 @@ class TrainConfig:
             # Continued pretraining of a Hugging Face BERT: its own architecture. Resolved here, so that
             # train_config.json (what the export rebuilds the model from) records it.
             object.__setattr__(self, "model", hf_init.config_path(self.init_from)
-                               if hf_init.is_hf_dir(self.init_from) else "tiny")
+                               if hf_init.is_hf_dir(self.init_from) else DEFAULT_MODEL)
         if self.warmup_steps is None:
             object.__setattr__(self, "warmup_steps", self.steps // 10)
         checks = [
@@ -91,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data dir written by preprocessing/run_beam.py")
     p.add_argument("--data-cache",
                    help="where the data dir's shards are converted once into flat memory-mapped arrays "
-                        "(default: DATA/flat; pass one for a read-only data dir, or to put them on local disk)")
+                        "(default: DATA/flat; pass one for a read-only data dir, or to put them on local disk)"
+                        "%(default).0s")
     p.add_argument("--run-dir", default=d.run_dir, help="checkpoints/, latest and the export go here")
     p.add_argument("--model", default=None,
-                   help="preset (tiny, mini, small, base, large) or a config.json (default: tiny; with a Hugging "
+                   help=f"preset (tiny, mini, small, base, large) or a config.json (default: {DEFAULT_MODEL}; with a "
+                        "Hugging "
                         "Face --init-from, the directory's config.json, and an explicit one must match it)"
                         "%(default).0s")  # an empty format: no "(default: None)" after the real default
     p.add_argument("--ds-config", default=e.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
@@ -105,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--learning-rate", type=float, default=e.learning_rate, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warmup, then linear decay to 0 at --steps (default: a tenth of --steps)")
+                   help="linear warmup, then linear decay to 0 at --steps (default: a tenth of --steps)%(default).0s")
     p.add_argument("--weight-decay", type=float, default=e.weight_decay)
     p.add_argument("--grad-clip", type=float, default=e.grad_clip, help="gradient norm clipping (0 = off)")
     p.add_argument("--seed", type=int, default=e.seed)
@@ -129,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 = not reported; bf16/fp16 on H100 SXM and H200: 989.5, A100: 312)")
     p.add_argument("--eval-shards", type=int, default=None,
                    help="the data dir's last N shards are held out of training and evaluated on "
-                        "(default: 1 when the data has 2 or more shards, else 0 = no evaluation)")
+                        "(default: 1 when the data has 2 or more shards, else 0 = no evaluation)%(default).0s")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="steps between evaluations on the held-out shards (0 = only at the end)")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches,

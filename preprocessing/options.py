@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="target rows per shard when --num-shards is 0")
     track = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
     track.add_argument("--no-mlflow", dest="mlflow", action="store_false",
-                       help="do not log an MLflow run")
+                       help="do not log an MLflow run%(default).0s")
     track.add_argument("--experiment", default=d.experiment, help=mlflow_experiment.HELP)
     track.add_argument("--run-name", help="MLflow run name")
     return p
