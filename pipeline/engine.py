@@ -12,6 +12,7 @@ importing torch or DeepSpeed, and the checkpoint code plans resumes with it alon
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import os
@@ -74,6 +75,37 @@ def flat(config) -> dict:
     values = dataclasses.asdict(config)
     engine = values.pop("engine")
     return {**values, **engine}
+
+
+def add_engine_flags(group, engine: EngineConfig, seed_help: str | None = None) -> None:
+    """The engine's flags, declared once for both stages, with a stage's defaults (``engine``)."""
+    group.add_argument("--ds-config", default=engine.ds_config,
+                       help="DeepSpeed engine settings (see ds_configs/README.md)")
+    group.add_argument("--global-batch-size", type=int, default=engine.global_batch_size,
+                       help="sequences per optimizer step, over all processes")
+    group.add_argument("--micro-batch-size", type=int, default=engine.micro_batch_size,
+                       help="sequences per process per forward pass; accumulation makes up the rest")
+    group.add_argument("--learning-rate", type=float, default=engine.learning_rate, help="peak learning rate")
+    group.add_argument("--weight-decay", type=float, default=engine.weight_decay)
+    group.add_argument("--grad-clip", type=float, default=engine.grad_clip, help="gradient norm clipping (0 = off)")
+    group.add_argument("--seed", type=int, default=engine.seed, help=seed_help)
+
+
+def add_launcher_flag(parser: argparse.ArgumentParser) -> None:
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the
+    # same, and ensure_distributed_env reads that.
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+
+
+def parse_stage_flags(parser: argparse.ArgumentParser, argv, config_class):
+    """``config_class.from_flat`` of the parsed flags; a bad value exits with the parser's one-line error."""
+    values = vars(parser.parse_args(argv))
+    values.pop("local_rank")
+    try:
+        return config_class.from_flat(**values)
+    except EngineConfigError as err:
+        parser.error(str(err))
+        raise
 
 
 def free_port() -> int:

@@ -8,7 +8,8 @@ import os
 from collections.abc import Sequence
 
 from pipeline import hf_init
-from pipeline.engine import EngineConfig, EngineConfigError, nest
+from pipeline.engine import (EngineConfig, EngineConfigError, add_engine_flags, add_launcher_flag, nest,
+                             parse_stage_flags)
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP
 
 # Pretraining's own defaults for the engine settings whose good values differ between the stages.
@@ -102,18 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Hugging "
                         "Face --init-from, the directory's config.json, and an explicit one must match it)"
                         "%(default).0s")  # an empty format: no "(default: None)" after the real default
-    p.add_argument("--ds-config", default=e.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
-    p.add_argument("--global-batch-size", type=int, default=e.global_batch_size,
-                   help="sequences per optimizer step, over all processes")
-    p.add_argument("--micro-batch-size", type=int, default=e.micro_batch_size,
-                   help="sequences per process per forward pass; accumulation makes up the rest")
+    add_engine_flags(p, e)
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--learning-rate", type=float, default=e.learning_rate, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warmup, then linear decay to 0 at --steps (default: a tenth of --steps)%(default).0s")
-    p.add_argument("--weight-decay", type=float, default=e.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=e.grad_clip, help="gradient norm clipping (0 = off)")
-    p.add_argument("--seed", type=int, default=e.seed)
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metric logs")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="steps between checkpoints (0 = only at the end and on a stop signal)")
@@ -154,18 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     p.add_argument("--experiment", default=d.experiment, help=EXPERIMENT_HELP)
     p.add_argument("--run-name")
-    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the
-    # same, and ensure_distributed_env reads that.
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    add_launcher_flag(p)
     return p
 
 
 def parse_args(argv: Sequence[str] | None) -> TrainConfig:
-    parser = build_parser()
-    values = vars(parser.parse_args(argv))
-    values.pop("local_rank")
-    try:
-        return TrainConfig.from_flat(**values)
-    except EngineConfigError as err:
-        parser.error(str(err))
-        raise
+    return parse_stage_flags(build_parser(), argv, TrainConfig)

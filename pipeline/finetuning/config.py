@@ -6,7 +6,8 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 
-from pipeline.engine import EngineConfig, EngineConfigError, nest
+from pipeline.engine import (EngineConfig, EngineConfigError, add_engine_flags, add_launcher_flag, nest,
+                             parse_stage_flags)
 from pipeline.metrics import METRICS
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP
 
@@ -128,25 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "pretraining length)%(default).0s")
     t = p.add_argument_group("training")
     t.add_argument("--output-dir", default=d.output_dir)
-    t.add_argument("--ds-config", default=e.ds_config, help="DeepSpeed engine settings (see ds_configs/README.md)")
-    t.add_argument("--global-batch-size", type=int, default=e.global_batch_size,
-                   help="sequences per optimizer step, over all processes")
-    t.add_argument("--micro-batch-size", type=int, default=e.micro_batch_size,
-                   help="sequences per process per forward pass; accumulation makes up the rest")
+    add_engine_flags(t, e, seed_help="split, classifier initialisation and batch order")
     t.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="per process")
     t.add_argument("--epochs", type=int, default=d.epochs, help="at most; early stopping may end sooner")
-    t.add_argument("--learning-rate", type=float, default=e.learning_rate, help="peak learning rate")
     t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
                    help="linear warmup over this share of the steps, then linear decay to 0")
-    t.add_argument("--weight-decay", type=float, default=e.weight_decay)
-    t.add_argument("--grad-clip", type=float, default=e.grad_clip, help="gradient norm clipping (0 = off)")
     others = ", ".join(name for name in METRICS if name not in BEST_METRIC.values())
     t.add_argument("--metric", help=f"validation metric that picks the best epoch (default: "
                                     f"{BEST_METRIC['classification']}, or {BEST_METRIC['regression']} for "
                                     f"regression; also {others})%(default).0s")
     t.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many epochs without a better validation metric (0 = never stop early)")
-    t.add_argument("--seed", type=int, default=e.seed, help="split, classifier initialisation and batch order")
     tr = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
     tr.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     tr.add_argument("--experiment", default=d.experiment, help=EXPERIMENT_HELP)
@@ -154,20 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--register-name", help="register the logged model under this name in the model registry")
     tr.add_argument("--no-log-model", dest="log_model", action="store_false",
                     help="do not log the model to MLflow (the report and metrics still are)")
-    # The deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same.
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    add_launcher_flag(p)
     return p
 
 
 def parse_args(argv: Sequence[str] | None) -> FinetuneConfig:
     parser = build_parser()
-    values = vars(parser.parse_args(argv))
-    values.pop("local_rank")
-    try:
-        config = FinetuneConfig.from_flat(**values)
-    except EngineConfigError as err:
-        parser.error(str(err))
-        raise
+    config = parse_stage_flags(parser, argv, FinetuneConfig)
     if config.register_name and not (config.mlflow and config.log_model):
         parser.error("--register-name needs the model logged to MLflow: drop --no-mlflow / --no-log-model")
     return config
