@@ -28,17 +28,14 @@ import time
 
 import pytest
 
+from pipeline.engine import free_port
+
 NODES = ("n1", "n2")
 MARKER = "BERT_PIPELINE_TEST_SLURM"  # in the environment of every process this cluster starts
 # A requeued job may start again only after the job credential expires (120 s by default):
 # 5 s keeps the preemption test short.
 CRED_EXPIRE_S = 5
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_installed() -> None:
@@ -105,7 +102,7 @@ class SlurmCluster:
         lines = [
             f"ClusterName=test{os.getpid()}",
             "SlurmctldHost=localhost",
-            f"SlurmctldPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
@@ -136,7 +133,7 @@ class SlurmCluster:
             f"JobCompLoc={r}/jobcomp.txt",
         ]
         for node in NODES:
-            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
                          "CPUs=4 RealMemory=8000 State=UNKNOWN")
         lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
         with open(self.conf, "w") as f:

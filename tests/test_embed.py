@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import embedding
+from pipeline.engine import free_port
 from pipeline.finetuning.data import read_table, stratified_split
 
 from .conftest import REPO
@@ -24,13 +25,6 @@ ROTTEN_TOMATOES = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes
 SCRIPT = os.path.join(REPO, "pipeline", "embed.py")
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env(**extra):
@@ -202,7 +196,7 @@ def finetuned(reviews, tmp_path_factory):
         [sys.executable, os.path.join(REPO, "pipeline", "finetune.py"), "--model", BUNDLE, "--train", files["train"],
          "--validation", files["validation"], "--test", files["test"], "--epochs", "2", "--learning-rate", "1e-3",
          "--global-batch-size", "16", "--micro-batch-size", "16", "--patience", "0", "--output-dir", str(root / "out"),
-         "--no-mlflow"], capture_output=True, text=True, env=_clean_env(MASTER_PORT=str(_free_port())), timeout=300)
+         "--no-mlflow"], capture_output=True, text=True, env=_clean_env(MASTER_PORT=str(free_port())), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return str(root / "out" / "model"), files["held_out"], [labels[i] for i in held_out]
 
@@ -260,7 +254,7 @@ def test_two_processes_write_the_same_parquet_and_rank0_logs_the_run(reviews, tm
                  "--batch-size", "8", "--no-mlflow"]) == 0
     two = tmp_path / "two.parquet"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", SCRIPT,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", SCRIPT,
          "--model", str(model), "--input", str(source), "--out", str(two), "--pooling", "mean", "--batch-size", "8",
          "--run-name", "embed-e2e"], capture_output=True, text=True, timeout=300,
         env=_clean_env(MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS="1"))

@@ -17,6 +17,7 @@ from pipeline import export
 from pipeline.finetuning.config import FinetuneConfig
 from pipeline.finetuning.data import read_table, stratified_split
 from pipeline.finetuning.model import ModelSourceError, load_tokenizer
+from pipeline.engine import free_port
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
@@ -26,13 +27,6 @@ ROTTEN_TOMATOES = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes
 SCRIPT = os.path.join(REPO, "pipeline", "finetune.py")
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -311,7 +305,7 @@ def test_bad_data_and_bad_model_fail_with_one_line(pretrained, reviews, tmp_path
     ]
     for args, message in cases:
         proc = subprocess.run([sys.executable, SCRIPT, *args, "--no-mlflow", "--output-dir", str(tmp_path / "out")],
-                              capture_output=True, text=True, env=_clean_env(MASTER_PORT=str(_free_port())))
+                              capture_output=True, text=True, env=_clean_env(MASTER_PORT=str(free_port())))
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
@@ -332,7 +326,7 @@ def test_one_and_two_ranks_give_the_same_run(pretrained, reviews, tmp_path):
     for n in (1, 2):
         out = tmp_path / f"ranks{n}"
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-                               f"--master_port={_free_port()}", SCRIPT, *args, "--output-dir", str(out)],
+                               f"--master_port={free_port()}", SCRIPT, *args, "--output-dir", str(out)],
                               capture_output=True, text=True, env=_clean_env(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[n] = ([json.loads(line) for line in open(out / "metrics.jsonl")], json.load(open(out / "report.json")))
@@ -354,7 +348,7 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
 
     pretrain_hf = export.export_checkpoint(pretrained)  # where pretrain.py puts it: RUN_DIR/hf/<tag>
     proc = subprocess.run(
-        ["deepspeed", "--master_port", str(_free_port()), SCRIPT, "--model", pretrained, "--data", reviews,
+        ["deepspeed", "--master_port", str(free_port()), SCRIPT, "--model", pretrained, "--data", reviews,
          "--label-column", "category", "--drop-label", "plot", "--epochs", "2", "--output-dir", str(tmp_path / "out"),
          "--run-name", "ft-e2e", "--register-name", "reviews-tiny", "--learning-rate", "1e-3"],
         capture_output=True, text=True, env=_clean_env(MLFLOW_TRACKING_URI=mlflow_server), timeout=400)

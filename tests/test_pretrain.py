@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint
+from pipeline.engine import free_port
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import EXIT_STOPPED, Trainer
 
@@ -178,13 +179,6 @@ def test_a_skipped_nan_step_is_survived_but_a_lasting_one_stops_the_run(data_dir
         trainer.train()
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run_pretrain(args, nproc, tmp_path, launcher="torchrun"):
     import json
@@ -195,7 +189,7 @@ def _run_pretrain(args, nproc, tmp_path, launcher="torchrun"):
         start = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     else:  # DeepSpeed's launcher appends --local_rank=N to the script's arguments
         start = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}"]
-    cmd = [*start, f"--master_port={_free_port()}", os.path.join(REPO, "pipeline", "pretrain.py"), *args]
+    cmd = [*start, f"--master_port={free_port()}", os.path.join(REPO, "pipeline", "pretrain.py"), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = args[args.index("--run-dir") + 1]
@@ -237,7 +231,7 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(data_dir, tmp_path
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
                                                             "MASTER_ADDR", "MASTER_PORT")}
-    env.update(MLFLOW_TRACKING_URI=mlflow_server, MASTER_PORT=str(_free_port()))
+    env.update(MLFLOW_TRACKING_URI=mlflow_server, MASTER_PORT=str(free_port()))
     script = os.path.join(REPO, "pipeline", "pretrain.py")
     common = ["--data", data_dir, "--steps", "60", "--global-batch-size", "8", "--micro-batch-size", "8",
               "--log-every", "1", "--run-name", "sigterm"]
@@ -282,7 +276,7 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(data_dir, tmp_path
 
 def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(data_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
-    env.update(MASTER_PORT=str(_free_port()), BERT_PIPELINE_FAULT="kill-during-save:4")
+    env.update(MASTER_PORT=str(free_port()), BERT_PIPELINE_FAULT="kill-during-save:4")
     script = os.path.join(REPO, "pipeline", "pretrain.py")
     args = ["--data", data_dir, "--run-dir", str(tmp_path), "--steps", "6", "--global-batch-size", "8",
             "--micro-batch-size", "8", "--checkpoint-every", "2", "--no-mlflow"]
