@@ -11,9 +11,9 @@ import psutil
 import pytest
 
 from pipeline import checkpoint
+from pipeline.engine import free_port
 
 from .conftest import REPO
-from .test_pretrain import _free_port
 
 
 def _launch(data_dir, run_dir, fault, *args, marker=None):
@@ -22,7 +22,7 @@ def _launch(data_dir, run_dir, fault, *args, marker=None):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
                                                             "MASTER_ADDR", "MASTER_PORT")}
     env.update(BERT_PIPELINE_FAULT=fault, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(REPO, "tests", "pretrain_with_faults.py"), "--data", data_dir, "--run-dir", str(run_dir),
            "--steps", "8", "--global-batch-size", "16", "--micro-batch-size", "8", "--log-every", "1",
            "--no-mlflow", *args]
