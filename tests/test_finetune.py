@@ -341,7 +341,7 @@ def test_one_and_two_ranks_give_the_same_run(pretrained, reviews, tmp_path):
 
 
 @pytest.mark.e2e
-def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path, mlflow_server):
+def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path, mlflow_server, monkeypatch):
     """deepspeed launcher, one rank; the run, its lineage tags, metrics per epoch, the report, and
     the model logged with the transformers flavour and registered, on a real MLflow server."""
     import mlflow
@@ -378,7 +378,9 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     assert {"report.json", "confusion_matrix.png", "ds_config.json"} <= artifacts
     version = client.get_registered_model("reviews-tiny").latest_versions[0]
     assert version.run_id == run.info.run_id
-    mlflow.set_tracking_uri(mlflow_server)
+    # Through the environment, undone after the test: mlflow.set_tracking_uri would point every later
+    # test of the session at this server.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     classifier = mlflow.transformers.load_model(f"models:/reviews-tiny/{version.version}")
     prediction = classifier(["A dull, lifeless film.", "A triumph."])
     assert {p["label"] for p in prediction} <= {"fresh", "rotten"}
