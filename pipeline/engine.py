@@ -145,6 +145,19 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
         deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
+def end_distributed() -> None:
+    """This process's part in the process group ends here, after a successful run, while the
+    interpreter is still whole (what torchtitan does at a clean exit). Left to the interpreter's
+    teardown, gloo's worker threads can abort the process ("terminate called without an active
+    exception"): a rank that finished its work exits -6, and the launcher then kills a peer still
+    writing the model. Local to each rank, no collective: nobody waits for rank 0's export. Not
+    after a failure, where a peer may still be inside a collective."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def linear_warmup_decay(steps: int, warmup: int):
     def factor(step: int) -> float:
         if step < warmup:

@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline.ds_config import DsConfigError  # noqa: E402
+from pipeline.engine import end_distributed  # noqa: E402
 from pipeline.finetuning.config import FinetuneConfigError, parse_args  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError  # noqa: E402
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
                 log_to_mlflow(tracker, paths, model_dir if config.log_model else None, finetuner.task,
                               config.register_name)
         status = "FINISHED"
+        end_distributed()
         return 0
     finally:
         if tracker:

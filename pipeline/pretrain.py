@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from pipeline.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from pipeline.data import DataDirError  # noqa: E402
 from pipeline.ds_config import DsConfigError  # noqa: E402
+from pipeline.engine import end_distributed  # noqa: E402
 from pipeline.export import ExportError, export_checkpoint, write_train_config  # noqa: E402
 from pipeline.model import ModelConfigError  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
@@ -102,6 +103,7 @@ def cli() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
+    end_distributed()
     sys.exit(exit_code)
 
 
