@@ -139,7 +139,7 @@ def _write_marker(directory: str, tag: str, values: dict) -> None:
     On one node rank 0's fsync flushes every local rank's files; what a network filesystem did
     not flush, the sizes in the marker catch at resume."""
     folder = os.path.join(directory, tag)
-    files = _tag_files(folder)
+    files = tag_files(folder)
     for name in files:
         _fsync_path(os.path.join(folder, name))
     _write_durably(os.path.join(folder, COMPLETE), json.dumps({**values, "files": files}).encode())
@@ -153,7 +153,7 @@ def _remove_marker(folder: str) -> None:
     _fsync_path(folder)
 
 
-def _tag_files(folder: str) -> dict[str, int]:
+def tag_files(folder: str) -> dict[str, int]:
     """Every file under ``folder`` (relative path → size), but the marker and temporary files."""
     files = {}
     for root, _, names in os.walk(folder):

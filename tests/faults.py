@@ -43,7 +43,7 @@ def _save_fault(fault: str, directory: str, tag: str) -> None:
         return
     if kind == "kill-during-save":
         os.kill(os.getpid(), 9)
-    files = checkpoint._tag_files(os.path.join(directory, tag))
+    files = checkpoint.tag_files(os.path.join(directory, tag))
     last = max(files, key=lambda name: os.path.getmtime(os.path.join(directory, tag, name)))
     os.truncate(os.path.join(directory, tag, last), files[last] // 2)
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(directory, tag, last))
