@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from pipeline.engine import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_DIR = os.path.join(REPO, "preprocessing", "sample_data")
 WIKI_SAMPLE = os.path.join(SAMPLE_DIR, "enwiki-sample-pages-articles.xml.bz2")
@@ -109,9 +111,9 @@ def data_dir(preprocessed_sample) -> str:
     return preprocessed_sample("--vocab-size", "4000", "--dupe-factor", "2", "--num-shards", "2")
 
 
-def set_one_process_world(mp: pytest.MonkeyPatch, port: int) -> None:
-    """The environment torchrun gives a one-process world, for in-process trainers; each
-    test module uses its own port so that modules run back to back never collide."""
+def set_one_process_world(mp: pytest.MonkeyPatch) -> None:
+    """The environment torchrun gives a one-process world, for in-process trainers, on a port free
+    now: a fixed one collides with whatever else holds it (another suite on the same machine)."""
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
+                       "MASTER_PORT": str(free_port())}.items():
         mp.setenv(key, value)

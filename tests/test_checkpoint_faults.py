@@ -28,7 +28,7 @@ STEP2, STEP4 = checkpoint.tag_for(2), checkpoint.tag_for(4)
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    set_one_process_world(monkeypatch, 29537)
+    set_one_process_world(monkeypatch)
 
 
 def config(data_dir, run_dir, **overrides):
@@ -46,7 +46,7 @@ def cli_args(data_dir, run_dir):
 def trained(data_dir, tmp_path_factory):
     """A run of 4 steps with checkpoints at steps 2 and 4; tests damage copies of it."""
     mp = pytest.MonkeyPatch()
-    set_one_process_world(mp, 29537)
+    set_one_process_world(mp)
     run_dir = tmp_path_factory.mktemp("faults") / "run"
     settings = config(data_dir, run_dir)
     trainer = Trainer(settings)

@@ -39,7 +39,7 @@ def zh_run(zh_data, tmp_path_factory):
     from pipeline.trainer import Trainer
 
     mp = pytest.MonkeyPatch()
-    set_one_process_world(mp, 29541)
+    set_one_process_world(mp)
     run_dir = str(tmp_path_factory.mktemp("zh-run") / "run")
     config = TrainConfig.from_flat(data=zh_data, run_dir=run_dir, steps=300, global_batch_size=32, micro_batch_size=32,
                                    learning_rate=2e-3, warmup_steps=30, log_every=1000, mlflow=False)
@@ -102,7 +102,7 @@ def test_fine_tuned_tang_song_classifier_beats_the_majority_class(zh_run, tmp_pa
     from pipeline.finetuning.config import FinetuneConfig
     from pipeline.finetuning.trainer import Finetuner
 
-    set_one_process_world(monkeypatch, 29542)
+    set_one_process_world(monkeypatch)
     run_dir, _ = zh_run
     config = FinetuneConfig.from_flat(model=run_dir, data=TANG_SONG, output_dir=str(tmp_path), epochs=2,
                                       global_batch_size=32, micro_batch_size=32, learning_rate=1e-3, mlflow=False,

@@ -15,7 +15,7 @@ from tests.conftest import set_one_process_world
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    set_one_process_world(monkeypatch, 29531)
+    set_one_process_world(monkeypatch)
 
 
 def run(data_dir, run_dir, model, compile, stop_at=None, steps=4):

@@ -50,7 +50,7 @@ def test_injected_config_drives_a_real_deepspeed_engine(monkeypatch):
 
     from pipeline.model import build_model, model_config
 
-    set_one_process_world(monkeypatch, 29517)
+    set_one_process_world(monkeypatch)
     manifest = {"tokenizer": {"vocab_size": 500, "special_ids": {"pad": 0}}, "max_seq_length": 32}
     torch.manual_seed(0)
     model = build_model(model_config("tiny", manifest))

@@ -86,7 +86,7 @@ def test_a_rows_masks_depend_on_seed_epoch_and_row_only(dynamic_data, manifest):
 
 
 def test_training_on_dynamic_masks_resumes_exactly(dynamic_data, tmp_path, monkeypatch):
-    set_one_process_world(monkeypatch, 29545)
+    set_one_process_world(monkeypatch)
 
     def run(run_dir, stop_at=None):
         losses = []

@@ -19,7 +19,7 @@ from .conftest import REPO, set_one_process_world
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    set_one_process_world(monkeypatch, 29533)
+    set_one_process_world(monkeypatch)
 
 
 def train(data_dir, run_dir, **overrides):
@@ -52,7 +52,7 @@ def assert_same_weights_and_ties(out, weights):
 def exported(data_dir, tmp_path_factory):
     """A ZeRO-2 run of 4 steps, exported to its default place."""
     mp = pytest.MonkeyPatch()
-    set_one_process_world(mp, 29533)
+    set_one_process_world(mp)
     run_dir = tmp_path_factory.mktemp("run")
     trainer = train(data_dir, run_dir)
     weights = engine_weights(trainer)

@@ -31,7 +31,7 @@ DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    set_one_process_world(monkeypatch, 29535)
+    set_one_process_world(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def pretrained(tmp_path_factory, preprocessed_sample):
     root = tmp_path_factory.mktemp("finetune")
     data = preprocessed_sample("--vocab-size", "4000", "--dupe-factor", "1", "--max-seq-length", "64")
     mp = pytest.MonkeyPatch()
-    set_one_process_world(mp, 29535)
+    set_one_process_world(mp)
     config = TrainConfig.from_flat(data=data, run_dir=str(root / "run"), steps=4, global_batch_size=8,
                                    micro_batch_size=8, learning_rate=2e-3, warmup_steps=1, log_every=100, mlflow=False)
     trainer = Trainer(config)

@@ -23,7 +23,7 @@ from .conftest import REPO, set_one_process_world
 
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
-    set_one_process_world(monkeypatch, 29537)
+    set_one_process_world(monkeypatch)
 
 
 def config(data_dir, run_dir, **overrides):

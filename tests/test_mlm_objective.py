@@ -87,7 +87,7 @@ def test_mlm_only_training_and_a_fill_mask_export(mlm_data, tmp_path, monkeypatc
     from pipeline.train_config import TrainConfig
     from pipeline.trainer import Trainer
 
-    set_one_process_world(monkeypatch, 29547)
+    set_one_process_world(monkeypatch)
     trainer = Trainer(TrainConfig.from_flat(data=mlm_data, run_dir=str(tmp_path / "run"), steps=30,
                                             global_batch_size=16, micro_batch_size=16, learning_rate=2e-3,
                                             warmup_steps=3, log_every=100, mlflow=False))

@@ -31,7 +31,7 @@ def test_biases_and_layer_norms_are_exempt_and_every_parameter_is_in_one_group()
 
 @pytest.fixture
 def one_process_world(monkeypatch):
-    set_one_process_world(monkeypatch, 29531)
+    set_one_process_world(monkeypatch)
 
 
 def test_the_trainers_engine_decays_only_the_decayed_group(data_dir, tmp_path, one_process_world):

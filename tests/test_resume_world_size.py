@@ -30,7 +30,7 @@ TOLERANCE = 1e-4
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
     """This process is a 1-process world; the 2-process runs are launched by torchrun."""
-    set_one_process_world(monkeypatch, 29533)
+    set_one_process_world(monkeypatch)
 
 
 @pytest.fixture(scope="module")

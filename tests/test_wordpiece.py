@@ -123,7 +123,7 @@ def test_continued_pretraining_of_a_wordpiece_bert_loads_its_saved_weights(wordp
     from pipeline.train_config import TrainConfig
     from pipeline.trainer import Trainer
 
-    set_one_process_world(monkeypatch, 29543)
+    set_one_process_world(monkeypatch)
     published = tmp_path / "bert-published"
     shutil.copytree(bert_vocab_dir, published)
     torch.manual_seed(5)
