@@ -86,7 +86,8 @@ def add_engine_flags(group, engine: EngineConfig, seed_help: str | None = None) 
     group.add_argument("--micro-batch-size", type=int, default=engine.micro_batch_size,
                        help="sequences per process per forward pass; accumulation makes up the rest")
     group.add_argument("--learning-rate", type=float, default=engine.learning_rate, help="peak learning rate")
-    group.add_argument("--weight-decay", type=float, default=engine.weight_decay)
+    group.add_argument("--weight-decay", type=float, default=engine.weight_decay,
+                       help="AdamW/LAMB weight decay (never on biases and LayerNorm weights)")
     group.add_argument("--grad-clip", type=float, default=engine.grad_clip, help="gradient norm clipping (0 = off)")
     group.add_argument("--seed", type=int, default=engine.seed, help=seed_help)
 

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Hugging "
                         "Face --init-from, the directory's config.json, and an explicit one must match it)"
                         "%(default).0s")  # an empty format: no "(default: None)" after the real default
-    add_engine_flags(p, e)
+    add_engine_flags(p, e, seed_help="weight initialisation, dropout, data order and dynamic masks")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warmup, then linear decay to 0 at --steps (default: a tenth of --steps)%(default).0s")
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
                    help="also checkpoint when this many minutes have passed since the last save (0 = off); "
                         "bounds the work a crash loses, whatever the step time")
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help="complete checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)")
     p.add_argument("--resume", default=d.resume,
                    help="auto (newest complete checkpoint in --run-dir, if any), none, or a checkpoint tag")
     p.add_argument("--dist-timeout-minutes", type=float, default=d.dist_timeout_minutes,

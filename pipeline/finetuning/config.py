@@ -114,21 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train", help="train split file (instead of --data)")
     data.add_argument("--validation", help="validation split file (default: split off --train)%(default).0s")
     data.add_argument("--test", help="test split file (default: split off --train)%(default).0s")
-    data.add_argument("--text-column", default=d.text_column)
+    data.add_argument("--text-column", default=d.text_column, help="column with the text")
     data.add_argument("--text-pair-column", help="second text of a sentence-pair task")
-    data.add_argument("--label-column", default=d.label_column)
+    data.add_argument("--label-column", default=d.label_column, help="column with the label")
     data.add_argument("--task", choices=("classification", "regression"),
                       help="default: regression if every train label is a number and some are not whole"
                            "%(default).0s")
     data.add_argument("--drop-label", dest="drop_labels", action="append", default=[], metavar="LABEL",
                       help="skip rows with this label (repeatable; '' for blank labels); skipped rows are "
                            "counted and logged")
-    data.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
-    data.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    data.add_argument("--validation-fraction", type=float, default=d.validation_fraction,
+                      help="share of --train split off for validation when no --validation file is given")
+    data.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                      help="share of --train split off for test when no --test file is given")
     data.add_argument("--max-seq-length", type=int, help="tokens per example (default: the tokenizer's, i.e. the "
                                                         "pretraining length)%(default).0s")
     t = p.add_argument_group("training")
-    t.add_argument("--output-dir", default=d.output_dir)
+    t.add_argument("--output-dir", default=d.output_dir, help="model, report.json and metrics.jsonl go here")
     add_engine_flags(t, e, seed_help="split, classifier initialisation and batch order")
     t.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="per process")
     t.add_argument("--epochs", type=int, default=d.epochs, help="at most; early stopping may end sooner")
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--run-name")
     tr.add_argument("--register-name", help="register the logged model under this name in the model registry")
     tr.add_argument("--no-log-model", dest="log_model", action="store_false",
-                    help="do not log the model to MLflow (the report and metrics still are)")
+                    help="do not log the model to MLflow (the report and metrics still are)%(default).0s")
     add_launcher_flag(p)
     return p
 
