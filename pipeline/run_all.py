@@ -17,7 +17,7 @@ output shows the three commands to adapt for your own corpus:
    ``--labelled`` train reviews: the regime where pretraining matters (with all 10k labels a
    random-init tiny BERT learns a bag of words as good as a few CPU-minutes of pretraining).
 
-The three MLflow runs are linked: fine-tune -> ``pretrain_run_id`` -> ``data_run_id``.
+The four MLflow runs are linked: each fine-tune -> ``pretrain_run_id`` -> ``data_run_id``.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--labelled", type=int, default=1000, help="labelled train reviews for fine-tuning")
     p.add_argument("--finetune-epochs", type=int, default=10)
     p.add_argument("--finetune-learning-rate", type=float, default=5e-4)
-    p.add_argument("--experiment", default="bert-pipeline-demo", help="MLflow experiment of the three runs")
+    p.add_argument("--experiment", default="bert-pipeline-demo", help="MLflow experiment of the four runs")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
 
