@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python pipeline/report.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_id", help="the MLflow run id (shown by mlflow ui, or the stage's log)")
-    p.add_argument("--out", help="PNG path (default: RUN_ID.png)")
-    p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)")
+    p.add_argument("--out", help="PNG path (default: RUN_ID.png)%(default).0s")
+    p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)%(default).0s")
     p.add_argument("--log-artifact", action="store_true", help="also attach the PNG to the run")
     args = p.parse_args(argv)
     try:
