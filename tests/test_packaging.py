@@ -173,8 +173,9 @@ def _small_task(path, per_label: int = 120) -> str:
 @pytest.mark.e2e
 def test_an_installed_wheel_runs_the_stages_from_any_directory(tmp_path):
     """pip install . (not editable) into a fresh venv: the console scripts preprocess, pretrain
-    (with the bundled default DeepSpeed config) and fine-tune from a directory that is not this
-    checkout, with the package imported from the venv, never from this checkout."""
+    (with the bundled default DeepSpeed config, tracked in MLflow), export, fine-tune, embed and
+    draw the pretraining run's report from a directory that is not this checkout, with the
+    package imported from the venv, never from this checkout."""
     import sysconfig
 
     src = _source_tree(tmp_path / "src")
@@ -221,8 +222,14 @@ def test_an_installed_wheel_runs_the_stages_from_any_directory(tmp_path):
         "--max-seq-length", "64", "--dupe-factor", "1", "--num-shards", "1", "--no-mlflow")
     assert json.load(open(work / "data" / "manifest.json"))["num_examples"] > 0
     tiny = ["--data", "data", "--steps", "4", "--global-batch-size", "8", "--micro-batch-size", "8",
-            "--eval-every", "4", "--eval-batches", "1", "--no-mlflow"]
+            "--eval-every", "4", "--eval-batches", "1", "--log-every", "1"]
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     run(bin_dir / "bert-pretrain", *tiny, "--run-dir", "run")
+    run_id = json.load(open(work / "run" / "train_config.json"))["pretrain_run_id"]
+    run(bin_dir / "bert-report", run_id, "--out", "curves.png")
+    assert open(work / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    run(bin_dir / "bert-export", "run", "--out", "hf")
+    assert (work / "hf" / "model.safetensors").is_file()
     # The docs' --ds-config ds_configs/NAME.json, from a directory that has no ds_configs/.
     assert not (work / "ds_configs").exists()
     run(python, "-c", "from pipeline.ds_config import load_ds_config; "
@@ -230,6 +237,9 @@ def test_an_installed_wheel_runs_the_stages_from_any_directory(tmp_path):
     run(bin_dir / "bert-finetune", "--model", "run", "--data", _small_task(work / "reviews.csv"), "--epochs", "1",
         "--max-seq-length", "64", "--output-dir", "finetuned", "--no-mlflow")
     assert "accuracy" in json.load(open(work / "finetuned" / "report.json"))["test"]
+    run(bin_dir / "bert-embed", "--model", "finetuned/model", "--input", work / "reviews.csv", "--out",
+        "embeddings.parquet", "--no-mlflow")
+    assert (work / "embeddings.parquet").is_file()
 
 
 def test_a_bundled_ds_config_is_found_by_its_documented_path_from_any_directory(tmp_path, monkeypatch):
