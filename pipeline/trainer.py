@@ -46,6 +46,15 @@ class StepMetrics:
     grad_norm: float = float("nan")
     loss_scale: float = float("nan")
     applied: bool = True  # False when fp16 overflow made DeepSpeed skip the update
+    grad_norm_reported: bool = False  # the engine computed a gradient norm (not every optimizer does)
+
+    @property
+    def finite(self) -> bool:
+        """The loss is finite, and an applied update had a finite gradient norm where one was
+        reported: bf16 configs that skip DeepSpeed's per-tensor overflow check (ds_configs/README.md)
+        would otherwise apply NaN gradients under a finite loss."""
+        return bool(np.isfinite(self.loss)) and not (self.applied and self.grad_norm_reported
+                                                     and not np.isfinite(self.grad_norm))
 
 
 def pretraining_losses(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,7 +272,8 @@ class Trainer:
         scale = loss_scale(self.engine)
         return StepMetrics(loss / n, mlm / n, nsp_loss / n, hits / max(masked, 1), nsp_hits / seqs, real, seqs,
                            masked, float("nan") if grad_norm is None else float(grad_norm),
-                           float("nan") if scale is None else float(scale), self.engine.was_step_applied())
+                           float("nan") if scale is None else float(scale), self.engine.was_step_applied(),
+                           grad_norm is not None)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -315,7 +325,7 @@ class Trainer:
                 minutes = self.config.checkpoint_minutes
                 stop, timely, bad_rank, applied = agree(
                     [self.stop.requested, minutes > 0 and time.monotonic() - self._saved_at >= 60 * minutes,
-                     0 if np.isfinite(metrics.loss) else self.world_size - self.rank, metrics.applied],
+                     0 if metrics.finite else self.world_size - self.rank, metrics.applied],
                     self.world_size, self.engine.device)
                 self._check_finite(metrics, self.world_size - int(bad_rank) if bad_rank else None, bool(applied))
                 if stop:
@@ -335,7 +345,8 @@ class Trainer:
 
     def _check_finite(self, metrics: StepMetrics, bad_rank: int | None, applied: bool) -> None:
         """A non-finite loss whose update was applied stops the run at once, before any checkpoint
-        could save the poisoned weights. One whose update DeepSpeed skipped (the fp16 loss
+        could save the poisoned weights; so does an applied update whose gradient norm is not
+        finite under a finite loss. One whose update DeepSpeed skipped (the fp16 loss
         scaler's overflow; ZeRO checks fp32 gradients too) left the weights intact: the run goes
         on, unless it never recovers.
 
@@ -346,10 +357,13 @@ class Trainer:
             self._nonfinite = 0
             return
         self._nonfinite += 1
-        loss = metrics.loss if not np.isfinite(metrics.loss) else "non-finite"  # this rank's own, if bad
+        if np.isfinite(metrics.loss) and not metrics.finite:
+            what = f"the gradient norm is {metrics.grad_norm} (loss {metrics.loss:.4g})"
+        else:  # this rank's own loss, if it is the bad one
+            what = f"loss is {metrics.loss if not np.isfinite(metrics.loss) else 'non-finite'}"
         where = f"on rank {bad_rank} of {self.world_size}" if self.world_size > 1 else ""
         if applied:
-            raise NonFiniteLoss(f"loss is {loss} at step {self.step} and the update was applied"
+            raise NonFiniteLoss(f"{what} at step {self.step} and the update was applied"
                                 f"{f' ({where})' if where else ''}: stopping every rank without writing a "
                                 "checkpoint (lower --learning-rate, or check the data)")
         if self._nonfinite >= MAX_NONFINITE_STEPS:

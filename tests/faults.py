@@ -8,6 +8,8 @@ between runs):
   out-of-memory: the other ranks wait in backward's all-reduce)
 - ``nan-loss:S``, ``nan-loss-from:S``, ``nan-loss-on-rank:R:S``: a NaN loss at step S, at every
   step from S, or at every step from S on rank R only
+- ``nan-grad:S``: a finite loss whose gradients are NaN at step S (an overflow inside the
+  backward pass), on every rank
 - ``kill-during-save:S``: ``kill -9`` once DeepSpeed wrote step S's checkpoint files, before the
   tag is marked complete
 - ``enospc-during-save:S``: a disk that filled up while step S was saved (the last file cut short)
@@ -32,7 +34,25 @@ def _step_fault(fault: str, rank: int, step: int) -> str | None:
     if fault == f"nan-loss:{step}" or (parts[0] == "nan-loss-from" and step >= int(parts[1])) or (
             parts[0] == "nan-loss-on-rank" and int(parts[1]) == rank and step >= int(parts[2])):
         return "nan"
+    if fault == f"nan-grad:{step}":
+        return "nan-grad"
     return None
+
+
+def _nan_gradient(loss):
+    """``loss`` unchanged forward, NaN gradients backward."""
+    import torch
+
+    class NanGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    return NanGradient.apply(loss)
 
 
 def _save_fault(fault: str, directory: str, tag: str) -> None:
@@ -70,6 +90,8 @@ def install(setattr=setattr) -> None:
             mlm, nsp, counts = losses(engine, batch)
             if kind == "raise":
                 raise RuntimeError(f"rank {self.rank}: injected failure at step {step} ({ENV}={fault})")
+            if kind == "nan-grad":
+                return _nan_gradient(mlm), nsp, counts
             return mlm * float("nan"), nsp, counts
 
         # The module global that train_step calls, for this one step: evaluation stays untouched.

@@ -165,6 +165,29 @@ def test_a_nan_loss_with_an_applied_update_stops_before_any_checkpoint_holds_it(
     assert checkpoint.complete_tags(str(tmp_path / "checkpoints")) == ["step00000002", "step00000004"]
 
 
+def test_nan_gradients_under_a_finite_loss_stop_a_bf16_run_without_the_overflow_check(data_dir, tmp_path,
+                                                                                      monkeypatch):
+    import json
+
+    # The GPU bf16 configs turn DeepSpeed's per-tensor overflow check off (its ~10 small ops per
+    # tensor dominated a step's host time); ZeRO then applies NaN gradients, and the trainer must
+    # notice them from the gradient norm although the loss is finite.
+    ds_config = tmp_path / "bf16_unchecked.json"
+    ds_config.write_text(json.dumps({"bf16": {"enabled": True, "check_grad_overflow": False},
+                                     "zero_optimization": {"stage": 1},
+                                     "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    faults.inject(monkeypatch, "nan-grad:5")
+    # a checkpoint every step: step 5's would hold the NaN weights
+    trainer = Trainer(config(data_dir, tmp_path, steps=8, checkpoint_every=1, keep_checkpoints=10,
+                             ds_config=str(ds_config)))
+    losses, applied = [], []
+    with pytest.raises(FloatingPointError, match=r"the gradient norm is (nan|inf) \(loss [0-9.]+\) at step 5 and the "
+                                                 "update was applied"):
+        trainer.train(on_step=lambda t, m: (losses.append(m.loss), applied.append(m.applied)))
+    assert np.isfinite(losses).all() and all(applied) and len(losses) == 5
+    assert checkpoint.complete_tags(str(tmp_path / "checkpoints")) == [f"step0000000{s}" for s in range(1, 5)]
+
+
 def test_a_skipped_nan_step_is_survived_but_a_lasting_one_stops_the_run(data_dir, tmp_path, monkeypatch):
     # ZeRO 2 skips an update whose gradients are not finite, as the fp16 loss scaler does.
     faults.inject(monkeypatch, "nan-loss:3")
