@@ -28,6 +28,13 @@ tensor-core peak, found by its name (H100/H200 SXM 989.5 TFLOP/s, A100 312) or -
     python benchmarks/pretrain_gpu.py                                    # the table, <= 8 min
     python benchmarks/pretrain_gpu.py --only base-128-bf16 --micro-batches 64,128,256,512
     python benchmarks/pretrain_gpu.py --data data/wiki128                # adds real-length rows
+    python benchmarks/pretrain_gpu.py --only base-128-bf16 --profile prof  # where a step's time goes
+
+``--profile DIR`` traces a few steps after the timed ones: each row gets ``device_busy``, the
+GPU's kernel and copy time per traced step over the untraced step's wall time (low: the host
+is the bottleneck),
+and DIR a table per row of the top operators by GPU and by host time, with the aten operations
+dispatched per step.
 """
 
 from __future__ import annotations
@@ -48,14 +55,17 @@ VOCAB = 32000  # a multiple of 64: the vocabulary matmul stays on whole tensor-c
 PREDICTIONS = {128: 20, 512: 80}  # Google's max_predictions_per_seq
 TABLE = [f"{model}-{seq}-{precision}" for seq in (128, 512) for model in ("base", "large")
          for precision in ("bf16", "fp16")]
-DEFAULT_MICRO = {("base", 128): 256, ("base", 512): 64, ("large", 128): 128, ("large", 512): 32}
+# Per-GPU micro-batches that keep an 80 GB GPU busy. On one H200, BERT-base at 128 tokens was
+# host-bound at 256 (the GPU busy 28% of the step) and gained 62% at 1,024 (47 GB): see the README.
+DEFAULT_MICRO = {("base", 128): 1024, ("base", 512): 256, ("large", 128): 512, ("large", 512): 128}
 # Dense (not 2:4 sparse) bf16/fp16 tensor-core peaks from NVIDIA's datasheets; first match wins.
 PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.5), ("H100 NVL", 835.5), ("H100 PCIe", 756.5), ("H100", 989.5),
                ("A100", 312.0))
+PROFILED_STEPS = 5  # --profile: steps traced after the timed ones (the trace itself slows them)
 MIN_START_S = 20  # a configuration is not started with less time than this (or --timeout) left
 FIELDS = ("run", "config", "micro_batch", "data", "precision", "compile", "status", "message", "seq_per_s",
           "tokens_per_s", "mfu_model", "mfu_executed", "gflop_model", "gflop_executed", "mean_tokens", "peak_tflops",
-          "peak_memory_gib", "skipped_steps", "loss_scale", "loss", "timed_steps", "seconds", "wall_s", "vocab",
+          "peak_memory_gib", "device_busy", "skipped_steps", "loss_scale", "loss", "timed_steps", "seconds", "wall_s", "vocab",
           "ds_config", "data_dir", "device", "software")
 
 
@@ -136,15 +146,16 @@ def measure(spec: dict) -> dict:
     device = torch.cuda.get_device_name() if cuda else "cpu"
     peak = spec["peak_tflops"] or next((t for key, t in PEAK_TFLOPS if key in device), None)
     micro, steps, warmup = spec["micro_batch"], spec["steps"], spec["warmup"]
+    profiled = PROFILED_STEPS if spec.get("profile") else 0
     with tempfile.TemporaryDirectory(prefix="pretrain_gpu_") as tmp:
         if spec["data_dir"]:
             # 64 batches at least: one window of the sampler's length grouping, as in a real run
-            data = sample_data_dir(spec["data_dir"], os.path.join(tmp, "data"), micro * max(steps + 2, 64))
+            data = sample_data_dir(spec["data_dir"], os.path.join(tmp, "data"), micro * max(steps + profiled + 2, 64))
         else:
-            data = write_synthetic_data(os.path.join(tmp, "data"), spec["seq"], micro * (steps + 2))
+            data = write_synthetic_data(os.path.join(tmp, "data"), spec["seq"], micro * (steps + profiled + 2))
         config = TrainConfig.from_flat(data=data, run_dir=os.path.join(tmp, "run"), model=spec["model"],
                                        ds_config=spec["ds_config"], global_batch_size=micro, micro_batch_size=micro,
-                                       steps=steps, learning_rate=1e-4, warmup_steps=0, log_every=steps, resume="none",
+                                       steps=steps + profiled, learning_rate=1e-4, warmup_steps=0, log_every=steps, resume="none",
                                        eval_shards=0, mlflow=False, compile=spec["compile"])
 
         class NoSave(Trainer):
@@ -153,16 +164,24 @@ def measure(spec: dict) -> dict:
 
         trainer = NoSave(config)
         stamps, window = [], []
+        tracer = profiler(cuda) if profiled else None
 
         def on_step(tr, metrics) -> None:
             if cuda:
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
             window.append(metrics)
+            if tracer and len(stamps) == steps:  # the timed steps are done: trace the rest
+                tracer.start()
 
         trainer.train(on_step=on_step)
-    timed = window[warmup:]
-    seconds = stamps[-1] - stamps[warmup - 1]
+    busy = None
+    if tracer:
+        tracer.stop()
+        busy = write_profile(tracer, spec, stamps[-1] - stamps[steps - 1], profiled,
+                             (stamps[steps - 1] - stamps[warmup - 1]) / (steps - warmup))
+    timed = window[warmup:steps]
+    seconds = stamps[steps - 1] - stamps[warmup - 1]
     sequences = sum(m.sequences for m in timed)
     mean_tokens = sum(m.real_tokens for m in timed) / sequences
     flops_model = trainer.flops.model_per_sequence(trainer.manifest["max_seq_length"])
@@ -174,12 +193,51 @@ def measure(spec: dict) -> dict:
             "mfu_executed": seq_per_s * flops_executed / (peak * 1e12) if peak else None,
             "gflop_model": flops_model / 1e9, "gflop_executed": flops_executed / 1e9, "mean_tokens": mean_tokens,
             "peak_tflops": peak, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "device_busy": busy,
             # fp16 steps whose update the loss scaler skipped (overflow) run faster than real ones
             "skipped_steps": sum(not m.applied for m in timed) if fp16 else None,
             "loss_scale": window[-1].loss_scale if fp16 else None, "loss": window[-1].loss,
             "timed_steps": len(timed), "seconds": seconds, "vocab": trainer.model_config.vocab_size,
             "device": device, "software": f"torch {torch.__version__} (CUDA {torch.version.cuda}), deepspeed "
                                           f"{deepspeed.__version__}, transformers {transformers.__version__}"}
+
+
+def profiler(cuda: bool):
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    return torch.profiler.profile(activities=activities)
+
+
+def write_profile(tracer, spec: dict, seconds: float, steps: int, step_seconds: float) -> float | None:
+    """Writes the traced steps' top operators (by device time, then by host time) to
+    ``--profile``'s folder; returns the GPU's time in kernels and copies per traced step over the
+    timed (untraced: tracing slows the host) steps' mean wall time, None on CPU. Low means the
+    GPU waits on the host: Python, launches, synchronisations."""
+    from torch.autograd import DeviceType
+
+    # The union of kernel and copy intervals: streams that overlap count once.
+    device_us, end = 0.0, float("-inf")
+    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in tracer.events()
+                              if e.device_type == DeviceType.CUDA):
+        device_us += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    ops = tracer.key_averages()
+    busy = device_us / 1e6 / steps / step_seconds if device_us else None
+    config = os.path.splitext(os.path.basename(spec["ds_config"]))[0]
+    name = f"{spec['config']}-{spec['micro_batch']}-{spec['data']}{'-compile' if spec['compile'] else ''}-{config}"
+    # Device-independent: what the host must dispatch each step, whatever runs it.
+    host_ops = sum(op.count for op in ops if op.key.startswith("aten::")) / steps
+    os.makedirs(spec["profile"], exist_ok=True)
+    with open(os.path.join(spec["profile"], name + ".txt"), "w") as f:
+        f.write(f"{name}: {steps} steps traced, {seconds / steps * 1e3:.1f} ms a step (tracing included; "
+                f"{step_seconds * 1e3:.1f} ms untraced), {host_ops:,.0f} aten ops a step, device busy "
+                f"{device_us / 1e3 / steps:.1f} ms a step" + (f" ({busy:.0%} of an untraced step)" if busy else "")
+                + "\n\n")
+        if device_us:
+            f.write(ops.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70) + "\n")
+        f.write(ops.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70) + "\n")
+    return busy
 
 
 # ---------------------------------------------------------------------------- the table
@@ -208,7 +266,8 @@ def plan(args) -> list[dict]:
                 specs.append({"config": name, "model": model, "seq": seq, "micro_batch": micro,
                               "data": "real" if data_dir else "synthetic", "data_dir": data_dir,
                               "ds_config": ds_config, "steps": args.steps, "warmup": args.warmup,
-                              "peak_tflops": args.peak_tflops, "compile": args.compile})
+                              "peak_tflops": args.peak_tflops, "compile": args.compile,
+                              "profile": os.path.abspath(args.profile) if args.profile else None})
     return specs
 
 
@@ -260,11 +319,15 @@ def main(argv=None) -> int:
                    help="comma-separated sweep, one row each (default: per model and seq length)")
     p.add_argument("--data", action="append", default=[],
                    help="a preprocessed data dir: adds real-length rows for its seq length (repeatable)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=8, help="first steps left out of the timing")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense peak per GPU (default: from its name)")
     p.add_argument("--compile", action="store_true",
                    help="the trainer's --compile (torch.compile; its compilation falls in the warm-up steps)")
+    p.add_argument("--profile", metavar="DIR",
+                   help=f"also trace {PROFILED_STEPS} steps after the timed ones with torch.profiler: each row gets "
+                        "device_busy (the GPU's kernel time a step over a timed step's wall time) and DIR a "
+                        "table of the top operators")
     p.add_argument("--ds-config", help="one DeepSpeed config for every row (default: by model and precision)")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds per configuration, start-up included")
     p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole table")
