@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 
 # The bundled configs: the repository's top-level ds_configs/, which an installed wheel
 # ships as pipeline/ds_configs/ (pyproject's package-dir), so the defaults need no checkout.
@@ -32,6 +33,12 @@ INJECTED_KEYS = {
     # The schedule is built by the trainer (linear warmup + decay), not by DeepSpeed.
     "scheduler": "--warmup-steps / --steps",
 }
+
+
+# The oldest DeepSpeed whose ZeRO gradient norm is inf when a gradient is not finite, tested with
+# bf16's check_grad_overflow off (tests/test_pretrain.py); older combining code could turn the
+# invalid-norm marker (-1) into a finite norm, and the trainer would apply NaN gradients unseen.
+UNCHECKED_BF16_MIN_DEEPSPEED = (0, 19, 8)
 
 
 class DsConfigError(ValueError):
@@ -90,7 +97,27 @@ def load_ds_config(path: str) -> dict:
         if _get(config, key) is not None:
             raise DsConfigError(f"--ds-config {path} sets {key!r}, which comes from {flag}: "
                                 "remove it from the file (a value has one home)")
+    _check_unchecked_bf16(config, path)
     return config
+
+
+def _check_unchecked_bf16(config: dict, path: str) -> None:
+    """bf16 without DeepSpeed's overflow check relies on the gradient norm to see NaN gradients."""
+    bf16 = config.get("bf16", config.get("bfloat16", {}))
+    if not isinstance(bf16, dict) or bf16.get("check_grad_overflow", True):
+        return
+    from importlib import metadata
+
+    try:
+        version = metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        return  # nothing can run without it; the import says so
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    if numbers < UNCHECKED_BF16_MIN_DEEPSPEED:
+        want = ".".join(map(str, UNCHECKED_BF16_MIN_DEEPSPEED))
+        raise DsConfigError(f"--ds-config {path} sets bf16.check_grad_overflow false, which needs DeepSpeed >= "
+                            f"{want} to report NaN gradients (installed: {version}); upgrade DeepSpeed or remove "
+                            "the key")
 
 
 def inject(config: dict, batches: BatchPlan, learning_rate: float, weight_decay: float,

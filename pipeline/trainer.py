@@ -45,7 +45,7 @@ class StepMetrics:
     predictions: int = 0  # masked tokens the MLM head ran on
     grad_norm: float = float("nan")
     loss_scale: float = float("nan")
-    applied: bool = True  # False when fp16 overflow made DeepSpeed skip the update
+    applied: bool = True  # False when DeepSpeed skipped the update (fp16 overflow, or bf16 with its check on)
     grad_norm_reported: bool = False  # the engine computed a gradient norm (not every optimizer does)
 
     @property
@@ -346,22 +346,23 @@ class Trainer:
     def _check_finite(self, metrics: StepMetrics, bad_rank: int | None, applied: bool) -> None:
         """A non-finite loss whose update was applied stops the run at once, before any checkpoint
         could save the poisoned weights; so does an applied update whose gradient norm is not
-        finite under a finite loss. One whose update DeepSpeed skipped (the fp16 loss
-        scaler's overflow; ZeRO checks fp32 gradients too) left the weights intact: the run goes
-        on, unless it never recovers.
+        finite under a finite loss (bf16 with DeepSpeed's overflow check off). A step whose update
+        DeepSpeed skipped (the fp16 loss scaler's overflow; ZeRO's overflow check, on by default,
+        in fp32 and bf16 too) left the weights intact: the run goes on, unless it never recovers.
 
         Decided from what every rank agreed on, so all ranks raise NonFiniteLoss at the same step:
-        ``bad_rank`` is the lowest rank whose loss is not finite (None: every loss is finite) and
-        ``applied`` whether any rank applied its update."""
+        ``bad_rank`` is the lowest rank whose step is not finite (``StepMetrics.finite``; None:
+        every step is) and ``applied`` whether any rank applied its update."""
         if bad_rank is None:
             self._nonfinite = 0
             return
         self._nonfinite += 1
+        where = f"on rank {bad_rank} of {self.world_size}" if self.world_size > 1 else ""
         if np.isfinite(metrics.loss) and not metrics.finite:
-            what = f"the gradient norm is {metrics.grad_norm} (loss {metrics.loss:.4g})"
+            # The norm is global, the same on every rank: no rank to name. DeepSpeed reports NaN as inf.
+            what, where = f"the gradient norm is {metrics.grad_norm} (loss {metrics.loss:.4g})", ""
         else:  # this rank's own loss, if it is the bad one
             what = f"loss is {metrics.loss if not np.isfinite(metrics.loss) else 'non-finite'}"
-        where = f"on rank {bad_rank} of {self.world_size}" if self.world_size > 1 else ""
         if applied:
             raise NonFiniteLoss(f"{what} at step {self.step} and the update was applied"
                                 f"{f' ({where})' if where else ''}: stopping every rank without writing a "

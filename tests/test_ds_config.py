@@ -35,6 +35,20 @@ def test_a_value_set_in_the_file_and_by_a_flag_is_refused(tmp_path):
         load_ds_config(str(tmp_path / "missing.json"))
 
 
+def test_bf16_without_the_overflow_check_needs_a_deepspeed_that_reports_nan_gradients(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    path = os.path.join(REPO, "ds_configs", "gpu_base_bf16_zero1_fused-adam.json")
+    assert load_ds_config(path)["bf16"]["check_grad_overflow"] is False  # the installed DeepSpeed will do
+    monkeypatch.setattr(metadata, "version", lambda name: "0.17.6")
+    with pytest.raises(DsConfigError, match=r"sets bf16.check_grad_overflow false, which needs DeepSpeed >= "
+                                            r"0\.19\.8 .*\(installed: 0\.17\.6\)"):
+        load_ds_config(path)
+    checked = tmp_path / "checked.json"
+    checked.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}))
+    assert load_ds_config(str(checked))["bf16"] == {"enabled": True}  # the check on: any version
+
+
 def test_batch_arithmetic_is_exact_or_a_clear_error():
     plan = plan_batches(256, 16, 4)
     assert plan.accumulation_steps == 4

@@ -4,6 +4,7 @@ ranks agreeing, the MLflow run and registered model on a real server, bad input 
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -155,6 +156,32 @@ def test_early_stopping_keeps_the_best_epochs_weights(pretrained, reviews, tmp_p
     final = finetuner.engine.module.state_dict()
     assert all(torch.equal(final[k], snapshots[1][k]) for k in final)
     assert not all(torch.equal(snapshots[3][k], snapshots[1][k]) for k in final)  # it did train on
+
+
+def test_nan_gradients_under_a_finite_loss_stop_bf16_fine_tuning_without_the_overflow_check(pretrained, reviews,
+                                                                                            tmp_path, monkeypatch):
+    from pipeline.finetuning.trainer import Finetuner
+
+    from .faults import _nan_gradient
+
+    # As the GPU bf16 files: DeepSpeed applies NaN gradients; the gradient norm must stop the run.
+    ds_config = tmp_path / "bf16_unchecked.json"
+    ds_config.write_text(json.dumps({"bf16": {"enabled": True, "check_grad_overflow": False},
+                                     "zero_optimization": {"stage": 1},
+                                     "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    finetuner = Finetuner(finetune_config(pretrained, tmp_path / "out", reviews, ds_config=str(ds_config)))
+    backward, calls = finetuner.engine.backward, []
+
+    def nan_on_the_third(loss, *args, **kwargs):
+        calls.append(loss.item())
+        return backward(_nan_gradient(loss) if len(calls) == 3 else loss, *args, **kwargs)
+
+    monkeypatch.setattr(finetuner.engine, "backward", nan_on_the_third)
+    with pytest.raises(FloatingPointError, match=r"the gradient norm is (nan|inf) in epoch 1 and the update was "
+                                                 "applied"):
+        finetuner.train()
+    assert len(calls) == 3 and all(math.isfinite(loss) for loss in calls)
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
 def test_global_batches_do_not_depend_on_the_number_of_ranks():

@@ -169,9 +169,9 @@ def test_nan_gradients_under_a_finite_loss_stop_a_bf16_run_without_the_overflow_
                                                                                       monkeypatch):
     import json
 
-    # The GPU bf16 configs turn DeepSpeed's per-tensor overflow check off (its ~10 small ops per
-    # tensor dominated a step's host time); ZeRO then applies NaN gradients, and the trainer must
-    # notice them from the gradient norm although the loss is finite.
+    # The GPU bf16 configs turn DeepSpeed's per-tensor overflow check off (its small ops per tensor
+    # were a large share of a step's host time); ZeRO then applies NaN gradients, and the trainer
+    # must notice them from the gradient norm although the loss is finite.
     ds_config = tmp_path / "bf16_unchecked.json"
     ds_config.write_text(json.dumps({"bf16": {"enabled": True, "check_grad_overflow": False},
                                      "zero_optimization": {"stage": 1},

@@ -191,6 +191,7 @@ class Finetuner:
                 self.engine.backward(out.loss)
                 self.engine.step()
                 losses.append(out.loss.item())
+            self._check_gradient_norm(epoch)  # the optimizer step these micro-batches made
             self.step += 1
             if progress is not None:
                 progress.update(1)
@@ -203,6 +204,15 @@ class Finetuner:
             torch.distributed.all_reduce(loss)
         sequences = self.steps_per_epoch * self.config.engine.global_batch_size
         return loss.item() / self.world_size, seconds, sequences
+
+    def _check_gradient_norm(self, epoch: int) -> None:
+        """An update applied with a non-finite gradient norm (bf16 with DeepSpeed's overflow check
+        off applies NaN gradients) stops at once, before the poisoned weights could be kept. The
+        norm is global, so every rank stops at the same step."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and self.engine.was_step_applied() and not math.isfinite(float(norm)):
+            raise FloatingPointError(f"the gradient norm is {float(norm)} in epoch {epoch} and the update was "
+                                     "applied: lower --learning-rate")
 
     @torch.no_grad()
     def predict(self, split: str) -> np.ndarray:
