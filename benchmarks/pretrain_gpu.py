@@ -26,7 +26,7 @@ at the mean real length T with P masked tokens. The peak is the device's dense b
 tensor-core peak, found by its name (H100/H200 SXM 989.5 TFLOP/s, A100 312) or --peak-tflops.
 
     python benchmarks/pretrain_gpu.py                                    # the table, <= 8 min
-    python benchmarks/pretrain_gpu.py --only base-128-bf16 --micro-batches 64,128,256,512
+    python benchmarks/pretrain_gpu.py --only base-128-bf16 --micro-batches 256,512,1024
     python benchmarks/pretrain_gpu.py --data data/wiki128                # adds real-length rows
     python benchmarks/pretrain_gpu.py --only base-128-bf16 --profile prof  # where a step's time goes
 
@@ -55,8 +55,10 @@ VOCAB = 32000  # a multiple of 64: the vocabulary matmul stays on whole tensor-c
 PREDICTIONS = {128: 20, 512: 80}  # Google's max_predictions_per_seq
 TABLE = [f"{model}-{seq}-{precision}" for seq in (128, 512) for model in ("base", "large")
          for precision in ("bf16", "fp16")]
-# Per-GPU micro-batches that keep an 80 GB GPU busy. On one H200, BERT-base at 128 tokens was
-# host-bound at 256 (the GPU busy 28% of the step) and gained 62% at 1,024 (47 GB): see the README.
+# Per-GPU micro-batches for an 80 GB GPU (estimated from the memory at smaller ones; only base at
+# 128 tokens and 1,024 was measured: 47 GiB). On one H200, BERT-base at 128 tokens was host-bound
+# at 256 (the GPU computing 49% of the step) and ran 2.0x the sequences/s at 1,024 in the same
+# run: docs/PRETRAINING.md. On a smaller GPU pass --micro-batches.
 DEFAULT_MICRO = {("base", 128): 1024, ("base", 512): 256, ("large", 128): 512, ("large", 512): 128}
 # Dense (not 2:4 sparse) bf16/fp16 tensor-core peaks from NVIDIA's datasheets; first match wins.
 PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.5), ("H100 NVL", 835.5), ("H100 PCIe", 756.5), ("H100", 989.5),
@@ -231,9 +233,9 @@ def write_profile(tracer, spec: dict, seconds: float, steps: int, step_seconds: 
     os.makedirs(spec["profile"], exist_ok=True)
     with open(os.path.join(spec["profile"], name + ".txt"), "w") as f:
         f.write(f"{name}: {steps} steps traced, {seconds / steps * 1e3:.1f} ms a step (tracing included; "
-                f"{step_seconds * 1e3:.1f} ms untraced), {host_ops:,.0f} aten ops a step, device busy "
-                f"{device_us / 1e3 / steps:.1f} ms a step" + (f" ({busy:.0%} of an untraced step)" if busy else "")
-                + "\n\n")
+                f"{step_seconds * 1e3:.1f} ms untraced), {host_ops:,.0f} aten ops a step"
+                + (f", device busy {device_us / 1e3 / steps:.1f} ms a step ({busy:.0%} of an untraced step)"
+                   if busy else "") + "\n\n")
         if device_us:
             f.write(ops.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70) + "\n")
         f.write(ops.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70) + "\n")
@@ -319,7 +321,7 @@ def main(argv=None) -> int:
                    help="comma-separated sweep, one row each (default: per model and seq length)")
     p.add_argument("--data", action="append", default=[],
                    help="a preprocessed data dir: adds real-length rows for its seq length (repeatable)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=8, help="first steps left out of the timing")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense peak per GPU (default: from its name)")
     p.add_argument("--compile", action="store_true",
