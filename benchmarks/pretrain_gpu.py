@@ -32,9 +32,8 @@ tensor-core peak, found by its name (H100/H200 SXM 989.5 TFLOP/s, A100 312) or -
 
 ``--profile DIR`` traces a few steps after the timed ones: each row gets ``device_busy``, the
 GPU's kernel and copy time per traced step over the untraced step's wall time (low: the host
-is the bottleneck),
-and DIR a table per row of the top operators by GPU and by host time, with the aten operations
-dispatched per step.
+is the bottleneck), and DIR a table per row of the top operators by GPU and by host time, with
+the aten operations dispatched per step.
 """
 
 from __future__ import annotations
@@ -67,8 +66,8 @@ PROFILED_STEPS = 5  # --profile: steps traced after the timed ones (the trace it
 MIN_START_S = 20  # a configuration is not started with less time than this (or --timeout) left
 FIELDS = ("run", "config", "micro_batch", "data", "precision", "compile", "status", "message", "seq_per_s",
           "tokens_per_s", "mfu_model", "mfu_executed", "gflop_model", "gflop_executed", "mean_tokens", "peak_tflops",
-          "peak_memory_gib", "device_busy", "skipped_steps", "loss_scale", "loss", "timed_steps", "seconds", "wall_s", "vocab",
-          "ds_config", "data_dir", "device", "software")
+          "peak_memory_gib", "device_busy", "skipped_steps", "loss_scale", "loss", "timed_steps", "seconds",
+          "wall_s", "vocab", "ds_config", "data_dir", "device", "software")
 
 
 # ---------------------------------------------------------------------------- data dirs
@@ -157,8 +156,8 @@ def measure(spec: dict) -> dict:
             data = write_synthetic_data(os.path.join(tmp, "data"), spec["seq"], micro * (steps + profiled + 2))
         config = TrainConfig.from_flat(data=data, run_dir=os.path.join(tmp, "run"), model=spec["model"],
                                        ds_config=spec["ds_config"], global_batch_size=micro, micro_batch_size=micro,
-                                       steps=steps + profiled, learning_rate=1e-4, warmup_steps=0, log_every=steps, resume="none",
-                                       eval_shards=0, mlflow=False, compile=spec["compile"])
+                                       steps=steps + profiled, learning_rate=1e-4, warmup_steps=0, log_every=steps,
+                                       resume="none", eval_shards=0, mlflow=False, compile=spec["compile"])
 
         class NoSave(Trainer):
             def save(self) -> str:  # the checkpoint is not what is timed

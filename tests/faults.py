@@ -39,7 +39,7 @@ def _step_fault(fault: str, rank: int, step: int) -> str | None:
     return None
 
 
-def _nan_gradient(loss):
+def nan_gradient(loss):
     """``loss`` unchanged forward, NaN gradients backward."""
     import torch
 
@@ -91,7 +91,7 @@ def install(setattr=setattr) -> None:
             if kind == "raise":
                 raise RuntimeError(f"rank {self.rank}: injected failure at step {step} ({ENV}={fault})")
             if kind == "nan-grad":
-                return _nan_gradient(mlm), nsp, counts
+                return nan_gradient(mlm), nsp, counts
             return mlm * float("nan"), nsp, counts
 
         # The module global that train_step calls, for this one step: evaluation stays untouched.

@@ -162,7 +162,7 @@ def test_nan_gradients_under_a_finite_loss_stop_bf16_fine_tuning_without_the_ove
                                                                                             tmp_path, monkeypatch):
     from pipeline.finetuning.trainer import Finetuner
 
-    from .faults import _nan_gradient
+    from .faults import nan_gradient
 
     # As the GPU bf16 files: DeepSpeed applies NaN gradients; the gradient norm must stop the run.
     ds_config = tmp_path / "bf16_unchecked.json"
@@ -174,7 +174,7 @@ def test_nan_gradients_under_a_finite_loss_stop_bf16_fine_tuning_without_the_ove
 
     def nan_on_the_third(loss, *args, **kwargs):
         calls.append(loss.item())
-        return backward(_nan_gradient(loss) if len(calls) == 3 else loss, *args, **kwargs)
+        return backward(nan_gradient(loss) if len(calls) == 3 else loss, *args, **kwargs)
 
     monkeypatch.setattr(finetuner.engine, "backward", nan_on_the_third)
     with pytest.raises(FloatingPointError, match=r"the gradient norm is (nan|inf) in epoch 1 and the update was "
