@@ -267,8 +267,17 @@ class Trainer:
         self.step += 1
         n = self.batches.accumulation_steps
         seqs = n * self.config.engine.micro_batch_size
-        (loss, mlm, nsp_loss), (hits, masked, nsp_hits, real) = totals.tolist(), counts.tolist()
-        grad_norm = self.engine.get_global_grad_norm()
+        # Each transfer to the host waits for the GPU to finish all it was given, and the GPU then
+        # idles until the host sends more: the sums, counts and gradient norm come back in one.
+        grad_norm = self.engine.get_global_grad_norm()  # a device tensor, a float or None
+        on_device = [totals.double(), counts.double()]
+        if torch.is_tensor(grad_norm):
+            on_device.append(grad_norm.detach().reshape(1).to(totals.device, torch.float64))
+        host = torch.cat(on_device).tolist()
+        loss, mlm, nsp_loss = host[:3]
+        hits, masked, nsp_hits, real = (int(v) for v in host[3:7])
+        if torch.is_tensor(grad_norm):
+            grad_norm = host[7]
         scale = loss_scale(self.engine)
         return StepMetrics(loss / n, mlm / n, nsp_loss / n, hits / max(masked, 1), nsp_hits / seqs, real, seqs,
                            masked, float("nan") if grad_norm is None else float(grad_norm),
