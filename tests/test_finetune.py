@@ -53,12 +53,15 @@ def pretrained(tmp_path_factory, preprocessed_sample):
 
 @pytest.fixture(scope="module")
 def reviews(tmp_path_factory):
+    return write_reviews(tmp_path_factory.mktemp("reviews") / "reviews.csv")
+
+
+def write_reviews(path) -> str:
     """600 real reviews (stratified sample) + 40 plot summaries, in the bundled file's columns."""
     table = read_table(ROTTEN_TOMATOES)
     keys = table.columns["category"]
     review_rows, plot_rows = stratified_split(keys, [600 / 12808], seed=1)[0], [i for i, k in enumerate(keys) if k == "plot"][:40]
     rows = sorted([i for i in review_rows if keys[i] != "plot"] + plot_rows)
-    path = tmp_path_factory.mktemp("reviews") / "reviews.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["category", "text", "movie_name"])
