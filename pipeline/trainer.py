@@ -67,7 +67,8 @@ def pretraining_losses(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor,
     mlm = F.cross_entropy(mlm_logits.float(), mlm_labels)
     nsp_loss = F.cross_entropy(nsp_logits.float(), nsp)
     with torch.no_grad():
-        counts = torch.stack([(mlm_logits.argmax(-1) == mlm_labels).sum(), mlm_labels.new_tensor(len(mlm_labels)),
+        # new_full, not new_tensor: a tensor made from a host value is a copy the host waits for.
+        counts = torch.stack([(mlm_logits.argmax(-1) == mlm_labels).sum(), mlm_labels.new_full((), len(mlm_labels)),
                               (nsp_logits.argmax(-1) == nsp).sum(), batch["attention_mask"].sum()])
     return mlm, nsp_loss, counts
 
@@ -294,7 +295,7 @@ class Trainer:
                 batch = self.dataset.batch(rows)
                 mlm, nsp_loss, (hits, masked, nsp_hits, _) = pretraining_losses(self.engine, batch)
                 sums += torch.stack([mlm.double() * masked, nsp_loss.double() * len(rows), hits.double(),
-                                     masked.double(), torch.tensor(float(len(rows)), device=sums.device)])
+                                     masked.double(), sums.new_full((), float(len(rows)))])
         finally:
             self.engine.train()
         if self.world_size > 1:

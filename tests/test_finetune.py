@@ -187,6 +187,29 @@ def test_nan_gradients_under_a_finite_loss_stop_bf16_fine_tuning_without_the_ove
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
+def test_a_nan_training_loss_stops_fine_tuning_after_the_epoch_with_its_number(pretrained, reviews, tmp_path,
+                                                                               monkeypatch):
+    from pipeline.finetuning.trainer import Finetuner
+
+    # ZeRO's overflow check skips the NaN step's update (so no gradient-norm stop); the epoch's loss,
+    # summed on the device and reduced over the ranks before it is read, is what stops the run.
+    finetuner = Finetuner(finetune_config(pretrained, tmp_path / "out", reviews))
+    forward, calls = finetuner.engine.forward, []
+
+    def nan_loss_on_the_fifth(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls.append(None)
+        if len(calls) == 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(finetuner.engine, "forward", nan_loss_on_the_fifth)
+    with pytest.raises(FloatingPointError, match="train loss is nan in epoch 1: lower --learning-rate"):
+        finetuner.train()
+    assert len(calls) == finetuner.steps_per_epoch  # the epoch ran to its end: the NaN step was skipped
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
 def test_global_batches_do_not_depend_on_the_number_of_ranks():
     from types import SimpleNamespace
 

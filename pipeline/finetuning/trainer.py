@@ -182,28 +182,35 @@ class Finetuner:
     def train_epoch(self, epoch: int, progress=None) -> tuple[float, float, int]:
         """(mean train loss over all ranks, seconds, sequences over all ranks)."""
         self.engine.train()
-        pad = self.tokenizer.pad_token_id
-        losses = []
+        pad, device = self.tokenizer.pad_token_id, self.engine.device
+        # Summed on the device: reading a loss on the host each micro-batch would wait for the GPU.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        micro_steps = 0
         started = time.perf_counter()
         for micro_batches in self.epoch_micro_batches(epoch):
             for rows in micro_batches:
-                out = self.engine(**collate(self.splits["train"], rows, pad, self.task))
+                batch = collate(self.splits["train"], rows, pad, self.task)
+                out = self.engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
                 self.engine.backward(out.loss)
                 self.engine.step()
-                losses.append(out.loss.item())
+                loss_sum += out.loss.detach().double()
+                micro_steps += 1
             self._check_gradient_norm(epoch)  # the optimizer step these micro-batches made
             self.step += 1
-            if progress is not None:
+            if progress is not None and not progress.disable:
                 progress.update(1)
-                progress.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+                if self.step % 20 == 0:  # the running loss, read from the device now and then
+                    progress.set_postfix(epoch=epoch, loss=f"{loss_sum.item() / micro_steps:.4f}", refresh=False)
         seconds = time.perf_counter() - started
-        loss = torch.tensor([float(np.mean(losses))], dtype=torch.float64)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"train loss is {loss.item()} in epoch {epoch}: lower --learning-rate")
+        # On the device (NCCL reduces GPU tensors only), and reduced before it is checked, so that
+        # a NaN on one rank stops every rank here rather than leaving the others in a collective.
         if self.world_size > 1:
-            torch.distributed.all_reduce(loss)
+            torch.distributed.all_reduce(loss_sum)
+        loss = loss_sum.item() / (micro_steps * self.world_size)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"train loss is {loss} in epoch {epoch}: lower --learning-rate")
         sequences = self.steps_per_epoch * self.config.engine.global_batch_size
-        return loss.item() / self.world_size, seconds, sequences
+        return loss, seconds, sequences
 
     def _check_gradient_norm(self, epoch: int) -> None:
         """An update applied with a non-finite gradient norm (bf16 with DeepSpeed's overflow check
