@@ -118,8 +118,12 @@ def read_train_config(run_dir: str) -> dict:
     return {**values, **engine}
 
 
-def fp32_state_dict(checkpoints: str, tag: str) -> dict:
-    """The full fp32 weights of one tag, from any ZeRO stage and number of ranks."""
+def fp32_state_dict(checkpoints: str, tag: str, model=None) -> dict:
+    """The full fp32 weights of one tag, from any ZeRO stage and number of ranks.
+
+    ZeRO 0 in fp16 keeps its fp32 master weights in the optimizer's state, the module's being
+    their fp16 copies: ``model`` (the trained architecture) says which master is which parameter.
+    """
     import torch
 
     tag_dir = os.path.join(checkpoints, tag)
@@ -137,7 +141,39 @@ def fp32_state_dict(checkpoints: str, tag: str) -> dict:
     except pickle.UnpicklingError as err:
         raise ExportError(f"{files[0]}: refused to unpickle: it holds more than tensors and plain values "
                           f"({str(err).splitlines()[0]})") from None
-    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    if model is not None and any(v.dtype in (torch.float16, torch.bfloat16) for v in states["module"].values()):
+        state.update(zero0_master_weights(states.get("optimizer") or {}, model))
+    return state
+
+
+def zero0_master_weights(optimizer_state: dict, model) -> dict:
+    """The fp32 master weights that DeepSpeed's fp16 optimizers without ZeRO save, by state-dict
+    name: ``fp32_groups`` (FP16_UnfusedOptimizer, as with LAMB: a tensor per parameter) or
+    ``fp32_groups_flat`` (FP16_Optimizer: one flat tensor per group), in the order of the
+    parameter groups the trainer gave the engine (``param_groups.weight_decay_groups``)."""
+    from pipeline.param_groups import weight_decay_groups
+
+    groups = [group["params"] for group in weight_decay_groups(model, 0.0)]
+    if "fp32_groups" in optimizer_state:
+        masters = [list(group) for group in optimizer_state["fp32_groups"]]
+    elif "fp32_groups_flat" in optimizer_state:
+        masters = [list(flat.split([p.numel() for p in params]))
+                   for flat, params in zip(optimizer_state["fp32_groups_flat"], groups)]
+    else:
+        return {}
+    if [len(m) for m in masters] != [len(g) for g in groups]:
+        raise ExportError(f"the checkpoint's fp32 master weights come in groups of {[len(m) for m in masters]} "
+                          f"tensors, the model's parameter groups have {[len(g) for g in groups]}: another model")
+    by_id = {}
+    for params, group in zip(groups, masters):
+        for p, master in zip(params, group):
+            if master.numel() != p.numel():
+                raise ExportError(f"a fp32 master weight of {master.numel()} values for a parameter of shape "
+                                  f"{tuple(p.shape)}: the checkpoint is of another model")
+            by_id[id(p)] = master.float().view(p.shape)
+    # keep_vars: tied names (the MLM decoder and the word embeddings) share one parameter object
+    return {name: by_id[id(t)] for name, t in model.state_dict(keep_vars=True).items() if id(t) in by_id}
 
 
 def _client_state_globals() -> list:
@@ -155,7 +191,7 @@ def _client_state_globals() -> list:
 def load_weights(model, checkpoints: str, tag: str, model_name: str) -> None:
     """Loads the fp32 weights of ``checkpoints/tag`` into ``model`` (a BertForPreTraining),
     keeping its tied embeddings; a checkpoint of another shape is an ExportError naming both."""
-    state = fp32_state_dict(checkpoints, tag)
+    state = fp32_state_dict(checkpoints, tag, model)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes differ: another model

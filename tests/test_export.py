@@ -138,3 +138,50 @@ def test_other_zero_stages_export_the_same_weights(data_dir, tmp_path, stage):
     assert bool(list(tag_dir.glob("*_optim_states.pt"))) == (stage > 0)
     out = export.export_checkpoint(str(tag_dir), out_dir=str(tmp_path / "hf"))
     assert_same_weights_and_ties(out, engine_weights(trainer))
+
+
+@pytest.mark.parametrize("kind", ["FP16_UnfusedOptimizer", "FP16_Optimizer"])
+def test_fp16_without_zero_exports_the_fp32_master_weights_not_their_fp16_copies(kind, tmp_path):
+    """fp16 ZeRO 0 (the LAMB configs) saves fp16 module weights and keeps the fp32 masters in the
+    optimizer's state, per parameter (LAMB's FP16_UnfusedOptimizer) or flat (FP16_Optimizer).
+    DeepSpeed runs fp16 on GPUs only; its optimizer wrappers and their saved state are built here
+    on the CPU, as an engine builds them around the trainer's parameter groups."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    from pipeline.engine import init_distributed
+    from pipeline.model import build_model, model_config
+    from pipeline.param_groups import weight_decay_groups
+
+    init_distributed()
+    manifest = {"tokenizer": {"vocab_size": 1000, "special_ids": {"pad": 0}}, "max_seq_length": 64}
+    torch.manual_seed(0)
+    trained = build_model(model_config("tiny", manifest)).half()
+    wrapper = {"FP16_UnfusedOptimizer": FP16_UnfusedOptimizer, "FP16_Optimizer": FP16_Optimizer}[kind]
+    optimizer = wrapper(torch.optim.SGD(weight_decay_groups(trained, 0.01), lr=0.1), dynamic_loss_scale=True)
+    # masters that an fp16 copy cannot hold exactly, as after training
+    with torch.no_grad():
+        for group in optimizer.fp32_groups if kind == "FP16_UnfusedOptimizer" else [optimizer.fp32_groups_flat]:
+            for master in group:
+                master.add_(torch.rand_like(master) * 1e-4)
+    # where and how a ZeRO 0 engine saves them (engine.save_checkpoint's "module" and "optimizer")
+    (tmp_path / "step00000001").mkdir()
+    torch.save({"module": trained.state_dict(), "optimizer": optimizer.state_dict()},
+               tmp_path / "step00000001" / "mp_rank_00_model_states.pt")
+
+    fresh = build_model(model_config("tiny", manifest))  # what the export builds from the run's config
+    masters = export.fp32_state_dict(str(tmp_path), "step00000001", fresh)
+    by_name = dict(trained.named_parameters())
+    params = [p for group in weight_decay_groups(trained, 0.0) for p in group["params"]]
+    flat = (torch.cat([m.flatten() for g in optimizer.fp32_groups for m in g]) if kind == "FP16_UnfusedOptimizer"
+            else torch.cat(list(optimizer.fp32_groups_flat)))
+    offset, name_of = 0, {id(p): n for n, p in by_name.items()}
+    for p in params:
+        want = flat[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+        assert torch.equal(masters[name_of[id(p)]], want), name_of[id(p)]
+        assert not torch.equal(want.half().float(), want), name_of[id(p)]  # not an fp16 value
+    # the tied decoder gets the word embeddings' master too
+    assert torch.equal(masters["cls.predictions.decoder.weight"], masters["bert.embeddings.word_embeddings.weight"])
+    assert set(masters) == set(fresh.state_dict()) - {k for k, v in fresh.state_dict().items()
+                                                       if not v.is_floating_point()}

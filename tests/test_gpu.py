@@ -62,7 +62,10 @@ def mean_mlm(metrics):
 
 @pytest.mark.parametrize("ds_config", [BF16_ADAM, FP16_ADAM, FP16_LAMB], ids=["bf16-adam", "fp16-adam", "fp16-lamb"])
 def test_each_shipped_gpu_config_learns_on_the_gpu(data_dir, tmp_path, ds_config):
-    trainer = Trainer(config(data_dir, tmp_path, steps=40, warmup_steps=4, ds_config=ds_config))
+    # LAMB scales each layer's step by its weight norm over its update norm (clamped to [0.01, 10]):
+    # on BERT's 0.02-scale initial weights that factor is near 0.01, hence its larger rate.
+    rate = 1e-1 if ds_config == FP16_LAMB else 2e-3
+    trainer = Trainer(config(data_dir, tmp_path, steps=40, warmup_steps=4, ds_config=ds_config, learning_rate=rate))
     assert trainer.engine.device.type == "cuda"
     optimizer = type(trainer.engine.optimizer.optimizer
                      if hasattr(trainer.engine.optimizer, "optimizer") else trainer.engine.optimizer).__name__
@@ -136,6 +139,25 @@ def test_a_gpu_runs_export_holds_the_weights_it_trained(data_dir, tmp_path):
         assert torch.equal(loaded[name].to(value.dtype), value), name
 
 
+def test_an_fp16_lamb_runs_export_holds_its_fp32_master_weights(data_dir, tmp_path):
+    # fp16 without ZeRO saves fp16 module weights; the masters are in the optimizer's state.
+    from transformers import AutoModelForPreTraining
+
+    from pipeline.param_groups import weight_decay_groups
+
+    cfg = config(data_dir, tmp_path, steps=4, ds_config=FP16_LAMB, learning_rate=1e-1)
+    trainer = Trainer(cfg)
+    export.write_train_config(cfg, "gpu-run")
+    assert trainer.train() == 0
+    groups = [group["params"] for group in weight_decay_groups(trainer.engine.module, 0.0)]
+    masters = {id(p): m.detach().float().cpu().view(p.shape)
+               for params, group in zip(groups, trainer.engine.optimizer.fp32_groups) for p, m in zip(params, group)}
+    loaded = AutoModelForPreTraining.from_pretrained(export.export_checkpoint(str(tmp_path))).state_dict()
+    for name, param in trainer.engine.module.named_parameters():
+        assert param.dtype == torch.float16, name
+        assert torch.equal(loaded[name], masters[id(param)]), name
+
+
 def test_fine_tuning_on_the_gpu_reports_what_its_saved_model_predicts(data_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -154,6 +176,7 @@ def test_fine_tuning_on_the_gpu_reports_what_its_saved_model_predicts(data_dir, 
     finetuner.train()
     report = finetuner.test_report()
     assert report["history"][1]["train_loss"] < report["history"][0]["train_loss"]
+    on_gpu = finetuner.predict("test")  # bf16, before save_model turns the module to fp32
     model_dir = finetuner.save_model(str(tmp_path / "model"))
     data = finetuner.splits["test"]
     batch = collate(data, np.arange(len(data)), finetuner.tokenizer.pad_token_id, finetuner.task)
@@ -161,7 +184,7 @@ def test_fine_tuning_on_the_gpu_reports_what_its_saved_model_predicts(data_dir, 
     with torch.no_grad():
         logits = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()(**batch).logits.numpy()
     # the GPU computed in bf16, the saved model runs in fp32 on the CPU
-    np.testing.assert_allclose(finetuner.predict("test"), logits, atol=0.1)
+    np.testing.assert_allclose(on_gpu, logits, atol=0.1)
     accuracy = float(np.mean(logits.argmax(-1) == data.labels))
     assert accuracy == pytest.approx(report["test"]["accuracy"], abs=0.05)
 
@@ -182,3 +205,29 @@ def test_the_compiled_encoder_matches_eager_on_the_gpu(data_dir, tmp_path):
         assert code == 0
         losses[compile] = [m.loss for m in metrics]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
+
+
+def test_a_micro_batch_never_waits_for_the_gpu_in_this_projects_code(data_dir, tmp_path):
+    """The host must keep queuing kernels: a copy to the host (``.item()``, ``.tolist()``) or of
+    a host value to the GPU waits for everything queued before it. CUDA's sync debug mode warns
+    at each such wait; none may come from pipeline/ (DeepSpeed's and transformers' own are listed)."""
+    import warnings
+
+    trainer = Trainer(config(data_dir, tmp_path, steps=2, ds_config=BF16_ADAM))
+    trainer.train_step()  # the first step allocates and builds what later steps reuse
+    batch = next(trainer.loader)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            from pipeline.trainer import pretraining_losses
+
+            mlm, nsp, counts = pretraining_losses(trainer.engine, batch)
+            trainer.engine.backward(mlm + nsp)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    print("host waits in a micro-batch:", waits or "none")
+    assert not [w for w in waits if w.startswith("pipeline" + os.sep)], waits
+    trainer.loader.close()
