@@ -187,6 +187,30 @@ def test_nan_gradients_under_a_finite_loss_stop_bf16_fine_tuning_without_the_ove
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
+def test_a_bf16_run_saves_its_fp32_master_weights_not_their_bf16_copies(pretrained, reviews, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.finetuning.trainer import Finetuner
+
+    ds_config = tmp_path / "bf16.json"
+    ds_config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+                                     "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    finetuner = Finetuner(finetune_config(pretrained, tmp_path / "out", reviews, ds_config=str(ds_config), epochs=1))
+    finetuner.train()
+    module = finetuner.engine.module
+    assert next(module.parameters()).dtype == torch.bfloat16
+    in_bf16 = {n: p.detach().clone() for n, p in module.named_parameters()}  # the best epoch's, loaded
+    saved = load_file(os.path.join(finetuner.save_model(str(tmp_path / "model")), "model.safetensors"))
+    names = [n for n, p in module.named_parameters()]
+    assert set(names) <= set(saved)
+    # the masters: they round to the module's bf16 weights, and most hold more than bf16 can
+    for name in names:
+        assert torch.equal(saved[name], finetuner._best_state[name]), name
+        assert torch.equal(saved[name].to(torch.bfloat16), in_bf16[name]), name
+    fine = [n for n in names if not torch.equal(saved[n].to(torch.bfloat16).float(), saved[n])]
+    assert len(fine) > len(names) / 2, f"only {len(fine)} of {len(names)} tensors hold more than bf16"
+
+
 def test_a_nan_training_loss_stops_fine_tuning_after_the_epoch_with_its_number(pretrained, reviews, tmp_path,
                                                                                monkeypatch):
     from pipeline.finetuning.trainer import Finetuner

@@ -284,7 +284,7 @@ class Finetuner:
                 improved = self._improved(validation[self.metric])
                 if improved:
                     self.best, stale = result, 0
-                    self._best_state = {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+                    self._best_state = self._full_precision_state()
                 else:
                     stale += 1
                 self._log_epoch(result, improved, tracker)
@@ -296,6 +296,18 @@ class Finetuner:
             progress.close()
         self.engine.module.load_state_dict(self._best_state)
         return self.best
+
+    def _full_precision_state(self) -> dict[str, torch.Tensor]:
+        """The model's state on the CPU, its parameters at full precision: under bf16 or fp16 with
+        ZeRO the module holds 16-bit copies and the optimizer the fp32 masters, which are what a
+        saved fp32 model must hold. A collective under ZeRO: every rank calls it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, tensor in self.engine.module.state_dict(keep_vars=True).items():
+            master = safe_get_full_fp32_param(tensor) if isinstance(tensor, torch.nn.Parameter) else None
+            state[name] = (tensor if master is None else master).detach().to("cpu", copy=True)
+        return state
 
     def _log_epoch(self, result: EpochResult, improved: bool, tracker) -> None:
         values = {"train/loss": result.train_loss, "train/sequences_per_second": result.sequences / result.seconds,
@@ -348,6 +360,8 @@ class Finetuner:
     def save_model(self, directory: str) -> str:
         """The best weights in Hugging Face format, fp32, with the tokenizer and the label mapping."""
         model = self.engine.module.float()
+        if self._best_state is not None:  # the masters, which the 16-bit module only approximates
+            model.load_state_dict(self._best_state)
         model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         return directory
