@@ -22,11 +22,12 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline import embedding  # noqa: E402
+from pipeline.engine import LaunchError, check_gpu_for  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError  # noqa: E402
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP  # noqa: E402
 
-USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError)
+USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError, LaunchError)
 log = logging.getLogger("pipeline.embed")
 
 
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
         max_length = embedding.resolve_max_length(args.max_length, tokenizer, model.config)
         if args.bf16 and not torch.cuda.is_available():
             raise embedding.EmbedError("--bf16: no CUDA device; on CPU the embeddings are computed in fp32")
+        check_gpu_for(local_rank)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -117,13 +117,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class LaunchError(RuntimeError):
+    """The processes were started in a way that cannot give one rank per GPU; says how to launch."""
+
+
+# What MPI launchers (mpirun, srun --mpi, the deepspeed launcher's openmpi/mvapich modes) set instead of WORLD_SIZE.
+MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def ensure_distributed_env() -> tuple[int, int, int]:
     """(rank, local rank, world size); a plain ``python`` run becomes a 1-process world.
 
     DeepSpeed otherwise tries MPI discovery and fails without mpi4py. A 1-process world's
     rendezvous port is a free one, so two plain runs on one machine (or one beside a
-    torchrun job on the default 29500) do not collide.
+    torchrun job on the default 29500) do not collide. Refused (LaunchError), before anything
+    is read: several processes started by MPI without WORLD_SIZE, each of which would train
+    alone as rank 0 into the same run dir; and a LOCAL_RANK with no GPU of that number.
     """
+    if "WORLD_SIZE" not in os.environ:
+        for name in MPI_WORLD_SIZE:
+            if os.environ.get(name, "1").isdigit() and int(os.environ.get(name, "1")) > 1:
+                raise LaunchError(f"started by MPI ({name}={os.environ[name]}) without WORLD_SIZE: each process "
+                                  "would train alone as rank 0 of 1; launch with torchrun, the deepspeed "
+                                  "launcher's default mode or srun (slurm/pretrain.sh), which set RANK, "
+                                  "LOCAL_RANK and WORLD_SIZE")
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
@@ -131,7 +148,25 @@ def ensure_distributed_env() -> tuple[int, int, int]:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    check_gpu_for(local_rank)
+    return int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"])
+
+
+def check_gpu_for(local_rank: int) -> None:
+    """Each rank takes the GPU numbered by its LOCAL_RANK (DeepSpeed's set_device): a rank that sees
+    fewer GPUs (a scheduler that binds one GPU to each task shows it as GPU 0 to every rank) fails
+    here, naming the setting, not later with CUDA's "invalid device ordinal"."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    visible = torch.cuda.device_count()
+    if local_rank >= visible:
+        raise LaunchError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): the ranks of a node must each see "
+                          "all its GPUs, one rank per GPU (under SLURM: no --gpus-per-task or --gpu-bind that "
+                          "gives each task its own)")
 
 
 def init_distributed(timeout_minutes: float | None = None) -> None:

@@ -20,14 +20,14 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline.ds_config import DsConfigError  # noqa: E402
-from pipeline.engine import end_distributed  # noqa: E402
+from pipeline.engine import LaunchError, end_distributed  # noqa: E402
 from pipeline.finetuning.config import FinetuneConfigError, parse_args  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError  # noqa: E402
 from pipeline.finetuning.report import log_to_mlflow, write_report  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 
-USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfigError)
+USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfigError, LaunchError)
 
 
 def main(argv=None) -> int:

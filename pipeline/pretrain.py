@@ -27,14 +27,14 @@ import torch  # noqa: E402
 from pipeline.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from pipeline.data import DataDirError  # noqa: E402
 from pipeline.ds_config import DsConfigError  # noqa: E402
-from pipeline.engine import end_distributed  # noqa: E402
+from pipeline.engine import LaunchError, end_distributed  # noqa: E402
 from pipeline.export import ExportError, export_checkpoint, write_train_config  # noqa: E402
 from pipeline.model import ModelConfigError  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 from pipeline.train_config import parse_args  # noqa: E402
 from pipeline.trainer import NonFiniteLoss, Trainer  # noqa: E402
 
-USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError, CheckpointError)
+USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError, CheckpointError, LaunchError)
 
 
 def main(argv=None) -> int:

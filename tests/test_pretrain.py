@@ -332,6 +332,31 @@ def test_bad_settings_fail_with_one_line(data_dir, tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_an_mpi_launch_without_world_size_is_refused_before_anything_starts(data_dir, tmp_path):
+    # mpirun starts N copies; without WORLD_SIZE each would train alone as rank 0 into the same run dir.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "pretrain.py"), "--data", data_dir,
+                           "--run-dir", str(tmp_path / "run"), "--no-mlflow"], cwd=REPO, capture_output=True,
+                          text=True, env={**env, "OMPI_COMM_WORLD_SIZE": "2"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: started by MPI (OMPI_COMM_WORLD_SIZE=2) without WORLD_SIZE" in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "run")
+
+
+def test_a_rank_without_a_gpu_of_its_local_rank_is_refused(monkeypatch):
+    """A scheduler that gives each task its own GPU shows it as GPU 0 to every rank of a node. No GPU
+    here: CUDA's answers are those of a process that sees one GPU."""
+    from pipeline.engine import LaunchError, check_gpu_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    check_gpu_for(0)
+    with pytest.raises(LaunchError, match=r"LOCAL_RANK=3 but this process sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=5\)"):
+        check_gpu_for(3)
+
+
 def test_resuming_with_another_tokenizer_is_refused(data_dir, other_tokenizer_data, tmp_path):
     losses_of(Trainer(config(data_dir, tmp_path, steps=2)))
     with pytest.raises(ValueError, match="manifest field tokenizer.fingerprint"):
