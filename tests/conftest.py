@@ -107,8 +107,20 @@ def preprocessed_sample(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_dir(preprocessed_sample) -> str:
     """A pretraining data dir from the dump sample (vocabulary 4,000, 2 shards), shared by the
-    trainer, export and fault tests; a test must not write into it."""
+    trainer, export and fault tests; a test must not write into it.
+
+    $BERT_PIPELINE_TEST_DATA names one made beforehand by the same command (``run_beam.py --input
+    WIKI_SAMPLE --output DIR --vocab-size 4000 --dupe-factor 2 --num-shards 2 --no-mlflow``), for a
+    machine without Apache Beam, such as a GPU node that runs tests/test_gpu.py."""
+    if os.environ.get(PREBUILT_DATA):
+        from pipeline.data import read_manifest
+
+        read_manifest(os.environ[PREBUILT_DATA])  # a wrong path fails here, naming it
+        return os.environ[PREBUILT_DATA]
     return preprocessed_sample("--vocab-size", "4000", "--dupe-factor", "2", "--num-shards", "2")
+
+
+PREBUILT_DATA = "BERT_PIPELINE_TEST_DATA"
 
 
 def set_one_process_world(mp: pytest.MonkeyPatch) -> None:
