@@ -29,6 +29,11 @@ tensor-core peak, found by its name (H100/H200 SXM 989.5 TFLOP/s, A100 312) or -
     python benchmarks/pretrain_gpu.py --only base-128-bf16 --micro-batches 256,512,1024
     python benchmarks/pretrain_gpu.py --data data/wiki128                # adds real-length rows
     python benchmarks/pretrain_gpu.py --only base-128-bf16 --profile prof  # where a step's time goes
+    python benchmarks/pretrain_gpu.py --only base-128-bf16 --micro-batches 256 --accumulation 4
+
+``--accumulation N`` takes N micro-batches per optimizer step, as a large global batch does on
+few GPUs (NVIDIA's and DeepSpeed's published BERT figures accumulate): the optimizer step's
+host work is then spread over N micro-batches.
 
 ``--profile DIR`` traces a few steps after the timed ones: each row gets ``device_busy``, the
 GPU's kernel and copy time per traced step over the untraced step's wall time (low: the host
@@ -64,10 +69,10 @@ PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.5), ("H100 NVL", 835.5), ("H100
                ("A100", 312.0))
 PROFILED_STEPS = 5  # --profile: steps traced after the timed ones (the trace itself slows them)
 MIN_START_S = 20  # a configuration is not started with less time than this (or --timeout) left
-FIELDS = ("run", "config", "micro_batch", "data", "precision", "compile", "status", "message", "seq_per_s",
-          "tokens_per_s", "mfu_model", "mfu_executed", "gflop_model", "gflop_executed", "mean_tokens", "peak_tflops",
-          "peak_memory_gib", "device_busy", "skipped_steps", "loss_scale", "loss", "timed_steps", "seconds",
-          "wall_s", "vocab", "ds_config", "data_dir", "device", "software")
+FIELDS = ("run", "config", "micro_batch", "accumulation", "data", "precision", "compile", "status", "message",
+          "seq_per_s", "tokens_per_s", "mfu_model", "mfu_executed", "gflop_model", "gflop_executed", "mean_tokens",
+          "peak_tflops", "peak_memory_gib", "device_busy", "skipped_steps", "loss_scale", "loss", "timed_steps",
+          "seconds", "wall_s", "vocab", "ds_config", "data_dir", "device", "software")
 
 
 # ---------------------------------------------------------------------------- data dirs
@@ -147,15 +152,17 @@ def measure(spec: dict) -> dict:
     device = torch.cuda.get_device_name() if cuda else "cpu"
     peak = spec["peak_tflops"] or next((t for key, t in PEAK_TFLOPS if key in device), None)
     micro, steps, warmup = spec["micro_batch"], spec["steps"], spec["warmup"]
+    per_step = micro * spec.get("accumulation", 1)  # sequences an optimizer step takes
     profiled = PROFILED_STEPS if spec.get("profile") else 0
     with tempfile.TemporaryDirectory(prefix="pretrain_gpu_") as tmp:
         if spec["data_dir"]:
             # 64 batches at least: one window of the sampler's length grouping, as in a real run
-            data = sample_data_dir(spec["data_dir"], os.path.join(tmp, "data"), micro * max(steps + profiled + 2, 64))
+            data = sample_data_dir(spec["data_dir"], os.path.join(tmp, "data"),
+                                   per_step * max(steps + profiled + 2, 64))
         else:
-            data = write_synthetic_data(os.path.join(tmp, "data"), spec["seq"], micro * (steps + profiled + 2))
+            data = write_synthetic_data(os.path.join(tmp, "data"), spec["seq"], per_step * (steps + profiled + 2))
         config = TrainConfig.from_flat(data=data, run_dir=os.path.join(tmp, "run"), model=spec["model"],
-                                       ds_config=spec["ds_config"], global_batch_size=micro, micro_batch_size=micro,
+                                       ds_config=spec["ds_config"], global_batch_size=per_step, micro_batch_size=micro,
                                        steps=steps + profiled, learning_rate=1e-4, warmup_steps=0, log_every=steps,
                                        resume="none", eval_shards=0, mlflow=False, compile=spec["compile"])
 
@@ -226,7 +233,9 @@ def write_profile(tracer, spec: dict, seconds: float, steps: int, step_seconds: 
     ops = tracer.key_averages()
     busy = device_us / 1e6 / steps / step_seconds if device_us else None
     config = os.path.splitext(os.path.basename(spec["ds_config"]))[0]
-    name = f"{spec['config']}-{spec['micro_batch']}-{spec['data']}{'-compile' if spec['compile'] else ''}-{config}"
+    accumulation = f"x{spec['accumulation']}" if spec.get("accumulation", 1) > 1 else ""
+    name = (f"{spec['config']}-{spec['micro_batch']}{accumulation}-{spec['data']}"
+            f"{'-compile' if spec['compile'] else ''}-{config}")
     # Device-independent: what the host must dispatch each step, whatever runs it.
     host_ops = sum(op.count for op in ops if op.key.startswith("aten::")) / steps
     os.makedirs(spec["profile"], exist_ok=True)
@@ -265,6 +274,7 @@ def plan(args) -> list[dict]:
         for micro in args.micro_batches or [DEFAULT_MICRO.get((model, seq), 8)]:
             for data_dir in [None] + seqs.get(seq, []):
                 specs.append({"config": name, "model": model, "seq": seq, "micro_batch": micro,
+                              "accumulation": args.accumulation,
                               "data": "real" if data_dir else "synthetic", "data_dir": data_dir,
                               "ds_config": ds_config, "steps": args.steps, "warmup": args.warmup,
                               "peak_tflops": args.peak_tflops, "compile": args.compile,
@@ -320,6 +330,9 @@ def main(argv=None) -> int:
                    help="comma-separated sweep, one row each (default: per model and seq length)")
     p.add_argument("--data", action="append", default=[],
                    help="a preprocessed data dir: adds real-length rows for its seq length (repeatable)")
+    p.add_argument("--accumulation", type=int, default=1,
+                   help="micro-batches per optimizer step, as a large global batch takes on few GPUs "
+                        "(published per-GPU figures, NVIDIA's and DeepSpeed's BERT records, accumulate)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=8, help="first steps left out of the timing")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense peak per GPU (default: from its name)")
@@ -341,6 +354,8 @@ def main(argv=None) -> int:
         return 0
     if not 1 <= args.warmup < args.steps:
         p.error("--warmup must be in [1, --steps)")
+    if args.accumulation < 1:
+        p.error("--accumulation must be >= 1")
     # SIGTERM (a scheduler, `timeout`) ends the run through run_worker's cleanup, not around it.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -350,8 +365,8 @@ def main(argv=None) -> int:
           f"appended to {args.out}", flush=True)
     for spec in specs:
         left = args.budget - (time.monotonic() - start)
-        row = {**dict.fromkeys(FIELDS), "run": run, **{k: spec[k] for k in ("config", "micro_batch", "data",
-                                                                            "data_dir", "ds_config", "compile")}}
+        given = ("config", "micro_batch", "accumulation", "data", "data_dir", "ds_config", "compile")
+        row = {**dict.fromkeys(FIELDS), "run": run, **{k: spec[k] for k in given}}
         if not os.path.isfile(spec["ds_config"]):
             row.update(status="error", message=f"{spec['ds_config']} does not exist")
         elif left < min(args.timeout, MIN_START_S):
@@ -368,10 +383,10 @@ def main(argv=None) -> int:
     def cell(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    print(f"\n{'config':<16} {'micro':>5} {'data':<9} {'status':<8} {'seq/s':>9} {'tokens/s':>11} "
+    print(f"\n{'config':<16} {'micro':>5} {'accum':>5} {'data':<9} {'status':<8} {'seq/s':>9} {'tokens/s':>11} "
           f"{'MFU model':>9} {'executed':>8} {'mem GiB':>7} {'skipped':>7}")
     for r in rows:
-        print(f"{r['config']:<16} {r['micro_batch']:>5} {r['data']:<9} {r['status']:<8} "
+        print(f"{r['config']:<16} {r['micro_batch']:>5} {r['accumulation']:>5} {r['data']:<9} {r['status']:<8} "
               f"{cell(r['seq_per_s'], ',.1f'):>9} {cell(r['tokens_per_s'], ',.0f'):>11} "
               f"{cell(r['mfu_model'], '.1%'):>9} {cell(r['mfu_executed'], '.1%'):>8} "
               f"{cell(r['peak_memory_gib'], '.1f'):>7} {cell(r['skipped_steps'], 'd'):>7}")

@@ -28,13 +28,14 @@ def bench(tmp_path, *args):
 
 def test_cpu_smoke_run_writes_a_row_per_configuration(data_dir, tmp_path):
     # data_dir: the real data dir of conftest.py (seq 128, vocabulary 4,000)
+    # a loaded CPU is slow to start a worker: generous --timeout and --budget
     proc, rows = bench(tmp_path, "--only", "tiny-128-fp32", "--data", data_dir, "--micro-batches", "4",
-                       "--steps", "3", "--warmup", "1", "--peak-tflops", "1", "--profile", str(tmp_path / "prof"),
-                       "--timeout", "600", "--budget", "1200")  # a loaded CPU is slow to start a worker
+                       "--accumulation", "2", "--steps", "3", "--warmup", "1", "--peak-tflops", "1",
+                       "--profile", str(tmp_path / "prof"), "--timeout", "600", "--budget", "1200")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # --profile traces steps after the timed ones: a table per row, no device share on a CPU
     tables = sorted(os.listdir(tmp_path / "prof"))
-    assert tables == [f"tiny-128-fp32-4-{data}-cpu_fp32_zero2_torch-adamw.txt" for data in ("real", "synthetic")]
+    assert tables == [f"tiny-128-fp32-4x2-{data}-cpu_fp32_zero2_torch-adamw.txt" for data in ("real", "synthetic")]
     for name in tables:
         head = (tmp_path / "prof" / name).read_text()
         assert "5 steps traced" in head and " aten ops a step" in head and "aten::mm" in head, head[:2000]
@@ -45,14 +46,15 @@ def test_cpu_smoke_run_writes_a_row_per_configuration(data_dir, tmp_path):
     assert synthetic["mean_tokens"] == 128 and 10 < real["mean_tokens"] <= 128  # 89% are full length
     for r in rows:
         assert r["timed_steps"] == 2 and r["seq_per_s"] > 0 and r["wall_s"] > r["seconds"] > 0
+        assert r["accumulation"] == 2 and r["seq_per_s"] * r["seconds"] == pytest.approx(2 * 2 * 4)  # steps x 2 x 4
         assert r["tokens_per_s"] == pytest.approx(r["seq_per_s"] * r["mean_tokens"])
         # tiny BERT: the dense head's projection of every token dominates the model count
         assert 0 < r["mfu_executed"] < r["mfu_model"] < 1 and r["gflop_executed"] < r["gflop_model"]
         assert r["mfu_model"] == pytest.approx(r["seq_per_s"] * r["gflop_model"] / 1e3)
         assert r["skipped_steps"] is None and r["peak_memory_gib"] is None and r["device"] == "cpu"
         assert r["device_busy"] is None
-    table = [line.split()[:4] for line in proc.stdout.splitlines() if line.startswith("tiny-128-fp32")]
-    assert table == [["tiny-128-fp32", "4", "synthetic", "ok"], ["tiny-128-fp32", "4", "real", "ok"]]
+    table = [line.split()[:5] for line in proc.stdout.splitlines() if line.startswith("tiny-128-fp32")]
+    assert table == [["tiny-128-fp32", "4", "2", "synthetic", "ok"], ["tiny-128-fp32", "4", "2", "real", "ok"]]
 
     # A configuration killed by its timeout is a row after the earlier ones; one the budget
     # leaves no time for is a skipped row; a missing ds config is an error row at once.
