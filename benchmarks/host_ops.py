@@ -17,7 +17,9 @@ Without a GPU, a config's fused Adam (a CUDA kernel) is replaced by torch's fuse
 operation for all tensors on either device, the same for every row: the rows differ in their
 engine settings (ZeRO stage, precision, overflow check), not in the optimizer. Gradient
 clipping's foreach norm has no CPU fast path and counts a norm per tensor here, fewer on a GPU.
-About a minute a config on 2 cores.
+About a minute a config on 2 cores. ``--accumulation N`` counts per micro-batch with N of them
+per optimizer step: DeepSpeed's step, and the gradient bucketing its backward hooks do at the
+boundary, are then spread over N micro-batches.
 
     python benchmarks/host_ops.py --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json \\
         --ds-config benchmarks/results/h200_2026-12-04/z1_torchadam.json
@@ -60,21 +62,25 @@ def cpu_engine_config(path: str, out: str) -> str:
     return out
 
 
-def count_trainer(ds_config: str, model: str, micro: int, steps: int) -> dict[str, float]:
+def count_trainer(ds_config: str, model: str, micro: int, steps: int, accumulation: int = 1) -> dict[str, float]:
+    """Operations per micro-batch by phase; ``step`` is DeepSpeed's step, which applies the
+    update on every ``accumulation``-th micro-batch only."""
     from benchmarks.pretrain_gpu import write_synthetic_data
     from pipeline import trainer as T
     from pipeline.train_config import TrainConfig
 
     with tempfile.TemporaryDirectory(prefix="host_ops_") as tmp:
-        data = write_synthetic_data(os.path.join(tmp, "data"), 128, micro * (steps + 2))
+        data = write_synthetic_data(os.path.join(tmp, "data"), 128, micro * accumulation * (steps + 2))
         config = TrainConfig.from_flat(
             data=data, run_dir=os.path.join(tmp, "run"), model=model,
-            ds_config=cpu_engine_config(ds_config, os.path.join(tmp, "ds.json")), global_batch_size=micro,
+            ds_config=cpu_engine_config(ds_config, os.path.join(tmp, "ds.json")),
+            global_batch_size=micro * accumulation,
             micro_batch_size=micro, steps=steps, learning_rate=1e-4, warmup_steps=0, log_every=steps,
             resume="none", eval_shards=0, mlflow=False)
         trainer = T.Trainer(config)
         totals = dict.fromkeys(PHASES, 0)
-        for step in range(steps):
+        for micro_step in range(steps * accumulation):
+            step = micro_step // accumulation
             batch = next(trainer.loader)
             (mlm, nsp, _), forward = aten_ops(lambda: T.pretraining_losses(trainer.engine, batch))
             _, backward = aten_ops(lambda: trainer.engine.backward(mlm + nsp))
@@ -83,10 +89,10 @@ def count_trainer(ds_config: str, model: str, micro: int, steps: int) -> dict[st
                 for phase, n in zip(PHASES, (forward, backward, optimizer)):
                     totals[phase] += n
         trainer.loader.close()
-    return {phase: n / (steps - 1) for phase, n in totals.items()}
+    return {phase: n / ((steps - 1) * accumulation) for phase, n in totals.items()}
 
 
-def count_plain(model: str, micro: int, steps: int) -> dict[str, float]:
+def count_plain(model: str, micro: int, steps: int, accumulation: int = 1) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
@@ -99,17 +105,20 @@ def count_plain(model: str, micro: int, steps: int) -> dict[str, float]:
     positions = torch.arange(0, micro * 128, 7)
     labels, nsp = torch.randint(5, 32000, (len(positions),)), torch.randint(0, 2, (micro,))
     totals = dict.fromkeys(PHASES, 0)
-    for step in range(steps):
+    for micro_step in range(steps * accumulation):
+        step = micro_step // accumulation
         (mlm, cls), forward = aten_ops(lambda: net(input_ids=ids, attention_mask=torch.ones_like(ids),
                                                    token_type_ids=torch.zeros_like(ids), mlm_positions=positions))
         loss = F.cross_entropy(mlm.float(), labels) + F.cross_entropy(cls.float(), nsp)
-        _, backward = aten_ops(loss.backward)
-        _, optimizer_ops = aten_ops(lambda: (torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True),
-                                             optimizer.step(), optimizer.zero_grad()))
+        _, backward = aten_ops(loss.backward)  # gradients accumulate in .grad
+        optimizer_ops = 0
+        if (micro_step + 1) % accumulation == 0:
+            _, optimizer_ops = aten_ops(lambda: (torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True),
+                                                 optimizer.step(), optimizer.zero_grad()))
         if step:
             for phase, n in zip(PHASES, (forward, backward, optimizer_ops)):
                 totals[phase] += n
-    return {phase: n / (steps - 1) for phase, n in totals.items()}
+    return {phase: n / ((steps - 1) * accumulation) for phase, n in totals.items()}
 
 
 def main(argv=None) -> int:
@@ -119,14 +128,20 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="base", help="a preset of pipeline/model.py")
     p.add_argument("--micro-batch", type=int, default=2, help="does not change the count; small is quick")
     p.add_argument("--steps", type=int, default=4, help="counted steps + 1 (the first is left out)")
+    p.add_argument("--accumulation", type=int, default=1,
+                   help="micro-batches per optimizer step: the step's operations are spread over them")
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be >= 2: the first step is left out")
-    rows = [("plain PyTorch loop", count_plain(args.model, args.micro_batch, args.steps))]
+    if args.accumulation < 1:
+        p.error("--accumulation must be >= 1")
+    n = args.accumulation
+    rows = [("plain PyTorch loop", count_plain(args.model, args.micro_batch, args.steps, n))]
     for path in args.ds_config:
-        rows.append((os.path.basename(path), count_trainer(path, args.model, args.micro_batch, args.steps)))
+        rows.append((os.path.basename(path), count_trainer(path, args.model, args.micro_batch, args.steps, n)))
     plain = sum(rows[0][1].values())
-    print(f"\naten ops per step, BERT-{args.model}, one micro-batch per step")
+    print(f"\naten ops per micro-batch, BERT-{args.model}, {n} micro-batch{'es' if n > 1 else ''} per optimizer "
+          "step")
     print(f"{'':<48} {'forward':>8} {'backward':>9} {'step':>7} {'total':>7} {'x plain':>8}")
     for name, counts in rows:
         total = sum(counts.values())
