@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from pipeline import checkpoint, export
-from pipeline.train_config import TrainConfig
 from pipeline.trainer import EXIT_STOPPED, Trainer
 
 from . import faults
 from .conftest import REPO, set_one_process_world
 from .test_finetune import write_reviews
+from .test_pretrain import config  # the CPU tests' run: 8 steps of 16 sequences, tiny preset
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -36,12 +36,6 @@ FP16_LAMB = os.path.join(CONFIGS, "gpu_base_fp16_zero0_fused-lamb.json")
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
     set_one_process_world(monkeypatch)
-
-
-def config(data_dir, run_dir, **overrides):
-    values = dict(data=data_dir, run_dir=str(run_dir), steps=8, global_batch_size=16, micro_batch_size=8,
-                  learning_rate=2e-3, warmup_steps=2, log_every=100, mlflow=False)
-    return TrainConfig.from_flat(**{**values, **overrides})
 
 
 def run(trainer, stop_at=None):
