@@ -13,8 +13,9 @@ An existing output dir is replaced whole, but only when it is empty or an earlie
 The fp32 weights are rebuilt with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
 (ZeRO 1-3, any number of ranks), not the ``zero_to_fp32.py`` script copied into the
 checkpoint, which fails with safetensors on BERT's tied embeddings/decoder. A ZeRO-0
-checkpoint has no ZeRO partitions: its module weights are taken as they are, loaded with
-``torch.load(weights_only=True)``. DeepSpeed's own loaders unpickle whole objects: export and resume
+checkpoint has no ZeRO partitions: loaded with ``torch.load(weights_only=True)``, its module
+weights are taken as they are in fp32, and in fp16 or bf16 replaced by the fp32 masters of the
+optimizer's state. DeepSpeed's own loaders unpickle whole objects: export and resume
 only checkpoints of trusted runs.
 The model is rebuilt from ``RUN_DIR/train_config.json`` (written by pretrain.py) and
 the data dir's manifest, the same way the trainer built it.
@@ -147,6 +148,10 @@ def fp32_state_dict(checkpoints: str, tag: str, model=None) -> dict:
     return state
 
 
+class ModelMismatch(ExportError):
+    """The checkpoint's master weights do not fit the model: ``load_weights`` names both."""
+
+
 def zero0_master_weights(optimizer_state: dict, model) -> dict:
     """The fp32 master weights that DeepSpeed's fp16 optimizers without ZeRO save, by state-dict
     name: ``fp32_groups`` (FP16_UnfusedOptimizer, as with LAMB: a tensor per parameter) or
@@ -158,19 +163,23 @@ def zero0_master_weights(optimizer_state: dict, model) -> dict:
     if "fp32_groups" in optimizer_state:
         masters = [list(group) for group in optimizer_state["fp32_groups"]]
     elif "fp32_groups_flat" in optimizer_state:
-        masters = [list(flat.split([p.numel() for p in params]))
-                   for flat, params in zip(optimizer_state["fp32_groups_flat"], groups)]
+        flats = optimizer_state["fp32_groups_flat"]
+        sizes = [sum(p.numel() for p in params) for params in groups]
+        if [flat.numel() for flat in flats] != sizes:
+            raise ModelMismatch(f"its fp32 master weights hold {[flat.numel() for flat in flats]} values a "
+                                f"parameter group, the model {sizes}")
+        masters = [list(flat.split([p.numel() for p in params])) for flat, params in zip(flats, groups)]
     else:
         return {}
     if [len(m) for m in masters] != [len(g) for g in groups]:
-        raise ExportError(f"the checkpoint's fp32 master weights come in groups of {[len(m) for m in masters]} "
-                          f"tensors, the model's parameter groups have {[len(g) for g in groups]}: another model")
+        raise ModelMismatch(f"its fp32 master weights come in groups of {[len(m) for m in masters]} tensors, the "
+                            f"model's parameter groups have {[len(g) for g in groups]}")
     by_id = {}
     for params, group in zip(groups, masters):
         for p, master in zip(params, group):
             if master.numel() != p.numel():
-                raise ExportError(f"a fp32 master weight of {master.numel()} values for a parameter of shape "
-                                  f"{tuple(p.shape)}: the checkpoint is of another model")
+                raise ModelMismatch(f"an fp32 master weight of {master.numel()} values for a parameter of shape "
+                                    f"{tuple(p.shape)}")
             by_id[id(p)] = master.float().view(p.shape)
     # keep_vars: tied names (the MLM decoder and the word embeddings) share one parameter object
     return {name: by_id[id(t)] for name, t in model.state_dict(keep_vars=True).items() if id(t) in by_id}
@@ -191,7 +200,10 @@ def _client_state_globals() -> list:
 def load_weights(model, checkpoints: str, tag: str, model_name: str) -> None:
     """Loads the fp32 weights of ``checkpoints/tag`` into ``model`` (a BertForPreTraining),
     keeping its tied embeddings; a checkpoint of another shape is an ExportError naming both."""
-    state = fp32_state_dict(checkpoints, tag, model)
+    try:
+        state = fp32_state_dict(checkpoints, tag, model)
+    except ModelMismatch as err:
+        raise ExportError(f"{checkpoints}/{tag} does not fit {model_name}: {err}") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes differ: another model

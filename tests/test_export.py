@@ -185,3 +185,29 @@ def test_fp16_without_zero_exports_the_fp32_master_weights_not_their_fp16_copies
     assert torch.equal(masters["cls.predictions.decoder.weight"], masters["bert.embeddings.word_embeddings.weight"])
     assert set(masters) == set(fresh.state_dict()) - {k for k, v in fresh.state_dict().items()
                                                        if not v.is_floating_point()}
+
+
+def test_a_bf16_run_without_zero_exports_its_fp32_masters_and_a_mismatch_is_one_line(data_dir, tmp_path):
+    """A real engine on the CPU: bf16 without ZeRO is DeepSpeed's FP16_UnfusedOptimizer around torch's
+    AdamW, the module's weights bf16 copies of masters the optimizer keeps."""
+    from transformers import AutoModelForPreTraining
+
+    from pipeline.engine import zero0_masters
+
+    ds_config = tmp_path / "bf16_zero0.json"
+    ds_config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0},
+                                     "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    trainer = train(data_dir, tmp_path / "run", ds_config=str(ds_config))
+    masters = zero0_masters(trainer.engine.optimizer)
+    module = trainer.engine.module
+    assert masters and next(module.parameters()).dtype == torch.bfloat16
+    loaded = AutoModelForPreTraining.from_pretrained(export.export_checkpoint(str(tmp_path / "run"))).state_dict()
+    for name, param in module.named_parameters():
+        assert torch.equal(loaded[name], masters[id(param)].float()), name
+        assert torch.equal(loaded[name].to(torch.bfloat16), param.detach()), name
+
+    # phase 2 with another model on that checkpoint: one line naming both, before any training
+    with pytest.raises(export.ExportError, match=r"step00000004 does not fit --model mini .* master weights"):
+        Trainer(TrainConfig.from_flat(data=data_dir, run_dir=str(tmp_path / "phase2"), model="mini", steps=2,
+                                      global_batch_size=8, micro_batch_size=8, mlflow=False,
+                                      init_from=str(tmp_path / "run"), ds_config=str(ds_config)))
