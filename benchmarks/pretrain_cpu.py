@@ -34,6 +34,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run as a file: the repo root, for benchmarks.* and pipeline.*
 
 from benchmarks.side_by_side import run_worker, summarize, timed_hf_trainer  # noqa: E402
 

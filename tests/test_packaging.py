@@ -255,3 +255,16 @@ def test_a_bundled_ds_config_is_found_by_its_documented_path_from_any_directory(
     for other in ("elsewhere/" + name, "ds_configs/missing.json"):
         assert ds_config.resolve(other) == other  # and the error names what was given
     assert os.path.isfile(ds_config.DEFAULT_DS_CONFIG)
+
+
+BENCHMARKS = sorted(f for f in os.listdir(os.path.join(REPO, "benchmarks"))
+                    if f.endswith(".py") and "__main__" in open(os.path.join(REPO, "benchmarks", f)).read())
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)  # the scripts; the others are modules they import
+def test_every_benchmark_runs_as_the_readme_runs_it(script):
+    # `python benchmarks/X.py` from the repo root puts benchmarks/, not the root, first on sys.path
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", script), "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
