@@ -121,8 +121,9 @@ class LaunchError(RuntimeError):
     """The processes were started in a way that cannot give one rank per GPU; says how to launch."""
 
 
-# What MPI launchers (mpirun, srun --mpi, the deepspeed launcher's openmpi/mvapich modes) set instead of WORLD_SIZE.
-MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+# What launchers that do not set WORLD_SIZE set instead: MPI (mpirun, the deepspeed launcher's
+# openmpi/mvapich modes, srun --mpi) and a bare srun of several tasks (srun python pipeline/pretrain.py).
+MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
 def ensure_distributed_env() -> tuple[int, int, int]:
@@ -137,9 +138,9 @@ def ensure_distributed_env() -> tuple[int, int, int]:
     if "WORLD_SIZE" not in os.environ:
         for name in MPI_WORLD_SIZE:
             if os.environ.get(name, "1").isdigit() and int(os.environ.get(name, "1")) > 1:
-                raise LaunchError(f"started by MPI ({name}={os.environ[name]}) without WORLD_SIZE: each process "
-                                  "would train alone as rank 0 of 1; launch with torchrun, the deepspeed "
-                                  "launcher's default mode or srun (slurm/pretrain.sh), which set RANK, "
+                raise LaunchError(f"one of {os.environ[name]} processes ({name}={os.environ[name]}) without "
+                                  "WORLD_SIZE: each would train alone as rank 0 of 1; launch with torchrun, the "
+                                  "deepspeed launcher's default mode or slurm/pretrain.sh, which set RANK, "
                                   "LOCAL_RANK and WORLD_SIZE")
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
@@ -159,8 +160,8 @@ def check_gpu_for(local_rank: int) -> None:
     here, naming the setting, not later with CUDA's "invalid device ordinal"."""
     import torch
 
-    if not torch.cuda.is_available():
-        return
+    if os.environ.get("DS_ACCELERATOR", "cuda") != "cuda" or not torch.cuda.is_available():
+        return  # ranks on the CPU (or another accelerator) beside a GPU take none
     visible = torch.cuda.device_count()
     if local_rank >= visible:
         raise LaunchError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
@@ -192,6 +193,23 @@ def end_distributed() -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def zero0_masters(optimizer) -> dict:
+    """{id(16-bit parameter): its fp32 master} of DeepSpeed's mixed-precision optimizers without
+    ZeRO (FP16_Optimizer: flat per group; FP16_UnfusedOptimizer, as with LAMB or a torch optimizer:
+    per parameter), used for fp16 and, in DeepSpeed 0.19, for bf16 without ZeRO. Empty for any other
+    optimizer: ZeRO's masters are reached with deepspeed.utils.safe_get_full_fp32_param."""
+    low = getattr(optimizer, "fp16_groups", None)
+    if low is None:
+        return {}
+    if hasattr(optimizer, "fp32_groups"):
+        high = optimizer.fp32_groups
+    elif hasattr(optimizer, "fp32_groups_flat"):
+        high = [flat.split([p.numel() for p in group]) for flat, group in zip(optimizer.fp32_groups_flat, low)]
+    else:
+        return {}
+    return {id(p): master.view(p.shape) for group, masters in zip(low, high) for p, master in zip(group, masters)}
 
 
 def linear_warmup_decay(steps: int, warmup: int):

@@ -187,13 +187,15 @@ def test_nan_gradients_under_a_finite_loss_stop_bf16_fine_tuning_without_the_ove
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
-def test_a_bf16_run_saves_its_fp32_master_weights_not_their_bf16_copies(pretrained, reviews, tmp_path):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_bf16_run_saves_its_fp32_master_weights_not_their_bf16_copies(pretrained, reviews, tmp_path, stage):
     from safetensors.torch import load_file
 
     from pipeline.finetuning.trainer import Finetuner
 
+    # ZeRO 1 keeps the masters in its partitions, ZeRO 0 in DeepSpeed's fp16/bf16 optimizer wrapper
     ds_config = tmp_path / "bf16.json"
-    ds_config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+    ds_config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
                                      "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
     finetuner = Finetuner(finetune_config(pretrained, tmp_path / "out", reviews, ds_config=str(ds_config), epochs=1))
     finetuner.train()

@@ -340,7 +340,7 @@ def test_an_mpi_launch_without_world_size_is_refused_before_anything_starts(data
                            "--run-dir", str(tmp_path / "run"), "--no-mlflow"], cwd=REPO, capture_output=True,
                           text=True, env={**env, "OMPI_COMM_WORLD_SIZE": "2"})
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "error: started by MPI (OMPI_COMM_WORLD_SIZE=2) without WORLD_SIZE" in proc.stderr
+    assert "error: one of 2 processes (OMPI_COMM_WORLD_SIZE=2) without WORLD_SIZE" in proc.stderr
     assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "run")
 
 
@@ -353,6 +353,9 @@ def test_a_rank_without_a_gpu_of_its_local_rank_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
     check_gpu_for(0)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    check_gpu_for(3)  # ranks on the CPU beside a GPU
+    monkeypatch.delenv("DS_ACCELERATOR")
     with pytest.raises(LaunchError, match=r"LOCAL_RANK=3 but this process sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=5\)"):
         check_gpu_for(3)
 

@@ -325,6 +325,22 @@ def test_a_bad_setting_fails_fast_with_a_readable_message(bad, message, slurm_cl
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.e2e
+def test_a_bare_srun_of_the_trainer_is_refused_on_every_task(slurm_cluster, data_dir, tmp_path):  # noqa: F811
+    """srun without slurm/pretrain.sh sets no WORLD_SIZE: each task would train alone as rank 0 into
+    the same run dir. SLURM gives each task the step's task count, which the trainer refuses."""
+    script = tmp_path / "bare.sh"
+    script.write_text(f"#!/bin/bash\nsrun {sys.executable} {REPO}/pipeline/pretrain.py --data {data_dir[0]} "
+                      f"--run-dir {tmp_path / 'run'} --no-mlflow\n")
+    proc = slurm_cluster.run("sbatch", "--parsable", *CPU_2x1, f"--output={tmp_path}/out.txt", str(script),
+                             check=False, cwd=str(tmp_path), env=job_env())
+    job = slurm_cluster.wait_job(proc.stdout.strip().split(";")[0], timeout=90)
+    out = (tmp_path / "out.txt").read_text()
+    assert job["JobState"] == "FAILED", f"{job}\n{out}"
+    assert out.count("error: one of 2 processes (SLURM_STEP_NUM_TASKS=2) without WORLD_SIZE") == 2, out
+    assert "Traceback" not in out and not os.path.exists(tmp_path / "run")
+
+
 def test_scripts_are_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.ds_config import DsConfigError
-from pipeline.engine import PAD_MULTIPLE, ensure_distributed_env, init_distributed, initialize
+from pipeline.engine import PAD_MULTIPLE, ensure_distributed_env, init_distributed, initialize, zero0_masters
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError
 from pipeline.finetuning.data import Examples, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, read_training_info,
@@ -187,7 +187,7 @@ class Finetuner:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         micro_steps = 0
         started = time.perf_counter()
-        for micro_batches in self.epoch_micro_batches(epoch):
+        for step, micro_batches in enumerate(self.epoch_micro_batches(epoch)):
             for rows in micro_batches:
                 batch = collate(self.splits["train"], rows, pad, self.task)
                 out = self.engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
@@ -197,9 +197,10 @@ class Finetuner:
                 micro_steps += 1
             self._check_gradient_norm(epoch)  # the optimizer step these micro-batches made
             self.step += 1
-            if progress is not None and not progress.disable:
+            if progress is not None:
                 progress.update(1)
-                if self.step % 20 == 0:  # the running loss, read from the device now and then
+                # The epoch's mean loss so far, read from the device at its first step and every 20th.
+                if step % 20 == 0 and not getattr(progress, "disable", False):
                     progress.set_postfix(epoch=epoch, loss=f"{loss_sum.item() / micro_steps:.4f}", refresh=False)
         seconds = time.perf_counter() - started
         # On the device (NCCL reduces GPU tensors only), and reduced before it is checked, so that
@@ -300,12 +301,16 @@ class Finetuner:
     def _full_precision_state(self) -> dict[str, torch.Tensor]:
         """The model's state on the CPU, its parameters at full precision: under bf16 or fp16 with
         ZeRO the module holds 16-bit copies and the optimizer the fp32 masters, which are what a
-        saved fp32 model must hold. A collective under ZeRO: every rank calls it."""
+        saved fp32 model must hold (without ZeRO, the fp16/bf16 optimizer wrapper holds them). A
+        collective under ZeRO: every rank calls it."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        without_zero = zero0_masters(self.engine.optimizer)
         state = {}
         for name, tensor in self.engine.module.state_dict(keep_vars=True).items():
             master = safe_get_full_fp32_param(tensor) if isinstance(tensor, torch.nn.Parameter) else None
+            if master is None:
+                master = without_zero.get(id(tensor))
             state[name] = (tensor if master is None else master).detach().to("cpu", copy=True)
         return state
 
