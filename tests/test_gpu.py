@@ -31,6 +31,7 @@ CONFIGS = os.path.join(REPO, "ds_configs")
 BF16_ADAM = os.path.join(CONFIGS, "gpu_base_bf16_zero1_fused-adam.json")
 FP16_ADAM = os.path.join(CONFIGS, "gpu_base_fp16_zero1_fused-adam.json")
 FP16_LAMB = os.path.join(CONFIGS, "gpu_base_fp16_zero0_fused-lamb.json")
+BF16_ZERO3 = os.path.join(CONFIGS, "gpu_large_bf16_zero3_fused-adam.json")
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +55,8 @@ def mean_mlm(metrics):
     return sum(m.mlm_loss for m in metrics) / len(metrics)
 
 
-@pytest.mark.parametrize("ds_config", [BF16_ADAM, FP16_ADAM, FP16_LAMB], ids=["bf16-adam", "fp16-adam", "fp16-lamb"])
+@pytest.mark.parametrize("ds_config", [BF16_ADAM, FP16_ADAM, FP16_LAMB, BF16_ZERO3],
+                         ids=["bf16-adam", "fp16-adam", "fp16-lamb", "bf16-zero3-adam"])
 def test_each_shipped_gpu_config_learns_on_the_gpu(data_dir, tmp_path, ds_config):
     # LAMB scales each layer's step by its weight norm over its update norm (clamped to [0.01, 10]):
     # on BERT's 0.02-scale initial weights that factor is near 0.01, hence its larger rate.
