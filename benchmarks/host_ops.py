@@ -7,9 +7,10 @@ more than the GPU can run, the GPU waits (one H200, BERT-base at 128 tokens, mic
 the GPU computed 60 ms of a 93-123 ms step; docs/PRETRAINING.md). The count does not depend on
 the device, so it is measured here on a CPU and compares DeepSpeed configs before a GPU run.
 
-- ours: ``pipeline.trainer.Trainer`` with ``--ds-config`` (each given file), one micro-batch
-  per step; counted with ``torch.profiler`` around ``pretraining_losses`` (forward),
-  ``engine.backward`` and ``engine.step``, each op once however deeply nested.
+- ours: ``pipeline.trainer.Trainer`` with ``--ds-config`` (each given file), ``--accumulation``
+  micro-batches per optimizer step (1 by default); counted with ``torch.profiler`` around
+  ``pretraining_losses`` (forward), ``engine.backward`` and ``engine.step``, each op once however
+  deeply nested.
 - plain: the same ``BertForPreTraining`` (sparse MLM head) in bf16, ``loss.backward()``,
   ``clip_grad_norm_`` and fused ``AdamW``, no DeepSpeed: what a one-GPU script does.
 

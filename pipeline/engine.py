@@ -137,8 +137,9 @@ def ensure_distributed_env() -> tuple[int, int, int]:
     """
     if "WORLD_SIZE" not in os.environ:
         for name in MPI_WORLD_SIZE:
-            if os.environ.get(name, "1").isdigit() and int(os.environ.get(name, "1")) > 1:
-                raise LaunchError(f"one of {os.environ[name]} processes ({name}={os.environ[name]}) without "
+            value = os.environ.get(name, "")
+            if value.isdigit() and int(value) > 1:
+                raise LaunchError(f"one of {value} processes ({name}={value}) without "
                                   "WORLD_SIZE: each would train alone as rank 0 of 1; launch with torchrun, the "
                                   "deepspeed launcher's default mode or slurm/pretrain.sh, which set RANK, "
                                   "LOCAL_RANK and WORLD_SIZE")
@@ -197,19 +198,39 @@ def end_distributed() -> None:
 
 def zero0_masters(optimizer) -> dict:
     """{id(16-bit parameter): its fp32 master} of DeepSpeed's mixed-precision optimizers without
-    ZeRO (FP16_Optimizer: flat per group; FP16_UnfusedOptimizer, as with LAMB or a torch optimizer:
-    per parameter), used for fp16 and, in DeepSpeed 0.19, for bf16 without ZeRO. Empty for any other
+    ZeRO, used for fp16 and, in DeepSpeed 0.19, for bf16 without ZeRO. Empty for any other
     optimizer: ZeRO's masters are reached with deepspeed.utils.safe_get_full_fp32_param."""
-    low = getattr(optimizer, "fp16_groups", None)
-    if low is None:
-        return {}
-    if hasattr(optimizer, "fp32_groups"):
-        high = optimizer.fp32_groups
-    elif hasattr(optimizer, "fp32_groups_flat"):
-        high = [flat.split([p.numel() for p in group]) for flat, group in zip(optimizer.fp32_groups_flat, low)]
+    groups = getattr(optimizer, "fp16_groups", None)
+    return {} if groups is None else masters_by_param(groups, vars(optimizer))
+
+
+def masters_by_param(groups: list, state) -> dict:
+    """{id(parameter): its fp32 master}, ``groups`` the optimizer's parameter groups (lists of
+    parameters) and ``state`` what holds the masters in the same order, an fp16 optimizer wrapper's
+    attributes or its saved state: ``fp32_groups`` (FP16_UnfusedOptimizer, as with LAMB or a torch
+    optimizer: a tensor per parameter) or ``fp32_groups_flat`` (FP16_Optimizer: one flat tensor
+    per group). Empty when ``state`` holds neither; a ValueError when the sizes disagree."""
+    if "fp32_groups" in state:
+        masters = [list(group) for group in state["fp32_groups"]]
+    elif "fp32_groups_flat" in state:
+        flats, sizes = state["fp32_groups_flat"], [sum(p.numel() for p in group) for group in groups]
+        if [flat.numel() for flat in flats] != sizes:
+            raise ValueError(f"its fp32 master weights hold {[flat.numel() for flat in flats]} values a "
+                             f"parameter group, the model {sizes}")
+        masters = [list(flat.split([p.numel() for p in group])) for flat, group in zip(flats, groups)]
     else:
         return {}
-    return {id(p): master.view(p.shape) for group, masters in zip(low, high) for p, master in zip(group, masters)}
+    if [len(m) for m in masters] != [len(g) for g in groups]:
+        raise ValueError(f"its fp32 master weights come in groups of {[len(m) for m in masters]} tensors, the "
+                         f"model's parameter groups have {[len(g) for g in groups]}")
+    by_id = {}
+    for group, group_masters in zip(groups, masters):
+        for p, master in zip(group, group_masters):
+            if master.numel() != p.numel():
+                raise ValueError(f"an fp32 master weight of {master.numel()} values for a parameter of shape "
+                                 f"{tuple(p.shape)}")
+            by_id[id(p)] = master.view(p.shape)
+    return by_id
 
 
 def linear_warmup_decay(steps: int, warmup: int):

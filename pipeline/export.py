@@ -153,36 +153,19 @@ class ModelMismatch(ExportError):
 
 
 def zero0_master_weights(optimizer_state: dict, model) -> dict:
-    """The fp32 master weights that DeepSpeed's fp16 optimizers without ZeRO save, by state-dict
-    name: ``fp32_groups`` (FP16_UnfusedOptimizer, as with LAMB: a tensor per parameter) or
-    ``fp32_groups_flat`` (FP16_Optimizer: one flat tensor per group), in the order of the
-    parameter groups the trainer gave the engine (``param_groups.weight_decay_groups``)."""
+    """The fp32 master weights that DeepSpeed's fp16 optimizers without ZeRO save
+    (``engine.masters_by_param``), by state-dict name, their order that of the parameter groups
+    the trainer gave the engine (``param_groups.weight_decay_groups``)."""
+    from pipeline.engine import masters_by_param
     from pipeline.param_groups import weight_decay_groups
 
     groups = [group["params"] for group in weight_decay_groups(model, 0.0)]
-    if "fp32_groups" in optimizer_state:
-        masters = [list(group) for group in optimizer_state["fp32_groups"]]
-    elif "fp32_groups_flat" in optimizer_state:
-        flats = optimizer_state["fp32_groups_flat"]
-        sizes = [sum(p.numel() for p in params) for params in groups]
-        if [flat.numel() for flat in flats] != sizes:
-            raise ModelMismatch(f"its fp32 master weights hold {[flat.numel() for flat in flats]} values a "
-                                f"parameter group, the model {sizes}")
-        masters = [list(flat.split([p.numel() for p in params])) for flat, params in zip(flats, groups)]
-    else:
-        return {}
-    if [len(m) for m in masters] != [len(g) for g in groups]:
-        raise ModelMismatch(f"its fp32 master weights come in groups of {[len(m) for m in masters]} tensors, the "
-                            f"model's parameter groups have {[len(g) for g in groups]}")
-    by_id = {}
-    for params, group in zip(groups, masters):
-        for p, master in zip(params, group):
-            if master.numel() != p.numel():
-                raise ModelMismatch(f"an fp32 master weight of {master.numel()} values for a parameter of shape "
-                                    f"{tuple(p.shape)}")
-            by_id[id(p)] = master.float().view(p.shape)
+    try:
+        by_id = masters_by_param(groups, optimizer_state)
+    except ValueError as err:
+        raise ModelMismatch(str(err)) from None
     # keep_vars: tied names (the MLM decoder and the word embeddings) share one parameter object
-    return {name: by_id[id(t)] for name, t in model.state_dict(keep_vars=True).items() if id(t) in by_id}
+    return {name: by_id[id(t)].float() for name, t in model.state_dict(keep_vars=True).items() if id(t) in by_id}
 
 
 def _client_state_globals() -> list:
