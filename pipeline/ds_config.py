@@ -130,4 +130,9 @@ def inject(config: dict, batches: BatchPlan, learning_rate: float, weight_decay:
     out["gradient_clipping"] = grad_clip
     optimizer = out.setdefault("optimizer", {"type": "AdamW"})
     optimizer.setdefault("params", {}).update(lr=learning_rate, weight_decay=weight_decay)
+    # DeepSpeed's throughput timer is on by default and, given no dataloader, brackets every
+    # micro-batch with two device-wide synchronizations: the host waits for the GPU to drain
+    # before each forward and after each step, so the GPU idles while the next kernels launch.
+    # The trainers time themselves; a file that wants the timer sets "timers" itself.
+    out.setdefault("timers", {"throughput": {"enabled": False}})
     return out

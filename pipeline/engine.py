@@ -261,6 +261,25 @@ def loss_scale(engine) -> float | None:
     return engine._get_optimizer_loss_scale() if engine.fp16_enabled() else None
 
 
+def unscaled_grad_norm(engine, norm, scale: float | None):
+    """DeepSpeed's reported gradient norm (``get_global_grad_norm``) made the true gradients' norm.
+
+    ``scale``: the loss scale the step's gradients carried, read before the step. ZeRO divides the
+    norm by it. Without ZeRO, DeepSpeed 0.19's fp16 wrappers do not: FP16_UnfusedOptimizer (around a
+    non-fused optimizer, as in the fp16 LAMB configs) reports the scaled gradients' norm (its
+    unfused_optimizer.py: "norm is in fact norm*scale"), and FP16_Optimizer divides by the scale as
+    the step left it, twice the right one at each step that raises the scale."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    optimizer = engine.optimizer
+    if norm is None or not scale or not isinstance(optimizer, (FP16_UnfusedOptimizer, FP16_Optimizer)):
+        return norm
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        return norm / scale
+    return norm * (optimizer.loss_scale_config.cur_scale / scale)
+
+
 def agree(flags: list[float], world_size: int, device="cpu") -> list[float]:
     """Each value's maximum over the ranks, so a flag is set if it is set on any rank: one
     all-reduce, which every rank must call."""

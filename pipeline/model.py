@@ -66,6 +66,20 @@ def build_model(config, sparse_mlm: bool = False):
     return (sparse_mlm_class() if sparse_mlm else BertForPreTraining)(config)
 
 
+def forward_attention_mask(host_mask, device_mask):
+    """The ``attention_mask`` a forward pass gets: None when the host copy of the 2-D mask has
+    no padding, else the device copy as a 4-D boolean mask (batch, 1, 1, length).
+
+    Given the 2-D mask, transformers tests it for padding on the device (``mask.all()`` in
+    ``masking_utils``): a host wait for the GPU on every forward, which leaves the GPU idle while
+    the next kernels launch. A 4-D mask it uses as it is, and with none SDPA may take its
+    unmasked (flash) kernels, as transformers would on a batch without padding. Same outputs.
+    """
+    if host_mask.numpy().all():  # the host copy: no wait (a device tensor would raise here)
+        return None
+    return device_mask.bool()[:, None, None, :]
+
+
 _SPARSE_CLASS = None
 
 

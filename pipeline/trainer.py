@@ -23,14 +23,20 @@ from tqdm import tqdm
 from pipeline import checkpoint, hf_init
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
-from pipeline.engine import PAD_MULTIPLE, agree, ensure_distributed_env, init_distributed, initialize, loss_scale
-from pipeline.model import FlopCounter, build_model, model_config
+from pipeline.engine import (PAD_MULTIPLE, agree, ensure_distributed_env, init_distributed, initialize, loss_scale,
+                             unscaled_grad_norm)
+from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.train_config import TrainConfig
 from preprocessing.examples import OBJECTIVES
 
 log = logging.getLogger(__name__)
 EXIT_STOPPED = 3  # a stop signal was honoured: checkpoint written, the job can requeue
 MAX_NONFINITE_STEPS = 10  # skipped non-finite steps in a row before the run is declared broken
+# Skipped updates in a row, whatever the loss, before the run is declared broken: fp16's scaler
+# halves its scale on each overflow (2^16 reaches the usual minimum of 1 within 20 skips), and an
+# optimizer still overflowing at its minimum scale skips every update from then on (DeepSpeed's
+# unfused fp16 optimizer, of the LAMB configs, does not raise there), the loss still finite.
+MAX_SKIPPED_UPDATES = 100
 
 
 @dataclasses.dataclass
@@ -60,16 +66,18 @@ class StepMetrics:
 def pretraining_losses(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mlm loss, nsp loss, detached counts [mlm hits, masked tokens, nsp hits, real tokens])
     of one micro-batch, on the engine's device. ``batch`` as PretrainingDataset.batch gives it."""
-    device = engine.device
+    device, host_mask = engine.device, batch["attention_mask"]
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
     mlm_labels, nsp = batch.pop("mlm_labels"), batch.pop("next_sentence_label")
+    real_tokens = batch["attention_mask"].sum()
+    batch["attention_mask"] = forward_attention_mask(host_mask, batch["attention_mask"])
     mlm_logits, nsp_logits = engine(**batch)  # the sparse head: masked positions only
     mlm = F.cross_entropy(mlm_logits.float(), mlm_labels)
     nsp_loss = F.cross_entropy(nsp_logits.float(), nsp)
     with torch.no_grad():
         # new_full, not new_tensor: a tensor made from a host value is a copy the host waits for.
         counts = torch.stack([(mlm_logits.argmax(-1) == mlm_labels).sum(), mlm_labels.new_full((), len(mlm_labels)),
-                              (nsp_logits.argmax(-1) == nsp).sum(), batch["attention_mask"].sum()])
+                              (nsp_logits.argmax(-1) == nsp).sum(), real_tokens])
     return mlm, nsp_loss, counts
 
 
@@ -154,7 +162,7 @@ class Trainer:
         self.step = 0
         self.flops = FlopCounter.for_config(self.model_config)
         self.final_eval: dict[str, float] = {}
-        self._nonfinite = 0
+        self._nonfinite = self._skipped = 0
         self._saved_at, self._saved_step = time.monotonic(), None
         self._resume()
         self.loader = PretrainingLoader(self.dataset, self.sampler)
@@ -258,6 +266,7 @@ class Trainer:
         """
         totals = torch.zeros(3, device=self.engine.device)
         counts = torch.zeros(4, dtype=torch.long, device=self.engine.device)
+        step_scale = loss_scale(self.engine)  # the one the step's gradients carry; the step may change it
         for _ in range(self.batches.accumulation_steps):
             mlm, nsp_loss, batch_counts = pretraining_losses(self.engine, next(self.loader))
             loss = mlm + nsp_loss * self.nsp_weight
@@ -270,7 +279,8 @@ class Trainer:
         seqs = n * self.config.engine.micro_batch_size
         # Each transfer to the host waits for the GPU to finish all it was given, and the GPU then
         # idles until the host sends more: the sums, counts and gradient norm come back in one.
-        grad_norm = self.engine.get_global_grad_norm()  # a device tensor, a float or None
+        # a device tensor, a float or None
+        grad_norm = unscaled_grad_norm(self.engine, self.engine.get_global_grad_norm(), step_scale)
         on_device = [totals.double(), counts.double()]
         if torch.is_tensor(grad_norm):
             on_device.append(grad_norm.detach().reshape(1).to(totals.device, torch.float64))
@@ -363,6 +373,11 @@ class Trainer:
         Decided from what every rank agreed on, so all ranks raise NonFiniteLoss at the same step:
         ``bad_rank`` is the lowest rank whose step is not finite (``StepMetrics.finite``; None:
         every step is) and ``applied`` whether any rank applied its update."""
+        self._skipped = 0 if applied else self._skipped + 1
+        if self._skipped >= MAX_SKIPPED_UPDATES:
+            raise NonFiniteLoss(f"{self._skipped} updates in a row skipped up to step {self.step} (gradients not "
+                                "finite; fp16: even at the minimum loss scale): stopping every rank; the last "
+                                "checkpoint holds the weights from before (lower --learning-rate, or use bf16)")
         if bad_rank is None:
             self._nonfinite = 0
             return
@@ -403,8 +418,9 @@ class Trainer:
             "sequences_per_second": seqs / max(seconds, 1e-9),
             "real_tokens_per_second": tokens / max(seconds, 1e-9),
             "real_token_share": self.loader.real_token_share,
-            "grad_norm": float(np.nanmean([m.grad_norm for m in window])) if any(
-                np.isfinite(m.grad_norm) for m in window) else float("nan"),
+            # over the applied updates: a skipped one reports inf (fp16 overflow), which would blank it
+            "grad_norm": float(np.mean(finite_norms)) if (finite_norms := [
+                m.grad_norm for m in window if np.isfinite(m.grad_norm)]) else float("nan"),
         }
         if self.engine.fp16_enabled():
             values["loss_scale"] = window[-1].loss_scale

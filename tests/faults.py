@@ -8,8 +8,8 @@ between runs):
   out-of-memory: the other ranks wait in backward's all-reduce)
 - ``nan-loss:S``, ``nan-loss-from:S``, ``nan-loss-on-rank:R:S``: a NaN loss at step S, at every
   step from S, or at every step from S on rank R only
-- ``nan-grad:S``: a finite loss whose gradients are NaN at step S (an overflow inside the
-  backward pass), on every rank
+- ``nan-grad:S``, ``nan-grad-from:S``: a finite loss whose gradients are NaN at step S (an
+  overflow inside the backward pass), or at every step from S, on every rank
 - ``kill-during-save:S``: ``kill -9`` once DeepSpeed wrote step S's checkpoint files, before the
   tag is marked complete
 - ``enospc-during-save:S``: a disk that filled up while step S was saved (the last file cut short)
@@ -34,7 +34,7 @@ def _step_fault(fault: str, rank: int, step: int) -> str | None:
     if fault == f"nan-loss:{step}" or (parts[0] == "nan-loss-from" and step >= int(parts[1])) or (
             parts[0] == "nan-loss-on-rank" and int(parts[1]) == rank and step >= int(parts[2])):
         return "nan"
-    if fault == f"nan-grad:{step}":
+    if fault == f"nan-grad:{step}" or (parts[0] == "nan-grad-from" and step >= int(parts[1])):
         return "nan-grad"
     return None
 

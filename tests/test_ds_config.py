@@ -73,6 +73,8 @@ def test_injected_config_drives_a_real_deepspeed_engine(monkeypatch):
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                    config=config)
     assert engine.gradient_accumulation_steps() == 2 and engine.train_batch_size() == 8
+    # Its throughput timer would synchronize the device twice per micro-batch.
+    assert not engine.tput_timer.config.enabled
     assert optimizer.param_groups[0]["lr"] == 1e-3
     before = [p.detach().clone() for p in model.parameters()]
     batch = {"input_ids": torch.randint(5, 500, (4, 32)), "labels": torch.randint(5, 500, (4, 32)),
@@ -126,3 +128,42 @@ def test_every_config_follows_the_readme_rules(name):
     if stage == 3:
         # Prefetch is capped by the live-parameter budget: a smaller budget would starve it.
         assert zero.get("stage3_prefetch_bucket_size", 5e7) <= zero.get("stage3_max_live_parameters", 1e9)
+
+
+@pytest.mark.parametrize("kind", ["FP16_UnfusedOptimizer", "FP16_Optimizer"])
+def test_the_logged_gradient_norm_is_of_the_unscaled_gradients(kind, monkeypatch):
+    """DeepSpeed's unfused fp16 optimizer (the fp16 LAMB configs) reports the norm of the
+    loss-scaled gradients, its fused one divides by the scale after a step that doubled it;
+    unscaled_grad_norm gives the true norm for both. DeepSpeed runs fp16 on GPUs only: the
+    optimizer wrappers are built here on the CPU."""
+    import types
+
+    import torch
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.loss_scaler import (CONSECUTIVE_HYSTERESIS, DELAYED_SHIFT, INITIAL_LOSS_SCALE,
+                                                    MIN_LOSS_SCALE, SCALE_WINDOW)
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    from pipeline.engine import init_distributed, unscaled_grad_norm
+
+    set_one_process_world(monkeypatch)
+    init_distributed()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).half()
+    wrapper = {"FP16_UnfusedOptimizer": FP16_UnfusedOptimizer, "FP16_Optimizer": FP16_Optimizer}[kind]
+    optimizer = wrapper(torch.optim.SGD(model.parameters(), lr=0.0), dynamic_loss_scale=True,
+                        dynamic_loss_args={INITIAL_LOSS_SCALE: 2 ** 10, SCALE_WINDOW: 1, MIN_LOSS_SCALE: 1,
+                                           DELAYED_SHIFT: 1, CONSECUTIVE_HYSTERESIS: False})
+    for _ in range(2):  # the second step doubles the scale (a window of 1 step without overflow)
+        scale = optimizer.loss_scale_config.cur_scale
+        optimizer.zero_grad()
+        optimizer.backward(model(torch.randn(8, 16).half()).float().pow(2).mean())
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        true_norm = torch.linalg.vector_norm(grads) / scale
+        optimizer.step()
+    assert optimizer.loss_scale_config.cur_scale == 2 * scale  # the step changed the scale: the one before it counts
+    reported = float(optimizer._global_grad_norm)
+    engine = types.SimpleNamespace(optimizer=optimizer)
+    assert float(unscaled_grad_norm(engine, reported, scale)) == pytest.approx(float(true_norm), rel=1e-3)
+    # what DeepSpeed reports is off: by the scale, or by the scale's doubling
+    assert reported == pytest.approx(float(true_norm) * (scale if kind == "FP16_UnfusedOptimizer" else 0.5), rel=1e-3)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pipeline.model import PRESETS, FlopCounter, ModelConfigError, build_model, model_config
+from pipeline.model import PRESETS, FlopCounter, ModelConfigError, build_model, forward_attention_mask, model_config
 
 MANIFEST = {"tokenizer": {"vocab_size": 8000, "special_ids": {"pad": 0, "unk": 1, "cls": 2, "sep": 3,
                                                                "mask": 4}},
@@ -119,3 +119,29 @@ def test_sparse_head_gives_the_stock_logits_at_the_masked_positions():
     assert mlm.shape == (4, 8000)
     torch.testing.assert_close(mlm, dense.prediction_logits.flatten(0, 1)[positions], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nsp, dense.seq_relationship_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_forward_mask_gives_the_stock_outputs_and_reads_nothing_on_the_host(padded):
+    """transformers tests a 2-D mask for padding with ``mask.all()`` on the device, a host wait on
+    a GPU; forward_attention_mask decides on the host copy and gives the same outputs."""
+    from .conftest import REPO
+    from .host_reads import HostReads
+
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", MANIFEST)).eval()  # no dropout: outputs compare exactly
+    ids = torch.randint(5, 8000, (3, 16))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 10:] = mask[2, 5:] = 0
+    stock = model(input_ids=ids, attention_mask=mask).prediction_logits
+    with HostReads(REPO) as stock_reads:
+        model(input_ids=ids, attention_mask=mask).prediction_logits.sum().backward()
+    assert stock_reads.sites and stock_reads.sites[0].startswith("transformers/masking_utils.py")
+    forward_mask = forward_attention_mask(mask, mask.clone())
+    assert (forward_mask is None) == (not padded)
+    with HostReads(REPO) as reads:
+        ours = model(input_ids=ids, attention_mask=forward_mask).prediction_logits
+        ours.sum().backward()
+    assert reads.sites == []
+    torch.testing.assert_close(ours, stock, rtol=0, atol=0)

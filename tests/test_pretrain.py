@@ -1,5 +1,6 @@
 """The DeepSpeed trainer on real shards: it learns, and a stopped run resumes exactly."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.engine import free_port
 from pipeline.train_config import TrainConfig
-from pipeline.trainer import EXIT_STOPPED, Trainer
+from pipeline.trainer import EXIT_STOPPED, Trainer, pretraining_losses
 
 from . import faults
 from .conftest import REPO, set_one_process_world
@@ -202,6 +203,25 @@ def test_a_skipped_nan_step_is_survived_but_a_lasting_one_stops_the_run(data_dir
         trainer.train()
 
 
+def test_updates_skipped_for_ever_under_a_finite_loss_stop_the_run(data_dir, tmp_path, monkeypatch):
+    """An fp16 optimizer overflowing at its minimum loss scale skips every update while the loss
+    stays finite; so does ZeRO's overflow check (the CPU config) on NaN gradients, here."""
+    from pipeline import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "MAX_SKIPPED_UPDATES", 5)
+    faults.inject(monkeypatch, "nan-grad-from:3")
+    trainer = Trainer(config(data_dir, tmp_path, steps=20, log_every=4))
+    seen = []
+    with pytest.raises(FloatingPointError, match="5 updates in a row skipped up to step 7"):
+        trainer.train(on_step=lambda t, m: seen.append((m.loss, m.applied, m.grad_norm)))
+    assert [applied for _, applied, _ in seen] == [True, True] + [False] * 5
+    assert np.isfinite([loss for loss, _, _ in seen]).all()
+    # The first log window (2 applied updates, 2 skipped) reports the applied ones' mean norm.
+    logged = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert logged["step"] == 4 and logged["grad_norm"] == pytest.approx(np.mean([n for *_, n in seen[:2]]))
+    assert not np.isfinite(seen[2][2])
+
+
 
 def _run_pretrain(args, nproc, tmp_path, launcher="torchrun"):
     import json
@@ -381,3 +401,21 @@ def test_rng_state_restores_every_generator_draw_for_draw():
     first = (random.random(), np.random.rand(), torch.rand(3).tolist())
     checkpoint.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(3).tolist()) == first
+
+
+def test_a_micro_batch_reads_no_tensor_on_the_host_in_this_project_or_transformers(data_dir, tmp_path, capsys):
+    """On a GPU each such read is a wait for the device (tests/test_gpu.py checks the same with
+    CUDA's sync debug mode); DeepSpeed's own are printed, not failed."""
+    from .host_reads import HostReads
+
+    trainer = Trainer(config(data_dir, tmp_path))
+    trainer.train_step()
+    batch = next(trainer.loader)
+    assert not batch["attention_mask"].all()  # a padded batch: the mask is passed, not dropped
+    with HostReads(REPO) as reads:
+        mlm, nsp, counts = pretraining_losses(trainer.engine, batch)
+        trainer.engine.backward(mlm + nsp)
+    with capsys.disabled():
+        print("host reads in a micro-batch:", reads.sites or "none")
+    assert not [s for s in reads.sites if s.startswith(("pipeline", "transformers"))], reads.sites
+    trainer.loader.close()
