@@ -9,11 +9,14 @@
 Writes OUTPUT_DIR/model (Hugging Face, best validation epoch, label mapping in its config),
 report.json (test metrics, confusion matrix) and confusion_matrix.png; rank 0 logs one MLflow
 run (stage=finetune, tags pretrain_run_id and data_run_id). Exit code 0, or 2 with one line
-naming the file, row or flag for bad data, flags or model.
+naming the file, row or flag for bad data, flags or model; 128 + N after stop signal N
+(SIGTERM, SIGUSR1: SLURM's time limit, scancel, preemption), its MLflow run KILLED. Fine-tuning
+keeps no mid-run checkpoint: a stopped run is started again.
 """
 
 import logging
 import os
+import signal
 import sys
 
 if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
@@ -28,11 +31,31 @@ from pipeline.finetuning.report import log_to_mlflow, write_report  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 
 USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfigError, LaunchError)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Stopped(Exception):
+    """A stop signal: raised where the process is, so that the MLflow run still ends."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def _stopped(stop: Stopped) -> int:
+    print(f"error: stopped by {stop}: fine-tuning keeps no checkpoint; run it again to fine-tune", file=sys.stderr)
+    return 128 + stop.signum
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    for sig in STOP_SIGNALS:  # the default action would kill the process with its MLflow run RUNNING
+        signal.signal(sig, _stop)
     from pipeline.finetuning.trainer import Finetuner
 
     try:
@@ -40,6 +63,8 @@ def main(argv=None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        return _stopped(stop)
     tracker = None
     if config.mlflow and finetuner.is_rank0:
         info = finetuner.pretrained_info
@@ -71,6 +96,9 @@ def main(argv=None) -> int:
         status = "FINISHED"
         end_distributed()
         return 0
+    except Stopped as stop:
+        status = "KILLED"
+        return _stopped(stop)
     finally:
         if tracker:
             tracker.finish(status)

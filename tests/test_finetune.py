@@ -198,14 +198,22 @@ def test_a_bf16_run_saves_its_fp32_master_weights_not_their_bf16_copies(pretrain
     ds_config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
                                      "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
     finetuner = Finetuner(finetune_config(pretrained, tmp_path / "out", reviews, ds_config=str(ds_config), epochs=1))
+    module, full_precision_state, in_bf16 = finetuner.engine.module, finetuner._full_precision_state, {}
+
+    def keep_best():  # the bf16 weights the engine trains, as the best epoch's masters are taken
+        in_bf16.update({n: p.detach().clone() for n, p in module.named_parameters()})
+        return full_precision_state()
+
+    finetuner._full_precision_state = keep_best
     finetuner.train()
-    module = finetuner.engine.module
-    assert next(module.parameters()).dtype == torch.bfloat16
-    in_bf16 = {n: p.detach().clone() for n, p in module.named_parameters()}  # the best epoch's, loaded
+    assert next(iter(in_bf16.values())).dtype == torch.bfloat16
+    # The test report is computed with what is saved: the fp32 masters, not their bf16 copies.
+    assert all(p.dtype == torch.float32 and torch.equal(p, finetuner._best_state[n])
+               for n, p in module.named_parameters())
     saved = load_file(os.path.join(finetuner.save_model(str(tmp_path / "model")), "model.safetensors"))
     names = [n for n, p in module.named_parameters()]
     assert set(names) <= set(saved)
-    # the masters: they round to the module's bf16 weights, and most hold more than bf16 can
+    # the masters: they round to the engine's bf16 weights, and most hold more than bf16 can
     for name in names:
         assert torch.equal(saved[name], finetuner._best_state[name]), name
         assert torch.equal(saved[name].to(torch.bfloat16), in_bf16[name]), name
@@ -417,6 +425,44 @@ def test_one_and_two_ranks_give_the_same_run(pretrained, reviews, tmp_path):
         assert b["validation/accuracy"] == a["validation/accuracy"]
     assert two_report["test"]["accuracy"] == one_report["test"]["accuracy"]
     assert two_report["confusion_matrix"] == one_report["confusion_matrix"]
+
+
+@pytest.mark.e2e
+def test_a_stop_signal_ends_fine_tuning_with_its_mlflow_run_killed(pretrained, reviews, tmp_path, mlflow_server):
+    """SLURM's time limit, scancel and preemption send SIGTERM (or the batch script's SIGUSR1):
+    the run must end KILLED, not stay RUNNING, and leave no model that looks finished."""
+    import signal
+    import time
+
+    import mlflow
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "from": "an earlier run"}\n')
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "--model", pretrained, "--data", reviews, "--label-column", "category",
+         "--drop-label", "plot", "--epochs", "500", "--output-dir", str(out), "--run-name", "ft-stopped"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env(MLFLOW_TRACKING_URI=mlflow_server))
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            if epochs and "from" not in epochs[0]:
+                break  # this run's first epoch is done
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "error: stopped by SIGTERM: fine-tuning keeps no checkpoint" in stderr
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == list(range(1, len(epochs) + 1)) and len(epochs) < 500
+    assert not (out / "model").exists() and not (out / "report.json").exists()
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("bert-pipeline").experiment_id],
+                             filter_string="attributes.run_name = 'ft-stopped'")[0]
+    assert run.info.status == "KILLED"
 
 
 @pytest.mark.e2e

@@ -33,6 +33,7 @@ from pipeline.finetuning.data import Examples, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, read_training_info,
                                        resolve_model_dir)
 from pipeline.metrics import CLASSIFICATION_METRICS, LOWER_IS_BETTER, confusion_matrix, per_class_report, task_metrics
+from pipeline.model import forward_attention_mask
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,13 @@ def collate(split: Encoded, rows: np.ndarray, pad_id: int, task: str) -> dict[st
     return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
             "attention_mask": torch.from_numpy(mask),
             "labels": labels.long() if task == "classification" else labels.float()}
+
+
+def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """A collated batch as the model's forward takes it on ``device`` (see forward_attention_mask)."""
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    moved["attention_mask"] = forward_attention_mask(batch["attention_mask"], moved["attention_mask"])
+    return moved
 
 
 @dataclasses.dataclass
@@ -190,7 +198,7 @@ class Finetuner:
         for step, micro_batches in enumerate(self.epoch_micro_batches(epoch)):
             for rows in micro_batches:
                 batch = collate(self.splits["train"], rows, pad, self.task)
-                out = self.engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+                out = self.engine(**on_device(batch, device))
                 self.engine.backward(out.loss)
                 self.engine.step()
                 loss_sum += out.loss.detach().double()
@@ -239,8 +247,7 @@ class Finetuner:
             positions = by_length[start:start + self.config.eval_batch_size]
             batch = collate(data, mine[positions], self.tokenizer.pad_token_id, self.task)
             batch.pop("labels")
-            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-            local[positions] = module(**batch).logits.float().cpu().numpy()
+            local[positions] = module(**on_device(batch, self.engine.device)).logits.float().cpu().numpy()
         if self.world_size == 1:
             return local
         gathered = [None] * self.world_size
@@ -276,6 +283,8 @@ class Finetuner:
         progress = tqdm(total=self.total_steps, desc="fine-tuning", unit="step",
                         disable=not (self.is_rank0 and sys.stderr.isatty()), dynamic_ncols=True, mininterval=1.0)
         stale = 0
+        if self.is_rank0:  # this run's epochs only, not a previous run's in the same OUTPUT_DIR
+            open(os.path.join(self.config.output_dir, "metrics.jsonl"), "w").close()
         try:
             for epoch in range(1, self.config.epochs + 1):
                 loss, seconds, sequences = self.train_epoch(epoch, progress)
@@ -295,7 +304,9 @@ class Finetuner:
                     break
         finally:
             progress.close()
-        self.engine.module.load_state_dict(self._best_state)
+        # At full precision (under bf16/fp16 the module holds 16-bit copies): the test report then
+        # measures the weights save_model writes. Training is over; nothing steps the engine again.
+        self.engine.module.float().load_state_dict(self._best_state)
         return self.best
 
     def _full_precision_state(self) -> dict[str, torch.Tensor]:
@@ -353,7 +364,7 @@ class Finetuner:
             report["labels"] = self.data.labels
             test_matrix = confusion_matrix(self.splits["test"].labels, outputs.argmax(-1), k)
             report["confusion_matrix"] = test_matrix.tolist()
-            # Validation again with the best weights, now loaded: the same outputs as in the best epoch.
+            # Validation again with the best weights, now loaded at full precision, as saved.
             validation_matrix = confusion_matrix(self.splits["validation"].labels,
                                                  self.predict("validation").argmax(-1), k)
             report["per_class"] = {"validation": per_class_report(validation_matrix, self.data.labels),
@@ -364,9 +375,7 @@ class Finetuner:
 
     def save_model(self, directory: str) -> str:
         """The best weights in Hugging Face format, fp32, with the tokenizer and the label mapping."""
-        model = self.engine.module.float()
-        if self._best_state is not None:  # the masters, which the 16-bit module only approximates
-            model.load_state_dict(self._best_state)
+        model = self.engine.module.float()  # after train(), already the best epoch's fp32 masters
         model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         return directory
