@@ -60,10 +60,16 @@ def plan_batches(global_batch_size: int, micro_batch_size: int, world_size: int)
         raise DsConfigError("--global-batch-size and --micro-batch-size must be positive")
     if global_batch_size % per_step:
         lower = max(per_step, global_batch_size // per_step * per_step)
-        raise DsConfigError(
-            f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size "
-            f"{micro_batch_size} x {world_size} processes = {per_step}; use {lower} or "
-            f"{lower + per_step}, or change --micro-batch-size")
+        sizes = f"{lower} or {lower + per_step}"
+        if global_batch_size % world_size:
+            fix = f"use {sizes} (a multiple of the {world_size} processes)"
+        else:  # e.g. fine-tuning's batch of 32 on 8 GPUs: a smaller micro-batch keeps the recipe's batch
+            per_process = global_batch_size // world_size
+            micro = max(d for d in range(1, min(micro_batch_size, per_process) + 1) if per_process % d == 0)
+            fix = (f"use --micro-batch-size {micro} ({per_process // micro} accumulation step"
+                   f"{'s' if per_process // micro > 1 else ''}), or --global-batch-size {sizes}")
+        raise DsConfigError(f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size "
+                            f"{micro_batch_size} x {world_size} processes = {per_step}; {fix}")
     return BatchPlan(global_batch_size, micro_batch_size, world_size, global_batch_size // per_step)
 
 

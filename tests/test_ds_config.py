@@ -53,8 +53,15 @@ def test_batch_arithmetic_is_exact_or_a_clear_error():
     plan = plan_batches(256, 16, 4)
     assert plan.accumulation_steps == 4
     with pytest.raises(DsConfigError, match=r"--global-batch-size 250 is not divisible by --micro-batch-size "
-                                            r"16 x 4 processes = 64; use 192 or 256"):
+                                            r"16 x 4 processes = 64; use 192 or 256 \(a multiple of the 4 "):
         plan_batches(250, 16, 4)
+    # fine-tuning's defaults (32 = 32 x accumulation) on 8 GPUs: the micro-batch is what to change
+    with pytest.raises(DsConfigError, match=r"= 256; use --micro-batch-size 4 \(1 accumulation step\), or "
+                                            r"--global-batch-size 256 or 512$"):
+        plan_batches(32, 32, 8)
+    with pytest.raises(DsConfigError, match=r"use --micro-batch-size 6 \(2 accumulation steps\)"):
+        plan_batches(12, 8, 1)
+    assert plan_batches(32, 4, 8).accumulation_steps == 1 and plan_batches(12, 6, 1).accumulation_steps == 2
 
 
 def test_injected_config_drives_a_real_deepspeed_engine(monkeypatch):
