@@ -39,11 +39,13 @@ class EngineConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 42
+    dist_timeout_minutes: float = 10.0
 
     def __post_init__(self):
         checks = [
             (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
             (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
+            (self.dist_timeout_minutes > 0, f"--dist-timeout-minutes must be > 0, got {self.dist_timeout_minutes}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,6 +92,12 @@ def add_engine_flags(group, engine: EngineConfig, seed_help: str | None = None) 
                        help="AdamW/LAMB weight decay (never on biases and LayerNorm weights)")
     group.add_argument("--grad-clip", type=float, default=engine.grad_clip, help="gradient norm clipping (0 = off)")
     group.add_argument("--seed", type=int, default=engine.seed, help=seed_help)
+    group.add_argument("--dist-timeout-minutes", type=float, default=engine.dist_timeout_minutes,
+                       help="how long a rank waits in a collective (all-reduce, barrier) for the others before it "
+                            "fails: the last resort when a rank hangs without exiting, or a node is lost with no "
+                            "launcher to end the rest (a rank that exits is noticed in seconds). It must exceed the "
+                            "longest wait a healthy run has: one rank's checkpoint write or export, a first-run op "
+                            "build (10 = DeepSpeed's default)")
 
 
 def add_launcher_flag(parser: argparse.ArgumentParser) -> None:

@@ -36,7 +36,6 @@ class TrainConfig:
     checkpoint_minutes: float = 0.0
     keep_checkpoints: int = 2
     resume: str = "auto"
-    dist_timeout_minutes: float = 10.0
     peak_tflops: float = 0.0
     eval_shards: int | None = None  # None: 1 when the data has 2+ shards, else 0
     eval_every: int = 0
@@ -64,7 +63,6 @@ class TrainConfig:
             (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.checkpoint_minutes >= 0, f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}"),
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
-            (self.dist_timeout_minutes > 0, f"--dist-timeout-minutes must be > 0, got {self.dist_timeout_minutes}"),
             (self.eval_shards is None or self.eval_shards >= 0,
              f"--eval-shards must be >= 0, got {self.eval_shards}"),
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
@@ -117,12 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="complete checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)")
     p.add_argument("--resume", default=d.resume,
                    help="auto (newest complete checkpoint in --run-dir, if any), none, or a checkpoint tag")
-    p.add_argument("--dist-timeout-minutes", type=float, default=d.dist_timeout_minutes,
-                   help="how long a rank waits in a collective (all-reduce, barrier) for the others before it "
-                        "fails: the last resort when a rank hangs without exiting, or a node is lost with no "
-                        "launcher to end the rest (a rank that exits is noticed in seconds). It must exceed the "
-                        "longest wait a healthy run has: one rank's checkpoint write, a first-run op build "
-                        "(10 = DeepSpeed's default)")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
                    help="the hardware's dense peak TFLOP/s per process, to report mfu_model and mfu_executed "
                         "(0 = not reported; bf16/fp16 on H100 SXM and H200: 989.5, A100: 312)")

@@ -148,7 +148,7 @@ class Trainer:
             self.batches.global_batch_size)
         if self.resume_plan and self.resume_plan.universal:
             self.ds_config = checkpoint.universal_load_config(self.ds_config)
-        init_distributed(config.dist_timeout_minutes)
+        init_distributed(settings.dist_timeout_minutes)
         self.engine, self.optimizer, self.scheduler = initialize(model, settings, self.ds_config, config.steps,
                                                                  config.warmup_steps)
         self.sampler = BatchSampler(self.dataset.lengths[:self.train_rows], settings.micro_batch_size,

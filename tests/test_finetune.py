@@ -187,6 +187,26 @@ def test_nan_gradients_under_a_finite_loss_stop_bf16_fine_tuning_without_the_ove
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
+def test_a_skipped_update_is_counted_and_fine_tuning_goes_on(pretrained, reviews, tmp_path, monkeypatch):
+    from pipeline.finetuning.trainer import Finetuner
+
+    from .faults import nan_gradient
+
+    # The CPU config's ZeRO overflow check skips an update with NaN gradients, as fp16's loss scaler does.
+    finetuner = Finetuner(finetune_config(pretrained, tmp_path / "out", reviews, epochs=2))
+    backward, calls = finetuner.engine.backward, []
+
+    def nan_on_the_third(loss, *args, **kwargs):
+        calls.append(loss.item())
+        return backward(nan_gradient(loss) if len(calls) == 3 else loss, *args, **kwargs)
+
+    monkeypatch.setattr(finetuner.engine, "backward", nan_on_the_third)
+    finetuner.train()
+    epochs = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [e["train/skipped_steps"] for e in epochs] == [1, 1] and "train/loss_scale" not in epochs[0]
+    assert all(torch.isfinite(p).all() for p in finetuner.engine.module.parameters())
+
+
 @pytest.mark.parametrize("stage", [0, 1])
 def test_a_bf16_run_saves_its_fp32_master_weights_not_their_bf16_copies(pretrained, reviews, tmp_path, stage):
     from safetensors.torch import load_file

@@ -73,9 +73,17 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_a_checkpoint(data
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "step00000004")
 
 
-def test_the_process_group_timeout_is_a_positive_number_of_minutes():
-    from pipeline.train_config import TrainConfig, TrainConfigError, parse_args
+def test_the_process_group_timeout_is_a_positive_number_of_minutes_in_both_stages(capsys):
+    from pipeline.engine import EngineConfigError
+    from pipeline.finetuning.config import parse_args as finetune_args
+    from pipeline.train_config import TrainConfig, parse_args
 
-    assert parse_args(["--data", "d", "--dist-timeout-minutes", "0.5"]).dist_timeout_minutes == 0.5
-    with pytest.raises(TrainConfigError, match="--dist-timeout-minutes must be > 0, got 0"):
-        TrainConfig(data="d", dist_timeout_minutes=0)
+    assert parse_args(["--data", "d", "--dist-timeout-minutes", "0.5"]).engine.dist_timeout_minutes == 0.5
+    assert parse_args(["--data", "d"]).engine.dist_timeout_minutes == 10  # DeepSpeed's default
+    assert finetune_args(["--model", "m", "--data", "d.csv", "--dist-timeout-minutes", "30"]
+                         ).engine.dist_timeout_minutes == 30
+    with pytest.raises(EngineConfigError, match="--dist-timeout-minutes must be > 0, got 0"):
+        TrainConfig.from_flat(data="d", dist_timeout_minutes=0)
+    with pytest.raises(SystemExit):
+        finetune_args(["--model", "m", "--data", "d.csv", "--dist-timeout-minutes", "-1"])
+    assert "--dist-timeout-minutes must be > 0, got -1" in capsys.readouterr().err

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from pipeline.ds_config import DsConfigError
-from pipeline.engine import PAD_MULTIPLE, ensure_distributed_env, init_distributed, initialize, zero0_masters
+from pipeline.engine import (PAD_MULTIPLE, ensure_distributed_env, init_distributed, initialize, loss_scale,
+                             zero0_masters)
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError
 from pipeline.finetuning.data import Examples, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, read_training_info,
@@ -113,7 +114,7 @@ class Finetuner:
         self.config = config
         settings = config.engine  # EngineConfig (self.engine: the DeepSpeed engine it builds)
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
-        init_distributed()
+        init_distributed(settings.dist_timeout_minutes)
         os.makedirs(config.output_dir, exist_ok=True)
         self.data = load_task_data(
             data=config.data, train=config.train, validation=config.validation, test=config.test,
@@ -328,7 +329,12 @@ class Finetuner:
     def _log_epoch(self, result: EpochResult, improved: bool, tracker) -> None:
         values = {"train/loss": result.train_loss, "train/sequences_per_second": result.sequences / result.seconds,
                   "learning_rate": self.scheduler.get_last_lr()[0],
+                  # updates skipped so far (fp16 overflow; ZeRO's overflow check): a skipped one also
+                  # leaves the learning-rate schedule a step behind
+                  "train/skipped_steps": float(self.engine.skipped_steps),
                   **{f"validation/{k}": v for k, v in result.validation.items()}}
+        if self.engine.fp16_enabled():
+            values["train/loss_scale"] = float(loss_scale(self.engine))
         if not self.is_rank0:
             return
         with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
