@@ -388,25 +388,40 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def _exclusive(lock_path: str):
-    """An exclusive ``flock`` on ``lock_path``, released on exit. Where none can be had (a
-    read-only dir, a filesystem without flock) the block runs unlocked."""
-    fd = None
+    """An exclusive ``flock`` on ``lock_path``, released on exit; yields whether it is held.
+    Where none can be had (a read-only dir, a filesystem without flock, as Lustre mounted
+    without it) the block runs unlocked."""
+    fd, locked = None, False
     with contextlib.suppress(OSError):
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     if fd is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             log.info("waiting for another process to finish the flat cache (lock %s)", lock_path)
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
         except OSError:
             pass
     try:
-        yield
+        yield locked
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+def _wait_for_cache(target: str, source: dict, poll_s: float = 1.0) -> None:
+    """Until another process (this node's local rank 0) has installed a current cache at ``target``."""
+    log.info("no file lock for the flat cache here: waiting for local rank 0 to convert it into %s", target)
+    started = last_note = time.monotonic()
+    while not _cache_is_current(target, source):
+        time.sleep(poll_s)
+        if time.monotonic() - last_note >= 600:
+            last_note = time.monotonic()
+            log.info("still waiting for local rank 0's flat cache in %s (%.0f min)", target,
+                     (last_note - started) / 60)
 
 
 def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> tuple[str, bool]:
@@ -414,7 +429,9 @@ def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> t
 
     ``cache_dir`` (default ``DATA_DIR/flat``) is this data dir's cache; it is converted
     when missing or stale. Processes starting together: one converts, the others wait on
-    the lock and then find it current.
+    the lock and then find it current. Where the filesystem grants no lock, each node's
+    local rank 0 converts and that node's other ranks wait for it: every rank converting
+    at once would write a copy each (8 a node), which on a shared filesystem can fill a quota.
     """
     target = os.path.abspath(cache_dir or os.path.join(data_dir, CACHE_DIR))
     source = cache_source(data_dir, manifest)
@@ -422,8 +439,11 @@ def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> t
         return target, False
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(target), exist_ok=True)
-    with _exclusive(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock")):
+    with _exclusive(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock")) as locked:
         if _cache_is_current(target, source):  # built while this process waited
+            return target, False
+        if not locked and int(os.environ.get("LOCAL_RANK") or 0) > 0:
+            _wait_for_cache(target, source)
             return target, False
         build_flat_cache(data_dir, manifest, target)
     return target, True
@@ -781,8 +801,8 @@ def padding_share(lengths: np.ndarray, batches: np.ndarray, max_seq_length: int,
 def _assemble(dataset: PretrainingDataset, rows: np.ndarray, pin_memory: bool, epoch: int
               ) -> dict[str, torch.Tensor]:
     batch = dataset.batch(rows, epoch)
-    if pin_memory:
-        batch = {k: v.pin_memory() for k, v in batch.items()}
+    if pin_memory:  # what goes to the GPU: the dense "labels" stay on the host
+        batch = {k: v if k == "labels" else v.pin_memory() for k, v in batch.items()}
     return batch
 
 

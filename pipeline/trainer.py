@@ -430,7 +430,7 @@ class Trainer:
             names = ["loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "real_token_share"]
             local = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.engine.device)
             torch.distributed.all_reduce(local)
-            values.update({n: float(v) / self.world_size for n, v in zip(names, local)})
+            values.update({n: v / self.world_size for n, v in zip(names, local.tolist())})  # one host read
         if self.config.peak_tflops:
             # Two MFUs (FlopCounter): mfu_model counts the dense model on full-length sequences, as
             # published figures do; mfu_executed what ran, at the window's mean real length and

@@ -325,6 +325,13 @@ OPEN_AT = textwrap.dedent("""
     import hashlib, json, sys, time
     from pipeline.data import PretrainingDataset, build_flat_cache, read_manifest
     data, start, how = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    if how == "no-flock":  # as on a filesystem mounted without flock (Lustre's default)
+        import errno, fcntl, os
+
+        def no_flock(fd, operation):
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+        fcntl.flock = no_flock
     time.sleep(max(0.0, start - time.time()))  # all processes begin the conversion together
     if how == "unlocked":
         build_flat_cache(data, read_manifest(data), data + "/flat")
@@ -335,10 +342,12 @@ OPEN_AT = textwrap.dedent("""
 
 
 def open_together(data, processes, how):
-    """``processes`` Python processes opening ``data`` at the same moment; their reports."""
+    """``processes`` Python processes opening ``data`` at the same moment (LOCAL_RANK 0, 1, …);
+    their reports."""
     start = time.time() + 6  # past their imports
     procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, data, str(start), how], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(processes)]
+                              env={**os.environ, "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(processes)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
@@ -348,6 +357,14 @@ def test_ranks_starting_together_convert_once(data_dir, tmp_path):
     data = copy_without_cache(data_dir, tmp_path / "data")
     reports = open_together(data, 3, "locked")
     assert sum(r["built"] for r in reports) == 1  # the others waited on the lock, then mapped its files
+    assert len({(r["rows"], r["digest"]) for r in reports}) == 1
+    assert leftovers(data) == []
+
+
+def test_without_file_locks_local_rank_0_converts_and_the_others_wait(data_dir, tmp_path):
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    reports = open_together(data, 3, "no-flock")
+    assert [r["built"] for r in reports] == [True, False, False]  # one copy a node, not one a rank
     assert len({(r["rows"], r["digest"]) for r in reports}) == 1
     assert leftovers(data) == []
 
