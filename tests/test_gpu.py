@@ -206,7 +206,8 @@ def test_the_compiled_encoder_matches_eager_on_the_gpu(data_dir, tmp_path):
 def test_a_micro_batch_never_waits_for_the_gpu_in_this_projects_code(data_dir, tmp_path):
     """The host must keep queuing kernels: a copy to the host (``.item()``, ``.tolist()``) or of
     a host value to the GPU waits for everything queued before it. CUDA's sync debug mode warns
-    at each such wait; none may come from pipeline/ (DeepSpeed's and transformers' own are listed)."""
+    at each such wait; none may come from pipeline/ or transformers (DeepSpeed's own are listed).
+    tests/test_pretrain.py checks the same on the CPU with a torch function mode."""
     import warnings
 
     trainer = Trainer(config(data_dir, tmp_path, steps=2, ds_config=BF16_ADAM))
@@ -225,5 +226,5 @@ def test_a_micro_batch_never_waits_for_the_gpu_in_this_projects_code(data_dir, t
             torch.cuda.set_sync_debug_mode("default")
     waits = [f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     print("host waits in a micro-batch:", waits or "none")
-    assert not [w for w in waits if w.startswith("pipeline" + os.sep)], waits
+    assert not [w for w in waits if w.startswith("pipeline" + os.sep) or f"{os.sep}transformers{os.sep}" in w], waits
     trainer.loader.close()
