@@ -386,42 +386,64 @@ def _umask() -> int:
     return mask
 
 
+# How long a rank waits, with no sign of a conversion in progress, before it converts the cache
+# itself (conversions are safe unlocked): local rank 0 may have failed, or not started yet.
+BUILD_GRACE_S = 300.0
+
+
 @contextlib.contextmanager
 def _exclusive(lock_path: str):
-    """An exclusive ``flock`` on ``lock_path``, released on exit; yields whether it is held.
-    Where none can be had (a read-only dir, a filesystem without flock, as Lustre mounted
-    without it) the block runs unlocked."""
-    fd, locked = None, False
+    """An exclusive ``flock`` on ``lock_path``, released on exit. Yields "held", "unsupported"
+    (the lock file exists but the filesystem grants no flock, as Lustre mounted without it) or
+    "unavailable" (no lock file: a read-only dir); without a lock the block runs unlocked."""
+    fd, state = None, "unavailable"
     with contextlib.suppress(OSError):
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     if fd is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
+            state = "held"
         except BlockingIOError:
             log.info("waiting for another process to finish the flat cache (lock %s)", lock_path)
-            with contextlib.suppress(OSError):
+            try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                locked = True
+                state = "held"
+            except OSError:
+                state = "unsupported"
         except OSError:
-            pass
+            state = "unsupported"
     try:
-        yield locked
+        yield state
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
 
 
-def _wait_for_cache(target: str, source: dict, poll_s: float = 1.0) -> None:
-    """Until another process (this node's local rank 0) has installed a current cache at ``target``."""
+def _converting_lately(target: str, within_s: float) -> bool:
+    """Whether a conversion into ``target``'s temporary dirs wrote anything in the last ``within_s``."""
+    parent, prefix, since = os.path.dirname(target), f".{os.path.basename(target)}.building-", time.time() - within_s
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if entry.name.startswith(prefix):
+                paths = [entry.path] + [f.path for f in os.scandir(entry.path)]
+                if any(os.stat(p).st_mtime >= since for p in paths):
+                    return True
+    return False
+
+
+def _wait_for_cache(target: str, source: dict, poll_s: float = 1.0) -> bool:
+    """True once another process (this node's local rank 0) has installed a current cache at
+    ``target``; False after BUILD_GRACE_S with no conversion in progress."""
     log.info("no file lock for the flat cache here: waiting for local rank 0 to convert it into %s", target)
-    started = last_note = time.monotonic()
+    active = time.monotonic()
     while not _cache_is_current(target, source):
+        if _converting_lately(target, BUILD_GRACE_S):
+            active = time.monotonic()
+        elif time.monotonic() - active > BUILD_GRACE_S:
+            log.warning("no conversion of %s in progress for %.0f s: converting it here", target, BUILD_GRACE_S)
+            return False
         time.sleep(poll_s)
-        if time.monotonic() - last_note >= 600:
-            last_note = time.monotonic()
-            log.info("still waiting for local rank 0's flat cache in %s (%.0f min)", target,
-                     (last_note - started) / 60)
+    return True
 
 
 def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> tuple[str, bool]:
@@ -439,11 +461,10 @@ def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> t
         return target, False
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(target), exist_ok=True)
-    with _exclusive(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock")) as locked:
+    with _exclusive(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock")) as lock:
         if _cache_is_current(target, source):  # built while this process waited
             return target, False
-        if not locked and int(os.environ.get("LOCAL_RANK") or 0) > 0:
-            _wait_for_cache(target, source)
+        if lock == "unsupported" and int(os.environ.get("LOCAL_RANK") or 0) > 0 and _wait_for_cache(target, source):
             return target, False
         build_flat_cache(data_dir, manifest, target)
     return target, True

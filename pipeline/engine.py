@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import logging
 import os
+import signal
 
 from pipeline.ds_config import DEFAULT_DS_CONFIG, BatchPlan, inject, load_ds_config, plan_batches
 
@@ -286,6 +288,24 @@ def unscaled_grad_norm(engine, norm, scale: float | None):
     if isinstance(optimizer, FP16_UnfusedOptimizer):
         return norm / scale
     return norm * (optimizer.loss_scale_config.cur_scale / scale)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (SLURM's time limit, scancel, preemption) on any rank; the ranks
+    agree on it through ``agree`` at a step boundary and stop together. Raising from the handler
+    instead would stop a rank wherever it is, while a peer blocked in a collective never runs its
+    own handler, and a second signal (SLURM sends several) would interrupt the clean-up."""
+
+    def __init__(self, action: str):
+        self.action, self.requested, self.signum = action, False, 0
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        logging.getLogger(__name__).warning("received signal %d: %s", signum, self.action)
+        self.requested, self.signum = True, self.signum or signum
 
 
 def agree(flags: list[float], world_size: int, device="cpu") -> list[float]:

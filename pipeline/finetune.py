@@ -10,13 +10,13 @@ Writes OUTPUT_DIR/model (Hugging Face, best validation epoch, label mapping in i
 report.json (test metrics, confusion matrix) and confusion_matrix.png; rank 0 logs one MLflow
 run (stage=finetune, tags pretrain_run_id and data_run_id). Exit code 0, or 2 with one line
 naming the file, row or flag for bad data, flags or model; 128 + N after stop signal N
-(SIGTERM, SIGUSR1: SLURM's time limit, scancel, preemption), its MLflow run KILLED. Fine-tuning
-keeps no mid-run checkpoint: a stopped run is started again.
+(SIGTERM, SIGUSR1: SLURM's time limit, scancel, preemption), on every rank at the same
+optimizer step, its MLflow run KILLED. Fine-tuning keeps no mid-run checkpoint: a stopped run
+is started again.
 """
 
 import logging
 import os
-import signal
 import sys
 
 if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
@@ -31,56 +31,37 @@ from pipeline.finetuning.report import log_to_mlflow, write_report  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 
 USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfigError, LaunchError)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Stopped(Exception):
-    """A stop signal: raised where the process is, so that the MLflow run still ends."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _stop(signum, frame):
-    raise Stopped(signum)
-
-
-def _stopped(stop: Stopped) -> int:
-    print(f"error: stopped by {stop}: fine-tuning keeps no checkpoint; run it again to fine-tune", file=sys.stderr)
-    return 128 + stop.signum
+def start_tracking(config, finetuner) -> Tracker:
+    """Rank 0's MLflow run: lineage tags, every flag and what the data and engine made of them."""
+    info, data = finetuner.pretrained_info, finetuner.data
+    tracker = Tracker("finetune", config.experiment, config.run_name,
+                      {"pretrain_run_id": str(info.get("pretrain_run_id")), "data_run_id": str(info.get("data_run_id"))})
+    tracker.log_params({**config_params(config), "world_size": finetuner.world_size,
+                        "accumulation_steps": finetuner.batches.accumulation_steps, "task_inferred": data.task,
+                        "best_metric": finetuner.metric, "labels": ",".join(data.labels),
+                        "model_dir": finetuner.hf_dir, "max_seq_length_used": finetuner.max_length,
+                        **{f"rows_{name}": len(split) for name, split in finetuner.splits.items()},
+                        **{f"rows_dropped_{name}": n for name, n in data.dropped.items()}})
+    tracker.log_json(finetuner.ds_config, "ds_config.json")
+    return tracker
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
-    for sig in STOP_SIGNALS:  # the default action would kill the process with its MLflow run RUNNING
-        signal.signal(sig, _stop)
-    from pipeline.finetuning.trainer import Finetuner
+    from pipeline.finetuning.trainer import Finetuner, Stopped
 
     try:
-        finetuner = Finetuner(config)
+        finetuner = Finetuner(config)  # from here a stop signal is agreed on at the next optimizer step
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Stopped as stop:
-        return _stopped(stop)
-    tracker = None
-    if config.mlflow and finetuner.is_rank0:
-        info = finetuner.pretrained_info
-        tracker = Tracker("finetune", config.experiment, config.run_name,
-                          {"pretrain_run_id": str(info.get("pretrain_run_id")),
-                           "data_run_id": str(info.get("data_run_id"))})
-        data = finetuner.data
-        tracker.log_params({**config_params(config), "world_size": finetuner.world_size,
-                            "accumulation_steps": finetuner.batches.accumulation_steps, "task_inferred": data.task,
-                            "best_metric": finetuner.metric, "labels": ",".join(data.labels),
-                            "model_dir": finetuner.hf_dir, "max_seq_length_used": finetuner.max_length,
-                            **{f"rows_{name}": len(split) for name, split in finetuner.splits.items()},
-                            **{f"rows_dropped_{name}": n for name, n in data.dropped.items()}})
-        tracker.log_json(finetuner.ds_config, "ds_config.json")
-    status = "FAILED"
+    tracker, status = None, "FAILED"
     try:
+        if config.mlflow and finetuner.is_rank0:
+            tracker = start_tracking(config, finetuner)
         best = finetuner.train(tracker)
         report = finetuner.test_report()  # every rank: the test pass is all-gathered
         if finetuner.is_rank0:
@@ -98,7 +79,9 @@ def main(argv=None) -> int:
         return 0
     except Stopped as stop:
         status = "KILLED"
-        return _stopped(stop)
+        print(f"error: stopped by {stop}: fine-tuning keeps no checkpoint; run it again to fine-tune",
+              file=sys.stderr)
+        return 128 + stop.signum
     finally:
         if tracker:
             tracker.finish(status)

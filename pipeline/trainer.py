@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 import time
 
@@ -23,8 +22,8 @@ from tqdm import tqdm
 from pipeline import checkpoint, hf_init
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
-from pipeline.engine import (PAD_MULTIPLE, agree, ensure_distributed_env, init_distributed, initialize, loss_scale,
-                             unscaled_grad_norm)
+from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
+                             loss_scale, unscaled_grad_norm)
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.train_config import TrainConfig
 from preprocessing.examples import OBJECTIVES
@@ -85,28 +84,13 @@ class NonFiniteLoss(FloatingPointError):
     """Raised on every rank at the same step: the decision is agreed (``Trainer._check_finite``)."""
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 on any rank; all ranks agree through ``agree``."""
-
-    def __init__(self):
-        self.requested = False
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("received signal %d: checkpointing at the end of this step", signum)
-        self.requested = True
-
-
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
         # From the start: a stop signal during start-up (loading, engine, resume) is honoured
         # after the first step instead of killing the rank.
-        self.stop = StopFlag()
+        self.stop = StopFlag("checkpointing at the end of this step")
         self.stop.install()
         os.makedirs(config.run_dir, exist_ok=True)
         self.manifest = read_manifest(config.data)

@@ -369,6 +369,27 @@ def test_without_file_locks_local_rank_0_converts_and_the_others_wait(data_dir, 
     assert leftovers(data) == []
 
 
+def test_a_waiting_rank_converts_itself_when_no_conversion_is_under_way(data_dir, tmp_path, monkeypatch):
+    """Local rank 0 failed (a full disk) or never came: after BUILD_GRACE_S without a conversion
+    in progress, a waiting rank converts the cache itself instead of waiting for ever."""
+    import errno
+    import fcntl
+
+    from pipeline import data as data_module
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(data_module, "BUILD_GRACE_S", 1.0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    started = time.monotonic()
+    dataset = PretrainingDataset(data)
+    assert dataset.built_cache and 1.0 <= time.monotonic() - started < 60
+    assert leftovers(data) == []
+
+
 def test_conversions_without_a_lock_still_give_one_complete_cache(data_dir, tmp_path, rows):
     data = copy_without_cache(data_dir, tmp_path / "data")
     reports = open_together(data, 3, "unlocked")  # each converts into its own temporary dir

@@ -486,6 +486,37 @@ def test_a_stop_signal_ends_fine_tuning_with_its_mlflow_run_killed(pretrained, r
 
 
 @pytest.mark.e2e
+def test_a_stop_signal_on_one_rank_stops_both_at_the_same_step(pretrained, reviews, tmp_path):
+    """torchrun, 2 ranks on gloo; SIGTERM to rank 1 only (a signal may reach some ranks only): the
+    ranks agree on it, so rank 0 does not wait in a collective for a peer that left."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", SCRIPT,
+         "--model", pretrained, "--data", reviews, "--label-column", "category", "--drop-label", "plot",
+         "--epochs", "500", "--global-batch-size", "16", "--micro-batch-size", "8", "--output-dir", str(out),
+         "--no-mlflow"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env())
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        rank1 = [pid for pid in children if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")]
+        assert len(rank1) == 1, children
+        signalled = time.monotonic()
+        os.kill(int(rank1[0]), signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert time.monotonic() - signalled < 60
+    assert output.count("error: stopped by SIGTERM: fine-tuning keeps no checkpoint") == 2, output[-4000:]
+    assert not (out / "model").exists()
+
+
+@pytest.mark.e2e
 def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path, mlflow_server, monkeypatch):
     """deepspeed launcher, one rank; the run, its lineage tags, metrics per epoch, the report, and
     the model logged with the transformers flavour and registered, on a real MLflow server."""
@@ -529,3 +560,23 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     classifier = mlflow.transformers.load_model(f"models:/reviews-tiny/{version.version}")
     prediction = classifier(["A dull, lifeless film.", "A triumph."])
     assert {p["label"] for p in prediction} <= {"fresh", "rotten"}
+
+
+def test_only_a_bert_gets_the_4d_mask_other_encoders_keep_the_2d_one_they_may_need():
+    """ModernBERT's mean pooling reads the 2-D mask itself: a 4-D one breaks it mid-epoch, at the
+    first padded batch. Fine-tuning takes any Hugging Face encoder, so only BERT gets the 4-D mask."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    from pipeline.finetuning.trainer import on_device
+
+    batch = {"input_ids": torch.randint(5, 100, (3, 16)), "attention_mask": torch.ones(3, 16, dtype=torch.long)}
+    batch["attention_mask"][1, 9:] = 0
+    assert on_device(batch, "cpu", "bert")["attention_mask"].shape == (3, 1, 1, 16)
+    assert on_device({**batch, "attention_mask": torch.ones(3, 16)}, "cpu", "bert")["attention_mask"] is None
+    inputs = on_device(batch, "cpu", "modernbert")
+    assert torch.equal(inputs["attention_mask"], batch["attention_mask"])
+    torch.manual_seed(0)
+    model = ModernBertForSequenceClassification(ModernBertConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        classifier_pooling="mean", num_labels=2, pad_token_id=0)).eval()
+    assert model(**inputs).logits.shape == (3, 2)  # transformers 5.25: a 4-D mask raises a shape error here

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -27,8 +28,8 @@ import numpy as np
 import torch
 
 from pipeline.ds_config import DsConfigError
-from pipeline.engine import (PAD_MULTIPLE, ensure_distributed_env, init_distributed, initialize, loss_scale,
-                             zero0_masters)
+from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
+                             loss_scale, zero0_masters)
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError
 from pipeline.finetuning.data import Examples, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, read_training_info,
@@ -76,10 +77,13 @@ def collate(split: Encoded, rows: np.ndarray, pad_id: int, task: str) -> dict[st
             "labels": labels.long() if task == "classification" else labels.float()}
 
 
-def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """A collated batch as the model's forward takes it on ``device`` (see forward_attention_mask)."""
+def on_device(batch: dict[str, torch.Tensor], device, model_type: str) -> dict[str, torch.Tensor]:
+    """A collated batch as the model's forward takes it on ``device``. A BERT gets its mask from
+    forward_attention_mask (no host wait); other encoders, which fine-tuning also takes, keep the
+    2-D mask some of them need (ModernBERT's mean pooling, LayoutLM)."""
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    moved["attention_mask"] = forward_attention_mask(batch["attention_mask"], moved["attention_mask"])
+    if model_type == "bert":
+        moved["attention_mask"] = forward_attention_mask(batch["attention_mask"], moved["attention_mask"])
     return moved
 
 
@@ -107,12 +111,24 @@ def untrained_positions_warning(max_length: int, tokenizer, init: str) -> str | 
             f"--max-seq-length {max_length} (or phase 2 with --init-from), or fine-tune at {pretrained}")
 
 
+class Stopped(Exception):
+    """A stop signal, agreed on by every rank at the same optimizer step (``Finetuner.stop``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class Finetuner:
     def __init__(self, config: FinetuneConfig):
         from transformers import AutoConfig
 
         self.config = config
         settings = config.engine  # EngineConfig (self.engine: the DeepSpeed engine it builds)
+        # From the start: a signal during start-up is honoured at the first optimizer step.
+        self.stop = StopFlag("stopping every rank at the end of this optimizer step (fine-tuning keeps no "
+                             "checkpoint)")
+        self.stop.install()
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
         init_distributed(settings.dist_timeout_minutes)
         os.makedirs(config.output_dir, exist_ok=True)
@@ -199,13 +215,16 @@ class Finetuner:
         for step, micro_batches in enumerate(self.epoch_micro_batches(epoch)):
             for rows in micro_batches:
                 batch = collate(self.splits["train"], rows, pad, self.task)
-                out = self.engine(**on_device(batch, device))
+                out = self.engine(**on_device(batch, device, self.engine.module.config.model_type))
                 self.engine.backward(out.loss)
                 self.engine.step()
                 loss_sum += out.loss.detach().double()
                 micro_steps += 1
             self._check_gradient_norm(epoch)  # the optimizer step these micro-batches made
             self.step += 1
+            signum = agree([self.stop.signum], self.world_size, device)[0]  # a signal may reach some ranks only
+            if signum:
+                raise Stopped(int(signum))
             if progress is not None:
                 progress.update(1)
                 # The epoch's mean loss so far, read from the device at its first step and every 20th.
@@ -248,7 +267,8 @@ class Finetuner:
             positions = by_length[start:start + self.config.eval_batch_size]
             batch = collate(data, mine[positions], self.tokenizer.pad_token_id, self.task)
             batch.pop("labels")
-            local[positions] = module(**on_device(batch, self.engine.device)).logits.float().cpu().numpy()
+            inputs = on_device(batch, self.engine.device, module.config.model_type)
+            local[positions] = module(**inputs).logits.float().cpu().numpy()
         if self.world_size == 1:
             return local
         gathered = [None] * self.world_size
