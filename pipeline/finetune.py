@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tracker, status = None, "FAILED"
+    tracker, status, stopped = None, "FAILED", None
     try:
         if config.mlflow and finetuner.is_rank0:
             tracker = start_tracking(config, finetuner)
@@ -77,15 +77,34 @@ def main(argv=None) -> int:
         status = "FINISHED"
         end_distributed()
         return 0
-    except Stopped as stop:
-        status = "KILLED"
+    except Stopped as stop:  # raised by every rank at the same optimizer step
+        status, stopped = "KILLED", stop
         print(f"error: stopped by {stop}: fine-tuning keeps no checkpoint; run it again to fine-tune",
               file=sys.stderr)
-        return 128 + stop.signum
     finally:
         if tracker:
             tracker.finish(status)
+    # Every rank is here. Under srun --kill-on-bad-exit=1 the first rank to exit non-zero ends the
+    # others: none may leave before rank 0 has ended its MLflow run.
+    if finetuner.world_size > 1:
+        import torch
+
+        torch.distributed.barrier()
+    return 128 + stopped.signum
+
+
+def cli() -> None:
+    """The command (``python pipeline/finetune.py``, the ``bert-finetune`` console script)."""
+    exit_code = main()
+    if exit_code != 0:
+        # Out at once, as pretrain.py's ranks: after a stop the ranks leave the barrier together, and
+        # the interpreter's teardown (seconds on busy cores) would let srun kill the later ones.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

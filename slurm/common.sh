@@ -82,8 +82,8 @@ srun_ranks() {
   # after KillWait), so a failed rank's peers do not wait for it in a collective until the
   # process-group timeout (NCCL does not notice a dead peer; gloo does). A non-zero exit is never
   # early: after a stop (3) or an agreed failure, pretrain.py's ranks meet at a final barrier once
-  # rank 0 has written its checkpoint and closed its MLflow run, then all exit at once; fine-tuning
-  # ranks exit 0 unless they failed.
+  # rank 0 has written its checkpoint and closed its MLflow run, then all exit at once; after a
+  # stop, finetune.py's ranks do the same (128 + the signal, no checkpoint).
   # shellcheck disable=SC2016
   srun --label --kill-on-bad-exit=1 "${extra[@]}" bash -c \
     'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank "$@" &
