@@ -18,6 +18,7 @@ import datetime
 import logging
 import os
 import signal
+import sys
 
 from pipeline.ds_config import DEFAULT_DS_CONFIG, BatchPlan, inject, load_ds_config, plan_batches
 
@@ -297,7 +298,7 @@ class StopFlag:
     own handler, and a second signal (SLURM sends several) would interrupt the clean-up."""
 
     def __init__(self, action: str):
-        self.action, self.requested, self.signum = action, False, 0
+        self.action, self.requested, self.signum = action, False, 0  # signum: the first signal's
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -306,6 +307,17 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         logging.getLogger(__name__).warning("received signal %d: %s", signum, self.action)
         self.requested, self.signum = True, self.signum or signum
+
+
+def exit_now(code: int) -> None:
+    """Ends the process with ``code`` without the interpreter's teardown (7-16 s measured on 2 busy
+    cores, and C++ destructors may wait on peers): a failed rank's peers and launcher learn of it
+    when the process ends, and after a stop every rank must exit together, since srun
+    --kill-on-bad-exit=1 kills a rank still tearing down KillWait seconds after the first exit."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def agree(flags: list[float], world_size: int, device="cpu") -> list[float]:

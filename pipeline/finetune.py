@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline.ds_config import DsConfigError  # noqa: E402
-from pipeline.engine import LaunchError, end_distributed  # noqa: E402
+from pipeline.engine import LaunchError, end_distributed, exit_now  # noqa: E402
 from pipeline.finetuning.config import FinetuneConfigError, parse_args  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError  # noqa: E402
@@ -97,12 +97,7 @@ def cli() -> None:
     """The command (``python pipeline/finetune.py``, the ``bert-finetune`` console script)."""
     exit_code = main()
     if exit_code != 0:
-        # Out at once, as pretrain.py's ranks: after a stop the ranks leave the barrier together, and
-        # the interpreter's teardown (seconds on busy cores) would let srun kill the later ones.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
+        exit_now(exit_code)  # after a stop the ranks leave the barrier together
     sys.exit(exit_code)
 
 

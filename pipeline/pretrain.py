@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from pipeline.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from pipeline.data import DataDirError  # noqa: E402
 from pipeline.ds_config import DsConfigError  # noqa: E402
-from pipeline.engine import LaunchError, end_distributed  # noqa: E402
+from pipeline.engine import LaunchError, end_distributed, exit_now  # noqa: E402
 from pipeline.export import ExportError, export_checkpoint, write_train_config  # noqa: E402
 from pipeline.model import ModelConfigError  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
@@ -95,14 +95,7 @@ def cli() -> None:
         sys.excepthook(*sys.exc_info())  # torch.distributed's hook prefixes each line with [rankN]
         exit_code = 1
     if exit_code != 0:
-        # Out at once, without the interpreter's teardown (7-16 s measured on 2 busy cores, and C++
-        # destructors may wait on peers): a failed rank's peers and launcher learn of it when its process
-        # ends, and after a stop every rank must exit 3 together: srun --kill-on-bad-exit=1 kills a rank
-        # still tearing down KillWait seconds after the first exit, and the job's 3 (requeue) becomes 137.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
+        exit_now(exit_code)  # after a stop, a rank killed while tearing down would turn the job's 3 into 137
     end_distributed()
     sys.exit(exit_code)
 
