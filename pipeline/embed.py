@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
 from pipeline import embedding  # noqa: E402
 from pipeline.engine import LaunchError, check_gpu_for  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
-from pipeline.finetuning.model import ModelSourceError  # noqa: E402
+from pipeline.finetuning.model import ModelSourceError, model_lineage  # noqa: E402
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP  # noqa: E402
 
 USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError, LaunchError)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     if world_size > 1:
         # Only a barrier crosses processes (the parts go through files): gloo, on CPU or GPU.
         torch.distributed.init_process_group("gloo")
-    lineage = embedding.model_lineage(args.model)
+    lineage = model_lineage(args.model)
     tracker = None
     if args.mlflow and rank == 0:
         from pipeline.tracking import Tracker

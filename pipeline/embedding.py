@@ -20,7 +20,6 @@ half a file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -88,26 +87,6 @@ def read_inputs(path: str, text_column: str = TEXT_COLUMN, id_column: str | None
 
 
 # ---------------------------------------------------------------------------- the model
-def model_lineage(model_dir: str) -> dict[str, str]:
-    """Run ids the model dir's files record: ``training_info.json`` (an export: pretraining and
-    preprocessing runs) or, for finetune.py's ``OUTPUT_DIR/model``, the ``report.json`` beside it."""
-    from pipeline.finetuning.model import read_training_info
-
-    info = {k: read_training_info(model_dir).get(k) for k in ("pretrain_run_id", "data_run_id")}
-    kind = "pretrained" if os.path.isfile(os.path.join(model_dir, "training_info.json")) else "unknown"
-    report_path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "report.json")
-    if kind == "unknown" and os.path.isfile(report_path):
-        try:
-            with open(report_path) as f:
-                report = json.load(f)
-        except (OSError, ValueError):
-            report = {}
-        if isinstance(report, dict) and "task" in report:
-            kind = "finetuned"
-            info = {k: report.get(k) for k in ("finetune_run_id", "pretrain_run_id", "data_run_id")}
-    return {"model_kind": kind, **{k: str(v) for k, v in info.items() if v}}
-
-
 def load_model(model_dir: str):
     """(encoder in eval mode, tokenizer); the tokenizer checked against the model as fine-tuning does."""
     from transformers import AutoConfig, AutoModel

@@ -35,9 +35,10 @@ USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfi
 
 def start_tracking(config, finetuner) -> Tracker:
     """Rank 0's MLflow run: lineage tags, every flag and what the data and engine made of them."""
-    info, data = finetuner.pretrained_info, finetuner.data
-    tracker = Tracker("finetune", config.experiment, config.run_name,
-                      {"pretrain_run_id": str(info.get("pretrain_run_id")), "data_run_id": str(info.get("data_run_id"))})
+    data = finetuner.data
+    # The runs the model came from, those that are known; from a fine-tuned model, its run too.
+    tags = {("parent_finetune_run_id" if k == "finetune_run_id" else k): v for k, v in finetuner.lineage.items()}
+    tracker = Tracker("finetune", config.experiment, config.run_name, tags)
     tracker.log_params({**config_params(config), "world_size": finetuner.world_size,
                         "accumulation_steps": finetuner.batches.accumulation_steps, "task_inferred": data.task,
                         "best_metric": finetuner.metric, "labels": ",".join(data.labels),
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
             if tracker:
                 tracker.log_metrics({f"test/{k}": v for k, v in report["test"].items()}, best.epoch)
                 log_to_mlflow(tracker, paths, model_dir if config.log_model else None, finetuner.task,
-                              config.register_name)
+                              config.register_name, finetuner.max_length)
         status = "FINISHED"
         end_distributed()
         return 0

@@ -17,6 +17,7 @@ import pytest
 from pipeline import embedding
 from pipeline.engine import free_port
 from pipeline.finetuning.data import read_table, stratified_split
+from pipeline.finetuning.model import model_lineage
 
 from .conftest import REPO
 
@@ -164,13 +165,13 @@ def test_lineage_from_an_export_and_from_a_fine_tuned_model(tmp_path):
     export.mkdir()
     (export / "config.json").write_text("{}")
     (export / "training_info.json").write_text(json.dumps({"pretrain_run_id": "p1", "data_run_id": None}))
-    assert embedding.model_lineage(str(export)) == {"model_kind": "pretrained", "pretrain_run_id": "p1"}
+    assert model_lineage(str(export)) == {"model_kind": "pretrained", "pretrain_run_id": "p1"}
     model = tmp_path / "ft" / "model"
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
     (tmp_path / "ft" / "report.json").write_text(json.dumps(
         {"task": "classification", "finetune_run_id": "f1", "pretrain_run_id": "p1", "data_run_id": "d1"}))
-    assert embedding.model_lineage(str(model)) == {"model_kind": "finetuned", "finetune_run_id": "f1",
+    assert model_lineage(str(model)) == {"model_kind": "finetuned", "finetune_run_id": "f1",
                                                    "pretrain_run_id": "p1", "data_run_id": "d1"}
 
 

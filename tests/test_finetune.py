@@ -409,6 +409,9 @@ def test_bad_data_and_bad_model_fail_with_one_line(pretrained, reviews, tmp_path
          f"{empty}: the file is empty"),
         (["--model", str(tmp_path), "--data", reviews, "--label-column", "category"],
          "neither a Hugging Face export (no config.json) nor a usable pretrain run"),
+        # before: accepted, then a KeyError after the first epoch
+        (["--model", pretrained, "--data", reviews, "--label-column", "category", "--metric", "pearson"],
+         "--metric pearson is a regression metric; this is a classification task (3 labels;"),
     ]
     for args, message in cases:
         proc = subprocess.run([sys.executable, SCRIPT, *args, "--no-mlflow", "--output-dir", str(tmp_path / "out")],
@@ -534,8 +537,9 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
                              filter_string="tags.stage = 'finetune' and attributes.run_name = 'ft-e2e'")[0]
     info = json.load(open(os.path.join(pretrain_hf, "training_info.json")))
     assert run.info.status == "FINISHED"
-    assert run.data.tags["pretrain_run_id"] == "pretrain-run-123"
-    assert run.data.tags["data_run_id"] == str(info["data_run_id"])
+    assert run.data.tags["pretrain_run_id"] == "pretrain-run-123" and run.data.tags["model_kind"] == "pretrained"
+    # an id that is not known is left out, not written as "None"
+    assert run.data.tags.get("data_run_id") == (str(info["data_run_id"]) if info["data_run_id"] else None)
     params = run.data.params
     assert params["model_dir"] == pretrain_hf  # the run's own export was used, not a new one
     assert params["labels"] == "fresh,rotten" and params["rows_dropped_train"] == "40" and params["epochs"] == "2"
@@ -560,6 +564,12 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     classifier = mlflow.transformers.load_model(f"models:/reviews-tiny/{version.version}")
     prediction = classifier(["A dull, lifeless film.", "A triumph."])
     assert {p["label"] for p in prediction} <= {"fresh", "rotten"}
+    # Served, a text longer than the position embeddings is cut to the fine-tuning length (before:
+    # a size mismatch in the embeddings), and scored as the report's test texts were.
+    served = mlflow.pyfunc.load_model(f"models:/reviews-tiny/{version.version}")
+    long_text = "A dull, lifeless film. " * 200
+    cut = classifier(long_text, truncation=True, max_length=report["max_seq_length"])[0]
+    assert served.predict([long_text])["label"].tolist() == [cut["label"]]
 
 
 def test_only_a_bert_gets_the_4d_mask_other_encoders_keep_the_2d_one_they_may_need():

@@ -269,3 +269,74 @@ def test_a_jsonl_row_without_the_label_key_names_the_line(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(FinetuneDataError, match=r"d\.jsonl:4: no key 'text' in this row"):
         load_task_data(data=str(path))
+
+
+# ------------------------------------------------------------------ headers, quoting, archives, label spellings
+def test_a_column_named_twice_is_refused_not_interleaved(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label,text\nfirst a,pos,first b\nsecond a,neg,second b\n")
+    # before: "text" got both cells of every row, and the texts shifted against their labels
+    with pytest.raises(FinetuneDataError, match=r"d\.csv:1: the header names column 'text' more than once"):
+        read_table(str(path))
+
+
+def test_tsv_cells_keep_their_quotes_as_glue_files_need(tmp_path):
+    # GLUE's sentences may start with a quote and hold unpaired ones; csv's quoting rules would
+    # drop the first pair and let the unpaired one swallow the lines after it.
+    path = tmp_path / "d.tsv"
+    path.write_text('sentence\tlabel\n"Great" movie, truly\t1\n"unclosed quote here\t0\nplain\t1\n')
+    table = read_table(str(path))
+    assert table.columns["sentence"] == ['"Great" movie, truly', '"unclosed quote here', "plain"]
+    assert table.columns["label"] == ["1", "0", "1"] and table.where[2] == f"{path}:4"
+    csv_path = tmp_path / "d.csv"  # a csv keeps csv's quoting: a quoted cell may hold the delimiter
+    csv_path.write_text('sentence,label\n"a, b",1\n')
+    assert read_table(str(csv_path)).columns["sentence"] == ["a, b"]
+
+
+@pytest.mark.parametrize("name", ["d.csv.gz", "d.jsonl.bz2", "d.tsv.xz"])
+def test_a_truncated_or_corrupt_archive_names_the_file(tmp_path, name):
+    import lzma
+
+    rows = "".join(json.dumps({"text": f"row {i} " * 20, "label": "ab"[i % 2]}) + "\n" for i in range(200)).encode()
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[os.path.splitext(name)[1]]
+    whole = compress(rows)
+    path = tmp_path / name
+    path.write_bytes(whole[:len(whole) // 2])  # a copy cut short
+    with pytest.raises(FinetuneDataError, match=rf"{name}: not a readable \.\w+ file \("):
+        read_table(str(path))
+    path.write_bytes(rows)  # not compressed at all, whatever the name says
+    with pytest.raises(FinetuneDataError, match=rf"{name}: not a readable \.\w+ file \("):
+        read_table(str(path))
+
+
+def test_a_json_array_file_is_told_to_be_json_lines(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n{"text": "a", "label": "x"}\n]\n')
+    with pytest.raises(FinetuneDataError, match=r"d\.json:1: not valid JSON .*a JSON array is not read"):
+        read_table(str(path))
+
+
+def test_whole_decimal_labels_from_a_csv_are_the_numeric_labels_of_a_jsonl(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"t{i}", "label": float(i % 3)}) + "\n" for i in range(20)))
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\nx,1.0\ny,0.00\nz,2\nw,1\n")
+    data = load_task_data(train=str(train), test=str(test))
+    assert data.labels == ["0", "1", "2"] and data.splits["test"].labels.tolist() == [1, 0, 2, 1]
+    data = load_task_data(train=str(train), test=str(test), drop_labels=["2.0"])  # 2.0 is the 2 of both
+    assert data.dropped == {"train": 6, "test": 1, "validation": 0} and data.labels == ["0", "1"]
+
+
+def test_class_label_names_are_the_labels_and_an_unlabelled_test_split_is_made_from_train(tmp_path, caplog):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    train = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(40)], "label": [i % 2 for i in range(40)]},
+                                       features=features)
+    test = datasets.Dataset.from_dict({"text": ["u", "v"], "label": [-1, -1]}, features=features)  # as GLUE's
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "dd"))
+    data = load_task_data(data=str(tmp_path / "dd"), seed=1)
+    assert data.labels == ["negative", "positive"]
+    assert "seeded split" in data.split_from["test"] and len(data.splits["test"]) == 4
+    assert "the test split has no labels" in caplog.text

@@ -20,9 +20,12 @@ import csv
 import dataclasses
 import gzip
 import json
+import logging
 import lzma
 import math
 import os
+import re
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +33,7 @@ import numpy as np
 from pipeline.engine import EngineConfig
 from pipeline.finetuning.config import FinetuneConfig
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 _OPENERS = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}
 
@@ -136,14 +140,22 @@ def _utf8_lines(path: str, f):
 def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table:
     csv.field_size_limit(1 << 24)
     with _open_text(path, compression) as f:
-        # fed physical lines, the reader's line_num counts them, not records
-        reader = csv.reader(_utf8_lines(path, f), delimiter=delimiter)
+        # fed physical lines, the reader's line_num counts them, not records. A tab-separated
+        # file's cells are taken as they are, quotes included (GLUE's TSVs, which Hugging Face
+        # reads with QUOTE_NONE too): under csv's quoting, a sentence that starts with a quote
+        # would lose its quotes, or swallow the lines after it up to the next one.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.reader(_utf8_lines(path, f), delimiter=delimiter, quoting=quoting)
         try:
             header = next(reader)
         except StopIteration:
             raise FinetuneDataError(f"{path}: the file is empty (no header line, no rows)") from None
         except csv.Error as err:
             raise FinetuneDataError(f"{path}:1: cannot read the header: {err}") from None
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:  # the cells of two columns of one name would interleave under it
+            raise FinetuneDataError(f"{path}:1: the header names column{'s' if len(repeated) > 1 else ''} "
+                                    f"{', '.join(map(repr, repeated))} more than once; rename them")
         columns: dict[str, list] = {name: [] for name in header}
         where = []
         while True:
@@ -174,7 +186,9 @@ def _read_jsonl(path: str, compression: str | None) -> Table:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise FinetuneDataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+                hint = ("; a JSON array is not read: write one JSON object per line (JSON Lines)"
+                        if line_no == 1 and line.lstrip().startswith("[") else "")
+                raise FinetuneDataError(f"{path}:{line_no}: not valid JSON ({err.msg}){hint}") from None
             if not isinstance(row, dict):
                 raise FinetuneDataError(f"{path}:{line_no}: a JSON object per line is expected, got "
                                         f"{type(row).__name__}")
@@ -195,7 +209,16 @@ def _read_parquet(path: str) -> Table:
 
 
 def _dataset_table(dataset, source: str) -> Table:
-    return Table(source, dataset.to_dict(), [f"{source}: row {i + 1}" for i in range(len(dataset))])
+    import datasets
+
+    columns = dataset.to_dict()
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            # The class names, not their ids, so that the model's id2label says "positive"; -1 is
+            # the datasets convention for an unlabelled row (GLUE's test splits): a blank label.
+            columns[name] = [None if value is None or value < 0 else feature.int2str(value)
+                             for value in columns[name]]
+    return Table(source, columns, [f"{source}: row {i + 1}" for i in range(len(dataset))])
 
 
 def read_table(path: str) -> Table:
@@ -210,9 +233,14 @@ def read_table(path: str) -> Table:
     fmt, compression = _format_of(path)
     if fmt == "parquet":
         return _read_parquet(path)
-    if fmt == "jsonl":
-        return _read_jsonl(path, compression)
-    return _read_delimited(path, compression, "," if fmt == "csv" else "\t")
+    try:
+        if fmt == "jsonl":
+            return _read_jsonl(path, compression)
+        return _read_delimited(path, compression, "," if fmt == "csv" else "\t")
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as err:
+        # a truncated or corrupt .gz/.bz2/.xz, or a file whose name says it is one and is not
+        what = f"a readable {compression} file" if compression else "readable"
+        raise FinetuneDataError(f"{path}: not {what} ({err})") from None
 
 
 def read_saved_dataset(path: str) -> dict[str, Table]:
@@ -269,7 +297,13 @@ def _label_key(value) -> str:
         return str(int(value))
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip()
+    text = str(value).strip()
+    if _WHOLE_DECIMAL.fullmatch(text):  # "1.0" in a csv is the 1.0 of a jsonl: "1"
+        return str(int(float(text)))
+    return text
+
+
+_WHOLE_DECIMAL = re.compile(r"[+-]?\d+\.0*")
 
 
 def _is_number(value) -> bool:
@@ -371,6 +405,13 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
     drop = {_label_key(v) for v in drop_labels}
     for name, table in list(tables.items()):
         _check_table(table, needed)
+        if data is not None and name != "train" and all(_label_key(v) == "" for v in table.columns[label_column]):
+            # A saved DatasetDict's unlabelled split (GLUE's test splits hold -1): nothing to score
+            # on, so it is made from train as if it were absent; counted as dropped, and said.
+            log.warning("%s: the %s split has no labels (column %r is blank in all %d rows): using a seeded "
+                        "split of train as %s instead", table.source, name, label_column, len(table), name)
+            del tables[name]
+            continue
         keep = [i for i, v in enumerate(table.columns[label_column]) if _label_key(v) not in drop]
         dropped[name] = len(table) - len(keep)
         if dropped[name]:

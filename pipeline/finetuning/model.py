@@ -39,6 +39,24 @@ def read_training_info(hf_dir: str) -> dict:
         return json.load(f)
 
 
+def model_lineage(model_dir: str) -> dict[str, str]:
+    """Run ids the model dir's files record: ``training_info.json`` (an export: pretraining and
+    preprocessing runs) or, for finetune.py's ``OUTPUT_DIR/model``, the ``report.json`` beside it."""
+    info = {k: read_training_info(model_dir).get(k) for k in ("pretrain_run_id", "data_run_id")}
+    kind = "pretrained" if os.path.isfile(os.path.join(model_dir, export.TRAINING_INFO)) else "unknown"
+    report_path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "report.json")
+    if kind == "unknown" and os.path.isfile(report_path):
+        try:
+            with open(report_path) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            report = {}
+        if isinstance(report, dict) and "task" in report:
+            kind = "finetuned"
+            info = {k: report.get(k) for k in ("finetune_run_id", "pretrain_run_id", "data_run_id")}
+    return {"model_kind": kind, **{k: str(v) for k, v in info.items() if v}}  # unknown ids are left out, not "None"
+
+
 def resolve_model_dir(model: str, output_dir: str, is_rank0: bool, barrier) -> str:
     """The Hugging Face dir to load: ``model`` itself, or the export of the checkpoint it names."""
     if not os.path.exists(model):

@@ -78,8 +78,14 @@ def pip_requirements() -> list[str]:
             f"tokenizers=={tokenizers.__version__}"]
 
 
-def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, register_name: str | None) -> None:
-    """Report files as artifacts; the saved model with MLflow's transformers flavour (registered if named)."""
+def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, register_name: str | None,
+                  max_length: int) -> None:
+    """Report files as artifacts; the saved model with MLflow's transformers flavour (registered if named).
+
+    Served through ``mlflow.pyfunc``, texts are cut to ``max_length`` tokens, the length the
+    model was fine-tuned and tested at: the pipeline does not truncate by default, and a text
+    longer than the position embeddings would fail (MLflow's native ``load_model`` gives the
+    plain pipeline: pass it ``truncation=True``)."""
     import mlflow
 
     for path in paths:
@@ -94,4 +100,5 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
     mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
         task="text-classification",  # regression too: one score per text (function_to_apply none)
+        model_config={"truncation": True, "max_length": max_length},
         pip_requirements=pip_requirements(), registered_model_name=register_name)

@@ -32,9 +32,10 @@ from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_e
                              loss_scale, zero0_masters)
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError
 from pipeline.finetuning.data import Examples, load_task_data
-from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, read_training_info,
+from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
                                        resolve_model_dir)
-from pipeline.metrics import CLASSIFICATION_METRICS, LOWER_IS_BETTER, confusion_matrix, per_class_report, task_metrics
+from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
+                              per_class_report, task_metrics)
 from pipeline.model import forward_attention_mask
 
 log = logging.getLogger(__name__)
@@ -141,11 +142,15 @@ class Finetuner:
         self.metric = config.best_metric(self.task)
         if self.task == "regression" and self.metric in CLASSIFICATION_METRICS:
             raise FinetuneConfigError(f"--metric {self.metric} is a classification metric; this is a regression task")
+        if self.task == "classification" and self.metric in REGRESSION_METRICS:
+            raise FinetuneConfigError(f"--metric {self.metric} is a regression metric; this is a classification task "
+                                      f"({len(self.data.labels)} labels; --task regression if the labels are scores)")
         if self.metric == "f1_binary" and len(self.data.labels) != 2:
             raise FinetuneConfigError(f"--metric f1_binary needs two labels; the data has {len(self.data.labels)}")
 
         self.hf_dir = resolve_model_dir(config.model, config.output_dir, self.is_rank0, self.barrier)
-        self.pretrained_info = read_training_info(self.hf_dir)
+        # run ids of what the model came from: an export's pretraining, or a fine-tuned model's runs
+        self.lineage = model_lineage(self.hf_dir)
         # The tokenizer is checked against the model's config before any weight is loaded.
         self.tokenizer = load_tokenizer(self.hf_dir, config.tokenizer, AutoConfig.from_pretrained(self.hf_dir))
         torch.manual_seed(settings.seed)  # the classifier head (and, with --init random, every weight)
@@ -376,8 +381,9 @@ class Finetuner:
             "rows": {name: len(split) for name, split in self.splits.items()},
             "rows_dropped": self.data.dropped, "rows_truncated": {n: s.truncated for n, s in self.splits.items()},
             "split_from": self.data.split_from, "max_seq_length": self.max_length,
-            "model": self.hf_dir, "pretrain_run_id": self.pretrained_info.get("pretrain_run_id"),
-            "data_run_id": self.pretrained_info.get("data_run_id"), "world_size": self.world_size,
+            "model": self.hf_dir, "pretrain_run_id": self.lineage.get("pretrain_run_id"),
+            "data_run_id": self.lineage.get("data_run_id"), "model_kind": self.lineage["model_kind"],
+            "parent_finetune_run_id": self.lineage.get("finetune_run_id"), "world_size": self.world_size,
             "train_sequences_per_second": (sum(h.sequences for h in self.history)
                                            / max(sum(h.seconds for h in self.history), 1e-9)),
         }
