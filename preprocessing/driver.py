@@ -121,9 +121,22 @@ def random_next_warning(counters: dict[str, int], max_seq_length: int) -> str | 
     share = counters.get("random-next", 0) / max(counters.get("instances", 0), 1)
     if share <= LOPSIDED_RANDOM_NEXT:
         return None
-    return (f"warning: {share:.0%} of examples have a random next segment (the recipe aims at 50%): most "
-            f"sentences fill --max-seq-length {max_seq_length} on their own, so a chunk has one sentence and "
-            "no true continuation to pair it with; a larger --max-seq-length gives NSP balanced labels")
+    head = (f"warning: {share:.0%} of examples have a random next segment (the recipe aims at 50%): a chunk "
+            "of one sentence has no true continuation to pair it with")
+    sentences = max(counters.get("sentences", 0), 1)
+    per_sentence = counters.get("tokens", 0) / sentences
+    if per_sentence > max_seq_length / 2:  # long sentences: each fills a chunk alone
+        return (f"{head}; sentences average {per_sentence:.0f} tokens, so most fill --max-seq-length "
+                f"{max_seq_length} on their own: a larger --max-seq-length gives NSP balanced labels")
+    per_document = sentences / max(counters.get("documents-read", 0), 1)
+    return (f"{head}; documents average {per_document:.1f} sentences (of {per_sentence:.0f} tokens), too few "
+            "to split into two segments: give longer documents (in .txt, only a blank line ends one; a "
+            "paragraph per document is too short for NSP), or use --objective mlm, which needs no pairs")
+
+
+# The counters that are totals or statistics; every other one counts input skipped or changed.
+TOTALS = frozenset({"documents-read", "pages-read", "read-tasks", "sentences", "characters", "tokens", "instances",
+                    "instance-tokens", "masked-tokens", "random-next", "short-target-document-passes"})
 
 
 def format_summary(summary: Summary) -> str:
@@ -132,9 +145,8 @@ def format_summary(summary: Summary) -> str:
     tokens = c.get("tokens", 0)
     rows = [
         ("documents read", c.get("documents-read", 0)),
-        *[(k.replace("-", " "), v) for k, v in sorted(c.items())
-          if k.startswith(("skipped", "split")) or k.endswith(("errors", "pages", "lines", "streams", "files"))
-          and k != "pages-read"],
+        # every count of skipped, split or damaged input, whatever its name: all but the totals
+        *[(k.replace("-", " "), v) for k, v in sorted(c.items()) if k not in TOTALS],
         ("sentences", c.get("sentences", 0)),
         ("input tokens", tokens),
         ("examples", c.get("instances", 0)),

@@ -854,13 +854,17 @@ def _choose_masked(keys: np.ndarray, lengths: np.ndarray, len_a: np.ndarray, ori
     rand = _mix64(order[:, None] + ((pos + 1).astype(np.uint64) * _GOLDEN))
     rand = ((rand >> bits) << bits) | pos.astype(np.uint64)
     rand[~candidate] = _MAX_KEY
-    # Never more than the candidates (only possible with a large masked_lm_prob).
-    num = np.minimum(num_to_predict(lengths, config), lengths - 3)
+    # Never more than the candidates: a large masked_lm_prob, or a short row (a packed MLM row
+    # [CLS] x [SEP] has one candidate, 1 fewer specials than a pair; [SEP]s inside count too).
+    num = np.minimum(num_to_predict(lengths, config), candidate.sum(axis=1))
 
     if not config.whole_word_mask:
         k = int(num.max())
+        if k == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         smallest = np.sort(np.partition(rand, k - 1, axis=1)[:, :k] if k < width else rand, axis=1)
-        threshold = smallest[np.arange(n), num - 1]
+        # A row without candidates masks nothing: a threshold under every candidate's key (> 0).
+        threshold = np.where(num > 0, smallest[np.arange(n), np.maximum(num - 1, 0)], np.uint64(0))
         return np.nonzero(rand <= threshold[:, None])
 
     # Whole words: a group is a word start and the pieces that continue it, never

@@ -29,6 +29,7 @@ import dataclasses
 import gzip
 import os
 import posixpath
+import re
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
@@ -146,10 +147,31 @@ def _file_tasks(path: str, fmt: str, compression: str | None, size: int, split_b
         with _open_raw(path) as raw:
             runs = text_formats.parquet_row_group_runs(raw, path, split_bytes)
         return [ReadTask(path, fmt, None, first, end, stored) for first, end, stored in runs]
+    if fmt == "wiki" and compression == "bz2" and not _bz2_multistream(path, size):
+        return [ReadTask(path, fmt, compression, 0, size, size)]  # the docs' promise: one unit
     if _splits_by_bytes(fmt, compression):
         return [ReadTask(path, fmt, compression, start, end, end - start)
                 for start, end in byte_ranges(size, split_bytes)]
     return [ReadTask(path, fmt, compression, stored_bytes=size)]
+
+
+# How far a bzip2 file is searched for its second stream header. A multistream dump's first
+# stream holds only the <siteinfo> head (kilobytes), and a parallel compressor's ~900 kB.
+_SECOND_STREAM_WITHIN = 64 << 20
+
+
+def _bz2_multistream(path: str, size: int) -> bool:
+    """Whether a .bz2 dump holds more streams than its first, so that byte ranges find pages.
+
+    A single-stream file (plain ``bzip2``) cut into ranges gave every range but the first
+    nothing to read: such ranges could make up the whole vocabulary sample (no text to train
+    on) or leave the dump out of it. A file that is no bzip2 at all is refused here, by name:
+    its ranges would find no stream and read nothing, silently."""
+    with _open_raw(path) as raw:
+        if not re.match(rb"BZh[1-9]", raw.read(4)):
+            raise InputError(f"{path}: not a bzip2 file (no bzip2 stream header at byte 0), though its name "
+                             "ends in .bz2")
+        return wiki_dump.find_first_stream(raw, 1, min(size, _SECOND_STREAM_WITHIN)) is not None
 
 
 def _splits_by_bytes(fmt: str, compression: str | None) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
@@ -30,9 +31,13 @@ def input_fingerprint(paths: Sequence[str]) -> str:
     """
     h = hashlib.sha256()
     for path in sorted(paths):
-        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-        h.update(f"{path.rsplit('/', 1)[-1]}\0{size}\0".encode())
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            # The size from the open file: matching the path again would read "novel[1].txt" as
+            # a glob, which does not match the file's own name.
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(0)
+            h.update(f"{path.rsplit('/', 1)[-1]}\0{size}\0".encode())
             h.update(f.read(_FINGERPRINT_BYTES))
             if size > 2 * _FINGERPRINT_BYTES:
                 f.seek(size - _FINGERPRINT_BYTES)

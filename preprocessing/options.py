@@ -84,6 +84,7 @@ class PreprocessConfig:
                f"--vocab-sample-sentences must be at least 1000, got {self.vocab_sample_sentences}")
         _check(self.vocab_sample_bytes >= 1, f"--vocab-sample-bytes must be at least 1, got {self.vocab_sample_bytes}")
         _check(self.dupe_factor >= 1, f"--dupe-factor must be at least 1, got {self.dupe_factor}")
+        _check(0 <= self.seed < 1 << 63, f"--seed must be in [0, 2^63), got {self.seed}")
         _check(self.num_shards >= 0, f"--num-shards must be >= 0 (0 = automatic), got {self.num_shards}")
         _check(self.rows_per_shard >= 1, f"--rows-per-shard must be >= 1, got {self.rows_per_shard}")
         _check(self.docs_per_bucket >= 2, f"--docs-per-bucket must be at least 2, got {self.docs_per_bucket}")

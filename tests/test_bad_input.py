@@ -207,3 +207,21 @@ def run_beam_subprocess(args):
 
     return subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), *args],
                           capture_output=True, text=True, timeout=600)
+
+
+def test_glob_characters_in_a_name_every_skip_in_the_summary_and_a_bad_seed(tmp_path, capsys):
+    with bz2.open(AUSTEN, "rb") as f:
+        (tmp_path / "novel[1].txt").write_bytes(f.read()[:150_000])
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"content": f"row {i}."}) + "\n" for i in range(7)))
+    out = tmp_path / "out"
+    # Before: the manifest step matched "novel[1].txt" as a glob, found nothing and failed with an
+    # IndexError after every shard was written; and the 7 skipped rows were missing from the summary.
+    assert run_beam.main(["--input", str(tmp_path / "*"), "--output", str(out), "--vocab-size", "1000",
+                          "--dupe-factor", "1", "--no-mlflow"]) == 0
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["input"]["paths"] == sorted([str(tmp_path / "novel[1].txt"), str(tmp_path / "rows.jsonl")])
+    summary = capsys.readouterr().out
+    assert re.search(r"jsonl missing text field\s+7\n", summary)
+    with pytest.raises(SystemExit):
+        run_beam.main(["--input", str(tmp_path / "rows.jsonl"), "--output", str(out), "--seed", "-1"])
+    assert "--seed must be in [0, 2^63), got -1" in capsys.readouterr().err

@@ -618,10 +618,17 @@ def test_short_max_seq_length_makes_nsp_lopsided_and_the_summary_says_so(corpus,
 
     docs, vocab = corpus
     short = passes(docs[:300], vocab, ex.ExampleConfig(max_seq_length=32), dupes=1)
-    counters = {"instances": len(short), "random-next": int(short.next_sentence_labels.sum())}
+    sentences = [s for d in docs[:300] for s in d.sentences]
+    counters = {"instances": len(short), "random-next": int(short.next_sentence_labels.sum()),
+                "documents-read": 300, "sentences": len(sentences), "tokens": sum(map(len, sentences))}
     # Austen's sentences mostly fill a 29-token target alone: one-sentence chunks, forced random B.
     assert counters["random-next"] / counters["instances"] > 0.65
     warning = random_next_warning(counters, 32)
-    assert warning and "--max-seq-length 32" in warning and "%" in warning
+    assert warning and "a larger --max-seq-length" in warning and "--max-seq-length 32" in warning
     balanced = {"instances": len(plain), "random-next": int(plain.next_sentence_labels.sum())}
     assert random_next_warning(balanced, 128) is None
+    # Short sentences in one-paragraph documents: the same share, another cause, another remedy
+    # (a larger --max-seq-length changes nothing there: 71% random at 128, 71% at 512).
+    paragraphs = {**counters, "documents-read": len(sentences) // 2, "tokens": 30 * len(sentences)}
+    warning = random_next_warning(paragraphs, 128)
+    assert "documents average 2.0 sentences (of 30 tokens)" in warning and "larger --max-seq-length" not in warning

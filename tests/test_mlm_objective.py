@@ -64,6 +64,26 @@ def test_static_masks_never_touch_a_special_token_and_follow_the_count():
                                                                          batch.masked_lm_positions)
 
 
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_a_packed_row_with_one_token_masks_that_token(whole_word):
+    # A bucket's last packed row can be [CLS] x [SEP] (about 1 bucket in 126 at 128 tokens): one
+    # candidate, where a pair has three specials. Before: a count of 0 read the threshold of
+    # position -1, masked past the row and failed with an IndexError, ending the whole run.
+    config = ex.ExampleConfig(max_seq_length=64, objective="mlm", whole_word_mask=whole_word)
+    rows = [[CLS, *range(10, 40), SEP, *range(50, 60), SEP], [CLS, 17, SEP], [CLS, SEP, 21, SEP]]
+    original = np.concatenate(rows).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    keys = np.array([11, 12, 13], np.uint64)
+    input_ids, masked_rows, cols, masked_ids = ex.mask_tokens(keys, original, offsets, np.diff(offsets) - 2,
+                                                              config, VOCAB)
+    per_row = np.bincount(masked_rows, minlength=3)
+    assert per_row.tolist() == [ex.num_to_predict(np.array([43]), config)[0], 1, 1]
+    assert cols[masked_rows == 1].tolist() == [1] and cols[masked_rows == 2].tolist() == [2]
+    assert masked_ids[masked_rows > 0].tolist() == [17, 21]
+    assert not np.isin(masked_ids, [CLS, SEP]).any()
+    assert len(input_ids) == len(original)
+
+
 @pytest.fixture(scope="module")
 def mlm_data(preprocessed_sample) -> str:
     return preprocessed_sample("--vocab-size", "4000", "--objective", "mlm", "--masking", "dynamic",

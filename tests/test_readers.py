@@ -59,6 +59,21 @@ def test_multistream_dump_split_across_ranges_reads_each_page_once(multistream_d
         assert len(tasks) > 10  # the file really was shared by many ranges
 
 
+def test_a_single_stream_dump_is_one_read_task_and_a_false_bz2_is_refused(tmp_path):
+    # Before: the plain-bzip2 sample was cut into 26 ranges at 64 KiB, 25 of them empty; the
+    # vocabulary sample could pick only empty ones ("no sentences to train the vocabulary on").
+    with open(WIKI_SAMPLE, "rb") as f:
+        assert len(wiki_dump.BZ2_STREAM_HEADER.findall(f.read())) == 1  # the sample is single-stream
+    [task] = inputs.plan_read_tasks([WIKI_SAMPLE], 65536)
+    assert (task.start, task.end) == (0, os.path.getsize(WIKI_SAMPLE))
+    assert [p.title for p in pages(inputs.read_task(task, "text", 1 << 20))] == \
+        [p.title for p in pages(read_all(WIKI_SAMPLE))]
+    fake = tmp_path / "notbz.xml.bz2"  # uncompressed XML under a .bz2 name: before, read as nothing
+    fake.write_bytes(bz2.decompress(open(WIKI_SAMPLE, "rb").read()))
+    with pytest.raises(InputError, match=r"notbz\.xml\.bz2: not a bzip2 file \(no bzip2 stream header at byte 0\)"):
+        inputs.plan_read_tasks([str(fake)], 65536)
+
+
 def test_stream_boundaries_inside_pages(wiki_xml, tmp_path):
     """pbzip2/lbzip2 output: streams cut at arbitrary bytes, pages span streams."""
     path = tmp_path / "parallel-compressed.xml.bz2"
