@@ -214,6 +214,7 @@ class ExampleStats:
     multi_segment_instances: int = 0  # instances whose chunk had >= 2 segments ...
     multi_segment_random_next: int = 0  # ... and of those, how many got a random B
     skipped_single_document: int = 0  # one-segment chunks in a one-document bucket
+    truncated_tokens: int = 0         # removed by truncate_seq_pair to fit max_num_tokens
 
     def __add__(self, other: ExampleStats) -> ExampleStats:
         return ExampleStats(*(a + b for a, b in zip(dataclasses.astuple(self),
@@ -548,6 +549,7 @@ def plan_segments(documents: Sequence[Document] | Bucket, dupe_index: int, seed:
             excess = (a1 - a0) + (b1 - b0) - max_num
             if excess > 0:
                 a0, a1, b0, b1 = _truncate(a0, a1, b0, b1, excess, bits)
+                stats.truncated_tokens += excess
             a_start.append(a0)
             a_end.append(a1)
             b_start.append(b0)

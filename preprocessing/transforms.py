@@ -335,6 +335,7 @@ def bucket_instances(docs: list[examples.Document], config: PreprocessConfig, vo
     counts["instance-tokens"] += plan.num_tokens
     counts["random-next"] += int(plan.is_random_next.sum())
     counts["short-target-document-passes"] += plan.stats.short_target_documents
+    counts["truncated-tokens"] += plan.stats.truncated_tokens
     if plan.stats.skipped_single_document:
         counts["skipped-instances-single-document-bucket"] += plan.stats.skipped_single_document
     batch = examples.mask_instances(plan, ex_config, vocab_info)

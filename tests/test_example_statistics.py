@@ -116,12 +116,21 @@ def expected_num(length: int, config: ex.ExampleConfig) -> int:
 
 # ---------------------------------------------------------------------------- segments
 @pytest.mark.parametrize("max_seq_length,short_seq_prob", [(128, 0.1), (64, 0.5), (512, 0.1)])
-def test_segments_follow_google_control_flow_exactly(corpus, max_seq_length, short_seq_prob):
+def test_segments_follow_google_control_flow_exactly(corpus, max_seq_length, short_seq_prob, monkeypatch):
     docs, _ = corpus
     docs = docs[:200]
     config = ex.ExampleConfig(max_seq_length=max_seq_length, short_seq_prob=short_seq_prob)
     plan = ex.plan_segments(docs, 3, SEED, config)
     lists = [[s.tolist() for s in d.sentences] for d in docs]
+    removed = []  # what Google's truncate_seq_pair removes, for the truncated_tokens count
+    google_truncate = google_reference.truncate_seq_pair
+
+    def counting_truncate(tokens_a, tokens_b, max_num_tokens, rng):
+        before = len(tokens_a) + len(tokens_b)
+        google_truncate(tokens_a, tokens_b, max_num_tokens, rng)
+        removed.append(before - len(tokens_a) - len(tokens_b))
+
+    monkeypatch.setattr(google_reference, "truncate_seq_pair", counting_truncate)
     want = []
     for index, doc in enumerate(docs):
         rng = random.Random(ex.document_seed(SEED, doc.key, 3))
@@ -133,6 +142,7 @@ def test_segments_follow_google_control_flow_exactly(corpus, max_seq_length, sho
            in zip(plan.a_start, plan.a_end, plan.b_start, plan.b_end, plan.is_random_next)]
     assert len(got) == len(want) > 1000
     assert got == want
+    assert plan.stats.truncated_tokens == sum(removed) > 0
 
 
 def test_truncation_and_draws_consume_the_rng_like_google():
