@@ -61,6 +61,8 @@ def read_counters(output: str) -> dict[str, int]:
 
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     beam_args = worker_package.with_setup_file(beam_args)  # Dataflow workers: preprocessing only
+    if "://" not in config.output and os.path.exists(config.output) and not os.path.isdir(config.output):
+        raise inputs.InputError(f"--output {config.output}: a file, not a folder; the data dir is written there")
     tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes)
     inputs.check_inputs(tasks, config.text_field)
     config = resolve_language(config, tasks)

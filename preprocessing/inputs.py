@@ -100,6 +100,9 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
     """Expands paths/globs into read tasks of about ``split_bytes`` each where the
     format allows, in a stable order: by path, then by position in the file."""
     files: dict[str, int] = {}
+    # A local folder named without its trailing slash is matched as a file of unknown format;
+    # with the slash, Beam lists its files.
+    patterns = [p.rstrip("/") + "/" if "://" not in p and os.path.isdir(p) else p for p in patterns]
     for result in FileSystems.match(list(patterns)):
         if not result.metadata_list:
             raise InputError(f"--input {result.pattern!r}: no file matches")

@@ -61,8 +61,21 @@ def iter_lines(f: BinaryIO, max_line_bytes: int, offset: int = 0, chunk_bytes: i
     began at byte 0. ``offset`` is the byte offset of the line's first byte.
 
     A line longer than ``max_line_bytes`` is yielded as ``None`` and never held in
-    memory whole: a 50 MB line of garbage costs 1 MiB of buffer, not 50 MB.
+    memory whole: a 50 MB line of garbage costs 1 MiB of buffer, not 50 MB. A UTF-8
+    byte-order mark at the file's first byte (Notepad, Excel) is not part of the first line:
+    it made a jsonl file's first row invalid JSON, and a text's first word "\ufeffThe".
     """
+    for line_no, at, line in _iter_lines(f, max_line_bytes, offset, chunk_bytes):
+        if at == 0 and line is not None and line.startswith(_BOM):
+            line = line[len(_BOM):]
+        yield line_no, at, line
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _iter_lines(f: BinaryIO, max_line_bytes: int, offset: int, chunk_bytes: int
+                ) -> Iterator[tuple[int, int, bytes | None]]:
     line_no = 0
     line_at = chunk_at = offset
     pending = b""

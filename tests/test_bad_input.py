@@ -226,6 +226,11 @@ def test_glob_characters_in_a_name_every_skip_in_the_summary_and_a_bad_seed(tmp_
     with pytest.raises(SystemExit):
         run_beam.main(["--input", str(tmp_path / "rows.jsonl"), "--output", str(out), "--seed", "-1"])
     assert "--seed must be in [0, 2^63), got -1" in capsys.readouterr().err
+    # before: a NotADirectoryError traceback from the vocabulary step
+    assert run_beam.main(["--input", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "rows.jsonl"),
+                          "--no-mlflow"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--output {tmp_path / 'rows.jsonl'}: a file, not a folder; "
+                                                    "the data dir is written there")
 
 
 def test_text_without_end_punctuation_is_said_to_lose_most_of_its_tokens(tmp_path, capsys):

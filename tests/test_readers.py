@@ -400,3 +400,16 @@ def test_compressed_text_is_one_task_and_a_row_group_is_never_cut(austen_txt, tm
     pq.write_table(pa.table({"text": [f"Row {i} " * 20 for i in range(20_000)]}), big_group)
     parquet_tasks = inputs.plan_read_tasks([str(big_group)], 65536)
     assert len(parquet_tasks) == 1 and parquet_tasks[0].stored_bytes > 65536
+
+
+def test_a_byte_order_mark_and_a_folder_without_its_slash(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "rows.jsonl").write_bytes(bom + b'{"text": "First row."}\n{"text": "Second row."}\n')
+    (tmp_path / "doc.txt").write_bytes(bom + b"The first document.\n\nThe second one.\n")
+    # before: the jsonl's first row was counted as a parse error, the text began with U+FEFF
+    assert [text for _, text in documents(read_all(str(tmp_path / "rows.jsonl")))] == ["First row.", "Second row."]
+    assert [text for _, text in documents(read_all(str(tmp_path / "doc.txt")))] == ["The first document.",
+                                                                                  "The second one."]
+    assert not problems(read_all(str(tmp_path / "rows.jsonl")))
+    tasks = inputs.plan_read_tasks([str(tmp_path)], 1 << 20)  # before: "unknown input format"
+    assert sorted(t.path for t in tasks) == [str(tmp_path / "doc.txt"), str(tmp_path / "rows.jsonl")]
