@@ -92,7 +92,7 @@ def open_in_child(data: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="a data dir from preprocessing/run_beam.py (default: write the sample)")
     parser.add_argument("--replicate", type=int, default=1, help="list the data dir's shards K times")
     parser.add_argument("--sequences", type=int, default=50_000, help="sequences to time (>= 20k)")

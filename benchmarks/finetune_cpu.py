@@ -176,7 +176,7 @@ def launch(side: str, args) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="a data dir from preprocessing/run_beam.py, for its tokenizer "
                                   "(default: write the sample)")

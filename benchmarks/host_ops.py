@@ -123,7 +123,7 @@ def count_plain(model: str, micro: int, steps: int, accumulation: int = 1) -> di
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ds-config", action="append", required=True, help="a DeepSpeed config (repeatable)")
     p.add_argument("--model", default="base", help="a preset of pipeline/model.py")

@@ -93,7 +93,7 @@ def rank_peaks_mb(cmd: list[str], env: dict) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, nargs="+", default=[8, 32, 128],
-                        help="corpus sizes, in copies of the 106-article sample (1 copy: 0.66M tokens)")
+                        help="corpus sizes, in copies of the 106-article sample (1 copy: 0.56M tokens)")
     parser.add_argument("--steps", type=int, default=20, help="pretraining steps per size")
     parser.add_argument("--tokenizer", help="reuse this spm.model (skips vocabulary training)")
     parser.add_argument("--keep", help="keep the dumps and data dirs under this folder")

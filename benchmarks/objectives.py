@@ -101,7 +101,7 @@ def finetune(model_run: str, init: str, seed: int, task: dict, out: str, logs: s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/objectives")
     p.add_argument("--minutes", type=float, default=3.0, help="pretraining wall-clock budget per variant")
     p.add_argument("--model", default="tiny")

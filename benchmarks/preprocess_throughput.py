@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of runs, alternating the worker counts; the speed-up is the "
-                             "ratio of the median times (this VM's speed drifts by a third)")
+                             "ratio of the median times (this VM's speed drifts by a fifth)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dump = os.path.join(tmp, "enwiki-bench-multistream.xml.bz2")

@@ -173,7 +173,7 @@ def launch(side: str, args) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="a data dir from preprocessing/run_beam.py (default: write the sample)")
     p.add_argument("--model", default="mini", help="preset of pipeline/model.py (tiny, mini, small, ...)")

@@ -321,7 +321,7 @@ def emit(row: dict, out: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--only", action="append", metavar="MODEL-SEQ-PRECISION",
                    help="e.g. base-128-bf16, tiny-64-fp32 (repeatable; default: base and large x 128 and 512 x "

@@ -75,7 +75,7 @@ def agreement(ours: list[list[str]], reference: list[list[str]]) -> tuple[int, i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="timed passes per fast splitter; best is kept")
     parser.add_argument("--show-diffs", type=int, default=0, metavar="N",
                         help="print the first N paragraphs where ours and pysbd differ")

@@ -4,7 +4,7 @@
 # What this is: preprocessing/run_beam.py with Apache Beam's LOCAL runner (the FnApiRunner,
 # the engine behind the DirectRunner) on ONE node, one worker process per CPU of the job
 # (--direct_running_mode=multi_processing). It does not spread over nodes. Memory does not
-# grow with the corpus (each worker streams its read tasks bucket by bucket; about 0.7 GB
+# grow with the corpus (each worker streams its read tasks bucket by bucket; 0.7-1.2 GB
 # per worker process, see "Scaling out" in docs/PREPROCESSING.md), so one big node handles the full
 # English Wikipedia; for more, use a cluster runner.
 # It has no checkpoints: a job that is stopped starts over (the manifest is written last,

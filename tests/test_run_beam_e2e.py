@@ -77,7 +77,7 @@ def test_two_workers_and_a_rerun_give_identical_shards(one_worker_run, tmp_path)
 
 
 def test_many_tasks_buckets_and_shards_are_identical_for_any_worker_count(multistream_dump, tmp_path):
-    """~26 read tasks of 64 KiB, ~1,300 buckets of 4 documents, 5 shards cut across tasks."""
+    """~26 read tasks of 64 KiB, 98 documents in buckets of 4, 5 shards cut across tasks."""
     args = ["--input", multistream_dump, "--vocab-size", "4000", "--dupe-factor", "2", "--split-bytes",
             "65536", "--docs-per-bucket", "4", "--num-shards", "5", "--no-mlflow"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
