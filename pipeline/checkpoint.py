@@ -104,7 +104,7 @@ def save(engine, directory: str, step: int, client_state: dict, keep: int, is_ra
             raise
         raise _write_error(directory, tag, failure) from None
     if is_rank0:
-        prune(directory, keep)
+        prune(directory, keep, tag)
     _barrier()
     return tag
 
@@ -260,10 +260,27 @@ def find_latest(directory: str) -> str | None:
     return tags[-1] if tags else None
 
 
-def prune(directory: str, keep: int) -> None:
+ABANDONED = "abandoned-"
+
+
+def prune(directory: str, keep: int, current: str | None = None) -> None:
     """Keeps the newest ``keep`` complete tags; removes older ones, abandoned partial saves and
-    damaged tags older than the newest good one."""
+    damaged tags older than the newest good one.
+
+    ``current``, the tag just saved, is the newest: tags of later steps are a branch this run
+    left by resuming from an earlier tag. Kept as the newest, they made the next save prune the
+    tag it had just written, and ``latest``'s fallback, ``--resume auto`` and the export pick the
+    old branch's weights. They are renamed ``abandoned-<tag>`` (left for the user to delete),
+    which no resume or export looks at."""
     tags = complete_tags(directory)
+    if current is not None and current in tags:
+        for later in [t for t in tags if t > current]:
+            aside = os.path.join(directory, ABANDONED + later)
+            shutil.rmtree(aside, ignore_errors=True)  # a branch abandoned there before
+            os.rename(os.path.join(directory, later), aside)
+            log.warning("%s is from a branch this run left when it resumed from an earlier step: renamed %s "
+                        "(delete it when it is no longer needed)", os.path.join(directory, later), aside)
+        tags = [t for t in tags if t <= current]
     newest = tags[-1] if tags else None
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
@@ -357,15 +374,16 @@ def plan_resume(directory: str, tag: str, world_size: int, ds_config: dict, ds_c
     partitions = _partition_files(directory, tag)
     saved = meta.get("world_size") or len(partitions) or None  # older tags: one partition per rank
     plan = ResumePlan(tag, saved, world_size, universal=bool(partitions) and saved != world_size)
-    if plan.same_world:
-        return plan
-    where = f"{directory}/{tag} was saved by {processes(saved)}, this run has {world_size}"
     saved_batch = meta.get("global_batch_size", global_batch_size)
     if saved_batch != global_batch_size:
         # The data position carries over as a count of global batches; only the same global batch
         # continues the same order (the accumulation steps are what changes).
-        raise DsConfigError(f"{where}: keep --global-batch-size {saved_batch} when changing the number of "
-                            "processes")
+        raise DsConfigError(f"{directory}/{tag} was saved with --global-batch-size {saved_batch}: a resume keeps "
+                            f"it (this run has {global_batch_size}); a new batch size needs a new --run-dir "
+                            "(with --init-from for the weights)")
+    if plan.same_world:
+        return plan
+    where = f"{directory}/{tag} was saved by {processes(saved)}, this run has {world_size}"
     offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
     if offload == "nvme":
         # DeepSpeed keeps NVMe-offloaded optimizer state in one folder per rank and restores it only as is.

@@ -327,6 +327,24 @@ def _write_flat_arrays(data_dir: str, manifest: dict, out: str, source: dict) ->
                    "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=1)
 
 
+def _check_replaceable(target: str, what: str) -> None:
+    """A stale cache is replaced whole: ``target`` must be missing, empty, or a flat cache. A
+    --data-cache naming an existing folder (a scratch dir, the data dir itself) was deleted with
+    all it held."""
+    try:
+        names = set(os.listdir(target))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise DataDirError(f"{what} {target}: a file, not a folder") from None
+    ours = {CACHE_MARKER, *(name + ".npy" for name in FLAT_ARRAYS)}
+    if names and (CACHE_MARKER not in names or names - ours):
+        others = sorted(names - ours)
+        raise DataDirError(f"{what} {target}: holds files that are not a flat cache ({', '.join(others[:5])}"
+                           f"{', …' if len(others) > 5 else ''}), which replacing it would delete: name a new "
+                           f"or empty folder, e.g. {os.path.join(target, CACHE_DIR)}")
+
+
 def _install(temp: str, target: str, source: dict) -> None:
     """Renames the complete ``temp`` to ``target``. A stale target is moved aside first; a
     current one (another process finished first, its lock not working) wins, and ``temp``
@@ -459,6 +477,7 @@ def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> t
     source = cache_source(data_dir, manifest)
     if _cache_is_current(target, source):
         return target, False
+    _check_replaceable(target, "--data-cache" if cache_dir else "the flat cache")
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(target), exist_ok=True)
     with _exclusive(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock")) as lock:

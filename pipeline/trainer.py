@@ -160,6 +160,12 @@ class Trainer:
 
     def _resume_tag(self) -> str | None:
         if self.config.resume == "none":
+            existing = checkpoint.complete_tags(self.config.checkpoint_dir)
+            if existing:  # a fresh run would interleave its checkpoints with these, and prune them
+                raise checkpoint.CheckpointError(
+                    f"--resume none: {self.config.checkpoint_dir} holds checkpoints of an earlier run ({existing[0]} "
+                    f"… {existing[-1]}): start a fresh run in a new --run-dir (or remove them), or continue "
+                    "this one with --resume auto")
             return None
         if self.config.resume == "auto":
             return checkpoint.find_latest(self.config.checkpoint_dir)
@@ -201,6 +207,7 @@ class Trainer:
         load_tag = self._universal_tag(tag) if plan.universal else tag
         state = checkpoint.load(self.engine, self.config.checkpoint_dir, load_tag)
         self.step = self._saved_step = state["step"]
+        self._apply_schedule_flags()
         self.sampler.load_state_dict(checkpoint.regroup_sampler_state(state["sampler"], self.world_size))
         if len(state["rng"]) == self.world_size:
             checkpoint.set_rng_state(state["rng"][self.rank])  # the same dropout masks as an uninterrupted run
@@ -212,6 +219,26 @@ class Trainer:
                 log.info("resumed from %s at step %d on %s (saved by %d): the same data order and optimizer "
                          "state; dropout generators reseeded from (--seed, rank, step)", tag, self.step,
                          checkpoint.processes(self.world_size), len(state["rng"]))
+
+    def _apply_schedule_flags(self) -> None:
+        """This run's --learning-rate and --weight-decay, over the ones the checkpoint restored.
+
+        DeepSpeed restores the scheduler's peak rates and the optimizer's groups as saved, so a
+        resume with another --learning-rate (lowered after a loss spike, say) kept the old one
+        while train_config.json and MLflow recorded the new. --steps and --warmup-steps already
+        take effect: the schedule's function is this run's, not saved."""
+        settings, scheduler = self.config.engine, self.scheduler
+        saved_lr = scheduler.base_lrs[0]
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        scheduler.base_lrs = [settings.learning_rate] * len(scheduler.base_lrs)
+        scheduler._last_lr = [settings.learning_rate * factor] * len(scheduler.base_lrs)
+        saved_decay = self.optimizer.param_groups[0].get("weight_decay")
+        for group, decay in zip(self.optimizer.param_groups, (settings.weight_decay, 0.0)):  # weight_decay_groups
+            group["lr"] = settings.learning_rate * factor  # the next update's, before the scheduler steps
+            group["weight_decay"] = decay
+        if self.is_rank0 and (saved_lr != settings.learning_rate or saved_decay != settings.weight_decay):
+            log.info("resumed with --learning-rate %g and --weight-decay %g (the checkpoint's run had %g and %g)",
+                     settings.learning_rate, settings.weight_decay, saved_lr, saved_decay)
 
     def _universal_tag(self, tag: str) -> str:
         """Rank 0 converts ``tag`` to a universal checkpoint (once); every rank then loads that."""

@@ -300,6 +300,23 @@ def test_cache_dir_can_be_elsewhere(data_dir, tmp_path):
     assert not PretrainingDataset(data, cache_dir=elsewhere).built_cache
 
 
+def test_a_cache_dir_holding_other_files_is_refused_not_emptied(data_dir, tmp_path):
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    scratch = tmp_path / "scratch"
+    (scratch / "notes").mkdir(parents=True)
+    (scratch / "notes" / "thesis.tex").write_text("months of work")
+    # before: the cache was renamed onto it, and the folder moved aside and deleted with its files
+    for target in (scratch, tmp_path / "data"):
+        with pytest.raises(DataDirError, match=rf"--data-cache {target}: holds files that are not a flat cache "
+                                               r"\(.*\), which replacing it would delete"):
+            PretrainingDataset(data, cache_dir=str(target))
+    assert (scratch / "notes" / "thesis.tex").read_text() == "months of work"
+    assert os.path.isfile(os.path.join(data, "manifest.json"))
+    (scratch / "notes" / "thesis.tex").unlink()
+    (scratch / "notes").rmdir()
+    assert PretrainingDataset(data, cache_dir=str(scratch)).built_cache  # an empty folder is fine
+
+
 def test_stale_cache_is_rebuilt_when_the_shards_change(data_dir, dataset, tmp_path):
     data = str(tmp_path / "data")
     shutil.copytree(data_dir, data)  # with the cache the dataset fixture built

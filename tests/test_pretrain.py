@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from pipeline.engine import free_port
+from pipeline.engine import free_port, linear_warmup_decay
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import EXIT_STOPPED, Trainer, pretraining_losses
 
@@ -62,6 +62,35 @@ def test_stopped_run_resumes_to_the_same_losses(data_dir, tmp_path):
     rest, code = losses_of(Trainer(config(data_dir, tmp_path / "split")))
     assert code == 0
     assert first + rest == whole  # exactly: same samples, same masks, same RNG, same optimizer state
+
+
+def test_a_resume_takes_this_runs_learning_rate_and_weight_decay(data_dir, tmp_path):
+    assert Trainer(config(data_dir, tmp_path, steps=4, learning_rate=1e-3, weight_decay=0.01)).train() == 0
+    # before: DeepSpeed restored the saved peak rate, so this run kept training at 1e-3
+    trainer = Trainer(config(data_dir, tmp_path, steps=8, learning_rate=4e-4, weight_decay=0.05, log_every=1))
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.05, 0.0]
+    assert trainer.train() == 0
+    logged = {m["step"]: m["learning_rate"] for m in map(json.loads, open(tmp_path / "metrics.jsonl"))}
+    schedule = linear_warmup_decay(8, 2)  # this run's --steps and --warmup-steps at the saved step
+    for step in (5, 8):
+        assert logged[step] == pytest.approx(4e-4 * schedule(step), rel=1e-6)
+
+
+def test_a_branch_from_an_earlier_tag_sets_the_later_ones_aside(data_dir, tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    assert Trainer(config(data_dir, tmp_path, steps=6, checkpoint_every=2, keep_checkpoints=5)).train() == 0
+    assert checkpoint.complete_tags(directory) == ["step00000002", "step00000004", "step00000006"]
+    # Back to step 2 (a loss spike after it, say), on to step 3. Before: the save of step 3 was pruned
+    # at once as older than step 6, and latest's fallback, --resume auto and the export took step 6.
+    branch = Trainer(config(data_dir, tmp_path, steps=3, resume="step00000002", keep_checkpoints=5))
+    assert branch.train() == 0
+    assert checkpoint.complete_tags(directory) == ["step00000002", "step00000003"]
+    assert checkpoint.find_latest(directory) == "step00000003"
+    assert sorted(n for n in os.listdir(directory) if n.startswith(checkpoint.ABANDONED)) == [
+        "abandoned-step00000004", "abandoned-step00000006"]
+    with pytest.raises(checkpoint.CheckpointError, match=r"--resume none: .* holds checkpoints of an earlier run "
+                                                         r"\(step00000002 … step00000003\)"):
+        Trainer(config(data_dir, tmp_path, steps=3, resume="none"))
 
 
 def test_time_based_checkpoints(data_dir, tmp_path):

@@ -135,10 +135,13 @@ def fake_tag(run_dir, partitions: int, meta: dict) -> None:
      "step00000003 was saved by 2 processes, this run has 1: its ZeRO partitions regroup only into a "
      "ZeRO-1/2/3 run, but --ds-config {zero0} is ZeRO-0"),
     ([], {"world_size": 2, "global_batch_size": 16},  # this run: the default, 32
-     "step00000003 was saved by 2 processes, this run has 1: keep --global-batch-size 16"),
+     "step00000003 was saved with --global-batch-size 16: a resume keeps it (this run has 32)"),
+    ([], {"world_size": 1, "global_batch_size": 16},  # the same number of processes: before, resumed silently
+     "step00000003 was saved with --global-batch-size 16: a resume keeps it (this run has 32)"),
     (["--ds-config", "{zero0}"], {},  # a tag saved before the marker recorded the world size
      "step00000003 was saved by 4 processes, this run has 1: its ZeRO partitions regroup only"),
-], ids=["partitions-into-zero0", "another-global-batch", "older-tag-without-world-size"])
+], ids=["partitions-into-zero0", "another-global-batch", "another-global-batch-same-world",
+        "older-tag-without-world-size"])
 def test_a_combination_that_cannot_work_fails_with_one_line_before_loading(data_dir, tmp_path, capsys, flags,
                                                                              meta, message):
     zero0 = tmp_path / "zero0.json"
