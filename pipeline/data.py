@@ -247,7 +247,8 @@ def _list_column(chunked) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets - offsets[0]
 
 
-def _checked_columns(where: str, table: pa.Table, max_seq_length: int, first_row: int) -> dict[str, np.ndarray]:
+def _checked_columns(where: str, table: pa.Table, max_seq_length: int, first_row: int,
+                     vocab_size: int) -> dict[str, np.ndarray]:
     """One row group's columns as numpy (offsets local to it), after the checks a batch relies on.
     Errors name the row by its index in the shard (the group starts at ``first_row``)."""
     out: dict[str, np.ndarray] = {}
@@ -281,12 +282,25 @@ def _checked_columns(where: str, table: pa.Table, max_seq_length: int, first_row
     if outside.any():
         raise DataDirError(f"{where}: a masked_lm_positions value lies outside its row "
                            f"(row {first_row + row_of_mask[np.flatnonzero(outside)[0]]})")
+    # Values the model indexes with: out of range, they failed mid-training (an IndexError on the
+    # CPU, a device-side assert on a GPU) at whatever step first drew the row.
+    row_of_token = np.repeat(np.arange(len(lengths)), lengths)
+    for name, values, rows, high in (("input_ids", out["input_ids"], row_of_token, vocab_size),
+                                     ("masked_lm_ids", out["masked_lm_ids"], row_of_mask, vocab_size),
+                                     ("segment_ids", out["segment_ids"], row_of_token, 2),
+                                     ("next_sentence_labels", out["next_sentence_labels"], None, 2)):
+        bad = (values < 0) | (values >= high)
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            row = first_row + int(rows[at] if rows is not None else at)
+            raise DataDirError(f"{where}: row {row}: {name} holds {int(values[at])}, outside [0, {high})"
+                               + (" (the manifest's tokenizer.vocab_size)" if high == vocab_size else ""))
     out["token_offsets"], out["mask_offsets"], out["lengths"] = (offsets["input_ids"],
                                                                  offsets["masked_lm_positions"], lengths)
     return out
 
 
-def _shard_row_groups(shard_path: str, max_seq_length: int) -> Iterator[dict[str, np.ndarray]]:
+def _shard_row_groups(shard_path: str, max_seq_length: int, vocab_size: int) -> Iterator[dict[str, np.ndarray]]:
     """A shard's row groups, checked, one at a time: memory stays bounded by a row group
     (preprocessing writes them of 8,192 rows)."""
     parquet = _open_shard(shard_path)
@@ -298,7 +312,7 @@ def _shard_row_groups(shard_path: str, max_seq_length: int) -> Iterator[dict[str
         except (pa.ArrowException, OSError) as e:
             raise DataDirError(f"{shard_path}: pyarrow cannot read row group {group} ({e}); the shard is "
                                "corrupt (rerun preprocessing/run_beam.py)") from None
-        yield _checked_columns(shard_path, table, max_seq_length, first_row)
+        yield _checked_columns(shard_path, table, max_seq_length, first_row, vocab_size)
         first_row += table.num_rows
 
 
@@ -314,7 +328,8 @@ def _write_flat_arrays(data_dir: str, manifest: dict, out: str, source: dict) ->
         for name in base:
             files[name].append(np.zeros(1, dtype=np.int64))
         for shard in manifest["shards"]:
-            for columns in _shard_row_groups(os.path.join(data_dir, shard["path"]), max_seq_length):
+            for columns in _shard_row_groups(os.path.join(data_dir, shard["path"]), max_seq_length,
+                                             int(manifest["tokenizer"]["vocab_size"])):
                 for name, values in columns.items():
                     if name in base:  # local offsets from 0: shift past the rows before, drop the leading 0
                         files[name].append(values[1:] + base[name])

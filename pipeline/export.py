@@ -249,6 +249,13 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
     train_config = read_train_config(run_dir) if has_config or data_dir is None else {}
     data_dir = data_dir or train_config["data"]
     manifest = read_manifest(data_dir)
+    # The export ships the data dir's tokenizer with the checkpoint's weights: they must be a pair
+    # (a data dir preprocessed again, even with the same vocabulary size, has other ids).
+    trained_with = checkpoint.read_meta(checkpoints, tag).get("tokenizer_fingerprint")
+    if trained_with and trained_with != manifest["tokenizer"].get("fingerprint"):
+        raise ExportError(f"{checkpoints}/{tag} was trained with tokenizer {trained_with[:12]}… but {data_dir} has "
+                          f"{str(manifest['tokenizer'].get('fingerprint'))[:12]}… (manifest field "
+                          "tokenizer.fingerprint): export with --data naming the data dir it was trained on")
     model = build_model(model_config(train_config.get("model", TrainConfig.model), manifest))
     log.info("exporting %s/%s", checkpoints, tag)
     load_weights(model, checkpoints, tag, f"the model of {run_dir}/{TRAIN_CONFIG} "

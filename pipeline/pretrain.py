@@ -47,7 +47,8 @@ def main(argv=None) -> int:
         return 2
     tracker = None
     if config.mlflow and trainer.is_rank0:
-        tags = {"data_run_id": str(trainer.manifest.get("data_run_id"))}
+        # An id that is not known (preprocessed with --no-mlflow) is left out, not written as "None".
+        tags = {"data_run_id": str(trainer.manifest["data_run_id"])} if trainer.manifest.get("data_run_id") else {}
         if trainer.init_info:  # phase 2 or continued pretraining: the weights it starts from, and their run
             tags["init_from"] = str(trainer.init_info["init_from"])
             if trainer.init_info.get("init_from_run_id"):  # a published model has none

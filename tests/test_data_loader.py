@@ -516,6 +516,27 @@ def test_segment_ids_shorter_than_input_ids_are_refused_naming_shard_and_row(bro
     assert_refused(broken, rf"{SHARD}: segment_ids and input_ids differ in length in row 11")
 
 
+@pytest.mark.parametrize("column, row, value, message", [
+    ("input_ids", 17, "vocab", r"input_ids holds {vocab}, outside \[0, {vocab}\) \(the manifest's "
+                               r"tokenizer.vocab_size\)"),
+    ("masked_lm_ids", 3, -1, r"masked_lm_ids holds -1, outside \[0, {vocab}\)"),
+    ("segment_ids", 5, 2, r"segment_ids holds 2, outside \[0, 2\)"),
+    ("next_sentence_labels", 99, 2, r"next_sentence_labels holds 2, outside \[0, 2\)"),
+])
+def test_a_value_the_model_cannot_index_is_refused_naming_shard_and_row(broken, column, row, value, message):
+    # before: an IndexError (a device-side assert on a GPU) at whatever step first drew the row
+    vocab = read_manifest(broken)["tokenizer"]["vocab_size"]
+    value, message = (vocab if value == "vocab" else value), message.format(vocab=vocab)
+    table = pq.read_table(os.path.join(broken, SHARD))
+    values = table.column(column).to_pylist()
+    if isinstance(values[row], list):
+        values[row][1] = value
+    else:
+        values[row] = value
+    rewrite_column(broken, column, pa.array(values, table.schema.field(column).type))
+    assert_refused(broken, rf"{SHARD}: row {row}: {message}")
+
+
 def test_the_trainer_refuses_a_corrupt_shard_before_training(broken, tmp_path):
     table = pq.read_table(os.path.join(broken, SHARD))
     rewrite_column(broken, "next_sentence_labels", table.column("next_sentence_labels").cast(pa.string()))

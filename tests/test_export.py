@@ -3,6 +3,7 @@ AutoModelForPreTraining, AutoTokenizer and pipeline("fill-mask")."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -91,6 +92,20 @@ def test_cli_exports_a_given_tag_to_a_given_dir(exported, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out)
     assert_same_weights_and_ties(str(out), weights)
+
+
+def test_a_data_dir_with_another_tokenizer_is_refused(exported, data_dir, tmp_path):
+    # before: its tokenizer files went into the export beside weights trained on other ids
+    run_dir, _, _ = exported
+    other = tmp_path / "data"
+    shutil.copytree(data_dir, other, ignore=shutil.ignore_patterns("flat"))
+    manifest = json.load(open(other / "manifest.json"))
+    manifest["tokenizer"]["fingerprint"] = "0" * 64  # as a data dir preprocessed again would differ
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(export.ExportError, match=r"step00000004 was trained with tokenizer \w{12}… but .*data has "
+                                                 r"000000000000… \(manifest field tokenizer.fingerprint\)"):
+        export.export_checkpoint(str(run_dir), out_dir=str(tmp_path / "out"), data_dir=str(other))
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_help():

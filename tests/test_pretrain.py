@@ -339,7 +339,8 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(data_dir, tmp_path
     done = next(r for r in runs if r.info.status == "FINISHED")
     assert done.data.params["world_size"] == "1" and done.data.params["global_batch_size"] == "8"
     manifest = json.load(open(os.path.join(data_dir, "manifest.json")))
-    assert done.data.tags["data_run_id"] == str(manifest["data_run_id"])
+    # an unknown id (the test data is preprocessed without MLflow) is left out, not written as "None"
+    assert done.data.tags.get("data_run_id") == (str(manifest["data_run_id"]) if manifest["data_run_id"] else None)
     history = client.get_metric_history(done.info.run_id, "mlm_loss")
     assert len(history) >= 60 - stopped_at and {"sequences_per_second", "learning_rate", "mlm_accuracy"} <= set(done.data.metrics)
     assert {"ds_config.json", "final_eval.json"} <= {a.path for a in client.list_artifacts(done.info.run_id)}
