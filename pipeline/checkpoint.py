@@ -361,6 +361,33 @@ def _partition_files(directory: str, tag: str) -> list[str]:
     return glob.glob(os.path.join(directory, tag, "*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
 
 
+# What a resume must keep, as the marker records it: (the flag that sets it, what to do instead).
+RESUME_INVARIANTS = {
+    "model_config": ("--model", "the weights have these shapes; a new size starts from --init-from"),
+    "micro_batch_size": ("--micro-batch-size", "the data position counts micro-batches"),
+    "seed": ("--seed", "the data order and masks follow from it"),
+    "train_rows": ("--eval-shards", "the training rows' order depends on how many there are"),
+    "zero_stage": ("--ds-config's zero_optimization.stage", "DeepSpeed loads the optimizer state as it was "
+                   "partitioned; change the stage in a new --run-dir with --init-from"),
+}
+
+
+def check_invariants(directory: str, tag: str, now: dict) -> None:
+    """CheckpointError, before any engine exists, when this run differs from ``tag`` in what a
+    resume cannot change (``RESUME_INVARIANTS``). Before, a changed model, micro-batch or ZeRO
+    stage failed with a traceback, some only after the engine had loaded the whole checkpoint.
+    Tags saved before a field was recorded are not checked for it."""
+    meta = read_meta(directory, tag)
+    for field, (flag, why) in RESUME_INVARIANTS.items():
+        if field in meta and field in now and meta[field] != now[field]:
+            saved, have = meta[field], now[field]
+            if isinstance(saved, dict) and isinstance(have, dict):  # name the differing keys only
+                keys = sorted(k for k in {*saved, *have} if saved.get(k) != have.get(k))
+                saved, have = ({k: d.get(k) for k in keys} for d in (saved, have))
+            raise CheckpointError(f"{directory}/{tag} was saved with {flag} giving {saved}, this run has {have}: "
+                                  f"a resume keeps it ({why})")
+
+
 def _zero_stage(ds_config: dict) -> int:
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
 

@@ -93,6 +93,7 @@ def read_manifest(data_dir: str) -> dict:
     for field in ("format_version", "max_seq_length", "tokenizer", "masking", "shards", "num_examples"):
         if field not in manifest:
             raise DataDirError(f"{path}: field {field!r} is missing")
+    _check_manifest_types(path, manifest)
     version = manifest["format_version"]
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise DataDirError(f"{path}: format_version {version!r} is not supported by this trainer "
@@ -115,6 +116,43 @@ def read_manifest(data_dir: str) -> dict:
     if total != manifest["num_examples"]:
         raise DataDirError(f"{path}: num_examples is {manifest['num_examples']} but the shards hold {total} rows")
     return manifest
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_manifest_types(path: str, manifest: dict) -> None:
+    """The fields the trainer reads, of the types it reads them as: an edited manifest gave a
+    KeyError or AttributeError traceback from wherever the field was first used."""
+    def bad(field: str, value, want: str) -> DataDirError:
+        return DataDirError(f"{path}: field {field} is {value!r}, expected {want} (rerun preprocessing/run_beam.py "
+                            "rather than editing the manifest)")
+
+    if not _is_count(manifest["max_seq_length"]) or manifest["max_seq_length"] < 4:
+        raise bad("max_seq_length", manifest["max_seq_length"], "a whole number of tokens, at least 4")
+    if not _is_count(manifest["num_examples"]):
+        raise bad("num_examples", manifest["num_examples"], "a whole number")
+    if not isinstance(manifest["masking"], dict):
+        raise bad("masking", manifest["masking"], "an object (mode, masked_lm_prob, …)")
+    tokenizer = manifest["tokenizer"]
+    if not isinstance(tokenizer, dict):
+        raise bad("tokenizer", tokenizer, "an object")
+    if not _is_count(tokenizer.get("vocab_size")) or not tokenizer["vocab_size"]:
+        raise bad("tokenizer.vocab_size", tokenizer.get("vocab_size"), "a positive whole number")
+    special = tokenizer.get("special_ids")
+    if not isinstance(special, dict):
+        raise bad("tokenizer.special_ids", special, "an object of ids (pad, cls, sep, mask)")
+    for name in ("pad", "cls", "sep", "mask"):
+        if not _is_count(special.get(name)) or special[name] >= tokenizer["vocab_size"]:
+            raise bad(f"tokenizer.special_ids.{name}", special.get(name),
+                      f"an id below tokenizer.vocab_size {tokenizer['vocab_size']}")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise bad("shards", shards, "a non-empty list of {path, rows}")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or not _is_count(shard.get("rows")):
+            raise bad(f"shards[{i}]", shard, "an object with a path and a whole number of rows")
 
 
 def _check_inside(manifest_path: str, field: str, value) -> None:
@@ -734,8 +772,9 @@ class BatchSampler:
         self.global_batches = self.rows // batch_size // per_step * per_step
         self.batches_per_epoch = self.global_batches // world_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.rows} rows are fewer than world_size {world_size} × batch size "
-                             f"{batch_size} × accumulation {accumulation_steps}: lower the micro-batch size")
+            raise DataDirError(f"the {self.rows} training rows are fewer than one global batch ({world_size} "
+                               f"process(es) × micro-batch {batch_size} × accumulation {accumulation_steps} = "
+                               f"{per_step * batch_size}): lower --global-batch-size, or preprocess more data")
         # whole windows per block, so that no length window straddles two blocks
         self.block_batches = length_window * max(1, BLOCK_ROWS // (length_window * batch_size))
         self.epoch, self.batch = 0, 0

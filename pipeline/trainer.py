@@ -126,6 +126,8 @@ class Trainer:
         self.resume_tag = self._resume_tag()
         self.init_info = self._init_weights(model) if config.init_from and self.resume_tag is None else {}
         self.ds_config = settings.deepspeed_config(self.batches)
+        if self.resume_tag:
+            checkpoint.check_invariants(config.checkpoint_dir, self.resume_tag, self._invariants())
         # Decided before the engine exists: loading another world size's ZeRO partitions is an engine setting.
         self.resume_plan = self.resume_tag and checkpoint.plan_resume(
             config.checkpoint_dir, self.resume_tag, self.world_size, self.ds_config, settings.ds_config,
@@ -256,6 +258,15 @@ class Trainer:
                                          "universal checkpoint (see its log)")
         return tag + checkpoint.UNIVERSAL
 
+    def _invariants(self) -> dict:
+        """This run's values of what a resume must keep (checkpoint.RESUME_INVARIANTS), as saved."""
+        architecture = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                        "vocab_size", "max_position_embeddings", "type_vocab_size")
+        return {"model_config": {k: getattr(self.model_config, k) for k in architecture},
+                "micro_batch_size": self.config.engine.micro_batch_size, "seed": self.config.engine.seed,
+                "train_rows": self.train_rows,
+                "zero_stage": int((self.ds_config.get("zero_optimization") or {}).get("stage", 0))}
+
     def save(self) -> str:
         # Every rank's RNG state, gathered so that any rank can restore its own.
         states = [None] * self.world_size
@@ -267,7 +278,7 @@ class Trainer:
         # What a resume on another number of processes checks before loading anything.
         meta = {"tokenizer_fingerprint": self.manifest["tokenizer"]["fingerprint"],
                 "data_run_id": self.manifest.get("data_run_id"), "world_size": self.world_size,
-                "global_batch_size": self.batches.global_batch_size}
+                "global_batch_size": self.batches.global_batch_size, **self._invariants()}
         tag = checkpoint.save(self.engine, self.config.checkpoint_dir, self.step, client,
                               self.config.keep_checkpoints, self.is_rank0, meta)
         self._saved_at, self._saved_step = time.monotonic(), self.step

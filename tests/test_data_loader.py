@@ -450,6 +450,26 @@ def test_unsupported_format_version(broken):
         PretrainingDataset(broken)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["shards"][0].pop("rows"), r"field shards\[0\] is \{'path': .*\}, expected an object with a path "
+                                           r"and a whole number of rows"),
+    (lambda m: m["shards"][0].update(rows="7242"), r"field shards\[0\] is .*'rows': '7242'"),
+    (lambda m: m["tokenizer"].pop("special_ids"), r"field tokenizer.special_ids is None, expected an object"),
+    (lambda m: m["tokenizer"]["special_ids"].update(mask=10**6), r"field tokenizer.special_ids.mask is 1000000, "
+                                                                 r"expected an id below tokenizer.vocab_size"),
+    (lambda m: m.update(masking=None), r"field masking is None, expected an object"),
+    (lambda m: m.update(shards=[]), r"field shards is \[\], expected a non-empty list"),
+], ids=["rows-missing", "rows-a-string", "special-ids-missing", "mask-id-too-large", "masking-null", "no-shards"])
+def test_an_edited_manifest_is_refused_naming_the_field(broken, edit, message):
+    # before: KeyError / AttributeError tracebacks from wherever the field was first read
+    path = os.path.join(broken, "manifest.json")
+    manifest = json.load(open(path))
+    edit(manifest)
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(DataDirError, match=rf"manifest.json: {message}"):
+        PretrainingDataset(broken)
+
+
 def test_missing_shard(broken):
     os.remove(os.path.join(broken, "shards", "part-00002-of-00004.parquet"))
     with pytest.raises(DataDirError, match=r"shards\[2\] 'shards/part-00002-of-00004.parquet' is listed but .* "

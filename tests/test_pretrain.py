@@ -93,6 +93,24 @@ def test_a_branch_from_an_earlier_tag_sets_the_later_ones_aside(data_dir, tmp_pa
         Trainer(config(data_dir, tmp_path, steps=3, resume="none"))
 
 
+def test_a_resume_that_changes_what_it_must_keep_stops_with_one_line(data_dir, tmp_path, capsys):
+    from pipeline.pretrain import main as pretrain
+
+    assert Trainer(config(data_dir, tmp_path, steps=2)).train() == 0
+    tag = os.path.join(tmp_path, "checkpoints", "step00000002")
+    # before: tracebacks, the micro-batch's only after the engine had loaded the checkpoint
+    for flags, message in (
+            (["--micro-batch-size", "4"], "was saved with --micro-batch-size giving 8, this run has 4"),
+            (["--model", "mini"], "was saved with --model giving {'hidden_size': 64, 'intermediate_size': 256, "
+                                  "'num_attention_heads': 2, 'num_hidden_layers': 2}, this run has {'hidden_size': 256"),
+            (["--ds-config", os.path.join(REPO, "ds_configs", "cpu_fp32_zero0_torch-adamw.json")],
+             "was saved with --ds-config's zero_optimization.stage giving 2, this run has 0")):
+        code = pretrain(["--data", data_dir, "--run-dir", str(tmp_path), "--steps", "4", "--global-batch-size", "16",
+                         "--micro-batch-size", "8", "--no-mlflow", *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: {tag} {message}") and "Traceback" not in err, err[-2000:]
+
+
 def test_time_based_checkpoints(data_dir, tmp_path):
     trainer = Trainer(config(data_dir, tmp_path, steps=3, checkpoint_minutes=1e-6, keep_checkpoints=5))
     assert trainer.train() == 0
