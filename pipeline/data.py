@@ -429,6 +429,7 @@ def build_flat_cache(data_dir: str, manifest: dict, target: str) -> None:
     """
     source = cache_source(data_dir, manifest)
     parent = os.path.dirname(target)
+    _remove_abandoned_builds(target)
     try:
         os.makedirs(parent, exist_ok=True)
         temp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.building-", dir=parent)
@@ -490,16 +491,36 @@ def _exclusive(lock_path: str):
             os.close(fd)  # releases the lock
 
 
+ABANDONED_BUILD_S = 3600  # a conversion appends to its files all along: an hour unchanged is a dead one
+
+
+def _builds(target: str) -> list[str]:
+    """The temporary dirs of conversions into ``target``."""
+    parent, prefix = os.path.dirname(target), f".{os.path.basename(target)}.building-"
+    with contextlib.suppress(OSError):
+        return [entry.path for entry in os.scandir(parent) if entry.name.startswith(prefix)]
+    return []
+
+
+def _last_write(directory: str) -> float:
+    """The newest modification time of ``directory`` and the files in it (0 if it is gone)."""
+    with contextlib.suppress(OSError):
+        return max([os.stat(directory).st_mtime] + [f.stat().st_mtime for f in os.scandir(directory)])
+    return 0.0
+
+
+def _remove_abandoned_builds(target: str) -> None:
+    """Temporary dirs of conversions killed mid-way (SIGKILL, out of memory, a lost node): each a
+    partial copy of the corpus that nothing else removes."""
+    for build in _builds(target):
+        if time.time() - _last_write(build) > ABANDONED_BUILD_S:
+            log.warning("removing %s, a conversion abandoned over %d minutes ago", build, ABANDONED_BUILD_S // 60)
+            shutil.rmtree(build, ignore_errors=True)
+
+
 def _converting_lately(target: str, within_s: float) -> bool:
     """Whether a conversion into ``target``'s temporary dirs wrote anything in the last ``within_s``."""
-    parent, prefix, since = os.path.dirname(target), f".{os.path.basename(target)}.building-", time.time() - within_s
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(parent):
-            if entry.name.startswith(prefix):
-                paths = [entry.path] + [f.path for f in os.scandir(entry.path)]
-                if any(os.stat(p).st_mtime >= since for p in paths):
-                    return True
-    return False
+    return any(time.time() - _last_write(build) < within_s for build in _builds(target))
 
 
 def _wait_for_cache(target: str, source: dict, poll_s: float = 1.0) -> bool:

@@ -407,6 +407,21 @@ def test_a_waiting_rank_converts_itself_when_no_conversion_is_under_way(data_dir
     assert leftovers(data) == []
 
 
+def test_a_conversion_killed_mid_way_is_cleaned_up_by_the_next_one(data_dir, tmp_path):
+    # before: each kill -9 or out-of-memory left a partial copy of the corpus for ever
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    dead, live = (os.path.join(data, f".flat.building-{name}") for name in ("dead", "live"))
+    for build in (dead, live):
+        os.makedirs(build)
+        with open(os.path.join(build, "input_ids.npy"), "wb") as f:
+            f.write(b"\0" * 1000)
+    two_hours_ago = time.time() - 7200
+    for path in (os.path.join(dead, "input_ids.npy"), dead):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    assert PretrainingDataset(data).built_cache
+    assert leftovers(data) == [".flat.building-live"]  # one still being written is not touched
+
+
 def test_conversions_without_a_lock_still_give_one_complete_cache(data_dir, tmp_path, rows):
     data = copy_without_cache(data_dir, tmp_path / "data")
     reports = open_together(data, 3, "unlocked")  # each converts into its own temporary dir
