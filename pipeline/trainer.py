@@ -126,7 +126,9 @@ class Trainer:
         self.resume_tag = self._resume_tag()
         self.init_info = self._init_weights(model) if config.init_from and self.resume_tag is None else {}
         self.ds_config = settings.deepspeed_config(self.batches)
-        if self.resume_tag:
+        if self.resume_tag:  # the tokenizer first: another one changes the vocabulary size too
+            self._check_tokenizer(config.checkpoint_dir, self.resume_tag, f"{config.checkpoint_dir}/{self.resume_tag}",
+                                  "use the same data, or a new --run-dir")
             checkpoint.check_invariants(config.checkpoint_dir, self.resume_tag, self._invariants())
         # Decided before the engine exists: loading another world size's ZeRO partitions is an engine setting.
         self.resume_plan = self.resume_tag and checkpoint.plan_resume(
@@ -203,8 +205,6 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return
-        self._check_tokenizer(self.config.checkpoint_dir, tag, f"{self.config.checkpoint_dir}/{tag}",
-                              "use the same data, or a new --run-dir")
         plan = self.resume_plan
         load_tag = self._universal_tag(tag) if plan.universal else tag
         state = checkpoint.load(self.engine, self.config.checkpoint_dir, load_tag)
