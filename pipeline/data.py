@@ -933,8 +933,14 @@ def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
 
 
 def _produce(dataset: PretrainingDataset, pin_memory: bool, positions: Iterator, out: queue.Queue,
-             stop: threading.Event) -> None:
-    """The prefetch thread: (epoch, batch, tensors) into ``out`` until ``stop``."""
+             stop: threading.Event, device: int | None = None) -> None:
+    """The prefetch thread: (epoch, batch, tensors) into ``out`` until ``stop``.
+
+    ``device``: the rank's GPU, made this thread's current one as PyTorch's DataLoader does in
+    its pin-memory thread: a new thread's current device is GPU 0, where pinning could otherwise
+    open a CUDA context for every rank of the node."""
+    if device is not None:
+        torch.cuda.set_device(device)
     try:
         for epoch, b, rows in positions:
             if not _put(out, (epoch, b, _assemble(dataset, rows, pin_memory, epoch)), stop):
@@ -978,8 +984,9 @@ class PretrainingLoader:
         self._queue = queue.Queue(maxsize=self.prefetch)
         # the thread holds no reference to self, so an abandoned loader is collected and
         # __del__ stops the thread
+        device = torch.cuda.current_device() if self.pin_memory and torch.cuda.is_available() else None
         self._thread = threading.Thread(target=_produce, args=(self.dataset, self.pin_memory, positions,
-                                                               self._queue, self._stop),
+                                                               self._queue, self._stop, device),
                                         name="pretraining-prefetch", daemon=True)
         self._thread.start()
 
