@@ -97,7 +97,7 @@ def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predi
     finetuner = Finetuner(finetune_config(pretrained, tmp_path, reviews))
     # the checkpoint (ZeRO-2 partitions) was exported on the fly, lineage included
     assert finetuner.hf_dir == str(tmp_path / "pretrained" / "step00000004")
-    assert finetuner.pretrained_info["pretrain_run_id"] == "pretrain-run-123"
+    assert finetuner.lineage["pretrain_run_id"] == "pretrain-run-123"
     assert finetuner.max_length == 64  # the pretraining sequence length, from the tokenizer
     best = finetuner.train()
     report = finetuner.test_report()

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.finetuning.data import FinetuneDataError, infer_task, load_task_data, read_table, stratified_split
+from pipeline.finetuning.data import (FinetuneDataError, _label_key, infer_task, load_task_data, read_table,
+                                      stratified_split)
 
 from .conftest import REPO
 
@@ -278,6 +279,8 @@ def test_a_column_named_twice_is_refused_not_interleaved(tmp_path):
     # before: "text" got both cells of every row, and the texts shifted against their labels
     with pytest.raises(FinetuneDataError, match=r"d\.csv:1: the header names column 'text' more than once"):
         read_table(str(path))
+    path.write_text("text,label,,\nfirst,pos,,\nsecond,neg,,\n")  # a spreadsheet's unnamed trailing columns
+    assert read_table(str(path)).columns["label"] == ["pos", "neg"]
 
 
 def test_tsv_cells_keep_their_quotes_as_glue_files_need(tmp_path):
@@ -288,6 +291,13 @@ def test_tsv_cells_keep_their_quotes_as_glue_files_need(tmp_path):
     table = read_table(str(path))
     assert table.columns["sentence"] == ['"Great" movie, truly', '"unclosed quote here', "plain"]
     assert table.columns["label"] == ["1", "0", "1"] and table.where[2] == f"{path}:4"
+    pandas = tmp_path / "p.tsv"  # what pandas' to_csv(sep="\t") writes for a cell holding a quote
+    pandas.write_text('sentence\tlabel\nplain\t1\n"He said ""hi"" today"\t0\n')
+    with pytest.raises(FinetuneDataError, match=r"p\.tsv:3: the cell '\"He said .* looks csv-quoted.*save .* as \.csv"):
+        read_table(str(pandas))
+    pandas.write_text('sentence\tlabel\n"a\tb"\t1\n')  # a quoted tab: the field count says it
+    with pytest.raises(FinetuneDataError, match=r"p\.tsv:2: 3 fields, but the header has 2 .*needs csv quoting"):
+        read_table(str(pandas))
     csv_path = tmp_path / "d.csv"  # a csv keeps csv's quoting: a quoted cell may hold the delimiter
     csv_path.write_text('sentence,label\n"a, b",1\n')
     assert read_table(str(csv_path)).columns["sentence"] == ["a, b"]
@@ -323,6 +333,8 @@ def test_whole_decimal_labels_from_a_csv_are_the_numeric_labels_of_a_jsonl(tmp_p
     test.write_text("text,label\nx,1.0\ny,0.00\nz,2\nw,1\n")
     data = load_task_data(train=str(train), test=str(test))
     assert data.labels == ["0", "1", "2"] and data.splits["test"].labels.tolist() == [1, 0, 2, 1]
+    assert [_label_key(v) for v in ("1.0", "-0.0", "3.", "01.0", "01", "+1.0", "1.5")] == \
+        ["1", "0", "3", "01.0", "01", "+1.0", "1.5"]  # only what a float prints is respelled
     data = load_task_data(train=str(train), test=str(test), drop_labels=["2.0"])  # 2.0 is the 2 of both
     assert data.dropped == {"train": 6, "test": 1, "validation": 0} and data.labels == ["0", "1"]
 
@@ -330,13 +342,23 @@ def test_whole_decimal_labels_from_a_csv_are_the_numeric_labels_of_a_jsonl(tmp_p
 def test_class_label_names_are_the_labels_and_an_unlabelled_test_split_is_made_from_train(tmp_path, caplog):
     import datasets
 
+    # MRPC's names, not in alphabetical order: id 1 (f1_binary's positive class) must stay "equivalent"
     features = datasets.Features({"text": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+                                  "label": datasets.ClassLabel(names=["not_equivalent", "equivalent"])})
     train = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(40)], "label": [i % 2 for i in range(40)]},
                                        features=features)
     test = datasets.Dataset.from_dict({"text": ["u", "v"], "label": [-1, -1]}, features=features)  # as GLUE's
     datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "dd"))
     data = load_task_data(data=str(tmp_path / "dd"), seed=1)
-    assert data.labels == ["negative", "positive"]
+    assert data.labels == ["not_equivalent", "equivalent"]
+    whole = np.concatenate([data.splits[s].labels for s in ("train", "validation", "test")])
+    texts = sum((data.splits[s].texts for s in ("train", "validation", "test")), [])
+    assert all(label == int(text[1:]) % 2 for label, text in zip(whole, texts))  # the dataset's own ids
     assert "seeded split" in data.split_from["test"] and len(data.splits["test"]) == 4
     assert "the test split has no labels" in caplog.text
+    # STS-B's unlabelled test split holds -1.0 scores
+    scores = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(40)], "label": [i / 8 for i in range(40)]})
+    unscored = datasets.Dataset.from_dict({"text": ["u", "v"], "label": [-1.0, -1.0]})
+    datasets.DatasetDict({"train": scores, "test": unscored}).save_to_disk(str(tmp_path / "stsb"))
+    data = load_task_data(data=str(tmp_path / "stsb"), seed=1)
+    assert data.task == "regression" and "seeded split" in data.split_from["test"] and len(data.splits["test"]) == 4

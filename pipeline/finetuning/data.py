@@ -59,13 +59,14 @@ class Table:
     source: str
     columns: dict[str, list]
     where: list[str]
+    class_names: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # a ClassLabel's, in id order
 
     def __len__(self) -> int:
         return len(self.where)
 
     def take(self, indices: Sequence[int], source: str | None = None) -> Table:
         return Table(source or self.source, {k: [v[i] for i in indices] for k, v in self.columns.items()},
-                     [self.where[i] for i in indices])
+                     [self.where[i] for i in indices], self.class_names)
 
 
 @dataclasses.dataclass
@@ -152,7 +153,8 @@ def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table
             raise FinetuneDataError(f"{path}: the file is empty (no header line, no rows)") from None
         except csv.Error as err:
             raise FinetuneDataError(f"{path}:1: cannot read the header: {err}") from None
-        repeated = sorted({name for name in header if header.count(name) > 1})
+        # (unnamed columns, as a spreadsheet's trailing empty ones, may repeat: nothing reads them)
+        repeated = sorted({name for name in header if name.strip() and header.count(name) > 1})
         if repeated:  # the cells of two columns of one name would interleave under it
             raise FinetuneDataError(f"{path}:1: the header names column{'s' if len(repeated) > 1 else ''} "
                                     f"{', '.join(map(repr, repeated))} more than once; rename them")
@@ -169,12 +171,26 @@ def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table
             if not row:
                 continue  # a blank line is no row (csv's own convention)
             if len(row) != len(header):
+                hint = ("; a .tsv cell holding a tab or a line break needs csv quoting: save the file as .csv"
+                        if quoting == csv.QUOTE_NONE else "")
                 raise FinetuneDataError(f"{path}:{start}: {len(row)} fields, but the header has {len(header)} "
-                                        f"({', '.join(header)})")
+                                        f"({', '.join(header)}){hint}")
+            if quoting == csv.QUOTE_NONE:
+                _refuse_csv_quoting(path, start, row)
             for name, cell in zip(header, row):
                 columns[name].append(cell)
             where.append(f"{path}:{start}")
     return Table(path, columns, where)
+
+
+def _refuse_csv_quoting(path: str, line: int, row: list[str]) -> None:
+    """A .tsv written with csv quoting (pandas' ``to_csv(sep="\\t")``, Python's csv module) wraps a
+    cell holding a quote in quotes and doubles it: read as it is, the text would keep them all."""
+    for cell in row:
+        if len(cell) > 2 and cell[0] == cell[-1] == '"' and '""' in cell[1:-1]:
+            raise FinetuneDataError(f"{path}:{line}: the cell {cell[:40]!r}{'…' if len(cell) > 40 else ''} looks "
+                                    "csv-quoted, but .tsv cells are read as they are (GLUE's convention): save a "
+                                    "file written with csv quoting (pandas' to_csv) as .csv or .jsonl")
 
 
 def _read_jsonl(path: str, compression: str | None) -> Table:
@@ -211,14 +227,16 @@ def _read_parquet(path: str) -> Table:
 def _dataset_table(dataset, source: str) -> Table:
     import datasets
 
-    columns = dataset.to_dict()
+    columns, class_names = dataset.to_dict(), {}
     for name, feature in dataset.features.items():
         if isinstance(feature, datasets.ClassLabel):
-            # The class names, not their ids, so that the model's id2label says "positive"; -1 is
-            # the datasets convention for an unlabelled row (GLUE's test splits): a blank label.
+            # The class names, not their ids, so that the model's id2label says "positive"; kept in
+            # the dataset's id order (f1_binary scores id 1: GLUE's positive class in MRPC, QQP).
+            # -1 is the datasets convention for an unlabelled row (GLUE's test splits): blank.
             columns[name] = [None if value is None or value < 0 else feature.int2str(value)
                              for value in columns[name]]
-    return Table(source, columns, [f"{source}: row {i + 1}" for i in range(len(dataset))])
+            class_names[name] = list(feature.names)
+    return Table(source, columns, [f"{source}: row {i + 1}" for i in range(len(dataset))], class_names)
 
 
 def read_table(path: str) -> Table:
@@ -299,11 +317,11 @@ def _label_key(value) -> str:
         return str(int(value))
     text = str(value).strip()
     if _WHOLE_DECIMAL.fullmatch(text):  # "1.0" in a csv is the 1.0 of a jsonl: "1"
-        return str(int(float(text)))
+        return str(int(text.split(".")[0]))
     return text
 
 
-_WHOLE_DECIMAL = re.compile(r"[+-]?\d+\.0*")
+_WHOLE_DECIMAL = re.compile(r"-?(0|[1-9]\d*)\.0*")  # as a float prints: no leading zero or plus
 
 
 def _is_number(value) -> bool:
@@ -405,9 +423,11 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
     drop = {_label_key(v) for v in drop_labels}
     for name, table in list(tables.items()):
         _check_table(table, needed)
-        if data is not None and name != "train" and all(_label_key(v) == "" for v in table.columns[label_column]):
-            # A saved DatasetDict's unlabelled split (GLUE's test splits hold -1): nothing to score
-            # on, so it is made from train as if it were absent; counted as dropped, and said.
+        values = table.columns[label_column]
+        if data is not None and name != "train" and (all(_label_key(v) == "" for v in values)
+                                                     or all(_is_number(v) and float(v) == -1 for v in values)):
+            # A saved DatasetDict's unlabelled split (GLUE's test splits hold -1, or -1.0 for STS-B's
+            # scores): nothing to score on, so it is made from train as if it were absent, and said.
             log.warning("%s: the %s split has no labels (column %r is blank in all %d rows): using a seeded "
                         "split of train as %s instead", table.source, name, label_column, len(table), name)
             del tables[name]
@@ -424,7 +444,8 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
     task = task or infer_task(tables["train"].columns[label_column])
     labels: list[str] = []
     if task == "classification":
-        labels = _sort_labels(_label_key(v) for v in tables["train"].columns[label_column])
+        labels = (tables["train"].class_names.get(label_column)
+                  or _sort_labels(_label_key(v) for v in tables["train"].columns[label_column]))
         if len(labels) < 2:
             raise FinetuneDataError(f"{tables['train'].source}: column {label_column!r} has one label "
                                     f"({labels[0]!r}); classification needs two or more")
