@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import shutil
+import uuid
 
 import numpy as np
 import torch
@@ -88,13 +89,16 @@ def save(engine, directory: str, step: int, client_state: dict, keep: int, is_ra
     try:
         if is_rank0:
             # A tag saved again (a resume from an earlier one): its old marker must not vouch for the
-            # mix of old and new files a crash mid-save would leave. DeepSpeed's save starts with a
-            # barrier, so no rank writes before it is gone.
+            # mix of old and new files a crash mid-save would leave, nor its universal copy stand for
+            # the new one. DeepSpeed's save starts with a barrier, so no rank writes before they are gone.
             _remove_marker(os.path.join(directory, tag))
+            shutil.rmtree(os.path.join(directory, tag + UNIVERSAL), ignore_errors=True)
         engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
         _barrier()  # every rank's shards are on disk before the tag is declared complete
         if is_rank0:
-            _write_marker(directory, tag, {"tag": tag, "step": step, **(meta or {})})
+            # save_id tells this save of the tag from an earlier one of the same name (another branch),
+            # for what was derived from it (an export beside the run).
+            _write_marker(directory, tag, {"tag": tag, "step": step, "save_id": uuid.uuid4().hex, **(meta or {})})
             _write_durably(os.path.join(directory, LATEST), tag.encode())
     except OSError as err:
         raise _write_error(directory, tag, err) from None
@@ -275,9 +279,11 @@ def prune(directory: str, keep: int, current: str | None = None) -> None:
     tags = complete_tags(directory)
     if current is not None and current in tags:
         for later in [t for t in tags if t > current]:
+            for name in (later, later + UNIVERSAL):  # a universal copy goes with its tag
+                if os.path.isdir(os.path.join(directory, name)):
+                    shutil.rmtree(os.path.join(directory, ABANDONED + name), ignore_errors=True)  # an older branch's
+                    os.rename(os.path.join(directory, name), os.path.join(directory, ABANDONED + name))
             aside = os.path.join(directory, ABANDONED + later)
-            shutil.rmtree(aside, ignore_errors=True)  # a branch abandoned there before
-            os.rename(os.path.join(directory, later), aside)
             log.warning("%s is from a branch this run left when it resumed from an earlier step: renamed %s "
                         "(delete it when it is no longer needed)", os.path.join(directory, later), aside)
         tags = [t for t in tags if t <= current]
@@ -367,9 +373,15 @@ RESUME_INVARIANTS = {
     "micro_batch_size": ("--micro-batch-size", "the data position counts micro-batches"),
     "seed": ("--seed", "the data order and masks follow from it"),
     "train_rows": ("--eval-shards", "the training rows' order depends on how many there are"),
-    "zero_stage": ("--ds-config's zero_optimization.stage", "DeepSpeed loads the optimizer state as it was "
-                   "partitioned; change the stage in a new --run-dir with --init-from"),
+    "zero_class": ("--ds-config's zero_optimization.stage", "DeepSpeed loads the optimizer state as it was "
+                   "partitioned: stages 1 and 2 load each other's, 0 and 3 only their own; change it in a new "
+                   "--run-dir with --init-from"),
 }
+
+
+def zero_class(stage: int) -> str:
+    """What a ZeRO stage's checkpoint loads into: 1 and 2 share the optimizer and its partitions."""
+    return {0: "0", 1: "1 or 2", 2: "1 or 2"}.get(stage, str(stage))
 
 
 def check_invariants(directory: str, tag: str, now: dict) -> None:
@@ -388,7 +400,7 @@ def check_invariants(directory: str, tag: str, now: dict) -> None:
                                   f"a resume keeps it ({why})")
 
 
-def _zero_stage(ds_config: dict) -> int:
+def zero_stage(ds_config: dict) -> int:
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
 
 
@@ -416,7 +428,7 @@ def plan_resume(directory: str, tag: str, world_size: int, ds_config: dict, ds_c
         # DeepSpeed keeps NVMe-offloaded optimizer state in one folder per rank and restores it only as is.
         raise DsConfigError(f"{where}: with --ds-config {ds_config_path} (ZeRO's NVMe optimizer offload) it "
                             f"resumes only on {processes(saved)}")
-    if plan.universal and _zero_stage(ds_config) == 0:
+    if plan.universal and zero_stage(ds_config) == 0:
         # A universal checkpoint restores weights through the ZeRO optimizer; without ZeRO nothing would load.
         raise DsConfigError(f"{where}: its ZeRO partitions regroup only into a ZeRO-1/2/3 run, but "
                             f"--ds-config {ds_config_path} is ZeRO-0; resume with the config it was saved with")

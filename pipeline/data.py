@@ -390,9 +390,11 @@ def _check_replaceable(target: str, what: str) -> None:
         return
     except NotADirectoryError:
         raise DataDirError(f"{what} {target}: a file, not a folder") from None
-    ours = {CACHE_MARKER, *(name + ".npy" for name in FLAT_ARRAYS)}
-    if names and (CACHE_MARKER not in names or names - ours):
-        others = sorted(names - ours)
+    except OSError as e:
+        raise DataDirError(f"{what} {target}: cannot be read ({e})") from None
+    others = {name for name in names if name != CACHE_MARKER and not name.endswith(".npy")}
+    if names and (CACHE_MARKER not in names or others):  # any .npy beside a marker: an older format's too
+        others = sorted(others or names)
         raise DataDirError(f"{what} {target}: holds files that are not a flat cache ({', '.join(others[:5])}"
                            f"{', …' if len(others) > 5 else ''}), which replacing it would delete: name a new "
                            f"or empty folder, e.g. {os.path.join(target, CACHE_DIR)}")

@@ -265,7 +265,7 @@ class Trainer:
         return {"model_config": {k: getattr(self.model_config, k) for k in architecture},
                 "micro_batch_size": self.config.engine.micro_batch_size, "seed": self.config.engine.seed,
                 "train_rows": self.train_rows,
-                "zero_stage": int((self.ds_config.get("zero_optimization") or {}).get("stage", 0))}
+                "zero_class": checkpoint.zero_class(checkpoint.zero_stage(self.ds_config))}
 
     def save(self) -> str:
         # Every rank's RNG state, gathered so that any rank can restore its own.

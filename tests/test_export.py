@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from pipeline import export
+from pipeline import checkpoint, export
 from pipeline.engine import DEFAULT_DS_CONFIG
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
@@ -70,6 +70,8 @@ def test_export_has_the_engine_weights_with_ties(exported):
     info = json.load(open(os.path.join(out, "training_info.json")))
     assert info["tag"] == "step00000004" and info["step"] == 4
     assert info["pretrain_run_id"] == "run-123" and "data_run_id" in info
+    # which save of the tag it came from (a branch may save a tag of the same name again)
+    assert info["save_id"] == checkpoint.read_meta(os.path.join(str(run_dir), "checkpoints"), "step00000004")["save_id"]
 
 
 def test_tokenizer_and_fill_mask_load_from_the_export(exported):

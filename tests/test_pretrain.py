@@ -80,6 +80,7 @@ def test_a_branch_from_an_earlier_tag_sets_the_later_ones_aside(data_dir, tmp_pa
     directory = str(tmp_path / "checkpoints")
     assert Trainer(config(data_dir, tmp_path, steps=6, checkpoint_every=2, keep_checkpoints=5)).train() == 0
     assert checkpoint.complete_tags(directory) == ["step00000002", "step00000004", "step00000006"]
+    os.makedirs(os.path.join(directory, "step00000004" + checkpoint.UNIVERSAL))  # as a resume elsewhere made
     # Back to step 2 (a loss spike after it, say), on to step 3. Before: the save of step 3 was pruned
     # at once as older than step 6, and latest's fallback, --resume auto and the export took step 6.
     branch = Trainer(config(data_dir, tmp_path, steps=3, resume="step00000002", keep_checkpoints=5))
@@ -87,7 +88,7 @@ def test_a_branch_from_an_earlier_tag_sets_the_later_ones_aside(data_dir, tmp_pa
     assert checkpoint.complete_tags(directory) == ["step00000002", "step00000003"]
     assert checkpoint.find_latest(directory) == "step00000003"
     assert sorted(n for n in os.listdir(directory) if n.startswith(checkpoint.ABANDONED)) == [
-        "abandoned-step00000004", "abandoned-step00000006"]
+        "abandoned-step00000004", "abandoned-step00000004.universal", "abandoned-step00000006"]
     with pytest.raises(checkpoint.CheckpointError, match=r"--resume none: .* holds checkpoints of an earlier run "
                                                          r"\(step00000002 … step00000003\)"):
         Trainer(config(data_dir, tmp_path, steps=3, resume="none"))
@@ -104,7 +105,7 @@ def test_a_resume_that_changes_what_it_must_keep_stops_with_one_line(data_dir, t
             (["--model", "mini"], "was saved with --model giving {'hidden_size': 64, 'intermediate_size': 256, "
                                   "'num_attention_heads': 2, 'num_hidden_layers': 2}, this run has {'hidden_size': 256"),
             (["--ds-config", os.path.join(REPO, "ds_configs", "cpu_fp32_zero0_torch-adamw.json")],
-             "was saved with --ds-config's zero_optimization.stage giving 2, this run has 0")):
+             "was saved with --ds-config's zero_optimization.stage giving 1 or 2, this run has 0")):
         code = pretrain(["--data", data_dir, "--run-dir", str(tmp_path), "--steps", "4", "--global-batch-size", "16",
                          "--micro-batch-size", "8", "--no-mlflow", *flags])
         err = capsys.readouterr().err
