@@ -239,9 +239,14 @@ class _NpyAppender:
         self.length += len(values)
 
     def finish(self) -> dict:
-        """Writes the header and closes the file; its description for the marker."""
+        """Writes the header, flushes the file to disk and closes it; its description for the marker.
+
+        On disk before the marker that vouches for it: after a power loss, a filesystem with
+        delayed allocation can keep a file's size but not its data, and the marker checks sizes."""
         self._file.seek(0)
         self._file.write(_npy_header(self.dtype, self.length))
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
         return {"dtype": self.dtype.name, "length": self.length,
                 "file_bytes": NPY_HEADER_BYTES + self.length * self.dtype.itemsize}
@@ -378,6 +383,8 @@ def _write_flat_arrays(data_dir: str, manifest: dict, out: str, source: dict) ->
     with open(os.path.join(out, CACHE_MARKER), "w") as f:
         json.dump({"source": source, "rows": arrays["lengths"]["length"], "arrays": arrays,
                    "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _check_replaceable(target: str, what: str) -> None:
