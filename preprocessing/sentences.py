@@ -152,6 +152,12 @@ def _lowercase_class() -> str:
 _START_WORD = rf"(?!{_lowercase_class()})[^\W_]"
 
 
+# Full stops and question marks of other scripts written with spaces between sentences: Arabic
+# and Persian ؟, Urdu ۔, Devanagari । ॥, Armenian ։, Ethiopic ። ፧, Burmese ။ (Greek's question
+# mark is ";", U+037E normalising to it). Without them a paragraph was one "sentence" there.
+_OTHER_STOPS = "\u061f\u06d4\u0964\u0965\u0589\u1362\u1367\u104b"
+
+
 def _boundary(closers: str, openers: str) -> re.Pattern:
     """The candidate boundaries of a language written with spaces between sentences."""
     start = rf"(?:[{re.escape(openers)}]|{_START_WORD})"
@@ -159,10 +165,10 @@ def _boundary(closers: str, openers: str) -> re.Pattern:
     # skips ahead with a C-level scan for [\n.!?…] (~220 MB/s on Austen), while a leading
     # alternation "\n|[.!?…]+" scans at ~60 MB/s.
     return re.compile(rf"""
-        [\n.!?…] (?<![.!?…].)                      # only from the start of a run: "!!!!a"
+        [\n.!?…{_OTHER_STOPS}] (?<![.!?…{_OTHER_STOPS}].)  # only from the start of a run: "!!!!a"
         (?:                                           # would otherwise take quadratic time
             (?<=\n)                                   # a paragraph break: always a boundary
-          | (?P<stops>[.!?…]*)                        # the rest of a run such as "?!" or "..."
+          | (?P<stops>[.!?…{_OTHER_STOPS}]*)          # the rest of a run such as "?!" or "..."
             (?P<closers>[{re.escape(closers)}]*)      # ." ?' .) ]
             (?: [^\S\n]+ (?= (?:{_DASH})? {start} )   # whitespace
               | (?= (?:{_DASH}) {_START_WORD} ) )      # or Austen's ".--Miss"
@@ -233,7 +239,7 @@ _DE_ABBREVIATIONS = frozenset("""
     z.b d.h v.a z.t u.u i.d.r m.e o.g i.a i.v z.zt z.hd
     ca vgl nr dr prof hr hrn fr frl st geb gest evtl ggf inkl sog bzw bzgl bspw zzgl
     ehem eigtl einschl gegr insb insbes sen jun dt engl frz franz lat griech ital hl
-    jan jän febr feb mrz apr jun jul aug sep sept okt nov dez
+    jan jän febr feb mrz apr jun jul aug sep sept okt nov dez mo di mi do sa co lt
 """.split())
 # Often at the end of a sentence: split before a German sentence opener ("im 19. Jh. Die
 # Stadt wuchs", "Äpfel, Birnen usw. Er aß").

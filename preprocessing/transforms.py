@@ -133,9 +133,13 @@ def to_sentences(doc: RawDocument, counts: collections.Counter, config: Preproce
 def _site_for(site, code: str | None):
     """The dump's site, showing the variant ``--language`` names (zh-tw, zh-hk, ...) of
     conversion markup; other languages leave the dump's default (zh-cn for zh)."""
-    if site is None or not code or "-" not in code or not site.converts:
+    code = (code or "").replace("_", "-").lower()  # zh_TW as zh-tw
+    parts = code.split("-")
+    if len(parts) == 3 and parts[1] in ("hans", "hant"):
+        code = f"{parts[0]}-{parts[2]}"  # zh-Hant-TW: the region's variant, zh-tw
+    if site is None or "-" not in code or not site.converts:
         return site
-    return dataclasses.replace(site, variant=code.lower())
+    return dataclasses.replace(site, variant=code)
 
 
 def consecutive_buckets(docs: Iterable, size: int) -> Iterator[list]:

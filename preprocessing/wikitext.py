@@ -148,7 +148,14 @@ _EXTERNAL_LINK = re.compile(
 # Bold/italic quotes. MediaWiki reads 4 quotes as "'" + bold, but once templates are
 # dropped, adjacent markup ("''{{flag|Azores}}'' (PRT)") is far more common: all runs go.
 _QUOTES = re.compile("''+")
-_MAGIC_WORD = re.compile(r"__[A-Z]+__")
+# Behaviour switches (__NOTOC__), in any script (__KEIN_INHALTSVERZEICHNIS__, __无目录__,
+# __БЕЗ_ОГЛАВЛЕНИЯ__): letters and inner underscores, none lowercase, so __init__ stays.
+_MAGIC_WORD = re.compile(r"__[^\W\d_]+(?:_[^\W\d_]+)*__")
+def _drop_magic_word(match: re.Match) -> str:
+    word = match.group()
+    return "" if word == word.upper() else word
+
+
 _HEADING_LINE = re.compile(r"\n(=+)([^\n]*)")  # no lazy "(=+)(.*?)(=+)": cubic on "===…="
 _SECTION_NAME_SEPARATOR = re.compile(r"\s*(?:,|&|\band\b)\s*")
 
@@ -500,7 +507,7 @@ def clean_wikitext(text: str, site: WikiSite | None = None) -> str:
     if "''" in text:
         text = _QUOTES.sub("", text)
     if "__" in text:
-        text = _MAGIC_WORD.sub("", text)
+        text = _MAGIC_WORD.sub(_drop_magic_word, text)
     if "&" in text:
         text = html.unescape(text)
     if "\n=" in text:

@@ -83,6 +83,10 @@ def no_text_lost(text: str, sentences: list[str]) -> bool:
     ("It is big. 東京 is bigger. Это так. Да. и нет.",
      ["It is big.", "東京 is bigger.", "Это так.", "Да. и нет."]),
     ("Ça va. Élise est là. été.", ["Ça va.", "Élise est là. été."]),
+    # other scripts' full stops and question marks (before: one sentence per paragraph)
+    ("ذهب إلى المدرسة؟ ثم عاد.", ["ذهب إلى المدرسة؟", "ثم عاد."]),
+    ("वह घर गया। फिर वह सो गया।", ["वह घर गया।", "फिर वह सो गया।"]),
+    ("یہ کتاب ہے۔ وہ قلم ہے۔", ["یہ کتاب ہے۔", "وہ قلم ہے۔"]),
     # no split without whitespace, or before a lowercase word
     ("See example.com. Version 2.0.1 is out. e.g. this one.",
      ["See example.com.", "Version 2.0.1 is out. e.g. this one."]),
@@ -223,6 +227,9 @@ def test_rules_for_rejects_what_is_no_language_code(code):
      ["Er sagte: „Das ist gut.“", "Dann ging er.", "„Wirklich?“ fragte sie.", "»Ja.«", "Gut."]),
     ("Er rief: «Halt!» Sie blieb. ‚Nein.‘ Er ging.",
      ["Er rief: «Halt!»", "Sie blieb.", "‚Nein.‘", "Er ging."]),
+    # company forms, weekdays, "laut" (before: split after each)
+    ("Die Müller & Co. KG zahlte lt. Vertrag am Sa. Abend. Gut.",
+     ["Die Müller & Co. KG zahlte lt. Vertrag am Sa. Abend.", "Gut."]),
     # initials, decimals
     ("J. S. Bach lebte in Leipzig. Der Wert ist 3,14 bzw. 2.5. Fertig.",
      ["J. S. Bach lebte in Leipzig.", "Der Wert ist 3,14 bzw. 2.5.", "Fertig."]),

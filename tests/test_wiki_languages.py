@@ -77,6 +77,10 @@ def test_site_tables_and_defaults():
     assert {"参考文献", "外部链接", "参见", "注释"} <= ZH.non_prose_sections
     assert (ZH.variant, ZH.variants) == ("zh-cn", ("zh-cn", "zh-hans", "zh"))
     assert dataclasses.replace(ZH, variant="zh-tw").variants == ("zh-tw", "zh-hant", "zh")
+    from preprocessing.transforms import _site_for
+
+    for code in ("zh-TW", "zh_TW", "zh-Hant-TW"):  # before: zh_TW and zh-Hant-TW kept zh-cn
+        assert _site_for(ZH, code).variant == "zh-tw", code
     assert de.variant == "" and de.variants == () and not de.converts and ZH.converts
     # no xml:lang: English; no siteinfo: canonical names
     site = parse_siteinfo(b'<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">\n  <page>')

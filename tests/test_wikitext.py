@@ -51,6 +51,7 @@ NS = "{http://www.mediawiki.org/xml/export-0.10/}"
     ("'''Bold''' and ''italic'' and '''''both'''''.", "Bold and italic and both."),
     # magic words, list and indent markers, horizontal rules
     ("__TOC__\nText.__NOTOC__", "Text."),
+    ("__KEIN_INHALTSVERZEICHNIS__Text. __无目录__ __БЕЗ_ОГЛАВЛЕНИЯ__Call __init__.", "Text. Call __init__."),
     ("* item one\n# item two\n:: indented\n----\nEnd.", "item one\nitem two\nindented\nEnd."),
     # HTML: formatting tags keep their text, some elements go whole, nowiki is text
     ("A <b>bold</b> H<sub>2</sub>O <span style='x'>span</span> end.", "A bold H2O span end."),
