@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -167,14 +168,33 @@ def _is_blank(raw: bytes | None) -> bool:
     return raw is not None and not raw.decode("utf-8", errors="replace").strip()
 
 
+# Scripts written without spaces: Han, kana, CJK punctuation and full-width forms.
+_NO_SPACE_SCRIPT = re.compile(r"[\u2e80-\u2fdf\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                              r"\uff00-\uffef\U00020000-\U0003ffff]")
+
+
+def join_lines(lines: list[str]) -> str:
+    """A document's lines as one text: joined with a space, as wrapped prose needs, but not
+    between two characters of a script written without spaces. Chinese or Japanese wrapped
+    across lines got a space inside a word or sentence (17% of the Chinese sample's
+    sentences), which SentencePiece then reads as a word boundary."""
+    pieces = [lines[0]]
+    for before, line in zip(lines, lines[1:]):
+        if not (_NO_SPACE_SCRIPT.match(before[-1]) and _NO_SPACE_SCRIPT.match(line[0])):
+            pieces.append(" ")
+        pieces.append(line)
+    return "".join(pieces)
+
+
 def read_text(f: BinaryIO, path: str, max_line_bytes: int, start: int = 0, end: int | None = None,
               max_document_bytes: int = MAX_DOCUMENT_BYTES, name: str | None = None
               ) -> Iterator[RawDocument | Problem]:
     """Google's corpus format: documents separated by blank lines.
 
-    Lines of a document are joined with spaces (Google's files have one sentence per
-    line; wrapped prose like Project Gutenberg books has one paragraph per block):
-    the sentence splitter then finds the sentences either way. Reads the documents
+    Lines of a document are joined with spaces, none between two Chinese or Japanese
+    characters (``join_lines``; Google's files have one sentence per line; wrapped prose
+    like Project Gutenberg books has one paragraph per block): the sentence splitter then
+    finds the sentences where they end with punctuation. Reads the documents
     that begin in ``[start, end)`` (``f`` must be seekable when ``start > 0``). A line
     longer than ``max_line_bytes`` is skipped but does not end its document; a
     document too long is cut (see ``_is_forced_boundary``), each cut counted under
@@ -198,7 +218,7 @@ def read_text(f: BinaryIO, path: str, max_line_bytes: int, start: int = 0, end: 
             reading = True
         if boundary == "forced" and parts:
             # Reported by the range that held the document cut, so once.
-            yield RawDocument(f"{name}@{doc_at}", " ".join(parts))
+            yield RawDocument(f"{name}@{doc_at}", join_lines(parts))
             parts = []
             yield Problem("split-long-documents",
                           f"{place(line_no, offset)}: no blank line for {max_document_bytes:,} bytes; "
@@ -217,10 +237,10 @@ def read_text(f: BinaryIO, path: str, max_line_bytes: int, start: int = 0, end: 
                 doc_at = offset
             parts.append(text)
         elif parts:
-            yield RawDocument(f"{name}@{doc_at}", " ".join(parts))
+            yield RawDocument(f"{name}@{doc_at}", join_lines(parts))
             parts = []
     if parts:
-        yield RawDocument(f"{name}@{doc_at}", " ".join(parts))
+        yield RawDocument(f"{name}@{doc_at}", join_lines(parts))
 
 
 def _text_scan_start(f: BinaryIO, start: int, max_line_bytes: int, max_document_bytes: int) -> int:

@@ -95,7 +95,7 @@ def test_pretraining_learns_chinese_beyond_the_most_frequent_token(zh_data, zh_r
         for t in row)
     chance = max(targets.values()) / sum(targets.values())  # always guessing "，" or "。"
     print(f"eval MLM accuracy {evaluation['eval_mlm_accuracy']:.3f}, most frequent target {chance:.3f}")
-    assert evaluation["eval_mlm_accuracy"] > chance + 0.04, (evaluation, chance)  # measured: 0.139 vs 0.082
+    assert evaluation["eval_mlm_accuracy"] > chance + 0.04, (evaluation, chance)  # measured: 0.129 vs 0.082
 
 
 def test_fine_tuned_tang_song_classifier_beats_the_majority_class(zh_run, tmp_path, monkeypatch):
@@ -114,4 +114,5 @@ def test_fine_tuned_tang_song_classifier_beats_the_majority_class(zh_run, tmp_pa
     assert report["rows"] == {"train": 4000, "validation": 500, "test": 500}
     majority = np.bincount(finetuner.splits["test"].labels).max() / len(finetuner.splits["test"].labels)
     # Majority 0.50; a character-bigram logistic regression reaches 0.94 (the sample's README).
+    print(f"test accuracy {report['test']['accuracy']:.3f}, majority {majority:.3f}")
     assert report["test"]["accuracy"] > majority + 0.2, report["test"]

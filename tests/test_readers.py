@@ -413,3 +413,10 @@ def test_a_byte_order_mark_and_a_folder_without_its_slash(tmp_path):
     assert not problems(read_all(str(tmp_path / "rows.jsonl")))
     tasks = inputs.plan_read_tasks([str(tmp_path)], 1 << 20)  # before: "unknown input format"
     assert sorted(t.path for t in tasks) == [str(tmp_path / "doc.txt"), str(tmp_path / "rows.jsonl")]
+
+
+def test_lines_of_chinese_and_japanese_are_joined_without_a_space(tmp_path):
+    # before: "他说今天的天气非常 好。", a space inside a word, read by SentencePiece as a boundary
+    (tmp_path / "zh.txt").write_text("他说今天的天气非常\n好。\nThe end\nof it.\n東京は\n大きい。\n\nnext\n")
+    [(_, first), (_, second)] = documents(read_all(str(tmp_path / "zh.txt")))
+    assert first == "他说今天的天气非常好。 The end of it. 東京は大きい。" and second == "next"
