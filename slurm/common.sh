@@ -34,8 +34,13 @@ find_repo() {
 setup_python() {
   if [[ -n "${SETUP:-}" ]]; then
     [[ -f "$SETUP" ]] || die "SETUP=$SETUP does not exist"
+    # Activation scripts (conda's activate.d among them) read unset variables: not under -eu.
+    local rc=0
+    set +eu
     # shellcheck disable=SC1090
-    source "$SETUP"
+    source "$SETUP" || rc=$?
+    set -eu
+    ((rc == 0)) || die "SETUP=$SETUP failed (exit $rc)"
   fi
   PYTHON=${PYTHON:-python}
   command -v "$PYTHON" >/dev/null ||
@@ -60,7 +65,12 @@ warn_stale_build_locks() {
 set_master() {
   local first addr
   first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p) # sed reads all: no SIGPIPE
-  addr=$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+  addr=$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p') || addr="" # NodeName then
+  if [[ -n "${MASTER_ADDR:-}" && "$MASTER_ADDR" != "${addr:-$first}" && "$MASTER_ADDR" != "$first" ]]; then
+    # sbatch passes the submitting shell's environment on: one left by torchrun or salloc
+    log "warning: MASTER_ADDR=$MASTER_ADDR from the environment is not this job's first node ($first):" \
+      "the ranks meet there; unset it before sbatch unless that is meant"
+  fi
   export MASTER_ADDR=${MASTER_ADDR:-${addr:-$first}}
   # Below the Linux ephemeral range (32768+) and unique among running jobs unless their
   # ids are 15000 apart; a requeued job keeps its id and so its port.
@@ -85,7 +95,9 @@ srun_ranks() {
   # rank 0 has written its checkpoint and closed its MLflow run, then all exit at once; after a
   # stop, finetune.py's ranks do the same (128 + the signal, no checkpoint).
   # shellcheck disable=SC2016
-  srun --label --kill-on-bad-exit=1 "${extra[@]}" bash -c \
+  # --wait=0: no site WaitTime may end the ranks still at work once one has exited 0 (rank 0
+  # writes the export, fine-tuning's rank 0 the model, after the others are done).
+  srun --label --kill-on-bad-exit=1 --wait=0 "${extra[@]}" bash -c \
     'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank "$@" &
   SRUN_PID=$!
 }
@@ -97,7 +109,9 @@ _forward() {
   STOP_SIGNAL=$1
   _SIGNALLED=1
   log "received SIG$1: ${ON_STOP:-every rank checkpoints at the end of its current step, then exits 3}"
-  kill -s "$1" "$SRUN_PID" 2>/dev/null || true # srun passes it on to every task
+  # As USR1 whatever came (the ranks treat both alike): srun passes USR1 on to every task, but
+  # answers SIGTERM by SIGKILLing them ("forcing job termination"), before any checkpoint.
+  kill -s USR1 "$SRUN_PID" 2>/dev/null || true
 }
 
 # Waits for the srun started by srun_ranks, forwarding USR1 and TERM to it; returns srun's

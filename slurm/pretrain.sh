@@ -21,6 +21,9 @@
 #   STEPS           --steps: optimizer steps in all                     [trainer default]
 #   INIT_FROM       --init-from: phase 2 starts from this phase-1 run dir's weights with a fresh
 #                   optimizer; once RUN_DIR has a checkpoint, a requeued job resumes that instead
+#   CHECKPOINT_MINUTES  --checkpoint-minutes: a checkpoint at least this often, so a crash, a
+#                   node failure or a stop whose save outlasts KillWait loses at most this
+#                   much (0: only at the end and on a stop signal)           [30]
 #   RUN_NAME        --run-name: MLflow run name                         [JOBNAME-JOBID]
 #   TRAIN_ARGS      more trainer flags, split on spaces                 [none]
 #   MLFLOW_TRACKING_URI  MLflow server for rank 0                       [sqlite:///mlflow.db in the submit dir]
@@ -95,6 +98,7 @@ args=(--data "$DATA_DIR" --run-dir "$RUN_DIR" --run-name "${RUN_NAME:-$SLURM_JOB
 [[ -z "${DS_CONFIG:-}" ]] || args+=(--ds-config "$DS_CONFIG")
 [[ -z "${STEPS:-}" ]] || args+=(--steps "$STEPS")
 [[ -z "${INIT_FROM:-}" ]] || args+=(--init-from "$INIT_FROM")
+args+=(--checkpoint-minutes "${CHECKPOINT_MINUTES:-30}")
 read -r -a train_args <<<"${TRAIN_ARGS:-}"
 args+=("${train_args[@]}" "$@")
 
