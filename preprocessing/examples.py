@@ -805,7 +805,13 @@ def pack_full_sentences(bucket: Bucket, dupe_index: int, seed: int, config: Exam
     sizes_arr = np.array(sizes, np.int64)
     piece_offsets = np.zeros(len(sizes) + 1, np.int64)
     np.cumsum(sizes_arr, out=piece_offsets[1:])
-    original = source[_multi_arange(np.array(starts, np.int64), sizes_arr, piece_offsets)]
+    gather = _multi_arange(np.array(starts, np.int64), sizes_arr, piece_offsets)
+    original = source[gather]
+    token_word_start = None
+    if config.whole_word_mask and bucket.word_starts is not None:
+        # jieba's words, as the pairs get them (mask_instances); before, packed rows fell back to
+        # the vocabulary's table, where every Han piece starts a word. [CLS]/[SEP] count as starts.
+        token_word_start = np.concatenate([bucket.word_starts, np.ones(2, bool)])[gather]
     lengths = np.array([2 + sum(1 if a < 0 else b - a for a, b in row) for row in spans], np.int64)
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -816,7 +822,8 @@ def pack_full_sentences(bucket: Bucket, dupe_index: int, seed: int, config: Exam
         input_ids, rows, cols, masked_ids = original, np.zeros(0, np.int64), np.zeros(0, np.int64), original[:0]
     else:
         # len_a = length - 2 puts the pairs' middle [SEP] on the closing one: no extra exclusion.
-        input_ids, rows, cols, masked_ids = mask_tokens(keys, original, offsets, lengths - 2, config, vocab)
+        input_ids, rows, cols, masked_ids = mask_tokens(keys, original, offsets, lengths - 2, config, vocab,
+                                                        token_word_start)
     masked_offsets = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=masked_offsets[1:])
     stats = ExampleStats(documents=len(bucket.live), empty_documents=len(bucket) - len(bucket.live),
