@@ -15,7 +15,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import pyarrow.parquet as pq
 
-from preprocessing import inputs, language, manifest, parts, subwords, tracking, transforms, vocab, worker_package
+from preprocessing import (inputs, language, manifest, parts, sentences, subwords, tracking, transforms, vocab,
+                           worker_package)
 from preprocessing.options import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ def resolve_language(config: PreprocessConfig, tasks: list[inputs.ReadTask]) -> 
         code = (inputs.dump_language(dump.path) if dump else None) or "en"
         log.info("language: %s (%s; --language sets another)", code,
                  f"the xml:lang of {dump.path}" if dump else "the default")
+    warning = sentences.unknown_language_warning(code)
+    if warning:
+        log.warning("%s", warning)
     wwm = config.whole_word_mask
     if wwm == "auto":
         wwm = language.default_segmenter(code)

@@ -32,7 +32,8 @@ def default_segmenter(code: str) -> str:
     """What ``--whole-word-mask`` (without a value) means for a language: jieba words for
     Chinese, as BERT-wwm (Cui et al. 2019) does; the vocabulary's own word starts
     (pieces that begin with "▁" or "##" mark) for languages written with spaces."""
-    return "jieba" if base_language(code) in ("zh", "yue", "wuu", "gan", "lzh") else "pieces"
+    return "jieba" if base_language(code) in ("zh", "zho", "chi", "cmn", "yue", "wuu", "gan", "hsn", "lzh") \
+        else "pieces"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -392,6 +392,29 @@ _GERMAN_CODES = frozenset("de deu ger gsw bar".split())
 _LANGUAGE_CODE = re.compile(r"[A-Za-z]{1,12}(?:[-_][A-Za-z0-9]{1,12})*")
 
 
+# ISO 639-1: the two-letter codes. A code that is neither one of them nor three letters (ISO
+# 639-2/-3, which also covers Wikipedia's "als", "yue", ...) is likely a slip ("jp", "chinese"),
+# which English rules would then split without a word.
+_ISO_639_1 = frozenset("""
+    aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy
+    da de dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu
+    hy hz ia id ie ig ii ik io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb
+    lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng nl nn no nr nv ny oc oj om
+    or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss st su sv sw
+    ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo za zh zu
+""".split())
+
+
+def unknown_language_warning(language: str) -> str | None:
+    """A warning when ``language``'s base is no ISO 639 code, naming the rules it gets."""
+    base = language.strip().replace("_", "-").split("-", 1)[0].lower()
+    if base in _ISO_639_1 or len(base) == 3 or base in ("simple",):  # Simple English Wikipedia
+        return None
+    names = {"en": "English", "de": "German", "zh": "Chinese"}
+    return (f"--language {language!r}: {base!r} is no ISO 639 language code (e.g. zh, ja, de, fr); its "
+            f"sentences are split by the {names[rules_for(language)]} rules")
+
+
 @functools.lru_cache(maxsize=256)
 def rules_for(language: str) -> str:
     """The code in ``LANGUAGES`` whose rules split ``language``: "zh" for Chinese and

@@ -193,6 +193,15 @@ def test_rules_for_rejects_what_is_no_language_code(code):
         split_sentences("Text.", code)
 
 
+def test_a_code_that_is_no_iso_639_code_is_warned_about():
+    from preprocessing.sentences import unknown_language_warning
+
+    # before: "jp" and "chinese" got the English rules without a word
+    assert "'jp' is no ISO 639 language code" in unknown_language_warning("jp") and \
+        "split by the English rules" in unknown_language_warning("chinese")
+    assert all(unknown_language_warning(code) is None for code in ("ja", "zh-TW", "de_CH", "yue", "simple", "fr"))
+
+
 # ---------------------------------------------------------------------------- German
 @pytest.mark.parametrize("text, expected", [
     # abbreviations, also written with a space; months

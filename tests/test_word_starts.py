@@ -123,6 +123,7 @@ def test_whole_word_default_by_language():
     assert language.default_segmenter("zh") == "jieba"
     assert language.default_segmenter("zh-hans") == "jieba"
     assert language.default_segmenter("de") == "pieces"
+    assert language.default_segmenter("cmn") == language.default_segmenter("zho") == "jieba"  # as the sentence rules read them
     assert language.default_segmenter("en") == "pieces"
     assert language.Converter("t2s")("舉頭望明月，低頭思故鄉。") == "举头望明月，低头思故乡。"
     with pytest.raises(ValueError, match="--convert"):
