@@ -290,7 +290,9 @@ def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, che
             "pretrain_run_id": pretrain_run_id or train_config.get("pretrain_run_id"),
             "checkpoint": os.path.join(checkpoints, tag), "data_dir": os.path.abspath(data_dir),
             "model": train_config.get("model"), "tokenizer_fingerprint": manifest["tokenizer"].get("fingerprint"),
-            "save_id": checkpoint.read_meta(checkpoints, tag).get("save_id")}
+            "save_id": checkpoint.read_meta(checkpoints, tag).get("save_id"),
+            # the script conversion the text went through: fine-tuning applies it to its texts too
+            "convert": manifest.get("convert")}
     with open(os.path.join(temp, TRAINING_INFO), "w") as f:
         json.dump(info, f, indent=2)
 

@@ -108,6 +108,28 @@ def test_fine_tuned_tang_song_classifier_beats_the_majority_class(zh_run, tmp_pa
                                       global_batch_size=32, micro_batch_size=32, learning_rate=1e-3, mlflow=False,
                                       seed=3)
     finetuner = Finetuner(config)
+    # The same poems in Traditional characters against the Simplified vocabulary (--convert t2s):
+    # converted as the pretraining text was (before: 們, 頭, 東, … were [UNK]).
+    import bz2
+    import csv
+
+    from preprocessing.language import Converter
+
+    to_traditional = Converter("s2t")
+    with bz2.open(TANG_SONG, "rt") as f:
+        rows = list(csv.DictReader(f))[:400]
+    traditional = tmp_path / "traditional.csv"
+    with open(traditional, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "text": to_traditional(r["text"])} for r in rows)
+    assert "頭" in traditional.read_text()
+    trad = Finetuner(FinetuneConfig.from_flat(model=run_dir, data=str(traditional), output_dir=str(tmp_path / "trad"),
+                                              mlflow=False, seed=3))
+    unk = trad.tokenizer.unk_token_id
+    ids = np.concatenate([np.asarray(x) for x in trad.splits["train"].input_ids])
+    assert trad.convert == "t2s" and "頭" not in "".join(trad.data.splits["train"].texts)
+    assert np.mean(ids == unk) < 0.01, np.mean(ids == unk)
     finetuner.train()
     report = finetuner.test_report()
     assert report["labels"] == ["song", "tang"]

@@ -33,7 +33,7 @@ from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_e
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError
 from pipeline.finetuning.data import Examples, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
-                                       resolve_model_dir)
+                                       read_training_info, resolve_model_dir)
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
                               per_class_report, task_metrics)
 from pipeline.model import forward_attention_mask
@@ -156,6 +156,9 @@ class Finetuner:
         torch.manual_seed(settings.seed)  # the classifier head (and, with --init random, every weight)
         model = build_classifier(self.hf_dir, self.task, self.data.labels, config.init, config.reinit_pooler)
         self.max_length = self._max_length(model.config)
+        self.convert = read_training_info(self.hf_dir).get("convert")
+        if self.convert:
+            self._convert_script()
         self.splits = {name: encode(self.tokenizer, examples, self.max_length)
                        for name, examples in self.data.splits.items()}
 
@@ -182,6 +185,21 @@ class Finetuner:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def _convert_script(self) -> None:
+        """The pretraining data's script conversion (--convert t2s: Traditional to Simplified),
+        applied to every split's texts: the vocabulary holds the converted script, so text in the
+        other one was mostly [UNK] (我們 → 我 [UNK])."""
+        from preprocessing.language import Converter
+
+        converter = Converter(self.convert)
+        for examples in self.data.splits.values():
+            examples.texts = [converter(t) for t in examples.texts]
+            if examples.pairs:
+                examples.pairs = [converter(t) for t in examples.pairs]
+        if self.is_rank0:
+            log.info("texts converted with OpenCC %s, as the pretraining data was (the export's training_info.json)",
+                     self.convert)
 
     def _max_length(self, model_config) -> int:
         limit = model_config.max_position_embeddings
