@@ -44,7 +44,7 @@ Deviations from Google, each on purpose:
 * A random replacement is drawn uniformly from the *non-special* ids (Google draws
   any vocabulary id, [CLS]/[SEP]/[MASK]/[PAD] included). It may equal the original.
 * Whole-word masking groups pieces by ``VocabInfo.word_start`` (ALBERT's
-  SentencePiece rule, computed elsewhere), or by the documents' own per-token word
+  SentencePiece rule made multilingual, ``vocab.word_start_table``), or by the documents' own per-token word
   starts when a segmenter gave them (Chinese words from jieba, as BERT-wwm); a group never spans a [SEP] (Google appends
   a continuation piece after [SEP] to the last word before it). Groups are taken in
   random order with Google's greedy rule: a group that would overflow

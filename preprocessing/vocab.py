@@ -217,10 +217,13 @@ _PUNCTUATION = frozenset(string.punctuation)
 def word_start_table(model_proto: bytes) -> np.ndarray:
     """bool[vocab_size]: True where a piece starts a new word (for whole-word masking).
 
-    ALBERT's rule for SentencePiece vocabularies: a piece starts a word if it begins with
-    "▁" or "<", is punctuation, or holds a non-ASCII character (scripts without spaces
-    have no "▁" to go by); special, control and unknown pieces count as starts. A word
-    is then a start piece plus the non-start pieces that follow it.
+    ALBERT's rule for SentencePiece vocabularies, made multilingual: a piece starts a word
+    if it begins with "▁" or "<", is punctuation, or holds a character of a script written
+    without spaces (Han, kana, Thai, …: no "▁" to go by); special, control and unknown
+    pieces count as starts. A word is then a start piece plus the non-start pieces that
+    follow it. ALBERT made every non-ASCII piece a start, which broke words of alphabetic
+    scripts at each accented or non-Latin piece ("▁Gemüse hä nd ler": "hä" began a word) and
+    made whole-word masking a no-op for Cyrillic, Greek or Arabic.
     """
     model = read_model(model_proto)
     table = np.zeros(len(model.pieces), dtype=bool)
@@ -228,8 +231,15 @@ def word_start_table(model_proto: bytes) -> np.ndarray:
         table[i] = (kind != NORMAL
                     or piece.startswith(("▁", "<"))
                     or all(c in _PUNCTUATION for c in piece)
-                    or not piece.isascii())
+                    or _UNSPACED_SCRIPT.search(piece) is not None)
     return table
+
+
+# Scripts written without spaces between words: Thai, Lao, Tibetan, Myanmar, Khmer, CJK
+# radicals, punctuation, kana, Bopomofo, Han, Yi, Hangul syllables are spaced (Korean) and not here.
+_UNSPACED_SCRIPT = re.compile(r"[\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u2e80-\u2fdf"
+                              r"\u3000-\u31ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uf900-\ufaff"
+                              r"\uff00-\uffef\U00020000-\U0003ffff]")
 
 
 # ---------------------------------------------------------------------------- Hugging Face files

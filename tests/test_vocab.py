@@ -212,7 +212,13 @@ def test_word_start_table(protos):
     piece = {sp.id_to_piece(i): bool(table[i]) for i in range(sp.get_piece_size())}
     assert piece["▁the"] and piece["▁"] and piece[","] and piece["."]
     assert not piece["s"] and not piece["ing"]
-    assert all(start for p, start in piece.items() if not p.isascii())
+    # Han and kana pieces start words; accented continuations of alphabetic words do not
+    # (ALBERT's every-non-ASCII-piece rule broke "▁Gemüse hä nd ler" at "hä")
+    assert all(start for p, start in piece.items() if any("\u4e00" <= c <= "\u9fff" for c in p))
+    from preprocessing.vocab import _UNSPACED_SCRIPT
+
+    assert _UNSPACED_SCRIPT.search("東京") and _UNSPACED_SCRIPT.search("ひら") and _UNSPACED_SCRIPT.search("ไทย")
+    assert not any(_UNSPACED_SCRIPT.search(p) for p in ("hä", "ü", "ого", "ال", "ες", "한국"))
     # Grouping pieces by the table recovers the words of plain text.
     for text in ["Emma Woodhouse handsome clever and rich with a comfortable home",
                  "the misunderstanding was unaccountable and disagreeable"]:
