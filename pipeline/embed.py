@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     try:
         inputs = embedding.read_inputs(args.input, args.text_column, args.id_column)
         model, tokenizer = embedding.load_model(args.model)
+        if embedding.convert_script(inputs, args.model):
+            log.info("texts converted with OpenCC, as the model's pretraining text was (training_info.json)")
         max_length = embedding.resolve_max_length(args.max_length, tokenizer, model.config)
         if args.bf16 and not torch.cuda.is_available():
             raise embedding.EmbedError("--bf16: no CUDA device; on CPU the embeddings are computed in fp32")

@@ -87,6 +87,20 @@ def read_inputs(path: str, text_column: str = TEXT_COLUMN, id_column: str | None
 
 
 # ---------------------------------------------------------------------------- the model
+def convert_script(inputs: Inputs, model_dir: str) -> str | None:
+    """The texts converted as the model's pretraining text was (``--convert t2s``, recorded in an
+    export's ``training_info.json``), as fine-tuning does: its vocabulary holds the converted script
+    only. Returns the conversion, or None."""
+    from pipeline.finetuning.model import read_training_info
+    from preprocessing.language import Converter
+
+    convert = read_training_info(model_dir).get("convert")
+    if convert:
+        converter = Converter(convert)
+        inputs.texts = [converter(text) for text in inputs.texts]
+    return convert
+
+
 def load_model(model_dir: str):
     """(encoder in eval mode, tokenizer); the tokenizer checked against the model as fine-tuning does."""
     from transformers import AutoConfig, AutoModel

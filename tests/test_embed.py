@@ -175,6 +175,16 @@ def test_lineage_from_an_export_and_from_a_fine_tuned_model(tmp_path):
                                                    "pretrain_run_id": "p1", "data_run_id": "d1"}
 
 
+def test_texts_are_converted_as_the_models_pretraining_text_was(tmp_path):
+    # an export of a --convert t2s data dir: its vocabulary holds Simplified characters only
+    (tmp_path / "training_info.json").write_text(json.dumps({"convert": "t2s"}))
+    inputs = embedding.Inputs("x.csv", "row", [0, 1], ["我們說話。", "plain text"], ["x.csv:2", "x.csv:3"])
+    assert embedding.convert_script(inputs, str(tmp_path)) == "t2s"
+    assert inputs.texts == ["我们说话。", "plain text"]
+    (tmp_path / "training_info.json").write_text(json.dumps({"convert": None}))
+    assert embedding.convert_script(inputs, str(tmp_path)) is None
+
+
 # ---------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def finetuned(reviews, tmp_path_factory):
