@@ -9,6 +9,7 @@ in the manifest so that a data dir says how it was made.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 # Languages written without spaces between words: sentences end at full-width stops with
 # no space after them, and words for whole-word masking come from a segmenter.
@@ -22,6 +23,14 @@ WHOLE_WORD_CHOICES = ("none", "auto", "pieces", "jieba")
 def base_language(code: str) -> str:
     """``zh-hans`` → ``zh``, ``de-CH`` → ``de``: the part the rule tables are keyed by."""
     return code.replace("_", "-").split("-", 1)[0].lower()
+
+
+# Scripts written without spaces between words: Thai, Lao, Tibetan, Myanmar, Khmer, CJK radicals
+# and punctuation, kana, Bopomofo, Han, Yi, full-width forms (Hangul is spaced: Korean is not here).
+# Whole-word masking makes each of their pieces a word start; wrapped lines of them join without a space.
+UNSPACED_SCRIPT = re.compile(r"[\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u2e80-\u2fdf"
+                             r"\u3000-\u31ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uf900-\ufaff"
+                             r"\uff00-\uffef\U00020000-\U0003ffff]")
 
 
 def is_cjk(code: str) -> bool:

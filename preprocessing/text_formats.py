@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -35,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocessing.documents import Problem, RawDocument
+from preprocessing.language import UNSPACED_SCRIPT
 
 _READ_CHUNK = 1 << 20
 # A small range reads in smaller pieces, so that a 64 KiB range does not read 1 MiB.
@@ -168,11 +168,6 @@ def _is_blank(raw: bytes | None) -> bool:
     return raw is not None and not raw.decode("utf-8", errors="replace").strip()
 
 
-# Scripts written without spaces: Han, kana, CJK punctuation and full-width forms.
-_NO_SPACE_SCRIPT = re.compile(r"[\u2e80-\u2fdf\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-                              r"\uff00-\uffef\U00020000-\U0003ffff]")
-
-
 def join_lines(lines: list[str]) -> str:
     """A document's lines as one text: joined with a space, as wrapped prose needs, but not
     between two characters of a script written without spaces. Chinese or Japanese wrapped
@@ -180,7 +175,7 @@ def join_lines(lines: list[str]) -> str:
     sentences), which SentencePiece then reads as a word boundary."""
     pieces = [lines[0]]
     for before, line in zip(lines, lines[1:]):
-        if not (_NO_SPACE_SCRIPT.match(before[-1]) and _NO_SPACE_SCRIPT.match(line[0])):
+        if not (UNSPACED_SCRIPT.match(before[-1]) and UNSPACED_SCRIPT.match(line[0])):
             pieces.append(" ")
         pieces.append(line)
     return "".join(pieces)

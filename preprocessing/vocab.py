@@ -32,6 +32,8 @@ from collections.abc import Iterable
 import numpy as np
 import sentencepiece
 
+from preprocessing.language import UNSPACED_SCRIPT
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS
 MODEL_TYPES = ("unigram", "bpe")
@@ -231,15 +233,8 @@ def word_start_table(model_proto: bytes) -> np.ndarray:
         table[i] = (kind != NORMAL
                     or piece.startswith(("▁", "<"))
                     or all(c in _PUNCTUATION for c in piece)
-                    or _UNSPACED_SCRIPT.search(piece) is not None)
+                    or UNSPACED_SCRIPT.search(piece) is not None)
     return table
-
-
-# Scripts written without spaces between words: Thai, Lao, Tibetan, Myanmar, Khmer, CJK
-# radicals, punctuation, kana, Bopomofo, Han, Yi, Hangul syllables are spaced (Korean) and not here.
-_UNSPACED_SCRIPT = re.compile(r"[\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u2e80-\u2fdf"
-                              r"\u3000-\u31ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uf900-\ufaff"
-                              r"\uff00-\uffef\U00020000-\U0003ffff]")
 
 
 # ---------------------------------------------------------------------------- Hugging Face files

@@ -215,7 +215,7 @@ def test_word_start_table(protos):
     # Han and kana pieces start words; accented continuations of alphabetic words do not
     # (ALBERT's every-non-ASCII-piece rule broke "▁Gemüse hä nd ler" at "hä")
     assert all(start for p, start in piece.items() if any("\u4e00" <= c <= "\u9fff" for c in p))
-    from preprocessing.vocab import _UNSPACED_SCRIPT
+    from preprocessing.language import UNSPACED_SCRIPT as _UNSPACED_SCRIPT
 
     assert _UNSPACED_SCRIPT.search("東京") and _UNSPACED_SCRIPT.search("ひら") and _UNSPACED_SCRIPT.search("ไทย")
     assert not any(_UNSPACED_SCRIPT.search(p) for p in ("hä", "ü", "ого", "ال", "ες", "한국"))
