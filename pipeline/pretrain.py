@@ -27,24 +27,41 @@ import torch  # noqa: E402
 from pipeline.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from pipeline.data import DataDirError  # noqa: E402
 from pipeline.ds_config import DsConfigError  # noqa: E402
-from pipeline.engine import LaunchError, end_distributed, exit_now  # noqa: E402
+from pipeline.engine import LaunchError, end_distributed, ensure_distributed_env, exit_now  # noqa: E402
 from pipeline.export import ExportError, export_checkpoint, write_train_config  # noqa: E402
 from pipeline.model import ModelConfigError  # noqa: E402
+from pipeline.run_lock import RunDirError, acquire  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 from pipeline.train_config import parse_args  # noqa: E402
 from pipeline.trainer import NonFiniteLoss, Trainer  # noqa: E402
 
-USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError, CheckpointError, LaunchError)
+USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError, CheckpointError, LaunchError,
+               RunDirError)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    lock = None
     try:
+        # Rank 0 holds the run dir until the run ends: a second run into it is refused here, and the
+        # other ranks check that they see the same folder (pipeline/run_lock.py).
+        lock = acquire(config.run_dir) if ensure_distributed_env()[0] == 0 else None
         trainer = Trainer(config)
     except USER_ERRORS as err:  # a bad flag, data dir or checkpoint: one line that names it, no traceback
         print(f"error: {err}", file=sys.stderr)
+        if lock:
+            lock.release()
         return 2
+    try:
+        return train(config, trainer)
+    finally:
+        if lock:
+            lock.release()
+
+
+def train(config, trainer: Trainer) -> int:
+    """Trains, exports on rank 0, and tracks it in MLflow; the exit code."""
     tracker = None
     if config.mlflow and trainer.is_rank0:
         # An id that is not known (preprocessed with --no-mlflow) is left out, not written as "None".

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tqdm import tqdm
 
-from pipeline import checkpoint, hf_init
+from pipeline import checkpoint, hf_init, run_lock
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
 from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
@@ -139,6 +139,8 @@ class Trainer:
         init_distributed(settings.dist_timeout_minutes)
         self.engine, self.optimizer, self.scheduler = initialize(model, settings, self.ds_config, config.steps,
                                                                  config.warmup_steps)
+        # Before anything is loaded or written: a node that sees another run dir would resume alone.
+        run_lock.check_shared(config.run_dir, self.rank, self.world_size, self.engine.device)
         self.sampler = BatchSampler(self.dataset.lengths[:self.train_rows], settings.micro_batch_size,
                                     rank=self.rank, world_size=self.world_size, seed=settings.seed,
                                     accumulation_steps=self.batches.accumulation_steps)

@@ -1,0 +1,133 @@
+"""One run at a time in a run dir, and the same run dir seen by every rank.
+
+Two faults that corrupt a run without an error of their own:
+
+- two jobs writing one run dir (a job resubmitted while the first still runs, two users on
+  one path): their saves interleave in ``checkpoints/``, and ``latest`` names whichever came
+  last. Rank 0 holds an exclusive ``flock`` on ``RUN_DIR/.lock`` for its whole life; the
+  kernel drops it when the process ends, however it ends, so a crash leaves no stale lock.
+  NFS (v3 lockd, v4) and Lustre mounted with ``flock`` honour it across nodes; a file system
+  without locks gets a warning and the run goes on unchecked.
+- a run dir on node-local disk (``/tmp``, ``/scratch`` on some sites) under several nodes:
+  each node resumes from its own ``checkpoints/`` (rank 0 from step N, the others from
+  nothing) and a save leaves each node's ZeRO shards on its own disk. Rank 0 writes a random
+  token into the lock file before the ranks meet; once they have, every rank reads it back,
+  and a rank that reads another token, or none, ends the run on every rank before anything is
+  loaded or written.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+
+LOCK_FILE = ".lock"
+# What a file system without locks answers (Lustre without -o flock, some FUSE mounts).
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+log = logging.getLogger(__name__)
+
+
+class RunDirError(RuntimeError):
+    """The run dir is in use by another run, or is not the same folder on every rank."""
+
+
+class RunLock:
+    """Rank 0's hold on a run dir (see ``acquire``); ``release`` ends it, as the process's end does."""
+
+    def __init__(self, path: str, fd: int, token: int):
+        self.path, self.fd, self.token = path, fd, token
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = -1
+
+
+def acquire(run_dir: str) -> RunLock:
+    """Takes ``RUN_DIR/.lock`` for this process, or raises RunDirError naming the run that holds it."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"--run-dir {run_dir}: cannot create it: {err.strerror}") from None
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise RunDirError(f"--run-dir {run_dir}: cannot write {path}: {err.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            holder = _describe(_read(path))
+            os.close(fd)
+            raise RunDirError(f"--run-dir {run_dir} is in use by another run ({holder}): two runs writing one run "
+                              "dir corrupt each other's checkpoints; wait for it to end or stop it, or pass another "
+                              "--run-dir") from None
+        if err.errno not in NO_LOCKS:
+            os.close(fd)
+            raise
+        log.warning("%s: this file system does not lock files (%s): nothing stops a second run from writing "
+                    "this run dir at the same time", path, err.strerror)
+    token = secrets.randbits(62) + 1  # never 0, which stands for "no token" in check_shared
+    holder = {"token": token, "host": socket.gethostname(), "pid": os.getpid(),
+              "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    data = (json.dumps(holder) + "\n").encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)  # read back by the other nodes' ranks once they meet this one
+    return RunLock(path, fd, token)
+
+
+def _read(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder.get("pid"):
+        return "a process that has not written its name yet"
+    where = f"pid {holder['pid']} on {holder.get('host', '?')}"
+    if holder.get("slurm_job_id"):
+        where += f", SLURM job {holder['slurm_job_id']}"
+    return f"{where}, started {holder.get('started', '?')}"
+
+
+def check_shared(run_dir: str, rank: int, world_size: int, device="cpu") -> None:
+    """Every rank must read rank 0's token from ``RUN_DIR/.lock``; raises RunDirError on every
+    rank otherwise (one all-reduce, which every rank must call, after rank 0's ``acquire``).
+    Without a token on rank 0 (a Trainer built without the command's lock) there is nothing to
+    compare."""
+    if world_size == 1:
+        return
+    import torch
+
+    token = _read(os.path.join(run_dir, LOCK_FILE)).get("token")
+    seen = torch.zeros(world_size, dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
+    seen[rank] = token if isinstance(token, int) and 0 < token < 2 ** 62 + 1 else 0
+    torch.distributed.all_reduce(seen)
+    seen = seen.tolist()
+    if not seen[0]:
+        return
+    others = [r for r, value in enumerate(seen) if value != seen[0]]
+    if others:
+        here = f"this is rank {rank} on {socket.gethostname()}"
+        raise RunDirError(f"--run-dir {run_dir} is not the same folder on every rank: rank(s) "
+                          f"{_ranks(others)} of {world_size} do not see the {LOCK_FILE} rank 0 wrote there ({here}); "
+                          "put the run dir on a file system every node mounts (not node-local disk such as /tmp), "
+                          "and pass every rank the same --run-dir")
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")

@@ -1,0 +1,77 @@
+"""One run at a time in a run dir, and the same run dir on every rank (pipeline/run_lock.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import checkpoint, pretrain, run_lock
+from pipeline.engine import free_port
+
+from .conftest import REPO, set_one_process_world
+
+
+def _args(data_dir, run_dir):
+    return ["--data", data_dir, "--run-dir", str(run_dir), "--steps", "2", "--global-batch-size", "16",
+            "--micro-batch-size", "8", "--log-every", "100", "--no-mlflow"]
+
+
+def test_the_lock_is_exclusive_and_ends_with_its_holder(tmp_path):
+    held = run_lock.acquire(str(tmp_path))
+    with pytest.raises(run_lock.RunDirError, match=f"--run-dir {tmp_path} is in use by another run "
+                                                   rf"\(pid {os.getpid()} on "):
+        run_lock.acquire(str(tmp_path))  # a second open file is a second holder, even in one process
+    held.release()
+    again = run_lock.acquire(str(tmp_path))
+    assert again.token != held.token and run_lock._read(os.path.join(tmp_path, ".lock"))["token"] == again.token
+    again.release()
+
+
+def test_a_second_run_into_a_busy_run_dir_is_refused_and_a_killed_holder_frees_it(data_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    set_one_process_world(monkeypatch)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the holder names its job
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline.run_lock import acquire; "
+                               f"lock = acquire({str(tmp_path)!r}); print('held', flush=True); sys.stdin.read()"],
+                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert pretrain.main(_args(data_dir, tmp_path)) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, errors
+        assert f"--run-dir {tmp_path} is in use by another run (pid {holder.pid} on " in errors[0]
+        assert "SLURM job 4242" in errors[0]
+        assert not os.path.exists(tmp_path / "checkpoints")  # refused before anything was written
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: no release, the kernel drops the lock
+        holder.wait()
+    assert pretrain.main(_args(data_dir, tmp_path)) == 0
+    assert checkpoint.find_latest(str(tmp_path / "checkpoints")) is not None
+
+
+@pytest.mark.e2e
+def test_ranks_that_see_different_run_dirs_stop_before_loading_anything(data_dir, tmp_path):
+    """Rank 1 is given another folder, as a node with the run dir on its local disk would see one:
+    both ranks exit 2 with one line, before either resumes or writes a checkpoint."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    ranks = []
+    for rank, run_dir in enumerate([tmp_path / "shared", tmp_path / "local"]):
+        ranks.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "pipeline", "pretrain.py"), *_args(data_dir, run_dir)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True))
+    started = time.monotonic()
+    outputs = [proc.communicate(timeout=240)[1] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [2, 2], outputs
+    assert time.monotonic() - started < 120
+    for rank, err in enumerate(outputs):
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, err[-3000:]
+        assert "is not the same folder on every rank: rank(s) 1 of 2 do not see the .lock rank 0 wrote" in lines[0]
+        assert f"this is rank {rank} on " in lines[0]
+    assert not os.path.exists(tmp_path / "shared" / "checkpoints")
+    assert not os.path.exists(tmp_path / "local" / "checkpoints")
