@@ -4,7 +4,8 @@
 # What they settle once for every stage:
 #   - fail fast, before srun starts anything, with a message that names the variable;
 #   - the rendezvous address: the first node of the job, mapped through SLURM's NodeAddr
-#     (node names need not resolve by DNS), and a port derived from the job id;
+#     (node names need not resolve by DNS), and a port derived from the job id, the next free
+#     one if another process listens there;
 #   - one srun task per rank, with RANK / LOCAL_RANK / WORLD_SIZE taken from SLURM;
 #   - stop signals: the batch shell forwards USR1/TERM to the ranks, and a stage that
 #     checkpointed and exited 3 is requeued with `scontrol requeue`;
@@ -72,9 +73,31 @@ set_master() {
       "the ranks meet there; unset it before sbatch unless that is meant"
   fi
   export MASTER_ADDR=${MASTER_ADDR:-${addr:-$first}}
-  # Below the Linux ephemeral range (32768+) and unique among running jobs unless their
-  # ids are 15000 apart; a requeued job keeps its id and so its port.
-  export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
+  if [[ -n "${MASTER_PORT:-}" ]]; then
+    export MASTER_PORT
+    return
+  fi
+  # Below the Linux ephemeral range (32768+) and unique among running jobs unless their ids are
+  # 15000 apart; a requeued job keeps its id and so its port. This shell runs on the first node
+  # (SLURM's batch host), where rank 0 listens: a port taken there (another job sharing the node,
+  # any other server) moves on to the next free one, rather than failing every rank's rendezvous.
+  local port=$((15000 + SLURM_JOB_ID % 15000)) tries=0
+  if [[ "${SLURMD_NODENAME:-}" == "$first" ]]; then
+    while ! port_free "$port" && ((tries < 100)); do
+      log "port $port is in use on $first: trying $((port + 1))"
+      port=$((port < 29999 ? port + 1 : 15000))
+      tries=$((tries + 1))
+    done
+  fi
+  export MASTER_PORT=$port
+}
+
+# port_free PORT: nothing listens on PORT on this node (binds it and lets go at once).
+port_free() {
+  "$PYTHON" -c 'import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the rendezvous store binds: TIME_WAIT is free
+s.bind(("", int(sys.argv[1])))' "$1" 2>/dev/null
 }
 
 # srun_ranks CMD...: one task per rank on every node, in the background (SRUN_PID).

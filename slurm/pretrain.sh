@@ -31,7 +31,8 @@
 #   SETUP           a file sourced first: module loads, venv or conda activation  [none]
 #   PYTHON          the interpreter                                     [python]
 #   SRUN_ARGS       more srun options, e.g. --container-image=… (pyxis) [none]
-#   MASTER_ADDR / MASTER_PORT  rendezvous [NodeAddr of the first node / 15000 + job id % 15000]
+#   MASTER_ADDR / MASTER_PORT  rendezvous [NodeAddr of the first node / 15000 + job id % 15000,
+#                   or the next port free on the first node]
 #   MAX_REQUEUES    requeues allowed after stop signals                 [20]
 #   NCCL_*          passed through. NCCL_DEBUG=WARN unless set; on multi-rail or Ethernet
 #                   clusters set NCCL_SOCKET_IFNAME (e.g. ib0 or eth0) and NCCL_IB_HCA (e.g.
