@@ -42,9 +42,15 @@ def test_compiled_encoder_matches_eager_through_a_resume_and_the_export(data_dir
     model.write_text(json.dumps({**PRESETS["tiny"], "hidden_dropout_prob": 0.0,
                                  "attention_probs_dropout_prob": 0.0}))
     eager = run(data_dir, tmp_path / "eager", str(model), compile=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = run(data_dir, tmp_path / "compiled", str(model), compile=True, stop_at=2)
     compiled += run(data_dir, tmp_path / "compiled", str(model), compile=True)  # resumes at step 2
     assert len(compiled) == 4
+    # The compiled graphs did run: one per process start (padded to one length, no recompiles).
+    stats = torch._dynamo.utils.counters["stats"]
+    assert stats["unique_graphs"] >= 1 and stats["calls_captured"] > 0, dict(stats)
+    assert not torch._dynamo.utils.counters["recompiles"], dict(torch._dynamo.utils.counters["recompiles"])
     # fp32 on both sides: Inductor fuses and reorders, so the sums differ in the last bits only.
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-4)
     exported = [export_state(tmp_path / name) for name in ("eager", "compiled")]

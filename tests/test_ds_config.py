@@ -96,6 +96,38 @@ def test_injected_config_drives_a_real_deepspeed_engine(monkeypatch):
     # groups, and a destroyed one breaks every engine built after it.
 
 
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_grad_clip_reaches_the_engine_and_bounds_the_update(monkeypatch, clip):
+    """--grad-clip as the trainers pass it (EngineConfig → inject), in a real ZeRO-2 engine: with
+    plain SGD the update is lr x the clipped gradient, so its norm is lr x clip under a huge
+    gradient, and lr x the gradient's own norm with clipping off."""
+    import deepspeed
+    import torch
+
+    from pipeline.engine import EngineConfig
+
+    set_one_process_world(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    settings = EngineConfig(ds_config=os.path.join(DS_DIR, "cpu_fp32_zero2_torch-adamw.json"), global_batch_size=4,
+                            micro_batch_size=4, learning_rate=0.01, grad_clip=clip)
+    config = settings.deepspeed_config(settings.batches(1))
+    del config["optimizer"]  # plain SGD from the client: Adam's update would hide the gradient's size
+    config["zero_allow_untested_optimizer"] = True
+    lr = 0.01
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=config)
+    assert engine.gradient_clipping() == clip
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    loss = 1e4 * engine(torch.randn(4, 16)).pow(2).sum()  # a gradient norm in the thousands
+    engine.backward(loss)
+    engine.step()
+    update = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
+    if clip:
+        assert update == pytest.approx(lr * clip, rel=1e-3)
+    else:
+        assert update > 100 * lr
+
+
 def test_the_readme_table_lists_exactly_the_shipped_files():
     readme = open(os.path.join(DS_DIR, "README.md")).read()
     assert sorted(re.findall(r"^\| `([^`]+\.json)` \|", readme, re.M)) == CONFIGS

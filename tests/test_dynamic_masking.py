@@ -118,3 +118,23 @@ def test_dynamic_masking_refuses_jieba_words():
     assert examples.ExampleConfig(masked_lm_prob=0.3).max_predictions_per_seq == 39  # MosaicBERT's 30%, cap scaled
     assert examples.ExampleConfig(max_seq_length=512).max_predictions_per_seq == 77
     assert PreprocessConfig().examples.max_predictions_per_seq == 20
+
+
+def test_the_loader_draws_new_masks_in_its_second_epoch(dynamic_data, manifest):
+    """Through the prefetching loader across an epoch boundary: each batch has its own epoch's masks."""
+    from pipeline.data import BatchSampler, PretrainingLoader
+
+    dataset = PretrainingDataset(dynamic_data, manifest, seed=7)
+    sampler = BatchSampler(dataset.lengths, 512, seed=7)
+    per_epoch = len(sampler)
+    expected = [sampler.epoch_batches(epoch) for epoch in (0, 1)]
+    with PretrainingLoader(dataset, sampler, prefetch=4, pin_memory=False) as loader:
+        got = [next(loader) for _ in range(2 * per_epoch)]
+    changed = 0
+    for i, batch in enumerate(got):
+        epoch, rows = divmod(i, per_epoch)[0], expected[i // per_epoch][i % per_epoch]
+        assert (batch["labels"] == dataset.batch(rows, epoch)["labels"]).all()
+        if epoch == 1:
+            first = dataset.batch(rows, 0)["labels"]
+            changed += int(((first != IGNORE_INDEX) != (batch["labels"] != IGNORE_INDEX)).any(dim=1).sum())
+    assert changed == per_epoch * 512  # every row of the second epoch has other masked positions

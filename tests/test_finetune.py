@@ -309,8 +309,9 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
         for k, (review, film) in enumerate(reviews):
             same = k % 2 == 0
             other = film if same else films[(films.index(film) + 1 + rng.integers(len(films) - 1)) % len(films)]
+            # A score the review alone tells: whether it says "film" (a quarter of them), plus noise.
             f.write(json.dumps({"plot": plots[other], "review": review, "same_film": same,
-                                "score": float(same) * 0.8 + rng.random() * 0.2}) + "\n")
+                                "score": float("film" in review.lower()) * 0.8 + rng.random() * 0.2}) + "\n")
     pair = Finetuner(FinetuneConfig.from_flat(model=pretrained, data=str(path), text_column="plot",
                                               text_pair_column="review", label_column="same_film",
                                               output_dir=str(tmp_path / "pair"), epochs=1, mlflow=False,
@@ -324,13 +325,14 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
 
     regression = Finetuner(FinetuneConfig.from_flat(
         model=pretrained, data=str(path), text_column="review", label_column="score",
-        output_dir=str(tmp_path / "regression"), epochs=3, learning_rate=1e-3, mlflow=False, global_batch_size=16,
+        output_dir=str(tmp_path / "regression"), epochs=8, learning_rate=1e-3, mlflow=False, global_batch_size=16,
         micro_batch_size=16, patience=0))
     assert regression.task == "regression" and regression.metric == "pearson"
     regression.train()
     report = regression.test_report()
     losses = [h["train_loss"] for h in report["history"]]
     assert losses[-1] < losses[0]  # MSE falls
+    assert report["test"]["pearson"] > 0.5  # learned from the text: 0.89 measured; a model blind to it scores ~0
     model_dir = regression.save_model(str(tmp_path / "regression" / "model"))
     scores, model = saved_model_outputs(model_dir, regression)
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"

@@ -47,6 +47,10 @@ def test_every_format_gives_the_same_splits(tmp_path, fmt):
         assert data.splits[name].texts == reference.splits[name].texts
         assert data.splits[name].pairs == [t.replace("sentence number", "pair") for t in data.splits[name].texts]
         assert (data.splits[name].labels == reference.splits[name].labels).all()
+        # Each text keeps its own row's label (not only the same labels in the same order).
+        truth = [data.labels.index(ROWS[int(text.split()[-1])]["label"]) for text in data.splits[name].texts]
+        assert list(data.splits[name].labels) == truth
+    assert sum(len(data.splits[n].texts) for n in ("train", "validation", "test")) == len(ROWS)
 
 
 def test_saved_datasets_dict_and_dataset(tmp_path):

@@ -233,30 +233,23 @@ def test_our_own_export_continues_its_run_with_lineage(data_dir, tmp_path, monke
     assert out == str(tmp_path / "source" / "hf" / "step00000030")
 
     # pretrain.py from the export: same data, seed and batch sizes, so its first batch is the source's.
-    tags, losses = {}, []
-
-    class Tracker:
-        run_id = "run-456"
-
-        def __init__(self, stage, experiment, run_name, run_tags):
-            tags.update(run_tags)
-
-        def log_metrics(self, values, step):
-            losses.append(values["loss"])
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(pretrain, "Tracker", Tracker)
+    # Tracked in a real MLflow store, whose run then shows the lineage and the loss.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert pretrain.main(["--data", data_dir, "--run-dir", str(tmp_path / "continued"), "--init-from", out,
                           "--steps", "1", "--global-batch-size", "8", "--micro-batch-size", "8",
-                          "--eval-shards", "0", "--learning-rate", "1e-4"]) == 0
-    assert losses[0] == pytest.approx(first_batch_loss(source, out), rel=1e-5)  # the exported model's own loss
+                          "--eval-shards", "0", "--learning-rate", "1e-4", "--experiment", "lineage"]) == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("lineage").experiment_id])
+    first_loss = client.get_metric_history(run.info.run_id, "loss")[0].value
+    assert first_loss == pytest.approx(first_batch_loss(source, out), rel=1e-5)  # the exported model's own loss
     # A continuation: far below the source run's first loss, from scratch on this same batch.
-    assert losses[0] < trained[0] - 1.0
-    assert tags["init_from"] == out and tags["init_from_run_id"] == "run-123"  # the lineage
+    assert first_loss < trained[0] - 1.0
+    assert run.data.tags["init_from"] == out and run.data.tags["init_from_run_id"] == "run-123"  # the lineage
+    assert run.data.tags["stage"] == "pretrain" and run.info.status == "FINISHED"
     # The continued run's own export rebuilds the directory's architecture from train_config.json.
     saved = export.read_train_config(str(tmp_path / "continued"))
-    assert saved["model"] == os.path.join(out, "config.json") and saved["pretrain_run_id"] == "run-456"
+    assert saved["model"] == os.path.join(out, "config.json") and saved["pretrain_run_id"] == run.info.run_id
     info = json.load(open(tmp_path / "continued" / "hf" / "step00000001" / "training_info.json"))
-    assert info["pretrain_run_id"] == "run-456"
+    assert info["pretrain_run_id"] == run.info.run_id

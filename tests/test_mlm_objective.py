@@ -35,13 +35,17 @@ def test_rows_hold_every_token_once_in_order_with_a_sep_between_documents(seed):
     assert (content[content != SEP] == bucket.tokens).all()  # nothing lost, nothing repeated, in order
     # A [SEP] inside a row sits exactly where a document ends.
     doc_ends = {bucket.offsets[i] + bucket.cums[i][-1] for i in bucket.live}
-    at = 0
+    at, inner, row_ends = 0, 0, set()
     for r in rows:
         for token in r[1:-1]:
             if token == SEP:
                 assert at in doc_ends
+                inner += 1
             else:
                 at += 1
+        row_ends.add(at)
+    # ... and every document end inside a row has one (one that ends a row has the row's own).
+    assert inner == len(doc_ends - row_ends)
     # Full rows: only the bucket's last one may be short.
     assert all(len(r) == 64 for r in rows[:-1])
     assert (batch.segment_ids == 0).all() and (batch.next_sentence_labels == 0).all()

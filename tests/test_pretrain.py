@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -49,7 +51,14 @@ def test_tiny_bert_learns_on_real_shards(data_dir, tmp_path):
 
     assert trainer.train(on_step=record) == 0
     assert sum(m.mlm_loss for m in last) / len(last) < sum(m.mlm_loss for m in first) / len(first) - 0.5
-    assert sum(m.mlm_accuracy for m in last) / len(last) > 10 / 4000  # well above chance
+    # 40 steps learn the targets' frequencies: from 0 at the start (ln 4000 = 8.3 nats) to about the
+    # share of the most frequent target (4.6% here), below which no use of context is shown. That a
+    # longer run uses context is tested against that floor in tests/test_finetune_pretraining_helps.py.
+    targets = np.concatenate(pq.read_table(os.path.join(data_dir, "shards"), columns=["masked_lm_ids"])
+                             .column("masked_lm_ids").to_numpy(zero_copy_only=False))
+    floor = np.bincount(targets).max() / len(targets)
+    assert sum(m.mlm_accuracy for m in first) / len(first) < floor / 4
+    assert sum(m.mlm_accuracy for m in last) / len(last) > floor / 2
     assert checkpoint.find_latest(os.path.join(tmp_path, "checkpoints")) == "step00000040"
 
 
@@ -165,9 +174,14 @@ def data_512(data_dir, preprocessed_sample):
 
 
 @pytest.fixture(scope="module")
-def other_tokenizer_data(preprocessed_sample):
-    """The same text with another vocabulary (3,000): its tokenizer is not data_dir's."""
-    return preprocessed_sample("--vocab-size", "3000", "--dupe-factor", "1")
+def other_tokenizer_data(data_dir, tmp_path_factory):
+    """data_dir under another tokenizer's fingerprint, as the corpus preprocessed again would have."""
+    other = tmp_path_factory.mktemp("other-tokenizer") / "data"
+    shutil.copytree(data_dir, other, ignore=shutil.ignore_patterns("flat"))
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    return str(other)
 
 
 def test_phase_two_starts_from_phase_one_weights_with_a_fresh_optimizer(data_dir, data_512, tmp_path):
@@ -288,9 +302,10 @@ def _run_pretrain(args, nproc, tmp_path, launcher="torchrun"):
 
 
 @pytest.mark.e2e
-def test_one_and_two_ranks_give_the_same_losses(data_dir, tmp_path):
-    """gloo, ZeRO-2, the same global batch of 16: 1 rank x 2 micro-batches vs 2 ranks x 1,
-    under torchrun and under the deepspeed launcher."""
+def test_two_ranks_under_the_deepspeed_launcher_give_one_ranks_losses(data_dir, tmp_path):
+    """gloo, ZeRO-2, the same global batch of 16: 1 rank x 2 micro-batches vs 2 ranks x 1 under
+    the deepspeed launcher (which adds --local_rank=N; 2 ranks under torchrun are compared with 1
+    in tests/test_resume_world_size.py)."""
     import json
 
     from pipeline.model import PRESETS
@@ -301,11 +316,9 @@ def test_one_and_two_ranks_give_the_same_losses(data_dir, tmp_path):
     common = ["--data", data_dir, "--model", str(model), "--steps", "6", "--global-batch-size", "16",
               "--micro-batch-size", "8", "--log-every", "1", "--no-mlflow", "--learning-rate", "2e-3"]
     one = _run_pretrain([*common, "--run-dir", str(tmp_path / "one")], 1, tmp_path)
-    two = _run_pretrain([*common, "--run-dir", str(tmp_path / "two")], 2, tmp_path)
     launched = _run_pretrain([*common, "--run-dir", str(tmp_path / "ds")], 2, tmp_path, launcher="deepspeed")
-    assert [m["step"] for m in one] == [m["step"] for m in two] == [m["step"] for m in launched] == list(range(1, 7))
-    for a, b, c in zip(one, two, launched):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
+    assert [m["step"] for m in one] == [m["step"] for m in launched] == list(range(1, 7))
+    for a, c in zip(one, launched):
         assert c["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
     assert one[-1]["loss"] < one[0]["loss"]
 

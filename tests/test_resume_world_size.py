@@ -73,7 +73,9 @@ def test_a_run_resumes_on_another_number_of_processes_with_the_same_losses(data_
                                                                              caplog, monkeypatch):
     one = run_here(argv(data_dir, no_dropout, tmp_path / "one"))  # uninterrupted, 1 process
     assert [m["step"] for m in one] == list(range(1, STEPS + 1))
-    _run_pretrain(argv(data_dir, no_dropout, tmp_path / "two"), 2, tmp_path)  # its checkpoint: 2 partitions
+    two = _run_pretrain(argv(data_dir, no_dropout, tmp_path / "two"), 2, tmp_path)  # its checkpoint: 2 partitions
+    # 2 ranks x 1 micro-batch train as 1 rank x 2 accumulated: the same global batches, the same losses.
+    np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=0, atol=TOLERANCE)
     assert len(checkpoint._partition_files(str(tmp_path / "two" / "checkpoints"), checkpoint.tag_for(AT))) == 2
 
     branch(tmp_path / "two", tmp_path / "two_to_one")

@@ -128,11 +128,17 @@ def test_mlflow_run_records_params_counters_and_artifacts(one_worker_run, mlflow
     assert "tokenizer/spm.model" in tokenizer_files and "tokenizer/tokenizer.json" in tokenizer_files
 
 
-def test_reusing_a_tokenizer_skips_training(one_worker_run, tmp_path):
-    output, _ = one_worker_run
+def test_a_given_tokenizer_is_used_not_retrained(data_dir, tmp_path):
+    # Another vocabulary than this input with COMMON's flags would train (4,000, not 8,000): a run that
+    # ignored --tokenizer and trained its own would show it in the manifest and the ids.
     again = str(tmp_path / "again")
-    run_beam([*COMMON, "--output", again, "--no-mlflow", "--tokenizer", os.path.join(output, "tokenizer")])
-    assert shard_digests(again) == shard_digests(output)
+    run_beam([*COMMON, "--output", again, "--no-mlflow", "--tokenizer", os.path.join(data_dir, "tokenizer")])
+    given, got = (json.load(open(os.path.join(d, "manifest.json")))["tokenizer"] for d in (data_dir, again))
+    assert got["vocab_size"] == 4000 and got["fingerprint"] == given["fingerprint"]
+    table = pq.read_table(os.path.join(again, "shards"), columns=["input_ids"]).to_pydict()
+    assert max(max(ids) for ids in table["input_ids"]) < 4000
+    assert open(os.path.join(again, "tokenizer", "spm.model"), "rb").read() == \
+        open(os.path.join(data_dir, "tokenizer", "spm.model"), "rb").read()
 
 
 def test_failed_run_leaves_no_manifest(tmp_path):

@@ -89,6 +89,11 @@ def test_shards_hold_the_vocabularys_ids_with_whole_words_masked(wordpiece_data,
             if tokens[original].startswith("##") and p > 1 and segments[p - 1] == segments[p]:
                 continued += 1
                 assert p - 1 in chosen
+            # ... and its own continuations with it: a group is never cut short (an unmasked piece
+            # still holds its original id).
+            after = p + 1
+            if after < len(ids) and after not in chosen and segments[after] == segments[p]:
+                assert not tokens[ids[after]].startswith("##"), (p, tokens[original], tokens[ids[after]])
     total = sum(map(len, shard["masked_lm_positions"]))
     assert 0.77 < masked / total < 0.83
     assert continued > 100
