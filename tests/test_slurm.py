@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from pipeline import checkpoint
@@ -261,7 +262,12 @@ def test_finetune_on_two_nodes_from_the_pretrained_run(uninterrupted, slurm_clus
     assert job["JobState"] == "COMPLETED", f"{job}\n{slurm_cluster.diagnostics(output)}"
     assert f"finished: {out}/report.json" in output_of(folder, job["JobId"])
     report = json.load(open(os.path.join(out, "report.json")))
-    assert report["labels"] == ["fresh", "rotten"] and 0 <= report["test"]["accuracy"] <= 1
+    assert report["labels"] == ["fresh", "rotten"] and report["world_size"] == 2
+    # Every test row was scored once across the two nodes' ranks, and the accuracy is theirs.
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.sum() == report["rows"]["test"] > 0
+    assert report["test"]["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert all(np.isfinite(h["train_loss"]) for h in report["history"])
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("bert-pipeline").experiment_id
@@ -339,6 +345,33 @@ def test_a_bare_srun_of_the_trainer_is_refused_on_every_task(slurm_cluster, data
     assert job["JobState"] == "FAILED", f"{job}\n{out}"
     assert out.count("error: one of 2 processes (SLURM_STEP_NUM_TASKS=2) without WORLD_SIZE") == 2, out
     assert "Traceback" not in out and not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.e2e
+def test_a_taken_rendezvous_port_moves_to_the_next_free_one(slurm_cluster, tmp_path):  # noqa: F811
+    """slurm/common.sh's set_master in a real batch job whose default port a server already holds
+    on the first node (another job sharing it): the ranks would fail to meet there."""
+    script = tmp_path / "port.sh"
+    script.write_text(f"""#!/bin/bash
+set -euo pipefail
+source {REPO}/slurm/common.sh
+PYTHON=python
+port=$((15000 + SLURM_JOB_ID % 15000))
+python -c "import socket, time; s = socket.socket(); s.bind(('', $port)); s.listen(); print('held', flush=True); \\
+time.sleep(60)" > {tmp_path}/held.txt &
+until grep -q held {tmp_path}/held.txt; do sleep 0.1; done
+set_master
+echo "default $port chosen $MASTER_PORT"
+kill %1
+""")
+    proc = slurm_cluster.run("sbatch", "--parsable", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--time=5",
+                             f"--output={tmp_path}/out.txt", str(script), check=False, cwd=str(tmp_path), env=job_env())
+    job = slurm_cluster.wait_job(proc.stdout.strip().split(";")[0], timeout=90)
+    out = (tmp_path / "out.txt").read_text()
+    assert job["JobState"] == "COMPLETED", f"{job}\n{out}"
+    default = 15000 + int(job["JobId"]) % 15000
+    assert f"default {default} chosen {default + 1}" in out, out
+    assert f"port {default} is in use on " in out
 
 
 def test_scripts_are_shellcheck_clean():
