@@ -16,6 +16,8 @@ _BEAM_SUFFIX = re.compile(r"\s*\[while running '[^']*'\]\s*$")
 
 def explain(err: BaseException) -> str | None:
     """The user-facing message for ``err``, or None for an unexpected error."""
+    if isinstance(err, ValueError) and str(err).startswith("Unexpected pipeline runner"):
+        return f"--runner: {err}"  # a typo in the runner's name (Beam lists the valid ones)
     seen = err
     while seen is not None:
         if isinstance(seen, _KNOWN):

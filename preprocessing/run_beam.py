@@ -29,6 +29,16 @@ from preprocessing.errors import explain  # noqa: E402
 from preprocessing.options import parse_args  # noqa: E402
 
 
+def _not_a_known_error(record: logging.LogRecord) -> bool:
+    """Beam logs a worker's exception with its traceback before the driver sees it; for the errors
+    main() turns into one line (bad input, flags, vocabulary), that traceback is noise."""
+    return not (record.exc_info and record.exc_info[1] is not None and explain(record.exc_info[1]) is not None)
+
+
+for _handler in logging.getLogger().handlers:
+    _handler.addFilter(_not_a_known_error)
+
+
 def main(argv=None) -> int:
     config, beam_args = parse_args(argv)
     try:

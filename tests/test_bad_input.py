@@ -244,3 +244,30 @@ def test_text_without_end_punctuation_is_said_to_lose_most_of_its_tokens(tmp_pat
     summary = capsys.readouterr().out
     share = int(re.search(r"warning: (\d+)% of the segments' tokens were cut to fit --max-seq-length 128", summary)[1])
     assert 30 < share < 60 and "punctuate it" in summary
+
+
+def test_a_worker_side_user_error_a_runner_typo_and_a_lossy_mode_are_one_line_each(tmp_path):
+    """As a user runs it (a process of its own, Beam's logging as configured there): a jsonl
+    without the text field fails in the vocabulary step inside Beam, which logged the error's
+    traceback before the driver's one line."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"body": f"Sentence {i} is here. And another one."}) + "\n" for i in range(50)))
+    script = os.path.join(REPO, "preprocessing", "run_beam.py")
+    cases = [([], "no sentences to train the vocabulary on: the input has no text. Skipped while reading: "
+                  "jsonl-missing-text-field: 50"),
+             (["--runner=DirectRuner"], "--runner: Unexpected pipeline runner: DirectRuner. Valid values are"),
+             (["--direct_num_workers=2", "--direct_running_mode=multi_threading"],
+              "--direct_running_mode=multi_threading lost elements")]
+    for extra, message in cases:
+        proc = subprocess.run([sys.executable, script, "--input", str(rows), "--output", str(tmp_path / "out"),
+                               "--vocab-size", "200", "--no-mlflow", *extra], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if "error: " in line]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and " ERROR " not in proc.stderr, proc.stderr[-3000:]
+        assert not os.path.exists(tmp_path / "out" / "manifest.json")
