@@ -320,10 +320,22 @@ def emit(row: dict, out: str) -> None:
         f.write(line + "\n")
 
 
+def config_name(value: str) -> str:
+    """--only's MODEL-SEQ-PRECISION, checked before anything runs (a typo made an error row)."""
+    from pipeline.model import PRESETS
+
+    parts = value.split("-")
+    if len(parts) != 3 or parts[0] not in PRESETS or not parts[1].isdigit() or parts[2] not in ("bf16", "fp16",
+                                                                                                  "fp32"):
+        raise argparse.ArgumentTypeError(f"{value!r}: MODEL-SEQ-PRECISION, with MODEL one of {', '.join(PRESETS)}, "
+                                         "SEQ a sequence length and PRECISION bf16, fp16 or fp32")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--only", action="append", metavar="MODEL-SEQ-PRECISION",
+    p.add_argument("--only", action="append", metavar="MODEL-SEQ-PRECISION", type=config_name,
                    help="e.g. base-128-bf16, tiny-64-fp32 (repeatable; default: base and large x 128 and 512 x "
                         "bf16 and fp16)")
     p.add_argument("--micro-batches", type=lambda s: [int(x) for x in s.split(",")],

@@ -86,6 +86,9 @@ def main(argv=None) -> int:
                                     (("RANK", 0), ("LOCAL_RANK", args.local_rank or 0), ("WORLD_SIZE", 1)))
     # Every check before the process group: a bad file or flag fails on every rank alike, at once.
     try:
+        if os.path.isdir(args.out):
+            raise embedding.EmbedError(f"--out {args.out}: a folder; --out names the Parquet file to write "
+                                       f"(e.g. {os.path.join(args.out, 'embeddings.parquet')})")
         inputs = embedding.read_inputs(args.input, args.text_column, args.id_column)
         model, tokenizer = embedding.load_model(args.model)
         if embedding.convert_script(inputs, args.model):

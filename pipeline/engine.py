@@ -272,6 +272,14 @@ def loss_scale(engine) -> float | None:
     return engine._get_optimizer_loss_scale() if engine.fp16_enabled() else None
 
 
+def gradient_norm(parameters):
+    """The L2 norm of the gradients, a device tensor (no host wait)."""
+    import torch
+
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
 def unscaled_grad_norm(engine, norm, scale: float | None):
     """DeepSpeed's reported gradient norm (``get_global_grad_norm``) made the true gradients' norm.
 

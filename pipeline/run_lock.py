@@ -52,6 +52,8 @@ class RunLock:
 
 def acquire(run_dir: str) -> RunLock:
     """Takes ``RUN_DIR/.lock`` for this process, or raises RunDirError naming the run that holds it."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(f"--run-dir {run_dir}: a file, not a folder")
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as err:

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="complete checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)")
     p.add_argument("--resume", default=d.resume,
-                   help="auto (newest complete checkpoint in --run-dir, if any), none, or a checkpoint tag")
+                   help="auto (newest complete checkpoint in --run-dir, if any), none, or a checkpoint: its step "
+                        "(3000) or tag (step00003000)")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
                    help="the hardware's dense peak TFLOP/s per process, to report mfu_model and mfu_executed "
                         "(0 = not reported; bf16/fp16 on H100 SXM and H200: 989.5, A100: 312)")

@@ -23,7 +23,7 @@ from pipeline import checkpoint, hf_init, run_lock
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
 from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
-                             loss_scale, unscaled_grad_norm)
+                             gradient_norm, loss_scale, unscaled_grad_norm)
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.train_config import TrainConfig
 from preprocessing.examples import OBJECTIVES
@@ -156,6 +156,7 @@ class Trainer:
         self.flops = FlopCounter.for_config(self.model_config)
         self.final_eval: dict[str, float] = {}
         self._nonfinite = self._skipped = 0
+        self._own_grad_norm: bool | None = None  # decided at the first step: see train_step
         self._saved_at, self._saved_step = time.monotonic(), None
         self._resume()
         self.loader = PretrainingLoader(self.dataset, self.sampler)
@@ -175,6 +176,8 @@ class Trainer:
             return None
         if self.config.resume == "auto":
             return checkpoint.find_latest(self.config.checkpoint_dir)
+        if self.config.resume.isdigit():  # --resume 3000: the step's tag
+            return checkpoint.tag_for(int(self.config.resume))
         return self.config.resume
 
     def _check_tokenizer(self, checkpoints: str, tag: str, what: str, advice: str) -> None:
@@ -294,10 +297,14 @@ class Trainer:
         totals = torch.zeros(3, device=self.engine.device)
         counts = torch.zeros(4, dtype=torch.long, device=self.engine.device)
         step_scale = loss_scale(self.engine)  # the one the step's gradients carry; the step may change it
-        for _ in range(self.batches.accumulation_steps):
+        own_norm = None
+        for micro in range(self.batches.accumulation_steps):
             mlm, nsp_loss, batch_counts = pretraining_losses(self.engine, next(self.loader))
             loss = mlm + nsp_loss * self.nsp_weight
             self.engine.backward(loss)
+            if self._own_grad_norm is not False and micro == self.batches.accumulation_steps - 1:
+                # The reduced gradients, before the boundary step clips, applies and zeroes them.
+                own_norm = gradient_norm(self.engine.module.parameters())
             self.engine.step()
             totals += torch.stack([loss.detach(), mlm.detach(), nsp_loss.detach()])
             counts += batch_counts
@@ -307,7 +314,12 @@ class Trainer:
         # Each transfer to the host waits for the GPU to finish all it was given, and the GPU then
         # idles until the host sends more: the sums, counts and gradient norm come back in one.
         # a device tensor, a float or None
-        grad_norm = unscaled_grad_norm(self.engine, self.engine.get_global_grad_norm(), step_scale)
+        reported = self.engine.get_global_grad_norm()
+        if self._own_grad_norm is None:
+            # ZeRO-0 without a precision wrapper steps the plain optimizer and keeps no norm: then the
+            # trainer computes it (one pass over the gradients), so that it is logged and checked.
+            self._own_grad_norm = reported is None
+        grad_norm = own_norm if self._own_grad_norm else unscaled_grad_norm(self.engine, reported, step_scale)
         on_device = [totals.double(), counts.double()]
         if torch.is_tensor(grad_norm):
             on_device.append(grad_norm.detach().reshape(1).to(totals.device, torch.float64))
@@ -345,6 +357,9 @@ class Trainer:
     def train(self, tracker=None, on_step=None) -> int:
         """Runs to ``--steps``; returns 0, or EXIT_STOPPED after a stop signal's checkpoint."""
         started, window = time.monotonic(), []
+        if self.step >= self.config.steps and self.is_rank0:
+            log.warning("resumed at step %d, which --steps %d does not pass: nothing to train (raise --steps to "
+                        "continue); the checkpoint is evaluated and exported as it is", self.step, self.config.steps)
         # On a terminal, a bar; in a batch log (SLURM), the metric lines every --log-every are the progress.
         bar = tqdm(total=self.config.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.is_rank0 and sys.stderr.isatty()))
@@ -427,7 +442,10 @@ class Trainer:
         values = {k: v for k, v in values.items() if k != "step"}
         if self.is_rank0:
             with open(os.path.join(self.config.run_dir, "eval.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.step, **values}) + "\n")
+                # null, not NaN (which is not JSON): a value the window has none of, such as the norm
+                # when every update was skipped
+                f.write(json.dumps({"step": self.step, **{k: v if np.isfinite(v) else None
+                                                          for k, v in values.items()}}) + "\n")
             log.info("eval at step %d  %s", self.step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if tracker:
                 tracker.log_metrics(values, self.step)
@@ -471,7 +489,10 @@ class Trainer:
                                       * self.flops.executed_per_sequence(mean_length, predictions) / peak)
         if self.is_rank0:
             with open(os.path.join(self.config.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.step, **values}) + "\n")
+                # null, not NaN (which is not JSON): a value the window has none of, such as the norm
+                # when every update was skipped
+                f.write(json.dumps({"step": self.step, **{k: v if np.isfinite(v) else None
+                                                          for k, v in values.items()}}) + "\n")
             log.info("step %d/%d  %s", self.step, self.config.steps,
                      "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if tracker:

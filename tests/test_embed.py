@@ -149,6 +149,8 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["--model", BUNDLE, "--input", str(ok), "--max-length", "4096", "--out", out, "--no-mlflow"]) == 2
     assert "--max-length 4096: must be in 3..64" in capsys.readouterr().err
+    assert main(["--model", BUNDLE, "--input", str(ok), "--out", str(tmp_path), "--no-mlflow"]) == 2
+    assert f"--out {tmp_path}: a folder; --out names the Parquet file to write" in capsys.readouterr().err
     assert not os.path.exists(out)
     # as a script: the one line, no traceback
     proc = subprocess.run([sys.executable, SCRIPT, "--model", BUNDLE, "--input", str(blank), "--out", out,

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,17 +162,38 @@ def test_early_stopping_keeps_the_best_epochs_weights(pretrained, reviews, tmp_p
     assert not all(torch.equal(snapshots[3][k], snapshots[1][k]) for k in final)  # it did train on
 
 
-def test_nan_gradients_under_a_finite_loss_stop_bf16_fine_tuning_without_the_overflow_check(pretrained, reviews,
-                                                                                            tmp_path, monkeypatch):
+def test_an_output_dir_fine_tuning_would_damage_is_refused_before_any_write(pretrained, reviews, tmp_path):
+    """A file, the pretraining run dir (its metrics.jsonl was replaced by fine-tuning's), --model itself."""
+    from pipeline.finetuning.config import FinetuneConfigError
+    from pipeline.finetuning.trainer import Finetuner
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    other_run = tmp_path / "other-run"
+    other_run.mkdir()
+    (other_run / "train_config.json").write_text("{}")
+    before = open(os.path.join(pretrained, "metrics.jsonl")).read()
+    for out, message in [(a_file, "a file, not a folder"), (pretrained, "is --model itself"),
+                         (other_run, "is a pretraining run dir (it holds train_config.json)")]:
+        with pytest.raises(FinetuneConfigError, match=re.escape(f"--output-dir {out}") + ".*" + re.escape(message)):
+            Finetuner(finetune_config(pretrained, out, reviews))
+    assert a_file.read_text() == "mine" and open(os.path.join(pretrained, "metrics.jsonl")).read() == before
+    assert os.listdir(other_run) == ["train_config.json"]
+
+
+@pytest.mark.parametrize("engine", [
+    # As the GPU bf16 files: DeepSpeed applies NaN gradients; the gradient norm must stop the run.
+    {"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 1}},
+    # ZeRO-0's plain optimizer applies them too, and reports no norm: the trainer's own.
+    {"zero_optimization": {"stage": 0}}], ids=["bf16-zero1-unchecked", "fp32-zero0"])
+def test_nan_gradients_under_a_finite_loss_stop_fine_tuning_whose_engine_applies_them(pretrained, reviews, tmp_path,
+                                                                                     monkeypatch, engine):
     from pipeline.finetuning.trainer import Finetuner
 
     from .faults import nan_gradient
 
-    # As the GPU bf16 files: DeepSpeed applies NaN gradients; the gradient norm must stop the run.
-    ds_config = tmp_path / "bf16_unchecked.json"
-    ds_config.write_text(json.dumps({"bf16": {"enabled": True, "check_grad_overflow": False},
-                                     "zero_optimization": {"stage": 1},
-                                     "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    ds_config = tmp_path / "engine.json"
+    ds_config.write_text(json.dumps({**engine, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
     finetuner = Finetuner(finetune_config(pretrained, tmp_path / "out", reviews, ds_config=str(ds_config)))
     backward, calls = finetuner.engine.backward, []
 

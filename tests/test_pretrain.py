@@ -92,7 +92,8 @@ def test_a_branch_from_an_earlier_tag_sets_the_later_ones_aside(data_dir, tmp_pa
     os.makedirs(os.path.join(directory, "step00000004" + checkpoint.UNIVERSAL))  # as a resume elsewhere made
     # Back to step 2 (a loss spike after it, say), on to step 3. Before: the save of step 3 was pruned
     # at once as older than step 6, and latest's fallback, --resume auto and the export took step 6.
-    branch = Trainer(config(data_dir, tmp_path, steps=3, resume="step00000002", keep_checkpoints=5))
+    branch = Trainer(config(data_dir, tmp_path, steps=3, resume="2", keep_checkpoints=5))  # the step, or its tag
+    assert branch.resume_tag == "step00000002" and branch.step == 2
     assert branch.train() == 0
     assert checkpoint.complete_tags(directory) == ["step00000002", "step00000003"]
     assert checkpoint.find_latest(directory) == "step00000003"
@@ -228,17 +229,19 @@ def test_a_nan_loss_with_an_applied_update_stops_before_any_checkpoint_holds_it(
     assert checkpoint.complete_tags(str(tmp_path / "checkpoints")) == ["step00000002", "step00000004"]
 
 
-def test_nan_gradients_under_a_finite_loss_stop_a_bf16_run_without_the_overflow_check(data_dir, tmp_path,
-                                                                                      monkeypatch):
-    import json
-
+@pytest.mark.parametrize("engine", [
     # The GPU bf16 configs turn DeepSpeed's per-tensor overflow check off (its small ops per tensor
     # were a large share of a step's host time); ZeRO then applies NaN gradients, and the trainer
     # must notice them from the gradient norm although the loss is finite.
-    ds_config = tmp_path / "bf16_unchecked.json"
-    ds_config.write_text(json.dumps({"bf16": {"enabled": True, "check_grad_overflow": False},
-                                     "zero_optimization": {"stage": 1},
-                                     "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    {"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 1}},
+    # ZeRO-0 in fp32 steps the plain optimizer, which reports no norm: the trainer computes it.
+    {"zero_optimization": {"stage": 0}}], ids=["bf16-zero1-unchecked", "fp32-zero0"])
+def test_nan_gradients_under_a_finite_loss_stop_a_run_whose_engine_applies_them(data_dir, tmp_path, monkeypatch,
+                                                                                engine):
+    import json
+
+    ds_config = tmp_path / "engine.json"
+    ds_config.write_text(json.dumps({**engine, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
     faults.inject(monkeypatch, "nan-grad:5")
     # a checkpoint every step: step 5's would hold the NaN weights
     trainer = Trainer(config(data_dir, tmp_path, steps=8, checkpoint_every=1, keep_checkpoints=10,
@@ -249,6 +252,35 @@ def test_nan_gradients_under_a_finite_loss_stop_a_bf16_run_without_the_overflow_
         trainer.train(on_step=lambda t, m: (losses.append(m.loss), applied.append(m.applied)))
     assert np.isfinite(losses).all() and all(applied) and len(losses) == 5
     assert checkpoint.complete_tags(str(tmp_path / "checkpoints")) == [f"step0000000{s}" for s in range(1, 5)]
+
+
+def test_zero0_logs_the_gradient_norm_and_metrics_are_strict_json(data_dir, tmp_path):
+    """ZeRO-0's plain optimizer keeps no norm (it was NaN on every line, and metrics.jsonl held a bare
+    NaN, which is not JSON): the trainer's own is the norm of the gradients DeepSpeed applied."""
+    import json
+
+    trainer = Trainer(config(data_dir, tmp_path, steps=3, log_every=1,
+                             ds_config=os.path.join(REPO, "ds_configs", "cpu_fp32_zero0_torch-adamw.json")))
+    norms = []
+
+    def record(t, metrics):
+        norms.append(metrics.grad_norm)
+
+    original = trainer.engine.step
+
+    def step_checking_the_norm():  # at the boundary, before the step zeroes the gradients
+        if trainer.engine.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in trainer.engine.module.parameters() if p.grad is not None]
+            expected.append(torch.nn.utils.get_total_norm(grads).item())
+        original()
+
+    expected = []
+    trainer.engine.step = step_checking_the_norm
+    assert trainer.train(on_step=record) == 0
+    assert len(norms) == 3 and np.allclose(norms, expected, rtol=1e-5) and all(n > 0 for n in norms)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl")) for line in lines]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in rows)
 
 
 def test_a_skipped_nan_step_is_survived_but_a_lasting_one_stops_the_run(data_dir, tmp_path, monkeypatch):

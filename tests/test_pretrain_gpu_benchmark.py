@@ -81,3 +81,14 @@ def test_a_crashed_configuration_is_an_oom_or_error_row():
     assert failure(1, "Traceback ...\nValueError: 10 rows are fewer than world_size 1 × batch size 64\n") == {
         "status": "error", "message": "ValueError: 10 rows are fewer than world_size 1 × batch size 64"}
     assert failure(-9, "") == {"status": "error", "message": "exit code -9"}
+
+
+def test_a_mistyped_configuration_is_a_usage_error_not_an_error_row(tmp_path, capsys):
+    from benchmarks import pretrain_gpu
+
+    out = tmp_path / "rows.jsonl"
+    for name in ("base-128-bf17", "bert-128-bf16", "base-bf16"):
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain_gpu.main(["--only", name, "--out", str(out)])
+        assert exit_info.value.code == 2 and f"argument --only: '{name}': MODEL-SEQ-PRECISION" in capsys.readouterr().err
+    assert not out.exists()

@@ -28,6 +28,8 @@ def test_the_lock_is_exclusive_and_ends_with_its_holder(tmp_path):
     again = run_lock.acquire(str(tmp_path))
     assert again.token != held.token and run_lock._read(os.path.join(tmp_path, ".lock"))["token"] == again.token
     again.release()
+    with pytest.raises(run_lock.RunDirError, match="a file, not a folder"):
+        run_lock.acquire(os.path.join(tmp_path, ".lock"))
 
 
 def test_a_second_run_into_a_busy_run_dir_is_refused_and_a_killed_holder_frees_it(data_dir, tmp_path,

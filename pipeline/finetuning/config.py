@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Sequence
 
 from pipeline.engine import (EngineConfig, EngineConfigError, add_engine_flags, add_launcher_flag, nest,
@@ -14,6 +15,20 @@ from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP
 # Fine-tuning's own defaults for the engine settings whose good values differ between the stages.
 ENGINE_DEFAULTS = {"micro_batch_size": 32, "learning_rate": 5e-5}
 BEST_METRIC = {"classification": "accuracy", "regression": "pearson"}
+
+
+def check_output_dir(output_dir: str, model: str) -> None:
+    """Refuses an --output-dir that fine-tuning would damage: a file, the pretraining run dir it
+    reads (its metrics.jsonl would be replaced by fine-tuning's), or --model itself."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FinetuneConfigError(f"--output-dir {output_dir}: a file, not a folder")
+    if os.path.realpath(output_dir) == os.path.realpath(model):
+        raise FinetuneConfigError(f"--output-dir {output_dir} is --model itself: fine-tuning writes model/, "
+                                  "report.json and metrics.jsonl there; pass another folder")
+    held = [name for name in ("checkpoints", "train_config.json") if os.path.exists(os.path.join(output_dir, name))]
+    if held:
+        raise FinetuneConfigError(f"--output-dir {output_dir} is a pretraining run dir (it holds {held[0]}): "
+                                  "fine-tuning's metrics.jsonl would replace the run's; pass another folder")
 
 
 class FinetuneConfigError(EngineConfigError):

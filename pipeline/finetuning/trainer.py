@@ -29,8 +29,8 @@ import torch
 
 from pipeline.ds_config import DsConfigError
 from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
-                             loss_scale, zero0_masters)
-from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError
+                             gradient_norm, loss_scale, zero0_masters)
+from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, check_output_dir
 from pipeline.finetuning.data import Examples, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
                                        read_training_info, resolve_model_dir)
@@ -132,6 +132,7 @@ class Finetuner:
         self.stop.install()
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
         init_distributed(settings.dist_timeout_minutes)
+        check_output_dir(config.output_dir, config.model)
         os.makedirs(config.output_dir, exist_ok=True)
         self.data = load_task_data(
             data=config.data, train=config.train, validation=config.validation, test=config.test,
@@ -174,6 +175,7 @@ class Finetuner:
         self.engine, self.optimizer, self.scheduler = initialize(model, settings, self.ds_config, self.total_steps,
                                                                  warmup)
         self.step = 0
+        self._own_grad_norm: bool | None = None  # decided at the first step (_check_gradient_norm)
         self.history: list[EpochResult] = []
         self.best: EpochResult | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
@@ -236,14 +238,17 @@ class Finetuner:
         micro_steps = 0
         started = time.perf_counter()
         for step, micro_batches in enumerate(self.epoch_micro_batches(epoch)):
-            for rows in micro_batches:
+            own_norm = None
+            for micro, rows in enumerate(micro_batches):
                 batch = collate(self.splits["train"], rows, pad, self.task)
                 out = self.engine(**on_device(batch, device, self.engine.module.config.model_type))
                 self.engine.backward(out.loss)
+                if self._own_grad_norm is not False and micro == len(micro_batches) - 1:
+                    own_norm = gradient_norm(self.engine.module.parameters())  # before the step zeroes them
                 self.engine.step()
                 loss_sum += out.loss.detach().double()
                 micro_steps += 1
-            self._check_gradient_norm(epoch)  # the optimizer step these micro-batches made
+            self._check_gradient_norm(epoch, own_norm)  # the optimizer step these micro-batches made
             self.step += 1
             signum = agree([self.stop.signum], self.world_size, device)[0]  # a signal may reach some ranks only
             if signum:
@@ -264,11 +269,15 @@ class Finetuner:
         sequences = self.steps_per_epoch * self.config.engine.global_batch_size
         return loss, seconds, sequences
 
-    def _check_gradient_norm(self, epoch: int) -> None:
+    def _check_gradient_norm(self, epoch: int, own_norm=None) -> None:
         """An update applied with a non-finite gradient norm (bf16 with DeepSpeed's overflow check
         off applies NaN gradients) stops at once, before the poisoned weights could be kept. The
         norm is global, so every rank stops at the same step."""
         norm = self.engine.get_global_grad_norm()
+        if self._own_grad_norm is None:  # ZeRO-0's plain optimizer keeps no norm: the trainer's own then
+            self._own_grad_norm = norm is None
+        if self._own_grad_norm:
+            norm = own_norm
         if norm is not None and self.engine.was_step_applied() and not math.isfinite(float(norm)):
             raise FloatingPointError(f"the gradient norm is {float(norm)} in epoch {epoch} and the update was "
                                      "applied: lower --learning-rate")
@@ -381,7 +390,8 @@ class Finetuner:
         if not self.is_rank0:
             return
         with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"epoch": result.epoch, "step": self.step, **values}) + "\n")
+            f.write(json.dumps({"epoch": result.epoch, "step": self.step,  # null, not NaN (not JSON)
+                                **{k: v if math.isfinite(v) else None for k, v in values.items()}}) + "\n")
         log.info("epoch %d/%d  %s%s", result.epoch, self.config.epochs,
                  "  ".join(f"{k}={v:.4g}" for k, v in values.items()), "  (best so far)" if improved else "")
         if tracker:
