@@ -83,6 +83,10 @@ def read_manifest(data_dir: str) -> dict:
         raise DataDirError(f"data dir {data_dir} does not exist (pass the --output of preprocessing/run_beam.py)")
     path = os.path.join(data_dir, "manifest.json")
     if not os.path.isfile(path):
+        if os.path.exists(os.path.join(data_dir, "train_config.json")) or os.path.isdir(
+                os.path.join(data_dir, "checkpoints")):
+            raise DataDirError(f"{data_dir} is a pretraining run dir, not a data dir: pass the --output of "
+                               "preprocessing/run_beam.py (the run's train_config.json names the data it used)")
         raise DataDirError(f"{data_dir} has no manifest.json: the preprocessing run did not finish "
                            "(rerun preprocessing/run_beam.py with this --output)")
     try:

@@ -41,6 +41,8 @@ SAMPLES = os.path.join(REPO, "preprocessing", "sample_data")
 WIKI = os.path.join(SAMPLES, "enwiki-sample-pages-articles.xml.bz2")
 AUSTEN = os.path.join(SAMPLES, "austen-novels.txt.bz2")
 REVIEWS = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
+
+from preprocessing.mlflow_experiment import browse_hint  # noqa: E402 - after the path set-up
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -188,9 +190,7 @@ def main(argv=None) -> int:
           f"reports {os.path.relpath(os.path.join(work, 'finetune-*', 'report.json'))}")
     if runs:
         print("MLflow runs:   " + ", ".join(f"{k} {v[:12]}" for k, v in sorted(runs.items())))
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    print("See them:      " + (f"open {uri}" if uri else
-                               "mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)"))
+    print("See them:      " + browse_hint())
     return 0
 
 

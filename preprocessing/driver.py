@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from preprocessing import (inputs, language, manifest, parts, sentences, subwords, tracking, transforms, vocab,
                            worker_package)
+from preprocessing.mlflow_experiment import browse_hint
 from preprocessing.options import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -194,5 +195,5 @@ def format_summary(summary: Summary) -> str:
     lines.append(f"  manifest:  {summary.manifest_path}")
     lines.append(f"  tokenizer: {FileSystems.join(summary.output, 'tokenizer')}")
     if summary.run_id:
-        lines.append(f"  MLflow run {summary.run_id} (stage=preprocess); browse with: mlflow ui")
+        lines.append(f"  MLflow run {summary.run_id} (stage=preprocess); browse with: {browse_hint()}")
     return "\n".join(lines)

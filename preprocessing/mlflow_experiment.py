@@ -17,3 +17,12 @@ HELP = f"MLflow experiment (default: ${ENV}, else {DEFAULT_EXPERIMENT})%(default
 
 def experiment_name(given: str | None) -> str:
     return given or os.environ.get(ENV) or DEFAULT_EXPERIMENT
+
+
+def browse_hint(uri: str | None = None) -> str:
+    """How to look at the runs logged to ``uri`` (default: $MLFLOW_TRACKING_URI, else MLflow's
+    own default, sqlite:///mlflow.db): a server's page, or the command that serves a local store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"

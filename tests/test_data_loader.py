@@ -459,6 +459,12 @@ def test_missing_manifest(broken):
         read_manifest(broken)
 
 
+def test_a_run_dir_passed_as_the_data_dir_is_named_so(tmp_path):
+    (tmp_path / "train_config.json").write_text("{}")
+    with pytest.raises(DataDirError, match="is a pretraining run dir, not a data dir: pass the --output of"):
+        read_manifest(str(tmp_path))
+
+
 def test_unsupported_format_version(broken):
     edit_manifest(broken, format_version=99)
     with pytest.raises(DataDirError, match=r"manifest.json: format_version 99 is not supported"):

@@ -56,3 +56,14 @@ def test_runs_land_in_the_environment_s_experiment_unless_one_is_given(tmp_path,
     assert {r.info.run_id for r in in_env} == {preprocess, pretrain.run_id}
     assert client.get_run(given.run_id).info.experiment_id == client.get_experiment_by_name("given").experiment_id
     assert client.get_experiment_by_name(DEFAULT_EXPERIMENT) is None
+
+
+def test_the_browse_hint_serves_a_local_store_and_opens_a_server(monkeypatch):
+    from preprocessing.mlflow_experiment import browse_hint
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert browse_hint() == "mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x/mlflow.db")
+    assert browse_hint().startswith("mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert browse_hint() == "open http://mlflow.internal:5000"
