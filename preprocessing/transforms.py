@@ -246,7 +246,8 @@ def _train_and_write(sample: list[tuple[int, str]], problems, config: Preprocess
     log.info("training a %s SentencePiece vocabulary of %d on %d sentences",
              config.model_type, config.vocab_size, len(sample))
     proto = vocab.train_sentencepiece((s for _, s in sample), config.vocab_size, config.model_type,
-                                      character_coverage=config.character_coverage)
+                                      character_coverage=config.character_coverage,
+                                      add_dummy_prefix=not language.written_without_spaces(config.language))
     return write_tokenizer_files(subwords.TokenizerModel(subwords.SENTENCEPIECE, proto), config.output,
                                  config.examples.max_seq_length)
 

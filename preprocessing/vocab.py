@@ -58,8 +58,11 @@ class VocabError(ValueError):
 # ---------------------------------------------------------------------------- training
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: str,
                         num_threads: int = DEFAULT_NUM_THREADS,
-                        character_coverage: float = CHARACTER_COVERAGE) -> bytes:
+                        character_coverage: float = CHARACTER_COVERAGE, add_dummy_prefix: bool = True) -> bytes:
     """Trains a SentencePiece model in memory and returns the serialized model proto.
+
+    ``add_dummy_prefix=False`` for languages written without spaces
+    (``language.written_without_spaces``): no "▁" is put before each sentence.
 
     ``sentences`` is used in full and in order (SentencePiece's own sampling and shuffling
     are off: the caller passes a deterministic sample), so the same sentences, size, type
@@ -94,6 +97,7 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
             control_symbols=[CLS, SEP, MASK],  # ids 2, 3, 4: the next free ids, in order
             character_coverage=character_coverage,
             byte_fallback=False,
+            add_dummy_prefix=add_dummy_prefix,
             max_sentence_length=MAX_SENTENCE_BYTES,
             input_sentence_size=0,  # 0 = every sentence, no reservoir sampling
             shuffle_input_sentence=False,
@@ -252,10 +256,9 @@ def build_backend_tokenizer(model_proto: bytes):
     from tokenizers.models import BPE, Unigram
 
     model = read_model(model_proto)
-    if model.byte_fallback or not (model.add_dummy_prefix and model.remove_extra_whitespaces
-                                   and model.escape_whitespaces):
+    if model.byte_fallback or not (model.remove_extra_whitespaces and model.escape_whitespaces):
         raise VocabError("the SentencePiece model must use byte_fallback=false and the default "
-                         "whitespace handling; train it with train_sentencepiece")
+                         "whitespace handling (add_dummy_prefix may be off); train it with train_sentencepiece")
     ids = {piece: i for i, piece in enumerate(model.pieces)}
     if tuple(ids.get(t) for t in SPECIAL_TOKENS) != tuple(range(len(SPECIAL_TOKENS))):
         raise VocabError(f"the SentencePiece model must have {', '.join(SPECIAL_TOKENS)} at ids 0-4")
@@ -275,14 +278,17 @@ def build_backend_tokenizer(model_proto: bytes):
     # made-up stacks of 2+ combining marks on one letter (zalgo text), which no setting fixes.
     steps = [normalizers.NFC(), normalizers.Precompiled(model.precompiled_charsmap)] \
         if model.precompiled_charsmap else []
+    prefix = [normalizers.Prepend("▁")] if model.add_dummy_prefix else []  # SentencePiece's add_dummy_prefix
     backend.normalizer = normalizers.Sequence(steps + [
         normalizers.Replace(Regex(" {2,}"), " "),
         normalizers.Replace(Regex(r"\A +| +\z"), ""),
-        normalizers.Prepend("▁"),  # SentencePiece's add_dummy_prefix
+        *prefix,
         normalizers.Replace(" ", "▁"),
     ])
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    # "always" drops the "▁" the normalizer put before the text; without one, nothing is dropped.
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always" if model.add_dummy_prefix
+                                         else "never", split=True)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{CLS}:0 $A:0 {SEP}:0",
         pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",

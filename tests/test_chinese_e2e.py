@@ -84,6 +84,12 @@ def test_examples_are_simplified_and_mask_whole_jieba_words(zh_data):
     # masked piece has a masked neighbour only by chance (measured: 0.1); jieba words of
     # two or more characters are masked together (measured: 0.61).
     assert adjacent / masked > 0.45
+    # Trained without SentencePiece's dummy prefix (a language written without spaces): the bare
+    # "▁" piece, once before most sentences, was 8% of the masked targets.
+    space = tokenizer.get_vocab().get("▁")  # None (counted 0 times) if the vocabulary has no such piece
+    targets = [t for row in shard["masked_lm_ids"] for t in row]
+    tokens = [t for row in shard["input_ids"] for t in row]
+    assert targets.count(space) / len(targets) < 0.005 and tokens.count(space) / len(tokens) < 0.005
 
 
 def test_pretraining_learns_chinese_beyond_the_most_frequent_token(zh_data, zh_run):
@@ -95,7 +101,9 @@ def test_pretraining_learns_chinese_beyond_the_most_frequent_token(zh_data, zh_r
         for t in row)
     chance = max(targets.values()) / sum(targets.values())  # always guessing "，" or "。"
     print(f"eval MLM accuracy {evaluation['eval_mlm_accuracy']:.3f}, most frequent target {chance:.3f}")
-    assert evaluation["eval_mlm_accuracy"] > chance + 0.04, (evaluation, chance)  # measured: 0.129 vs 0.082
+    # measured: 0.117 against 0.091 (seeds 1-3 of the trainer: 0.109, 0.115, 0.108); 0.129 against 0.082 when
+    # the bare "▁" before each sentence, an easy target, was 8% of the targets
+    assert evaluation["eval_mlm_accuracy"] > chance + 0.01, (evaluation, chance)
 
 
 def test_fine_tuned_tang_song_classifier_beats_the_majority_class(zh_run, tmp_path, monkeypatch):
