@@ -47,18 +47,22 @@ _READ_CHUNK = 1 << 20
 _FEED_BYTES = 1 << 16
 _PAGE_OPEN = b"<page>"
 _PAGE_CLOSE = b"</page>"
-# Redirect magic words: English (valid everywhere), dewiki's, zhwiki's. Dumps mark
-# redirects with <redirect title=…/> too; the text is the fallback for other exports.
-_REDIRECT_TEXT = re.compile(r"\s*#(?:redirect|weiterleitung|重定向)", re.IGNORECASE)
+# Redirect magic words: English (valid everywhere) and the localized ones of the wikis with
+# tables here. Dumps mark redirects with <redirect title=…/> too; the text is the fallback
+# for other exports.
+_REDIRECT_TEXT = re.compile(r"\s*#(?:redirect|weiterleitung|重定向|redirection|redirección|redireccion|rinvia|"
+                            r"redirecionamento|перенаправление|転送|リダイレクト)", re.IGNORECASE)
 # The disambiguation template family ({{disambiguation}}, {{dab}}, {{hndis}}, {{geodis}},
 # {{Airport disambiguation}}, …); set-index articles are prose and are kept.
 _DISAMBIGUATION = re.compile(
     r"\{\{\s*(?:[^{}|]*disambig[^{}|]*|dab|disamb|hndis|geodis|numberdis|mathdab|"
-    r"letter-numbercombdisambig|begriffsklärung|消歧义|消歧義)\s*(?:\||\}\})",
+    r"letter-numbercombdisambig|begriffsklärung|消歧义|消歧義|homonymie|desambiguación|desambiguacion|"
+    r"disambigua|desambiguação|неоднозначность|многозначность|aimai|[^{}|]*曖昧さ回避)\s*(?:\||\}\})",
     re.IGNORECASE,
 )
-# Title suffixes of disambiguation pages: enwiki, dewiki, zhwiki.
-_DISAMBIGUATION_TITLES = ("(disambiguation)", "(Begriffsklärung)", "(消歧义)", "(消歧義)")
+# Title suffixes of disambiguation pages: en, de, zh, fr, es, it, pt, ru, ja.
+_DISAMBIGUATION_TITLES = ("(disambiguation)", "(Begriffsklärung)", "(消歧义)", "(消歧義)", "(homonymie)",
+                          "(desambiguación)", "(disambigua)", "(desambiguação)", "(значения)", "(曖昧さ回避)")
 # How much of a dump's head read_site decompresses at most looking for </siteinfo>
 # (real heads are 2-10 kB; one pbzip2 block is ~900 kB).
 _MAX_HEAD_BYTES = 4 << 20

@@ -21,7 +21,7 @@ Decisions:
   old ``Bild:`` and zhwiki's ``文件:``/``分类:`` are aliases that no dump lists (zhwiki's
   dump even lists the English names, and its editors write the Chinese ones).
 * Non-prose section titles ("Einzelnachweise", "参考文献") come from a small table per
-  language; the English table is always included, as English headings are common on
+  language (de, zh, fr, es, it, pt, ru, ja: the headings their manuals of style prescribe); the English table is always included, as English headings are common on
   other wikis (copied articles, bilingual editors). A language not in the tables gets
   the English behaviour, which is what it got before this module existed.
 * ``variant`` is the script kept from LanguageConverter markup (``-{zh-hans:…;
@@ -56,6 +56,12 @@ _PREFIX_ALIASES: dict[str, frozenset[str]] = {
     "de": frozenset({"bild", "image", "datei", "kategorie", "medium"}),
     "zh": frozenset({"图像", "圖像", "文件", "檔案", "档案", "分類", "分类", "媒体", "媒體",
                      "媒体文件", "image", "file", "category", "media"}),
+    "fr": frozenset({"image", "fichier", "catégorie", "média"}),
+    "es": frozenset({"imagen", "archivo", "categoría", "medio"}),
+    "it": frozenset({"immagine", "file", "categoria"}),
+    "pt": frozenset({"imagem", "ficheiro", "arquivo", "categoria", "multimédia"}),
+    "ru": frozenset({"изображение", "файл", "категория", "медиа"}),
+    "ja": frozenset({"画像", "ファイル", "カテゴリ", "メディア"}),
 }
 
 # Sections that are lists of sources or links, not prose (lowercased titles).
@@ -74,6 +80,28 @@ _NON_PROSE_SECTIONS: dict[str, frozenset[str]] = {
         "参看", "參看", "相关条目", "相關條目", "注释", "註釋", "注解", "註解", "脚注", "腳註",
         "延伸阅读", "延伸閱讀", "扩展阅读", "擴展閱讀", "参考书目", "參考書目",
     }),
+    "fr": frozenset({
+        "notes et références", "références", "notes", "liens externes", "lien externe", "voir aussi",
+        "bibliographie", "articles connexes", "sources", "annexes",
+    }),
+    "es": frozenset({
+        "referencias", "notas", "enlaces externos", "véase también", "bibliografía", "fuentes",
+        "bibliografía adicional",
+    }),
+    "it": frozenset({
+        "note", "bibliografia", "voci correlate", "collegamenti esterni", "altri progetti", "fonti",
+        "riferimenti",
+    }),
+    "pt": frozenset({
+        "referências", "notas", "ligações externas", "links externos", "ver também", "bibliografia",
+        "leitura adicional", "fontes",
+    }),
+    "ru": frozenset({
+        "примечания", "ссылки", "литература", "см. также", "источники", "комментарии", "сноски",
+    }),
+    "ja": frozenset({
+        "脚注", "注釈", "出典", "参考文献", "外部リンク", "関連項目", "参考資料", "関連文献",
+    }),
 }
 # Words and marks joining section names ("Notes and references", "Literatur und
 # Weblinks", "注释与参考文献"); the English ones always apply.
@@ -81,6 +109,12 @@ _SECTION_JOINERS: dict[str, frozenset[str]] = {
     "en": frozenset({",", "&", "and"}),
     "de": frozenset({"und"}),
     "zh": frozenset({"与", "與", "及", "和", "、", "，"}),
+    "fr": frozenset({"et"}),
+    "es": frozenset({"y"}),
+    "it": frozenset({"e"}),
+    "pt": frozenset({"e"}),
+    "ru": frozenset({"и"}),
+    "ja": frozenset({"・", "、"}),
 }
 
 # Default conversion variant, and each variant's fallbacks, as MediaWiki's zh converter

@@ -82,6 +82,7 @@ import functools
 import html
 import re
 
+from preprocessing.language import UNSPACED_SCRIPT
 from preprocessing.wiki_site import WikiSite
 
 __all__ = ["clean_wikitext", "NON_PROSE_SECTIONS"]
@@ -219,11 +220,12 @@ _ENGLISH_RULES = _Rules(_DROPPED_NAMESPACES, NON_PROSE_SECTIONS, _SECTION_NAME_S
 
 @functools.lru_cache(maxsize=64)
 def _rules(site: WikiSite) -> _Rules:
-    # Joiners that are words need word boundaries ("and", not "bandstand"); CJK ones
+    # Joiners that are words need word boundaries ("and", not "bandstand"; "и", not inside
+    # "примечания"); CJK ones
     # cannot have them (no boundary between two CJK letters).
     joiners = sorted(site.section_joiners, key=lambda j: (-len(j), j))
-    alternatives = "|".join(rf"\b{re.escape(j)}\b" if j.isascii() and j.isalpha() else re.escape(j)
-                            for j in joiners)
+    alternatives = "|".join(rf"\b{re.escape(j)}\b" if j.isalpha() and not UNSPACED_SCRIPT.search(j)
+                            else re.escape(j) for j in joiners)
     variant_rule = None
     if site.converts:
         code = rf"{re.escape(site.language)}(?:-[a-z0-9]{{2,8}})*"

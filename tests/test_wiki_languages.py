@@ -7,6 +7,7 @@ tests/data/wiki/README.md for what they hold.
 
 import bz2
 import dataclasses
+import html
 import os
 import pickle
 import random
@@ -215,6 +216,9 @@ def test_corrupt_head_stream_falls_back_to_english_and_keeps_the_pages(tmp_path,
 
 @pytest.mark.parametrize("text, redirect", [
     ("#WEITERLEITUNG [[Berlin]]", True), ("#weiterleitung[[Berlin]]", True), ("#重定向 [[长城]]", True),
+    ("#REDIRECTION [[Paris]]", True), ("#REDIRECCIÓN [[Madrid]]", True), ("#RINVIA [[Roma]]", True),
+    ("#REDIRECIONAMENTO [[Lisboa]]", True), ("#перенаправление [[Москва]]", True), ("#転送 [[東京]]", True),
+    ("La redirection est cassée.", False),
     ("  #REDIRECT [[长城]]", True), ("Die Weiterleitung ist kaputt.", False), ("重定向是一个词。", False),
 ])
 def test_localized_redirect_words(text, redirect):
@@ -326,10 +330,44 @@ def test_full_width_punctuation_left_by_templates(wikitext, prose):
     (site_for("de"), "Literatur und Weblinks"), (site_for("de"), "Quellen"), (site_for("de"), "Siehe auch:"),
     (ZH, "注释与参考文献"), (ZH, "外部連結"), (ZH, "参考资料"), (ZH, "参见："),
     (ZH, "-{zh-hans:参考文献;zh-hant:參考文獻}-"), (ZH, "References"),
+    # The other tables: the headings their manuals of style prescribe, joined by their "and".
+    (site_for("fr"), "Notes et références"), (site_for("fr"), "Liens externes"), (site_for("fr"), "Articles connexes"),
+    (site_for("es"), "Referencias"), (site_for("es"), "Véase también"), (site_for("es"), "Notas y referencias"),
+    (site_for("it"), "Note"), (site_for("it"), "Voci correlate"), (site_for("it"), "Collegamenti esterni"),
+    (site_for("pt"), "Referências"), (site_for("pt"), "Ligações externas"), (site_for("pt"), "Ver também"),
+    (site_for("ru"), "Примечания"), (site_for("ru"), "Литература и ссылки"), (site_for("ru"), "См. также"),
+    (site_for("ja"), "脚注"), (site_for("ja"), "関連項目"), (site_for("ja"), "脚注・出典"),
 ])
 def test_non_prose_sections_by_language(site, heading):
     wikitext = f"Prosa.\n== {heading} ==\n* Liste 列表\n=== Unter ===\nmehr\n== Nachher ==\nBleibt 保留."
     assert clean_wikitext(wikitext, site) == "Prosa.\nBleibt 保留."
+
+
+@pytest.mark.parametrize("site, heading", [
+    # Prose sections whose titles hold a joiner or a non-prose word: kept ("и" is a word, not a
+    # letter inside one; "Note" is Italian for notes, not French).
+    (site_for("ru"), "История и культура"), (site_for("ru"), "Биография"), (site_for("fr"), "Note biographique"),
+    (site_for("es"), "Historia y sociedad"), (site_for("ja"), "歴史・文化"), (site_for("fr"), "Histoire"),
+])
+def test_prose_sections_stay_in_every_language(site, heading):
+    wikitext = f"Prosa.\n== {heading} ==\nBleibt 保留."
+    assert clean_wikitext(wikitext, site) == "Prosa.\nBleibt 保留."
+
+
+@pytest.mark.parametrize("title, text", [
+    ("Mercure", "'''Mercure''' peut désigner :\n* [[Mercure (planète)]]\n{{Homonymie}}"),
+    ("Mercurio (desambiguación)", "'''Mercurio''' puede referirse a:\n* [[Mercurio (planeta)]]"),
+    ("Mercurio", "'''Mercurio''' può riferirsi a:\n* [[Mercurio (astronomia)]]\n{{disambigua}}"),
+    ("Mercúrio", "'''Mercúrio''' pode referir-se a:\n{{Desambiguação}}"),
+    ("Меркурий", "'''Меркурий''' может означать:\n* [[Меркурий (планета)]]\n{{неоднозначность}}"),
+    ("Меркурий (значения)", "'''Меркурий''' может означать:"),
+    ("水星 (曖昧さ回避)", "'''水星'''"), ("水星", "'''水星'''\n{{Aimai}}"), ("マーキュリー", "{{人名の曖昧さ回避}}"),
+    ("Mercure", "'''Mercure''' est une planète. {{Article détaillé|Mercure (planète)}}"),
+])
+def test_disambiguation_pages_of_the_other_tables(title, text):
+    raw = (f"<page><title>{title}</title><ns>0</ns><id>1</id><revision><text>"
+           f"{html.escape(text, quote=False)}</text></revision></page>")
+    assert wiki_dump.parse_page(raw.encode()).is_disambiguation is ("Article détaillé" not in text)
 
 
 # ---------------------------------------------------------------------------- robustness
