@@ -272,6 +272,15 @@ def loss_scale(engine) -> float | None:
     return engine._get_optimizer_loss_scale() if engine.fp16_enabled() else None
 
 
+def keeps_no_grad_norm(engine) -> bool:
+    """ZeRO-0 without fp16, bf16 or autocast steps the plain optimizer, which keeps no gradient
+    norm (``get_global_grad_norm`` is None): the trainers compute it then (``gradient_norm``).
+    Decided from the configuration: a None for another reason (a ZeRO setting that skips the
+    norm, autocast's scaled gradients) must not swap in a norm of scaled gradients."""
+    return (engine.zero_optimization_stage() == 0 and not engine.fp16_enabled() and not engine.bfloat16_enabled()
+            and not engine.torch_autocast_enabled())
+
+
 def gradient_norm(parameters):
     """The L2 norm of the gradients, a device tensor (no host wait)."""
     import torch

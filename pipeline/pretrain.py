@@ -44,18 +44,16 @@ def main(argv=None) -> int:
     config = parse_args(argv)
     lock = None
     try:
-        # Rank 0 holds the run dir until the run ends: a second run into it is refused here, and the
-        # other ranks check that they see the same folder (pipeline/run_lock.py).
-        lock = acquire(config.run_dir) if ensure_distributed_env()[0] == 0 else None
-        trainer = Trainer(config)
-    except USER_ERRORS as err:  # a bad flag, data dir or checkpoint: one line that names it, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        if lock:
-            lock.release()
-        return 2
-    try:
+        try:
+            # Rank 0 holds the run dir until the run ends: a second run into it is refused here, and
+            # the other ranks check that they see the same folder (pipeline/run_lock.py).
+            lock = acquire(config.run_dir) if ensure_distributed_env()[0] == 0 else None
+            trainer = Trainer(config)
+        except USER_ERRORS as err:  # a bad flag, data dir or checkpoint: one line that names it, no traceback
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return train(config, trainer)
-    finally:
+    finally:  # whatever happened: an in-process caller may start another run in this run dir
         if lock:
             lock.release()
 

@@ -11,9 +11,11 @@ Two faults that corrupt a run without an error of their own:
 - a run dir on node-local disk (``/tmp``, ``/scratch`` on some sites) under several nodes:
   each node resumes from its own ``checkpoints/`` (rank 0 from step N, the others from
   nothing) and a save leaves each node's ZeRO shards on its own disk. Rank 0 writes a random
-  token into the lock file before the ranks meet; once they have, every rank reads it back,
-  and a rank that reads another token, or none, ends the run on every rank before anything is
-  loaded or written.
+  token into the lock file before it starts; once the ranks have met, every rank reads it
+  back, and a rank that reads another token, or none, ends the run on every rank before a
+  checkpoint is loaded or anything is written.
+- Lustre mounted with ``localflock`` locks per node only: two jobs on different nodes are not
+  kept apart there (and nothing says so).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def acquire(run_dir: str) -> RunLock:
         raise RunDirError(f"--run-dir {run_dir}: cannot create it: {err.strerror}") from None
     path = os.path.join(run_dir, LOCK_FILE)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides: a group's run dirs stay shared
     except OSError as err:
         raise RunDirError(f"--run-dir {run_dir}: cannot write {path}: {err.strerror}") from None
     try:
@@ -71,7 +73,8 @@ def acquire(run_dir: str) -> RunLock:
             os.close(fd)
             raise RunDirError(f"--run-dir {run_dir} is in use by another run ({holder}): two runs writing one run "
                               "dir corrupt each other's checkpoints; wait for it to end or stop it, or pass another "
-                              "--run-dir") from None
+                              f"--run-dir (if that process runs no more, as after a node crash on NFS, which can keep "
+                              f"a dead node's lock, delete {path})") from None
         if err.errno not in NO_LOCKS:
             os.close(fd)
             raise
@@ -82,9 +85,13 @@ def acquire(run_dir: str) -> RunLock:
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     data = (json.dumps(holder) + "\n").encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
-    os.fsync(fd)  # read back by the other nodes' ranks once they meet this one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)  # read back by the other nodes' ranks once they meet this one
+    except OSError as err:  # a full disk or quota
+        os.close(fd)
+        raise RunDirError(f"--run-dir {run_dir}: cannot write {path}: {err.strerror}") from None
     return RunLock(path, fd, token)
 
 
@@ -115,8 +122,12 @@ def check_shared(run_dir: str, rank: int, world_size: int, device="cpu") -> None
         return
     import torch
 
-    token = _read(os.path.join(run_dir, LOCK_FILE)).get("token")
     seen = torch.zeros(world_size, dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
+    # A collective first, as a barrier: a rank may reach this before rank 0 has written its token
+    # (the ranks need not have met yet: under torchrun the rendezvous is the launcher's), and would
+    # read the previous run's.
+    torch.distributed.all_reduce(seen)
+    token = _read(os.path.join(run_dir, LOCK_FILE)).get("token")
     seen[rank] = token if isinstance(token, int) and 0 < token < 2 ** 62 + 1 else 0
     torch.distributed.all_reduce(seen)
     seen = seen.tolist()

@@ -23,7 +23,7 @@ from pipeline import checkpoint, hf_init, run_lock
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
 from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
-                             gradient_norm, loss_scale, unscaled_grad_norm)
+                             gradient_norm, keeps_no_grad_norm, loss_scale, unscaled_grad_norm)
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.train_config import TrainConfig
 from preprocessing.examples import OBJECTIVES
@@ -156,7 +156,8 @@ class Trainer:
         self.flops = FlopCounter.for_config(self.model_config)
         self.final_eval: dict[str, float] = {}
         self._nonfinite = self._skipped = 0
-        self._own_grad_norm: bool | None = None  # decided at the first step: see train_step
+        # One pass over the gradients a step, so that ZeRO-0's norm is logged and checked too.
+        self._own_grad_norm = keeps_no_grad_norm(self.engine)
         self._saved_at, self._saved_step = time.monotonic(), None
         self._resume()
         self.loader = PretrainingLoader(self.dataset, self.sampler)
@@ -302,7 +303,7 @@ class Trainer:
             mlm, nsp_loss, batch_counts = pretraining_losses(self.engine, next(self.loader))
             loss = mlm + nsp_loss * self.nsp_weight
             self.engine.backward(loss)
-            if self._own_grad_norm is not False and micro == self.batches.accumulation_steps - 1:
+            if self._own_grad_norm and micro == self.batches.accumulation_steps - 1:
                 # The reduced gradients, before the boundary step clips, applies and zeroes them.
                 own_norm = gradient_norm(self.engine.module.parameters())
             self.engine.step()
@@ -314,12 +315,8 @@ class Trainer:
         # Each transfer to the host waits for the GPU to finish all it was given, and the GPU then
         # idles until the host sends more: the sums, counts and gradient norm come back in one.
         # a device tensor, a float or None
-        reported = self.engine.get_global_grad_norm()
-        if self._own_grad_norm is None:
-            # ZeRO-0 without a precision wrapper steps the plain optimizer and keeps no norm: then the
-            # trainer computes it (one pass over the gradients), so that it is logged and checked.
-            self._own_grad_norm = reported is None
-        grad_norm = own_norm if self._own_grad_norm else unscaled_grad_norm(self.engine, reported, step_scale)
+        grad_norm = own_norm if self._own_grad_norm else unscaled_grad_norm(
+            self.engine, self.engine.get_global_grad_norm(), step_scale)
         on_device = [totals.double(), counts.double()]
         if torch.is_tensor(grad_norm):
             on_device.append(grad_norm.detach().reshape(1).to(totals.device, torch.float64))

@@ -247,7 +247,7 @@ def _train_and_write(sample: list[tuple[int, str]], problems, config: Preprocess
              config.model_type, config.vocab_size, len(sample))
     proto = vocab.train_sentencepiece((s for _, s in sample), config.vocab_size, config.model_type,
                                       character_coverage=config.character_coverage,
-                                      add_dummy_prefix=not language.written_without_spaces(config.language))
+                                      add_dummy_prefix=not language.written_without_spaces(config.language or "en"))
     return write_tokenizer_files(subwords.TokenizerModel(subwords.SENTENCEPIECE, proto), config.output,
                                  config.examples.max_seq_length)
 
@@ -313,6 +313,12 @@ def tokenize(doc: SentenceDocument, encoder: subwords.Encoder, counts: collectio
     else:
         pieces = [np.array(p, np.int32) for p in encoder.encode(list(doc.sentences)) if p]
         starts = None
+        if segmenter == "pieces" and encoder.prefixless:
+            # Without SentencePiece's dummy prefix a sentence that begins with a Latin word or a
+            # digit has no "▁" to mark its first word: it would join the previous sentence's last.
+            starts = [encoder.info.word_start[p] for p in pieces]
+            for s in starts:
+                s[0] = True
     if not pieces:
         counts["skipped-empty-after-tokenizing"] += 1
         return None

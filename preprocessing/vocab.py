@@ -98,6 +98,9 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
             character_coverage=character_coverage,
             byte_fallback=False,
             add_dummy_prefix=add_dummy_prefix,
+            # Without the prefix, "▁" enters training only where the text has spaces: below
+            # --character-coverage, a space would become [UNK] and fuse its neighbours into one.
+            required_chars="" if add_dummy_prefix else "▁",
             max_sentence_length=MAX_SENTENCE_BYTES,
             input_sentence_size=0,  # 0 = every sentence, no reservoir sampling
             shuffle_input_sentence=False,
@@ -246,7 +249,8 @@ def build_backend_tokenizer(model_proto: bytes):
     """A ``tokenizers.Tokenizer`` that encodes text to SentencePiece's ids.
 
     SentencePiece normalizes the whole text (its precompiled NFKC table, then: drop leading
-    and trailing spaces, collapse runs of spaces, prepend "▁", spaces to "▁") and then
+    and trailing spaces, collapse runs of spaces, prepend "▁" unless the model was trained
+    without that dummy prefix, spaces to "▁") and then
     segments it. The same steps here, as a normalizer, so that they also apply to each
     piece of text between special tokens. The Metaspace pre-tokenizer only splits at "▁":
     no piece has "▁" inside (split_by_whitespace), so segmenting word by word gives

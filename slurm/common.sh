@@ -81,23 +81,36 @@ set_master() {
   # 15000 apart; a requeued job keeps its id and so its port. This shell runs on the first node
   # (SLURM's batch host), where rank 0 listens: a port taken there (another job sharing the node,
   # any other server) moves on to the next free one, rather than failing every rank's rendezvous.
-  local port=$((15000 + SLURM_JOB_ID % 15000)) tries=0
+  local default=$((15000 + SLURM_JOB_ID % 15000)) port next tries=0
+  port=$default
   if [[ "${SLURMD_NODENAME:-}" == "$first" ]]; then
-    while ! port_free "$port" && ((tries < 100)); do
-      log "port $port is in use on $first: trying $((port + 1))"
-      port=$((port < 29999 ? port + 1 : 15000))
+    while port_in_use "$port"; do
       tries=$((tries + 1))
+      if ((tries > 100)); then
+        log "warning: ports $default and the 100 after it are in use on $first: using $default; set MASTER_PORT"
+        port=$default
+        break
+      fi
+      next=$((port < 29999 ? port + 1 : 15000))
+      log "port $port is in use on $first: trying $next"
+      port=$next
     done
   fi
   export MASTER_PORT=$port
 }
 
-# port_free PORT: nothing listens on PORT on this node (binds it and lets go at once).
-port_free() {
-  "$PYTHON" -c 'import socket, sys
+# port_in_use PORT: something listens on PORT on this node (a bind fails with EADDRINUSE; any
+# other failure of the probe counts as free, and the rendezvous itself will say what is wrong).
+port_in_use() {
+  local code=0
+  "$PYTHON" -c 'import errno, socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the rendezvous store binds: TIME_WAIT is free
-s.bind(("", int(sys.argv[1])))' "$1" 2>/dev/null
+try:
+    s.bind(("", int(sys.argv[1])))
+except OSError as err:
+    sys.exit(1 if err.errno == errno.EADDRINUSE else 0)' "$1" 2>/dev/null || code=$?
+  ((code == 1))
 }
 
 # srun_ranks CMD...: one task per rank on every node, in the background (SRUN_PID).

@@ -177,6 +177,10 @@ def test_an_output_dir_fine_tuning_would_damage_is_refused_before_any_write(pret
                          (other_run, "is a pretraining run dir (it holds train_config.json)")]:
         with pytest.raises(FinetuneConfigError, match=re.escape(f"--output-dir {out}") + ".*" + re.escape(message)):
             Finetuner(finetune_config(pretrained, out, reviews))
+    earlier = tmp_path / "mnli"  # a fine-tuned model, continued on another task into its own folder
+    (earlier / "model").mkdir(parents=True)
+    with pytest.raises(FinetuneConfigError, match=re.escape(f"--model {earlier / 'model'} is the model/ that")):
+        Finetuner(finetune_config(str(earlier / "model"), earlier, reviews))
     assert a_file.read_text() == "mine" and open(os.path.join(pretrained, "metrics.jsonl")).read() == before
     assert os.listdir(other_run) == ["train_config.json"]
 

@@ -69,7 +69,7 @@ def test_ranks_that_see_different_run_dirs_stop_before_loading_anything(data_dir
     started = time.monotonic()
     outputs = [proc.communicate(timeout=240)[1] for proc in ranks]
     assert [proc.returncode for proc in ranks] == [2, 2], outputs
-    assert time.monotonic() - started < 120
+    assert time.monotonic() - started < 200  # start-up included (a first build of DeepSpeed's CPU op)
     for rank, err in enumerate(outputs):
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1, err[-3000:]

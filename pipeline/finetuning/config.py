@@ -25,6 +25,9 @@ def check_output_dir(output_dir: str, model: str) -> None:
     if os.path.realpath(output_dir) == os.path.realpath(model):
         raise FinetuneConfigError(f"--output-dir {output_dir} is --model itself: fine-tuning writes model/, "
                                   "report.json and metrics.jsonl there; pass another folder")
+    if os.path.realpath(model) == os.path.realpath(os.path.join(output_dir, "model")):
+        raise FinetuneConfigError(f"--model {model} is the model/ that fine-tuning into --output-dir {output_dir} "
+                                  "replaces (with the report its lineage is read from); pass another --output-dir")
     held = [name for name in ("checkpoints", "train_config.json") if os.path.exists(os.path.join(output_dir, name))]
     if held:
         raise FinetuneConfigError(f"--output-dir {output_dir} is a pretraining run dir (it holds {held[0]}): "

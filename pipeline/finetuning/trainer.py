@@ -29,7 +29,7 @@ import torch
 
 from pipeline.ds_config import DsConfigError
 from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
-                             gradient_norm, loss_scale, zero0_masters)
+                             gradient_norm, keeps_no_grad_norm, loss_scale, zero0_masters)
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, check_output_dir
 from pipeline.finetuning.data import Examples, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
@@ -175,7 +175,7 @@ class Finetuner:
         self.engine, self.optimizer, self.scheduler = initialize(model, settings, self.ds_config, self.total_steps,
                                                                  warmup)
         self.step = 0
-        self._own_grad_norm: bool | None = None  # decided at the first step (_check_gradient_norm)
+        self._own_grad_norm = keeps_no_grad_norm(self.engine)  # ZeRO-0's plain optimizer keeps none
         self.history: list[EpochResult] = []
         self.best: EpochResult | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
@@ -243,7 +243,7 @@ class Finetuner:
                 batch = collate(self.splits["train"], rows, pad, self.task)
                 out = self.engine(**on_device(batch, device, self.engine.module.config.model_type))
                 self.engine.backward(out.loss)
-                if self._own_grad_norm is not False and micro == len(micro_batches) - 1:
+                if self._own_grad_norm and micro == len(micro_batches) - 1:
                     own_norm = gradient_norm(self.engine.module.parameters())  # before the step zeroes them
                 self.engine.step()
                 loss_sum += out.loss.detach().double()
@@ -273,11 +273,7 @@ class Finetuner:
         """An update applied with a non-finite gradient norm (bf16 with DeepSpeed's overflow check
         off applies NaN gradients) stops at once, before the poisoned weights could be kept. The
         norm is global, so every rank stops at the same step."""
-        norm = self.engine.get_global_grad_norm()
-        if self._own_grad_norm is None:  # ZeRO-0's plain optimizer keeps no norm: the trainer's own then
-            self._own_grad_norm = norm is None
-        if self._own_grad_norm:
-            norm = own_norm
+        norm = own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
         if norm is not None and self.engine.was_step_applied() and not math.isfinite(float(norm)):
             raise FloatingPointError(f"the gradient norm is {float(norm)} in epoch {epoch} and the update was "
                                      "applied: lower --learning-rate")
