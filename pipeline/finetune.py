@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             if tracker:
                 tracker.log_metrics({f"test/{k}": v for k, v in report["test"].items()}, best.epoch)
                 log_to_mlflow(tracker, paths, model_dir if config.log_model else None, finetuner.task,
-                              config.register_name, finetuner.max_length)
+                              config.register_name, finetuner.max_length, finetuner.convert)
         status = "FINISHED"
         end_distributed()
         return 0

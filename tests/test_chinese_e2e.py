@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -146,3 +147,50 @@ def test_fine_tuned_tang_song_classifier_beats_the_majority_class(zh_run, tmp_pa
     # Majority 0.50; a character-bigram logistic regression reaches 0.94 (the sample's README).
     print(f"test accuracy {report['test']['accuracy']:.3f}, majority {majority:.3f}")
     assert report["test"]["accuracy"] > majority + 0.2, report["test"]
+
+
+def test_the_served_mlflow_model_converts_traditional_input_as_fine_tuning_did(zh_run, tmp_path, monkeypatch):
+    """Logged to a real MLflow store and served through mlflow.pyfunc: Traditional text gets the
+    predictions of its Simplified form (the transformers flavour passed it to the Simplified
+    vocabulary as it was, mostly [UNK])."""
+    import bz2
+    import csv
+
+    import mlflow
+    from transformers import pipeline
+
+    from pipeline import finetune
+    from preprocessing.language import Converter
+
+    set_one_process_world(monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_dir, _ = zh_run
+    with bz2.open(TANG_SONG, "rt") as f:
+        rows = list(csv.DictReader(f))[:600]
+    data = tmp_path / "poems.csv"
+    with open(data, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    assert finetune.main(["--model", run_dir, "--data", str(data), "--output-dir", str(out), "--epochs", "1",
+                          "--global-batch-size", "32", "--micro-batch-size", "32", "--learning-rate", "1e-3",
+                          "--experiment", "served"]) == 0
+    client = mlflow.MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+    served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    to_traditional = Converter("s2t")
+    simplified = [r["text"] for r in rows[-40:]]
+    traditional = [to_traditional(t) for t in simplified]
+    assert sum(a != b for a, b in zip(simplified, traditional)) > 20
+    on_traditional = served.predict(traditional)
+    assert list(on_traditional.columns) == ["label", "score"] and set(on_traditional["label"]) <= {"song", "tang"}
+    # The served model converts: Traditional input scores as the Simplified text does through the plain
+    # pipeline of the saved model (which does not convert), to float rounding.
+    classify = pipeline("text-classification", model=str(out / "model"), truncation=True, max_length=64)
+    plain = classify(simplified)
+    unconverted = classify(traditional)  # what the transformers flavour served
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(plain, unconverted)) > 1e-3
+    assert on_traditional["label"].tolist() == [p["label"] for p in plain]
+    np.testing.assert_allclose(on_traditional["score"], [p["score"] for p in plain], rtol=1e-4)
+    assert served.predict(pd.DataFrame({"text": simplified}))["label"].tolist() == [p["label"] for p in plain]

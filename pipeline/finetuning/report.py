@@ -79,13 +79,16 @@ def pip_requirements() -> list[str]:
 
 
 def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, register_name: str | None,
-                  max_length: int) -> None:
+                  max_length: int, convert: str | None = None) -> None:
     """Report files as artifacts; the saved model with MLflow's transformers flavour (registered if named).
 
     Served through ``mlflow.pyfunc``, texts are cut to ``max_length`` tokens, the length the
     model was fine-tuned and tested at: the pipeline does not truncate by default, and a text
     longer than the position embeddings would fail (MLflow's native ``load_model`` gives the
-    plain pipeline: pass it ``truncation=True``)."""
+    plain pipeline: pass it ``truncation=True``). A model whose pretraining text was converted
+    (``convert``, e.g. t2s) is logged as a pyfunc model that converts its input the same way
+    (``served_model.py``): the transformers flavour would pass Traditional text to a Simplified
+    vocabulary."""
     import mlflow
 
     for path in paths:
@@ -95,6 +98,15 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
         return
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if convert:
+        import opencc
+
+        mlflow.pyfunc.log_model(
+            name="model", python_model=os.path.join(os.path.dirname(os.path.abspath(__file__)), "served_model.py"),
+            artifacts={"model": model_dir}, model_config={"convert": convert, "max_length": max_length, "task": task},
+            pip_requirements=[*pip_requirements(), f"opencc=={opencc.__version__}", "pandas"],
+            registered_model_name=register_name)
+        return
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     mlflow.transformers.log_model(

@@ -1,0 +1,48 @@
+"""The fine-tuned classifier as MLflow serves it when its pretraining text was converted.
+
+A model pretrained on ``--convert t2s`` data has a Simplified vocabulary: Traditional input is
+mostly ``[UNK]`` to it. Fine-tuning converts its texts (the export's ``training_info.json``
+says how), and so must serving: MLflow's transformers flavour cannot, so such a model is
+logged as this ``mlflow.pyfunc`` model instead, which converts each text with OpenCC, then
+classifies it with the same Hugging Face pipeline the transformers flavour serves (cut to
+the fine-tuning length), and answers as it does: a DataFrame of ``label`` and ``score``.
+
+Logged as MLflow "models from code" (``pipeline/finetuning/report.py``): MLflow copies this file
+beside the model and runs it when the model is loaded, so it imports only what the served
+environment has (mlflow, pandas, transformers, torch, opencc), nothing of this project.
+``model_config``: ``convert`` (the OpenCC configuration), ``max_length``, ``task``.
+"""
+
+import mlflow
+import pandas as pd
+
+
+class ConvertedTextClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        import opencc
+        from transformers import pipeline
+
+        config = context.model_config
+        self.converter = opencc.OpenCC(config["convert"])
+        # Regression: the raw score, as fine-tuning's report has it (no softmax of one logit).
+        extra = {"function_to_apply": "none"} if config["task"] == "regression" else {}
+        self.classify = pipeline("text-classification", model=context.artifacts["model"], truncation=True,
+                                 max_length=int(config["max_length"]), **extra)
+
+    def predict(self, context, model_input, params=None):
+        texts = [self.converter.convert(str(text)) for text in _texts(model_input)]
+        return pd.DataFrame(self.classify(texts), columns=["label", "score"])
+
+
+def _texts(model_input) -> list:
+    """Texts from what a pyfunc model is given: a string, a list, a Series, or a DataFrame (its
+    ``text`` column, else its first)."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, pd.DataFrame):
+        column = "text" if "text" in model_input.columns else model_input.columns[0]
+        return model_input[column].tolist()
+    return list(model_input)
+
+
+mlflow.models.set_model(ConvertedTextClassifier())
