@@ -27,6 +27,7 @@ from __future__ import annotations
 import bz2
 import dataclasses
 import gzip
+import logging
 import os
 import posixpath
 import re
@@ -39,6 +40,8 @@ from apache_beam.io.filesystems import FileSystems
 from preprocessing import text_formats, wiki_dump
 from preprocessing.documents import Problem, RawDocument
 from preprocessing.text_formats import InputError
+
+log = logging.getLogger(__name__)
 
 # (extension, format, compression), longest extensions first.
 _FORMATS = (
@@ -96,6 +99,10 @@ def detect_format(path: str) -> tuple[str, str | None]:
                      f"{', '.join(SUPPORTED_EXTENSIONS)}")
 
 
+def _known_format(path: str) -> bool:
+    return path.lower().endswith(tuple(ext for ext, _, _ in _FORMATS))
+
+
 def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]:
     """Expands paths/globs into read tasks of about ``split_bytes`` each where the
     format allows, in a stable order: by path, then by position in the file."""
@@ -103,10 +110,23 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
     # A local folder named without its trailing slash is matched as a file of unknown format;
     # with the slash, Beam lists its files.
     patterns = [p.rstrip("/") + "/" if "://" not in p and os.path.isdir(p) else p for p in patterns]
-    for result in FileSystems.match(list(patterns)):
+    for pattern, result in zip(patterns, FileSystems.match(list(patterns))):  # Beam makes "dir/" "dir/*"
         if not result.metadata_list:
             raise InputError(f"--input {result.pattern!r}: no file matches")
-        for meta in sorted(result.metadata_list, key=lambda m: m.path):
+        listed = sorted(result.metadata_list, key=lambda m: m.path)
+        if pattern.endswith("/"):
+            # A folder: the corpus files in it. Its README, licence or .DS_Store is no input, but is
+            # said (a file named by its path or a glob of unknown format stays an error).
+            other = [m for m in listed if not _known_format(m.path)]
+            if other:
+                log.warning("--input %s: %d file(s) of no input format skipped: %s", pattern, len(other),
+                            ", ".join(posixpath.basename(m.path) for m in other[:10]) + (" …" if len(other) > 10
+                                                                                         else ""))
+                listed = [m for m in listed if _known_format(m.path)]
+            if not listed:
+                raise InputError(f"--input {pattern!r}: no file of an input format in this folder; supported "
+                                 f"extensions: {', '.join(SUPPORTED_EXTENSIONS)}")
+        for meta in listed:
             files.setdefault(meta.path, meta.size_in_bytes)
     names = document_names(list(files))
     tasks: list[ReadTask] = []

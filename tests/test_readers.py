@@ -415,6 +415,22 @@ def test_a_byte_order_mark_and_a_folder_without_its_slash(tmp_path):
     assert sorted(t.path for t in tasks) == [str(tmp_path / "doc.txt"), str(tmp_path / "rows.jsonl")]
 
 
+def test_a_folder_input_skips_its_readme_with_a_warning_but_a_named_file_is_an_error(tmp_path, caplog):
+    (tmp_path / "doc.txt").write_text("The first document.\n")
+    (tmp_path / "README.md").write_text("# corpus\n")
+    (tmp_path / "LICENSE").write_text("CC BY-SA\n")
+    with caplog.at_level("WARNING", logger="preprocessing.inputs"):
+        tasks = inputs.plan_read_tasks([str(tmp_path)], 1 << 20)  # before: "README.md: unknown input format"
+    assert [t.path for t in tasks] == [str(tmp_path / "doc.txt")]
+    assert "2 file(s) of no input format skipped: LICENSE, README.md" in caplog.text
+    for named in ([str(tmp_path / "README.md")], [str(tmp_path / "*")]):
+        with pytest.raises(InputError, match="(LICENSE|README.md): unknown input format"):
+            inputs.plan_read_tasks(named, 1 << 20)
+    (tmp_path / "doc.txt").unlink()
+    with pytest.raises(InputError, match="no file of an input format in this folder"):
+        inputs.plan_read_tasks([str(tmp_path)], 1 << 20)
+
+
 def test_lines_of_chinese_and_japanese_are_joined_without_a_space(tmp_path):
     # before: "他说今天的天气非常 好。", a space inside a word, read by SentencePiece as a boundary
     (tmp_path / "zh.txt").write_text("他说今天的天气非常\n好。\nThe end\nof it.\n東京は\n大きい。\n\nnext\n")
