@@ -380,13 +380,18 @@ class Trainer:
                 # reach some ranks only), a time-based save (clocks differ), and a non-finite loss (one
                 # rank's batch can poison its loss alone; had that rank raised by itself, the others
                 # would wait for it in their next collective until a timeout).
-                # A bad loss is sent as world size - rank: the maximum names the lowest rank that has one.
+                # A bad loss is sent as 2 x world size - rank, a bad gradient norm under a finite loss as
+                # world size - rank: the maximum names the lowest rank with a bad loss, the cause (its
+                # gradients, reduced into every rank's, make every norm bad), else the lowest bad norm.
                 minutes = self.config.checkpoint_minutes
-                stop, timely, bad_rank, applied = agree(
+                n = self.world_size
+                stop, timely, bad, applied = agree(
                     [self.stop.requested, minutes > 0 and time.monotonic() - self._saved_at >= 60 * minutes,
-                     0 if metrics.finite else self.world_size - self.rank, metrics.applied],
-                    self.world_size, self.engine.device)
-                self._check_finite(metrics, self.world_size - int(bad_rank) if bad_rank else None, bool(applied))
+                     0 if metrics.finite else (2 * n if not np.isfinite(metrics.loss) else n) - self.rank,
+                     metrics.applied], n, self.engine.device)
+                bad = int(bad)
+                self._check_finite(metrics, (2 * n - bad if bad > n else n - bad) if bad else None, bool(applied),
+                                   bad_loss=bad > n)
                 if stop:
                     self.save()
                     return EXIT_STOPPED
@@ -402,7 +407,8 @@ class Trainer:
             bar.close()
             self.loader.close()
 
-    def _check_finite(self, metrics: StepMetrics, bad_rank: int | None, applied: bool) -> None:
+    def _check_finite(self, metrics: StepMetrics, bad_rank: int | None, applied: bool,
+                      bad_loss: bool = True) -> None:
         """A non-finite loss whose update was applied stops the run at once, before any checkpoint
         could save the poisoned weights; so does an applied update whose gradient norm is not
         finite under a finite loss (bf16 with DeepSpeed's overflow check off). A step whose update
@@ -410,8 +416,9 @@ class Trainer:
         in fp32 and bf16 too) left the weights intact: the run goes on, unless it never recovers.
 
         Decided from what every rank agreed on, so all ranks raise NonFiniteLoss at the same step:
-        ``bad_rank`` is the lowest rank whose step is not finite (``StepMetrics.finite``; None:
-        every step is) and ``applied`` whether any rank applied its update."""
+        ``bad_rank`` is the lowest rank whose loss is not finite (``bad_loss``), else the lowest
+        whose gradient norm is not (``StepMetrics.finite``; None: every step is finite), and
+        ``applied`` whether any rank applied its update."""
         self._skipped = 0 if applied else self._skipped + 1
         if self._skipped >= MAX_SKIPPED_UPDATES:
             raise NonFiniteLoss(f"{self._skipped} updates in a row skipped up to step {self.step} (gradients not "
@@ -422,7 +429,7 @@ class Trainer:
             return
         self._nonfinite += 1
         where = f"on rank {bad_rank} of {self.world_size}" if self.world_size > 1 else ""
-        if np.isfinite(metrics.loss) and not metrics.finite:
+        if not bad_loss:
             # The norm is global, the same on every rank: no rank to name. DeepSpeed reports NaN as inf.
             what, where = f"the gradient norm is {metrics.grad_norm} (loss {metrics.loss:.4g})", ""
         else:  # this rank's own loss, if it is the bad one

@@ -62,7 +62,8 @@ _DISAMBIGUATION = re.compile(
 )
 # Title suffixes of disambiguation pages: en, de, zh, fr, es, it, pt, ru, ja.
 _DISAMBIGUATION_TITLES = ("(disambiguation)", "(Begriffsklärung)", "(消歧义)", "(消歧義)", "(homonymie)",
-                          "(desambiguación)", "(disambigua)", "(desambiguação)", "(значения)", "(曖昧さ回避)")
+                          "(desambiguación)", "(disambigua)", "(desambiguação)", "(значения)",
+                          "(曖昧さ回避)")
 # How much of a dump's head read_site decompresses at most looking for </siteinfo>
 # (real heads are 2-10 kB; one pbzip2 block is ~900 kB).
 _MAX_HEAD_BYTES = 4 << 20
