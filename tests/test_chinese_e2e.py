@@ -119,19 +119,10 @@ def test_fine_tuned_tang_song_classifier_beats_the_majority_class(zh_run, tmp_pa
     finetuner = Finetuner(config)
     # The same poems in Traditional characters against the Simplified vocabulary (--convert t2s):
     # converted as the pretraining text was (before: 們, 頭, 東, … were [UNK]).
-    import bz2
-    import csv
-
     from preprocessing.language import Converter
 
     to_traditional = Converter("s2t")
-    with bz2.open(TANG_SONG, "rt") as f:
-        rows = list(csv.DictReader(f))[:400]
-    traditional = tmp_path / "traditional.csv"
-    with open(traditional, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({**r, "text": to_traditional(r["text"])} for r in rows)
+    traditional = write_poems(tmp_path / "traditional.csv", 400, to_traditional)
     assert "頭" in traditional.read_text()
     trad = Finetuner(FinetuneConfig.from_flat(model=run_dir, data=str(traditional), output_dir=str(tmp_path / "trad"),
                                               mlflow=False, seed=3))
@@ -153,29 +144,26 @@ def test_the_served_mlflow_model_converts_traditional_input_as_fine_tuning_did(z
     """Logged to a real MLflow store and served through mlflow.pyfunc: Traditional text gets the
     predictions of its Simplified form (the transformers flavour passed it to the Simplified
     vocabulary as it was, mostly [UNK])."""
-    import bz2
-    import csv
-
     import mlflow
     from transformers import pipeline
 
-    from pipeline import finetune
     from preprocessing.language import Converter
 
-    set_one_process_world(monkeypatch)
+    # MLflow's store through the environment (undone after the test): set_tracking_uri would point every
+    # later test at it. Fine-tuning as a process of its own: its end destroys the process group, which
+    # would break every DeepSpeed engine built later in this one.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_dir, _ = zh_run
-    with bz2.open(TANG_SONG, "rt") as f:
-        rows = list(csv.DictReader(f))[:600]
-    data = tmp_path / "poems.csv"
-    with open(data, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    data = write_poems(tmp_path / "poems.csv", 600)
+    rows = read_poems(600)
     out = tmp_path / "out"
-    assert finetune.main(["--model", run_dir, "--data", str(data), "--output-dir", str(out), "--epochs", "1",
-                          "--global-batch-size", "32", "--micro-batch-size", "32", "--learning-rate", "1e-3",
-                          "--experiment", "served"]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "finetune.py"), "--model", run_dir, "--data",
+                           str(data), "--output-dir", str(out), "--epochs", "1", "--global-batch-size", "32",
+                           "--micro-batch-size", "32", "--learning-rate", "1e-3", "--experiment", "served"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient()
     [run] = client.search_runs([client.get_experiment_by_name("served").experiment_id])
     served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
@@ -194,3 +182,24 @@ def test_the_served_mlflow_model_converts_traditional_input_as_fine_tuning_did(z
     assert on_traditional["label"].tolist() == [p["label"] for p in plain]
     np.testing.assert_allclose(on_traditional["score"], [p["score"] for p in plain], rtol=1e-4)
     assert served.predict(pd.DataFrame({"text": simplified}))["label"].tolist() == [p["label"] for p in plain]
+
+
+def read_poems(n: int) -> list[dict]:
+    """The first ``n`` labelled poems of the Tang/Song sample (Simplified)."""
+    import bz2
+    import csv
+
+    with bz2.open(TANG_SONG, "rt") as f:
+        return list(csv.DictReader(f))[:n]
+
+
+def write_poems(path, n: int, convert=None):
+    """``read_poems(n)`` as a CSV at ``path``, the texts converted by ``convert`` if given."""
+    import csv
+
+    rows = read_poems(n)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "text": convert(r["text"]) if convert else r["text"]} for r in rows)
+    return path
