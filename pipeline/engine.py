@@ -282,11 +282,11 @@ def keeps_no_grad_norm(engine) -> bool:
 
 
 def gradient_norm(parameters):
-    """The L2 norm of the gradients, a device tensor (no host wait)."""
+    """The L2 norm of the gradients (torch's clip_grad_norm_ computes it so), a device tensor: no host wait."""
     import torch
 
-    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
 
 
 def unscaled_grad_norm(engine, norm, scale: float | None):

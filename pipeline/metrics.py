@@ -10,6 +10,8 @@ Spearman (Pearson of average ranks, ties included) correlations, and the mean sq
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
 import numpy as np
@@ -166,3 +168,10 @@ def task_metrics(task: str, labels: np.ndarray, outputs: np.ndarray, num_classes
     if task == "classification":
         return classification_metrics(labels, outputs.argmax(axis=-1), num_classes)
     return regression_metrics(labels, outputs.reshape(-1))
+
+
+def json_line(record: dict) -> str:
+    """One line of a metrics/eval .jsonl file: strict JSON, with ``null`` for a value that is not
+    finite (json.dumps writes NaN, which JSON parsers and jq do not take)."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in record.items()}) + "\n"

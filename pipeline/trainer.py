@@ -7,7 +7,6 @@ micro-batches DeepSpeed accumulates, then metrics, checkpoints and the stop chec
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, Pretr
                            read_manifest, training_rows)
 from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
                              gradient_norm, keeps_no_grad_norm, loss_scale, unscaled_grad_norm)
+from pipeline.metrics import json_line
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.train_config import TrainConfig
 from preprocessing.examples import OBJECTIVES
@@ -139,7 +139,8 @@ class Trainer:
         init_distributed(settings.dist_timeout_minutes)
         self.engine, self.optimizer, self.scheduler = initialize(model, settings, self.ds_config, config.steps,
                                                                  config.warmup_steps)
-        # Before anything is loaded or written: a node that sees another run dir would resume alone.
+        # Before a checkpoint is loaded or anything written: a node that sees another run dir would
+        # resume alone.
         run_lock.check_shared(config.run_dir, self.rank, self.world_size, self.engine.device)
         self.sampler = BatchSampler(self.dataset.lengths[:self.train_rows], settings.micro_batch_size,
                                     rank=self.rank, world_size=self.world_size, seed=settings.seed,
@@ -446,10 +447,7 @@ class Trainer:
         values = {k: v for k, v in values.items() if k != "step"}
         if self.is_rank0:
             with open(os.path.join(self.config.run_dir, "eval.jsonl"), "a") as f:
-                # null, not NaN (which is not JSON): a value the window has none of, such as the norm
-                # when every update was skipped
-                f.write(json.dumps({"step": self.step, **{k: v if np.isfinite(v) else None
-                                                          for k, v in values.items()}}) + "\n")
+                f.write(json_line({"step": self.step, **values}))
             log.info("eval at step %d  %s", self.step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if tracker:
                 tracker.log_metrics(values, self.step)
@@ -493,10 +491,8 @@ class Trainer:
                                       * self.flops.executed_per_sequence(mean_length, predictions) / peak)
         if self.is_rank0:
             with open(os.path.join(self.config.run_dir, "metrics.jsonl"), "a") as f:
-                # null, not NaN (which is not JSON): a value the window has none of, such as the norm
-                # when every update was skipped
-                f.write(json.dumps({"step": self.step, **{k: v if np.isfinite(v) else None
-                                                          for k, v in values.items()}}) + "\n")
+                # a value the window has none of (the norm when every update was skipped) is null
+                f.write(json_line({"step": self.step, **values}))
             log.info("step %d/%d  %s", self.step, self.config.steps,
                      "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if tracker:

@@ -90,17 +90,17 @@ class ReadTask:
         return self.name or posixpath.basename(self.path.replace("\\", "/"))
 
 
-def detect_format(path: str) -> tuple[str, str | None]:
+def _format_of(path: str) -> tuple[str, str | None] | None:
     lower = path.lower()
-    for ext, fmt, compression in _FORMATS:
-        if lower.endswith(ext):
-            return fmt, compression
-    raise InputError(f"{path}: unknown input format; supported extensions: "
-                     f"{', '.join(SUPPORTED_EXTENSIONS)}")
+    return next(((fmt, compression) for ext, fmt, compression in _FORMATS if lower.endswith(ext)), None)
 
 
-def _known_format(path: str) -> bool:
-    return path.lower().endswith(tuple(ext for ext, _, _ in _FORMATS))
+def detect_format(path: str) -> tuple[str, str | None]:
+    found = _format_of(path)
+    if found is None:
+        raise InputError(f"{path}: unknown input format; supported extensions: "
+                         f"{', '.join(SUPPORTED_EXTENSIONS)}")
+    return found
 
 
 def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]:
@@ -117,12 +117,12 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
         if pattern.endswith("/"):
             # A folder: the corpus files in it. Its README, licence or .DS_Store is no input, but is
             # said (a file named by its path or a glob of unknown format stays an error).
-            other = [m for m in listed if not _known_format(m.path)]
+            other = [m for m in listed if _format_of(m.path) is None]
             if other:
                 log.warning("--input %s: %d file(s) of no input format skipped: %s", pattern, len(other),
                             ", ".join(posixpath.basename(m.path) for m in other[:10]) + (" …" if len(other) > 10
                                                                                          else ""))
-                listed = [m for m in listed if _known_format(m.path)]
+                listed = [m for m in listed if _format_of(m.path) is not None]
             if not listed:
                 raise InputError(f"--input {pattern!r}: no file of an input format in this folder; supported "
                                  f"extensions: {', '.join(SUPPORTED_EXTENSIONS)}")

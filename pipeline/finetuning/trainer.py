@@ -16,7 +16,6 @@ without another collective.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from pipeline.finetuning.data import Examples, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
                                        read_training_info, resolve_model_dir)
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
-                              per_class_report, task_metrics)
+                              json_line, per_class_report, task_metrics)
 from pipeline.model import forward_attention_mask
 
 log = logging.getLogger(__name__)
@@ -386,8 +385,7 @@ class Finetuner:
         if not self.is_rank0:
             return
         with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"epoch": result.epoch, "step": self.step,  # null, not NaN (not JSON)
-                                **{k: v if math.isfinite(v) else None for k, v in values.items()}}) + "\n")
+            f.write(json_line({"epoch": result.epoch, "step": self.step, **values}))
         log.info("epoch %d/%d  %s%s", result.epoch, self.config.epochs,
                  "  ".join(f"{k}={v:.4g}" for k, v in values.items()), "  (best so far)" if improved else "")
         if tracker:
