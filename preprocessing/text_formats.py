@@ -149,17 +149,23 @@ def _start_of_line_before(f: BinaryIO, start: int, max_line_bytes: int) -> int:
     """
     if start == 0:
         return 0
-    last = start - 1
-    floor = max(0, last - max_line_bytes - 1)
+    floor = max(0, start - 1 - max_line_bytes - 1)
+    found = _line_start(f, start - 1, floor)
+    return floor if found is None else found
+
+
+def _line_start(f: BinaryIO, last: int, lowest: int) -> int | None:
+    """The first byte of the line holding byte ``last``, searched back to byte ``lowest``:
+    0 at the file's start, None when that line began before ``lowest``."""
     high = last
-    while high > floor:
-        low = max(floor, high - _BACKWARD_STEP)
+    while high > lowest:
+        low = max(lowest, high - _BACKWARD_STEP)
         f.seek(low)
         newline = f.read(high - low).rfind(b"\n")
         if newline >= 0:
             return low + newline + 1
         high = low
-    return floor
+    return 0 if lowest == 0 else None
 
 
 def _is_blank(raw: bytes | None) -> bool:
@@ -243,8 +249,23 @@ def _text_scan_start(f: BinaryIO, start: int, max_line_bytes: int, max_document_
     the line holding byte ``start - 1`` (is a document boundary next?) and to see every
     blank line of the window before the first multiple of ``max_document_bytes`` that
     can force a boundary at or after ``start`` (see ``_is_forced_boundary``). That
-    window costs a read of less than ``max_document_bytes`` before ``start``."""
-    line_before = _start_of_line_before(f, start, max_line_bytes)
+    window costs a read of less than ``max_document_bytes`` before ``start``, or two
+    windows when an oversized line holds byte ``start - 1``."""
+    if start == 0:
+        return 0
+    floor = max(0, start - 1 - max_line_bytes - 1)
+    line_before = _line_start(f, start - 1, floor)
+    if line_before is None:
+        # An oversized line holds byte start - 1. Whether a document is cut after it
+        # depends on where it began (the multiples it straddles, and whether it or a line
+        # before it began a document in the window): the first range past its beginning
+        # must know, or a document is read twice or lost. That beginning matters only
+        # down to the window before the multiple at or below ``floor``; a line that began
+        # earlier covers the whole window, and a byte of it there is as good a start.
+        lowest = max(0, floor // max_document_bytes * max_document_bytes - max_document_bytes)
+        line_before = _line_start(f, floor, lowest)
+        if line_before is None:
+            return lowest
     if line_before == 0:
         return 0
     window = line_before // max_document_bytes * max_document_bytes
