@@ -11,12 +11,14 @@ the batch order is computed a block at a time. Four parts:
   ``DATA_DIR/flat/`` (or ``cache_dir``): per list column its concatenated values (the
   Parquet dtype), one int64 offsets array (N + 1) per pair of columns that must agree
   row by row (input_ids/segment_ids, masked_lm_positions/masked_lm_ids), the row lengths
-  (int16) and next_sentence_labels (int8). The cache is written to a temporary sibling
+  (int16), next_sentence_labels (int8), and word_starts (bool) where the shards carry
+  them. The cache is written to a temporary sibling
   and renamed into place when complete; ``flat.json`` in it records what it was built from
   (a hash of the manifest, each shard's path, rows and size), so a rewritten data dir is
   converted again. Ranks starting together take an ``fcntl.flock``: one converts, the
-  others wait and then map its files. Without a working lock each converts into its own
-  temporary dir and the renames settle it (more work, same result).
+  others wait and then map its files. Without a working lock each node's local rank 0
+  converts and that node's other ranks wait for it (``BUILD_GRACE_S``); concurrent
+  conversions would each write into a temporary dir of their own and the renames settle it.
 - ``PretrainingDataset``: the flat arrays opened with ``np.load(mmap_mode="r")``, and
   ``batch(rows)``, which gathers a padded batch in vectorized numpy in the
   ``BertForPreTraining`` convention.
@@ -46,7 +48,7 @@ import struct
 import tempfile
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +56,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.engine import PAD_MULTIPLE
-from preprocessing.examples import MASKINGS
+from preprocessing.examples import MASKINGS, WORD_STARTS
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,16 @@ CACHE_FORMAT = 1  # bump when the files change
 NPY_HEADER_BYTES = 128  # room kept at the start of each .npy for its header, written last
 
 
+def carries_word_starts(manifest: dict) -> bool:
+    """Whether the shards hold the optional word_starts column (unmasked rows whose whole words
+    the vocabulary alone cannot give: jieba's, or a prefixless vocabulary's sentence starts)."""
+    return WORD_STARTS in (manifest.get("columns") or {})
+
+
+def flat_array_names(manifest: dict) -> tuple[str, ...]:
+    return FLAT_ARRAYS + ((WORD_STARTS,) if carries_word_starts(manifest) else ())
+
+
 def _lengths_dtype(max_seq_length: int) -> type:
     # Signed: an unsigned length wraps under arithmetic like -(-n // 8).
     return np.int16 if max_seq_length <= np.iinfo(np.int16).max else np.int32
@@ -205,7 +217,7 @@ def cache_source(data_dir: str, manifest: dict) -> dict:
     return {"cache_format": CACHE_FORMAT,
             "manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
             "tokenizer_fingerprint": manifest["tokenizer"].get("fingerprint"),
-            "shards": shards}
+            "shards": shards, "arrays": list(flat_array_names(manifest))}
 
 
 def _cache_is_current(directory: str, source: dict) -> bool:
@@ -215,7 +227,7 @@ def _cache_is_current(directory: str, source: dict) -> bool:
             marker = json.load(f)
         return marker["source"] == source and all(
             _file_size(os.path.join(directory, name + ".npy")) == marker["arrays"][name]["file_bytes"]
-            for name in FLAT_ARRAYS)
+            for name in source["arrays"])
     except (OSError, ValueError, KeyError, TypeError):  # no marker, or not one this code wrote
         return False
 
@@ -269,12 +281,12 @@ def _npy_header(dtype: np.dtype, length: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
 
 
-def _check_schema(shard_path: str, schema: pa.Schema) -> None:
-    for name, dtype in COLUMN_DTYPES.items():
+def _check_schema(shard_path: str, schema: pa.Schema, columns: dict) -> None:
+    for name, dtype in columns.items():
         if name not in schema.names:
             raise DataDirError(f"{shard_path}: column {name!r} is missing")
         kind, want = schema.field(name).type, pa.from_numpy_dtype(dtype)
-        if name in LIST_COLUMNS:
+        if name in LIST_COLUMNS or name == WORD_STARTS:
             ok = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and kind.value_type == want
             expected = f"list<{want}>"
         else:
@@ -290,7 +302,8 @@ def _list_column(chunked) -> tuple[np.ndarray, np.ndarray]:
     if array.null_count:
         raise ValueError(f"{array.null_count} null rows")
     offsets = array.offsets.to_numpy().astype(np.int64)
-    values = array.flatten().to_numpy()  # the values between offsets[0] and offsets[-1]
+    # the values between offsets[0] and offsets[-1] (a bool column is bit-packed: copied to bytes)
+    values = array.flatten().to_numpy(zero_copy_only=False)
     return values, offsets - offsets[0]
 
 
@@ -342,20 +355,30 @@ def _checked_columns(where: str, table: pa.Table, max_seq_length: int, first_row
             row = first_row + int(rows[at] if rows is not None else at)
             raise DataDirError(f"{where}: row {row}: {name} holds {int(values[at])}, outside [0, {high})"
                                + (" (the manifest's tokenizer.vocab_size)" if high == vocab_size else ""))
+    if WORD_STARTS in table.column_names:
+        try:
+            out[WORD_STARTS], starts_offsets = _list_column(table.column(WORD_STARTS))
+        except ValueError as e:
+            raise DataDirError(f"{where}: column {WORD_STARTS}: {e}") from None
+        if not np.array_equal(offsets["input_ids"], starts_offsets):
+            row = first_bad(offsets["input_ids"][1:] != starts_offsets[1:])
+            raise DataDirError(f"{where}: {WORD_STARTS} and input_ids differ in length in row {row}")
     out["token_offsets"], out["mask_offsets"], out["lengths"] = (offsets["input_ids"],
                                                                  offsets["masked_lm_positions"], lengths)
     return out
 
 
-def _shard_row_groups(shard_path: str, max_seq_length: int, vocab_size: int) -> Iterator[dict[str, np.ndarray]]:
+def _shard_row_groups(shard_path: str, max_seq_length: int, vocab_size: int, word_starts: bool = False
+                      ) -> Iterator[dict[str, np.ndarray]]:
     """A shard's row groups, checked, one at a time: memory stays bounded by a row group
     (preprocessing writes them of 8,192 rows)."""
     parquet = _open_shard(shard_path)
-    _check_schema(shard_path, parquet.schema_arrow)
+    columns = {**COLUMN_DTYPES, **({WORD_STARTS: np.bool_} if word_starts else {})}
+    _check_schema(shard_path, parquet.schema_arrow, columns)
     first_row = 0
     for group in range(parquet.num_row_groups):
         try:
-            table = parquet.read_row_group(group, columns=list(COLUMN_DTYPES))
+            table = parquet.read_row_group(group, columns=list(columns))
         except (pa.ArrowException, OSError) as e:
             raise DataDirError(f"{shard_path}: pyarrow cannot read row group {group} ({e}); the shard is "
                                "corrupt (rerun preprocessing/run_beam.py)") from None
@@ -367,16 +390,16 @@ def _write_flat_arrays(data_dir: str, manifest: dict, out: str, source: dict) ->
     """Every shard's rows appended to the flat arrays in ``out``, then the marker."""
     max_seq_length = int(manifest["max_seq_length"])
     dtypes = {**COLUMN_DTYPES, "token_offsets": np.int64, "mask_offsets": np.int64,
-              "lengths": _lengths_dtype(max_seq_length)}
+              "lengths": _lengths_dtype(max_seq_length), WORD_STARTS: np.bool_}
     with contextlib.ExitStack() as stack:
         files = {name: stack.enter_context(_NpyAppender(os.path.join(out, name + ".npy"), dtypes[name]))
-                 for name in FLAT_ARRAYS}
+                 for name in source["arrays"]}
         base = {"token_offsets": 0, "mask_offsets": 0}  # values written so far: the next offsets' start
         for name in base:
             files[name].append(np.zeros(1, dtype=np.int64))
         for shard in manifest["shards"]:
             for columns in _shard_row_groups(os.path.join(data_dir, shard["path"]), max_seq_length,
-                                             int(manifest["tokenizer"]["vocab_size"])):
+                                             int(manifest["tokenizer"]["vocab_size"]), carries_word_starts(manifest)):
                 for name, values in columns.items():
                     if name in base:  # local offsets from 0: shift past the rows before, drop the leading 0
                         files[name].append(values[1:] + base[name])
@@ -576,11 +599,11 @@ def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> t
     return target, True
 
 
-def _map_flat_arrays(directory: str) -> dict[str, np.ndarray]:
+def _map_flat_arrays(directory: str, names: Sequence[str]) -> dict[str, np.ndarray]:
     """The flat arrays, memory-mapped read-only. Plain ndarray views of the maps: indexing
     a ``np.memmap`` subclass costs more, and the views keep the maps alive."""
     arrays = {}
-    for name in FLAT_ARRAYS:
+    for name in names:
         mapped = np.load(os.path.join(directory, name + ".npy"), mmap_mode="r")
         _advise_random(mapped)
         arrays[name] = np.asarray(mapped)
@@ -633,7 +656,8 @@ class PretrainingDataset:
         self.pad_to_multiple_of = pad_to_multiple_of
 
         self.cache_dir, self.built_cache = flat_cache(data_dir, self.manifest, cache_dir)
-        arrays = _map_flat_arrays(self.cache_dir)
+        arrays = _map_flat_arrays(self.cache_dir, flat_array_names(self.manifest))
+        self.word_starts = arrays.get(WORD_STARTS)
         self.input_ids, self.segment_ids = arrays["input_ids"], arrays["segment_ids"]
         self.input_ids_offsets = self.segment_ids_offsets = arrays["token_offsets"]
         self.masked_lm_positions, self.masked_lm_ids = arrays["masked_lm_positions"], arrays["masked_lm_ids"]
@@ -674,7 +698,8 @@ class PretrainingDataset:
         token_type_ids = np.zeros((n, width), dtype=np.int64)
         token_type_ids[real] = self.segment_ids[source]
         if self.masker is not None:
-            return self._masked(rows, epoch, input_ids, token_type_ids, real, lengths)
+            word_starts = None if self.word_starts is None else self.word_starts[source]
+            return self._masked(rows, epoch, input_ids, token_type_ids, real, lengths, word_starts)
 
         labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
         starts = self.masked_lm_positions_offsets[rows]
@@ -697,14 +722,16 @@ class PretrainingDataset:
 
     __getitem__ = batch
 
-    def _masked(self, rows, epoch, input_ids, token_type_ids, real, lengths) -> dict[str, torch.Tensor]:
-        """The batch of unmasked rows with this epoch's masks drawn."""
+    def _masked(self, rows, epoch, input_ids, token_type_ids, real, lengths, word_starts
+                ) -> dict[str, torch.Tensor]:
+        """The batch of unmasked rows with this epoch's masks drawn (whole words by the rows' own
+        ``word_starts`` where the data dir stores them, else by the vocabulary's table)."""
         n, width = input_ids.shape
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         len_a = (real & (token_type_ids == 0)).sum(axis=1) - 2  # [CLS] A [SEP] are segment 0
         masked, batch_row, positions, originals = self.masker.mask(
-            rows, epoch, input_ids[real], offsets, len_a)
+            rows, epoch, input_ids[real], offsets, len_a, word_starts)
         input_ids[real] = masked
         labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
         labels[batch_row, positions] = originals

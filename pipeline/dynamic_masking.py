@@ -27,9 +27,10 @@ class DynamicMasker:
     def __init__(self, data_dir: str, manifest: dict, seed: int):
         masking = manifest["masking"]
         tokenizer = manifest["tokenizer"]
-        if masking.get("word_segmenter") == "jieba":
-            raise ValueError(f"{data_dir}/manifest.json: dynamic masking with jieba whole words is not "
-                             "supported (the words are not stored); preprocess with --masking static")
+        if masking.get("word_segmenter") == "jieba" and examples.WORD_STARTS not in (manifest.get("columns") or {}):
+            raise ValueError(f"{data_dir}/manifest.json: jieba's whole words with dynamic masking, but the "
+                             f"shards hold no {examples.WORD_STARTS} column (made by an older version): "
+                             "preprocess again")
         self.seed = seed
         self.config = examples.ExampleConfig(
             max_seq_length=int(manifest["max_seq_length"]), masked_lm_prob=float(masking["masked_lm_prob"]),
@@ -48,10 +49,13 @@ class DynamicMasker:
         return examples._mix64(base + (rows.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
 
     def mask(self, rows: np.ndarray, epoch: int, original: np.ndarray, offsets: np.ndarray,
-             len_a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+             len_a: np.ndarray, word_starts: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(masked input ids, row, position and original id of each prediction) for the rows
-        held flat in ``original``; see ``examples.mask_tokens``."""
-        return examples.mask_tokens(self.keys(rows, epoch), original, offsets, len_a, self.config, self.vocab)
+        held flat in ``original``; see ``examples.mask_tokens``. ``word_starts`` (parallel to
+        ``original``): the rows' own word starts, where the data dir stores them."""
+        return examples.mask_tokens(self.keys(rows, epoch), original, offsets, len_a, self.config, self.vocab,
+                                    word_starts if self.config.whole_word_mask else None)
 
 
 def _tokenizer_model(folder: str, kind: str) -> subwords.TokenizerModel:

@@ -86,6 +86,11 @@ SCHEMA = pa.schema([
     ("masked_lm_ids", pa.list_(pa.int32())),
     ("next_sentence_labels", pa.int8()),
 ])
+# With dynamic masking and word starts the vocabulary cannot give (jieba's Chinese words, the
+# sentence starts of a vocabulary without SentencePiece's dummy prefix), the rows also carry
+# them, so that the trainer's loader groups whole words as static masking does.
+WORD_STARTS = "word_starts"
+SCHEMA_WITH_WORD_STARTS = SCHEMA.append(pa.field(WORD_STARTS, pa.list_(pa.bool_())))
 
 OBJECTIVES = ("mlm-nsp", "mlm")
 MASKINGS = ("static", "dynamic")
@@ -239,6 +244,9 @@ class InstanceBatch:
     next_sentence_labels: np.ndarray  # int8 [n], 1 = B is random
     keys: np.ndarray                  # uint64 [n]
     stats: ExampleStats = dataclasses.field(default_factory=ExampleStats)
+    # bool, flat, parallel to input_ids: which tokens start a word ([CLS]/[SEP] do). Only
+    # unmasked (dynamic) rows whose word starts the vocabulary's table cannot give carry it.
+    word_starts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.next_sentence_labels)
@@ -276,7 +284,8 @@ class InstanceBatch:
             input_ids=self.input_ids[gather], offsets=offsets, segment_ids=self.segment_ids[gather],
             masked_lm_positions=self.masked_lm_positions[masked_gather],
             masked_lm_ids=self.masked_lm_ids[masked_gather], masked_offsets=masked_offsets,
-            next_sentence_labels=self.next_sentence_labels[indices], keys=self.keys[indices])
+            next_sentence_labels=self.next_sentence_labels[indices], keys=self.keys[indices],
+            word_starts=None if self.word_starts is None else self.word_starts[gather])
 
     @staticmethod
     def concat(batches: Sequence[InstanceBatch]) -> InstanceBatch:
@@ -286,6 +295,12 @@ class InstanceBatch:
         stats = ExampleStats()
         for b in batches:
             stats = stats + b.stats
+        word_starts = None
+        carried = [b.word_starts is not None for b in batches if len(b)]
+        if any(carried):
+            if not all(carried):
+                raise ValueError("concatenating instance batches with and without word_starts")
+            word_starts = np.concatenate([b.word_starts for b in batches if len(b)])
         return InstanceBatch(
             input_ids=np.concatenate([b.input_ids for b in batches]),
             offsets=_concat_offsets([b.offsets for b in batches]),
@@ -295,17 +310,22 @@ class InstanceBatch:
             masked_offsets=_concat_offsets([b.masked_offsets for b in batches]),
             next_sentence_labels=np.concatenate([b.next_sentence_labels for b in batches]),
             keys=np.concatenate([b.keys for b in batches]),
-            stats=stats)
+            stats=stats, word_starts=word_starts)
 
     def to_arrow(self) -> pa.Table:
-        """The shard table (``SCHEMA``); keys and stats are not stored."""
-        return pa.Table.from_arrays([
+        """The shard table (``SCHEMA``, or ``SCHEMA_WITH_WORD_STARTS`` for rows that carry
+        word starts); keys and stats are not stored."""
+        columns = [
             _list_array(self.offsets, self.input_ids),
             _list_array(self.offsets, self.segment_ids),
             _list_array(self.masked_offsets, self.masked_lm_positions),
             _list_array(self.masked_offsets, self.masked_lm_ids),
             pa.array(self.next_sentence_labels, type=pa.int8()),
-        ], schema=SCHEMA)
+        ]
+        if self.word_starts is None:
+            return pa.Table.from_arrays(columns, schema=SCHEMA)
+        columns.append(_list_array(self.offsets, self.word_starts))
+        return pa.Table.from_arrays(columns, schema=SCHEMA_WITH_WORD_STARTS)
 
     @staticmethod
     def from_arrow(table: pa.Table) -> InstanceBatch:
@@ -318,10 +338,15 @@ class InstanceBatch:
             raise ValueError("segment_ids must match input_ids, and masked_lm_ids masked_lm_positions, "
                              "in length on every row")
         labels = table.column("next_sentence_labels").to_numpy().astype(np.int8)
+        word_starts = None
+        if WORD_STARTS in table.column_names:
+            word_offsets, word_starts = _list_columns(table, WORD_STARTS, bool)
+            if not np.array_equal(offsets, word_offsets):
+                raise ValueError("word_starts must match input_ids in length on every row")
         return InstanceBatch(
             input_ids=input_ids, offsets=offsets, segment_ids=segment_ids, masked_lm_positions=positions,
             masked_lm_ids=masked_ids, masked_offsets=moffsets, next_sentence_labels=labels,
-            keys=np.zeros(len(labels), np.uint64))
+            keys=np.zeros(len(labels), np.uint64), word_starts=word_starts)
 
 
 def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
@@ -703,7 +728,9 @@ def mask_instances(plan: SegmentPlan, config: ExampleConfig, vocab: VocabInfo) -
 
     if config.masking == "dynamic":  # unmasked: the trainer's loader masks per epoch
         input_ids, rows, cols, masked_ids = original, np.zeros(0, np.int64), np.zeros(0, np.int64), original[:0]
+        stored_starts = token_word_start
     else:
+        stored_starts = None
         input_ids, rows, cols, masked_ids = mask_tokens(plan.keys, original, offsets, len_a, config, vocab,
                                                         token_word_start)
 
@@ -713,7 +740,7 @@ def mask_instances(plan: SegmentPlan, config: ExampleConfig, vocab: VocabInfo) -
         input_ids=input_ids, offsets=offsets, segment_ids=segment_ids,
         masked_lm_positions=cols.astype(np.int32), masked_lm_ids=masked_ids,
         masked_offsets=masked_offsets, next_sentence_labels=plan.is_random_next,
-        keys=plan.keys, stats=plan.stats)
+        keys=plan.keys, stats=plan.stats, word_starts=stored_starts)
 
 
 def mask_tokens(keys: np.ndarray, original: np.ndarray, offsets: np.ndarray, len_a: np.ndarray,
@@ -818,8 +845,10 @@ def pack_full_sentences(bucket: Bucket, dupe_index: int, seed: int, config: Exam
     first_key = bucket.keys[bucket.live[0]] if bucket.live else 0
     keys = _mix64(np.uint64(document_seed(seed, first_key, dupe_index) & _U64)
                   + (np.arange(n, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
+    stored_starts = None
     if config.masking == "dynamic":
         input_ids, rows, cols, masked_ids = original, np.zeros(0, np.int64), np.zeros(0, np.int64), original[:0]
+        stored_starts = token_word_start
     else:
         # len_a = length - 2 puts the pairs' middle [SEP] on the closing one: no extra exclusion.
         input_ids, rows, cols, masked_ids = mask_tokens(keys, original, offsets, lengths - 2, config, vocab,
@@ -831,7 +860,7 @@ def pack_full_sentences(bucket: Bucket, dupe_index: int, seed: int, config: Exam
     return InstanceBatch(
         input_ids=input_ids, offsets=offsets, segment_ids=np.zeros(len(original), np.int8),
         masked_lm_positions=cols.astype(np.int32), masked_lm_ids=masked_ids, masked_offsets=masked_offsets,
-        next_sentence_labels=np.zeros(n, np.int8), keys=keys, stats=stats)
+        next_sentence_labels=np.zeros(n, np.int8), keys=keys, stats=stats, word_starts=stored_starts)
 
 
 def num_to_predict(lengths: np.ndarray, config: ExampleConfig) -> np.ndarray:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from preprocessing import subwords
+from preprocessing import examples, subwords
 from preprocessing.options import PreprocessConfig
 
 FORMAT_VERSION = 1
@@ -53,6 +53,16 @@ def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokeniz
         fields["character_coverage"] = config.character_coverage
     segmenter = config.word_segmenter
     ex = config.examples
+    columns = {
+        "input_ids": f"list<int32>, {'masked' if ex.masking == 'static' else 'unmasked'}, "
+                     "[CLS] A [SEP] B [SEP], no padding",
+        "segment_ids": "list<int8>, 0 for [CLS] A [SEP], 1 for B [SEP]",
+        "masked_lm_positions": "list<int32>, sorted",
+        "masked_lm_ids": "list<int32>, original ids at masked_lm_positions",
+        "next_sentence_labels": "int8, 1 = B is a random span, 0 = true continuation",
+    }
+    if stores_word_starts(config, tokenizer):
+        columns[examples.WORD_STARTS] = "list<bool>, parallel to input_ids: the token starts a word"
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -79,18 +89,19 @@ def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokeniz
         "split_bytes": config.split_bytes,
         "seed": config.seed,
         "input": {"paths": sorted(input_paths), "fingerprint": input_fingerprint(input_paths)},
-        "columns": {
-            "input_ids": f"list<int32>, {'masked' if ex.masking == 'static' else 'unmasked'}, "
-                         "[CLS] A [SEP] B [SEP], no padding",
-            "segment_ids": "list<int8>, 0 for [CLS] A [SEP], 1 for B [SEP]",
-            "masked_lm_positions": "list<int32>, sorted",
-            "masked_lm_ids": "list<int32>, original ids at masked_lm_positions",
-            "next_sentence_labels": "int8, 1 = B is a random span, 0 = true continuation",
-        },
+        "columns": columns,
         "num_examples": sum(rows for _, rows in shards),
         "shards": [{"path": path, "rows": rows} for path, rows in shards],
         "counters": dict(sorted(counters.items())),
     }
+
+
+def stores_word_starts(config: PreprocessConfig, tokenizer: subwords.TokenizerModel) -> bool:
+    """Whether the shards carry a word_starts column: unmasked rows grouped by word starts that
+    the vocabulary's table alone cannot give (``transforms.tokenize`` makes them)."""
+    if config.examples.masking != "dynamic" or config.word_segmenter == "none":
+        return False
+    return config.word_segmenter == "jieba" or subwords.Encoder(tokenizer).prefixless
 
 
 def write_manifest(output: str, manifest: dict) -> str:

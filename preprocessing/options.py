@@ -74,9 +74,6 @@ class PreprocessConfig:
             object.__setattr__(self, "examples", dataclasses.replace(self.examples, whole_word_mask=whole_words))
         if self.dupe_factor is None:
             object.__setattr__(self, "dupe_factor", DUPE_FACTORS[self.examples.masking])
-        _check(not (self.examples.masking == "dynamic" and self.whole_word_mask == "jieba"),
-               "--masking dynamic cannot use --whole-word-mask jieba: the trainer's loader masks from the "
-               "vocabulary alone and never sees jieba's words; use --masking static for Chinese whole words")
         _check(self.vocab_size >= 100, f"--vocab-size must be at least 100, got {self.vocab_size}")
         _check(self.model_type in vocab_lib.MODEL_TYPES,
                f"--model-type must be {' or '.join(vocab_lib.MODEL_TYPES)}, got {self.model_type!r}")

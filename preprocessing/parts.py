@@ -87,7 +87,7 @@ class PartWriter:
         self._pending_rows = 0
         self._temp = _temporary_name(path)
         self._sink = FileSystems.create(self._temp)
-        self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="zstd")
+        self._writer: pq.ParquetWriter | None = None  # opened with the first rows' schema (word_starts or not)
 
     def add(self, batch: InstanceBatch) -> None:
         if not len(batch):
@@ -101,11 +101,15 @@ class PartWriter:
     def _flush(self) -> None:
         if self._pending:
             table = InstanceBatch.concat(self._pending).to_arrow()
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self._sink, table.schema, compression="zstd")
             self._writer.write_table(table, row_group_size=self.row_group_rows)
             self._pending, self._pending_rows = [], 0
 
     def close(self) -> int:
         self._flush()
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="zstd")
         self._writer.close()
         self._sink.close()
         _replace(self._temp, self.path)

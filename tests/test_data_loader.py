@@ -557,6 +557,32 @@ def test_segment_ids_shorter_than_input_ids_are_refused_naming_shard_and_row(bro
     assert_refused(broken, rf"{SHARD}: segment_ids and input_ids differ in length in row 11")
 
 
+@pytest.mark.parametrize("damage", ["none", "short row", "missing in a shard"])
+def test_the_optional_word_starts_column_is_mapped_and_checked(broken, damage):
+    manifest = read_manifest(broken)
+    edit_manifest(broken, columns={**manifest["columns"], "word_starts": "list<bool>"})
+    for shard in manifest["shards"]:
+        path = os.path.join(broken, shard["path"])
+        table = pq.read_table(path)
+        starts = [[i % 3 == 0 for i in range(len(ids))] for ids in table.column("input_ids").to_pylist()]
+        if shard["path"] == SHARD and damage == "short row":
+            starts[11] = starts[11][:-1]
+        if shard["path"] == SHARD and damage == "missing in a shard":
+            continue
+        pq.write_table(table.append_column("word_starts", pa.array(starts, pa.list_(pa.bool_()))), path)
+    if damage == "short row":
+        assert_refused(broken, rf"{SHARD}: word_starts and input_ids differ in length in row 11")
+    elif damage == "missing in a shard":
+        assert_refused(broken, rf"{SHARD}: column 'word_starts' is missing")
+    else:
+        dataset = PretrainingDataset(broken)
+        assert dataset.word_starts.dtype == np.bool_ and len(dataset.word_starts) == len(dataset.input_ids)
+        row = 1234
+        at = dataset.input_ids_offsets[row]
+        assert dataset.word_starts[at:at + dataset.lengths[row]].tolist() == [
+            i % 3 == 0 for i in range(dataset.lengths[row])]
+
+
 @pytest.mark.parametrize("column, row, value, message", [
     ("input_ids", 17, "vocab", r"input_ids holds {vocab}, outside \[0, {vocab}\) \(the manifest's "
                                r"tokenizer.vocab_size\)"),

@@ -109,11 +109,16 @@ def test_training_on_dynamic_masks_resumes_exactly(dynamic_data, tmp_path, monke
     assert code == 0 and first + rest == whole
 
 
-def test_dynamic_masking_refuses_jieba_words():
-    from preprocessing.options import ConfigError, PreprocessConfig
+def test_jieba_words_under_dynamic_masking_need_the_word_starts_column(dynamic_data, manifest):
+    from pipeline.data import DataDirError
+    from preprocessing.options import PreprocessConfig
 
-    with pytest.raises(ConfigError, match="--masking dynamic cannot use --whole-word-mask jieba"):
-        PreprocessConfig(examples=examples.ExampleConfig(masking="dynamic"), whole_word_mask="jieba")
+    assert "word_starts" not in manifest["columns"]  # English, pieces: the vocabulary's table is enough
+    assert PreprocessConfig(examples=examples.ExampleConfig(masking="dynamic"), whole_word_mask="jieba")
+    older = {**manifest, "masking": {**manifest["masking"], "whole_word_mask": True, "word_segmenter": "jieba"}}
+    with pytest.raises(DataDirError, match="manifest.json: jieba's whole words with dynamic masking, but the "
+                                           "shards hold no word_starts column"):
+        PretrainingDataset(dynamic_data, older)
     # The cap's rule lives in the example config that PreprocessConfig embeds.
     assert examples.ExampleConfig(masked_lm_prob=0.3).max_predictions_per_seq == 39  # MosaicBERT's 30%, cap scaled
     assert examples.ExampleConfig(max_seq_length=512).max_predictions_per_seq == 77

@@ -305,6 +305,21 @@ def test_a_language_without_spaces_gets_no_dummy_prefix(unspaced_corpus, tmp_pat
     assert all(starts[0] for starts in doc.word_starts)
     assert [list(starts[1:]) for starts in doc.word_starts] == [
         list(encoder.info.word_start[s[1:]]) for s in doc.sentences]
+    # Unmasked (dynamic) rows carry these starts to the trainer's loader, which sees no sentences;
+    # masked (static) rows need not.
+    from preprocessing import examples
+
+    other = transforms.tokenize(SentenceDocument("e", ("夜来风雨声。", "花落知多少。")), encoder,
+                                collections.Counter(), "pieces")
+    dynamic = examples.ExampleConfig(max_seq_length=64, masking="dynamic", whole_word_mask=True)
+    batch = examples.create_instances([doc, other], 0, 1, dynamic, encoder.info)
+    table_starts = encoder.info.word_start[batch.input_ids]
+    assert (batch.word_starts >= table_starts).all() and (batch.word_starts > table_starts).any()
+    table = batch.to_arrow()
+    assert table.schema == examples.SCHEMA_WITH_WORD_STARTS
+    assert np.array_equal(examples.InstanceBatch.from_arrow(table).word_starts, batch.word_starts)
+    static = examples.ExampleConfig(max_seq_length=64, whole_word_mask=True)
+    assert examples.create_instances([doc, other], 0, 1, static, encoder.info).word_starts is None
     for text in held_out[:500] + mixed:
         if 1 in sp.encode(text):
             continue
