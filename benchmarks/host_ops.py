@@ -28,7 +28,6 @@ boundary, are then spread over N micro-batches.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -36,6 +35,8 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from preprocessing import cli_parser  # noqa: E402
 
 PHASES = ("forward", "backward", "step")
 
@@ -123,8 +124,7 @@ def count_plain(model: str, micro: int, steps: int, accumulation: int = 1) -> di
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli_parser.Parser(description=__doc__.split("\n\n")[0], formatter_class=cli_parser.DefaultsFormatter)
     p.add_argument("--ds-config", action="append", required=True, help="a DeepSpeed config (repeatable)")
     p.add_argument("--model", default="base", help="a preset of pipeline/model.py")
     p.add_argument("--micro-batch", type=int, default=2, help="does not change the count; small is quick")

@@ -36,6 +36,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a file: the repo root, for benchmarks.* and pipeline.*
 
+from preprocessing import cli_parser  # noqa: E402
 from benchmarks.side_by_side import run_worker, summarize, timed_hf_trainer  # noqa: E402
 
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
@@ -173,8 +174,7 @@ def launch(side: str, args) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli_parser.Parser(description=__doc__.split("\n\n")[0], formatter_class=cli_parser.DefaultsFormatter)
     p.add_argument("--data", help="a data dir from preprocessing/run_beam.py (default: write the sample)")
     p.add_argument("--model", default="mini", help="preset of pipeline/model.py (tiny, mini, small, ...)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per side")

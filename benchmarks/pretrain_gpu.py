@@ -333,8 +333,9 @@ def config_name(value: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from preprocessing import cli_parser
+
+    p = cli_parser.Parser(description=__doc__.split("\n\n")[0], formatter_class=cli_parser.DefaultsFormatter)
     p.add_argument("--only", action="append", metavar="MODEL-SEQ-PRECISION", type=config_name,
                    help="e.g. base-128-bf16, tiny-64-fp32 (repeatable; default: base and large x 128 and 512 x "
                         "bf16 and fp16)")

@@ -25,6 +25,7 @@ from pipeline import embedding  # noqa: E402
 from pipeline.engine import LaunchError, check_gpu_for  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError, model_lineage  # noqa: E402
+from preprocessing import cli_parser  # noqa: E402
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP  # noqa: E402
 
 USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError, LaunchError)
@@ -32,7 +33,8 @@ log = logging.getLogger("pipeline.embed")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli_parser.Parser(
+        formatter_class=cli_parser.DefaultsFormatter,
         prog="python pipeline/embed.py",
         description="Embed texts with the encoder of a BERT this project wrote (a pretraining export "
                     "RUN_DIR/hf/<tag> or fine-tuning's OUTPUT_DIR/model). One process, or several under torchrun / "

@@ -23,7 +23,6 @@ the data dir's manifest, the same way the trainer built it.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import logging
@@ -38,6 +37,7 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
 
 from pipeline import checkpoint  # noqa: E402
 from pipeline.engine import flat  # noqa: E402
+from preprocessing import cli_parser  # noqa: E402
 
 log = logging.getLogger(__name__)
 TRAIN_CONFIG = "train_config.json"
@@ -305,7 +305,8 @@ def _umask() -> int:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(
+    p = cli_parser.Parser(
+        formatter_class=cli_parser.DefaultsFormatter,
         prog="python pipeline/export.py",
         description="Export a pretrain.py checkpoint in Hugging Face format (safetensors + config + "
                     "tokenizer), loadable with AutoModelForPreTraining.from_pretrained and pipeline('fill-mask').")

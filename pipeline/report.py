@@ -12,10 +12,14 @@ The tracking URI is MLflow's default (or MLFLOW_TRACKING_URI, or --tracking-uri)
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
+
+if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from preprocessing import cli_parser  # noqa: E402
 
 # Panel title -> predicate on the metric name. The first match wins; the rest go in "other".
 PANELS = (
@@ -102,8 +106,8 @@ def report(run_id: str, out: str | None = None, tracking_uri: str | None = None,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python pipeline/report.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli_parser.Parser(prog="python pipeline/report.py", description=__doc__.splitlines()[0],
+                          formatter_class=cli_parser.DefaultsFormatter)
     p.add_argument("run_id", help="the MLflow run id (shown by mlflow ui, or the stage's log)")
     p.add_argument("--out", help="PNG path (default: RUN_ID.png)%(default).0s")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)%(default).0s")

@@ -1,6 +1,6 @@
 """The whole pipeline on the bundled real samples: preprocess -> pretrain -> fine-tune, then a summary.
 
-    python pipeline/run_all.py                      # ~8.5 minutes on 2 idle CPU cores
+    python pipeline/run_all.py                      # 3 to 5 minutes on 2 CPU cores
     python pipeline/run_all.py --workdir runs/demo --pretrain-steps 3000
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python pipeline/run_all.py
 
@@ -22,7 +22,6 @@ The four MLflow runs are linked: each fine-tune -> ``pretrain_run_id`` -> ``data
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import csv
 import io
@@ -42,7 +41,8 @@ WIKI = os.path.join(SAMPLES, "enwiki-sample-pages-articles.xml.bz2")
 AUSTEN = os.path.join(SAMPLES, "austen-novels.txt.bz2")
 REVIEWS = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
 
-from preprocessing.mlflow_experiment import browse_hint  # noqa: E402 - after the path set-up
+from preprocessing import cli_parser  # noqa: E402 - after the path set-up
+from preprocessing.mlflow_experiment import browse_hint  # noqa: E402
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -120,22 +120,22 @@ def mlflow_runs(experiment: str) -> dict[str, str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python pipeline/run_all.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli_parser.Parser(prog="python pipeline/run_all.py", description=__doc__.splitlines()[0],
+                          formatter_class=cli_parser.DefaultsFormatter)
     p.add_argument("--workdir", default="runs/demo", help="data dir, run dir, fine-tuned models and logs go here")
-    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--vocab-size", type=int, default=2000, help="SentencePiece vocabulary trained on the sample")
     p.add_argument("--max-seq-length", type=int, default=64,
                    help="sequence length of pretraining and fine-tuning alike (half the reviews are longer than "
                         "32 tokens; positions past the pretraining length would start fine-tuning untrained)")
     p.add_argument("--model", default="tiny", help="model preset (see pipeline/model.py)")
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--pretrain-batch-size", type=int, default=64)
-    p.add_argument("--pretrain-learning-rate", type=float, default=3e-3)
+    p.add_argument("--pretrain-steps", type=int, default=1500, help="pretraining optimizer steps")
+    p.add_argument("--pretrain-batch-size", type=int, default=64, help="pretraining global batch (sequences)")
+    p.add_argument("--pretrain-learning-rate", type=float, default=3e-3, help="pretraining peak learning rate")
     p.add_argument("--labelled", type=int, default=1000, help="labelled train reviews for fine-tuning")
-    p.add_argument("--finetune-epochs", type=int, default=10)
-    p.add_argument("--finetune-learning-rate", type=float, default=5e-4)
+    p.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs, pretrained and random init alike")
+    p.add_argument("--finetune-learning-rate", type=float, default=5e-4, help="fine-tuning peak learning rate")
     p.add_argument("--experiment", default="bert-pipeline-demo", help="MLflow experiment of the four runs")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="every stage's seed, and the review sample's")
     args = p.parse_args(argv)
 
     work = os.path.abspath(args.workdir)

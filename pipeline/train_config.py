@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pipeline import hf_init
 from pipeline.engine import (EngineConfig, EngineConfigError, add_engine_flags, add_launcher_flag, nest,
                              parse_stage_flags)
+from preprocessing import cli_parser
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP
 
 # Pretraining's own defaults for the engine settings whose good values differ between the stages.
@@ -85,11 +86,11 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(data="")
     e = d.engine
-    p = argparse.ArgumentParser(
+    p = cli_parser.Parser(
         prog="python pipeline/pretrain.py",
         description="Pretrain BERT (MLM + NSP) with DeepSpeed on the shards of preprocessing/run_beam.py. "
                     "Runs as one process, or under torchrun / deepspeed / srun (one process per GPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli_parser.DefaultsFormatter)
     p.add_argument("--data", required=True, help="data dir written by preprocessing/run_beam.py")
     p.add_argument("--data-cache",
                    help="where the data dir's shards are converted once into flat memory-mapped arrays "
@@ -138,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the encoder (Inductor). Batches are then padded to the data's "
                         "max_seq_length so that one graph serves every step; the first steps are slower "
                         "while it compiles. Checkpoints and exports are the same as without it")
-    p.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log no MLflow run")
     p.add_argument("--experiment", default=d.experiment, help=EXPERIMENT_HELP)
-    p.add_argument("--run-name")
+    p.add_argument("--run-name", help="MLflow run name (default: MLflow's generated one)")
     add_launcher_flag(p)
     return p
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import language, mlflow_experiment, vocab as vocab_lib
+from preprocessing import cli_parser, language, mlflow_experiment, vocab as vocab_lib
 from preprocessing.examples import MASKINGS, OBJECTIVES, ConfigError, ExampleConfig
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
@@ -112,7 +112,7 @@ def _check(ok: bool, message: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = PreprocessConfig()
-    p = argparse.ArgumentParser(
+    p = cli_parser.Parser(
         prog="python preprocessing/run_beam.py",
         description=(
             "Turn a corpus into sharded, masked BERT pretraining examples (MLM + NSP, "
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Flags not listed here go to Apache Beam (e.g. --runner=DataflowRunner, "
             "--direct_num_workers=4 --direct_running_mode=multi_processing); the default "
             "runner is FnApiRunner, the DirectRunner's batch engine."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli_parser.DefaultsFormatter,
     )
     io = p.add_argument_group("input and output")
     io.add_argument("--input", nargs="+", default=list(d.inputs), metavar="PATH",

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pipeline.engine import (EngineConfig, EngineConfigError, add_engine_flags, add_launcher_flag, nest,
                              parse_stage_flags)
 from pipeline.metrics import METRICS
+from preprocessing import cli_parser
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP
 
 # Fine-tuning's own defaults for the engine settings whose good values differ between the stages.
@@ -106,7 +107,7 @@ class FinetuneConfig:
 def build_parser() -> argparse.ArgumentParser:
     d = FinetuneConfig(model="", data="")
     e = d.engine
-    p = argparse.ArgumentParser(
+    p = cli_parser.Parser(
         prog="python pipeline/finetune.py",
         description="Fine-tune a BERT from pipeline/pretrain.py on a labelled text task (single-sentence or "
                     "sentence-pair classification, or regression) with DeepSpeed. Runs as one process, or under "
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Face, with the label mapping), report.json and confusion_matrix.png; logs one MLflow run.",
         epilog="example: python pipeline/finetune.py --model runs/tiny --data reviews.csv --text-column text "
                "--label-column category --drop-label plot",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli_parser.DefaultsFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True,
                    help="a Hugging Face export (RUN_DIR/hf/<tag>), or a pretrain --run-dir, its checkpoints/ or one "
@@ -161,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many epochs without a better validation metric (0 = never stop early)")
     tr = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
-    tr.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+    tr.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log no MLflow run")
     tr.add_argument("--experiment", default=d.experiment, help=EXPERIMENT_HELP)
-    tr.add_argument("--run-name")
+    tr.add_argument("--run-name", help="MLflow run name (default: MLflow's generated one)")
     tr.add_argument("--register-name", help="register the logged model under this name in the model registry")
     tr.add_argument("--no-log-model", dest="log_model", action="store_false",
                     help="do not log the model to MLflow (the report and metrics still are)%(default).0s")

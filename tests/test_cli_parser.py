@@ -1,0 +1,43 @@
+"""Every stage's command line: a usage error is one line naming the flag (argparse printed its
+20-30 line usage block first), and --help shows a default only where it says something."""
+
+import re
+
+import pytest
+
+from pipeline import embed, train_config
+from pipeline.finetuning import config as finetune_config
+from preprocessing import options
+
+PARSERS = {"run_beam": options.build_parser, "pretrain": train_config.build_parser,
+           "finetune": finetune_config.build_parser, "embed": embed.build_parser}
+PARSE = {"run_beam": options.parse_args, "pretrain": train_config.parse_args,
+         "finetune": finetune_config.parse_args, "embed": embed.parse_args}
+
+
+@pytest.mark.parametrize("stage, argv, message", [
+    ("run_beam", ["--vocab-size", "many"], "argument --vocab-size: invalid int value: 'many'"),
+    ("pretrain", ["--steps", "2"], "the following arguments are required: --data"),
+    ("finetune", ["--model", "m", "--data", "d.csv", "--metric", "foo"], "--metric must be one of accuracy,"),
+    ("pretrain", ["--data", "d", "--steps", "0"], "--steps must be"),
+    ("embed", ["--model", "m", "--input", "x.csv"], "the following arguments are required: --out"),
+])
+def test_a_usage_error_is_one_line_naming_the_flag(stage, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        PARSE[stage](argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err
+    assert re.fullmatch(rf"python \S+: error: {re.escape(message)}.* \(--help lists the flags\)\n", err), err
+
+
+@pytest.mark.parametrize("stage", PARSERS)
+def test_help_shows_no_empty_or_switch_defaults(stage):
+    parser = PARSERS[stage]()
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
+    assert text.count("(default:") >= 5  # the defaults that say something are still shown
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help:
+            assert formatter._expand_help(action).lower().count("(default") <= 1, action.option_strings
