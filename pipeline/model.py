@@ -38,16 +38,27 @@ def model_config(preset_or_path: str, manifest: dict, max_position_embeddings: i
     if preset_or_path in PRESETS:
         config = BertConfig(**PRESETS[preset_or_path], max_position_embeddings=max_position_embeddings, **data)
     elif os.path.isfile(preset_or_path):
-        with open(preset_or_path) as f:
-            values = json.load(f)
+        try:
+            with open(preset_or_path) as f:
+                values = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelConfigError(f"{preset_or_path}: not a readable JSON model config ({err})") from None
+        if not isinstance(values, dict):
+            raise ModelConfigError(f"{preset_or_path}: a model config is a JSON object, not {type(values).__name__}")
         for key, want in data.items():
             if key in values and values[key] != want:
                 raise ModelConfigError(f"{preset_or_path}: {key} is {values[key]} but the data's tokenizer "
                                        f"needs {want}")
-        config = BertConfig(**{**values, **data})
+        try:
+            config = BertConfig(**{**values, **data})
+        except (ValueError, TypeError) as err:  # e.g. a hidden size that the heads do not divide
+            raise ModelConfigError(f"{preset_or_path}: {err}") from None
     else:
         raise ModelConfigError(f"--model {preset_or_path!r}: not a preset ({', '.join(PRESETS)}) "
                                "nor a config.json file")
+    if config.hidden_size % config.num_attention_heads:  # else BertSelfAttention fails, a traceback later
+        raise ModelConfigError(f"{preset_or_path}: hidden_size {config.hidden_size} is not a multiple of "
+                               f"num_attention_heads {config.num_attention_heads}")
     if manifest["max_seq_length"] > config.max_position_embeddings:
         raise ModelConfigError(f"max_seq_length {manifest['max_seq_length']} of the data exceeds the model's "
                                f"max_position_embeddings {config.max_position_embeddings}")

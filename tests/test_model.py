@@ -28,6 +28,14 @@ def test_config_file_that_disagrees_with_the_tokenizer_is_refused(tmp_path):
         model_config(str(path), MANIFEST)
     path.write_text(json.dumps(PRESETS["tiny"]))
     assert model_config(str(path), MANIFEST).vocab_size == 8000
+    # One line naming the file, not a traceback from json or from the model's first attention layer.
+    for text, message in (('{"hidden_size": 64,', r"config\.json: not a readable JSON model config \(Expecting"),
+                          ("[64, 2]", r"config\.json: a model config is a JSON object, not list"),
+                          (json.dumps({**PRESETS["tiny"], "num_attention_heads": 5}),
+                           r"config\.json: hidden_size 64 is not a multiple of num_attention_heads 5")):
+        path.write_text(text)
+        with pytest.raises(ModelConfigError, match=message):
+            model_config(str(path), MANIFEST)
 
 
 def test_unknown_preset_and_too_long_data_are_clear_errors():
