@@ -53,6 +53,7 @@ _FORMATS = (
     (".jsonl.bz2", "jsonl", "bz2"),
     (".jsonl.gz", "jsonl", "gzip"),
     (".jsonl", "jsonl", None),
+    (".json.bz2", "jsonl", "bz2"),
     (".json.gz", "jsonl", "gzip"),
     (".json", "jsonl", None),
     (".parquet", "parquet", None),

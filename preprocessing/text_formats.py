@@ -334,6 +334,10 @@ def read_jsonl(f: BinaryIO, path: str, text_field: str, max_line_bytes: int,
             continue
         if not raw.strip():
             continue
+        if offset == 0 and raw.lstrip().startswith(b"["):  # (iter_lines drops a byte-order mark)
+            # One JSON array (often pretty-printed): every line of it would be a counted parse error.
+            raise InputError(f"{path}: a JSON array, not JSON lines (one object per line); convert it, e.g. "
+                             f"jq -c '.[]' {os.path.basename(path)} > {os.path.splitext(name)[0]}.jsonl")
         text, problem = _decode(raw, place, line_no, offset)
         if problem:
             yield problem

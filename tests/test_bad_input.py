@@ -307,3 +307,21 @@ def test_a_worker_side_user_error_a_runner_typo_and_a_lossy_mode_are_one_line_ea
         assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and " ERROR " not in proc.stderr, proc.stderr[-3000:]
         assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("rows.json", '[\n  {"text": "First row."},\n  {"text": "Second row."}\n]\n'),
+    ("rows.jsonl", '\ufeff[{"text": "One line, one array."}]\n'),
+])
+def test_a_json_array_is_refused_with_the_command_that_converts_it(tmp_path, name, text):
+    """Read as JSON lines, every line of a pretty-printed array was a counted parse error and the
+    run found no text."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: a JSON array, not JSON lines \(one object "
+                                         rf"per line\); convert it, e.g. jq -c '\.\[\]' {name} > rows\.jsonl$"):
+        read_all(str(path))
+    path.write_text('{"text": "[Bracketed] first row."}\n[1, 2]\n', encoding="utf-8")  # an array row later: skipped
+    items = read_all(str(path))
+    assert [t for _, t in documents(items)] == ["[Bracketed] first row."]
+    assert [p.reason for p in problems(items)] == ["jsonl-missing-text-field"]
