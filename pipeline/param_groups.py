@@ -5,6 +5,12 @@ The BERT recipe (Google's ``optimization.py``, NVIDIA's ``run_pretraining.py``, 
 a normalisation's scale towards zero and a bias towards no offset, which regularises nothing
 useful. Layers are told apart by module type, not by name, so a renamed or extra LayerNorm is
 still found; embeddings are matrices and decay, as in all three.
+
+LAMB scales each tensor's update by a trust ratio ||w|| / ||update||, clamped by DeepSpeed's
+FusedLamb to [min_coeff, max_coeff] = [0.01, 10]. NVIDIA's recipe (apex FusedLAMB,
+``use_nvlamb=False``) applies the ratio to the decayed group only: a bias or LayerNorm shift
+starts at zero, so its ratio would start at the floor and its updates at 1% of the learning
+rate. The exempt group's coefficient is therefore pinned to 1.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ def decays(module: torch.nn.Module, name: str) -> bool:
     return not (isinstance(module, torch.nn.LayerNorm) or name == "bias")
 
 
-def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups for ``torch.optim``/DeepSpeed: ``[{decayed, weight_decay}, {the rest, 0.0}]``.
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float, optimizer: str | None = None) -> list[dict]:
+    """Two groups for ``torch.optim``/DeepSpeed: ``[{decayed, weight_decay}, {the rest, 0.0}]``;
+    for ``optimizer`` "lamb" (a DeepSpeed config's optimizer type) the rest without a trust ratio.
 
     Each group carries its own ``weight_decay``, which overrides the optimizer's default, so a
     DeepSpeed config's injected value applies to the first group only. A parameter shared by
@@ -31,5 +38,8 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
                 continue
             seen.add(id(param))
             (decayed if decays(module, name) else exempt).append(param)
-    return [{"params": decayed, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    exempt_group = {"params": exempt, "weight_decay": 0.0}
+    if (optimizer or "").lower() == "lamb":
+        exempt_group.update(max_coeff=1.0, min_coeff=1.0)
+    return [{"params": decayed, "weight_decay": weight_decay}, exempt_group]
 

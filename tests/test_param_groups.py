@@ -55,3 +55,13 @@ def test_the_trainers_engine_decays_only_the_decayed_group(data_dir, tmp_path, o
         expected = before[name] * (1 - lr * wd) if name in decayed else before[name]
         torch.testing.assert_close(param.detach(), expected, rtol=1e-6, atol=1e-7, msg=name)
     trainer.loader.close()
+
+
+def test_lamb_applies_no_trust_ratio_to_the_exempt_group():
+    """NVIDIA's LAMB (apex, use_nvlamb=False) scales only the decayed tensors' updates by
+    ||w|| / ||update||: DeepSpeed's FusedLamb reads each group's clamp, pinned to 1 for the rest."""
+    model = build_model(model_config("tiny", MANIFEST))
+    decayed, exempt = weight_decay_groups(model, 0.01, "Lamb")
+    assert "max_coeff" not in decayed and (exempt["max_coeff"], exempt["min_coeff"]) == (1.0, 1.0)
+    for optimizer in ("AdamW", "Adam", None):
+        assert all("max_coeff" not in g for g in weight_decay_groups(model, 0.01, optimizer))
