@@ -421,6 +421,27 @@ def test_pretrained_encoder_fresh_head_and_optionally_fresh_pooler(pretrained, t
     assert not torch.equal(random["bert.embeddings.word_embeddings.weight"], source["bert.embeddings.word_embeddings.weight"])
 
 
+def test_a_fine_tuned_model_gets_a_new_head_for_the_next_task(pretrained, tmp_path):
+    """MNLI before RTE: 3 labels, then 2 (transformers refused the mismatched head with a traceback),
+    or as many labels as before (the old task's head was kept and mapped onto the new labels)."""
+    from pipeline.finetuning.model import build_classifier
+
+    hf_dir = export.export_checkpoint(pretrained, out_dir=str(tmp_path / "hf"))
+    first = build_classifier(hf_dir, "classification", ["x", "y", "z"], "pretrained")
+    with torch.no_grad():
+        first.classifier.weight.fill_(0.5)
+        first.classifier.bias.fill_(0.5)
+    first.save_pretrained(tmp_path / "fine-tuned")
+    old = first.state_dict()
+    for task, labels in (("classification", ["a", "b"]), ("classification", ["p", "q", "r"]), ("regression", [])):
+        model = build_classifier(str(tmp_path / "fine-tuned"), task, labels, "pretrained")
+        weights = model.state_dict()
+        assert all(torch.equal(weights[k], old[k]) for k in old if k.startswith("bert."))  # the encoder, kept
+        assert weights["classifier.weight"].shape == (len(labels) or 1, model.config.hidden_size)
+        assert not (weights["classifier.weight"] == 0.5).any() and not weights["classifier.bias"].any()
+        assert weights["classifier.weight"].std() < 0.1  # BERT's initialisation, std 0.02
+
+
 def _clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(extra)

@@ -131,10 +131,12 @@ def load_tokenizer(hf_dir: str, tokenizer_dir: str | None, model_config):
 
 def build_classifier(hf_dir: str, task: str, labels: list[str], init: str, reinit_pooler: bool = False):
     """A sequence classifier (or regressor: one output) on the pretrained encoder, or untrained."""
-    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(hf_dir)
+    # A model fine-tuned before (MNLI before RTE) brings its task's head: never the new task's,
+    # whatever the label count, so it is replaced like a pretraining head.
+    from_classifier = any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
     if task == "classification":
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
@@ -154,17 +156,34 @@ def build_classifier(hf_dir: str, task: str, labels: list[str], init: str, reini
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(hf_dir, config=config, attn_implementation="sdpa")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            hf_dir, config=config, attn_implementation="sdpa", ignore_mismatched_sizes=from_classifier)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if from_classifier:  # every layer outside the encoder
+        prefix = model.base_model_prefix
+        _reinitialise([m for name, m in model.named_modules() if name and name.split(".")[0] != prefix],
+                      config.initializer_range)
     pooler = getattr(getattr(model, model.base_model_prefix, None), "pooler", None)
     if reinit_pooler and pooler is not None:
-        # BERT's own initialisation, done by hand: transformers skips modules it loaded from a checkpoint.
-        with torch.no_grad():
-            for module in pooler.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.weight.normal_(0.0, config.initializer_range)
-                    module.bias.zero_()
-    log.info("encoder loaded from %s; %s head initialised for %d output(s)%s", hf_dir, task, config.num_labels,
+        _reinitialise(list(pooler.modules()), config.initializer_range)
+    log.info("encoder loaded from %s; %s head initialised for %d output(s)%s%s", hf_dir, task, config.num_labels,
+             " (the previous task's head replaced)" if from_classifier else "",
              " and the pooler re-initialised" if reinit_pooler and pooler is not None else "")
     return model
+
+
+def _reinitialise(modules, initializer_range: float) -> None:
+    """BERT's own initialisation of the linear and LayerNorm layers among ``modules``, done by hand:
+    transformers' ``_init_weights`` skips tensors it loaded from a checkpoint."""
+    import torch
+
+    with torch.no_grad():
+        for module in modules:
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, initializer_range)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
