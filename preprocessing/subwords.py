@@ -5,7 +5,7 @@ or a published BERT's WordPiece vocabulary given with ``--tokenizer``.
 the serialized model (``spm.model`` bytes, or a Hugging Face ``tokenizer.json``). Each
 worker turns it into an ``Encoder`` once. Both kinds give a data dir whose
 ``tokenizer/`` loads with ``AutoTokenizer.from_pretrained``, and whose manifest records
-the vocabulary size, the special ids and the fingerprint (sha256 of the serialized model)
+the vocabulary size, the special ids and the fingerprint (``TokenizerModel.fingerprint``)
 that training and fine-tuning check.
 
 WordPiece is there to continue pretraining a published BERT (``bert-base-chinese``,
@@ -36,7 +36,18 @@ class TokenizerModel:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+        """sha256 of what decides the ids: the ``spm.model`` bytes, or for WordPiece the
+        tokenizer.json's vocabulary, model settings, normalizer and pre-tokenizer. Not the
+        whole file: saving it through ``BertTokenizerFast`` (a data dir's ``tokenizer/``, an
+        export) rewrites its post-processor, and the same vocabulary got another fingerprint."""
+        if self.kind != WORDPIECE:
+            return hashlib.sha256(self.data).hexdigest()
+        spec = json.loads(self.data)
+        model = dict(spec.get("model") or {})
+        ids = sorted((model.pop("vocab", None) or {}).items(), key=lambda kv: kv[1])
+        identity = {"model": model, "vocab": ids, "normalizer": spec.get("normalizer"),
+                    "pre_tokenizer": spec.get("pre_tokenizer")}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------------------- loading --tokenizer

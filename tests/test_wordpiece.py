@@ -55,6 +55,23 @@ def test_manifest_records_the_given_vocabulary(wordpiece_data, bert_vocab_dir):
     assert manifest["masking"]["word_segmenter"] == "pieces" and manifest["language"] == "en"
 
 
+def test_the_written_tokenizer_and_the_export_keep_the_vocabularys_fingerprint(wordpiece_data, bert_vocab_dir):
+    """A phase 2 or a continued run preprocessed with --tokenizer DATA/tokenizer (or the export's
+    folder) must match the checkpoint's fingerprint: hashing the whole tokenizer.json, rewritten on
+    saving (its post-processor), refused them."""
+    from preprocessing import subwords
+
+    with open(os.path.join(wordpiece_data, "manifest.json")) as f:
+        recorded = json.load(f)["tokenizer"]["fingerprint"]
+    assert subwords.load_given(bert_vocab_dir).fingerprint == recorded
+    written = subwords.load_given(os.path.join(wordpiece_data, "tokenizer"))
+    assert written.fingerprint == recorded and written.data != subwords.load_given(bert_vocab_dir).data
+    other = json.loads(written.data)
+    other["model"]["vocab"]["Emma"], other["model"]["vocab"]["[unused0]"] = (other["model"]["vocab"]["[unused0]"],
+                                                                           other["model"]["vocab"]["Emma"])
+    assert subwords.TokenizerModel(subwords.WORDPIECE, json.dumps(other).encode()).fingerprint != recorded
+
+
 def test_written_tokenizer_gives_the_original_vocabularys_ids(wordpiece_data, bert_vocab_dir):
     from tokenizers import BertWordPieceTokenizer
     from transformers import AutoTokenizer
