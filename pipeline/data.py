@@ -217,7 +217,9 @@ def cache_source(data_dir: str, manifest: dict) -> dict:
     return {"cache_format": CACHE_FORMAT,
             "manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
             "tokenizer_fingerprint": manifest["tokenizer"].get("fingerprint"),
-            "shards": shards, "arrays": list(flat_array_names(manifest))}
+            "shards": shards,
+            # Only with the optional column: a cache of a data dir without it stays current.
+            **({"arrays": list(flat_array_names(manifest))} if carries_word_starts(manifest) else {})}
 
 
 def _cache_is_current(directory: str, source: dict) -> bool:
@@ -227,7 +229,7 @@ def _cache_is_current(directory: str, source: dict) -> bool:
             marker = json.load(f)
         return marker["source"] == source and all(
             _file_size(os.path.join(directory, name + ".npy")) == marker["arrays"][name]["file_bytes"]
-            for name in source["arrays"])
+            for name in source.get("arrays", FLAT_ARRAYS))
     except (OSError, ValueError, KeyError, TypeError):  # no marker, or not one this code wrote
         return False
 
@@ -281,9 +283,11 @@ def _npy_header(dtype: np.dtype, length: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
 
 
-def _check_schema(shard_path: str, schema: pa.Schema, columns: dict) -> None:
+def _check_schema(shard_path: str, schema: pa.Schema, columns: dict, num_rows: int) -> None:
     for name, dtype in columns.items():
         if name not in schema.names:
+            if name == WORD_STARTS and num_rows == 0:
+                continue  # an empty shard written without the optional column holds no row to miss it
             raise DataDirError(f"{shard_path}: column {name!r} is missing")
         kind, want = schema.field(name).type, pa.from_numpy_dtype(dtype)
         if name in LIST_COLUMNS or name == WORD_STARTS:
@@ -374,7 +378,9 @@ def _shard_row_groups(shard_path: str, max_seq_length: int, vocab_size: int, wor
     (preprocessing writes them of 8,192 rows)."""
     parquet = _open_shard(shard_path)
     columns = {**COLUMN_DTYPES, **({WORD_STARTS: np.bool_} if word_starts else {})}
-    _check_schema(shard_path, parquet.schema_arrow, columns)
+    _check_schema(shard_path, parquet.schema_arrow, columns, parquet.metadata.num_rows)
+    if parquet.metadata.num_rows == 0:
+        return
     first_row = 0
     for group in range(parquet.num_row_groups):
         try:
@@ -393,7 +399,7 @@ def _write_flat_arrays(data_dir: str, manifest: dict, out: str, source: dict) ->
               "lengths": _lengths_dtype(max_seq_length), WORD_STARTS: np.bool_}
     with contextlib.ExitStack() as stack:
         files = {name: stack.enter_context(_NpyAppender(os.path.join(out, name + ".npy"), dtypes[name]))
-                 for name in source["arrays"]}
+                 for name in source.get("arrays", FLAT_ARRAYS)}
         base = {"token_offsets": 0, "mask_offsets": 0}  # values written so far: the next offsets' start
         for name in base:
             files[name].append(np.zeros(1, dtype=np.int64))

@@ -171,9 +171,19 @@ def read_part_rows(path: str, start: int, stop: int) -> pa.Table:
 def assemble_shard(layout: ShardLayout, shard: int, seed: int) -> pa.Table:
     """The rows of ``shard``, shuffled by a permutation drawn from (seed, shard)."""
     pieces = [read_part_rows(part.path, lo, hi) for part, lo, hi in layout.slices(shard)]
-    table = pa.concat_tables(pieces) if pieces else SCHEMA.empty_table()
+    table = pa.concat_tables(pieces) if pieces else rows_schema(layout).empty_table()
     order = np.random.default_rng([seed, shard]).permutation(table.num_rows)
     return table.take(pa.array(order)).combine_chunks()
+
+
+def rows_schema(layout: ShardLayout) -> pa.Schema:
+    """The schema the run's rows were written with (``SCHEMA``, or with word_starts): an empty
+    shard (more shards than rows) gets it too, so that every shard of a data dir agrees."""
+    for part in layout.parts:
+        if part.rows:
+            with FileSystems.open(part.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                return pq.ParquetFile(f).schema_arrow
+    return SCHEMA
 
 
 def encode_shard(table: pa.Table) -> bytes:

@@ -103,6 +103,24 @@ def zh_dynamic_data(tmp_path_factory) -> str:
     return out
 
 
+def test_more_shards_than_rows_keep_the_word_starts_column(tmp_path):
+    """An empty shard was written without the column, and the data dir was refused for it."""
+    from pipeline.data import PretrainingDataset
+
+    poems = tmp_path / "three.txt"
+    poems.write_text("春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。\n\n床前明月光，疑是地上霜。举头望明月，低头思故乡。"
+                     "\n\n白日依山尽，黄河入海流。欲穷千里目，更上一层楼。\n", encoding="utf-8")
+    out = tmp_path / "data"
+    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", str(poems),
+                    "--output", str(out), "--language", "zh", "--whole-word-mask", "--masking", "dynamic",
+                    "--vocab-size", "100", "--num-shards", "40", "--no-mlflow"], check=True, capture_output=True)
+    shards = sorted((out / "shards").iterdir())
+    assert len(shards) == 40 and sum(pq.ParquetFile(s).metadata.num_rows == 0 for s in shards) > 30
+    assert all("word_starts" in pq.read_schema(s).names for s in shards)
+    dataset = PretrainingDataset(str(out))
+    assert len(dataset.word_starts) == len(dataset.input_ids) > 0
+
+
 def test_dynamic_masks_group_jieba_words_from_the_stored_word_starts(zh_dynamic_data):
     """The loader masks unmasked rows anew each epoch; jieba's words reach it in the shards'
     word_starts column (it has no text to segment), so its masks group them as static masking does."""

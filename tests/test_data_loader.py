@@ -559,7 +559,13 @@ def test_segment_ids_shorter_than_input_ids_are_refused_naming_shard_and_row(bro
 
 @pytest.mark.parametrize("damage", ["none", "short row", "missing in a shard"])
 def test_the_optional_word_starts_column_is_mapped_and_checked(broken, damage):
+    from pipeline.data import cache_source
+
     manifest = read_manifest(broken)
+    # A data dir without the column keeps the cache description it had before the column existed:
+    # its existing flat cache stays current (a read-only data dir's prebuilt one too).
+    assert set(cache_source(broken, manifest)) == {"cache_format", "manifest_sha256", "tokenizer_fingerprint",
+                                                  "shards"}
     edit_manifest(broken, columns={**manifest["columns"], "word_starts": "list<bool>"})
     for shard in manifest["shards"]:
         path = os.path.join(broken, shard["path"])
