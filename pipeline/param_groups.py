@@ -9,8 +9,9 @@ still found; embeddings are matrices and decay, as in all three.
 LAMB scales each tensor's update by a trust ratio ||w|| / ||update||, clamped by DeepSpeed's
 FusedLamb to [min_coeff, max_coeff] = [0.01, 10]. NVIDIA's recipe (apex FusedLAMB,
 ``use_nvlamb=False``) applies the ratio to the decayed group only: a bias or LayerNorm shift
-starts at zero, so its ratio would start at the floor and its updates at 1% of the learning
-rate. The exempt group's coefficient is therefore pinned to 1.
+starts at zero, so after its first update (ratio 1: DeepSpeed's kernel skips a zero norm) its
+ratio is about the learning rate, below the 0.01 floor, and it barely moves again. The exempt
+group's coefficient is therefore pinned to 1.
 """
 
 from __future__ import annotations
@@ -38,8 +39,15 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float, optimizer: 
                 continue
             seen.add(id(param))
             (decayed if decays(module, name) else exempt).append(param)
-    exempt_group = {"params": exempt, "weight_decay": 0.0}
+    return [{"params": params, **settings}
+            for params, settings in zip((decayed, exempt), group_settings(weight_decay, optimizer))]
+
+
+def group_settings(weight_decay: float, optimizer: str | None = None) -> list[dict]:
+    """The two groups' settings, without their parameters: also what a resume puts back over
+    the ones its checkpoint restored."""
+    exempt = {"weight_decay": 0.0}
     if (optimizer or "").lower() == "lamb":
-        exempt_group.update(max_coeff=1.0, min_coeff=1.0)
-    return [{"params": decayed, "weight_decay": weight_decay}, exempt_group]
+        exempt.update(max_coeff=1.0, min_coeff=1.0)
+    return [{"weight_decay": weight_decay}, exempt]
 

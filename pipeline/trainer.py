@@ -25,6 +25,7 @@ from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_e
                              gradient_norm, keeps_no_grad_norm, loss_scale, unscaled_grad_norm)
 from pipeline.metrics import json_line
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
+from pipeline.param_groups import group_settings
 from pipeline.train_config import TrainConfig
 from preprocessing.examples import OBJECTIVES
 
@@ -242,9 +243,12 @@ class Trainer:
         scheduler.base_lrs = [settings.learning_rate] * len(scheduler.base_lrs)
         scheduler._last_lr = [settings.learning_rate * factor] * len(scheduler.base_lrs)
         saved_decay = self.optimizer.param_groups[0].get("weight_decay")
-        for group, decay in zip(self.optimizer.param_groups, (settings.weight_decay, 0.0)):  # weight_decay_groups
+        optimizer_type = (self.ds_config.get("optimizer") or {}).get("type")
+        # A checkpoint's groups carry their run's settings: a LAMB one saved before the exempt group's
+        # trust ratio was pinned would bring back the 0.01-10 clamp.
+        for group, values in zip(self.optimizer.param_groups, group_settings(settings.weight_decay, optimizer_type)):
             group["lr"] = settings.learning_rate * factor  # the next update's, before the scheduler steps
-            group["weight_decay"] = decay
+            group.update(values)
         if self.is_rank0 and (saved_lr != settings.learning_rate or saved_decay != settings.weight_decay):
             log.info("resumed with --learning-rate %g and --weight-decay %g (the checkpoint's run had %g and %g)",
                      settings.learning_rate, settings.weight_decay, saved_lr, saved_decay)

@@ -66,6 +66,9 @@ def test_each_shipped_gpu_config_learns_on_the_gpu(data_dir, tmp_path, ds_config
     optimizer = type(trainer.engine.optimizer.optimizer
                      if hasattr(trainer.engine.optimizer, "optimizer") else trainer.engine.optimizer).__name__
     assert optimizer == ("FusedLamb" if ds_config == FP16_LAMB else "FusedAdam")
+    if ds_config == FP16_LAMB:  # the trust ratio on the weight matrices only (pipeline/param_groups.py)
+        groups = trainer.optimizer.param_groups
+        assert (groups[0]["max_coeff"], groups[1]["max_coeff"], groups[1]["min_coeff"]) == (10.0, 1.0, 1.0)
     metrics, code = run(trainer)
     assert code == 0 and len(metrics) == 40
     # fp16 starts at scale 2^16 and may skip a few steps while the scaler finds its level: no more

@@ -65,3 +65,26 @@ def test_lamb_applies_no_trust_ratio_to_the_exempt_group():
     assert "max_coeff" not in decayed and (exempt["max_coeff"], exempt["min_coeff"]) == (1.0, 1.0)
     for optimizer in ("AdamW", "Adam", None):
         assert all("max_coeff" not in g for g in weight_decay_groups(model, 0.01, optimizer))
+
+
+def test_a_resume_puts_this_runs_group_settings_over_the_checkpoints():
+    """A LAMB checkpoint saved before the exempt group's clamp was pinned restores 0.01-10 into its
+    groups (DeepSpeed loads them as saved): the resume puts 1 back, with this run's rate and decay."""
+    from types import SimpleNamespace
+
+    from pipeline.engine import linear_warmup_decay
+    from pipeline.trainer import Trainer
+
+    weights, biases = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([{"params": [weights], "weight_decay": 0.5, "max_coeff": 10.0, "min_coeff": 0.01},
+                                 {"params": [biases], "weight_decay": 0.0, "max_coeff": 10.0, "min_coeff": 0.01}],
+                                lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(100, 10))
+    fake = SimpleNamespace(config=SimpleNamespace(engine=SimpleNamespace(learning_rate=0.01, weight_decay=0.02)),
+                           scheduler=scheduler, optimizer=optimizer, is_rank0=False,
+                           ds_config={"optimizer": {"type": "Lamb"}})
+    Trainer._apply_schedule_flags(fake)
+    decayed, exempt = optimizer.param_groups
+    assert (decayed["weight_decay"], decayed["max_coeff"], decayed["min_coeff"]) == (0.02, 10.0, 0.01)
+    assert (exempt["weight_decay"], exempt["max_coeff"], exempt["min_coeff"]) == (0.0, 1.0, 1.0)
+    assert decayed["lr"] == exempt["lr"] == pytest.approx(0.01 * 1 / 10)  # step 0 of a 10-step warmup
