@@ -51,11 +51,16 @@ def model_config(preset_or_path: str, manifest: dict, max_position_embeddings: i
                                        f"needs {want}")
         try:
             config = BertConfig(**{**values, **data})
-        except (ValueError, TypeError) as err:  # e.g. a hidden size that the heads do not divide
-            raise ModelConfigError(f"{preset_or_path}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - transformers 5 validates fields with its own error types
+            raise ModelConfigError(f"{preset_or_path}: not a valid BERT config ({type(err).__name__}: "
+                                   f"{err})") from None
     else:
         raise ModelConfigError(f"--model {preset_or_path!r}: not a preset ({', '.join(PRESETS)}) "
                                "nor a config.json file")
+    if not (isinstance(config.num_attention_heads, int) and config.num_attention_heads > 0
+            and isinstance(config.hidden_size, int) and config.hidden_size > 0):
+        raise ModelConfigError(f"{preset_or_path}: hidden_size {config.hidden_size!r} and num_attention_heads "
+                               f"{config.num_attention_heads!r} must be positive whole numbers")
     if config.hidden_size % config.num_attention_heads:  # else BertSelfAttention fails, a traceback later
         raise ModelConfigError(f"{preset_or_path}: hidden_size {config.hidden_size} is not a multiple of "
                                f"num_attention_heads {config.num_attention_heads}")

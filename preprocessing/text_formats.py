@@ -337,7 +337,7 @@ def read_jsonl(f: BinaryIO, path: str, text_field: str, max_line_bytes: int,
         if offset == 0 and raw.lstrip().startswith(b"["):  # (iter_lines drops a byte-order mark)
             # One JSON array (often pretty-printed): every line of it would be a counted parse error.
             raise InputError(f"{path}: a JSON array, not JSON lines (one object per line); convert it, e.g. "
-                             f"jq -c '.[]' {os.path.basename(path)} > {os.path.splitext(name)[0]}.jsonl")
+                             f"{_jq_command(os.path.basename(path))}")
         text, problem = _decode(raw, place, line_no, offset)
         if problem:
             yield problem
@@ -353,6 +353,18 @@ def read_jsonl(f: BinaryIO, path: str, text_field: str, max_line_bytes: int,
                                                       f"{text_field!r} field (see --text-field); skipped")
             continue
         yield RawDocument(f"{name}@{offset}", value)
+
+
+def _jq_command(file: str) -> str:
+    """The jq command that writes a JSON array's elements as JSON lines (jq reads no .gz or .bz2)."""
+    stem, reader = file, None
+    for ext, tool in ((".gz", "zcat"), (".bz2", "bzcat")):
+        if stem.endswith(ext):
+            stem, reader = stem[:-len(ext)], tool
+    stem = stem.removesuffix(".jsonl").removesuffix(".json")
+    if reader:
+        return f"{reader} {file} | jq -c '.[]' > {stem}.jsonl"
+    return f"jq -c '.[]' {file} > {stem}.jsonl"
 
 
 def _check_column(parquet: pq.ParquetFile, path: str, text_field: str) -> None:

@@ -2,6 +2,7 @@
 blank lines, and inputs of the same name in different folders."""
 
 import bz2
+import gzip
 import hashlib
 import json
 import os
@@ -309,18 +310,24 @@ def test_a_worker_side_user_error_a_runner_typo_and_a_lossy_mode_are_one_line_ea
         assert not os.path.exists(tmp_path / "out" / "manifest.json")
 
 
-@pytest.mark.parametrize("name, text", [
-    ("rows.json", '[\n  {"text": "First row."},\n  {"text": "Second row."}\n]\n'),
-    ("rows.jsonl", '\ufeff[{"text": "One line, one array."}]\n'),
+@pytest.mark.parametrize("name, text, command", [
+    ("rows.json", '[\n  {"text": "First row."},\n  {"text": "Second row."}\n]\n', "jq -c '.[]' rows.json > rows.jsonl"),
+    ("rows.jsonl", '\ufeff[{"text": "One line, one array."}]\n', "jq -c '.[]' rows.jsonl > rows.jsonl"),
+    ("rows.json.gz", '[{"text": "Compressed."}]', "zcat rows.json.gz | jq -c '.[]' > rows.jsonl"),
 ])
-def test_a_json_array_is_refused_with_the_command_that_converts_it(tmp_path, name, text):
+def test_a_json_array_is_refused_with_the_command_that_converts_it(tmp_path, name, text, command):
     """Read as JSON lines, every line of a pretty-printed array was a counted parse error and the
     run found no text."""
     path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
+    if name.endswith(".gz"):
+        path.write_bytes(gzip.compress(text.encode("utf-8")))
+    else:
+        path.write_text(text, encoding="utf-8")
     with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: a JSON array, not JSON lines \(one object "
-                                         rf"per line\); convert it, e.g. jq -c '\.\[\]' {name} > rows\.jsonl$"):
+                                         rf"per line\); convert it, e.g. {re.escape(command)}$"):
         read_all(str(path))
+    if name.endswith(".gz"):
+        return
     path.write_text('{"text": "[Bracketed] first row."}\n[1, 2]\n', encoding="utf-8")  # an array row later: skipped
     items = read_all(str(path))
     assert [t for _, t in documents(items)] == ["[Bracketed] first row."]

@@ -32,7 +32,11 @@ def test_config_file_that_disagrees_with_the_tokenizer_is_refused(tmp_path):
     for text, message in (('{"hidden_size": 64,', r"config\.json: not a readable JSON model config \(Expecting"),
                           ("[64, 2]", r"config\.json: a model config is a JSON object, not list"),
                           (json.dumps({**PRESETS["tiny"], "num_attention_heads": 5}),
-                           r"config\.json: hidden_size 64 is not a multiple of num_attention_heads 5")):
+                           r"config\.json: hidden_size 64 is not a multiple of num_attention_heads 5"),
+                          (json.dumps({**PRESETS["tiny"], "num_attention_heads": 0}),
+                           r"config\.json: hidden_size 64 and num_attention_heads 0 must be positive"),
+                          (json.dumps({**PRESETS["tiny"], "hidden_size": "64"}),
+                           r"config\.json: (not a valid BERT config|hidden_size '64' and)")):
         path.write_text(text)
         with pytest.raises(ModelConfigError, match=message):
             model_config(str(path), MANIFEST)
