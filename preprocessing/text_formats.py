@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -352,7 +353,17 @@ def read_jsonl(f: BinaryIO, path: str, text_field: str, max_line_bytes: int,
             yield Problem("jsonl-missing-text-field", f"{place(line_no, offset)}: row {what} "
                                                       f"{text_field!r} field (see --text-field); skipped")
             continue
+        if _SURROGATE_ESCAPE.search(text):  # json.loads takes "\\ud800" alone, which no UTF-8 can hold
+            fixed = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            if fixed != value:
+                yield Problem("invalid-unicode-escapes", f"{place(line_no, offset)}: an unpaired surrogate escape "
+                                                         f"in {text_field!r}; replaced with U+FFFD")
+                value = fixed
         yield RawDocument(f"{name}@{offset}", value)
+
+
+# A JSON escape of a UTF-16 surrogate: paired ones make one character, a lone one is not text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _jq_command(file: str) -> str:

@@ -332,3 +332,16 @@ def test_a_json_array_is_refused_with_the_command_that_converts_it(tmp_path, nam
     items = read_all(str(path))
     assert [t for _, t in documents(items)] == ["[Bracketed] first row."]
     assert [p.reason for p in problems(items)] == ["jsonl-missing-text-field"]
+
+
+def test_a_lone_surrogate_escape_in_jsonl_is_replaced_and_counted(tmp_path):
+    """json.loads accepts "\\ud800" alone; such a string cannot be written as UTF-8, and the run
+    ended in a Beam traceback (UnicodeEncodeError) at the first step that encoded it."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "Lone \\ud800 high."}\n{"text": "Paired \\ud83d\\ude00 emoji."}\n'
+                    '{"text": "Lone \\uDC00 low."}\n', encoding="ascii")
+    items = read_all(str(path))
+    assert [t for _, t in documents(items)] == ["Lone \ufffd high.", "Paired \U0001F600 emoji.", "Lone \ufffd low."]
+    assert problem_places(items) == [("invalid-unicode-escapes", 0), ("invalid-unicode-escapes", 69)]
+    for _, text in documents(items):
+        text.encode("utf-8")
