@@ -26,7 +26,7 @@ import shutil
 
 import numpy as np
 
-from pipeline.finetuning.data import _NO_KEY, FinetuneDataError, read_table
+from pipeline.finetuning.data import _NO_KEY, FinetuneDataError, as_text, read_table
 
 POOLINGS = ("cls", "mean")
 # embed.py's flag defaults.
@@ -77,13 +77,14 @@ def read_inputs(path: str, text_column: str = TEXT_COLUMN, id_column: str | None
         count = f"{len(blank)} row{'s' if len(blank) > 1 else ''} in {table.source}"
         raise FinetuneDataError(f"{blank[0]}: column {text_column!r} is blank ({count}); every row needs a text "
                                 "(remove such rows first: an embedding per input row is the output's contract)")
+    texts = [as_text(value, where, text_column) for value, where in zip(texts, table.where)]
     if id_column is None:
-        return Inputs(table.source, ROW_COLUMN, list(range(len(table))), [str(t) for t in texts], table.where)
+        return Inputs(table.source, ROW_COLUMN, list(range(len(table))), texts, table.where)
     ids = table.columns[id_column]
     for value, where in zip(ids, table.where):
         if value is None or value is _NO_KEY or (isinstance(value, str) and not value.strip()):
             raise FinetuneDataError(f"{where}: column {id_column!r} (the id) is blank")
-    return Inputs(table.source, id_column, ids, [str(t) for t in texts], table.where)
+    return Inputs(table.source, id_column, ids, texts, table.where)
 
 
 # ---------------------------------------------------------------------------- the model

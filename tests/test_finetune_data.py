@@ -366,3 +366,53 @@ def test_class_label_names_are_the_labels_and_an_unlabelled_test_split_is_made_f
     datasets.DatasetDict({"train": scores, "test": unscored}).save_to_disk(str(tmp_path / "stsb"))
     data = load_task_data(data=str(tmp_path / "stsb"), seed=1)
     assert data.task == "regression" and "seeded split" in data.split_from["test"] and len(data.splits["test"]) == 4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"c\.csv:4: column 'text' is empty \(2 rows in .*c\.csv\); every row needs a text"),
+    ("   ", r"c\.csv:4: column 'text' is empty \(2 rows in"),
+])
+def test_a_blank_text_is_refused_naming_the_row(tmp_path, text, message):
+    """An empty cell trained as "[CLS] [SEP]" with its row's label (a null in jsonl was refused)."""
+    rows = [{"text": f"review {i}", "label": "pos" if i % 2 else "neg"} for i in range(20)]
+    rows[2]["text"] = rows[7]["text"] = text
+    with pytest.raises(FinetuneDataError, match=message):
+        load_task_data(data=write(tmp_path / "c.csv", rows))
+    rows[2]["text"] = rows[7]["text"] = "fine"
+    pair = [{**r, "other": "" if i == 5 else "b"} for i, r in enumerate(rows)]
+    with pytest.raises(FinetuneDataError, match=r"p\.csv:7: column 'other' is empty \(1 row in"):
+        load_task_data(data=write(tmp_path / "p.csv", pair), text_pair_column="other")
+
+
+def test_a_lone_surrogate_escape_is_refused_by_fine_tuning_and_embedding(tmp_path):
+    """json.loads accepts "\\ud800" alone; the tokenizer then failed with a TypeError traceback."""
+    from pipeline.embedding import read_inputs
+
+    lines = [json.dumps({"text": f"review {i}", "label": "pos" if i % 2 else "neg"}) for i in range(20)]
+    lines[3] = '{"text": "bad \\ud800 text", "label": "pos"}'
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="ascii")
+    message = r"s\.jsonl:4: column 'text' holds an unpaired surrogate escape \(\\ud800\), which is not text"
+    with pytest.raises(FinetuneDataError, match=message):
+        load_task_data(data=str(path))
+    with pytest.raises(FinetuneDataError, match=message):
+        read_inputs(str(path))
+
+
+def test_a_nan_in_a_column_of_numbers_and_an_absent_drop_label_are_refused(tmp_path):
+    """A "nan" score made the column 8 classes, one of them "nan", without a word; a --drop-label typo
+    ("Neutral" for "neutral") dropped nothing and said nothing."""
+    rows = [{"text": f"review {i}", "score": str(i % 7 * 0.5)} for i in range(30)]
+    rows[4]["score"] = "nan"
+    path = write(tmp_path / "s.csv", rows)
+    with pytest.raises(FinetuneDataError, match=r"s\.csv:6: label 'nan' in column 'score', a column of numbers "
+                                                r"\(1 such row\): fix or drop those rows, or pass --task classification"):
+        load_task_data(data=path, label_column="score")
+    assert "nan" in load_task_data(data=path, label_column="score", task="classification").labels
+    assert load_task_data(data=path, label_column="score", drop_labels=["nan"]).task == "regression"
+    labelled = write(tmp_path / "l.csv", [{"text": f"t {i}", "label": ("neutral", "pos", "neg")[i % 3]}
+                                          for i in range(30)])
+    with pytest.raises(FinetuneDataError, match=r"--drop-label 'Neutral': no row has that label in column 'label' "
+                                                r"\(labels: 'neg', 'neutral', 'pos'\)"):
+        load_task_data(data=labelled, drop_labels=["Neutral"])
+    assert load_task_data(data=labelled, drop_labels=["neutral"]).labels == ["neg", "pos"]

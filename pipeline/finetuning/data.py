@@ -331,6 +331,28 @@ def _is_number(value) -> bool:
         return False
 
 
+def _check_no_stray_non_finite(table: Table, column: str) -> None:
+    """A column of numbers but for "nan" or "inf" read as classes (one of them "nan"): a regression
+    target with a hole in it, refused naming the row, unless --task says what the column is."""
+    values = table.columns[column]
+    finite = [_is_number(v) for v in values]
+    if all(finite) or not any(finite):
+        return
+    odd = [i for i, ok in enumerate(finite) if not ok]
+    if all(_parses_as_float(values[i]) for i in odd):
+        raise FinetuneDataError(f"{table.where[odd[0]]}: label {values[odd[0]]!r} in column {column!r}, a column "
+                                f"of numbers ({len(odd)} such row{'s' if len(odd) > 1 else ''}): fix or drop those "
+                                "rows, or pass --task classification to make each value a class")
+
+
+def _parses_as_float(value) -> bool:
+    try:
+        float(value)
+        return not isinstance(value, bool)
+    except (TypeError, ValueError):
+        return False
+
+
 def infer_task(values: Sequence) -> str:
     """Regression when every label is a number and some are not whole; classification otherwise."""
     if values and all(_is_number(v) for v in values):
@@ -346,12 +368,32 @@ def _sort_labels(keys) -> list[str]:
     return sorted(keys)
 
 
+def as_text(value, where: str, column: str) -> str:
+    """``value`` as a string; one holding a lone surrogate (JSON's "\\ud800", which json.loads
+    accepts) is refused naming the row: tokenizers fail on it with a TypeError."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise FinetuneDataError(f"{where}: column {column!r} holds an unpaired surrogate escape "
+                                f"(\\u{ord(text[err.start]):04x}), which is not text") from None
+    return text
+
+
 def _texts(table: Table, column: str) -> list[str]:
-    out = []
+    """The column's texts; a row without one (null, NaN, empty or spaces) is refused, naming it: an
+    empty text trained as "[CLS] [SEP]" with whatever label the row had."""
+    out, blank = [], []
     for value, where in zip(table.columns[column], table.where):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            raise FinetuneDataError(f"{where}: column {column!r} is empty")
-        out.append(str(value))
+        if value is None or value is _NO_KEY or (isinstance(value, float) and math.isnan(value)) or (
+                isinstance(value, str) and not value.strip()):
+            blank.append(where)
+            continue
+        out.append(as_text(value, where, column))
+    if blank:
+        rows = f"{len(blank)} row{'s' if len(blank) > 1 else ''} in {table.source}"
+        raise FinetuneDataError(f"{blank[0]}: column {column!r} is empty ({rows}); every row needs a text "
+                                "(remove such rows first)")
     return out
 
 
@@ -421,6 +463,7 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
     needed = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
     dropped = {}
     drop = {_label_key(v) for v in drop_labels}
+    present = {_label_key(v) for t in tables.values() if label_column in t.columns for v in t.columns[label_column]}
     for name, table in list(tables.items()):
         _check_table(table, needed)
         values = table.columns[label_column]
@@ -440,8 +483,15 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
             raise FinetuneDataError(f"{table.source}: no rows left after --drop-label "
                                     f"{', '.join(map(repr, sorted(drop)))}")
         _check_no_blank_labels(table, label_column)
+    if drop - present:  # a typo ("Neutral" for "neutral") dropped nothing and said nothing
+        shown = sorted(present)
+        raise FinetuneDataError(f"--drop-label {', '.join(map(repr, sorted(drop - present)))}: no row has that "
+                                f"label in column {label_column!r} (labels: {', '.join(map(repr, shown[:20]))}"
+                                f"{', …' if len(shown) > 20 else ''})")
 
-    task = task or infer_task(tables["train"].columns[label_column])
+    if task is None:
+        task = infer_task(tables["train"].columns[label_column])
+        _check_no_stray_non_finite(tables["train"], label_column)
     labels: list[str] = []
     if task == "classification":
         labels = (tables["train"].class_names.get(label_column)
