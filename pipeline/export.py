@@ -236,7 +236,7 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
 
     An existing ``out_dir`` is replaced only if it is empty or an earlier export (``check_out_dir``),
     or with ``overwrite``."""
-    from pipeline.data import read_manifest
+    from pipeline.data import DataDirError, read_manifest
     from pipeline.model import build_model, model_config
     from pipeline.train_config import TrainConfig
 
@@ -247,8 +247,16 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
     # and the model is the trainer's default preset; a wrong guess fails on the shapes.
     has_config = os.path.isfile(os.path.join(run_dir, TRAIN_CONFIG))
     train_config = read_train_config(run_dir) if has_config or data_dir is None else {}
+    given = data_dir is not None
     data_dir = data_dir or train_config["data"]
-    manifest = read_manifest(data_dir)
+    try:
+        manifest = read_manifest(data_dir)
+    except DataDirError as err:
+        if given:
+            raise ExportError(str(err)) from None
+        raise ExportError(f"{err} (the data dir {run_dir}/{TRAIN_CONFIG} names); if it moved, export with "
+                          f"python pipeline/export.py {run_dir} --data NEW_PATH, and pass the export as --model"
+                          ) from None
     # The export ships the data dir's tokenizer with the checkpoint's weights: they must be a pair
     # (a data dir preprocessed again, even with the same vocabulary size, has other ids).
     trained_with = checkpoint.read_meta(checkpoints, tag).get("tokenizer_fingerprint")

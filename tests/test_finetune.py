@@ -421,6 +421,23 @@ def test_pretrained_encoder_fresh_head_and_optionally_fresh_pooler(pretrained, t
     assert not torch.equal(random["bert.embeddings.word_embeddings.weight"], source["bert.embeddings.word_embeddings.weight"])
 
 
+def test_a_run_dir_whose_data_dir_moved_is_one_line_naming_the_fix(pretrained, tmp_path):
+    """The export needs the data dir's tokenizer: a moved one was a DataDirError traceback."""
+    import shutil
+
+    from pipeline.finetuning.model import ModelSourceError, resolve_model_dir
+
+    moved = tmp_path / "run"
+    shutil.copytree(pretrained, moved, ignore=shutil.ignore_patterns("hf"))
+    config = json.loads((moved / "train_config.json").read_text())
+    config["data"] = str(tmp_path / "gone")
+    (moved / "train_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelSourceError, match=rf"--model {re.escape(str(moved))}: data dir .*gone does not exist "
+                                               rf".*if it moved, export with python pipeline/export.py "
+                                               rf"{re.escape(str(moved))} --data NEW_PATH, and pass the export"):
+        resolve_model_dir(str(moved), str(tmp_path / "out"), True, lambda: None)
+
+
 def test_a_fine_tuned_model_gets_a_new_head_for_the_next_task(pretrained, tmp_path):
     """MNLI before RTE: 3 labels, then 2 (transformers refused the mismatched head with a traceback),
     or as many labels as before (the old task's head was kept and mapped onto the new labels)."""
