@@ -87,6 +87,29 @@ def on_device(batch: dict[str, torch.Tensor], device, model_type: str) -> dict[s
     return moved
 
 
+def clear_previous_outputs(output_dir: str) -> list[str]:
+    """Removes what a previous run left in ``output_dir`` (its report, confusion matrix and model):
+    beside this run's metrics.jsonl they made a killed run look complete, and a regression run
+    kept a classification run's confusion matrix. Returns the names removed."""
+    import shutil
+
+    from pipeline.finetuning.report import CONFUSION_PNG, REPORT
+
+    removed = []
+    for name in (REPORT, CONFUSION_PNG, "model"):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.warning("--output-dir %s held a previous run's %s: removed", output_dir, ", ".join(removed))
+    return removed
+
+
 @dataclasses.dataclass
 class EpochResult:
     epoch: int
@@ -333,6 +356,7 @@ class Finetuner:
         stale = 0
         if self.is_rank0:  # this run's epochs only, not a previous run's in the same OUTPUT_DIR
             open(os.path.join(self.config.output_dir, "metrics.jsonl"), "w").close()
+            clear_previous_outputs(self.config.output_dir)
         try:
             for epoch in range(1, self.config.epochs + 1):
                 loss, seconds, sequences = self.train_epoch(epoch, progress)
