@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
 from preprocessing import text_formats, wiki_dump
@@ -109,12 +109,14 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
     format allows, in a stable order: by path, then by position in the file."""
     files: dict[str, int] = {}
     # A local folder named without its trailing slash is matched as a file of unknown format;
-    # with the slash, Beam lists its files.
+    # with the slash, Beam lists its files (one level: a local folder is walked here instead).
     patterns = [p.rstrip("/") + "/" if "://" not in p and os.path.isdir(p) else p for p in patterns]
     for pattern, result in zip(patterns, FileSystems.match(list(patterns))):  # Beam makes "dir/" "dir/*"
-        if not result.metadata_list:
-            raise InputError(f"--input {result.pattern!r}: no file matches")
         listed = sorted(result.metadata_list, key=lambda m: m.path)
+        if "://" not in pattern and pattern.endswith("/"):
+            listed = _walk(pattern)  # its subfolders too: a corpus is often split into folders
+        if not listed:
+            raise InputError(f"--input {result.pattern!r}: no file matches")
         if pattern.endswith("/"):
             # A folder: the corpus files in it. Its README, licence or .DS_Store is no input, but is
             # said (a file named by its path or a glob of unknown format stays an error).
@@ -129,15 +131,33 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
                                  f"extensions: {', '.join(SUPPORTED_EXTENSIONS)}")
         for meta in listed:
             files.setdefault(meta.path, meta.size_in_bytes)
+    empty = [path for path, size in files.items() if size == 0]
+    if empty and len(empty) == len(files):
+        raise InputError(f"{empty[0]}: the file is empty" + (f" (and the {len(empty) - 1} other input files)"
+                                                              if len(empty) > 1 else ""))
+    if empty:  # one failed download among many files need not stop the run, but is said
+        log.warning("%d empty input file(s) skipped: %s", len(empty),
+                    ", ".join(empty[:10]) + (" …" if len(empty) > 10 else ""))
+        files = {path: size for path, size in files.items() if size}
     names = document_names(list(files))
     tasks: list[ReadTask] = []
     for path, size in files.items():
         fmt, compression = detect_format(path)
-        if size == 0:
-            raise InputError(f"{path}: the file is empty")
         tasks.extend(dataclasses.replace(task, name=names[path])
                      for task in _file_tasks(path, fmt, compression, size, split_bytes))
     return tasks
+
+
+def _walk(folder: str) -> list[FileMetadata]:
+    """Every file under a local folder, subfolders included, but hidden ones (.git, .DS_Store)."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            if not name.startswith(".") and os.path.isfile(path):
+                found.append(FileMetadata(path, os.path.getsize(path)))
+    return sorted(found, key=lambda m: m.path)
 
 
 def document_names(paths: Sequence[str]) -> dict[str, str]:

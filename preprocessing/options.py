@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io = p.add_argument_group("input and output")
     io.add_argument("--input", nargs="+", default=list(d.inputs), metavar="PATH",
-                    help="files, folders or globs, local or any Beam filesystem (gs://, s3://); a folder's "
-                         "files of no input format (README, LICENSE) are skipped with a warning. Format by "
+                    help="files, folders (a local one with its subfolders) or globs, local or any Beam "
+                         "filesystem (gs://, s3://); a folder's files of no input format (README, LICENSE) "
+                         "and empty files are skipped with a warning. Format by "
                          "extension: .xml/.xml.bz2 MediaWiki dumps (multistream files are split "
                          "across workers), .txt[.gz|.bz2] (documents separated by blank lines), "
                          ".jsonl[.gz|.bz2] (see --text-field), .parquet. Default: the bundled "

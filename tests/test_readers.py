@@ -436,3 +436,23 @@ def test_lines_of_chinese_and_japanese_are_joined_without_a_space(tmp_path):
     (tmp_path / "zh.txt").write_text("他说今天的天气非常\n好。\nThe end\nof it.\n東京は\n大きい。\n\nnext\n")
     [(_, first), (_, second)] = documents(read_all(str(tmp_path / "zh.txt")))
     assert first == "他说今天的天气非常好。 The end of it. 東京は大きい。" and second == "next"
+
+
+def test_a_folder_input_reads_its_subfolders_and_skips_empty_files_with_a_warning(tmp_path, caplog):
+    """A corpus split into subfolders: their files were left out without a word, and
+    one empty file (a failed download) among them stopped the whole run."""
+    (tmp_path / "inner" / "deep").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "a.txt").write_text("Top level.\n")
+    (tmp_path / "inner" / "b.jsonl").write_text('{"text": "One level down."}\n')
+    (tmp_path / "inner" / "deep" / "c.txt").write_text("Two levels down.\n")
+    (tmp_path / "inner" / "empty.txt").write_text("")
+    (tmp_path / ".git" / "HEAD.txt").write_text("ref: refs/heads/main\n")  # hidden folders are no corpus
+    with caplog.at_level("WARNING", logger="preprocessing.inputs"):
+        tasks = inputs.plan_read_tasks([str(tmp_path)], 1 << 20)
+    assert [t.name for t in tasks] == ["a.txt", "inner/b.jsonl", "inner/deep/c.txt"]
+    assert f"1 empty input file(s) skipped: {tmp_path / 'inner' / 'empty.txt'}" in caplog.text
+    texts = [text for task in tasks for _, text in documents(inputs.read_task(task, "text", 1 << 20))]
+    assert texts == ["Top level.", "One level down.", "Two levels down."]
+    with pytest.raises(InputError, match=r"empty\.txt: the file is empty$"):
+        inputs.plan_read_tasks([str(tmp_path / "inner" / "empty.txt")], 1 << 20)
