@@ -167,6 +167,21 @@ def truncation_warning(counters: dict[str, int], max_seq_length: int) -> str | N
             "--max-seq-length")
 
 
+# A UTF-8 corpus has few invalid lines (none in the bundled samples); many mean another encoding.
+MANY_INVALID_UTF8 = 0.05
+
+
+def encoding_warning(counters: dict[str, int]) -> str | None:
+    """A hint when many lines were not UTF-8: a whole corpus in Latin-1 ran with every accented
+    letter turned into U+FFFD and said nothing beyond the count."""
+    bad = counters.get("invalid-utf8-lines", 0)
+    if bad < 10 or bad <= MANY_INVALID_UTF8 * counters.get("documents-read", 0):
+        return None
+    return (f"warning: {bad:,} lines were not UTF-8 (their bad bytes became U+FFFD) in "
+            f"{counters.get('documents-read', 0):,} documents: is the input in another encoding (Latin-1, "
+            "Windows-1252, GB18030)? Convert it first, e.g. iconv -f latin1 -t utf-8 IN > OUT")
+
+
 def format_summary(summary: Summary) -> str:
     c = summary.counters
     m = summary.manifest
@@ -188,7 +203,8 @@ def format_summary(summary: Summary) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {v:>,}" if isinstance(v, int) else f"  {k:<{width}}  {v:>}" for k, v in rows]
-    for warning in (random_next_warning(c, m["max_seq_length"]), truncation_warning(c, m["max_seq_length"])):
+    for warning in (encoding_warning(c), random_next_warning(c, m["max_seq_length"]),
+                    truncation_warning(c, m["max_seq_length"])):
         if warning:
             lines.append(warning)
     lines.append(f"\nWrote {m['num_examples']:,} examples to {summary.output}")

@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "Wikipedia sample and Jane Austen's novels")
     io.add_argument("--output", default=d.output, metavar="DIR",
                     help="output directory (local or gs://...); an existing manifest there is "
-                         "removed first, so a failed run never looks complete")
+                         "removed when the pipeline starts (after the flags and inputs are checked: a "
+                         "run refused before leaves the previous output whole), so a failed run never "
+                         "looks complete")
     io.add_argument("--language", metavar="CODE",
                     help="the corpus's language (ISO code: en, de, zh, zh-hans, ...): it selects the "
                          "sentence rules (CJK full stops, German abbreviations and ordinals), the "

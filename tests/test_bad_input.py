@@ -345,3 +345,24 @@ def test_a_lone_surrogate_escape_in_jsonl_is_replaced_and_counted(tmp_path):
     assert problem_places(items) == [("invalid-unicode-escapes", 0), ("invalid-unicode-escapes", 69)]
     for _, text in documents(items):
         text.encode("utf-8")
+
+
+def test_a_corpus_in_another_encoding_gets_a_warning_naming_the_fix(tmp_path):
+    """Latin-1 German: every line with an umlaut had its letters turned into U+FFFD, and the run said
+    nothing beyond a count in the summary's table."""
+    import collections
+
+    from preprocessing.driver import encoding_warning
+
+    german = "\n\n".join(f"Die Größe des {i}. Gebäudes überraschte die Bürger von Köln." for i in range(40))
+    path = tmp_path / "de.txt"
+    path.write_bytes(german.encode("latin-1"))
+    items = read_all(str(path))
+    counters = collections.Counter(p.reason for p in problems(items))
+    counters["documents-read"] = len(documents(items))
+    assert counters["invalid-utf8-lines"] == 40
+    assert "40 lines were not UTF-8" in encoding_warning(counters) and "iconv -f latin1" in encoding_warning(counters)
+    path.write_text(german, encoding="utf-8")
+    items = read_all(str(path))
+    assert not problems(items) and encoding_warning({"documents-read": len(documents(items))}) is None
+    assert encoding_warning({"invalid-utf8-lines": 12, "documents-read": 5000}) is None  # a few stray bytes
