@@ -485,11 +485,14 @@ def test_bad_data_and_bad_model_fail_with_one_line(pretrained, reviews, tmp_path
         (["--model", pretrained, "--data", reviews, "--label-column", "category", "--metric", "pearson"],
          "--metric pearson is a regression metric; this is a classification task (3 labels;"),
     ]
-    for args, message in cases:
-        proc = subprocess.run([sys.executable, SCRIPT, *args, "--no-mlflow", "--output-dir", str(tmp_path / "out")],
+    for k, (args, message) in enumerate(cases):
+        out = tmp_path / f"out{k}"
+        proc = subprocess.run([sys.executable, SCRIPT, *args, "--no-mlflow", "--output-dir", str(out)],
                               capture_output=True, text=True, env=_clean_env(MASTER_PORT=str(free_port())))
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr and "Traceback" not in proc.stderr
+        if k in (0, 1, 3):  # bad data or flags: found before the process group (DeepSpeed's start-up),
+            assert not out.exists()  # which the output dir now follows
     proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--text-pair-column" in proc.stdout and "--register-name" in proc.stdout
 

@@ -153,9 +153,9 @@ class Finetuner:
                              "checkpoint)")
         self.stop.install()
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
-        init_distributed(settings.dist_timeout_minutes)
+        # The flags and the data are checked before the process group starts (DeepSpeed's start-up,
+        # tens of seconds on a first run): every rank reads the same files and fails the same way.
         check_output_dir(config.output_dir, config.model)
-        os.makedirs(config.output_dir, exist_ok=True)
         self.data = load_task_data(
             data=config.data, train=config.train, validation=config.validation, test=config.test,
             text_column=config.text_column, text_pair_column=config.text_pair_column,
@@ -170,6 +170,8 @@ class Finetuner:
                                       f"({len(self.data.labels)} labels; --task regression if the labels are scores)")
         if self.metric == "f1_binary" and len(self.data.labels) != 2:
             raise FinetuneConfigError(f"--metric f1_binary needs two labels; the data has {len(self.data.labels)}")
+        init_distributed(settings.dist_timeout_minutes)
+        os.makedirs(config.output_dir, exist_ok=True)
 
         self.hf_dir = resolve_model_dir(config.model, config.output_dir, self.is_rank0, self.barrier)
         # run ids of what the model came from: an export's pretraining, or a fine-tuned model's runs
