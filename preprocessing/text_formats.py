@@ -383,6 +383,11 @@ def _check_column(parquet: pq.ParquetFile, path: str, text_field: str) -> None:
     if text_field not in columns:
         raise InputError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)}); "
                          "pass the right one with --text-field")
+    kind = parquet.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # else every row was "missing its text"
+        strings = [f.name for f in parquet.schema_arrow if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        raise InputError(f"{path}: column {text_field!r} holds {kind}, not text (text columns: "
+                         f"{', '.join(strings) or 'none'}); pass one with --text-field")
 
 
 def open_parquet(f: BinaryIO, path: str) -> pq.ParquetFile:

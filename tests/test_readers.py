@@ -188,6 +188,10 @@ def test_parquet_text_column_and_missing_column_error(tmp_path):
     tasks = inputs.plan_read_tasks([str(path)], 1 << 20)
     with pytest.raises(InputError, match=r"docs\.parquet: no column 'text' \(columns: content\)"):
         inputs.check_inputs(tasks, "text")
+    # A number column: every row was skipped as "has no text", the run then found none.
+    pq.write_table(pa.table({"n": [1, 2, 3], "content": ["a", "b", "c"]}), path)
+    with pytest.raises(InputError, match=r"docs\.parquet: column 'n' holds int64, not text \(text columns: content\)"):
+        inputs.check_inputs(inputs.plan_read_tasks([str(path)], 1 << 20), "n")
 
 
 def test_unknown_extension_and_unmatched_glob_are_clear_errors(tmp_path):
