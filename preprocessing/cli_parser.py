@@ -9,10 +9,19 @@ False)" says nothing, and on a required flag it misleads.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 class Parser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line: ``PROG: error: MESSAGE``."""
+    """``argparse.ArgumentParser`` whose errors are one line: ``PROG: error: MESSAGE``. Run as an
+    installed console script (``bert-pretrain``), it names itself so, not by its checkout path."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        invoked = os.path.basename(sys.argv[0] if sys.argv else "")
+        if invoked.startswith("bert-"):
+            self.prog = invoked
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")

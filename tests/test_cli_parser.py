@@ -41,3 +41,10 @@ def test_help_shows_no_empty_or_switch_defaults(stage):
     for action in parser._actions:
         if action.help:
             assert formatter._expand_help(action).lower().count("(default") <= 1, action.option_strings
+
+
+def test_an_installed_console_script_names_itself(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/venv/bin/bert-pretrain", "--steps", "2"])
+    assert PARSERS["pretrain"]().prog == "bert-pretrain"
+    monkeypatch.setattr("sys.argv", ["pipeline/pretrain.py"])
+    assert PARSERS["pretrain"]().prog == "python pipeline/pretrain.py"
