@@ -16,6 +16,7 @@ the tokenizer is used as given, casing and Chinese-character splitting included.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -34,19 +35,19 @@ class TokenizerModel:
     kind: str
     data: bytes
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of what decides the ids: the ``spm.model`` bytes, or for WordPiece the
-        tokenizer.json's vocabulary, model settings, normalizer and pre-tokenizer. Not the
-        whole file: saving it through ``BertTokenizerFast`` (a data dir's ``tokenizer/``, an
-        export) rewrites its post-processor, and the same vocabulary got another fingerprint."""
+        tokenizer.json's vocabulary, added tokens, model settings, normalizer and pre-tokenizer.
+        Not the whole file: saving it through ``BertTokenizerFast`` (a data dir's ``tokenizer/``,
+        an export) rewrites its post-processor, and the same vocabulary got another fingerprint."""
         if self.kind != WORDPIECE:
             return hashlib.sha256(self.data).hexdigest()
         spec = json.loads(self.data)
         model = dict(spec.get("model") or {})
         ids = sorted((model.pop("vocab", None) or {}).items(), key=lambda kv: kv[1])
-        identity = {"model": model, "vocab": ids, "normalizer": spec.get("normalizer"),
-                    "pre_tokenizer": spec.get("pre_tokenizer")}
+        identity = {"model": model, "vocab": ids, "added_tokens": spec.get("added_tokens"),
+                    "normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer")}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import heapq
 import itertools
 import json
@@ -296,10 +297,12 @@ _encoders: dict[str, subwords.Encoder] = {}
 
 
 def load_model(model: subwords.TokenizerModel) -> subwords.Encoder:
-    """The model's Encoder (ids and VocabInfo), cached per worker process."""
-    if model.fingerprint not in _encoders:
-        _encoders[model.fingerprint] = subwords.Encoder(model)
-    return _encoders[model.fingerprint]
+    """The model's Encoder (ids and VocabInfo), cached per worker process by the model's bytes
+    (not its fingerprint, which leaves out what does not decide ids)."""
+    key = hashlib.sha256(model.data).hexdigest()
+    if key not in _encoders:
+        _encoders[key] = subwords.Encoder(model)
+    return _encoders[key]
 
 
 def tokenize(doc: SentenceDocument, encoder: subwords.Encoder, counts: collections.Counter,

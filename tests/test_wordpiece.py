@@ -70,6 +70,16 @@ def test_the_written_tokenizer_and_the_export_keep_the_vocabularys_fingerprint(w
     other["model"]["vocab"]["Emma"], other["model"]["vocab"]["[unused0]"] = (other["model"]["vocab"]["[unused0]"],
                                                                            other["model"]["vocab"]["Emma"])
     assert subwords.TokenizerModel(subwords.WORDPIECE, json.dumps(other).encode()).fingerprint != recorded
+    # An added token changes the ids (and the size): another fingerprint, and another cached encoder.
+    from tokenizers import Tokenizer
+
+    from preprocessing import transforms
+
+    backend = Tokenizer.from_str(written.data.decode("utf-8"))
+    backend.add_tokens(["newtok"])
+    grown = subwords.TokenizerModel(subwords.WORDPIECE, backend.to_str().encode("utf-8"))
+    assert grown.fingerprint != recorded
+    assert transforms.load_model(grown).info.vocab_size == transforms.load_model(written).info.vocab_size + 1
 
 
 def test_written_tokenizer_gives_the_original_vocabularys_ids(wordpiece_data, bert_vocab_dir):
