@@ -463,6 +463,19 @@ def test_a_fine_tuned_model_gets_a_new_head_for_the_next_task(pretrained, tmp_pa
         assert weights["classifier.weight"].shape == (len(labels) or 1, model.config.hidden_size)
         assert not (weights["classifier.weight"] == 0.5).any() and not weights["classifier.bias"].any()
         assert weights["classifier.weight"].std() < 0.1  # BERT's initialisation, std 0.02
+    # The same task and labels (more data for it): its head goes on.
+    same = build_classifier(str(tmp_path / "fine-tuned"), "classification", ["x", "y", "z"], "pretrained")
+    assert (same.state_dict()["classifier.weight"] == 0.5).all()
+    # A token classifier's head is named classifier too, and is no sequence task's.
+    from transformers import BertForTokenClassification
+
+    tokens = BertForTokenClassification.from_pretrained(str(tmp_path / "fine-tuned"), num_labels=3)
+    with torch.no_grad():
+        tokens.classifier.weight.fill_(0.5)
+    tokens.save_pretrained(tmp_path / "token-classifier")
+    for labels in (["x", "y", "z"], ["a", "b"]):
+        model = build_classifier(str(tmp_path / "token-classifier"), "classification", labels, "pretrained")
+        assert not (model.state_dict()["classifier.weight"] == 0.5).any()
 
 
 def _clean_env(**extra):

@@ -134,9 +134,14 @@ def build_classifier(hf_dir: str, task: str, labels: list[str], init: str, reini
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(hf_dir)
-    # A model fine-tuned before (MNLI before RTE) brings its task's head: never the new task's,
-    # whatever the label count, so it is replaced like a pretraining head.
-    from_classifier = any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
+    # A model fine-tuned before (MNLI before RTE; a token classifier) brings its task's head: it is
+    # replaced like a pretraining head, whatever its label count, unless it is a sequence head of
+    # this very task and labels (more data for the same task).
+    source = config.architectures or ()
+    pretraining = all(name.endswith(_PRETRAINING_CLASSES) for name in source)
+    same_task = (any(name.endswith("ForSequenceClassification") for name in source)
+                 and _same_labels(config, task, labels))
+    from_classifier = not pretraining and not same_task
     if task == "classification":
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
@@ -167,10 +172,23 @@ def build_classifier(hf_dir: str, task: str, labels: list[str], init: str, reini
     pooler = getattr(getattr(model, model.base_model_prefix, None), "pooler", None)
     if reinit_pooler and pooler is not None:
         _reinitialise(list(pooler.modules()), config.initializer_range)
-    log.info("encoder loaded from %s; %s head initialised for %d output(s)%s%s", hf_dir, task, config.num_labels,
-             " (the previous task's head replaced)" if from_classifier else "",
+    log.info("encoder loaded from %s; %s head %s for %d output(s)%s", hf_dir, task,
+             "kept (the model was fine-tuned on these labels)" if same_task else
+             "initialised (the previous task's replaced)" if from_classifier else "initialised", config.num_labels,
              " and the pooler re-initialised" if reinit_pooler and pooler is not None else "")
     return model
+
+
+# What an export of pretraining (or a bare encoder) is saved as: its heads are never a task's.
+_PRETRAINING_CLASSES = ("ForPreTraining", "ForMaskedLM", "Model")
+
+
+def _same_labels(config, task: str, labels: list[str]) -> bool:
+    """Whether a fine-tuned sequence model's head already predicts ``labels`` (or one score) in order."""
+    if task == "regression":
+        return config.problem_type == "regression" and config.num_labels == 1
+    return (config.problem_type in (None, "single_label_classification")
+            and [config.id2label.get(i) for i in range(config.num_labels)] == list(labels))
 
 
 def _reinitialise(modules, initializer_range: float) -> None:
