@@ -416,3 +416,4 @@ def test_a_nan_in_a_column_of_numbers_and_an_absent_drop_label_are_refused(tmp_p
                                                 r"\(labels: 'neg', 'neutral', 'pos'\)"):
         load_task_data(data=labelled, drop_labels=["Neutral"])
     assert load_task_data(data=labelled, drop_labels=["neutral"]).labels == ["neg", "pos"]
+    assert load_task_data(data=labelled, drop_labels=[""]).labels == ["neg", "neutral", "pos"]  # a safeguard

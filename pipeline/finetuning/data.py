@@ -463,7 +463,7 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
     needed = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
     dropped = {}
     drop = {_label_key(v) for v in drop_labels}
-    present = {_label_key(v) for t in tables.values() if label_column in t.columns for v in t.columns[label_column]}
+    original = {}
     for name, table in list(tables.items()):
         _check_table(table, needed)
         values = table.columns[label_column]
@@ -475,6 +475,7 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
                         "split of train as %s instead", table.source, name, label_column, len(table), name)
             del tables[name]
             continue
+        original[name] = table
         keep = [i for i, v in enumerate(table.columns[label_column]) if _label_key(v) not in drop]
         dropped[name] = len(table) - len(keep)
         if dropped[name]:
@@ -483,10 +484,13 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
             raise FinetuneDataError(f"{table.source}: no rows left after --drop-label "
                                     f"{', '.join(map(repr, sorted(drop)))}")
         _check_no_blank_labels(table, label_column)
-    if drop - present:  # a typo ("Neutral" for "neutral") dropped nothing and said nothing
-        shown = sorted(present)
-        raise FinetuneDataError(f"--drop-label {', '.join(map(repr, sorted(drop - present)))}: no row has that "
-                                f"label in column {label_column!r} (labels: {', '.join(map(repr, shown[:20]))}"
+    # The labelled splits' labels, before the drop; '' (blank) is a safeguard, fine with none to drop.
+    present = {_label_key(v) for t in original.values() for v in t.columns[label_column]}
+    unknown = drop - present - {""}
+    if unknown:  # a typo ("Neutral" for "neutral") dropped nothing and said nothing
+        shown = sorted(present - {""})
+        raise FinetuneDataError(f"--drop-label {', '.join(map(repr, sorted(unknown)))}: no row has that label in "
+                                f"column {label_column!r} (labels: {', '.join(map(repr, shown[:20]))}"
                                 f"{', …' if len(shown) > 20 else ''})")
 
     if task is None:
