@@ -252,7 +252,7 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
     try:
         manifest = read_manifest(data_dir)
     except DataDirError as err:
-        if given:
+        if given or os.path.isdir(data_dir):  # a damaged data dir, not a moved one
             raise ExportError(str(err)) from None
         raise ExportError(f"{err} (the data dir {run_dir}/{TRAIN_CONFIG} names); if it moved, export with "
                           f"python pipeline/export.py {run_dir} --data NEW_PATH, and pass the export as --model"

@@ -53,7 +53,7 @@ def model_config(preset_or_path: str, manifest: dict, max_position_embeddings: i
             config = BertConfig(**{**values, **data})
         except Exception as err:  # noqa: BLE001 - transformers 5 validates fields with its own error types
             raise ModelConfigError(f"{preset_or_path}: not a valid BERT config ({type(err).__name__}: "
-                                   f"{err})") from None
+                                   f"{' '.join(str(err).split())})") from None
     else:
         raise ModelConfigError(f"--model {preset_or_path!r}: not a preset ({', '.join(PRESETS)}) "
                                "nor a config.json file")

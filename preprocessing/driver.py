@@ -175,7 +175,8 @@ def encoding_warning(counters: dict[str, int]) -> str | None:
     """A hint when many lines were not UTF-8: a whole corpus in Latin-1 ran with every accented
     letter turned into U+FFFD and said nothing beyond the count."""
     bad = counters.get("invalid-utf8-lines", 0)
-    if bad < 10 or bad <= MANY_INVALID_UTF8 * counters.get("documents-read", 0):
+    # Against sentences (no line count is kept; a line holds one or more), or documents if more.
+    if bad < 10 or bad <= MANY_INVALID_UTF8 * max(counters.get("sentences", 0), counters.get("documents-read", 0)):
         return None
     return (f"warning: {bad:,} lines were not UTF-8 (their bad bytes became U+FFFD) in "
             f"{counters.get('documents-read', 0):,} documents: is the input in another encoding (Latin-1, "

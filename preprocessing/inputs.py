@@ -118,8 +118,9 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
         if not listed:
             raise InputError(f"--input {result.pattern!r}: no file matches")
         if pattern.endswith("/"):
-            # A folder: the corpus files in it. Its README, licence or .DS_Store is no input, but is
-            # said (a file named by its path or a glob of unknown format stays an error).
+            # A folder: the corpus files in it. Its README or licence is no input, but is said (a
+            # file named by its path or a glob of unknown format stays an error); hidden files are
+            # not listed at all locally.
             other = [m for m in listed if _format_of(m.path) is None]
             if other:
                 log.warning("--input %s: %d file(s) of no input format skipped: %s", pattern, len(other),
@@ -149,9 +150,14 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
 
 
 def _walk(folder: str) -> list[FileMetadata]:
-    """Every file under a local folder, subfolders included, but hidden ones (.git, .DS_Store)."""
+    """Every file under a local folder, subfolders included, but hidden ones (.git, .DS_Store);
+    a symlinked subfolder is not followed (a link can loop)."""
     found = []
-    for root, dirs, names in os.walk(folder):
+
+    def unreadable(err: OSError) -> None:
+        raise InputError(f"--input {folder}: cannot list {err.filename} ({err.strerror})")
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             path = os.path.join(root, name)

@@ -373,9 +373,10 @@ def _jq_command(file: str) -> str:
         if stem.endswith(ext):
             stem, reader = stem[:-len(ext)], tool
     stem = stem.removesuffix(".jsonl").removesuffix(".json")
+    out = f"{stem}.jsonl" if f"{stem}.jsonl" != file else f"{stem}.lines.jsonl"  # never > its own input
     if reader:
-        return f"{reader} {file} | jq -c '.[]' > {stem}.jsonl"
-    return f"jq -c '.[]' {file} > {stem}.jsonl"
+        return f"{reader} {file} | jq -c '.[]' > {out}"
+    return f"jq -c '.[]' {file} > {out}"
 
 
 def _check_column(parquet: pq.ParquetFile, path: str, text_field: str) -> None:
@@ -384,10 +385,19 @@ def _check_column(parquet: pq.ParquetFile, path: str, text_field: str) -> None:
         raise InputError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)}); "
                          "pass the right one with --text-field")
     kind = parquet.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # else every row was "missing its text"
-        strings = [f.name for f in parquet.schema_arrow if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    if not _holds_text(kind):  # else every row was skipped as missing its text
+        strings = [f.name for f in parquet.schema_arrow if _holds_text(f.type)]
         raise InputError(f"{path}: column {text_field!r} holds {kind}, not text (text columns: "
                          f"{', '.join(strings) or 'none'}); pass one with --text-field")
+
+
+def _holds_text(kind: pa.DataType) -> bool:
+    """A string column, however Arrow stores it: plain, large, a view, or dictionary-encoded
+    (pandas' Categorical written with to_parquet)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or (
+        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind))
 
 
 def open_parquet(f: BinaryIO, path: str) -> pq.ParquetFile:

@@ -312,7 +312,7 @@ def test_a_worker_side_user_error_a_runner_typo_and_a_lossy_mode_are_one_line_ea
 
 @pytest.mark.parametrize("name, text, command", [
     ("rows.json", '[\n  {"text": "First row."},\n  {"text": "Second row."}\n]\n', "jq -c '.[]' rows.json > rows.jsonl"),
-    ("rows.jsonl", '\ufeff[{"text": "One line, one array."}]\n', "jq -c '.[]' rows.jsonl > rows.jsonl"),
+    ("rows.jsonl", '\ufeff[{"text": "One line, one array."}]\n', "jq -c '.[]' rows.jsonl > rows.lines.jsonl"),
     ("rows.json.gz", '[{"text": "Compressed."}]', "zcat rows.json.gz | jq -c '.[]' > rows.jsonl"),
 ])
 def test_a_json_array_is_refused_with_the_command_that_converts_it(tmp_path, name, text, command):
@@ -366,3 +366,4 @@ def test_a_corpus_in_another_encoding_gets_a_warning_naming_the_fix(tmp_path):
     items = read_all(str(path))
     assert not problems(items) and encoding_warning({"documents-read": len(documents(items))}) is None
     assert encoding_warning({"invalid-utf8-lines": 12, "documents-read": 5000}) is None  # a few stray bytes
+    assert encoding_warning({"invalid-utf8-lines": 60, "documents-read": 1000, "sentences": 50_000}) is None

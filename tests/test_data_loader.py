@@ -557,7 +557,7 @@ def test_segment_ids_shorter_than_input_ids_are_refused_naming_shard_and_row(bro
     assert_refused(broken, rf"{SHARD}: segment_ids and input_ids differ in length in row 11")
 
 
-@pytest.mark.parametrize("damage", ["none", "short row", "missing in a shard"])
+@pytest.mark.parametrize("damage", ["none", "short row", "missing in a shard", "an empty shard without it"])
 def test_the_optional_word_starts_column_is_mapped_and_checked(broken, damage):
     from pipeline.data import cache_source
 
@@ -574,6 +574,11 @@ def test_the_optional_word_starts_column_is_mapped_and_checked(broken, damage):
         if shard["path"] == SHARD and damage == "short row":
             starts[11] = starts[11][:-1]
         if shard["path"] == SHARD and damage == "missing in a shard":
+            continue
+        if shard["path"] == SHARD and damage == "an empty shard without it":  # more shards than rows
+            pq.write_table(table.schema.empty_table(), path)
+            shards = [{**s, "rows": 0 if s["path"] == SHARD else s["rows"]} for s in manifest["shards"]]
+            edit_manifest(broken, shards=shards, num_examples=sum(s["rows"] for s in shards))
             continue
         pq.write_table(table.append_column("word_starts", pa.array(starts, pa.list_(pa.bool_()))), path)
     if damage == "short row":

@@ -38,8 +38,9 @@ def test_config_file_that_disagrees_with_the_tokenizer_is_refused(tmp_path):
                           (json.dumps({**PRESETS["tiny"], "hidden_size": "64"}),
                            r"config\.json: (not a valid BERT config|hidden_size '64' and)")):
         path.write_text(text)
-        with pytest.raises(ModelConfigError, match=message):
+        with pytest.raises(ModelConfigError, match=message) as error:
             model_config(str(path), MANIFEST)
+        assert "\n" not in str(error.value)  # printed as the run's one error line
 
 
 def test_unknown_preset_and_too_long_data_are_clear_errors():

@@ -192,6 +192,10 @@ def test_parquet_text_column_and_missing_column_error(tmp_path):
     pq.write_table(pa.table({"n": [1, 2, 3], "content": ["a", "b", "c"]}), path)
     with pytest.raises(InputError, match=r"docs\.parquet: column 'n' holds int64, not text \(text columns: content\)"):
         inputs.check_inputs(inputs.plan_read_tasks([str(path)], 1 << 20), "n")
+    # Text stored dictionary-encoded (pandas' Categorical) is text.
+    pq.write_table(pa.table({"content": pa.array(["Doc one.", "Doc two."]).dictionary_encode()}), path)
+    inputs.check_inputs(inputs.plan_read_tasks([str(path)], 1 << 20), "content")
+    assert [t for _, t in documents(read_all(str(path), text_field="content"))] == ["Doc one.", "Doc two."]
 
 
 def test_unknown_extension_and_unmatched_glob_are_clear_errors(tmp_path):
