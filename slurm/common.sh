@@ -22,6 +22,12 @@ die() {
   exit 2
 }
 
+# require NAME MESSAGE: the variable must be set and not empty, else the job ends with MESSAGE
+# (in this file's format and exit code, not bash's ${NAME:?} line naming the spool copy).
+require() {
+  [[ -n "${!1:-}" ]] || die "$2"
+}
+
 # The folder of the repository the job runs: REPO, else the folder sbatch ran in.
 # (SLURM runs a copy of the script from its spool folder, so $0 does not tell.)
 find_repo() {

@@ -5,7 +5,8 @@
 #   MODEL=runs/base512 OUTPUT_DIR=runs/sst2 sbatch slurm/finetune.sh \
 #       --train sst2/train.tsv --validation sst2/dev.tsv --text-column sentence --label-column label \
 #       --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --register-name sst2-base
-#   MODEL=… OUTPUT_DIR=… sbatch --nodes=1 --ntasks-per-node=1 --gpus-per-node=0 slurm/finetune.sh …  # CPU
+#   MODEL=… OUTPUT_DIR=… sbatch --nodes=1 --ntasks-per-node=1 --gpus-per-node=0 \
+#       --cpus-per-task=N slurm/finetune.sh …                           # CPU: N <= a node's CPUs
 #
 # Arguments after the script go to pipeline/finetune.py (see its --help: data files, columns,
 # task, epochs, learning rate); they come after the flags set from the variables below.
@@ -52,8 +53,8 @@ source "$common"
 
 # ---- settings, all checked before srun starts anything ------------------------------------
 find_repo
-: "${MODEL:?set MODEL to a pretrain RUN_DIR, a checkpoint dir or a Hugging Face export}"
-: "${OUTPUT_DIR:?set OUTPUT_DIR to the folder for the fine-tuned model and its report}"
+require MODEL "set MODEL to a pretrain RUN_DIR, a checkpoint dir or a Hugging Face export"
+require OUTPUT_DIR "set OUTPUT_DIR to the folder for the fine-tuned model and its report"
 [[ -e "$MODEL" ]] || die "MODEL=$MODEL does not exist: pretrain first (slurm/pretrain.sh), or fix the path"
 if [[ -n "${DS_CONFIG:-}" && ! -f "$DS_CONFIG" ]]; then
   die "DS_CONFIG=$DS_CONFIG does not exist (see ds_configs/)"

@@ -45,7 +45,7 @@ fi
 source "$common"
 
 find_repo
-: "${DATA_DIR:?set DATA_DIR to the output data dir (run_beam.py --output)}"
+require DATA_DIR "set DATA_DIR to the output data dir (run_beam.py --output)"
 ((${SLURM_JOB_NUM_NODES:-1} == 1)) || die "the local Beam runner uses one node: submit with --nodes=1"
 setup_python
 

@@ -5,7 +5,9 @@
 #   DATA_DIR=data/wiki128 RUN_DIR=runs/base128 sbatch slurm/pretrain.sh \
 #       --model base --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --steps 7038
 #   DATA_DIR=… RUN_DIR=… sbatch --nodes=4 slurm/pretrain.sh …           # 4 nodes x 8 GPUs, no edits
-#   DATA_DIR=… RUN_DIR=… sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 slurm/pretrain.sh  # CPU (tests)
+#   DATA_DIR=… RUN_DIR=… sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 \
+#       --cpus-per-task=N slurm/pretrain.sh                             # CPU (tests): N <= a node's CPUs
+#                   (a job asking more CPUs than a node has stays PENDING, reason PartitionConfig)
 #
 # Arguments after the script go to pipeline/pretrain.py (see its --help); they come after
 # the flags set from the variables below, so they win.
@@ -17,7 +19,8 @@
 #   RUN_DIR         required: checkpoints/, metrics.jsonl and hf/<tag>/ go here; a requeued
 #                   or resubmitted job with the same RUN_DIR resumes from its newest checkpoint
 #   MODEL           --model: preset (tiny … large) or a config.json     [trainer default]
-#   DS_CONFIG       --ds-config: a file in ds_configs/                  [trainer default: CPU]
+#   DS_CONFIG       --ds-config: a file in ds_configs/ (a relative path is the submit dir's)
+#                                                                       [trainer default: CPU]
 #   STEPS           --steps: optimizer steps in all                     [trainer default]
 #   INIT_FROM       --init-from: phase 2 starts from this phase-1 run dir's weights with a fresh
 #                   optimizer; once RUN_DIR has a checkpoint, a requeued job resumes that instead
@@ -81,8 +84,8 @@ source "$common"
 
 # ---- settings, all checked before srun starts anything ------------------------------------
 find_repo
-: "${DATA_DIR:?set DATA_DIR to the data dir written by preprocessing (it holds manifest.json)}"
-: "${RUN_DIR:?set RUN_DIR to the folder for checkpoints and metrics (the same one resumes)}"
+require DATA_DIR "set DATA_DIR to the data dir written by preprocessing (it holds manifest.json)"
+require RUN_DIR "set RUN_DIR to the folder for checkpoints and metrics (the same one resumes)"
 [[ -d "$DATA_DIR" ]] || die "DATA_DIR=$DATA_DIR does not exist: run preprocessing first (slurm/preprocess.sh)"
 [[ -f "$DATA_DIR/manifest.json" ]] ||
   die "DATA_DIR=$DATA_DIR has no manifest.json: preprocessing did not finish there (it writes the manifest last)"

@@ -310,9 +310,9 @@ def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm_cluster, da
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("bad, message", [
-    ({"DATA_DIR": None}, "DATA_DIR: set DATA_DIR to the data dir written by preprocessing"),
+    ({"DATA_DIR": None}, "pretrain.sh[job {job}]: error: set DATA_DIR to the data dir written by preprocessing"),
     ({"DATA_DIR": "/nonexistent/data"}, "DATA_DIR=/nonexistent/data does not exist: run preprocessing first"),
-    ({"RUN_DIR": None}, "RUN_DIR: set RUN_DIR to the folder for checkpoints"),
+    ({"RUN_DIR": None}, "pretrain.sh[job {job}]: error: set RUN_DIR to the folder for checkpoints"),
     ({"DS_CONFIG": "ds_configs/missing.json"}, "DS_CONFIG=ds_configs/missing.json does not exist"),
 ])
 def test_a_bad_setting_fails_fast_with_a_readable_message(bad, message, slurm_cluster, data_dir,  # noqa: F811
@@ -327,7 +327,8 @@ def test_a_bad_setting_fails_fast_with_a_readable_message(bad, message, slurm_cl
     started = time.monotonic()
     job = slurm_cluster.wait_job(submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1, env=env), timeout=60)
     out = output_of(folder, job["JobId"])
-    assert job["JobState"] == "FAILED" and message in out, f"{job}\noutput:\n{out}"
+    message = message.format(job=job["JobId"])  # an unset variable: before, bash's line naming the spool copy
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0" and message in out, f"{job}\noutput:\n{out}"
     assert "pipeline.trainer" not in out and not os.path.exists(run_dir)  # no rank was started
     assert time.monotonic() - started < 30
 
