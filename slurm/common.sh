@@ -22,6 +22,15 @@ die() {
   exit 2
 }
 
+# check_flags MODULE ARGS...: the stage's flags parsed once here, before srun. A bad one ended
+# every rank with the same line, and srun's kill of the slower ranks made the job's exit code 143.
+check_flags() {
+  local module=$1
+  shift
+  "$PYTHON" -c 'import importlib, sys; sys.path.insert(0, sys.argv.pop(1)); '\
+'importlib.import_module(sys.argv.pop(1)).parse_args(sys.argv[1:])' "$REPO" "$module" "$@" || exit 2
+}
+
 # require NAME MESSAGE: the variable must be set and not empty, else the job ends with MESSAGE
 # (in this file's format and exit code, not bash's ${NAME:?} line naming the spool copy).
 require() {

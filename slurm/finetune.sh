@@ -65,6 +65,7 @@ args=(--model "$MODEL" --output-dir "$OUTPUT_DIR" --run-name "${RUN_NAME:-$SLURM
 [[ -z "${DS_CONFIG:-}" ]] || args+=(--ds-config "$DS_CONFIG")
 read -r -a finetune_args <<<"${FINETUNE_ARGS:-}"
 args+=("${finetune_args[@]}" "$@")
+check_flags pipeline.finetuning.config "${args[@]}"
 
 log "nodes $SLURM_JOB_NODELIST, $RANKS_PER_NODE ranks per node, world size $SLURM_NTASKS," \
   "master $MASTER_ADDR:$MASTER_PORT, model $MODEL, output $OUTPUT_DIR"

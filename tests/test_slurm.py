@@ -314,19 +314,26 @@ def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm_cluster, da
     ({"DATA_DIR": "/nonexistent/data"}, "DATA_DIR=/nonexistent/data does not exist: run preprocessing first"),
     ({"RUN_DIR": None}, "pretrain.sh[job {job}]: error: set RUN_DIR to the folder for checkpoints"),
     ({"DS_CONFIG": "ds_configs/missing.json"}, "DS_CONFIG=ds_configs/missing.json does not exist"),
+    # A flag after the script: before, every rank printed it and srun's kill of the slower one made
+    # the job's exit code 143.
+    ({"args": ["--steps", "abc"]}, "python pipeline/pretrain.py: error: argument --steps: invalid int value: 'abc'"),
 ])
 def test_a_bad_setting_fails_fast_with_a_readable_message(bad, message, slurm_cluster, data_dir,  # noqa: F811
                                                          model_config, tmp_path):
     folder, run_dir = str(tmp_path), str(tmp_path / "run")
     env = pretrain_env(data_dir[0], run_dir, model_config)
+    bad = dict(bad)
+    script_args = bad.pop("args", ())
     for key, value in bad.items():
         if value is None:
             del env[key]
         else:
             env[key] = value
     started = time.monotonic()
-    job = slurm_cluster.wait_job(submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1, env=env), timeout=60)
+    job = slurm_cluster.wait_job(submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1, script_args=script_args,
+                                        env=env), timeout=60)
     out = output_of(folder, job["JobId"])
+    assert out.count(" error: ") == 1, out  # once, not once per rank
     message = message.format(job=job["JobId"])  # an unset variable: before, bash's line naming the spool copy
     assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0" and message in out, f"{job}\noutput:\n{out}"
     assert "pipeline.trainer" not in out and not os.path.exists(run_dir)  # no rank was started
