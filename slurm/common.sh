@@ -12,6 +12,14 @@
 #   - failures: the first rank to exit non-zero ends every rank (srun --kill-on-bad-exit=1),
 #     and the job fails with srun's code, not requeued.
 
+# A stop signal to the batch shell before the ranks run (the checks, SETUP, prepare_ranks): bash
+# dies of USR1 by default, which ended the job without a requeue (the time limit's B:USR1 too,
+# on a slow start). Remembered here; acted on when the ranks would start (srun_ranks), or passed
+# on to them if it comes while they start (wait_forwarding_signals).
+_EARLY_SIGNAL=""
+trap '_EARLY_SIGNAL=USR1' USR1
+trap '_EARLY_SIGNAL=TERM' TERM
+
 log() {
   printf '%s %s[job %s%s]: %s\n' "$(date '+%F %T')" "${STAGE:-slurm}" "${SLURM_JOB_ID:-?}" \
     "${SLURM_RESTART_COUNT:+, restart $SLURM_RESTART_COUNT}" "$*" >&2
@@ -131,6 +139,7 @@ except OSError as err:
 # srun_ranks CMD...: one task per rank on every node, in the background (SRUN_PID).
 # Tasks per node come from the job (--ntasks-per-node); SRUN_ARGS adds srun options.
 srun_ranks() {
+  [[ -z "$_EARLY_SIGNAL" ]] || stopped_before_ranks
   local -a extra=()
   read -r -a extra <<<"${SRUN_ARGS:-}"
   # srun does not inherit the job's --cpus-per-task (SLURM >= 22.05).
@@ -172,6 +181,7 @@ wait_forwarding_signals() {
   local code
   trap '_forward USR1' USR1
   trap '_forward TERM' TERM
+  [[ -z "$_EARLY_SIGNAL" ]] || _forward "$_EARLY_SIGNAL"  # came while srun started
   while :; do
     _SIGNALLED=0
     code=0
@@ -203,15 +213,34 @@ finish_or_requeue() {
       "resubmit with the same RUN_DIR to continue"
     exit "$code"
   fi
+  if ((code == 3)); then
+    requeue "stopped with a checkpoint (exit 3)"
+  fi
+  requeue "the ranks were stopped by USR1 before the trainer could checkpoint (exit $code)"
+}
+
+# requeue WHY: scontrol requeue (up to MAX_REQUEUES), then exit 3.
+requeue() {
   local restarts=${SLURM_RESTART_COUNT:-0}
   MAX_REQUEUES=${MAX_REQUEUES:-20}
   if ((restarts >= MAX_REQUEUES)); then
-    log "stopped with a checkpoint; not requeued: requeued $restarts times already (MAX_REQUEUES=$MAX_REQUEUES)"
+    log "$1; not requeued: requeued $restarts times already (MAX_REQUEUES=$MAX_REQUEUES)"
     exit 3
   fi
-  log "stopped with a checkpoint (exit $code): requeueing; the job resumes from its newest checkpoint"
+  log "$1: requeueing; the job resumes from its newest checkpoint"
   scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed: resubmit with the same RUN_DIR to continue"
   exit 3
+}
+
+# A stop signal came before the ranks started: nothing to checkpoint. USR1 (the time limit's, or
+# scancel --batch --signal=USR1) requeues; TERM (scancel) ends the job.
+stopped_before_ranks() {
+  if [[ "$_EARLY_SIGNAL" == TERM || -n "${NO_REQUEUE:-}" ]]; then
+    log "received SIG$_EARLY_SIGNAL before the ranks started: not started, not requeued"
+    exit $((128 + $(kill -l "$_EARLY_SIGNAL")))
+  fi
+  STOP_SIGNAL=USR1
+  requeue "received SIGUSR1 before the ranks started (nothing to checkpoint)"
 }
 
 # Before the ranks start: one rank per GPU (ranks per node = --ntasks-per-node, sets

@@ -39,6 +39,7 @@ set -euo pipefail
 
 STAGE=finetune.sh
 ON_STOP="passing it to the ranks, which end without a checkpoint (fine-tuning keeps none)"
+NO_REQUEUE=1 # a stop before the ranks start ends the job too
 if [[ -n "${REPO:-}" && -f "$REPO/slurm/common.sh" ]]; then
   common="$REPO/slurm/common.sh"
 else

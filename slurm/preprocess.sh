@@ -43,6 +43,7 @@ fi
 }
 # shellcheck source=slurm/common.sh
 source "$common"
+trap - USR1 TERM # no ranks to stop and requeue: signals end the shell as before
 
 find_repo
 require DATA_DIR "set DATA_DIR to the output data dir (run_beam.py --output)"

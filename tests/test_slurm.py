@@ -391,3 +391,25 @@ def test_scripts_are_shellcheck_clean():
     scripts = sorted(os.path.join("slurm", f) for f in os.listdir(os.path.join(REPO, "slurm")) if f.endswith(".sh"))
     proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.e2e
+def test_a_usr1_before_the_ranks_start_requeues_the_job(slurm_cluster, data_dir, model_config,  # noqa: F811
+                                                         tmp_path):
+    """The time limit's B:USR1 (or scancel --batch) during a slow start (SETUP's module loads, a conda
+    activation): bash died of it, and the job ended FAILED (0:10) without a word or a requeue."""
+    folder, run_dir = str(tmp_path), str(tmp_path / "run")
+    setup = tmp_path / "setup.sh"
+    # The first start sleeps long enough to be signalled; the requeued one does not.
+    setup.write_text(f'[[ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]] || sleep 15\n')
+    env = {**pretrain_env(data_dir[0], run_dir, model_config, SETUP=str(setup)), "STEPS": "4"}
+    job_id = submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1, env=env)
+    _wait_for("the job to start", lambda: slurm_cluster.job(job_id)["JobState"] == "RUNNING", 60,
+              lambda: output_of(folder, job_id))
+    time.sleep(3)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    job = slurm_cluster.wait_job(job_id, timeout=300)
+    out = output_of(folder, job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", f"{job}\n{out}"
+    assert "received SIGUSR1 before the ranks started (nothing to checkpoint): requeueing" in out
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
