@@ -295,7 +295,9 @@ def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, che
             shutil.copy2(source, os.path.join(temp, name))
     info = {"tag": tag, "step": int(tag[len("step"):]) if tag[len("step"):].isdigit() else None,
             "data_run_id": manifest.get("data_run_id"),
-            "pretrain_run_id": pretrain_run_id or train_config.get("pretrain_run_id"),
+            # The run that wrote the tag (its marker's); older checkpoints: the run dir's latest start.
+            "pretrain_run_id": pretrain_run_id or checkpoint.read_meta(checkpoints, tag).get("pretrain_run_id")
+            or train_config.get("pretrain_run_id"),
             "checkpoint": os.path.join(checkpoints, tag), "data_dir": os.path.abspath(data_dir),
             "model": train_config.get("model"), "tokenizer_fingerprint": manifest["tokenizer"].get("fingerprint"),
             "save_id": checkpoint.read_meta(checkpoints, tag).get("save_id"),

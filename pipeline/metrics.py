@@ -175,3 +175,30 @@ def json_line(record: dict) -> str:
     finite (json.dumps writes NaN, which JSON parsers and jq do not take)."""
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                        for k, v in record.items()}) + "\n"
+
+
+def keep_steps_up_to(path: str, step: int) -> int:
+    """Rewrites a metrics/eval .jsonl file without its lines past ``step`` (and any torn last line):
+    a resume from ``step`` continues the history from there, where appending left the abandoned
+    steps' lines (a crash past the checkpoint, ``--resume`` of an earlier tag) before the new ones.
+    Returns the lines removed; a missing file is left alone."""
+    import os
+
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by the crash
+    if len(kept) < len(lines):
+        temp = f"{path}.tmp"
+        with open(temp, "w") as f:
+            f.writelines(kept)
+        os.replace(temp, path)
+    return len(lines) - len(kept)

@@ -64,11 +64,14 @@ def train(config, trainer: Trainer) -> int:
     if config.mlflow and trainer.is_rank0:
         # An id that is not known (preprocessed with --no-mlflow) is left out, not written as "None".
         tags = {"data_run_id": str(trainer.manifest["data_run_id"])} if trainer.manifest.get("data_run_id") else {}
-        if trainer.init_info:  # phase 2 or continued pretraining: the weights it starts from, and their run
+        if trainer.init_info:  # phase 2 or continued pretraining (resumed too): the weights it began from
             tags["init_from"] = str(trainer.init_info["init_from"])
             if trainer.init_info.get("init_from_run_id"):  # a published model has none
                 tags["init_from_run_id"] = str(trainer.init_info["init_from_run_id"])
+        if trainer.resumed_lineage.get("resumed_from_run_id"):  # a resume: the run whose checkpoint it continues
+            tags["resumed_from_run_id"] = str(trainer.resumed_lineage["resumed_from_run_id"])
         tracker = Tracker("pretrain", config.experiment, config.run_name, tags)
+        trainer.run_id = tracker.run_id
         tracker.log_params({**config_params(config), "world_size": trainer.world_size,
                             "accumulation_steps": trainer.batches.accumulation_steps,
                             "eval_shards_used": trainer.eval_shards, "train_rows": trainer.train_rows})

@@ -23,7 +23,7 @@ from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, Pretr
                            read_manifest, training_rows)
 from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
                              gradient_norm, keeps_no_grad_norm, loss_scale, unscaled_grad_norm)
-from pipeline.metrics import json_line
+from pipeline.metrics import json_line, keep_steps_up_to
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.param_groups import group_settings
 from pipeline.train_config import TrainConfig
@@ -126,6 +126,16 @@ class Trainer:
             model.bert.encoder.compile(dynamic=False)
         self.resume_tag = self._resume_tag()
         self.init_info = self._init_weights(model) if config.init_from and self.resume_tag is None else {}
+        # The MLflow run this start logs to (set by pretrain.py), recorded in every checkpoint it saves;
+        # a resume reads the lineage its checkpoint recorded (the run that wrote it, the weights phase 2
+        # started from), which train_config.json, rewritten at every start, cannot tell.
+        self.run_id: str | None = None
+        self.resumed_lineage = {}
+        if self.resume_tag is not None:
+            saved = checkpoint.read_meta(config.checkpoint_dir, self.resume_tag)
+            self.resumed_lineage = {"resumed_from_run_id": saved.get("pretrain_run_id")}
+            if not self.init_info:
+                self.init_info = {k: saved[k] for k in ("init_from", "init_from_run_id") if saved.get(k)}
         self.ds_config = settings.deepspeed_config(self.batches)
         if self.resume_tag:  # the tokenizer first: another one changes the vocabulary size too
             self._check_tokenizer(config.checkpoint_dir, self.resume_tag, f"{config.checkpoint_dir}/{self.resume_tag}",
@@ -207,7 +217,9 @@ class Trainer:
         load_weights(model, checkpoints, tag, f"--model {self.config.model} (the checkpoint was trained with "
                                               f"--model {previous.get('model', '?')})")
         log.info("initialized the weights from %s/%s (fresh optimizer and schedule)", checkpoints, tag)
-        return {"init_from": os.path.join(checkpoints, tag), "init_from_run_id": previous.get("pretrain_run_id")}
+        # The run that wrote that tag (its marker's), else the run dir's latest start (older checkpoints).
+        wrote = checkpoint.read_meta(checkpoints, tag).get("pretrain_run_id") or previous.get("pretrain_run_id")
+        return {"init_from": os.path.join(checkpoints, tag), "init_from_run_id": wrote}
 
     def _resume(self) -> None:
         tag = self.resume_tag
@@ -217,6 +229,12 @@ class Trainer:
         load_tag = self._universal_tag(tag) if plan.universal else tag
         state = checkpoint.load(self.engine, self.config.checkpoint_dir, load_tag)
         self.step = self._saved_step = state["step"]
+        if self.is_rank0:  # the history goes on from the checkpoint's step, not after the abandoned ones
+            dropped = sum(keep_steps_up_to(os.path.join(self.config.run_dir, name), self.step)
+                          for name in ("metrics.jsonl", "eval.jsonl"))
+            if dropped:
+                log.info("removed %d line(s) past step %d from metrics.jsonl/eval.jsonl (steps this run redoes)",
+                         dropped, self.step)
         self._apply_schedule_flags()
         self.sampler.load_state_dict(checkpoint.regroup_sampler_state(state["sampler"], self.world_size))
         if len(state["rng"]) == self.world_size:
@@ -289,7 +307,9 @@ class Trainer:
         # What a resume on another number of processes checks before loading anything.
         meta = {"tokenizer_fingerprint": self.manifest["tokenizer"]["fingerprint"],
                 "data_run_id": self.manifest.get("data_run_id"), "world_size": self.world_size,
-                "global_batch_size": self.batches.global_batch_size, **self._invariants()}
+                "global_batch_size": self.batches.global_batch_size, **self._invariants(),
+                # lineage: the run that wrote this tag, and the weights the run's first phase began from
+                "pretrain_run_id": self.run_id, **self.init_info}
         tag = checkpoint.save(self.engine, self.config.checkpoint_dir, self.step, client,
                               self.config.keep_checkpoints, self.is_rank0, meta)
         self._saved_at, self._saved_step = time.monotonic(), self.step

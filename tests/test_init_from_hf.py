@@ -253,3 +253,39 @@ def test_our_own_export_continues_its_run_with_lineage(data_dir, tmp_path, monke
     assert saved["model"] == os.path.join(out, "config.json") and saved["pretrain_run_id"] == run.info.run_id
     info = json.load(open(tmp_path / "continued" / "hf" / "step00000001" / "training_info.json"))
     assert info["pretrain_run_id"] == run.info.run_id
+
+
+def test_lineage_names_the_run_that_wrote_each_checkpoint_across_resumes(data_dir, tmp_path, monkeypatch):
+    """train_config.json is rewritten at every start: an export named the latest start's run for
+    every tag, and a resumed phase 2 lost its init_from tags. Each checkpoint's marker now records
+    its run and the weights the phase began from; a resume tags the run it continues."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import checkpoint, pretrain
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    common = ["--data", data_dir, "--global-batch-size", "8", "--micro-batch-size", "8", "--eval-shards", "0",
+              "--experiment", "resumes"]
+    one, two = str(tmp_path / "phase1"), str(tmp_path / "phase2")
+    assert pretrain.main([*common, "--run-dir", one, "--steps", "2", "--run-name", "p1"]) == 0
+    assert pretrain.main([*common, "--run-dir", two, "--steps", "2", "--init-from", one, "--run-name", "p2a"]) == 0
+    assert pretrain.main([*common, "--run-dir", two, "--steps", "4", "--init-from", one, "--run-name", "p2b"]) == 0
+    client = MlflowClient()
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("resumes").experiment_id])}
+    ids = {name: run.info.run_id for name, run in runs.items()}
+    phase1_tag = os.path.join(one, "checkpoints", "step00000002")
+    for name in ("p2a", "p2b"):  # the resumed start keeps the phase's origin
+        assert runs[name].data.tags["init_from"] == phase1_tag and runs[name].data.tags["init_from_run_id"] == ids["p1"]
+    assert runs["p2b"].data.tags["resumed_from_run_id"] == ids["p2a"] and "resumed_from_run_id" not in runs["p2a"].data.tags
+    checkpoints = os.path.join(two, "checkpoints")
+    assert checkpoint.read_meta(checkpoints, "step00000002")["pretrain_run_id"] == ids["p2a"]
+    assert checkpoint.read_meta(checkpoints, "step00000004")["pretrain_run_id"] == ids["p2b"]
+    earlier = export.export_checkpoint(two, tag="step00000002", out_dir=str(tmp_path / "hf2"))
+    assert json.load(open(os.path.join(earlier, "training_info.json")))["pretrain_run_id"] == ids["p2a"]
+    latest = json.load(open(os.path.join(two, "hf", "step00000004", "training_info.json")))
+    assert latest["pretrain_run_id"] == ids["p2b"]
+    # --resume of an earlier tag redoes steps 3-4: the history holds them once (appending kept both).
+    assert pretrain.main([*common, "--run-dir", two, "--steps", "4", "--resume", "2", "--log-every", "1",
+                          "--no-mlflow"]) == 0
+    with open(os.path.join(two, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 3, 4]  # logged every 2 steps, then every step
