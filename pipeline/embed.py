@@ -27,8 +27,9 @@ from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError, model_lineage  # noqa: E402
 from preprocessing import cli_parser  # noqa: E402
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP  # noqa: E402
+from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
 
-USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError, LaunchError)
+USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError, LaunchError, TrackingServerError)
 log = logging.getLogger("pipeline.embed")
 
 
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
                                     (("RANK", 0), ("LOCAL_RANK", args.local_rank or 0), ("WORLD_SIZE", 1)))
     # Every check before the process group: a bad file or flag fails on every rank alike, at once.
     try:
+        if args.mlflow and rank == 0:
+            check_tracking_server()
         if os.path.isdir(args.out):
             raise embedding.EmbedError(f"--out {args.out}: a folder; --out names the Parquet file to write "
                                        f"(e.g. {os.path.join(args.out, 'embeddings.parquet')})")

@@ -29,8 +29,10 @@ from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError  # noqa: E402
 from pipeline.finetuning.report import log_to_mlflow, write_report  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
+from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
 
-USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfigError, LaunchError)
+USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfigError, LaunchError,
+               TrackingServerError)
 
 
 def start_tracking(config, finetuner) -> Tracker:
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
     from pipeline.finetuning.trainer import Finetuner, Stopped
 
     try:
+        if config.mlflow and int(os.environ.get("RANK", "0")) == 0:
+            check_tracking_server()
         finetuner = Finetuner(config)  # from here a stop signal is agreed on at the next optimizer step
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

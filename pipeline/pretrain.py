@@ -34,9 +34,10 @@ from pipeline.run_lock import RunDirError, acquire  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 from pipeline.train_config import parse_args  # noqa: E402
 from pipeline.trainer import NonFiniteLoss, Trainer  # noqa: E402
+from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
 
 USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError, CheckpointError, LaunchError,
-               RunDirError)
+               RunDirError, TrackingServerError)
 
 
 def main(argv=None) -> int:
@@ -47,7 +48,10 @@ def main(argv=None) -> int:
         try:
             # Rank 0 holds the run dir until the run ends: a second run into it is refused here, and
             # the other ranks check that they see the same folder (pipeline/run_lock.py).
-            lock = acquire(config.run_dir) if ensure_distributed_env()[0] == 0 else None
+            is_rank0 = ensure_distributed_env()[0] == 0
+            if config.mlflow and is_rank0:
+                check_tracking_server()
+            lock = acquire(config.run_dir) if is_rank0 else None
             trainer = Trainer(config)
         except USER_ERRORS as err:  # a bad flag, data dir or checkpoint: one line that names it, no traceback
             print(f"error: {err}", file=sys.stderr)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 from preprocessing.inputs import InputError
+from preprocessing.mlflow_experiment import TrackingServerError
 from preprocessing.options import ConfigError
 from preprocessing.vocab import VocabError
 
-_KNOWN = (InputError, ConfigError, VocabError)
+_KNOWN = (InputError, ConfigError, VocabError, TrackingServerError)
 # Errors raised in a Beam worker process reach the driver as text in a RuntimeError.
 _WORKER_ERROR = re.compile(r"(?:InputError|ConfigError|VocabError): (.+)")
 _BEAM_SUFFIX = re.compile(r"\s*\[while running '[^']*'\]\s*$")

@@ -26,3 +26,27 @@ def browse_hint(uri: str | None = None) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+
+
+class TrackingServerError(ValueError):
+    """The tracking server named by MLFLOW_TRACKING_URI does not answer."""
+
+
+def check_tracking_server(uri: str | None = None, timeout: float = 10.0) -> None:
+    """An http(s) tracking URI must answer before a stage starts its work: MLflow's client retries
+    for minutes, then fails with a traceback after the stage's whole start-up (data conversion,
+    DeepSpeed). A local store (sqlite:, file:) needs no server."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a server behind authentication, or one without /health)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingServerError(f"MLflow tracking server {uri} does not answer ({reason}): start it, set "
+                                  "MLFLOW_TRACKING_URI to one that runs, or pass --no-mlflow") from None

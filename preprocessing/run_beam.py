@@ -26,6 +26,7 @@ for _noisy in ("apache_beam", "alembic", "mlflow", "urllib3"):
 
 from preprocessing import driver  # noqa: E402
 from preprocessing.errors import explain  # noqa: E402
+from preprocessing.mlflow_experiment import check_tracking_server  # noqa: E402
 from preprocessing.options import parse_args  # noqa: E402
 
 
@@ -42,6 +43,8 @@ for _handler in logging.getLogger().handlers:
 def main(argv=None) -> int:
     config, beam_args = parse_args(argv)
     try:
+        if config.mlflow:
+            check_tracking_server()
         summary = driver.run(config, beam_args)
     except Exception as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown
         message = explain(err)
