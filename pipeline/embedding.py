@@ -20,13 +20,12 @@ half a file.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 
 import numpy as np
 
-from pipeline.finetuning.data import _NO_KEY, FinetuneDataError, as_text, read_table
+from pipeline.finetuning.data import _NO_KEY, FinetuneDataError, as_text, is_blank_text, read_table
 
 POOLINGS = ("cls", "mean")
 # embed.py's flag defaults.
@@ -52,11 +51,6 @@ class Inputs:
         return len(self.texts)
 
 
-def _blank(value) -> bool:
-    return value is None or value is _NO_KEY or (isinstance(value, float) and math.isnan(value)) or (
-        isinstance(value, str) and not value.strip())
-
-
 def read_inputs(path: str, text_column: str = TEXT_COLUMN, id_column: str | None = None) -> Inputs:
     """The texts (and ids) of a csv/tsv/jsonl/parquet file. ``id_column`` None: ``id`` if the file
     has it, else the row number; a named one must exist."""
@@ -72,7 +66,7 @@ def read_inputs(path: str, text_column: str = TEXT_COLUMN, id_column: str | None
         raise FinetuneDataError(f"{table.source}: no column {id_column!r} (columns: {columns}); set --id-column, "
                                 "or leave it out to number the rows")
     texts = table.columns[text_column]
-    blank = [where for value, where in zip(texts, table.where) if _blank(value)]
+    blank = [where for value, where in zip(texts, table.where) if is_blank_text(value)]
     if blank:
         count = f"{len(blank)} row{'s' if len(blank) > 1 else ''} in {table.source}"
         raise FinetuneDataError(f"{blank[0]}: column {text_column!r} is blank ({count}); every row needs a text "

@@ -262,9 +262,7 @@ def initialize(model, config: EngineConfig, ds_config: dict, steps: int, warmup:
 
     schedule = linear_warmup_decay(steps, warmup)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=weight_decay_groups(model, config.weight_decay,
-                                                          (ds_config.get("optimizer") or {}).get("type")),
-        config=ds_config,
+        model=model, model_parameters=weight_decay_groups(model, config.weight_decay, ds_config), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     return engine, optimizer, scheduler
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -182,8 +183,6 @@ def keep_steps_up_to(path: str, step: int) -> int:
     a resume from ``step`` continues the history from there, where appending left the abandoned
     steps' lines (a crash past the checkpoint, ``--resume`` of an earlier tag) before the new ones.
     Returns the lines removed; a missing file is left alone."""
-    import os
-
     try:
         with open(path) as f:
             lines = f.readlines()

@@ -24,9 +24,9 @@ def decays(module: torch.nn.Module, name: str) -> bool:
     return not (isinstance(module, torch.nn.LayerNorm) or name == "bias")
 
 
-def weight_decay_groups(model: torch.nn.Module, weight_decay: float, optimizer: str | None = None) -> list[dict]:
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float, ds_config: dict | None = None) -> list[dict]:
     """Two groups for ``torch.optim``/DeepSpeed: ``[{decayed, weight_decay}, {the rest, 0.0}]``;
-    for ``optimizer`` "lamb" (a DeepSpeed config's optimizer type) the rest without a trust ratio.
+    with ``ds_config``'s optimizer LAMB, the rest without a trust ratio.
 
     Each group carries its own ``weight_decay``, which overrides the optimizer's default, so a
     DeepSpeed config's injected value applies to the first group only. A parameter shared by
@@ -40,14 +40,14 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float, optimizer: 
             seen.add(id(param))
             (decayed if decays(module, name) else exempt).append(param)
     return [{"params": params, **settings}
-            for params, settings in zip((decayed, exempt), group_settings(weight_decay, optimizer))]
+            for params, settings in zip((decayed, exempt), group_settings(weight_decay, ds_config))]
 
 
-def group_settings(weight_decay: float, optimizer: str | None = None) -> list[dict]:
+def group_settings(weight_decay: float, ds_config: dict | None = None) -> list[dict]:
     """The two groups' settings, without their parameters: also what a resume puts back over
     the ones its checkpoint restored."""
     exempt = {"weight_decay": 0.0}
-    if (optimizer or "").lower() == "lamb":
+    if str(((ds_config or {}).get("optimizer") or {}).get("type", "")).lower() == "lamb":
         exempt.update(max_coeff=1.0, min_coeff=1.0)
     return [{"weight_decay": weight_decay}, exempt]
 

@@ -130,10 +130,10 @@ class Trainer:
         # a resume reads the lineage its checkpoint recorded (the run that wrote it, the weights phase 2
         # started from), which train_config.json, rewritten at every start, cannot tell.
         self.run_id: str | None = None
-        self.resumed_lineage = {}
+        self.resumed_from_run_id: str | None = None
         if self.resume_tag is not None:
             saved = checkpoint.read_meta(config.checkpoint_dir, self.resume_tag)
-            self.resumed_lineage = {"resumed_from_run_id": saved.get("pretrain_run_id")}
+            self.resumed_from_run_id = saved.get("pretrain_run_id")
             if not self.init_info:
                 self.init_info = {k: saved[k] for k in ("init_from", "init_from_run_id") if saved.get(k)}
         self.ds_config = settings.deepspeed_config(self.batches)
@@ -261,10 +261,9 @@ class Trainer:
         scheduler.base_lrs = [settings.learning_rate] * len(scheduler.base_lrs)
         scheduler._last_lr = [settings.learning_rate * factor] * len(scheduler.base_lrs)
         saved_decay = self.optimizer.param_groups[0].get("weight_decay")
-        optimizer_type = (self.ds_config.get("optimizer") or {}).get("type")
         # A checkpoint's groups carry their run's settings: a LAMB one saved before the exempt group's
         # trust ratio was pinned would bring back the 0.01-10 clamp.
-        for group, values in zip(self.optimizer.param_groups, group_settings(settings.weight_decay, optimizer_type)):
+        for group, values in zip(self.optimizer.param_groups, group_settings(settings.weight_decay, self.ds_config)):
             group["lr"] = settings.learning_rate * factor  # the next update's, before the scheduler steps
             group.update(values)
         if self.is_rank0 and (saved_lr != settings.learning_rate or saved_decay != settings.weight_decay):

@@ -101,7 +101,7 @@ def stores_word_starts(config: PreprocessConfig, tokenizer: subwords.TokenizerMo
     the vocabulary's table alone cannot give (``transforms.tokenize`` makes them)."""
     if config.examples.masking != "dynamic" or config.word_segmenter == "none":
         return False
-    return config.word_segmenter == "jieba" or subwords.Encoder(tokenizer).prefixless
+    return config.word_segmenter == "jieba" or tokenizer.prefixless
 
 
 def write_manifest(output: str, manifest: dict) -> str:

@@ -50,6 +50,12 @@ class TokenizerModel:
                     "normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer")}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
+    @functools.cached_property
+    def prefixless(self) -> bool:
+        """A SentencePiece model trained without the dummy prefix (a language written without
+        spaces): no "▁" marks a sentence's first word, so ``transforms.tokenize`` marks it."""
+        return self.kind == SENTENCEPIECE and not vocab.read_model(self.data).add_dummy_prefix
+
 
 # ---------------------------------------------------------------------------- loading --tokenizer
 def load_given(path: str) -> TokenizerModel:
@@ -171,9 +177,6 @@ class Encoder:
             size = self._sp.get_piece_size()
             word_start = vocab.word_start_table(model.data)
             self.offset_unit = "byte"
-            # Trained without the dummy prefix (a language written without spaces): no "▁" marks
-            # a sentence's first word, so tokenize() marks it (static masking).
-            self.prefixless = not vocab.read_model(model.data).add_dummy_prefix
         else:
             from tokenizers import Tokenizer
 
@@ -182,7 +185,7 @@ class Encoder:
             size = self._tok.get_vocab_size(with_added_tokens=True)
             word_start = wordpiece_word_starts(self._tok.get_vocab(with_added_tokens=True), size)
             self.offset_unit = "char"
-            self.prefixless = False
+        self.prefixless = model.prefixless
         self.special_ids = ids
         self.info = examples.VocabInfo(
             vocab_size=size, cls_id=ids[vocab.CLS], sep_id=ids[vocab.SEP], mask_id=ids[vocab.MASK],

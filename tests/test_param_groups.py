@@ -61,10 +61,10 @@ def test_lamb_applies_no_trust_ratio_to_the_exempt_group():
     """NVIDIA's LAMB (apex, use_nvlamb=False) scales only the decayed tensors' updates by
     ||w|| / ||update||: DeepSpeed's FusedLamb reads each group's clamp, pinned to 1 for the rest."""
     model = build_model(model_config("tiny", MANIFEST))
-    decayed, exempt = weight_decay_groups(model, 0.01, "Lamb")
+    decayed, exempt = weight_decay_groups(model, 0.01, {"optimizer": {"type": "Lamb"}})
     assert "max_coeff" not in decayed and (exempt["max_coeff"], exempt["min_coeff"]) == (1.0, 1.0)
-    for optimizer in ("AdamW", "Adam", None):
-        assert all("max_coeff" not in g for g in weight_decay_groups(model, 0.01, optimizer))
+    for ds_config in ({"optimizer": {"type": "AdamW"}}, {"optimizer": {"type": "Adam"}}, {}, None):
+        assert all("max_coeff" not in g for g in weight_decay_groups(model, 0.01, ds_config))
 
 
 def test_a_resume_puts_this_runs_group_settings_over_the_checkpoints():

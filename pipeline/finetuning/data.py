@@ -325,10 +325,7 @@ _WHOLE_DECIMAL = re.compile(r"-?(0|[1-9]\d*)\.0*")  # as a float prints: no lead
 
 
 def _is_number(value) -> bool:
-    try:
-        return math.isfinite(float(value)) and not isinstance(value, bool)
-    except (TypeError, ValueError):
-        return False
+    return _parses_as_float(value) and math.isfinite(float(value))
 
 
 def _check_no_stray_non_finite(table: Table, column: str) -> None:
@@ -368,6 +365,12 @@ def _sort_labels(keys) -> list[str]:
     return sorted(keys)
 
 
+def is_blank_text(value) -> bool:
+    """No text in the cell: null, NaN, a missing jsonl key, or empty or spaces."""
+    return value is None or value is _NO_KEY or (isinstance(value, float) and math.isnan(value)) or (
+        isinstance(value, str) and not value.strip())
+
+
 def as_text(value, where: str, column: str) -> str:
     """``value`` as a string; one holding a lone surrogate (JSON's "\\ud800", which json.loads
     accepts) is refused naming the row: tokenizers fail on it with a TypeError."""
@@ -385,8 +388,7 @@ def _texts(table: Table, column: str) -> list[str]:
     empty text trained as "[CLS] [SEP]" with whatever label the row had."""
     out, blank = [], []
     for value, where in zip(table.columns[column], table.where):
-        if value is None or value is _NO_KEY or (isinstance(value, float) and math.isnan(value)) or (
-                isinstance(value, str) and not value.strip()):
+        if is_blank_text(value):
             blank.append(where)
             continue
         out.append(as_text(value, where, column))
