@@ -24,15 +24,16 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
 
 from pipeline.ds_config import DsConfigError  # noqa: E402
 from pipeline.engine import LaunchError, end_distributed, exit_now  # noqa: E402
-from pipeline.finetuning.config import FinetuneConfigError, parse_args  # noqa: E402
+from pipeline.finetuning.config import FinetuneConfigError, check_output_dir, parse_args  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError  # noqa: E402
 from pipeline.finetuning.report import log_to_mlflow, write_report  # noqa: E402
+from pipeline.run_lock import RunDirError, acquire  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
 
 USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfigError, LaunchError,
-               TrackingServerError)
+               TrackingServerError, RunDirError)
 
 
 def start_tracking(config, finetuner) -> Tracker:
@@ -54,15 +55,33 @@ def start_tracking(config, finetuner) -> Tracker:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
-    from pipeline.finetuning.trainer import Finetuner, Stopped
-
+    lock = None
     try:
-        if config.mlflow and int(os.environ.get("RANK", "0")) == 0:
-            check_tracking_server()
-        finetuner = Finetuner(config)  # from here a stop signal is agreed on at the next optimizer step
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        try:
+            if int(os.environ.get("RANK", "0")) == 0:
+                if config.mlflow:
+                    check_tracking_server()
+                # Rank 0 holds OUTPUT_DIR until the run ends: a second fine-tuning into it would clear
+                # this one's outputs at its start (pipeline/run_lock.py).
+                check_output_dir(config.output_dir, config.model)
+                lock = acquire(config.output_dir, "--output-dir",
+                               "a second fine-tuning into it clears this one's report and model")
+            from pipeline.finetuning.trainer import Finetuner
+
+            finetuner = Finetuner(config)  # from here a stop signal is agreed on at the next optimizer step
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return finetune(config, finetuner)
+    finally:  # whatever happened: an in-process caller may fine-tune into this folder again
+        if lock:
+            lock.release()
+
+
+def finetune(config, finetuner) -> int:
+    """Trains, tests, saves and reports on rank 0; the exit code."""
+    from pipeline.finetuning.trainer import Stopped
+
     tracker, status, stopped = None, "FAILED", None
     try:
         if config.mlflow and finetuner.is_rank0:

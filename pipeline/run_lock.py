@@ -14,6 +14,9 @@ Two faults that corrupt a run without an error of their own:
   token into the lock file before it starts; once the ranks have met, every rank reads it
   back, and a rank that reads another token, or none, ends the run on every rank before a
   checkpoint is loaded or anything is written.
+- two fine-tunings into one ``--output-dir``: the second clears the first's report and model
+  at its start, and their saves interleave. Fine-tuning's rank 0 holds ``OUTPUT_DIR/.lock``
+  the same way (its other ranks write nothing there, so there is no token to compare).
 - Lustre mounted with ``localflock`` locks per node only: two jobs on different nodes are not
   kept apart there (and nothing says so).
 """
@@ -52,34 +55,35 @@ class RunLock:
             self.fd = -1
 
 
-def acquire(run_dir: str) -> RunLock:
-    """Takes ``RUN_DIR/.lock`` for this process, or raises RunDirError naming the run that holds it."""
+def acquire(run_dir: str, flag: str = "--run-dir",
+            harm: str = "two runs writing one run dir corrupt each other's checkpoints") -> RunLock:
+    """Takes ``RUN_DIR/.lock`` for this process, or raises RunDirError naming the run that holds it.
+    ``flag`` names the folder in errors, ``harm`` says what a second run into it would do."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunDirError(f"--run-dir {run_dir}: a file, not a folder")
+        raise RunDirError(f"{flag} {run_dir}: a file, not a folder")
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as err:
-        raise RunDirError(f"--run-dir {run_dir}: cannot create it: {err.strerror}") from None
+        raise RunDirError(f"{flag} {run_dir}: cannot create it: {err.strerror}") from None
     path = os.path.join(run_dir, LOCK_FILE)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides: a group's run dirs stay shared
     except OSError as err:
-        raise RunDirError(f"--run-dir {run_dir}: cannot write {path}: {err.strerror}") from None
+        raise RunDirError(f"{flag} {run_dir}: cannot write {path}: {err.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             holder = _describe(_read(path))
             os.close(fd)
-            raise RunDirError(f"--run-dir {run_dir} is in use by another run ({holder}): two runs writing one run "
-                              "dir corrupt each other's checkpoints; wait for it to end or stop it, or pass another "
-                              f"--run-dir (if that process runs no more, as after a node crash on NFS, which can keep "
-                              f"a dead node's lock, delete {path})") from None
+            raise RunDirError(f"{flag} {run_dir} is in use by another run ({holder}): {harm}; wait for it to end "
+                              f"or stop it, or pass another {flag} (if that process runs no more, as after a node "
+                              f"crash on NFS, which can keep a dead node's lock, delete {path})") from None
         if err.errno not in NO_LOCKS:
             os.close(fd)
             raise
         log.warning("%s: this file system does not lock files (%s): nothing stops a second run from writing "
-                    "this run dir at the same time", path, err.strerror)
+                    "this folder at the same time", path, err.strerror)
     token = secrets.randbits(62) + 1  # never 0, which stands for "no token" in check_shared
     holder = {"token": token, "host": socket.gethostname(), "pid": os.getpid(),
               "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -91,7 +95,7 @@ def acquire(run_dir: str) -> RunLock:
         os.fsync(fd)  # read back by the other nodes' ranks once they meet this one
     except OSError as err:  # a full disk or quota
         os.close(fd)
-        raise RunDirError(f"--run-dir {run_dir}: cannot write {path}: {err.strerror}") from None
+        raise RunDirError(f"{flag} {run_dir}: cannot write {path}: {err.strerror}") from None
     return RunLock(path, fd, token)
 
 

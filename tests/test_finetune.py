@@ -185,6 +185,28 @@ def test_an_output_dir_fine_tuning_would_damage_is_refused_before_any_write(pret
     assert os.listdir(other_run) == ["train_config.json"]
 
 
+def test_a_second_finetuning_into_a_busy_output_dir_is_refused_before_it_clears_anything(
+        pretrained, reviews, tmp_path, monkeypatch, capsys):
+    """The second run would clear the first's report and model at its start, then interleave its saves."""
+    from pipeline import finetune, run_lock
+
+    set_one_process_world(monkeypatch)
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "report.json").write_text("the running job's")
+    held = run_lock.acquire(str(out), "--output-dir")  # another open file: another holder, even in one process
+    try:
+        argv = ["--model", pretrained, "--data", reviews, "--label-column", "category", "--drop-label", "plot",
+                "--epochs", "1", "--output-dir", str(out), "--no-mlflow"]
+        assert finetune.main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"--output-dir {out} is in use by another run (pid {os.getpid()} on " in errors[0]
+        assert "clears this one's report and model" in errors[0]
+        assert (out / "report.json").read_text() == "the running job's" and not (out / "metrics.jsonl").exists()
+    finally:
+        held.release()
+
+
 @pytest.mark.parametrize("engine", [
     # As the GPU bf16 files: DeepSpeed applies NaN gradients; the gradient norm must stop the run.
     {"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 1}},
@@ -478,6 +500,35 @@ def test_a_fine_tuned_model_gets_a_new_head_for_the_next_task(pretrained, tmp_pa
         assert not (model.state_dict()["classifier.weight"] == 0.5).any()
 
 
+class recording_http_server:
+    """A local HTTP server that answers 404 to everything and records each request's path."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _record(self):
+                requests.append(f"{self.command} {self.path}")
+                self.send_error(404)
+
+            do_GET = do_HEAD = do_POST = _record
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def _clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(extra)
@@ -614,12 +665,17 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     import mlflow
 
     pretrain_hf = export.export_checkpoint(pretrained)  # where pretrain.py puts it: RUN_DIR/hf/<tag>
-    proc = subprocess.run(
-        ["deepspeed", "--master_port", str(free_port()), SCRIPT, "--model", pretrained, "--data", reviews,
-         "--label-column", "category", "--drop-label", "plot", "--epochs", "2", "--output-dir", str(tmp_path / "out"),
-         "--run-name", "ft-e2e", "--register-name", "reviews-tiny", "--learning-rate", "1e-3"],
-        capture_output=True, text=True, env=_clean_env(MLFLOW_TRACKING_URI=mlflow_server), timeout=400)
+    # The Hugging Face Hub, as far as this run knows, is a local server that records what it is asked:
+    # "--output-dir out" makes "out/model", which reads as a hub repo id.
+    with recording_http_server() as hub:
+        proc = subprocess.run(
+            ["deepspeed", "--master_port", str(free_port()), SCRIPT, "--model", pretrained, "--data", reviews,
+             "--label-column", "category", "--drop-label", "plot", "--epochs", "2", "--output-dir", "out",
+             "--run-name", "ft-e2e", "--register-name", "reviews-tiny", "--learning-rate", "1e-3"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=400,
+            env=_clean_env(MLFLOW_TRACKING_URI=mlflow_server, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0"))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert hub.requests == []  # logging the model asked the hub for a model card and licence of "out/model"
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run = client.search_runs([client.get_experiment_by_name("bert-pipeline").experiment_id],
                              filter_string="tags.stage = 'finetune' and attributes.run_name = 'ft-e2e'")[0]

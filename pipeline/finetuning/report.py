@@ -96,6 +96,11 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
     log_per_class_metrics(tracker, paths[0])
     if model_dir is None:
         return
+    # MLflow looks the model's name_or_path up on the Hugging Face Hub for a model card and a
+    # licence: a relative path of two parts ("ft/model" from --output-dir ft) is a valid repo id,
+    # so it asked huggingface.co (47 s of retries offline, and a stranger's card and licence
+    # when such a repo exists). An absolute path is never a repo id.
+    model_dir = os.path.abspath(model_dir)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if convert:
