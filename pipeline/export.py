@@ -51,6 +51,8 @@ class ExportError(ValueError):
 def write_train_config(config, pretrain_run_id: str | None = None) -> str:
     """``RUN_DIR/train_config.json``: the trainer's resolved config (+ its MLflow run id),
     what the export needs to rebuild the model. Call on rank 0 only."""
+    from pipeline.model import read_config_file
+
     path = os.path.join(config.run_dir, TRAIN_CONFIG)
     os.makedirs(config.run_dir, exist_ok=True)
     # Flat: the engine's settings beside the stage's, under their flag names (the MLflow params' keys).
@@ -60,6 +62,9 @@ def write_train_config(config, pretrain_run_id: str | None = None) -> str:
     values["data"] = os.path.abspath(config.data)
     if os.path.isfile(config.model):  # a config.json rather than a preset name
         values["model"] = os.path.abspath(config.model)
+        # Its content too: the export must not depend on a file outside the run dir (a published
+        # BERT's folder, continued from and then deleted or moved).
+        values["model_config"] = read_config_file(config.model)
     temp = path + ".tmp"
     with open(temp, "w") as f:
         json.dump(values, f, indent=2)
@@ -264,7 +269,8 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
         raise ExportError(f"{checkpoints}/{tag} was trained with tokenizer {trained_with[:12]}… but {data_dir} has "
                           f"{str(manifest['tokenizer'].get('fingerprint'))[:12]}… (manifest field "
                           "tokenizer.fingerprint): export with --data naming the data dir it was trained on")
-    model = build_model(model_config(train_config.get("model", TrainConfig.model), manifest))
+    model = build_model(model_config(train_config.get("model", TrainConfig.model), manifest,
+                                     values=train_config.get("model_config")))
     log.info("exporting %s/%s", checkpoints, tag)
     load_weights(model, checkpoints, tag, f"the model of {run_dir}/{TRAIN_CONFIG} "
                                           f"({train_config.get('model')!r})")

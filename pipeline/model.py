@@ -24,25 +24,25 @@ class ModelConfigError(ValueError):
     """A model that does not fit the data; the message names the field."""
 
 
-def model_config(preset_or_path: str, manifest: dict, max_position_embeddings: int = 512):
+def model_config(preset_or_path: str, manifest: dict, max_position_embeddings: int = 512,
+                 values: dict | None = None):
     """A ``BertConfig`` of the named preset (or a config.json path) sized to the data.
 
     Vocabulary size and [PAD] come from the manifest, so model and tokenizer cannot
-    disagree; a config file that says otherwise is refused, naming the field.
+    disagree; a config file that says otherwise is refused, naming the field. ``values``: the
+    file's JSON as a run recorded it at its start (``train_config.json``), read instead of the
+    file, which may have moved since (a published BERT's folder, deleted after a continued run).
     """
     from transformers import BertConfig
 
     tokenizer = manifest["tokenizer"]
     data = {"vocab_size": tokenizer["vocab_size"], "pad_token_id": tokenizer["special_ids"]["pad"],
             "type_vocab_size": 2}
-    if preset_or_path in PRESETS:
+    if values is None and preset_or_path in PRESETS:
         config = BertConfig(**PRESETS[preset_or_path], max_position_embeddings=max_position_embeddings, **data)
-    elif os.path.isfile(preset_or_path):
-        try:
-            with open(preset_or_path) as f:
-                values = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelConfigError(f"{preset_or_path}: not a readable JSON model config ({err})") from None
+    elif values is not None or os.path.isfile(preset_or_path):
+        if values is None:
+            values = read_config_file(preset_or_path)
         if not isinstance(values, dict):
             raise ModelConfigError(f"{preset_or_path}: a model config is a JSON object, not {type(values).__name__}")
         for key, want in data.items():
@@ -68,6 +68,15 @@ def model_config(preset_or_path: str, manifest: dict, max_position_embeddings: i
         raise ModelConfigError(f"max_seq_length {manifest['max_seq_length']} of the data exceeds the model's "
                                f"max_position_embeddings {config.max_position_embeddings}")
     return config
+
+
+def read_config_file(path: str):
+    """A model config file's JSON (any JSON value: ``model_config`` refuses one that is no object)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelConfigError(f"{path}: not a readable JSON model config ({err})") from None
 
 
 def build_model(config, sparse_mlm: bool = False):

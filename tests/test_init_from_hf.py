@@ -253,6 +253,12 @@ def test_our_own_export_continues_its_run_with_lineage(data_dir, tmp_path, monke
     assert saved["model"] == os.path.join(out, "config.json") and saved["pretrain_run_id"] == run.info.run_id
     info = json.load(open(tmp_path / "continued" / "hf" / "step00000001" / "training_info.json"))
     assert info["pretrain_run_id"] == run.info.run_id
+    # The published model's folder deleted or moved after the run: the export still rebuilds the
+    # architecture, from the config train_config.json recorded (it read the moved config.json).
+    os.rename(out, out + "-moved")
+    again = export.export_checkpoint(str(tmp_path / "continued"), out_dir=str(tmp_path / "again"))
+    assert open(os.path.join(again, "model.safetensors"), "rb").read() == open(
+        tmp_path / "continued" / "hf" / "step00000001" / "model.safetensors", "rb").read()
 
 
 def test_lineage_names_the_run_that_wrote_each_checkpoint_across_resumes(data_dir, tmp_path, monkeypatch):
