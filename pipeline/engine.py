@@ -318,8 +318,17 @@ class StopFlag:
         self.action, self.requested, self.signum = action, False, 0  # signum: the first signal's
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        """SIGUSR1 from here on; SIGTERM keeps its default action, ending the process at once, until
+        ``arm``. Before the ranks have met there is nothing to save, and a rank waiting in the
+        rendezvous for a peer that will never come (refused by the run dir's lock, failed on a bad
+        flag) is inside C++, where a Python handler never runs: it lived on until the launcher's
+        SIGKILL (srun's KillWait, torchrun's 30 s) and the job ended 137, not with the peer's error."""
+        signal.signal(signal.SIGUSR1, self._handle)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def arm(self) -> None:
+        """Once the process group is up: SIGTERM too is agreed on at a step boundary."""
+        signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         logging.getLogger(__name__).warning("received signal %d: %s", signum, self.action)

@@ -64,8 +64,7 @@ def main(argv=None) -> int:
                 # Rank 0 holds OUTPUT_DIR until the run ends: a second fine-tuning into it would clear
                 # this one's outputs at its start (pipeline/run_lock.py).
                 check_output_dir(config.output_dir, config.model)
-                lock = acquire(config.output_dir, "--output-dir",
-                               "a second fine-tuning into it clears this one's report and model")
+                lock = acquire(config.output_dir, "--output-dir")
             from pipeline.finetuning.trainer import Finetuner
 
             finetuner = Finetuner(config)  # from here a stop signal is agreed on at the next optimizer step

@@ -55,10 +55,14 @@ class RunLock:
             self.fd = -1
 
 
-def acquire(run_dir: str, flag: str = "--run-dir",
-            harm: str = "two runs writing one run dir corrupt each other's checkpoints") -> RunLock:
+# What a second run into the folder would do, by the flag that names it.
+HARM = {"--run-dir": "two runs writing one run dir corrupt each other's checkpoints",
+        "--output-dir": "a second fine-tuning into it clears this one's report and model"}
+
+
+def acquire(run_dir: str, flag: str = "--run-dir") -> RunLock:
     """Takes ``RUN_DIR/.lock`` for this process, or raises RunDirError naming the run that holds it.
-    ``flag`` names the folder in errors, ``harm`` says what a second run into it would do."""
+    ``flag`` (a key of ``HARM``) names the folder in errors."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"{flag} {run_dir}: a file, not a folder")
     try:
@@ -76,7 +80,7 @@ def acquire(run_dir: str, flag: str = "--run-dir",
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             holder = _describe(_read(path))
             os.close(fd)
-            raise RunDirError(f"{flag} {run_dir} is in use by another run ({holder}): {harm}; wait for it to end "
+            raise RunDirError(f"{flag} {run_dir} is in use by another run ({holder}): {HARM[flag]}; wait for it to end "
                               f"or stop it, or pass another {flag} (if that process runs no more, as after a node "
                               f"crash on NFS, which can keep a dead node's lock, delete {path})") from None
         if err.errno not in NO_LOCKS:

@@ -39,6 +39,19 @@ check_flags() {
 'importlib.import_module(sys.argv.pop(1)).parse_args(sys.argv[1:])' "$REPO" "$module" "$@" || exit 2
 }
 
+# check_free FLAG DIR: a DIR another run holds (its .lock, pipeline/run_lock.py) ends the job here,
+# naming the holder. The ranks take the lock themselves; refused there, rank 0 exited 2 while its
+# peers waited for it in the rendezvous until srun killed them, and the job ended 137 or 143.
+check_free() {
+  local refused
+  refused=$("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from pipeline import run_lock
+try:
+    run_lock.acquire(sys.argv[3], sys.argv[2]).release()
+except run_lock.RunDirError as err:
+    print(err)' "$REPO" "$1" "$2") || die "cannot check $1 $2 for another run (see above)"
+  [[ -z "$refused" ]] || die "$refused"
+}
+
 # require NAME MESSAGE: the variable must be set and not empty, else the job ends with MESSAGE
 # (in this file's format and exit code, not bash's ${NAME:?} line naming the spool copy).
 require() {

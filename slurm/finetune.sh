@@ -67,6 +67,7 @@ args=(--model "$MODEL" --output-dir "$OUTPUT_DIR" --run-name "${RUN_NAME:-$SLURM
 read -r -a finetune_args <<<"${FINETUNE_ARGS:-}"
 args+=("${finetune_args[@]}" "$@")
 check_flags pipeline.finetuning.config "${args[@]}"
+check_free --output-dir "$OUTPUT_DIR"
 
 log "nodes $SLURM_JOB_NODELIST, $RANKS_PER_NODE ranks per node, world size $SLURM_NTASKS," \
   "master $MASTER_ADDR:$MASTER_PORT, model $MODEL, output $OUTPUT_DIR"

@@ -106,6 +106,7 @@ args+=(--checkpoint-minutes "${CHECKPOINT_MINUTES:-30}")
 read -r -a train_args <<<"${TRAIN_ARGS:-}"
 args+=("${train_args[@]}" "$@")
 check_flags pipeline.train_config "${args[@]}"
+check_free --run-dir "$RUN_DIR"
 
 log "nodes $SLURM_JOB_NODELIST, $RANKS_PER_NODE ranks per node, world size $SLURM_NTASKS," \
   "master $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"

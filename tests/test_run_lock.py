@@ -77,3 +77,40 @@ def test_ranks_that_see_different_run_dirs_stop_before_loading_anything(data_dir
         assert f"this is rank {rank} on " in lines[0]
     assert not os.path.exists(tmp_path / "shared" / "checkpoints")
     assert not os.path.exists(tmp_path / "local" / "checkpoints")
+
+
+@pytest.mark.e2e
+def test_a_refused_rank_0_ends_its_peers_at_once_not_after_the_launchers_kill_timeout(data_dir, tmp_path):
+    """Rank 0 is refused by the held run dir and exits 2; rank 1, waiting for it in the rendezvous,
+    gets the launcher's SIGTERM. It ignored it (a Python handler, never run inside the C++ wait)
+    until torchrun's SIGKILL 30 s later (srun: KillWait, and the job ended 137); now it ends at once."""
+    import threading
+
+    held = run_lock.acquire(str(tmp_path))  # another job's rank 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI", "RANK", "LOCAL_RANK",
+                                                                     "WORLD_SIZE", "MASTER_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         os.path.join(REPO, "pipeline", "pretrain.py"), *_args(data_dir, tmp_path)],
+        env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, refused = [], []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "is in use by another run" in line and not refused:
+                refused.append(time.monotonic())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=240)
+        reader.join(timeout=10)
+    finally:
+        proc.kill()
+        held.release()
+    output = "".join(lines)
+    assert proc.returncode != 0 and refused, output[-3000:]
+    assert time.monotonic() - refused[0] < 15, output[-3000:]  # 30 s and more before
+    assert "SIGKILL" not in output, output[-3000:]
+    assert not os.path.exists(tmp_path / "checkpoints")

@@ -341,6 +341,29 @@ def test_a_bad_setting_fails_fast_with_a_readable_message(bad, message, slurm_cl
 
 
 @pytest.mark.e2e
+def test_a_job_into_a_busy_run_dir_fails_before_any_rank_starts(slurm_cluster, data_dir, model_config,  # noqa: F811
+                                                               tmp_path):
+    """A job submitted twice: the second is refused by the first's lock, with one line naming it.
+    The ranks' own check refused rank 0 only, and its peers waited in the rendezvous until srun
+    killed them: the job ended 137 after KillWait."""
+    from pipeline import run_lock
+
+    folder, run_dir = str(tmp_path), str(tmp_path / "run")
+    held = run_lock.acquire(run_dir)  # the first job's rank 0
+    try:
+        started = time.monotonic()
+        job = slurm_cluster.wait_job(submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1,
+                                            env=pretrain_env(data_dir[0], run_dir, model_config)), timeout=60)
+    finally:
+        held.release()
+    out = output_of(folder, job["JobId"])
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", f"{job}\noutput:\n{out}"
+    assert out.count(" error: ") == 1 and f"--run-dir {run_dir} is in use by another run (pid {os.getpid()} on " in out
+    assert "pipeline.trainer" not in out and not os.path.exists(os.path.join(run_dir, "checkpoints"))
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.e2e
 def test_a_bare_srun_of_the_trainer_is_refused_on_every_task(slurm_cluster, data_dir, tmp_path):  # noqa: F811
     """srun without slurm/pretrain.sh sets no WORLD_SIZE: each task would train alone as rank 0 into
     the same run dir. SLURM gives each task the step's task count, which the trainer refuses."""
