@@ -66,6 +66,10 @@ def read_counters(output: str) -> dict[str, int]:
 
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     beam_args = worker_package.with_setup_file(beam_args)  # Dataflow workers: preprocessing only
+    # The inputs are listed and the output checked here, before the pipeline exists: a file system's
+    # options (--s3_endpoint_url of a MinIO or Ceph store, --s3_access_key_id, …) must apply to
+    # that too. Beam itself sets them only when the Pipeline is built.
+    FileSystems.set_options(PipelineOptions(beam_args))
     if "://" not in config.output and os.path.exists(config.output) and not os.path.isdir(config.output):
         raise inputs.InputError(f"--output {config.output}: a file, not a folder; the data dir is written there")
     tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes)

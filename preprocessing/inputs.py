@@ -109,14 +109,19 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
     format allows, in a stable order: by path, then by position in the file."""
     files: dict[str, int] = {}
     # A local folder named without its trailing slash is matched as a file of unknown format;
-    # with the slash, Beam lists its files (one level: a local folder is walked here instead).
+    # with the slash, Beam lists its files (one level: a local folder is walked here instead, and
+    # a remote one is matched as "folder/**", everything under its prefix).
     patterns = [p.rstrip("/") + "/" if "://" not in p and os.path.isdir(p) else p for p in patterns]
-    for pattern, result in zip(patterns, FileSystems.match(list(patterns))):  # Beam makes "dir/" "dir/*"
+    matched = [p + "**" if "://" in p and p.endswith("/") else p for p in patterns]
+    for pattern, result in zip(patterns, FileSystems.match(matched)):
         listed = sorted(result.metadata_list, key=lambda m: m.path)
         if "://" not in pattern and pattern.endswith("/"):
             listed = _walk(pattern)  # its subfolders too: a corpus is often split into folders
+        elif pattern.endswith("/"):  # as a local folder: no hidden file or folder, no folder marker
+            listed = [m for m in listed if not m.path.endswith("/") and not any(
+                part.startswith(".") for part in m.path[len(pattern):].split("/"))]
         if not listed:
-            raise InputError(f"--input {result.pattern!r}: no file matches")
+            raise InputError(f"--input {pattern!r}: no file matches")
         if pattern.endswith("/"):
             # A folder: the corpus files in it. Its README or licence is no input, but is said (a
             # file named by its path or a glob of unknown format stays an error); hidden files are
