@@ -19,10 +19,12 @@ from preprocessing import cli_parser, language, mlflow_experiment, vocab as voca
 from preprocessing.examples import MASKINGS, OBJECTIVES, ConfigError, ExampleConfig
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
-# The bundled real sample: a Wikipedia dump fragment and Jane Austen's novels.
+# The bundled real sample: a Wikipedia dump fragment and Jane Austen's novels, a chapter per
+# document (sample_data/derive_austen_chapters.py: a paragraph per document is too short for
+# next-sentence pairs).
 DEFAULT_INPUTS = (
     os.path.join(SAMPLE_DIR, "enwiki-sample-pages-articles.xml.bz2"),
-    os.path.join(SAMPLE_DIR, "austen-novels.txt.bz2"),
+    os.path.join(SAMPLE_DIR, "austen-chapters.txt.bz2"),
 )
 # --dupe-factor's default by masking mode: static masks need several passes for mask variety;
 # dynamic masking draws new masks every epoch.
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "extension: .xml/.xml.bz2 MediaWiki dumps (multistream files are split "
                          "across workers), .txt[.gz|.bz2] (documents separated by blank lines), "
                          ".jsonl[.gz|.bz2] (see --text-field), .parquet. Default: the bundled "
-                         "Wikipedia sample and Jane Austen's novels")
+                         "Wikipedia sample and Jane Austen's novels (a chapter per document)")
     io.add_argument("--output", default=d.output, metavar="DIR",
                     help="output directory (local or gs://...); an existing manifest there is "
                          "removed when the pipeline starts (after the flags and inputs are checked: a "

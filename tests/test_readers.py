@@ -138,6 +138,24 @@ def test_real_novels_read_as_paragraph_documents():
     assert any(d.text.startswith("It is a truth universally acknowledged") for d in docs)
 
 
+def test_the_default_corpus_is_the_novels_a_chapter_per_document_rebuilt_byte_for_byte(tmp_path):
+    """The default run's text: derived from the paragraph file by the script its README names."""
+    from preprocessing.options import DEFAULT_INPUTS
+    from preprocessing.sample_data import derive_austen_chapters
+
+    [chapters_file] = [path for path in DEFAULT_INPUTS if path.endswith(".txt.bz2")]
+    derive_austen_chapters.main(["--out", str(tmp_path / "rebuilt.txt.bz2")])
+    assert (tmp_path / "rebuilt.txt.bz2").read_bytes() == open(chapters_file, "rb").read()
+    chapters = [d.text for d in read_all(chapters_file) if isinstance(d, RawDocument)]
+    paragraphs = [d.text for d in read_all(AUSTEN) if isinstance(d, RawDocument)]
+    assert len(chapters) == 269 and chapters[0].startswith("Emma Woodhouse, handsome, clever, and rich")
+    # The same prose, headings and title pages aside: 0.1% of the words.
+    words = sum(len(text.split()) for text in chapters)
+    assert 0.998 < words / sum(len(text.split()) for text in paragraphs) < 1
+    assert not any(text.startswith(("CHAPTER", "Chapter", "VOLUME")) for text in chapters)
+    assert words / len(chapters) > 2000  # long enough for two segments, where a paragraph has ~70 words
+
+
 def test_a_50_megabyte_line_is_skipped_without_holding_it(tmp_path):
     path = tmp_path / "huge-line.txt"
     with open(path, "wb") as f:
