@@ -13,6 +13,7 @@ importing torch or DeepSpeed, and the checkpoint code plans resumes with it alon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -316,23 +317,34 @@ class StopFlag:
 
     def __init__(self, action: str):
         self.action, self.requested, self.signum = action, False, 0  # signum: the first signal's
+        self.terminated = False  # a SIGTERM came, whatever came first
 
     def install(self) -> None:
-        """SIGUSR1 from here on; SIGTERM keeps its default action, ending the process at once, until
-        ``arm``. Before the ranks have met there is nothing to save, and a rank waiting in the
-        rendezvous for a peer that will never come (refused by the run dir's lock, failed on a bad
-        flag) is inside C++, where a Python handler never runs: it lived on until the launcher's
-        SIGKILL (srun's KillWait, torchrun's 30 s) and the job ended 137, not with the peer's error."""
-        signal.signal(signal.SIGUSR1, self._handle)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
 
-    def arm(self) -> None:
-        """Once the process group is up: SIGTERM too is agreed on at a step boundary."""
-        signal.signal(signal.SIGTERM, self._handle)
+    @contextlib.contextmanager
+    def killable(self):
+        """The rendezvous, where SIGTERM ends the rank: at once while it waits (its default action),
+        and on entry if one came during start-up. A launcher sends SIGTERM to a rank's peers when
+        the rank fails before they meet (refused by the run dir's lock, no tracking server);
+        waiting there for it, inside C++ where a Python handler never runs, they lived on until
+        the launcher's SIGKILL (torchrun's 30 s, srun's KillWait) and the job ended 137. Nothing is
+        trained yet, so nothing is lost; SIGUSR1 (a time limit's warning) is still honoured at the
+        first step."""
+        if self.terminated:
+            print("error: stopped by SIGTERM before the ranks met: nothing to checkpoint", file=sys.stderr)
+            exit_now(128 + signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         logging.getLogger(__name__).warning("received signal %d: %s", signum, self.action)
         self.requested, self.signum = True, self.signum or signum
+        self.terminated = self.terminated or signum == signal.SIGTERM
 
 
 def exit_now(code: int) -> None:

@@ -51,7 +51,7 @@ class ExportError(ValueError):
 def write_train_config(config, pretrain_run_id: str | None = None) -> str:
     """``RUN_DIR/train_config.json``: the trainer's resolved config (+ its MLflow run id),
     what the export needs to rebuild the model. Call on rank 0 only."""
-    from pipeline.model import read_config_file
+    from pipeline.model import PRESETS, read_config_file
 
     path = os.path.join(config.run_dir, TRAIN_CONFIG)
     os.makedirs(config.run_dir, exist_ok=True)
@@ -60,7 +60,7 @@ def write_train_config(config, pretrain_run_id: str | None = None) -> str:
     # Paths as the trainer saw them: relative ones would resolve against whoever exports
     # later (another working directory), not against where pretraining ran.
     values["data"] = os.path.abspath(config.data)
-    if os.path.isfile(config.model):  # a config.json rather than a preset name
+    if config.model not in PRESETS and os.path.isfile(config.model):  # a config.json (a preset name wins)
         values["model"] = os.path.abspath(config.model)
         # Its content too: the export must not depend on a file outside the run dir (a published
         # BERT's folder, continued from and then deleted or moved).

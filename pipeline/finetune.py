@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline.ds_config import DsConfigError  # noqa: E402
-from pipeline.engine import LaunchError, end_distributed, exit_now  # noqa: E402
+from pipeline.engine import LaunchError, end_distributed, ensure_distributed_env, exit_now  # noqa: E402
 from pipeline.finetuning.config import FinetuneConfigError, check_output_dir, parse_args  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError  # noqa: E402
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     lock = None
     try:
         try:
-            if int(os.environ.get("RANK", "0")) == 0:
+            if ensure_distributed_env()[0] == 0:
                 if config.mlflow:
                     check_tracking_server()
                 # Rank 0 holds OUTPUT_DIR until the run ends: a second fine-tuning into it would clear
@@ -70,6 +70,8 @@ def main(argv=None) -> int:
             finetuner = Finetuner(config)  # from here a stop signal is agreed on at the next optimizer step
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
+            if lock:  # refused before any output: no folder left behind that was not there
+                lock.abandon()
             return 2
         return finetune(config, finetuner)
     finally:  # whatever happened: an in-process caller may fine-tune into this folder again

@@ -46,13 +46,24 @@ class RunDirError(RuntimeError):
 class RunLock:
     """Rank 0's hold on a run dir (see ``acquire``); ``release`` ends it, as the process's end does."""
 
-    def __init__(self, path: str, fd: int, token: int):
-        self.path, self.fd, self.token = path, fd, token
+    def __init__(self, path: str, fd: int, token: int, created: bool = False):
+        self.path, self.fd, self.token, self.created = path, fd, token, created
 
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = -1
+
+    def abandon(self) -> None:
+        """Releases, and removes the folder ``acquire`` created if the lock is all it holds: a run
+        refused on a bad flag or bad data leaves no folder behind."""
+        self.release()
+        if self.created:
+            try:
+                os.remove(self.path)
+                os.rmdir(os.path.dirname(self.path))
+            except OSError:  # something else was written there meanwhile: it stays
+                pass
 
 
 # What a second run into the folder would do, by the flag that names it.
@@ -65,6 +76,7 @@ def acquire(run_dir: str, flag: str = "--run-dir") -> RunLock:
     ``flag`` (a key of ``HARM``) names the folder in errors."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"{flag} {run_dir}: a file, not a folder")
+    created = not os.path.exists(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as err:
@@ -78,11 +90,8 @@ def acquire(run_dir: str, flag: str = "--run-dir") -> RunLock:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            holder = _describe(_read(path))
             os.close(fd)
-            raise RunDirError(f"{flag} {run_dir} is in use by another run ({holder}): {HARM[flag]}; wait for it to end "
-                              f"or stop it, or pass another {flag} (if that process runs no more, as after a node "
-                              f"crash on NFS, which can keep a dead node's lock, delete {path})") from None
+            raise _in_use(run_dir, flag, path) from None
         if err.errno not in NO_LOCKS:
             os.close(fd)
             raise
@@ -100,7 +109,30 @@ def acquire(run_dir: str, flag: str = "--run-dir") -> RunLock:
     except OSError as err:  # a full disk or quota
         os.close(fd)
         raise RunDirError(f"{flag} {run_dir}: cannot write {path}: {err.strerror}") from None
-    return RunLock(path, fd, token)
+    return RunLock(path, fd, token, created)
+
+
+def check_free(run_dir: str, flag: str = "--run-dir") -> None:
+    """Raises RunDirError if another run holds ``run_dir``; creates and writes nothing (the batch
+    script's check before any rank starts: the ranks take the lock themselves)."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)  # flock needs no write access
+    except OSError:
+        return  # no lock file, or none this user can read: the ranks' own acquire decides
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise _in_use(run_dir, flag, path) from None
+    finally:
+        os.close(fd)
+
+
+def _in_use(run_dir: str, flag: str, path: str) -> RunDirError:
+    return RunDirError(f"{flag} {run_dir} is in use by another run ({_describe(_read(path))}): {HARM[flag]}; wait "
+                       f"for it to end or stop it, or pass another {flag} (if that process runs no more, as after a "
+                       f"node crash on NFS, which can keep a dead node's lock, delete {path})")
 
 
 def _read(path: str) -> dict:

@@ -89,9 +89,8 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.rank, self.local_rank, self.world_size = ensure_distributed_env()
-        # From the start, SIGUSR1 (and SIGTERM once the ranks have met, see StopFlag.install): a stop
-        # signal during start-up (loading, engine, resume) is honoured after the first step instead of
-        # killing the rank.
+        # From the start: a stop signal during start-up (loading, engine, resume) is honoured
+        # after the first step instead of killing the rank (but in the rendezvous, StopFlag.killable).
         self.stop = StopFlag("checkpointing at the end of this step")
         self.stop.install()
         os.makedirs(config.run_dir, exist_ok=True)
@@ -148,8 +147,8 @@ class Trainer:
             self.batches.global_batch_size)
         if self.resume_plan and self.resume_plan.universal:
             self.ds_config = checkpoint.universal_load_config(self.ds_config)
-        init_distributed(settings.dist_timeout_minutes)
-        self.stop.arm()
+        with self.stop.killable():
+            init_distributed(settings.dist_timeout_minutes)
         self.engine, self.optimizer, self.scheduler = initialize(model, settings, self.ds_config, config.steps,
                                                                  config.warmup_steps)
         # Before a checkpoint is loaded or anything written: a node that sees another run dir would

@@ -228,3 +228,13 @@ def test_a_bf16_run_without_zero_exports_its_fp32_masters_and_a_mismatch_is_one_
         Trainer(TrainConfig.from_flat(data=data_dir, run_dir=str(tmp_path / "phase2"), model="mini", steps=2,
                                       global_batch_size=8, micro_batch_size=8, mlflow=False,
                                       init_from=str(tmp_path / "run"), ds_config=str(ds_config)))
+
+
+def test_a_preset_name_that_is_also_a_file_here_is_recorded_as_the_preset(data_dir, tmp_path, monkeypatch):
+    """The trainer builds the preset when --model names one (model_config: presets win); the record
+    read the file of that name in the working directory instead (notes, not a model config)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").write_text("my notes on the tiny runs\n")
+    config = TrainConfig.from_flat(data=data_dir, run_dir=str(tmp_path / "run"), model="tiny", mlflow=False)
+    saved = json.load(open(export.write_train_config(config)))
+    assert saved["model"] == "tiny" and "model_config" not in saved

@@ -185,6 +185,20 @@ def test_an_output_dir_fine_tuning_would_damage_is_refused_before_any_write(pret
     assert os.listdir(other_run) == ["train_config.json"]
 
 
+def test_an_mpi_launch_without_world_size_is_refused_on_every_copy_before_any_write(pretrained, reviews, tmp_path):
+    """mpirun starts N copies; each took itself for rank 0 and raced for the output dir's lock."""
+    env = _clean_env(OMPI_COMM_WORLD_SIZE="2")
+    argv = [sys.executable, SCRIPT, "--model", pretrained, "--data", reviews, "--label-column", "category",
+            "--drop-label", "plot", "--output-dir", str(tmp_path / "out"), "--no-mlflow"]
+    copies = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    for proc in copies:
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 2 and "error: one of 2 processes (OMPI_COMM_WORLD_SIZE=2) without WORLD_SIZE" in err
+        assert "in use by another run" not in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_second_finetuning_into_a_busy_output_dir_is_refused_before_it_clears_anything(
         pretrained, reviews, tmp_path, monkeypatch, capsys):
     """The second run would clear the first's report and model at its start, then interleave its saves."""

@@ -114,3 +114,17 @@ def test_a_refused_rank_0_ends_its_peers_at_once_not_after_the_launchers_kill_ti
     assert time.monotonic() - refused[0] < 15, output[-3000:]  # 30 s and more before
     assert "SIGKILL" not in output, output[-3000:]
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("sig, code, entered", [("SIGTERM", 128 + signal.SIGTERM, False), ("SIGUSR1", 0, True)])
+def test_a_sigterm_in_start_up_ends_the_rank_at_the_rendezvous_a_usr1_waits_for_the_first_step(sig, code, entered):
+    """The peers of a rank that failed in start-up get the launcher's SIGTERM while they still load:
+    kept for the first step, they then waited in the rendezvous for the failed rank until SIGKILL."""
+    script = ("import os, signal; from pipeline.engine import StopFlag\n"
+              "stop = StopFlag('checkpointing at the end of this step'); stop.install()\n"
+              f"os.kill(os.getpid(), signal.{sig})\n"
+              "with stop.killable(): print('entered the rendezvous', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert ("entered the rendezvous" in proc.stdout) == entered
+    assert ("error: stopped by SIGTERM before the ranks met: nothing to checkpoint" in proc.stderr) != entered

@@ -148,8 +148,8 @@ class Finetuner:
 
         self.config = config
         settings = config.engine  # EngineConfig (self.engine: the DeepSpeed engine it builds)
-        # From the start, SIGUSR1 (SIGTERM once the ranks have met, see StopFlag.install): a signal
-        # during start-up is honoured at the first optimizer step.
+        # From the start: a signal during start-up is honoured at the first optimizer step (but in
+        # the rendezvous, StopFlag.killable).
         self.stop = StopFlag("stopping every rank at the end of this optimizer step (fine-tuning keeps no "
                              "checkpoint)")
         self.stop.install()
@@ -171,8 +171,8 @@ class Finetuner:
                                       f"({len(self.data.labels)} labels; --task regression if the labels are scores)")
         if self.metric == "f1_binary" and len(self.data.labels) != 2:
             raise FinetuneConfigError(f"--metric f1_binary needs two labels; the data has {len(self.data.labels)}")
-        init_distributed(settings.dist_timeout_minutes)
-        self.stop.arm()
+        with self.stop.killable():
+            init_distributed(settings.dist_timeout_minutes)
         os.makedirs(config.output_dir, exist_ok=True)
 
         self.hf_dir = resolve_model_dir(config.model, config.output_dir, self.is_rank0, self.barrier)
