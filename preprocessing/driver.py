@@ -93,14 +93,19 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         shards = read_shard_counts(config.output)
         data = manifest.build_manifest(config, input_paths, given or _trained_tokenizer(config.output),
                                        shards, counters, run.run_id)
-        _check_complete(data, counters)
+        _check_complete(data, counters, len(tasks))
         path = manifest.write_manifest(config.output, data)
         run.log_results(counters, wall, config.output)
     return Summary(config.output, path, data, counters, wall, run.run_id)
 
 
-def _check_complete(data: dict, counters: dict[str, int]) -> None:
-    """The shards on disk must hold exactly the examples the pipeline made."""
+def _check_complete(data: dict, counters: dict[str, int], tasks: int) -> None:
+    """Every read task must have reported, and the shards on disk must hold exactly the examples
+    the pipeline made. A task a runner lost takes its part file and its counts with it, so the
+    rows and the counters would still agree."""
+    if counters.get("read-tasks", 0) != tasks:
+        raise RuntimeError(f"{counters.get('read-tasks', 0)} of the {tasks} read tasks reported; not writing a "
+                           "manifest for output that may lack part of the input")
     made = counters.get("instances", 0)
     if data["num_examples"] != made:
         raise RuntimeError(f"the shards hold {data['num_examples']} examples but the pipeline made "

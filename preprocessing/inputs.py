@@ -117,9 +117,12 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
         listed = sorted(result.metadata_list, key=lambda m: m.path)
         if "://" not in pattern and pattern.endswith("/"):
             listed = _walk(pattern)  # its subfolders too: a corpus is often split into folders
-        elif pattern.endswith("/"):  # as a local folder: no hidden file or folder, no folder marker
-            listed = [m for m in listed if not m.path.endswith("/") and not any(
-                part.startswith(".") for part in m.path[len(pattern):].split("/"))]
+        else:  # an object store's "folder" markers (empty keys ending in "/") are no files
+            listed = [m for m in listed if not m.path.endswith("/")]
+        if "://" in pattern and pattern.endswith("/"):  # as a local folder: no hidden file or folder
+            base = re.match(r"[^*?\[]*", pattern).group(0)
+            base = base[:base.rfind("/") + 1]  # the folder the listing starts in, before any glob
+            listed = [m for m in listed if not any(part.startswith(".") for part in m.path[len(base):].split("/"))]
         if not listed:
             raise InputError(f"--input {pattern!r}: no file matches")
         if pattern.endswith("/"):

@@ -131,7 +131,13 @@ def remove_stale_outputs(output: str) -> None:
 
 
 def delete_dir(output: str, name: str) -> None:
-    """Deletes OUTPUT/name and everything in it, if it is there."""
+    """Deletes OUTPUT/name and everything in it, if it is there. In an object store (gs://, s3://)
+    a folder is no object, only a prefix of its files' keys: ``exists`` says no, and the files,
+    matched under it, are deleted one by one (before, every part file stayed behind)."""
     path = FileSystems.join(output, name)
     if FileSystems.exists(path):
         FileSystems.delete([path])
+        return
+    files = FileSystems.match([FileSystems.join(path, "**")])[0].metadata_list
+    if files:
+        FileSystems.delete([m.path for m in files])

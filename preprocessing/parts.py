@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -62,8 +63,11 @@ def write_atomically(output_path: str, data: bytes) -> None:
 
 
 def _temporary_name(path: str) -> str:
+    """A name of this attempt's own: two attempts of one task may run at once (Spark's speculative
+    execution, a Dataflow work item that lost its lease and runs on); with one shared name, the
+    later one's rename found its file renamed away by the first, after deleting the first's output."""
     directory, name = path.rsplit("/", 1)
-    return f"{directory}/.{name}.inprogress"
+    return f"{directory}/.{name}.{uuid.uuid4().hex[:16]}.inprogress"
 
 
 def _replace(temp: str, path: str) -> None:

@@ -75,3 +75,25 @@ def test_a_corpus_in_an_object_store_gives_the_shards_of_the_same_corpus_on_disk
     written = {key.rsplit("/", 1)[1]: hashlib.sha256(client.get_object(Bucket="corpus", Key=key)["Body"].read())
                .hexdigest() for key in keys if key.startswith("data/shards/")}
     assert written == shard_digests(str(tmp_path / "local"))
+    # The part files are deleted once the shards are written; a folder is no object in a store, so
+    # deleting "data/parts" deleted nothing, and every part stayed (the size of the shards again).
+    assert not [key for key in keys if key.startswith("data/parts/") or key.endswith(".inprogress")]
+
+
+def test_hidden_files_and_folder_markers_are_left_out_of_a_remote_folder_glob(s3):
+    """Hidden parts are judged below the folder the listing starts in, not by the pattern's length."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from preprocessing import inputs
+
+    url, client = s3
+    client.create_bucket(Bucket="globbed")
+    for key in ("langs/en.v2/a.txt", "langs/.git/x.txt", "langs/fr/", "langs/fr/b.txt", "langs/fr/.draft.txt"):
+        client.put_object(Bucket="globbed", Key=key, Body=b"" if key.endswith("/") else b"Some text here.\n")
+    FileSystems.set_options(PipelineOptions([f"--s3_endpoint_url={url}", "--s3_access_key_id=test",
+                                             "--s3_secret_access_key=test", "--s3_region_name=us-east-1"]))
+    for pattern in ("s3://globbed/langs/", "s3://globbed/lan*/"):
+        tasks = inputs.plan_read_tasks([pattern], 1 << 20)
+        assert sorted(t.path for t in tasks) == ["s3://globbed/langs/en.v2/a.txt", "s3://globbed/langs/fr/b.txt"]
+

@@ -246,6 +246,31 @@ def test_read_part_rows_reads_any_slice_across_row_groups(tmp_path, spm_proto):
         assert parts.read_part_rows(path, lo, hi).equals(whole.slice(lo, hi - lo))
 
 
+def test_two_attempts_of_one_task_writing_at_once_both_leave_the_part_in_place(tmp_path, spm_proto):
+    """Spark's speculative execution, or a Dataflow work item that lost its lease and runs on: the
+    attempts shared one temporary name, and the later one failed after deleting the earlier's part."""
+    encoder = transforms.load_model(subwords.TokenizerModel(subwords.SENTENCEPIECE, spm_proto))
+    docs = [examples.Document(i, [np.asarray(ids, np.int32) for ids in encoder.encode(r.text.split(". "))])
+            for i, r in enumerate(austen_documents(40))]
+    batch = examples.create_instances(docs, 0, 1, examples.ExampleConfig(), encoder.info)
+    path = str(tmp_path / "part-000000.parquet")
+    first, second = parts.PartWriter(path), parts.PartWriter(path)
+    for writer in (first, second):
+        writer.add(batch)
+    assert first.close() == second.close() == len(batch)
+    assert os.listdir(tmp_path) == ["part-000000.parquet"] and pq.read_table(path).num_rows == len(batch)
+
+
+def test_a_read_task_that_never_reported_stops_the_manifest():
+    """A runner that loses a task loses its part and its counts together: rows and counters agree."""
+    from preprocessing import driver
+
+    data = {"num_examples": 10}
+    driver._check_complete(data, {"read-tasks": 3, "instances": 10}, 3)
+    with pytest.raises(RuntimeError, match="2 of the 3 read tasks reported; not writing a manifest"):
+        driver._check_complete(data, {"read-tasks": 2, "instances": 10}, 3)
+
+
 def test_counts_merge_is_a_sum():
     assert transforms.merge_counts([{"a": 1}, {"a": 2, "b": 3}, {}]) == {"a": 3, "b": 3}
     assert json.dumps(transforms.merge_counts([])) == "{}"
