@@ -65,7 +65,8 @@ def read_counters(output: str) -> dict[str, int]:
 
 
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
-    beam_args = worker_package.with_setup_file(beam_args)  # Dataflow workers: preprocessing only
+    check_reachable_by_workers(config, beam_args)
+    beam_args = worker_package.with_setup_file(beam_args)  # remote workers: preprocessing only
     # The inputs are listed and the output checked here, before the pipeline exists: a file system's
     # options (--s3_endpoint_url of a MinIO or Ceph store, --s3_access_key_id, …) must apply to
     # that too. Beam itself sets them only when the Pipeline is built.
@@ -97,6 +98,23 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         path = manifest.write_manifest(config.output, data)
         run.log_results(counters, wall, config.output)
     return Summary(config.output, path, data, counters, wall, run.run_id)
+
+
+def check_reachable_by_workers(config: PreprocessConfig, beam_args: list[str]) -> None:
+    """Dataflow's workers are other machines: a path on this one (the default sample, a relative
+    --output) failed on every worker after the job's retries, or, for the output, the job
+    succeeded into the workers' own disks and this machine then found nothing. (Flink and Spark
+    clusters may share a file system, so their paths are left to the user.)"""
+    if "dataflow" not in worker_package.flag_value(beam_args, "--runner").lower():
+        return
+    local = [("--input", p) for p in config.inputs if "://" not in p]
+    if "://" not in config.output:
+        local.append(("--output", config.output))
+    if local:
+        flag, path = local[0]
+        raise inputs.InputError(f"{flag} {path}: a path on this machine, which Dataflow's workers cannot see; "
+                                "use gs:// paths (gsutil cp or gcloud storage cp the corpus to a bucket)"
+                                + (f" ({len(local) - 1} more)" if len(local) > 1 else ""))
 
 
 def _check_complete(data: dict, counters: dict[str, int], tasks: int) -> None:

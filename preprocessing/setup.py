@@ -2,8 +2,9 @@
 ``requirements-worker.txt`` (no torch, deepspeed or mlflow).
 
 Beam builds an sdist of this folder and installs it on each worker. run_beam.py passes
-``--setup_file`` to a copy of this folder for the DataflowRunner (preprocessing/worker_package.py);
-by hand, from a checkout::
+``--setup_file`` to a copy of this folder, its requirements pinned to the installed versions, for
+runners with remote workers (preprocessing/worker_package.py); by hand, from a checkout (ranges,
+not pins)::
 
     python preprocessing/run_beam.py --runner=DataflowRunner --setup_file preprocessing/setup.py ...
 

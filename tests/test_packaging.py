@@ -112,6 +112,12 @@ def test_dataflow_gets_the_preprocessing_only_setup_file():
     from preprocessing import worker_package
 
     assert worker_package.with_setup_file(["--runner=FnApiRunner"]) == ["--runner=FnApiRunner"]
+    # Flink and Spark run the workers in Docker containers unless told LOOPBACK: they got no code.
+    for runner in (["--runner=FlinkRunner", "--flink_master=host:8081"], ["--runner", "SparkRunner"],
+                   ["--runner=PortableRunner", "--job_endpoint=host:8099", "--environment_type=DOCKER"]):
+        assert worker_package.with_setup_file(runner)[-1].startswith("--setup_file="), runner
+    loopback = ["--runner=FlinkRunner", "--environment_type=LOOPBACK"]
+    assert worker_package.with_setup_file(loopback) == loopback
     given = ["--runner", "DataflowRunner", "--setup_file=/somewhere/setup.py"]
     assert worker_package.with_setup_file(given) == given
     args = worker_package.with_setup_file(["--runner=DataflowRunner", "--project=p"])
@@ -135,7 +141,21 @@ def test_worker_sdist_holds_preprocessing_and_the_worker_requirements_only(tmp_p
         metadata = tar.extractfile(pkg_info).read().decode()
     assert {"transforms.py", "vocab.py", "requirements-worker.txt"} <= names
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
-    assert requires == _requirements(WORKER_REQUIREMENTS)
+    # Pinned to this machine's versions: workers an autoscaler adds later install the same ones.
+    wanted = [re.split(r"[<>=!~]", r, maxsplit=1)[0] for r in _requirements(WORKER_REQUIREMENTS)]
+    assert requires == [f"{name}=={importlib.metadata.version(name)}" for name in wanted]
+
+
+def test_dataflow_refuses_paths_on_this_machine_before_anything_runs(tmp_path):
+    """Its workers are other machines: a local --input failed on each after the job's retries, and a
+    local --output let the job succeed into the workers' disks."""
+    script = os.path.join(REPO, "preprocessing", "run_beam.py")
+    for args, flag in [([], "--input"), (["--input", "gs://bucket/corpus/", "--output", "data"], "--output")]:
+        proc = subprocess.run([sys.executable, script, *args, "--runner=DataflowRunner", "--project=p",
+                               "--no-mlflow"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"error: {flag} " in proc.stderr and "which Dataflow's workers cannot see; use gs:// paths" in proc.stderr
+        assert not os.path.exists(tmp_path / "data")
 
 
 def _source_tree(dest) -> str:
