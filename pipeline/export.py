@@ -297,7 +297,7 @@ def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, che
     tokenizer_dir = os.path.join(data_dir, manifest["tokenizer"].get("path", "tokenizer"))
     for name in sorted(os.listdir(tokenizer_dir)):
         source = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(source):
+        if os.path.isfile(source) and not name.startswith("."):  # a write attempt's leftover
             shutil.copy2(source, os.path.join(temp, name))
     info = {"tag": tag, "step": int(tag[len("step"):]) if tag[len("step"):].isdigit() else None,
             "data_run_id": manifest.get("data_run_id"),

@@ -90,6 +90,7 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         wall = time.monotonic() - started
         counters = read_counters(config.output)
         manifest.delete_dir(config.output, parts.PARTS_DIR)  # the shards are written
+        manifest.delete_leftover_temporaries(config.output)
 
         shards = read_shard_counts(config.output)
         data = manifest.build_manifest(config, input_paths, given or _trained_tokenizer(config.output),

@@ -132,12 +132,19 @@ def remove_stale_outputs(output: str) -> None:
 
 def delete_dir(output: str, name: str) -> None:
     """Deletes OUTPUT/name and everything in it, if it is there. In an object store (gs://, s3://)
-    a folder is no object, only a prefix of its files' keys: ``exists`` says no, and the files,
-    matched under it, are deleted one by one (before, every part file stayed behind)."""
+    a folder is no object, only a prefix of its files' keys: ``exists`` said no and every part file
+    stayed behind. A path ending in "/" is deleted there by prefix, in batches, reading no glob."""
     path = FileSystems.join(output, name)
-    if FileSystems.exists(path):
+    if "://" in path:
+        FileSystems.delete([path.rstrip("/") + "/"])
+    elif FileSystems.exists(path):
         FileSystems.delete([path])
-        return
-    files = FileSystems.match([FileSystems.join(path, "**")])[0].metadata_list
-    if files:
-        FileSystems.delete([m.path for m in files])
+
+
+def delete_leftover_temporaries(output: str) -> None:
+    """Each write attempt has a temporary name of its own (parts.py): one killed before its rename
+    leaves its file, hidden, beside the finished ones."""
+    for folder in ("shards", "tokenizer"):
+        matched = FileSystems.match([FileSystems.join(output, folder, ".*.inprogress")])[0].metadata_list
+        if matched:
+            FileSystems.delete([m.path for m in matched])

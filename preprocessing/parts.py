@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from preprocessing.examples import SCHEMA, InstanceBatch
@@ -71,9 +71,16 @@ def _temporary_name(path: str) -> str:
 
 
 def _replace(temp: str, path: str) -> None:
-    if FileSystems.exists(path):
+    """Renames over ``path`` (local, gs:// and s3:// renames replace it), so that at no moment is a
+    finished file missing, which another attempt of the same task may have written; a file system
+    that refuses to rename over a file (HDFS) gets it deleted first."""
+    try:
+        FileSystems.rename([temp], [path])
+    except BeamIOError:
+        if not (FileSystems.exists(temp) and FileSystems.exists(path)):
+            raise
         FileSystems.delete([path])
-    FileSystems.rename([temp], [path])
+        FileSystems.rename([temp], [path])
 
 
 class PartWriter:

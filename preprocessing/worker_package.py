@@ -7,7 +7,6 @@ import atexit
 import glob
 import importlib.metadata
 import os
-import re
 import shutil
 import tempfile
 
@@ -19,23 +18,33 @@ _OWN_PACKAGING = ("--setup_file", "--extra_package", "--extra_packages", "--sdk_
 
 
 def flag_value(beam_args: list[str], flag: str) -> str:
+    """The flag's value as Beam reads it (the last one given), or ""."""
+    value = ""
     for i, arg in enumerate(beam_args):
         if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-        if arg == flag and i + 1 < len(beam_args):
-            return beam_args[i + 1]
-    return ""
+            value = arg.split("=", 1)[1]
+        elif arg == flag and i + 1 < len(beam_args):
+            value = beam_args[i + 1]
+    return value
 
 
 def remote_workers(beam_args: list[str]) -> bool:
     """Whether the runner's workers are other machines or containers, which must be given the code:
-    Dataflow; Flink, Spark and the PortableRunner, whose workers run in Docker containers by default
-    (LOOPBACK: in this process)."""
+    Dataflow; Flink, Spark, Prism and the PortableRunner unless their workers run in this process
+    (LOOPBACK: given, or Beam's choice for a local Flink or Spark master)."""
     runner = flag_value(beam_args, "--runner").lower()
     if "dataflow" in runner:
         return True
-    return (any(name in runner for name in ("flink", "spark", "portable"))
-            and flag_value(beam_args, "--environment_type").upper() != "LOOPBACK")
+    if not any(name in runner for name in ("flink", "spark", "portable", "prism")):
+        return False
+    environment = flag_value(beam_args, "--environment_type").upper()
+    if environment:
+        return environment != "LOOPBACK"
+    if "flink" in runner:  # flink_runner.py: LOOPBACK for the [auto] and [local] masters
+        return flag_value(beam_args, "--flink_master") not in ("", "[auto]", "[local]")
+    if "spark" in runner:  # spark_runner.py: LOOPBACK for a local[...] master
+        return not (flag_value(beam_args, "--spark_master_url") or "local").startswith("local")
+    return "portable" in runner  # Prism's default environment is in this process
 
 
 def with_setup_file(beam_args: list[str]) -> list[str]:
@@ -65,14 +74,24 @@ def stage_setup_dir() -> str:
 
 
 def pinned(line: str) -> str:
-    """A requirement line with ``==`` the installed version; unchanged if none is installed here or
-    the installed one is a local build ("+cpu"), which a package index would not have."""
-    requirement = line.split("#", 1)[0].strip()
-    name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
-    if not name:
+    """A requirement line with its version range replaced by ``==`` the installed version (extras
+    and markers kept); unchanged for a comment, a package not installed here, or one a package
+    index would not have: a local build ("+cpu"), a development version, an install from a
+    folder, a URL or a VCS (editable ones too), which workers could not install."""
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    text = line.split("#", 1)[0].strip()
+    if not text:
         return line
+    requirement = Requirement(text)
     try:
-        version = importlib.metadata.version(name)
+        distribution = importlib.metadata.distribution(requirement.name)
     except importlib.metadata.PackageNotFoundError:
         return line
-    return line if "+" in version else f"{name}=={version}"
+    version = Version(distribution.version)
+    if requirement.url or version.local or version.is_devrelease or distribution.read_text("direct_url.json"):
+        return line
+    requirement.specifier = SpecifierSet(f"=={version}")
+    return str(requirement)

@@ -21,6 +21,8 @@ PARSE = {"run_beam": options.parse_args, "pretrain": train_config.parse_args,
     ("finetune", ["--model", "m", "--data", "d.csv", "--metric", "foo"], "--metric must be one of accuracy,"),
     ("pretrain", ["--data", "d", "--steps", "0"], "--steps must be"),
     ("embed", ["--model", "m", "--input", "x.csv"], "the following arguments are required: --out"),
+    # A rerun deletes the previous outputs by pattern: "run[1]" deleted those of "run1".
+    ("run_beam", ["--output", "data/run[1]"], "--output data/run[1]: a folder name with * ? or ["),
 ])
 def test_a_usage_error_is_one_line_naming_the_flag(stage, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -113,17 +113,32 @@ def test_dataflow_gets_the_preprocessing_only_setup_file():
 
     assert worker_package.with_setup_file(["--runner=FnApiRunner"]) == ["--runner=FnApiRunner"]
     # Flink and Spark run the workers in Docker containers unless told LOOPBACK: they got no code.
-    for runner in (["--runner=FlinkRunner", "--flink_master=host:8081"], ["--runner", "SparkRunner"],
+    for runner in (["--runner=FlinkRunner", "--flink_master=host:8081"],
+                   ["--runner", "SparkRunner", "--spark_master_url", "spark://host:7077"],
                    ["--runner=PortableRunner", "--job_endpoint=host:8099", "--environment_type=DOCKER"]):
         assert worker_package.with_setup_file(runner)[-1].startswith("--setup_file="), runner
-    loopback = ["--runner=FlinkRunner", "--environment_type=LOOPBACK"]
-    assert worker_package.with_setup_file(loopback) == loopback
+    # In this process: LOOPBACK given, or Beam's choice for a local master (no sdist to build then).
+    for loopback in (["--runner=FlinkRunner", "--environment_type=LOOPBACK"], ["--runner=FlinkRunner"],
+                     ["--runner=SparkRunner"], ["--runner=DataflowRunner", "--runner=FnApiRunner"]):
+        assert worker_package.with_setup_file(loopback) == loopback
     given = ["--runner", "DataflowRunner", "--setup_file=/somewhere/setup.py"]
     assert worker_package.with_setup_file(given) == given
     args = worker_package.with_setup_file(["--runner=DataflowRunner", "--project=p"])
     assert args[:2] == ["--runner=DataflowRunner", "--project=p"] and args[2].startswith("--setup_file=")
     staged = os.path.dirname(args[2].split("=", 1)[1])
     assert {"setup.py", "requirements-worker.txt", "__init__.py", "transforms.py"} <= set(os.listdir(staged))
+
+
+def test_worker_requirements_are_pinned_to_what_an_index_has():
+    """Extras and markers kept; a local build or a package not installed here keeps its range."""
+    from preprocessing.worker_package import pinned
+
+    beam = importlib.metadata.version("apache-beam")
+    assert pinned("apache-beam[gcp]>=2.60") == f"apache-beam[gcp]=={beam}"
+    jieba = importlib.metadata.version("jieba")
+    assert pinned("jieba>=0.42; python_version < '3.13'") == f'jieba=={jieba}; python_version < "3.13"'
+    assert pinned("torch>=2.4") == "torch>=2.4"  # 2.13.0+cpu: no index has it under that name
+    assert pinned("no-such-package>=1") == "no-such-package>=1" and pinned("# a comment") == "# a comment"
 
 
 def test_worker_sdist_holds_preprocessing_and_the_worker_requirements_only(tmp_path):

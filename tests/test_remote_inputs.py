@@ -96,4 +96,3 @@ def test_hidden_files_and_folder_markers_are_left_out_of_a_remote_folder_glob(s3
     for pattern in ("s3://globbed/langs/", "s3://globbed/lan*/"):
         tasks = inputs.plan_read_tasks([pattern], 1 << 20)
         assert sorted(t.path for t in tasks) == ["s3://globbed/langs/en.v2/a.txt", "s3://globbed/langs/fr/b.txt"]
-

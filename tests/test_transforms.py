@@ -261,6 +261,22 @@ def test_two_attempts_of_one_task_writing_at_once_both_leave_the_part_in_place(t
     assert os.listdir(tmp_path) == ["part-000000.parquet"] and pq.read_table(path).num_rows == len(batch)
 
 
+def test_a_killed_write_attempts_leftovers_are_deleted(tmp_path):
+    """Each attempt writes under a name of its own: one killed before its rename leaves its file."""
+    from preprocessing import manifest
+
+    for folder in ("shards", "tokenizer", "parts"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "shards" / "part-00000-of-00001.parquet").write_bytes(b"a shard")
+    (tmp_path / "shards" / ".part-00000-of-00001.parquet.0123456789abcdef.inprogress").write_bytes(b"half")
+    (tmp_path / "tokenizer" / ".spm.model.0123456789abcdef.inprogress").write_bytes(b"half")
+    (tmp_path / "parts" / "task-000000.parquet").write_bytes(b"a part")
+    manifest.delete_dir(str(tmp_path), "parts")
+    manifest.delete_leftover_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path / "shards") == ["part-00000-of-00001.parquet"]
+    assert os.listdir(tmp_path / "tokenizer") == [] and not (tmp_path / "parts").exists()
+
+
 def test_a_read_task_that_never_reported_stops_the_manifest():
     """A runner that loses a task loses its part and its counts together: rows and counters agree."""
     from preprocessing import driver
