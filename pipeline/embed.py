@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.id_column == "embedding":  # the vector column's name: the ids were lost in the output
+        parser.error("--id-column embedding: the output's vector column has that name; the ids need another")
     return args
 
 
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
                                        f"(e.g. {os.path.join(args.out, 'embeddings.parquet')})")
         inputs = embedding.read_inputs(args.input, args.text_column, args.id_column)
         model, tokenizer = embedding.load_model(args.model)
-        if embedding.convert_script(inputs, args.model):
+        converted = embedding.convert_script(inputs, args.model)
+        if converted:
             log.info("texts converted with OpenCC, as the model's pretraining text was (training_info.json)")
         max_length = embedding.resolve_max_length(args.max_length, tokenizer, model.config)
         if args.bf16 and not torch.cuda.is_available():
@@ -125,13 +128,17 @@ def main(argv=None) -> int:
 
         started = time.perf_counter()
         rows = embedding.my_rows(len(inputs), rank, world_size)
-        # A bar on a terminal; in a batch log the closing line is the progress.
+        # A bar on a terminal; in a batch log, a line a minute (rank 0's rows, the others' alike).
+        on_terminal = sys.stderr.isatty()
         with tqdm(total=len(rows), desc="embedding", unit="text", dynamic_ncols=True, mininterval=1.0,
-                  disable=not (rank == 0 and sys.stderr.isatty())) as progress:
+                  disable=not (rank == 0 and on_terminal)) as bar:
+            progress = bar if on_terminal or rank else embedding.LogProgress(len(rows))
             vectors, truncated = embedding.embed_texts(
                 model, tokenizer, [inputs.texts[i] for i in rows], pooling=args.pooling, normalize=args.normalize,
                 batch_size=args.batch_size, max_length=max_length, bf16=args.bf16, progress=progress)
+        # How the vectors were made, in the file itself (--no-mlflow leaves no other record).
         metadata = {"pooling": args.pooling, "normalize": str(args.normalize).lower(),
+                    "precision": "bf16" if args.bf16 else "fp32", "convert": converted or "none",
                     "model": os.path.abspath(args.model), "max_length": max_length,
                     "embedding_dim": model.config.hidden_size, "id_column": inputs.id_column,
                     "source": os.path.abspath(args.input), **lineage}

@@ -15,13 +15,19 @@ With several processes, process r takes rows r, r+W, r+2W, … (strided: every p
 gets a like mix of lengths), writes them to a part file, and rank 0 merges the parts in
 row order. The output is written to a temporary file and renamed, so a reader never sees
 half a file.
+
+Everything is held in memory: the texts, their tokens and the vectors (3 KB a row at 768
+dims, 30 GB for ten million rows, on every process of a node for the texts). Meant for up
+to a few million rows; split a larger corpus into files and embed each.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
+import time
 
 import numpy as np
 
@@ -33,6 +39,27 @@ TEXT_COLUMN = "text"
 POOLING = "cls"
 BATCH_SIZE = 64
 ROW_COLUMN = "row"  # the id column when the input has none: the 0-based data row
+
+
+log = logging.getLogger(__name__)
+
+
+class LogProgress:
+    """Progress as a log line a minute, where no bar is drawn (a batch job's log): an hours-long
+    run printed nothing between its start and its last line."""
+
+    def __init__(self, total: int, every_seconds: float = 60.0):
+        self.total, self.done, self.every = total, 0, every_seconds
+        self.started = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            log.info("embedded %d of %d texts (%.0f a second, %.0f s left)", self.done, self.total, rate,
+                     (self.total - self.done) / max(rate, 1e-9))
 
 
 class EmbedError(ValueError):
@@ -108,7 +135,11 @@ def load_model(model_dir: str):
     if not is_hf_dir(model_dir):
         raise EmbedError(f"--model {model_dir}: not a Hugging Face model dir (no config.json); export a checkpoint "
                          "with pipeline/export.py, or pass finetune.py's OUTPUT_DIR/model")
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:  # a damaged config.json: one line, not the library's traceback
+        raise EmbedError(f"--model {model_dir}: config.json does not load ({' '.join(str(err).split())[:300]})"
+                         ) from None
     tokenizer = load_tokenizer(model_dir, None, config)
     # The heads are left out by design: one line of ours instead of the library's table of unused weights.
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -116,6 +147,9 @@ def load_model(model_dir: str):
     hf_logging.disable_progress_bar()  # a bar for loading a few dozen tensors is noise in a batch log
     try:
         model = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
+    except (OSError, ValueError) as err:  # no weights file, or a truncated one
+        raise EmbedError(f"--model {model_dir}: the weights do not load ({' '.join(str(err).split())[:300]})"
+                         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -162,7 +196,12 @@ def embed_texts(model, tokenizer, texts: list[str], *, max_length: int, pooling:
     device = next(model.parameters()).device
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
     lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
-    truncated = int((lengths >= max_length).sum())
+    # A text of exactly max_length tokens lost nothing: only those at the limit are tokenized again,
+    # one token further, to tell them from the cut ones (all of them were counted as cut).
+    at_limit = np.flatnonzero(lengths >= max_length)
+    longer = tokenizer([texts[i] for i in at_limit], truncation=True,
+                       max_length=max_length + 1)["input_ids"] if at_limit.size else []
+    truncated = sum(len(i) > max_length for i in longer)
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     pad = tokenizer.pad_token_id
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)
@@ -197,6 +236,7 @@ def _ids_array(ids: list):
     try:
         return pa.array(ids)
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types (jsonl: 3 and "a7"): all as text
+        log.warning("the ids mix types (such as 3 and \"a7\"): all written as text")
         return pa.array([str(i) for i in ids])
 
 

@@ -22,12 +22,17 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
 from preprocessing import cli_parser  # noqa: E402
 
 # Panel title -> predicate on the metric name. The first match wins; the rest go in "other".
+# One scale per panel: an fp16 loss scale (65,536) beside the losses, or tokens/s (1e5) beside
+# an MFU (< 1), drew the smaller ones flat on zero.
+_SCALING = ("grad_norm", "loss_scale", "skipped_steps")
 PANELS = (
-    ("loss", lambda name: "loss" in name),
+    ("loss", lambda name: "loss" in name and name not in _SCALING),
     ("accuracy and scores", lambda name: any(k in name for k in ("accuracy", "f1", "mcc", "pearson", "spearman"))),
-    ("throughput", lambda name: name.endswith("_per_second") or name.startswith("mfu_")),
+    ("sequences per second", lambda name: name.endswith("_per_second") and "token" not in name),
+    ("tokens per second", lambda name: name.endswith("_per_second") and "token" in name),
+    ("model FLOPs utilization", lambda name: name.startswith("mfu_")),
     ("learning rate", lambda name: name == "learning_rate"),
-    ("gradients and scaling", lambda name: name in ("grad_norm", "loss_scale", "skipped_steps")),
+    ("gradients and scaling", lambda name: name in _SCALING),
 )
 
 
@@ -78,7 +83,7 @@ def draw(curves: dict[str, list[tuple[int, float]]], title: str, out: str) -> st
             ax.plot(steps, values, label=name, marker="o" if len(steps) <= 20 else None, markersize=3)
         ax.set_title(panel)
         ax.set_xlabel("step")
-        if panel == "learning rate" or panel == "throughput":
+        if panel in ("learning rate", "sequences per second", "tokens per second"):
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -125,7 +125,28 @@ def test_output_rows_match_input_rows_with_and_without_id_column(tmp_path, revie
     meta = embedding.read_metadata(str(out2))
     assert meta["pooling"] == "mean" and meta["normalize"] == "true" and meta["model_kind"] == "pretrained"
     assert meta["embedding_dim"] == "128" and meta["max_length"] == "64"
+    assert meta["precision"] == "fp32" and meta["convert"] == "none"  # how the vectors were made
     assert sorted(os.listdir(tmp_path / "sub")) == ["b.parquet"]  # no temporary file left behind
+
+
+def test_only_texts_that_lost_tokens_are_counted_as_cut(encoder):
+    """A text of exactly --max-length tokens was counted as cut: the count is a data-quality figure."""
+    model, tokenizer = encoder
+    exact = next(" ".join(["good"] * n) for n in range(40, 80)
+                 if len(tokenizer(" ".join(["good"] * n))["input_ids"]) == 64)
+    assert embedding.embed_texts(model, tokenizer, [exact, "fine"], max_length=64)[1] == 0
+    assert embedding.embed_texts(model, tokenizer, [exact + " good", "fine"], max_length=64)[1] == 1
+
+
+def test_a_batch_log_gets_a_progress_line_a_minute(caplog, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(embedding.time, "monotonic", lambda: now[0])
+    progress = embedding.LogProgress(1000)
+    with caplog.at_level("INFO", logger="pipeline.embedding"):
+        progress.update(100)  # within the minute: nothing
+        now[0] = 61.0
+        progress.update(100)
+    assert [r.getMessage() for r in caplog.records] == ["embedded 200 of 1000 texts (3 a second, 244 s left)"]
 
 
 def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
@@ -151,6 +172,15 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
     assert "--max-length 4096: must be in 3..64" in capsys.readouterr().err
     assert main(["--model", BUNDLE, "--input", str(ok), "--out", str(tmp_path), "--no-mlflow"]) == 2
     assert f"--out {tmp_path}: a folder; --out names the Parquet file to write" in capsys.readouterr().err
+    # A model dir without its weights (a copy cut short): one line, not the library's OSError traceback.
+    broken = tmp_path / "broken"
+    shutil.copytree(BUNDLE, broken, ignore=shutil.ignore_patterns("model.safetensors"))
+    assert main(["--model", str(broken), "--input", str(ok), "--out", out, "--no-mlflow"]) == 2
+    assert f"--model {broken}: the weights do not load" in capsys.readouterr().err
+    # The vector column's name: the ids vanished from the output.
+    with pytest.raises(SystemExit):
+        main(["--model", BUNDLE, "--input", str(ok), "--out", out, "--id-column", "embedding"])
+    assert "--id-column embedding: the output's vector column has that name" in capsys.readouterr().err
     assert not os.path.exists(out)
     # as a script: the one line, no traceback
     proc = subprocess.run([sys.executable, SCRIPT, "--model", BUNDLE, "--input", str(blank), "--out", out,
