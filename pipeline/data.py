@@ -513,6 +513,9 @@ def _exclusive(lock_path: str):
     fd, state = None, "unavailable"
     with contextlib.suppress(OSError):
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    if fd is None:  # another user's lock file (0644 in a group's data dir): flock needs no write access
+        with contextlib.suppress(OSError):
+            fd = os.open(lock_path, os.O_RDONLY)
     if fd is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -592,6 +595,9 @@ def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> t
     target = os.path.abspath(cache_dir or os.path.join(data_dir, CACHE_DIR))
     source = cache_source(data_dir, manifest)
     if _cache_is_current(target, source):
+        # A conversion killed before (the SIGKILL after a stop signal, a lost node) left its copy,
+        # which only the next conversion removed: with a current cache there was none, ever.
+        _remove_abandoned_builds(target)
         return target, False
     _check_replaceable(target, "--data-cache" if cache_dir else "the flat cache")
     with contextlib.suppress(OSError):

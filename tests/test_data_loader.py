@@ -422,6 +422,37 @@ def test_a_conversion_killed_mid_way_is_cleaned_up_by_the_next_one(data_dir, tmp
     assert leftovers(data) == [".flat.building-live"]  # one still being written is not touched
 
 
+def test_a_killed_conversions_copy_beside_a_current_cache_is_removed_at_the_next_start(data_dir, tmp_path):
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    assert PretrainingDataset(data).built_cache
+    dead = os.path.join(data, ".flat.building-dead")  # a second job's conversion, killed mid-way
+    os.makedirs(dead)
+    three_hours_ago = time.time() - 3 * 3600
+    os.utime(dead, (three_hours_ago, three_hours_ago))
+    assert not PretrainingDataset(data).built_cache
+    assert leftovers(data) == []  # before: kept for ever, since no conversion ran again
+
+
+def test_another_users_lock_file_still_locks(data_dir, tmp_path, monkeypatch):
+    """A group's data dir whose lock file another user created (0644): it could not be opened for
+    writing, and every rank converted a copy of its own at once."""
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    real_open = os.open
+    lock = os.path.join(data, ".flat.lock")
+    open(lock, "w").close()
+
+    def open_as_another_user(path, flags, *mode):
+        if path == lock and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *mode)
+
+    from pipeline import data as data_module
+
+    monkeypatch.setattr(os, "open", open_as_another_user)
+    with data_module._exclusive(lock) as state:
+        assert state == "held"
+
+
 def test_conversions_without_a_lock_still_give_one_complete_cache(data_dir, tmp_path, rows):
     data = copy_without_cache(data_dir, tmp_path / "data")
     reports = open_together(data, 3, "unlocked")  # each converts into its own temporary dir
