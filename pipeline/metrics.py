@@ -152,6 +152,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict:
     targets, predictions = np.asarray(targets, dtype=np.float64), np.asarray(predictions, dtype=np.float64)
+    if not np.isfinite(predictions).all():  # a diverged model: no score, not a pearson of 0.0
+        return {"pearson": math.nan, "spearman": math.nan, "mse": math.nan}
     return {"pearson": pearson(targets, predictions), "spearman": spearman(targets, predictions),
             "mse": float(np.mean((targets - predictions) ** 2))}
 

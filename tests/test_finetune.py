@@ -388,7 +388,7 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
     regression = Finetuner(FinetuneConfig.from_flat(
         model=pretrained, data=str(path), text_column="review", label_column="score",
         output_dir=str(tmp_path / "regression"), epochs=8, learning_rate=1e-3, mlflow=False, global_batch_size=16,
-        micro_batch_size=16, patience=0))
+        micro_batch_size=16, patience=0, max_seq_length=48))
     assert regression.task == "regression" and regression.metric == "pearson"
     # A previous classification run's outputs in the same --output-dir: beside this run's metrics.jsonl
     # they made a killed run look complete, and its confusion matrix stayed beside a regression report.
@@ -404,6 +404,11 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
     model_dir = regression.save_model(str(tmp_path / "regression" / "model"))
     scores, model = saved_model_outputs(model_dir, regression)
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    from transformers import AutoTokenizer
+
+    # Cut where it was fine-tuned and tested (48), not at the pretraining length (64) it kept before.
+    assert AutoTokenizer.from_pretrained(model_dir).model_max_length == 48
+    assert report["settings"]["max_seq_length"] == 48 and report["settings"]["learning_rate"] == 1e-3
     from pipeline.metrics import regression_metrics
 
     expected = regression_metrics(regression.splits["test"].labels, scores[:, 0])
@@ -748,3 +753,37 @@ def test_only_a_bert_gets_the_4d_mask_other_encoders_keep_the_2d_one_they_may_ne
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         classifier_pooling="mean", num_labels=2, pad_token_id=0)).eval()
     assert model(**inputs).logits.shape == (3, 2)  # transformers 5.25: a 4-D mask raises a shape error here
+
+
+def test_a_tokenized_split_holds_a_few_hundred_bytes_a_row_and_counts_only_cut_rows():
+    """Python lists of ints held about 7 KB a row of 40 tokens, on every rank for the whole run (14 GB
+    a rank for a 2M-row table); a row of exactly --max-seq-length tokens was counted as cut."""
+    import bz2
+    import io
+    import tracemalloc
+
+    from transformers import AutoTokenizer
+
+    from pipeline.finetuning.data import Examples
+    from pipeline.finetuning.trainer import encode
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO, "tests", "data", "pretrained_reviews"))
+    with io.TextIOWrapper(bz2.open(os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")),
+                          encoding="utf-8") as f:
+        texts = [row["text"] for _, row in zip(range(5000), csv.DictReader(f))]
+    examples = Examples(texts, texts[::-1], np.zeros(len(texts), np.int64), [""] * len(texts))
+    tracemalloc.start()
+    try:
+        encoded = encode(tokenizer, examples, 64)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held / len(texts) < 600, held / len(texts)
+    for i in range(0, len(texts), 499):  # the same ids as the tokenizer's own, row by row
+        expected = tokenizer(texts[i], texts[-1 - i], truncation=True, max_length=64, return_token_type_ids=True)
+        assert encoded.input_ids[i].tolist() == expected["input_ids"]
+        assert encoded.token_type_ids[i].tolist() == expected["token_type_ids"]
+    exact = next(" ".join(["good"] * n) for n in range(40, 80)
+                 if len(tokenizer(" ".join(["good"] * n))["input_ids"]) == 64)
+    cut = encode(tokenizer, Examples([exact, exact + " good"], None, np.zeros(2, np.int64), ["", ""]), 64)
+    assert cut.truncated == 1 and cut.input_ids.lengths().tolist() == [64, 64]

@@ -53,6 +53,25 @@ def test_every_format_gives_the_same_splits(tmp_path, fmt):
     assert sum(len(data.splits[n].texts) for n in ("train", "validation", "test")) == len(ROWS)
 
 
+def test_a_dev_file_without_a_test_file_says_that_train_rows_are_held_out(tmp_path, caplog):
+    """--train with --validation (GLUE's dev) and no --test quietly tested on a slice of train."""
+    train, dev = write(tmp_path / "train.csv"), write(tmp_path / "dev.csv", ROWS[:12])
+    with caplog.at_level("WARNING", logger="pipeline.finetuning.data"):
+        data = load_task_data(train=train, validation=dev, seed=3)
+    assert len(data.splits["train"]) + len(data.splits["test"]) == len(ROWS) and len(data.splits["validation"]) == 12
+    assert f"no --test file: {len(data.splits['test'])} of the 60 --train rows are held out" in caplog.text
+    caplog.clear()
+    load_task_data(train=train, validation=dev, test=dev, seed=3)
+    assert "held out" not in caplog.text
+
+
+def test_the_split_seed_is_its_own_flag():
+    from pipeline.finetuning.config import parse_args
+
+    assert parse_args(["--model", "m", "--data", "d.csv", "--seed", "5"]).split_seed is None  # --seed's
+    assert parse_args(["--model", "m", "--data", "d.csv", "--seed", "5", "--split-seed", "42"]).split_seed == 42
+
+
 def test_saved_datasets_dict_and_dataset(tmp_path):
     import datasets
 

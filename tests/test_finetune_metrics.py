@@ -60,6 +60,27 @@ def test_regression_metrics_match_scipy_with_ties():
     assert metrics.pearson(targets, -targets) == pytest.approx(-1.0)
     assert metrics.spearman(targets, np.exp(targets)) == pytest.approx(1.0)  # monotone → rank correlation 1
     assert metrics.pearson(targets, np.ones(300)) == 0.0  # undefined: no variance
+    # A diverged model's NaN scores: no correlation at all, where pearson said 0.0 and spearman 0.5.
+    diverged = metrics.regression_metrics([1.0, 2.0, 3.0], [1.0, float("nan"), 3.0])
+    assert all(np.isnan(v) for v in diverged.values())
+
+
+def test_a_diverged_epoch_is_never_the_best_and_the_report_stays_strict_json(tmp_path):
+    import json
+
+    from pipeline.finetuning.report import write_report
+    from pipeline.finetuning.trainer import EpochResult, Finetuner
+
+    finetuner = Finetuner.__new__(Finetuner)  # only the choice of the best epoch, no model
+    finetuner.metric, finetuner.best = "mse", None
+    assert finetuner._improved(float("nan"))
+    finetuner.best = EpochResult(1, 1.0, {"mse": float("nan")}, 1.0, 1)
+    assert finetuner._improved(0.5)  # a NaN first epoch kept every later one from counting as better
+    finetuner.best = EpochResult(2, 1.0, {"mse": 0.5}, 1.0, 1)
+    assert not finetuner._improved(float("nan"))
+    path = write_report({"task": "regression", "test": {"pearson": float("nan"), "mse": 0.5}}, str(tmp_path))[0]
+    assert json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f"{c} in report.json")) == {
+        "task": "regression", "test": {"pearson": None, "mse": 0.5}}
 
 
 def test_task_metrics_take_model_outputs():

@@ -56,6 +56,7 @@ class FinetuneConfig:
     drop_labels: tuple[str, ...] = ()
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
+    split_seed: int | None = None  # None: --seed
     max_seq_length: int | None = None  # None: the tokenizer's (the pretraining sequence length)
     output_dir: str = "runs/finetune"
     engine: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(**ENGINE_DEFAULTS))
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="share of --train split off for validation when no --validation file is given")
     data.add_argument("--test-fraction", type=float, default=d.test_fraction,
                       help="share of --train split off for test when no --test file is given")
+    data.add_argument("--split-seed", type=int, help="seed of those splits (default: --seed; set it to keep the "
+                                                     "same split across a sweep of seeds)%(default).0s")
     data.add_argument("--max-seq-length", type=int, help="tokens per example (default: the tokenizer's, i.e. the "
                                                         "pretraining length)%(default).0s")
     t = p.add_argument_group("training")

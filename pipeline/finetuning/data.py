@@ -519,6 +519,10 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
             splits[split] = whole.take(rows)
             sources[split] = f"{sources['train']} (seeded split)"
             dropped[split] = 0
+        if "validation" in tables and missing == ["test"]:  # a dev set given, and still train rows held out
+            log.warning("no --test file: %d of the %d --train rows are held out as the test split (--test-fraction "
+                        "%g, seed %d); pass --test DEV_FILE to train on every row and test on a dev set",
+                        len(splits["test"]), len(whole), test_fraction, seed)
         splits["train"] = whole.take(parts[-1])
         for split in ("train", *missing):
             if not len(splits[split]):

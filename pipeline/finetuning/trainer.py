@@ -16,6 +16,7 @@ without another collective.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -36,16 +37,38 @@ from pipeline.finetuning.model import (build_classifier, default_max_length, loa
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
                               json_line, per_class_report, task_metrics)
 from pipeline.model import forward_attention_mask
+from pipeline.tracking import config_params
 
 log = logging.getLogger(__name__)
 
 
+class Ragged:
+    """Rows of unequal length in one flat array: row i is ``values[offsets[i]:offsets[i + 1]]``.
+    Python lists of ints took about 7 KB a row of 40 tokens (each id its own object), on every
+    rank for the whole run: 14 GB a rank for 2M rows."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray):
+        self.values, self.offsets = values, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
 @dataclasses.dataclass
 class Encoded:
-    """A tokenized split: unpadded id lists, labels, and where each row came from."""
+    """A tokenized split: unpadded ids and segment ids, labels, and how many rows were cut."""
 
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]]
+    input_ids: Ragged
+    token_type_ids: Ragged
     labels: np.ndarray
     truncated: int
 
@@ -53,12 +76,30 @@ class Encoded:
         return len(self.input_ids)
 
 
+ENCODE_CHUNK = 20_000  # rows tokenized at once: the tokenizer's Python lists live for one chunk only
+
+
 def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
-    enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length,
-                    return_token_type_ids=True)
-    # Truncation is counted, never silent: a row at the limit may have been cut.
-    truncated = sum(len(ids) >= max_length for ids in enc["input_ids"])
-    return Encoded(enc["input_ids"], enc["token_type_ids"], examples.labels, truncated)
+    ids, types, lengths, truncated = [], [], [], 0  # ids, types: one flat array per chunk
+    for start in range(0, len(examples.texts), ENCODE_CHUNK):
+        texts = examples.texts[start:start + ENCODE_CHUNK]
+        pairs = examples.pairs[start:start + ENCODE_CHUNK] if examples.pairs is not None else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=True)
+        ids.append(np.fromiter(itertools.chain.from_iterable(enc["input_ids"]), dtype=np.int32))
+        types.append(np.fromiter(itertools.chain.from_iterable(enc["token_type_ids"]), dtype=np.int8))
+        lengths.extend(len(row) for row in enc["input_ids"])
+        # Truncation is counted, never silent. A row of exactly max_length tokens lost nothing:
+        # only rows at the limit are tokenized again, one token further, to tell them apart.
+        at_limit = [k for k, row in enumerate(enc["input_ids"]) if len(row) >= max_length]
+        if at_limit:
+            longer = tokenizer([texts[k] for k in at_limit], [pairs[k] for k in at_limit] if pairs else None,
+                               truncation=True, max_length=max_length + 1)["input_ids"]
+            truncated += sum(len(row) > max_length for row in longer)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    flat_types = np.concatenate(types) if types else np.zeros(0, np.int8)
+    return Encoded(Ragged(flat_ids, offsets), Ragged(flat_types, offsets), examples.labels, truncated)
 
 
 def collate(split: Encoded, rows: np.ndarray, pad_id: int, task: str) -> dict[str, torch.Tensor]:
@@ -161,7 +202,8 @@ class Finetuner:
             data=config.data, train=config.train, validation=config.validation, test=config.test,
             text_column=config.text_column, text_pair_column=config.text_pair_column,
             label_column=config.label_column, task=config.task, drop_labels=config.drop_labels,
-            validation_fraction=config.validation_fraction, test_fraction=config.test_fraction, seed=settings.seed)
+            validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
+            seed=settings.seed if config.split_seed is None else config.split_seed)
         self.task = self.data.task
         self.metric = config.best_metric(self.task)
         if self.task == "regression" and self.metric in CLASSIFICATION_METRICS:
@@ -315,7 +357,7 @@ class Finetuner:
         local = np.zeros((len(mine), width), dtype=np.float32)
         # Batches of rows of like length, longest first: a batch pads to its longest row, so in
         # row order short reviews cost as much as long ones (1,281 reviews: 1.1 s instead of 2.0).
-        lengths = np.fromiter((len(data.input_ids[i]) for i in mine), dtype=np.int64, count=len(mine))
+        lengths = data.input_ids.lengths()[mine]
         by_length = np.argsort(-lengths, kind="stable")
         for start in range(0, len(mine), self.config.eval_batch_size):
             positions = by_length[start:start + self.config.eval_batch_size]
@@ -347,6 +389,10 @@ class Finetuner:
         if self.best is None:
             return True
         best = self.best.validation[self.metric]
+        if not math.isfinite(value):  # a diverged epoch is never the best
+            return False
+        if not math.isfinite(best):  # nor does one keep a later epoch from being it
+            return True
         return value < best if self.metric in LOWER_IS_BETTER else value > best
 
     def train(self, tracker=None) -> EpochResult:
@@ -436,6 +482,8 @@ class Finetuner:
             "parent_finetune_run_id": self.lineage.get("finetune_run_id"), "world_size": self.world_size,
             "train_sequences_per_second": (sum(h.sequences for h in self.history)
                                            / max(sum(h.seconds for h in self.history), 1e-9)),
+            # Every flag as resolved, so that a run without MLflow can be repeated from its report.
+            "settings": config_params(self.config),
         }
         mlflow = sys.modules.get("mlflow")  # imported only where a run is tracked (rank 0)
         active = mlflow.active_run() if mlflow is not None else None
@@ -459,5 +507,13 @@ class Finetuner:
         """The best weights in Hugging Face format, fp32, with the tokenizer and the label mapping."""
         model = self.engine.module.float()  # after train(), already the best epoch's fp32 masters
         model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
+        # The length it was fine-tuned and tested at: the pretraining length stayed, and a user's
+        # tokenizer(text, truncation=True) on the saved model cut longer texts elsewhere than the
+        # report's figures did.
+        saved_length = self.tokenizer.model_max_length
+        self.tokenizer.model_max_length = self.max_length
+        try:
+            self.tokenizer.save_pretrained(directory)
+        finally:
+            self.tokenizer.model_max_length = saved_length
         return directory
