@@ -55,6 +55,10 @@ def test_batch_arithmetic_is_exact_or_a_clear_error():
     with pytest.raises(DsConfigError, match=r"--global-batch-size 250 is not divisible by --micro-batch-size "
                                             r"16 x 4 processes = 64; use 192 or 256 \(a multiple of the 4 "):
         plan_batches(250, 16, 4)
+    # A power-of-two batch resumed on 3 nodes of 8: the batch may not change, the world size may.
+    with pytest.raises(DsConfigError, match=r"use 64512 or 66048 \(a multiple of the 24 processes\), or run 65536 "
+                                            r"on 16 or 32 processes \(a resume keeps its global batch\)$"):
+        plan_batches(65536, 64, 24)
     # fine-tuning's defaults (32 = 32 x accumulation) on 8 GPUs: the micro-batch is what to change
     with pytest.raises(DsConfigError, match=r"= 256; use --micro-batch-size 4 \(1 accumulation step\), or "
                                             r"--global-batch-size 256 or 512$"):
