@@ -392,8 +392,13 @@ def _shard_row_groups(shard_path: str, max_seq_length: int, vocab_size: int, wor
         first_row += table.num_rows
 
 
-def _write_flat_arrays(data_dir: str, manifest: dict, out: str, source: dict) -> None:
-    """Every shard's rows appended to the flat arrays in ``out``, then the marker."""
+class _Superseded(Exception):
+    """Another process installed a current cache while this one converted."""
+
+
+def _write_flat_arrays(data_dir: str, manifest: dict, out: str, source: dict, superseded=lambda: False) -> None:
+    """Every shard's rows appended to the flat arrays in ``out``, then the marker; raises
+    _Superseded at a shard's start once ``superseded()`` says another process finished first."""
     max_seq_length = int(manifest["max_seq_length"])
     dtypes = {**COLUMN_DTYPES, "token_offsets": np.int64, "mask_offsets": np.int64,
               "lengths": _lengths_dtype(max_seq_length), WORD_STARTS: np.bool_}
@@ -404,6 +409,8 @@ def _write_flat_arrays(data_dir: str, manifest: dict, out: str, source: dict) ->
         for name in base:
             files[name].append(np.zeros(1, dtype=np.int64))
         for shard in manifest["shards"]:
+            if superseded():
+                raise _Superseded
             for columns in _shard_row_groups(os.path.join(data_dir, shard["path"]), max_seq_length,
                                              int(manifest["tokenizer"]["vocab_size"]), carries_word_starts(manifest)):
                 for name, values in columns.items():
@@ -484,7 +491,13 @@ def build_flat_cache(data_dir: str, manifest: dict, target: str) -> None:
         log.info("converting %d shard(s) of %s into flat arrays in %s (once per data dir)",
                  len(manifest["shards"]), data_dir, target)
         try:
-            _write_flat_arrays(data_dir, manifest, temp, source)
+            # Without a cluster-wide lock each node converts; a node that finds another's cache
+            # installed stops (a late global rank 0 kept converting while the others waited for it
+            # in the rendezvous, whose timeout could pass).
+            _write_flat_arrays(data_dir, manifest, temp, source, lambda: _cache_is_current(target, source))
+        except _Superseded:
+            log.info("another process installed a current flat cache at %s: this conversion stops", target)
+            return
         except OSError as e:
             raise DataDirError(f"cannot write the flat cache {target} ({e}): free space there, or pass "
                                "another cache dir (--data-cache)") from None

@@ -433,6 +433,21 @@ def test_a_killed_conversions_copy_beside_a_current_cache_is_removed_at_the_next
     assert leftovers(data) == []  # before: kept for ever, since no conversion ran again
 
 
+def test_a_conversion_stops_once_another_process_installed_the_cache(data_dir, tmp_path, monkeypatch):
+    """Without a cluster-wide lock every node converts; a late one kept converting the whole corpus
+    after another node's cache was in place, while its peers waited for it in the rendezvous."""
+    from pipeline import data as data_module
+
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    assert PretrainingDataset(data).built_cache
+    read = []
+    real = data_module._shard_row_groups
+    monkeypatch.setattr(data_module, "_shard_row_groups", lambda path, *a: read.append(path) or real(path, *a))
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    data_module.build_flat_cache(data, manifest, os.path.join(data, "flat"))  # as a second node would
+    assert read == [] and leftovers(data) == []
+
+
 def test_another_users_lock_file_still_locks(data_dir, tmp_path, monkeypatch):
     """A group's data dir whose lock file another user created (0644): it could not be opened for
     writing, and every rank converted a copy of its own at once."""
