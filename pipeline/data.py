@@ -471,8 +471,9 @@ def _install(temp: str, target: str, source: dict) -> None:
     raise DataDirError(f"{target}: could not replace the stale flat cache (other processes keep rewriting it)")
 
 
-def build_flat_cache(data_dir: str, manifest: dict, target: str) -> None:
-    """Converts the shards into a temporary sibling of ``target`` and renames it into place.
+def build_flat_cache(data_dir: str, manifest: dict, target: str) -> bool:
+    """Converts the shards into a temporary sibling of ``target`` and renames it into place;
+    False if another process installed a current cache first and this conversion stopped.
 
     Safe without any lock: concurrent builders each use their own temporary dir.
     """
@@ -497,12 +498,13 @@ def build_flat_cache(data_dir: str, manifest: dict, target: str) -> None:
             _write_flat_arrays(data_dir, manifest, temp, source, lambda: _cache_is_current(target, source))
         except _Superseded:
             log.info("another process installed a current flat cache at %s: this conversion stops", target)
-            return
+            return False
         except OSError as e:
             raise DataDirError(f"cannot write the flat cache {target} ({e}): free space there, or pass "
                                "another cache dir (--data-cache)") from None
         _install(temp, target, source)
         log.info("flat arrays ready in %s (%.1f s)", target, time.monotonic() - started)
+        return True
     finally:
         shutil.rmtree(temp, ignore_errors=True)  # gone already after a successful rename
 
@@ -572,8 +574,12 @@ def _remove_abandoned_builds(target: str) -> None:
     partial copy of the corpus that nothing else removes."""
     for build in _builds(target):
         if time.time() - _last_write(build) > ABANDONED_BUILD_S:
-            log.warning("removing %s, a conversion abandoned over %d minutes ago", build, ABANDONED_BUILD_S // 60)
             shutil.rmtree(build, ignore_errors=True)
+            if os.path.exists(build):  # another user's, say: said once a start, not claimed removed
+                log.warning("%s: a conversion abandoned over %d minutes ago, which this process cannot remove",
+                            build, ABANDONED_BUILD_S // 60)
+            else:
+                log.warning("removed %s, a conversion abandoned over %d minutes ago", build, ABANDONED_BUILD_S // 60)
 
 
 def _converting_lately(target: str, within_s: float) -> bool:
@@ -610,7 +616,8 @@ def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> t
     if _cache_is_current(target, source):
         # A conversion killed before (the SIGKILL after a stop signal, a lost node) left its copy,
         # which only the next conversion removed: with a current cache there was none, ever.
-        _remove_abandoned_builds(target)
+        if int(os.environ.get("LOCAL_RANK") or 0) == 0:
+            _remove_abandoned_builds(target)
         return target, False
     _check_replaceable(target, "--data-cache" if cache_dir else "the flat cache")
     with contextlib.suppress(OSError):
@@ -620,8 +627,8 @@ def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> t
             return target, False
         if lock == "unsupported" and int(os.environ.get("LOCAL_RANK") or 0) > 0 and _wait_for_cache(target, source):
             return target, False
-        build_flat_cache(data_dir, manifest, target)
-    return target, True
+        built = build_flat_cache(data_dir, manifest, target)
+    return target, built
 
 
 def _map_flat_arrays(directory: str, names: Sequence[str]) -> dict[str, np.ndarray]:

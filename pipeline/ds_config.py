@@ -64,10 +64,13 @@ def plan_batches(global_batch_size: int, micro_batch_size: int, world_size: int)
         if global_batch_size % world_size:
             # A resume keeps its global batch (the data position counts global batches): there the
             # number of processes is what can change, to one that divides it.
-            worlds = [max(d for d in range(1, world_size) if global_batch_size % d == 0)]
-            worlds += [d for d in range(world_size + 1, global_batch_size + 1) if global_batch_size % d == 0][:1]
-            fix = (f"use {sizes} (a multiple of the {world_size} processes), or run {global_batch_size} on "
-                   f"{' or '.join(map(str, worlds))} processes (a resume keeps its global batch)")
+            fit = [d for d in range(1, global_batch_size // micro_batch_size + 1)
+                   if global_batch_size % (micro_batch_size * d) == 0]  # with this micro-batch
+            worlds = [d for d in fit if d < world_size][-1:] + [d for d in fit if d > world_size][:1]
+            fix = f"use {sizes} (a multiple of the {world_size} processes)"
+            if worlds:
+                fix += (f", or run {global_batch_size} on {' or '.join(map(str, worlds))} processes (a resume "
+                        "keeps its global batch)")
         else:  # e.g. fine-tuning's batch of 32 on 8 GPUs: a smaller micro-batch keeps the recipe's batch
             per_process = global_batch_size // world_size
             micro = max(d for d in range(1, min(micro_batch_size, per_process) + 1) if per_process % d == 0)

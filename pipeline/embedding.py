@@ -16,9 +16,10 @@ gets a like mix of lengths), writes them to a part file, and rank 0 merges the p
 row order. The output is written to a temporary file and renamed, so a reader never sees
 half a file.
 
-Everything is held in memory: the texts, their tokens and the vectors (3 KB a row at 768
-dims, 30 GB for ten million rows, on every process of a node for the texts). Meant for up
-to a few million rows; split a larger corpus into files and embed each.
+Everything is held in memory: the texts (every process reads the whole input), their token
+ids (5 bytes a token) and the vectors (3 KB a row at 768 dims): about 4 KB a row of 128
+tokens plus the text, 40 GB for ten million. Meant for up to a few million rows; split a
+larger corpus into files and embed each.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import time
 import numpy as np
 
 from pipeline.finetuning.data import _NO_KEY, FinetuneDataError, as_text, is_blank_text, read_table
+from pipeline.tokenized import tokenize
 
 POOLINGS = ("cls", "mean")
 # embed.py's flag defaults.
@@ -145,9 +147,11 @@ def load_model(model_dir: str):
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # a bar for loading a few dozen tensors is noise in a batch log
+    from safetensors import SafetensorError
+
     try:
         model = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
-    except (OSError, ValueError) as err:  # no weights file, or a truncated one
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # no weights file, or a truncated one
         raise EmbedError(f"--model {model_dir}: the weights do not load ({' '.join(str(err).split())[:300]})"
                          ) from None
     finally:
@@ -194,14 +198,8 @@ def embed_texts(model, tokenizer, texts: list[str], *, max_length: int, pooling:
     if pooling not in POOLINGS:
         raise EmbedError(f"--pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
     device = next(model.parameters()).device
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
-    lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
-    # A text of exactly max_length tokens lost nothing: only those at the limit are tokenized again,
-    # one token further, to tell them from the cut ones (all of them were counted as cut).
-    at_limit = np.flatnonzero(lengths >= max_length)
-    longer = tokenizer([texts[i] for i in at_limit], truncation=True,
-                       max_length=max_length + 1)["input_ids"] if at_limit.size else []
-    truncated = sum(len(i) > max_length for i in longer)
+    ids, _, truncated = tokenize(tokenizer, texts, None, max_length)  # flat arrays (pipeline/tokenized.py)
+    lengths = ids.lengths()
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     pad = tokenizer.pad_token_id
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)

@@ -24,15 +24,15 @@ from preprocessing import cli_parser  # noqa: E402
 # Panel title -> predicate on the metric name. The first match wins; the rest go in "other".
 # One scale per panel: an fp16 loss scale (65,536) beside the losses, or tokens/s (1e5) beside
 # an MFU (< 1), drew the smaller ones flat on zero.
-_SCALING = ("grad_norm", "loss_scale", "skipped_steps")
 PANELS = (
-    ("loss", lambda name: "loss" in name and name not in _SCALING),
+    ("loss", lambda name: "loss" in name and name != "loss_scale"),
     ("accuracy and scores", lambda name: any(k in name for k in ("accuracy", "f1", "mcc", "pearson", "spearman"))),
     ("sequences per second", lambda name: name.endswith("_per_second") and "token" not in name),
     ("tokens per second", lambda name: name.endswith("_per_second") and "token" in name),
     ("model FLOPs utilization", lambda name: name.startswith("mfu_")),
     ("learning rate", lambda name: name == "learning_rate"),
-    ("gradients and scaling", lambda name: name in _SCALING),
+    ("gradients", lambda name: name in ("grad_norm", "skipped_steps")),
+    ("fp16 loss scale", lambda name: name == "loss_scale"),
 )
 
 

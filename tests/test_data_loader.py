@@ -444,7 +444,7 @@ def test_a_conversion_stops_once_another_process_installed_the_cache(data_dir, t
     real = data_module._shard_row_groups
     monkeypatch.setattr(data_module, "_shard_row_groups", lambda path, *a: read.append(path) or real(path, *a))
     manifest = json.load(open(os.path.join(data, "manifest.json")))
-    data_module.build_flat_cache(data, manifest, os.path.join(data, "flat"))  # as a second node would
+    assert not data_module.build_flat_cache(data, manifest, os.path.join(data, "flat"))  # as a second node would
     assert read == [] and leftovers(data) == []
 
 

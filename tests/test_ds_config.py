@@ -59,6 +59,9 @@ def test_batch_arithmetic_is_exact_or_a_clear_error():
     with pytest.raises(DsConfigError, match=r"use 64512 or 66048 \(a multiple of the 24 processes\), or run 65536 "
                                             r"on 16 or 32 processes \(a resume keeps its global batch\)$"):
         plan_batches(65536, 64, 24)
+    # Only counts this micro-batch fits: 96 = 32 x 3 (4 or 6 processes would fail again).
+    with pytest.raises(DsConfigError, match=r"or run 96 on 3 processes \(a resume keeps its global batch\)$"):
+        plan_batches(96, 32, 5)
     # fine-tuning's defaults (32 = 32 x accumulation) on 8 GPUs: the micro-batch is what to change
     with pytest.raises(DsConfigError, match=r"= 256; use --micro-batch-size 4 \(1 accumulation step\), or "
                                             r"--global-batch-size 256 or 512$"):

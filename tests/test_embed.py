@@ -177,6 +177,10 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
     shutil.copytree(BUNDLE, broken, ignore=shutil.ignore_patterns("model.safetensors"))
     assert main(["--model", str(broken), "--input", str(ok), "--out", out, "--no-mlflow"]) == 2
     assert f"--model {broken}: the weights do not load" in capsys.readouterr().err
+    weights = open(os.path.join(BUNDLE, "model.safetensors"), "rb").read()
+    (broken / "model.safetensors").write_bytes(weights[:len(weights) // 2])  # a copy cut short
+    assert main(["--model", str(broken), "--input", str(ok), "--out", out, "--no-mlflow"]) == 2
+    assert f"--model {broken}: the weights do not load" in capsys.readouterr().err
     # The vector column's name: the ids vanished from the output.
     with pytest.raises(SystemExit):
         main(["--model", BUNDLE, "--input", str(ok), "--out", out, "--id-column", "embedding"])

@@ -14,15 +14,16 @@ from .conftest import REPO
 def test_metrics_are_grouped_by_what_they_measure():
     names = ["loss", "eval_loss", "mlm_accuracy", "validation/f1", "sequences_per_second", "mfu_model",
              "real_tokens_per_second", "learning_rate", "grad_norm", "loss_scale", "epoch_seconds"]
-    # One scale per panel: the fp16 loss scale (65,536) drew the losses flat when beside them, and
-    # tokens/s (1e5) the MFU (< 1).
+    # One scale per panel: the fp16 loss scale (65,536) drew the losses (and a gradient norm) flat
+    # when beside them, and tokens/s (1e5) the MFU (< 1).
     assert group(names) == [("loss", ["loss", "eval_loss"]),
                             ("accuracy and scores", ["mlm_accuracy", "validation/f1"]),
                             ("sequences per second", ["sequences_per_second"]),
                             ("tokens per second", ["real_tokens_per_second"]),
                             ("model FLOPs utilization", ["mfu_model"]),
                             ("learning rate", ["learning_rate"]),
-                            ("gradients and scaling", ["grad_norm", "loss_scale"]),
+                            ("gradients", ["grad_norm"]),
+                            ("fp16 loss scale", ["loss_scale"]),
                             ("other", ["epoch_seconds"])]
 
 

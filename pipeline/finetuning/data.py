@@ -519,7 +519,7 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
             splits[split] = whole.take(rows)
             sources[split] = f"{sources['train']} (seeded split)"
             dropped[split] = 0
-        if "validation" in tables and missing == ["test"]:  # a dev set given, and still train rows held out
+        if data is None and "validation" in tables and missing == ["test"]:  # a dev file, and train rows held out
             log.warning("no --test file: %d of the %d --train rows are held out as the test split (--test-fraction "
                         "%g, seed %d); pass --test DEV_FILE to train on every row and test on a dev set",
                         len(splits["test"]), len(whole), test_fraction, seed)

@@ -16,7 +16,6 @@ without another collective.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import os
@@ -37,35 +36,16 @@ from pipeline.finetuning.model import (build_classifier, default_max_length, loa
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
                               json_line, per_class_report, task_metrics)
 from pipeline.model import forward_attention_mask
+from pipeline.tokenized import Ragged, tokenize
 from pipeline.tracking import config_params
 
 log = logging.getLogger(__name__)
 
 
-class Ragged:
-    """Rows of unequal length in one flat array: row i is ``values[offsets[i]:offsets[i + 1]]``.
-    Python lists of ints took about 7 KB a row of 40 tokens (each id its own object), on every
-    rank for the whole run: 14 GB a rank for 2M rows."""
-
-    def __init__(self, values: np.ndarray, offsets: np.ndarray):
-        self.values, self.offsets = values, offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i) -> np.ndarray:
-        return self.values[self.offsets[i]:self.offsets[i + 1]]
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-
 @dataclasses.dataclass
 class Encoded:
-    """A tokenized split: unpadded ids and segment ids, labels, and how many rows were cut."""
+    """A tokenized split: unpadded ids and segment ids (pipeline/tokenized.py), labels, and how
+    many rows were cut."""
 
     input_ids: Ragged
     token_type_ids: Ragged
@@ -76,30 +56,9 @@ class Encoded:
         return len(self.input_ids)
 
 
-ENCODE_CHUNK = 20_000  # rows tokenized at once: the tokenizer's Python lists live for one chunk only
-
-
 def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
-    ids, types, lengths, truncated = [], [], [], 0  # ids, types: one flat array per chunk
-    for start in range(0, len(examples.texts), ENCODE_CHUNK):
-        texts = examples.texts[start:start + ENCODE_CHUNK]
-        pairs = examples.pairs[start:start + ENCODE_CHUNK] if examples.pairs is not None else None
-        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=True)
-        ids.append(np.fromiter(itertools.chain.from_iterable(enc["input_ids"]), dtype=np.int32))
-        types.append(np.fromiter(itertools.chain.from_iterable(enc["token_type_ids"]), dtype=np.int8))
-        lengths.extend(len(row) for row in enc["input_ids"])
-        # Truncation is counted, never silent. A row of exactly max_length tokens lost nothing:
-        # only rows at the limit are tokenized again, one token further, to tell them apart.
-        at_limit = [k for k, row in enumerate(enc["input_ids"]) if len(row) >= max_length]
-        if at_limit:
-            longer = tokenizer([texts[k] for k in at_limit], [pairs[k] for k in at_limit] if pairs else None,
-                               truncation=True, max_length=max_length + 1)["input_ids"]
-            truncated += sum(len(row) > max_length for row in longer)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
-    flat_types = np.concatenate(types) if types else np.zeros(0, np.int8)
-    return Encoded(Ragged(flat_ids, offsets), Ragged(flat_types, offsets), examples.labels, truncated)
+    ids, types, truncated = tokenize(tokenizer, examples.texts, examples.pairs, max_length)
+    return Encoded(ids, types, examples.labels, truncated)
 
 
 def collate(split: Encoded, rows: np.ndarray, pad_id: int, task: str) -> dict[str, torch.Tensor]:
@@ -507,13 +466,8 @@ class Finetuner:
         """The best weights in Hugging Face format, fp32, with the tokenizer and the label mapping."""
         model = self.engine.module.float()  # after train(), already the best epoch's fp32 masters
         model.save_pretrained(directory, safe_serialization=True)
-        # The length it was fine-tuned and tested at: the pretraining length stayed, and a user's
-        # tokenizer(text, truncation=True) on the saved model cut longer texts elsewhere than the
-        # report's figures did.
-        saved_length = self.tokenizer.model_max_length
-        self.tokenizer.model_max_length = self.max_length
-        try:
-            self.tokenizer.save_pretrained(directory)
-        finally:
-            self.tokenizer.model_max_length = saved_length
+        # The tokenizer keeps the pretraining length as its model_max_length: a later fine-tuning
+        # from this model reads it as such (default length, untrained positions). The length this
+        # run used is report.json's max_seq_length and the logged MLflow model's max_length.
+        self.tokenizer.save_pretrained(directory)
         return directory
