@@ -173,11 +173,21 @@ def task_metrics(task: str, labels: np.ndarray, outputs: np.ndarray, num_classes
     return regression_metrics(labels, outputs.reshape(-1))
 
 
+def finite_or_null(value):
+    """``value`` with every float that is not finite, at any depth, as None: JSON has no NaN
+    (json.dumps writes it, and JSON parsers and jq refuse it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def json_line(record: dict) -> str:
-    """One line of a metrics/eval .jsonl file: strict JSON, with ``null`` for a value that is not
-    finite (json.dumps writes NaN, which JSON parsers and jq do not take)."""
-    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                       for k, v in record.items()}) + "\n"
+    """One line of a metrics/eval .jsonl file: strict JSON (``finite_or_null``)."""
+    return json.dumps(finite_or_null(record)) + "\n"
 
 
 def keep_steps_up_to(path: str, step: int) -> int:

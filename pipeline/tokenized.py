@@ -38,8 +38,9 @@ def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: i
              ) -> tuple[Ragged, Ragged, int]:
     """(token ids, segment ids, rows cut) of ``texts`` (with ``pairs``) cut at ``max_length``.
 
-    A row of exactly ``max_length`` tokens lost nothing: only rows at the limit are tokenized
-    again, one token further, to tell them from the cut ones (all were counted as cut)."""
+    A row of exactly ``max_length`` tokens lost nothing (all at the limit were counted as cut): a
+    fast tokenizer says which rows it cut (``Encoding.overflowing``); with a slow one, rows at the
+    limit are tokenized again, one token further."""
     ids, types, lengths, truncated = [], [], [], 0
     for start in range(0, len(texts), CHUNK):
         chunk = texts[start:start + CHUNK]
@@ -48,6 +49,9 @@ def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: i
         ids.append(np.fromiter(itertools.chain.from_iterable(enc["input_ids"]), dtype=np.int32))
         types.append(np.fromiter(itertools.chain.from_iterable(enc["token_type_ids"]), dtype=np.int8))
         lengths.extend(len(row) for row in enc["input_ids"])
+        if getattr(enc, "encodings", None) is not None:
+            truncated += sum(1 for encoding in enc.encodings if encoding.overflowing)
+            continue
         at_limit = [k for k, row in enumerate(enc["input_ids"]) if len(row) >= max_length]
         if at_limit:
             longer = tokenizer([chunk[k] for k in at_limit], [chunk_pairs[k] for k in at_limit] if chunk_pairs

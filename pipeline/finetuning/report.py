@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 
-from pipeline.metrics import format_per_class, per_class_metrics
+from pipeline.metrics import finite_or_null, format_per_class, per_class_metrics
 
 REPORT = "report.json"
 CONFUSION_PNG = "confusion_matrix.png"
-
-
-def _finite_or_null(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
-    return value
 
 
 def write_report(report: dict, output_dir: str) -> list[str]:
@@ -27,7 +16,7 @@ def write_report(report: dict, output_dir: str) -> list[str]:
     Classification also prints the test split's per-class table (rank 0 alone calls this)."""
     path = os.path.join(output_dir, REPORT)
     with open(path, "w") as f:  # strict JSON: a metric that is not finite is null (json.dump wrote NaN)
-        json.dump(_finite_or_null(report), f, indent=2)
+        json.dump(finite_or_null(report), f, indent=2)
     paths = [path]
     if "per_class" in report:
         print(format_per_class(report["per_class"]["test"], "test"), flush=True)
