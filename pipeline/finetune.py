@@ -7,7 +7,8 @@
         --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --register-name sts-b
 
 Writes OUTPUT_DIR/model (Hugging Face, best validation epoch, label mapping in its config),
-report.json (test metrics, confusion matrix) and confusion_matrix.png; rank 0 logs one MLflow
+report.json (test metrics, confusion matrix), confusion_matrix.png and, for each --predict
+input, predictions/NAME.tsv (GLUE's submission format); rank 0 logs one MLflow
 run (stage=finetune, tags pretrain_run_id and data_run_id). Exit code 0, or 2 with one line
 naming the file, row or flag for bad data, flags or model; 128 + N after stop signal N
 (SIGTERM, SIGUSR1: SLURM's time limit, scancel, preemption), on every rank at the same
@@ -89,16 +90,21 @@ def finetune(config, finetuner) -> int:
             tracker = start_tracking(config, finetuner)
         best = finetuner.train(tracker)
         report = finetuner.test_report()  # every rank: the test pass is all-gathered
+        report["predictions"] = finetuner.write_predictions(config.output_dir)  # every rank, as the test pass
         if finetuner.is_rank0:
             model_dir = finetuner.save_model(os.path.join(config.output_dir, "model"))
             paths = write_report(report, config.output_dir)
             test = "  ".join(f"{k}={v:.4f}" for k, v in report["test"].items())
             print(f"best epoch {best.epoch} (validation {finetuner.metric} {best.validation[finetuner.metric]:.4f}); "
                   f"test: {test}\nmodel: {model_dir}\nreport: {paths[0]}", flush=True)
+            for written in report["predictions"].values():
+                print(f"predictions: {os.path.join(config.output_dir, written['file'])} ({written['rows']} rows of "
+                      f"{written['from']})", flush=True)
             if tracker:
                 tracker.log_metrics({f"test/{k}": v for k, v in report["test"].items()}, best.epoch)
                 log_to_mlflow(tracker, paths, model_dir if config.log_model else None, finetuner.task,
-                              config.register_name, finetuner.max_length, finetuner.convert)
+                              config.register_name, finetuner.max_length, finetuner.convert,
+                              [os.path.join(config.output_dir, w["file"]) for w in report["predictions"].values()])
         status = "FINISHED"
         end_distributed()
         return 0

@@ -357,7 +357,7 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
 
 def test_sentence_pairs_and_regression(pretrained, tmp_path):
     """Pairs: does this plot and this review concern the same film? Regression: a 0-1 score."""
-    from pipeline.finetuning.trainer import Finetuner
+    from pipeline.finetuning.trainer import Finetuner, collate
 
     table = read_table(ROTTEN_TOMATOES)
     plots = {m: t for c, t, m in zip(table.columns["category"], table.columns["text"], table.columns["movie_name"])
@@ -388,7 +388,7 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
     regression = Finetuner(FinetuneConfig.from_flat(
         model=pretrained, data=str(path), text_column="review", label_column="score",
         output_dir=str(tmp_path / "regression"), epochs=8, learning_rate=1e-3, mlflow=False, global_batch_size=16,
-        micro_batch_size=16, patience=0, max_seq_length=48))
+        micro_batch_size=16, patience=0, max_seq_length=48, predict=[str(path)]))
     assert regression.task == "regression" and regression.metric == "pearson"
     # A previous classification run's outputs in the same --output-dir: beside this run's metrics.jsonl
     # they made a killed run look complete, and its confusion matrix stayed beside a regression report.
@@ -412,6 +412,79 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
     # float rounding, which moved the correlation by 1.2e-5 in a run.
     assert report["test"]["pearson"] == pytest.approx(expected["pearson"], abs=1e-4)
     assert report["test"]["spearman"] == pytest.approx(expected["spearman"], abs=1e-4)
+    # --predict: a score per row of the file, in its order, as the saved model gives them
+    written = regression.write_predictions(str(tmp_path / "regression"))
+    assert written["pairs"]["file"] == "predictions/pairs.tsv" and written["pairs"]["rows"] == len(reviews)
+    lines = (tmp_path / "regression" / "predictions" / "pairs.tsv").read_text().splitlines()
+    rows = np.arange(len(reviews))
+    batch = collate(regression.prediction_sets["pairs"], rows, regression.tokenizer.pad_token_id, "regression")
+    batch.pop("labels")
+    with torch.no_grad():
+        saved = model(**batch).logits[:, 0].numpy()
+    assert lines[0] == "index\tprediction" and [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in rows]
+    np.testing.assert_allclose([float(line.split("\t")[1]) for line in lines[1:]], saved, atol=1e-4)
+    assert np.std(saved) > 0.05  # scores that differ by row: a shuffled file would not pass
+
+
+def test_mnli_shaped_splits_and_predictions_for_unlabelled_rows(pretrained, tmp_path):
+    """GLUE's MNLI layout (validated on validation_matched, tested on validation_mismatched, its
+    test splits unlabelled): --predict writes the saved model's prediction for every row, in file
+    order, for a split and for a file without labels. The hypothesis says the label (a review and
+    "rotten."), so that a few epochs learn to tell rows apart and a shuffled file would show."""
+    import datasets
+
+    from pipeline import finetune
+
+    table = read_table(ROTTEN_TOMATOES)
+    rng = np.random.default_rng(5)
+    rows = [(t, said, said) for c, t in zip(table.columns["category"], table.columns["text"]) if c != "plot"
+            for said in [("fresh", "rotten")[rng.integers(2)]]][:400]
+    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["fresh", "rotten"])})
+
+    def part(chunk, unlabelled=False):
+        return datasets.Dataset.from_dict({"premise": [r[0] for r in chunk], "hypothesis": [r[1] for r in chunk],
+                                           "label": [-1 if unlabelled else int(r[2] == "rotten") for r in chunk]},
+                                          features=features)
+
+    datasets.DatasetDict({"train": part(rows[:280]), "validation_matched": part(rows[280:320]),
+                          "validation_mismatched": part(rows[320:360]), "test_matched": part(rows[360:390], True),
+                          "test_mismatched": part(rows[390:], True)}).save_to_disk(str(tmp_path / "mnli"))
+    loose = tmp_path / "loose.tsv"  # no label column at all
+    with open(loose, "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([("premise", "hypothesis"), *((r[0], r[1]) for r in rows[:25])])
+    out = tmp_path / "out"
+    code = finetune.main(["--model", pretrained, "--data", str(tmp_path / "mnli"), "--text-column", "premise",
+                          "--text-pair-column", "hypothesis", "--validation-split", "validation_matched",
+                          "--test-split", "validation_mismatched", "--predict", "test_matched", "--predict", str(loose),
+                          "--output-dir", str(out), "--epochs", "3", "--global-batch-size", "16",
+                          "--micro-batch-size", "16", "--learning-rate", "1e-3", "--no-mlflow"])
+    assert code == 0
+    report = json.load(open(out / "report.json"))
+    assert report["rows"] == {"train": 280, "validation": 40, "test": 40}
+    assert report["split_from"]["test"] == str(tmp_path / "mnli")
+    assert report["predictions"] == {
+        "test_matched": {"file": "predictions/test_matched.tsv", "from": "test_matched", "rows": 30,
+                         "rows_truncated": report["predictions"]["test_matched"]["rows_truncated"]},
+        "loose": {"file": "predictions/loose.tsv", "from": str(loose), "rows": 25,
+                  "rows_truncated": report["predictions"]["loose"]["rows_truncated"]}}
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    for name, chunk in (("test_matched", rows[360:390]), ("loose", rows[:25])):
+        with open(out / "predictions" / f"{name}.tsv", newline="") as f:
+            written = list(csv.reader(f, delimiter="\t"))
+        assert written[0] == ["index", "prediction"] and [r[0] for r in written[1:]] == [str(i) for i in range(len(chunk))]
+        # The saved model, one row at a time: the file's order, not the length-sorted batches'.
+        with torch.no_grad():
+            logits = torch.cat([model(**tokenizer(p, h, truncation=True, max_length=report["max_seq_length"],
+                                                  return_tensors="pt")).logits for p, h, _ in chunk])
+        expected = [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
+        clear = (logits[:, 0] - logits[:, 1]).abs() > 1e-4  # a near tie may fall either way with other padding
+        assert clear.sum() >= len(chunk) - 1
+        assert [w[1] for w, c in zip(written[1:], clear) if c] == [e for e, c in zip(expected, clear) if c]
+        assert 0.25 < np.mean([w[1] == "rotten" for w in written[1:]]) < 0.75  # rows told apart
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused(pretrained, tmp_path):
@@ -680,13 +753,17 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     import mlflow
 
     pretrain_hf = export.export_checkpoint(pretrained)  # where pretrain.py puts it: RUN_DIR/hf/<tag>
+    table = read_table(ROTTEN_TOMATOES)
+    plots = [t for c, t in zip(table.columns["category"], table.columns["text"]) if c == "plot" and t.strip()][:12]
+    (tmp_path / "plots.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in plots))  # no labels
     # The Hugging Face Hub, as far as this run knows, is a local server that records what it is asked:
     # "--output-dir out" makes "out/model", which reads as a hub repo id.
     with recording_http_server() as hub:
         proc = subprocess.run(
             ["deepspeed", "--master_port", str(free_port()), SCRIPT, "--model", pretrained, "--data", reviews,
              "--label-column", "category", "--drop-label", "plot", "--epochs", "2", "--output-dir", "out",
-             "--run-name", "ft-e2e", "--register-name", "reviews-tiny", "--learning-rate", "1e-3"],
+             "--run-name", "ft-e2e", "--register-name", "reviews-tiny", "--learning-rate", "1e-3",
+             "--predict", "plots.jsonl"],
             capture_output=True, text=True, cwd=tmp_path, timeout=400,
             env=_clean_env(MLFLOW_TRACKING_URI=mlflow_server, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0"))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -715,6 +792,10 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     assert "weighted avg" in proc.stdout  # the per-class table at the end of the run
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.json", "confusion_matrix.png", "ds_config.json"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "predictions")] == ["predictions/plots.tsv"]
+    written = (tmp_path / "out" / "predictions" / "plots.tsv").read_text().splitlines()
+    assert len(written) == 13 and all(line.split("\t")[1] in ("fresh", "rotten") for line in written[1:])
+    assert "predictions: out/predictions/plots.tsv (12 rows of plots.jsonl)" in proc.stdout
     version = client.get_registered_model("reviews-tiny").latest_versions[0]
     assert version.run_id == run.info.run_id
     # Through the environment, undone after the test: mlflow.set_tracking_uri would point every later

@@ -89,6 +89,93 @@ def test_saved_datasets_dict_and_dataset(tmp_path):
     assert sum(len(s) for s in data.splits.values()) == 60 and "seeded split" in data.split_from["test"]
 
 
+def save_mnli_shaped(path, rows=ROWS):
+    """GLUE MNLI's five splits; its two test splits unlabelled (-1), as the datasets library has them."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "other": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["pos", "neg", "neutral"])})
+    ids = {"pos": 0, "neg": 1, "neutral": 2}
+
+    def part(chunk, unlabelled=False):
+        return datasets.Dataset.from_dict({"text": [r["text"] for r in chunk], "other": [r["other"] for r in chunk],
+                                           "label": [-1 if unlabelled else ids[r["label"]] for r in chunk]},
+                                          features=features)
+
+    datasets.DatasetDict({"train": part(rows[:36]), "validation_matched": part(rows[36:42]),
+                          "validation_mismatched": part(rows[42:48]), "test_matched": part(rows[48:54], True),
+                          "test_mismatched": part(rows[54:], True)}).save_to_disk(str(path))
+    return str(path)
+
+
+def test_splits_of_a_saved_dataset_dict_are_named_by_flag(tmp_path, caplog):
+    caplog.set_level("INFO")
+    mnli = save_mnli_shaped(tmp_path / "mnli")
+    # Without the flags, five splits of which three play no role are refused (one could be the test set).
+    with pytest.raises(FinetuneDataError, match=r"split 'validation_matched' is not one of train, validation, test "
+                                                r"\(or dev\): name the splits to validate and test on with "
+                                                r"--validation-split / --test-split"):
+        load_task_data(data=mnli)
+    data = load_task_data(data=mnli, validation_split="validation_matched", test_split="validation_mismatched")
+    assert [len(data.splits[s]) for s in ("train", "validation", "test")] == [36, 6, 6]
+    assert data.splits["validation"].texts == [r["text"] for r in ROWS[36:42]]
+    assert data.splits["test"].where[0] == f"{mnli}[validation_mismatched]: row 1"
+    assert data.labels == ["pos", "neg", "neutral"]  # the ClassLabel's order
+    assert "test_matched, test_mismatched not used for training or scoring" in caplog.text
+    # Naming only one: the test split is then cut from train, as for a dict without one.
+    data = load_task_data(data=mnli, validation_split="validation_matched", seed=1)
+    assert "seeded split" in data.split_from["test"] and len(data.splits["validation"]) == 6
+    cases = [
+        (dict(validation_split="dev"), rf"--validation-split dev: {mnli} has no such split \(splits: train, "
+                                       r"validation_matched, validation_mismatched, test_matched, test_mismatched\)"),
+        (dict(test_split="test_matched"), r"--test-split test_matched: the split has no labels \(column 'label' is "
+                                          r"blank or -1 in all 6 rows\); name a labelled split, and write predictions "
+                                          r"for this one with --predict test_matched"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(FinetuneDataError, match=message):
+            load_task_data(data=mnli, **flags)
+    with pytest.raises(FinetuneDataError, match="--data .*d.csv is a file, not a saved DatasetDict"):
+        load_task_data(data=write(tmp_path / "d.csv"), test_split="test")
+    # Two splits that would both be the validation split, and a flag that settles it.
+    import datasets
+
+    one = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(20)], "label": ["x", "y"] * 10})
+    datasets.DatasetDict({"train": one, "dev": one, "validation": one}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(FinetuneDataError, match="splits 'dev' and 'validation' would both be the validation split; "
+                                                "name the one to use with --validation-split"):
+        load_task_data(data=str(tmp_path / "two"))
+    assert load_task_data(data=str(tmp_path / "two"), validation_split="dev", seed=1).split_from["test"].endswith(
+        "(seeded split)")
+
+
+def test_prediction_inputs_are_files_or_splits_and_need_no_labels(tmp_path):
+    from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, prediction_name
+    from pipeline.finetuning.data import load_prediction_inputs
+
+    mnli = save_mnli_shaped(tmp_path / "mnli")
+    unlabelled = write(tmp_path / "unlabelled.tsv", [{"text": r["text"], "other": r["other"]} for r in ROWS[:5]],
+                       fmt="tsv")
+    inputs = load_prediction_inputs(["test_matched", unlabelled], data=mnli, task="classification",
+                                    text_column="text", text_pair_column="other")
+    assert list(inputs) == ["test_matched", "unlabelled"]  # the output names: predictions/NAME.tsv
+    assert inputs["test_matched"].texts == [r["text"] for r in ROWS[48:54]]
+    assert inputs["unlabelled"].pairs == [r["other"] for r in ROWS[:5]] and len(inputs["unlabelled"].labels) == 5
+    assert prediction_name("glue/MNLI/test_matched.tsv") == "test_matched" and prediction_name("dev.jsonl.bz2") == "dev"
+    with pytest.raises(FinetuneDataError, match=r"--predict test: no such file, nor a split of --data .*mnli \(splits: "
+                                                r"train, validation_matched"):
+        load_prediction_inputs(["test"], data=mnli, task="classification", text_column="text", text_pair_column=None)
+    with pytest.raises(FinetuneDataError, match="--predict nope.tsv: no such file"):
+        load_prediction_inputs(["nope.tsv"], data=None, task="regression", text_column="text", text_pair_column=None)
+    with pytest.raises(FinetuneDataError, match=r"unlabelled.tsv: no column 'sentence'"):
+        load_prediction_inputs([unlabelled], data=None, task="classification", text_column="sentence",
+                               text_pair_column=None)
+    with pytest.raises(FinetuneConfigError, match="--predict: two inputs would both write predictions/test.tsv"):
+        FinetuneConfig(model="m", data="d", predict=["a/test.tsv", "b/test.jsonl"])
+    with pytest.raises(FinetuneConfigError, match="--validation-split/--test-split name splits of a saved DatasetDict"):
+        FinetuneConfig(model="m", train="t.csv", test_split="test")
+
+
 def test_stratified_split_keeps_class_shares_and_is_seeded():
     keys = ["a"] * 700 + ["b"] * 250 + ["c"] * 50
     val, test, train = stratified_split(keys, [0.1, 0.2], seed=1)

@@ -35,6 +35,17 @@ def check_output_dir(output_dir: str, model: str) -> None:
                                   "fine-tuning's metrics.jsonl would replace the run's; pass another folder")
 
 
+def prediction_name(spec: str) -> str:
+    """The name a --predict input's predictions are written under: a file's name without its
+    extensions (dev.tsv.gz → dev), or a split's name (test_matched)."""
+    name = os.path.basename(os.path.normpath(spec))
+    for suffixes in ((".gz", ".bz2", ".xz"), (".csv", ".tsv", ".jsonl", ".json", ".parquet")):
+        stem, ext = os.path.splitext(name)
+        if ext in suffixes and stem:
+            name = stem
+    return name
+
+
 class FinetuneConfigError(EngineConfigError):
     """A bad flag value; the message names the flag."""
 
@@ -49,6 +60,9 @@ class FinetuneConfig:
     train: str | None = None
     validation: str | None = None
     test: str | None = None
+    validation_split: str | None = None  # a saved DatasetDict's split to validate on (MNLI's validation_matched)
+    test_split: str | None = None
+    predict: tuple[str, ...] = ()  # files, or splits of --data, to write predictions for
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
@@ -73,10 +87,17 @@ class FinetuneConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "drop_labels", tuple(self.drop_labels))
+        object.__setattr__(self, "predict", tuple(self.predict))
+        names = [prediction_name(spec) for spec in self.predict]
+        twice = sorted({n for n in names if names.count(n) > 1})
         checks = [
             ((self.data is None) != (self.train is None), "give either --data or --train (not both, not neither)"),
             (self.data is None or not (self.validation or self.test),
              "--validation/--test go with --train; with --data the splits come from the data"),
+            (self.data is not None or not (self.validation_split or self.test_split),
+             "--validation-split/--test-split name splits of a saved DatasetDict given as --data"),
+            (not twice, f"--predict: two inputs would both write predictions/{twice[0] if twice else ''}.tsv; "
+                        "rename one file"),
             (self.init in ("pretrained", "random"), f"--init must be pretrained or random, got {self.init!r}"),
             (self.task in (None, "classification", "regression"),
              f"--task must be classification or regression, got {self.task!r}"),
@@ -134,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train", help="train split file (instead of --data)")
     data.add_argument("--validation", help="validation split file (default: split off --train)%(default).0s")
     data.add_argument("--test", help="test split file (default: split off --train)%(default).0s")
+    data.add_argument("--validation-split", metavar="SPLIT",
+                      help="with a saved DatasetDict as --data: the split to validate on (e.g. MNLI's "
+                           "validation_matched; default: validation, dev, valid or val)")
+    data.add_argument("--test-split", metavar="SPLIT",
+                      help="with a saved DatasetDict as --data: the split to test on (e.g. validation_mismatched; "
+                           "default: test)")
+    data.add_argument("--predict", action="append", default=[], metavar="FILE_OR_SPLIT",
+                      help="after training, write the best model's predictions for every row of this file (or of "
+                           "this split of --data's saved DatasetDict; labels not needed, e.g. GLUE's test sets) to "
+                           "OUTPUT_DIR/predictions/NAME.tsv (columns index, prediction); repeatable")
     data.add_argument("--text-column", default=d.text_column, help="column with the text")
     data.add_argument("--text-pair-column", help="second text of a sentence-pair task")
     data.add_argument("--label-column", default=d.label_column, help="column with the label")

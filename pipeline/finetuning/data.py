@@ -8,7 +8,7 @@ regression target that is not a number. Nothing is dropped silently: ``--drop-la
 rows (``--drop-label ""``: the blank ones) are counted per split.
 
 Splits come from ``--train/--validation/--test`` files, from a saved ``DatasetDict``'s
-splits, or, for what is missing, from a seeded stratified split of the training rows
+splits (by name, or those ``--validation-split/--test-split`` name), or, for what is missing, from a seeded stratified split of the training rows
 (per class for classification, per target quantile for regression), so that the same
 file and seed give the same split on any machine and any number of processes.
 """
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.engine import EngineConfig
-from pipeline.finetuning.config import FinetuneConfig
+from pipeline.finetuning.config import FinetuneConfig, prediction_name
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -261,26 +261,65 @@ def read_table(path: str) -> Table:
         raise FinetuneDataError(f"{path}: not {what} ({err})") from None
 
 
-def read_saved_dataset(path: str) -> dict[str, Table]:
-    """A ``datasets.save_to_disk`` dir: a ``Dataset`` (→ {"train": …}) or a ``DatasetDict``."""
+def _load_saved(path: str):
     import datasets
 
     try:
-        loaded = datasets.load_from_disk(path)
+        return datasets.load_from_disk(path)
     except FileNotFoundError as err:
         raise FinetuneDataError(f"{path}: not a datasets.save_to_disk dir ({err})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        aliases = {"dev": "validation", "valid": "validation", "val": "validation"}
-        tables = {}
-        for name, dataset in loaded.items():
-            split = aliases.get(name, name)
-            if split not in SPLITS:
-                raise FinetuneDataError(f"{path}: split {name!r} is not one of {', '.join(SPLITS)} (or dev)")
-            tables[split] = _dataset_table(dataset, f"{path}[{name}]")
-        if "train" not in tables:
-            raise FinetuneDataError(f"{path}: the DatasetDict has no train split (it has {', '.join(loaded)})")
-        return tables
-    return {"train": _dataset_table(loaded, path)}
+
+
+_SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation"}
+
+
+def _split_roles(path: str, loaded, validation_split: str | None, test_split: str | None) -> dict[str, str]:
+    """Which split of a saved ``DatasetDict`` plays which role: {"train": "train", "validation":
+    "validation_matched", …}. A split the flags do not name plays the role its name says (dev is
+    validation); with no flag given, a split that plays none is refused (MNLI's five splits need
+    the flags), since dropping it silently could drop the one meant for testing. A saved
+    ``Dataset`` (no splits) is {"train": ""}."""
+    import datasets
+
+    if not isinstance(loaded, datasets.DatasetDict):
+        if validation_split or test_split:
+            raise FinetuneDataError(f"--{'validation' if validation_split else 'test'}-split: {path} is one "
+                                    "Dataset, without splits to name")
+        return {"train": ""}
+    roles = {role: name for role, name in (("validation", validation_split), ("test", test_split)) if name}
+    for role, name in roles.items():
+        if name not in loaded:
+            raise FinetuneDataError(f"--{role}-split {name}: {path} has no such split (splits: {', '.join(loaded)})")
+    named = dict(roles)
+    for name in loaded:
+        role = _SPLIT_ALIASES.get(name, name)
+        if role not in SPLITS or role in named or name in roles.values():
+            continue
+        if role in roles:
+            raise FinetuneDataError(f"{path}: splits {roles[role]!r} and {name!r} would both be the {role} split; "
+                                    f"name the one to use with --{role}-split")
+        roles[role] = name
+    if "train" not in roles:
+        raise FinetuneDataError(f"{path}: the DatasetDict has no train split (it has {', '.join(loaded)})")
+    unused = [name for name in loaded if name not in roles.values()]
+    if unused and not named:
+        raise FinetuneDataError(f"{path}: split {unused[0]!r} is not one of {', '.join(SPLITS)} (or dev): name the "
+                                "splits to validate and test on with --validation-split / --test-split (and "
+                                "write predictions for others with --predict SPLIT)")
+    if unused:
+        log.info("%s: split%s %s not used for training or scoring", path, "s" * (len(unused) > 1), ", ".join(unused))
+    return roles
+
+
+def read_saved_dataset(path: str, validation_split: str | None = None,
+                       test_split: str | None = None) -> dict[str, Table]:
+    """A ``datasets.save_to_disk`` dir: a ``Dataset`` (→ {"train": …}) or a ``DatasetDict``'s
+    splits by role (``saved_split_names``)."""
+    loaded = _load_saved(path)
+    roles = _split_roles(path, loaded, validation_split, test_split)
+    if roles == {"train": ""}:
+        return {"train": _dataset_table(loaded, path)}
+    return {role: _dataset_table(loaded[name], f"{path}[{name}]") for role, name in roles.items()}
 
 
 # ---------------------------------------------------------------------------- columns and labels
@@ -446,7 +485,8 @@ _DEFAULTS = {f.name: f.default for f in (*dataclasses.fields(FinetuneConfig), *d
 
 
 def load_task_data(*, data: str | None = None, train: str | None = None, validation: str | None = None,
-                   test: str | None = None, text_column: str = _DEFAULTS["text_column"],
+                   test: str | None = None, validation_split: str | None = None, test_split: str | None = None,
+                   text_column: str = _DEFAULTS["text_column"],
                    text_pair_column: str | None = None, label_column: str = _DEFAULTS["label_column"],
                    task: str | None = None, drop_labels: Sequence[str] = (),
                    validation_fraction: float = _DEFAULTS["validation_fraction"],
@@ -456,7 +496,13 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
         raise FinetuneDataError("give either --data (one file or a saved datasets dir) or --train "
                                 "[--validation] [--test]")
     if data is not None:
-        tables = read_saved_dataset(data) if os.path.isdir(data) else {"train": read_table(data)}
+        if os.path.isdir(data):
+            tables = read_saved_dataset(data, validation_split, test_split)
+        elif validation_split or test_split:
+            raise FinetuneDataError(f"--validation-split/--test-split: --data {data} is a file, not a saved "
+                                    "DatasetDict with splits to name")
+        else:
+            tables = {"train": read_table(data)}
         sources = {name: data for name in tables}
     else:
         tables = {name: read_table(path) for name, path in (("train", train), ("validation", validation),
@@ -473,8 +519,14 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
                                                      or all(_is_number(v) and float(v) == -1 for v in values)):
             # A saved DatasetDict's unlabelled split (GLUE's test splits hold -1, or -1.0 for STS-B's
             # scores): nothing to score on, so it is made from train as if it were absent, and said.
+            split_name = table.source[len(data) + 1:-1]  # "DIR[test]" → "test"
+            if {"validation": validation_split, "test": test_split}[name]:
+                raise FinetuneDataError(f"--{name}-split {split_name}: the split has no labels (column "
+                                        f"{label_column!r} is blank or -1 in all {len(table)} rows); name a labelled "
+                                        f"split, and write predictions for this one with --predict {split_name}")
             log.warning("%s: the %s split has no labels (column %r is blank in all %d rows): using a seeded "
-                        "split of train as %s instead", table.source, name, label_column, len(table), name)
+                        "split of train as %s instead (--predict %s writes predictions for it)", table.source, name,
+                        label_column, len(table), name, split_name)
             del tables[name]
             continue
         original[name] = table
@@ -548,3 +600,30 @@ def _examples(table: Table, task: str, mapping: dict[str, int], text_column: str
             values.append(float(value))
     return Examples(_texts(table, text_column), _texts(table, text_pair_column) if text_pair_column else None,
                     np.asarray(values, dtype=np.int64 if task == "classification" else np.float32), table.where)
+
+
+def load_prediction_inputs(specs: Sequence[str], *, data: str | None, task: str, text_column: str,
+                           text_pair_column: str | None) -> dict[str, Examples]:
+    """The ``--predict`` inputs by output name (``prediction_name``): a file, or a split of the
+    saved DatasetDict given as ``--data`` (a path that exists wins over a split's name). Only the
+    text columns are read: labels, if any, are ignored; a blank text is refused as in training."""
+    inputs = {}
+    saved = None
+    for spec in specs:
+        if os.path.exists(spec):
+            table = read_table(spec)
+        elif data is not None and os.path.isdir(data):
+            saved = saved if saved is not None else _load_saved(data)
+            splits = list(saved) if hasattr(saved, "keys") else []
+            if spec not in splits:
+                raise FinetuneDataError(f"--predict {spec}: no such file, nor a split of --data {data} (splits: "
+                                        f"{', '.join(splits) or 'none, it is one Dataset'})")
+            table = _dataset_table(saved[spec], f"{data}[{spec}]")
+        else:
+            raise FinetuneDataError(f"--predict {spec}: no such file")
+        _check_table(table, [text_column] + ([text_pair_column] if text_pair_column else []))
+        labels = np.zeros(len(table), dtype=np.int64 if task == "classification" else np.float32)
+        inputs[prediction_name(spec)] = Examples(
+            _texts(table, text_column), _texts(table, text_pair_column) if text_pair_column else None, labels,
+            table.where)
+    return inputs

@@ -79,8 +79,8 @@ def pip_requirements() -> list[str]:
 
 
 def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, register_name: str | None,
-                  max_length: int, convert: str | None = None) -> None:
-    """Report files as artifacts; the saved model with MLflow's transformers flavour (registered if named).
+                  max_length: int, convert: str | None = None, predictions: list[str] = ()) -> None:
+    """Report files as artifacts (``predictions`` under predictions/); the saved model with MLflow's transformers flavour (registered if named).
 
     Served through ``mlflow.pyfunc``, texts are cut to ``max_length`` tokens, the length the
     model was fine-tuned and tested at: the pipeline does not truncate by default, and a text
@@ -93,6 +93,8 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
 
     for path in paths:
         mlflow.log_artifact(path)
+    for path in predictions:
+        mlflow.log_artifact(path, "predictions")
     log_per_class_metrics(tracker, paths[0])
     if model_dir is None:
         return

@@ -30,7 +30,7 @@ from pipeline.ds_config import DsConfigError
 from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
                              gradient_norm, keeps_no_grad_norm, loss_scale, zero0_masters)
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, check_output_dir
-from pipeline.finetuning.data import Examples, load_task_data
+from pipeline.finetuning.data import Examples, load_prediction_inputs, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
                                        read_training_info, resolve_model_dir)
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
@@ -40,6 +40,7 @@ from pipeline.tokenized import Ragged, tokenize
 from pipeline.tracking import config_params
 
 log = logging.getLogger(__name__)
+PREDICTIONS = "predictions"  # OUTPUT_DIR/predictions/NAME.tsv, one per --predict input
 
 
 @dataclasses.dataclass
@@ -96,7 +97,7 @@ def clear_previous_outputs(output_dir: str) -> list[str]:
     from pipeline.finetuning.report import CONFUSION_PNG, REPORT
 
     removed = []
-    for name in (REPORT, CONFUSION_PNG, "model"):
+    for name in (REPORT, CONFUSION_PNG, "model", PREDICTIONS):
         path = os.path.join(output_dir, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
@@ -159,11 +160,14 @@ class Finetuner:
         check_output_dir(config.output_dir, config.model)
         self.data = load_task_data(
             data=config.data, train=config.train, validation=config.validation, test=config.test,
-            text_column=config.text_column, text_pair_column=config.text_pair_column,
+            validation_split=config.validation_split, test_split=config.test_split, text_column=config.text_column, text_pair_column=config.text_pair_column,
             label_column=config.label_column, task=config.task, drop_labels=config.drop_labels,
             validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
             seed=settings.seed if config.split_seed is None else config.split_seed)
         self.task = self.data.task
+        self.to_predict = load_prediction_inputs(config.predict, data=config.data, task=self.task,
+                                                 text_column=config.text_column,
+                                                 text_pair_column=config.text_pair_column)
         self.metric = config.best_metric(self.task)
         if self.task == "regression" and self.metric in CLASSIFICATION_METRICS:
             raise FinetuneConfigError(f"--metric {self.metric} is a classification metric; this is a regression task")
@@ -189,6 +193,8 @@ class Finetuner:
             self._convert_script()
         self.splits = {name: encode(self.tokenizer, examples, self.max_length)
                        for name, examples in self.data.splits.items()}
+        self.prediction_sets = {name: encode(self.tokenizer, examples, self.max_length)
+                                for name, examples in self.to_predict.items()}
 
         self.batches = settings.batches(self.world_size)
         self.steps_per_epoch = math.ceil(len(self.splits["train"]) / settings.global_batch_size)
@@ -222,7 +228,7 @@ class Finetuner:
         from preprocessing.language import Converter
 
         converter = Converter(self.convert)
-        for examples in self.data.splits.values():
+        for examples in (*self.data.splits.values(), *self.to_predict.values()):
             examples.texts = [converter(t) for t in examples.texts]
             if examples.pairs:
                 examples.pairs = [converter(t) for t in examples.pairs]
@@ -305,10 +311,13 @@ class Finetuner:
             raise FloatingPointError(f"the gradient norm is {float(norm)} in epoch {epoch} and the update was "
                                      "applied: lower --learning-rate")
 
-    @torch.no_grad()
     def predict(self, split: str) -> np.ndarray:
-        """Model outputs (logits, or scores for regression) for every row, on every rank."""
-        data = self.splits[split]
+        """Model outputs (logits, or scores for regression) for every row of a split, on every rank."""
+        return self.outputs(self.splits[split])
+
+    @torch.no_grad()
+    def outputs(self, data: Encoded) -> np.ndarray:
+        """Model outputs for every row of ``data``, on every rank (a collective when world_size > 1)."""
         module = self.engine.module
         module.eval()
         mine = np.arange(self.rank, len(data), self.world_size)
@@ -461,6 +470,34 @@ class Finetuner:
             if len(self.data.labels) == 2:
                 report["f1_binary_positive_label"] = self.data.labels[1]
         return report
+
+    def write_predictions(self, output_dir: str) -> dict[str, dict]:
+        """The best model's predictions for each --predict input (every rank must call it): rank 0
+        writes OUTPUT_DIR/predictions/NAME.tsv, GLUE's submission format (a header, then the row's
+        index in its file and the predicted label, or the score for regression). Returns, per
+        name, what report.json says of it."""
+        import csv
+
+        written = {}
+        for (name, data), spec in zip(self.prediction_sets.items(), self.config.predict):
+            outputs = self.outputs(data)
+            if not self.is_rank0:
+                continue
+            if self.task == "classification":
+                values = [self.data.labels[i] for i in outputs.argmax(-1)]
+            else:
+                values = [str(np.float32(v)) for v in outputs[:, 0]]  # the shortest text that reads back
+            path = os.path.join(output_dir, PREDICTIONS, f"{name}.tsv")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w", newline="") as f:  # a killed run leaves no partial file looking whole
+                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+                writer.writerow(["index", "prediction"])
+                writer.writerows(enumerate(values))
+            os.replace(path + ".tmp", path)
+            written[name] = {"file": os.path.relpath(path, output_dir), "from": spec, "rows": len(data),
+                             "rows_truncated": data.truncated}
+            log.info("predictions for %d rows of %s: %s", len(data), spec, path)
+        return written
 
     def save_model(self, directory: str) -> str:
         """The best weights in Hugging Face format, fp32, with the tokenizer and the label mapping."""
