@@ -956,23 +956,27 @@ def training_rows(manifest: dict, eval_shards: int) -> int:
 
 
 def eval_batches(lengths: np.ndarray, start: int, batch_size: int, rank: int, world_size: int,
-                 max_batches: int = 0, seed: int = 0) -> np.ndarray:
+                 max_rows: int = 0, seed: int = 0) -> list[np.ndarray]:
     """This rank's evaluation micro-batches over rows ``start:``, the same at every evaluation.
 
-    A seeded sample of ``max_batches × world_size`` batches' worth of rows (all when 0) —
-    random, so that a partial evaluation is not biased towards any length — sorted by
-    length so batches pad little, cut to a multiple of ``world_size`` batches (every rank
-    runs the same number of forward passes: ZeRO-3 gathers parameters collectively).
+    The rows are a seeded sample of ``max_rows`` of them (all when 0) — random, so that a
+    partial evaluation is not biased towards any length — and do not depend on the number of
+    processes or the micro-batch: the eval loss of a run resumed on another number of
+    processes is the same measure as before it. Sorted by length so batches pad little, they
+    are cut into a multiple of ``world_size`` batches of at most ``batch_size`` rows (every
+    rank runs the same number of forward passes: ZeRO-3 gathers parameters collectively).
     Memory: O(the held-out rows), whatever the rows before ``start``.
     """
     rows = np.arange(start, len(lengths))
     rows = rows[np.random.default_rng(seed).permutation(len(rows))]
-    count = len(rows) // batch_size // world_size * world_size
-    if max_batches:
-        count = min(count, max_batches * world_size)
-    rows = rows[:count * batch_size]
+    if max_rows:
+        rows = rows[:max_rows]
+    count = -(-len(rows) // batch_size // world_size) * world_size if len(rows) else 0
+    if count > len(rows):  # fewer rows than processes × batches of one row: a batch each, the rest unused
+        count = len(rows) // world_size * world_size
+        rows = rows[:count]
     rows = rows[np.argsort(lengths[rows], kind="stable")]
-    return rows.reshape(count, batch_size)[rank::world_size]
+    return np.array_split(rows, count)[rank::world_size] if count else []
 
 
 def padding_share(lengths: np.ndarray, batches: np.ndarray, max_seq_length: int,

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="steps between evaluations on the held-out shards (0 = only at the end)")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches,
-                   help="micro-batches per process per evaluation (0 = all held-out rows)")
+                   help="global batches' worth of held-out rows per evaluation (0 = all held-out rows); the "
+                        "same rows for any number of processes")
     p.add_argument("--init-from",
                    help="start from the weights of another run's checkpoint (a run dir, its checkpoints/ "
                         "or one tag dir) with a fresh optimizer and schedule: phase 2 (seq 512) after "

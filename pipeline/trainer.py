@@ -158,13 +158,13 @@ class Trainer:
                                     rank=self.rank, world_size=self.world_size, seed=settings.seed,
                                     accumulation_steps=self.batches.accumulation_steps)
         self.eval_rows = eval_batches(self.dataset.lengths, self.train_rows, settings.micro_batch_size, self.rank,
-                                      self.world_size, config.eval_batches, settings.seed)
+                                      self.world_size, config.eval_batches * settings.global_batch_size, settings.seed)
         if self.eval_shards and len(self.eval_rows) == 0:
             held_out = len(self.dataset.lengths) - self.train_rows
             raise DataDirError(f"--eval-shards {self.eval_shards}: the held-out rows ({held_out}, in the last "
-                               f"{self.eval_shards} of {shards} shards) are fewer than one micro-batch "
-                               f"({settings.micro_batch_size}) per process: hold out more shards, pass --eval-shards 0, "
-                               "or preprocess with fewer --num-shards")
+                               f"{self.eval_shards} of {shards} shards) are fewer than the processes "
+                               f"({self.world_size}): hold out more shards, pass --eval-shards 0, or preprocess with "
+                               "fewer --num-shards")
         self.step = 0
         self.flops = FlopCounter.for_config(self.model_config)
         self.final_eval: dict[str, float] = {}

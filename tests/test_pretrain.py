@@ -151,12 +151,14 @@ def test_held_out_shard_is_evaluated_and_never_trained_on(data_dir, tmp_path):
     assert trainer.eval_shards == 1  # the default with 2 shards
     assert trainer.train_rows == manifest["shards"][0]["rows"]
     trained = trainer.sampler.epoch_batches(0)
-    assert trained.max() < trainer.train_rows <= trainer.eval_rows.min()
-    assert trainer.eval_rows.shape == (4, 8)
+    evaluated = np.concatenate(trainer.eval_rows)
+    assert trained.max() < trainer.train_rows <= evaluated.min()
+    # 4 global batches' worth of rows (64), in micro-batches of at most 8
+    assert len(evaluated) == len(set(evaluated)) == 64 and [len(b) for b in trainer.eval_rows] == [8] * 8
     assert trainer.train() == 0
     evals = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
     assert [e["step"] for e in evals] == [3, 6]
-    assert evals[-1]["eval_sequences"] == 32 and 0 < evals[-1]["eval_mlm_accuracy"] < 1
+    assert evals[-1]["eval_sequences"] == 64 and 0 < evals[-1]["eval_mlm_accuracy"] < 1
     assert evals[-1]["eval_loss"] == pytest.approx(evals[-1]["eval_mlm_loss"] + evals[-1]["eval_nsp_loss"])
     assert trainer.final_eval["step"] == 6 and trainer.final_eval["eval_loss"] == evals[-1]["eval_loss"]
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

@@ -47,7 +47,7 @@ def argv(data_dir, model, run_dir) -> list[str]:
     """The same run for every launch: global batch 16 = 8 × 1 process × 2 accumulated = 8 × 2 × 1."""
     return ["--data", data_dir, "--model", model, "--run-dir", str(run_dir), "--steps", str(STEPS),
             "--checkpoint-every", str(AT), "--global-batch-size", "16", "--micro-batch-size", "8",
-            "--learning-rate", "2e-3", "--warmup-steps", "2", "--log-every", "1", "--eval-shards", "0",
+            "--learning-rate", "2e-3", "--warmup-steps", "2", "--log-every", "1", "--eval-batches", "2",
             "--no-mlflow"]
 
 
@@ -94,6 +94,12 @@ def test_a_run_resumes_on_another_number_of_processes_with_the_same_losses(data_
     assert [m["step"] for m in two_to_one] == [m["step"] for m in one_to_two] == list(range(AT + 1, STEPS + 1))
     np.testing.assert_allclose(after(two_to_one), expected, rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(after(one_to_two), expected, rtol=0, atol=TOLERANCE)
+    # The final evaluation measures the same held-out rows (2 global batches' worth) on 1 and 2
+    # processes: the eval loss goes on as one curve across a resume on another number of processes.
+    evals = [json.loads(open(tmp_path / run / "eval.jsonl").read().splitlines()[-1])
+             for run in ("one", "two", "two_to_one", "one_to_two")]
+    assert [e["eval_sequences"] for e in evals] == [32] * 4
+    np.testing.assert_allclose([e["eval_loss"] for e in evals], evals[0]["eval_loss"], rtol=0, atol=TOLERANCE)
 
     # The tolerance would catch a resume that lost the optimizer state (weights and schedule kept) ...
     monkeypatch.setattr(checkpoint, "load", lambda engine, directory, tag: engine.load_checkpoint(

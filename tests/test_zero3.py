@@ -18,7 +18,7 @@ from .test_pretrain import _run_pretrain
 ZERO3 = os.path.join(REPO, "ds_configs", "cpu_fp32_zero3_torch-adamw.json")
 
 
-def exported_eval(out: str, data: str, micro_batch_size: int, eval_batches: int, world_size: int) -> float:
+def exported_eval(out: str, data: str, micro_batch_size: int, eval_rows_at_most: int, world_size: int) -> float:
     """The trainer's eval_loss, recomputed on one process with the exported weights: the same
     held-out micro-batches of every rank, summed the way Trainer.evaluate sums them."""
     from pipeline.data import PretrainingDataset, eval_batches as eval_rows, read_manifest, training_rows
@@ -33,7 +33,7 @@ def exported_eval(out: str, data: str, micro_batch_size: int, eval_batches: int,
     mlm_sum = nsp_sum = masked = seqs = 0.0
     with torch.no_grad():
         for rank in range(world_size):
-            for rows in eval_rows(dataset.lengths, start, micro_batch_size, rank, world_size, eval_batches,
+            for rows in eval_rows(dataset.lengths, start, micro_batch_size, rank, world_size, eval_rows_at_most,
                                   EngineConfig.seed):
                 mlm, nsp, (_, count, _, _) = pretraining_losses(model, dataset.batch(rows))
                 mlm_sum += mlm.double().item() * count.item()
@@ -68,7 +68,7 @@ def test_zero3_trains_resumes_exactly_and_exports_the_trained_weights(data_dir, 
     # (the step-3 weights would be 2e-3 off).
     logged = [json.loads(line) for line in open(whole_dir / "eval.jsonl")][-1]
     assert logged["step"] == 6
-    assert exported_eval(out, data_dir, 4, 4, 2) == pytest.approx(logged["eval_loss"], rel=1e-6)
+    assert exported_eval(out, data_dir, 4, 4 * 16, 2) == pytest.approx(logged["eval_loss"], rel=1e-6)
 
     # A run stopped after its step-3 checkpoint, resumed (--resume auto) with the same command:
     # the uninterrupted run's losses exactly, and the same exported weights, ties kept.
