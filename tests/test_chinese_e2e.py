@@ -251,6 +251,14 @@ def test_the_served_mlflow_model_converts_traditional_input_as_fine_tuning_did(z
     assert on_traditional["label"].tolist() == [p["label"] for p in plain]
     np.testing.assert_allclose(on_traditional["score"], [p["score"] for p in plain], rtol=1e-4)
     assert served.predict(pd.DataFrame({"text": simplified}))["label"].tolist() == [p["label"] for p in plain]
+    # Sentence pairs, as the transformers flavour takes them: both texts converted, the second one used
+    # (before, a DataFrame's text_pair column was dropped, and a pair dict was classified as its printed form).
+    pairs = [{"text": t, "text_pair": u} for t, u in zip(simplified[:10], simplified[10:20])]
+    plain_pairs = classify(pairs)
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(plain_pairs, plain)) > 1e-3
+    for given in (pd.DataFrame({"text": traditional[:10], "text_pair": traditional[10:20]}),
+                  [{"text": t, "text_pair": u} for t, u in zip(traditional[:10], traditional[10:20])]):
+        np.testing.assert_allclose(served.predict(given)["score"], [p["score"] for p in plain_pairs], rtol=1e-4)
 
 
 def read_poems(n: int) -> list[dict]:

@@ -6,6 +6,8 @@ says how), and so must serving: MLflow's transformers flavour cannot, so such a 
 logged as this ``mlflow.pyfunc`` model instead, which converts each text with OpenCC, then
 classifies it with the same Hugging Face pipeline the transformers flavour serves (cut to
 the fine-tuning length), and answers as it does: a DataFrame of ``label`` and ``score``.
+Sentence pairs come as the transformers flavour takes them: ``{"text", "text_pair"}`` dicts,
+or a DataFrame with those two columns; both texts are converted.
 
 Logged as MLflow "models from code" (``pipeline/finetuning/report.py``): MLflow copies this file
 beside the model and runs it when the model is loaded, so it imports only what the served
@@ -30,16 +32,20 @@ class ConvertedTextClassifier(mlflow.pyfunc.PythonModel):
                                  max_length=int(config["max_length"]), **extra)
 
     def predict(self, context, model_input, params=None):
-        texts = [self.converter.convert(str(text)) for text in _texts(model_input)]
-        return pd.DataFrame(self.classify(texts), columns=["label", "score"])
+        inputs = [{k: self.converter.convert(str(v)) for k, v in x.items()} if isinstance(x, dict)
+                  else self.converter.convert(str(x)) for x in _inputs(model_input)]
+        return pd.DataFrame(self.classify(inputs), columns=["label", "score"])
 
 
-def _texts(model_input) -> list:
-    """Texts from what a pyfunc model is given: a string, a list, a Series, or a DataFrame (its
-    ``text`` column, else its first)."""
-    if isinstance(model_input, str):
+def _inputs(model_input) -> list:
+    """Texts, or sentence pairs ({"text": …, "text_pair": …}, as the transformers flavour takes
+    them), from what a pyfunc model is given: a string, a dict, a list, a Series, or a DataFrame
+    (its ``text`` and ``text_pair`` columns; its ``text`` column, else its first)."""
+    if isinstance(model_input, (str, dict)):
         return [model_input]
     if isinstance(model_input, pd.DataFrame):
+        if {"text", "text_pair"} <= set(model_input.columns):
+            return [{"text": t, "text_pair": p} for t, p in zip(model_input["text"], model_input["text_pair"])]
         column = "text" if "text" in model_input.columns else model_input.columns[0]
         return model_input[column].tolist()
     return list(model_input)
