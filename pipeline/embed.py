@@ -7,21 +7,24 @@
 
 Writes OUT with the input's id column (or ``row``, the 0-based row number) and ``embedding``
 (list<float32>), in input row order; pooling, normalize, model and lineage in the schema
-metadata. Under torchrun / deepspeed the rows are split across the processes and rank 0
-merges the parts. Rank 0 logs one MLflow run (stage=embed). Exit code 0, or 2 with one line
-naming the file, row or flag for bad input, flags or model.
+metadata. The input is checked whole, then streamed --chunk-rows rows at a time: memory does
+not grow with it. Under torchrun / deepspeed the chunks are dealt to the processes in turn
+and rank 0 merges their parts. Rank 0 logs one MLflow run (stage=embed). Exit code 0, or 2
+with one line naming the file, row or flag for bad input, flags or model.
 """
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 
 if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline import embedding  # noqa: E402
+from pipeline import embed_inputs, embedding  # noqa: E402
 from pipeline.engine import LaunchError, check_gpu_for  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError, model_lineage  # noqa: E402
@@ -51,13 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the column (or jsonl key) holding the texts (default: %(default)s)")
     p.add_argument("--id-column", default=None,
                    help="column copied to the output beside each embedding (default: 'id' when the input has it, "
-                        f"else a '{embedding.ROW_COLUMN}' column with the 0-based row number)")
+                        f"else a '{embed_inputs.ROW_COLUMN}' column with the 0-based row number)")
     p.add_argument("--pooling", choices=embedding.POOLINGS, default=embedding.POOLING,
                    help=f"{embedding.POOLING} (default): the [CLS] token's last hidden state; mean: the mean over the real tokens (not "
                         "padding)")
     p.add_argument("--normalize", action="store_true", help="scale every embedding to unit L2 norm")
     p.add_argument("--batch-size", type=int, default=embedding.BATCH_SIZE,
                    help="texts per forward pass, per process (default: %(default)s)")
+    p.add_argument("--chunk-rows", type=int, default=embed_inputs.CHUNK_ROWS,
+                   help="rows a process reads, embeds and writes at a time (its memory: their texts, tokens and "
+                        "vectors); the chunks are dealt to the processes in turn (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per text, longer ones cut and counted (default: the tokenizer's, i.e. the "
                         "pretraining length)")
@@ -76,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.chunk_rows < 1:
+        parser.error(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
     if args.id_column == "embedding":  # the vector column's name: the ids were lost in the output
         parser.error("--id-column embedding: the output's vector column has that name; the ids need another")
     return args
@@ -96,23 +104,28 @@ def main(argv=None) -> int:
         if os.path.isdir(args.out):
             raise embedding.EmbedError(f"--out {args.out}: a folder; --out names the Parquet file to write "
                                        f"(e.g. {os.path.join(args.out, 'embeddings.parquet')})")
-        inputs = embedding.read_inputs(args.input, args.text_column, args.id_column)
         model, tokenizer = embedding.load_model(args.model)
-        converted = embedding.convert_script(inputs, args.model)
+        converted, converter = embedding.script_converter(args.model)
         if converted:
-            log.info("texts converted with OpenCC, as the model's pretraining text was (training_info.json)")
+            log.info("texts converted with OpenCC %s, as the model's pretraining text was (training_info.json)",
+                     converted)
         max_length = embedding.resolve_max_length(args.max_length, tokenizer, model.config)
         if args.bf16 and not torch.cuda.is_available():
             raise embedding.EmbedError("--bf16: no CUDA device; on CPU the embeddings are computed in fp32")
         check_gpu_for(local_rank)
+        # The whole input, checked (the flags and model first: this pass reads every row)
+        scan = embed_inputs.scan_inputs(args.input, args.text_column, args.id_column, args.chunk_rows)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     model.to(device)
     if world_size > 1:
-        # Only a barrier crosses processes (the parts go through files): gloo, on CPU or GPU.
+        # Only barriers cross processes (the parts go through files): gloo, on CPU or GPU.
         torch.distributed.init_process_group("gloo")
+        if rank == 0:  # a killed run's parts: merged with this run's, they would pass for its rows
+            shutil.rmtree(embedding.parts_dir(args.out), ignore_errors=True)
+        torch.distributed.barrier()
     lineage = model_lineage(args.model)
     tracker = None
     if args.mlflow and rank == 0:
@@ -120,45 +133,35 @@ def main(argv=None) -> int:
 
         tracker = Tracker("embed", args.experiment, args.run_name, lineage)
         tracker.log_params({**{k: v for k, v in vars(args).items() if k not in ("local_rank", "mlflow")},
-                            "id_column_used": inputs.id_column, "max_length_used": max_length,
-                            "world_size": world_size, "rows": len(inputs), "device": device.type})
+                            "id_column_used": scan.output_id_column, "max_length_used": max_length,
+                            "world_size": world_size, "rows": scan.rows, "device": device.type})
     status = "FAILED"
     try:
-        from tqdm import tqdm
-
         started = time.perf_counter()
-        rows = embedding.my_rows(len(inputs), rank, world_size)
-        # A bar on a terminal; in a batch log, a line a minute (rank 0's rows, the others' alike).
-        on_terminal = sys.stderr.isatty()
-        with tqdm(total=len(rows), desc="embedding", unit="text", dynamic_ncols=True, mininterval=1.0,
-                  disable=not (rank == 0 and on_terminal)) as bar:
-            progress = bar if on_terminal or rank else embedding.LogProgress(len(rows))
-            vectors, truncated = embedding.embed_texts(
-                model, tokenizer, [inputs.texts[i] for i in rows], pooling=args.pooling, normalize=args.normalize,
-                batch_size=args.batch_size, max_length=max_length, bf16=args.bf16, progress=progress)
         # How the vectors were made, in the file itself (--no-mlflow leaves no other record).
         metadata = {"pooling": args.pooling, "normalize": str(args.normalize).lower(),
                     "precision": "bf16" if args.bf16 else "fp32", "convert": converted or "none",
                     "model": os.path.abspath(args.model), "max_length": max_length,
-                    "embedding_dim": model.config.hidden_size, "id_column": inputs.id_column,
+                    "embedding_dim": model.config.hidden_size, "id_column": scan.output_id_column,
                     "source": os.path.abspath(args.input), **lineage}
+        schema = embedding.output_schema(scan.output_id_column, scan.id_type, metadata)
+        truncated = embed_chunks(args, scan, model, tokenizer, converter, max_length, schema, rank, world_size)
         if world_size > 1:
-            embedding.write_part(args.out, rank, world_size, rows, vectors)
             counts = torch.tensor([truncated], dtype=torch.int64)
             torch.distributed.all_reduce(counts)  # also the barrier: every part is written
             truncated = int(counts.item())
             if rank == 0:
-                embedding.merge_parts(args.out, world_size, inputs.id_column, inputs.ids, metadata)
-        else:
-            embedding.write_atomic(embedding.embedding_table(inputs.id_column, inputs.ids, vectors, metadata), args.out)
+                sizes = [min(args.chunk_rows, scan.rows - k * args.chunk_rows)
+                         for k in range(scan.chunks(args.chunk_rows))]
+                embedding.merge_parts(args.out, schema, sizes)
         seconds = time.perf_counter() - started
         if rank == 0:
-            print(f"{len(inputs)} embeddings ({model.config.hidden_size} dims, {args.pooling} pooling"
+            print(f"{scan.rows} embeddings ({model.config.hidden_size} dims, {args.pooling} pooling"
                   f"{', normalized' if args.normalize else ''}) in {seconds:.1f} s, {truncated} texts cut at "
                   f"{max_length} tokens: {args.out}", flush=True)
         if tracker:
-            tracker.log_metrics({"rows_per_second": len(inputs) / max(seconds, 1e-9), "seconds": seconds,
-                                 "rows": len(inputs), "rows_truncated": truncated}, 0)
+            tracker.log_metrics({"rows_per_second": scan.rows / max(seconds, 1e-9), "seconds": seconds,
+                                 "rows": scan.rows, "rows_truncated": truncated}, 0)
         status = "FINISHED"
         return 0
     finally:
@@ -166,6 +169,38 @@ def main(argv=None) -> int:
             tracker.finish(status)
         if world_size > 1:
             torch.distributed.destroy_process_group()
+
+
+def embed_chunks(args, scan, model, tokenizer, converter, max_length: int, schema, rank: int, world_size: int) -> int:
+    """This process's chunks (k, k+W, …), embedded and written: into OUT itself for one process, else
+    each into a part for rank 0 to merge. Returns the texts cut at ``max_length``."""
+    from tqdm import tqdm
+
+    size = args.chunk_rows
+    mine = sum(min(size, scan.rows - k * size) for k in range(rank, scan.chunks(size), world_size))
+    truncated = 0
+    # A bar on a terminal; in a batch log, a line a minute (rank 0's rows, the others' alike).
+    on_terminal = sys.stderr.isatty()
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=mine, desc="embedding", unit="text", dynamic_ncols=True,
+                                       mininterval=1.0, disable=not (rank == 0 and on_terminal)))
+        progress = bar if on_terminal or rank else embedding.LogProgress(mine)
+        out = stack.enter_context(embedding.ParquetOut(args.out, schema)) if world_size == 1 else None
+        for k, ids, texts in embed_inputs.input_chunks(scan, size, take=lambda k: k % world_size == rank):
+            if converter:
+                texts = [converter(text) for text in texts]
+            vectors, cut = embedding.embed_texts(
+                model, tokenizer, texts, pooling=args.pooling, normalize=args.normalize, batch_size=args.batch_size,
+                max_length=max_length, bf16=args.bf16, progress=progress)
+            truncated += cut
+            table = embedding.chunk_table(schema, ids, vectors)
+            if out:
+                out.write(table)
+            else:
+                embedding.write_atomic(table, embedding.part_path(args.out, k))
+        if out:
+            out.commit()
+    return truncated
 
 
 if __name__ == "__main__":

@@ -5,26 +5,19 @@ tokenizer, ``training_info.json``) or a fine-tuned model (``OUTPUT_DIR/model`` o
 finetune.py, with ``OUTPUT_DIR/report.json`` beside it). Only the encoder is loaded
 (``AutoModel``): pretraining and classification heads are left out.
 
-Texts are read with fine-tuning's readers (csv/tsv/jsonl/parquet, optionally compressed),
-so bad input fails the same way, naming the file and line. A blank or null text is an
-error, not a skip: a missing row would silently shift whatever the table is joined to.
+A chunk's rows are embedded in batches of like length (a batch pads to its longest row, so
+row order would make short texts cost as much as long ones) and put back in input order.
+With several processes, process r takes chunks r, r+W, r+2W, …, writes each to a part
+file, and rank 0 streams the parts in chunk order into OUT. The output is written to a
+temporary file and renamed, so a reader never sees half a file.
 
-Rows are embedded in batches of like length (a batch pads to its longest row, so row
-order would make short texts cost as much as long ones) and put back in input order.
-With several processes, process r takes rows r, r+W, r+2W, … (strided: every process
-gets a like mix of lengths), writes them to a part file, and rank 0 merges the parts in
-row order. The output is written to a temporary file and renamed, so a reader never sees
-half a file.
-
-Everything is held in memory: the texts (every process reads the whole input), their token
-ids (5 bytes a token) and the vectors (3 KB a row at 768 dims): about 4 KB a row of 128
-tokens plus the text, 40 GB for ten million. Meant for up to a few million rows; split a
-larger corpus into files and embed each.
+The input is checked, then streamed, by ``pipeline/embed_inputs.py``: a process holds one chunk
+of 16,384 rows (texts, token ids, vectors: about 70 MB at 768 dims and 128 tokens) whatever
+the input's size.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -32,7 +25,6 @@ import time
 
 import numpy as np
 
-from pipeline.finetuning.data import _NO_KEY, FinetuneDataError, as_text, is_blank_text, read_table
 from pipeline.tokenized import tokenize
 
 POOLINGS = ("cls", "mean")
@@ -40,7 +32,6 @@ POOLINGS = ("cls", "mean")
 TEXT_COLUMN = "text"
 POOLING = "cls"
 BATCH_SIZE = 64
-ROW_COLUMN = "row"  # the id column when the input has none: the 0-based data row
 
 
 log = logging.getLogger(__name__)
@@ -68,61 +59,16 @@ class EmbedError(ValueError):
     """A bad flag or model dir; the message names the flag or the file."""
 
 
-@dataclasses.dataclass
-class Inputs:
-    source: str
-    id_column: str  # the input's id column, or ROW_COLUMN
-    ids: list
-    texts: list[str]
-    where: list[str]  # file:line (or file: row N) of each row, for messages
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-
-def read_inputs(path: str, text_column: str = TEXT_COLUMN, id_column: str | None = None) -> Inputs:
-    """The texts (and ids) of a csv/tsv/jsonl/parquet file. ``id_column`` None: ``id`` if the file
-    has it, else the row number; a named one must exist."""
-    table = read_table(path)  # FinetuneDataError naming the file (and line) for unreadable input
-    if len(table) == 0:
-        raise FinetuneDataError(f"{table.source}: the file has no rows")
-    columns = ", ".join(map(str, table.columns)) or "none"
-    if text_column not in table.columns:
-        raise FinetuneDataError(f"{table.source}: no column {text_column!r} (columns: {columns}); set --text-column")
-    if id_column is None:
-        id_column = "id" if "id" in table.columns else None
-    elif id_column not in table.columns:
-        raise FinetuneDataError(f"{table.source}: no column {id_column!r} (columns: {columns}); set --id-column, "
-                                "or leave it out to number the rows")
-    texts = table.columns[text_column]
-    blank = [where for value, where in zip(texts, table.where) if is_blank_text(value)]
-    if blank:
-        count = f"{len(blank)} row{'s' if len(blank) > 1 else ''} in {table.source}"
-        raise FinetuneDataError(f"{blank[0]}: column {text_column!r} is blank ({count}); every row needs a text "
-                                "(remove such rows first: an embedding per input row is the output's contract)")
-    texts = [as_text(value, where, text_column) for value, where in zip(texts, table.where)]
-    if id_column is None:
-        return Inputs(table.source, ROW_COLUMN, list(range(len(table))), texts, table.where)
-    ids = table.columns[id_column]
-    for value, where in zip(ids, table.where):
-        if value is None or value is _NO_KEY or (isinstance(value, str) and not value.strip()):
-            raise FinetuneDataError(f"{where}: column {id_column!r} (the id) is blank")
-    return Inputs(table.source, id_column, ids, texts, table.where)
-
-
 # ---------------------------------------------------------------------------- the model
-def convert_script(inputs: Inputs, model_dir: str) -> str | None:
-    """The texts converted as the model's pretraining text was (``--convert t2s``, recorded in an
-    export's ``training_info.json``), as fine-tuning does: its vocabulary holds the converted script
-    only. Returns the conversion, or None."""
+def script_converter(model_dir: str):
+    """(conversion, converter) to convert texts as the model's pretraining text was (``--convert
+    t2s``, recorded in an export's ``training_info.json``), as fine-tuning does: its vocabulary
+    holds the converted script only. (None, None) for a model trained on text as it was."""
     from pipeline.finetuning.model import read_training_info
     from preprocessing.language import Converter
 
     convert = read_training_info(model_dir).get("convert")
-    if convert:
-        converter = Converter(convert)
-        inputs.texts = [converter(text) for text in inputs.texts]
-    return convert
+    return (convert, Converter(convert)) if convert else (None, None)
 
 
 def load_model(model_dir: str):
@@ -222,79 +168,87 @@ def embed_texts(model, tokenizer, texts: list[str], *, max_length: int, pooling:
     return out, truncated
 
 
-def my_rows(n: int, rank: int, world_size: int) -> np.ndarray:
-    """This process's rows: strided, so that every process gets a like mix of short and long texts."""
-    return np.arange(rank, n, world_size)
-
-
 # ---------------------------------------------------------------------------- writing
-def _ids_array(ids: list):
+def output_schema(id_column: str, id_type: str, metadata: dict | None = None):
+    """``id_column`` (``id_type``: "row" numbers the rows) and ``embedding`` (list<float32>); how the
+    vectors were made in the schema's metadata."""
     import pyarrow as pa
 
-    try:
-        return pa.array(ids)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types (jsonl: 3 and "a7"): all as text
-        log.warning("the ids mix types (such as 3 and \"a7\"): all written as text")
-        return pa.array([str(i) for i in ids])
+    schema = pa.schema([pa.field(id_column, pa.int64() if id_type == "row" else pa.type_for_alias(id_type)),
+                        pa.field("embedding", pa.list_(pa.float32()))])
+    return schema.with_metadata({k: str(v) for k, v in (metadata or {}).items()})
 
 
-def embedding_table(id_column: str, ids: list, embeddings: np.ndarray, metadata: dict[str, str] | None = None):
-    """``id_column`` and ``embedding`` (list<float32>); ``metadata`` in the schema."""
+def chunk_table(schema, ids: list, embeddings: np.ndarray):
+    """Rows of the output: ``ids`` as the schema's id type, each embedding a list<float32>."""
     import pyarrow as pa
 
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, dim = embeddings.shape
     offsets = pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32))
     vectors = pa.ListArray.from_arrays(offsets, pa.array(embeddings.reshape(-1)))
-    table = pa.table({id_column: _ids_array(list(ids)), "embedding": vectors})
-    return table.replace_schema_metadata({k: str(v) for k, v in (metadata or {}).items()})
+    return pa.Table.from_arrays([pa.array(ids, type=schema.field(0).type), vectors], schema=schema)
+
+
+class ParquetOut:
+    """OUT written a chunk at a time into a temporary file in its folder, renamed on ``commit``:
+    readers see the old file or the whole new one, and a failed run leaves no partial file."""
+
+    def __init__(self, path: str, schema):
+        import pyarrow.parquet as pq
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path, self.temp = path, f"{path}.tmp-{os.getpid()}"
+        self.writer = pq.ParquetWriter(self.temp, schema)
+
+    def write(self, table) -> None:
+        self.writer.write_table(table)
+
+    def commit(self) -> str:
+        self.writer.close()
+        os.replace(self.temp, self.path)
+        return self.path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if os.path.exists(self.temp):  # not committed: an error, or a stop
+            self.writer.close()
+            os.remove(self.temp)
 
 
 def write_atomic(table, path: str) -> str:
-    """A temporary file in the same dir, then a rename: readers see the old file or the whole new one."""
-    import pyarrow.parquet as pq
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temp = f"{path}.tmp-{os.getpid()}"
-    try:
-        pq.write_table(table, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-    return path
+    """A temporary file in the same dir, then a rename."""
+    with ParquetOut(path, table.schema) as out:
+        out.write(table)
+        return out.commit()
 
 
 def parts_dir(out: str) -> str:
     return f"{out}.parts"
 
 
-def write_part(out: str, rank: int, world_size: int, rows: np.ndarray, embeddings: np.ndarray) -> str:
-    """One process's rows (their input positions) and embeddings, for rank 0 to merge."""
-    path = os.path.join(parts_dir(out), f"part-{rank:05d}-of-{world_size:05d}.parquet")
-    return write_atomic(embedding_table(ROW_COLUMN, rows.tolist(), embeddings), path)
+def part_path(out: str, chunk: int) -> str:
+    return os.path.join(parts_dir(out), f"chunk-{chunk:08d}.parquet")
 
 
-def merge_parts(out: str, world_size: int, id_column: str, ids: list, metadata: dict[str, str]) -> str:
-    """Rank 0, after the barrier: every part, back in input row order, as OUT; the parts removed."""
+def merge_parts(out: str, schema, chunk_rows: list[int]) -> str:
+    """Rank 0, after the barrier: the chunks' parts (``chunk_rows[k]`` rows in part k), in order,
+    as OUT, streamed a part at a time; the parts removed."""
     import pyarrow.parquet as pq
 
-    rows, vectors = [], []
-    for rank in range(world_size):
-        part = pq.read_table(os.path.join(parts_dir(out), f"part-{rank:05d}-of-{world_size:05d}.parquet"))
-        rows.append(part.column(ROW_COLUMN).to_numpy())
-        vectors.append(np.stack(part.column("embedding").to_numpy(zero_copy_only=False)) if part.num_rows
-                       else np.zeros((0, 0), dtype=np.float32))
-    rows_all = np.concatenate(rows)
-    if sorted(rows_all.tolist()) != list(range(len(ids))):
-        raise RuntimeError(f"{parts_dir(out)}: the parts hold {len(rows_all)} rows, not each of the "
-                           f"{len(ids)} input rows once (a part left by another run?)")
-    dim = max(v.shape[1] for v in vectors)
-    embeddings = np.zeros((len(ids), dim), dtype=np.float32)
-    for r, v in zip(rows, vectors):
-        if len(r):
-            embeddings[r] = v
-    write_atomic(embedding_table(id_column, ids, embeddings, metadata), out)
+    with ParquetOut(out, schema) as writer:
+        for k, rows in enumerate(chunk_rows):
+            path = part_path(out, k)
+            if not os.path.exists(path):
+                raise RuntimeError(f"{path}: missing (its process ended without writing it?)")
+            part = pq.read_table(path)
+            if part.num_rows != rows:
+                raise RuntimeError(f"{path}: {part.num_rows} rows, not the chunk's {rows} (a part left by another "
+                                   "run?)")
+            writer.write(part.replace_schema_metadata(schema.metadata))
+        writer.commit()
     shutil.rmtree(parts_dir(out), ignore_errors=True)
     return out
 

@@ -129,6 +129,58 @@ def test_output_rows_match_input_rows_with_and_without_id_column(tmp_path, revie
     assert sorted(os.listdir(tmp_path / "sub")) == ["b.parquet"]  # no temporary file left behind
 
 
+def test_streamed_chunks_give_one_output_whatever_their_size(tmp_path, reviews, caplog):
+    """The input goes through in chunks of --chunk-rows: any size gives the same file, and ids keep one
+    type across chunks (ints then text: all text, as a whole-table read made them)."""
+    from pipeline.embed import main
+    from pipeline.embed_inputs import input_chunks, scan_inputs
+
+    texts = reviews[0][:30]
+    path = tmp_path / "mixed.jsonl"
+    with open(path, "w") as f:
+        for k, text in enumerate(texts):
+            f.write(json.dumps({"id": k if k < 20 else f"a{k}", "text": text}) + "\n")
+    outs = {}
+    for size in ("7", "1", "16384"):
+        outs[size] = tmp_path / f"c{size}.parquet"
+        with caplog.at_level("WARNING"):
+            assert main(["--model", BUNDLE, "--input", str(path), "--out", str(outs[size]), "--chunk-rows", size,
+                         "--batch-size", "4", "--no-mlflow"]) == 0
+        assert "the ids mix types" in caplog.text
+        caplog.clear()
+    (a, a_vectors), (b, b_vectors), (c, c_vectors) = (read_out(outs[size]) for size in ("7", "1", "16384"))
+    assert a.column("id").to_pylist() == c.column("id").to_pylist() == [str(k) for k in range(20)] + [
+        f"a{k}" for k in range(20, 30)]
+    np.testing.assert_allclose(a_vectors, c_vectors, atol=1e-5)
+    np.testing.assert_allclose(b_vectors, c_vectors, atol=1e-5)
+    # ints and floats: doubles; the chunks a process takes, in order, each at most chunk_rows long
+    with open(path, "w") as f:
+        for k, text in enumerate(texts):
+            f.write(json.dumps({"id": k + (0.5 if k >= 20 else 0), "text": text}) + "\n")
+    scan = scan_inputs(str(path), "text", None, chunk_rows=7)
+    assert (scan.rows, scan.id_column, scan.id_type, scan.chunks(7)) == (30, "id", "double", 5)
+    taken = list(input_chunks(scan, 7, take=lambda k: k % 2 == 1))
+    assert [k for k, _, _ in taken] == [1, 3] and [len(t) for _, _, t in taken] == [7, 7]
+    assert taken[1][1] == [k + 0.5 for k in range(21, 28)] and taken[1][2] == texts[21:28]
+    assert [len(t) for _, _, t in input_chunks(scan, 7)] == [7, 7, 7, 7, 2]
+
+
+def test_a_blank_text_in_the_last_row_stops_the_run_before_any_output(tmp_path, capsys):
+    """The whole input is checked before the first chunk is embedded: a bad last row costs no hours."""
+    from pipeline.embed import main
+
+    path = tmp_path / "late.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text"])
+        w.writerows([f"review number {i}"] for i in range(50))
+        w.writerow([" "])
+    out = tmp_path / "o.parquet"
+    assert main(["--model", BUNDLE, "--input", str(path), "--out", str(out), "--chunk-rows", "8", "--no-mlflow"]) == 2
+    assert f"{path}:52: column 'text' is blank (1 row in {path})" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["late.csv"]
+
+
 def test_only_texts_that_lost_tokens_are_counted_as_cut(encoder):
     """A text of exactly --max-length tokens was counted as cut: the count is a data-quality figure."""
     model, tokenizer = encoder
@@ -214,11 +266,10 @@ def test_lineage_from_an_export_and_from_a_fine_tuned_model(tmp_path):
 def test_texts_are_converted_as_the_models_pretraining_text_was(tmp_path):
     # an export of a --convert t2s data dir: its vocabulary holds Simplified characters only
     (tmp_path / "training_info.json").write_text(json.dumps({"convert": "t2s"}))
-    inputs = embedding.Inputs("x.csv", "row", [0, 1], ["我們說話。", "plain text"], ["x.csv:2", "x.csv:3"])
-    assert embedding.convert_script(inputs, str(tmp_path)) == "t2s"
-    assert inputs.texts == ["我们说话。", "plain text"]
+    convert, converter = embedding.script_converter(str(tmp_path))
+    assert convert == "t2s" and [converter(t) for t in ["我們說話。", "plain text"]] == ["我们说话。", "plain text"]
     (tmp_path / "training_info.json").write_text(json.dumps({"convert": None}))
-    assert embedding.convert_script(inputs, str(tmp_path)) is None
+    assert embedding.script_converter(str(tmp_path)) == (None, None)
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -294,16 +345,19 @@ def test_two_processes_write_the_same_parquet_and_rank0_logs_the_run(reviews, tm
     source = tmp_path / "texts.parquet"
     import pyarrow as pa
 
-    texts = reviews[0][:61]  # odd: the two ranks get 31 and 30 rows
+    texts = reviews[0][:61]  # chunks of 8: rank 0 gets 4 of them (32 rows), rank 1 the other 4 (29 rows)
     pq.write_table(pa.table({"id": list(range(1000, 1061)), "text": texts}), source)
     one = tmp_path / "one.parquet"
     assert main(["--model", str(model), "--input", str(source), "--out", str(one), "--pooling", "mean",
-                 "--batch-size", "8", "--no-mlflow"]) == 0
+                 "--batch-size", "8", "--no-mlflow"]) == 0  # one chunk
     two = tmp_path / "two.parquet"
+    # A killed run's parts, which must not pass for this run's
+    os.makedirs(embedding.parts_dir(str(two)))
+    shutil.copy(one, embedding.part_path(str(two), 0))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", SCRIPT,
          "--model", str(model), "--input", str(source), "--out", str(two), "--pooling", "mean", "--batch-size", "8",
-         "--run-name", "embed-e2e"], capture_output=True, text=True, timeout=300,
+         "--chunk-rows", "8", "--run-name", "embed-e2e"], capture_output=True, text=True, timeout=300,
         env=_clean_env(MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     (a, a_vectors), (b, b_vectors) = read_out(one), read_out(two)

@@ -53,6 +53,23 @@ def test_every_format_gives_the_same_splits(tmp_path, fmt):
     assert sum(len(data.splits[n].texts) for n in ("train", "validation", "test")) == len(ROWS)
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet", "saved"])
+def test_records_streamed_a_row_at_a_time_are_the_tables_rows(tmp_path, fmt):
+    """iter_records (embed.py's streamed input) reads what read_table reads, row by row, in batches."""
+    from pipeline.finetuning.data import iter_records
+
+    if fmt == "saved":
+        import datasets
+
+        path = str(tmp_path / "saved")
+        datasets.Dataset.from_list(ROWS).save_to_disk(path)
+    else:
+        path = write(tmp_path / f"d.{fmt}")
+    table = read_table(path)
+    records = list(iter_records(path, batch_rows=7))
+    assert [where for _, where in records] == table.where
+    for name, column in table.columns.items():
+        assert [record[name] for record, _ in records] == column
 def test_a_dev_file_without_a_test_file_says_that_train_rows_are_held_out(tmp_path, caplog):
     """--train with --validation (GLUE's dev) and no --test quietly tested on a slice of train."""
     train, dev = write(tmp_path / "train.csv"), write(tmp_path / "dev.csv", ROWS[:12])
@@ -492,7 +509,7 @@ def test_a_blank_text_is_refused_naming_the_row(tmp_path, text, message):
 
 def test_a_lone_surrogate_escape_is_refused_by_fine_tuning_and_embedding(tmp_path):
     """json.loads accepts "\\ud800" alone; the tokenizer then failed with a TypeError traceback."""
-    from pipeline.embedding import read_inputs
+    from pipeline.embed_inputs import scan_inputs
 
     lines = [json.dumps({"text": f"review {i}", "label": "pos" if i % 2 else "neg"}) for i in range(20)]
     lines[3] = '{"text": "bad \\ud800 text", "label": "pos"}'
@@ -502,7 +519,7 @@ def test_a_lone_surrogate_escape_is_refused_by_fine_tuning_and_embedding(tmp_pat
     with pytest.raises(FinetuneDataError, match=message):
         load_task_data(data=str(path))
     with pytest.raises(FinetuneDataError, match=message):
-        read_inputs(str(path))
+        scan_inputs(str(path), "text")
 
 
 def test_a_nan_in_a_column_of_numbers_and_an_absent_drop_label_are_refused(tmp_path):

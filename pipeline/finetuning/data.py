@@ -138,7 +138,8 @@ def _utf8_lines(path: str, f):
         yield line
 
 
-def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table:
+def _delimited_rows(path: str, compression: str | None, delimiter: str):
+    """Yields the header (a list of names), then (cells, where) for each row, checked."""
     csv.field_size_limit(1 << 24)
     with _open_text(path, compression) as f:
         # fed physical lines, the reader's line_num counts them, not records. A tab-separated
@@ -158,8 +159,7 @@ def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table
         if repeated:  # the cells of two columns of one name would interleave under it
             raise FinetuneDataError(f"{path}:1: the header names column{'s' if len(repeated) > 1 else ''} "
                                     f"{', '.join(map(repr, repeated))} more than once; rename them")
-        columns: dict[str, list] = {name: [] for name in header}
-        where = []
+        yield header
         while True:
             start = reader.line_num + 1  # a quoted cell may span lines: report where the row starts
             try:
@@ -177,9 +177,18 @@ def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table
                                         f"({', '.join(header)}){hint}")
             if quoting == csv.QUOTE_NONE:
                 _refuse_csv_quoting(path, start, row)
-            for name, cell in zip(header, row):
-                columns[name].append(cell)
-            where.append(f"{path}:{start}")
+            yield row, f"{path}:{start}"
+
+
+def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table:
+    rows = _delimited_rows(path, compression, delimiter)
+    header = next(rows)
+    columns: dict[str, list] = {name: [] for name in header}
+    where = []
+    for cells, at in rows:
+        for name, cell in zip(header, cells):
+            columns[name].append(cell)
+        where.append(at)
     return Table(path, columns, where)
 
 
@@ -193,8 +202,8 @@ def _refuse_csv_quoting(path: str, line: int, row: list[str]) -> None:
                                     "file written with csv quoting (pandas' to_csv) as .csv or .jsonl")
 
 
-def _read_jsonl(path: str, compression: str | None) -> Table:
-    rows, where = [], []
+def _jsonl_rows(path: str, compression: str | None):
+    """(object, where) for each line holding one."""
     with _open_text(path, compression) as f:
         for line_no, line in enumerate(_utf8_lines(path, f), 1):
             if not line.strip():
@@ -208,8 +217,14 @@ def _read_jsonl(path: str, compression: str | None) -> Table:
             if not isinstance(row, dict):
                 raise FinetuneDataError(f"{path}:{line_no}: a JSON object per line is expected, got "
                                         f"{type(row).__name__}")
-            rows.append(row)
-            where.append(f"{path}:{line_no}")
+            yield row, f"{path}:{line_no}"
+
+
+def _read_jsonl(path: str, compression: str | None) -> Table:
+    rows, where = [], []
+    for row, at in _jsonl_rows(path, compression):
+        rows.append(row)
+        where.append(at)
     names = list(dict.fromkeys(k for row in rows for k in row))
     return Table(path, {n: [row.get(n, _NO_KEY) for row in rows] for n in names}, where)
 
@@ -309,6 +324,51 @@ def _split_roles(path: str, loaded, validation_split: str | None, test_split: st
     if unused:
         log.info("%s: split%s %s not used for training or scoring", path, "s" * (len(unused) > 1), ", ".join(unused))
     return roles
+
+
+def iter_records(path: str, batch_rows: int = 4096):
+    """Every row of a file or a saved ``Dataset`` as ({column: cell}, where), one at a time and
+    checked as ``read_table`` checks it, holding a batch of rows at most: for inputs too big to
+    hold (embed.py). A jsonl row lacks the keys it lacks; a csv row has every header column."""
+    if not os.path.exists(path):
+        raise FinetuneDataError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        dataset = _load_saved(path)
+        if hasattr(dataset, "keys"):
+            raise FinetuneDataError(f"{path}: a saved DatasetDict with splits {', '.join(dataset)}: save the split "
+                                    "to read as a Dataset of its own")
+        for start in range(0, len(dataset), batch_rows):
+            batch = dataset[start:start + batch_rows]
+            for i, row in enumerate(zip(*batch.values())):
+                yield dict(zip(batch, row)), f"{path}: row {start + i + 1}"
+        return
+    fmt, compression = _format_of(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+            row = 0
+            for batch in batches:
+                for record in batch.to_pylist():
+                    row += 1
+                    yield record, f"{path}: row {row}"
+        except FinetuneDataError:
+            raise
+        except Exception as err:  # pyarrow raises several types for a corrupt file
+            raise FinetuneDataError(f"{path}: not a readable Parquet file ({err})") from None
+        return
+    try:
+        if fmt == "jsonl":
+            yield from _jsonl_rows(path, compression)
+            return
+        rows = _delimited_rows(path, compression, "," if fmt == "csv" else "\t")
+        header = next(rows)
+        for cells, at in rows:
+            yield dict(zip(header, cells)), at
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as err:
+        what = f"a readable {compression} file" if compression else "readable"
+        raise FinetuneDataError(f"{path}: not {what} ({err})") from None
 
 
 def read_saved_dataset(path: str, validation_split: str | None = None,
