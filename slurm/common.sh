@@ -39,18 +39,25 @@ check_flags() {
 'importlib.import_module(sys.argv.pop(1)).parse_args(sys.argv[1:])' "$REPO" "$module" "$@" || exit 2
 }
 
+# check_with MODULE FUNCTION ERROR ARG...: MODULE.FUNCTION(ARG...) of the project; its ERROR (an
+# exception class of MODULE) ends the job here with the error's one line.
+check_with() {
+  local refused
+  refused=$("$PYTHON" -c 'import importlib, sys; sys.path.insert(0, sys.argv[1])
+module = importlib.import_module(sys.argv[2])
+try:
+    getattr(module, sys.argv[3])(*sys.argv[5:])
+except getattr(module, sys.argv[4]) as err:
+    print(err)' "$REPO" "$@") || die "cannot run the check $1.$2 (see above)"
+  [[ -z "$refused" ]] || die "$refused"
+}
+
 # check_free FLAG DIR: a DIR another run holds now (its .lock, pipeline/run_lock.py) ends the job
 # here, naming the holder; nothing is created or written. The ranks take the lock themselves (two
 # jobs starting at once are told apart there); refused there, rank 0 exited 2 while its peers
 # waited for it in the rendezvous until srun killed them, and the job ended 137.
 check_free() {
-  local refused
-  refused=$("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from pipeline import run_lock
-try:
-    run_lock.check_free(sys.argv[3], sys.argv[2])
-except run_lock.RunDirError as err:
-    print(err)' "$REPO" "$1" "$2") || die "cannot check $1 $2 for another run (see above)"
-  [[ -z "$refused" ]] || die "$refused"
+  check_with pipeline.run_lock check_free RunDirError "$2" "$1"
 }
 
 # require NAME MESSAGE: the variable must be set and not empty, else the job ends with MESSAGE

@@ -67,6 +67,9 @@ args=(--model "$MODEL" --output-dir "$OUTPUT_DIR" --run-name "${RUN_NAME:-$SLURM
 read -r -a finetune_args <<<"${FINETUNE_ARGS:-}"
 args+=("${finetune_args[@]}" "$@")
 check_flags pipeline.finetuning.config "${args[@]}"
+# An OUTPUT_DIR fine-tuning would damage (a pretraining run dir, MODEL itself, a file), in
+# fine-tuning's words: the lock check would call a busy pretraining run dir only "in use".
+check_with pipeline.finetuning.config check_output_dir FinetuneConfigError "$OUTPUT_DIR" "$MODEL"
 check_free --output-dir "$OUTPUT_DIR"
 
 log "nodes $SLURM_JOB_NODELIST, $RANKS_PER_NODE ranks per node, world size $SLURM_NTASKS," \

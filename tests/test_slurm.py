@@ -354,13 +354,24 @@ def test_a_job_into_a_busy_run_dir_fails_before_any_rank_starts(slurm_cluster, d
         started = time.monotonic()
         job = slurm_cluster.wait_job(submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1,
                                             env=pretrain_env(data_dir[0], run_dir, model_config)), timeout=60)
+        out = output_of(folder, job["JobId"])
+        assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", f"{job}\noutput:\n{out}"
+        assert out.count(" error: ") == 1 and f"--run-dir {run_dir} is in use by another run (pid {os.getpid()} " in out
+        assert "pipeline.trainer" not in out and not os.path.exists(os.path.join(run_dir, "checkpoints"))
+        assert time.monotonic() - started < 30
+        # The same busy pretraining run dir as a fine-tuning's OUTPUT_DIR: refused for what it is.
+        with open(os.path.join(run_dir, "train_config.json"), "w") as f:
+            f.write("{}")
+        os.makedirs(tmp_path / "model")
+        job = slurm_cluster.wait_job(submit(slurm_cluster, folder, "finetune.sh", *CPU_2x1,
+                                            script_args=["--data", "reviews.csv"],
+                                            env=job_env(MODEL=str(tmp_path / "model"), OUTPUT_DIR=run_dir)), timeout=60)
+        out = output_of(folder, job["JobId"])
+        assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", f"{job}\noutput:\n{out}"
+        assert out.count(" error: ") == 1 and (f"--output-dir {run_dir} is a pretraining run dir (it holds "
+                                               "train_config.json)") in out, out
     finally:
         held.release()
-    out = output_of(folder, job["JobId"])
-    assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", f"{job}\noutput:\n{out}"
-    assert out.count(" error: ") == 1 and f"--run-dir {run_dir} is in use by another run (pid {os.getpid()} on " in out
-    assert "pipeline.trainer" not in out and not os.path.exists(os.path.join(run_dir, "checkpoints"))
-    assert time.monotonic() - started < 30
 
 
 @pytest.mark.e2e
