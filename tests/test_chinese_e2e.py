@@ -259,6 +259,9 @@ def test_the_served_mlflow_model_converts_traditional_input_as_fine_tuning_did(z
     for given in (pd.DataFrame({"text": traditional[:10], "text_pair": traditional[10:20]}),
                   [{"text": t, "text_pair": u} for t, u in zip(traditional[:10], traditional[10:20])]):
         np.testing.assert_allclose(served.predict(given)["score"], [p["score"] for p in plain_pairs], rtol=1e-4)
+    # a pair dict's other keys are no tokenizer arguments; a missing second text is no pair
+    odd = served.predict([{"text": traditional[0], "text_pair": None, "idx": 7}])
+    assert odd["score"].tolist() == pytest.approx([plain[0]["score"]], rel=1e-4)
 
 
 def read_poems(n: int) -> list[dict]:

@@ -63,6 +63,7 @@ class FinetuneConfig:
     validation_split: str | None = None  # a saved DatasetDict's split to validate on (MNLI's validation_matched)
     test_split: str | None = None
     predict: tuple[str, ...] = ()  # files, or splits of --data, to write predictions for
+    predict_as: str = "label"  # or "id": the class index (a ClassLabel's own id; GLUE's server wants 0/1 for SST-2)
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
@@ -96,8 +97,15 @@ class FinetuneConfig:
              "--validation/--test go with --train; with --data the splits come from the data"),
             (self.data is not None or not (self.validation_split or self.test_split),
              "--validation-split/--test-split name splits of a saved DatasetDict given as --data"),
+            (len(set(self.predict)) == len(self.predict), "--predict: the same input given twice"),
             (not twice, f"--predict: two inputs would both write predictions/{twice[0] if twice else ''}.tsv; "
                         "rename one file"),
+            (self.predict_as in ("label", "id"), f"--predict-as must be label or id, got {self.predict_as!r}"),
+            (not self.validation_split or self.validation_split != self.test_split,
+             f"--validation-split and --test-split both name {self.validation_split!r}: the test metrics would "
+             "measure the split that picked the best epoch"),
+            ("train" not in (self.validation_split, self.test_split),
+             "--validation-split/--test-split train: the train split trains; name another split"),
             (self.init in ("pretrained", "random"), f"--init must be pretrained or random, got {self.init!r}"),
             (self.task in (None, "classification", "regression"),
              f"--task must be classification or regression, got {self.task!r}"),
@@ -149,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reinit-pooler", action="store_true",
                    help="start the pooler (the [CLS] dense + tanh layer, trained on next-sentence prediction) fresh, "
                         "as Zhang et al. 2021 do for few-sample fine-tuning")
-    data = p.add_argument_group("data (csv, tsv, jsonl, parquet, optionally .gz/.bz2/.xz, or a datasets.save_to_disk dir)")
+    data = p.add_argument_group("data (csv, tsv, jsonl, optionally .gz/.bz2/.xz; parquet; or a datasets.save_to_disk dir)")
     data.add_argument("--data", help="one file or saved dataset; missing validation/test splits are split off "
                                      "train (seeded, stratified)")
     data.add_argument("--train", help="train split file (instead of --data)")
@@ -165,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="after training, write the best model's predictions for every row of this file (or of "
                            "this split of --data's saved DatasetDict; labels not needed, e.g. GLUE's test sets) to "
                            "OUTPUT_DIR/predictions/NAME.tsv (columns index, prediction); repeatable")
+    data.add_argument("--predict-as", choices=("label", "id"), default=d.predict_as,
+                      help="label: the class's name as the data gives it; id: its index (a datasets ClassLabel's "
+                           "own id, as GLUE's server wants for CoLA, SST-2, MRPC and QQP)")
     data.add_argument("--text-column", default=d.text_column, help="column with the text")
     data.add_argument("--text-pair-column", help="second text of a sentence-pair task")
     data.add_argument("--label-column", default=d.label_column, help="column with the label")

@@ -32,9 +32,18 @@ class ConvertedTextClassifier(mlflow.pyfunc.PythonModel):
                                  max_length=int(config["max_length"]), **extra)
 
     def predict(self, context, model_input, params=None):
-        inputs = [{k: self.converter.convert(str(v)) for k, v in x.items()} if isinstance(x, dict)
-                  else self.converter.convert(str(x)) for x in _inputs(model_input)]
+        inputs = [self._converted(x) for x in _inputs(model_input)]
         return pd.DataFrame(self.classify(inputs), columns=["label", "score"])
+
+    def _converted(self, x):
+        """A text, or a pair's two texts, converted; other keys of a dict (an ``idx``) left out,
+        and a pair without its second text (None, NaN) classified as its text alone."""
+        if not isinstance(x, dict):
+            return self.converter.convert(str(x))
+        pair = x.get("text_pair")
+        if pair is None or (isinstance(pair, float) and pair != pair):
+            return self.converter.convert(str(x["text"]))
+        return {"text": self.converter.convert(str(x["text"])), "text_pair": self.converter.convert(str(pair))}
 
 
 def _inputs(model_input) -> list:

@@ -89,7 +89,8 @@ def on_device(batch: dict[str, torch.Tensor], device, model_type: str) -> dict[s
 
 
 def clear_previous_outputs(output_dir: str) -> list[str]:
-    """Removes what a previous run left in ``output_dir`` (its report, confusion matrix and model):
+    """Removes what a previous run left in ``output_dir`` (its report, confusion matrix, model and
+    predictions):
     beside this run's metrics.jsonl they made a killed run look complete, and a regression run
     kept a classification run's confusion matrix. Returns the names removed."""
     import shutil
@@ -478,15 +479,18 @@ class Finetuner:
         name, what report.json says of it."""
         import csv
 
+        # Every collective first: a rank 0 that failed to write between two of them left the other
+        # ranks waiting in the next one until the process group's timeout.
+        outputs = {name: self.outputs(data) for name, data in self.prediction_sets.items()}
         written = {}
         for (name, data), spec in zip(self.prediction_sets.items(), self.config.predict):
-            outputs = self.outputs(data)
             if not self.is_rank0:
                 continue
             if self.task == "classification":
-                values = [self.data.labels[i] for i in outputs.argmax(-1)]
+                classes = outputs[name].argmax(-1)
+                values = classes.tolist() if self.config.predict_as == "id" else [self.data.labels[i] for i in classes]
             else:
-                values = [str(np.float32(v)) for v in outputs[:, 0]]  # the shortest text that reads back
+                values = [str(np.float32(v)) for v in outputs[name][:, 0]]  # the shortest text that reads back
             path = os.path.join(output_dir, PREDICTIONS, f"{name}.tsv")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "w", newline="") as f:  # a killed run leaves no partial file looking whole
