@@ -965,6 +965,10 @@ def eval_batches(lengths: np.ndarray, start: int, batch_size: int, rank: int, wo
     processes is the same measure as before it. Sorted by length so batches pad little, they
     are cut into a multiple of ``world_size`` batches of at most ``batch_size`` rows (every
     rank runs the same number of forward passes: ZeRO-3 gathers parameters collectively).
+    A sample of whole global batches (the default) makes batches of exactly ``batch_size``;
+    all held-out rows (``max_rows`` 0) may give two sizes, one graph more each under
+    ``--compile``. With ``batch_size`` 1 and rows not a multiple of ``world_size``, the
+    remainder is left out: the one case where the rows depend on the number of processes.
     Memory: O(the held-out rows), whatever the rows before ``start``.
     """
     rows = np.arange(start, len(lengths))

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="Hugging Face model dir: config.json, weights and tokenizer")
     p.add_argument("--input", required=True,
-                   help="csv, tsv, jsonl or parquet (optionally .gz/.bz2/.xz); a blank text is an error naming "
+                   help="csv, tsv, jsonl (optionally .gz/.bz2/.xz), parquet or a saved datasets Dataset; a blank text is an error naming "
                         "its line")
     p.add_argument("--out", required=True, help="output Parquet file (written to a temporary file, then renamed)")
     p.add_argument("--text-column", default=embedding.TEXT_COLUMN,
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
         if os.path.isdir(args.out):
             raise embedding.EmbedError(f"--out {args.out}: a folder; --out names the Parquet file to write "
                                        f"(e.g. {os.path.join(args.out, 'embeddings.parquet')})")
+        embed_inputs.check_first_row(args.input, args.text_column, args.id_column)  # before the model loads
         model, tokenizer = embedding.load_model(args.model)
         converted, converter = embedding.script_converter(args.model)
         if converted:
@@ -151,9 +153,7 @@ def main(argv=None) -> int:
             torch.distributed.all_reduce(counts)  # also the barrier: every part is written
             truncated = int(counts.item())
             if rank == 0:
-                sizes = [min(args.chunk_rows, scan.rows - k * args.chunk_rows)
-                         for k in range(scan.chunks(args.chunk_rows))]
-                embedding.merge_parts(args.out, schema, sizes)
+                embedding.merge_parts(args.out, schema, scan.chunks(scan.chunk_size(args.chunk_rows, world_size)))
         seconds = time.perf_counter() - started
         if rank == 0:
             print(f"{scan.rows} embeddings ({model.config.hidden_size} dims, {args.pooling} pooling"
@@ -176,10 +176,11 @@ def embed_chunks(args, scan, model, tokenizer, converter, max_length: int, schem
     each into a part for rank 0 to merge. Returns the texts cut at ``max_length``."""
     from tqdm import tqdm
 
-    size = args.chunk_rows
-    mine = sum(min(size, scan.rows - k * size) for k in range(rank, scan.chunks(size), world_size))
+    size = scan.chunk_size(args.chunk_rows, world_size)
+    mine = sum(scan.chunks(size)[rank::world_size])
     truncated = 0
-    # A bar on a terminal; in a batch log, a line a minute (rank 0's rows, the others' alike).
+    # A bar on a terminal; in a batch log, a line a minute (rank 0's rows: the others' are as many,
+    # give or take a chunk).
     on_terminal = sys.stderr.isatty()
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=mine, desc="embedding", unit="text", dynamic_ncols=True,
@@ -203,5 +204,13 @@ def embed_chunks(args, scan, model, tokenizer, converter, max_length: int, schem
     return truncated
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (``python pipeline/embed.py``, the ``bert-embed`` console script). SIGTERM
+    (torchrun's when a peer fails, scancel's) ends it as an exit, not a kill: the temporary output
+    file is removed on the way out instead of left beside OUT."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -18,7 +18,7 @@ import os
 
 from pipeline.finetuning.data import _NO_KEY, FinetuneDataError, _format_of, as_text, is_blank_text, iter_records
 
-CHUNK_ROWS = 16_384  # rows a process holds at once: their texts, ids and vectors (50 MB at 768 dims)
+CHUNK_ROWS = 16_384  # rows a process holds at once: texts, token ids, vectors (~70 MB at 768 dims, 128 tokens)
 ROW_COLUMN = "row"  # the id column when the input has none: the 0-based data row
 
 log = logging.getLogger(__name__)
@@ -30,42 +30,72 @@ class InputScan:
     rows: int
     text_column: str
     id_column: str | None  # the input's id column, or None: ROW_COLUMN numbers the rows
-    id_type: str  # "row", or the Arrow type every id is written as: "int64", "double", "string", …
+    id_type: object = None  # the pyarrow type every id is written as (None: the row numbers, int64)
 
     @property
     def output_id_column(self) -> str:
         return self.id_column or ROW_COLUMN
 
-    def chunks(self, chunk_rows: int = CHUNK_ROWS) -> int:
-        return -(-self.rows // chunk_rows)
+    def chunk_size(self, chunk_rows: int = CHUNK_ROWS, world_size: int = 1) -> int:
+        """Rows per chunk: at most ``chunk_rows``, and few enough that every process gets one (a
+        small input is not embedded by rank 0 alone). The same on every rank: all scan alike."""
+        return max(1, min(chunk_rows, -(-self.rows // world_size)))
+
+    def chunks(self, size: int) -> list[int]:
+        """The rows of each chunk of ``size`` rows, in order."""
+        return [min(size, self.rows - start) for start in range(0, self.rows, size)]
 
 
 def _is_blank_id(value) -> bool:
     return value is None or value is _NO_KEY or (isinstance(value, str) and not value.strip())
 
 
+def check_first_row(path: str, text_column: str, id_column: str | None = None) -> None:
+    """The cheap checks, before a model is loaded: the input exists, has a known format and a
+    row, and (csv, tsv, parquet: every row has the first's columns) the columns asked for."""
+    if not os.path.exists(path):
+        raise FinetuneDataError(f"{path}: no such file or directory")
+    first = next(iter_records(path), None)
+    if first is None:
+        raise FinetuneDataError(f"{path}: the file has no rows")
+    if _fixed_columns(path):
+        _check_columns(path, first[0], text_column, id_column)
+
+
+def _fixed_columns(path: str) -> bool:
+    return os.path.isdir(path) or _format_of(path)[0] != "jsonl"  # a jsonl row may lack keys
+
+
+# Above this, an int id does not survive a double: such ids beside floats are written as text.
+_EXACT_IN_DOUBLE = 2 ** 53
+
+
 def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk_rows: int = CHUNK_ROWS) -> InputScan:
     """Every check of the whole input, holding none of it. ``id_column`` None: ``id`` if the input
     has it, else the row number; a named one must exist. Ids of mixed types (jsonl's 3 and "a7")
-    are all written as text."""
+    are all written as text; ints beside floats as doubles, unless one is too big for a double;
+    ints past int64 as uint64 unless one is negative. The same type for any ``chunk_rows``."""
     import pyarrow as pa
 
-    fixed_columns = os.path.isdir(path) or _format_of(path)[0] != "jsonl"  # a jsonl row may lack keys
+    check_first_row(path, text_column, id_column)
     columns: dict[str, None] = {}
     rows, blank, first_blank = 0, 0, None
     id_name = id_column or "id"
-    blank_id, id_types, pending = None, set(), []
+    blank_id, id_types, pending, big_int, negative_int = None, set(), [], False, False
 
     def settle_types():
         try:
-            id_types.add(str(pa.array(pending).type))
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed within the chunk
-            id_types.add("mixed")
+            id_types.add(pa.array(pending).type)
+        except OverflowError:  # an int past int64: unsigned 64-bit ids (hashes), or text
+            try:
+                id_types.add(pa.array(pending, type=pa.uint64()).type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                id_types.add(None)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed within the block
+            id_types.add(None)
         pending.clear()
 
     for record, where in iter_records(path):
-        if rows == 0 and fixed_columns:  # every row has the columns of the first: fail at once
-            _check_columns(path, record, text_column, id_column)
         columns.update(dict.fromkeys(record))
         rows += 1
         value = record.get(text_column, _NO_KEY)
@@ -76,27 +106,33 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
         identifier = record.get(id_name, _NO_KEY)
         if _is_blank_id(identifier):
             blank_id = blank_id or where
-        else:
-            pending.append(identifier)
-            if len(pending) == chunk_rows:
-                settle_types()
-    if rows == 0:
-        raise FinetuneDataError(f"{path}: the file has no rows")
+            continue
+        if isinstance(identifier, int):
+            big_int = big_int or abs(identifier) > _EXACT_IN_DOUBLE
+            negative_int = negative_int or identifier < 0
+        pending.append(identifier)
+        if len(pending) == chunk_rows:
+            settle_types()
     _check_columns(path, columns, text_column, id_column)
     if blank:
         raise FinetuneDataError(f"{first_blank}: column {text_column!r} is blank ({blank} row{'s' if blank > 1 else ''} "
                                 f"in {path}); every row needs a text (remove such rows first: an embedding per input "
                                 "row is the output's contract)")
     if id_column is None and "id" not in columns:
-        return InputScan(path, rows, text_column, None, "row")
+        return InputScan(path, rows, text_column, None)
     if blank_id:
         raise FinetuneDataError(f"{blank_id}: column {id_name!r} (the id) is blank")
     if pending:
         settle_types()
-    id_type = id_types.pop() if len(id_types) == 1 else ("double" if id_types == {"int64", "double"} else "mixed")
-    if id_type == "mixed":
+    if len(id_types) == 1 and None not in id_types:
+        id_type = id_types.pop()
+    elif id_types == {pa.int64(), pa.float64()} and not big_int:
+        id_type = pa.float64()
+    elif id_types == {pa.int64(), pa.uint64()} and not negative_int:
+        id_type = pa.uint64()
+    else:
         log.warning("the ids mix types (such as 3 and \"a7\"): all written as text")
-        id_type = "string"
+        id_type = pa.string()
     return InputScan(path, rows, text_column, id_name, id_type)
 
 
@@ -112,6 +148,9 @@ def _check_columns(path: str, columns, text_column: str, id_column: str | None) 
 def input_chunks(scan: InputScan, chunk_rows: int = CHUNK_ROWS, take=lambda k: True):
     """(chunk number, ids, texts) for each chunk of ``chunk_rows`` rows that ``take(number)`` wants,
     in input order; the ids as the output writes them (the row numbers without an id column)."""
+    import pyarrow as pa
+
+    as_text_ids = scan.id_type is not None and pa.types.is_string(scan.id_type)
     ids, texts, k = [], [], 0
     for row, (record, where) in enumerate(iter_records(scan.source)):
         if take(k):
@@ -119,7 +158,7 @@ def input_chunks(scan: InputScan, chunk_rows: int = CHUNK_ROWS, take=lambda k: T
                 ids.append(row)
             else:
                 value = record[scan.id_column]
-                ids.append(str(value) if scan.id_type == "string" and not isinstance(value, str) else value)
+                ids.append(str(value) if as_text_ids and not isinstance(value, str) else value)
             texts.append(as_text(record[scan.text_column], where, scan.text_column))
         if (row + 1) % chunk_rows == 0:
             if take(k):

@@ -169,12 +169,12 @@ def embed_texts(model, tokenizer, texts: list[str], *, max_length: int, pooling:
 
 
 # ---------------------------------------------------------------------------- writing
-def output_schema(id_column: str, id_type: str, metadata: dict | None = None):
-    """``id_column`` (``id_type``: "row" numbers the rows) and ``embedding`` (list<float32>); how the
-    vectors were made in the schema's metadata."""
+def output_schema(id_column: str, id_type, metadata: dict | None = None):
+    """``id_column`` (of pyarrow type ``id_type``; None: the row numbers, int64) and ``embedding``
+    (list<float32>); how the vectors were made in the schema's metadata."""
     import pyarrow as pa
 
-    schema = pa.schema([pa.field(id_column, pa.int64() if id_type == "row" else pa.type_for_alias(id_type)),
+    schema = pa.schema([pa.field(id_column, pa.int64() if id_type is None else id_type),
                         pa.field("embedding", pa.list_(pa.float32()))])
     return schema.with_metadata({k: str(v) for k, v in (metadata or {}).items()})
 
@@ -214,8 +214,10 @@ class ParquetOut:
 
     def __exit__(self, *exc):
         if os.path.exists(self.temp):  # not committed: an error, or a stop
-            self.writer.close()
-            os.remove(self.temp)
+            try:
+                self.writer.close()
+            finally:
+                os.remove(self.temp)
 
 
 def write_atomic(table, path: str) -> str:

@@ -157,12 +157,28 @@ def test_streamed_chunks_give_one_output_whatever_their_size(tmp_path, reviews, 
     with open(path, "w") as f:
         for k, text in enumerate(texts):
             f.write(json.dumps({"id": k + (0.5 if k >= 20 else 0), "text": text}) + "\n")
+    import pyarrow as pa
+
     scan = scan_inputs(str(path), "text", None, chunk_rows=7)
-    assert (scan.rows, scan.id_column, scan.id_type, scan.chunks(7)) == (30, "id", "double", 5)
+    assert (scan.rows, scan.id_column, scan.id_type, scan.chunks(7)) == (30, "id", pa.float64(), [7, 7, 7, 7, 2])
     taken = list(input_chunks(scan, 7, take=lambda k: k % 2 == 1))
     assert [k for k, _, _ in taken] == [1, 3] and [len(t) for _, _, t in taken] == [7, 7]
     assert taken[1][1] == [k + 0.5 for k in range(21, 28)] and taken[1][2] == texts[21:28]
     assert [len(t) for _, _, t in input_chunks(scan, 7)] == [7, 7, 7, 7, 2]
+    # Every process gets a chunk of a small input (before: 16,384-row chunks left rank 1..7 idle)
+    assert scan.chunk_size(16384, 8) == 4 and scan.chunk_size(16384, 1) == 30 and scan.chunk_size(7, 2) == 7
+    # An int too big for a double beside a float: text, whatever the chunk size (before: a double
+    # type for some chunk sizes, and a crash writing the first chunk); ints past int64: uint64
+    for ids, expected in (([2 ** 53 + 1, 1.5], pa.string()), ([2 ** 64 - 1, 5], pa.uint64())):
+        with open(path, "w") as f:
+            f.writelines(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts))
+        for chunk_rows in (1, 2):
+            assert scan_inputs(str(path), "text", None, chunk_rows=chunk_rows).id_type == expected
+        out = tmp_path / "big.parquet"
+        assert main(["--model", BUNDLE, "--input", str(path), "--out", str(out), "--chunk-rows", "1",
+                     "--no-mlflow"]) == 0
+        assert read_out(out)[0].column("id").to_pylist() == ([str(i) for i in ids] if expected == pa.string()
+                                                              else ids)
 
 
 def test_a_blank_text_in_the_last_row_stops_the_run_before_any_output(tmp_path, capsys):

@@ -58,11 +58,14 @@ def test_records_streamed_a_row_at_a_time_are_the_tables_rows(tmp_path, fmt):
     """iter_records (embed.py's streamed input) reads what read_table reads, row by row, in batches."""
     from pipeline.finetuning.data import iter_records
 
-    if fmt == "saved":
+    if fmt == "saved":  # its label a ClassLabel: its names, as read_table gives them
         import datasets
 
         path = str(tmp_path / "saved")
-        datasets.Dataset.from_list(ROWS).save_to_disk(path)
+        features = datasets.Features({"text": datasets.Value("string"), "other": datasets.Value("string"),
+                                      "label": datasets.ClassLabel(names=["pos", "neg", "neutral"]),
+                                      "score": datasets.Value("float64")})
+        datasets.Dataset.from_list(ROWS, features=features).save_to_disk(path)
     else:
         path = write(tmp_path / f"d.{fmt}")
     table = read_table(path)
@@ -164,9 +167,17 @@ def test_splits_of_a_saved_dataset_dict_are_named_by_flag(tmp_path, caplog):
         load_task_data(data=str(tmp_path / "two"))
     assert load_task_data(data=str(tmp_path / "two"), validation_split="dev", seed=1).split_from["test"].endswith(
         "(seeded split)")
+    # A flag that moves a split out of the role its name gave it, or leaves it unused, is warned of:
+    # the test split is then cut from train, which trains on fewer rows.
+    datasets.DatasetDict({"train": one, "validation": one, "test": one}).save_to_disk(str(tmp_path / "three"))
+    caplog.clear()
+    data = load_task_data(data=str(tmp_path / "three"), validation_split="test", seed=1)
+    assert data.split_from["test"].endswith("(seeded split)") and data.split_from["validation"] == str(tmp_path / "three")
+    assert "split 'validation' is not used: --validation-split named 'test' as the validation split" in caplog.text
+    assert "split 'test' is the validation split (--validation-split): the test split is cut from train" in caplog.text
 
 
-def test_prediction_inputs_are_files_or_splits_and_need_no_labels(tmp_path):
+def test_prediction_inputs_are_files_or_splits_and_need_no_labels(tmp_path, monkeypatch):
     from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, prediction_name
     from pipeline.finetuning.data import load_prediction_inputs
 
@@ -191,6 +202,24 @@ def test_prediction_inputs_are_files_or_splits_and_need_no_labels(tmp_path):
         FinetuneConfig(model="m", data="d", predict=["a/test.tsv", "b/test.jsonl"])
     with pytest.raises(FinetuneConfigError, match="--validation-split/--test-split name splits of a saved DatasetDict"):
         FinetuneConfig(model="m", train="t.csv", test_split="test")
+    with pytest.raises(FinetuneConfigError, match="--validation-split and --test-split both name 'dev': the test "
+                                                  "metrics would measure the split that picked the best epoch"):
+        FinetuneConfig(model="m", data="d", validation_split="dev", test_split="dev")
+    with pytest.raises(FinetuneConfigError, match="--validation-split/--test-split train: the train split trains"):
+        FinetuneConfig(model="m", data="d", test_split="train")
+    with pytest.raises(FinetuneConfigError, match="--predict: the same input given twice"):
+        FinetuneConfig(model="m", data="d", predict=["a.tsv", "a.tsv"])
+    # A name that is a split of --data and a path here: ambiguous; a path's own error says --predict
+    os.makedirs(tmp_path / "cwd" / "test_matched")
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(FinetuneDataError, match=r"--predict test_matched: both a split of --data .*mnli and a path "
+                                                r"here; pass the path as ./test_matched"):
+        load_prediction_inputs(["test_matched"], data=mnli, task="classification", text_column="text",
+                               text_pair_column=None)
+    with pytest.raises(FinetuneDataError, match=r"--predict \./test_matched: \./test_matched: not a "
+                                                "datasets.save_to_disk dir"):
+        load_prediction_inputs(["./test_matched"], data=mnli, task="classification", text_column="text",
+                               text_pair_column=None)
 
 
 def test_stratified_split_keeps_class_shares_and_is_seeded():

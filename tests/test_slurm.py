@@ -435,7 +435,7 @@ def test_a_usr1_before_the_ranks_start_requeues_the_job(slurm_cluster, data_dir,
     folder, run_dir = str(tmp_path), str(tmp_path / "run")
     setup = tmp_path / "setup.sh"
     # The first start sleeps long enough to be signalled; the requeued one does not.
-    setup.write_text(f'[[ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]] || sleep 15\n')
+    setup.write_text('[[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]] || sleep 15\n')
     env = {**pretrain_env(data_dir[0], run_dir, model_config, SETUP=str(setup)), "STEPS": "4"}
     job_id = submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1, env=env)
     _wait_for("the job to start", lambda: slurm_cluster.job(job_id)["JobState"] == "RUNNING", 60,

@@ -321,8 +321,21 @@ def _split_roles(path: str, loaded, validation_split: str | None, test_split: st
         raise FinetuneDataError(f"{path}: split {unused[0]!r} is not one of {', '.join(SPLITS)} (or dev): name the "
                                 "splits to validate and test on with --validation-split / --test-split (and "
                                 "write predictions for others with --predict SPLIT)")
-    if unused:
-        log.info("%s: split%s %s not used for training or scoring", path, "s" * (len(unused) > 1), ", ".join(unused))
+    # A split whose name gives it a role, displaced by a flag: said, since rows change roles.
+    for name in loaded:
+        role = _SPLIT_ALIASES.get(name, name)
+        if role not in SPLITS or roles.get(role) == name:
+            continue
+        if name in unused:
+            log.warning("%s: split %r is not used: --%s-split named %r as the %s split", path, name, role,
+                        named[role], role)
+        elif role not in roles:
+            taker = next(r for r, n in roles.items() if n == name)
+            log.warning("%s: split %r is the %s split (--%s-split): the %s split is cut from train", path, name,
+                        taker, taker, role)
+    others = [name for name in unused if _SPLIT_ALIASES.get(name, name) not in SPLITS]
+    if others:
+        log.info("%s: split%s %s not used for training or scoring", path, "s" * (len(others) > 1), ", ".join(others))
     return roles
 
 
@@ -333,12 +346,21 @@ def iter_records(path: str, batch_rows: int = 4096):
     if not os.path.exists(path):
         raise FinetuneDataError(f"{path}: no such file or directory")
     if os.path.isdir(path):
+        import datasets
+
         dataset = _load_saved(path)
-        if hasattr(dataset, "keys"):
-            raise FinetuneDataError(f"{path}: a saved DatasetDict with splits {', '.join(dataset)}: save the split "
-                                    "to read as a Dataset of its own")
+        if isinstance(dataset, datasets.DatasetDict):  # as read_table: one whose only split is train
+            if list(dataset) != ["train"]:
+                raise FinetuneDataError(f"{path}: a saved DatasetDict with splits {', '.join(dataset)}: save the "
+                                        "split to read as a Dataset of its own")
+            dataset = dataset["train"]
+        # A class-label column gives its names, as _dataset_table does (-1, unlabelled: blank).
+        names = {name: feature for name, feature in dataset.features.items()
+                 if isinstance(feature, datasets.ClassLabel)}
         for start in range(0, len(dataset), batch_rows):
             batch = dataset[start:start + batch_rows]
+            for name, feature in names.items():
+                batch[name] = [None if v is None or v < 0 else feature.int2str(v) for v in batch[name]]
             for i, row in enumerate(zip(*batch.values())):
                 yield dict(zip(batch, row)), f"{path}: row {start + i + 1}"
         return
@@ -346,18 +368,24 @@ def iter_records(path: str, batch_rows: int = 4096):
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
+        def unreadable(err):  # pyarrow raises several types for a corrupt file
+            return FinetuneDataError(f"{path}: not a readable Parquet file ({err})")
+
         try:
             batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
-            row = 0
-            for batch in batches:
-                for record in batch.to_pylist():
-                    row += 1
-                    yield record, f"{path}: row {row}"
-        except FinetuneDataError:
-            raise
-        except Exception as err:  # pyarrow raises several types for a corrupt file
-            raise FinetuneDataError(f"{path}: not a readable Parquet file ({err})") from None
-        return
+        except Exception as err:
+            raise unreadable(err) from None
+        row = 0
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as err:
+                raise unreadable(err) from None
+            if batch is None:
+                return
+            for record in batch.to_pylist():
+                row += 1
+                yield record, f"{path}: row {row}"
     try:
         if fmt == "jsonl":
             yield from _jsonl_rows(path, compression)
@@ -665,22 +693,26 @@ def _examples(table: Table, task: str, mapping: dict[str, int], text_column: str
 def load_prediction_inputs(specs: Sequence[str], *, data: str | None, task: str, text_column: str,
                            text_pair_column: str | None) -> dict[str, Examples]:
     """The ``--predict`` inputs by output name (``prediction_name``): a file, or a split of the
-    saved DatasetDict given as ``--data`` (a path that exists wins over a split's name). Only the
-    text columns are read: labels, if any, are ignored; a blank text is refused as in training."""
+    saved DatasetDict given as ``--data`` (a name that is both is refused). Only the text columns
+    are read: labels, if any, are ignored; a blank text is refused as in training."""
     inputs = {}
-    saved = None
+    saved = _load_saved(data) if data is not None and os.path.isdir(data) else None
+    splits = list(saved) if hasattr(saved, "keys") else []
     for spec in specs:
-        if os.path.exists(spec):
-            table = read_table(spec)
-        elif data is not None and os.path.isdir(data):
-            saved = saved if saved is not None else _load_saved(data)
-            splits = list(saved) if hasattr(saved, "keys") else []
-            if spec not in splits:
-                raise FinetuneDataError(f"--predict {spec}: no such file, nor a split of --data {data} (splits: "
-                                        f"{', '.join(splits) or 'none, it is one Dataset'})")
+        if spec in splits:
+            if os.path.exists(spec):
+                raise FinetuneDataError(f"--predict {spec}: both a split of --data {data} and a path here; pass the "
+                                        f"path as ./{spec} (or its full path) or rename it")
             table = _dataset_table(saved[spec], f"{data}[{spec}]")
+        elif os.path.exists(spec):
+            try:
+                table = read_table(spec)
+            except FinetuneDataError as err:
+                raise FinetuneDataError(f"--predict {spec}: {err}") from None
         else:
-            raise FinetuneDataError(f"--predict {spec}: no such file")
+            where = f", nor a split of --data {data} (splits: {', '.join(splits) or 'none, it is one Dataset'})" \
+                if saved is not None else ""
+            raise FinetuneDataError(f"--predict {spec}: no such file{where}")
         _check_table(table, [text_column] + ([text_pair_column] if text_pair_column else []))
         labels = np.zeros(len(table), dtype=np.int64 if task == "classification" else np.float32)
         inputs[prediction_name(spec)] = Examples(
