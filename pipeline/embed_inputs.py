@@ -13,6 +13,7 @@ whatever the table is joined to.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 
@@ -37,8 +38,9 @@ class InputScan:
         return self.id_column or ROW_COLUMN
 
     def chunk_size(self, chunk_rows: int = CHUNK_ROWS, world_size: int = 1) -> int:
-        """Rows per chunk: at most ``chunk_rows``, and few enough that every process gets one (a
-        small input is not embedded by rank 0 alone). The same on every rank: all scan alike."""
+        """Rows per chunk: at most ``chunk_rows``, and at most rows / processes rounded up, so that
+        a small input is spread over the processes, not embedded by rank 0 alone (9 rows on 4
+        processes: chunks of 3, one process idle). The same on every rank: all scan alike."""
         return max(1, min(chunk_rows, -(-self.rows // world_size)))
 
     def chunks(self, size: int) -> list[int]:
@@ -66,6 +68,32 @@ def _fixed_columns(path: str) -> bool:
     return os.path.isdir(path) or _format_of(path)[0] != "jsonl"  # a jsonl row may lack keys
 
 
+def _declared_type(path: str, column: str):
+    """The id column's type where the input declares one (parquet, a saved Dataset; a class-label
+    column reads as its names), else None: jsonl's is guessed from the values, csv's are text."""
+    import pyarrow as pa
+
+    if os.path.isdir(path):
+        import datasets
+
+        from pipeline.finetuning.data import _load_saved
+
+        dataset = _load_saved(path)
+        dataset = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
+        feature = dataset.features.get(column)
+        if isinstance(feature, datasets.ClassLabel):
+            return pa.string()
+        return dataset.features.arrow_schema.field(column).type if feature is not None else None
+    if _format_of(path)[0] == "parquet":
+        import pyarrow.parquet as pq
+
+        schema = pq.ParquetFile(path).schema_arrow
+        return schema.field(column).type if column in schema.names else None
+    if _format_of(path)[0] in ("csv", "tsv"):
+        return pa.string()
+    return None
+
+
 # Above this, an int id does not survive a double: such ids beside floats are written as text.
 _EXACT_IN_DOUBLE = 2 ** 53
 
@@ -81,7 +109,7 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
     columns: dict[str, None] = {}
     rows, blank, first_blank = 0, 0, None
     id_name = id_column or "id"
-    blank_id, id_types, pending, big_int, negative_int = None, set(), [], False, False
+    blank_id, id_types, pending, big_int, negative_int, structured = None, set(), [], False, False, False
 
     def settle_types():
         try:
@@ -110,6 +138,9 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
         if isinstance(identifier, int):
             big_int = big_int or abs(identifier) > _EXACT_IN_DOUBLE
             negative_int = negative_int or identifier < 0
+        elif isinstance(identifier, (list, dict)):  # jsonl: a type guessed per block would vary with it
+            structured = True
+            continue
         pending.append(identifier)
         if len(pending) == chunk_rows:
             settle_types()
@@ -122,9 +153,15 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
         return InputScan(path, rows, text_column, None)
     if blank_id:
         raise FinetuneDataError(f"{blank_id}: column {id_name!r} (the id) is blank")
+    declared = _declared_type(path, id_name)
+    if declared is not None:  # parquet, a saved Dataset: the file's own type (ns timestamps, decimals)
+        return InputScan(path, rows, text_column, id_name, declared)
     if pending:
         settle_types()
-    if len(id_types) == 1 and None not in id_types:
+    if structured:
+        log.warning("some ids are lists or objects: all ids written as their JSON text")
+        id_type = pa.string()
+    elif len(id_types) == 1 and None not in id_types:
         id_type = id_types.pop()
     elif id_types == {pa.int64(), pa.float64()} and not big_int:
         id_type = pa.float64()
@@ -158,7 +195,9 @@ def input_chunks(scan: InputScan, chunk_rows: int = CHUNK_ROWS, take=lambda k: T
                 ids.append(row)
             else:
                 value = record[scan.id_column]
-                ids.append(str(value) if as_text_ids and not isinstance(value, str) else value)
+                if as_text_ids and not isinstance(value, str):
+                    value = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+                ids.append(value)
             texts.append(as_text(record[scan.text_column], where, scan.text_column))
         if (row + 1) % chunk_rows == 0:
             if take(k):

@@ -181,6 +181,41 @@ def test_streamed_chunks_give_one_output_whatever_their_size(tmp_path, reviews, 
                                                               else ids)
 
 
+def test_ids_keep_the_inputs_own_type(tmp_path):
+    """Parquet ids are written as the file declares them (a type guessed per chunk from Python
+    values varied with --chunk-rows, and nanosecond timestamps lost their nanoseconds); jsonl
+    objects as JSON text; a compressed Parquet file is refused by name."""
+    import decimal
+
+    import pyarrow as pa
+
+    from pipeline.embed import main
+    from pipeline.embed_inputs import scan_inputs
+
+    stamps = pa.array([1, 2, 3], type=pa.timestamp("ns", tz="Europe/Paris"))
+    prices = pa.array([decimal.Decimal("1.50"), decimal.Decimal("2.00"), decimal.Decimal("100.25")],
+                      type=pa.decimal128(10, 2))
+    for name, ids in (("stamps", stamps), ("prices", prices)):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"id": ids, "text": ["a film", "a book", "a play"]}), path)
+        for chunk_rows in (1, 2, 3):
+            assert scan_inputs(str(path), "text", None, chunk_rows).id_type == ids.type
+        out = tmp_path / f"{name}.out.parquet"
+        assert main(["--model", BUNDLE, "--input", str(path), "--out", str(out), "--chunk-rows", "1",
+                     "--no-mlflow"]) == 0
+        assert read_out(out)[0].column("id").equals(pa.chunked_array([ids]))  # 1, 2, 3 ns apart: not all 0
+    path = tmp_path / "objects.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": "a film"}) + "\n" for i in ({"a": 1}, [2, 3], 4)))
+    for chunk_rows in (1, 2):
+        assert scan_inputs(str(path), "text", None, chunk_rows).id_type == pa.string()
+    out = tmp_path / "objects.parquet"
+    assert main(["--model", BUNDLE, "--input", str(path), "--out", str(out), "--no-mlflow"]) == 0
+    assert read_out(out)[0].column("id").to_pylist() == ['{"a": 1}', "[2, 3]", "4"]
+    (tmp_path / "x.parquet.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"x\.parquet\.gz: a compressed \.parquet file is not read"):
+        scan_inputs(str(tmp_path / "x.parquet.gz"), "text")
+
+
 def test_a_blank_text_in_the_last_row_stops_the_run_before_any_output(tmp_path, capsys):
     """The whole input is checked before the first chunk is embedded: a bad last row costs no hours."""
     from pipeline.embed import main

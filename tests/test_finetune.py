@@ -492,6 +492,18 @@ def test_mnli_shaped_splits_and_predictions_for_unlabelled_rows(pretrained, tmp_
         assert 0.25 < np.mean([w[1] == "rotten" for w in written[1:]]) < 0.75  # rows told apart
 
 
+def test_class_ids_are_refused_for_a_regression_task(pretrained, tmp_path):
+    from pipeline.finetuning.config import FinetuneConfigError
+    from pipeline.finetuning.trainer import Finetuner
+
+    path = tmp_path / "scores.jsonl"
+    path.write_text("".join(json.dumps({"text": f"review {i}", "score": i / 7}) + "\n" for i in range(40)))
+    with pytest.raises(FinetuneConfigError, match="--predict-as id: a regression task predicts scores, not classes"):
+        Finetuner(FinetuneConfig.from_flat(model=pretrained, data=str(path), label_column="score", predict_as="id",
+                                           output_dir=str(tmp_path / "out"), mlflow=False))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_tokenizer_that_is_not_the_models_is_refused(pretrained, tmp_path):
     from transformers import AutoConfig
 

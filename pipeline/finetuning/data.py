@@ -112,8 +112,11 @@ def _format_of(path: str) -> tuple[str, str | None]:
         compression, (root, ext) = ext, os.path.splitext(root)
     formats = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
     if ext not in formats:
-        raise FinetuneDataError(f"{path}: unknown format {ext or '(no extension)'!r}: use .csv, .tsv, .jsonl "
-                                "or .parquet (optionally .gz/.bz2/.xz), or a datasets.save_to_disk dir")
+        raise FinetuneDataError(f"{path}: unknown format {ext or '(no extension)'!r}: use .csv, .tsv or .jsonl "
+                                "(optionally .gz/.bz2/.xz), .parquet, or a datasets.save_to_disk dir")
+    if formats[ext] == "parquet" and compression:  # Parquet compresses inside the file
+        raise FinetuneDataError(f"{path}: a compressed .parquet file is not read: Parquet compresses its own "
+                                "columns; decompress it")
     return formats[ext], compression
 
 
@@ -318,7 +321,7 @@ def _split_roles(path: str, loaded, validation_split: str | None, test_split: st
         raise FinetuneDataError(f"{path}: the DatasetDict has no train split (it has {', '.join(loaded)})")
     unused = [name for name in loaded if name not in roles.values()]
     if unused and not named:
-        raise FinetuneDataError(f"{path}: split {unused[0]!r} is not one of {', '.join(SPLITS)} (or dev): name the "
+        raise FinetuneDataError(f"{path}: split {unused[0]!r} is not one of {', '.join(SPLITS)} (or dev, valid, val): name the "
                                 "splits to validate and test on with --validation-split / --test-split (and "
                                 "write predictions for others with --predict SPLIT)")
     # A split whose name gives it a role, displaced by a flag: said, since rows change roles.
@@ -696,7 +699,7 @@ def load_prediction_inputs(specs: Sequence[str], *, data: str | None, task: str,
     saved DatasetDict given as ``--data`` (a name that is both is refused). Only the text columns
     are read: labels, if any, are ignored; a blank text is refused as in training."""
     inputs = {}
-    saved = _load_saved(data) if data is not None and os.path.isdir(data) else None
+    saved = _load_saved(data) if specs and data is not None and os.path.isdir(data) else None
     splits = list(saved) if hasattr(saved, "keys") else []
     for spec in specs:
         if spec in splits:
@@ -713,9 +716,12 @@ def load_prediction_inputs(specs: Sequence[str], *, data: str | None, task: str,
             where = f", nor a split of --data {data} (splits: {', '.join(splits) or 'none, it is one Dataset'})" \
                 if saved is not None else ""
             raise FinetuneDataError(f"--predict {spec}: no such file{where}")
-        _check_table(table, [text_column] + ([text_pair_column] if text_pair_column else []))
+        try:
+            _check_table(table, [text_column] + ([text_pair_column] if text_pair_column else []))
+            texts = _texts(table, text_column)
+            pairs = _texts(table, text_pair_column) if text_pair_column else None
+        except FinetuneDataError as err:
+            raise FinetuneDataError(f"--predict {spec}: {err}") from None
         labels = np.zeros(len(table), dtype=np.int64 if task == "classification" else np.float32)
-        inputs[prediction_name(spec)] = Examples(
-            _texts(table, text_column), _texts(table, text_pair_column) if text_pair_column else None, labels,
-            table.where)
+        inputs[prediction_name(spec)] = Examples(texts, pairs, labels, table.where)
     return inputs

@@ -41,7 +41,7 @@ class ConvertedTextClassifier(mlflow.pyfunc.PythonModel):
         if not isinstance(x, dict):
             return self.converter.convert(str(x))
         pair = x.get("text_pair")
-        if pair is None or (isinstance(pair, float) and pair != pair):
+        if pair is None or (not isinstance(pair, str) and pd.isna(pair)):  # NaN, pd.NA, NaT
             return self.converter.convert(str(x["text"]))
         return {"text": self.converter.convert(str(x["text"])), "text_pair": self.converter.convert(str(pair))}
 

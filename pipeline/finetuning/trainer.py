@@ -175,6 +175,8 @@ class Finetuner:
         if self.task == "classification" and self.metric in REGRESSION_METRICS:
             raise FinetuneConfigError(f"--metric {self.metric} is a regression metric; this is a classification task "
                                       f"({len(self.data.labels)} labels; --task regression if the labels are scores)")
+        if self.task == "regression" and config.predict_as == "id":
+            raise FinetuneConfigError("--predict-as id: a regression task predicts scores, not classes")
         if self.metric == "f1_binary" and len(self.data.labels) != 2:
             raise FinetuneConfigError(f"--metric f1_binary needs two labels; the data has {len(self.data.labels)}")
         with self.stop.killable():
