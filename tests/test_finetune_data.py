@@ -133,7 +133,7 @@ def test_splits_of_a_saved_dataset_dict_are_named_by_flag(tmp_path, caplog):
     mnli = save_mnli_shaped(tmp_path / "mnli")
     # Without the flags, five splits of which three play no role are refused (one could be the test set).
     with pytest.raises(FinetuneDataError, match=r"split 'validation_matched' is not one of train, validation, test "
-                                                r"\(or dev\): name the splits to validate and test on with "
+                                                r"\(or dev, valid, val\): name the splits to validate and test on with "
                                                 r"--validation-split / --test-split"):
         load_task_data(data=mnli)
     data = load_task_data(data=mnli, validation_split="validation_matched", test_split="validation_mismatched")
