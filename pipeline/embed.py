@@ -102,9 +102,7 @@ def main(argv=None) -> int:
     try:
         if args.mlflow and rank == 0:
             check_tracking_server()
-        if os.path.isdir(args.out):
-            raise embedding.EmbedError(f"--out {args.out}: a folder; --out names the Parquet file to write "
-                                       f"(e.g. {os.path.join(args.out, 'embeddings.parquet')})")
+        embedding.check_out(args.out, args.input)  # before hours of embedding
         embed_inputs.check_first_row(args.input, args.text_column, args.id_column)  # before the model loads
         model, tokenizer = embedding.load_model(args.model)
         converted, converter = embedding.script_converter(args.model)

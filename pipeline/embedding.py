@@ -169,6 +169,18 @@ def embed_texts(model, tokenizer, texts: list[str], *, max_length: int, pooling:
 
 
 # ---------------------------------------------------------------------------- writing
+def check_out(out: str, source: str) -> None:
+    """Refuses an ``--out`` that cannot be written, or whose writing would destroy the input."""
+    from pipeline.output_path import OutputPathError, check_output_file
+
+    try:
+        check_output_file("--out", out, "embeddings.parquet")
+    except OutputPathError as err:
+        raise EmbedError(str(err)) from None
+    if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
+        raise EmbedError(f"--out {out} is --input: writing the embeddings would replace the texts; name another file")
+
+
 def output_schema(id_column: str, id_type, metadata: dict | None = None):
     """``id_column`` (of pyarrow type ``id_type``; None: the row numbers, int64) and ``embedding``
     (list<float32>); how the vectors were made in the schema's metadata."""

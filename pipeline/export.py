@@ -79,6 +79,8 @@ def resolve(path: str, tag: str | None = None) -> tuple[str, str, str]:
     without a COMPLETE marker, or whose marker does not vouch for its files, is refused.
     """
     path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ExportError(f"{path} is a file, not a folder (pass the --run-dir of pipeline/pretrain.py)")
     if not os.path.isdir(path):
         raise ExportError(f"{path} does not exist (pass the --run-dir of pipeline/pretrain.py)")
     if os.path.isfile(os.path.join(path, checkpoint.COMPLETE)) or (
@@ -116,9 +118,16 @@ def read_train_config(run_dir: str) -> dict:
     path = os.path.join(run_dir, TRAIN_CONFIG)
     if not os.path.isfile(path):
         raise ExportError(f"{path} is missing: it records the model and data the run used (pretrain.py "
-                          "writes it); without it, pass data_dir and write it with write_train_config")
-    with open(path) as f:
-        values = json.load(f)
+                          "writes it); without it, pass the data dir (--data DATA_DIR) and the model is the "
+                          "default preset")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{path}: not readable as JSON ({err})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("data"), str):
+        raise ExportError(f"{path}: not the JSON object pretrain.py writes (no \"data\" entry naming the data dir); "
+                          "pass --data DATA_DIR, or restore the file")
     # Written flat (write_train_config); a nested "engine" (dataclasses.asdict of a TrainConfig) reads the same.
     engine = values.pop("engine", None) or {}
     return {**values, **engine}

@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from preprocessing import cli_parser  # noqa: E402
+from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
 
 # Panel title -> predicate on the metric name. The first match wins; the rest go in "other".
 # One scale per panel: an fp16 loss scale (65,536) beside the losses, or tokens/s (1e5) beside
@@ -99,12 +100,29 @@ def draw(curves: dict[str, list[tuple[int, float]]], title: str, out: str) -> st
 
 def report(run_id: str, out: str | None = None, tracking_uri: str | None = None, log_artifact: bool = False) -> str:
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    from pipeline.output_path import OutputPathError, check_output_file
+
+    out = out or f"{run_id}.png"
+    try:  # before the run is read: a bad path is found at once
+        check_output_file("--out", out, f"{run_id}.png", (".png", ".pdf", ".svg"))
+    except OutputPathError as err:
+        raise ReportError(str(err)) from None
+    try:
+        check_tracking_server(tracking_uri, timeout=10.0)  # a server that does not answer: MLflow retries for minutes
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        return _draw_run(client, run_id, out, log_artifact)
+    except (MlflowException, TrackingServerError) as err:
+        raise ReportError(f"the tracking store {tracking_uri or mlflow.get_tracking_uri()}: "
+                          f"{' '.join(str(err).split())[:300]}") from None
+
+
+def _draw_run(client, run_id: str, out: str, log_artifact: bool) -> str:
     curves = histories(client, run_id)
     run = client.get_run(run_id)
     title = f"{run.info.run_name or run_id} · stage {run.data.tags.get('stage', '?')} · run {run_id[:12]}"
-    path = draw(curves, title, out or f"{run_id}.png")
+    path = draw(curves, title, out)
     if log_artifact:
         client.log_artifact(run_id, path)
     return path

@@ -294,6 +294,9 @@ def read_task(task: ReadTask, text_field: str, max_line_bytes: int
 
 def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
     """Cheap checks before launching the pipeline, so bad input fails in seconds."""
+    for path in dict.fromkeys(task.path for task in tasks if "://" not in task.path):
+        if not os.access(path, os.R_OK):  # else a worker's PermissionError, as a Beam traceback
+            raise InputError(f"--input {path}: not readable (permission denied)")
     for path in dict.fromkeys(task.path for task in tasks if task.format == "parquet"):
         with _open_raw(path) as raw:
             text_formats.check_parquet_column(raw, path, text_field)

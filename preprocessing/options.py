@@ -97,6 +97,9 @@ class PreprocessConfig:
         _check(0.98 <= self.character_coverage <= 1.0,
                f"--character-coverage must be in [0.98, 1], got {self.character_coverage}")
         _check(self.language is None or bool(self.language.strip()), "--language must not be empty")
+        # An empty --output is the working directory to Beam's join: a rerun's clean-up would delete
+        # ./manifest.json, ./shards and ./tokenizer there.
+        _check(bool(self.output.strip()), "--output must name a folder (it is empty)")
         # Beam's file systems read * ? [ as a pattern, and a rerun deletes the previous outputs by
         # pattern: "out[1]" would delete those of "out1".
         _check(not any(c in self.output for c in "*?["),

@@ -23,6 +23,11 @@ PARSE = {"run_beam": options.parse_args, "pretrain": train_config.parse_args,
     ("embed", ["--model", "m", "--input", "x.csv"], "the following arguments are required: --out"),
     # A rerun deletes the previous outputs by pattern: "run[1]" deleted those of "run1".
     ("run_beam", ["--output", "data/run[1]"], "--output data/run[1]: a folder name with * ? or ["),
+    # Beam joins "" to the working directory, whose manifest.json and shards/ a rerun would delete
+    ("run_beam", ["--output", ""], "--output must name a folder (it is empty)"),
+    ("finetune", ["--model", "m", "--data", "d", "--validation-split", ""], "--validation-split/--test-split: empty"),
+    ("finetune", ["--model", "m", "--data", "d", "--predict", "a.csv", "--predict", "./a.csv"],
+     "--predict: the same input given twice"),
 ])
 def test_a_usage_error_is_one_line_naming_the_flag(stage, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

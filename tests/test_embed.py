@@ -274,7 +274,15 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
     assert main(["--model", BUNDLE, "--input", str(ok), "--max-length", "4096", "--out", out, "--no-mlflow"]) == 2
     assert "--max-length 4096: must be in 3..64" in capsys.readouterr().err
     assert main(["--model", BUNDLE, "--input", str(ok), "--out", str(tmp_path), "--no-mlflow"]) == 2
-    assert f"--out {tmp_path}: a folder; --out names the Parquet file to write" in capsys.readouterr().err
+    assert f"--out {tmp_path}: a folder; --out names the file to write" in capsys.readouterr().err
+    # found before the model loads and the input is read; before: after all the embedding, or never
+    # (an --out naming the input replaced the texts with their embeddings)
+    for out_arg, message in (("", "--out '': empty; --out names the file to write"),
+                             (str(ok), f"--out {ok} is --input: writing the embeddings would replace the texts"),
+                             (str(ok / "o.parquet"), f"--out {ok / 'o.parquet'}: {ok} is a file, not a folder")):
+        assert main(["--model", BUNDLE, "--input", str(ok), "--out", out_arg, "--no-mlflow"]) == 2
+        assert message in capsys.readouterr().err
+    assert ok.read_text() == "text\nfine\n"
     # A model dir without its weights (a copy cut short): one line, not the library's OSError traceback.
     broken = tmp_path / "broken"
     shutil.copytree(BUNDLE, broken, ignore=shutil.ignore_patterns("model.safetensors"))

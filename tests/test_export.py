@@ -143,6 +143,18 @@ def test_a_run_without_a_complete_checkpoint_is_refused(tmp_path):
     assert str(checkpoints) in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_damaged_train_config_or_a_file_as_run_dir_is_one_line(tmp_path):
+    """Before: "Expecting value: line 1 column 1" without the file, a TypeError, a KeyError."""
+    for text in ("", "[1, 2]", "{}"):
+        (tmp_path / "train_config.json").write_text(text)
+        with pytest.raises(export.ExportError, match=r"train_config\.json: not (readable as JSON|the JSON object "
+                                                     r"pretrain\.py writes)"):
+            export.read_train_config(str(tmp_path))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(export.ExportError, match="a_file is a file, not a folder"):
+        export.resolve(str(tmp_path / "a_file"))
+
+
 @pytest.mark.parametrize("stage", [0, 1])
 def test_other_zero_stages_export_the_same_weights(data_dir, tmp_path, stage):
     ds = json.load(open(DEFAULT_DS_CONFIG))

@@ -66,3 +66,13 @@ def test_report_draws_the_run_from_a_real_server(mlflow_server, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "report.py"), "0" * 32],
                           env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: run 000000")
+    # A path that cannot be written, found before the run is read (before: a traceback after it, or
+    # exit 0 naming a file matplotlib never wrote)
+    (tmp_path / "a_file").write_text("x")
+    for out, message in ((tmp_path, "a folder; --out names the file to write"),
+                         (tmp_path / "curves", "name a .png or .pdf or .svg file"),
+                         (tmp_path / "a_file" / "c.png", "a_file is a file, not a folder")):
+        with pytest.raises(ReportError, match=message):
+            report(run_id, str(out), mlflow_server)
+    with pytest.raises(ReportError, match=r"MLflow tracking server http://127\.0\.0\.1:9 does not answer"):
+        report(run_id, str(tmp_path / "x.png"), "http://127.0.0.1:9")

@@ -97,7 +97,10 @@ class FinetuneConfig:
              "--validation/--test go with --train; with --data the splits come from the data"),
             (self.data is not None or not (self.validation_split or self.test_split),
              "--validation-split/--test-split name splits of a saved DatasetDict given as --data"),
-            (len(set(self.predict)) == len(self.predict), "--predict: the same input given twice"),
+            (len({os.path.normpath(spec) for spec in self.predict}) == len(self.predict),
+             "--predict: the same input given twice"),
+            ("" not in (self.validation_split, self.test_split),
+             "--validation-split/--test-split: empty (an unset shell variable?); name a split or leave the flag out"),
             (not twice, f"--predict: two inputs would both write predictions/{twice[0] if twice else ''}.tsv; "
                         "rename one file"),
             (self.predict_as in ("label", "id"), f"--predict-as must be label or id, got {self.predict_as!r}"),
