@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     p = cli_parser.Parser(prog="python pipeline/report.py", description=__doc__.splitlines()[0],
                           formatter_class=cli_parser.DefaultsFormatter)
     p.add_argument("run_id", help="the MLflow run id (shown by mlflow ui, or the stage's log)")
-    p.add_argument("--out", help="PNG path (default: RUN_ID.png)%(default).0s")
+    p.add_argument("--out", help="the image to write: .png, .pdf or .svg (default: RUN_ID.png)%(default).0s")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)%(default).0s")
     p.add_argument("--log-artifact", action="store_true", help="also attach the PNG to the run")
     args = p.parse_args(argv)
