@@ -225,7 +225,14 @@ def is_own_export(path: str) -> bool:
 
 def check_out_dir(out: str, overwrite: bool) -> None:
     """The export replaces ``out`` whole: only an empty directory or an earlier export is replaced
-    without ``overwrite``, so a mistyped --out never deletes someone's files."""
+    without ``overwrite``, so a mistyped --out never deletes someone's files. Its folder must take
+    the export (written beside it, then renamed): found before the minutes of loading weights."""
+    from pipeline.output_path import OutputPathError, check_writable_parent
+
+    try:
+        check_writable_parent("--out", out)
+    except OutputPathError as err:
+        raise ExportError(str(err)) from None
     if not os.path.lexists(out) or overwrite or is_own_export(out):
         return
     if os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out):

@@ -18,6 +18,11 @@ def check_output_file(flag: str, path: str, example: str, suffixes: tuple[str, .
                               f"; {flag} names the file to write (e.g. {shown})")
     if suffixes and not path.lower().endswith(suffixes):
         raise OutputPathError(f"{flag} {path}: name a {' or '.join(suffixes)} file")
+    check_writable_parent(flag, path)
+
+
+def check_writable_parent(flag: str, path: str) -> None:
+    """Refuses a path whose folder cannot be made or written in (a file on the way, no permission)."""
     existing = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(existing):  # the folders to be made: the nearest one there must take them
         existing = os.path.dirname(existing)

@@ -153,6 +153,9 @@ def test_a_damaged_train_config_or_a_file_as_run_dir_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(export.ExportError, match="a_file is a file, not a folder"):
         export.resolve(str(tmp_path / "a_file"))
+    # an --out under a file: refused before the weights load (before: after them, a traceback)
+    with pytest.raises(export.ExportError, match=r"--out .*a_file/hf: .*a_file is a file, not a folder"):
+        export.check_out_dir(str(tmp_path / "a_file" / "hf"), overwrite=False)
 
 
 @pytest.mark.parametrize("stage", [0, 1])
