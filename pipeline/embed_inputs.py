@@ -98,31 +98,70 @@ def _declared_type(path: str, column: str):
 _EXACT_IN_DOUBLE = 2 ** 53
 
 
-def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk_rows: int = CHUNK_ROWS) -> InputScan:
-    """Every check of the whole input, holding none of it. ``id_column`` None: ``id`` if the input
-    has it, else the row number; a named one must exist. Ids of mixed types (jsonl's 3 and "a7")
-    are all written as text; ints beside floats as doubles, unless one is too big for a double;
-    ints past int64 as uint64 unless one is negative. The same type for any ``chunk_rows``."""
-    import pyarrow as pa
+class _IdTypes:
+    """The type of jsonl ids, guessed from their values a block at a time and merged so that the
+    result does not depend on the block size: ints beside floats as doubles unless one is past
+    2^53; ints past int64 as uint64 unless one is negative; lists and objects, or any other mix
+    (3 and "a7"), as text."""
 
-    check_first_row(path, text_column, id_column)
-    columns: dict[str, None] = {}
-    rows, blank, first_blank = 0, 0, None
-    id_name = id_column or "id"
-    blank_id, id_types, pending, big_int, negative_int, structured = None, set(), [], False, False, False
+    def __init__(self, block: int):
+        self.block, self.pending, self.types = block, [], set()
+        self.big_int = self.negative_int = self.structured = False
 
-    def settle_types():
+    def add(self, value) -> None:
+        if isinstance(value, int):
+            self.big_int = self.big_int or abs(value) > _EXACT_IN_DOUBLE
+            self.negative_int = self.negative_int or value < 0
+        elif isinstance(value, (list, dict)):  # a type guessed per block would vary with the block
+            self.structured = True
+            return
+        self.pending.append(value)
+        if len(self.pending) == self.block:
+            self._settle()
+
+    def _settle(self) -> None:
+        import pyarrow as pa
+
         try:
-            id_types.add(pa.array(pending).type)
+            self.types.add(pa.array(self.pending).type)
         except OverflowError:  # an int past int64: unsigned 64-bit ids (hashes), or text
             try:
-                id_types.add(pa.array(pending, type=pa.uint64()).type)
+                self.types.add(pa.array(self.pending, type=pa.uint64()).type)
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-                id_types.add(None)
+                self.types.add(None)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed within the block
-            id_types.add(None)
-        pending.clear()
+            self.types.add(None)
+        self.pending.clear()
 
+    def result(self):
+        import pyarrow as pa
+
+        if self.pending:
+            self._settle()
+        if self.structured:
+            log.warning("some ids are lists or objects: all ids written as their JSON text")
+            return pa.string()
+        if len(self.types) == 1 and None not in self.types:
+            return next(iter(self.types))
+        if self.types == {pa.int64(), pa.float64()} and not self.big_int:
+            return pa.float64()
+        if self.types == {pa.int64(), pa.uint64()} and not self.negative_int:
+            return pa.uint64()
+        log.warning("the ids mix types (such as 3 and \"a7\"): all written as text")
+        return pa.string()
+
+
+def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk_rows: int = CHUNK_ROWS) -> InputScan:
+    """Every check of the whole input, holding none of it. ``id_column`` None: ``id`` if the input
+    has it, else the row number; a named one must exist. Ids keep the type the input declares
+    (parquet, a saved Dataset; csv's are text); jsonl's are typed by ``_IdTypes``, the same for
+    any ``chunk_rows``."""
+    check_first_row(path, text_column, id_column)
+    columns: dict[str, None] = {}
+    rows, blank, first_blank, blank_id = 0, 0, None, None
+    id_name = id_column or "id"
+    declared = _declared_type(path, id_name)
+    guess = _IdTypes(chunk_rows) if declared is None else None  # jsonl only: the others declare theirs
     for record, where in iter_records(path):
         columns.update(dict.fromkeys(record))
         rows += 1
@@ -134,16 +173,8 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
         identifier = record.get(id_name, _NO_KEY)
         if _is_blank_id(identifier):
             blank_id = blank_id or where
-            continue
-        if isinstance(identifier, int):
-            big_int = big_int or abs(identifier) > _EXACT_IN_DOUBLE
-            negative_int = negative_int or identifier < 0
-        elif isinstance(identifier, (list, dict)):  # jsonl: a type guessed per block would vary with it
-            structured = True
-            continue
-        pending.append(identifier)
-        if len(pending) == chunk_rows:
-            settle_types()
+        elif guess:
+            guess.add(identifier)
     _check_columns(path, columns, text_column, id_column)
     if blank:
         raise FinetuneDataError(f"{first_blank}: column {text_column!r} is blank ({blank} row{'s' if blank > 1 else ''} "
@@ -153,24 +184,7 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
         return InputScan(path, rows, text_column, None)
     if blank_id:
         raise FinetuneDataError(f"{blank_id}: column {id_name!r} (the id) is blank")
-    declared = _declared_type(path, id_name)
-    if declared is not None:  # parquet, a saved Dataset: the file's own type (ns timestamps, decimals)
-        return InputScan(path, rows, text_column, id_name, declared)
-    if pending:
-        settle_types()
-    if structured:
-        log.warning("some ids are lists or objects: all ids written as their JSON text")
-        id_type = pa.string()
-    elif len(id_types) == 1 and None not in id_types:
-        id_type = id_types.pop()
-    elif id_types == {pa.int64(), pa.float64()} and not big_int:
-        id_type = pa.float64()
-    elif id_types == {pa.int64(), pa.uint64()} and not negative_int:
-        id_type = pa.uint64()
-    else:
-        log.warning("the ids mix types (such as 3 and \"a7\"): all written as text")
-        id_type = pa.string()
-    return InputScan(path, rows, text_column, id_name, id_type)
+    return InputScan(path, rows, text_column, id_name, declared if declared is not None else guess.result())
 
 
 def _check_columns(path: str, columns, text_column: str, id_column: str | None) -> None:

@@ -242,17 +242,21 @@ def _read_parquet(path: str) -> Table:
     return Table(path, table.to_pydict(), [f"{path}: row {i + 1}" for i in range(table.num_rows)])
 
 
+def _class_names(feature, values: list) -> list:
+    """A ClassLabel column's names, not its ids, so that the model's id2label says "positive"; -1
+    is the datasets convention for an unlabelled row (GLUE's test splits): blank."""
+    return [None if value is None or value < 0 else feature.int2str(value) for value in values]
+
+
 def _dataset_table(dataset, source: str) -> Table:
     import datasets
 
     columns, class_names = dataset.to_dict(), {}
     for name, feature in dataset.features.items():
         if isinstance(feature, datasets.ClassLabel):
-            # The class names, not their ids, so that the model's id2label says "positive"; kept in
-            # the dataset's id order (f1_binary scores id 1: GLUE's positive class in MRPC, QQP).
-            # -1 is the datasets convention for an unlabelled row (GLUE's test splits): blank.
-            columns[name] = [None if value is None or value < 0 else feature.int2str(value)
-                             for value in columns[name]]
+            # The labels kept in the dataset's id order (f1_binary scores id 1: GLUE's positive
+            # class in MRPC, QQP).
+            columns[name] = _class_names(feature, columns[name])
             class_names[name] = list(feature.names)
     return Table(source, columns, [f"{source}: row {i + 1}" for i in range(len(dataset))], class_names)
 
@@ -357,13 +361,13 @@ def iter_records(path: str, batch_rows: int = 4096):
                 raise FinetuneDataError(f"{path}: a saved DatasetDict with splits {', '.join(dataset)}: save the "
                                         "split to read as a Dataset of its own")
             dataset = dataset["train"]
-        # A class-label column gives its names, as _dataset_table does (-1, unlabelled: blank).
+        # A class-label column gives its names, as _dataset_table does
         names = {name: feature for name, feature in dataset.features.items()
                  if isinstance(feature, datasets.ClassLabel)}
         for start in range(0, len(dataset), batch_rows):
             batch = dataset[start:start + batch_rows]
             for name, feature in names.items():
-                batch[name] = [None if v is None or v < 0 else feature.int2str(v) for v in batch[name]]
+                batch[name] = _class_names(feature, batch[name])
             for i, row in enumerate(zip(*batch.values())):
                 yield dict(zip(batch, row)), f"{path}: row {start + i + 1}"
         return
