@@ -268,6 +268,49 @@ def initialize(model, config: EngineConfig, ds_config: dict, steps: int, warmup:
     return engine, optimizer, scheduler
 
 
+class ScaledBackward:
+    """``engine.backward(loss)`` with the fp16 loss scaled, also where DeepSpeed forgets to.
+
+    DeepSpeed 0.19's ``engine.backward`` multiplies an fp16 loss by the loss scale under ZeRO
+    only (its ZeRO optimizers' ``scale_if_loss``). Without ZeRO (FP16_Optimizer and
+    FP16_UnfusedOptimizer: the fp16 LAMB configs) it calls ``loss.backward()`` unscaled, while
+    the step still divides the gradients by the scale: updates 65,536 times too small, and
+    fp16 gradients left to underflow (DeepSpeed pull request 8393, open in 0.19.8). Whether the
+    installed DeepSpeed scales is read once, from the gradient that reaches the loss in the first
+    backward with a scale above 1 (the scale over the accumulation steps if it scales, their
+    inverse if not: one host read); where it does not, that backward's gradient and every later
+    loss are multiplied by the scale, in fp32, as DeepSpeed's own fp16 wrappers do."""
+
+    def __init__(self, engine):
+        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        self.engine = engine
+        # None: not known yet; False: DeepSpeed scales, or nothing is scaled (no fp16, or under ZeRO)
+        self.repair = None if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)) else False
+
+    def __call__(self, loss) -> None:
+        scale = loss_scale(self.engine) if self.repair is not False else None
+        if not scale or scale == 1:  # nothing to repair, or nothing to tell the two apart by
+            self.engine.backward(loss)
+        elif self.repair:
+            self.engine.backward(loss.float() * scale)
+        else:
+            loss = loss.float()
+            loss.register_hook(lambda grad: self._probe(grad, scale))
+            self.engine.backward(loss)
+
+    def _probe(self, grad, scale: float):
+        # DeepSpeed divides the loss by the accumulation steps, then scales it or not.
+        unscaled = 1.0 / self.engine.gradient_accumulation_steps()
+        self.repair = abs(grad.item() - unscaled) < abs(grad.item() - unscaled * scale)
+        if self.repair:
+            logging.getLogger(__name__).info("this DeepSpeed does not scale an fp16 loss without ZeRO (its step "
+                                             "divides the gradients by the loss scale all the same): scaling it here")
+            return grad * scale
+        return grad
+
+
 def loss_scale(engine) -> float | None:
     """The fp16 loss scale (None without fp16): DeepSpeed has no public accessor for it."""
     return engine._get_optimizer_loss_scale() if engine.fp16_enabled() else None

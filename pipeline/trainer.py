@@ -21,8 +21,8 @@ from tqdm import tqdm
 from pipeline import checkpoint, hf_init, run_lock
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
-from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
-                             gradient_norm, keeps_no_grad_norm, loss_scale, unscaled_grad_norm)
+from pipeline.engine import (PAD_MULTIPLE, ScaledBackward, StopFlag, agree, ensure_distributed_env, init_distributed,
+                             initialize, gradient_norm, keeps_no_grad_norm, loss_scale, unscaled_grad_norm)
 from pipeline.metrics import json_line, keep_steps_up_to
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.param_groups import group_settings
@@ -151,6 +151,7 @@ class Trainer:
             init_distributed(settings.dist_timeout_minutes)
         self.engine, self.optimizer, self.scheduler = initialize(model, settings, self.ds_config, config.steps,
                                                                  config.warmup_steps)
+        self.backward = ScaledBackward(self.engine)
         # Before a checkpoint is loaded or anything written: a node that sees another run dir would
         # resume alone.
         run_lock.check_shared(config.run_dir, self.rank, self.world_size, self.engine.device)
@@ -327,7 +328,7 @@ class Trainer:
         for micro in range(self.batches.accumulation_steps):
             mlm, nsp_loss, batch_counts = pretraining_losses(self.engine, next(self.loader))
             loss = mlm + nsp_loss * self.nsp_weight
-            self.engine.backward(loss)
+            self.backward(loss)
             if self._own_grad_norm and micro == self.batches.accumulation_steps - 1:
                 # The reduced gradients, before the boundary step clips, applies and zeroes them.
                 own_norm = gradient_norm(self.engine.module.parameters())

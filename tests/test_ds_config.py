@@ -180,8 +180,9 @@ def test_every_config_follows_the_readme_rules(name):
 def test_the_logged_gradient_norm_is_of_the_unscaled_gradients(kind, monkeypatch):
     """DeepSpeed's unfused fp16 optimizer (the fp16 LAMB configs) reports the norm of the
     loss-scaled gradients, its fused one divides by the scale after a step that doubled it;
-    unscaled_grad_norm gives the true norm for both. DeepSpeed runs fp16 on GPUs only: the
-    optimizer wrappers are built here on the CPU."""
+    unscaled_grad_norm gives the true norm for both. An engine builds FP16_Optimizer only around
+    the CUDA-only FusedAdam, so the wrappers are built here directly (tests/test_fp16.py runs
+    FP16_UnfusedOptimizer in a real engine)."""
     import types
 
     import torch

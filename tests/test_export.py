@@ -16,6 +16,7 @@ from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
 from .conftest import REPO, set_one_process_world
+from .test_fp16 import fp16_supported
 
 
 @pytest.fixture(autouse=True)
@@ -176,8 +177,9 @@ def test_other_zero_stages_export_the_same_weights(data_dir, tmp_path, stage):
 def test_fp16_without_zero_exports_the_fp32_master_weights_not_their_fp16_copies(kind, tmp_path):
     """fp16 ZeRO 0 (the LAMB configs) saves fp16 module weights and keeps the fp32 masters in the
     optimizer's state, per parameter (LAMB's FP16_UnfusedOptimizer) or flat (FP16_Optimizer).
-    DeepSpeed runs fp16 on GPUs only; its optimizer wrappers and their saved state are built here
-    on the CPU, as an engine builds them around the trainer's parameter groups."""
+    An engine builds FP16_Optimizer only around the CUDA-only FusedAdam, so both wrappers and their
+    saved state are built here directly, as an engine builds them around the trainer's parameter
+    groups (the real engine's: test_a_16_bit_run_without_zero_exports_...)."""
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
@@ -219,24 +221,29 @@ def test_fp16_without_zero_exports_the_fp32_master_weights_not_their_fp16_copies
                                                        if not v.is_floating_point()}
 
 
-def test_a_bf16_run_without_zero_exports_its_fp32_masters_and_a_mismatch_is_one_line(data_dir, tmp_path):
-    """A real engine on the CPU: bf16 without ZeRO is DeepSpeed's FP16_UnfusedOptimizer around torch's
-    AdamW, the module's weights bf16 copies of masters the optimizer keeps."""
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.skipif(
+    not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16"))])
+def test_a_16_bit_run_without_zero_exports_its_fp32_masters_and_a_mismatch_is_one_line(data_dir, tmp_path,
+                                                                                       precision):
+    """A real engine on the CPU: bf16 or fp16 without ZeRO is DeepSpeed's FP16_UnfusedOptimizer around
+    torch's AdamW (the fp16 LAMB configs' wrapper), the module's weights 16-bit copies of masters the
+    optimizer keeps."""
     from transformers import AutoModelForPreTraining
 
     from pipeline.engine import zero0_masters
 
-    ds_config = tmp_path / "bf16_zero0.json"
-    ds_config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0},
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    ds_config = tmp_path / f"{precision}_zero0.json"
+    ds_config.write_text(json.dumps({precision: {"enabled": True}, "zero_optimization": {"stage": 0},
                                      "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
     trainer = train(data_dir, tmp_path / "run", ds_config=str(ds_config))
     masters = zero0_masters(trainer.engine.optimizer)
     module = trainer.engine.module
-    assert masters and next(module.parameters()).dtype == torch.bfloat16
+    assert masters and next(module.parameters()).dtype == dtype
     loaded = AutoModelForPreTraining.from_pretrained(export.export_checkpoint(str(tmp_path / "run"))).state_dict()
     for name, param in module.named_parameters():
         assert torch.equal(loaded[name], masters[id(param)].float()), name
-        assert torch.equal(loaded[name].to(torch.bfloat16), param.detach()), name
+        assert torch.equal(loaded[name].to(dtype), param.detach()), name
 
     # phase 2 with another model on that checkpoint: one line naming both, before any training
     with pytest.raises(export.ExportError, match=r"step00000004 does not fit --model mini .* master weights"):

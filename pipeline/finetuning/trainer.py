@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from pipeline.ds_config import DsConfigError
-from pipeline.engine import (PAD_MULTIPLE, StopFlag, agree, ensure_distributed_env, init_distributed, initialize,
-                             gradient_norm, keeps_no_grad_norm, loss_scale, zero0_masters)
+from pipeline.engine import (PAD_MULTIPLE, ScaledBackward, StopFlag, agree, ensure_distributed_env, init_distributed,
+                             initialize, gradient_norm, keeps_no_grad_norm, loss_scale, zero0_masters)
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, check_output_dir
 from pipeline.finetuning.data import Examples, load_prediction_inputs, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
@@ -210,6 +210,7 @@ class Finetuner:
                                 "keeping the best epoch's weights needs whole; use a stage 0-2 config")
         self.engine, self.optimizer, self.scheduler = initialize(model, settings, self.ds_config, self.total_steps,
                                                                  warmup)
+        self.backward = ScaledBackward(self.engine)
         self.step = 0
         self._own_grad_norm = keeps_no_grad_norm(self.engine)  # ZeRO-0's plain optimizer keeps none
         self.history: list[EpochResult] = []
@@ -278,7 +279,7 @@ class Finetuner:
             for micro, rows in enumerate(micro_batches):
                 batch = collate(self.splits["train"], rows, pad, self.task)
                 out = self.engine(**on_device(batch, device, self.engine.module.config.model_type))
-                self.engine.backward(out.loss)
+                self.backward(out.loss)
                 if self._own_grad_norm and micro == len(micro_batches) - 1:
                     own_norm = gradient_norm(self.engine.module.parameters())  # before the step zeroes them
                 self.engine.step()
