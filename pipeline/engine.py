@@ -311,6 +311,23 @@ class ScaledBackward:
         return grad
 
 
+class LossScaleFloor(FloatingPointError):
+    """fp16 gradients overflowed at the minimum loss scale, where DeepSpeed's ZeRO optimizers raise
+    (a bare Exception; the wrapper without ZeRO skips updates instead). Raised on every rank at the
+    same step: ZeRO agrees on the overflow across ranks."""
+
+
+def optimizer_step(engine) -> None:
+    """``engine.step()``, with DeepSpeed's bare Exception at the fp16 loss scale's floor made a
+    LossScaleFloor, which the trainers report in one line."""
+    try:
+        engine.step()
+    except Exception as err:
+        if "loss scale already at minimum" not in str(err):  # DeepSpeed's DynamicLossScaler.update_scale
+            raise
+        raise LossScaleFloor(f"fp16 gradients overflow even at the minimum loss scale ({loss_scale(engine):g})") from err
+
+
 def loss_scale(engine) -> float | None:
     """The fp16 loss scale (None without fp16): DeepSpeed has no public accessor for it."""
     return engine._get_optimizer_loss_scale() if engine.fp16_enabled() else None

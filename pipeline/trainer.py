@@ -21,8 +21,9 @@ from tqdm import tqdm
 from pipeline import checkpoint, hf_init, run_lock
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
-from pipeline.engine import (PAD_MULTIPLE, ScaledBackward, StopFlag, agree, ensure_distributed_env, init_distributed,
-                             initialize, gradient_norm, keeps_no_grad_norm, loss_scale, unscaled_grad_norm)
+from pipeline.engine import (LossScaleFloor, PAD_MULTIPLE, ScaledBackward, StopFlag, agree, ensure_distributed_env,
+                             gradient_norm, init_distributed, initialize, keeps_no_grad_norm, loss_scale,
+                             optimizer_step, unscaled_grad_norm)
 from pipeline.metrics import json_line, keep_steps_up_to
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.param_groups import group_settings
@@ -332,7 +333,11 @@ class Trainer:
             if self._own_grad_norm and micro == self.batches.accumulation_steps - 1:
                 # The reduced gradients, before the boundary step clips, applies and zeroes them.
                 own_norm = gradient_norm(self.engine.module.parameters())
-            self.engine.step()
+            try:
+                optimizer_step(self.engine)
+            except LossScaleFloor as err:
+                raise NonFiniteLoss(f"{err} at step {self.step + 1}: stopping every rank; the last checkpoint holds "
+                                    "the weights from before (lower --learning-rate, or use bf16)") from err
             totals += torch.stack([loss.detach(), mlm.detach(), nsp_loss.detach()])
             counts += batch_counts
         self.step += 1

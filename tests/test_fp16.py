@@ -115,3 +115,22 @@ def test_an_overflowing_step_is_skipped_and_the_run_goes_on(data_dir, tmp_path, 
     assert trainer.engine.skipped_steps == 1
     assert all(np.isfinite(m.grad_norm) for m in metrics if m.applied)
     assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
+
+
+@pytest.mark.parametrize("stage", [1, 0])
+def test_overflows_at_the_minimum_loss_scale_stop_the_run_in_one_line(data_dir, tmp_path, monkeypatch, stage):
+    """Gradients that overflow at every step: the scale halves to its floor (4 -> 2 -> 1 here). There
+    ZeRO's scaler raises a bare Exception, made the trainer's one-line error; the wrapper without
+    ZeRO skips every update, which the trainer stops after MAX_SKIPPED_UPDATES (5 here)."""
+    from pipeline import trainer as trainer_module
+    from pipeline.trainer import NonFiniteLoss
+
+    monkeypatch.setattr(trainer_module, "MAX_SKIPPED_UPDATES", 5)
+    faults.inject(monkeypatch, "nan-grad-from:3")
+    trainer = Trainer(config(data_dir, tmp_path, steps=20, ds_config=ds_config(
+        tmp_path, stage, initial_scale_power=2, hysteresis=1, min_loss_scale=1)))
+    message = (r"fp16 gradients overflow even at the minimum loss scale \(1\) at step 5: stopping every rank; the last "
+               r"checkpoint holds the weights from before" if stage else
+               r"5 updates in a row skipped up to step 7 \(gradients not finite; fp16: even at the minimum loss scale\)")
+    with pytest.raises(NonFiniteLoss, match=message):
+        trainer.train()

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from pipeline.ds_config import DsConfigError
-from pipeline.engine import (PAD_MULTIPLE, ScaledBackward, StopFlag, agree, ensure_distributed_env, init_distributed,
-                             initialize, gradient_norm, keeps_no_grad_norm, loss_scale, zero0_masters)
+from pipeline.engine import (LossScaleFloor, PAD_MULTIPLE, ScaledBackward, StopFlag, agree, ensure_distributed_env,
+                             gradient_norm, init_distributed, initialize, keeps_no_grad_norm, loss_scale,
+                             optimizer_step, zero0_masters)
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, check_output_dir
 from pipeline.finetuning.data import Examples, load_prediction_inputs, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
@@ -282,7 +283,10 @@ class Finetuner:
                 self.backward(out.loss)
                 if self._own_grad_norm and micro == len(micro_batches) - 1:
                     own_norm = gradient_norm(self.engine.module.parameters())  # before the step zeroes them
-                self.engine.step()
+                try:
+                    optimizer_step(self.engine)
+                except LossScaleFloor as err:
+                    raise LossScaleFloor(f"{err} in epoch {epoch}: lower --learning-rate, or use bf16") from err
                 loss_sum += out.loss.detach().double()
                 micro_steps += 1
             self._check_gradient_norm(epoch, own_norm)  # the optimizer step these micro-batches made
