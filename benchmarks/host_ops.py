@@ -69,6 +69,7 @@ def count_trainer(ds_config: str, model: str, micro: int, steps: int, accumulati
     update on every ``accumulation``-th micro-batch only."""
     from benchmarks.pretrain_gpu import write_synthetic_data
     from pipeline import trainer as T
+    from pipeline.engine import optimizer_step
     from pipeline.train_config import TrainConfig
 
     with tempfile.TemporaryDirectory(prefix="host_ops_") as tmp:
@@ -85,8 +86,8 @@ def count_trainer(ds_config: str, model: str, micro: int, steps: int, accumulati
             step = micro_step // accumulation
             batch = next(trainer.loader)
             (mlm, nsp, _), forward = aten_ops(lambda: T.pretraining_losses(trainer.engine, batch))
-            _, backward = aten_ops(lambda: trainer.engine.backward(mlm + nsp))
-            _, optimizer = aten_ops(trainer.engine.step)
+            _, backward = aten_ops(lambda: trainer.backward(mlm + nsp))  # the trainer's: the fp16 repair too
+            _, optimizer = aten_ops(lambda: optimizer_step(trainer.engine))
             if step:  # the first step builds buffers and states once
                 for phase, n in zip(PHASES, (forward, backward, optimizer)):
                     totals[phase] += n

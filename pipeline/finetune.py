@@ -84,7 +84,7 @@ def finetune(config, finetuner) -> int:
     """Trains, tests, saves and reports on rank 0; the exit code."""
     from pipeline.finetuning.trainer import Stopped
 
-    tracker, status, stopped = None, "FAILED", None
+    tracker, status = None, "FAILED"
     try:
         if config.mlflow and finetuner.is_rank0:
             tracker = start_tracking(config, finetuner)
@@ -109,9 +109,12 @@ def finetune(config, finetuner) -> int:
         end_distributed()
         return 0
     except Stopped as stop:  # raised by every rank at the same optimizer step
-        status, stopped = "KILLED", stop
+        status, code = "KILLED", 128 + stop.signum
         print(f"error: stopped by {stop}: fine-tuning keeps no checkpoint; run it again to fine-tune",
               file=sys.stderr)
+    except FloatingPointError as err:  # a non-finite mean loss or global norm, an fp16 scale at its floor:
+        code = 1                       # decided alike on every rank, at the same step; one line each
+        print(f"error: rank {finetuner.rank}: {err}", file=sys.stderr)
     finally:
         if tracker:
             tracker.finish(status)
@@ -121,7 +124,7 @@ def finetune(config, finetuner) -> int:
         import torch
 
         torch.distributed.barrier()
-    return 128 + stopped.signum
+    return code
 
 
 def cli() -> None:

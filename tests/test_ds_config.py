@@ -218,6 +218,59 @@ def test_the_logged_gradient_norm_is_of_the_unscaled_gradients(kind, monkeypatch
     assert reported == pytest.approx(float(true_norm) * (scale if kind == "FP16_UnfusedOptimizer" else 0.5), rel=1e-3)
 
 
+class Fp16EngineBackward:
+    """The part of a DeepSpeed engine ScaledBackward meets: an fp16 optimizer wrapper, the
+    accumulation steps, and a backward that divides the loss by them and then scales it (as a
+    DeepSpeed with pull request 8393 would) or not (as 0.19.8 does without ZeRO). On any CPU: the
+    real engine's fp16 runs only where the CPU computes fp16 (tests/test_fp16.py)."""
+
+    def __init__(self, optimizer, accumulation: int, scales: bool):
+        self.optimizer, self.accumulation, self.scales = optimizer, accumulation, scales
+
+    def fp16_enabled(self):
+        return True
+
+    def _get_optimizer_loss_scale(self):
+        return self.optimizer.loss_scale_config.cur_scale
+
+    def gradient_accumulation_steps(self):
+        return self.accumulation
+
+    def backward(self, loss):
+        loss = loss / self.accumulation
+        (loss * self.optimizer.loss_scale_config.cur_scale if self.scales else loss).backward()
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+@pytest.mark.parametrize("deepspeed_scales", [False, True])
+def test_the_fp16_loss_is_scaled_once_whether_deepspeed_scales_it_or_not(monkeypatch, accumulation,
+                                                                         deepspeed_scales):
+    import torch
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    from pipeline.engine import ScaledBackward, init_distributed
+
+    set_one_process_world(monkeypatch)
+    init_distributed()
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = FP16_UnfusedOptimizer(torch.optim.SGD([weight], lr=0.0), dynamic_loss_scale=True)
+    backward = ScaledBackward(Fp16EngineBackward(optimizer, accumulation, deepspeed_scales))
+
+    def optimizer_step(scale):  # the gradients an optimizer step sees, by the scale it divides them
+        optimizer.loss_scale_config.cur_scale = scale
+        weight.grad = None
+        for _ in range(accumulation):
+            backward((weight * 2).sum())
+        return weight.grad / scale
+
+    assert backward.repair is None
+    # at a scale of 1 scaled and unscaled are alike: nothing to tell, nothing decided
+    assert torch.equal(optimizer_step(1.0), torch.full((3,), 2.0)) and backward.repair is None
+    for scale in (2.0 ** 16, 2.0 ** 15):  # the first step decides, and the next goes on with it
+        assert torch.equal(optimizer_step(scale), torch.full((3,), 2.0))
+        assert backward.repair is (not deepspeed_scales)
+
+
 GPU_CONFIGS = [name for name in CONFIGS if name.startswith("gpu_")]
 
 

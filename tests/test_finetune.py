@@ -273,7 +273,8 @@ def test_a_skipped_update_is_counted_and_fine_tuning_goes_on(pretrained, reviews
 @pytest.mark.skipif(not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16")
 def test_fp16_fine_tuning_without_zero_learns_as_bf16_does(pretrained, reviews, tmp_path):
     """Both run DeepSpeed's FP16_UnfusedOptimizer; fp16's loss is scaled by 2^16 where DeepSpeed
-    0.19.8 forgets to (pipeline.engine.ScaledBackward), its step dividing the gradients back.
+    0.19.8 forgets to (pipeline.engine.ScaledBackward), its step dividing the gradients back, and
+    no update is skipped.
     The trained model has too few steps to tell by its loss: the weights' travel tells."""
     from pipeline.finetuning.trainer import Finetuner
 
@@ -287,6 +288,8 @@ def test_fp16_fine_tuning_without_zero_learns_as_bf16_does(pretrained, reviews, 
         start = finetuner._full_precision_state()
         finetuner.train()
         end = finetuner._full_precision_state()
+        # the loss is fp32 (task_loss): an fp16 one's gradient at scale 2^16 is inf, a skipped step
+        assert finetuner.engine.skipped_steps == 0
         moved[precision] = float(torch.stack([(end[n] - start[n]).float().norm() for n in start
                                               if start[n].is_floating_point()]).norm())
     # how far an epoch moved the fp32 masters: measured 1.438 (fp16) against 1.447 (bf16); with
@@ -341,7 +344,7 @@ def test_a_nan_training_loss_stops_fine_tuning_after_the_epoch_with_its_number(p
         out = forward(*args, **kwargs)
         calls.append(None)
         if len(calls) == 5:
-            out.loss = out.loss * float("nan")
+            out.logits = out.logits * float("nan")  # the loss is computed from them (task_loss)
         return out
 
     monkeypatch.setattr(finetuner.engine, "forward", nan_loss_on_the_fifth)
@@ -349,6 +352,44 @@ def test_a_nan_training_loss_stops_fine_tuning_after_the_epoch_with_its_number(p
         finetuner.train()
     assert len(calls) == finetuner.steps_per_epoch  # the epoch ran to its end: the NaN step was skipped
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+@pytest.mark.skipif(not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16")
+def test_fp16_overflowing_at_the_minimum_loss_scale_stops_fine_tuning_with_its_epoch(pretrained, reviews, tmp_path,
+                                                                                    monkeypatch):
+    """Under ZeRO, DeepSpeed raises a bare Exception there; fine-tuning names the epoch (and the
+    command prints it in one line, as test_a_diverged_run_ends_the_command_with_one_line shows)."""
+    from pipeline.engine import LossScaleFloor
+    from pipeline.finetuning.trainer import Finetuner
+
+    from .faults import nan_gradient
+
+    ds_config = tmp_path / "fp16.json"
+    ds_config.write_text(json.dumps({"fp16": {"enabled": True, "initial_scale_power": 1, "hysteresis": 1},
+                                     "zero_optimization": {"stage": 1},
+                                     "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    finetuner = Finetuner(finetune_config(pretrained, tmp_path / "out", reviews, ds_config=str(ds_config)))
+    backward = finetuner.engine.backward
+    monkeypatch.setattr(finetuner.engine, "backward", lambda loss, *a, **k: backward(nan_gradient(loss), *a, **k))
+    with pytest.raises(LossScaleFloor, match=r"^fp16 gradients overflow even at the minimum loss scale \(1\) in "
+                                             r"epoch 1: lower --learning-rate, or use bf16$"):
+        finetuner.train()
+    assert finetuner.engine.skipped_steps == 1  # 2 -> 1, then the floor
+
+
+def test_a_diverged_run_ends_the_command_with_one_line(pretrained, reviews, tmp_path):
+    """A learning rate of 1e4: the weights blow up at the first update, every later loss is NaN
+    (each update skipped); the command says so in one line, exit 1, and saves no model."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, SCRIPT, "--model", pretrained, "--data", reviews, "--label-column",
+                           "category", "--drop-label", "plot", "--epochs", "1", "--global-batch-size", "16",
+                           "--micro-batch-size", "16", "--learning-rate", "1e4", "--no-mlflow", "--output-dir",
+                           str(out)], capture_output=True, text=True, env=_clean_env(MASTER_PORT=str(free_port())),
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: rank 0: train loss is nan in epoch 1: lower --learning-rate" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "model").exists()
 
 
 def test_global_batches_do_not_depend_on_the_number_of_ranks():

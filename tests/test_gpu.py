@@ -224,7 +224,7 @@ def test_a_micro_batch_never_waits_for_the_gpu_in_this_projects_code(data_dir, t
             from pipeline.trainer import pretraining_losses
 
             mlm, nsp, counts = pretraining_losses(trainer.engine, batch)
-            trainer.engine.backward(mlm + nsp)
+            trainer.backward(mlm + nsp)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     waits = [f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]

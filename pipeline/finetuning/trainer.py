@@ -89,6 +89,17 @@ def on_device(batch: dict[str, torch.Tensor], device, model_type: str) -> dict[s
     return moved
 
 
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """The loss Hugging Face's sequence classifiers compute (cross-entropy; mean squared error for
+    regression), in fp32: theirs is in the logits' dtype, and the gradient of an fp16 loss at
+    fp16's loss scale of 2^16 is inf in fp16, an update skipped at the start and each time the
+    scale grows back."""
+    logits = logits.float()
+    if task == "classification":
+        return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+    return torch.nn.functional.mse_loss(logits.squeeze(-1), labels)
+
+
 def clear_previous_outputs(output_dir: str) -> list[str]:
     """Removes what a previous run left in ``output_dir`` (its report, confusion matrix, model and
     predictions):
@@ -278,16 +289,18 @@ class Finetuner:
         for step, micro_batches in enumerate(self.epoch_micro_batches(epoch)):
             own_norm = None
             for micro, rows in enumerate(micro_batches):
-                batch = collate(self.splits["train"], rows, pad, self.task)
-                out = self.engine(**on_device(batch, device, self.engine.module.config.model_type))
-                self.backward(out.loss)
+                inputs = on_device(collate(self.splits["train"], rows, pad, self.task), device,
+                                   self.engine.module.config.model_type)
+                labels = inputs.pop("labels")
+                loss = task_loss(self.engine(**inputs).logits, labels, self.task)
+                self.backward(loss)
                 if self._own_grad_norm and micro == len(micro_batches) - 1:
                     own_norm = gradient_norm(self.engine.module.parameters())  # before the step zeroes them
                 try:
                     optimizer_step(self.engine)
                 except LossScaleFloor as err:
                     raise LossScaleFloor(f"{err} in epoch {epoch}: lower --learning-rate, or use bf16") from err
-                loss_sum += out.loss.detach().double()
+                loss_sum += loss.detach().double()
                 micro_steps += 1
             self._check_gradient_norm(epoch, own_norm)  # the optimizer step these micro-batches made
             self.step += 1
