@@ -311,6 +311,13 @@ class ScaledBackward:
         return grad
 
 
+# Skipped updates in a row, whatever the loss, before a run is declared broken: fp16's scaler
+# halves its scale on each overflow (2^16 reaches the usual minimum of 1 within 20 skips), and an
+# optimizer still overflowing at its minimum scale skips every update from then on (DeepSpeed's
+# fp16 optimizers without ZeRO, of the LAMB configs, do not raise there), the loss still finite.
+MAX_SKIPPED_UPDATES = 100
+
+
 class LossScaleFloor(FloatingPointError):
     """fp16 gradients overflowed at the minimum loss scale, where DeepSpeed's ZeRO optimizers raise
     (a bare Exception; the wrapper without ZeRO skips updates instead). Raised on every rank at the

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
 def finetune(config, finetuner) -> int:
     """Trains, tests, saves and reports on rank 0; the exit code."""
-    from pipeline.finetuning.trainer import Stopped
+    from pipeline.finetuning.trainer import Diverged, Stopped
 
     tracker, status = None, "FAILED"
     try:
@@ -112,8 +112,8 @@ def finetune(config, finetuner) -> int:
         status, code = "KILLED", 128 + stop.signum
         print(f"error: stopped by {stop}: fine-tuning keeps no checkpoint; run it again to fine-tune",
               file=sys.stderr)
-    except FloatingPointError as err:  # a non-finite mean loss or global norm, an fp16 scale at its floor:
-        code = 1                       # decided alike on every rank, at the same step; one line each
+    except Diverged as err:  # raised by every rank at the same step (reduced or agreed values): one line each
+        code = 1
         print(f"error: rank {finetuner.rank}: {err}", file=sys.stderr)
     finally:
         if tracker:

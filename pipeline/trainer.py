@@ -21,9 +21,9 @@ from tqdm import tqdm
 from pipeline import checkpoint, hf_init, run_lock
 from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
                            read_manifest, training_rows)
-from pipeline.engine import (LossScaleFloor, PAD_MULTIPLE, ScaledBackward, StopFlag, agree, ensure_distributed_env,
-                             gradient_norm, init_distributed, initialize, keeps_no_grad_norm, loss_scale,
-                             optimizer_step, unscaled_grad_norm)
+from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, ScaledBackward, StopFlag, agree,
+                             ensure_distributed_env, gradient_norm, init_distributed, initialize, keeps_no_grad_norm,
+                             loss_scale, optimizer_step, unscaled_grad_norm)
 from pipeline.metrics import json_line, keep_steps_up_to
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.param_groups import group_settings
@@ -33,11 +33,6 @@ from preprocessing.examples import OBJECTIVES
 log = logging.getLogger(__name__)
 EXIT_STOPPED = 3  # a stop signal was honoured: checkpoint written, the job can requeue
 MAX_NONFINITE_STEPS = 10  # skipped non-finite steps in a row before the run is declared broken
-# Skipped updates in a row, whatever the loss, before the run is declared broken: fp16's scaler
-# halves its scale on each overflow (2^16 reaches the usual minimum of 1 within 20 skips), and an
-# optimizer still overflowing at its minimum scale skips every update from then on (DeepSpeed's
-# unfused fp16 optimizer, of the LAMB configs, does not raise there), the loss still finite.
-MAX_SKIPPED_UPDATES = 100
 
 
 @dataclasses.dataclass

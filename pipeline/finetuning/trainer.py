@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from pipeline.ds_config import DsConfigError
-from pipeline.engine import (LossScaleFloor, PAD_MULTIPLE, ScaledBackward, StopFlag, agree, ensure_distributed_env,
-                             gradient_norm, init_distributed, initialize, keeps_no_grad_norm, loss_scale,
-                             optimizer_step, zero0_masters)
+from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, ScaledBackward, StopFlag, agree,
+                             ensure_distributed_env, gradient_norm, init_distributed, initialize, keeps_no_grad_norm,
+                             loss_scale, optimizer_step, zero0_masters)
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, check_output_dir
 from pipeline.finetuning.data import Examples, load_prediction_inputs, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
@@ -148,6 +148,12 @@ def untrained_positions_warning(max_length: int, tokenizer, init: str) -> str | 
             f"--max-seq-length {max_length} (or phase 2 with --init-from), or fine-tune at {pretrained}")
 
 
+class Diverged(FloatingPointError):
+    """Training went non-finite; raised by every rank at the same point (a mean loss or gradient
+    norm reduced over the ranks, DeepSpeed's agreed overflow), so the command can end with one
+    line per rank after a barrier."""
+
+
 class Stopped(Exception):
     """A stop signal, agreed on by every rank at the same optimizer step (``Finetuner.stop``)."""
 
@@ -225,6 +231,7 @@ class Finetuner:
         self.backward = ScaledBackward(self.engine)
         self.step = 0
         self._own_grad_norm = keeps_no_grad_norm(self.engine)  # ZeRO-0's plain optimizer keeps none
+        self._skipped_before, self._skipped_in_a_row = 0, 0
         self.history: list[EpochResult] = []
         self.best: EpochResult | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
@@ -299,10 +306,11 @@ class Finetuner:
                 try:
                     optimizer_step(self.engine)
                 except LossScaleFloor as err:
-                    raise LossScaleFloor(f"{err} in epoch {epoch}: lower --learning-rate, or use bf16") from err
+                    raise Diverged(f"{err} in epoch {epoch}: lower --learning-rate, or use bf16") from err
                 loss_sum += loss.detach().double()
                 micro_steps += 1
             self._check_gradient_norm(epoch, own_norm)  # the optimizer step these micro-batches made
+            self._check_skipped(epoch)
             self.step += 1
             signum = agree([self.stop.signum], self.world_size, device)[0]  # a signal may reach some ranks only
             if signum:
@@ -319,7 +327,7 @@ class Finetuner:
             torch.distributed.all_reduce(loss_sum)
         loss = loss_sum.item() / (micro_steps * self.world_size)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"train loss is {loss} in epoch {epoch}: lower --learning-rate")
+            raise Diverged(f"train loss is {loss} in epoch {epoch}: lower --learning-rate")
         sequences = self.steps_per_epoch * self.config.engine.global_batch_size
         return loss, seconds, sequences
 
@@ -329,8 +337,20 @@ class Finetuner:
         norm is global, so every rank stops at the same step."""
         norm = own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
         if norm is not None and self.engine.was_step_applied() and not math.isfinite(float(norm)):
-            raise FloatingPointError(f"the gradient norm is {float(norm)} in epoch {epoch} and the update was "
-                                     "applied: lower --learning-rate")
+            raise Diverged(f"the gradient norm is {float(norm)} in epoch {epoch} and the update was applied: "
+                           "lower --learning-rate")
+
+    def _check_skipped(self, epoch: int) -> None:
+        """Updates DeepSpeed skipped in a row (fp16 overflows; ZeRO's overflow check on NaN
+        gradients under a finite loss) stop the run after MAX_SKIPPED_UPDATES: an fp16 optimizer
+        without ZeRO overflowing at its minimum loss scale skips every update to the end, and the
+        run would report an untrained model. DeepSpeed's count is the same on every rank."""
+        skipped = self.engine.skipped_steps
+        self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped > self._skipped_before else 0
+        self._skipped_before = skipped
+        if self._skipped_in_a_row >= MAX_SKIPPED_UPDATES:
+            raise Diverged(f"{self._skipped_in_a_row} updates in a row skipped up to epoch {epoch} (gradients not "
+                           "finite; fp16: even at the minimum loss scale): lower --learning-rate, or use bf16")
 
     def predict(self, split: str) -> np.ndarray:
         """Model outputs (logits, or scores for regression) for every row of a split, on every rank."""
