@@ -9,7 +9,7 @@ the device, so it is measured here on a CPU and compares DeepSpeed configs befor
 
 - ours: ``pipeline.trainer.Trainer`` with ``--ds-config`` (each given file), ``--accumulation``
   micro-batches per optimizer step (1 by default); counted with ``torch.profiler`` around
-  ``pretraining_losses`` (forward), ``engine.backward`` and ``engine.step``, each op once however
+  ``pretraining_losses`` (forward), the trainer's backward and ``optimizer_step``, each op once however
   deeply nested.
 - plain: the same ``BertForPreTraining`` (sparse MLM head) in bf16, ``loss.backward()``,
   ``clip_grad_norm_`` and fused ``AdamW``, no DeepSpeed: what a one-GPU script does.

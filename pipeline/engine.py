@@ -271,9 +271,9 @@ def initialize(model, config: EngineConfig, ds_config: dict, steps: int, warmup:
 class ScaledBackward:
     """``engine.backward(loss)`` with the fp16 loss scaled, also where DeepSpeed forgets to.
 
-    DeepSpeed 0.19's ``engine.backward`` multiplies an fp16 loss by the loss scale under ZeRO
-    only (its ZeRO optimizers' ``scale_if_loss``). Without ZeRO (FP16_Optimizer and
-    FP16_UnfusedOptimizer: the fp16 LAMB configs) it calls ``loss.backward()`` unscaled, while
+    DeepSpeed 0.19.8's ``engine.backward`` multiplies an fp16 loss by the loss scale under ZeRO
+    only (its ZeRO optimizers' ``scale_if_loss``). Without ZeRO (FP16_UnfusedOptimizer, the fp16
+    LAMB configs' wrapper; FP16_Optimizer around FusedAdam) it calls ``loss.backward()`` unscaled, while
     the step still divides the gradients by the scale: updates 65,536 times too small, and
     fp16 gradients left to underflow (DeepSpeed pull request 8393, open in 0.19.8). Whether the
     installed DeepSpeed scales is read once, from the gradient that reaches the loss in the first
@@ -286,8 +286,10 @@ class ScaledBackward:
         from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
         self.engine = engine
-        # None: not known yet; False: DeepSpeed scales, or nothing is scaled (no fp16, or under ZeRO)
-        self.repair = None if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)) else False
+        # None: not known yet; True: DeepSpeed leaves the loss unscaled, so it is scaled here;
+        # False: DeepSpeed scales it (under ZeRO), or nothing is scaled (fp32, bf16)
+        wrapped = isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer))  # bf16's too, in 0.19.8
+        self.repair = None if wrapped and engine.fp16_enabled() else False
 
     def __call__(self, loss) -> None:
         scale = loss_scale(self.engine) if self.repair is not False else None
@@ -361,7 +363,7 @@ def unscaled_grad_norm(engine, norm, scale: float | None):
     """DeepSpeed's reported gradient norm (``get_global_grad_norm``) made the true gradients' norm.
 
     ``scale``: the loss scale the step's gradients carried, read before the step. ZeRO divides the
-    norm by it. Without ZeRO, DeepSpeed 0.19's fp16 wrappers do not: FP16_UnfusedOptimizer (around a
+    norm by it. Without ZeRO, DeepSpeed 0.19.8's fp16 wrappers do not: FP16_UnfusedOptimizer (around a
     non-fused optimizer, as in the fp16 LAMB configs) reports the scaled gradients' norm (its
     unfused_optimizer.py: "norm is in fact norm*scale"), and FP16_Optimizer divides by the scale as
     the step left it, twice the right one at each step that raises the scale."""

@@ -123,6 +123,33 @@ def data_dir(preprocessed_sample) -> str:
 PREBUILT_DATA = "BERT_PIPELINE_TEST_DATA"
 
 
+@pytest.fixture(scope="session")
+def no_dropout(tmp_path_factory) -> str:
+    """The tiny preset without dropout, as a --model file: two runs then differ only where their
+    arithmetic does (each rank's dropout masks, reseeded on another world size, differ by 1e-2
+    in the loss, as much as lost optimizer state)."""
+    import json
+
+    from pipeline.model import PRESETS
+
+    path = tmp_path_factory.mktemp("model") / "tiny-no-dropout.json"
+    path.write_text(json.dumps({**PRESETS["tiny"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    return str(path)
+
+
+def fp16_supported() -> bool:
+    """DeepSpeed's accelerator here computes fp16: a GPU, or a CPU where oneDNN does (AVX512-FP16
+    or AMX). DeepSpeed's fp16 path (loss scaler, fp16 optimizers, checkpoints) is the same Python
+    on both, so tests/test_fp16.py runs it on such a CPU."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.float16 in get_accelerator().supported_dtypes()
+
+
+needs_fp16 = pytest.mark.skipif(not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16")
+
+
 def set_one_process_world(mp: pytest.MonkeyPatch) -> None:
     """The environment torchrun gives a one-process world, for in-process trainers, on a port free
     now: a fixed one collides with whatever else holds it (another suite on the same machine)."""

@@ -9,8 +9,7 @@ import pytest
 
 from pipeline.ds_config import DsConfigError, inject, load_ds_config, plan_batches
 
-from .conftest import REPO, set_one_process_world
-from .test_fp16 import fp16_supported
+from .conftest import REPO, needs_fp16, set_one_process_world
 
 DS_DIR = os.path.join(REPO, "ds_configs")
 CONFIGS = sorted(f for f in os.listdir(DS_DIR) if f.endswith(".json"))
@@ -218,7 +217,7 @@ def test_the_logged_gradient_norm_is_of_the_unscaled_gradients(kind, monkeypatch
     assert reported == pytest.approx(float(true_norm) * (scale if kind == "FP16_UnfusedOptimizer" else 0.5), rel=1e-3)
 
 
-class Fp16EngineBackward:
+class FakeFp16Engine:
     """The part of a DeepSpeed engine ScaledBackward meets: an fp16 optimizer wrapper, the
     accumulation steps, and a backward that divides the loss by them and then scales it (as a
     DeepSpeed with pull request 8393 would) or not (as 0.19.8 does without ZeRO). On any CPU: the
@@ -254,9 +253,9 @@ def test_the_fp16_loss_is_scaled_once_whether_deepspeed_scales_it_or_not(monkeyp
     init_distributed()
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = FP16_UnfusedOptimizer(torch.optim.SGD([weight], lr=0.0), dynamic_loss_scale=True)
-    backward = ScaledBackward(Fp16EngineBackward(optimizer, accumulation, deepspeed_scales))
+    backward = ScaledBackward(FakeFp16Engine(optimizer, accumulation, deepspeed_scales))
 
-    def optimizer_step(scale):  # the gradients an optimizer step sees, by the scale it divides them
+    def unscaled_gradients(scale):  # an optimizer step's gradients, divided by the scale as its step does
         optimizer.loss_scale_config.cur_scale = scale
         weight.grad = None
         for _ in range(accumulation):
@@ -265,17 +264,17 @@ def test_the_fp16_loss_is_scaled_once_whether_deepspeed_scales_it_or_not(monkeyp
 
     assert backward.repair is None
     # at a scale of 1 scaled and unscaled are alike: nothing to tell, nothing decided
-    assert torch.equal(optimizer_step(1.0), torch.full((3,), 2.0)) and backward.repair is None
+    assert torch.equal(unscaled_gradients(1.0), torch.full((3,), 2.0)) and backward.repair is None
     for scale in (2.0 ** 16, 2.0 ** 15):  # the first step decides, and the next goes on with it
-        assert torch.equal(optimizer_step(scale), torch.full((3,), 2.0))
+        assert torch.equal(unscaled_gradients(scale), torch.full((3,), 2.0))
         assert backward.repair is (not deepspeed_scales)
 
 
 GPU_CONFIGS = [name for name in CONFIGS if name.startswith("gpu_")]
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.skipif(
-    "fp16" in name and not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16")) for name in GPU_CONFIGS])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[needs_fp16] if "fp16" in name else [])
+                                  for name in GPU_CONFIGS])
 def test_every_shipped_gpu_file_trains_on_the_cpu_with_torch_adamw(name, data_dir, tmp_path, monkeypatch):
     """Everything in a GPU file but its CUDA-only fused optimizer (ZeRO stage and buckets,
     overlap_comm, ZeRO-3's prefetch and persistence, bf16 without the overflow check, fp16's

@@ -15,8 +15,7 @@ from pipeline.engine import DEFAULT_DS_CONFIG
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
-from .conftest import REPO, set_one_process_world
-from .test_fp16 import fp16_supported
+from .conftest import REPO, needs_fp16, set_one_process_world
 
 
 @pytest.fixture(autouse=True)
@@ -221,8 +220,7 @@ def test_fp16_without_zero_exports_the_fp32_master_weights_not_their_fp16_copies
                                                        if not v.is_floating_point()}
 
 
-@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.skipif(
-    not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16"))])
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=needs_fp16)])
 def test_a_16_bit_run_without_zero_exports_its_fp32_masters_and_a_mismatch_is_one_line(data_dir, tmp_path,
                                                                                        precision):
     """A real engine on the CPU: bf16 or fp16 without ZeRO is DeepSpeed's FP16_UnfusedOptimizer around

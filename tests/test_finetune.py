@@ -23,8 +23,7 @@ from pipeline.engine import free_port
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
-from .conftest import REPO, set_one_process_world
-from .test_fp16 import fp16_supported
+from .conftest import REPO, needs_fp16, set_one_process_world
 
 ROTTEN_TOMATOES = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
 SCRIPT = os.path.join(REPO, "pipeline", "finetune.py")
@@ -270,7 +269,7 @@ def test_a_skipped_update_is_counted_and_fine_tuning_goes_on(pretrained, reviews
     assert all(torch.isfinite(p).all() for p in finetuner.engine.module.parameters())
 
 
-@pytest.mark.skipif(not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16")
+@needs_fp16
 def test_fp16_fine_tuning_without_zero_learns_as_bf16_does(pretrained, reviews, tmp_path):
     """Both run DeepSpeed's FP16_UnfusedOptimizer; fp16's loss is scaled by 2^16 where DeepSpeed
     0.19.8 forgets to (pipeline.engine.ScaledBackward), its step dividing the gradients back, and
@@ -354,7 +353,7 @@ def test_a_nan_training_loss_stops_fine_tuning_after_the_epoch_with_its_number(p
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
-@pytest.mark.skipif(not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16")
+@needs_fp16
 def test_fp16_overflowing_at_the_minimum_loss_scale_stops_fine_tuning_with_its_epoch(pretrained, reviews, tmp_path,
                                                                                     monkeypatch):
     """Under ZeRO, DeepSpeed raises a bare Exception there; fine-tuning names the epoch (and the

@@ -13,21 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model import PRESETS
 from pipeline.trainer import Trainer
 
 from . import faults
-from .conftest import REPO, set_one_process_world
+from .conftest import REPO, needs_fp16, set_one_process_world
 from .test_pretrain import config  # 8 steps of 16 sequences (2 micro-batches of 8), tiny preset
 
 
-def fp16_supported() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.float16 in get_accelerator().supported_dtypes()
-
-
-pytestmark = pytest.mark.skipif(not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16")
+pytestmark = needs_fp16
 
 # The shipped fp16 settings (initial scale 2^16, window 1000, hysteresis 2), torch's AdamW in
 # place of the CUDA-only fused optimizers.
@@ -38,14 +31,6 @@ TORCH_ADAMW = {"type": "AdamW", "params": {"torch_adam": True, "betas": [0.9, 0.
 @pytest.fixture(autouse=True)
 def one_process_world(monkeypatch):
     set_one_process_world(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def no_dropout(tmp_path_factory) -> str:
-    """Dropout off, so that two runs differ only where their arithmetic does."""
-    path = tmp_path_factory.mktemp("model") / "tiny-no-dropout.json"
-    path.write_text(json.dumps({**PRESETS["tiny"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
-    return str(path)
 
 
 def ds_config(directory, stage: int, precision: str = "fp16", **fp16) -> str:

@@ -1,6 +1,6 @@
-"""What only a CUDA GPU exercises: DeepSpeed's fused optimizers, fp16 loss scaling, bf16 ZeRO-1
-without the overflow check, the CUDA generator in checkpoints, and the export and fine-tuning of
-a GPU run. Skipped without CUDA; on a GPU machine:
+"""What only a CUDA GPU exercises: DeepSpeed's fused optimizers (fp16 loss scaling around them; the
+scaler itself runs on the CPU in tests/test_fp16.py), bf16 ZeRO-1 without the overflow check,
+the CUDA generator in checkpoints, and the export and fine-tuning of a GPU run. Skipped without CUDA; on a GPU machine:
 
     DS_ACCELERATOR=cuda python -m pytest -m gpu tests/test_gpu.py
 

@@ -12,15 +12,13 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from pipeline.model import PRESETS
 from pipeline.pretrain import main as pretrain
 from pipeline.train_config import parse_args
 from pipeline.trainer import Trainer
 
 from .test_fp16 import ds_config as fp16_config
-from .test_fp16 import fp16_supported
 from .test_pretrain import _run_pretrain
-from tests.conftest import set_one_process_world
+from tests.conftest import needs_fp16, set_one_process_world
 
 STEPS, AT = 6, 3  # runs of 6 steps; the resumed ones start from the checkpoint of step 3
 # Measured on a model without dropout: a resumed run's losses differ from the uninterrupted run's by at
@@ -33,16 +31,6 @@ TOLERANCE = 1e-4
 def one_process_world(monkeypatch):
     """This process is a 1-process world; the 2-process runs are launched by torchrun."""
     set_one_process_world(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def no_dropout(tmp_path_factory) -> str:
-    """The tiny model without dropout: otherwise each rank's dropout masks (reseeded on another world
-    size) differ from the uninterrupted run's by 1e-2 in the loss, as much as lost optimizer state."""
-    path = tmp_path_factory.mktemp("model") / "tiny-no-dropout.json"
-    path.write_text(json.dumps({**PRESETS["tiny"], "hidden_dropout_prob": 0.0,
-                                "attention_probs_dropout_prob": 0.0}))
-    return str(path)
 
 
 def argv(data_dir, model, run_dir) -> list[str]:
@@ -114,7 +102,7 @@ def test_a_run_resumes_on_another_number_of_processes_with_the_same_losses(data_
     assert np.abs(fresh - expected).min() > 100 * TOLERANCE
 
 
-@pytest.mark.skipif(not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16")
+@needs_fp16
 def test_fp16_resumes_on_another_number_of_processes_with_its_loss_scale(data_dir, no_dropout, tmp_path):
     """fp16 with dynamic loss scaling at ZeRO-1 (the shipped fp16 Adam files' stage), the scale
     doubling every 2 steps from 2^12 (far from an overflow): 2 -> 1 and 1 -> 2 processes go on with
