@@ -137,18 +137,6 @@ def no_dropout(tmp_path_factory) -> str:
     return str(path)
 
 
-def fp16_supported() -> bool:
-    """DeepSpeed's accelerator here computes fp16: a GPU, or a CPU where oneDNN does (AVX512-FP16
-    or AMX). DeepSpeed's fp16 path (loss scaler, fp16 optimizers, checkpoints) is the same Python
-    on both, so tests/test_fp16.py runs it on such a CPU."""
-    import torch
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.float16 in get_accelerator().supported_dtypes()
-
-
-needs_fp16 = pytest.mark.skipif(not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16")
-
 
 def set_one_process_world(mp: pytest.MonkeyPatch) -> None:
     """The environment torchrun gives a one-process world, for in-process trainers, on a port free

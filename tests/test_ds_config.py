@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.ds_config import DsConfigError, inject, load_ds_config, plan_batches
 
-from .conftest import REPO, needs_fp16, set_one_process_world
+from .conftest import REPO, set_one_process_world
+from .fp16_support import needs_fp16
 
 DS_DIR = os.path.join(REPO, "ds_configs")
 CONFIGS = sorted(f for f in os.listdir(DS_DIR) if f.endswith(".json"))

@@ -15,7 +15,8 @@ from pipeline.engine import DEFAULT_DS_CONFIG
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
-from .conftest import REPO, needs_fp16, set_one_process_world
+from .conftest import REPO, set_one_process_world
+from .fp16_support import needs_fp16
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,8 @@ from pipeline.engine import free_port
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
-from .conftest import REPO, needs_fp16, set_one_process_world
+from .conftest import REPO, set_one_process_world
+from .fp16_support import needs_fp16
 
 ROTTEN_TOMATOES = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
 SCRIPT = os.path.join(REPO, "pipeline", "finetune.py")

@@ -16,7 +16,8 @@ import torch
 from pipeline.trainer import Trainer
 
 from . import faults
-from .conftest import REPO, needs_fp16, set_one_process_world
+from .conftest import REPO, set_one_process_world
+from .fp16_support import needs_fp16
 from .test_pretrain import config  # 8 steps of 16 sequences (2 micro-batches of 8), tiny preset
 
 

@@ -18,7 +18,8 @@ from pipeline.trainer import Trainer
 
 from .test_fp16 import ds_config as fp16_config
 from .test_pretrain import _run_pretrain
-from tests.conftest import needs_fp16, set_one_process_world
+from tests.conftest import set_one_process_world
+from tests.fp16_support import needs_fp16
 
 STEPS, AT = 6, 3  # runs of 6 steps; the resumed ones start from the checkpoint of step 3
 # Measured on a model without dropout: a resumed run's losses differ from the uninterrupted run's by at
