@@ -16,13 +16,23 @@ and the mapped flat arrays, pages the ranks of a node share through the page cac
 and the peak RSS (VmHWM). The figures are taken before the padding share, which builds
 whole epochs of batches.
 
+A cold page cache, to compare the loader's read-ahead (pipeline/read_ahead.py) with the
+plain memory-mapped gather a loader otherwise does: ``--cold`` times ``--rounds`` pairs of
+runs, each in a fresh process that first drops the flat cache's pages from the page cache
+(``posix_fadvise(DONTNEED)``, no root needed), read-ahead off then on, and prints their
+sequences/s and the ratio of the medians. Use a data dir larger than a few batches' pages
+(``--replicate 100``: 1.3M rows, 1 GB of flat arrays) so that rows rarely share a page.
+
     python benchmarks/data_loader.py [--data DIR] [--replicate K] [--sequences 50000] [--batch-size 64]
+                                     [--no-read-ahead]
+    python benchmarks/data_loader.py --replicate 100 --cold --batch-size 256 --sequences 20000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -91,6 +101,47 @@ def open_in_child(data: str) -> None:
           f"{', converted the shards into the flat cache' if built == 'True' else ''}", flush=True)
 
 
+def evict(directory: str) -> None:
+    """Drops the files' pages from the page cache (written back first: dirty pages stay)."""
+    for name in os.listdir(directory):
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def cold_run(data: str, read_ahead: bool, sequences: int, batch_size: int, seed: int) -> float:
+    """Sequences/s of a loader over a data dir whose flat cache was just evicted (in this process,
+    which maps nothing of it yet), timed from its first batch."""
+    dataset = PretrainingDataset(data, read_ahead=False)  # opened once to find the cache, then closed
+    cache = dataset.cache_dir
+    del dataset
+    evict(cache)
+    start = time.perf_counter()
+    dataset = PretrainingDataset(data, read_ahead=read_ahead)
+    steps = -(-sequences // batch_size)
+    with PretrainingLoader(dataset, BatchSampler(dataset.lengths, batch_size, seed=seed), prefetch=4) as loader:
+        for _ in range(steps):
+            next(loader)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def compare_cold(data: str, args) -> None:
+    print(f"cold page cache: {args.rounds} rounds, each run in a fresh process after dropping the flat "
+          f"cache's pages; batch {args.batch_size}, {args.sequences:,} sequences, prefetch 4")
+    rates = {False: [], True: []}
+    for r in range(args.rounds):
+        for read_ahead in (False, True):
+            code = (f"import sys; sys.path.insert(0, {REPO!r}); from benchmarks.data_loader import cold_run; "
+                    f"print(cold_run({data!r}, {read_ahead}, {args.sequences}, {args.batch_size}, {r}))")
+            out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO)
+            rates[read_ahead].append(float(out.stdout.split()[-1]))
+            print(f"  round {r + 1}, read-ahead {'on ' if read_ahead else 'off'}: "
+                  f"{rates[read_ahead][-1]:9,.0f} sequences/s", flush=True)
+    off, on = statistics.median(rates[False]), statistics.median(rates[True])
+    print(f"cold throughput  read-ahead off {off:,.0f}, on {on:,.0f} sequences/s (medians): {on / off:.1f}x")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="a data dir from preprocessing/run_beam.py (default: write the sample)")
@@ -98,6 +149,11 @@ def main(argv=None) -> None:
     parser.add_argument("--sequences", type=int, default=50_000, help="sequences to time (>= 20k)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--prefetch", type=int, default=4)
+    parser.add_argument("--cold", action="store_true",
+                        help="time a cold page cache, read-ahead off against on, instead of the rest")
+    parser.add_argument("--rounds", type=int, default=3, help="--cold: pairs of runs")
+    parser.add_argument("--no-read-ahead", dest="read_ahead", action="store_false",
+                        help="the timed loader gathers without asking the kernel for its rows first")
     args = parser.parse_args(argv)
     imported = memory_kb()
 
@@ -108,8 +164,11 @@ def main(argv=None) -> None:
         if args.replicate > 1:
             data = replicate(data, args.replicate, os.path.join(tmp, f"replicated-{args.replicate}"))
         open_in_child(data)
+        if args.cold:
+            compare_cold(data, args)
+            return
         start = time.perf_counter()
-        dataset = PretrainingDataset(data)
+        dataset = PretrainingDataset(data, read_ahead=args.read_ahead)
         load_s = time.perf_counter() - start
         opened = memory_kb()
         seq = dataset.max_seq_length
@@ -128,7 +187,8 @@ def main(argv=None) -> None:
         iterated = memory_kb()
         print(f"throughput      {steps * args.batch_size / elapsed:,.0f} sequences/s "
               f"({steps * args.batch_size:,} sequences, batch {args.batch_size}, prefetch {args.prefetch}, "
-              f"{elapsed / steps * 1e3:.3f} ms/batch, pinned={loader.pin_memory})")
+              f"{elapsed / steps * 1e3:.3f} ms/batch, pinned={loader.pin_memory}, "
+              f"read-ahead {'on' if args.read_ahead else 'off'})")
         print(f"real tokens     {share:.2%} of the delivered tokens are not [PAD]")
         for when, kb in (("after the imports", imported), ("after opening", opened),
                          (f"after {steps:,} batches", iterated)):

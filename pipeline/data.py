@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.engine import PAD_MULTIPLE
+from pipeline.read_ahead import ReadAhead, one_batch_ahead
 from preprocessing.examples import MASKINGS, WORD_STARTS
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,8 @@ def _open_shard(shard_path: str) -> pq.ParquetFile:
 # each pair shares one offsets array: 16 bytes a row less on disk and in the page cache.
 FLAT_ARRAYS = ("input_ids", "segment_ids", "token_offsets", "masked_lm_positions", "masked_lm_ids",
                "mask_offsets", "lengths", "next_sentence_labels")
+# Indexed by row (the others by token or by masked position): read whole on opening (read_ahead.py).
+PER_ROW_ARRAYS = ("token_offsets", "mask_offsets", "lengths", "next_sentence_labels")
 CACHE_DIR = "flat"
 CACHE_MARKER = "flat.json"  # written last into the temporary dir: a cache without it is never used
 CACHE_FORMAT = 1  # bump when the files change
@@ -631,15 +634,18 @@ def flat_cache(data_dir: str, manifest: dict, cache_dir: str | None = None) -> t
     return target, built
 
 
-def _map_flat_arrays(directory: str, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """The flat arrays, memory-mapped read-only. Plain ndarray views of the maps: indexing
-    a ``np.memmap`` subclass costs more, and the views keep the maps alive."""
-    arrays = {}
+def _map_flat_arrays(directory: str, names: Sequence[str], read_ahead: bool = True
+                     ) -> tuple[dict[str, np.ndarray], ReadAhead]:
+    """The flat arrays, memory-mapped read-only, and a ``ReadAhead`` on their files. Plain
+    ndarray views of the maps: indexing a ``np.memmap`` subclass costs more, and the views
+    keep the maps alive."""
+    arrays, offsets, itemsizes = {}, {}, {}
     for name in names:
         mapped = np.load(os.path.join(directory, name + ".npy"), mmap_mode="r")
         _advise_random(mapped)
         arrays[name] = np.asarray(mapped)
-    return arrays
+        offsets[name], itemsizes[name] = mapped.offset, mapped.itemsize
+    return arrays, ReadAhead(directory, offsets, itemsizes, enabled=read_ahead)
 
 
 def _advise_random(mapped: np.memmap) -> None:
@@ -668,7 +674,7 @@ class PretrainingDataset:
     """
 
     def __init__(self, data_dir: str, manifest: dict | None = None, pad_to_multiple_of: int = PAD_MULTIPLE,
-                 cache_dir: str | None = None, seed: int = 0):
+                 cache_dir: str | None = None, seed: int = 0, read_ahead: bool = True):
         self.data_dir = data_dir
         self.manifest = manifest if manifest is not None else read_manifest(data_dir)
         masking = self.manifest["masking"].get("mode", "static")
@@ -688,7 +694,8 @@ class PretrainingDataset:
         self.pad_to_multiple_of = pad_to_multiple_of
 
         self.cache_dir, self.built_cache = flat_cache(data_dir, self.manifest, cache_dir)
-        arrays = _map_flat_arrays(self.cache_dir, flat_array_names(self.manifest))
+        arrays, self._read_ahead = _map_flat_arrays(self.cache_dir, flat_array_names(self.manifest), read_ahead)
+        self._read_ahead.whole(PER_ROW_ARRAYS)
         self.word_starts = arrays.get(WORD_STARTS)
         self.input_ids, self.segment_ids = arrays["input_ids"], arrays["segment_ids"]
         self.input_ids_offsets = self.segment_ids_offsets = arrays["token_offsets"]
@@ -702,6 +709,18 @@ class PretrainingDataset:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def read_ahead(self, rows) -> None:
+        """Queues the disk reads of every page ``batch(rows)`` will read and returns at once
+        (pipeline/read_ahead.py); does nothing with ``read_ahead=False`` or off Linux."""
+        if not self._read_ahead.enabled:
+            return
+        rows = np.asarray(rows, dtype=np.int64)
+        per_token = ("input_ids", "segment_ids") + ((WORD_STARTS,) if self.word_starts is not None else ())
+        self._read_ahead.spans(per_token, self.input_ids_offsets[rows], self.input_ids_offsets[rows + 1])
+        if self.masker is None:  # dynamic masking stores no masks
+            self._read_ahead.spans(("masked_lm_positions", "masked_lm_ids"),
+                                   self.masked_lm_positions_offsets[rows], self.masked_lm_positions_offsets[rows + 1])
 
     def padded_length(self, rows: np.ndarray) -> int:
         """The batch's longest row rounded up to ``pad_to_multiple_of``, never past max_seq_length."""
@@ -1056,7 +1075,8 @@ class PretrainingLoader:
         return _assemble(self.dataset, rows, self.pin_memory, epoch)
 
     def _start(self) -> None:
-        positions = self.sampler.positions(self.sampler.epoch, self.sampler.batch)
+        positions = one_batch_ahead(self.dataset.read_ahead, self.sampler.positions(self.sampler.epoch, self.sampler.batch),
+                                    rows=lambda position: position[2])  # (epoch, batch, rows)
         if self.prefetch <= 0:
             self._positions = positions
             return

@@ -27,6 +27,7 @@ from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, 
 from pipeline.metrics import json_line, keep_steps_up_to
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.param_groups import group_settings
+from pipeline.read_ahead import one_batch_ahead
 from pipeline.train_config import TrainConfig
 from preprocessing.examples import OBJECTIVES
 
@@ -363,7 +364,7 @@ class Trainer:
         self.engine.eval()
         sums = torch.zeros(5, dtype=torch.float64, device=self.engine.device)
         try:
-            for rows in self.eval_rows:
+            for rows in one_batch_ahead(self.dataset.read_ahead, self.eval_rows):
                 batch = self.dataset.batch(rows)
                 mlm, nsp_loss, (hits, masked, nsp_hits, _) = pretraining_losses(self.engine, batch)
                 sums += torch.stack([mlm.double() * masked, nsp_loss.double() * len(rows), hits.double(),

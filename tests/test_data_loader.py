@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, RowPermutation,
-                           padding_share, read_manifest)
+from pipeline.data import (PER_ROW_ARRAYS, BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader,
+                           RowPermutation, padding_share, read_manifest)
 
 from .conftest import REPO
 
@@ -183,6 +183,100 @@ def test_prefetch_gives_the_same_batches_and_stops(dataset):
     same_batches(plain, fetched)
     assert share0 == share1 and 0.9 < share1 <= 1.0
     assert threading.active_count() == before  # close() ended the thread
+
+
+def pages(array, starts, stops):
+    """The page numbers (in this process's address space) holding each span of a mapped array."""
+    size = os.sysconf("SC_PAGE_SIZE")
+    first = (array.ctypes.data + np.asarray(starts) * array.itemsize) // size
+    last = (array.ctypes.data + np.asarray(stops) * array.itemsize - 1) // size
+    return set(itertools.chain.from_iterable(range(a, b + 1) for a, b in zip(first.tolist(), last.tolist())))
+
+
+def in_memory(page_numbers):
+    """Which of these pages of file maps are in the page cache (mincore; the files are ours)."""
+    import ctypes
+
+    libc, size = ctypes.CDLL(None, use_errno=True), os.sysconf("SC_PAGE_SIZE")
+    vec = ctypes.c_ubyte()
+    out = {}
+    for page in page_numbers:
+        assert libc.mincore(ctypes.c_void_p(page * size), ctypes.c_size_t(size), ctypes.byref(vec)) == 0
+        out[page] = bool(vec.value & 1)
+    return out
+
+
+def wait_in_memory(page_numbers, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not all((state := in_memory(page_numbers)).values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return state
+
+
+@pytest.mark.skipif(not hasattr(os, "POSIX_FADV_WILLNEED"), reason="read-ahead needs posix_fadvise (Linux)")
+def test_the_loader_has_the_next_batch_read_from_disk_while_it_hands_out_this_one(data_dir, tmp_path):
+    """On a cold page cache the gather faults its rows in one read at a time; the loader asks the
+    kernel for all of the next batch's pages first (pipeline/read_ahead.py)."""
+    from benchmarks.data_loader import evict
+
+    def batch_pages(dataset, sampler, b):
+        rows = sampler.rows_of(0, b)
+        tokens = (dataset.input_ids_offsets[rows], dataset.input_ids_offsets[rows + 1])
+        masks = (dataset.masked_lm_positions_offsets[rows], dataset.masked_lm_positions_offsets[rows + 1])
+        return (pages(dataset.input_ids, *tokens) | pages(dataset.segment_ids, *tokens)
+                | pages(dataset.masked_lm_ids, *masks) | pages(dataset.masked_lm_positions, *masks))
+
+    for read_ahead in (True, False):
+        # a cache of its own: pages another test's map holds cannot be dropped
+        dataset = PretrainingDataset(data_dir, cache_dir=str(tmp_path / str(read_ahead)), read_ahead=read_ahead)
+        evict(dataset.cache_dir)
+        sampler = BatchSampler(dataset.lengths, BATCH, seed=0)
+        first, second, third = (batch_pages(dataset, sampler, b) for b in range(3))
+        assert not any(in_memory(first | second | third).values())  # evicted
+        loader = PretrainingLoader(dataset, sampler, prefetch=0)
+        next(loader)  # gathers the first batch
+        if read_ahead:
+            assert all(wait_in_memory(second).values())
+            assert not any(in_memory(third - first - second).values())  # asked for one batch ahead only
+        else:
+            time.sleep(0.5)
+            assert not any(in_memory(second - first).values())  # waiting for the gather's faults
+        assert all(in_memory(first).values())
+        loader.close()
+
+
+
+@pytest.mark.skipif(not hasattr(os, "POSIX_FADV_WILLNEED"), reason="read-ahead needs posix_fadvise (Linux)")
+def test_the_arrays_indexed_by_row_are_read_whole_on_opening(data_dir, tmp_path):
+    """1.3M rows: 10 MB of offsets, more than Linux reads for one call (8 MiB on this VM)."""
+    from benchmarks.data_loader import evict, replicate
+
+    data = replicate(data_dir, 100, str(tmp_path / "replicated"))
+    cache = PretrainingDataset(data, read_ahead=False).cache_dir  # converts (its maps are gone with it)
+    evict(cache)
+    dataset = PretrainingDataset(data)
+    per_row = {"token_offsets": dataset.input_ids_offsets, "mask_offsets": dataset.masked_lm_positions_offsets,
+               "lengths": dataset.lengths, "next_sentence_labels": dataset.next_sentence_labels}
+    assert set(per_row) == set(PER_ROW_ARRAYS) and dataset.input_ids_offsets.nbytes > 8 << 20
+    for name, array in per_row.items():
+        state = wait_in_memory(pages(array, [0], [len(array)]))
+        assert all(state.values()), f"{name}: {sum(state.values())} of {len(state)} pages read"
+    tokens = in_memory(pages(dataset.input_ids, [0], [len(dataset.input_ids)]))
+    assert sum(tokens.values()) < 0.01 * len(tokens)  # the token arrays are read a batch at a time
+
+
+def test_a_file_system_refusing_the_read_ahead_advice_only_turns_it_off(dataset, data_dir, monkeypatch, caplog):
+    def refuse(fd, offset, length, advice):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse, raising=False)
+    refused = PretrainingDataset(data_dir)
+    assert not refused._read_ahead.enabled
+    assert "read-ahead of the flat arrays is off: posix_fadvise on token_offsets.npy failed" in caplog.text
+    with PretrainingLoader(refused, BatchSampler(refused.lengths, BATCH, seed=4)) as loader:
+        got = take(loader, 5)
+    with PretrainingLoader(dataset, BatchSampler(dataset.lengths, BATCH, seed=4)) as loader:
+        same_batches(got, take(loader, 5))
 
 
 # ---------------------------------------------------------------------------- the sampler at scale
