@@ -14,7 +14,9 @@ from /proc/self/status after the imports, after opening the dataset and after
 iterating: RSS, its anonymous (private) part, its file-backed part (shared libraries
 and the mapped flat arrays, pages the ranks of a node share through the page cache)
 and the peak RSS (VmHWM). The figures are taken before the padding share, which builds
-whole epochs of batches.
+whole epochs of batches. ``--busy-us N`` spends N µs of pure Python between batches, as a
+training step's host work does, so the loader's thread competes with it for the GIL: the
+throughput then shows what the loader takes from the training loop.
 
 A cold page cache, to compare the loader's read-ahead (pipeline/read_ahead.py) with the
 plain memory-mapped gather a loader otherwise does: ``--cold`` times ``--rounds`` pairs of
@@ -24,7 +26,7 @@ sequences/s and the ratio of the medians. Use a data dir larger than a few batch
 (``--replicate 100``: 1.3M rows, 1 GB of flat arrays) so that rows rarely share a page.
 
     python benchmarks/data_loader.py [--data DIR] [--replicate K] [--sequences 50000] [--batch-size 64]
-                                     [--no-read-ahead]
+                                     [--no-read-ahead] [--busy-us 40000]
     python benchmarks/data_loader.py --replicate 100 --cold --batch-size 256 --sequences 20000
 """
 
@@ -32,8 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,6 +103,13 @@ def open_in_child(data: str) -> None:
           f"{', converted the shards into the flat cache' if built == 'True' else ''}", flush=True)
 
 
+def busy(microseconds: float) -> None:
+    """Holds the GIL for ``microseconds``, as the training loop's Python does."""
+    end = time.perf_counter() + microseconds * 1e-6
+    while time.perf_counter() < end:
+        pass
+
+
 def evict(directory: str) -> None:
     """Drops the files' pages from the page cache (written back first: dirty pages stay)."""
     for name in os.listdir(directory):
@@ -152,6 +161,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cold", action="store_true",
                         help="time a cold page cache, read-ahead off against on, instead of the rest")
     parser.add_argument("--rounds", type=int, default=3, help="--cold: pairs of runs")
+    parser.add_argument("--busy-us", type=float, default=0.0,
+                        help="µs of pure Python between batches, as a training step's host work: the loader's "
+                             "thread then competes with it for the GIL")
     parser.add_argument("--no-read-ahead", dest="read_ahead", action="store_false",
                         help="the timed loader gathers without asking the kernel for its rows first")
     args = parser.parse_args(argv)
@@ -181,6 +193,7 @@ def main(argv=None) -> None:
             next(loader)  # thread start and the first block of the order, not timed
             start = time.perf_counter()
             for _ in range(steps):
+                busy(args.busy_us)
                 next(loader)
             elapsed = time.perf_counter() - start
             share = loader.real_token_share
@@ -188,7 +201,8 @@ def main(argv=None) -> None:
         print(f"throughput      {steps * args.batch_size / elapsed:,.0f} sequences/s "
               f"({steps * args.batch_size:,} sequences, batch {args.batch_size}, prefetch {args.prefetch}, "
               f"{elapsed / steps * 1e3:.3f} ms/batch, pinned={loader.pin_memory}, "
-              f"read-ahead {'on' if args.read_ahead else 'off'})")
+              f"read-ahead {'on' if args.read_ahead else 'off'}"
+              f"{f', {args.busy_us:,.0f} µs of Python a batch' if args.busy_us else ''})")
         print(f"real tokens     {share:.2%} of the delivered tokens are not [PAD]")
         for when, kb in (("after the imports", imported), ("after opening", opened),
                          (f"after {steps:,} batches", iterated)):

@@ -639,13 +639,13 @@ def _map_flat_arrays(directory: str, names: Sequence[str], read_ahead: bool = Tr
     """The flat arrays, memory-mapped read-only, and a ``ReadAhead`` on their files. Plain
     ndarray views of the maps: indexing a ``np.memmap`` subclass costs more, and the views
     keep the maps alive."""
-    arrays, offsets, itemsizes = {}, {}, {}
+    arrays, ahead = {}, ReadAhead(enabled=read_ahead)
     for name in names:
         mapped = np.load(os.path.join(directory, name + ".npy"), mmap_mode="r")
         _advise_random(mapped)
+        ahead.add(name, mapped)
         arrays[name] = np.asarray(mapped)
-        offsets[name], itemsizes[name] = mapped.offset, mapped.itemsize
-    return arrays, ReadAhead(directory, offsets, itemsizes, enabled=read_ahead)
+    return arrays, ahead
 
 
 def _advise_random(mapped: np.memmap) -> None:
@@ -695,7 +695,8 @@ class PretrainingDataset:
 
         self.cache_dir, self.built_cache = flat_cache(data_dir, self.manifest, cache_dir)
         arrays, self._read_ahead = _map_flat_arrays(self.cache_dir, flat_array_names(self.manifest), read_ahead)
-        self._read_ahead.whole(PER_ROW_ARRAYS)
+        # dynamic masking gathers no stored masks, so their offsets are not read
+        self._read_ahead.whole(a for a in PER_ROW_ARRAYS if a != "mask_offsets" or self.masker is None)
         self.word_starts = arrays.get(WORD_STARTS)
         self.input_ids, self.segment_ids = arrays["input_ids"], arrays["segment_ids"]
         self.input_ids_offsets = self.segment_ids_offsets = arrays["token_offsets"]
