@@ -13,11 +13,16 @@ end of the last step (no evaluation inside the timing).
 - hf: ``transformers.Trainer`` with ``DataCollatorWithPadding(pad_to_multiple_of=8)``, its default
   AdamW, no eval, no checkpoints, no logging, timed with a ``TrainerCallback``.
 
+``--group-by-length`` batches rows of similar length on both sides (ours: ``--group-by-length``,
+windows of 64 batches; Hugging Face: ``train_sampling_strategy="group_by_length"``, its
+LengthGroupedSampler, windows of 50): less padding, so both compute fewer tokens a step.
+
 The model is a randomly initialised preset (weights do not change the speed) saved with the
 tokenizer of a data dir: without --data, the dump sample is preprocessed to a temporary folder
 first (vocab 8000, seq 128, ~15 s). About 2-3 minutes on a 2-core CPU with the defaults.
 
     python benchmarks/finetune_cpu.py [--data DIR] [--model mini] [--steps 40] [--batch-size 32]
+                                      [--ds-config FILE] [--group-by-length]
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ def run_ours(args) -> dict:
             global_batch_size=args.batch_size,
             micro_batch_size=args.batch_size, epochs=1, learning_rate=args.learning_rate,
             warmup_fraction=args.lr_warmup / args.steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-            seed=args.seed, mlflow=False)
+            seed=args.seed, mlflow=False, group_by_length=args.group_by_length)
         finetuner = Finetuner(config)
         assert finetuner.steps_per_epoch == args.steps, finetuner.steps_per_epoch
         stamps: list[float] = []
@@ -152,7 +157,8 @@ def run_hf(args) -> dict:
             learning_rate=args.learning_rate, weight_decay=args.weight_decay, max_grad_norm=args.grad_clip,
             warmup_steps=args.lr_warmup, lr_scheduler_type="linear", adam_epsilon=1e-6, seed=args.seed,
             use_cpu=True, eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
-            disable_tqdm=True, dataloader_num_workers=0)
+            disable_tqdm=True, dataloader_num_workers=0,
+            train_sampling_strategy="group_by_length" if args.group_by_length else "random")
         trainer, tokens, stamps = timed_hf_trainer(
             model=model, args=targs, train_dataset=train,
             data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
@@ -168,7 +174,8 @@ def run_hf(args) -> dict:
 # ---------------------------------------------------------------------------- driver
 def launch(side: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model-dir", args.model_dir,
-           "--files", args.files, "--ds-config", args.ds_config, *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
+           "--files", args.files, "--ds-config", args.ds_config,
+           *(["--group-by-length"] if args.group_by_length else []), *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
                "steps", "warmup", "batch_size", "threads", "learning_rate", "lr_warmup", "weight_decay",
                "grad_clip", "seed", "max_seq_length")]]
     return run_worker(side, cmd, RESULT, args.threads, args.steps)
@@ -193,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--group-by-length", action="store_true", help="both sides batch rows of similar length")
     p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
@@ -222,7 +230,8 @@ def main(argv=None) -> int:
     print(f"settings: model={args.model} BertForSequenceClassification (sdpa, fp32), parameters ours="
           f"{ours['parameters']:,} hf={hf['parameters']:,}; batch {args.batch_size}; max length "
           f"{args.max_seq_length}; {args.steps} steps, first {args.warmup} untimed; lr {args.learning_rate}; "
-          f"data: Rotten Tomatoes reviews ({args.steps * args.batch_size} train rows)")
+          f"data: Rotten Tomatoes reviews ({args.steps * args.batch_size} train rows); batches "
+          f"{'grouped by length' if args.group_by_length else 'random'} on both sides")
     print(f"optimizers: ours {ours['optimizer']} ({os.path.basename(args.ds_config)}); hf {hf['optimizer']}")
     for name, r in (("ours", ours), ("hf  ", hf)):
         print(f"{name}: {r['sequences_per_s']:7.2f} seq/s  {r['tokens_per_s']:9,.0f} real tokens/s  median step "

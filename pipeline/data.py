@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.engine import PAD_MULTIPLE
+from pipeline.length_batches import WINDOW_BATCHES, length_grouped
 from pipeline.read_ahead import ReadAhead, one_batch_ahead
 from preprocessing.examples import MASKINGS, WORD_STARTS
 
@@ -872,7 +873,7 @@ class BatchSampler:
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, length_window: int = 64, accumulation_steps: int = 1):
+                 seed: int = 0, length_window: int = WINDOW_BATCHES, accumulation_steps: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or length_window < 1:
@@ -905,10 +906,8 @@ class BatchSampler:
                                                                      dtype=np.uint64))
         if self.length_window == 1:
             return rows.reshape(count, b)  # already a random order: nothing to shuffle
-        window = np.arange(len(rows)) // (self.length_window * b)
-        rows = rows[np.lexsort((self.lengths[rows], window))]  # stable: by window, then length
-        batches = rows.reshape(count, b)
-        return batches[np.random.default_rng([self.seed, epoch, block, 2]).permutation(count)]
+        return length_grouped(rows, self.lengths, b, np.random.default_rng([self.seed, epoch, block, 2]),
+                              self.length_window)
 
     def global_batch(self, epoch: int, index: int) -> np.ndarray:
         """Row indices of global batch ``index`` of ``epoch``; computes its block once."""

@@ -433,18 +433,31 @@ def test_a_diverged_run_ends_the_command_with_one_line_per_rank(pretrained, revi
     assert not (out / "model").exists()
 
 
-def test_global_batches_do_not_depend_on_the_number_of_ranks():
+def finetuner_order(world, rank, micro, grouped=False, lengths=None, seed=5, global_batch=32):
+    """A Finetuner with only what ``epoch_micro_batches`` reads: a train split of rows of
+    ``lengths`` (100 rows of random lengths by default)."""
     from types import SimpleNamespace
 
     from pipeline.ds_config import plan_batches
-    from pipeline.finetuning.trainer import Finetuner
+    from pipeline.finetuning.trainer import Encoded, Finetuner
+    from pipeline.tokenized import Ragged
 
-    def steps(world, rank, micro):
-        f = object.__new__(Finetuner)
-        f.splits = {"train": [0] * 100}
-        f.config = SimpleNamespace(engine=SimpleNamespace(seed=5, global_batch_size=32, micro_batch_size=micro))
-        f.rank, f.world_size, f.batches = rank, world, plan_batches(32, micro, world)
-        return f.epoch_micro_batches(epoch=1)
+    if lengths is None:
+        lengths = np.random.default_rng(0).integers(4, 120, 100)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = Ragged(np.zeros(offsets[-1], np.int32), offsets)
+    f = object.__new__(Finetuner)
+    f.splits = {"train": Encoded(ids, ids, np.zeros(len(lengths), np.int64), 0)}
+    f.config = SimpleNamespace(group_by_length=grouped, engine=SimpleNamespace(
+        seed=seed, global_batch_size=global_batch, micro_batch_size=micro))
+    f.rank, f.world_size, f.batches = rank, world, plan_batches(global_batch, micro, world)
+    return f
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["random", "grouped-by-length"])
+def test_global_batches_do_not_depend_on_the_number_of_ranks(grouped):
+    def steps(world, rank, micro, epoch=1):
+        return finetuner_order(world, rank, micro, grouped).epoch_micro_batches(epoch)
 
     one = steps(1, 0, 8)  # 1 rank x 4 accumulation steps
     ranks = [steps(4, r, 8) for r in range(4)]  # 4 ranks x 1
@@ -456,10 +469,27 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
         assert sorted(np.concatenate([m for rs in two for m in rs[k]]).tolist()) == whole
     seen = np.concatenate([np.concatenate(s) for s in one])
     assert set(seen.tolist()) == set(range(100)) and len(seen) == 128
-    f = object.__new__(Finetuner)
-    f.__dict__.update(splits={"train": [0] * 100}, rank=0, world_size=1, batches=plan_batches(32, 8, 1),
-                      config=SimpleNamespace(engine=SimpleNamespace(seed=5, global_batch_size=32, micro_batch_size=8)))
-    assert not np.array_equal(np.concatenate(f.epoch_micro_batches(2)[0]), np.concatenate(one[0]))  # reshuffled
+    assert not np.array_equal(np.concatenate(steps(1, 0, 8, epoch=2)[0]), np.concatenate(one[0]))  # reshuffled
+
+
+def test_grouping_by_length_cuts_the_padding_and_keeps_the_epoch_random():
+    from pipeline.finetuning.trainer import collate
+
+    lengths = np.random.default_rng(1).integers(4, 120, 2000)
+    padded = {}
+    for grouped in (False, True):
+        f = finetuner_order(1, 0, 16, grouped, lengths, global_batch=16)
+        split = f.splits["train"]
+        epochs = [[m for step in f.epoch_micro_batches(e) for m in step] for e in (1, 2)]
+        padded[grouped] = sum(collate(split, m, 0, "classification")["input_ids"].numel() for m in epochs[0])
+        assert sorted(np.concatenate(epochs[0]).tolist()) == list(range(2000))  # every row once
+        assert not np.array_equal(epochs[0][0], epochs[1][0])  # another order each epoch
+        if grouped:
+            spread = [np.ptp(lengths[m]) for m in epochs[0]]
+            assert np.median(spread) <= 2  # a batch's rows alike in length
+            firsts = [lengths[m].max() for m in epochs[0][:8]]
+            assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # batches shuffled
+    assert padded[True] < 0.6 * padded[False] and padded[True] < 1.1 * lengths.sum(), (padded, lengths.sum())
 
 
 def test_sentence_pairs_and_regression(pretrained, tmp_path):

@@ -76,6 +76,7 @@ class FinetuneConfig:
     output_dir: str = "runs/finetune"
     engine: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(**ENGINE_DEFAULTS))
     eval_batch_size: int = 128
+    group_by_length: bool = False  # train batches of rows of like length (pipeline/length_batches.py)
     epochs: int = 3
     warmup_fraction: float = 0.1
     metric: str | None = None  # None: accuracy (classification) or pearson (regression)
@@ -200,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", default=d.output_dir, help="model, report.json and metrics.jsonl go here")
     add_engine_flags(t, e, seed_help="split, classifier initialisation and batch order")
     t.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="per process")
+    t.add_argument("--group-by-length", action="store_true",
+                   help="train on batches of rows of similar length (windows of 64 global batches sorted by length, "
+                        "the batches then shuffled): less padding, so faster where lengths vary; a batch's rows are "
+                        "less random (Hugging Face's group_by_length)")
     t.add_argument("--epochs", type=int, default=d.epochs, help="at most; early stopping may end sooner")
     t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
                    help="linear warmup over this share of the steps, then linear decay to 0")

@@ -34,6 +34,7 @@ from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, chec
 from pipeline.finetuning.data import Examples, load_prediction_inputs, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
                                        read_training_info, resolve_model_dir)
+from pipeline.length_batches import length_grouped
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
                               json_line, per_class_report, task_metrics)
 from pipeline.model import forward_attention_mask
@@ -278,6 +279,9 @@ class Finetuner:
         n, g, micro = len(self.splits["train"]), settings.global_batch_size, settings.micro_batch_size
         order = np.random.default_rng([settings.seed, epoch]).permutation(n)
         order = np.concatenate([order, np.resize(order, (-n) % g)])  # fill the last step from the start
+        if self.config.group_by_length:  # global batches of like length: every rank's micro-batches alike
+            lengths = self.splits["train"].input_ids.lengths()
+            order = length_grouped(order, lengths, g, np.random.default_rng([settings.seed, epoch, 2])).reshape(-1)
         steps = []
         for start in range(0, len(order), g):
             micro_batches = order[start:start + g].reshape(-1, micro)
