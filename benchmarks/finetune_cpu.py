@@ -13,9 +13,10 @@ end of the last step (no evaluation inside the timing).
 - hf: ``transformers.Trainer`` with ``DataCollatorWithPadding(pad_to_multiple_of=8)``, its default
   AdamW, no eval, no checkpoints, no logging, timed with a ``TrainerCallback``.
 
-``--group-by-length`` batches rows of similar length on both sides (ours: ``--group-by-length``,
-windows of 64 batches; Hugging Face: ``train_sampling_strategy="group_by_length"``, its
-LengthGroupedSampler, windows of 50): less padding, so both compute fewer tokens a step.
+``--group-by-length`` batches rows of similar length on both sides (ours: ``--group-by-length``;
+Hugging Face: ``train_sampling_strategy="group_by_length"``, its LengthGroupedSampler; both sort
+windows of 10 batches here, at least 4 an epoch; Hugging Face's run longest first, its longest
+batch first of all, so into the untimed steps): less padding, so both compute fewer tokens a step.
 
 The model is a randomly initialised preset (weights do not change the speed) saved with the
 tokenizer of a data dir: without --data, the dump sample is preprocessed to a temporary folder

@@ -486,10 +486,22 @@ def test_grouping_by_length_cuts_the_padding_and_keeps_the_epoch_random():
         assert not np.array_equal(epochs[0][0], epochs[1][0])  # another order each epoch
         if grouped:
             spread = [np.ptp(lengths[m]) for m in epochs[0]]
-            assert np.median(spread) <= 2  # a batch's rows alike in length
+            assert np.median(spread) <= 0.15 * np.ptp(lengths)  # a batch's rows alike in length (random: ~0.85)
             firsts = [lengths[m].max() for m in epochs[0][:8]]
             assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # batches shuffled
     assert padded[True] < 0.6 * padded[False] and padded[True] < 1.1 * lengths.sum(), (padded, lengths.sum())
+
+
+def test_grouping_by_length_gives_a_row_other_batch_mates_each_epoch():
+    """40 steps: in one window of 64 batches a row would meet 62% of its batch-mates again the
+    next epoch (the same length band); with at least 4 windows, 17%; random batches 2%."""
+    lengths = np.random.default_rng(3).integers(4, 61, 1280)
+    f = finetuner_order(1, 0, 32, True, lengths, global_batch=32)
+    first, second = ([m for step in f.epoch_micro_batches(e) for m in step] for e in (1, 2))
+    mates = {r: set(batch.tolist()) - {r} for batch in first for r in batch.tolist()}
+    again = [len(mates[r] & set(batch.tolist())) / len(mates[r]) for batch in second for r in batch.tolist()]
+    assert np.mean(again) < 0.3, np.mean(again)
+    assert np.median([np.ptp(lengths[m]) for m in first]) <= 0.15 * np.ptp(lengths)  # still alike in length
 
 
 def test_sentence_pairs_and_regression(pretrained, tmp_path):

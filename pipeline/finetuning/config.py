@@ -202,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(t, e, seed_help="split, classifier initialisation and batch order")
     t.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="per process")
     t.add_argument("--group-by-length", action="store_true",
-                   help="train on batches of rows of similar length (windows of 64 global batches sorted by length, "
-                        "the batches then shuffled): less padding, so faster where lengths vary; a batch's rows are "
-                        "less random (Hugging Face's group_by_length)")
+                   help="train on batches of rows of similar length (windows of up to 64 global batches, at least 4 "
+                        "an epoch, sorted by length, the batches then shuffled): less padding, so faster where lengths "
+                        "vary; a batch's rows are less random (as Hugging Face's group_by_length)")
     t.add_argument("--epochs", type=int, default=d.epochs, help="at most; early stopping may end sooner")
     t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
                    help="linear warmup over this share of the steps, then linear decay to 0")

@@ -34,7 +34,7 @@ from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, chec
 from pipeline.finetuning.data import Examples, load_prediction_inputs, load_task_data
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
                                        read_training_info, resolve_model_dir)
-from pipeline.length_batches import length_grouped
+from pipeline.length_batches import WINDOW_BATCHES, length_grouped
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
                               json_line, per_class_report, task_metrics)
 from pipeline.model import forward_attention_mask
@@ -280,8 +280,12 @@ class Finetuner:
         order = np.random.default_rng([settings.seed, epoch]).permutation(n)
         order = np.concatenate([order, np.resize(order, (-n) % g)])  # fill the last step from the start
         if self.config.group_by_length:  # global batches of like length: every rank's micro-batches alike
-            lengths = self.splits["train"].input_ids.lengths()
-            order = length_grouped(order, lengths, g, np.random.default_rng([settings.seed, epoch, 2])).reshape(-1)
+            # At least 4 windows (as Hugging Face's sampler keeps): with the whole epoch in one window a
+            # row would share its batch with much the same rows every epoch. (A refill row and its
+            # original, equal in length, may share a batch: one row counted twice, as without grouping.)
+            window = max(1, min(WINDOW_BATCHES, len(order) // g // 4))
+            order = length_grouped(order, self.splits["train"].input_ids.lengths(), g,
+                                   np.random.default_rng([settings.seed, epoch, 2]), window).reshape(-1)
         steps = []
         for start in range(0, len(order), g):
             micro_batches = order[start:start + g].reshape(-1, micro)
