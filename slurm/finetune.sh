@@ -19,8 +19,8 @@
 #   DS_CONFIG       --ds-config: a file in ds_configs/                  [fine-tuner default: CPU]
 #   RUN_NAME        --run-name: MLflow run name                         [JOBNAME-JOBID]
 #   FINETUNE_ARGS   more fine-tuner flags, split on spaces              [none]
-#   MLFLOW_TRACKING_URI, REPO, SETUP, PYTHON, SRUN_ARGS, MASTER_ADDR / MASTER_PORT, NCCL_*:
-#                   as in slurm/pretrain.sh
+#   MLFLOW_TRACKING_URI, REPO, SETUP, PYTHON, SRUN_ARGS, MASTER_ADDR / MASTER_PORT, NCCL_*,
+#   TORCH_EXTENSIONS_DIR: as in slurm/pretrain.sh
 #
 # Fine-tuning keeps no mid-run checkpoints (a GLUE-size task takes minutes on a GPU): a
 # preempted or requeued job starts again from the pretrained weights. A stop signal ends it.

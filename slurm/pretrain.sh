@@ -40,6 +40,8 @@
 #   NCCL_*          passed through. NCCL_DEBUG=WARN unless set; on multi-rail or Ethernet
 #                   clusters set NCCL_SOCKET_IFNAME (e.g. ib0 or eth0) and NCCL_IB_HCA (e.g.
 #                   mlx5); NCCL_IB_DISABLE=1 forces TCP. Without GPUs the backend is gloo.
+#   TORCH_EXTENSIONS_DIR  where DeepSpeed builds its ops; a lock there over an hour old is
+#                   warned about (a job killed mid-build leaves it)  [~/.cache/torch_extensions]
 #
 # Preemption: 300 s before --time runs out SLURM sends USR1 to this shell (--signal=B:…),
 # which passes it to every rank; they finish the current step, checkpoint, and exit 3; the
