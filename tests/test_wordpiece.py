@@ -82,6 +82,24 @@ def test_the_written_tokenizer_and_the_export_keep_the_vocabularys_fingerprint(w
     assert transforms.load_model(grown).info.vocab_size == transforms.load_model(written).info.vocab_size + 1
 
 
+def test_the_encoder_gives_the_vocabularys_ids_with_and_without_offsets(bert_vocab_dir):
+    """Both of the preprocessing encoder's calls (ids alone, the default path; ids with where
+    each token begins, for whole-word masking) give what BERT's own tokenizer gives."""
+    from tokenizers import BertWordPieceTokenizer
+
+    from preprocessing import subwords
+
+    encoder = subwords.Encoder(subwords.load_given(bert_vocab_dir))
+    original = BertWordPieceTokenizer(os.path.join(bert_vocab_dir, "vocab.txt"), lowercase=False)
+    with bz2.open(AUSTEN, "rt", encoding="utf-8") as f:
+        sentences = [" ".join(line.split()) for line in f.read(200_000).splitlines() if line.strip()]
+    sentences.append("Élodie 北京, twenty-one.")
+    expected = [original.encode(s, add_special_tokens=False).ids for s in sentences]
+    assert encoder.encode(sentences) == expected
+    assert [ids for ids, _ in encoder.encode_with_begins(sentences)] == expected
+    assert len(sentences) > 1000 and sum(map(len, expected)) > 20_000
+
+
 def test_written_tokenizer_gives_the_original_vocabularys_ids(wordpiece_data, bert_vocab_dir):
     from tokenizers import BertWordPieceTokenizer
     from transformers import AutoTokenizer
