@@ -16,6 +16,9 @@ WordPiece ``vocab.txt``:
   when installed, as NVIDIA's scripts do.
 - ours: ``preprocessing/run_beam.py --tokenizer VOCAB_DIR`` with as many workers.
 
+Each run is held to as many cores as it has workers (its CPU affinity), so that threads
+inside a worker (Hugging Face tokenizers' pool, pyarrow's) do not make "1 worker" two cores.
+
 Untimed set-up, once: LDDL's extraction of the dump trains the two things neither side
 ships here: the WordPiece vocabulary (``tokenizers``, 32,000 pieces at most) and, since
 NLTK's punkt model cannot be downloaded on a machine without the internet, a Punkt model
@@ -101,26 +104,29 @@ def lddl_env(lddl_python: str, nltk_data: str) -> dict:
     return env
 
 
-def timed(cmd: list[str], env: dict | None = None, log: str | None = None) -> float:
+def timed(cmd: list[str], env: dict | None = None, log: str | None = None, cores: set[int] | None = None) -> float:
+    """Seconds ``cmd`` took, on ``cores`` alone (its children inherit the affinity)."""
     started = time.monotonic()
     with open(log or os.devnull, "a") as out:
-        result = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     if result.returncode:
         sys.exit(f"failed ({result.returncode}): {' '.join(cmd)}" + (f"; see {log}" if log else ""))
     return time.monotonic() - started
 
 
-def extract(lddl_python: str, env: dict, workdir: str, workers: int, log: str) -> float:
+def extract(lddl_python: str, env: dict, workdir: str, workers: int, log: str,
+            cores: set[int] | None = None) -> float:
     """LDDL's first two steps: WikiExtractor on the dump, then its one-article-a-line text shards."""
     return timed([os.path.join(os.path.dirname(lddl_python), "download_wikipedia"), "--outdir", workdir,
-                  "--no-download", "--langs", "en", "--num-processes", str(workers)], env, log)
+                  "--no-download", "--langs", "en", "--num-processes", str(workers)], env, log, cores)
 
 
 def run_lddl(lddl_python: str, env: dict, workdir: str, vocab: str, workers: int, blocks: int,
-             log: str) -> tuple[dict, dict]:
+             log: str, cores: set[int] | None) -> tuple[dict, dict]:
     bindir = os.path.dirname(lddl_python)
     sink = os.path.join(workdir, "parquet")
-    seconds = {"extract": extract(lddl_python, env, workdir, workers, log)}
+    seconds = {"extract": extract(lddl_python, env, workdir, workers, log, cores)}
     run_env, export = dict(env), ["-x", "PATH"]
     if os.path.exists(JEMALLOC):
         run_env["LD_PRELOAD"] = JEMALLOC
@@ -130,23 +136,24 @@ def run_lddl(lddl_python: str, env: dict, workdir: str, vocab: str, workers: int
         "--local-n-workers", str(workers), "--wikipedia", os.path.join(workdir, "source"),
         "--sink", sink, "--vocab-file", vocab, "--masking", "--target-seq-length", "128",
         "--duplicate-factor", "5", "--sample-ratio", "1.0", "--num-blocks", str(blocks),
-        "--seed", "12345"], run_env, log)
+        "--seed", "12345"], run_env, log, cores)
     seconds["balance"] = timed([
         "mpirun", "--oversubscribe", "-np", str(workers), *export,
         os.path.join(bindir, "balance_dask_output"), "--indir", sink, "--num-shards", str(blocks)],
-        run_env, log)
+        run_env, log, cores)
     stats = json.loads(subprocess.run([lddl_python, "-c", LDDL_STATS, sink], env=env, check=True,
                                       capture_output=True, text=True).stdout)
     return seconds, stats
 
 
-def run_ours(dump: str, output: str, vocab_dir: str, workers: int, log: str) -> tuple[float, dict]:
+def run_ours(dump: str, output: str, vocab_dir: str, workers: int, log: str,
+             cores: set[int] | None) -> tuple[float, dict]:
     cmd = [sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", dump,
            "--output", output, "--tokenizer", vocab_dir, "--dupe-factor", "5",
            "--max-seq-length", "128", "--no-mlflow", "--split-bytes", str(1 << 20)]
     if workers > 1:
         cmd += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
-    seconds = timed(cmd, log=log)
+    seconds = timed(cmd, log=log, cores=cores)
     with open(os.path.join(output, "manifest.json")) as f:
         counters = json.load(f)["counters"]
     return seconds, {"shards": len(os.listdir(os.path.join(output, "shards"))),
@@ -195,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=16,
                         help="LDDL's --num-blocks and --num-shards (its scripts: 4096 for all of Wikipedia)")
     parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="do not limit each run to as many cores as it has workers")
     parser.add_argument("--workdir", help="keep the logs here (default: a temporary directory)")
     args = parser.parse_args(argv)
     if shutil.which("mpirun") is None:
@@ -213,18 +222,22 @@ def main(argv: list[str] | None = None) -> None:
     vocab = os.path.join(vocab_dir, "vocab.txt")
     print(f"dump: {args.copies} copies of the sample, {os.path.getsize(dump) / 1e6:.1f} MB; "
           f"vocabulary: {sum(1 for _ in open(vocab))} WordPiece pieces; "
-          f"jemalloc for LDDL: {'yes' if os.path.exists(JEMALLOC) else 'no'}; log: {log}")
+          f"jemalloc for LDDL: {'yes' if os.path.exists(JEMALLOC) else 'no'}; "
+          f"{'each run on as many cores as workers' if args.pin else 'runs not pinned'}; log: {log}")
 
     results: dict[int, dict[str, list]] = {w: {"lddl": [], "stages": [], "ours": [], "examples": []}
                                            for w in args.workers}
     for round_ in range(args.repeats):
         for workers in args.workers:
             workdir = lddl_workdir(os.path.join(root, f"lddl-{workers}"), dump)
+            # As many cores as workers: a worker's own threads (Hugging Face tokenizers' pool,
+            # pyarrow's) would otherwise borrow an idle core and make "1 worker" two.
+            cores = set(sorted(os.sched_getaffinity(0))[:workers]) if args.pin else None
             stages, lddl_stats = run_lddl(os.path.abspath(args.lddl_python), env, workdir, vocab,
-                                          workers, args.blocks, log)
+                                          workers, args.blocks, log, cores)
             shutil.rmtree(workdir)
             output = os.path.join(root, f"ours-{workers}")
-            ours_seconds, ours_stats = run_ours(dump, output, vocab_dir, workers, log)
+            ours_seconds, ours_stats = run_ours(dump, output, vocab_dir, workers, log, cores)
             shutil.rmtree(output)
             lddl_seconds = sum(stages.values())
             results[workers]["lddl"].append(lddl_seconds)
