@@ -104,14 +104,19 @@ def lddl_env(lddl_python: str, nltk_data: str) -> dict:
     return env
 
 
-def timed(cmd: list[str], env: dict | None = None, log: str | None = None, cores: set[int] | None = None) -> float:
+class Failed(Exception):
+    pass
+
+
+def timed(cmd: list[str], env: dict | None = None, log: str | None = None, cores: set[int] | None = None,
+          cwd: str | None = None) -> float:
     """Seconds ``cmd`` took, on ``cores`` alone (its children inherit the affinity)."""
     started = time.monotonic()
     with open(log or os.devnull, "a") as out:
-        result = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+        result = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                 preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     if result.returncode:
-        sys.exit(f"failed ({result.returncode}): {' '.join(cmd)}" + (f"; see {log}" if log else ""))
+        raise Failed(f"failed ({result.returncode}): {' '.join(cmd)}" + (f"; see {log}" if log else ""))
     return time.monotonic() - started
 
 
@@ -136,14 +141,16 @@ def run_lddl(lddl_python: str, env: dict, workdir: str, vocab: str, workers: int
         "--local-n-workers", str(workers), "--wikipedia", os.path.join(workdir, "source"),
         "--sink", sink, "--vocab-file", vocab, "--masking", "--target-seq-length", "128",
         "--duplicate-factor", "5", "--sample-ratio", "1.0", "--num-blocks", str(blocks),
-        "--seed", "12345"], run_env, log, cores)
+        "--seed", "12345"], run_env, log, cores, cwd=workdir)
     seconds["balance"] = timed([
-        "mpirun", "--oversubscribe", "-np", str(workers), *export,
+        # --bind-to none: Open MPI would otherwise bind each rank to a core of its choosing.
+        "mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(workers), *export,
         os.path.join(bindir, "balance_dask_output"), "--indir", sink, "--num-shards", str(blocks)],
-        run_env, log, cores)
-    stats = json.loads(subprocess.run([lddl_python, "-c", LDDL_STATS, sink], env=env, check=True,
-                                      capture_output=True, text=True).stdout)
-    return seconds, stats
+        run_env, log, cores, cwd=workdir)
+    counted = subprocess.run([lddl_python, "-c", LDDL_STATS, sink], env=env, capture_output=True, text=True)
+    if counted.returncode:
+        raise Failed(f"counting LDDL's shards in {sink} failed:\n{counted.stderr}")
+    return seconds, json.loads(counted.stdout)
 
 
 def run_ours(dump: str, output: str, vocab_dir: str, workers: int, log: str,
@@ -163,6 +170,7 @@ def run_ours(dump: str, output: str, vocab_dir: str, workers: int, log: str,
 
 def lddl_workdir(path: str, dump: str) -> str:
     """A fresh dir holding the dump where LDDL's extractor reads it (OUTDIR/wikicorpus-en.xml.bz2)."""
+    shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
     os.link(dump, os.path.join(path, "wikicorpus-en.xml.bz2"))
     return path
@@ -208,9 +216,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if shutil.which("mpirun") is None:
         parser.error("LDDL's load balancer runs under mpirun: install Open MPI (apt install openmpi-bin)")
+    if args.pin and max(args.workers) > len(os.sched_getaffinity(0)):
+        parser.error(f"--workers {max(args.workers)}: this process may use {len(os.sched_getaffinity(0))} "
+                     "cores; pass fewer workers, or --no-pin")
 
     root = args.workdir or tempfile.mkdtemp(prefix="vs-lddl-")
     os.makedirs(root, exist_ok=True)
+    try:
+        compare(args, root)
+    except Failed as e:
+        sys.exit(str(e))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root)
+
+
+def compare(args: argparse.Namespace, root: str) -> None:
     log = os.path.join(root, "log.txt")
     env = lddl_env(os.path.abspath(args.lddl_python), os.path.join(root, "nltk_data"))
     dump_dir = os.path.join(root, "setup")
@@ -233,11 +254,16 @@ def main(argv: list[str] | None = None) -> None:
             # As many cores as workers: a worker's own threads (Hugging Face tokenizers' pool,
             # pyarrow's) would otherwise borrow an idle core and make "1 worker" two.
             cores = set(sorted(os.sched_getaffinity(0))[:workers]) if args.pin else None
+            output = os.path.join(root, f"ours-{workers}")
+            shutil.rmtree(output, ignore_errors=True)
+            # Which side runs first alternates, against the machine's drift.
+            if round_ % 2:
+                ours_seconds, ours_stats = run_ours(dump, output, vocab_dir, workers, log, cores)
             stages, lddl_stats = run_lddl(os.path.abspath(args.lddl_python), env, workdir, vocab,
                                           workers, args.blocks, log, cores)
+            if not round_ % 2:
+                ours_seconds, ours_stats = run_ours(dump, output, vocab_dir, workers, log, cores)
             shutil.rmtree(workdir)
-            output = os.path.join(root, f"ours-{workers}")
-            ours_seconds, ours_stats = run_ours(dump, output, vocab_dir, workers, log, cores)
             shutil.rmtree(output)
             lddl_seconds = sum(stages.values())
             results[workers]["lddl"].append(lddl_seconds)
@@ -263,8 +289,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{workers:7d} | {lddl:7.1f} ({stages['extract']:.1f} + {stages['examples']:.1f} + "
               f"{stages['balance']:.1f}) | {ours:6.1f} | {lddl / ours:.2f}x | "
               f"{lddl_rate:,.0f}, {ours_rate:,.0f}: {ours_rate / lddl_rate:.2f}x")
-    if not args.workdir:
-        shutil.rmtree(root)
 
 
 if __name__ == "__main__":
