@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -108,15 +109,33 @@ class Failed(Exception):
     pass
 
 
+class TimedOut(Failed):
+    pass
+
+
+# A step that runs longer is killed and its round left out: LDDL's load balancer once looped
+# forever here (2 ranks, 16 shards: "-2 shards" remaining, 4 GB of log in 20 minutes). Its longest step took
+# 245 s at --copies 48.
+STEP_TIMEOUT = 900
+
+
 def timed(cmd: list[str], env: dict | None = None, log: str | None = None, cores: set[int] | None = None,
           cwd: str | None = None) -> float:
     """Seconds ``cmd`` took, on ``cores`` alone (its children inherit the affinity)."""
     started = time.monotonic()
     with open(log or os.devnull, "a") as out:
-        result = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+        # Its own process group, so that a timeout kills mpirun's ranks and Dask's workers too.
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True,
                                 preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
-    if result.returncode:
-        raise Failed(f"failed ({result.returncode}): {' '.join(cmd)}" + (f"; see {log}" if log else ""))
+        try:
+            proc.wait(timeout=STEP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise TimedOut(f"{os.path.basename(cmd[0])} ran over {STEP_TIMEOUT} s and was killed")
+    if proc.returncode:
+        raise Failed(f"failed ({proc.returncode}): {' '.join(cmd)}" + (f"; see {log}" if log else ""))
     return time.monotonic() - started
 
 
@@ -257,14 +276,19 @@ def compare(args: argparse.Namespace, root: str) -> None:
             output = os.path.join(root, f"ours-{workers}")
             shutil.rmtree(output, ignore_errors=True)
             # Which side runs first alternates, against the machine's drift.
-            if round_ % 2:
-                ours_seconds, ours_stats = run_ours(dump, output, vocab_dir, workers, log, cores)
-            stages, lddl_stats = run_lddl(os.path.abspath(args.lddl_python), env, workdir, vocab,
-                                          workers, args.blocks, log, cores)
-            if not round_ % 2:
-                ours_seconds, ours_stats = run_ours(dump, output, vocab_dir, workers, log, cores)
-            shutil.rmtree(workdir)
-            shutil.rmtree(output)
+            try:
+                if round_ % 2:
+                    ours_seconds, ours_stats = run_ours(dump, output, vocab_dir, workers, log, cores)
+                stages, lddl_stats = run_lddl(os.path.abspath(args.lddl_python), env, workdir, vocab,
+                                              workers, args.blocks, log, cores)
+                if not round_ % 2:
+                    ours_seconds, ours_stats = run_ours(dump, output, vocab_dir, workers, log, cores)
+            except TimedOut as e:
+                print(f"round {round_ + 1}, {workers} worker(s): left out: {e}", flush=True)
+                continue
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+                shutil.rmtree(output, ignore_errors=True)
             lddl_seconds = sum(stages.values())
             results[workers]["lddl"].append(lddl_seconds)
             results[workers]["stages"].append(stages)
@@ -278,10 +302,13 @@ def compare(args: argparse.Namespace, root: str) -> None:
 
     # The two make a few percent different numbers of examples from the same dump (their
     # cleaners keep different pages and lines), so examples a second is printed beside the time.
-    print(f"\nmedians of {args.repeats} round(s)\n"
+    print("\nmedians of the finished rounds\n"
           "workers | LDDL s (extract + examples + balance) | ours s | ours faster by | "
           "examples/s LDDL, ours: ratio")
     for workers, r in results.items():
+        if not r["lddl"]:
+            print(f"{workers:7d} | no round finished")
+            continue
         lddl, ours = statistics.median(r["lddl"]), statistics.median(r["ours"])
         stages = {k: statistics.median(s[k] for s in r["stages"]) for k in r["stages"][0]}
         lddl_rate = statistics.median(n / t for (n, _), t in zip(r["examples"], r["lddl"]))
