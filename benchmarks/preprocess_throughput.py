@@ -44,7 +44,8 @@ def build_dump(path: str, copies: int) -> None:
         f.write(b"".join(streams))
 
 
-def run(dump: str, output: str, workers: int, tokenizer: str | None, extra: list[str]) -> tuple[float, dict]:
+def command(dump: str, output: str, workers: int, tokenizer: str | None, extra: list[str]) -> list[str]:
+    """``run_beam.py`` on the dump at dupe 5 and seq 128, with ``workers`` local workers."""
     cmd = [sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", dump,
            "--output", output, "--dupe-factor", "5", "--max-seq-length", "128", "--no-mlflow",
            "--split-bytes", str(1 << 20), *extra]
@@ -52,6 +53,11 @@ def run(dump: str, output: str, workers: int, tokenizer: str | None, extra: list
         cmd += ["--tokenizer", tokenizer]
     if workers > 1:
         cmd += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+    return cmd
+
+
+def run(dump: str, output: str, workers: int, tokenizer: str | None, extra: list[str]) -> tuple[float, dict]:
+    cmd = command(dump, output, workers, tokenizer, extra)
     started = time.monotonic()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.monotonic() - started

@@ -49,7 +49,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.preprocess_throughput import build_dump  # noqa: E402
+from benchmarks.preprocess_throughput import build_dump, command  # noqa: E402
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
@@ -114,8 +114,8 @@ class TimedOut(Failed):
 
 
 # A step that runs longer is killed and its round left out: LDDL's load balancer once looped
-# forever here (2 ranks, 16 shards: "-2 shards" remaining, 4 GB of log in 20 minutes). Its longest step took
-# 245 s at --copies 48.
+# forever here (2 ranks, 16 shards: "-2 shards" remaining, 4 GB of log in 20 minutes). Its
+# longest step took 245 s at --copies 48.
 STEP_TIMEOUT = 900
 
 
@@ -174,12 +174,7 @@ def run_lddl(lddl_python: str, env: dict, workdir: str, vocab: str, workers: int
 
 def run_ours(dump: str, output: str, vocab_dir: str, workers: int, log: str,
              cores: set[int] | None) -> tuple[float, dict]:
-    cmd = [sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", dump,
-           "--output", output, "--tokenizer", vocab_dir, "--dupe-factor", "5",
-           "--max-seq-length", "128", "--no-mlflow", "--split-bytes", str(1 << 20)]
-    if workers > 1:
-        cmd += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
-    seconds = timed(cmd, log=log, cores=cores)
+    seconds = timed(command(dump, output, workers, vocab_dir, []), log=log, cores=cores)
     with open(os.path.join(output, "manifest.json")) as f:
         counters = json.load(f)["counters"]
     return seconds, {"shards": len(os.listdir(os.path.join(output, "shards"))),
