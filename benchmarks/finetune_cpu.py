@@ -6,7 +6,9 @@ tokenized by the same tokenizer with the same max length, padded to the longest 
 batch rounded up to 8, with the same batch, steps, AdamW learning rate / weight decay / grad
 clip / linear warmup and torch thread count. Each side runs in its own fresh subprocess, one
 after the other, and is timed the same way: wall clock from the end of the warmup steps to the
-end of the last step (no evaluation inside the timing).
+end of the last step (no evaluation inside the timing). ``--repeats`` rounds (3), the side that
+runs first alternating by round; the round with the median ratio is printed in full, with every
+round's ratio.
 
 - ours: ``pipeline.finetuning.trainer.Finetuner`` (DeepSpeed engine, ds_configs/cpu_fp32_zero2_torch-adamw.json),
   one epoch over exactly ``steps x batch`` train rows, timed through its progress hook.
@@ -20,10 +22,10 @@ batch first of all, so into the untimed steps): less padding, so both compute fe
 
 The model is a randomly initialised preset (weights do not change the speed) saved with the
 tokenizer of a data dir: without --data, the dump sample is preprocessed to a temporary folder
-first (vocab 8000, seq 128, ~15 s). About 2-3 minutes on a 2-core CPU with the defaults.
+first (vocab 8000, seq 128, ~15 s). About 1 minute a side and round on a 2-core CPU with the defaults.
 
     python benchmarks/finetune_cpu.py [--data DIR] [--model mini] [--steps 40] [--batch-size 32]
-                                      [--ds-config FILE] [--group-by-length]
+                                      [--ds-config FILE] [--group-by-length] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a file: the repo root, for benchmarks.* and pipeline.*
 
 from preprocessing import cli_parser  # noqa: E402
-from benchmarks.side_by_side import run_worker, summarize, timed_hf_trainer  # noqa: E402
+from benchmarks.side_by_side import (alternating_rounds, median_round, run_worker, stamp, summarize,  # noqa: E402
+                                     timed_hf_trainer)
 from pipeline.ds_config import DEFAULT_DS_CONFIG  # noqa: E402
 
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
@@ -111,11 +113,11 @@ def run_ours(args) -> dict:
             seed=args.seed, mlflow=False, group_by_length=args.group_by_length)
         finetuner = Finetuner(config)
         assert finetuner.steps_per_epoch == args.steps, finetuner.steps_per_epoch
-        stamps: list[float] = []
+        stamps = []
 
         class Stamps:  # the progress hook: called once per optimizer step
             def update(self, n):
-                stamps.append(time.perf_counter())
+                stamps.append(stamp())
 
             def set_postfix(self, **kw):
                 pass
@@ -201,6 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of both sides, the first side alternating")
     p.add_argument("--group-by-length", action="store_true", help="both sides batch rows of similar length")
     p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -208,6 +211,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
         p.error("--warmup must be in [1, --steps)")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
 
     if args.worker:
         result = run_ours(args) if args.worker == "ours" else run_hf(args)
@@ -216,8 +221,9 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="finetune_cpu_") as root:
         prepare(args, root)
-        ours = launch("ours", args)
-        hf = launch("hf", args)
+        rounds = alternating_rounds(lambda side: launch(side, args), args.repeats)
+    middle, ratios = median_round(rounds, "sequences_per_s")
+    ours, hf = middle["ours"], middle["hf"]
 
     import deepspeed
     import transformers
@@ -236,9 +242,11 @@ def main(argv=None) -> int:
     print(f"optimizers: ours {ours['optimizer']} ({os.path.basename(args.ds_config)}); hf {hf['optimizer']}")
     for name, r in (("ours", ours), ("hf  ", hf)):
         print(f"{name}: {r['sequences_per_s']:7.2f} seq/s  {r['tokens_per_s']:9,.0f} real tokens/s  median step "
-              f"{r['median_step_s']:.3f} s  ({r['timed_steps']} steps in {r['seconds']:.2f} s; process "
+              f"{r['median_step_s']:.3f} s  ({r['timed_steps']} steps in {r['seconds']:.2f} s; CPU "
+              f"{r['cpu_s_per_step']:.3f} s and {r['minor_faults_per_step']:,.0f} page faults a step; process "
               f"{r['process_s']:.0f} s)")
-    print(f"ratio ours/hf (sequences/s): {ours['sequences_per_s'] / hf['sequences_per_s']:.3f}")
+    print(f"ratio ours/hf (sequences/s), the median round's: {ours['sequences_per_s'] / hf['sequences_per_s']:.3f} "
+          f"(rounds in run order, the first side alternating from ours: {', '.join(f'{q:.3f}' for q in ratios)})")
     return 0
 
 

@@ -5,7 +5,9 @@ fp32, same seed for the initial weights) on the same Parquet shards, with the sa
 batch, number of steps, AdamW learning rate / weight decay / epsilon / warmup / grad clip
 and torch thread count, and are timed the same way: wall clock from the end of the
 warmup steps to the end of the last step, over the real (non-pad, attention_mask = 1)
-tokens of the timed steps. Each side runs in its own fresh subprocess, one after the other.
+tokens of the timed steps. Each side runs in its own fresh subprocess, one after the other,
+for ``--repeats`` rounds (3), the side that runs first alternating by round; the round with the
+median ratio is printed in full, with every round's ratio.
 
 - ours: ``pipeline.trainer.Trainer`` (DeepSpeed engine, ds_configs/cpu_fp32_zero2_torch-adamw.json,
   statically masked shards, length-grouped batches padded to a multiple of 8), timed with
@@ -17,9 +19,9 @@ tokens of the timed steps. Each side runs in its own fresh subprocess, one after
   logging, timed with a ``TrainerCallback``.
 
 Without --data, writes the dump-sample data dir (seq 128, vocab 8000, dupe factor 2) to a
-temporary folder first (~10 s). About 3-4 minutes on a 2-core CPU with the defaults.
+temporary folder first (~10 s). About 1-2 minutes a side and round on a 2-core CPU with the defaults.
 
-    python benchmarks/pretrain_cpu.py [--data DIR] [--model mini] [--steps 30] [--warmup 5]
+    python benchmarks/pretrain_cpu.py [--data DIR] [--model mini] [--steps 30] [--warmup 5] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a file: the repo root, for benchmarks.* and pipeline.*
 
 from preprocessing import cli_parser  # noqa: E402
-from benchmarks.side_by_side import run_worker, summarize, timed_hf_trainer  # noqa: E402
+from benchmarks.side_by_side import (alternating_rounds, median_round, run_worker, stamp, summarize,  # noqa: E402
+                                     timed_hf_trainer)
 
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
 RESULT = "PRETRAIN_CPU_RESULT "
@@ -76,7 +78,7 @@ def run_ours(args) -> dict:
         stamps, tokens = [], []
 
         def on_step(tr, metrics) -> None:
-            stamps.append(time.perf_counter())
+            stamps.append(stamp())
             tokens.append(metrics.real_tokens)
 
         trainer.train(on_step=on_step)
@@ -186,10 +188,13 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of both sides, the first side alternating")
     p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
         p.error("--warmup must be in [1, --steps)")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     args.lr_warmup = min(args.lr_warmup, args.steps)
 
     if args.worker:
@@ -204,8 +209,7 @@ def main(argv=None) -> int:
         make_data_dir(args.data)
     args.data = os.path.abspath(args.data)
     try:
-        ours = launch("ours", args)
-        hf = launch("hf", args)
+        rounds = alternating_rounds(lambda side: launch(side, args), args.repeats)
     finally:
         if tmp:
             tmp.cleanup()
@@ -213,6 +217,8 @@ def main(argv=None) -> int:
     import deepspeed
     import transformers
 
+    middle, ratios = median_round(rounds, "tokens_per_s")
+    ours, hf = middle["ours"], middle["hf"]
     print()
     print("== CPU pretraining throughput: pipeline Trainer (DeepSpeed) vs Hugging Face Trainer ==")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, os.cpu_count()={os.cpu_count()}, "
@@ -230,8 +236,10 @@ def main(argv=None) -> int:
         print(f"{name}: {r['tokens_per_s']:10,.0f} real tokens/s  {r['sequences_per_s']:7.2f} seq/s  "
               f"median step {r['median_step_s']:.3f} s  ({r['real_tokens']:,} real tokens in "
               f"{r['timed_steps']} steps, {r['seconds']:.2f} s; real-token share {r['real_token_share']:.3f}; "
+              f"CPU {r['cpu_s_per_step']:.3f} s and {r['minor_faults_per_step']:,.0f} page faults a step; "
               f"process {r['process_s']:.0f} s)")
-    print(f"ratio ours/hf (real tokens/s): {ours['tokens_per_s'] / hf['tokens_per_s']:.3f}")
+    print(f"ratio ours/hf (real tokens/s), the median round's: {ours['tokens_per_s'] / hf['tokens_per_s']:.3f} "
+          f"(rounds in run order, the first side alternating from ours: {', '.join(f'{q:.3f}' for q in ratios)})")
     return 0
 
 

@@ -4,23 +4,42 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Launcher variables are dropped: a plain process is a 1-process world on a free port.
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def summarize(stamps: list[float], tokens: list[int], warmup: int, batch: int) -> dict:
+class Stamp(NamedTuple):
+    """The end of a step: wall clock, and the process's CPU time (all threads, user + system) and
+    minor page faults so far. CPU seconds tell work from waiting on a VM whose speed drifts;
+    faults count pages the allocator handed back to the kernel and took again."""
+    wall: float
+    cpu: float
+    minor_faults: int
+
+
+def stamp() -> Stamp:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return Stamp(time.perf_counter(), usage.ru_utime + usage.ru_stime, usage.ru_minflt)
+
+
+def summarize(stamps: list[Stamp], tokens: list[int], warmup: int, batch: int) -> dict:
     """stamps[k] = end of step k+1, tokens[k] = its real tokens; steps 1..warmup are not timed."""
     timed = len(stamps) - warmup
-    seconds = stamps[-1] - stamps[warmup - 1]
+    first, last = stamps[warmup - 1], stamps[-1]
+    seconds = last.wall - first.wall
     real = sum(tokens[warmup:])
-    durations = sorted(b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:]))
+    durations = sorted(b.wall - a.wall for a, b in zip(stamps[warmup - 1:], stamps[warmup:]))
     return {"timed_steps": timed, "seconds": seconds, "real_tokens": real, "tokens_per_s": real / seconds,
-            "sequences_per_s": timed * batch / seconds, "median_step_s": durations[len(durations) // 2]}
+            "sequences_per_s": timed * batch / seconds, "median_step_s": durations[len(durations) // 2],
+            "cpu_s_per_step": (last.cpu - first.cpu) / timed,
+            "minor_faults_per_step": (last.minor_faults - first.minor_faults) / timed}
 
 
 def timed_hf_trainer(**trainer_kwargs):
@@ -31,7 +50,7 @@ def timed_hf_trainer(**trainer_kwargs):
     from transformers import Trainer, TrainerCallback
 
     tokens: list[int] = []
-    stamps: list[float] = []
+    stamps: list[Stamp] = []
 
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, *rest, **kw):
@@ -40,7 +59,7 @@ def timed_hf_trainer(**trainer_kwargs):
 
     class Timer(TrainerCallback):
         def on_step_end(self, targs, state, control, **kw):
-            stamps.append(time.perf_counter())
+            stamps.append(stamp())
 
     return CountingTrainer(callbacks=[Timer()], **trainer_kwargs), tokens, stamps
 
@@ -60,3 +79,22 @@ def run_worker(side: str, cmd: list[str], result_prefix: str, threads: int, step
     result = json.loads(lines[-1][len(result_prefix):])
     result["process_s"] = time.perf_counter() - started
     return result
+
+
+def alternating_rounds(launch, repeats: int) -> list[dict[str, dict]]:
+    """``repeats`` rounds of both sides, ``launch("ours")`` and ``launch("hf")``, the side that runs
+    first alternating by round: this VM's speed drifts by a tenth between runs, so one pair
+    cannot resolve a few percent, and a fixed order would hand the drift to one side."""
+    rounds = []
+    for r in range(repeats):
+        order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
+        rounds.append({side: launch(side) for side in order})
+    return rounds
+
+
+def median_round(rounds: list[dict[str, dict]], key: str) -> tuple[dict[str, dict], list[float]]:
+    """The round whose ours/hf ratio of ``key`` is the median (the lower middle one of an even
+    count), and every round's ratio in run order."""
+    ratios = [r["ours"][key] / r["hf"][key] for r in rounds]
+    middle = sorted(range(len(rounds)), key=ratios.__getitem__)[(len(rounds) - 1) // 2]
+    return rounds[middle], ratios
