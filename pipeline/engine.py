@@ -21,7 +21,8 @@ import os
 import signal
 import sys
 
-from pipeline.ds_config import DEFAULT_DS_CONFIG, BatchPlan, inject, load_ds_config, plan_batches
+from pipeline.ds_config import (DEFAULT_DS_CONFIG, BatchPlan, full_precision_on_gpu, inject, load_ds_config,
+                                plan_batches)
 
 
 # Batches are padded to a multiple of this many tokens (tensor-core friendly, fewer shapes),
@@ -265,6 +266,9 @@ def initialize(model, config: EngineConfig, ds_config: dict, steps: int, warmup:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=weight_decay_groups(model, config.weight_decay, ds_config), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    warning = full_precision_on_gpu(ds_config, config.ds_config, engine.device.type)
+    if warning and engine.global_rank == 0:
+        logging.getLogger(__name__).warning(warning)
     return engine, optimizer, scheduler
 
 

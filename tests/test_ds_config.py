@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.ds_config import DsConfigError, inject, load_ds_config, plan_batches
+from pipeline.ds_config import DsConfigError, full_precision_on_gpu, inject, load_ds_config, plan_batches
 
 from .conftest import REPO, set_one_process_world
 from .fp16_support import needs_fp16
@@ -23,6 +23,21 @@ def test_every_shipped_config_loads_and_is_documented(name):
     assert f"`{name}`" in open(os.path.join(DS_DIR, "README.md")).read()
     precision = name.split("_")[2] if name.startswith("gpu") else name.split("_")[1]
     assert config.get(precision, {}).get("enabled", precision == "fp32") is True
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_only_an_fp32_file_on_a_gpu_is_warned_about(name):
+    path = os.path.join(DS_DIR, name)
+    config = load_ds_config(path)
+    assert full_precision_on_gpu(config, path, "cpu") is None
+    warning = full_precision_on_gpu(config, path, "cuda")
+    if "_fp32_" in name:
+        assert warning.startswith(f"--ds-config {path} enables neither bf16 nor fp16, so this GPU computes in fp32")
+    else:
+        assert warning is None
+    # the autocast section counts as mixed precision too; a section present but off does not
+    assert full_precision_on_gpu({"torch_autocast": {"enabled": True}}, "f.json", "cuda") is None
+    assert full_precision_on_gpu({"bf16": {"enabled": False}}, "f.json", "cuda") is not None
 
 
 def test_a_value_set_in_the_file_and_by_a_flag_is_refused(tmp_path):
