@@ -18,9 +18,9 @@ Without a GPU, a config's fused Adam (a CUDA kernel) is replaced by torch's fuse
 operation for all tensors on either device, the same for every row: the rows differ in their
 engine settings (ZeRO stage, precision, overflow check), not in the optimizer. Gradient
 clipping's foreach norm has no CPU fast path and counts a norm per tensor here, fewer on a GPU.
-About a minute a config on 2 cores. ``--accumulation N`` counts per micro-batch with N of them
-per optimizer step: DeepSpeed's step, and the gradient bucketing its backward hooks do at the
-boundary, are then spread over N micro-batches.
+About 4 minutes a row on 2 cores (8 for the plain loop and one file). ``--accumulation N``
+counts per micro-batch with N of them per optimizer step: DeepSpeed's step, and the gradient
+bucketing its backward hooks do at the boundary, are then spread over N micro-batches.
 
     python benchmarks/host_ops.py --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json \\
         --ds-config benchmarks/results/h200_2026-12-04/z1_torchadam.json
