@@ -16,9 +16,10 @@ DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 
 
 class Stamp(NamedTuple):
-    """The end of a step: wall clock, and the process's CPU time (all threads, user + system) and
-    minor page faults so far. CPU seconds tell work from waiting on a VM whose speed drifts;
-    faults count pages the allocator handed back to the kernel and took again."""
+    """The end of a step: wall clock, and the process's CPU time (all threads, user + system,
+    OpenMP threads spinning at a barrier included) and minor page faults so far. CPU seconds
+    compare the sides' work where the VM's speed drifts; faults count pages the allocator
+    handed back to the kernel and took again."""
     wall: float
     cpu: float
     minor_faults: int
@@ -83,8 +84,9 @@ def run_worker(side: str, cmd: list[str], result_prefix: str, threads: int, step
 
 def alternating_rounds(launch, repeats: int) -> list[dict[str, dict]]:
     """``repeats`` rounds of both sides, ``launch("ours")`` and ``launch("hf")``, the side that runs
-    first alternating by round: this VM's speed drifts by a tenth between runs, so one pair
-    cannot resolve a few percent, and a fixed order would hand the drift to one side."""
+    first alternating by round (ours first in the odd-numbered ones): this VM's speed drifts
+    between runs (one config's ours/hf rounds spread from 0.84 to 1.02), so one pair cannot
+    resolve a few percent, and a fixed order would hand the drift to one side."""
     rounds = []
     for r in range(repeats):
         order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")

@@ -134,19 +134,6 @@ def _check_unchecked_bf16(config: dict, path: str) -> None:
                             "the key")
 
 
-def full_precision_on_gpu(config: dict, path: str, device_type: str) -> str | None:
-    """A warning when a GPU would train in fp32: the default file is a CPU one, and forgetting
-    --ds-config on a GPU node would otherwise only show as a run several times slower."""
-    if device_type != "cuda":
-        return None
-    for key in ("fp16", "bf16", "bfloat16", "torch_autocast"):
-        section = config.get(key)
-        if isinstance(section, dict) and section.get("enabled"):
-            return None
-    return (f"--ds-config {path} enables neither bf16 nor fp16, so this GPU computes in fp32, several times "
-            "slower than a ds_configs/gpu_*.json file (ds_configs/README.md)")
-
-
 def inject(config: dict, batches: BatchPlan, learning_rate: float, weight_decay: float,
            grad_clip: float) -> dict:
     """The complete DeepSpeed config: the file's engine settings + the trainer's values."""

@@ -21,8 +21,7 @@ import os
 import signal
 import sys
 
-from pipeline.ds_config import (DEFAULT_DS_CONFIG, BatchPlan, full_precision_on_gpu, inject, load_ds_config,
-                                plan_batches)
+from pipeline.ds_config import DEFAULT_DS_CONFIG, BatchPlan, inject, load_ds_config, plan_batches
 
 
 # Batches are padded to a multiple of this many tokens (tensor-core friendly, fewer shapes),
@@ -266,10 +265,23 @@ def initialize(model, config: EngineConfig, ds_config: dict, steps: int, warmup:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=weight_decay_groups(model, config.weight_decay, ds_config), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-    warning = full_precision_on_gpu(ds_config, config.ds_config, engine.device.type)
+    warning = full_precision_on_gpu(engine, config.ds_config)
     if warning and engine.global_rank == 0:
         logging.getLogger(__name__).warning(warning)
     return engine, optimizer, scheduler
+
+
+def full_precision_on_gpu(engine, path: str, device_type: str | None = None) -> str | None:
+    """A warning when a GPU trains in fp32: the default file is a CPU one, and forgetting
+    --ds-config on a GPU node would otherwise only show as a run several times slower. Read
+    from the engine, as DeepSpeed parsed the file ("enabled": "auto" is off to it, for one).
+    ``device_type``: the engine's, unless given."""
+    if device_type is None:
+        device_type = getattr(engine.device, "type", engine.device)
+    if device_type != "cuda" or engine.fp16_enabled() or engine.bfloat16_enabled() or engine.torch_autocast_enabled():
+        return None
+    return (f"--ds-config {path} enables neither bf16 nor fp16, so this GPU computes in fp32, several times "
+            "slower than a ds_configs/gpu_*.json file (ds_configs/README.md)")
 
 
 class ScaledBackward:

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.ds_config import DsConfigError, full_precision_on_gpu, inject, load_ds_config, plan_batches
+from pipeline.ds_config import DsConfigError, inject, load_ds_config, plan_batches
 
 from .conftest import REPO, set_one_process_world
 from .fp16_support import needs_fp16
@@ -23,21 +23,6 @@ def test_every_shipped_config_loads_and_is_documented(name):
     assert f"`{name}`" in open(os.path.join(DS_DIR, "README.md")).read()
     precision = name.split("_")[2] if name.startswith("gpu") else name.split("_")[1]
     assert config.get(precision, {}).get("enabled", precision == "fp32") is True
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_only_an_fp32_file_on_a_gpu_is_warned_about(name):
-    path = os.path.join(DS_DIR, name)
-    config = load_ds_config(path)
-    assert full_precision_on_gpu(config, path, "cpu") is None
-    warning = full_precision_on_gpu(config, path, "cuda")
-    if "_fp32_" in name:
-        assert warning.startswith(f"--ds-config {path} enables neither bf16 nor fp16, so this GPU computes in fp32")
-    else:
-        assert warning is None
-    # the autocast section counts as mixed precision too; a section present but off does not
-    assert full_precision_on_gpu({"torch_autocast": {"enabled": True}}, "f.json", "cuda") is None
-    assert full_precision_on_gpu({"bf16": {"enabled": False}}, "f.json", "cuda") is not None
 
 
 def test_a_value_set_in_the_file_and_by_a_flag_is_refused(tmp_path):
@@ -118,6 +103,32 @@ def test_injected_config_drives_a_real_deepspeed_engine(monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # The 1-process group stays up for later in-process tests: DeepSpeed caches its
     # groups, and a destroyed one breaks every engine built after it.
+
+
+@pytest.mark.parametrize("sections, fp32", [
+    ({}, True),                                          # the CPU files' fp32
+    ({"bf16": {"enabled": True}}, False),
+    ({"bf16": {"enabled": "auto"}}, True),               # DeepSpeed drops "auto": fp32
+    ({"bf16": {"enabled": False}, "bfloat16": {"enabled": True}}, True),  # "bf16" wins
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, False),
+])
+def test_a_gpu_engine_in_fp32_is_warned_about_as_deepspeed_parsed_the_file(monkeypatch, sections, fp32):
+    import deepspeed
+
+    from pipeline.engine import full_precision_on_gpu
+    from pipeline.model import build_model, model_config
+
+    set_one_process_world(monkeypatch)
+    manifest = {"tokenizer": {"vocab_size": 500, "special_ids": {"pad": 0}}, "max_seq_length": 32}
+    model = build_model(model_config("tiny", manifest))
+    config = inject({**load_ds_config(os.path.join(DS_DIR, "cpu_fp32_zero2_torch-adamw.json")), **sections},
+                    plan_batches(4, 4, 1), learning_rate=1e-3, weight_decay=0.0, grad_clip=1.0)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    assert full_precision_on_gpu(engine, "f.json") is None  # this engine is on the CPU
+    warning = full_precision_on_gpu(engine, "f.json", device_type="cuda")
+    assert (warning is not None) == fp32
+    if fp32:
+        assert warning.startswith("--ds-config f.json enables neither bf16 nor fp16, so this GPU computes in fp32")
 
 
 @pytest.mark.parametrize("clip", [1.0, 0.0])
