@@ -43,8 +43,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a file: the repo root, for benchmarks.* and pipeline.*
 
 from preprocessing import cli_parser  # noqa: E402
-from benchmarks.side_by_side import (alternating_rounds, median_round, run_worker, stamp, summarize,  # noqa: E402
-                                     timed_hf_trainer)
+from benchmarks.side_by_side import (add_timing_arguments, alternating_rounds,  # noqa: E402
+                                     check_timing_arguments, median_round, ratio_line, run_worker,
+                                     stamp, summarize, timed_hf_trainer)
 from pipeline.ds_config import DEFAULT_DS_CONFIG  # noqa: E402
 
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
@@ -191,8 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="a data dir from preprocessing/run_beam.py, for its tokenizer "
                                   "(default: write the sample)")
     p.add_argument("--model", default="mini", help="preset of pipeline/model.py (tiny, mini, small, base, ...)")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per side")
-    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
+    add_timing_arguments(p, steps=40)
     p.add_argument("--batch-size", type=int, default=32, help="micro = global batch size (sequences)")
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--ds-config", default=DEFAULT_DS_CONFIG,
@@ -203,16 +203,12 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--repeats", type=int, default=3, help="rounds of both sides, the first side alternating")
     p.add_argument("--group-by-length", action="store_true", help="both sides batch rows of similar length")
     p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not 1 <= args.warmup < args.steps:
-        p.error("--warmup must be in [1, --steps)")
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
+    check_timing_arguments(p, args)
 
     if args.worker:
         result = run_ours(args) if args.worker == "ours" else run_hf(args)
@@ -245,8 +241,7 @@ def main(argv=None) -> int:
               f"{r['median_step_s']:.3f} s  ({r['timed_steps']} steps in {r['seconds']:.2f} s; CPU "
               f"{r['cpu_s_per_step']:.3f} s and {r['minor_faults_per_step']:,.0f} page faults a step; process "
               f"{r['process_s']:.0f} s)")
-    print(f"ratio ours/hf (sequences/s), the median round's: {ours['sequences_per_s'] / hf['sequences_per_s']:.3f} "
-          f"(rounds in run order, the first side alternating from ours: {', '.join(f'{q:.3f}' for q in ratios)})")
+    print(ratio_line(middle, ratios, "sequences_per_s", "sequences/s"))
     return 0
 
 

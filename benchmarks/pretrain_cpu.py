@@ -38,8 +38,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a file: the repo root, for benchmarks.* and pipeline.*
 
 from preprocessing import cli_parser  # noqa: E402
-from benchmarks.side_by_side import (alternating_rounds, median_round, run_worker, stamp, summarize,  # noqa: E402
-                                     timed_hf_trainer)
+from benchmarks.side_by_side import (add_timing_arguments, alternating_rounds,  # noqa: E402
+                                     check_timing_arguments, median_round, ratio_line, run_worker,
+                                     stamp, summarize, timed_hf_trainer)
 
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
 RESULT = "PRETRAIN_CPU_RESULT "
@@ -179,8 +180,7 @@ def main(argv=None) -> int:
     p = cli_parser.Parser(description=__doc__.split("\n\n")[0], formatter_class=cli_parser.DefaultsFormatter)
     p.add_argument("--data", help="a data dir from preprocessing/run_beam.py (default: write the sample)")
     p.add_argument("--model", default="mini", help="preset of pipeline/model.py (tiny, mini, small, ...)")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per side")
-    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
+    add_timing_arguments(p, steps=30)
     p.add_argument("--batch-size", type=int, default=32, help="micro = global batch size (sequences)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     p.add_argument("--learning-rate", type=float, default=5e-4)
@@ -188,13 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--repeats", type=int, default=3, help="rounds of both sides, the first side alternating")
     p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not 1 <= args.warmup < args.steps:
-        p.error("--warmup must be in [1, --steps)")
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
+    check_timing_arguments(p, args)
     args.lr_warmup = min(args.lr_warmup, args.steps)
 
     if args.worker:
@@ -238,8 +234,7 @@ def main(argv=None) -> int:
               f"{r['timed_steps']} steps, {r['seconds']:.2f} s; real-token share {r['real_token_share']:.3f}; "
               f"CPU {r['cpu_s_per_step']:.3f} s and {r['minor_faults_per_step']:,.0f} page faults a step; "
               f"process {r['process_s']:.0f} s)")
-    print(f"ratio ours/hf (real tokens/s), the median round's: {ours['tokens_per_s'] / hf['tokens_per_s']:.3f} "
-          f"(rounds in run order, the first side alternating from ours: {', '.join(f'{q:.3f}' for q in ratios)})")
+    print(ratio_line(middle, ratios, "tokens_per_s", "real tokens/s"))
     return 0
 
 

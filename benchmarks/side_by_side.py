@@ -82,6 +82,20 @@ def run_worker(side: str, cmd: list[str], result_prefix: str, threads: int, step
     return result
 
 
+def add_timing_arguments(parser, steps: int, warmup: int = 5) -> None:
+    """``--steps``, ``--warmup`` and ``--repeats``, the same in both benchmarks."""
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per side")
+    parser.add_argument("--warmup", type=int, default=warmup, help="first steps left out of the timing")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of both sides, the first side alternating")
+
+
+def check_timing_arguments(parser, args) -> None:
+    if not 1 <= args.warmup < args.steps:
+        parser.error("--warmup must be in [1, --steps)")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+
 def alternating_rounds(launch, repeats: int) -> list[dict[str, dict]]:
     """``repeats`` rounds of both sides, ``launch("ours")`` and ``launch("hf")``, the side that runs
     first alternating by round (ours first in the odd-numbered ones): this VM's speed drifts
@@ -100,3 +114,9 @@ def median_round(rounds: list[dict[str, dict]], key: str) -> tuple[dict[str, dic
     ratios = [r["ours"][key] / r["hf"][key] for r in rounds]
     middle = sorted(range(len(rounds)), key=ratios.__getitem__)[(len(rounds) - 1) // 2]
     return rounds[middle], ratios
+
+
+def ratio_line(middle: dict[str, dict], ratios: list[float], key: str, what: str) -> str:
+    """The closing line of a benchmark: the median round's ratio of ``key``, and every round's."""
+    return (f"ratio ours/hf ({what}), the median round's: {middle['ours'][key] / middle['hf'][key]:.3f} "
+            f"(rounds in run order, the first side alternating from ours: {', '.join(f'{q:.3f}' for q in ratios)})")
