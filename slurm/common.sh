@@ -30,13 +30,21 @@ die() {
   exit 2
 }
 
-# check_flags MODULE ARGS...: the stage's flags parsed once here, before srun. A bad one ended
-# every rank with the same line, and srun's kill of the slower ranks made the job's exit code 143.
+# check_flags MODULE ARGS...: the stage's flags parsed once here, before srun, and its global batch
+# split among the job's SLURM_NTASKS processes as the ranks will (global = micro-batch x processes
+# x accumulation; the error proposes sizes that fit). A bad one ended every rank with the same
+# line, and srun's kill of the slower ranks made the job's exit code 143.
 check_flags() {
   local module=$1
   shift
-  "$PYTHON" -c 'import importlib, sys; sys.path.insert(0, sys.argv.pop(1)); '\
-'importlib.import_module(sys.argv.pop(1)).parse_args(sys.argv[1:])' "$REPO" "$module" "$@" || exit 2
+  "$PYTHON" -c 'import importlib, os, sys; sys.path.insert(0, sys.argv.pop(1))
+stage = importlib.import_module(sys.argv.pop(1))
+config = stage.parse_args(sys.argv[1:])
+from pipeline.ds_config import DsConfigError
+try:
+    config.engine.batches(int(os.environ["SLURM_NTASKS"]))
+except DsConfigError as err:
+    stage.build_parser().error(str(err))' "$REPO" "$module" "$@" || exit 2
 }
 
 # check_with MODULE FUNCTION ERROR ARG...: MODULE.FUNCTION(ARG...) of the project; its ERROR (an

@@ -3,7 +3,8 @@
 # node of the job. Submit from the repository root, in the project's environment:
 #
 #   DATA_DIR=data/wiki128 RUN_DIR=runs/base128 sbatch slurm/pretrain.sh \
-#       --model base --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --steps 7038
+#       --model base --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json \
+#       --global-batch-size 4096 --micro-batch-size 128 --learning-rate 1e-3 --steps 7038
 #   DATA_DIR=… RUN_DIR=… sbatch --nodes=4 slurm/pretrain.sh …           # 4 nodes x 8 GPUs, no edits
 #   DATA_DIR=… RUN_DIR=… sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 \
 #       --cpus-per-task=N slurm/pretrain.sh                             # CPU (tests): N <= a node's CPUs

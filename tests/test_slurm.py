@@ -317,6 +317,9 @@ def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm_cluster, da
     # A flag after the script: before, every rank printed it and srun's kill of the slower one made
     # the job's exit code 143.
     ({"args": ["--steps", "abc"]}, "python pipeline/pretrain.py: error: argument --steps: invalid int value: 'abc'"),
+    # The defaults are for one process; on a cluster the global batch must divide among the ranks.
+    ({"args": ["--global-batch-size", "3"]}, "python pipeline/pretrain.py: error: --global-batch-size 3 is not "
+                                              "divisible by --micro-batch-size"),
 ])
 def test_a_bad_setting_fails_fast_with_a_readable_message(bad, message, slurm_cluster, data_dir,  # noqa: F811
                                                          model_config, tmp_path):
@@ -364,7 +367,7 @@ def test_a_job_into_a_busy_run_dir_fails_before_any_rank_starts(slurm_cluster, d
             f.write("{}")
         os.makedirs(tmp_path / "model")
         job = slurm_cluster.wait_job(submit(slurm_cluster, folder, "finetune.sh", *CPU_2x1,
-                                            script_args=["--data", "reviews.csv"],
+                                            script_args=["--data", "reviews.csv", "--micro-batch-size", "16"],
                                             env=job_env(MODEL=str(tmp_path / "model"), OUTPUT_DIR=run_dir)), timeout=60)
         out = output_of(folder, job["JobId"])
         assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", f"{job}\noutput:\n{out}"
