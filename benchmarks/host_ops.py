@@ -8,8 +8,8 @@ the GPU computed 60 ms of a 93-123 ms step; docs/PRETRAINING.md). The count hard
 the device, so it is measured here on a CPU and compares DeepSpeed configs before a GPU run. The
 exception is attention with dropout, which a CPU computes on torch's math path: 78 aten
 operations a layer's forward and 80 its backward here, against 19 and 59 for the CPU's fused
-kernel without dropout (and one fused kernel on a GPU), so about a tenth of every row's count for
-BERT-base is CPU-only; the same in every row, so their differences stand.
+kernel without dropout (a GPU runs one fused kernel either way), so at least 12 x 80 = 960 of
+every row's count for BERT-base are CPU-only; the same in every row, so their differences stand.
 
 - ours: ``pipeline.trainer.Trainer`` with ``--ds-config`` (each given file), ``--accumulation``
   micro-batches per optimizer step (1 by default); counted with ``torch.profiler`` around
