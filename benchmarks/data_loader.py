@@ -1,4 +1,4 @@
-"""Data-loader throughput, padding and memory: pipeline/data.py on a real data dir.
+"""Data-loader throughput, padding and memory: pipeline/data.py and sampler.py on a real data dir.
 
 Times ``PretrainingLoader`` (background prefetch of 4 batches, micro-batch 64, rank 0 of
 1) over >= 20k sequences in this one process, so the figure is per training process,
@@ -43,7 +43,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline.data import BatchSampler, PretrainingDataset, PretrainingLoader, padding_share  # noqa: E402
+from pipeline.data import PretrainingDataset, PretrainingLoader  # noqa: E402
+from pipeline.sampler import BatchSampler, padding_share  # noqa: E402
 
 SAMPLE = os.path.join(REPO, "preprocessing", "sample_data", "enwiki-sample-pages-articles.xml.bz2")
 MEMORY_FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")

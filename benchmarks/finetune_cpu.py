@@ -61,7 +61,7 @@ def prepare(args, root: str) -> None:
 
     import torch
 
-    from pipeline.data import read_manifest
+    from pipeline.data_dir import read_manifest
     from pipeline.finetuning.data import read_table, stratified_split
     from pipeline.model import build_model, model_config
 

@@ -53,7 +53,8 @@ def held_out_mlm(export_dir: str, eval_data: str, batches: int = 40) -> dict:
     import torch.nn.functional as F
     from transformers import AutoModelForMaskedLM
 
-    from pipeline.data import PretrainingDataset, read_manifest
+    from pipeline.data import PretrainingDataset
+    from pipeline.data_dir import read_manifest
 
     manifest = read_manifest(eval_data)
     dataset = PretrainingDataset(eval_data, manifest)

@@ -105,7 +105,7 @@ def run_hf(args) -> dict:
     from transformers import (AutoTokenizer, BertForPreTraining, DataCollatorForLanguageModeling,
                               TrainingArguments)
 
-    from pipeline.data import read_manifest
+    from pipeline.data_dir import read_manifest
     from pipeline.model import model_config
 
     datasets.disable_progress_bars()

@@ -77,7 +77,7 @@ FIELDS = ("run", "config", "micro_batch", "accumulation", "data", "precision", "
 
 # ---------------------------------------------------------------------------- data dirs
 def write_synthetic_data(out: str, seq: int, rows: int, vocab: int = VOCAB, seed: int = 0) -> str:
-    """A data dir that pipeline.data reads: manifest.json + one Parquet shard, full-length rows."""
+    """A data dir that pipeline/data.py reads: manifest.json + one Parquet shard, full-length rows."""
     import numpy as np
     import pyarrow as pa
 

@@ -257,7 +257,7 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
 
     An existing ``out_dir`` is replaced only if it is empty or an earlier export (``check_out_dir``),
     or with ``overwrite``."""
-    from pipeline.data import DataDirError, read_manifest
+    from pipeline.data_dir import DataDirError, read_manifest
     from pipeline.model import build_model, model_config
     from pipeline.train_config import TrainConfig
 

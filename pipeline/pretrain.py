@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
 import torch  # noqa: E402
 
 from pipeline.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
-from pipeline.data import DataDirError  # noqa: E402
+from pipeline.data_dir import DataDirError  # noqa: E402
 from pipeline.ds_config import DsConfigError  # noqa: E402
 from pipeline.engine import LaunchError, end_distributed, ensure_distributed_env, exit_now  # noqa: E402
 from pipeline.export import ExportError, export_checkpoint, write_train_config  # noqa: E402

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import checkpoint, hf_init, run_lock
-from pipeline.data import (BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader, eval_batches,
-                           read_manifest, training_rows)
+from pipeline.data import PretrainingDataset, PretrainingLoader
+from pipeline.data_dir import DataDirError, read_manifest
 from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, ScaledBackward, StopFlag, agree,
                              ensure_distributed_env, gradient_norm, init_distributed, initialize, keeps_no_grad_norm,
                              loss_scale, optimizer_step, unscaled_grad_norm)
@@ -28,6 +28,7 @@ from pipeline.metrics import json_line, keep_steps_up_to
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.param_groups import group_settings
 from pipeline.read_ahead import one_batch_ahead
+from pipeline.sampler import BatchSampler, eval_batches, training_rows
 from pipeline.train_config import TrainConfig
 from preprocessing.examples import OBJECTIVES
 

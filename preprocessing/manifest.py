@@ -125,7 +125,7 @@ def remove_stale_outputs(output: str) -> None:
         matched = FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list
         if matched:
             FileSystems.delete([m.path for m in matched])
-    # "flat": the trainer's memory-mapped copy of the old shards (pipeline/data.py).
+    # "flat": the trainer's memory-mapped copy of the old shards (pipeline/flat_cache.py).
     for name in ("parts", "flat"):
         delete_dir(output, name)
 

@@ -113,7 +113,7 @@ def data_dir(preprocessed_sample) -> str:
     WIKI_SAMPLE --output DIR --vocab-size 4000 --dupe-factor 2 --num-shards 2 --no-mlflow``), for a
     machine without Apache Beam, such as a GPU node that runs tests/test_gpu.py."""
     if os.environ.get(PREBUILT_DATA):
-        from pipeline.data import read_manifest
+        from pipeline.data_dir import read_manifest
 
         read_manifest(os.environ[PREBUILT_DATA])  # a wrong path fails here, naming it
         return os.environ[PREBUILT_DATA]

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import checkpoint, export, pretrain
-from pipeline.data import DataDirError, read_manifest
+from pipeline.data_dir import DataDirError, read_manifest
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 

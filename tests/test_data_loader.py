@@ -1,4 +1,5 @@
-"""pipeline/data.py on a real data dir written by preprocessing/run_beam.py from the dump sample."""
+"""pipeline/data.py with its data dir checks, flat cache and sampler (data_dir.py, flat_cache.py,
+sampler.py) on a real data dir written by preprocessing/run_beam.py from the dump sample."""
 
 import itertools
 import json
@@ -17,8 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data import (PER_ROW_ARRAYS, BatchSampler, DataDirError, PretrainingDataset, PretrainingLoader,
-                           RowPermutation, padding_share, read_manifest)
+from pipeline.data import PretrainingDataset, PretrainingLoader
+from pipeline.data_dir import DataDirError, read_manifest
+from pipeline.flat_cache import PER_ROW_ARRAYS
+from pipeline.sampler import BatchSampler, RowPermutation, padding_share
 
 from .conftest import REPO
 
@@ -449,7 +452,9 @@ def test_stale_cache_is_rebuilt_when_the_shards_change(data_dir, dataset, tmp_pa
 
 OPEN_AT = textwrap.dedent("""
     import hashlib, json, sys, time
-    from pipeline.data import PretrainingDataset, build_flat_cache, read_manifest
+    from pipeline.data import PretrainingDataset
+    from pipeline.data_dir import read_manifest
+    from pipeline.flat_cache import build_flat_cache
     data, start, how = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     if how == "no-flock":  # as on a filesystem mounted without flock (Lustre's default)
         import errno, fcntl, os
@@ -501,7 +506,7 @@ def test_a_waiting_rank_converts_itself_when_no_conversion_is_under_way(data_dir
     import errno
     import fcntl
 
-    from pipeline import data as data_module
+    from pipeline import flat_cache as data_module
 
     def no_flock(fd, operation):
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
@@ -545,7 +550,7 @@ def test_a_killed_conversions_copy_beside_a_current_cache_is_removed_at_the_next
 def test_a_conversion_stops_once_another_process_installed_the_cache(data_dir, tmp_path, monkeypatch):
     """Without a cluster-wide lock every node converts; a late one kept converting the whole corpus
     after another node's cache was in place, while its peers waited for it in the rendezvous."""
-    from pipeline import data as data_module
+    from pipeline import flat_cache as data_module
 
     data = copy_without_cache(data_dir, tmp_path / "data")
     assert PretrainingDataset(data).built_cache
@@ -570,7 +575,7 @@ def test_another_users_lock_file_still_locks(data_dir, tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, flags, *mode)
 
-    from pipeline import data as data_module
+    from pipeline import flat_cache as data_module
 
     monkeypatch.setattr(os, "open", open_as_another_user)
     with data_module._exclusive(lock) as state:
@@ -714,7 +719,7 @@ def test_segment_ids_shorter_than_input_ids_are_refused_naming_shard_and_row(bro
 
 @pytest.mark.parametrize("damage", ["none", "short row", "missing in a shard", "an empty shard without it"])
 def test_the_optional_word_starts_column_is_mapped_and_checked(broken, damage):
-    from pipeline.data import cache_source
+    from pipeline.flat_cache import cache_source
 
     manifest = read_manifest(broken)
     # A data dir without the column keeps the cache description it had before the column existed:

@@ -110,7 +110,7 @@ def test_training_on_dynamic_masks_resumes_exactly(dynamic_data, tmp_path, monke
 
 
 def test_jieba_words_under_dynamic_masking_need_the_word_starts_column(dynamic_data, manifest):
-    from pipeline.data import DataDirError
+    from pipeline.data_dir import DataDirError
     from preprocessing.options import PreprocessConfig
 
     assert "word_starts" not in manifest["columns"]  # English, pieces: the vocabulary's table is enough
@@ -127,7 +127,8 @@ def test_jieba_words_under_dynamic_masking_need_the_word_starts_column(dynamic_d
 
 def test_the_loader_draws_new_masks_in_its_second_epoch(dynamic_data, manifest):
     """Through the prefetching loader across an epoch boundary: each batch has its own epoch's masks."""
-    from pipeline.data import BatchSampler, PretrainingLoader
+    from pipeline.data import PretrainingLoader
+    from pipeline.sampler import BatchSampler
 
     dataset = PretrainingDataset(dynamic_data, manifest, seed=7)
     sampler = BatchSampler(dataset.lengths, 512, seed=7)

@@ -21,7 +21,9 @@ ZERO3 = os.path.join(REPO, "ds_configs", "cpu_fp32_zero3_torch-adamw.json")
 def exported_eval(out: str, data: str, micro_batch_size: int, eval_rows_at_most: int, world_size: int) -> float:
     """The trainer's eval_loss, recomputed on one process with the exported weights: the same
     held-out micro-batches of every rank, summed the way Trainer.evaluate sums them."""
-    from pipeline.data import PretrainingDataset, eval_batches as eval_rows, read_manifest, training_rows
+    from pipeline.data import PretrainingDataset
+    from pipeline.data_dir import read_manifest
+    from pipeline.sampler import eval_batches as eval_rows, training_rows
     from pipeline.model import sparse_mlm_class
     from pipeline.engine import EngineConfig
     from pipeline.trainer import pretraining_losses
