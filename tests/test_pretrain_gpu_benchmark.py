@@ -10,6 +10,12 @@ import pytest
 
 from .conftest import REPO
 
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 SCRIPT = os.path.join(REPO, "benchmarks", "pretrain_gpu.py")
 
 
@@ -92,3 +98,17 @@ def test_a_mistyped_configuration_is_a_usage_error_not_an_error_row(tmp_path, ca
             pretrain_gpu.main(["--only", name, "--out", str(out)])
         assert exit_info.value.code == 2 and f"argument --only: '{name}': MODEL-SEQ-PRECISION" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="checks the refusal on a machine without a GPU")
+def test_the_gpu_checks_script_refuses_a_machine_without_a_gpu_before_writing_anything(tmp_path):
+    out = tmp_path / "checks"
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_checks.sh"), str(out)],
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.strip() == (f"gpu_checks.sh: error: {sys.executable} sees no CUDA GPU "
+                                   "(torch.cuda.is_available() is False)")
+    # A Python without torch is named as such, not as a machine without a GPU.
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_checks.sh"), str(out)],
+                          env={**os.environ, "PYTHON": "/bin/false"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "/bin/false cannot import torch" in proc.stderr and not out.exists()

@@ -425,7 +425,9 @@ kill %1
 def test_scripts_are_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    scripts = sorted(os.path.join("slurm", f) for f in os.listdir(os.path.join(REPO, "slurm")) if f.endswith(".sh"))
+    scripts = sorted(os.path.join(folder, f) for folder in ("slurm", "benchmarks")
+                     for f in os.listdir(os.path.join(REPO, folder)) if f.endswith(".sh"))
+    assert "benchmarks/gpu_checks.sh" in scripts
     proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
