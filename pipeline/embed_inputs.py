@@ -166,6 +166,8 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
         columns.update(dict.fromkeys(record))
         rows += 1
         value = record.get(text_column, _NO_KEY)
+        if value is _NO_KEY and text_column in columns:  # a jsonl row without the key: not "blank"
+            raise FinetuneDataError(f"{where}: no key {text_column!r} in this row (other rows have it)")
         if is_blank_text(value):
             blank, first_blank = blank + 1, first_blank or where
             continue

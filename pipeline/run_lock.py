@@ -46,7 +46,8 @@ class RunDirError(RuntimeError):
 class RunLock:
     """Rank 0's hold on a run dir (see ``acquire``); ``release`` ends it, as the process's end does."""
 
-    def __init__(self, path: str, fd: int, token: int, created: bool = False):
+    def __init__(self, path: str, fd: int, token: int, created: str | None = None):
+        # created: the outermost folder acquire made for the run dir (itself, or a parent), or None
         self.path, self.fd, self.token, self.created = path, fd, token, created
 
     def release(self) -> None:
@@ -55,13 +56,17 @@ class RunLock:
             self.fd = -1
 
     def abandon(self) -> None:
-        """Releases, and removes the folder ``acquire`` created if the lock is all it holds: a run
-        refused on a bad flag or bad data leaves no folder behind."""
+        """Releases, and removes the folders ``acquire`` created (the run dir and any parents it
+        made) if the lock is all they hold: a run refused on a bad flag or bad data leaves no
+        folder behind."""
         self.release()
         if self.created:
             try:
                 os.remove(self.path)
-                os.rmdir(os.path.dirname(self.path))
+                folder = os.path.dirname(os.path.abspath(self.path))
+                while folder.startswith(self.created):  # os.removedirs would go on past the folders made here
+                    os.rmdir(folder)
+                    folder = os.path.dirname(folder)
             except OSError:  # something else was written there meanwhile: it stays
                 pass
 
@@ -76,7 +81,10 @@ def acquire(run_dir: str, flag: str = "--run-dir") -> RunLock:
     ``flag`` (a key of ``HARM``) names the folder in errors."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"{flag} {run_dir}: a file, not a folder")
-    created = not os.path.exists(run_dir)
+    created = None  # the outermost folder of run_dir's that does not exist yet
+    folder = os.path.abspath(run_dir)
+    while not os.path.exists(folder):
+        created, folder = folder, os.path.dirname(folder)
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as err:

@@ -569,3 +569,61 @@ def test_a_nan_in_a_column_of_numbers_and_an_absent_drop_label_are_refused(tmp_p
         load_task_data(data=labelled, drop_labels=["Neutral"])
     assert load_task_data(data=labelled, drop_labels=["neutral"]).labels == ["neg", "pos"]
     assert load_task_data(data=labelled, drop_labels=[""]).labels == ["neg", "neutral", "pos"]  # a safeguard
+
+
+# ------------------------------------------------------------------ files a user's editor or export got wrong
+def test_an_unclosed_quote_names_its_row_instead_of_swallowing_the_rest(tmp_path):
+    path = tmp_path / "d.csv"
+    lines = [f"review {i},{'ab'[i % 2]}" for i in range(40)]
+    lines[20] = '"a review that opens a quote and never closes it,a'
+    path.write_text("text,label\n" + "\n".join(lines) + "\n")
+    # before: one cell held lines 22-41, and 19 rows were gone with exit code 0
+    with pytest.raises(FinetuneDataError, match=r"d\.csv:22: a quote opened in this row is never closed"):
+        read_table(str(path))
+    lines[20] = '"a quote closed "too early",a'
+    path.write_text("text,label\n" + "\n".join(lines) + "\n")
+    with pytest.raises(FinetuneDataError, match=r'd\.csv:22: a quoted cell has more after its closing quote .*\(""\)'):
+        read_table(str(path))
+    lines[20] = '"a quote ""inside"", written twice",a'
+    path.write_text("text,label\n" + "\n".join(lines) + "\n")
+    assert read_table(str(path)).columns["text"][20] == 'a quote "inside", written twice'
+
+
+@pytest.mark.parametrize("separator, fix", [("\t", "name the file .tsv"),
+                                            (";", "save it with commas as the separator")])
+def test_a_csv_separated_by_something_else_is_named_as_such(tmp_path, separator, fix):
+    path = tmp_path / "d.csv"
+    path.write_text(f"text{separator}label\nfine{separator}a\n")
+    # before: "no column 'text' (columns: text;label)", which seems to list it
+    with pytest.raises(FinetuneDataError, match=rf"d\.csv:1: the header is one column, .*: the file looks separated "
+                                                rf"by \w+, not commas; {fix}"):
+        load_task_data(data=str(path))
+
+
+def test_a_blank_first_line_is_named_not_read_as_an_empty_header(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("\ntext,label\nfine,a\n")
+    with pytest.raises(FinetuneDataError, match=r"d\.csv:1: the first line is blank; the header"):
+        read_table(str(path))
+
+
+def test_a_word_among_fractional_scores_is_refused_not_made_a_class(tmp_path):
+    rows = [{"text": r["text"], "score": r["score"]} for r in ROWS]
+    rows[9]["score"] = "n/a"
+    path = write(tmp_path / "scores.csv", rows)
+    # before: 59 scores and "n/a" became 60 classes of a classification task, exit code 0
+    with pytest.raises(FinetuneDataError, match=r"scores\.csv:11: label 'n/a' in column 'score', a column of numbers"):
+        load_task_data(data=path, label_column="score")
+    assert load_task_data(data=path, label_column="score", task="classification").task == "classification"
+    # Whole numbers with a word are classes as they were (a rating scale with "unsure", say).
+    rows = [{"text": f"t{i}", "label": str(i % 3)} for i in range(30)] + [{"text": "t", "label": "unsure"}]
+    assert load_task_data(data=write(tmp_path / "classes.csv", rows)).task == "classification"
+
+
+def test_a_jsonl_text_that_is_a_list_is_refused_not_trained_on_as_its_repr(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(20)]
+    rows[4]["text"] = ["a", "list"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FinetuneDataError, match=r"d\.jsonl:5: column 'text' holds a list, not text"):
+        load_task_data(data=str(path))

@@ -128,3 +128,18 @@ def test_a_sigterm_in_start_up_ends_the_rank_at_the_rendezvous_a_usr1_waits_for_
     assert proc.returncode == code, proc.stderr
     assert ("entered the rendezvous" in proc.stdout) == entered
     assert ("error: stopped by SIGTERM before the ranks met: nothing to checkpoint" in proc.stderr) != entered
+
+
+def test_abandoning_removes_the_folders_acquire_made_and_only_those(tmp_path, monkeypatch):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    lock = run_lock.acquire(str(kept / "new" / "parent" / "run"))
+    lock.abandon()  # a refused run: before, new/parent/ stayed behind
+    assert os.listdir(kept) == []
+    monkeypatch.chdir(kept)  # a relative run dir; the folder it is in stays, though empty
+    run_lock.acquire(os.path.join("a", "b")).abandon()
+    assert kept.is_dir() and os.listdir(kept) == []
+    held = run_lock.acquire(str(kept / "c" / "d"))
+    (kept / "c" / "other").write_text("written meanwhile")
+    held.abandon()
+    assert sorted(os.listdir(kept / "c")) == ["other"]

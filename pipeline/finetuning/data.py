@@ -150,13 +150,25 @@ def _delimited_rows(path: str, compression: str | None, delimiter: str):
         # reads with QUOTE_NONE too): under csv's quoting, a sentence that starts with a quote
         # would lose its quotes, or swallow the lines after it up to the next one.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(_utf8_lines(path, f), delimiter=delimiter, quoting=quoting)
+        # strict: csv's default reads a quote never closed as one cell holding every line after it,
+        # and the rows in them were lost without a word.
+        reader = csv.reader(_utf8_lines(path, f), delimiter=delimiter, quoting=quoting, strict=True)
         try:
             header = next(reader)
         except StopIteration:
             raise FinetuneDataError(f"{path}: the file is empty (no header line, no rows)") from None
         except csv.Error as err:
-            raise FinetuneDataError(f"{path}:1: cannot read the header: {err}") from None
+            raise FinetuneDataError(f"{path}:1: cannot read the header: {_csv_problem(err)}") from None
+        if not header:
+            raise FinetuneDataError(f"{path}:1: the first line is blank; the header (the column names) must be "
+                                    "the first line")
+        if len(header) == 1 and delimiter != "\t":
+            # else "no column 'text' (columns: text;label)": the column seems to be there
+            for mark, name, fix in (("\t", "tabs", "name the file .tsv"),
+                                    (";", "semicolons", "save it with commas as the separator")):
+                if mark in header[0]:
+                    raise FinetuneDataError(f"{path}:1: the header is one column, {header[0]!r}: the file looks "
+                                            f"separated by {name}, not commas; {fix}")
         # (unnamed columns, as a spreadsheet's trailing empty ones, may repeat: nothing reads them)
         repeated = sorted({name for name in header if name.strip() and header.count(name) > 1})
         if repeated:  # the cells of two columns of one name would interleave under it
@@ -170,7 +182,7 @@ def _delimited_rows(path: str, compression: str | None, delimiter: str):
             except StopIteration:
                 break
             except csv.Error as err:
-                raise FinetuneDataError(f"{path}:{start}: {err}") from None
+                raise FinetuneDataError(f"{path}:{start}: {_csv_problem(err)}") from None
             if not row:
                 continue  # a blank line is no row (csv's own convention)
             if len(row) != len(header):
@@ -181,6 +193,16 @@ def _delimited_rows(path: str, compression: str | None, delimiter: str):
             if quoting == csv.QUOTE_NONE:
                 _refuse_csv_quoting(path, start, row)
             yield row, f"{path}:{start}"
+
+
+def _csv_problem(err: csv.Error) -> str:
+    """csv's error in words that say what to fix in the file."""
+    if "unexpected end of data" in str(err):
+        return f"a quote opened in this row is never closed ({err})"
+    if "expected after" in str(err):
+        return (f"a quoted cell has more after its closing quote ({err}); a quote inside a quoted cell is "
+                "written twice (\"\")")
+    return str(err)
 
 
 def _read_delimited(path: str, compression: str | None, delimiter: str) -> Table:
@@ -463,14 +485,18 @@ def _is_number(value) -> bool:
 
 
 def _check_no_stray_non_finite(table: Table, column: str) -> None:
-    """A column of numbers but for "nan" or "inf" read as classes (one of them "nan"): a regression
+    """A column of numbers but for "nan" or "inf", or for a few words (at most a tenth of the rows)
+    where some numbers are not whole, read as classes (one of them "nan" or "n/a"): a regression
     target with a hole in it, refused naming the row, unless --task says what the column is."""
     values = table.columns[column]
     finite = [_is_number(v) for v in values]
     if all(finite) or not any(finite):
         return
     odd = [i for i, ok in enumerate(finite) if not ok]
-    if all(_parses_as_float(values[i]) for i in odd):
+    # "nan"/"inf", or a few words ("n/a", "?") among numbers of which some are not whole: read as
+    # classes, every distinct score would become a class of its own and the task a classification.
+    fractional = any(ok and not float(v).is_integer() for v, ok in zip(values, finite))
+    if all(_parses_as_float(values[i]) for i in odd) or (fractional and len(odd) * 10 <= len(values)):
         raise FinetuneDataError(f"{table.where[odd[0]]}: label {values[odd[0]]!r} in column {column!r}, a column "
                                 f"of numbers ({len(odd)} such row{'s' if len(odd) > 1 else ''}): fix or drop those "
                                 "rows, or pass --task classification to make each value a class")
@@ -507,7 +533,11 @@ def is_blank_text(value) -> bool:
 
 def as_text(value, where: str, column: str) -> str:
     """``value`` as a string; one holding a lone surrogate (JSON's "\\ud800", which json.loads
-    accepts) is refused naming the row: tokenizers fail on it with a TypeError."""
+    accepts) is refused naming the row: tokenizers fail on it with a TypeError. So is a list or
+    an object (jsonl, parquet), whose Python spelling ("['a', 'b']") would be trained on as text."""
+    if isinstance(value, (list, tuple, dict, np.ndarray)):
+        raise FinetuneDataError(f"{where}: column {column!r} holds a {type(value).__name__}, not text; join its "
+                                "parts into one string first")
     text = str(value)
     try:
         text.encode("utf-8")
