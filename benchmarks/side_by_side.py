@@ -90,6 +90,7 @@ def add_timing_arguments(parser, steps: int, warmup: int = 5) -> None:
 
 
 def check_timing_arguments(parser, args) -> None:
+    """A run that would time no step, or run no round, is a usage error (exit 2)."""
     if not 1 <= args.warmup < args.steps:
         parser.error("--warmup must be in [1, --steps)")
     if args.repeats < 1:

@@ -158,7 +158,7 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
     any ``chunk_rows``."""
     check_first_row(path, text_column, id_column)
     columns: dict[str, None] = {}
-    rows, blank, first_blank, blank_id = 0, 0, None, None
+    rows, blank, first_blank, blank_id, no_key = 0, 0, None, None, None
     id_name = id_column or "id"
     declared = _declared_type(path, id_name)
     guess = _IdTypes(chunk_rows) if declared is None else None  # jsonl only: the others declare theirs
@@ -166,8 +166,9 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
         columns.update(dict.fromkeys(record))
         rows += 1
         value = record.get(text_column, _NO_KEY)
-        if value is _NO_KEY and text_column in columns:  # a jsonl row without the key: not "blank"
-            raise FinetuneDataError(f"{where}: no key {text_column!r} in this row (other rows have it)")
+        if value is _NO_KEY:  # a jsonl row without the key: not "blank" (refused below, if others have it)
+            no_key = no_key or where
+            continue
         if is_blank_text(value):
             blank, first_blank = blank + 1, first_blank or where
             continue
@@ -178,6 +179,8 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
         elif guess:
             guess.add(identifier)
     _check_columns(path, columns, text_column, id_column)
+    if no_key:
+        raise FinetuneDataError(f"{no_key}: no key {text_column!r} in this row (other rows have it)")
     if blank:
         raise FinetuneDataError(f"{first_blank}: column {text_column!r} is blank ({blank} row{'s' if blank > 1 else ''} "
                                 f"in {path}); every row needs a text (remove such rows first: an embedding per input "

@@ -28,9 +28,11 @@ import fcntl
 import json
 import logging
 import os
+import pathlib
 import secrets
 import socket
 import time
+from typing import Sequence
 
 LOCK_FILE = ".lock"
 # What a file system without locks answers (Lustre without -o flock, some FUSE mounts).
@@ -46,8 +48,8 @@ class RunDirError(RuntimeError):
 class RunLock:
     """Rank 0's hold on a run dir (see ``acquire``); ``release`` ends it, as the process's end does."""
 
-    def __init__(self, path: str, fd: int, token: int, created: str | None = None):
-        # created: the outermost folder acquire made for the run dir (itself, or a parent), or None
+    def __init__(self, path: str, fd: int, token: int, created: Sequence[str] = ()):
+        # created: the folders acquire made for the run dir (parents first), as real paths
         self.path, self.fd, self.token, self.created = path, fd, token, created
 
     def release(self) -> None:
@@ -63,10 +65,8 @@ class RunLock:
         if self.created:
             try:
                 os.remove(self.path)
-                folder = os.path.dirname(os.path.abspath(self.path))
-                while folder.startswith(self.created):  # os.removedirs would go on past the folders made here
+                for folder in reversed(self.created):  # os.removedirs would go on past the folders made here
                     os.rmdir(folder)
-                    folder = os.path.dirname(folder)
             except OSError:  # something else was written there meanwhile: it stays
                 pass
 
@@ -81,14 +81,18 @@ def acquire(run_dir: str, flag: str = "--run-dir") -> RunLock:
     ``flag`` (a key of ``HARM``) names the folder in errors."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"{flag} {run_dir}: a file, not a folder")
-    created = None  # the outermost folder of run_dir's that does not exist yet
-    folder = os.path.abspath(run_dir)
-    while not os.path.exists(folder):
-        created, folder = folder, os.path.dirname(folder)
+    # The folders of the path that makedirs will make, in order (with "new/../run", both new and
+    # run: the later steps open files through the path as given); abandon() may remove them again.
+    missing, prefix = [], pathlib.Path()
+    for part in pathlib.Path(run_dir).parts:
+        prefix /= part
+        if part != ".." and not prefix.exists():
+            missing.append(prefix)
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as err:
         raise RunDirError(f"{flag} {run_dir}: cannot create it: {err.strerror}") from None
+    created = [os.path.realpath(folder) for folder in missing]
     path = os.path.join(run_dir, LOCK_FILE)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides: a group's run dirs stay shared

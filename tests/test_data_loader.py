@@ -506,14 +506,14 @@ def test_a_waiting_rank_converts_itself_when_no_conversion_is_under_way(data_dir
     import errno
     import fcntl
 
-    from pipeline import flat_cache as data_module
+    from pipeline import flat_cache
 
     def no_flock(fd, operation):
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
     data = copy_without_cache(data_dir, tmp_path / "data")
     monkeypatch.setattr(fcntl, "flock", no_flock)
-    monkeypatch.setattr(data_module, "BUILD_GRACE_S", 1.0)
+    monkeypatch.setattr(flat_cache, "BUILD_GRACE_S", 1.0)
     monkeypatch.setenv("LOCAL_RANK", "1")
     started = time.monotonic()
     dataset = PretrainingDataset(data)
@@ -550,15 +550,15 @@ def test_a_killed_conversions_copy_beside_a_current_cache_is_removed_at_the_next
 def test_a_conversion_stops_once_another_process_installed_the_cache(data_dir, tmp_path, monkeypatch):
     """Without a cluster-wide lock every node converts; a late one kept converting the whole corpus
     after another node's cache was in place, while its peers waited for it in the rendezvous."""
-    from pipeline import flat_cache as data_module
+    from pipeline import flat_cache
 
     data = copy_without_cache(data_dir, tmp_path / "data")
     assert PretrainingDataset(data).built_cache
     read = []
-    real = data_module._shard_row_groups
-    monkeypatch.setattr(data_module, "_shard_row_groups", lambda path, *a: read.append(path) or real(path, *a))
+    real = flat_cache._shard_row_groups
+    monkeypatch.setattr(flat_cache, "_shard_row_groups", lambda path, *a: read.append(path) or real(path, *a))
     manifest = json.load(open(os.path.join(data, "manifest.json")))
-    assert not data_module.build_flat_cache(data, manifest, os.path.join(data, "flat"))  # as a second node would
+    assert not flat_cache.build_flat_cache(data, manifest, os.path.join(data, "flat"))  # as a second node would
     assert read == [] and leftovers(data) == []
 
 
@@ -575,10 +575,10 @@ def test_another_users_lock_file_still_locks(data_dir, tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, flags, *mode)
 
-    from pipeline import flat_cache as data_module
+    from pipeline import flat_cache
 
     monkeypatch.setattr(os, "open", open_as_another_user)
-    with data_module._exclusive(lock) as state:
+    with flat_cache._exclusive(lock) as state:
         assert state == "held"
 
 

@@ -6,7 +6,9 @@ slurm/*.sh and the docstrings of benchmarks/*.py: fenced shell blocks, and inlin
 runs a script with flags. Each script's flags come from its own ``--help``, all in one process;
 preprocessing/run_beam.py also passes Apache Beam's flags on, so those count as known too.
 A renamed flag, or an example sized for one process shown on eight, then fails here instead of
-on a user's first run.
+on a user's first run. The scripts in benchmarks/*.sh are read whole: a GPU check that passed a
+flag the benchmark no longer takes would otherwise fail only on a GPU. A command whose text
+leaves flags out ("…") or shows placeholders (FILE, N) has its flags checked, not its batch.
 """
 
 import ast
@@ -63,6 +65,9 @@ def doc_texts():
         with open(os.path.join(REPO, path), encoding="utf-8") as f:
             header = [ln[1:] for ln in f.read().splitlines() if ln.startswith("#") and not ln.startswith("#!")]
         yield path, "\n".join(header)
+    for path in sorted(glob.glob("benchmarks/*.sh", root_dir=REPO)):  # the commands they run, comments too
+        with open(os.path.join(REPO, path), encoding="utf-8") as f:
+            yield path, "\n".join(ln.lstrip("# ") for ln in f.read().splitlines() if not ln.startswith("#!"))
     for path in sorted(glob.glob("benchmarks/*.py", root_dir=REPO)):
         with open(os.path.join(REPO, path), encoding="utf-8") as f:
             yield path, ast.get_docstring(ast.parse(f.read())) or ""
@@ -156,6 +161,8 @@ def test_the_docs_show_commands_of_every_entry_script(known_flags):
                    "benchmarks/pretrain_gpu.py", "benchmarks/host_ops.py"):
         assert script in shown, f"no documented command runs {script}: is the extraction broken?"
     assert sum(len(c.flags) for c in commands) > 200
+    gpu_checks = [c for c in commands if c.source == "benchmarks/gpu_checks.sh" and c.script.endswith("pretrain_gpu.py")]
+    assert gpu_checks and {"--accumulation", "--budget", "--out"} <= set(gpu_checks[0].flags), gpu_checks
 
 
 def test_every_documented_flag_is_one_its_script_knows(known_flags):

@@ -435,3 +435,21 @@ def test_two_processes_write_the_same_parquet_and_rank0_logs_the_run(reviews, tm
     assert run.data.params["world_size"] == "2" and run.data.params["pooling"] == "mean"
     assert run.data.params["rows"] == "61" and run.data.metrics["rows"] == 61
     assert run.data.metrics["rows_per_second"] > 0
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_jsonl_row_without_the_text_key_is_named_as_such_wherever_it_is(tmp_path, first):
+    from pipeline.embed_inputs import scan_inputs
+    from pipeline.finetuning.data import FinetuneDataError
+
+    rows = [{"id": i, "text": f"t{i}"} for i in range(5)]
+    del rows[0 if first else 3]["text"]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # before: "column 'text' is blank" (and which, by the row order)
+    with pytest.raises(FinetuneDataError, match=rf"in\.jsonl:{1 if first else 4}: no key 'text' in this row"):
+        scan_inputs(str(path), "text")
+    rows[0 if first else 3]["text"] = ["a", "list"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FinetuneDataError, match=rf"in\.jsonl:{1 if first else 4}: column 'text' holds a list, not text"):
+        scan_inputs(str(path), "text")

@@ -627,3 +627,11 @@ def test_a_jsonl_text_that_is_a_list_is_refused_not_trained_on_as_its_repr(tmp_p
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(FinetuneDataError, match=r"d\.jsonl:5: column 'text' holds a list, not text"):
         load_task_data(data=str(path))
+    rows[4]["text"], rows[7]["label"] = "t4", {"a": 1}  # multi-label data: one class per spelling, before
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FinetuneDataError, match=r"d\.jsonl:8: column 'label' holds a dict, not a label"):
+        load_task_data(data=str(path))
+    table = pa.table({"text": [f"t{i}" for i in range(20)], "label": [["a", "b"] if i == 2 else ["a"] for i in range(20)]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(FinetuneDataError, match=r"d\.parquet.* column 'label' holds a list, not a label"):
+        load_task_data(data=str(tmp_path / "d.parquet"))

@@ -7,14 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .conftest import REPO
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 SCRIPT = os.path.join(REPO, "benchmarks", "pretrain_gpu.py")
 
@@ -100,7 +95,7 @@ def test_a_mistyped_configuration_is_a_usage_error_not_an_error_row(tmp_path, ca
     assert not out.exists()
 
 
-@pytest.mark.skipif(torch_cuda_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_the_gpu_checks_script_refuses_a_machine_without_a_gpu_before_writing_anything(tmp_path):
     out = tmp_path / "checks"
     proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_checks.sh"), str(out)],

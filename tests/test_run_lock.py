@@ -139,6 +139,10 @@ def test_abandoning_removes_the_folders_acquire_made_and_only_those(tmp_path, mo
     monkeypatch.chdir(kept)  # a relative run dir; the folder it is in stays, though empty
     run_lock.acquire(os.path.join("a", "b")).abandon()
     assert kept.is_dir() and os.listdir(kept) == []
+    dotted = run_lock.acquire(os.path.join("new", "..", "run"))  # makedirs makes new/ and run/ both
+    assert sorted(os.listdir(kept)) == ["new", "run"]
+    dotted.abandon()
+    assert os.listdir(kept) == []
     held = run_lock.acquire(str(kept / "c" / "d"))
     (kept / "c" / "other").write_text("written meanwhile")
     held.abandon()

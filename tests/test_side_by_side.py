@@ -3,7 +3,9 @@ the median round, and a step's figures from its stamps."""
 
 import pytest
 
-from benchmarks.side_by_side import Stamp, alternating_rounds, median_round, ratio_line, summarize
+from benchmarks.side_by_side import (Stamp, add_timing_arguments, alternating_rounds, check_timing_arguments,
+                                     median_round, ratio_line, summarize)
+from preprocessing import cli_parser
 
 
 def test_the_side_that_runs_first_alternates_by_round():
@@ -43,3 +45,15 @@ def test_a_summary_leaves_the_warmup_steps_out():
     assert summary["sequences_per_s"] == pytest.approx(12 / 15)
     assert summary["median_step_s"] == 5.0
     assert summary["cpu_s_per_step"] == 2.0 and summary["minor_faults_per_step"] == 100.0
+
+
+@pytest.mark.parametrize("argv, message", [(["--warmup", "0"], "--warmup must be in [1, --steps)"),
+                                           (["--warmup", "30"], "--warmup must be in [1, --steps)"),
+                                           (["--repeats", "0"], "--repeats must be at least 1")])
+def test_the_timing_flags_refuse_a_run_that_would_time_nothing(argv, message, capsys):
+    parser = cli_parser.Parser(prog="bench")
+    add_timing_arguments(parser, steps=30)
+    assert vars(parser.parse_args([])) == {"steps": 30, "warmup": 5, "repeats": 3}
+    with pytest.raises(SystemExit) as exit_info:
+        check_timing_arguments(parser, parser.parse_args(argv))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -201,7 +201,7 @@ def _csv_problem(err: csv.Error) -> str:
         return f"a quote opened in this row is never closed ({err})"
     if "expected after" in str(err):
         return (f"a quoted cell has more after its closing quote ({err}); a quote inside a quoted cell is "
-                "written twice (\"\")")
+                "written twice (\"\"), so a cell that begins with a quotation is quoted whole")
     return str(err)
 
 
@@ -453,6 +453,14 @@ def _check_table(table: Table, needed: Sequence[str]) -> None:
                 raise FinetuneDataError(f"{where}: no key {column!r} in this row (other rows have it)")
 
 
+def _check_scalar_labels(table: Table, column: str) -> None:
+    """A list or object label (multi-label data) would become one class per spelling ("['a', 'b']")."""
+    for value, where in zip(table.columns[column], table.where):
+        if isinstance(value, (list, tuple, dict, np.ndarray)):
+            raise FinetuneDataError(f"{where}: column {column!r} holds a {type(value).__name__}, not a label; "
+                                    "multi-label data is not supported: one label a row")
+
+
 def _check_no_blank_labels(table: Table, column: str) -> None:
     """A blank label would become a class "" (or turn a regression target column into classes)."""
     blank = [where for value, where in zip(table.columns[column], table.where) if _label_key(value) == ""]
@@ -655,6 +663,7 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
             del tables[name]
             continue
         original[name] = table
+        _check_scalar_labels(table, label_column)
         keep = [i for i, v in enumerate(table.columns[label_column]) if _label_key(v) not in drop]
         dropped[name] = len(table) - len(keep)
         if dropped[name]:
