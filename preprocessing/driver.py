@@ -79,6 +79,16 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     given = subwords.load_given(config.tokenizer) if config.tokenizer else None
     input_paths = sorted({t.path for t in tasks})
     log.info("%d input file(s), %d read task(s) → %s", len(input_paths), len(tasks), config.output)
+    foreign = manifest.foreign_entries(config.output)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise inputs.InputError(f"--output {config.output}: a folder of other files ({shown}) and no data dir "
+                                "(no manifest.json); a run would delete its tokenizer/ and parts/ if it has "
+                                "them: name a new or empty folder")
+    if manifest.holds_data_dir(config.output):
+        # Said before it happens: a run that then fails (no text in the inputs, say) leaves none.
+        log.warning("--output %s holds a data dir: it is deleted now (its manifest first, then its shards, "
+                    "tokenizer and the trainer's flat copy), and this run writes its own", config.output)
     manifest.remove_stale_outputs(config.output)
 
     with tracking.preprocess_run(config, beam_args) as run:

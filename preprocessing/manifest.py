@@ -115,6 +115,24 @@ def write_manifest(output: str, manifest: dict) -> str:
     return path
 
 
+# What a data dir holds at its top level (hidden temporaries aside): a run's outputs, and the
+# trainer's flat copy of the shards.
+DATA_DIR_ENTRIES = frozenset({MANIFEST, "shards", "tokenizer", "parts", "flat"})
+
+
+def foreign_entries(output: str) -> list[str]:
+    """The entries of a local OUTPUT that no data dir holds, when it has no manifest: a rerun
+    deletes OUTPUT/tokenizer/* and OUTPUT/parts, so --output naming a project's own folder would
+    take its tokenizer/ with it. Empty for a data dir, a new or empty folder, or an object store."""
+    if "://" in output or not os.path.isdir(output) or os.path.exists(os.path.join(output, MANIFEST)):
+        return []
+    return sorted(name for name in os.listdir(output) if not name.startswith(".") and name not in DATA_DIR_ENTRIES)
+
+
+def holds_data_dir(output: str) -> bool:
+    return FileSystems.exists(FileSystems.join(output, MANIFEST))
+
+
 def remove_stale_outputs(output: str) -> None:
     """Deletes a previous run's manifest first, then its shards, tokenizer, parts and the
     trainer's flat copy of the shards."""

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output directory (local or gs://...); an existing manifest there is "
                          "removed when the pipeline starts (after the flags and inputs are checked: a "
                          "run refused before leaves the previous output whole), so a failed run never "
-                         "looks complete")
+                         "looks complete. A local folder of other files without a manifest is refused")
     io.add_argument("--language", metavar="CODE",
                     help="the corpus's language (ISO code: en, de, zh, zh-hans, ...): it selects the "
                          "sentence rules (CJK full stops, German abbreviations and ordinals), the "

@@ -349,7 +349,10 @@ def read_jsonl(f: BinaryIO, path: str, text_field: str, max_line_bytes: int,
             continue
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            what = "has no" if not isinstance(record, dict) or text_field not in record else "has a non-string"
+            if not isinstance(record, dict):  # a JSON array or a bare value: no field to read
+                what = f"is a JSON {type(record).__name__ if record is not None else 'null'}, not an object with a"
+            else:
+                what = "has no" if text_field not in record else "has a non-string"
             yield Problem("jsonl-missing-text-field", f"{place(line_no, offset)}: row {what} "
                                                       f"{text_field!r} field (see --text-field); skipped")
             continue

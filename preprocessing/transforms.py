@@ -243,7 +243,8 @@ def _train_and_write(sample: list[tuple[int, str]], problems, config: Preprocess
                             for reason, message in sorted(first.items()))
         raise vocab.VocabError("no sentences to train the vocabulary on: the input has no text"
                                + (f". Skipped while reading: {skipped}" if skipped else
-                                  " (check --input and --text-field)"))
+                                  " (empty or blank files? check --input, and --text-field for jsonl and "
+                                  "parquet)"))
     log.info("training a %s SentencePiece vocabulary of %d on %d sentences",
              config.model_type, config.vocab_size, len(sample))
     proto = vocab.train_sentencepiece((s for _, s in sample), config.vocab_size, config.model_type,

@@ -24,15 +24,18 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import sentencepiece
 
 from preprocessing.language import UNSPACED_SCRIPT
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS
@@ -76,9 +79,14 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
                          "tokens alone take that many ids")
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    remaining = iter(sentences)
+    too_long = [0]
+    remaining = _fitting(sentences, too_long)
     # SentencePiece skips empty lines; one non-empty sentence is needed to train at all.
     first = next((s for s in remaining if s.strip()), None)
+    if first is None and too_long[0]:
+        raise VocabError(f"no sentences to train the vocabulary on: all {too_long[0]:,} are longer than "
+                         f"{MAX_SENTENCE_BYTES // 1024} KiB (text without sentence punctuation, such as one "
+                         "document a line with no full stops?)")
     if first is None:
         raise VocabError("no sentences to train the vocabulary on: the input has no text "
                          "(check --input and the documents-read counters)")
@@ -109,13 +117,27 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
         )
     except RuntimeError as err:
         raise VocabError(_explain_training_error(str(err), vocab_size, character_coverage)) from err
+    if too_long[0]:
+        log.warning("%s sentence(s) of the vocabulary sample are longer than %d KiB and were left out of "
+                    "the vocabulary's training (text without sentence punctuation?); the examples keep "
+                    "them", f"{too_long[0]:,}", MAX_SENTENCE_BYTES // 1024)
     return model.getvalue()
+
+
+def _fitting(sentences: Iterable[str], too_long: list[int]) -> Iterator[str]:
+    """The sentences SentencePiece trains on: it drops one over MAX_SENTENCE_BYTES with a
+    warning of its own only, which left a corpus of such sentences with an empty error."""
+    for sentence in sentences:
+        if len(sentence) * 4 > MAX_SENTENCE_BYTES and len(sentence.encode("utf-8")) > MAX_SENTENCE_BYTES:
+            too_long[0] += 1
+            continue
+        yield sentence
 
 
 def _explain_training_error(message: str, vocab_size: int, coverage: float = CHARACTER_COVERAGE) -> str:
     # SentencePiece's text: "INTERNAL: src/trainer_interface.cc(638) [<the failed check>]
     # Vocabulary size is smaller than required_chars. 40 vs 63. Increase vocab_size or ..."
-    reason = message.rsplit("] ", 1)[-1].strip()
+    reason = message.rsplit("] ", 1)[-1].strip() or message.strip()
     sizes = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", reason)
     if sizes:
         return (f"--vocab-size {vocab_size} is too small for this corpus: the special tokens and "

@@ -367,3 +367,42 @@ def test_a_corpus_in_another_encoding_gets_a_warning_naming_the_fix(tmp_path):
     assert not problems(items) and encoding_warning({"documents-read": len(documents(items))}) is None
     assert encoding_warning({"invalid-utf8-lines": 12, "documents-read": 5000}) is None  # a few stray bytes
     assert encoding_warning({"invalid-utf8-lines": 60, "documents-read": 1000, "sentences": 50_000}) is None
+
+
+def test_an_output_folder_of_other_files_is_refused_before_anything_is_deleted(tmp_path, capsys):
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Sentence {i} of a row. And its second one."}) + "\n"
+                              for i in range(40)))
+    project = tmp_path / "project"
+    (project / "tokenizer").mkdir(parents=True)
+    (project / "tokenizer" / "my_vocab.txt").write_text("a user's own file")
+    (project / "train.py").write_text("")
+    # before: tokenizer/my_vocab.txt was deleted without a word, and the run went on
+    assert run_beam.main(["--input", str(corpus), "--output", str(project), "--no-mlflow"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"--output {project}: a folder of other files (train.py) and no data dir (no manifest.json); a run "
+        "would delete its tokenizer/ and parts/ if it has them: name a new or empty folder")
+    assert (project / "tokenizer" / "my_vocab.txt").exists()
+    # A data dir's own folders (a run killed before its manifest) and hidden temporaries are no refusal.
+    (project / "train.py").unlink()
+    (project / ".manifest.json.inprogress").write_text("")
+    assert foreign_entries_of(project) == []
+
+
+def foreign_entries_of(folder):
+    from preprocessing import manifest
+
+    return manifest.foreign_entries(str(folder))
+
+
+def test_a_vocabulary_sample_of_sentences_too_long_to_train_on_says_so(caplog):
+    from preprocessing import vocab
+
+    line = "word " * 20000  # 100 KB, no sentence punctuation: one sentence
+    # before: "SentencePiece could not train the vocabulary (--vocab-size 200): " and nothing after it
+    with pytest.raises(vocab.VocabError, match=r"all 3 are longer than 64 KiB \(text without sentence punctuation"):
+        vocab.train_sentencepiece([line] * 3, 200, "unigram")
+    # Among trainable sentences they are left out, and counted (before: SentencePiece's own log only).
+    sentences = [f"Sentence number {i} has some words in it." for i in range(300)] + [line, line]
+    vocab.train_sentencepiece(sentences, 100, "unigram")
+    assert "2 sentence(s) of the vocabulary sample are longer than 64 KiB" in caplog.text

@@ -194,6 +194,7 @@ def test_jsonl_rows_without_the_text_field_are_counted(tmp_path):
                      ("jsonl-missing-text-field", "4"), ("jsonl-parse-errors", "5")]
     assert problems(items)[0].message == (f"{path}: line 2 (byte 17): row has no 'text' field "
                                           "(see --text-field); skipped")
+    assert ": row is a JSON str, not an object with a 'text' field" in problems(items)[1].message
 
 
 def test_parquet_text_column_and_missing_column_error(tmp_path):

@@ -153,6 +153,8 @@ def test_failed_run_leaves_no_manifest(tmp_path):
     assert "jsonl-missing-text-field" in proc.stderr
     assert f"{corpus}: line 1 (byte 0): row has no 'text' field (see --text-field)" in proc.stderr
     assert not (output / "manifest.json").exists()
+    # said before the pipeline ran, so a failed rerun does not take the old data dir unannounced
+    assert f"--output {output} holds a data dir: it is deleted now" in proc.stderr
 
 
 @pytest.mark.parametrize("args, message", [
