@@ -31,6 +31,7 @@ class Summary:
     counters: dict[str, int]
     wall_seconds: float
     run_id: str | None
+    vocab_size_asked: int | None = None  # --vocab-size of a trained vocabulary; None with --tokenizer
 
 
 def resolve_language(config: PreprocessConfig, tasks: list[inputs.ReadTask]) -> PreprocessConfig:
@@ -108,7 +109,8 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         _check_complete(data, counters, len(tasks))
         path = manifest.write_manifest(config.output, data)
         run.log_results(counters, wall, config.output)
-    return Summary(config.output, path, data, counters, wall, run.run_id)
+    return Summary(config.output, path, data, counters, wall, run.run_id,
+                   None if config.tokenizer else config.vocab_size)
 
 
 def check_reachable_by_workers(config: PreprocessConfig, beam_args: list[str]) -> None:
@@ -199,10 +201,29 @@ def truncation_warning(counters: dict[str, int], max_seq_length: int) -> str | N
     if share <= HEAVY_TRUNCATION:
         return None
     per_sentence = counters.get("tokens", 0) / max(counters.get("sentences", 0), 1)
-    return (f"warning: {share:.0%} of the segments' tokens were cut to fit --max-seq-length {max_seq_length} "
-            f"(the recipe cuts 9-15%); sentences average {per_sentence:.0f} tokens: text without end "
-            "punctuation (. ! ? 。) reads as one long sentence per document; punctuate it, or use a larger "
-            "--max-seq-length")
+    head = (f"warning: {share:.0%} of the segments' tokens were cut to fit --max-seq-length {max_seq_length} "
+            f"(the recipe cuts 9-15%); sentences average {per_sentence:.0f} tokens")
+    if max_seq_length < SHORT_ROW:  # rows shorter than any prose sentence: the length is the cause
+        return f"{head}, more than such a row holds: use a larger --max-seq-length (BERT's are 128 and 512)"
+    return (f"{head}: text without end punctuation (. ! ? 。) reads as one long sentence per document; "
+            "punctuate it, or use a larger --max-seq-length")
+
+
+# Below this --max-seq-length, a heavy cut is the length's doing, whatever the punctuation: Austen's
+# sentences (a 60 KB slice of the novels) average 33 tokens with a 1,712-piece vocabulary and 63
+# with a 200-piece one.
+SHORT_ROW = 64
+
+
+def vocabulary_warning(summary: Summary) -> str | None:
+    """A hint when the trained vocabulary is far smaller than --vocab-size asked: SentencePiece
+    stops where the corpus has no more pieces to give, and the summary's size alone went unseen."""
+    got = summary.manifest["tokenizer"]["vocab_size"]
+    if summary.vocab_size_asked is None or got * 2 > summary.vocab_size_asked:
+        return None
+    return (f"warning: the vocabulary has {got:,} pieces of the {summary.vocab_size_asked:,} --vocab-size asked "
+            "for: the corpus is too small for more (its size is an upper bound); a larger corpus, or a "
+            "smaller --vocab-size to match")
 
 
 # A UTF-8 corpus has few invalid lines (none in the bundled samples); many mean another encoding.
@@ -243,7 +264,7 @@ def format_summary(summary: Summary) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {v:>,}" if isinstance(v, int) else f"  {k:<{width}}  {v:>}" for k, v in rows]
     for warning in (encoding_warning(c), random_next_warning(c, m["max_seq_length"]),
-                    truncation_warning(c, m["max_seq_length"])):
+                    truncation_warning(c, m["max_seq_length"]), vocabulary_warning(summary)):
         if warning:
             lines.append(warning)
     lines.append(f"\nWrote {m['num_examples']:,} examples to {summary.output}")

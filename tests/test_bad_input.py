@@ -406,3 +406,30 @@ def test_a_vocabulary_sample_of_sentences_too_long_to_train_on_says_so(caplog):
     sentences = [f"Sentence number {i} has some words in it." for i in range(300)] + [line, line]
     vocab.train_sentencepiece(sentences, 100, "unigram")
     assert "2 sentence(s) of the vocabulary sample are longer than 64 KiB" in caplog.text
+
+
+def test_heavy_truncation_of_ordinary_sentences_names_the_length_not_the_punctuation():
+    from preprocessing.driver import truncation_warning
+
+    # 96% cut from sentences of 27 tokens: --max-seq-length 8 (before: blamed missing end punctuation)
+    counters = {"truncated-tokens": 9600, "instance-tokens": 400 + 3 * 100, "instances": 100,
+                "tokens": 27_000, "sentences": 1000}
+    warning = truncation_warning(counters, 8)
+    assert warning.startswith("warning: 96% of the segments' tokens were cut to fit --max-seq-length 8 ")
+    assert "sentences average 27 tokens, more than such a row holds: use a larger --max-seq-length" in warning
+    counters["tokens"] = 63_000  # Austen's sentences with a 200-piece vocabulary: still the length's doing
+    assert "use a larger --max-seq-length (BERT's" in truncation_warning(counters, 8)
+    assert "punctuate it" in truncation_warning(counters, 128)  # at 128, text that is not split into sentences
+
+
+def test_a_vocabulary_far_below_the_size_asked_is_said():
+    from preprocessing.driver import Summary, vocabulary_warning
+
+    def summary(got, asked):
+        return Summary("out", "out/manifest.json", {"tokenizer": {"vocab_size": got}}, {}, 1.0, None, asked)
+
+    assert vocabulary_warning(summary(1712, 100_000)) == (
+        "warning: the vocabulary has 1,712 pieces of the 100,000 --vocab-size asked for: the corpus is too small "
+        "for more (its size is an upper bound); a larger corpus, or a smaller --vocab-size to match")
+    assert vocabulary_warning(summary(31_000, 32_000)) is None
+    assert vocabulary_warning(summary(1712, None)) is None  # a given --tokenizer: nothing was asked
