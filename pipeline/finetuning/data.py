@@ -453,10 +453,15 @@ def _check_table(table: Table, needed: Sequence[str]) -> None:
                 raise FinetuneDataError(f"{where}: no key {column!r} in this row (other rows have it)")
 
 
+def _is_container(value) -> bool:
+    """A list or object cell (jsonl, parquet): its Python spelling is neither a text nor a label."""
+    return isinstance(value, (list, tuple, dict, np.ndarray))
+
+
 def _check_scalar_labels(table: Table, column: str) -> None:
     """A list or object label (multi-label data) would become one class per spelling ("['a', 'b']")."""
     for value, where in zip(table.columns[column], table.where):
-        if isinstance(value, (list, tuple, dict, np.ndarray)):
+        if _is_container(value):
             raise FinetuneDataError(f"{where}: column {column!r} holds a {type(value).__name__}, not a label; "
                                     "multi-label data is not supported: one label a row")
 
@@ -543,7 +548,7 @@ def as_text(value, where: str, column: str) -> str:
     """``value`` as a string; one holding a lone surrogate (JSON's "\\ud800", which json.loads
     accepts) is refused naming the row: tokenizers fail on it with a TypeError. So is a list or
     an object (jsonl, parquet), whose Python spelling ("['a', 'b']") would be trained on as text."""
-    if isinstance(value, (list, tuple, dict, np.ndarray)):
+    if _is_container(value):
         raise FinetuneDataError(f"{where}: column {column!r} holds a {type(value).__name__}, not text; join its "
                                 "parts into one string first")
     text = str(value)
