@@ -132,17 +132,9 @@ class PretrainingDataset:
         # index of each prediction in the flat arrays: its row's start + its rank within the row
         flat = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
         positions = self.masked_lm_positions[flat].astype(np.int64)
-        labels[batch_row, positions] = self.masked_lm_ids[flat]
-
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "token_type_ids": torch.from_numpy(token_type_ids),
-            "attention_mask": torch.from_numpy(real.astype(np.int64)),
-            "labels": torch.from_numpy(labels),
-            "next_sentence_label": torch.from_numpy(self.next_sentence_labels[rows].astype(np.int64)),
-            "mlm_positions": torch.from_numpy(batch_row * width + positions),
-            "mlm_labels": torch.from_numpy(self.masked_lm_ids[flat].astype(np.int64)),
-        }
+        originals = self.masked_lm_ids[flat]
+        labels[batch_row, positions] = originals
+        return self._tensors(rows, input_ids, token_type_ids, real, labels, batch_row * width + positions, originals)
 
     __getitem__ = batch
 
@@ -159,14 +151,19 @@ class PretrainingDataset:
         input_ids[real] = masked
         labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
         labels[batch_row, positions] = originals
+        return self._tensors(rows, input_ids, token_type_ids, real, labels, batch_row * width + positions, originals)
+
+    def _tensors(self, rows, input_ids, token_type_ids, real, labels, mlm_positions, mlm_labels
+                 ) -> dict[str, torch.Tensor]:
+        """The batch's arrays as the int64 tensors ``batch`` promises."""
         return {
             "input_ids": torch.from_numpy(input_ids),
             "token_type_ids": torch.from_numpy(token_type_ids),
             "attention_mask": torch.from_numpy(real.astype(np.int64)),
             "labels": torch.from_numpy(labels),
             "next_sentence_label": torch.from_numpy(self.next_sentence_labels[rows].astype(np.int64)),
-            "mlm_positions": torch.from_numpy(batch_row * width + positions),
-            "mlm_labels": torch.from_numpy(originals.astype(np.int64)),
+            "mlm_positions": torch.from_numpy(mlm_positions),
+            "mlm_labels": torch.from_numpy(mlm_labels.astype(np.int64)),
         }
 
 
