@@ -1,6 +1,6 @@
 """One run at a time in a run dir, and the same run dir seen by every rank.
 
-Two faults that corrupt a run without an error of their own:
+Faults that corrupt a run without an error of their own:
 
 - two jobs writing one run dir (a job resubmitted while the first still runs, two users on
   one path): their saves interleave in ``checkpoints/``, and ``latest`` names whichever came
