@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from pipeline.ds_config import DsConfigError
+from preprocessing.write_failure import REFUSED, refused_write
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -103,7 +104,7 @@ def save(engine, directory: str, step: int, client_state: dict, keep: int, is_ra
     except OSError as err:
         raise _write_error(directory, tag, err) from None
     except RuntimeError as err:
-        failure = _torch_write_failure(directory, err)
+        failure = refused_write(err, directory)  # torch.save's zip writer: a RuntimeError, no errno
         if failure is None:
             raise
         raise _write_error(directory, tag, failure) from None
@@ -113,22 +114,9 @@ def save(engine, directory: str, step: int, client_state: dict, keep: int, is_ra
     return tag
 
 
-def _torch_write_failure(directory: str, err: RuntimeError) -> OSError | None:
-    """torch.save reports a failed write (a full disk among others) as a RuntimeError of its zip
-    writer, without an errno: an OSError for it, ENOSPC when the filesystem is (nearly) full."""
-    if "inline_container" not in str(err) and "PytorchStreamWriter" not in str(err):
-        return None
-    try:
-        usage = shutil.disk_usage(directory)
-        full = usage.free < min(64 << 20, usage.total // 100)
-    except OSError:
-        full = False
-    return OSError(errno.ENOSPC if full else errno.EIO, f"torch.save failed: {str(err).splitlines()[0]}")
-
-
 def _write_error(directory: str, tag: str, err: OSError) -> CheckpointWriteError:
     full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-    why = "no space left on device" if full else "a write failed"
+    why = REFUSED.get(err.errno, "a write failed")
     previous = find_latest(directory)  # the tag itself if only `latest` failed to move
     resume_from = os.path.join(directory, previous) if previous else "scratch (no complete checkpoint yet)"
     advice = f"free space in {directory} and rerun" if full else "fix the cause and rerun"

@@ -32,6 +32,7 @@ from pipeline.finetuning.model import ModelSourceError, model_lineage  # noqa: E
 from preprocessing import cli_parser  # noqa: E402
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP  # noqa: E402
 from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
+from preprocessing.write_failure import WriteFailure, writing  # noqa: E402
 
 USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError, LaunchError, TrackingServerError)
 log = logging.getLogger("pipeline.embed")
@@ -145,13 +146,14 @@ def main(argv=None) -> int:
                     "embedding_dim": model.config.hidden_size, "id_column": scan.output_id_column,
                     "source": os.path.abspath(args.input), **lineage}
         schema = embedding.output_schema(scan.output_id_column, scan.id_type, metadata)
-        truncated = embed_chunks(args, scan, model, tokenizer, converter, max_length, schema, rank, world_size)
-        if world_size > 1:
-            counts = torch.tensor([truncated], dtype=torch.int64)
-            torch.distributed.all_reduce(counts)  # also the barrier: every part is written
-            truncated = int(counts.item())
-            if rank == 0:
-                embedding.merge_parts(args.out, schema, scan.chunks(scan.chunk_size(args.chunk_rows, world_size)))
+        with writing("the embeddings", args.out):  # a full disk: one line, no partial file left
+            truncated = embed_chunks(args, scan, model, tokenizer, converter, max_length, schema, rank, world_size)
+            if world_size > 1:
+                counts = torch.tensor([truncated], dtype=torch.int64)
+                torch.distributed.all_reduce(counts)  # also the barrier: every part is written
+                truncated = int(counts.item())
+                if rank == 0:
+                    embedding.merge_parts(args.out, schema, scan.chunks(scan.chunk_size(args.chunk_rows, world_size)))
         seconds = time.perf_counter() - started
         if rank == 0:
             print(f"{scan.rows} embeddings ({model.config.hidden_size} dims, {args.pooling} pooling"
@@ -162,6 +164,9 @@ def main(argv=None) -> int:
                                  "rows": scan.rows, "rows_truncated": truncated}, 0)
         status = "FINISHED"
         return 0
+    except WriteFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         if tracker:
             tracker.finish(status)

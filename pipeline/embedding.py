@@ -18,6 +18,7 @@ the input's size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -211,7 +212,12 @@ class ParquetOut:
 
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path, self.temp = path, f"{path}.tmp-{os.getpid()}"
-        self.writer = pq.ParquetWriter(self.temp, schema)
+        try:
+            self.writer = pq.ParquetWriter(self.temp, schema)
+        except BaseException:  # a full disk at the start: no empty temporary file left behind
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.temp)
+            raise
 
     def write(self, table) -> None:
         self.writer.write_table(table)

@@ -30,14 +30,15 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 
 if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline import checkpoint  # noqa: E402
 from pipeline.engine import flat  # noqa: E402
+from pipeline.output_path import built_beside, file_beside  # noqa: E402
 from preprocessing import cli_parser  # noqa: E402
+from preprocessing.write_failure import WriteFailure, writing  # noqa: E402
 
 log = logging.getLogger(__name__)
 TRAIN_CONFIG = "train_config.json"
@@ -65,10 +66,8 @@ def write_train_config(config, pretrain_run_id: str | None = None) -> str:
         # Its content too: the export must not depend on a file outside the run dir (a published
         # BERT's folder, continued from and then deleted or moved).
         values["model_config"] = read_config_file(config.model)
-    temp = path + ".tmp"
-    with open(temp, "w") as f:
+    with writing("the run's config", path), file_beside(path) as temp, open(temp, "w") as f:
         json.dump(values, f, indent=2)
-    os.replace(temp, path)
     return path
 
 
@@ -243,13 +242,6 @@ def check_out_dir(out: str, overwrite: bool) -> None:
                       "another --out")
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
 def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, out_dir: str | None = None,
                       data_dir: str | None = None, pretrain_run_id: str | None = None,
                       overwrite: bool = False) -> str:
@@ -293,22 +285,17 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
 
     # A temporary dir of its own beside ``out`` (never a name someone else could be using); a crash
     # leaves only it behind.
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
-    try:
+    # A full disk: one line, and the checkpoint (complete, never touched here) exports again later.
+    again = f"python pipeline/export.py {os.path.join(checkpoints, tag)}" + (f" --out {out}" if out_dir else "")
+    # A finished export replaces the older one (or, with overwrite, whatever was there) whole.
+    with writing("the Hugging Face export", out, f"export it again: {again}"), built_beside(out) as temp:
         _write_export(model, manifest, data_dir, temp, tag, checkpoints, train_config, pretrain_run_id)
-        # A finished export replaces the older one (or, with overwrite, whatever was there) whole.
-        _remove(out)
-        os.replace(temp, out)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)  # gone already after the rename
     log.info("exported %s to %s", tag, out)
     return out
 
 
 def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, checkpoints: str,
                   train_config: dict, pretrain_run_id: str | None) -> None:
-    os.chmod(temp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the export from the other users
     model.save_pretrained(temp, safe_serialization=True)
     tokenizer_dir = os.path.join(data_dir, manifest["tokenizer"].get("path", "tokenizer"))
     for name in sorted(os.listdir(tokenizer_dir)):
@@ -327,12 +314,6 @@ def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, che
             "convert": manifest.get("convert")}
     with open(os.path.join(temp, TRAINING_INFO), "w") as f:
         json.dump(info, f, indent=2)
-
-
-def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
 
 
 def main(argv=None) -> int:
@@ -355,6 +336,9 @@ def main(argv=None) -> int:
     except (ExportError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WriteFailure as err:  # a full disk: one line, the checkpoint untouched
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 

@@ -32,7 +32,9 @@ from pipeline.finetuning.report import log_to_mlflow, write_report  # noqa: E402
 from pipeline.run_lock import RunDirError, acquire  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
+from preprocessing.write_failure import WriteFailure, writing  # noqa: E402
 
+AGAIN = "fine-tune again (fine-tuning keeps no checkpoint)"
 USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfigError, LaunchError,
                TrackingServerError, RunDirError)
 
@@ -92,8 +94,12 @@ def finetune(config, finetuner) -> int:
         report = finetuner.test_report()  # every rank: the test pass is all-gathered
         report["predictions"] = finetuner.write_predictions(config.output_dir)  # every rank, as the test pass
         if finetuner.is_rank0:
-            model_dir = finetuner.save_model(os.path.join(config.output_dir, "model"))
-            paths = write_report(report, config.output_dir)
+            model_dir = os.path.join(config.output_dir, "model")
+            with writing("the fine-tuned model", model_dir, AGAIN):
+                finetuner.save_model(model_dir)
+            with writing("the report", config.output_dir, f"the model is saved in {model_dir}; fine-tune again for "
+                                                          "its report"):
+                paths = write_report(report, config.output_dir)
             test = "  ".join(f"{k}={v:.4f}" for k, v in report["test"].items())
             print(f"best epoch {best.epoch} (validation {finetuner.metric} {best.validation[finetuner.metric]:.4f}); "
                   f"test: {test}\nmodel: {model_dir}\nreport: {paths[0]}", flush=True)
@@ -102,9 +108,12 @@ def finetune(config, finetuner) -> int:
                       f"{written['from']})", flush=True)
             if tracker:
                 tracker.log_metrics({f"test/{k}": v for k, v in report["test"].items()}, best.epoch)
-                log_to_mlflow(tracker, paths, model_dir if config.log_model else None, finetuner.task,
-                              config.register_name, finetuner.max_length, finetuner.convert,
-                              [os.path.join(config.output_dir, w["file"]) for w in report["predictions"].values()])
+                what = "the report, predictions and model" + (
+                    f" (to be registered as {config.register_name})" if config.register_name else "")
+                tracker.attempt(what, log_to_mlflow, tracker, paths,
+                                model_dir if config.log_model else None, finetuner.task, config.register_name,
+                                finetuner.max_length, finetuner.convert,
+                                [os.path.join(config.output_dir, w["file"]) for w in report["predictions"].values()])
         status = "FINISHED"
         end_distributed()
         return 0
@@ -115,6 +124,9 @@ def finetune(config, finetuner) -> int:
     except Diverged as err:  # raised by every rank at the same step (reduced or agreed values): one line each
         code = 1
         print(f"error: rank {finetuner.rank}: {err}", file=sys.stderr)
+    except WriteFailure as err:  # rank 0 alone (a full disk): one line; the other ranks have left
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         if tracker:
             tracker.finish(status)

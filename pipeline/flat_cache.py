@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data_dir import COLUMN_DTYPES, LIST_COLUMNS, DataDirError, open_shard
+from pipeline.output_path import current_umask
 from pipeline.read_ahead import ReadAhead
 from preprocessing.examples import WORD_STARTS
 
@@ -344,7 +345,7 @@ def build_flat_cache(data_dir: str, manifest: dict, target: str) -> bool:
     try:
         os.makedirs(parent, exist_ok=True)
         temp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.building-", dir=parent)
-        os.chmod(temp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared data dir's cache from others
+        os.chmod(temp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared data dir's cache from others
     except OSError as e:
         raise DataDirError(f"cannot write the flat cache {target} ({e}): pass a writable cache dir "
                            "(--data-cache) for a read-only data dir") from None
@@ -368,12 +369,6 @@ def build_flat_cache(data_dir: str, manifest: dict, target: str) -> bool:
         return True
     finally:
         shutil.rmtree(temp, ignore_errors=True)  # gone already after a successful rename
-
-
-def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
 
 
 # How long a rank waits, with no sign of a conversion in progress, before it converts the cache

@@ -35,6 +35,7 @@ from pipeline.tracking import Tracker, config_params  # noqa: E402
 from pipeline.train_config import parse_args  # noqa: E402
 from pipeline.trainer import NonFiniteLoss, Trainer  # noqa: E402
 from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
+from preprocessing.write_failure import WriteFailure  # noqa: E402
 
 USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError, CheckpointError, LaunchError,
                RunDirError, TrackingServerError)
@@ -80,10 +81,10 @@ def train(config, trainer: Trainer) -> int:
                             "accumulation_steps": trainer.batches.accumulation_steps,
                             "eval_shards_used": trainer.eval_shards, "train_rows": trainer.train_rows})
         tracker.log_json(trainer.ds_config, "ds_config.json")
-    if trainer.is_rank0:
-        write_train_config(config, tracker.run_id if tracker else None)  # what the export rebuilds from
     status, code, agreed = "FAILED", 1, True
     try:
+        if trainer.is_rank0:
+            write_train_config(config, tracker.run_id if tracker else None)  # what the export rebuilds from
         code = trainer.train(tracker)
         if tracker and trainer.final_eval:
             tracker.log_json(trainer.final_eval, "final_eval.json")
@@ -95,7 +96,8 @@ def train(config, trainer: Trainer) -> int:
         status = "FINISHED" if code == 0 else "KILLED"
     except NonFiniteLoss as err:  # raised by every rank at the same step: one line each, no traceback
         print(f"error: rank {trainer.rank}: {err}", file=sys.stderr)
-    except CheckpointWriteError as err:  # a full disk: one line; the previous checkpoint still resumes
+    except (CheckpointWriteError, WriteFailure) as err:  # a full disk: one line; the newest checkpoint resumes
+        code = 1  # also after a finished training whose export failed
         print(f"error: rank {trainer.rank}: {err}", file=sys.stderr)
         # Not agreed with the other ranks (they may have written their files): this rank exits at once
         # and the launcher ends its peers, as for any failed rank; the barrier below would not match.

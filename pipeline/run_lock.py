@@ -65,10 +65,18 @@ class RunLock:
         if self.created:
             try:
                 os.remove(self.path)
-                for folder in reversed(self.created):  # os.removedirs would go on past the folders made here
-                    os.rmdir(folder)
-            except OSError:  # something else was written there meanwhile: it stays
-                pass
+            except OSError:
+                return
+            _remove_folders(self.created)
+
+
+def _remove_folders(created: Sequence[str]) -> None:
+    """The folders made for a run dir (parents first), last first, while they are empty."""
+    try:
+        for folder in reversed(created):  # os.removedirs would go on past the folders made here
+            os.rmdir(folder)
+    except OSError:  # something else was written there meanwhile: it stays
+        pass
 
 
 # What a second run into the folder would do, by the flag that names it.
@@ -97,6 +105,7 @@ def acquire(run_dir: str, flag: str = "--run-dir") -> RunLock:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides: a group's run dirs stay shared
     except OSError as err:
+        _remove_folders(created)
         raise RunDirError(f"{flag} {run_dir}: cannot write {path}: {err.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,8 +127,8 @@ def acquire(run_dir: str, flag: str = "--run-dir") -> RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
         os.fsync(fd)  # read back by the other nodes' ranks once they meet this one
-    except OSError as err:  # a full disk or quota
-        os.close(fd)
+    except OSError as err:  # a full disk or quota: refused, and a run dir made here goes again
+        RunLock(path, fd, 0, created).abandon()
         raise RunDirError(f"{flag} {run_dir}: cannot write {path}: {err.strerror}") from None
     return RunLock(path, fd, token, created)
 

@@ -1,14 +1,27 @@
-"""MLflow for the training stages: only global rank 0 logs; metrics go in batches."""
+"""MLflow for the training stages: only global rank 0 logs; metrics go in batches.
+
+Once a run has started, MLflow is the record, not the work: a tracking server that goes away or
+a tracking database on a full disk must not end days of pretraining, nor skip its export. Every
+call after the start is tried once; the first failure is a warning, the later ones are counted,
+and ``finish`` says how many were lost (the run dir's metrics.jsonl, eval.jsonl and the stage's
+own files keep every figure). The start itself is strict: a server that does not answer is
+refused before the work (``check_tracking_server``).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 
 from pipeline.engine import flat
 
-from preprocessing.mlflow_experiment import experiment_name
+from preprocessing.mlflow_experiment import QuietRepeats, experiment_name, tracking_failure
+
+log = logging.getLogger(__name__)
+# MLflow's loggers that repeat a failing store's error for every queued metrics batch.
+_REPEATING = ("mlflow.utils.async_logging.async_logging_queue", "mlflow.store.db.utils")
 
 
 class Tracker:
@@ -25,25 +38,43 @@ class Tracker:
         self.run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name,
                                     tags={"stage": stage, **tags})
         self.run_id = self.run.info.run_id
+        self.failures = 0
+        for name in _REPEATING:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, QuietRepeats) for f in logger.filters):
+                logger.addFilter(QuietRepeats())
+
+    def attempt(self, what: str, fn, *args, **kwargs) -> None:
+        """``fn(*args, **kwargs)``; a failure is warned about (the first) and counted, not raised."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure of the tracking store: the work goes on
+            self.failures += 1
+            if self.failures == 1:
+                log.warning("MLflow could not record %s in run %s (%s); the run goes on, and later failures are "
+                            "counted", what, self.run_id, tracking_failure(err))
 
     def log_params(self, params: dict) -> None:
         flat = {k: str(v)[:500] for k, v in params.items()}
-        self._mlflow.log_params(flat)
+        self.attempt("the parameters", self._mlflow.log_params, flat)
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         # One call for the whole set, queued: training never waits on the tracking server
         # (end_run flushes the queue).
-        self._mlflow.log_metrics(values, step=step, synchronous=False)
+        self.attempt(f"the metrics of step {step}", self._mlflow.log_metrics, values, step=step, synchronous=False)
 
     def log_json(self, obj: dict, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, name)
             with open(path, "w") as f:
                 json.dump(obj, f, indent=2)
-            self._mlflow.log_artifact(path)
+            self.attempt(name, self._mlflow.log_artifact, path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._mlflow.end_run(status=status)
+        self.attempt(f"the run's end ({status})", self._mlflow.end_run, status=status)
+        if self.failures:
+            log.warning("MLflow run %s is missing what %d call(s) could not record (the first is warned about "
+                        "above); the stage's own files are complete", self.run_id, self.failures)
 
 
 def config_params(config) -> dict:

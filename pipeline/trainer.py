@@ -31,6 +31,7 @@ from pipeline.read_ahead import one_batch_ahead
 from pipeline.sampler import BatchSampler, eval_batches, training_rows
 from pipeline.train_config import TrainConfig
 from preprocessing.examples import OBJECTIVES
+from preprocessing.write_failure import writing
 
 log = logging.getLogger(__name__)
 EXIT_STOPPED = 3  # a stop signal was honoured: checkpoint written, the job can requeue
@@ -221,20 +222,27 @@ class Trainer:
         wrote = checkpoint.read_meta(checkpoints, tag).get("pretrain_run_id") or previous.get("pretrain_run_id")
         return {"init_from": os.path.join(checkpoints, tag), "init_from_run_id": wrote}
 
+    def _trim_history(self) -> None:
+        """The history goes on from the step this run starts at, not after the abandoned steps (a
+        crash past the checkpoint; a run that failed before its first checkpoint, started afresh)."""
+        if not self.is_rank0:
+            return
+        dropped = sum(keep_steps_up_to(os.path.join(self.config.run_dir, name), self.step)
+                      for name in ("metrics.jsonl", "eval.jsonl"))
+        if dropped:
+            log.info("removed %d line(s) past step %d from metrics.jsonl/eval.jsonl (steps this run redoes)",
+                     dropped, self.step)
+
     def _resume(self) -> None:
         tag = self.resume_tag
         if tag is None:
+            self._trim_history()
             return
         plan = self.resume_plan
         load_tag = self._universal_tag(tag) if plan.universal else tag
         state = checkpoint.load(self.engine, self.config.checkpoint_dir, load_tag)
         self.step = self._saved_step = state["step"]
-        if self.is_rank0:  # the history goes on from the checkpoint's step, not after the abandoned ones
-            dropped = sum(keep_steps_up_to(os.path.join(self.config.run_dir, name), self.step)
-                          for name in ("metrics.jsonl", "eval.jsonl"))
-            if dropped:
-                log.info("removed %d line(s) past step %d from metrics.jsonl/eval.jsonl (steps this run redoes)",
-                         dropped, self.step)
+        self._trim_history()
         self._apply_schedule_flags()
         self.sampler.load_state_dict(checkpoint.regroup_sampler_state(state["sampler"], self.world_size))
         if len(state["rng"]) == self.world_size:
@@ -470,11 +478,16 @@ class Trainer:
             raise NonFiniteLoss(f"loss non-finite for {self._nonfinite} steps in a row up to step {self.step} "
                                 f"({f'{where}, ' if where else ''}each update skipped): stopping every rank")
 
+    def _append_history(self, name: str, values: dict) -> None:
+        path = os.path.join(self.config.run_dir, name)
+        with writing("the run's history", path, "rerun: it resumes from the newest complete checkpoint"), \
+                open(path, "a") as f:
+            f.write(json_line(values))
+
     def _log_eval(self, values: dict, tracker) -> None:
         values = {k: v for k, v in values.items() if k != "step"}
         if self.is_rank0:
-            with open(os.path.join(self.config.run_dir, "eval.jsonl"), "a") as f:
-                f.write(json_line({"step": self.step, **values}))
+            self._append_history("eval.jsonl", {"step": self.step, **values})
             log.info("eval at step %d  %s", self.step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if tracker:
                 tracker.log_metrics(values, self.step)
@@ -517,9 +530,8 @@ class Trainer:
             values["mfu_executed"] = (values["sequences_per_second"]
                                       * self.flops.executed_per_sequence(mean_length, predictions) / peak)
         if self.is_rank0:
-            with open(os.path.join(self.config.run_dir, "metrics.jsonl"), "a") as f:
-                # a value the window has none of (the norm when every update was skipped) is null
-                f.write(json_line({"step": self.step, **values}))
+            # a value the window has none of (the norm when every update was skipped) is null
+            self._append_history("metrics.jsonl", {"step": self.step, **values})
             log.info("step %d/%d  %s", self.step, self.config.steps,
                      "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if tracker:

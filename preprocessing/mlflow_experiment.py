@@ -28,6 +28,33 @@ def browse_hint(uri: str | None = None) -> str:
     return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
 
 
+def tracking_failure(err: BaseException) -> str:
+    """The line of a tracking store's error that says what failed ("(sqlite3.OperationalError)
+    database or disk is full"), not SQLAlchemy's notes around it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()
+             and not line.strip().startswith(("(raised as a result", "(Background on this error"))]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+class QuietRepeats:
+    """A logging filter for MLflow's own loggers once its store fails: every metrics batch logs the
+    same database error again (7 lines a step on SQLite). The first record passes, then one in
+    ``every``, each saying how many were held back."""
+
+    def __init__(self, every: int = 100):
+        self.every, self.seen = every, 0
+
+    def filter(self, record) -> bool:
+        if record.levelno < 40:  # ERROR
+            return True
+        self.seen += 1
+        if self.seen > 1 and self.seen % self.every:
+            return False
+        if self.seen > 1:
+            record.msg = f"{record.msg} [{self.every - 1} more like it held back]"
+        return True
+
+
 class TrackingServerError(ValueError):
     """The tracking server named by MLFLOW_TRACKING_URI does not answer."""
 

@@ -25,7 +25,7 @@ for _noisy in ("apache_beam", "alembic", "mlflow", "urllib3"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 from preprocessing import driver  # noqa: E402
-from preprocessing.errors import explain  # noqa: E402
+from preprocessing.errors import explain, refused_write  # noqa: E402
 from preprocessing.mlflow_experiment import check_tracking_server  # noqa: E402
 from preprocessing.options import parse_args  # noqa: E402
 
@@ -33,7 +33,8 @@ from preprocessing.options import parse_args  # noqa: E402
 def _not_a_known_error(record: logging.LogRecord) -> bool:
     """Beam logs a worker's exception with its traceback before the driver sees it; for the errors
     main() turns into one line (bad input, flags, vocabulary), that traceback is noise."""
-    return not (record.exc_info and record.exc_info[1] is not None and explain(record.exc_info[1]) is not None)
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and (explain(error) is not None or refused_write(error, "") is not None))
 
 
 for _handler in logging.getLogger().handlers:
@@ -47,6 +48,10 @@ def main(argv=None) -> int:
             check_tracking_server()
         summary = driver.run(config, beam_args)
     except Exception as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown
+        full = refused_write(err, config.output)
+        if full:  # not the input's fault: exit 1, as a failed save in pretraining
+            print(f"error: {full}", file=sys.stderr)
+            return 1
         message = explain(err)
         if message is None:
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -16,10 +17,11 @@ from collections.abc import Iterator
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from preprocessing.mlflow_experiment import experiment_name
+from preprocessing.mlflow_experiment import experiment_name, tracking_failure
 from preprocessing.options import PreprocessConfig
 
 _PARAM_MAX = 500  # MLflow's limit on a param value's length
+log = logging.getLogger(__name__)
 
 
 class PreprocessRun:
@@ -30,8 +32,18 @@ class PreprocessRun:
         self.run_id = mlflow_module.active_run().info.run_id if mlflow_module else None
 
     def log_results(self, counters: dict[str, int], wall_seconds: float, output: str) -> None:
+        """The counts, the manifest and the tokenizer. The data dir is finished by now and is the
+        record: a tracking store that fails here (a full disk, a server gone) is warned about, and
+        the data dir stands."""
         if not self._mlflow:
             return
+        try:
+            self._log_results(counters, wall_seconds, output)
+        except Exception as err:  # noqa: BLE001 - any failure of the tracking store
+            log.warning("MLflow could not record the counts, manifest or tokenizer in run %s (%s); the data dir "
+                        "%s is complete", self.run_id, tracking_failure(err), output)
+
+    def _log_results(self, counters: dict[str, int], wall_seconds: float, output: str) -> None:
         metrics = {f"count/{k}": float(v) for k, v in counters.items()}
         metrics["wall_seconds"] = wall_seconds
         tokens = counters.get("tokens", 0)
@@ -85,7 +97,15 @@ def preprocess_run(config: PreprocessConfig, beam_args: list[str]) -> Iterator[P
 
     # By id: MLflow 3's set_experiment leaves the loser of a creation race without an active one.
     experiment = mlflow.set_experiment(experiment_name(config.experiment))
-    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=config.run_name,
-                          tags={"stage": "preprocess"}):
-        mlflow.log_params(_params(config, beam_args))
+    run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=config.run_name,
+                           tags={"stage": "preprocess"})
+    mlflow.log_params(_params(config, beam_args))
+    status = "FAILED"
+    try:
         yield PreprocessRun(mlflow)
+        status = "FINISHED"
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception as err:  # noqa: BLE001 - the run's end is a record; the stage's outcome stands
+            log.warning("MLflow could not mark run %s %s (%s)", run.info.run_id, status, tracking_failure(err))

@@ -144,3 +144,47 @@ def set_one_process_world(mp: pytest.MonkeyPatch) -> None:
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(free_port())}.items():
         mp.setenv(key, value)
+
+
+class SmallDisk:
+    """A file system of its own (a tmpfs) that a test fills up: every later write then fails with
+    ENOSPC, as on a full disk, from whichever library makes it."""
+
+    FILLER = ".filler"
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def fill(self) -> None:
+        with open(os.path.join(self.path, self.FILLER), "ab", buffering=0) as f:
+            for size in (1 << 20, 4096, 1):  # down to the last byte: no page left for anyone
+                try:
+                    while True:
+                        f.write(b"\0" * size)
+                except OSError as err:
+                    assert err.errno == 28, err
+
+    def free(self) -> None:
+        os.remove(os.path.join(self.path, self.FILLER))
+
+    def files(self) -> list[str]:
+        """Every file and folder on it but the filler, relative to it."""
+        found = []
+        for root, dirs, names in os.walk(self.path):
+            found += [os.path.relpath(os.path.join(root, n), self.path) for n in dirs + names if n != self.FILLER]
+        return sorted(found)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs at tmp_path/disk (mounting needs root, as CI runs; elsewhere the test skips)."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): a full disk needs a file system of its own")
+    try:
+        yield SmallDisk(str(path))
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

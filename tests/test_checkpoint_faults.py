@@ -143,6 +143,64 @@ def test_a_full_disk_during_a_save_stops_with_one_line_and_the_previous_tag_resu
     assert checkpoint.find_latest(directory) == STEP4 and checkpoint.read_meta(directory, STEP4)["step"] == 4
 
 
+def test_a_disk_that_fills_outside_a_save_stops_with_one_line_and_nothing_half_written(
+        data_dir, small_disk, monkeypatch, capsys):
+    """A real full disk (a tmpfs filled up) under the run's history, then under its export: each a
+    line that names the file and what to do, no traceback; no export folder cut short; a fresh
+    start does not append to a history that an earlier, failed start left."""
+    run_dir = os.path.join(small_disk.path, "run")
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:  # a failed start's, torn at the end
+        f.write('{"step": 7, "loss": 9.0}\n{"step": 8, "lo')
+    fill_once(monkeypatch, Trainer, "_append_history", small_disk)
+    args = [*cli_args(data_dir, run_dir), "--log-every", "1"]
+    assert pretrain.main(args) == 1
+    error = one_error_line(capsys)
+    history = os.path.join(run_dir, "metrics.jsonl")
+    assert error.startswith(f"error: rank 0: cannot write the run's history {history}: no space left on device; "
+                            "free space there, then rerun: it resumes from the newest complete checkpoint"), error
+
+    small_disk.free()
+    monkeypatch.undo()
+    set_one_process_world(monkeypatch)
+    fill_once(monkeypatch, pretrain, "export_checkpoint", small_disk)
+    assert pretrain.main(args) == 1
+    error = one_error_line(capsys)
+    tag_dir = os.path.join(run_dir, "checkpoints", STEP4)
+    assert error.startswith(f"error: rank 0: cannot write the Hugging Face export {os.path.join(run_dir, 'hf', STEP4)}"
+                            ": no space left on device"), error
+    assert error.endswith(f"free space there, then export it again: python pipeline/export.py {tag_dir}"), error
+    assert checkpoint.find_latest(os.path.join(run_dir, "checkpoints")) == STEP4
+    assert os.listdir(os.path.join(run_dir, "hf")) == []  # not even the hidden temporary folder
+    # Only this run's steps: the failed start's lines (and its torn one) went at the fresh start.
+    assert [json.loads(line)["step"] for line in open(history)] == [1, 2, 3, 4]
+
+    small_disk.free()
+    assert export.main([tag_dir]) == 0
+    assert os.path.isfile(os.path.join(run_dir, "hf", STEP4, "model.safetensors"))
+
+
+def fill_once(monkeypatch, owner, name: str, disk) -> None:
+    """``owner.name`` fills the disk up just before its first call does its work."""
+    real, calls = getattr(owner, name), []
+
+    def filled_first(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            disk.fill()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, filled_first)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    return errors[0]
+
+
 def test_a_failed_save_over_a_complete_tag_leaves_it_unmarked(data_dir, run_copy, monkeypatch):
     # Resumed from step 2, the run saves step 4 again: the old marker must not vouch for what the
     # failed save left in the tag.

@@ -6,6 +6,7 @@ import json
 import os
 
 from pipeline.metrics import finite_or_null, format_per_class, per_class_metrics
+from pipeline.output_path import file_beside
 
 REPORT = "report.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -15,8 +16,9 @@ def write_report(report: dict, output_dir: str) -> list[str]:
     """``report.json`` and, for classification, ``confusion_matrix.png``; returns the paths.
     Classification also prints the test split's per-class table (rank 0 alone calls this)."""
     path = os.path.join(output_dir, REPORT)
-    with open(path, "w") as f:  # strict JSON: a metric that is not finite is null (json.dump wrote NaN)
-        json.dump(finite_or_null(report), f, indent=2)
+    # a full disk leaves no report cut short under its name
+    with file_beside(path) as temp, open(temp, "w") as f:
+        json.dump(finite_or_null(report), f, indent=2)  # strict JSON: a metric that is not finite is null
     paths = [path]
     if "per_class" in report:
         print(format_per_class(report["per_class"]["test"], "test"), flush=True)
@@ -50,8 +52,11 @@ def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: str,
     for (i, j), count in np.ndenumerate(m):
         ax.text(j, i, str(count), ha="center", va="center", color="white" if count > threshold else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with file_beside(path) as temp:
+            fig.savefig(temp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

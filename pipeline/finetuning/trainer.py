@@ -38,8 +38,10 @@ from pipeline.length_batches import WINDOW_BATCHES, length_grouped
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
                               json_line, per_class_report, task_metrics)
 from pipeline.model import forward_attention_mask
+from pipeline.output_path import built_beside, file_beside
 from pipeline.tokenized import Ragged, tokenize
 from pipeline.tracking import config_params
+from preprocessing.write_failure import writing
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions"  # OUTPUT_DIR/predictions/NAME.tsv, one per --predict input
@@ -123,6 +125,26 @@ def clear_previous_outputs(output_dir: str) -> list[str]:
     if removed:
         log.warning("--output-dir %s held a previous run's %s: removed", output_dir, ", ".join(removed))
     return removed
+
+
+def warn_if_short_of_space(output_dir: str, model, model_dir: str) -> None:
+    """The model is written at the end, and fine-tuning keeps no checkpoint: an output disk too full
+    for it would lose the whole run. Said at the start, while there is time to free space."""
+    import shutil
+
+    weights = 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # saved in fp32
+    tokenizer = sum(os.path.getsize(os.path.join(model_dir, name)) for name in os.listdir(model_dir)
+                    if name.startswith(("tokenizer", "vocab", "spm", "special_tokens", "sentencepiece"))
+                    and os.path.isfile(os.path.join(model_dir, name)))
+    need = weights + tokenizer
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        return
+    if free < need * 1.1:
+        log.warning("--output-dir %s has %.0f MiB free; the fine-tuned model needs about %.0f MiB at the end of "
+                    "the run (no checkpoint is kept before it): free space there before then", output_dir,
+                    free / 2**20, need / 2**20)
 
 
 @dataclasses.dataclass
@@ -209,6 +231,8 @@ class Finetuner:
         self.tokenizer = load_tokenizer(self.hf_dir, config.tokenizer, AutoConfig.from_pretrained(self.hf_dir))
         torch.manual_seed(settings.seed)  # the classifier head (and, with --init random, every weight)
         model = build_classifier(self.hf_dir, self.task, self.data.labels, config.init, config.reinit_pooler)
+        if self.is_rank0:
+            warn_if_short_of_space(config.output_dir, model, self.hf_dir)
         self.max_length = self._max_length(model.config)
         self.convert = read_training_info(self.hf_dir).get("convert")
         if self.convert:
@@ -475,7 +499,8 @@ class Finetuner:
             values["train/loss_scale"] = float(loss_scale(self.engine))
         if not self.is_rank0:
             return
-        with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
+        path = os.path.join(self.config.output_dir, "metrics.jsonl")
+        with writing("the epochs' metrics", path, "fine-tune again"), open(path, "a") as f:
             f.write(json_line({"epoch": result.epoch, "step": self.step, **values}))
         log.info("epoch %d/%d  %s%s", result.epoch, self.config.epochs,
                  "  ".join(f"{k}={v:.4g}" for k, v in values.items()), "  (best so far)" if improved else "")
@@ -540,23 +565,26 @@ class Finetuner:
             else:
                 values = [str(np.float32(v)) for v in outputs[name][:, 0]]  # the shortest text that reads back
             path = os.path.join(output_dir, PREDICTIONS, f"{name}.tsv")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w", newline="") as f:  # a killed run leaves no partial file looking whole
-                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-                writer.writerow(["index", "prediction"])
-                writer.writerows(enumerate(values))
-            os.replace(path + ".tmp", path)
+            with writing("the predictions", path, "fine-tune again (fine-tuning keeps no checkpoint)"):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                # a killed run or a full disk leaves no partial file looking whole
+                with file_beside(path) as temp, open(temp, "w", newline="") as f:
+                    writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+                    writer.writerow(["index", "prediction"])
+                    writer.writerows(enumerate(values))
             written[name] = {"file": os.path.relpath(path, output_dir), "from": spec, "rows": len(data),
                              "rows_truncated": data.truncated}
             log.info("predictions for %d rows of %s: %s", len(data), spec, path)
         return written
 
     def save_model(self, directory: str) -> str:
-        """The best weights in Hugging Face format, fp32, with the tokenizer and the label mapping."""
+        """The best weights in Hugging Face format, fp32, with the tokenizer and the label mapping;
+        the folder appears under its name only once it is whole (a full disk leaves none)."""
         model = self.engine.module.float()  # after train(), already the best epoch's fp32 masters
-        model.save_pretrained(directory, safe_serialization=True)
-        # The tokenizer keeps the pretraining length as its model_max_length: a later fine-tuning
-        # from this model reads it as such (default length, untrained positions). The length this
-        # run used is report.json's max_seq_length and the logged MLflow model's max_length.
-        self.tokenizer.save_pretrained(directory)
+        with built_beside(directory) as temp:
+            model.save_pretrained(temp, safe_serialization=True)
+            # The tokenizer keeps the pretraining length as its model_max_length: a later fine-tuning
+            # from this model reads it as such (default length, untrained positions). The length this
+            # run used is report.json's max_seq_length and the logged MLflow model's max_length.
+            self.tokenizer.save_pretrained(temp)
         return directory

@@ -1,0 +1,102 @@
+"""A real full disk (a tmpfs filled up: ``small_disk`` in tests/conftest.py) under fine-tuning,
+embedding and preprocessing: one line that names the file and what to do, no traceback, and
+nothing written halfway under its final name. Pretraining's: tests/test_checkpoint_faults.py."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import torch
+
+from pipeline import embed, finetune, pretrain
+from pipeline.finetuning.trainer import Finetuner, warn_if_short_of_space
+from pipeline.trainer import Trainer
+
+from .conftest import REPO, WIKI_SAMPLE, set_one_process_world
+from .test_checkpoint_faults import STEP4, cli_args, fill_once, one_error_line
+from .test_finetune import write_reviews
+
+BUNDLE = os.path.join(REPO, "tests", "data", "pretrained_reviews")  # a pretraining export (make_bundle.py)
+
+
+def test_a_full_disk_at_the_end_of_fine_tuning_leaves_no_model_cut_short(small_disk, tmp_path, monkeypatch, capsys):
+    set_one_process_world(monkeypatch)
+    out = os.path.join(small_disk.path, "ft")
+    fill_once(monkeypatch, Finetuner, "save_model", small_disk)
+    args = ["--model", BUNDLE, "--data", write_reviews(tmp_path / "reviews.csv"), "--label-column", "category",
+            "--drop-label", "plot", "--epochs", "1", "--max-seq-length", "32", "--global-batch-size", "32",
+            "--output-dir", out, "--no-mlflow"]
+    assert finetune.main(args) == 1
+    assert one_error_line(capsys) == (f"error: cannot write the fine-tuned model {out}/model: no space left on device; "
+                                      "free space there, then fine-tune again (fine-tuning keeps no checkpoint)")
+    # No model folder, whole or not, hidden or not, and no report that would vouch for one.
+    assert [f for f in small_disk.files() if f != "ft/.lock"] == ["ft", "ft/metrics.jsonl"]
+
+
+def test_an_output_disk_too_full_for_the_model_is_warned_about_at_the_start(small_disk, caplog):
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB in fp32
+    with caplog.at_level(logging.WARNING, logger="pipeline.finetuning.trainer"):
+        warn_if_short_of_space(small_disk.path, model, BUNDLE)
+        assert not caplog.records  # 64 MiB free
+        small_disk.fill()
+        warn_if_short_of_space(small_disk.path, model, BUNDLE)
+    assert f"--output-dir {small_disk.path} has 0 MiB free; the fine-tuned model needs about 5 MiB" in caplog.text
+
+
+def test_a_tracking_store_that_fills_up_is_warned_about_and_the_run_still_exports(
+        data_dir, small_disk, tmp_path, monkeypatch, caplog):
+    """MLflow's sqlite database on a disk that fills up once training has begun: the run goes on,
+    exports, exits 0, and says what MLflow lost (before: the first failed call's traceback, and
+    no export)."""
+    set_one_process_world(monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{small_disk.path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts (./mlruns) beside, not on the full disk
+    fill_once(monkeypatch, Trainer, "train", small_disk)
+    run_dir = tmp_path / "run"
+    args = [a for a in cli_args(data_dir, run_dir) if a != "--no-mlflow"] + ["--log-every", "1"]
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        assert pretrain.main(args) == 0
+    assert os.path.isfile(run_dir / "hf" / STEP4 / "model.safetensors")
+    assert len(open(run_dir / "metrics.jsonl").readlines()) == 4  # the run's own record is whole
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.tracking"]
+    assert warnings and warnings[0].startswith("MLflow could not record"), warnings
+    assert "(sqlite3.OperationalError) database or disk is full" in warnings[0], warnings
+    assert "is missing what" in warnings[-1] and "the stage's own files are complete" in warnings[-1], warnings
+    # MLflow's own logger repeats the error for every step's metrics: once is enough.
+    repeated = [r.name for r in caplog.records if r.name.startswith("mlflow.") and r.levelno >= logging.ERROR]
+    assert repeated and all(repeated.count(name) == 1 for name in repeated), repeated
+
+
+def test_a_full_disk_under_the_embeddings_leaves_no_file(small_disk, tmp_path, capsys):
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text\nThe film is a delight.\nA dull and overlong mess.\n")
+    out = os.path.join(small_disk.path, "emb.parquet")
+    small_disk.fill()
+    assert embed.main(["--model", BUNDLE, "--input", str(texts), "--out", out, "--no-mlflow"]) == 1
+    assert one_error_line(capsys) == (f"error: cannot write the embeddings {out}: no space left on device; "
+                                      "free space there, then rerun")
+    assert small_disk.files() == []  # not even an empty temporary file
+
+
+def test_a_full_disk_under_preprocessing_is_one_line_and_no_manifest(small_disk):
+    out = os.path.join(small_disk.path, "data")
+    small_disk.fill()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
+                           "--output", out, "--vocab-size", "500", "--num-shards", "1", "--dupe-factor", "1",
+                           "--no-mlflow"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and ": no space left on device; the data dir " in errors[0], proc.stderr[-3000:]
+    assert errors[0].endswith("free space there, then rerun into the same --output"), errors
+    assert "manifest.json" not in os.listdir(out) if os.path.isdir(out) else True
+
+
+def test_a_run_dir_refused_on_a_full_disk_is_not_left_behind(data_dir, small_disk, monkeypatch, capsys):
+    set_one_process_world(monkeypatch)
+    small_disk.fill()
+    run_dir = os.path.join(small_disk.path, "runs", "new")
+    assert pretrain.main(cli_args(data_dir, run_dir)) == 2
+    assert one_error_line(capsys) == (f"error: --run-dir {run_dir}: cannot write {run_dir}/.lock: "
+                                      "No space left on device")
+    assert small_disk.files() == []  # neither the folders it made nor an empty lock file
