@@ -53,6 +53,15 @@ class CheckpointWriteError(RuntimeError):
     The tag is left without a marker, so resume uses the previous one."""
 
 
+def check_writable(directory: str) -> None:
+    """A checkpoints folder this process cannot write is refused at the start, not found at the
+    first save: DeepSpeed logs the cause there, then raises "Parent directory … does not exist"."""
+    existing = directory if os.path.isdir(directory) else os.path.dirname(directory)
+    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{existing}: cannot write there (permission denied), so no checkpoint could be "
+                              "saved: fix its permissions, or train into another --run-dir")
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 

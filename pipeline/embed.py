@@ -211,7 +211,12 @@ def cli() -> None:
     """The command (``python pipeline/embed.py``, the ``bert-embed`` console script). SIGTERM
     (torchrun's when a peer fails, scancel's) ends it as an exit, not a kill: the temporary output
     file is removed on the way out instead of left beside OUT."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    def stopped(signum, frame):
+        print(f"error: stopped by {signal.Signals(signum).name}: --out was not written (its temporary file is "
+              "removed); rerun to embed", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
     sys.exit(main())
 
 

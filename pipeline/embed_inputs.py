@@ -17,7 +17,8 @@ import json
 import logging
 import os
 
-from pipeline.finetuning.data import _NO_KEY, FinetuneDataError, _format_of, as_text, is_blank_text, iter_records
+from pipeline.finetuning.data import (_NO_KEY, FinetuneDataError, _format_of, as_text, check_input_path,
+                                      is_blank_text, iter_records)
 
 CHUNK_ROWS = 16_384  # rows a process holds at once: texts, token ids, vectors (~70 MB at 768 dims, 128 tokens)
 ROW_COLUMN = "row"  # the id column when the input has none: the 0-based data row
@@ -55,8 +56,7 @@ def _is_blank_id(value) -> bool:
 def check_first_row(path: str, text_column: str, id_column: str | None = None) -> None:
     """The cheap checks, before a model is loaded: the input exists, has a known format and a
     row, and (csv, tsv, parquet: every row has the first's columns) the columns asked for."""
-    if not os.path.exists(path):
-        raise FinetuneDataError(f"{path}: no such file or directory")
+    check_input_path(path)
     first = next(iter_records(path), None)
     if first is None:
         raise FinetuneDataError(f"{path}: the file has no rows")

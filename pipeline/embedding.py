@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from pipeline.output_path import owner_tag, remove_dead_leftovers
 from pipeline.tokenized import tokenize
 
 POOLINGS = ("cls", "mean")
@@ -211,7 +212,8 @@ class ParquetOut:
         import pyarrow.parquet as pq
 
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path, self.temp = path, f"{path}.tmp-{os.getpid()}"
+        remove_dead_leftovers(os.path.dirname(os.path.abspath(path)), f"{os.path.basename(path)}.tmp-")
+        self.path, self.temp = path, f"{path}.tmp-{owner_tag()}"
         try:
             self.writer = pq.ParquetWriter(self.temp, schema)
         except BaseException:  # a full disk at the start: no empty temporary file left behind

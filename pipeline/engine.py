@@ -395,7 +395,7 @@ def unscaled_grad_norm(engine, norm, scale: float | None):
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (SLURM's time limit, scancel, preemption) on any rank; the ranks
+    """Set by SIGTERM/SIGUSR1 (SLURM's time limit, scancel, preemption) or Ctrl-C on any rank; the ranks
     agree on it through ``agree`` at a step boundary and stop together. Raising from the handler
     instead would stop a rank wherever it is, while a peer blocked in a collective never runs its
     own handler, and a second signal (SLURM sends several) would interrupt the clean-up."""
@@ -403,10 +403,16 @@ class StopFlag:
     def __init__(self, action: str):
         self.action, self.requested, self.signum = action, False, 0  # signum: the first signal's
         self.terminated = False  # a SIGTERM came, whatever came first
+        self.interrupts = 0  # Ctrl-Cs so far
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        # Ctrl-C: the same stop at a step boundary (before: a KeyboardInterrupt wherever the rank
+        # was, a traceback, no checkpoint); a second Ctrl-C stops at once.
+        current = signal.getsignal(signal.SIGINT)  # Python's, or an earlier run's in this process
+        if current is signal.default_int_handler or isinstance(getattr(current, "__self__", None), StopFlag):
+            signal.signal(signal.SIGINT, self._interrupt)
 
     @contextlib.contextmanager
     def killable(self):
@@ -420,16 +426,27 @@ class StopFlag:
         if self.terminated:
             print("error: stopped by SIGTERM before the ranks met: nothing to checkpoint", file=sys.stderr)
             exit_now(128 + signal.SIGTERM)
+        interrupt = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C too: nothing to lose yet
         try:
             yield
         finally:
             signal.signal(signal.SIGTERM, self._handle)
+            signal.signal(signal.SIGINT, interrupt)
 
     def _handle(self, signum, frame) -> None:
         logging.getLogger(__name__).warning("received signal %d: %s", signum, self.action)
         self.requested, self.signum = True, self.signum or signum
         self.terminated = self.terminated or signum == signal.SIGTERM
+
+    def _interrupt(self, signum, frame) -> None:
+        self.interrupts += 1
+        if self.interrupts > 1:  # the second Ctrl-C
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        logging.getLogger(__name__).warning("Ctrl-C: %s (Ctrl-C again stops at once, without it)", self.action)
+        self.requested, self.signum = True, self.signum or signum
 
 
 def exit_now(code: int) -> None:

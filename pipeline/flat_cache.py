@@ -347,8 +347,10 @@ def build_flat_cache(data_dir: str, manifest: dict, target: str) -> bool:
         temp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.building-", dir=parent)
         os.chmod(temp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared data dir's cache from others
     except OSError as e:
-        raise DataDirError(f"cannot write the flat cache {target} ({e}): pass a writable cache dir "
-                           "(--data-cache) for a read-only data dir") from None
+        default = os.path.abspath(parent) == os.path.abspath(data_dir)  # DATA/flat, no --data-cache given
+        raise DataDirError(f"cannot write the flat cache {target} ({e}): " + (
+            "pass a writable cache dir (--data-cache) for a read-only data dir" if default else
+            "pass a --data-cache this user can write in")) from None
     try:
         started = time.monotonic()
         log.info("converting %d shard(s) of %s into flat arrays in %s (once per data dir)",

@@ -4,10 +4,14 @@ under their name only once they are whole."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
 
 
 class OutputPathError(ValueError):
@@ -45,15 +49,53 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
+def owner_tag() -> str:
+    """This process, in a temporary name: host and pid, so that a later run can tell a killed
+    writer's leftover from a live writer's file."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_dead_leftovers(parent: str, prefix: str) -> None:
+    """Removes what killed processes of this host left in ``parent`` under ``prefix`` + their
+    ``owner_tag()`` (a process killed mid-write runs no clean-up: an export left 352 MB behind).
+    A live process's, another host's (a shared file system) and other names stay."""
+    host = socket.gethostname()
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(f"{prefix}{host}-"):
+            continue
+        pid = name[len(prefix) + len(host) + 1:].split("-", 1)[0].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        log.info("removing %s, left by a killed process", os.path.join(parent, name))
+        with contextlib.suppress(OSError):
+            remove(os.path.join(parent, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def built_beside(path: str) -> Iterator[str]:
     """A new folder of this process's own beside ``path`` (hidden), to write into; when the block
     ends without an error it replaces whatever is at ``path``, else it is removed. A crash or a
-    full disk leaves no half-written folder under the final name (a killed process may leave the
-    hidden one)."""
+    full disk leaves no half-written folder under the final name; what a killed process left
+    beside it is removed by the next one."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    prefix = f".{os.path.basename(path)}.partial-"
+    remove_dead_leftovers(parent, prefix)
+    temp = tempfile.mkdtemp(prefix=f"{prefix}{owner_tag()}-", dir=parent)
     try:
         os.chmod(temp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the folder from the other users
         yield temp
@@ -67,7 +109,8 @@ def built_beside(path: str) -> Iterator[str]:
 def file_beside(path: str) -> Iterator[str]:
     """A temporary name beside ``path`` to write the file to; renamed to ``path`` when the block
     ends without an error, else removed: a full disk leaves no file cut short under its name."""
-    temp = f"{path}.tmp-{os.getpid()}"
+    remove_dead_leftovers(os.path.dirname(os.path.abspath(path)), f"{os.path.basename(path)}.tmp-")
+    temp = f"{path}.tmp-{owner_tag()}"
     try:
         yield temp
         os.replace(temp, path)

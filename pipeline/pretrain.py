@@ -6,9 +6,9 @@
 
 Exit code 2 with one line naming the flag, file or field for a bad data dir, DeepSpeed config,
 model or checkpoint; 0 when --steps are done (rank 0 then exports the last checkpoint in Hugging Face
-format to RUN_DIR/hf/<tag>, see pipeline/export.py); 3 when a stop signal (SIGTERM/SIGUSR1) was honoured
+format to RUN_DIR/hf/<tag>, see pipeline/export.py); 3 when a stop signal (SIGTERM/SIGUSR1, Ctrl-C) was honoured
 with a checkpoint, so a scheduler can requeue the job and --resume auto continues it; 1 on a failure
-(a save that cannot be written, e.g. a full disk, is one `error: …` line naming the checkpoint dir).
+(a write that fails, e.g. on a full disk, is one `error: …` line naming the file).
 A failure on one rank ends every rank in bounded time: a non-finite loss is agreed, so all raise it
 at the same step; a rank that raises exits at once, and its peers' collectives fail (gloo) or the
 launcher ends them (torchrun, deepspeed, srun --kill-on-bad-exit=1); --dist-timeout-minutes bounds
@@ -56,6 +56,8 @@ def main(argv=None) -> int:
             trainer = Trainer(config)
         except USER_ERRORS as err:  # a bad flag, data dir or checkpoint: one line that names it, no traceback
             print(f"error: {err}", file=sys.stderr)
+            if lock:  # refused before any output: no run dir left behind that was not there
+                lock.abandon()
             return 2
         return train(config, trainer)
     finally:  # whatever happened: an in-process caller may start another run in this run dir

@@ -93,6 +93,7 @@ class Trainer:
         self.stop = StopFlag("checkpointing at the end of this step")
         self.stop.install()
         os.makedirs(config.run_dir, exist_ok=True)
+        checkpoint.check_writable(config.checkpoint_dir)
         self.manifest = read_manifest(config.data)
         # A compiled encoder recompiles for every new batch shape: a padded length per length bucket
         # would pass torch._dynamo's recompile limit. Padded to max_seq_length, one graph serves all.

@@ -65,6 +65,18 @@ def read_counters(output: str) -> dict[str, int]:
         return json.load(f)
 
 
+def check_writable(output: str) -> None:
+    """A local --output this user cannot write in (its nearest existing folder) is refused before the
+    input is read and the vocabulary trained, not after (a worker's PermissionError, 150 lines)."""
+    if "://" in output:
+        return
+    existing = os.path.abspath(output)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise inputs.InputError(f"--output {output}: cannot write in {existing} (permission denied)")
+
+
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     check_reachable_by_workers(config, beam_args)
     beam_args = worker_package.with_setup_file(beam_args)  # remote workers: preprocessing only
@@ -74,6 +86,7 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     FileSystems.set_options(PipelineOptions(beam_args))
     if "://" not in config.output and os.path.exists(config.output) and not os.path.isdir(config.output):
         raise inputs.InputError(f"--output {config.output}: a file, not a folder; the data dir is written there")
+    check_writable(config.output)
     tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes)
     inputs.check_inputs(tasks, config.text_field)
     config = resolve_language(config, tasks)

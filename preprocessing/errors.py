@@ -50,3 +50,14 @@ def refused_write(err: BaseException, output: str) -> str | None:
     advice = "free space there" if code in (errno.ENOSPC, errno.EDQUOT) else "write --output elsewhere"
     return (f"cannot write {path or f'in --output {output}'}: {REFUSED[code]}; the data dir {output} is not "
             f"complete (a finished one has manifest.json): {advice}, then rerun into the same --output")
+
+
+def interrupted(err: BaseException) -> bool:
+    """Ctrl-C or a stop signal (run_beam.py raises KeyboardInterrupt for SIGTERM too), also as Beam
+    passes it on from a step: "RuntimeError: KeyboardInterrupt [while running '…']"."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt) or str(seen).startswith("KeyboardInterrupt"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "KeyboardInterrupt" in str(err).splitlines()[-1] if str(err) else False

@@ -140,6 +140,10 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
                                  f"extensions: {', '.join(SUPPORTED_EXTENSIONS)}")
         for meta in listed:
             files.setdefault(meta.path, meta.size_in_bytes)
+    # A pipe lists with size 0 (and would be read while still being written, or never): said as such.
+    special = [path for path in files if "://" not in path and os.path.exists(path) and not os.path.isfile(path)]
+    if special:
+        raise InputError(f"{special[0]}: not a regular file (a pipe, socket or device): save the text to a file first")
     empty = [path for path, size in files.items() if size == 0]
     if empty and len(empty) == len(files):
         raise InputError(f"{empty[0]}: the file is empty" + (f" (and the {len(empty) - 1} other input files)"

@@ -9,6 +9,7 @@ Run with --help for every flag; flags it does not know go to Apache Beam.
 
 import logging
 import os
+import signal
 import sys
 
 if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
@@ -25,7 +26,7 @@ for _noisy in ("apache_beam", "alembic", "mlflow", "urllib3"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 from preprocessing import driver  # noqa: E402
-from preprocessing.errors import explain, refused_write  # noqa: E402
+from preprocessing.errors import explain, interrupted, refused_write  # noqa: E402
 from preprocessing.mlflow_experiment import check_tracking_server  # noqa: E402
 from preprocessing.options import parse_args  # noqa: E402
 
@@ -34,7 +35,8 @@ def _not_a_known_error(record: logging.LogRecord) -> bool:
     """Beam logs a worker's exception with its traceback before the driver sees it; for the errors
     main() turns into one line (bad input, flags, vocabulary), that traceback is noise."""
     error = record.exc_info[1] if record.exc_info else None
-    return not (error is not None and (explain(error) is not None or refused_write(error, "") is not None))
+    return not (error is not None and (explain(error) is not None or refused_write(error, "") is not None
+                                       or interrupted(error)))
 
 
 for _handler in logging.getLogger().handlers:
@@ -43,11 +45,19 @@ for _handler in logging.getLogger().handlers:
 
 def main(argv=None) -> int:
     config, beam_args = parse_args(argv)
+    stop = _stop_on_sigterm()
     try:
         if config.mlflow:
             check_tracking_server()
         summary = driver.run(config, beam_args)
-    except Exception as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown
+    except BaseException as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown
+        if interrupted(err):  # Ctrl-C, scancel, timeout: said, and the data dir's state with it
+            name = signal.Signals(stop.get("signum", signal.SIGINT)).name
+            print(f"error: stopped by {name}: the data dir {config.output} is not complete (a finished one has "
+                  "manifest.json); rerun into the same --output", file=sys.stderr)
+            return 128 + stop.get("signum", signal.SIGINT)
+        if not isinstance(err, Exception):
+            raise
         full = refused_write(err, config.output)
         if full:  # not the input's fault: exit 1, as a failed save in pretraining
             print(f"error: {full}", file=sys.stderr)
@@ -59,6 +69,21 @@ def main(argv=None) -> int:
         return 2
     print(driver.format_summary(summary))
     return 0
+
+
+def _stop_on_sigterm() -> dict:
+    """SIGTERM (scancel, timeout, a pod's end) stops the run as Ctrl-C does: with one line, and its
+    MLflow run marked KILLED (before: exit 143 in silence, the run left RUNNING for ever). The
+    returned dict gets the signal's number."""
+    received: dict = {}
+
+    def handle(signum, frame):
+        received["signum"] = signum
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handle)
+    return received
 
 
 if __name__ == "__main__":

@@ -104,6 +104,11 @@ def preprocess_run(config: PreprocessConfig, beam_args: list[str]) -> Iterator[P
     try:
         yield PreprocessRun(mlflow)
         status = "FINISHED"
+    except BaseException as err:
+        from preprocessing.errors import interrupted  # it imports most of the package
+
+        status = "KILLED" if interrupted(err) else "FAILED"
+        raise
     finally:
         try:
             mlflow.end_run(status)

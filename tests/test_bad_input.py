@@ -433,3 +433,53 @@ def test_a_vocabulary_far_below_the_size_asked_is_said():
         "for more (its size is an upper bound); a larger corpus, or a smaller --vocab-size to match")
     assert vocabulary_warning(summary(31_000, 32_000)) is None
     assert vocabulary_warning(summary(1712, None)) is None  # a given --tokenizer: nothing was asked
+
+
+def test_a_pipe_given_as_input_is_refused_not_waited_on(tmp_path):
+    """A FIFO is read while still written, or never: fine-tuning and embedding blocked in open() for
+    ever (SIGTERM could not stop them there), and preprocessing called it empty."""
+    from pipeline import embed_inputs
+    from pipeline.finetuning.data import FinetuneDataError, read_table
+
+    fifo = tmp_path / "rows.txt"
+    os.mkfifo(fifo)
+    refusal = f"{fifo}: not a regular file (a pipe, socket or device)"
+    with pytest.raises(InputError, match=re.escape(refusal)):
+        inputs.plan_read_tasks([str(fifo)], 1 << 20)
+    csv_fifo = tmp_path / "rows.csv"
+    os.mkfifo(csv_fifo)
+    refusal = f"{csv_fifo}: not a regular file (a pipe, socket or device)"
+    with pytest.raises(FinetuneDataError, match=re.escape(refusal)):
+        read_table(str(csv_fifo))
+    with pytest.raises(FinetuneDataError, match=re.escape(refusal)):
+        embed_inputs.check_first_row(str(csv_fifo), "text")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path):
+    """Found at the start, not at the end of the work: preprocessing read the corpus and trained
+    the vocabulary before a worker's PermissionError (150 lines); pretraining trained up to its
+    first save, then DeepSpeed's "Parent directory … does not exist". Run without root's right to
+    write anywhere (setpriv drops it), as a user's job would."""
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to drop root's override of file permissions")
+    read_only = tmp_path / "ro"
+    (read_only / "checkpoints").mkdir(parents=True)
+    read_only.chmod(0o555)
+    (read_only / "checkpoints").chmod(0o555)
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from pipeline.checkpoint import check_writable\nfrom preprocessing.driver import check_writable as out\n"
+            "for check, path in ((out, sys.argv[2] + '/data'), (check_writable, sys.argv[2] + '/checkpoints')):\n"
+            "    try:\n        check(path)\n    except Exception as err:\n        print(err)\n")
+    drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    proc = subprocess.run([*drop, sys.executable, "-c", code, REPO, str(read_only)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.splitlines() == [
+        f"--output {read_only}/data: cannot write in {read_only} (permission denied)",
+        f"{read_only}/checkpoints: cannot write there (permission denied), so no checkpoint could be saved: fix its "
+        "permissions, or train into another --run-dir"], proc.stdout + proc.stderr

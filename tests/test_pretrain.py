@@ -414,6 +414,36 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(data_dir, tmp_path
     assert 0 < done.data.metrics["eval_mlm_accuracy"] < 1 and done.data.metrics["grad_norm"] > 0
 
 
+@pytest.mark.e2e
+def test_ctrl_c_checkpoints_at_the_end_of_the_step(data_dir, tmp_path):
+    """Ctrl-C stops as SIGTERM does: the step ends, a checkpoint is written, exit 3, no traceback
+    (before: a KeyboardInterrupt wherever the process was, and the steps since the last checkpoint
+    lost)."""
+    import json
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["MASTER_PORT"] = str(free_port())
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pipeline", "pretrain.py"), "--data", data_dir,
+                             "--steps", "60", "--global-batch-size", "8", "--micro-batch-size", "8", "--log-every", "1",
+                             "--run-dir", str(tmp_path), "--no-mlflow"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as on a terminal
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED and "Traceback" not in out, out[-3000:]
+    assert "Ctrl-C: checkpointing at the end of this step (Ctrl-C again stops at once, without it)" in out
+    stopped_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert checkpoint.find_latest(str(tmp_path / "checkpoints")) == checkpoint.tag_for(stopped_at)
+
+
 def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(data_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
     env.update(MASTER_PORT=str(free_port()), BERT_PIPELINE_FAULT="kill-during-save:4")

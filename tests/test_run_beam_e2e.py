@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -193,3 +194,33 @@ def test_the_language_comes_from_the_dumps_xml_lang(tmp_path, dump, language, se
     text = " ".join(texts)
     assert kept in text
     assert not [d for d in dropped if d in text]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ends_the_run_with_one_line_and_marks_its_mlflow_run_killed(signum, tmp_path):
+    """Ctrl-C, or scancel's SIGTERM, once the vocabulary is training: one line saying the data dir
+    is not complete, exit 128 + N, no manifest, the MLflow run KILLED (before: a traceback of 150
+    lines for Ctrl-C; for SIGTERM, exit 143 in silence and a run left RUNNING for ever)."""
+    import time
+
+    from mlflow import MlflowClient
+
+    output, db = str(tmp_path / "data"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *COMMON, "--dupe-factor", "5", "--output", output,
+                             "--experiment", "stopped"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": db}, cwd=str(tmp_path),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not a shell's ignored one
+    for line in proc.stderr:
+        if "training a unigram SentencePiece vocabulary" in line:
+            break
+    time.sleep(1)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: stopped by {signal.Signals(signum).name}: the data dir {output} is not complete (a finished one "
+        "has manifest.json); rerun into the same --output"), err[-3000:]
+    assert not os.path.exists(os.path.join(output, "manifest.json"))
+    client = MlflowClient(db)
+    runs = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]

@@ -283,9 +283,18 @@ def _dataset_table(dataset, source: str) -> Table:
     return Table(source, columns, [f"{source}: row {i + 1}" for i in range(len(dataset))], class_names)
 
 
-def read_table(path: str) -> Table:
+def check_input_path(path: str) -> None:
+    """A path that exists and is a file or a saved dataset's folder; a pipe would block the run
+    for ever, read before it is written (and it is read more than once)."""
     if not os.path.exists(path):
         raise FinetuneDataError(f"{path}: no such file or directory")
+    if not (os.path.isdir(path) or os.path.isfile(path)):
+        raise FinetuneDataError(f"{path}: not a regular file (a pipe, socket or device): save the rows to a file "
+                                "first")
+
+
+def read_table(path: str) -> Table:
+    check_input_path(path)
     if os.path.isdir(path):
         tables = read_saved_dataset(path)
         if list(tables) != ["train"]:
@@ -372,8 +381,7 @@ def iter_records(path: str, batch_rows: int = 4096):
     """Every row of a file or a saved ``Dataset`` as ({column: cell}, where), one at a time and
     checked as ``read_table`` checks it, holding a batch of rows at most: for inputs too big to
     hold (embed.py). A jsonl row lacks the keys it lacks; a csv row has every header column."""
-    if not os.path.exists(path):
-        raise FinetuneDataError(f"{path}: no such file or directory")
+    check_input_path(path)
     if os.path.isdir(path):
         import datasets
 
