@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data_dir import COLUMN_DTYPES, LIST_COLUMNS, DataDirError, open_shard
-from pipeline.output_path import current_umask
+from pipeline.output_path import current_umask, owner_tag, remove_dead_leftovers
 from pipeline.read_ahead import ReadAhead
 from preprocessing.examples import WORD_STARTS
 
@@ -344,7 +344,7 @@ def build_flat_cache(data_dir: str, manifest: dict, target: str) -> bool:
     _remove_abandoned_builds(target)
     try:
         os.makedirs(parent, exist_ok=True)
-        temp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.building-", dir=parent)
+        temp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.building-{owner_tag()}-", dir=parent)
         os.chmod(temp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared data dir's cache from others
     except OSError as e:
         default = os.path.abspath(parent) == os.path.abspath(data_dir)  # DATA/flat, no --data-cache given
@@ -429,7 +429,9 @@ def _last_write(directory: str) -> float:
 
 def _remove_abandoned_builds(target: str) -> None:
     """Temporary dirs of conversions killed mid-way (SIGKILL, out of memory, a lost node): each a
-    partial copy of the corpus that nothing else removes."""
+    partial copy of the corpus that nothing else removes. This host's, whose process is gone, at
+    once; others (another node's, older versions') once nothing was written to them for an hour."""
+    remove_dead_leftovers(os.path.dirname(target), f".{os.path.basename(target)}.building-")
     for build in _builds(target):
         if time.time() - _last_write(build) > ABANDONED_BUILD_S:
             shutil.rmtree(build, ignore_errors=True)

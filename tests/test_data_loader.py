@@ -536,6 +536,23 @@ def test_a_conversion_killed_mid_way_is_cleaned_up_by_the_next_one(data_dir, tmp
     assert leftovers(data) == [".flat.building-live"]  # one still being written is not touched
 
 
+def test_a_conversion_killed_on_this_host_is_removed_at_once(data_dir, tmp_path):
+    """A requeued job's conversion would otherwise sit beside the new one for an hour: a second
+    copy of the corpus while the first is built again."""
+    import socket
+    import subprocess
+    import sys
+
+    data = copy_without_cache(data_dir, tmp_path / "data")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead, live = (os.path.join(data, f".flat.building-{host}-{pid}-x1y2") for pid in (gone.stdout.strip(), os.getpid()))
+    for build in (dead, live):
+        os.makedirs(build)
+    assert PretrainingDataset(data).built_cache
+    assert leftovers(data) == [os.path.basename(live)]  # a live process's (this one) is not touched
+
+
 def test_a_killed_conversions_copy_beside_a_current_cache_is_removed_at_the_next_start(data_dir, tmp_path):
     data = copy_without_cache(data_dir, tmp_path / "data")
     assert PretrainingDataset(data).built_cache
