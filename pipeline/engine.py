@@ -404,6 +404,7 @@ class StopFlag:
         self.action, self.requested, self.signum = action, False, 0  # signum: the first signal's
         self.terminated = False  # a SIGTERM came, whatever came first
         self.interrupts = 0  # Ctrl-Cs so far
+        self._before = signal.default_int_handler
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -412,7 +413,14 @@ class StopFlag:
         # was, a traceback, no checkpoint); a second Ctrl-C stops at once.
         current = signal.getsignal(signal.SIGINT)  # Python's, or an earlier run's in this process
         if current is signal.default_int_handler or isinstance(getattr(current, "__self__", None), StopFlag):
+            self._before = signal.default_int_handler
             signal.signal(signal.SIGINT, self._interrupt)
+
+    def uninstall_interrupt(self) -> None:
+        """Ctrl-C back to Python's KeyboardInterrupt once steps are over (the export, a test pass):
+        with no step boundary left to stop at, the first press would only be logged."""
+        if signal.getsignal(signal.SIGINT) == self._interrupt:
+            signal.signal(signal.SIGINT, self._before)
 
     @contextlib.contextmanager
     def killable(self):
@@ -423,12 +431,16 @@ class StopFlag:
         the launcher's SIGKILL (torchrun's 30 s, srun's KillWait) and the job ended 137. Nothing is
         trained yet, so nothing is lost; SIGUSR1 (a time limit's warning) is still honoured at the
         first step."""
-        if self.terminated:
-            print("error: stopped by SIGTERM before the ranks met: nothing to checkpoint", file=sys.stderr)
-            exit_now(128 + signal.SIGTERM)
+        if self.terminated or self.interrupts:
+            # A Ctrl-C during start-up (to fix a flag, say) ends the run here, before a first step's
+            # checkpoint would pin the flags a rerun may change.
+            name = "SIGTERM" if self.terminated else "Ctrl-C"
+            print(f"error: stopped by {name} before the ranks met: nothing to checkpoint", file=sys.stderr)
+            exit_now(128 + (signal.SIGTERM if self.terminated else signal.SIGINT))
         interrupt = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C too: nothing to lose yet
+        if interrupt == self._interrupt:  # Ctrl-C too, unless it was ignored (a background job)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         try:
             yield
         finally:

@@ -76,6 +76,9 @@ def main(argv=None) -> int:
             if lock:  # refused before any output: no folder left behind that was not there
                 lock.abandon()
             return 2
+        except WriteFailure as err:  # exporting a run dir's checkpoint into OUTPUT_DIR/pretrained on a full disk
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         return finetune(config, finetuner)
     finally:  # whatever happened: an in-process caller may fine-tune into this folder again
         if lock:
@@ -86,7 +89,7 @@ def finetune(config, finetuner) -> int:
     """Trains, tests, saves and reports on rank 0; the exit code."""
     from pipeline.finetuning.trainer import Diverged, Stopped
 
-    tracker, status = None, "FAILED"
+    tracker, status, unregistered = None, "FAILED", False
     try:
         if config.mlflow and finetuner.is_rank0:
             tracker = start_tracking(config, finetuner)
@@ -110,13 +113,18 @@ def finetune(config, finetuner) -> int:
                 tracker.log_metrics({f"test/{k}": v for k, v in report["test"].items()}, best.epoch)
                 what = "the report, predictions and model" + (
                     f" (to be registered as {config.register_name})" if config.register_name else "")
-                tracker.attempt(what, log_to_mlflow, tracker, paths,
-                                model_dir if config.log_model else None, finetuner.task, config.register_name,
-                                finetuner.max_length, finetuner.convert,
-                                [os.path.join(config.output_dir, w["file"]) for w in report["predictions"].values()])
+                logged = tracker.attempt(what, log_to_mlflow, tracker, paths,
+                                         model_dir if config.log_model else None, finetuner.task, config.register_name,
+                                         finetuner.max_length, finetuner.convert,
+                                         [os.path.join(config.output_dir, w["file"])
+                                          for w in report["predictions"].values()])
+                if config.register_name and not logged:  # asked for: its failure is the run's
+                    unregistered = True
+                    print(f"error: the model is saved in {model_dir}, but MLflow did not register it as "
+                          f"{config.register_name} (the warning above says why)", file=sys.stderr)
         status = "FINISHED"
         end_distributed()
-        return 0
+        return 1 if unregistered else 0
     except Stopped as stop:  # raised by every rank at the same optimizer step
         status, code = "KILLED", 128 + stop.signum
         print(f"error: stopped by {stop}: fine-tuning keeps no checkpoint; run it again to fine-tune",

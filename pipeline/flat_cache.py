@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data_dir import COLUMN_DTYPES, LIST_COLUMNS, DataDirError, open_shard
-from pipeline.output_path import current_umask, owner_tag, remove_dead_leftovers
+from pipeline.output_path import current_umask, last_write, owner_tag, remove_dead_leftovers
 from pipeline.read_ahead import ReadAhead
 from preprocessing.examples import WORD_STARTS
 
@@ -420,20 +420,13 @@ def _builds(target: str) -> list[str]:
     return []
 
 
-def _last_write(directory: str) -> float:
-    """The newest modification time of ``directory`` and the files in it (0 if it is gone)."""
-    with contextlib.suppress(OSError):
-        return max([os.stat(directory).st_mtime] + [f.stat().st_mtime for f in os.scandir(directory)])
-    return 0.0
-
-
 def _remove_abandoned_builds(target: str) -> None:
     """Temporary dirs of conversions killed mid-way (SIGKILL, out of memory, a lost node): each a
-    partial copy of the corpus that nothing else removes. This host's, whose process is gone, at
-    once; others (another node's, older versions') once nothing was written to them for an hour."""
+    partial copy of the corpus that nothing else removes. This host's, whose process is gone, once
+    untouched for 5 minutes; others (another node's, older versions') for an hour."""
     remove_dead_leftovers(os.path.dirname(target), f".{os.path.basename(target)}.building-")
     for build in _builds(target):
-        if time.time() - _last_write(build) > ABANDONED_BUILD_S:
+        if time.time() - last_write(build) > ABANDONED_BUILD_S:
             shutil.rmtree(build, ignore_errors=True)
             if os.path.exists(build):  # another user's, say: said once a start, not claimed removed
                 log.warning("%s: a conversion abandoned over %d minutes ago, which this process cannot remove",
@@ -444,7 +437,7 @@ def _remove_abandoned_builds(target: str) -> None:
 
 def _converting_lately(target: str, within_s: float) -> bool:
     """Whether a conversion into ``target``'s temporary dirs wrote anything in the last ``within_s``."""
-    return any(time.time() - _last_write(build) < within_s for build in _builds(target))
+    return any(time.time() - last_write(build) < within_s for build in _builds(target))
 
 
 def _wait_for_cache(target: str, source: dict, poll_s: float = 1.0) -> bool:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -55,24 +57,38 @@ def owner_tag() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+# Untouched this long before a dead owner's leftover is removed: a live writer in another pid
+# namespace under the same host name (containers sharing the host's name) looks dead from here.
+LEFTOVER_IDLE_S = 300
+
+
 def remove_dead_leftovers(parent: str, prefix: str) -> None:
     """Removes what killed processes of this host left in ``parent`` under ``prefix`` + their
-    ``owner_tag()`` (a process killed mid-write runs no clean-up: an export left 352 MB behind).
-    A live process's, another host's (a shared file system) and other names stay."""
-    host = socket.gethostname()
+    ``owner_tag()`` (a process killed mid-write runs no clean-up: an export left 352 MB behind),
+    once untouched for LEFTOVER_IDLE_S. A live process's, another host's (a shared file system)
+    and other names stay."""
+    # host-pid, then mkdtemp's 8 characters for a folder: "n1-9-4242" is host n1-9's, not n1's pid 9.
+    owned = re.compile(re.escape(f"{prefix}{socket.gethostname()}-") + r"(\d+)(?:-[a-z0-9_]{8})?")
     try:
-        names = os.listdir(parent)
+        entries = list(os.scandir(parent))
     except OSError:
         return
-    for name in names:
-        if not name.startswith(f"{prefix}{host}-"):
+    for entry in entries:
+        found = owned.fullmatch(entry.name)
+        if not found or _alive(int(found.group(1))) or time.time() - last_write(entry.path) < LEFTOVER_IDLE_S:
             continue
-        pid = name[len(prefix) + len(host) + 1:].split("-", 1)[0].split(".", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        log.info("removing %s, left by a killed process", os.path.join(parent, name))
+        log.info("removing %s, left by a killed process", entry.path)
         with contextlib.suppress(OSError):
-            remove(os.path.join(parent, name))
+            remove(entry.path)
+
+
+def last_write(path: str) -> float:
+    """The newest modification time of ``path`` and, for a folder, of what it holds (0 if gone)."""
+    with contextlib.suppress(OSError):
+        if not os.path.isdir(path):
+            return os.stat(path).st_mtime
+        return max([os.stat(path).st_mtime] + [f.stat().st_mtime for f in os.scandir(path)])
+    return 0.0
 
 
 def _alive(pid: int) -> bool:

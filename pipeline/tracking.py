@@ -17,7 +17,7 @@ import tempfile
 
 from pipeline.engine import flat
 
-from preprocessing.mlflow_experiment import QuietRepeats, experiment_name, tracking_failure
+from preprocessing.mlflow_experiment import QuietRepeats, experiment_name, tracking_errors, tracking_failure
 
 log = logging.getLogger(__name__)
 # MLflow's loggers that repeat a failing store's error for every queued metrics batch.
@@ -39,20 +39,25 @@ class Tracker:
                                     tags={"stage": stage, **tags})
         self.run_id = self.run.info.run_id
         self.failures = 0
-        for name in _REPEATING:
+        for name in _REPEATING:  # a fresh count for each run
             logger = logging.getLogger(name)
-            if not any(isinstance(f, QuietRepeats) for f in logger.filters):
-                logger.addFilter(QuietRepeats())
+            for old in [f for f in logger.filters if isinstance(f, QuietRepeats)]:
+                logger.removeFilter(old)
+            logger.addFilter(QuietRepeats())
 
-    def attempt(self, what: str, fn, *args, **kwargs) -> None:
-        """``fn(*args, **kwargs)``; a failure is warned about (the first) and counted, not raised."""
+    def attempt(self, what: str, fn, *args, **kwargs) -> bool:
+        """``fn(*args, **kwargs)``; whether it worked. A failure of the tracking store (MLflow's,
+        the file system's, HTTP's, the database's errors) is warned about (the first) and counted,
+        not raised; any other error is a bug, and raised."""
         try:
             fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any failure of the tracking store: the work goes on
+            return True
+        except tracking_errors() as err:
             self.failures += 1
             if self.failures == 1:
                 log.warning("MLflow could not record %s in run %s (%s); the run goes on, and later failures are "
                             "counted", what, self.run_id, tracking_failure(err))
+            return False
 
     def log_params(self, params: dict) -> None:
         flat = {k: str(v)[:500] for k, v in params.items()}
@@ -64,11 +69,14 @@ class Tracker:
         self.attempt(f"the metrics of step {step}", self._mlflow.log_metrics, values, step=step, synchronous=False)
 
     def log_json(self, obj: dict, name: str) -> None:
+        self.attempt(name, self._log_json, obj, name)  # a full temporary folder too
+
+    def _log_json(self, obj: dict, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, name)
             with open(path, "w") as f:
                 json.dump(obj, f, indent=2)
-            self.attempt(name, self._mlflow.log_artifact, path)
+            self._mlflow.log_artifact(path)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.attempt(f"the run's end ({status})", self._mlflow.end_run, status=status)

@@ -443,6 +443,7 @@ class Trainer:
         finally:
             bar.close()
             self.loader.close()
+            self.stop.uninstall_interrupt()
 
     def _check_finite(self, metrics: StepMetrics, bad_rank: int | None, applied: bool,
                       bad_loss: bool = True) -> None:

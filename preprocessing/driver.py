@@ -74,7 +74,9 @@ def check_writable(output: str) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise inputs.InputError(f"--output {output}: cannot write in {existing} (permission denied)")
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise inputs.InputError(f"--output {output}: cannot write in {existing} "
+                                f"({'a read-only file system' if read_only else 'permission denied'})")
 
 
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:

@@ -28,6 +28,21 @@ def browse_hint(uri: str | None = None) -> str:
     return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
 
 
+def tracking_errors() -> tuple[type[BaseException], ...]:
+    """What a failing tracking store raises: MLflow's errors, the file system's (and HTTP's, which
+    are OSErrors), the database's. Anything else from a tracking call is a bug."""
+    from mlflow.exceptions import MlflowException
+
+    errors: list[type[BaseException]] = [MlflowException, OSError]
+    try:
+        import sqlalchemy.exc
+
+        errors.append(sqlalchemy.exc.SQLAlchemyError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def tracking_failure(err: BaseException) -> str:
     """The line of a tracking store's error that says what failed ("(sqlite3.OperationalError)
     database or disk is full"), not SQLAlchemy's notes around it."""
@@ -38,20 +53,22 @@ def tracking_failure(err: BaseException) -> str:
 
 class QuietRepeats:
     """A logging filter for MLflow's own loggers once its store fails: every metrics batch logs the
-    same database error again (7 lines a step on SQLite). The first record passes, then one in
-    ``every``, each saying how many were held back."""
+    same database error again (7 lines a step on SQLite). The first error passes, then one in
+    ``every``, saying how many were held back since the last that passed."""
 
     def __init__(self, every: int = 100):
-        self.every, self.seen = every, 0
+        self.every, self.seen, self.held = every, 0, 0
 
     def filter(self, record) -> bool:
-        if record.levelno < 40:  # ERROR
+        if record.levelno < 40:  # below ERROR
             return True
         self.seen += 1
         if self.seen > 1 and self.seen % self.every:
+            self.held += 1
             return False
-        if self.seen > 1:
-            record.msg = f"{record.msg} [{self.every - 1} more like it held back]"
+        if self.held:
+            record.msg = f"{record.msg} [{self.held} more errors of this logger held back]"
+            self.held = 0
         return True
 
 

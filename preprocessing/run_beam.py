@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +54,11 @@ def main(argv=None) -> int:
     except BaseException as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown
         if interrupted(err):  # Ctrl-C, scancel, timeout: said, and the data dir's state with it
             name = signal.Signals(stop.get("signum", signal.SIGINT)).name
-            print(f"error: stopped by {name}: the data dir {config.output} is not complete (a finished one has "
-                  "manifest.json); rerun into the same --output", file=sys.stderr)
+            if "://" not in config.output and os.path.exists(os.path.join(config.output, "manifest.json")):
+                state = "it has its manifest.json, so it is complete (its MLflow run may lack what came after)"
+            else:
+                state = "not complete (a finished one has manifest.json); rerun into the same --output"
+            print(f"error: stopped by {name}: the data dir {config.output} is {state}", file=sys.stderr)
             return 128 + stop.get("signum", signal.SIGINT)
         if not isinstance(err, Exception):
             raise
@@ -67,6 +71,9 @@ def main(argv=None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if "restore" in stop:
+            signal.signal(signal.SIGTERM, stop.pop("restore"))
     print(driver.format_summary(summary))
     return 0
 
@@ -74,15 +81,15 @@ def main(argv=None) -> int:
 def _stop_on_sigterm() -> dict:
     """SIGTERM (scancel, timeout, a pod's end) stops the run as Ctrl-C does: with one line, and its
     MLflow run marked KILLED (before: exit 143 in silence, the run left RUNNING for ever). The
-    returned dict gets the signal's number."""
+    returned dict gets the signal's number, and the handler to restore when main() returns."""
     received: dict = {}
 
     def handle(signum, frame):
         received["signum"] = signum
         raise KeyboardInterrupt
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, handle)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        received["restore"] = signal.signal(signal.SIGTERM, handle)
     return received
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from preprocessing.mlflow_experiment import experiment_name, tracking_failure
+from preprocessing.mlflow_experiment import experiment_name, tracking_errors, tracking_failure
 from preprocessing.options import PreprocessConfig
 
 _PARAM_MAX = 500  # MLflow's limit on a param value's length
@@ -39,7 +39,7 @@ class PreprocessRun:
             return
         try:
             self._log_results(counters, wall_seconds, output)
-        except Exception as err:  # noqa: BLE001 - any failure of the tracking store
+        except tracking_errors() as err:
             log.warning("MLflow could not record the counts, manifest or tokenizer in run %s (%s); the data dir "
                         "%s is complete", self.run_id, tracking_failure(err), output)
 
@@ -99,9 +99,13 @@ def preprocess_run(config: PreprocessConfig, beam_args: list[str]) -> Iterator[P
     experiment = mlflow.set_experiment(experiment_name(config.experiment))
     run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=config.run_name,
                            tags={"stage": "preprocess"})
-    mlflow.log_params(_params(config, beam_args))
     status = "FAILED"
     try:
+        try:
+            mlflow.log_params(_params(config, beam_args))
+        except tracking_errors() as err:
+            log.warning("MLflow could not record the flags in run %s (%s); preprocessing goes on",
+                        run.info.run_id, tracking_failure(err))
         yield PreprocessRun(mlflow)
         status = "FINISHED"
     except BaseException as err:
@@ -112,5 +116,5 @@ def preprocess_run(config: PreprocessConfig, beam_args: list[str]) -> Iterator[P
     finally:
         try:
             mlflow.end_run(status)
-        except Exception as err:  # noqa: BLE001 - the run's end is a record; the stage's outcome stands
+        except tracking_errors() as err:  # the run's end is a record; the stage's outcome stands
             log.warning("MLflow could not mark run %s %s (%s)", run.info.run_id, status, tracking_failure(err))

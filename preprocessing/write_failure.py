@@ -74,6 +74,15 @@ def nearly_full(path: str) -> bool:
     return usage.free < min(64 << 20, usage.total // 100)
 
 
+def _beside(filename: str | None, path: str) -> bool:
+    """Whether ``filename`` is ``path``, in it, or beside it (its temporary names); an error that
+    names no file is taken as the write's."""
+    if not filename:
+        return True
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.abspath(filename).startswith(folder + os.sep) or os.path.abspath(filename) == folder
+
+
 @contextlib.contextmanager
 def writing(what: str, path: str, then: str = "rerun") -> Iterator[None]:
     """Raises ``WriteFailure`` "cannot write WHAT PATH: WHY (FILE); free space there (or: fix the
@@ -84,7 +93,7 @@ def writing(what: str, path: str, then: str = "rerun") -> Iterator[None]:
         raise
     except Exception as err:  # noqa: BLE001 - only refused writes are caught, the rest is re-raised
         refused = refused_write(err, path)
-        if refused is None:
+        if refused is None or not _beside(refused.filename, path):  # a read that failed (an input's EIO)
             raise
         where = f" ({refused.filename})" if refused.filename and refused.filename != path else ""
         advice = "free space there" if refused.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause"

@@ -536,7 +536,7 @@ def test_a_conversion_killed_mid_way_is_cleaned_up_by_the_next_one(data_dir, tmp
     assert leftovers(data) == [".flat.building-live"]  # one still being written is not touched
 
 
-def test_a_conversion_killed_on_this_host_is_removed_at_once(data_dir, tmp_path):
+def test_a_conversion_killed_on_this_host_is_removed_after_minutes_not_an_hour(data_dir, tmp_path):
     """A requeued job's conversion would otherwise sit beside the new one for an hour: a second
     copy of the corpus while the first is built again."""
     import socket
@@ -546,9 +546,11 @@ def test_a_conversion_killed_on_this_host_is_removed_at_once(data_dir, tmp_path)
     data = copy_without_cache(data_dir, tmp_path / "data")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = socket.gethostname()
-    dead, live = (os.path.join(data, f".flat.building-{host}-{pid}-x1y2") for pid in (gone.stdout.strip(), os.getpid()))
+    dead, live = (os.path.join(data, f".flat.building-{host}-{pid}-x1y2z3w4") for pid in (gone.stdout.strip(), os.getpid()))
+    ten_minutes_ago = time.time() - 600  # untouched for 5 minutes: not a live writer in another container
     for build in (dead, live):
         os.makedirs(build)
+        os.utime(build, (ten_minutes_ago, ten_minutes_ago))
     assert PretrainingDataset(data).built_cache
     assert leftovers(data) == [os.path.basename(live)]  # a live process's (this one) is not touched
 

@@ -67,3 +67,18 @@ def test_the_browse_hint_serves_a_local_store_and_opens_a_server(monkeypatch):
     assert browse_hint().startswith("mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert browse_hint() == "open http://mlflow.internal:5000"
+
+
+def test_a_failing_stores_repeated_error_is_logged_once_in_a_hundred_with_a_count():
+    import logging
+
+    from preprocessing.mlflow_experiment import QuietRepeats
+
+    quiet = QuietRepeats(every=5)
+    records = [logging.LogRecord("mlflow", logging.ERROR, __file__, 1, "database or disk is full %s", ("x",), None)
+               for _ in range(11)]
+    passed = [r.getMessage() for r in records if quiet.filter(r)]
+    assert passed == ["database or disk is full x",
+                      "database or disk is full x [3 more errors of this logger held back]",
+                      "database or disk is full x [4 more errors of this logger held back]"]
+    assert quiet.filter(logging.LogRecord("mlflow", logging.INFO, __file__, 1, "fine", (), None))

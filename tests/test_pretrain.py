@@ -546,3 +546,22 @@ def test_a_micro_batch_reads_no_tensor_on_the_host_in_this_project_or_transforme
         print("host reads in a micro-batch:", reads.sites or "none")
     assert not [s for s in reads.sites if s.startswith(("pipeline", "transformers"))], reads.sites
     trainer.loader.close()
+
+
+def test_ctrl_c_before_the_ranks_meet_ends_the_run_with_nothing_saved_and_ctrl_c_is_python_s_again_after():
+    """A Ctrl-C during start-up (a flag to fix, say) ends the run at the rendezvous: training a first
+    step would have saved a checkpoint whose flags a rerun could no longer change. Once the steps
+    are over (the export), Ctrl-C is a KeyboardInterrupt again, not a stop no step would see."""
+    import signal
+
+    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[1])\n"
+            "from pipeline.engine import StopFlag\n"
+            "done = StopFlag('x'); done.install(); done.uninstall_interrupt()\n"
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+            "stop = StopFlag('checkpointing at the end of this step'); stop.install()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "with stop.killable():\n    print('met')\n")
+    proc = subprocess.run([sys.executable, "-c", code, REPO], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == 130 and "met" not in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: stopped by Ctrl-C before the ranks met: nothing to checkpoint"

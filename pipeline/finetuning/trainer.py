@@ -467,6 +467,7 @@ class Finetuner:
                     break
         finally:
             progress.close()
+            self.stop.uninstall_interrupt()
         # At full precision (under bf16/fp16 the module holds 16-bit copies): the test report then
         # measures the weights save_model writes. Training is over; nothing steps the engine again.
         self.engine.module.float().load_state_dict(self._best_state)
