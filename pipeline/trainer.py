@@ -80,6 +80,14 @@ def pretraining_losses(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor,
     return mlm, nsp_loss, counts
 
 
+def append_history(run_dir: str, name: str, values: dict) -> None:
+    """One line of RUN_DIR/metrics.jsonl or eval.jsonl; a full disk is one line naming the file."""
+    path = os.path.join(run_dir, name)
+    with writing("the run's history", path, "rerun: it resumes from the newest complete checkpoint"), \
+            open(path, "a") as f:
+        f.write(json_line(values))
+
+
 class NonFiniteLoss(FloatingPointError):
     """Raised on every rank at the same step: the decision is agreed (``Trainer._check_finite``)."""
 
@@ -480,16 +488,10 @@ class Trainer:
             raise NonFiniteLoss(f"loss non-finite for {self._nonfinite} steps in a row up to step {self.step} "
                                 f"({f'{where}, ' if where else ''}each update skipped): stopping every rank")
 
-    def _append_history(self, name: str, values: dict) -> None:
-        path = os.path.join(self.config.run_dir, name)
-        with writing("the run's history", path, "rerun: it resumes from the newest complete checkpoint"), \
-                open(path, "a") as f:
-            f.write(json_line(values))
-
     def _log_eval(self, values: dict, tracker) -> None:
         values = {k: v for k, v in values.items() if k != "step"}
         if self.is_rank0:
-            self._append_history("eval.jsonl", {"step": self.step, **values})
+            append_history(self.config.run_dir, "eval.jsonl", {"step": self.step, **values})
             log.info("eval at step %d  %s", self.step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if tracker:
                 tracker.log_metrics(values, self.step)
@@ -533,7 +535,7 @@ class Trainer:
                                       * self.flops.executed_per_sequence(mean_length, predictions) / peak)
         if self.is_rank0:
             # a value the window has none of (the norm when every update was skipped) is null
-            self._append_history("metrics.jsonl", {"step": self.step, **values})
+            append_history(self.config.run_dir, "metrics.jsonl", {"step": self.step, **values})
             log.info("step %d/%d  %s", self.step, self.config.steps,
                      "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if tracker:

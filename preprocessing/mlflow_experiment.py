@@ -29,18 +29,12 @@ def browse_hint(uri: str | None = None) -> str:
 
 
 def tracking_errors() -> tuple[type[BaseException], ...]:
-    """What a failing tracking store raises: MLflow's errors, the file system's (and HTTP's, which
-    are OSErrors), the database's. Anything else from a tracking call is a bug."""
+    """What a failing tracking store raises: MLflow's errors (its SQL store wraps the database's in
+    them), the file system's and HTTP's (OSErrors). Anything else from a tracking call is a bug.
+    Called on the launcher with MLflow on only: a Beam worker has no mlflow."""
     from mlflow.exceptions import MlflowException
 
-    errors: list[type[BaseException]] = [MlflowException, OSError]
-    try:
-        import sqlalchemy.exc
-
-        errors.append(sqlalchemy.exc.SQLAlchemyError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (MlflowException, OSError)
 
 
 def tracking_failure(err: BaseException) -> str:

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import checkpoint, export, pretrain
+from pipeline import trainer as trainer_module
 from pipeline.data_dir import DataDirError, read_manifest
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
@@ -152,7 +153,7 @@ def test_a_disk_that_fills_outside_a_save_stops_with_one_line_and_nothing_half_w
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:  # a failed start's, torn at the end
         f.write('{"step": 7, "loss": 9.0}\n{"step": 8, "lo')
-    fill_once(monkeypatch, Trainer, "_append_history", small_disk)
+    fill_once(monkeypatch, trainer_module, "append_history", small_disk)
     args = [*cli_args(data_dir, run_dir), "--log-every", "1"]
     assert pretrain.main(args) == 1
     error = one_error_line(capsys)
