@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from pipeline.output_path import owner_tag, remove_dead_leftovers
+from pipeline.output_path import temp_beside
 from pipeline.tokenized import tokenize
 
 POOLINGS = ("cls", "mean")
@@ -212,8 +212,7 @@ class ParquetOut:
         import pyarrow.parquet as pq
 
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        remove_dead_leftovers(os.path.dirname(os.path.abspath(path)), f"{os.path.basename(path)}.tmp-")
-        self.path, self.temp = path, f"{path}.tmp-{owner_tag()}"
+        self.path, self.temp = path, temp_beside(path)
         try:
             self.writer = pq.ParquetWriter(self.temp, schema)
         except BaseException:  # a full disk at the start: no empty temporary file left behind

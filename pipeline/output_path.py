@@ -121,12 +121,18 @@ def built_beside(path: str) -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)  # gone already after the rename
 
 
+def temp_beside(path: str) -> str:
+    """This process's temporary name for a file beside ``path``, once what killed writers of this
+    host left under such names is removed."""
+    remove_dead_leftovers(os.path.dirname(os.path.abspath(path)), f"{os.path.basename(path)}.tmp-")
+    return f"{path}.tmp-{owner_tag()}"
+
+
 @contextlib.contextmanager
 def file_beside(path: str) -> Iterator[str]:
     """A temporary name beside ``path`` to write the file to; renamed to ``path`` when the block
     ends without an error, else removed: a full disk leaves no file cut short under its name."""
-    remove_dead_leftovers(os.path.dirname(os.path.abspath(path)), f"{os.path.basename(path)}.tmp-")
-    temp = f"{path}.tmp-{owner_tag()}"
+    temp = temp_beside(path)
     try:
         yield temp
         os.replace(temp, path)

@@ -28,7 +28,8 @@ import logging
 import os
 import re
 import string
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import sentencepiece
@@ -59,6 +60,29 @@ class VocabError(ValueError):
 
 
 # ---------------------------------------------------------------------------- training
+def _stoppable(train: Callable[[], None]) -> None:
+    """Runs ``train`` in a thread that the caller waits on. SentencePiece trains in C++ for minutes
+    with the GIL released, but Python runs a signal's handler in the main thread only, between two
+    of its own instructions: called there directly, a Ctrl-C or run_beam.py's SIGTERM waited for the
+    training's end. The thread is a daemon: a stop leaves it to the process's exit."""
+    if threading.current_thread() is not threading.main_thread():
+        train()  # no handler runs here anyway (a Beam worker's thread)
+        return
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            train()
+        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name="sentencepiece-training", daemon=True)
+    thread.start()
+    thread.join()  # a lock wait: a signal's handler runs, and its exception ends the wait
+    if failure:
+        raise failure[0]
+
+
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: str,
                         num_threads: int = DEFAULT_NUM_THREADS,
                         character_coverage: float = CHARACTER_COVERAGE, add_dummy_prefix: bool = True) -> bytes:
@@ -93,7 +117,7 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
 
     model = io.BytesIO()
     try:
-        sentencepiece.SentencePieceTrainer.train(
+        _stoppable(lambda: sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=itertools.chain([first], remaining),
             model_writer=model,
             model_type=model_type,
@@ -114,7 +138,7 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
             shuffle_input_sentence=False,
             num_threads=num_threads,
             minloglevel=1,  # warnings and errors only: its INFO log is thousands of lines
-        )
+        ))
     except RuntimeError as err:
         raise VocabError(_explain_training_error(str(err), vocab_size, character_coverage)) from err
     if too_long[0]:

@@ -108,20 +108,15 @@ def clear_previous_outputs(output_dir: str) -> list[str]:
     predictions):
     beside this run's metrics.jsonl they made a killed run look complete, and a regression run
     kept a classification run's confusion matrix. Returns the names removed."""
-    import shutil
-
     from pipeline.finetuning.report import CONFUSION_PNG, REPORT
+    from pipeline.output_path import remove
 
     removed = []
     for name in (REPORT, CONFUSION_PNG, "model", PREDICTIONS):
         path = os.path.join(output_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
-        else:
-            continue
-        removed.append(name)
+        if os.path.lexists(path):
+            remove(path)
+            removed.append(name)
     if removed:
         log.warning("--output-dir %s held a previous run's %s: removed", output_dir, ", ".join(removed))
     return removed
@@ -446,7 +441,9 @@ class Finetuner:
                         disable=not (self.is_rank0 and sys.stderr.isatty()), dynamic_ncols=True, mininterval=1.0)
         stale = 0
         if self.is_rank0:  # this run's epochs only, not a previous run's in the same OUTPUT_DIR
-            open(os.path.join(self.config.output_dir, "metrics.jsonl"), "w").close()
+            path = os.path.join(self.config.output_dir, "metrics.jsonl")
+            with writing("the epochs' metrics", path, "fine-tune again"):
+                open(path, "w").close()
             clear_previous_outputs(self.config.output_dir)
         try:
             for epoch in range(1, self.config.epochs + 1):
