@@ -25,6 +25,19 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return m
 
 
+def one_class_warning(m: np.ndarray, labels: list[str], split: str = "test") -> str | None:
+    """What to say when a classifier gives every row the same label while the rows hold several:
+    its accuracy is then the label's share, which reads like learning (0.58 on a split with 58%
+    of one class) though the model ignores its input."""
+    predicted, actual = m.sum(axis=0), m.sum(axis=1)
+    if m.sum() == 0 or np.count_nonzero(predicted) != 1 or np.count_nonzero(actual) < 2:
+        return None
+    label = int(np.argmax(predicted))
+    return (f"the model predicts {labels[label]!r} for every {split} row ({int(m.sum()):,} rows, "
+            f"{actual[label] / m.sum():.1%} of them labelled so): it learned the labels' counts, not the text; "
+            "try more --epochs, another --learning-rate, or a model pretrained longer")
+
+
 def _f1_per_class(m: np.ndarray) -> np.ndarray:
     tp = np.diag(m).astype(np.float64)
     predicted, actual = m.sum(axis=0), m.sum(axis=1)

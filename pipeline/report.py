@@ -109,13 +109,61 @@ def report(run_id: str, out: str | None = None, tracking_uri: str | None = None,
         check_output_file("--out", out, f"{run_id}.png", (".png", ".pdf", ".svg"))
     except OutputPathError as err:
         raise ReportError(str(err)) from None
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    check_local_store(uri)
     try:
-        check_tracking_server(tracking_uri, timeout=10.0)  # a server that does not answer: MLflow retries for minutes
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-        return _draw_run(client, run_id, out, log_artifact)
+        check_tracking_server(uri, timeout=10.0)  # a server that does not answer: MLflow retries for minutes
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        return _draw_run(client, full_run_id(client, run_id, uri), out, log_artifact)
     except (MlflowException, TrackingServerError) as err:
-        raise ReportError(f"the tracking store {tracking_uri or mlflow.get_tracking_uri()}: "
-                          f"{' '.join(str(err).split())[:300]}") from None
+        raise ReportError(f"the tracking store {uri}: {' '.join(str(err).split())[:300]}") from None
+
+
+WHERE = "run from the folder the stages ran in, or name their store with MLFLOW_TRACKING_URI or --tracking-uri"
+
+
+def check_local_store(uri: str) -> None:
+    """A local store that is not there: MLflow would create an empty one and then not find the run
+    (the default sqlite:///mlflow.db is relative to the working directory)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path
+    elif parsed.scheme in ("", "file"):
+        path = parsed.path
+    else:
+        return
+    if path and not os.path.exists(path):
+        raise ReportError(f"the tracking store {uri} does not exist: {WHERE}")
+
+
+def full_run_id(client, run_id: str, uri: str) -> str:
+    """``run_id``, or the one run whose id it begins (as run_all.py's summary and a log show them):
+    a unique prefix of 6 or more hex digits is enough, as with git."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return run_id
+    except MlflowException as err:
+        if not (6 <= len(run_id) < 32 and all(c in "0123456789abcdef" for c in run_id)):
+            raise ReportError(f"run {run_id} is not in the tracking store {uri}: {WHERE}") from err
+    matches, token = [], None
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    while experiments:
+        page = client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=5000, page_token=token)
+        matches += [r.info.run_id for r in page if r.info.run_id.startswith(run_id)]
+        token = page.token
+        if not token:
+            break
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ReportError(f"{run_id} begins {len(matches)} run ids in {uri} ({', '.join(sorted(matches)[:5])}): "
+                          "give more of it")
+    raise ReportError(f"no run id in the tracking store {uri} begins {run_id}: {WHERE}")
 
 
 def _draw_run(client, run_id: str, out: str, log_artifact: bool) -> str:
@@ -131,7 +179,8 @@ def _draw_run(client, run_id: str, out: str, log_artifact: bool) -> str:
 def main(argv=None) -> int:
     p = cli_parser.Parser(prog="python pipeline/report.py", description=__doc__.splitlines()[0],
                           formatter_class=cli_parser.DefaultsFormatter)
-    p.add_argument("run_id", help="the MLflow run id (shown by mlflow ui, or the stage's log)")
+    p.add_argument("run_id", help="the MLflow run id, or a unique beginning of it (mlflow ui shows them; each stage "
+                   "logs its own at its start, and run_all.py's summary lists them)")
     p.add_argument("--out", help="the image to write: .png, .pdf or .svg (default: RUN_ID.png)%(default).0s")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)%(default).0s")
     p.add_argument("--log-artifact", action="store_true", help="also attach the PNG to the run")

@@ -38,6 +38,9 @@ class Tracker:
         self.run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name,
                                     tags={"stage": stage, **tags})
         self.run_id = self.run.info.run_id
+        # Said once, at the start: the id that report.py and the lineage tags of later stages take.
+        log.info("MLflow run %s (stage %s, experiment %r, store %s)", self.run_id, stage, exp.name,
+                 mlflow.get_tracking_uri())
         self.failures = 0
         for name in _REPEATING:  # a fresh count for each run
             logger = logging.getLogger(name)

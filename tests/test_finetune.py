@@ -945,6 +945,9 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     info = json.load(open(os.path.join(pretrain_hf, "training_info.json")))
     assert run.info.status == "FINISHED"
     assert run.data.tags["pretrain_run_id"] == "pretrain-run-123" and run.data.tags["model_kind"] == "pretrained"
+    assert f"MLflow run {run.info.run_id} (stage finetune" in proc.stderr  # the id report.py takes, in the log
+    # MLflow's two warnings on every fine-tune that the Hub has no card or licence for a local model
+    assert "model card could not be retrieved" not in proc.stderr and "license information" not in proc.stderr
     # an id that is not known is left out, not written as "None"
     assert run.data.tags.get("data_run_id") == (str(info["data_run_id"]) if info["data_run_id"] else None)
     params = run.data.params

@@ -197,3 +197,17 @@ def test_the_reports_per_class_figures_are_logged_as_metrics(tmp_path):
     path.write_text(json.dumps({"best_epoch": 1}))  # regression: no per-class figures, nothing logged
     log_per_class_metrics(tracker, str(path))
     assert len(tracker.logged) == 1
+
+
+def test_a_classifier_that_gives_every_row_one_label_is_warned_about():
+    from pipeline.metrics import confusion_matrix, one_class_warning
+
+    labels = ["fresh", "rotten"]
+    truth = np.array([0] * 58 + [1] * 42)
+    collapsed = confusion_matrix(truth, np.zeros(100, dtype=int), 2)  # accuracy 0.58: the label's share
+    assert one_class_warning(collapsed, labels) == (
+        "the model predicts 'fresh' for every test row (100 rows, 58.0% of them labelled so): it learned the "
+        "labels' counts, not the text; try more --epochs, another --learning-rate, or a model pretrained longer")
+    assert one_class_warning(confusion_matrix(truth, np.r_[np.zeros(99, int), [1]], 2), labels) is None
+    assert one_class_warning(confusion_matrix(np.zeros(10, int), np.zeros(10, int), 2), labels) is None  # one label only
+    assert one_class_warning(np.zeros((2, 2), dtype=np.int64), labels) is None  # no rows

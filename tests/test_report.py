@@ -66,6 +66,19 @@ def test_report_draws_the_run_from_a_real_server(mlflow_server, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "report.py"), "0" * 32],
                           env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: run 000000")
+    # The beginning of an id, as run_all.py's summary prints it, names the run it begins; one that
+    # begins none is said so
+    assert report(run_id[:12], str(tmp_path / "short.png"), mlflow_server) == str(tmp_path / "short.png")
+    other = "0123456789" if not run_id.startswith("0123456789") else "abcdefabcd"
+    with pytest.raises(ReportError, match=f"no run id in the tracking store {mlflow_server} begins {other}"):
+        report(other, str(tmp_path / "none.png"), mlflow_server)
+    # A local store that is not there (the default sqlite:///mlflow.db, from another folder): said,
+    # and no empty store made (before: "not found", and an empty mlflow.db left behind)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "report.py"), run_id],
+                          env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and f"sqlite:///{tmp_path}/mlflow.db does not exist" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()
     # A path that cannot be written, found before the run is read (before: a traceback after it, or
     # exit 0 naming a file matplotlib never wrote)
     (tmp_path / "a_file").write_text("x")

@@ -72,6 +72,7 @@ def test_three_stages_run_end_to_end_and_their_runs_are_linked(mlflow_server, tm
         finetune = runs[("finetune", f"demo-{init}")]
         assert finetune.data.tags["pretrain_run_id"] == pretrain.info.run_id
         assert finetune.data.tags["data_run_id"] == data.info.run_id
+        assert finetune.data.tags["model_kind"] == {"pretrained": "pretrained", "random": "random_init"}[init]
         artifacts = {a.path for a in client.list_artifacts(finetune.info.run_id)}
         assert {"report.json", "confusion_matrix.png"} <= artifacts, artifacts
     assert {"manifest.json", "tokenizer"} <= {a.path for a in client.list_artifacts(data.info.run_id)}

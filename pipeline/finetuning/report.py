@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from pipeline.metrics import finite_or_null, format_per_class, per_class_metrics
@@ -121,8 +122,21 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
         return
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
-        task="text-classification",  # regression too: one score per text (function_to_apply none)
-        model_config={"truncation": True, "max_length": max_length},
-        pip_requirements=pip_requirements(), registered_model_name=register_name)
+    hub_lookup = logging.getLogger("mlflow.transformers")
+    hub_lookup.addFilter(_no_hub_card_warnings)
+    try:
+        mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+            task="text-classification",  # regression too: one score per text (function_to_apply none)
+            model_config={"truncation": True, "max_length": max_length},
+            pip_requirements=pip_requirements(), registered_model_name=register_name)
+    finally:
+        hub_lookup.removeFilter(_no_hub_card_warnings)
+
+
+def _no_hub_card_warnings(record: logging.LogRecord) -> bool:
+    """MLflow looks every model up on the Hub for its card and licence, and warns twice on each
+    fine-tune that it found neither: a model of one's own, at a local path, has none there."""
+    message = record.getMessage()
+    return not message.startswith(("The model card could not be retrieved from the hub",
+                                   "Unable to find license information for this model"))

@@ -36,7 +36,7 @@ from pipeline.finetuning.model import (build_classifier, default_max_length, loa
                                        read_training_info, resolve_model_dir)
 from pipeline.length_batches import WINDOW_BATCHES, length_grouped
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
-                              json_line, per_class_report, task_metrics)
+                              json_line, one_class_warning, per_class_report, task_metrics)
 from pipeline.model import forward_attention_mask
 from pipeline.output_path import built_beside, file_beside
 from pipeline.tokenized import Ragged, tokenize
@@ -222,6 +222,8 @@ class Finetuner:
         self.hf_dir = resolve_model_dir(config.model, config.output_dir, self.is_rank0, self.barrier)
         # run ids of what the model came from: an export's pretraining, or a fine-tuned model's runs
         self.lineage = model_lineage(self.hf_dir)
+        if config.init == "random":  # only the architecture and tokenizer come from it: its ids still say which
+            self.lineage["model_kind"] = "random_init"
         # The tokenizer is checked against the model's config before any weight is loaded.
         self.tokenizer = load_tokenizer(self.hf_dir, config.tokenizer, AutoConfig.from_pretrained(self.hf_dir))
         torch.manual_seed(settings.seed)  # the classifier head (and, with --init random, every weight)
@@ -534,6 +536,11 @@ class Finetuner:
             report["labels"] = self.data.labels
             test_matrix = confusion_matrix(self.splits["test"].labels, outputs.argmax(-1), k)
             report["confusion_matrix"] = test_matrix.tolist()
+            collapsed = one_class_warning(test_matrix, self.data.labels)
+            if collapsed:
+                report["warnings"] = [collapsed]
+                if self.is_rank0:
+                    log.warning("%s", collapsed)
             # Validation again with the best weights, now loaded at full precision, as saved.
             validation_matrix = confusion_matrix(self.splits["validation"].labels,
                                                  self.predict("validation").argmax(-1), k)
