@@ -33,6 +33,7 @@ PANELS = (
     ("model FLOPs utilization", lambda name: name.startswith("mfu_")),
     ("learning rate", lambda name: name == "learning_rate"),
     ("gradients", lambda name: name in ("grad_norm", "skipped_steps")),
+    ("shares", lambda name: name.endswith("_share")),  # in [0, 1]: drawn flat beside eval_sequences' thousands
     ("fp16 loss scale", lambda name: name == "loss_scale"),
 )
 

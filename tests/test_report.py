@@ -13,7 +13,8 @@ from .conftest import REPO
 
 def test_metrics_are_grouped_by_what_they_measure():
     names = ["loss", "eval_loss", "mlm_accuracy", "validation/f1", "sequences_per_second", "mfu_model",
-             "real_tokens_per_second", "learning_rate", "grad_norm", "loss_scale", "epoch_seconds"]
+             "real_tokens_per_second", "learning_rate", "grad_norm", "loss_scale", "epoch_seconds",
+             "real_token_share"]
     # One scale per panel: the fp16 loss scale (65,536) drew the losses (and a gradient norm) flat
     # when beside them, and tokens/s (1e5) the MFU (< 1).
     assert group(names) == [("loss", ["loss", "eval_loss"]),
@@ -23,6 +24,7 @@ def test_metrics_are_grouped_by_what_they_measure():
                             ("model FLOPs utilization", ["mfu_model"]),
                             ("learning rate", ["learning_rate"]),
                             ("gradients", ["grad_norm"]),
+                            ("shares", ["real_token_share"]),
                             ("fp16 loss scale", ["loss_scale"]),
                             ("other", ["epoch_seconds"])]
 
