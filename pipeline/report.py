@@ -126,16 +126,23 @@ WHERE = "run from the folder the stages ran in, or name their store with MLFLOW_
 def check_local_store(uri: str) -> None:
     """A local store that is not there: MLflow would create an empty one and then not find the run
     (the default sqlite:///mlflow.db is relative to the working directory)."""
-    from urllib.parse import urlparse
+    from urllib.parse import unquote, urlparse
 
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path
-    elif parsed.scheme in ("", "file"):
-        path = parsed.path
+    from mlflow.utils.file_utils import local_file_uri_to_path
+    from mlflow.utils.uri import is_databricks_uri
+
+    if is_databricks_uri(uri):
+        return
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":  # sqlite:///relative.db, sqlite:////absolute.db, ?query for the driver
+        path = unquote(uri[len("sqlite:///"):].split("?", 1)[0]) if uri.startswith("sqlite:///") else ""
+        if path in ("", ":memory:"):
+            return
+    elif scheme in ("", "file") or len(scheme) == 1:  # a path (C:\... parses as scheme "c")
+        path = local_file_uri_to_path(uri)
     else:
         return
-    if path and not os.path.exists(path):
+    if not os.path.exists(path):
         raise ReportError(f"the tracking store {uri} does not exist: {WHERE}")
 
 
@@ -144,27 +151,40 @@ def full_run_id(client, run_id: str, uri: str) -> str:
     a unique prefix of 6 or more hex digits is enough, as with git."""
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
+    run_id = run_id.strip().lower()
     try:
         client.get_run(run_id)
         return run_id
     except MlflowException as err:
+        not_found = err.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE))
+        if not not_found:  # the store's own failure (a refused login, a server error): said as it is
+            raise
         if not (6 <= len(run_id) < 32 and all(c in "0123456789abcdef" for c in run_id)):
             raise ReportError(f"run {run_id} is not in the tracking store {uri}: {WHERE}") from err
-    matches, token = [], None
-    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
-    while experiments:
-        page = client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=5000, page_token=token)
-        matches += [r.info.run_id for r in page if r.info.run_id.startswith(run_id)]
-        token = page.token
-        if not token:
-            break
+    experiments = _all_pages(lambda token: client.search_experiments(view_type=ViewType.ALL, page_token=token))
+    ids = [e.experiment_id for e in experiments]
+    matches = [r.info.run_id for r in _all_pages(lambda token: client.search_runs(
+        ids, run_view_type=ViewType.ALL, max_results=5000, page_token=token)) if r.info.run_id.startswith(run_id)
+               ] if ids else []
     if len(matches) == 1:
         return matches[0]
     if matches:
         raise ReportError(f"{run_id} begins {len(matches)} run ids in {uri} ({', '.join(sorted(matches)[:5])}): "
                           "give more of it")
     raise ReportError(f"no run id in the tracking store {uri} begins {run_id}: {WHERE}")
+
+
+def _all_pages(search):
+    """Every item of a paged MLflow search (``search(page_token)`` gives a PagedList)."""
+    token = None
+    while True:
+        page = search(token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def _draw_run(client, run_id: str, out: str, log_artifact: bool) -> str:

@@ -17,7 +17,8 @@ import tempfile
 
 from pipeline.engine import flat
 
-from preprocessing.mlflow_experiment import QuietRepeats, experiment_name, tracking_errors, tracking_failure
+from preprocessing.mlflow_experiment import (QuietRepeats, announce_run, experiment_name, tracking_errors,
+                                            tracking_failure)
 
 log = logging.getLogger(__name__)
 # MLflow's loggers that repeat a failing store's error for every queued metrics batch.
@@ -38,9 +39,7 @@ class Tracker:
         self.run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name,
                                     tags={"stage": stage, **tags})
         self.run_id = self.run.info.run_id
-        # Said once, at the start: the id that report.py and the lineage tags of later stages take.
-        log.info("MLflow run %s (stage %s, experiment %r, store %s)", self.run_id, stage, exp.name,
-                 mlflow.get_tracking_uri())
+        announce_run(log, self.run_id, stage, exp.name, mlflow.get_tracking_uri())
         self.failures = 0
         for name in _REPEATING:  # a fresh count for each run
             logger = logging.getLogger(name)

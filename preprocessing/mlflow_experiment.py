@@ -28,6 +28,18 @@ def browse_hint(uri: str | None = None) -> str:
     return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
 
 
+def announce_run(log, run_id: str, stage: str, experiment: str, uri: str) -> None:
+    """Says the run's id once, at its start: the id that report.py and the lineage tags of later
+    stages take, and the one to look for when a stage stops early. A password in the URI is not
+    logged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        uri = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    log.info("MLflow run %s (stage %s, experiment %r, store %s)", run_id, stage, experiment, uri)
+
+
 def tracking_errors() -> tuple[type[BaseException], ...]:
     """What a failing tracking store raises: MLflow's errors (its SQL store wraps the database's in
     them), the file system's and HTTP's (OSErrors). Anything else from a tracking call is a bug.

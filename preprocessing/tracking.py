@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from preprocessing.mlflow_experiment import experiment_name, tracking_errors, tracking_failure
+from preprocessing.mlflow_experiment import announce_run, experiment_name, tracking_errors, tracking_failure
 from preprocessing.options import PreprocessConfig
 
 _PARAM_MAX = 500  # MLflow's limit on a param value's length
@@ -99,6 +99,7 @@ def preprocess_run(config: PreprocessConfig, beam_args: list[str]) -> Iterator[P
     experiment = mlflow.set_experiment(experiment_name(config.experiment))
     run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=config.run_name,
                            tags={"stage": "preprocess"})
+    announce_run(log, run.info.run_id, "preprocess", experiment.name, mlflow.get_tracking_uri())
     status = "FAILED"
     try:
         try:

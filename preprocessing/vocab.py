@@ -60,25 +60,43 @@ class VocabError(ValueError):
 
 
 # ---------------------------------------------------------------------------- training
-def _stoppable(train: Callable[[], None]) -> None:
-    """Runs ``train`` in a thread that the caller waits on. SentencePiece trains in C++ for minutes
-    with the GIL released, but Python runs a signal's handler in the main thread only, between two
-    of its own instructions: called there directly, a Ctrl-C or run_beam.py's SIGTERM waited for the
-    training's end. The thread is a daemon: a stop leaves it to the process's exit."""
+def _stoppable(train: Callable[[Iterator[str]], None], sentences: Iterator[str]) -> None:
+    """``train(sentences)`` in a thread that the caller waits on. SentencePiece trains in C++ for
+    minutes with the GIL released, but Python runs a signal's handler in the main thread only,
+    between two of its own instructions: called there directly, a Ctrl-C or run_beam.py's SIGTERM
+    waited for the training's end. The thread is a daemon, left to the process's exit, but not
+    while SentencePiece still pulls sentences: a thread that calls into Python while the
+    interpreter shuts down aborts the process (exit 134). So a stop makes the next pull raise,
+    which ends the loading at once, and waits for that."""
     if threading.current_thread() is not threading.main_thread():
-        train()  # no handler runs here anyway (a Beam worker's thread)
+        train(sentences)  # no handler runs here anyway (a Beam worker's thread)
         return
+    stopping, loaded = threading.Event(), threading.Event()
     failure: list[BaseException] = []
+
+    def feed() -> Iterator[str]:
+        for sentence in sentences:
+            if stopping.is_set():
+                raise KeyboardInterrupt("stopped while loading the vocabulary's sentences")
+            yield sentence
+        loaded.set()
 
     def run() -> None:
         try:
-            train()
+            train(feed())
         except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
             failure.append(err)
+        finally:
+            loaded.set()  # no more pulls: a failure, or the end
 
     thread = threading.Thread(target=run, name="sentencepiece-training", daemon=True)
     thread.start()
-    thread.join()  # a lock wait: a signal's handler runs, and its exception ends the wait
+    try:
+        thread.join()  # a lock wait: a signal's handler runs, and its exception ends the wait
+    except BaseException:
+        stopping.set()
+        loaded.wait(timeout=30)  # one more pull at most, then SentencePiece gives up
+        raise
     if failure:
         raise failure[0]
 
@@ -117,8 +135,8 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
 
     model = io.BytesIO()
     try:
-        _stoppable(lambda: sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=itertools.chain([first], remaining),
+        _stoppable(lambda feed: sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=feed,
             model_writer=model,
             model_type=model_type,
             vocab_size=vocab_size,
@@ -138,7 +156,7 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_type: s
             shuffle_input_sentence=False,
             num_threads=num_threads,
             minloglevel=1,  # warnings and errors only: its INFO log is thousands of lines
-        ))
+        ), itertools.chain([first], remaining))
     except RuntimeError as err:
         raise VocabError(_explain_training_error(str(err), vocab_size, character_coverage)) from err
     if too_long[0]:

@@ -82,3 +82,17 @@ def test_a_failing_stores_repeated_error_is_logged_once_in_a_hundred_with_a_coun
                       "database or disk is full x [3 more errors of this logger held back]",
                       "database or disk is full x [4 more errors of this logger held back]"]
     assert quiet.filter(logging.LogRecord("mlflow", logging.INFO, __file__, 1, "fine", (), None))
+
+
+def test_the_run_id_is_announced_without_the_stores_password(caplog):
+    import logging
+
+    from preprocessing.mlflow_experiment import announce_run
+
+    log = logging.getLogger("announce-test")
+    with caplog.at_level(logging.INFO, logger="announce-test"):
+        announce_run(log, "abc123", "pretrain", "exp", "https://user:secret@mlflow.example:5000/path")
+        announce_run(log, "def456", "finetune", "exp", "sqlite:///mlflow.db")
+    assert caplog.messages == [
+        "MLflow run abc123 (stage pretrain, experiment 'exp', store https://mlflow.example:5000/path)",
+        "MLflow run def456 (stage finetune, experiment 'exp', store sqlite:///mlflow.db)"]

@@ -71,6 +71,7 @@ def test_report_draws_the_run_from_a_real_server(mlflow_server, tmp_path):
     # The beginning of an id, as run_all.py's summary prints it, names the run it begins; one that
     # begins none is said so
     assert report(run_id[:12], str(tmp_path / "short.png"), mlflow_server) == str(tmp_path / "short.png")
+    assert report(run_id[:8].upper(), str(tmp_path / "upper.png"), mlflow_server) == str(tmp_path / "upper.png")
     other = "0123456789" if not run_id.startswith("0123456789") else "abcdefabcd"
     with pytest.raises(ReportError, match=f"no run id in the tracking store {mlflow_server} begins {other}"):
         report(other, str(tmp_path / "none.png"), mlflow_server)

@@ -210,12 +210,15 @@ def test_a_stop_signal_ends_the_run_with_one_line_and_marks_its_mlflow_run_kille
                              "--experiment", "stopped"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "MLFLOW_TRACKING_URI": db}, cwd=str(tmp_path),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not a shell's ignored one
+    before = []
     for line in proc.stderr:
+        before.append(line)
         if "training a unigram SentencePiece vocabulary" in line:
             break
     time.sleep(1)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
+    started = "".join(before)
     assert proc.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
         f"error: stopped by {signal.Signals(signum).name}: the data dir {output} is not complete (a finished one "
@@ -224,3 +227,4 @@ def test_a_stop_signal_ends_the_run_with_one_line_and_marks_its_mlflow_run_kille
     client = MlflowClient(db)
     runs = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
+    assert f"MLflow run {runs[0].info.run_id} (stage preprocess, experiment 'stopped'" in started  # said at its start
