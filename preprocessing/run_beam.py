@@ -28,6 +28,7 @@ for _noisy in ("apache_beam", "alembic", "mlflow", "urllib3"):
 
 from preprocessing import driver  # noqa: E402
 from preprocessing.errors import explain, interrupted, refused_write  # noqa: E402
+from preprocessing.local_runner import quiet_stopped_workers  # noqa: E402
 from preprocessing.mlflow_experiment import check_tracking_server  # noqa: E402
 from preprocessing.options import parse_args  # noqa: E402
 
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     try:
         if config.mlflow:
             check_tracking_server()
-        summary = driver.run(config, beam_args)
+        with quiet_stopped_workers():
+            summary = driver.run(config, beam_args)
     except BaseException as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown
         if interrupted(err):  # Ctrl-C, scancel, timeout: said, and the data dir's state with it
             name = signal.Signals(stop.get("signum", signal.SIGINT)).name
