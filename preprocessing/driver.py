@@ -15,8 +15,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import pyarrow.parquet as pq
 
-from preprocessing import (inputs, language, local_runner, manifest, parts, sentences, subwords, tracking, transforms,
-                           vocab, worker_package)
+from preprocessing import (inputs, language, manifest, parts, sentences, subwords, tracking, transforms, vocab,
+                           worker_package)
 from preprocessing.mlflow_experiment import browse_hint
 from preprocessing.options import PreprocessConfig
 
@@ -109,8 +109,7 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
 
     with tracking.preprocess_run(config, beam_args) as run:
         started = time.monotonic()
-        options = PipelineOptions(beam_args)
-        pipeline = beam.Pipeline(runner=local_runner.runner_for(options), options=options)
+        pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
         transforms.build_pipeline(pipeline, tasks, config, given)
         result = pipeline.run()
         result.wait_until_finish()

@@ -7,6 +7,7 @@
 Run with --help for every flag; flags it does not know go to Apache Beam.
 """
 
+import atexit
 import logging
 import os
 import signal
@@ -28,9 +29,9 @@ for _noisy in ("apache_beam", "alembic", "mlflow", "urllib3"):
 
 from preprocessing import driver  # noqa: E402
 from preprocessing.errors import explain, interrupted, refused_write  # noqa: E402
-from preprocessing.local_runner import quiet_stopped_workers  # noqa: E402
 from preprocessing.mlflow_experiment import check_tracking_server  # noqa: E402
 from preprocessing.options import parse_args  # noqa: E402
+from preprocessing.vocab import TRAINING_THREAD  # noqa: E402
 
 
 def _not_a_known_error(record: logging.LogRecord) -> bool:
@@ -51,8 +52,7 @@ def main(argv=None) -> int:
     try:
         if config.mlflow:
             check_tracking_server()
-        with quiet_stopped_workers():
-            summary = driver.run(config, beam_args)
+        summary = driver.run(config, beam_args)
     except BaseException as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown
         if interrupted(err):  # Ctrl-C, scancel, timeout: said, and the data dir's state with it
             name = signal.Signals(stop.get("signum", signal.SIGINT)).name
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
             else:
                 state = "not complete (a finished one has manifest.json); rerun into the same --output"
             print(f"error: stopped by {name}: the data dir {config.output} is {state}", file=sys.stderr)
+            _exit_past_the_vocabulary_training(128 + stop.get("signum", signal.SIGINT))
             return 128 + stop.get("signum", signal.SIGINT)
         if not isinstance(err, Exception):
             raise
@@ -78,6 +79,17 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, stop.pop("restore"))
     print(driver.format_summary(summary))
     return 0
+
+
+def _exit_past_the_vocabulary_training(code: int) -> None:
+    """A stop leaves SentencePiece's training running in its thread (preprocessing/vocab.py): in
+    C++ now, it returns into Python at its end, which aborts a process in its shutdown (exit 134).
+    Such a process ends here, once the exit handlers (MLflow's, the temporary folders') have run."""
+    if any(t.name == TRAINING_THREAD and t.is_alive() for t in threading.enumerate()):
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _stop_on_sigterm() -> dict:

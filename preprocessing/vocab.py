@@ -60,6 +60,9 @@ class VocabError(ValueError):
 
 
 # ---------------------------------------------------------------------------- training
+TRAINING_THREAD = "sentencepiece-training"
+
+
 def _stoppable(train: Callable[[Iterator[str]], None], sentences: Iterator[str]) -> None:
     """``train(sentences)`` in a thread that the caller waits on. SentencePiece trains in C++ for
     minutes with the GIL released, but Python runs a signal's handler in the main thread only,
@@ -89,7 +92,7 @@ def _stoppable(train: Callable[[Iterator[str]], None], sentences: Iterator[str])
         finally:
             loaded.set()  # no more pulls: a failure, or the end
 
-    thread = threading.Thread(target=run, name="sentencepiece-training", daemon=True)
+    thread = threading.Thread(target=run, name=TRAINING_THREAD, daemon=True)
     thread.start()
     try:
         thread.join()  # a lock wait: a signal's handler runs, and its exception ends the wait

@@ -228,36 +228,3 @@ def test_a_stop_signal_ends_the_run_with_one_line_and_marks_its_mlflow_run_kille
     runs = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
     assert f"MLflow run {runs[0].info.run_id} (stage preprocess, experiment 'stopped'" in started  # said at its start
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_signal_to_the_whole_process_group_leaves_the_workers_to_the_driver(signum, tmp_path):
-    """A terminal's Ctrl-C, or scancel's SIGTERM, reaches Beam's multi_processing workers too (the
-    driver's process group). Each worker died with its own traceback and the driver reported their
-    shells' deaths as thread tracebacks: 159 lines for two workers before the driver's one. Now the
-    workers leave the signal to the driver and end as at a normal end: no traceback, the driver's
-    line last, and no worker left running."""
-    import time
-
-    output = str(tmp_path / "data")
-    proc = subprocess.Popen([sys.executable, SCRIPT, *COMMON, *TWO_WORKERS, "--dupe-factor", "5", "--output", output,
-                             "--no-mlflow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=str(tmp_path), start_new_session=True,  # its own group, as a terminal's job
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    for line in proc.stderr:
-        if "training a unigram SentencePiece vocabulary" in line:
-            break
-    group = [int(pid) for pid in subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True,
-                                                text=True).stdout.split()]
-    assert len(group) >= 3, group  # the driver, and each worker (under its shell)
-    time.sleep(1)
-    os.killpg(proc.pid, signum)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signum, err[-3000:]
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
-        f"error: stopped by {signal.Signals(signum).name}: the data dir {output} is not complete"), err[-3000:]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in group):
-        time.sleep(0.5)
-    left = [pid for pid in group if os.path.exists(f"/proc/{pid}")]
-    assert not left, [open(f"/proc/{pid}/cmdline").read() for pid in left]

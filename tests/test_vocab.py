@@ -370,6 +370,6 @@ print(f"trained {time.monotonic() - start:.2f}")
     # Stopped while SentencePiece still pulls the sentences from Python: a thread left calling into
     # a shutting-down interpreter aborted the process (exit 134)
     code, (word, loading) = run("loading")
-    assert code == 130 and word == "stopped" and float(loading) < 1.0
+    assert code == 130 and word == "stopped" and float(loading) < 2.5
     code, (word, whole) = run("whole")  # the control: the training itself lasts several seconds
     assert code == 0 and word == "trained" and float(whole) > 2 * float(stopped), (stopped, whole)
