@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from pipeline.ds_config import DsConfigError
-from preprocessing.write_failure import REFUSED, refused_write
+from preprocessing.write_failure import REFUSED, disk_usage, refused_write
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -60,6 +60,38 @@ def check_writable(directory: str) -> None:
     if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
         raise CheckpointError(f"{existing}: cannot write there (permission denied), so no checkpoint could be "
                               "saved: fix its permissions, or train into another --run-dir")
+
+
+def estimated_bytes(engine) -> int:
+    """About what one checkpoint of ``engine`` takes on disk, before one is saved, over all ranks.
+
+    Per weight: the optimizer's two fp32 moments (Adam, AdamW and LAMB keep two); an fp32 master
+    copy, which ZeRO's optimizers keep at every precision and ZeRO-0 under bf16 or fp16; and the
+    module's own copy in its dtype, which ZeRO-3 does not save (its partitions are the master's).
+    Within a few percent of what the shipped CPU configs save (tested)."""
+    stage = engine.zero_optimization_stage()
+    master = 4 if stage > 0 or engine.bfloat16_enabled() or engine.fp16_enabled() else 0
+    total = 0
+    for p in engine.module.parameters():
+        numel = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves each rank a partition of the tensor
+        total += numel * (8 + master + (0 if stage == 3 else p.element_size()))
+    return total
+
+
+def saved_bytes(directory: str, tag: str) -> int:
+    """What ``tag`` takes on disk (every file but the marker)."""
+    return sum(tag_files(os.path.join(directory, tag)).values())
+
+
+def space_warning(directory: str, need: int, what: str) -> str | None:
+    """A warning when ``directory``'s file system has less than ``need`` bytes free for ``what``
+    (a failed save loses the steps since the last one); None when it has room or cannot tell."""
+    usage = disk_usage(directory)
+    if usage is None or usage.free >= need:
+        return None
+    return (f"{directory} has {usage.free / 2**20:,.0f} MiB free, and {what} takes about {need / 2**20:,.0f} MiB: "
+            "free space there (or lower --keep-checkpoints) before it is saved, or the save fails and a "
+            "resume goes back to the checkpoint before")
 
 
 def tag_for(step: int) -> str:

@@ -182,6 +182,11 @@ class Trainer:
         self._own_grad_norm = keeps_no_grad_norm(self.engine)
         self._saved_at, self._saved_step = time.monotonic(), None
         self._resume()
+        if self.is_rank0:  # said while there is time to free space, not at the first save
+            self._warn_if_short_of_space(
+                checkpoint.saved_bytes(config.checkpoint_dir, self.resume_tag) if self.resume_tag
+                else checkpoint.estimated_bytes(self.engine),
+                f"{'the next' if self.resume_tag else 'the first'} checkpoint")
         self.loader = PretrainingLoader(self.dataset, self.sampler)
 
     @property
@@ -329,7 +334,16 @@ class Trainer:
         tag = checkpoint.save(self.engine, self.config.checkpoint_dir, self.step, client,
                               self.config.keep_checkpoints, self.is_rank0, meta)
         self._saved_at, self._saved_step = time.monotonic(), self.step
+        if self.is_rank0 and self.step < self.config.steps:
+            # The older tags are pruned only once the next one is written: it needs room of its own.
+            self._warn_if_short_of_space(checkpoint.saved_bytes(self.config.checkpoint_dir, tag),
+                                         f"the next checkpoint (as large as {tag})")
         return tag
+
+    def _warn_if_short_of_space(self, need: int, what: str) -> None:
+        warning = checkpoint.space_warning(self.config.checkpoint_dir, need, what)
+        if warning:
+            log.warning("%s", warning)
 
     def train_step(self) -> StepMetrics:
         """One optimizer step: DeepSpeed's accumulation over the micro-batches.

@@ -16,11 +16,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import pyarrow.parquet as pq
 
 from preprocessing import (inputs, language, manifest, parts, sentences, subwords, tracking, transforms, vocab,
-                           worker_package)
+                           worker_package, write_failure)
 from preprocessing.mlflow_experiment import browse_hint
 from preprocessing.options import PreprocessConfig
 
 log = logging.getLogger(__name__)
+
+# Free space under which --output is refused at the start: not even a 32k vocabulary's tokenizer
+# files (about 3 MiB) would fit.
+FULL_BYTES = 4 << 20
+NEARLY_FULL_BYTES = 64 << 20  # under which a start is warned of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,18 @@ def check_writable(output: str) -> None:
         read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
         raise inputs.InputError(f"--output {output}: cannot write in {existing} "
                                 f"({'a read-only file system' if read_only else 'permission denied'})")
+    # A disk that is full from the start would fail the first write only after the input was read
+    # and the vocabulary trained (minutes to hours on a real corpus). How much a run writes is not
+    # known before it runs: a disk with no room even for a tokenizer is refused, a nearly full one
+    # is warned about.
+    usage = write_failure.disk_usage(existing)
+    if usage is not None and usage.free < FULL_BYTES:
+        raise inputs.InputError(f"--output {output}: the file system of {existing} is full ({usage.free / 2**20:.1f} "
+                                "MiB free): free space there, or name an --output on another disk")
+    if usage is not None and usage.free < NEARLY_FULL_BYTES:
+        log.warning("--output %s: the file system of %s has %.0f MiB free; a data dir of a real corpus takes far "
+                    "more (shards of dupe-factor copies of its text), and a full disk ends the run only when "
+                    "it writes", output, existing, usage.free / 2**20)
 
 
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:

@@ -60,18 +60,23 @@ def refused_write(err: BaseException, path: str) -> OSError | None:
     return None
 
 
-def nearly_full(path: str) -> bool:
-    """Under 64 MiB (or 1%) free where ``path`` is, or its nearest existing parent."""
+def disk_usage(path: str):
+    """``shutil.disk_usage`` where ``path`` is, or its nearest existing parent; None if unknown."""
     while path and not os.path.exists(path):
         parent = os.path.dirname(path)
         if parent == path:
             break
         path = parent
     try:
-        usage = shutil.disk_usage(path or ".")
+        return shutil.disk_usage(path or ".")
     except OSError:
-        return False
-    return usage.free < min(64 << 20, usage.total // 100)
+        return None
+
+
+def nearly_full(path: str) -> bool:
+    """Under 64 MiB (or 1%) free where ``path`` is, or its nearest existing parent."""
+    usage = disk_usage(path)
+    return usage is not None and usage.free < min(64 << 20, usage.total // 100)
 
 
 def _beside(filename: str | None, path: str) -> bool:

@@ -155,7 +155,8 @@ class SmallDisk:
     def __init__(self, path: str):
         self.path = path
 
-    def fill(self) -> None:
+    def fill(self, leave: int = 0) -> None:
+        """Fills it up, then gives back ``leave`` bytes (whole pages)."""
         with open(os.path.join(self.path, self.FILLER), "ab", buffering=0) as f:
             for size in (1 << 20, 4096, 1):  # down to the last byte: no page left for anyone
                 try:
@@ -163,6 +164,8 @@ class SmallDisk:
                         f.write(b"\0" * size)
                 except OSError as err:
                     assert err.errno == 28, err
+            if leave:
+                f.truncate(max(0, f.tell() - leave))
 
     def free(self) -> None:
         os.remove(os.path.join(self.path, self.FILLER))

@@ -1,20 +1,23 @@
 """A real full disk (a tmpfs filled up: ``small_disk`` in tests/conftest.py) under fine-tuning,
 embedding and preprocessing: one line that names the file and what to do, no traceback, and
-nothing written halfway under its final name. Pretraining's: tests/test_checkpoint_faults.py."""
+nothing written halfway under its final name; a disk too full for what a run will write is said
+at its start. A full disk during a checkpoint's save: tests/test_checkpoint_faults.py."""
 
 import logging
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from pipeline import embed, finetune, pretrain
+from pipeline import checkpoint, embed, finetune, pretrain
+from pipeline.checkpoint import CheckpointWriteError
 from pipeline.finetuning.trainer import Finetuner, warn_if_short_of_space
 from pipeline.trainer import Trainer
 
 from .conftest import REPO, WIKI_SAMPLE, set_one_process_world
-from .test_checkpoint_faults import STEP4, cli_args, fill_once, one_error_line
+from .test_checkpoint_faults import STEP4, cli_args, config, fill_once, one_error_line
 from .test_finetune import write_reviews
 
 BUNDLE = os.path.join(REPO, "tests", "data", "pretrained_reviews")  # a pretraining export (make_bundle.py)
@@ -79,12 +82,28 @@ def test_a_full_disk_under_the_embeddings_leaves_no_file(small_disk, tmp_path, c
     assert small_disk.files() == []  # not even an empty temporary file
 
 
-def test_a_full_disk_under_preprocessing_is_one_line_and_no_manifest(small_disk):
+def run_beam_on(out: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
+                           "--output", out, "--vocab-size", "500", "--num-shards", "1", "--no-mlflow", *flags],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def test_an_output_disk_full_from_the_start_is_refused_before_the_input_is_read(small_disk):
     out = os.path.join(small_disk.path, "data")
-    small_disk.fill()
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI_SAMPLE,
-                           "--output", out, "--vocab-size", "500", "--num-shards", "1", "--dupe-factor", "1",
-                           "--no-mlflow"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    small_disk.fill(leave=1 << 20)
+    proc = run_beam_on(out, "--dupe-factor", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --output {out}: the file system of {small_disk.path} is full (1.0 MiB free): free space there, "
+        "or name an --output on another disk")
+    assert "vocabulary" not in proc.stderr and small_disk.files() == []  # nothing read, trained or made
+
+
+def test_a_disk_that_fills_up_under_preprocessing_is_one_line_and_no_manifest(small_disk):
+    out = os.path.join(small_disk.path, "data")
+    small_disk.fill(leave=5 << 20)  # room to start (a nearly full disk is warned of), not for the shards
+    proc = run_beam_on(out, "--dupe-factor", "5")
+    assert f"--output {out}: the file system of {small_disk.path} has 5 MiB free" in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and ": no space left on device; the data dir " in errors[0], proc.stderr[-3000:]
@@ -100,3 +119,39 @@ def test_a_run_dir_refused_on_a_full_disk_is_not_left_behind(data_dir, small_dis
     assert one_error_line(capsys) == (f"error: --run-dir {run_dir}: cannot write {run_dir}/.lock: "
                                       "No space left on device")
     assert small_disk.files() == []  # neither the folders it made nor an empty lock file
+
+
+@pytest.mark.parametrize("ds_config", ["cpu_fp32_zero2_torch-adamw", "cpu_fp32_zero0_torch-adamw",
+                                       "cpu_fp32_zero3_torch-adamw", "cpu_bf16_zero2_torch-adamw"])
+def test_the_checkpoint_size_estimated_at_the_start_is_what_the_engine_saves(data_dir, tmp_path, monkeypatch, ds_config):
+    set_one_process_world(monkeypatch)
+    trainer = Trainer(config(data_dir, tmp_path, steps=1, eval_shards=0,
+                             ds_config=os.path.join(REPO, "ds_configs", f"{ds_config}.json")))
+    estimate = checkpoint.estimated_bytes(trainer.engine)
+    assert trainer.train() == 0
+    saved = checkpoint.saved_bytes(str(tmp_path / "checkpoints"), checkpoint.tag_for(1))
+    # The optimizer's moments, ZeRO's fp32 master and the module's own copy: 12-16 bytes a weight.
+    assert saved == pytest.approx(estimate, rel=0.03), (saved, estimate)
+
+
+def test_a_checkpoint_disk_too_full_for_the_next_save_is_warned_of_before_it_fails(
+        data_dir, small_disk, monkeypatch, caplog):
+    set_one_process_world(monkeypatch)
+    run_dir = os.path.join(small_disk.path, "run")
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    with caplog.at_level(logging.WARNING, logger="pipeline.trainer"):
+        small_disk.fill(leave=1 << 20)
+        Trainer(config(data_dir, run_dir, steps=2, checkpoint_every=1)).loader.close()
+        assert caplog.messages == [
+            f"{checkpoints} has 1 MiB free, and the first checkpoint takes about 6 MiB: free space there (or lower "
+            "--keep-checkpoints) before it is saved, or the save fails and a resume goes back to the checkpoint before"]
+        caplog.clear()
+        small_disk.free()
+        small_disk.fill(leave=10 << 20)  # room for one checkpoint (6.2 MiB) only
+        trainer = Trainer(config(data_dir, run_dir, steps=2, checkpoint_every=1))
+        assert caplog.messages == []
+        with pytest.raises(CheckpointWriteError, match="no space left on device"):
+            trainer.train()
+    assert checkpoint.complete_tags(checkpoints) == [checkpoint.tag_for(1)]
+    assert caplog.messages[0].startswith(f"{checkpoints} has 4 MiB free, and the next checkpoint (as large as "
+                                         "step00000001) takes about 6 MiB: free space there"), caplog.messages
