@@ -4,6 +4,7 @@ ranks agreeing, the MLflow run and registered model on a real server, bad input 
 
 import csv
 import json
+import logging
 import math
 import os
 import re
@@ -119,6 +120,8 @@ def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predi
     np.testing.assert_allclose(finetuner.predict("test"), logits, atol=1e-4)
     assert np.mean(predictions == finetuner.splits["test"].labels) == pytest.approx(report["test"]["accuracy"])
     assert np.diag(cm).sum() == (predictions == finetuner.splits["test"].labels).sum()
+    # a model that predicts one label for every row (this 4-step one may) is warned of, no other
+    assert ("warnings" in report) == (len(set(predictions)) == 1)
     assert model.config.id2label == {0: "fresh", 1: "rotten"} and model.config.label2id == {"fresh": 0, "rotten": 1}
     assert os.path.isfile(os.path.join(model_dir, "tokenizer.json"))
     assert [os.path.basename(p) for p in paths] == ["report.json", "confusion_matrix.png"]
@@ -138,6 +141,29 @@ def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predi
     assert per_class["validation"]["weighted_avg"]["support"] == report["rows"]["validation"]
     printed = capsys.readouterr().out
     assert "precision" in printed and "weighted avg" in printed and "rotten" in printed
+
+
+def test_a_classifier_that_gives_every_test_row_one_label_is_warned_of(pretrained, reviews, tmp_path, caplog):
+    """Trained on 95% 'fresh' at BERT-base's rate for one epoch, the tiny model predicts 'fresh' for
+    every row: its test accuracy, the label's share, would read like learning."""
+    from pipeline.finetuning.trainer import Finetuner
+
+    rows = list(csv.reader(open(reviews)))
+    fresh = [r for r in rows[1:] if r[0] == "fresh"]
+    skewed = tmp_path / "skewed.csv"
+    with open(skewed, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0], *fresh, *[r for r in rows[1:] if r[0] == "rotten"][:len(fresh) // 19]])
+    finetuner = Finetuner(finetune_config(pretrained, tmp_path / "out", str(skewed), epochs=1, learning_rate=5e-5,
+                                           drop_labels=()))
+    finetuner.train()
+    with caplog.at_level(logging.WARNING, logger="pipeline.finetuning.trainer"):
+        report = finetuner.test_report()
+    cm = np.array(report["confusion_matrix"])
+    assert cm[:, 1].sum() == 0 and cm[1].sum() > 0, cm  # 'rotten' rows there, none predicted
+    assert report["test"]["accuracy"] == pytest.approx(cm[0, 0] / cm.sum()) and report["test"]["accuracy"] > 0.9
+    (warning,) = report["warnings"]
+    assert warning.startswith(f"the model predicts 'fresh' for every test row ({cm.sum()} rows, "), warning
+    assert caplog.messages == [warning]
 
 
 def test_early_stopping_keeps_the_best_epochs_weights(pretrained, reviews, tmp_path, monkeypatch):
