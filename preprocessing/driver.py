@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import pyarrow.parquet as pq
 
-from preprocessing import (inputs, language, manifest, parts, sentences, subwords, tracking, transforms, vocab,
+from preprocessing import (inputs, language, local_runner, manifest, parts, sentences, subwords, tracking, transforms, vocab,
                            worker_package, write_failure)
 from preprocessing.mlflow_experiment import browse_hint
 from preprocessing.options import PreprocessConfig
@@ -126,7 +126,8 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
 
     with tracking.preprocess_run(config, beam_args) as run:
         started = time.monotonic()
-        pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+        options = PipelineOptions(beam_args)
+        pipeline = beam.Pipeline(runner=local_runner.runner_for(options), options=options)
         transforms.build_pipeline(pipeline, tasks, config, given)
         result = pipeline.run()
         result.wait_until_finish()

@@ -29,6 +29,7 @@ for _noisy in ("apache_beam", "alembic", "mlflow", "urllib3"):
 
 from preprocessing import driver  # noqa: E402
 from preprocessing.errors import explain, interrupted, refused_write  # noqa: E402
+from preprocessing.local_runner import quiet_stopped_workers  # noqa: E402
 from preprocessing.mlflow_experiment import check_tracking_server  # noqa: E402
 from preprocessing.options import parse_args  # noqa: E402
 from preprocessing.vocab import TRAINING_THREAD  # noqa: E402
@@ -48,11 +49,12 @@ for _handler in logging.getLogger().handlers:
 
 def main(argv=None) -> int:
     config, beam_args = parse_args(argv)
-    stop = _stop_on_sigterm()
+    stop = _stop_signals()
     try:
         if config.mlflow:
             check_tracking_server()
-        summary = driver.run(config, beam_args)
+        with quiet_stopped_workers(stopping=lambda: "signum" in stop):
+            summary = driver.run(config, beam_args)
     except BaseException as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown
         if interrupted(err):  # Ctrl-C, scancel, timeout: said, and the data dir's state with it
             name = signal.Signals(stop.get("signum", signal.SIGINT)).name
@@ -75,8 +77,8 @@ def main(argv=None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     finally:
-        if "restore" in stop:
-            signal.signal(signal.SIGTERM, stop.pop("restore"))
+        for signum, handler in stop.pop("restore").items():
+            signal.signal(signum, handler)
     print(driver.format_summary(summary))
     return 0
 
@@ -92,18 +94,21 @@ def _exit_past_the_vocabulary_training(code: int) -> None:
         os._exit(code)
 
 
-def _stop_on_sigterm() -> dict:
+def _stop_signals() -> dict:
     """SIGTERM (scancel, timeout, a pod's end) stops the run as Ctrl-C does: with one line, and its
     MLflow run marked KILLED (before: exit 143 in silence, the run left RUNNING for ever). The
-    returned dict gets the signal's number, and the handler to restore when main() returns."""
-    received: dict = {}
+    returned dict gets the signal's number once either arrives (Ctrl-C still raises Python's
+    KeyboardInterrupt), and the handlers to restore when main() returns."""
+    received: dict = {"restore": {}}
 
     def handle(signum, frame):
         received["signum"] = signum
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        received["restore"] = signal.signal(signal.SIGTERM, handle)
+    if threading.current_thread() is threading.main_thread():
+        for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+            if signal.getsignal(signum) is default:  # not one a shell made its background job ignore
+                received["restore"][signum] = signal.signal(signum, handle)
     return received
 
 

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,8 +69,13 @@ def test_output_layout_manifest_and_summary(one_worker_run):
 def test_two_workers_and_a_rerun_give_identical_shards(one_worker_run, tmp_path):
     output, _ = one_worker_run
     two = str(tmp_path / "two")
-    run_beam([*COMMON, "--output", two, "--no-mlflow", *TWO_WORKERS])
+    proc = run_beam([*COMMON, "--output", two, "--no-mlflow", *TWO_WORKERS])
     assert shard_digests(two) == shard_digests(output)
+    # The workers log as the driver does: the preprocessing's lines, not Beam's start-up and
+    # shutdown (about 20 lines a worker in Python's default format, relayed to the driver too).
+    workers = [line for line in proc.stderr.splitlines() if "preprocessing.transforms: wrote " in line]
+    assert len(workers) == 3 and all(re.match(r"\d{4}-\d\d-\d\d [\d:,]+ INFO ", line) for line in workers), proc.stderr
+    assert not re.search(r"^(INFO|WARNING):|Worker: severity|sdk_worker|apitools", proc.stderr, re.M), proc.stderr
     # A rerun into the same directory replaces the output with identical shards.
     run_beam([*COMMON, "--output", two, "--no-mlflow"])
     assert shard_digests(two) == shard_digests(output)
@@ -194,6 +200,33 @@ def test_the_language_comes_from_the_dumps_xml_lang(tmp_path, dump, language, se
     text = " ".join(texts)
     assert kept in text
     assert not [d for d in dropped if d in text]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_to_the_workers_too_ends_the_run_with_the_drivers_one_line(signum, tmp_path):
+    """A terminal's Ctrl-C, or scancel's SIGTERM, reaches the multi_processing workers as well as
+    the driver (one process group): the workers end at once, silently (before: 159 lines and 13
+    tracebacks for two workers), and the driver's line ends the run."""
+    import time
+
+    output = str(tmp_path / "data")
+    proc = subprocess.Popen([sys.executable, SCRIPT, *COMMON, "--dupe-factor", "5", "--output", output, "--no-mlflow",
+                             *TWO_WORKERS], stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+                            start_new_session=True,  # a process group of its own, as a terminal's job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stderr:  # the workers have read the vocabulary's sample by then
+        if "training a unigram SentencePiece vocabulary" in line:
+            break
+    time.sleep(3)  # into the pipeline's main stage, where the workers make examples
+    signalled = time.monotonic()
+    os.killpg(proc.pid, signum)
+    after = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signum and time.monotonic() - signalled < 30, after[-3000:]
+    *logged, last = after.strip().splitlines()
+    assert last == (f"error: stopped by {signal.Signals(signum).name}: the data dir {output} is not complete (a "
+                    "finished one has manifest.json); rerun into the same --output"), after[-3000:]
+    # at most a line a worker logged as the signal came (a shard written, say)
+    assert all(re.match(r"[\d-]+ [\d:,]+ INFO preprocessing\.", line) for line in logged), after[-3000:]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
