@@ -304,6 +304,12 @@ def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
     for path in dict.fromkeys(task.path for task in tasks if task.format == "parquet"):
         with _open_raw(path) as raw:
             text_formats.check_parquet_column(raw, path, text_field)
+    for task in {task.path: task for task in tasks if task.format == "jsonl"}.values():
+        with _open_raw(task.path) as raw:
+            try:
+                text_formats.check_jsonl_head(_decompressed(raw, task.compression), task.path, text_field)
+            except (EOFError, OSError):
+                pass  # a truncated or corrupt file: its reader keeps what it can, and counts the rest
 
 
 def dump_language(path: str) -> str | None:

@@ -108,11 +108,15 @@ def _wordpiece_json(path: str) -> bytes:
             else:
                 vocab_file = local if local.endswith(".txt") else os.path.join(folder, "vocab.txt")
                 with open(vocab_file, encoding="utf-8") as f:
-                    _check_special_tokens(path, set(f.read().splitlines()))
+                    lines = f.read().splitlines()
+                _check_vocab_lines(vocab_file if local == path else path, lines)
+                _check_special_tokens(path, set(lines))
                 lower = _do_lower_case(folder, vocab_file)
                 # BERT's own pipeline (clean text, split CJK characters, strip accents when
                 # lowercasing), as BertTokenizerFast builds it from a vocab.txt.
                 backend = BertWordPieceTokenizer(vocab_file, lowercase=lower)._tokenizer
+    except InputError:
+        raise
     except Exception as err:  # tokenizers raises plain Exception subclasses on bad files
         raise InputError(f"--tokenizer {path}: not a readable BERT tokenizer ({err})") from None
     model = json.loads(backend.to_str())["model"]
@@ -123,6 +127,22 @@ def _wordpiece_json(path: str) -> bytes:
     backend.no_truncation()
     backend.no_padding()
     return backend.to_str().encode("utf-8")
+
+
+def _check_vocab_lines(path: str, lines: list[str]) -> None:
+    """A vocab.txt holds one token a line, each once: its line number is the token's id. A token
+    twice left the second line's id beyond the size the tokenizer reports (a crash in the
+    pipeline, after the previous output was deleted); a blank line or a token with a space is
+    no piece the tokenizer can ever produce."""
+    seen: dict[str, int] = {}
+    for number, token in enumerate(lines, 1):
+        if not token.strip() or token != token.strip() or any(c.isspace() for c in token):
+            raise InputError(f"--tokenizer {path}, line {number}: {token!r} is not a token (one token a line, "
+                             "without spaces)")
+        if token in seen:
+            raise InputError(f"--tokenizer {path}, line {number}: {token!r} again (first on line {seen[token]}); "
+                             "each token's line number is its id, so each may appear once")
+        seen[token] = number
 
 
 def _check_special_tokens(path: str, tokens) -> None:

@@ -412,6 +412,48 @@ def open_parquet(f: BinaryIO, path: str) -> pq.ParquetFile:
         raise InputError(f"{path}: not a readable Parquet file ({_one_line(err)})") from None
 
 
+HEAD_ROWS = 100  # rows of a jsonl file read before the pipeline starts
+_HEAD_LINE_BYTES = 1 << 20
+
+
+def check_jsonl_head(f: BinaryIO, path: str, text_field: str) -> None:
+    """Fails early, naming the file and the fields its rows have, when none of its first
+    ``HEAD_ROWS`` non-blank lines is an object with a string ``text_field`` (a wrong --text-field
+    left the whole file out, each row a counted skip, the run otherwise a success), or when it
+    is one JSON array. Checked before the previous output is deleted."""
+    fields: dict[str, None] = {}
+    rows = objects = 0
+    while rows < HEAD_ROWS:
+        raw = f.readline(_HEAD_LINE_BYTES)
+        if not raw:
+            break
+        if not raw.endswith(b"\n") and len(raw) == _HEAD_LINE_BYTES:
+            return  # an oversized line: the pipeline counts it
+        raw = raw.removeprefix(b"\xef\xbb\xbf") if rows == 0 else raw
+        if not raw.strip():
+            continue
+        if rows == 0 and raw.lstrip().startswith(b"["):
+            raise InputError(f"{path}: a JSON array, not JSON lines (one object per line); convert it, e.g. "
+                             f"{_jq_command(os.path.basename(path))}")
+        rows += 1
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict):
+            objects += 1
+            if isinstance(record.get(text_field), str):
+                return
+            fields.update(dict.fromkeys(record))
+    if objects:
+        shown = ", ".join(map(repr, list(fields)[:10])) + (" …" if len(fields) > 10 else "")
+        raise InputError(f"{path}: none of its first {rows} rows has a string {text_field!r} field (their fields: "
+                         f"{shown or 'none'}); name the text's field with --text-field")
+    if rows:
+        raise InputError(f"{path}: none of its first {rows} lines is a JSON object; a .jsonl file holds one object "
+                         "per line")
+
+
 def check_parquet_column(f: BinaryIO, path: str, text_field: str) -> None:
     """Fails early, naming the file and its columns, when the text column is missing."""
     _check_column(open_parquet(f, path), path, text_field)

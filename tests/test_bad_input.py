@@ -249,7 +249,8 @@ def run_beam_subprocess(args):
 def test_glob_characters_in_a_name_every_skip_in_the_summary_and_a_bad_seed(tmp_path, capsys):
     with bz2.open(AUSTEN, "rb") as f:
         (tmp_path / "novel[1].txt").write_bytes(f.read()[:150_000])
-    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"content": f"row {i}."}) + "\n" for i in range(7)))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"content": f"row {i}."}) + "\n" for i in range(7))
+                                         + json.dumps({"text": "The one row with text."}) + "\n")
     out = tmp_path / "out"
     # Before: the manifest step matched "novel[1].txt" as a glob, found nothing and failed with an
     # IndexError after every shard was written; and the 7 skipped rows were missing from the summary.
@@ -285,7 +286,7 @@ def test_text_without_end_punctuation_is_said_to_lose_most_of_its_tokens(tmp_pat
 
 def test_a_worker_side_user_error_a_runner_typo_and_a_lossy_mode_are_one_line_each(tmp_path):
     """As a user runs it (a process of its own, Beam's logging as configured there): a jsonl
-    without the text field fails in the vocabulary step inside Beam, which logged the error's
+    whose texts are all blank fails in the vocabulary step inside Beam, which logged the error's
     traceback before the driver's one line."""
     import subprocess
     import sys
@@ -293,10 +294,10 @@ def test_a_worker_side_user_error_a_runner_typo_and_a_lossy_mode_are_one_line_ea
     from .conftest import REPO
 
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"body": f"Sentence {i} is here. And another one."}) + "\n" for i in range(50)))
+    rows.write_text("".join(json.dumps({"text": " " if i % 2 else "", "body": f"Sentence {i} is here."}) + "\n"
+                            for i in range(50)))
     script = os.path.join(REPO, "preprocessing", "run_beam.py")
-    cases = [([], "no sentences to train the vocabulary on: the input has no text. Skipped while reading: "
-                  "jsonl-missing-text-field: 50"),
+    cases = [([], "no sentences to train the vocabulary on: the input has no text (empty or blank files?"),
              (["--runner=DirectRuner"], "--runner: Unexpected pipeline runner: DirectRuner. Valid values are"),
              (["--direct_num_workers=2", "--direct_running_mode=multi_threading"],
               "--direct_running_mode=multi_threading lost elements")]
@@ -308,6 +309,32 @@ def test_a_worker_side_user_error_a_runner_typo_and_a_lossy_mode_are_one_line_ea
         assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and " ERROR " not in proc.stderr, proc.stderr[-3000:]
         assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"body": "A row.", "id": 1}] * 3 + [{"body": "Another row.", "lang": "en"}],
+     "none of its first 4 rows has a string 'text' field (their fields: 'body', 'id', 'lang'); name the text's "
+     "field with --text-field"),
+    ([{"text": None}, {"text": 7}, {"text": ["a list"]}],
+     "none of its first 3 rows has a string 'text' field (their fields: 'text')"),
+    (["not json", "[1, 2] no", "42"], "none of its first 3 lines is a JSON object; a .jsonl file holds one object per line"),
+    ([[{"text": "An array."}]], "a JSON array, not JSON lines")])
+def test_a_jsonl_file_no_row_of_which_has_the_text_field_is_refused_before_the_old_output_goes(tmp_path, capsys, rows,
+                                                                                              message):
+    """Before: a wrong --text-field left the whole file out, each row a counted skip, and the run
+    (with another input) ended as a success; a JSON array was refused only once the previous
+    data dir had been deleted."""
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(gzip.compress("\n\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows).encode()))
+    with bz2.open(AUSTEN, "rb") as f:
+        (tmp_path / "novel.txt").write_bytes(f.read()[:20_000])
+    previous = tmp_path / "out"
+    (previous / "shards").mkdir(parents=True)
+    (previous / "manifest.json").write_text("{}")
+    assert run_beam.main(["--input", str(path), str(tmp_path / "novel.txt"), "--output", str(previous),
+                          "--no-mlflow"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {path}: {message}")
+    assert sorted(os.listdir(previous)) == ["manifest.json", "shards"]  # the previous data dir is whole
 
 
 @pytest.mark.parametrize("name, text, command", [

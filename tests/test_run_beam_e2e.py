@@ -153,12 +153,10 @@ def test_failed_run_leaves_no_manifest(tmp_path):
     output.mkdir()
     (output / "manifest.json").write_text("{}")  # a previous run's
     corpus = tmp_path / "rows.jsonl"
-    corpus.write_text('{"body": "the text is under another field"}\n' * 50)
+    corpus.write_text('{"text": " ", "body": "blank text, which only the pipeline finds"}\n' * 50)
     proc = run_beam(["--input", str(corpus), "--output", str(output), "--no-mlflow"], check=False)
     assert proc.returncode == 2
     assert "error: no sentences to train the vocabulary on: the input has no text" in proc.stderr
-    assert "jsonl-missing-text-field" in proc.stderr
-    assert f"{corpus}: line 1 (byte 0): row has no 'text' field (see --text-field)" in proc.stderr
     assert not (output / "manifest.json").exists()
     # said before the pipeline ran, so a failed rerun does not take the old data dir unannounced
     assert f"--output {output} holds a data dir: it is deleted now" in proc.stderr

@@ -212,3 +212,21 @@ def test_a_model_whose_casing_differs_from_the_data_is_refused(wordpiece_data, b
         manifest = json.load(f)
     with pytest.raises(HfInitError, match="uncased .*do_lower_case=true.* made cased"):
         check(str(published), str(published / "config.json"), manifest, wordpiece_data)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["the"], "line 9: 'the' again (first on line 6); each token's line number is its id"),
+    ([""], "line 9: '' is not a token"),
+    (["two words"], "line 9: 'two words' is not a token"),
+    (["the "], "line 9: 'the ' is not a token")])
+def test_a_vocab_txt_line_no_tokenizer_can_give_is_refused_with_its_number(tmp_path, extra, message):
+    """Before: a token twice got the second line's id, past the size the tokenizer reports, and the
+    pipeline failed midway (a 115-line traceback) after deleting the previous output."""
+    from preprocessing.inputs import InputError
+    from preprocessing.subwords import load_given
+
+    lines = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "##s", "cat", *extra, "dog"]
+    (tmp_path / "vocab.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InputError) as caught:
+        load_given(str(tmp_path))
+    assert str(caught.value).startswith(f"--tokenizer {tmp_path / 'vocab.txt'}, {message}"), str(caught.value)
