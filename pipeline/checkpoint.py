@@ -401,7 +401,8 @@ RESUME_INVARIANTS = {
     "model_config": ("--model", "the weights have these shapes; a new size starts from --init-from"),
     "micro_batch_size": ("--micro-batch-size", "the data position counts micro-batches"),
     "seed": ("--seed", "the data order and masks follow from it"),
-    "train_rows": ("--eval-shards", "the training rows' order depends on how many there are"),
+    "train_rows": ("--data and --eval-shards", "the training rows are --data's rows less the held-out "
+                   "shards, and their order depends on how many there are"),
     "zero_class": ("--ds-config's zero_optimization.stage", "DeepSpeed loads the optimizer state as it was "
                    "partitioned: stages 1 and 2 load each other's, 0 and 3 only their own; change it in a new "
                    "--run-dir with --init-from"),

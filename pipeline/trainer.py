@@ -458,6 +458,8 @@ class Trainer:
                     self.save()
             if self.eval_shards:
                 self.final_eval = {"step": self.step, **self.evaluate()}
+                if self.is_rank0:  # a rerun of a finished run evaluates its last step again: once in the file
+                    keep_steps_up_to(os.path.join(self.config.run_dir, "eval.jsonl"), self.step - 1)
                 self._log_eval(self.final_eval, tracker)
             if self._saved_step != self.step:
                 self.save()

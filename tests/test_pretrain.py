@@ -115,7 +115,9 @@ def test_a_resume_that_changes_what_it_must_keep_stops_with_one_line(data_dir, t
             (["--model", "mini"], "was saved with --model giving {'hidden_size': 64, 'intermediate_size': 256, "
                                   "'num_attention_heads': 2, 'num_hidden_layers': 2}, this run has {'hidden_size': 256"),
             (["--ds-config", os.path.join(REPO, "ds_configs", "cpu_fp32_zero0_torch-adamw.json")],
-             "was saved with --ds-config's zero_optimization.stage giving 1 or 2, this run has 0")):
+             "was saved with --ds-config's zero_optimization.stage giving 1 or 2, this run has 0"),
+            # another data dir, or the held-out shards given back to training (before: "--eval-shards" alone)
+            (["--eval-shards", "0"], "was saved with --data and --eval-shards giving ")):
         code = pretrain(["--data", data_dir, "--run-dir", str(tmp_path), "--steps", "4", "--global-batch-size", "16",
                          "--micro-batch-size", "8", "--no-mlflow", *flags])
         err = capsys.readouterr().err
@@ -128,7 +130,10 @@ def test_time_based_checkpoints(data_dir, tmp_path):
     # due after every step; the end of the run does not save step 3 twice
     assert checkpoint.complete_tags(str(tmp_path / "checkpoints")) == ["step00000001", "step00000002",
                                                                         "step00000003"]
+    first = (tmp_path / "eval.jsonl").read_text()
     assert Trainer(config(data_dir, tmp_path, steps=3)).train() == 0  # resumed at the end: nothing to do
+    # its final evaluation again, the same figures, once in the file (before: a second step-3 line)
+    assert (tmp_path / "eval.jsonl").read_text() == first and len(first.splitlines()) == 1
 
 
 def test_a_partial_save_is_never_resumed_from(data_dir, tmp_path):
