@@ -38,6 +38,18 @@ def one_class_warning(m: np.ndarray, labels: list[str], split: str = "test") -> 
             "try more --epochs, another --learning-rate, or a model pretrained longer")
 
 
+def constant_prediction_warning(predictions: np.ndarray, labels: np.ndarray, split: str = "test") -> str | None:
+    """What to say when a regression model gives every row about the same value while the labels
+    spread: its correlations are then noise, and its error that of a constant (a collapsed model
+    chose its best epoch by Pearson on near-constant outputs)."""
+    predictions, labels = np.asarray(predictions, np.float64).ravel(), np.asarray(labels, np.float64).ravel()
+    if len(labels) < 2 or not np.std(labels) > 0 or np.std(predictions) >= 0.01 * np.std(labels):
+        return None
+    return (f"the model predicts about {np.mean(predictions):.4g} for every {split} row (spread "
+            f"{np.std(predictions):.2g}, against the labels' {np.std(labels):.3g}): it learned a constant, not the "
+            "text; try more --epochs, another --learning-rate, or a model pretrained longer")
+
+
 def _f1_per_class(m: np.ndarray) -> np.ndarray:
     tp = np.diag(m).astype(np.float64)
     predicted, actual = m.sum(axis=0), m.sum(axis=1)

@@ -576,6 +576,7 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
     losses = [h["train_loss"] for h in report["history"]]
     assert losses[-1] < losses[0]  # MSE falls
     assert report["test"]["pearson"] > 0.5  # learned from the text: 0.89 measured; a model blind to it scores ~0
+    assert "warnings" not in report  # its predictions spread as the labels do
     model_dir = regression.save_model(str(tmp_path / "regression" / "model"))
     scores, model = saved_model_outputs(model_dir, regression)
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"

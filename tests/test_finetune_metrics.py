@@ -211,3 +211,17 @@ def test_a_classifier_that_gives_every_row_one_label_is_warned_about():
     assert one_class_warning(confusion_matrix(truth, np.r_[np.zeros(99, int), [1]], 2), labels) is None
     assert one_class_warning(confusion_matrix(np.zeros(10, int), np.zeros(10, int), 2), labels) is None  # one label only
     assert one_class_warning(np.zeros((2, 2), dtype=np.int64), labels) is None  # no rows
+
+
+def test_a_regression_model_that_predicts_a_constant_is_named():
+    from pipeline.metrics import constant_prediction_warning
+
+    labels = np.linspace(0, 5, 40)
+    # what a collapsed fine-tune gave: every prediction within 1.5e-5 of 0.8874
+    flat = 0.8874 + np.tile([-1.5e-5, 1.5e-5], 20)
+    assert constant_prediction_warning(flat, labels) == (
+        "the model predicts about 0.8874 for every test row (spread 1.5e-05, against the labels' 1.48): it learned a "
+        "constant, not the text; try more --epochs, another --learning-rate, or a model pretrained longer")
+    assert constant_prediction_warning(labels * 0.05 + 1, labels) is None  # a narrow spread, but a spread
+    assert constant_prediction_warning(flat, np.full(40, 2.0)) is None  # labels that do not spread either
+    assert constant_prediction_warning(flat[:1], labels[:1]) is None

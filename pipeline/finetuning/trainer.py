@@ -36,7 +36,8 @@ from pipeline.finetuning.model import (build_classifier, default_max_length, loa
                                        read_training_info, resolve_model_dir)
 from pipeline.length_batches import WINDOW_BATCHES, length_grouped
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
-                              json_line, one_class_warning, per_class_report, task_metrics)
+                              constant_prediction_warning, json_line, one_class_warning, per_class_report,
+                              task_metrics)
 from pipeline.model import forward_attention_mask
 from pipeline.output_path import built_beside, file_beside
 from pipeline.tokenized import Ragged, tokenize
@@ -537,10 +538,6 @@ class Finetuner:
             test_matrix = confusion_matrix(self.splits["test"].labels, outputs.argmax(-1), k)
             report["confusion_matrix"] = test_matrix.tolist()
             collapsed = one_class_warning(test_matrix, self.data.labels)
-            if collapsed:
-                report["warnings"] = [collapsed]
-                if self.is_rank0:
-                    log.warning("%s", collapsed)
             # Validation again with the best weights, now loaded at full precision, as saved.
             validation_matrix = confusion_matrix(self.splits["validation"].labels,
                                                  self.predict("validation").argmax(-1), k)
@@ -548,6 +545,12 @@ class Finetuner:
                                    "test": per_class_report(test_matrix, self.data.labels)}
             if len(self.data.labels) == 2:
                 report["f1_binary_positive_label"] = self.data.labels[1]
+        else:
+            collapsed = constant_prediction_warning(outputs, self.splits["test"].labels)
+        if collapsed:
+            report["warnings"] = [collapsed]
+            if self.is_rank0:
+                log.warning("%s", collapsed)
         return report
 
     def write_predictions(self, output_dir: str) -> dict[str, dict]:
