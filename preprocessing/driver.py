@@ -209,6 +209,10 @@ def random_next_warning(counters: dict[str, int], max_seq_length: int) -> str | 
         return (f"{head}; sentences average {per_sentence:.0f} tokens, so most fill --max-seq-length "
                 f"{max_seq_length} on their own: a larger --max-seq-length gives NSP balanced labels")
     per_document = sentences / max(counters.get("documents-read", 0), 1)
+    if per_document * per_sentence >= 2 * max_seq_length:  # documents of many chunks: the chunks are short
+        return (f"{head}; sentences average {per_sentence:.0f} tokens, so at --max-seq-length {max_seq_length} "
+                "a chunk often holds one sentence, which cannot be split into two segments: a larger "
+                "--max-seq-length gives NSP balanced labels, or use --objective mlm, which needs no pairs")
     return (f"{head}; documents average {per_document:.1f} sentences (of {per_sentence:.0f} tokens), too few "
             "to split into two segments: give longer documents (in .txt, only a blank line ends one; a "
             "paragraph per document is too short for NSP), or use --objective mlm, which needs no pairs")
@@ -233,19 +237,22 @@ def truncation_warning(counters: dict[str, int], max_seq_length: int) -> str | N
     share = cut / max(kept + cut, 1)
     if share <= HEAVY_TRUNCATION:
         return None
-    per_sentence = counters.get("tokens", 0) / max(counters.get("sentences", 0), 1)
+    sentences = max(counters.get("sentences", 0), 1)
+    per_sentence = counters.get("tokens", 0) / sentences
     head = (f"warning: {share:.0%} of the segments' tokens were cut to fit --max-seq-length {max_seq_length} "
             f"(the recipe cuts 9-15%); sentences average {per_sentence:.0f} tokens")
-    if max_seq_length < SHORT_ROW:  # rows shorter than any prose sentence: the length is the cause
+    if counters.get("characters", 0) / sentences <= PROSE_SENTENCE_CHARACTERS:  # sentences as prose has them
         return f"{head}, more than such a row holds: use a larger --max-seq-length (BERT's are 128 and 512)"
-    return (f"{head}: text without end punctuation (. ! ? 。) reads as one long sentence per document; "
-            "punctuate it, or use a larger --max-seq-length")
+    return (f"{head}: text without end punctuation (. ! ? 。) reads as one long sentence per document, or "
+            "text in a language whose sentence ends the rules do not know (--language); punctuate it, set "
+            "--language, or use a larger --max-seq-length")
 
 
-# Below this --max-seq-length, a heavy cut is the length's doing, whatever the punctuation: Austen's
-# sentences (a 60 KB slice of the novels) average 33 tokens with a 1,712-piece vocabulary and 63
-# with a 200-piece one.
-SHORT_ROW = 64
+# Sentences of prose are shorter than this, in characters, which no vocabulary changes (in tokens,
+# Austen's average 33 with a 1,712-piece vocabulary and 63 with a 200-piece one): the Wikipedia
+# sample's average 128, Austen's 124. Far longer ones are paragraphs or documents the sentence
+# rules could not split, and a heavy cut is theirs; shorter ones are cut by a short row.
+PROSE_SENTENCE_CHARACTERS = 300
 
 
 def vocabulary_warning(summary: Summary) -> str | None:

@@ -440,13 +440,16 @@ def test_heavy_truncation_of_ordinary_sentences_names_the_length_not_the_punctua
 
     # 96% cut from sentences of 27 tokens: --max-seq-length 8 (before: blamed missing end punctuation)
     counters = {"truncated-tokens": 9600, "instance-tokens": 400 + 3 * 100, "instances": 100,
-                "tokens": 27_000, "sentences": 1000}
+                "tokens": 27_000, "sentences": 1000, "characters": 124_000}  # Austen's 124 characters a sentence
     warning = truncation_warning(counters, 8)
     assert warning.startswith("warning: 96% of the segments' tokens were cut to fit --max-seq-length 8 ")
     assert "sentences average 27 tokens, more than such a row holds: use a larger --max-seq-length" in warning
     counters["tokens"] = 63_000  # Austen's sentences with a 200-piece vocabulary: still the length's doing
     assert "use a larger --max-seq-length (BERT's" in truncation_warning(counters, 8)
-    assert "punctuate it" in truncation_warning(counters, 128)  # at 128, text that is not split into sentences
+    # at 64, punctuated prose too (before: told to punctuate it, as from 64 on whatever the text)
+    assert "use a larger --max-seq-length (BERT's" in truncation_warning(counters, 64)
+    counters["characters"] = 700_000  # paragraphs the rules could not split: 700 characters a "sentence"
+    assert "punctuate it, set --language" in truncation_warning(counters, 128)
 
 
 def test_a_vocabulary_far_below_the_size_asked_is_said():

@@ -645,3 +645,9 @@ def test_short_max_seq_length_makes_nsp_lopsided_and_the_summary_says_so(corpus,
     paragraphs = {**counters, "documents-read": len(sentences) // 2, "tokens": 30 * len(sentences)}
     warning = random_next_warning(paragraphs, 128)
     assert "documents average 2.0 sentences (of 30 tokens)" in warning and "larger --max-seq-length" not in warning
+    # Long documents of sentences near half the length (Austen at 64: 146 sentences of 31 tokens a
+    # document), which were told they were too short: the length is the cause.
+    novels = {**counters, "documents-read": len(sentences) // 146, "tokens": 31 * len(sentences)}
+    warning = random_next_warning(novels, 64)
+    assert "sentences average 31 tokens, so at --max-seq-length 64 a chunk often holds one sentence" in warning
+    assert "a larger --max-seq-length" in warning and "documents average" not in warning
