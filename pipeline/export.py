@@ -78,6 +78,8 @@ def resolve(path: str, tag: str | None = None) -> tuple[str, str, str]:
     without a COMPLETE marker, or whose marker does not vouch for its files, is refused.
     """
     path = os.path.abspath(path)
+    if tag is not None and tag.isdigit():  # --tag 200, as --resume 200 takes it
+        tag = checkpoint.tag_for(int(tag))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ExportError(f"{path} is a file, not a folder (pass the --run-dir of pipeline/pretrain.py)")
     if not os.path.isdir(path):
@@ -324,7 +326,8 @@ def main(argv=None) -> int:
         description="Export a pretrain.py checkpoint in Hugging Face format (safetensors + config + "
                     "tokenizer), loadable with AutoModelForPreTraining.from_pretrained and pipeline('fill-mask').")
     p.add_argument("run_dir", help="the --run-dir of pipeline/pretrain.py (or its checkpoints/ or one tag dir)")
-    p.add_argument("--tag", help="checkpoint tag, e.g. step00000200 (default: the newest complete one)")
+    p.add_argument("--tag", help="checkpoint tag, e.g. step00000200, or its step, 200 (default: the newest "
+                                 "complete one)")
     p.add_argument("--out", help="output dir (default: RUN_DIR/hf/<tag>); an existing one is replaced only if it "
                                  "is empty or an earlier export (it holds training_info.json)")
     p.add_argument("--overwrite", action="store_true",

@@ -452,7 +452,11 @@ class Trainer:
                 self._check_finite(metrics, (2 * n - bad if bad > n else n - bad) if bad else None, bool(applied),
                                    bad_loss=bad > n)
                 if stop:
-                    self.save()
+                    tag = self.save()
+                    if self.is_rank0:
+                        log.warning("stopped at step %d with checkpoint %s saved; the same command resumes from it "
+                                    "(exit %d: slurm/pretrain.sh requeues)", self.step,
+                                    os.path.join(self.config.checkpoint_dir, tag), EXIT_STOPPED)
                     return EXIT_STOPPED
                 if timely or (self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0):
                     self.save()

@@ -447,6 +447,8 @@ def test_ctrl_c_checkpoints_at_the_end_of_the_step(data_dir, tmp_path):
     assert "Ctrl-C: checkpointing at the end of this step (Ctrl-C again stops at once, without it)" in out
     stopped_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert checkpoint.find_latest(str(tmp_path / "checkpoints")) == checkpoint.tag_for(stopped_at)
+    saved = tmp_path / "checkpoints" / checkpoint.tag_for(stopped_at)
+    assert f"stopped at step {stopped_at} with checkpoint {saved} saved; the same command resumes from it" in out
 
 
 def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(data_dir, tmp_path):
