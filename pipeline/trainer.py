@@ -406,9 +406,12 @@ class Trainer:
         if self.world_size > 1:
             torch.distributed.all_reduce(sums)
         mlm_sum, nsp_sum, hits, masked, seqs = sums.tolist()
-        return {"eval_mlm_loss": mlm_sum / masked, "eval_nsp_loss": nsp_sum / seqs,
-                "eval_loss": mlm_sum / masked + self.nsp_weight * nsp_sum / seqs, "eval_mlm_accuracy": hits / masked,
-                "eval_sequences": seqs}
+        values = {"eval_mlm_loss": mlm_sum / masked, "eval_nsp_loss": nsp_sum / seqs,
+                  "eval_loss": mlm_sum / masked + self.nsp_weight * nsp_sum / seqs, "eval_mlm_accuracy": hits / masked,
+                  "eval_sequences": seqs}
+        if not self.nsp_weight:  # MLM-only data (as in _log)
+            del values["eval_nsp_loss"]
+        return values
 
     def train(self, tracker=None, on_step=None) -> int:
         """Runs to ``--steps``; returns 0, or EXIT_STOPPED after a stop signal's checkpoint."""
@@ -542,6 +545,8 @@ class Trainer:
             local = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.engine.device)
             torch.distributed.all_reduce(local)
             values.update({n: v / self.world_size for n, v in zip(names, local.tolist())})  # one host read
+        if not self.nsp_weight:  # MLM-only data: the NSP head sees all-zero labels, its figures mean nothing
+            del values["nsp_loss"], values["nsp_accuracy"]
         if self.config.peak_tflops:
             # Two MFUs (FlopCounter): mfu_model counts the dense model on full-length sequences, as
             # published figures do; mfu_executed what ran, at the window's mean real length and

@@ -167,6 +167,9 @@ def test_mlm_only_training_and_a_fill_mask_export(mlm_data, tmp_path, monkeypatc
     seen = []
     assert trainer.train(on_step=lambda t, m: seen.append(m)) == 0
     assert all(m.loss == pytest.approx(m.mlm_loss, rel=1e-6) for m in seen)  # no NSP term
+    # and no NSP figures logged, which would mean nothing (all labels are 0)
+    logged = [json.loads(line) for name in ("metrics.jsonl", "eval.jsonl") for line in open(tmp_path / "run" / name)]
+    assert logged and not [k for row in logged for k in row if "nsp" in k], logged[-1]
     assert np.mean([m.mlm_loss for m in seen[-5:]]) < np.mean([m.mlm_loss for m in seen[:5]]) - 0.5
     out = export_checkpoint(str(tmp_path / "run"), out_dir=str(tmp_path / "hf"))
     model = AutoModelForMaskedLM.from_pretrained(out)
