@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import os
+import sys
 from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -232,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The vocabulary group's flags that only a trained vocabulary uses.
+VOCAB_TRAINING_FLAGS = ("--vocab-size", "--model-type", "--character-coverage", "--vocab-sample-sentences",
+                        "--vocab-sample-bytes")
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[PreprocessConfig, list[str]]:
     """Returns our config and the Beam pipeline args (runner made explicit)."""
     parser = build_parser()
@@ -242,6 +249,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PreprocessConfig, list[str]]
         # named directly: since Beam 2.68 the DirectRunner first tries the Prism
         # runner, which downloads a binary at start and fails offline.
         beam_args = ["--runner=FnApiRunner", *beam_args]
+    if args.tokenizer:
+        given = sys.argv[1:] if argv is None else list(argv)
+        unused = [flag for flag in VOCAB_TRAINING_FLAGS if any(a == flag or a.startswith(flag + "=") for a in given)]
+        if unused:  # before: ignored in silence, and the manifest then showed another vocabulary size
+            logging.getLogger(__name__).warning(
+                "%s set the vocabulary's training, which --tokenizer %s replaces: %s ignored", ", ".join(unused),
+                args.tokenizer, "it is" if len(unused) == 1 else "they are")
     values = vars(args)
     values["inputs"] = tuple(values.pop("input"))
     # The flags of ExampleConfig's fields, but --whole-word-mask: PreprocessConfig's own (a segmenter).

@@ -5,6 +5,7 @@ import bz2
 import gzip
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -513,3 +514,16 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_
         f"--output {read_only}/data: cannot write in {read_only} (permission denied)",
         f"{read_only}/checkpoints: cannot write there (permission denied), so no checkpoint could be saved: fix its "
         "permissions, or train into another --run-dir"], proc.stdout + proc.stderr
+
+
+def test_vocabulary_training_flags_beside_a_given_tokenizer_are_said_to_be_ignored(caplog):
+    from preprocessing.options import parse_args
+
+    with caplog.at_level(logging.WARNING, logger="preprocessing.options"):
+        parse_args(["--tokenizer", "data/tokenizer", "--vocab-size=8000", "--model-type", "bpe", "--seed", "3"])
+        assert caplog.messages == ["--vocab-size, --model-type set the vocabulary's training, which --tokenizer "
+                                   "data/tokenizer replaces: they are ignored"]
+        caplog.clear()
+        parse_args(["--tokenizer", "data/tokenizer", "--max-seq-length", "64"])
+        parse_args(["--vocab-size", "8000"])
+        assert caplog.messages == []
