@@ -6,7 +6,8 @@
 
 Works for any stage's run: every metric with a history (two or more points) becomes a
 line, and metrics are grouped into panels by what they measure, so a pretraining run shows
-its train/eval losses together and a fine-tuning run its per-epoch validation metrics.
+its train/eval losses together and a fine-tuning run its per-epoch validation metrics. A
+resumed pretraining run is drawn with the runs it resumed, from the first step on.
 The tracking URI is MLflow's default (or MLFLOW_TRACKING_URI, or --tracking-uri).
 """
 
@@ -42,22 +43,40 @@ class ReportError(ValueError):
     """A run that cannot be drawn; the message says why."""
 
 
+def resume_chain(client, run) -> list:
+    """The run, then the runs it resumed, newest first (a resumed pretraining run's MLflow run holds
+    its own steps only; its tag ``resumed_from_run_id`` names the run whose checkpoint it continued).
+    A run deleted from the store ends the chain there."""
+    chain, seen = [run], {run.info.run_id}
+    while (earlier := chain[-1].data.tags.get("resumed_from_run_id")) and earlier not in seen:
+        try:
+            chain.append(client.get_run(earlier))
+        except Exception:  # noqa: BLE001 - deleted, or in a store this one does not reach: draw what is here
+            break
+        seen.add(earlier)
+    return chain
+
+
 def histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} of every metric of the run with at least two points."""
+    """{metric: [(step, value), ...]} of every metric with at least two points, over the run and the
+    runs it resumed (``resume_chain``): an earlier run gives the steps before a later one's first
+    (its steps past the checkpoint the later run resumed, which that run trained again, are left)."""
     try:
         run = client.get_run(run_id)
     except Exception as err:  # MlflowException, or a server that is not there
         raise ReportError(f"run {run_id}: {err}") from None
-    out = {}
-    for name in sorted(run.data.metrics):
-        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
-        points = [(s, v) for s, v in points if math.isfinite(v)]
-        if len(points) >= 2:
-            out[name] = points
+    merged: dict[str, list[tuple[int, float]]] = {}
+    for part in resume_chain(client, run):
+        for name in sorted(part.data.metrics):
+            points = sorted((m.step, m.value) for m in client.get_metric_history(part.info.run_id, name))
+            points = [(s, v) for s, v in points if math.isfinite(v)]
+            later = merged.get(name, [])
+            merged[name] = [p for p in points if not later or p[0] < later[0][0]] + later
+    out = {name: points for name, points in merged.items() if len(points) >= 2}
     if not out:
         raise ReportError(f"run {run_id} ({run.data.tags.get('stage', 'no stage tag')}) has no metric with two "
                           "or more points to draw")
-    return out
+    return dict(sorted(out.items()))
 
 
 def group(names) -> list[tuple[str, list[str]]]:
@@ -191,6 +210,9 @@ def _draw_run(client, run_id: str, out: str, log_artifact: bool) -> str:
     curves = histories(client, run_id)
     run = client.get_run(run_id)
     title = f"{run.info.run_name or run_id} · stage {run.data.tags.get('stage', '?')} · run {run_id[:12]}"
+    earlier = len(resume_chain(client, run)) - 1
+    if earlier:
+        title += f" · with the {earlier} run{'s' if earlier > 1 else ''} it resumed"
     path = draw(curves, title, out)
     if log_artifact:
         client.log_artifact(run_id, path)
