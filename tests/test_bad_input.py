@@ -527,3 +527,24 @@ def test_vocabulary_training_flags_beside_a_given_tokenizer_are_said_to_be_ignor
         parse_args(["--tokenizer", "data/tokenizer", "--max-seq-length", "64"])
         parse_args(["--vocab-size", "8000"])
         assert caplog.messages == []
+
+
+def test_chinese_text_without_a_language_is_said_to_need_one(caplog):
+    """Before: split by English rules, one "sentence" per document, 58% of its tokens cut, 100%
+    random next segments, and advice to punctuate a text full of 。"""
+    from preprocessing import driver, inputs
+    from preprocessing.options import parse_args
+
+    from .conftest import SAMPLE_DIR
+
+    poems = os.path.join(SAMPLE_DIR, "chinese-poetry.txt.bz2")
+    for args, said in ((["--input", poems], True), (["--input", poems, "--language", "zh"], False),
+                       (["--input", AUSTEN], False)):
+        config, _ = parse_args(args)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="preprocessing.driver"):
+            driver.resolve_language(config, inputs.plan_read_tasks(config.inputs, config.split_bytes))
+        warnings = [m for m in caplog.messages if "written without spaces" in m]
+        assert bool(warnings) == said, (args, caplog.messages)
+    share = driver.unspaced_share(inputs.plan_read_tasks([poems], 1 << 26), "text")
+    assert share > 0.9 and driver.unspaced_share(inputs.plan_read_tasks([AUSTEN], 1 << 26), "text") == 0
