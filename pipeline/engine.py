@@ -256,11 +256,17 @@ def linear_warmup_decay(steps: int, warmup: int):
 def initialize(model, config: EngineConfig, ds_config: dict, steps: int, warmup: int):
     """(engine, optimizer, scheduler): weight decay on the matrices only (pipeline/param_groups.py),
     and the learning rate warmed up linearly over ``warmup`` steps, then decayed to 0 at ``steps``."""
+    import warnings
+
     import deepspeed
     import torch
 
     from pipeline.param_groups import weight_decay_groups
 
+    # DeepSpeed's ZeRO calls torch.distributed collectives that torch 2.13 deprecates, and torch warns
+    # on every rank's first call of each: lines a user can do nothing about.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                                              r"is deprecated", category=FutureWarning)
     schedule = linear_warmup_decay(steps, warmup)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=weight_decay_groups(model, config.weight_decay, ds_config), config=ds_config,
