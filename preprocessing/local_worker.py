@@ -1,5 +1,7 @@
 """What each ``multi_processing`` worker of the local runner runs (``preprocessing/local_runner.py``):
-Beam's own worker (``sdk_worker_main``), once two things are set in the process.
+Beam's own worker (``sdk_worker_main``), once two things are set in the process. It imports the
+standard library alone, so that a worker starts wherever Beam's own would (Beam waits for ever
+for a worker that ended before it connected).
 
 - A stop signal ends the worker at once, without a traceback: SIGINT's default action is restored
   first, before any import (a terminal's Ctrl-C reaches the workers too, and each printed its
@@ -10,9 +12,15 @@ Beam's own worker (``sdk_worker_main``), once two things are set in the process.
   a worker, which Beam also relayed to the driver).
 """
 
+import os
 import signal
+import sys
 
-signal.signal(signal.SIGINT, signal.SIG_DFL)
+if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Run by its path (local_runner.py), which put this folder first on sys.path, where its modules
+# would shadow others of the same name; Beam's own command (python -m) has the working folder there.
+sys.path[0] = os.getcwd()
 
 import logging  # noqa: E402
 import runpy  # noqa: E402

@@ -49,13 +49,20 @@ for _handler in logging.getLogger().handlers:
 
 def main(argv=None) -> int:
     config, beam_args = parse_args(argv)
-    stop = _stop_signals()
+    stop, workers = _stop_signals(), {}
     try:
         if config.mlflow:
             check_tracking_server()
-        with quiet_stopped_workers(stopping=lambda: "signum" in stop):
+        with quiet_stopped_workers(stopping=lambda: "signum" in stop) as workers:
             summary = driver.run(config, beam_args)
     except BaseException as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown
+        if interrupted(err) and "worker_exit" in workers:  # the SIGINT local_runner sent this process
+            code = workers["worker_exit"]
+            why = f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"exit {code}"
+            print(f"error: a worker process of the local runner ended ({why}; SIGKILL is often the kernel's "
+                  f"out-of-memory killer): the data dir {config.output} is not complete; rerun into the same "
+                  "--output, with fewer --direct_num_workers if memory ran out", file=sys.stderr)
+            return 1
         if interrupted(err):  # Ctrl-C, scancel, timeout: said, and the data dir's state with it
             name = signal.Signals(stop.get("signum", signal.SIGINT)).name
             if "://" not in config.output and os.path.exists(os.path.join(config.output, "manifest.json")):

@@ -100,7 +100,7 @@ def test_trainer_logs_both_mfus_named(tmp_path):
 
     flops = FlopCounter.for_config(bert_base(32000))
     trainer = SimpleNamespace(  # what Trainer._log reads
-        world_size=1, is_rank0=True, step=10, flops=flops, manifest={"max_seq_length": 128},
+        world_size=1, is_rank0=True, step=10, nsp_weight=1.0, flops=flops, manifest={"max_seq_length": 128},
         config=SimpleNamespace(peak_tflops=989.5, run_dir=str(tmp_path), steps=10),
         scheduler=SimpleNamespace(get_last_lr=lambda: [1e-4]), loader=SimpleNamespace(real_token_share=0.8),
         engine=SimpleNamespace(fp16_enabled=lambda: False))

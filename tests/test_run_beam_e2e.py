@@ -200,6 +200,55 @@ def test_the_language_comes_from_the_dumps_xml_lang(tmp_path, dump, language, se
     assert not [d for d in dropped if d in text]
 
 
+def wait_for_the_main_stage(proc, output: str) -> None:
+    """Until the vocabulary is written, where the workers go on to make the examples."""
+    import time
+
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(output, "tokenizer", "spm.model")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its main stage"
+        time.sleep(0.1)
+
+
+def worker_pids(driver: int) -> list[int]:
+    """The local runner's worker processes of ``driver`` (its children running local_worker.py)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == driver and b"local_worker.py" in command:
+            found.append(int(entry))
+    return found
+
+
+def test_a_worker_killed_for_memory_ends_the_run_instead_of_hanging_it(tmp_path):
+    """The kernel's out-of-memory killer takes one worker: Beam's driver waited for ever on the work
+    that worker held. Now its traceback shows, and the run ends with one line and exit 1."""
+    import time
+
+    output = str(tmp_path / "data")
+    proc = subprocess.Popen([sys.executable, SCRIPT, *COMMON, "--dupe-factor", "5", "--output", output, "--no-mlflow",
+                             *TWO_WORKERS], stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    wait_for_the_main_stage(proc, output)
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2, workers
+    killed = time.monotonic()
+    os.kill(workers[0], signal.SIGKILL)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and time.monotonic() - killed < 60, err[-3000:]
+    assert "RuntimeError: Worker subprocess exited with return code -9" in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: a worker process of the local runner ended (killed by SIGKILL; SIGKILL is often the kernel's "
+        f"out-of-memory killer): the data dir {output} is not complete; rerun into the same --output, with fewer "
+        "--direct_num_workers if memory ran out")
+    assert not os.path.exists(os.path.join(output, "manifest.json"))
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_to_the_workers_too_ends_the_run_with_the_drivers_one_line(signum, tmp_path):
     """A terminal's Ctrl-C, or scancel's SIGTERM, reaches the multi_processing workers as well as
@@ -212,10 +261,7 @@ def test_a_stop_signal_to_the_workers_too_ends_the_run_with_the_drivers_one_line
                              *TWO_WORKERS], stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
                             start_new_session=True,  # a process group of its own, as a terminal's job
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    for line in proc.stderr:  # the workers have read the vocabulary's sample by then
-        if "training a unigram SentencePiece vocabulary" in line:
-            break
-    time.sleep(3)  # into the pipeline's main stage, where the workers make examples
+    wait_for_the_main_stage(proc, output)
     signalled = time.monotonic()
     os.killpg(proc.pid, signum)
     after = proc.stderr.read()
