@@ -75,8 +75,9 @@ def train(config, trainer: Trainer) -> int:
             tags["init_from"] = str(trainer.init_info["init_from"])
             if trainer.init_info.get("init_from_run_id"):  # a published model has none
                 tags["init_from_run_id"] = str(trainer.init_info["init_from_run_id"])
-        if trainer.resumed_from_run_id:  # a resume: the run whose checkpoint it continues
+        if trainer.resumed_from_run_id:  # a resume: the run whose checkpoint it continues, and its step
             tags["resumed_from_run_id"] = str(trainer.resumed_from_run_id)
+            tags["resumed_at_step"] = str(trainer.step)
         tracker = Tracker("pretrain", config.experiment, config.run_name, tags)
         trainer.run_id = tracker.run_id
         tracker.log_params({**config_params(config), "world_size": trainer.world_size,

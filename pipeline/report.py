@@ -59,19 +59,28 @@ def resume_chain(client, run) -> list:
 
 def histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} of every metric with at least two points, over the run and the
-    runs it resumed (``resume_chain``): an earlier run gives the steps before a later one's first
-    (its steps past the checkpoint the later run resumed, which that run trained again, are left)."""
+    runs it resumed (``resume_chain``): an earlier run gives the steps up to the checkpoint a later
+    one resumed (its tag ``resumed_at_step``); its steps past it, which the later run trained
+    again, are left out, for every metric."""
     try:
         run = client.get_run(run_id)
     except Exception as err:  # MlflowException, or a server that is not there
         raise ReportError(f"run {run_id}: {err}") from None
     merged: dict[str, list[tuple[int, float]]] = {}
+    cut = math.inf  # the earlier runs' steps from here on were trained again by a later one
     for part in resume_chain(client, run):
+        own = {}
         for name in sorted(part.data.metrics):
             points = sorted((m.step, m.value) for m in client.get_metric_history(part.info.run_id, name))
-            points = [(s, v) for s, v in points if math.isfinite(v)]
-            later = merged.get(name, [])
-            merged[name] = [p for p in points if not later or p[0] < later[0][0]] + later
+            own[name] = [(s, v) for s, v in points if math.isfinite(v) and s < cut]
+        for name, points in own.items():
+            merged[name] = points + merged.get(name, [])
+        resumed_at = part.data.tags.get("resumed_at_step")
+        firsts = [points[0][0] for points in own.values() if points]
+        if resumed_at is not None and resumed_at.isdigit():
+            cut = min(cut, int(resumed_at) + 1)
+        elif firsts:  # a run that did not record its step: its first logged step bounds it
+            cut = min(cut, min(firsts))
     out = {name: points for name, points in merged.items() if len(points) >= 2}
     if not out:
         raise ReportError(f"run {run_id} ({run.data.tags.get('stage', 'no stage tag')}) has no metric with two "

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -27,6 +28,7 @@ from preprocessing import examples, vocab
 from preprocessing.text_formats import InputError
 
 SENTENCEPIECE, WORDPIECE = "sentencepiece", "wordpiece"
+log = logging.getLogger(__name__)
 WORDPIECE_FILE = "tokenizer.json"
 
 
@@ -107,9 +109,12 @@ def _wordpiece_json(path: str) -> bytes:
                 backend = Tokenizer.from_file(os.path.join(folder, WORDPIECE_FILE))
             else:
                 vocab_file = local if local.endswith(".txt") else os.path.join(folder, "vocab.txt")
-                with open(vocab_file, encoding="utf-8") as f:
-                    lines = f.read().splitlines()
-                _check_vocab_lines(vocab_file if local == path else path, lines)
+                with open(vocab_file, encoding="utf-8", newline="") as f:
+                    # As the tokenizers library reads it: lines end at \n, each token trimmed at its end.
+                    lines = [line.rstrip() for line in f.read().split("\n")]
+                if lines and lines[-1] == "":
+                    lines.pop()  # the last line's \n
+                _warn_of_repeated_tokens(vocab_file if local == path else path, lines)
                 _check_special_tokens(path, set(lines))
                 lower = _do_lower_case(folder, vocab_file)
                 # BERT's own pipeline (clean text, split CJK characters, strip accents when
@@ -129,20 +134,21 @@ def _wordpiece_json(path: str) -> bytes:
     return backend.to_str().encode("utf-8")
 
 
-def _check_vocab_lines(path: str, lines: list[str]) -> None:
-    """A vocab.txt holds one token a line, each once: its line number is the token's id. A token
-    twice left the second line's id beyond the size the tokenizer reports (a crash in the
-    pipeline, after the previous output was deleted); a blank line or a token with a space is
-    no piece the tokenizer can ever produce."""
+def _warn_of_repeated_tokens(path: str, lines: list[str]) -> None:
+    """A vocab.txt gives each token its line's number as id; a token on two lines keeps the later id,
+    and the earlier is never produced (published vocabularies have such lines: the multilingual
+    uncased BERT's). The ids then reach past the count of distinct tokens, so the vocabulary's size
+    is taken from the largest id (``Encoder``), as the model's embeddings have that many rows."""
     seen: dict[str, int] = {}
+    repeated = []
     for number, token in enumerate(lines, 1):
-        if not token.strip() or token != token.strip() or any(c.isspace() for c in token):
-            raise InputError(f"--tokenizer {path}, line {number}: {token!r} is not a token (one token a line, "
-                             "without spaces)")
         if token in seen:
-            raise InputError(f"--tokenizer {path}, line {number}: {token!r} again (first on line {seen[token]}); "
-                             "each token's line number is its id, so each may appear once")
+            repeated.append((number, token, seen[token]))
         seen[token] = number
+    if repeated:
+        number, token, first = repeated[0]
+        log.warning("--tokenizer %s: %d token(s) on two lines, e.g. %r on lines %d and %d; the later line's id "
+                    "is used, the earlier id is never produced", path, len(repeated), token, first, number)
 
 
 def _check_special_tokens(path: str, tokens) -> None:
@@ -202,7 +208,9 @@ class Encoder:
 
             self._tok = Tokenizer.from_str(model.data.decode("utf-8"))
             ids = {t: self._tok.token_to_id(t) for t in vocab.SPECIAL_TOKENS}
-            size = self._tok.get_vocab_size(with_added_tokens=True)
+            # The largest id + 1, not the count of distinct tokens: a vocab.txt with a token on two lines
+            # leaves an id unused, and a published model's embeddings have a row for every line.
+            size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
             word_start = wordpiece_word_starts(self._tok.get_vocab(with_added_tokens=True), size)
             self.offset_unit = "char"
         self.prefixless = model.prefixless

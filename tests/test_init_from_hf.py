@@ -283,6 +283,7 @@ def test_lineage_names_the_run_that_wrote_each_checkpoint_across_resumes(data_di
     for name in ("p2a", "p2b"):  # the resumed start keeps the phase's origin
         assert runs[name].data.tags["init_from"] == phase1_tag and runs[name].data.tags["init_from_run_id"] == ids["p1"]
     assert runs["p2b"].data.tags["resumed_from_run_id"] == ids["p2a"] and "resumed_from_run_id" not in runs["p2a"].data.tags
+    assert runs["p2b"].data.tags["resumed_at_step"] == "2"  # where report.py joins the two runs' curves
     checkpoints = os.path.join(two, "checkpoints")
     assert checkpoint.read_meta(checkpoints, "step00000002")["pretrain_run_id"] == ids["p2a"]
     assert checkpoint.read_meta(checkpoints, "step00000004")["pretrain_run_id"] == ids["p2b"]
