@@ -83,15 +83,16 @@ def saved_bytes(directory: str, tag: str) -> int:
     return sum(tag_files(os.path.join(directory, tag)).values())
 
 
-def space_warning(directory: str, need: int, what: str) -> str | None:
+def space_warning(directory: str, need: int, what: str, kept: bool = True) -> str | None:
     """A warning when ``directory``'s file system has less than ``need`` bytes free for ``what``
-    (a failed save loses the steps since the last one); None when it has room or cannot tell."""
+    (a failed save loses the steps since the last one); None when it has room or cannot tell.
+    ``kept``: checkpoints are kept there already, which a lower --keep-checkpoints would thin."""
     usage = disk_usage(directory)
     if usage is None or usage.free >= need:
         return None
     return (f"{directory} has {usage.free / 2**20:,.0f} MiB free, and {what} takes about {need / 2**20:,.0f} MiB: "
-            "free space there (or lower --keep-checkpoints) before it is saved, or the save fails and a "
-            "resume goes back to the checkpoint before")
+            f"free space there{' (or lower --keep-checkpoints)' if kept else ''} before it is saved, or the save "
+            "fails and a resume goes back to the checkpoint before")
 
 
 def tag_for(step: int) -> str:

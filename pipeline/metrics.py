@@ -43,8 +43,9 @@ def constant_prediction_warning(predictions: np.ndarray, labels: np.ndarray, spl
     spread: its correlations are then noise, and its error that of a constant (a collapsed model
     chose its best epoch by Pearson on near-constant outputs)."""
     predictions, labels = np.asarray(predictions, np.float64).ravel(), np.asarray(labels, np.float64).ravel()
-    if len(labels) < 2 or not np.std(labels) > 0 or np.std(predictions) >= 0.01 * np.std(labels):
-        return None
+    if (len(labels) < 2 or not np.isfinite(predictions).all() or not np.std(labels) > 0
+            or np.std(predictions) >= 0.01 * np.std(labels)):
+        return None  # non-finite outputs are no constant
     return (f"the model predicts about {np.mean(predictions):.4g} for every {split} row (spread "
             f"{np.std(predictions):.2g}, against the labels' {np.std(labels):.3g}): it learned a constant, not the "
             "text; try more --epochs, another --learning-rate, or a model pretrained longer")

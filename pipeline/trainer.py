@@ -186,7 +186,7 @@ class Trainer:
             self._warn_if_short_of_space(
                 checkpoint.saved_bytes(config.checkpoint_dir, self.resume_tag) if self.resume_tag
                 else checkpoint.estimated_bytes(self.engine),
-                f"{'the next' if self.resume_tag else 'the first'} checkpoint")
+                f"{'the next' if self.resume_tag else 'the first'} checkpoint", kept=bool(self.resume_tag))
         self.loader = PretrainingLoader(self.dataset, self.sampler)
 
     @property
@@ -340,8 +340,8 @@ class Trainer:
                                          f"the next checkpoint (as large as {tag})")
         return tag
 
-    def _warn_if_short_of_space(self, need: int, what: str) -> None:
-        warning = checkpoint.space_warning(self.config.checkpoint_dir, need, what)
+    def _warn_if_short_of_space(self, need: int, what: str, kept: bool = True) -> None:
+        warning = checkpoint.space_warning(self.config.checkpoint_dir, need, what, kept)
         if warning:
             log.warning("%s", warning)
 

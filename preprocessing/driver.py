@@ -80,12 +80,13 @@ def unspaced_share(tasks: list[inputs.ReadTask], text_field: str) -> float:
     first = next((t for t in tasks if t.format != "wiki"), None)
     if first is None:
         return 0.0
-    text = []
+    text, length = [], 0
     try:
         for item in inputs.read_task(first, text_field, 1 << 20):
             if isinstance(item, RawDocument):
-                text.append(item.text)
-                if sum(map(len, text)) >= _HEAD_CHARACTERS:
+                text.append(item.text[:_HEAD_CHARACTERS])
+                length += len(text[-1])
+                if length >= _HEAD_CHARACTERS:
                     break
     except Exception:  # noqa: BLE001 - a hint only: reading errors are the pipeline's to report
         return 0.0
@@ -123,13 +124,34 @@ def check_writable(output: str) -> None:
     # known before it runs: a disk with no room even for a tokenizer is refused, a nearly full one
     # is warned about.
     usage = write_failure.disk_usage(existing)
-    if usage is not None and usage.free < FULL_BYTES:
-        raise inputs.InputError(f"--output {output}: the file system of {existing} is full ({usage.free / 2**20:.1f} "
+    if usage is None or usage.total == 0:  # a file system that does not say (some FUSE mounts)
+        return
+    # A rerun deletes the previous run's outputs first (a disk that filled up under it, say): theirs is free too.
+    free = usage.free + _previous_outputs_bytes(output)
+    if free < FULL_BYTES:
+        raise inputs.InputError(f"--output {output}: the file system of {existing} is full ({free / 2**20:.1f} "
                                 "MiB free): free space there, or name an --output on another disk")
-    if usage is not None and usage.free < NEARLY_FULL_BYTES:
+    if free < NEARLY_FULL_BYTES:
         log.warning("--output %s: the file system of %s has %.0f MiB free; a data dir of a real corpus takes far "
                     "more (shards of dupe-factor copies of its text), and a full disk ends the run only when "
-                    "it writes", output, existing, usage.free / 2**20)
+                    "it writes", output, existing, free / 2**20)
+
+
+def _previous_outputs_bytes(output: str) -> int:
+    """What ``manifest.remove_stale_outputs`` will delete under a local ``output``, in bytes."""
+    def size(path: str) -> int:
+        try:
+            return 0 if os.path.islink(path) else os.path.getsize(path)
+        except OSError:  # gone meanwhile
+            return 0
+
+    total = 0
+    for name in manifest.DATA_DIR_ENTRIES:
+        path = os.path.join(output, name)
+        total += size(path) if os.path.isfile(path) else 0
+        for root, _, files in os.walk(path):
+            total += sum(size(os.path.join(root, f)) for f in files)
+    return total
 
 
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:

@@ -296,6 +296,9 @@ def read_task(task: ReadTask, text_field: str, max_line_bytes: int
                                              "the documents before it were kept")
 
 
+REMOTE_HEADS = 8
+
+
 def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
     """Cheap checks before launching the pipeline, so bad input fails in seconds."""
     for path in dict.fromkeys(task.path for task in tasks if "://" not in task.path):
@@ -304,7 +307,11 @@ def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
     for path in dict.fromkeys(task.path for task in tasks if task.format == "parquet"):
         with _open_raw(path) as raw:
             text_formats.check_parquet_column(raw, path, text_field)
-    for task in {task.path: task for task in tasks if task.format == "jsonl"}.values():
+    jsonl = list({task.path: task for task in tasks if task.format == "jsonl"}.values())
+    remote = [task for task in jsonl if "://" in task.path]
+    # Each remote head is a request of its own: the first few stand for the rest (a wrong
+    # --text-field is wrong for all of them), the others are checked as they are read.
+    for task in [task for task in jsonl if "://" not in task.path] + remote[:REMOTE_HEADS]:
         with _open_raw(task.path) as raw:
             try:
                 text_formats.check_jsonl_head(_decompressed(raw, task.compression), task.path, text_field)

@@ -418,7 +418,7 @@ _HEAD_LINE_BYTES = 1 << 20
 
 def check_jsonl_head(f: BinaryIO, path: str, text_field: str) -> None:
     """Fails early, naming the file and the fields its rows have, when none of its first
-    ``HEAD_ROWS`` non-blank lines is an object with a string ``text_field`` (a wrong --text-field
+    ``HEAD_ROWS`` non-blank lines is an object with the field ``text_field`` (a wrong --text-field
     left the whole file out, each row a counted skip, the run otherwise a success), or when it
     is one JSON array. Checked before the previous output is deleted."""
     fields: dict[str, None] = {}
@@ -442,12 +442,12 @@ def check_jsonl_head(f: BinaryIO, path: str, text_field: str) -> None:
             continue
         if isinstance(record, dict):
             objects += 1
-            if isinstance(record.get(text_field), str):
+            if text_field in record:  # a string, or a null or number the pipeline counts as a skip
                 return
             fields.update(dict.fromkeys(record))
     if objects:
         shown = ", ".join(map(repr, list(fields)[:10])) + (" …" if len(fields) > 10 else "")
-        raise InputError(f"{path}: none of its first {rows} rows has a string {text_field!r} field (their fields: "
+        raise InputError(f"{path}: none of its first {rows} rows has a {text_field!r} field (their fields: "
                          f"{shown or 'none'}); name the text's field with --text-field")
     if rows:
         raise InputError(f"{path}: none of its first {rows} lines is a JSON object; a .jsonl file holds one object "

@@ -5,11 +5,15 @@ at its start. A full disk during a checkpoint's save: tests/test_checkpoint_faul
 
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from preprocessing import driver
 
 from pipeline import checkpoint, embed, finetune, pretrain
 from pipeline.checkpoint import CheckpointWriteError
@@ -109,6 +113,10 @@ def test_a_disk_that_fills_up_under_preprocessing_is_one_line_and_no_manifest(sm
     assert len(errors) == 1 and ": no space left on device; the data dir " in errors[0], proc.stderr[-3000:]
     assert errors[0].endswith("free space there, then rerun into the same --output"), errors
     assert "manifest.json" not in os.listdir(out) if os.path.isdir(out) else True
+    # The rerun it advises is not refused as full: it deletes what the failed run left first, whose
+    # space counts as free (its part files filled the disk)
+    assert shutil.disk_usage(small_disk.path).free < 1 << 20
+    driver.check_writable(out)
 
 
 def test_a_run_dir_refused_on_a_full_disk_is_not_left_behind(data_dir, small_disk, monkeypatch, capsys):
@@ -131,7 +139,7 @@ def test_the_checkpoint_size_estimated_at_the_start_is_what_the_engine_saves(dat
     assert trainer.train() == 0
     saved = checkpoint.saved_bytes(str(tmp_path / "checkpoints"), checkpoint.tag_for(1))
     # The optimizer's moments, ZeRO's fp32 master and the module's own copy: 12-16 bytes a weight.
-    assert saved == pytest.approx(estimate, rel=0.03), (saved, estimate)
+    assert saved == pytest.approx(estimate, rel=0.02), (saved, estimate)
 
 
 def test_a_checkpoint_disk_too_full_for_the_next_save_is_warned_of_before_it_fails(
@@ -143,8 +151,8 @@ def test_a_checkpoint_disk_too_full_for_the_next_save_is_warned_of_before_it_fai
         small_disk.fill(leave=1 << 20)
         Trainer(config(data_dir, run_dir, steps=2, checkpoint_every=1)).loader.close()
         assert caplog.messages == [
-            f"{checkpoints} has 1 MiB free, and the first checkpoint takes about 6 MiB: free space there (or lower "
-            "--keep-checkpoints) before it is saved, or the save fails and a resume goes back to the checkpoint before"]
+            f"{checkpoints} has 1 MiB free, and the first checkpoint takes about 6 MiB: free space there before it is "
+            "saved, or the save fails and a resume goes back to the checkpoint before"]
         caplog.clear()
         small_disk.free()
         small_disk.fill(leave=10 << 20)  # room for one checkpoint (6.2 MiB) only
@@ -153,5 +161,7 @@ def test_a_checkpoint_disk_too_full_for_the_next_save_is_warned_of_before_it_fai
         with pytest.raises(CheckpointWriteError, match="no space left on device"):
             trainer.train()
     assert checkpoint.complete_tags(checkpoints) == [checkpoint.tag_for(1)]
-    assert caplog.messages[0].startswith(f"{checkpoints} has 4 MiB free, and the next checkpoint (as large as "
-                                         "step00000001) takes about 6 MiB: free space there"), caplog.messages
+    # 10 MiB less the first checkpoint and the run's own files
+    assert re.match(rf"{re.escape(checkpoints)} has [345] MiB free, and the next checkpoint \(as large as "
+                    r"step00000001\) takes about 6 MiB: free space there \(or lower --keep-checkpoints\)",
+                    caplog.messages[0]), caplog.messages

@@ -225,3 +225,4 @@ def test_a_regression_model_that_predicts_a_constant_is_named():
     assert constant_prediction_warning(labels * 0.05 + 1, labels) is None  # a narrow spread, but a spread
     assert constant_prediction_warning(flat, np.full(40, 2.0)) is None  # labels that do not spread either
     assert constant_prediction_warning(flat[:1], labels[:1]) is None
+    assert constant_prediction_warning(np.full(40, np.nan), labels) is None  # not a constant
