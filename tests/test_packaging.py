@@ -51,7 +51,8 @@ def test_worker_requirements_cover_what_preprocessing_imports():
     """Every third-party import in preprocessing/, at the top or inside a function, is in the
     worker's requirements; the exceptions run only on the launcher: mlflow in tracking.py and
     mlflow_experiment.py (and only with MLflow on), packaging in worker_package.py (which pins the
-    workers' requirements)."""
+    workers' requirements), grpc in local_runner.py (the local runner's driver; apache-beam's own
+    dependency)."""
     covered = {_name(r) for r in _requirements(WORKER_REQUIREMENTS)}
     distributions = importlib.metadata.packages_distributions()
     missing = []
@@ -69,7 +70,7 @@ def test_worker_requirements_cover_what_preprocessing_imports():
                 name = os.path.basename(path)
                 if top in sys.stdlib_module_names or top == "preprocessing" or (name, top) in (
                         ("tracking.py", "mlflow"), ("mlflow_experiment.py", "mlflow"), ("setup.py", "setuptools"),
-                        ("worker_package.py", "packaging")):
+                        ("worker_package.py", "packaging"), ("local_runner.py", "grpc")):
                     continue
                 if not {_name(d) for d in distributions.get(top, [top])} & covered:
                     missing.append(f"{name}: {module}")
