@@ -58,10 +58,14 @@ def main(argv=None) -> int:
     except BaseException as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown
         if interrupted(err) and "worker_exit" in workers:  # the SIGINT local_runner sent this process
             code = workers["worker_exit"]
-            why = f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"exit {code}"
-            print(f"error: a worker process of the local runner ended ({why}; SIGKILL is often the kernel's "
-                  f"out-of-memory killer): the data dir {config.output} is not complete; rerun into the same "
-                  "--output, with fewer --direct_num_workers if memory ran out", file=sys.stderr)
+            if code == -signal.SIGKILL:
+                why, advice = ("killed by SIGKILL, as the kernel's out-of-memory killer does",
+                               ", with fewer --direct_num_workers if memory ran out")
+            else:
+                why, advice = (f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals()
+                               else f"exit {code}", "")
+            print(f"error: a worker process of the local runner ended ({why}): the data dir {config.output} is not "
+                  f"complete; rerun into the same --output{advice}", file=sys.stderr)
             return 1
         if interrupted(err):  # Ctrl-C, scancel, timeout: said, and the data dir's state with it
             name = signal.Signals(stop.get("signum", signal.SIGINT)).name

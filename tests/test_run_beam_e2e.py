@@ -243,9 +243,9 @@ def test_a_worker_killed_for_memory_ends_the_run_instead_of_hanging_it(tmp_path)
     assert proc.wait(timeout=120) == 1 and time.monotonic() - killed < 60, err[-3000:]
     assert "RuntimeError: Worker subprocess exited with return code -9" in err
     assert err.strip().splitlines()[-1] == (
-        f"error: a worker process of the local runner ended (killed by SIGKILL; SIGKILL is often the kernel's "
-        f"out-of-memory killer): the data dir {output} is not complete; rerun into the same --output, with fewer "
-        "--direct_num_workers if memory ran out")
+        f"error: a worker process of the local runner ended (killed by SIGKILL, as the kernel's out-of-memory killer "
+        f"does): the data dir {output} is not complete; rerun into the same --output, with fewer --direct_num_workers "
+        "if memory ran out")
     assert not os.path.exists(os.path.join(output, "manifest.json"))
 
 
