@@ -15,8 +15,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import pyarrow.parquet as pq
 
-from preprocessing import (inputs, language, local_runner, manifest, parts, sentences, subwords, tracking, transforms, vocab,
-                           worker_package, write_failure)
+from preprocessing import (inputs, language, local_runner, manifest, parts, sentences, subwords, tracking,
+                           transforms, vocab, worker_package, write_failure)
 from preprocessing.documents import RawDocument
 from preprocessing.mlflow_experiment import browse_hint
 from preprocessing.options import PreprocessConfig
