@@ -337,8 +337,7 @@ def read_jsonl(f: BinaryIO, path: str, text_field: str, max_line_bytes: int,
             continue
         if offset == 0 and raw.lstrip().startswith(b"["):  # (iter_lines drops a byte-order mark)
             # One JSON array (often pretty-printed): every line of it would be a counted parse error.
-            raise InputError(f"{path}: a JSON array, not JSON lines (one object per line); convert it, e.g. "
-                             f"{_jq_command(os.path.basename(path))}")
+            raise _json_array(path)
         text, problem = _decode(raw, place, line_no, offset)
         if problem:
             yield problem
@@ -367,6 +366,12 @@ def read_jsonl(f: BinaryIO, path: str, text_field: str, max_line_bytes: int,
 
 # A JSON escape of a UTF-16 surrogate: paired ones make one character, a lone one is not text.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _json_array(path: str) -> InputError:
+    """A .jsonl file that is one JSON array, with the command that converts it."""
+    return InputError(f"{path}: a JSON array, not JSON lines (one object per line); convert it, e.g. "
+                      f"{_jq_command(os.path.basename(path))}")
 
 
 def _jq_command(file: str) -> str:
@@ -433,8 +438,7 @@ def check_jsonl_head(f: BinaryIO, path: str, text_field: str) -> None:
         if not raw.strip():
             continue
         if rows == 0 and raw.lstrip().startswith(b"["):
-            raise InputError(f"{path}: a JSON array, not JSON lines (one object per line); convert it, e.g. "
-                             f"{_jq_command(os.path.basename(path))}")
+            raise _json_array(path)
         rows += 1
         try:
             record = json.loads(raw)
