@@ -14,7 +14,9 @@ and the driver's one line ("stopped by SIGINT: …") closed about 80 lines a wor
 - ``quiet_stopped_workers`` drops the driver's thread traceback for a worker that such a signal
   ended (Beam raises "Worker subprocess exited with return code -N" in the thread that waits for
   it) and, once the driver has the signal too, the gRPC errors of the streams such a worker left
-  (its data and control channels, read by the driver's threads); any other error shows as before.
+  (its data and control channels, read by the driver's threads). A worker that ends otherwise
+  (the out-of-memory killer) shows its one traceback and ends the run; the gRPC errors of the
+  streams it left, and the ends of the other workers as the driver shuts down, are its echo. Any other error shows as before, each in one piece.
 
 A remote runner (Dataflow, Flink, Spark) stops its workers its own way: nothing changes there.
 """
@@ -30,12 +32,14 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _SIGNALLED_WORKER = re.compile(r"Worker subprocess exited with return code -(\d+)$")
 _WORKER_EXIT = re.compile(r"Worker subprocess exited with return code (-?\d+)$")
 _DRIVER_GRACE_SECONDS = 2.0
+_REPORTING = threading.Lock()
 
 
 def runner_for(options):
@@ -55,48 +59,74 @@ def runner_for(options):
     return FnApiRunner(default_environment=workers)
 
 
-def _stop_noise(error: BaseException | None, stopping: Callable[[], bool]) -> bool:
-    """Whether ``error`` is what a stop signal makes the driver's threads raise, once the driver
-    has it too: the end of a worker the signal killed, or a gRPC stream such a worker left open.
-    A worker ended so while the driver got no signal (Beam's own SIGINT to a stuck worker, an
-    out-of-memory killer's SIGTERM) still shows."""
+def _within_grace(known: Callable[[], bool]) -> bool:
+    """Whether ``known()`` holds now or within the grace: a worker's end reaches the driver's
+    threads a moment apart (its streams, the thread that waits on it, the driver's own handler)."""
+    deadline = time.monotonic() + _DRIVER_GRACE_SECONDS
+    while not known() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return known()
+
+
+def _echo(error: BaseException | None, stopping: Callable[[], bool], worker_ended: Callable[[], bool]) -> bool:
+    """Whether ``error`` only echoes an end the driver reports itself: the end of a worker a stop
+    signal killed once the driver has the signal too, or a gRPC stream left open by a worker that
+    ended (stopped, or reported by the thread that waits on it). A worker ended by a stop signal
+    while the driver got none (Beam's own SIGINT to a stuck worker) still shows, as does a gRPC
+    error with no worker's end behind it."""
     if error is None:
         return False
+    import grpc
+
     ended = _SIGNALLED_WORKER.match(str(error)) if isinstance(error, RuntimeError) else None
     if ended and int(ended.group(1)) in _STOP_SIGNALS:
-        # The worker's end can reach its thread a moment before the driver's own handler has run.
-        deadline = time.monotonic() + _DRIVER_GRACE_SECONDS
-        while not stopping() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return stopping()
-    if stopping():
-        import grpc
-
-        return isinstance(error, grpc.RpcError)
+        return _within_grace(stopping)
+    if isinstance(error, grpc.RpcError):
+        return _within_grace(lambda: stopping() or worker_ended())
     return False
+
+
+def _report(args) -> None:
+    """threading's own report of a thread's error, in one write. The default writes it in pieces,
+    and the several driver threads a worker's end fails at once interleaved theirs line by line."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else threading.get_ident()
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    with _REPORTING:
+        sys.stderr.write(f"Exception in thread {name}:\n{text}")
+        sys.stderr.flush()
 
 
 @contextlib.contextmanager
 def quiet_stopped_workers(stopping: Callable[[], bool]) -> Iterator[dict]:
-    """Drops the driver's thread tracebacks and logged errors that ``_stop_noise`` names; every
-    other one shows as before. ``stopping()``: whether the driver has received a stop signal.
+    """Drops the driver's thread tracebacks and logged errors that ``_echo`` names; every other one
+    shows as before, whole. ``stopping()``: whether the driver has received a stop signal.
 
     A worker that ends otherwise (killed for memory, say) left Beam's driver waiting for ever on
     the work it held: its traceback shows, and the driver's main thread is interrupted, with the
     worker's return code under ``"worker_exit"`` in the yielded dict."""
     previous, failed = threading.excepthook, {}
 
+    def worker_ended() -> bool:
+        return bool(failed)
+
     def hook(args) -> None:
-        if _stop_noise(args.exc_value, stopping):
+        if _echo(args.exc_value, stopping, worker_ended):
             return
-        previous(args)
         ended = _WORKER_EXIT.match(str(args.exc_value)) if isinstance(args.exc_value, RuntimeError) else None
-        if ended and not failed:
-            failed["worker_exit"] = int(ended.group(1))
+        with _REPORTING:
+            first = ended is not None and not failed
+            if ended and not first:
+                return  # the other workers, ended by the driver's own shutdown that the first one began
+            if first:
+                failed["worker_exit"] = int(ended.group(1))  # before the report: it silences the streams' echo
+        (_report if previous is threading.__excepthook__ else previous)(args)
+        if first:
             os.kill(os.getpid(), signal.SIGINT)  # a real signal: it also wakes a main thread blocked in a wait
 
     def keep(record: logging.LogRecord) -> bool:
-        return not (record.exc_info and _stop_noise(record.exc_info[1], stopping))
+        return not (record.exc_info and _echo(record.exc_info[1], stopping, worker_ended))
 
     handlers = logging.getLogger().handlers
     threading.excepthook = hook

@@ -242,6 +242,9 @@ def test_a_worker_killed_for_memory_ends_the_run_instead_of_hanging_it(tmp_path)
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 1 and time.monotonic() - killed < 60, err[-3000:]
     assert "RuntimeError: Worker subprocess exited with return code -9" in err
+    # that worker's one traceback, whole: not interleaved with, nor followed by, the echoes of its end
+    # (the gRPC streams it left, the other worker ended by the driver's shutdown)
+    assert err.count("Exception in thread") == 1 and "RpcError" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == (
         f"error: a worker process of the local runner ended (killed by SIGKILL, as the kernel's out-of-memory killer "
         f"does): the data dir {output} is not complete; rerun into the same --output, with fewer --direct_num_workers "
