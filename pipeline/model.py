@@ -66,7 +66,8 @@ def model_config(preset_or_path: str, manifest: dict, max_position_embeddings: i
                                f"num_attention_heads {config.num_attention_heads}")
     if manifest["max_seq_length"] > config.max_position_embeddings:
         raise ModelConfigError(f"max_seq_length {manifest['max_seq_length']} of the data exceeds the model's "
-                               f"max_position_embeddings {config.max_position_embeddings}")
+                               f"max_position_embeddings {config.max_position_embeddings}: give --model a "
+                               f"config.json whose max_position_embeddings is at least {manifest['max_seq_length']}")
     return config
 
 

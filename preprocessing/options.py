@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Positions of the pretraining presets (pipeline/model.py), as of Google's BERT: longer rows need a
+# config.json with more max_position_embeddings, which pretraining asks for only once the data is made.
+PRESET_POSITIONS = 512
+
 # The vocabulary group's flags that only a trained vocabulary uses.
 VOCAB_TRAINING_FLAGS = ("--vocab-size", "--model-type", "--character-coverage", "--vocab-sample-sentences",
                         "--vocab-sample-bytes")
@@ -256,6 +260,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PreprocessConfig, list[str]]
             logging.getLogger(__name__).warning(
                 "%s set the vocabulary's training, which --tokenizer %s replaces: %s ignored", ", ".join(unused),
                 args.tokenizer, "it is" if len(unused) == 1 else "they are")
+    if args.max_seq_length > PRESET_POSITIONS:
+        logging.getLogger(__name__).warning(
+            "--max-seq-length %d: the pretraining presets have %d positions; pretrain these rows with --model a "
+            "config.json whose max_position_embeddings is at least %d", args.max_seq_length, PRESET_POSITIONS,
+            args.max_seq_length)
     values = vars(args)
     values["inputs"] = tuple(values.pop("input"))
     # The flags of ExampleConfig's fields, but --whole-word-mask: PreprocessConfig's own (a segmenter).

@@ -527,6 +527,17 @@ def test_vocabulary_training_flags_beside_a_given_tokenizer_are_said_to_be_ignor
         assert caplog.messages == []
 
 
+def test_rows_longer_than_the_presets_positions_are_said_to_need_a_config(caplog):
+    from preprocessing.options import parse_args
+
+    with caplog.at_level(logging.WARNING, logger="preprocessing.options"):
+        parse_args(["--max-seq-length", "512"])
+        assert caplog.messages == []
+        parse_args(["--max-seq-length", "1024"])
+        assert caplog.messages == ["--max-seq-length 1024: the pretraining presets have 512 positions; pretrain these "
+                                   "rows with --model a config.json whose max_position_embeddings is at least 1024"]
+
+
 def test_chinese_text_without_a_language_is_said_to_need_one(caplog):
     """Before: split by English rules, one "sentence" per document, 58% of its tokens cut, 100%
     random next segments, and advice to punctuate a text full of 。"""
