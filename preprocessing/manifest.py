@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from preprocessing import examples, subwords
+from preprocessing import examples, subwords, vocab
 from preprocessing.options import PreprocessConfig
 
 FORMAT_VERSION = 1
@@ -48,8 +48,13 @@ def input_fingerprint(paths: Sequence[str]) -> str:
 def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokenizer: subwords.TokenizerModel,
                    shards: Sequence[tuple[str, int]], counters: dict[str, int],
                    data_run_id: str | None) -> dict:
-    fields = subwords.manifest_fields(tokenizer, config.model_type if config.tokenizer is None else "given")
-    if tokenizer.kind == subwords.SENTENCEPIECE and config.tokenizer is None:
+    given = config.tokenizer is not None
+    if tokenizer.kind == subwords.SENTENCEPIECE and given:  # its own type, not --model-type's default
+        model_type = vocab.read_model(tokenizer.data).model_type
+    else:
+        model_type = config.model_type
+    fields = {**subwords.manifest_fields(tokenizer, model_type), "given": given}
+    if tokenizer.kind == subwords.SENTENCEPIECE and not given:
         fields["character_coverage"] = config.character_coverage
     segmenter = config.word_segmenter
     ex = config.examples

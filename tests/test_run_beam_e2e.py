@@ -139,9 +139,11 @@ def test_a_given_tokenizer_is_used_not_retrained(data_dir, tmp_path):
     # Another vocabulary than this input with COMMON's flags would train (4,000, not 8,000): a run that
     # ignored --tokenizer and trained its own would show it in the manifest and the ids.
     again = str(tmp_path / "again")
-    run_beam([*COMMON, "--output", again, "--no-mlflow", "--tokenizer", os.path.join(data_dir, "tokenizer")])
+    run_beam([*COMMON, "--output", again, "--no-mlflow", "--tokenizer", os.path.join(data_dir, "tokenizer"),
+              "--model-type", "bpe"])  # ignored, and the manifest says the given model's own type
     given, got = (json.load(open(os.path.join(d, "manifest.json")))["tokenizer"] for d in (data_dir, again))
     assert got["vocab_size"] == 4000 and got["fingerprint"] == given["fingerprint"]
+    assert (got["model_type"], got["given"], given["model_type"], given["given"]) == ("unigram", True, "unigram", False)
     table = pq.read_table(os.path.join(again, "shards"), columns=["input_ids"]).to_pydict()
     assert max(max(ids) for ids in table["input_ids"]) < 4000
     assert open(os.path.join(again, "tokenizer", "spm.model"), "rb").read() == \

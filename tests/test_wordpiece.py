@@ -48,7 +48,7 @@ def test_manifest_records_the_given_vocabulary(wordpiece_data, bert_vocab_dir):
     with open(os.path.join(wordpiece_data, "manifest.json")) as f:
         manifest = json.load(f)
     tok = manifest["tokenizer"]
-    assert tok["kind"] == "wordpiece" and tok["model_type"] == "wordpiece"
+    assert tok["kind"] == "wordpiece" and tok["model_type"] == "wordpiece" and tok["given"] is True
     assert tok["special_ids"] == SPECIAL_IDS
     with open(os.path.join(bert_vocab_dir, "vocab.txt"), encoding="utf-8") as f:
         assert tok["vocab_size"] == len(f.read().splitlines())
