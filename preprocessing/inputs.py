@@ -112,7 +112,10 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
     # with the slash, Beam lists its files (one level: a local folder is walked here instead, and
     # a remote one is matched as "folder/**", everything under its prefix).
     patterns = [p.rstrip("/") + "/" if "://" not in p and os.path.isdir(p) else p for p in patterns]
-    matched = [p + "**" if "://" in p and p.endswith("/") else p for p in patterns]
+    # A glob with no folder part ("*.txt") matched nothing: Beam's local listing starts in the
+    # pattern's dirname, which is then empty. Named from the working directory, it matches.
+    matched = [p + "**" if "://" in p and p.endswith("/") else "./" + p if "://" not in p and "/" not in p else p
+               for p in patterns]
     for pattern, result in zip(patterns, FileSystems.match(matched)):
         listed = sorted(result.metadata_list, key=lambda m: m.path)
         if "://" not in pattern and pattern.endswith("/"):

@@ -93,12 +93,18 @@ def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokeniz
         "docs_per_bucket": config.docs_per_bucket,
         "split_bytes": config.split_bytes,
         "seed": config.seed,
-        "input": {"paths": sorted(input_paths), "fingerprint": input_fingerprint(input_paths)},
+        "input": {"paths": sorted(map(recorded_path, input_paths)), "fingerprint": input_fingerprint(input_paths)},
         "columns": columns,
         "num_examples": sum(rows for _, rows in shards),
         "shards": [{"path": path, "rows": rows} for path, rows in shards],
         "counters": dict(sorted(counters.items())),
     }
+
+
+def recorded_path(path: str) -> str:
+    """An input's path as the manifest records it: absolute for a local file, so the lineage still
+    names it from another directory (a relative --input was recorded as typed); a URL as it is."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def stores_word_starts(config: PreprocessConfig, tokenizer: subwords.TokenizerModel) -> bool:
