@@ -59,43 +59,49 @@ def runner_for(options):
     return FnApiRunner(default_environment=workers)
 
 
-def _within_grace(known: Callable[[], bool]) -> bool:
-    """Whether ``known()`` holds now or within the grace: a worker's end reaches the driver's
-    threads a moment apart (its streams, the thread that waits on it, the driver's own handler)."""
-    deadline = time.monotonic() + _DRIVER_GRACE_SECONDS
+def _within_grace(known: Callable[[], bool], grace: float) -> bool:
+    """Whether ``known()`` holds now or within ``grace`` seconds: a worker's end reaches the
+    driver's threads a moment apart (its streams, the thread that waits on it, the driver's own
+    handler)."""
+    deadline = time.monotonic() + grace
     while not known() and time.monotonic() < deadline:
         time.sleep(0.05)
     return known()
 
 
-def _echo(error: BaseException | None, stopping: Callable[[], bool], worker_ended: Callable[[], bool]) -> bool:
+def _echo(error: BaseException | None, stopping: Callable[[], bool], worker_ended: Callable[[], bool],
+          grace: float | None = None) -> bool:
     """Whether ``error`` only echoes an end the driver reports itself: the end of a worker a stop
     signal killed once the driver has the signal too, or a gRPC stream left open by a worker that
-    ended (stopped, or reported by the thread that waits on it). A worker ended by a stop signal
-    while the driver got none (Beam's own SIGINT to a stuck worker) still shows, as does a gRPC
-    error with no worker's end behind it."""
+    ended (stopped, or seen ended by the thread that waits on it). A worker ended by a stop signal
+    while the driver got none (an administrator's ``kill``) still shows, as does a gRPC error with
+    no worker's end behind it."""
     if error is None:
         return False
     import grpc
 
+    grace = _DRIVER_GRACE_SECONDS if grace is None else grace
     ended = _SIGNALLED_WORKER.match(str(error)) if isinstance(error, RuntimeError) else None
     if ended and int(ended.group(1)) in _STOP_SIGNALS:
-        return _within_grace(stopping)
+        return _within_grace(stopping, grace)
     if isinstance(error, grpc.RpcError):
-        return _within_grace(lambda: stopping() or worker_ended())
+        return _within_grace(lambda: stopping() or worker_ended(), grace)
     return False
 
 
 def _report(args) -> None:
     """threading's own report of a thread's error, in one write. The default writes it in pieces,
     and the several driver threads a worker's end fails at once interleaved theirs line by line."""
-    if args.exc_type is SystemExit:
+    if issubclass(args.exc_type, SystemExit):  # as the default: a thread's sys.exit() is no error
+        return
+    stream = sys.stderr if sys.stderr is not None else getattr(args.thread, "_stderr", None)
+    if stream is None:
         return
     name = args.thread.name if args.thread is not None else threading.get_ident()
     text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
     with _REPORTING:
-        sys.stderr.write(f"Exception in thread {name}:\n{text}")
-        sys.stderr.flush()
+        stream.write(f"Exception in thread {name}:\n{text}")
+        stream.flush()
 
 
 @contextlib.contextmanager
@@ -105,36 +111,53 @@ def quiet_stopped_workers(stopping: Callable[[], bool]) -> Iterator[dict]:
 
     A worker that ends otherwise (killed for memory, say) left Beam's driver waiting for ever on
     the work it held: its traceback shows, and the driver's main thread is interrupted, with the
-    worker's return code under ``"worker_exit"`` in the yielded dict."""
-    previous, failed = threading.excepthook, {}
-
-    def worker_ended() -> bool:
-        return bool(failed)
+    worker's return code under ``"worker_exit"`` in the yielded dict. Entered in the main thread."""
+    previous, failed, exited = threading.excepthook, {}, threading.Event()
 
     def hook(args) -> None:
-        if _echo(args.exc_value, stopping, worker_ended):
-            return
         ended = _WORKER_EXIT.match(str(args.exc_value)) if isinstance(args.exc_value, RuntimeError) else None
+        if ended:
+            exited.set()  # at once: the streams' errors, raised in other threads meanwhile, are its echo
+        if _echo(args.exc_value, stopping, exited.is_set):
+            return
         with _REPORTING:
             first = ended is not None and not failed
             if ended and not first:
                 return  # the other workers, ended by the driver's own shutdown that the first one began
             if first:
-                failed["worker_exit"] = int(ended.group(1))  # before the report: it silences the streams' echo
+                failed["worker_exit"] = int(ended.group(1))
         (_report if previous is threading.__excepthook__ else previous)(args)
         if first:
             os.kill(os.getpid(), signal.SIGINT)  # a real signal: it also wakes a main thread blocked in a wait
 
     def keep(record: logging.LogRecord) -> bool:
-        return not (record.exc_info and _echo(record.exc_info[1], stopping, worker_ended))
+        if not record.exc_info:
+            return True
+        verdict = getattr(record, "_worker_echo", None)  # one wait per record, however many handlers
+        if verdict is None:
+            # Never waited for in the main thread: a stop arriving there mid-wait would end Beam's
+            # clean-up, which logs the streams' stored errors, half done.
+            grace = 0.0 if threading.current_thread() is threading.main_thread() else None
+            verdict = record._worker_echo = _echo(record.exc_info[1], stopping, exited.is_set, grace)
+        return not verdict
 
     handlers = logging.getLogger().handlers
     threading.excepthook = hook
     for handler in handlers:
         handler.addFilter(keep)
+    # A background job ignores SIGINT (the shell's doing): the hook's own SIGINT is then caught
+    # here, and any other still ignored.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        def ours_only(signum, frame):
+            if failed:
+                raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, ours_only)
     try:
         yield failed
     finally:
         threading.excepthook = previous
         for handler in handlers:
             handler.removeFilter(keep)
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

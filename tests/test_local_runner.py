@@ -36,3 +36,64 @@ def test_the_previous_hook_is_back_after_the_run():
     with quiet_stopped_workers(stopping=lambda: False):
         assert threading.excepthook is not before
     assert threading.excepthook is before
+
+
+def test_a_workers_end_reported_once_and_its_streams_errors_dropped_as_its_echo(capsys, monkeypatch):
+    """A worker killed while the driver got no signal: the thread that waits on it reports its end
+    (after a grace in which a stop signal would have made it an echo), the gRPC stream threads'
+    errors raised meanwhile are dropped, and the driver's main thread gets a SIGINT."""
+    import signal
+    import time
+
+    import grpc
+
+    from preprocessing import local_runner
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    monkeypatch.setattr(local_runner, "_DRIVER_GRACE_SECONDS", 0.5)
+    interrupts = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: interrupts.append(signum))
+
+    def stream() -> None:
+        raise grpc.RpcError()
+
+    def waiter() -> None:
+        time.sleep(0.1)  # the streams fail first, as they do when a worker dies
+        raise RuntimeError("Worker subprocess exited with return code -15")
+
+    try:
+        with quiet_stopped_workers(stopping=lambda: False) as failed:
+            threads = [threading.Thread(target=stream, name="beam_control_read"),
+                       threading.Thread(target=stream, name="read_grpc_client_inputs"),
+                       threading.Thread(target=waiter, name="run_worker")]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            time.sleep(0.1)  # the signal's handler runs in this thread between bytecodes
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = capsys.readouterr().err
+    assert err.count("Exception in thread ") == 1 and "Exception in thread run_worker:" in err, err
+    assert err.rstrip().endswith("RuntimeError: Worker subprocess exited with return code -15")
+    assert failed == {"worker_exit": -15} and interrupts == [signal.SIGINT]
+
+
+def test_a_grpc_error_with_no_workers_end_behind_it_still_shows(capsys, monkeypatch):
+    import grpc
+
+    from preprocessing import local_runner
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    monkeypatch.setattr(local_runner, "_DRIVER_GRACE_SECONDS", 0.2)
+
+    def stream() -> None:
+        raise grpc.RpcError("the stream's own failure")
+
+    with quiet_stopped_workers(stopping=lambda: False) as failed:
+        thread = threading.Thread(target=stream, name="read_grpc_client_inputs")
+        thread.start()
+        thread.join()
+    err = capsys.readouterr().err
+    assert "Exception in thread read_grpc_client_inputs:" in err and "RpcError: the stream's own failure" in err
+    assert failed == {}
