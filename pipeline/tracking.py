@@ -2,7 +2,8 @@
 
 Once a run has started, MLflow is the record, not the work: a tracking server that goes away or
 a tracking database on a full disk must not end days of pretraining, nor skip its export. Every
-call after the start is tried once; the first failure is a warning, the later ones are counted,
+call after the start is tried once (MLflow's own retries bounded, and none once a call has failed:
+``fail_fast``); the first failure is a warning, the later ones are counted,
 and ``finish`` says how many were lost (the run dir's metrics.jsonl, eval.jsonl and the stage's
 own files keep every figure). The start itself is strict: a server that does not answer is
 refused before the work (``check_tracking_server``).
@@ -17,12 +18,13 @@ import tempfile
 
 from pipeline.engine import flat
 
-from preprocessing.mlflow_experiment import (QuietRepeats, announce_run, experiment_name, tracking_errors,
-                                            tracking_failure)
+from preprocessing.mlflow_experiment import (QuietRepeats, announce_run, experiment_name, fail_fast,
+                                            tracking_errors, tracking_failure)
 
 log = logging.getLogger(__name__)
-# MLflow's loggers that repeat a failing store's error for every queued metrics batch.
-_REPEATING = ("mlflow.utils.async_logging.async_logging_queue", "mlflow.store.db.utils")
+# The loggers that repeat a failing store's error for every queued metrics batch, and from which level.
+_REPEATING = {"mlflow.utils.async_logging.async_logging_queue": logging.ERROR, "mlflow.store.db.utils": logging.ERROR,
+              "urllib3.connectionpool": logging.WARNING}
 
 
 class Tracker:
@@ -41,11 +43,11 @@ class Tracker:
         self.run_id = self.run.info.run_id
         announce_run(log, self.run_id, stage, exp.name, mlflow.get_tracking_uri())
         self.failures = 0
-        for name in _REPEATING:  # a fresh count for each run
+        for name, level in _REPEATING.items():  # a fresh count for each run
             logger = logging.getLogger(name)
             for old in [f for f in logger.filters if isinstance(f, QuietRepeats)]:
                 logger.removeFilter(old)
-            logger.addFilter(QuietRepeats())
+            logger.addFilter(QuietRepeats(level=level))
 
     def attempt(self, what: str, fn, *args, **kwargs) -> bool:
         """``fn(*args, **kwargs)``; whether it worked. A failure of the tracking store (MLflow's,
@@ -57,6 +59,7 @@ class Tracker:
         except tracking_errors() as err:
             self.failures += 1
             if self.failures == 1:
+                fail_fast()  # a server gone: each later call waits seconds, not MLflow's minutes of retries
                 log.warning("MLflow could not record %s in run %s (%s); the run goes on, and later failures are "
                             "counted", what, self.run_id, tracking_failure(err))
             return False

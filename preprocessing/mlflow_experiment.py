@@ -60,13 +60,14 @@ def tracking_failure(err: BaseException) -> str:
 class QuietRepeats:
     """A logging filter for MLflow's own loggers once its store fails: every metrics batch logs the
     same database error again (7 lines a step on SQLite). The first error passes, then one in
-    ``every``, saying how many were held back since the last that passed."""
+    ``every``, saying how many were held back since the last that passed. ``level``: the lowest
+    level held back (urllib3 warns of each retry of each queued metrics batch to a server gone)."""
 
-    def __init__(self, every: int = 100):
-        self.every, self.seen, self.held = every, 0, 0
+    def __init__(self, every: int = 100, level: int = 40):
+        self.every, self.level, self.seen, self.held = every, level, 0, 0
 
     def filter(self, record) -> bool:
-        if record.levelno < 40:  # below ERROR
+        if record.levelno < self.level:
             return True
         self.seen += 1
         if self.seen > 1 and self.seen % self.every:
@@ -79,16 +80,39 @@ class QuietRepeats:
 
 
 class TrackingServerError(ValueError):
-    """The tracking server named by MLFLOW_TRACKING_URI does not answer."""
+    """The tracking server named by MLFLOW_TRACKING_URI does not answer, or the URI names none."""
+
+
+# MLflow's HTTP client retries a failed call 7 times with doubling waits and waits 120 s for an
+# answer: a server that went away mid-run held a finished stage about 4 minutes a call (its
+# metrics, its report, its model, the run's end). Bounded at the start (a value set is kept), and
+# once a call has failed, each later one is tried once (``fail_fast``).
+_HTTP_START = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_HTTP_FAILED = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# Tracking URIs without "://" that MLflow takes as a scheme of its own, not as a folder.
+_BARE_SCHEMES = ("databricks", "databricks-uc", "uc")
+
+
+def fail_fast() -> None:
+    """After a tracking call failed: each later one is tried once, with a short wait for an answer
+    (MLflow reads these for every request)."""
+    os.environ.update(_HTTP_FAILED)
 
 
 def check_tracking_server(uri: str | None = None, timeout: float = 10.0) -> None:
     """An http(s) tracking URI must answer before a stage starts its work: MLflow's client retries
     for minutes, then fails with a traceback after the stage's whole start-up (data conversion,
-    DeepSpeed). A local store (sqlite:, file:) needs no server."""
+    DeepSpeed). A local database (sqlite:, postgresql:, …) needs no server; a folder, which
+    MLflow 3 no longer keeps runs in, is refused in one line (before: its traceback, after the
+    stage's start-up; "127.0.0.1:5000" without http:// reads as one)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if uri and ("://" not in uri and uri not in _BARE_SCHEMES or uri.startswith("file:")):
+        raise TrackingServerError(f"MLFLOW_TRACKING_URI {uri}: a folder, where MLflow 3 keeps no runs; name a server "
+                                  "(http://HOST:PORT) or a database (sqlite:///PATH.db), or pass --no-mlflow")
     if not uri.startswith(("http://", "https://")):
         return
+    for name, value in _HTTP_START.items():
+        os.environ.setdefault(name, value)
     import urllib.error
     import urllib.request
 

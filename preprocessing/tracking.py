@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from preprocessing.mlflow_experiment import announce_run, experiment_name, tracking_errors, tracking_failure
+from preprocessing.mlflow_experiment import announce_run, experiment_name, fail_fast, tracking_errors, tracking_failure
 from preprocessing.options import PreprocessConfig
 
 _PARAM_MAX = 500  # MLflow's limit on a param value's length
@@ -40,6 +40,7 @@ class PreprocessRun:
         try:
             self._log_results(counters, wall_seconds, output)
         except tracking_errors() as err:
+            fail_fast()  # the run's end, next, then waits seconds on a server gone, not minutes
             log.warning("MLflow could not record the counts, manifest or tokenizer in run %s (%s); the data dir "
                         "%s is complete", self.run_id, tracking_failure(err), output)
 
@@ -105,6 +106,7 @@ def preprocess_run(config: PreprocessConfig, beam_args: list[str]) -> Iterator[P
         try:
             mlflow.log_params(_params(config, beam_args))
         except tracking_errors() as err:
+            fail_fast()
             log.warning("MLflow could not record the flags in run %s (%s); preprocessing goes on",
                         run.info.run_id, tracking_failure(err))
         yield PreprocessRun(mlflow)

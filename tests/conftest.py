@@ -45,13 +45,40 @@ def multistream_dump(wiki_xml, tmp_path_factory) -> str:
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, served artifacts);
     yields its tracking URI and stops it by PID afterwards."""
+    import subprocess
+
+    uri, proc, log = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_http_settings():
+    """A stage run in the test's process bounds MLflow's HTTP retries, and drops them once a call
+    fails (preprocessing/mlflow_experiment.py): process-wide settings, put back after each test."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def start_mlflow_server(root):
+    """``mlflow server`` in ``root``, answering: (its URI, its process, its log file)."""
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -60,7 +87,7 @@ def mlflow_server(tmp_path_factory):
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # a group: its server process with it
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -74,13 +101,7 @@ def mlflow_server(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    return uri, proc, log
 
 
 @pytest.fixture(scope="session")

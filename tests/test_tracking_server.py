@@ -2,6 +2,7 @@
 retried for minutes, then failed with five chained tracebacks after the stage's whole start-up."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,3 +41,51 @@ def test_every_stage_stops_before_its_work_with_one_line(stage, args, tmp_path):
                       "start it, set MLFLOW_TRACKING_URI to one that runs, or pass --no-mlflow"], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and time.monotonic() - started < 120
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("uri", ["127.0.0.1:5000", "/data/mlruns", "file:///data/mlruns"])
+def test_a_folder_as_the_tracking_uri_is_refused_in_one_line(uri):
+    """MLflow 3 keeps no runs in a folder: before, each stage failed with MLflow's traceback about
+    its file store, after its whole start-up; "host:port" without http:// reads as a folder."""
+    with pytest.raises(TrackingServerError, match=rf"MLFLOW_TRACKING_URI {uri}: a folder, where MLflow 3 keeps no "
+                                                   r"runs; name a server \(http://HOST:PORT\) or a database"):
+        check_tracking_server(uri)
+    for fine in ("sqlite:////data/mlflow.db", "databricks", "postgresql://db/mlflow"):
+        check_tracking_server(fine)  # no server to ask
+
+
+@pytest.mark.e2e
+def test_a_server_gone_mid_run_costs_the_run_seconds_not_minutes(data_dir, tmp_path):
+    """The tracking server dies while pretraining runs: the run finishes and exports, the calls
+    that could not be recorded are counted, and the process ends soon after its last step (before:
+    MLflow's 7 retries with doubling waits, about 4 minutes a call, for each call after it)."""
+    from .conftest import start_mlflow_server
+
+    (tmp_path / "mlflow").mkdir()
+    uri, server, server_log = start_mlflow_server(tmp_path / "mlflow")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                                                            "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    env.update(MLFLOW_TRACKING_URI=uri, MASTER_PORT=str(free_port()))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pipeline", "pretrain.py"), "--data", data_dir,
+                             "--run-dir", str(run_dir), "--steps", "40", "--global-batch-size", "8",
+                             "--micro-batch-size", "8", "--log-every", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the command and the server process it started
+        server.wait()
+        server_log.close()
+    out, _ = proc.communicate(timeout=400)
+    last_step = (run_dir / "metrics.jsonl").stat().st_mtime
+    assert proc.returncode == 0, out[-3000:]
+    assert "MLflow could not record" in out and "is missing what" in out, out[-3000:]
+    assert out.count("urllib3.connectionpool: Retrying") < 5, out[-3000:]  # before: one line a retry, 43 here
+    assert os.path.isfile(run_dir / "hf" / "step00000040" / "config.json"), sorted(os.listdir(run_dir))
+    assert time.time() - last_step < 90, f"{time.time() - last_step:.0f} s after the last step:\n{out[-3000:]}"
