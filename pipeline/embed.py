@@ -31,7 +31,7 @@ from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError, model_lineage  # noqa: E402
 from preprocessing import cli_parser  # noqa: E402
 from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP  # noqa: E402
-from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
+from preprocessing.mlflow_experiment import TrackingServerError, check_tracking  # noqa: E402
 from preprocessing.write_failure import WriteFailure, writing  # noqa: E402
 
 USER_ERRORS = (FinetuneDataError, ModelSourceError, embedding.EmbedError, LaunchError, TrackingServerError)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     # Every check before the process group: a bad file or flag fails on every rank alike, at once.
     try:
         if args.mlflow and rank == 0:
-            check_tracking_server()
+            check_tracking(args.experiment)
         embedding.check_out(args.out, args.input)  # before hours of embedding
         embed_inputs.check_first_row(args.input, args.text_column, args.id_column)  # before the model loads
         model, tokenizer = embedding.load_model(args.model)

@@ -31,7 +31,7 @@ from pipeline.finetuning.model import ModelSourceError  # noqa: E402
 from pipeline.finetuning.report import log_to_mlflow, write_report  # noqa: E402
 from pipeline.run_lock import RunDirError, acquire  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
-from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
+from preprocessing.mlflow_experiment import TrackingServerError, check_tracking  # noqa: E402
 from preprocessing.write_failure import WriteFailure, writing  # noqa: E402
 
 AGAIN = "fine-tune again (fine-tuning keeps no checkpoint)"
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         try:
             if ensure_distributed_env()[0] == 0:
                 if config.mlflow:
-                    check_tracking_server()
+                    check_tracking(config.experiment)
                 # Rank 0 holds OUTPUT_DIR until the run ends: a second fine-tuning into it would clear
                 # this one's outputs at its start (pipeline/run_lock.py).
                 check_output_dir(config.output_dir, config.model)

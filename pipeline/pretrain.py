@@ -34,7 +34,7 @@ from pipeline.run_lock import RunDirError, acquire  # noqa: E402
 from pipeline.tracking import Tracker, config_params  # noqa: E402
 from pipeline.train_config import parse_args  # noqa: E402
 from pipeline.trainer import NonFiniteLoss, Trainer  # noqa: E402
-from preprocessing.mlflow_experiment import TrackingServerError, check_tracking_server  # noqa: E402
+from preprocessing.mlflow_experiment import TrackingServerError, check_tracking  # noqa: E402
 from preprocessing.write_failure import WriteFailure  # noqa: E402
 
 USER_ERRORS = (DataDirError, DsConfigError, ModelConfigError, ExportError, CheckpointError, LaunchError,
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
             # the other ranks check that they see the same folder (pipeline/run_lock.py).
             is_rank0 = ensure_distributed_env()[0] == 0
             if config.mlflow and is_rank0:
-                check_tracking_server()
+                check_tracking(config.experiment)
             lock = acquire(config.run_dir) if is_rank0 else None
             trainer = Trainer(config)
         except USER_ERRORS as err:  # a bad flag, data dir or checkpoint: one line that names it, no traceback

@@ -124,3 +124,20 @@ def check_tracking_server(uri: str | None = None, timeout: float = 10.0) -> None
         reason = getattr(err, "reason", err)
         raise TrackingServerError(f"MLflow tracking server {uri} does not answer ({reason}): start it, set "
                                   "MLFLOW_TRACKING_URI to one that runs, or pass --no-mlflow") from None
+
+
+def check_tracking(experiment: str | None) -> None:
+    """A stage's check before its work: the tracking store (``check_tracking_server``), and its
+    experiment (--experiment, else the default), which must not be a deleted one: MLflow neither
+    logs to it nor makes another of that name, and said so in a traceback after the start-up."""
+    check_tracking_server()
+    import mlflow
+
+    name = experiment_name(experiment)
+    try:
+        found = mlflow.MlflowClient().get_experiment_by_name(name)
+    except tracking_errors():
+        return  # the stage's own start says what fails
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise TrackingServerError(f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore "
+                                  f"--experiment-id {found.experiment_id}) or name another with --experiment")

@@ -30,7 +30,7 @@ for _noisy in ("apache_beam", "alembic", "mlflow", "urllib3"):
 from preprocessing import driver  # noqa: E402
 from preprocessing.errors import explain, interrupted, refused_write  # noqa: E402
 from preprocessing.local_runner import quiet_stopped_workers  # noqa: E402
-from preprocessing.mlflow_experiment import check_tracking_server  # noqa: E402
+from preprocessing.mlflow_experiment import check_tracking  # noqa: E402
 from preprocessing.options import parse_args  # noqa: E402
 from preprocessing.vocab import TRAINING_THREAD  # noqa: E402
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     stop, workers = _stop_signals(), {}
     try:
         if config.mlflow:
-            check_tracking_server()
+            check_tracking(config.experiment)
         with quiet_stopped_workers(stopping=lambda: "signum" in stop) as workers:
             summary = driver.run(config, beam_args)
     except BaseException as err:  # noqa: BLE001 - turned into one readable line, then re-raised if unknown

@@ -89,3 +89,20 @@ def test_a_server_gone_mid_run_costs_the_run_seconds_not_minutes(data_dir, tmp_p
     assert out.count("urllib3.connectionpool: Retrying") < 5, out[-3000:]  # before: one line a retry, 43 here
     assert os.path.isfile(run_dir / "hf" / "step00000040" / "config.json"), sorted(os.listdir(run_dir))
     assert time.time() - last_step < 90, f"{time.time() - last_step:.0f} s after the last step:\n{out[-3000:]}"
+
+
+def test_a_deleted_experiment_is_refused_in_one_line_before_the_work(tmp_path, monkeypatch):
+    import mlflow
+
+    from preprocessing.mlflow_experiment import check_tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    with pytest.raises(TrackingServerError, match=r"MLflow experiment 'gone' is deleted: restore it \(mlflow "
+                                                   r"experiments restore --experiment-id \d+\) or name another"):
+        check_tracking("gone")
+    check_tracking("new")  # one that does not exist yet: the stage makes it
+    check_tracking(None)
