@@ -31,7 +31,7 @@ from pipeline.engine import LaunchError, end_distributed, ensure_distributed_env
 from pipeline.export import ExportError, export_checkpoint, write_train_config  # noqa: E402
 from pipeline.model import ModelConfigError  # noqa: E402
 from pipeline.run_lock import RunDirError, acquire  # noqa: E402
-from pipeline.tracking import Tracker, config_params  # noqa: E402
+from pipeline.tracking import Tracker, architecture_params, config_params  # noqa: E402
 from pipeline.train_config import parse_args  # noqa: E402
 from pipeline.trainer import NonFiniteLoss, Trainer  # noqa: E402
 from preprocessing.mlflow_experiment import TrackingServerError, check_tracking  # noqa: E402
@@ -82,8 +82,10 @@ def train(config, trainer: Trainer) -> int:
         trainer.run_id = tracker.run_id
         tracker.log_params({**config_params(config), "world_size": trainer.world_size,
                             "accumulation_steps": trainer.batches.accumulation_steps,
-                            "eval_shards_used": trainer.eval_shards, "train_rows": trainer.train_rows})
+                            "eval_shards_used": trainer.eval_shards, "train_rows": trainer.train_rows,
+                            **architecture_params(trainer.model_config, trainer.parameters)})
         tracker.log_json(trainer.ds_config, "ds_config.json")
+        tracker.log_json(trainer.model_config.to_dict(), "model_config.json")
     status, code, agreed = "FAILED", 1, True
     try:
         if trainer.is_rank0:

@@ -90,6 +90,17 @@ class Tracker:
                         "above); the stage's own files are complete", self.run_id, self.failures)
 
 
+# The model config's fields logged as params (model_hidden_size, …).
+ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                "max_position_embeddings")
+
+
+def architecture_params(model_config, parameters: int) -> dict:
+    """The model's shape and size, what runs are compared by: a preset's name alone (``model``)
+    points at sizes in code that can change."""
+    return {**{f"model_{key}": getattr(model_config, key) for key in ARCHITECTURE}, "model_parameters": parameters}
+
+
 def config_params(config) -> dict:
     # Flat: the engine's settings under their flag names (learning_rate, not engine.learning_rate).
     return flat(config)

@@ -127,6 +127,7 @@ class Trainer:
             hf_init.check(config.init_from, config.model, self.manifest, config.data)
         self.model_config = model_config(config.model, self.manifest)
         model = build_model(self.model_config, sparse_mlm=True)
+        self.parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         if config.compile:
             # The encoder alone: its shapes are static; the sparse MLM head's input (the masked
             # tokens) changes size every batch. Module.compile keeps the state-dict names, so

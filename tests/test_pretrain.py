@@ -415,7 +415,17 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(data_dir, tmp_path
     assert done.data.tags.get("data_run_id") == (str(manifest["data_run_id"]) if manifest["data_run_id"] else None)
     history = client.get_metric_history(done.info.run_id, "mlm_loss")
     assert len(history) >= 60 - stopped_at and {"sequences_per_second", "learning_rate", "mlm_accuracy"} <= set(done.data.metrics)
-    assert {"ds_config.json", "final_eval.json"} <= {a.path for a in client.list_artifacts(done.info.run_id)}
+    assert {"ds_config.json", "final_eval.json", "model_config.json"} <= {a.path for a in
+                                                                          client.list_artifacts(done.info.run_id)}
+    # the architecture itself, not only the preset's name (tiny: 64 wide, 2 layers)
+    from pipeline.model import build_model, model_config
+
+    parameters = sum(p.numel() for p in build_model(model_config("tiny", manifest), sparse_mlm=True).parameters())
+    assert {k: done.data.params[k] for k in ("model_hidden_size", "model_num_hidden_layers", "model_vocab_size",
+                                             "model_parameters")} == {
+        "model_hidden_size": "64", "model_num_hidden_layers": "2",
+        "model_vocab_size": str(manifest["tokenizer"]["vocab_size"]), "model_parameters": str(parameters)}
+    assert parameters > 64 * manifest["tokenizer"]["vocab_size"]  # the embeddings at least
     assert 0 < done.data.metrics["eval_mlm_accuracy"] < 1 and done.data.metrics["grad_norm"] > 0
 
 
