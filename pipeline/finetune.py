@@ -30,7 +30,7 @@ from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError  # noqa: E402
 from pipeline.finetuning.report import log_to_mlflow, write_report  # noqa: E402
 from pipeline.run_lock import RunDirError, acquire  # noqa: E402
-from pipeline.tracking import Tracker, config_params  # noqa: E402
+from pipeline.tracking import Tracker, config_params, data_params  # noqa: E402
 from preprocessing.mlflow_experiment import TrackingServerError, check_tracking  # noqa: E402
 from preprocessing.write_failure import WriteFailure, writing  # noqa: E402
 
@@ -49,6 +49,8 @@ def start_tracking(config, finetuner) -> Tracker:
                         "accumulation_steps": finetuner.batches.accumulation_steps, "task_inferred": data.task,
                         "best_metric": finetuner.metric, "labels": ",".join(data.labels),
                         "model_dir": finetuner.hf_dir, "max_seq_length_used": finetuner.max_length,
+                        **data_params(data=config.data, train=config.train, validation=config.validation,
+                                      test=config.test),
                         **{f"rows_{name}": len(split) for name, split in finetuner.splits.items()},
                         **{f"rows_dropped_{name}": n for name, n in data.dropped.items()}})
     tracker.log_json(finetuner.ds_config, "ds_config.json")

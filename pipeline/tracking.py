@@ -11,6 +11,7 @@ refused before the work (``check_tracking_server``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -99,6 +100,24 @@ def architecture_params(model_config, parameters: int) -> dict:
     """The model's shape and size, what runs are compared by: a preset's name alone (``model``)
     points at sizes in code that can change."""
     return {**{f"model_{key}": getattr(model_config, key) for key in ARCHITECTURE}, "model_parameters": parameters}
+
+
+def data_params(**paths: str | None) -> dict:
+    """The labelled data as a registered model's lineage needs it: each file's absolute path (a
+    relative one names nothing once the working directory is forgotten) and ``data_sha256``, over
+    every file's name and bytes (a saved dataset's folder: its files, in order)."""
+    given = {name: path for name, path in paths.items() if path}
+    digest = hashlib.sha256()
+    for name, path in sorted(given.items()):
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names) \
+            if os.path.isdir(path) else [path]
+        for file in files:
+            digest.update(f"{name}\0{os.path.relpath(file, path) if file != path else ''}\0".encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return {**{f"{name}_path": os.path.abspath(path) for name, path in given.items()},
+            "data_sha256": digest.hexdigest()}
 
 
 def config_params(config) -> dict:

@@ -980,6 +980,12 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     params = run.data.params
     assert params["model_dir"] == pretrain_hf  # the run's own export was used, not a new one
     assert params["labels"] == "fresh,rotten" and params["rows_dropped_train"] == "40" and params["epochs"] == "2"
+    # the labelled data, as the registered model's lineage needs it: where, and which bytes
+    import hashlib
+
+    assert params["data_path"] == os.path.abspath(reviews) and "train_path" not in params
+    with open(reviews, "rb") as f:
+        assert params["data_sha256"] == hashlib.sha256(b"data\0\0" + f.read()).hexdigest()
     history = client.get_metric_history(run.info.run_id, "validation/accuracy")
     assert [m.step for m in history] == [1, 2]
     report = json.load(open(tmp_path / "out" / "report.json"))

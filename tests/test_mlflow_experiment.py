@@ -96,3 +96,22 @@ def test_the_run_id_is_announced_without_the_stores_password(caplog):
     assert caplog.messages == [
         "MLflow run abc123 (stage pretrain, experiment 'exp', store https://mlflow.example:5000/path)",
         "MLflow run def456 (stage finetune, experiment 'exp', store sqlite:///mlflow.db)"]
+
+
+def test_the_labelled_datas_params_name_every_file_by_its_bytes(tmp_path, monkeypatch):
+    from pipeline.tracking import data_params
+
+    saved = tmp_path / "saved"
+    (saved / "train").mkdir(parents=True)
+    (saved / "train" / "data.arrow").write_bytes(b"rows")
+    (saved / "dataset_dict.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    first = data_params(data="saved", train=None)
+    assert first["data_path"] == str(saved) and "train_path" not in first
+    assert data_params(data=str(saved)) == first  # the same bytes, however the path was typed
+    (saved / "train" / "data.arrow").write_bytes(b"rowz")
+    assert data_params(data="saved")["data_sha256"] != first["data_sha256"]
+    (tmp_path / "t.csv").write_text("text,label\n")
+    split = data_params(train="t.csv", test="t.csv")
+    assert split["train_path"] == split["test_path"] == str(tmp_path / "t.csv")
+    assert split["data_sha256"] != data_params(train="t.csv")["data_sha256"]  # the test split counts too
