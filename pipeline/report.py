@@ -7,7 +7,9 @@
 Works for any stage's run: every metric with a history (two or more points) becomes a
 line, and metrics are grouped into panels by what they measure, so a pretraining run shows
 its train/eval losses together and a fine-tuning run its per-epoch validation metrics. A
-resumed pretraining run is drawn with the runs it resumed, from the first step on.
+metric of one point (the final held-out evaluation, a fine-tuning's test scores) is drawn as a
+point in the panel of its kind, where one has a line. A resumed pretraining run is drawn with
+the runs it resumed, from the first step on.
 The tracking URI is MLflow's default (or MLFLOW_TRACKING_URI, or --tracking-uri).
 """
 
@@ -58,8 +60,8 @@ def resume_chain(client, run) -> list:
 
 
 def histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} of every metric with at least two points, over the run and the
-    runs it resumed (``resume_chain``): an earlier run gives the steps up to the checkpoint a later
+    """{metric: [(step, value), ...]} of every metric with at least two points, and of each one-point
+    metric whose panel (``group``) has such a line, over the run and the runs it resumed (``resume_chain``): an earlier run gives the steps up to the checkpoint a later
     one resumed (its tag ``resumed_at_step``); its steps past it, which the later run trained
     again, are left out, for every metric."""
     try:
@@ -81,11 +83,13 @@ def histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
             cut = min(cut, int(resumed_at) + 1)
         elif firsts:  # a run that did not record its step: its first logged step bounds it
             cut = min(cut, min(firsts))
-    out = {name: points for name, points in merged.items() if len(points) >= 2}
-    if not out:
+    lines = {name: points for name, points in merged.items() if len(points) >= 2}
+    if not lines:
         raise ReportError(f"run {run_id} ({run.data.tags.get('stage', 'no stage tag')}) has no metric with two "
                           "or more points to draw")
-    return dict(sorted(out.items()))
+    drawn = {panel for panel, names in group(lines) for _ in names}
+    points = {name: p for name, p in merged.items() if len(p) == 1 and group([name])[0][0] in drawn}
+    return dict(sorted({**lines, **points}.items()))
 
 
 def group(names) -> list[tuple[str, list[str]]]:
@@ -97,11 +101,12 @@ def group(names) -> list[tuple[str, list[str]]]:
     return [(t, panels[t]) for t in order if t in panels]
 
 
-def draw(curves: dict[str, list[tuple[int, float]]], title: str, out: str) -> str:
+def draw(curves: dict[str, list[tuple[int, float]]], title: str, out: str, xlabel: str = "step") -> str:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = group(curves)
     cols = min(2, len(panels))
@@ -110,9 +115,13 @@ def draw(curves: dict[str, list[tuple[int, float]]], title: str, out: str) -> st
     for ax, (panel, names) in zip(axes.flat, panels):
         for name in names:
             steps, values = zip(*curves[name])
-            ax.plot(steps, values, label=name, marker="o" if len(steps) <= 20 else None, markersize=3)
+            if len(steps) == 1:  # a final figure: a point that stands out from the lines' markers
+                ax.plot(steps, values, label=name, linestyle="none", marker="D", markersize=6)
+            else:
+                ax.plot(steps, values, label=name, marker="o" if len(steps) <= 20 else None, markersize=3)
         ax.set_title(panel)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole
         if panel in ("learning rate", "sequences per second", "tokens per second"):
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
         ax.grid(alpha=0.3)
@@ -222,7 +231,8 @@ def _draw_run(client, run_id: str, out: str, log_artifact: bool) -> str:
     earlier = len(resume_chain(client, run)) - 1
     if earlier:
         title += f" · with the {earlier} run{'s' if earlier > 1 else ''} it resumed"
-    path = draw(curves, title, out)
+    # fine-tuning logs by epoch (its MLflow step); the other stages by optimizer step
+    path = draw(curves, title, out, "epoch" if run.data.tags.get("stage") == "finetune" else "step")
     if log_artifact:
         client.log_artifact(run_id, path)
     return path

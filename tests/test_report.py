@@ -46,11 +46,13 @@ def test_report_draws_the_run_from_a_real_server(mlflow_server, tmp_path):
             mlflow.entities.Metric("learning_rate", 1e-4 * min(step, 5), 0, step)])
     client.log_metric(run_id, "eval_loss", 3.0, step=5)
     client.log_metric(run_id, "eval_loss", 2.0, step=10)
-    client.log_metric(run_id, "final_only", 1.0, step=10)  # one point: nothing to draw
+    client.log_metric(run_id, "final_only", 1.0, step=10)  # one point, alone in its panel: nothing to draw
+    client.log_metric(run_id, "eval_mlm_accuracy", 0.45, step=10)  # one point beside a line of its kind: drawn
 
     curves = histories(client, run_id)
-    assert set(curves) == {"loss", "mlm_accuracy", "sequences_per_second", "learning_rate", "eval_loss"}
-    assert curves["eval_loss"] == [(5, 3.0), (10, 2.0)]
+    assert set(curves) == {"loss", "mlm_accuracy", "sequences_per_second", "learning_rate", "eval_loss",
+                           "eval_mlm_accuracy"}
+    assert curves["eval_loss"] == [(5, 3.0), (10, 2.0)] and curves["eval_mlm_accuracy"] == [(10, 0.45)]
 
     out = tmp_path / "curves.png"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "report.py"), run_id, "--out", str(out),
@@ -77,7 +79,7 @@ def test_report_draws_the_run_from_a_real_server(mlflow_server, tmp_path):
     assert curves["loss"] == ([(s, 10.0 / s) for s in range(1, 9)] + [(s, -float(s)) for s in range(9, 15)]
                               + [(s, 100.0 + s) for s in range(15, 19)])
     # the first run's evaluation at step 10, which the second trained again but did not evaluate, is left out
-    assert "eval_loss" not in curves and curves["mlm_accuracy"] == [(s, 0.05 * s) for s in range(1, 9)]
+    assert curves["eval_loss"] == [(5, 3.0)] and curves["mlm_accuracy"] == [(s, 0.05 * s) for s in range(1, 9)]
     assert report(third, str(tmp_path / "resumed.png"), mlflow_server) == str(tmp_path / "resumed.png")
 
     empty = client.create_run(experiment).info.run_id
