@@ -45,10 +45,13 @@ def start_tracking(config, finetuner) -> Tracker:
     # The runs the model came from, those that are known; from a fine-tuned model, its run too.
     tags = {("parent_finetune_run_id" if k == "finetune_run_id" else k): v for k, v in finetuner.lineage.items()}
     tracker = Tracker("finetune", config.experiment, config.run_name, tags)
-    tracker.log_params({**config_params(config), "world_size": finetuner.world_size,
-                        "accumulation_steps": finetuner.batches.accumulation_steps, "task_inferred": data.task,
-                        "best_metric": finetuner.metric, "labels": ",".join(data.labels),
-                        "model_dir": finetuner.hf_dir, "max_seq_length_used": finetuner.max_length,
+    flags = config_params(config)
+    del flags["mlflow"]  # a run that logs it has it on
+    tracker.log_params({**flags, "world_size": finetuner.world_size,
+                        "accumulation_steps": finetuner.batches.accumulation_steps,
+                        # what a flag left to the data or the model came to, under the flag's own name
+                        "task": data.task, "metric": finetuner.metric, "max_seq_length": finetuner.max_length,
+                        "labels": ",".join(data.labels), "model_dir": finetuner.hf_dir,
                         **data_params(data=config.data, train=config.train, validation=config.validation,
                                       test=config.test),
                         **{f"rows_{name}": len(split) for name, split in finetuner.splits.items()},

@@ -984,6 +984,9 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     import hashlib
 
     assert params["data_path"] == os.path.abspath(reviews) and "train_path" not in params
+    # flags left to the data and the model, under their own names as they came out
+    assert (params["task"], params["metric"], params["max_seq_length"]) == ("classification", "accuracy", "64")
+    assert "mlflow" not in params and "task_inferred" not in params
     with open(reviews, "rb") as f:
         assert params["data_sha256"] == hashlib.sha256(b"data\0\0" + f.read()).hexdigest()
     history = client.get_metric_history(run.info.run_id, "validation/accuracy")
