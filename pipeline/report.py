@@ -61,7 +61,8 @@ def resume_chain(client, run) -> list:
 
 def histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} of every metric with at least two points, and of each one-point
-    metric whose panel (``group``) has such a line, over the run and the runs it resumed (``resume_chain``): an earlier run gives the steps up to the checkpoint a later
+    metric whose panel (``group``) has such a line, over the run and the runs it resumed
+    (``resume_chain``): an earlier run gives the steps up to the checkpoint a later
     one resumed (its tag ``resumed_at_step``); its steps past it, which the later run trained
     again, are left out, for every metric."""
     try:

@@ -16,7 +16,8 @@ and the driver's one line ("stopped by SIGINT: …") closed about 80 lines a wor
   it) and, once the driver has the signal too, the gRPC errors of the streams such a worker left
   (its data and control channels, read by the driver's threads). A worker that ends otherwise
   (the out-of-memory killer) shows its one traceback and ends the run; the gRPC errors of the
-  streams it left, and the ends of the other workers as the driver shuts down, are its echo. Any other error shows as before, each in one piece.
+  streams it left, and the ends of the other workers as the driver shuts down, are its echo.
+  Any other error shows as before, each in one piece.
 
 A remote runner (Dataflow, Flink, Spark) stops its workers its own way: nothing changes there.
 """

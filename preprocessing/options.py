@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "them) up to --max-seq-length, no NSP (the trainer then trains the MLM head only)")
     ex.add_argument("--masking", choices=MASKINGS, default=d.examples.masking,
                     help="static: masks drawn here, one set per --dupe-factor pass (Google); dynamic: "
-                         "examples stored unmasked (a fifth of the rows, about a sixth of the bytes), and the trainer draws new masks "
-                         "every epoch from its seed (RoBERTa)")
+                         "examples stored unmasked (a fifth of the rows, about a sixth of the bytes), and the "
+                         "trainer draws new masks every epoch from its seed (RoBERTa)")
     ex.add_argument("--dupe-factor", type=int,
                     help="passes over the corpus, each with different segments (and, static, masks); "
                          f"default {DUPE_FACTORS['static']} with static masking, {DUPE_FACTORS['dynamic']} with "
