@@ -67,6 +67,14 @@ def main(argv=None) -> int:
 
 def train(config, trainer: Trainer) -> int:
     """Trains, exports on rank 0, and tracks it in MLflow; the exit code."""
+    done = trainer.finished_export()
+    if done:
+        if trainer.is_rank0:
+            logging.getLogger(__name__).warning(
+                "%s already finished: its checkpoint %s is at step %d (--steps %d) and exported to %s; nothing to "
+                "do, no MLflow run logged (raise --steps to train on, or remove that export to evaluate and "
+                "export the checkpoint again)", config.run_dir, trainer.resume_tag, trainer.step, config.steps, done)
+        return 0
     tracker = None
     if config.mlflow and trainer.is_rank0:
         # An id that is not known (preprocessed with --no-mlflow) is left out, not written as "None".

@@ -194,6 +194,21 @@ class Trainer:
     def is_rank0(self) -> bool:
         return self.rank == 0
 
+    def finished_export(self) -> str | None:
+        """The export of the resumed checkpoint when that checkpoint already reached --steps and an
+        earlier start exported it: a rerun of a finished run (a repeated command, a requeued job) has
+        nothing left to do, and pretrain.py ends it without a second MLflow run of eval metrics alone.
+        Rank 0's view, agreed by every rank; the loader is closed when it is done."""
+        from pipeline.export import is_own_export
+
+        out = os.path.join(self.config.run_dir, "hf", self.resume_tag) if self.resume_tag else ""
+        done = self.is_rank0 and self.step >= self.config.steps and is_own_export(out)
+        if not agree([float(done)], self.world_size, self.engine.device)[0]:
+            return None
+        self.loader.close()
+        self.stop.uninstall_interrupt()
+        return out
+
     def _resume_tag(self) -> str | None:
         if self.config.resume == "none":
             existing = checkpoint.complete_tags(self.config.checkpoint_dir)
@@ -395,23 +410,23 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracies on the held-out shards, summed over all processes."""
         self.engine.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=self.engine.device)
+        sums = torch.zeros(6, dtype=torch.float64, device=self.engine.device)
         try:
             for rows in one_batch_ahead(self.dataset.read_ahead, self.eval_rows):
                 batch = self.dataset.batch(rows)
                 mlm, nsp_loss, (hits, masked, nsp_hits, _) = pretraining_losses(self.engine, batch)
                 sums += torch.stack([mlm.double() * masked, nsp_loss.double() * len(rows), hits.double(),
-                                     masked.double(), sums.new_full((), float(len(rows)))])
+                                     masked.double(), nsp_hits.double(), sums.new_full((), float(len(rows)))])
         finally:
             self.engine.train()
         if self.world_size > 1:
             torch.distributed.all_reduce(sums)
-        mlm_sum, nsp_sum, hits, masked, seqs = sums.tolist()
+        mlm_sum, nsp_sum, hits, masked, nsp_hits, seqs = sums.tolist()
         values = {"eval_mlm_loss": mlm_sum / masked, "eval_nsp_loss": nsp_sum / seqs,
                   "eval_loss": mlm_sum / masked + self.nsp_weight * nsp_sum / seqs, "eval_mlm_accuracy": hits / masked,
-                  "eval_sequences": seqs}
+                  "eval_nsp_accuracy": nsp_hits / seqs, "eval_sequences": seqs}
         if not self.nsp_weight:  # MLM-only data (as in _log)
-            del values["eval_nsp_loss"]
+            del values["eval_nsp_loss"], values["eval_nsp_accuracy"]
         return values
 
     def train(self, tracker=None, on_step=None) -> int:

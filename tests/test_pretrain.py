@@ -164,6 +164,8 @@ def test_held_out_shard_is_evaluated_and_never_trained_on(data_dir, tmp_path):
     evals = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
     assert [e["step"] for e in evals] == [3, 6]
     assert evals[-1]["eval_sequences"] == 64 and 0 < evals[-1]["eval_mlm_accuracy"] < 1
+    nsp_hits = evals[-1]["eval_nsp_accuracy"] * 64  # a count of the 64 held-out pairs
+    assert 0 < nsp_hits < 64 and nsp_hits == pytest.approx(round(nsp_hits))
     assert evals[-1]["eval_loss"] == pytest.approx(evals[-1]["eval_mlm_loss"] + evals[-1]["eval_nsp_loss"])
     assert trainer.final_eval["step"] == 6 and trainer.final_eval["eval_loss"] == evals[-1]["eval_loss"]
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -403,6 +405,14 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(data_dir, tmp_path
     whole = [json.loads(line) for line in (whole_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in split] == list(range(1, 61))
     assert [m["loss"] for m in split] == [m["loss"] for m in whole]
+    # The same command once more: the finished run has nothing to do, and logs no MLflow run of eval
+    # metrics alone (the statuses below stay three).
+    evals = (split_dir / "eval.jsonl").read_text()
+    again = subprocess.run([sys.executable, script, *common, "--run-dir", str(split_dir)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"{split_dir} already finished: its checkpoint step00000060 is at step 60 " \
+        "(--steps 60) and exported to" in again.stderr, again.stderr[-3000:]
+    assert (split_dir / "eval.jsonl").read_text() == evals and len(metrics.read_text().splitlines()) == 60
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("bert-pipeline").experiment_id],
