@@ -30,7 +30,7 @@ from pipeline.engine import LaunchError, check_gpu_for  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError, model_lineage  # noqa: E402
 from preprocessing import cli_parser  # noqa: E402
-from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP  # noqa: E402
+from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP, experiment_flag  # noqa: E402
 from preprocessing.mlflow_experiment import TrackingServerError, check_tracking  # noqa: E402
 from preprocessing.write_failure import WriteFailure, writing  # noqa: E402
 
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (default fp32; refused on CPU)")
     tr = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
     tr.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log no MLflow run")
-    tr.add_argument("--experiment", help=EXPERIMENT_HELP)
+    tr.add_argument("--experiment", type=experiment_flag, help=EXPERIMENT_HELP)
     tr.add_argument("--run-name", help="MLflow run name (default: MLflow's generated one)")
     # The deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same.
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)

@@ -11,7 +11,7 @@ from pipeline import hf_init
 from pipeline.engine import (EngineConfig, EngineConfigError, add_engine_flags, add_launcher_flag, nest,
                              parse_stage_flags)
 from preprocessing import cli_parser
-from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP
+from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP, experiment_flag
 
 # Pretraining's own defaults for the engine settings whose good values differ between the stages.
 ENGINE_DEFAULTS = {"micro_batch_size": 8, "learning_rate": 5e-4}
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "max_seq_length so that one graph serves every step; the first steps are slower "
                         "while it compiles. Checkpoints and exports are the same as without it")
     p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log no MLflow run")
-    p.add_argument("--experiment", default=d.experiment, help=EXPERIMENT_HELP)
+    p.add_argument("--experiment", type=experiment_flag, default=d.experiment, help=EXPERIMENT_HELP)
     p.add_argument("--run-name", help="MLflow run name (default: MLflow's generated one)")
     add_launcher_flag(p)
     return p

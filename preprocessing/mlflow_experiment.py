@@ -15,6 +15,17 @@ ENV = "MLFLOW_EXPERIMENT_NAME"
 HELP = f"MLflow experiment (default: ${ENV}, else {DEFAULT_EXPERIMENT})%(default).0s"
 
 
+def experiment_flag(value: str) -> str:
+    """--experiment's type: an empty name (an unset shell variable, ``--experiment "$EXP"``) is
+    refused, not read as the default, so runs never land unnoticed in another experiment."""
+    if not value.strip():
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"an empty name: name the experiment, or leave the flag out for "
+                                         f"${ENV}, else {DEFAULT_EXPERIMENT}")
+    return value
+
+
 def experiment_name(given: str | None) -> str:
     return given or os.environ.get(ENV) or DEFAULT_EXPERIMENT
 

@@ -28,6 +28,11 @@ PARSE = {"run_beam": options.parse_args, "pretrain": train_config.parse_args,
     ("finetune", ["--model", "m", "--data", "d", "--validation-split", ""], "--validation-split/--test-split: empty"),
     ("finetune", ["--model", "m", "--data", "d", "--predict", "a.csv", "--predict", "./a.csv"],
      "--predict: the same input given twice"),
+    # --experiment "$EXP" with EXP unset: the runs would land in the default experiment unnoticed
+    *[(stage, [*required, "--experiment", " "], "argument --experiment: an empty name: name the experiment")
+      for stage, required in [("run_beam", []), ("pretrain", ["--data", "d"]),
+                              ("finetune", ["--model", "m", "--data", "d"]),
+                              ("embed", ["--model", "m", "--input", "x.csv", "--out", "o"])]],
 ])
 def test_a_usage_error_is_one_line_naming_the_flag(stage, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

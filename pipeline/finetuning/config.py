@@ -11,7 +11,7 @@ from pipeline.engine import (EngineConfig, EngineConfigError, add_engine_flags, 
                              parse_stage_flags)
 from pipeline.metrics import METRICS
 from preprocessing import cli_parser
-from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP
+from preprocessing.mlflow_experiment import HELP as EXPERIMENT_HELP, experiment_flag
 
 # Fine-tuning's own defaults for the engine settings whose good values differ between the stages.
 ENGINE_DEFAULTS = {"micro_batch_size": 32, "learning_rate": 5e-5}
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many epochs without a better validation metric (0 = never stop early)")
     tr = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
     tr.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log no MLflow run")
-    tr.add_argument("--experiment", default=d.experiment, help=EXPERIMENT_HELP)
+    tr.add_argument("--experiment", type=experiment_flag, default=d.experiment, help=EXPERIMENT_HELP)
     tr.add_argument("--run-name", help="MLflow run name (default: MLflow's generated one)")
     tr.add_argument("--register-name", help="register the logged model under this name in the model registry")
     tr.add_argument("--no-log-model", dest="log_model", action="store_false",
