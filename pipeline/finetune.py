@@ -39,25 +39,36 @@ USER_ERRORS = (FinetuneDataError, ModelSourceError, FinetuneConfigError, DsConfi
                TrackingServerError, RunDirError)
 
 
-def start_tracking(config, finetuner) -> Tracker:
-    """Rank 0's MLflow run: lineage tags, every flag and what the data and engine made of them."""
+def start_tracking(config, finetuner) -> tuple[Tracker, dict[str, str]]:
+    """Rank 0's MLflow run: lineage tags, every flag and what the data and engine made of them; and
+    the tags a registered version of its model is to carry (``version_description``)."""
     data = finetuner.data
     # The runs the model came from, those that are known; from a fine-tuned model, its run too.
     tags = {("parent_finetune_run_id" if k == "finetune_run_id" else k): v for k, v in finetuner.lineage.items()}
     tracker = Tracker("finetune", config.experiment, config.run_name, tags)
     flags = config_params(config)
     del flags["mlflow"]  # a run that logs it has it on
+    labelled = data_params(data=config.data, train=config.train, validation=config.validation, test=config.test)
     tracker.log_params({**flags, "world_size": finetuner.world_size,
                         "accumulation_steps": finetuner.batches.accumulation_steps,
                         # what a flag left to the data or the model came to, under the flag's own name
                         "task": data.task, "metric": finetuner.metric, "max_seq_length": finetuner.max_length,
                         "labels": ",".join(data.labels), "model_dir": finetuner.hf_dir,
-                        **data_params(data=config.data, train=config.train, validation=config.validation,
-                                      test=config.test),
+                        **labelled,
                         **{f"rows_{name}": len(split) for name, split in finetuner.splits.items()},
                         **{f"rows_dropped_{name}": n for name, n in data.dropped.items()}})
     tracker.log_json(finetuner.ds_config, "ds_config.json")
-    return tracker
+    return tracker, {**tags, "task": data.task, "metric": finetuner.metric, "data_sha256": labelled["data_sha256"]}
+
+
+def version_description(labels: list[str], report: dict, run_id: str, tags: dict[str, str]
+                        ) -> tuple[str, dict[str, str]]:
+    """What a registered version says of itself: a line, and the run's lineage and test scores as tags."""
+    test, metric = report["test"], report["metric"]
+    classes = f" ({', '.join(labels)})" if labels else ""
+    return (f"{report['task']}{classes} fine-tuned from {report['model']}: test {metric} {test[metric]:.4f} on "
+            f"{report['rows']['test']} rows; MLflow run {run_id}",
+            {**tags, **{f"test_{name}": f"{value:.4f}" for name, value in test.items()}})
 
 
 def main(argv=None) -> int:
@@ -97,7 +108,7 @@ def finetune(config, finetuner) -> int:
     tracker, status, unregistered = None, "FAILED", False
     try:
         if config.mlflow and finetuner.is_rank0:
-            tracker = start_tracking(config, finetuner)
+            tracker, version_tags = start_tracking(config, finetuner)
         best = finetuner.train(tracker)
         report = finetuner.test_report()  # every rank: the test pass is all-gathered
         report["predictions"] = finetuner.write_predictions(config.output_dir)  # every rank, as the test pass
@@ -122,7 +133,9 @@ def finetune(config, finetuner) -> int:
                                          model_dir if config.log_model else None, finetuner.task, config.register_name,
                                          finetuner.max_length, finetuner.convert,
                                          [os.path.join(config.output_dir, w["file"])
-                                          for w in report["predictions"].values()])
+                                          for w in report["predictions"].values()],
+                                         version_description(finetuner.data.labels, report, tracker.run_id,
+                                                             version_tags))
                 if config.register_name and not logged:  # asked for: its failure is the run's
                     unregistered = True
                     print(f"error: the model is saved in {model_dir}, but MLflow did not register it as "

@@ -1008,6 +1008,14 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     assert "predictions: out/predictions/plots.tsv (12 rows of plots.jsonl)" in proc.stdout
     version = client.get_registered_model("reviews-tiny").latest_versions[0]
     assert version.run_id == run.info.run_id
+    # the registry's page says what the version is without opening its run
+    version = client.get_model_version("reviews-tiny", version.version)
+    accuracy = report["test"]["accuracy"]
+    assert version.description == (f"classification (fresh, rotten) fine-tuned from {pretrain_hf}: test accuracy "
+                                   f"{accuracy:.4f} on {report['rows']['test']} rows; MLflow run {run.info.run_id}")
+    assert {k: version.tags.get(k) for k in ("task", "metric", "test_accuracy", "data_sha256", "pretrain_run_id")} == {
+        "task": "classification", "metric": "accuracy", "test_accuracy": f"{accuracy:.4f}",
+        "data_sha256": params["data_sha256"], "pretrain_run_id": "pretrain-run-123"}
     # Through the environment, undone after the test: mlflow.set_tracking_uri would point every later
     # test of the session at this server.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)

@@ -85,8 +85,11 @@ def pip_requirements() -> list[str]:
 
 
 def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, register_name: str | None,
-                  max_length: int, convert: str | None = None, predictions: list[str] = ()) -> None:
+                  max_length: int, convert: str | None = None, predictions: list[str] = (),
+                  version: tuple[str, dict[str, str]] = ("", {})) -> None:
     """Report files as artifacts (``predictions`` under predictions/); the saved model with MLflow's transformers flavour (registered if named).
+
+    A registered version gets ``version``'s description and tags (``describe_version``).
 
     Served through ``mlflow.pyfunc``, texts are cut to ``max_length`` tokens, the length the
     model was fine-tuned and tested at: the pipeline does not truncate by default, and a text
@@ -114,24 +117,43 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
     if convert:
         import opencc
 
-        mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name="model", python_model=os.path.join(os.path.dirname(os.path.abspath(__file__)), "served_model.py"),
             artifacts={"model": model_dir}, model_config={"convert": convert, "max_length": max_length, "task": task},
             pip_requirements=[*pip_requirements(), f"opencc=={opencc.__version__}", "pandas"],
             registered_model_name=register_name)
+        describe_version(tracker, register_name, info.registered_model_version, *version)
         return
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hub_lookup = logging.getLogger("mlflow.transformers")
     hub_lookup.addFilter(_no_hub_card_warnings)
     try:
-        mlflow.transformers.log_model(
+        info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
             task="text-classification",  # regression too: one score per text (function_to_apply none)
             model_config={"truncation": True, "max_length": max_length},
             pip_requirements=pip_requirements(), registered_model_name=register_name)
     finally:
         hub_lookup.removeFilter(_no_hub_card_warnings)
+    describe_version(tracker, register_name, info.registered_model_version, *version)
+
+
+def describe_version(tracker, name: str | None, version: int | None, description: str, tags: dict[str, str]) -> None:
+    """The registry's page of a version says what it is without opening its run: the task, its
+    test scores, the labelled data's hash and the runs it came from. Its own attempt: the model is
+    registered by now, and a failure here is counted, not reported as a failed registration."""
+    if not name or version is None:
+        return
+    import mlflow
+
+    def describe():
+        client = mlflow.MlflowClient()
+        client.update_model_version(name, str(version), description=description)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
+
+    tracker.attempt(f"the description and tags of {name} version {version}", describe)
 
 
 def _no_hub_card_warnings(record: logging.LogRecord) -> bool:
