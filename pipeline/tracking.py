@@ -44,6 +44,7 @@ class Tracker:
         self.run_id = self.run.info.run_id
         announce_run(log, self.run_id, stage, exp.name, mlflow.get_tracking_uri())
         self.failures = 0
+        self._queued: list[tuple[int, object]] = []  # (step, future) of each metrics batch in MLflow's queue
         for name, level in _REPEATING.items():  # a fresh count for each run
             logger = logging.getLogger(name)
             for old in [f for f in logger.filters if isinstance(f, QuietRepeats)]:
@@ -58,12 +59,15 @@ class Tracker:
             fn(*args, **kwargs)
             return True
         except tracking_errors() as err:
-            self.failures += 1
-            if self.failures == 1:
-                fail_fast()  # a server gone: each later call waits seconds, not MLflow's minutes of retries
-                log.warning("MLflow could not record %s in run %s (%s); the run goes on, and later failures are "
-                            "counted", what, self.run_id, tracking_failure(err))
+            self._failed(what, err)
             return False
+
+    def _failed(self, what: str, err: BaseException) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            fail_fast()  # a server gone: each later call waits seconds, not MLflow's minutes of retries
+            log.warning("MLflow could not record %s in run %s (%s); the run goes on, and later failures are "
+                        "counted", what, self.run_id, tracking_failure(err))
 
     def log_params(self, params: dict) -> None:
         flat = {k: str(v)[:500] for k, v in params.items()}
@@ -71,8 +75,32 @@ class Tracker:
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         # One call for the whole set, queued: training never waits on the tracking server
-        # (end_run flushes the queue).
-        self.attempt(f"the metrics of step {step}", self._mlflow.log_metrics, values, step=step, synchronous=False)
+        # (end_run flushes the queue). A batch that fails in the queue is counted as a failed call.
+        self._count_failed_batches()
+        self.attempt(f"the metrics of step {step}", self._queue_metrics, values, step)
+
+    def _queue_metrics(self, values: dict[str, float], step: int) -> None:
+        queued = self._mlflow.log_metrics(values, step=step, synchronous=False)
+        # RunOperations documents its futures but keeps them in this attribute alone; an MLflow
+        # without it leaves queued failures to MLflow's own error line, uncounted.
+        self._queued.extend((step, future) for future in getattr(queued, "_operation_futures", None) or ())
+
+    def _count_failed_batches(self, wait: float = 0.0) -> None:
+        """Counts the queued batches that failed, and forgets the finished ones (the list stays as
+        short as the queue); ``wait``: seconds to give each unfinished one (after end_run's flush)."""
+        import concurrent.futures
+
+        pending = []
+        for step, future in self._queued:
+            try:
+                err = future.exception(timeout=wait) if wait or future.done() else None
+            except concurrent.futures.TimeoutError:
+                err = None
+            if not future.done():
+                pending.append((step, future))
+            elif err is not None:
+                self._failed(f"the metrics of step {step}", err)
+        self._queued = pending
 
     def log_json(self, obj: dict, name: str) -> None:
         self.attempt(name, self._log_json, obj, name)  # a full temporary folder too
@@ -86,6 +114,7 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.attempt(f"the run's end ({status})", self._mlflow.end_run, status=status)
+        self._count_failed_batches(wait=5.0)  # end_run has flushed the queue: each is done, or about to be
         if self.failures:
             log.warning("MLflow run %s is missing what %d call(s) could not record (the first is warned about "
                         "above); the stage's own files are complete", self.run_id, self.failures)

@@ -106,3 +106,26 @@ def test_a_deleted_experiment_is_refused_in_one_line_before_the_work(tmp_path, m
         check_tracking("gone")
     check_tracking("new")  # one that does not exist yet: the stage makes it
     check_tracking(None)
+
+
+def test_a_metrics_batch_that_fails_in_mlflow_s_queue_is_counted(tmp_path, monkeypatch, caplog):
+    """Metrics are queued (training never waits on the store), so a batch the store refuses fails
+    after log_metrics has returned: it is counted with the other lost calls, not only in MLflow's
+    own error line, and the batches around it are recorded."""
+    import logging
+
+    import mlflow
+
+    from pipeline.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    tracker = Tracker("pretrain", "queued", None, {})
+    tracker.log_metrics({"loss": 1.0}, 1)
+    tracker.log_metrics({"bad/../name": 1.0}, 2)  # a name the store refuses, in the queue's thread
+    tracker.log_metrics({"loss": 0.5}, 3)
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        tracker.finish()
+    assert tracker.failures == 1
+    assert "MLflow could not record the metrics of step 2 in run" in caplog.text, caplog.text
+    assert f"MLflow run {tracker.run_id} is missing what 1 call(s) could not record" in caplog.text, caplog.text
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(tracker.run_id, "loss")] == [1, 3]
