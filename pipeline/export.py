@@ -224,6 +224,19 @@ def is_own_export(path: str) -> bool:
     return isinstance(info, dict) and {"tag", "checkpoint"} <= set(info)
 
 
+def is_export_of(path: str, checkpoints: str, tag: str) -> bool:
+    """``path`` is the export of this save of ``tag``: its ``training_info.json`` has the save's id,
+    not that of an earlier save of the same name (another branch's, which checkpoint.prune set
+    aside) nor none (an export of a checkpoint from before save ids)."""
+    try:
+        with open(os.path.join(path, TRAINING_INFO)) as f:
+            info = json.load(f)
+        save_id = checkpoint.read_meta(checkpoints, tag).get("save_id")
+    except (OSError, ValueError, checkpoint.CheckpointError):
+        return False
+    return isinstance(info, dict) and save_id is not None and info.get("save_id") == save_id
+
+
 def check_out_dir(out: str, overwrite: bool) -> None:
     """The export replaces ``out`` whole: only an empty directory or an earlier export is replaced
     without ``overwrite``, so a mistyped --out never deletes someone's files. Its folder must take

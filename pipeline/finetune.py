@@ -135,7 +135,7 @@ def finetune(config, finetuner) -> int:
                                          [os.path.join(config.output_dir, w["file"])
                                           for w in report["predictions"].values()],
                                          version_description(finetuner.data.labels, report, tracker.run_id,
-                                                             version_tags))
+                                                             version_tags) if config.register_name else None)
                 if config.register_name and not logged:  # asked for: its failure is the run's
                     unregistered = True
                     print(f"error: the model is saved in {model_dir}, but MLflow did not register it as "

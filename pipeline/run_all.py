@@ -42,7 +42,7 @@ AUSTEN = os.path.join(SAMPLES, "austen-novels.txt.bz2")
 REVIEWS = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
 
 from preprocessing import cli_parser  # noqa: E402 - after the path set-up
-from preprocessing.mlflow_experiment import browse_hint  # noqa: E402
+from preprocessing.mlflow_experiment import browse_hint, experiment_flag  # noqa: E402
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--labelled", type=int, default=1000, help="labelled train reviews for fine-tuning")
     p.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs, pretrained and random init alike")
     p.add_argument("--finetune-learning-rate", type=float, default=5e-4, help="fine-tuning peak learning rate")
-    p.add_argument("--experiment", default="bert-pipeline-demo", help="MLflow experiment of the four runs")
+    p.add_argument("--experiment", type=experiment_flag, default="bert-pipeline-demo",
+                   help="MLflow experiment of the four runs")
     p.add_argument("--seed", type=int, default=42, help="every stage's seed, and the review sample's")
     args = p.parse_args(argv)
 

@@ -82,24 +82,26 @@ class Tracker:
     def _queue_metrics(self, values: dict[str, float], step: int) -> None:
         queued = self._mlflow.log_metrics(values, step=step, synchronous=False)
         # RunOperations documents its futures but keeps them in this attribute alone; an MLflow
-        # without it leaves queued failures to MLflow's own error line, uncounted.
+        # without it leaves queued failures to MLflow's own error line, uncounted. So does
+        # MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS, which merges batches and fails the first alone.
         self._queued.extend((step, future) for future in getattr(queued, "_operation_futures", None) or ())
 
     def _count_failed_batches(self, wait: float = 0.0) -> None:
         """Counts the queued batches that failed, and forgets the finished ones (the list stays as
-        short as the queue); ``wait``: seconds to give each unfinished one (after end_run's flush)."""
+        short as the queue); ``wait``: seconds to give the unfinished ones, all together (after
+        end_run, which flushes the queue)."""
         import concurrent.futures
 
+        if wait and self._queued:
+            concurrent.futures.wait([future for _, future in self._queued], timeout=wait)
         pending = []
         for step, future in self._queued:
-            try:
-                err = future.exception(timeout=wait) if wait or future.done() else None
-            except concurrent.futures.TimeoutError:
-                err = None
             if not future.done():
                 pending.append((step, future))
-            elif err is not None:
-                self._failed(f"the metrics of step {step}", err)
+            elif future.cancelled():
+                self._failed(f"the metrics of step {step}", concurrent.futures.CancelledError("cancelled"))
+            elif future.exception() is not None:
+                self._failed(f"the metrics of step {step}", future.exception())
         self._queued = pending
 
     def log_json(self, obj: dict, name: str) -> None:

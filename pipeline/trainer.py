@@ -195,14 +195,18 @@ class Trainer:
         return self.rank == 0
 
     def finished_export(self) -> str | None:
-        """The export of the resumed checkpoint when that checkpoint already reached --steps and an
-        earlier start exported it: a rerun of a finished run (a repeated command, a requeued job) has
-        nothing left to do, and pretrain.py ends it without a second MLflow run of eval metrics alone.
-        Rank 0's view, agreed by every rank; the loader is closed when it is done."""
-        from pipeline.export import is_own_export
+        """The export of the resumed checkpoint when that checkpoint is the newest, already reached
+        --steps, and an earlier start exported this very save of it: a rerun of a finished run (a
+        repeated command, a requeued job) has nothing left to do, and pretrain.py ends it without a
+        second MLflow run of eval metrics alone. An export cut short, or one of another branch's save
+        of the same tag, is not one: the run evaluates and exports again. Rank 0's view, agreed by
+        every rank; the loader is closed when it is done."""
+        from pipeline.export import is_export_of
 
-        out = os.path.join(self.config.run_dir, "hf", self.resume_tag) if self.resume_tag else ""
-        done = self.is_rank0 and self.step >= self.config.steps and is_own_export(out)
+        checkpoints, tag = self.config.checkpoint_dir, self.resume_tag
+        out = os.path.join(self.config.run_dir, "hf", tag) if tag else ""
+        done = (self.is_rank0 and tag is not None and self.step >= self.config.steps
+                and tag == checkpoint.find_latest(checkpoints) and is_export_of(out, checkpoints, tag))
         if not agree([float(done)], self.world_size, self.engine.device)[0]:
             return None
         self.loader.close()

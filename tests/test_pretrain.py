@@ -104,6 +104,29 @@ def test_a_branch_from_an_earlier_tag_sets_the_later_ones_aside(data_dir, tmp_pa
         Trainer(config(data_dir, tmp_path, steps=3, resume="none"))
 
 
+def test_only_the_export_of_this_very_save_makes_a_rerun_a_finished_one(data_dir, tmp_path):
+    """pretrain.py ends a rerun at once when the newest checkpoint passed --steps and hf/<tag> is
+    the export of that very save (Trainer.finished_export); otherwise the run evaluates and exports."""
+    from pipeline.export import export_checkpoint
+
+    def finished(**overrides):
+        trainer = Trainer(config(data_dir, tmp_path, **{"steps": 4, **overrides}))
+        done = trainer.finished_export()
+        if done is None:
+            trainer.loader.close()
+        return done
+
+    assert Trainer(config(data_dir, tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=5)).train() == 0
+    assert finished() is None  # not exported yet (an export cut short leaves no training_info.json either)
+    export_checkpoint(str(tmp_path), data_dir=data_dir)
+    assert finished() == os.path.join(str(tmp_path), "hf", "step00000004")
+    assert finished(steps=2, resume="2") is None  # an older tag than the newest, whose export this is not
+    # Another branch's save of step 4 (from step 2 on): the export left from the first one is not its export.
+    assert Trainer(config(data_dir, tmp_path, steps=4, resume="2", keep_checkpoints=5)).train() == 0
+    assert checkpoint.find_latest(str(tmp_path / "checkpoints")) == "step00000004"
+    assert finished() is None
+
+
 def test_a_resume_that_changes_what_it_must_keep_stops_with_one_line(data_dir, tmp_path, capsys):
     from pipeline.pretrain import main as pretrain
 

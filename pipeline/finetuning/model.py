@@ -18,7 +18,7 @@ import json
 import logging
 import os
 
-from pipeline import checkpoint, export
+from pipeline import export
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,8 @@ def resolve_model_dir(model: str, output_dir: str, is_rank0: bool, barrier) -> s
                                f"usable pretrain run: {err}") from None
     checkpoint_dir = os.path.join(checkpoints, tag)
     cached = os.path.join(run_dir, "hf", tag)
-    cached_info = read_training_info(cached) if is_hf_dir(cached) else {}
     # The same save of the tag, not one of another branch that reused its name (checkpoint.prune).
-    if cached_info.get("checkpoint") == checkpoint_dir and cached_info.get("save_id") == \
-            checkpoint.read_meta(checkpoints, tag).get("save_id"):
+    if is_hf_dir(cached) and export.is_export_of(cached, checkpoints, tag):
         log.info("using the export of %s written by pretraining: %s", checkpoint_dir, cached)
         return cached
     out = os.path.abspath(os.path.join(output_dir, "pretrained", tag))

@@ -86,7 +86,7 @@ def pip_requirements() -> list[str]:
 
 def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, register_name: str | None,
                   max_length: int, convert: str | None = None, predictions: list[str] = (),
-                  version: tuple[str, dict[str, str]] = ("", {})) -> None:
+                  version: tuple[str, dict[str, str]] | None = None) -> None:
     """Report files as artifacts (``predictions`` under predictions/); the saved model with MLflow's transformers flavour (registered if named).
 
     A registered version gets ``version``'s description and tags (``describe_version``).
@@ -122,7 +122,7 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
             artifacts={"model": model_dir}, model_config={"convert": convert, "max_length": max_length, "task": task},
             pip_requirements=[*pip_requirements(), f"opencc=={opencc.__version__}", "pandas"],
             registered_model_name=register_name)
-        describe_version(tracker, register_name, info.registered_model_version, *version)
+        describe_version(tracker, register_name, info.registered_model_version, version)
         return
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -136,16 +136,19 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
             pip_requirements=pip_requirements(), registered_model_name=register_name)
     finally:
         hub_lookup.removeFilter(_no_hub_card_warnings)
-    describe_version(tracker, register_name, info.registered_model_version, *version)
+    describe_version(tracker, register_name, info.registered_model_version, version)
 
 
-def describe_version(tracker, name: str | None, version: int | None, description: str, tags: dict[str, str]) -> None:
+def describe_version(tracker, name: str | None, version: int | None,
+                     description_tags: tuple[str, dict[str, str]] | None) -> None:
     """The registry's page of a version says what it is without opening its run: the task, its
     test scores, the labelled data's hash and the runs it came from. Its own attempt: the model is
     registered by now, and a failure here is counted, not reported as a failed registration."""
-    if not name or version is None:
+    if not name or version is None or description_tags is None:
         return
     import mlflow
+
+    description, tags = description_tags
 
     def describe():
         client = mlflow.MlflowClient()
