@@ -225,8 +225,8 @@ wait_forwarding_signals() {
 # killed by USR1 itself (before the trainer installed its handler) too, since resume starts
 # from the newest complete checkpoint. Not when this shell got a SIGTERM: SLURM sends it to
 # the whole job for `scancel` and at the time limit, where the job must end. (Preemption with
-# GraceTime sends SIGTERM to the ranks only: they exit 3 and the job requeues, which is what
-# PreemptMode=REQUEUE would do.) Anything else is a failure.
+# GraceTime sends SIGTERM to the ranks only: they exit 3 and the job requeues, also under
+# PreemptMode=CANCEL, tested.) Anything else is a failure.
 finish_or_requeue() {
   local code=$1
   if ((code == 0)); then

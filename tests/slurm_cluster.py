@@ -35,6 +35,7 @@ MARKER = "BERT_PIPELINE_TEST_SLURM"  # in the environment of every process this 
 # A requeued job may start again only after the job credential expires (120 s by default):
 # 5 s keeps the preemption test short.
 CRED_EXPIRE_S = 5
+GRACE_TIME_S = 60  # a preempted job's time to checkpoint (the "debug" partition's GraceTime)
 
 
 
@@ -135,7 +136,14 @@ class SlurmCluster:
         for node in NODES:
             lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
                          "CPUs=4 RealMemory=8000 State=UNKNOWN")
-        lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
+        # A job in "urgent" preempts those in "debug" as a site's preemptible partition does: SIGTERM
+        # to their job steps (the ranks), SIGKILL once GraceTime has passed, then cancelled (CANCEL:
+        # only the job's own requeue brings it back).
+        lines += ["PreemptType=preempt/partition_prio", "PreemptMode=CANCEL",
+                  f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 "
+                  f"GraceTime={GRACE_TIME_S} PreemptMode=CANCEL",
+                  f"PartitionName=urgent Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTier=2 "
+                  "PreemptMode=OFF"]
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
 

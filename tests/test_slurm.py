@@ -156,14 +156,19 @@ def test_preprocess_runs_beam_locally_on_one_node(data_dir):
 @pytest.mark.e2e
 def test_preemption_checkpoints_requeues_and_resumes(uninterrupted, slurm_cluster, data_dir,  # noqa: F811
                                                       model_config, mlflow_server, tmp_path):
-    """Two stops of one job, one by each signal path, then the end: the uninterrupted job's
-    steps and losses.
+    """Three stops of one job, one by each way a job is stopped to go on later, then the end:
+    the uninterrupted job's steps and losses.
 
     1. ``scancel --batch --signal=USR1``: how SLURM delivers ``--signal=B:USR1@N`` before the
        time limit, to the batch shell only; the script passes it on through srun.
-    2. ``scancel --signal=USR1``: SLURM signals the job steps, i.e. the ranks, and not the
+    2. Preemption: a job of a higher-priority partition needs the nodes. SLURM sends SIGTERM to
+       the ranks alone, and would SIGKILL them after GraceTime and cancel the job (PreemptMode
+       CANCEL); the ranks checkpoint within it, exit 3, and the script requeues the job.
+    3. ``scancel --signal=USR1``: SLURM signals the job steps, i.e. the ranks, and not the
        batch shell; the ranks exit 3 and the script requeues all the same.
     """
+    from .slurm_cluster import GRACE_TIME_S
+
     folder, run_dir = str(tmp_path), str(tmp_path / "run")
     job_id = submit(slurm_cluster, folder, "pretrain.sh", *CPU_2x1,
                     env=pretrain_env(data_dir[0], run_dir, model_config, MLFLOW_TRACKING_URI=mlflow_server))
@@ -172,26 +177,38 @@ def test_preemption_checkpoints_requeues_and_resumes(uninterrupted, slurm_cluste
         return f"job {job_id}: {slurm_cluster.job(job_id)}\n" + slurm_cluster.diagnostics(
             os.path.join(folder, f"slurm-{job_id}.out"))
 
-    stops = []
-    for restart, scancel in enumerate([["--batch", "--signal=USR1"], ["--signal=USR1"]]):
+    stops, urgent = [], None
+    for restart, scancel in enumerate([["--batch", "--signal=USR1"], None, ["--signal=USR1"]]):
         done = len(read_metrics(run_dir))
         _wait_for(f"start {restart + 1} to train 15 steps", lambda: len(read_metrics(run_dir)) >= done + 15,
                   240, diagnose)
-        slurm_cluster.run("scancel", *scancel, job_id)
+        if scancel:
+            slurm_cluster.run("scancel", *scancel, job_id)
+        else:  # every CPU of both nodes: once the uninterrupted job is done (it started a start earlier),
+            # this job alone is in the way (with both running, SLURM would choose which to preempt).
+            assert uninterrupted.result()[1] == 0, "the uninterrupted job failed: see test_pretrain_on_two_nodes"
+            preempted_at = time.monotonic()
+            urgent = slurm_cluster.run("sbatch", "--parsable", "--partition=urgent", "--nodes=2",
+                                       "--ntasks-per-node=4", "--time=5", f"--output={folder}/urgent.out",
+                                       "--wrap", "sleep 1", cwd=folder).stdout.strip()
         _wait_for(f"requeue {restart + 1}", lambda: slurm_cluster.job(job_id)["Restarts"] == str(restart + 1),
                   120, diagnose)
+        if not scancel:  # within the grace time: the ranks' checkpoint, not SLURM's SIGKILL, ended the start
+            assert time.monotonic() - preempted_at < GRACE_TIME_S, diagnose()
         stops.append(read_metrics(run_dir)[-1]["step"])
         assert checkpoint.find_latest(os.path.join(run_dir, "checkpoints")) == checkpoint.tag_for(stops[-1])
     job = slurm_cluster.wait_job(job_id)
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "2", diagnose()
-    assert 15 <= stops[0] < stops[1] < STEPS, stops
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "3", diagnose()
+    assert 15 <= stops[0] < stops[1] < stops[2] < STEPS, stops
+    assert slurm_cluster.wait_job(urgent)["JobState"] == "COMPLETED", diagnose()
 
-    # One output file for the three starts (--open-mode=append): what happened, in order.
+    # One output file for the four starts (--open-mode=append): what happened, in order.
     out = output_of(folder, job_id)
     starts = [line for line in out.splitlines() if "pretrain.sh[job" in line and "world size 2" in line]
-    assert len(starts) == 3 and "restart 1]" in starts[1] and "restart 2]" in starts[2], diagnose()
-    assert out.count("received SIGUSR1") == 1, diagnose()  # only the batch-path stop reaches the shell
-    assert out.count("requeueing") == 2 and out.rstrip().endswith("finished"), diagnose()
+    assert len(starts) == 4 and all(f"restart {n}]" in starts[n] for n in (1, 2, 3)), diagnose()
+    # only the batch-path stop reaches the shell: the preemption's SIGTERM goes to the ranks alone
+    assert out.count("received SIGUSR1") == 1 and "received SIGTERM" not in out, diagnose()
+    assert out.count("requeueing") == 3 and out.rstrip().endswith("finished"), diagnose()
     for rank in (0, 1):
         resumed = [line.split("resumed from ")[1] for line in out.splitlines()
                    if line.startswith(f"{rank}: ") and "resumed from " in line]
@@ -205,7 +222,7 @@ def test_preemption_checkpoints_requeues_and_resumes(uninterrupted, slurm_cluste
     tag = checkpoint.tag_for(STEPS)
     assert checkpoint.find_latest(os.path.join(run_dir, "checkpoints")) == tag
     assert os.path.exists(os.path.join(run_dir, "hf", tag, "model.safetensors"))
-    assert sorted(r.info.status for r in mlflow_runs(mlflow_server, job_id)) == ["FINISHED", "KILLED", "KILLED"]
+    assert sorted(r.info.status for r in mlflow_runs(mlflow_server, job_id)) == ["FINISHED", *["KILLED"] * 3]
 
 
 @pytest.mark.e2e
