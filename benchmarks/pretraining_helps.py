@@ -84,11 +84,19 @@ def summary(accuracy: dict[str, list[float]], report_on: str, seeds) -> str:
     return "\n".join(lines)
 
 
+def seed_list(text: str) -> list[int]:
+    """--seeds: distinct integers, comma-separated (a seed twice would run two fine-tunes into one folder)."""
+    seeds = [int(x) for x in text.split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(text)
+    return seeds
+
+
 def main(argv=None) -> int:
     p = cli_parser.Parser(description=__doc__.split("\n\n")[0], formatter_class=cli_parser.DefaultsFormatter)
     p.add_argument("--splits", nargs="+", choices=("test", "validation"), default=["test", "validation"],
                    help="the split each comparison reports on (validation: the roles swapped)")
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4, 5],
+    p.add_argument("--seeds", type=seed_list, default=[1, 2, 3, 4, 5],
                    help="fine-tuning seeds, comma-separated: one fine-tune per seed and init")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pretraining_helps_") as root:

@@ -50,8 +50,9 @@
 # must cover one step plus one checkpoint save (SLURM may signal up to 60 s early).
 # `scancel --signal=USR1 JOBID` (signals the ranks) and `scancel --batch --signal=USR1 JOBID`
 # (this shell) do the same by hand. Preemption with GraceTime sends SIGTERM to the ranks:
-# they checkpoint, exit 3, and the job requeues (also under PreemptMode=CANCEL). A SIGTERM to this shell (plain `scancel`,
-# the time limit) stops the ranks with a checkpoint but ends the job.
+# they checkpoint, exit 3, and the job requeues (also under PreemptMode=CANCEL). A SIGTERM
+# to this shell (plain `scancel`, the time limit) stops the ranks with a checkpoint but ends
+# the job.
 #
 # Failures: a rank that fails (an exception, out of memory, a crash) exits non-zero, and srun
 # ends the other ranks at once (--kill-on-bad-exit=1, see slurm/common.sh); a non-finite loss

@@ -2,7 +2,7 @@
 pretraining on 2 nodes x 1 rank (gloo), preemption and requeue, and settings that fail fast.
 
 The uninterrupted job runs in the background beside the preempted one (it is that test's
-reference), so the module takes about as long as the preempted job's three starts.
+reference), so the module takes about as long as the preempted job's four starts.
 """
 
 import json
@@ -21,7 +21,7 @@ from pipeline import checkpoint
 from .conftest import REPO, WIKI_SAMPLE
 from .slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 
-STEPS = 150  # ~60 ms each here: long enough to stop a run midway, twice
+STEPS = 150  # ~60 ms each here: long enough to stop a run midway, three times
 CPU_2x1 = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
 
@@ -108,6 +108,14 @@ class BackgroundJob:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._result = None
 
+    def job_id(self) -> str:
+        """The job's id, from the queue by the folder it was submitted from: ``sbatch --wait``'s
+        own line comes through its pipe only when it returns."""
+        out = self.cluster.run("squeue", "-h", "-t", "all", "-o", "%i %Z").stdout
+        ids = [line.split()[0] for line in out.splitlines() if line.split()[1:] == [self.folder]]
+        assert len(ids) == 1, f"squeue: {out}\n{self.cluster.diagnostics()}"
+        return ids[0]
+
     def result(self):
         """(job id, sbatch's exit code, which is the job's; seconds until sbatch returned)."""
         if self._result is None:
@@ -179,14 +187,17 @@ def test_preemption_checkpoints_requeues_and_resumes(uninterrupted, slurm_cluste
 
     stops, urgent = [], None
     for restart, scancel in enumerate([["--batch", "--signal=USR1"], None, ["--signal=USR1"]]):
+        if not scancel:  # the urgent job below takes every CPU of both nodes: once the uninterrupted job
+            # is done (it started a start earlier), this job alone is in its way (with both running,
+            # SLURM would choose which to preempt). Polled, not sbatch --wait's coarse return.
+            assert slurm_cluster.wait_job(uninterrupted.job_id())["JobState"] == "COMPLETED", diagnose()
         done = len(read_metrics(run_dir))
         _wait_for(f"start {restart + 1} to train 15 steps", lambda: len(read_metrics(run_dir)) >= done + 15,
                   240, diagnose)
         if scancel:
             slurm_cluster.run("scancel", *scancel, job_id)
-        else:  # every CPU of both nodes: once the uninterrupted job is done (it started a start earlier),
-            # this job alone is in the way (with both running, SLURM would choose which to preempt).
-            assert uninterrupted.result()[1] == 0, "the uninterrupted job failed: see test_pretrain_on_two_nodes"
+        else:
+            assert read_metrics(run_dir)[-1]["step"] < STEPS - 30, f"too late to preempt it\n{diagnose()}"
             preempted_at = time.monotonic()
             urgent = slurm_cluster.run("sbatch", "--parsable", "--partition=urgent", "--nodes=2",
                                        "--ntasks-per-node=4", "--time=5", f"--output={folder}/urgent.out",
