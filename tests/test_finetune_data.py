@@ -235,6 +235,25 @@ def test_stratified_split_keeps_class_shares_and_is_seeded():
     assert not (other[0] == val).all()
 
 
+def test_a_seeded_split_keeps_every_class_in_train_and_names_those_it_cannot_score(tmp_path, caplog):
+    """Two classes of 90 rows and 20 of one row (a long tail of intents): the largest remainders
+    were the one-row classes', whose only row went to validation or test, a class train lacked
+    and that every prediction scored as an error."""
+    rows = [{"text": f"text {i}", "label": "big1" if i < 90 else "big2" if i < 180 else f"r{i - 180:02d}"}
+            for i in range(200)]
+    keys = [r["label"] for r in rows]
+    for seed in range(5):
+        val, test, train = stratified_split(keys, [0.1, 0.1], seed=seed)
+        assert {keys[i] for i in train} == set(keys)
+        assert [collections.Counter(keys[i] for i in part) for part in (val, test)] == [{"big1": 10, "big2": 10}] * 2
+    with caplog.at_level("WARNING"):
+        data = load_task_data(data=write(tmp_path / "tail.csv", rows))
+    assert len(data.labels) == 22 and set(data.splits["train"].labels.tolist()) == set(range(22))
+    warned = [r.getMessage() for r in caplog.records if "too few rows" in r.getMessage()]
+    assert len(warned) == 2 and warned[0].startswith("20 of the 22 classes have too few rows for the seeded "
+                                                     "validation split to hold one ('r00', 'r01',")
+
+
 def test_regression_is_inferred_and_split_by_target_quantiles(tmp_path):
     data = load_task_data(data=write(tmp_path / "d.csv"), label_column="score", seed=0)
     assert data.task == "regression" and data.labels == []
@@ -614,7 +633,12 @@ def test_a_word_among_fractional_scores_is_refused_not_made_a_class(tmp_path):
     # before: 59 scores and "n/a" became 60 classes of a classification task, exit code 0
     with pytest.raises(FinetuneDataError, match=r"scores\.csv:11: label 'n/a' in column 'score', a column of numbers"):
         load_task_data(data=path, label_column="score")
-    assert load_task_data(data=path, label_column="score", task="classification").task == "classification"
+    # Told, the scores are classes; each of one row cannot give a row to a split cut from train.
+    with pytest.raises(FinetuneDataError, match=r"scores\.csv: no class has a row to spare for the validation split "
+                                                r"\(60 classes in 60 rows"):
+        load_task_data(data=path, label_column="score", task="classification")
+    twice = write(tmp_path / "twice.csv", rows * 2)
+    assert load_task_data(data=twice, label_column="score", task="classification").task == "classification"
     # Whole numbers with a word are classes as they were (a rating scale with "unsure", say).
     rows = [{"text": f"t{i}", "label": str(i % 3)} for i in range(30)] + [{"text": "t", "label": "unsure"}]
     assert load_task_data(data=write(tmp_path / "classes.csv", rows)).task == "classification"

@@ -589,7 +589,9 @@ def stratified_split(keys: Sequence, fractions: Sequence[float], seed: int) -> l
 
     Part k holds round(fraction_k · n) rows in all; each key gets its share of them,
     floor(fraction_k · n_key) plus one for the keys with the largest remainders, so class
-    shares are kept as closely as whole rows allow. Indices come back sorted.
+    shares are kept as closely as whole rows allow. Every key keeps at least one row in the
+    rest (the train split): a class with no train row would get an output unit it never trains
+    on, its rows scored as errors. Indices come back sorted.
     """
     keys = np.asarray([str(k) for k in keys])
     rng = np.random.default_rng(seed)
@@ -601,12 +603,12 @@ def stratified_split(keys: Sequence, fractions: Sequence[float], seed: int) -> l
     parts = []
     for fraction in fractions:
         quota = {key: fraction * len(rows[key]) for key in names}
-        counts = {key: min(int(quota[key]), left[key]) for key in names}
+        counts = {key: min(int(quota[key]), left[key] - 1) for key in names}  # one row stays in the rest
         extra = int(round(fraction * len(keys))) - sum(counts.values())
         for key in sorted(names, key=lambda k: (counts[k] - quota[k], tie_break[k])):  # largest remainder first
             if extra <= 0:
                 break
-            if left[key] > counts[key]:
+            if left[key] - counts[key] > 1:
                 counts[key] += 1
                 extra -= 1
         part = []
@@ -723,11 +725,29 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
                         "%g, seed %d); pass --test DEV_FILE to train on every row and test on a dev set",
                         len(splits["test"]), len(whole), test_fraction, seed)
         splits["train"] = whole.take(parts[-1])
+        for split, fraction in zip(missing, fractions):
+            if not len(splits[split]) and round(fraction * len(whole)) and task == "classification":
+                raise FinetuneDataError(f"{tables['train'].source}: no class has a row to spare for the {split} "
+                                        f"split ({len(labels)} classes in {len(whole)} rows; each keeps one in "
+                                        "train): give --validation and --test files")
         for split in ("train", *missing):
             if not len(splits[split]):
                 raise FinetuneDataError(f"{tables['train'].source}: too few rows ({len(whole)}) to split off "
                                         f"{', '.join(missing)} and keep a train split")
+        if task == "classification":
+            _warn_of_classes_left_out(splits, missing, labels)
     return TaskData(task, labels, {name: splits[name] for name in SPLITS}, dropped, sources)
+
+
+def _warn_of_classes_left_out(splits: dict, cut: Sequence[str], labels: Sequence[str]) -> None:
+    """One line naming the classes too rare for a split cut from train to hold a row of them: they
+    are trained on, not scored there."""
+    for split in cut:
+        absent = sorted(set(range(len(labels))) - set(splits[split].labels.tolist()))
+        if absent:
+            names = ", ".join(repr(labels[i]) for i in absent[:10]) + (", …" if len(absent) > 10 else "")
+            log.warning("%d of the %d classes have too few rows for the seeded %s split to hold one (%s): they are "
+                        "trained on but not scored there", len(absent), len(labels), split, names)
 
 
 def _examples(table: Table, task: str, mapping: dict[str, int], text_column: str, text_pair_column: str | None,
