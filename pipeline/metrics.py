@@ -69,10 +69,19 @@ def matthews_corrcoef(m: np.ndarray) -> float:
     return float(numerator / denominator) if denominator > 0 else 0.0
 
 
+def _in_play(m: np.ndarray) -> np.ndarray:
+    """The classes among the labels or the predictions: those a macro average counts, as scikit-
+    learn's does by default (a class a split lacks and the model never predicts, e.g. a rare one a
+    seeded split could not give a row, would add an F1 of 0 for nothing the model did)."""
+    return (m.sum(axis=0) + m.sum(axis=1)) > 0
+
+
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict:
     m = confusion_matrix(labels, predictions, num_classes)
     f1 = _f1_per_class(m)
-    out = {"accuracy": float(np.trace(m) / max(m.sum(), 1)), "f1_macro": float(f1.mean()),
+    counted = _in_play(m)
+    out = {"accuracy": float(np.trace(m) / max(m.sum(), 1)),
+           "f1_macro": float(f1[counted].mean()) if counted.any() else 0.0,
            "mcc": matthews_corrcoef(m)}
     if num_classes == 2:
         out["f1_binary"] = float(f1[1])  # positive class = label id 1
@@ -84,7 +93,8 @@ def per_class_report(m: np.ndarray, label_names: list[str]) -> dict:
 
     From the confusion matrix ``m[true, predicted]``. A class never predicted has precision 0
     and one absent from the labels recall 0 (scikit-learn's ``zero_division=0``, without its
-    warning); both stay in the macro average, as with ``labels=range(num_classes)``.
+    warning); the macro average counts the classes among the labels or the predictions, as
+    scikit-learn's does without ``labels``.
     Returns ``{"classes": {label: {...}}, "macro_avg": {...}, "weighted_avg": {...}}``.
     """
     m = np.asarray(m, dtype=np.float64)
@@ -102,8 +112,8 @@ def per_class_report(m: np.ndarray, label_names: list[str]) -> dict:
 
     classes = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                       "support": int(support[i])} for i, name in enumerate(label_names)}
-    k = len(label_names)
-    return {"classes": classes, "macro_avg": averages(np.full(k, 1.0 / k) if k else np.zeros(0), total),
+    counted = _in_play(m)
+    return {"classes": classes, "macro_avg": averages(counted / max(counted.sum(), 1), total),
             "weighted_avg": averages(weights, total)}
 
 
