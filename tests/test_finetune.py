@@ -93,11 +93,21 @@ def saved_model_outputs(model_dir, finetuner, split="test"):
         return model(**batch).logits.numpy(), model
 
 
-def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predicts(pretrained, reviews, tmp_path, capsys):
+def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predicts(pretrained, reviews, tmp_path, capsys,
+                                                                                     caplog):
     from pipeline.finetuning.report import write_report
     from pipeline.finetuning.trainer import Finetuner
 
-    finetuner = Finetuner(finetune_config(pretrained, tmp_path, reviews))
+    with caplog.at_level(logging.INFO, logger="pipeline.finetuning.trainer"):
+        finetuner = Finetuner(finetune_config(pretrained, tmp_path, reviews))
+    # a line per split: its rows, where they came from, what was dropped and cut
+    said = [m for m in caplog.messages if " rows from " in m]
+    cut = {name: f"; {s.truncated} cut at 64 tokens (--max-seq-length)" if s.truncated else ""
+           for name, s in finetuner.splits.items()}
+    assert said == [f"train: 480 rows from {reviews}; 40 dropped by --drop-label{cut['train']}",
+                    f"validation: 60 rows from {reviews} (--validation-fraction 0.1 of it, seed 3){cut['validation']}",
+                    f"test: 60 rows from {reviews} (--test-fraction 0.1 of it, seed 3){cut['test']}"]
+    assert finetuner.splits["train"].truncated > 0  # reviews longer than 64 tokens
     # the checkpoint (ZeRO-2 partitions) was exported on the fly, lineage included
     assert finetuner.hf_dir == str(tmp_path / "pretrained" / "step00000004")
     assert finetuner.lineage["pretrain_run_id"] == "pretrain-run-123"

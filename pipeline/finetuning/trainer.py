@@ -239,6 +239,8 @@ class Finetuner:
                        for name, examples in self.data.splits.items()}
         self.prediction_sets = {name: encode(self.tokenizer, examples, self.max_length)
                                 for name, examples in self.to_predict.items()}
+        if self.is_rank0:
+            self._log_splits()
 
         self.batches = settings.batches(self.world_size)
         self.steps_per_epoch = math.ceil(len(self.splits["train"]) / settings.global_batch_size)
@@ -281,6 +283,22 @@ class Finetuner:
         if self.is_rank0:
             log.info("texts converted with OpenCC %s, as the pretraining data was (the export's training_info.json)",
                      self.convert)
+
+    def _log_splits(self) -> None:
+        """A line per split: its rows, where they came from (a seeded cut of train says how), the
+        rows --drop-label took out and those cut at the length; report.json has the same."""
+        config = self.config
+        seed = config.engine.seed if config.split_seed is None else config.split_seed
+        for name, encoded in self.splits.items():
+            source = self.data.split_from[name]
+            if source.endswith("(seeded split)"):
+                fraction = config.validation_fraction if name == "validation" else config.test_fraction
+                source = f"{source[:-len('(seeded split)')]}(--{name}-fraction {fraction:g} of it, seed {seed})"
+            dropped = self.data.dropped.get(name, 0)
+            cut = encoded.truncated
+            log.info("%s: %d rows from %s%s%s", name, len(encoded), source,
+                     f"; {dropped} dropped by --drop-label" if dropped else "",
+                     f"; {cut} cut at {self.max_length} tokens (--max-seq-length)" if cut else "")
 
     def _max_length(self, model_config) -> int:
         limit = model_config.max_position_embeddings
