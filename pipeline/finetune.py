@@ -3,8 +3,9 @@
     python pipeline/finetune.py --model runs/tiny --data reviews.csv.bz2 --label-column category \
         --drop-label plot
     deepspeed pipeline/finetune.py --model runs/base128/hf/step00007038 --train train.tsv \
-        --validation dev.tsv --text-column sentence1 --text-pair-column sentence2 --task regression \
-        --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --register-name sts-b
+        --validation dev.tsv --test dev.tsv --text-column sentence1 --text-pair-column sentence2 \
+        --label-column score --task regression --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json \
+        --register-name sts-b
 
 Writes OUTPUT_DIR/model (Hugging Face, best validation epoch, label mapping in its config),
 report.json (test metrics, confusion matrix), confusion_matrix.png and, for each --predict

@@ -3,8 +3,8 @@
 # node of the job. Submit from the repository root, in the project's environment:
 #
 #   MODEL=runs/base512 OUTPUT_DIR=runs/sst2 sbatch slurm/finetune.sh \
-#       --train sst2/train.tsv --validation sst2/dev.tsv --text-column sentence --label-column label \
-#       --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --register-name sst2-base
+#       --train sst2/train.tsv --validation sst2/dev.tsv --test sst2/dev.tsv --text-column sentence \
+#       --label-column label --ds-config ds_configs/gpu_base_bf16_zero1_fused-adam.json --register-name sst2-base
 #   MODEL=… OUTPUT_DIR=… sbatch --nodes=1 --ntasks-per-node=1 --gpus-per-node=0 \
 #       --cpus-per-task=N slurm/finetune.sh …                           # CPU: N <= a node's CPUs
 #
