@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# A new GPU node's first checks, in one command of about 10 minutes on one H100 or H200:
-#   1. the GPU tests (tests/test_gpu.py: fused optimizers, fp16 loss scaling, the CUDA generator
+# A new GPU node's first checks, in one command of at most about 9.5 minutes on one H100 or H200:
+#   1. DeepSpeed builds its fused Adam and LAMB (ninja, nvcc of torch's CUDA version, a C++
+#      compiler; about 80 s once per machine), at most BUILD_S seconds (default 120); a failure
+#      is one line, and the measurements then run torch's fused AdamW in the same config;
+#   2. the GPU tests (tests/test_gpu.py: fused optimizers, fp16 loss scaling, the CUDA generator
 #      in checkpoints, export, fine-tuning, --compile, host waits), at most GPU_TESTS_S seconds
-#      (default 300; DeepSpeed builds its fused optimizers on first use, about 80 s);
-#   2. the throughput target's configuration (BERT-base, 128 tokens, bf16, micro-batch 1,024,
-#      4 micro-batches an optimizer step): eager, then --compile, each at most 150 s.
+#      (default 180);
+#   3. the throughput target's configuration (BERT-base, 128 tokens, bf16, micro-batch 1,024,
+#      4 micro-batches an optimizer step): eager, then --compile, each at most BENCH_S seconds
+#      (default 130).
 # The tests' outcome does not stop the measurements; the exit code is the tests'.
 #
 #   bash benchmarks/gpu_checks.sh [OUT]                                 # OUT: gpu-checks/
 #   BERT_PIPELINE_TEST_DATA=test-data bash benchmarks/gpu_checks.sh     # a node without Apache Beam
 #
-# OUT gets machine.txt (GPU, driver, versions), gpu_tests.log, rows.jsonl (one row per
+# OUT gets machine.txt (GPU, driver, versions), build.log, gpu_tests.log, rows.jsonl (one row per
 # configuration, benchmarks/pretrain_gpu.py's format) and benchmark.log. Making the tests' data
 # dir elsewhere: docs/PRETRAINING.md, "Check on your GPU".
 set -uo pipefail # not -e: a failed test must not cost the measurements
@@ -21,7 +25,9 @@ if [[ -n ${BERT_PIPELINE_TEST_DATA:-} ]]; then
 fi
 cd "$(dirname "$0")/.." || exit 2
 python=${PYTHON:-$(command -v python || command -v python3)}
-export DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
+# The environment's own tools first: DeepSpeed's build looks ninja up on PATH.
+PATH="$(dirname "$python"):$PATH"
+export PATH DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
 
 if ! cuda=$("$python" -c 'import torch; print(torch.cuda.is_available())' 2>&1); then
   echo "gpu_checks.sh: error: $python cannot import torch: $(tail -n 1 <<<"$cuda")" >&2
@@ -39,13 +45,33 @@ print("python", platform.python_version(), "torch", torch.__version__, "cuda", t
 } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
-timeout "${GPU_TESTS_S:-300}" "$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 |
+# The build once, bounded, before anything needs it: a build killed half-way leaves a lock in
+# torch's extensions folder on which every later build would wait.
+ds_config=ds_configs/gpu_base_bf16_zero1_fused-adam.json
+timeout "${BUILD_S:-120}" "$python" -c 'from deepspeed.ops.op_builder import FusedAdamBuilder, FusedLambBuilder
+FusedAdamBuilder().load(); FusedLambBuilder().load()' >"$out/build.log" 2>&1
+built=$?
+if ((built != 0)); then
+  if ((built == 124)); then
+    find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -path '*fused_*' -delete 2>/dev/null
+  fi
+  echo "gpu_checks.sh: DeepSpeed could not build its fused optimizers (exit $built; $out/build.log):" \
+    "$(grep -v '^\s*$' "$out/build.log" | tail -n 1)" >&2
+  ds_config=$out/gpu_base_bf16_zero1_torch-fused-adamw.json # the same file, torch's fused AdamW
+  "$python" -c 'import json, sys
+config = json.load(open(sys.argv[1]))
+config["optimizer"]["params"].update(torch_adam=True, fused=True)
+json.dump(config, open(sys.argv[2], "w"), indent=2)' ds_configs/gpu_base_bf16_zero1_fused-adam.json "$ds_config"
+fi
+
+timeout "${GPU_TESTS_S:-180}" "$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 |
   tee "$out/gpu_tests.log"
 tests=${PIPESTATUS[0]}
 
 # One literal command line: tests/test_documented_commands.py checks its flags on any machine.
 for compile in "" --compile; do
   "$python" benchmarks/pretrain_gpu.py --only base-128-bf16 --micro-batches 1024 --accumulation 4 \
-    --timeout 150 --budget 150 --out "$out/rows.jsonl" ${compile:+"$compile"} 2>&1 | tee -a "$out/benchmark.log"
+    --ds-config "$ds_config" --timeout "${BENCH_S:-130}" --budget "${BENCH_S:-130}" --out "$out/rows.jsonl" \
+    ${compile:+"$compile"} 2>&1 | tee -a "$out/benchmark.log"
 done
 exit "$tests"
