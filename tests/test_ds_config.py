@@ -247,8 +247,8 @@ def test_the_logged_gradient_norm_is_of_the_unscaled_gradients(kind, monkeypatch
 class FakeFp16Engine:
     """The part of a DeepSpeed engine ScaledBackward meets: an fp16 optimizer wrapper, the
     accumulation steps, and a backward that divides the loss by them and then scales it (as a
-    DeepSpeed with pull request 8393 would) or not (as 0.19.8 does without ZeRO). On any CPU: the
-    real engine's fp16 runs only where the CPU computes fp16 (tests/test_fp16.py)."""
+    DeepSpeed with pull request 8393 would) or not (as 0.19.8 does without ZeRO). The real
+    engine's fp16: tests/test_fp16.py."""
 
     def __init__(self, optimizer, accumulation: int, scales: bool):
         self.optimizer, self.accumulation, self.scales = optimizer, accumulation, scales

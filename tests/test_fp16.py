@@ -1,8 +1,8 @@
 """fp16 with dynamic loss scaling, on the CPU. DeepSpeed's loss scaler, its fp16 optimizers
 (ZeRO's, and FP16_UnfusedOptimizer without ZeRO) and their checkpoints are the same Python on
-a CPU as on a GPU; only the kernels differ. DeepSpeed's CPU accelerator takes fp16 where oneDNN
-computes it (AVX512-FP16 or AMX); elsewhere these tests skip. tests/test_gpu.py runs the fused
-CUDA optimizers.
+a CPU as on a GPU; only the kernels differ. DeepSpeed's CPU accelerator takes fp16 only where
+oneDNN computes it (AVX512-FP16 or AMX); tests/fp16_support.py lets it take fp16 on any CPU,
+torch's own kernels computing it. tests/test_gpu.py runs the fused CUDA optimizers.
 
 Found here: DeepSpeed 0.19.8 does not scale an fp16 loss without ZeRO, while its step divides
 the gradients by the scale (pipeline.engine.ScaledBackward repairs it)."""

@@ -350,7 +350,9 @@ def test_updates_skipped_for_ever_under_a_finite_loss_stop_the_run(data_dir, tmp
 
 
 
-def _run_pretrain(args, nproc, tmp_path, launcher="torchrun"):
+def _run_pretrain(args, nproc, tmp_path, launcher="torchrun", script=os.path.join(REPO, "pipeline", "pretrain.py")):
+    """``script`` (pipeline/pretrain.py, or tests/pretrain_with_faults.py) on ``nproc`` processes:
+    its metrics.jsonl."""
     import json
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
@@ -359,7 +361,7 @@ def _run_pretrain(args, nproc, tmp_path, launcher="torchrun"):
         start = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     else:  # DeepSpeed's launcher appends --local_rank=N to the script's arguments
         start = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}"]
-    cmd = [*start, f"--master_port={free_port()}", os.path.join(REPO, "pipeline", "pretrain.py"), *args]
+    cmd = [*start, f"--master_port={free_port()}", script, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = args[args.index("--run-dir") + 1]

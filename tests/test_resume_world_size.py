@@ -18,7 +18,7 @@ from pipeline.trainer import Trainer
 
 from .test_fp16 import ds_config as fp16_config
 from .test_pretrain import _run_pretrain
-from tests.conftest import set_one_process_world
+from tests.conftest import REPO, set_one_process_world
 from tests.fp16_support import needs_fp16
 
 STEPS, AT = 6, 3  # runs of 6 steps; the resumed ones start from the checkpoint of step 3
@@ -111,11 +111,13 @@ def test_fp16_resumes_on_another_number_of_processes_with_its_loss_scale(data_di
     flags = ["--ds-config", fp16_config(tmp_path, 1, initial_scale_power=12, loss_scale_window=2)]
     one = run_here([*argv(data_dir, no_dropout, tmp_path / "one"), *flags])
     assert [m["loss_scale"] for m in one] == [2.0 ** 12] * 2 + [2.0 ** 13] * 2 + [2.0 ** 14] * 2
-    two = _run_pretrain([*argv(data_dir, no_dropout, tmp_path / "two"), *flags], 2, tmp_path)
+    launched = os.path.join(REPO, "tests", "pretrain_with_faults.py")  # fp16 on any CPU; no fault set
+    two = _run_pretrain([*argv(data_dir, no_dropout, tmp_path / "two"), *flags], 2, tmp_path, script=launched)
     branch(tmp_path / "two", tmp_path / "two_to_one")
     two_to_one = run_here([*argv(data_dir, no_dropout, tmp_path / "two_to_one"), *flags])
     branch(tmp_path / "one", tmp_path / "one_to_two")
-    one_to_two = _run_pretrain([*argv(data_dir, no_dropout, tmp_path / "one_to_two"), *flags], 2, tmp_path)
+    one_to_two = _run_pretrain([*argv(data_dir, no_dropout, tmp_path / "one_to_two"), *flags], 2, tmp_path,
+                               script=launched)
     for resumed in (two_to_one, one_to_two):
         assert [m["loss_scale"] for m in resumed] == [m["loss_scale"] for m in one if m["step"] > AT]
         # measured: within 4e-5 (fp16 rounds 1 and 2 processes' sums apart as much without a resume);
