@@ -539,9 +539,17 @@ class Trainer:
             if tracker:
                 tracker.log_metrics(values, self.step)
 
+    def executed_flops_per_sequence(self, real_tokens: float, predictions: float) -> float:
+        """FLOPs run per sequence (FlopCounter.executed_per_sequence) at a mean real length: with
+        --compile every batch is padded to max_seq_length, which is then what runs. The padding
+        of a length-grouped batch (at most 7 tokens) is not counted, and attention is counted at
+        the mean length squared, short of the mean of the squares by the lengths' variance."""
+        length = self.manifest["max_seq_length"] if self.config.compile else real_tokens
+        return self.flops.executed_per_sequence(length, predictions)
+
     def _log(self, window: list[StepMetrics], seconds: float, tracker) -> None:
-        seqs = sum(m.sequences for m in window) * self.world_size
-        tokens = sum(m.real_tokens for m in window) * self.world_size
+        counts = [float(sum(m.sequences for m in window)), float(sum(m.real_tokens for m in window)),
+                  float(sum(m.predictions for m in window))]
         values = {
             "loss": float(np.mean([m.loss for m in window])),
             "mlm_loss": float(np.mean([m.mlm_loss for m in window])),
@@ -549,8 +557,7 @@ class Trainer:
             "mlm_accuracy": float(np.mean([m.mlm_accuracy for m in window])),
             "nsp_accuracy": float(np.mean([m.nsp_accuracy for m in window])),
             "learning_rate": self.scheduler.get_last_lr()[0],
-            "sequences_per_second": seqs / max(seconds, 1e-9),
-            "real_tokens_per_second": tokens / max(seconds, 1e-9),
+            "sequences_per_second": None, "real_tokens_per_second": None,  # once summed over the ranks
             "real_token_share": self.loader.real_token_share,
             # over the applied updates: a skipped one reports inf (fp16 overflow), which would blank it
             "grad_norm": float(np.mean(finite_norms)) if (finite_norms := [
@@ -560,24 +567,28 @@ class Trainer:
             values["loss_scale"] = window[-1].loss_scale
             values["skipped_steps"] = float(self.engine.skipped_steps)
         if self.world_size > 1:
-            # Every rank saw different micro-batches: report the global means.
+            # Every rank saw different micro-batches: report the global means, and the sums of what
+            # every rank ran (ranks' batches differ in length).
             names = ["loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "real_token_share"]
-            local = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.engine.device)
+            local = torch.tensor([values[n] for n in names] + counts, dtype=torch.float64, device=self.engine.device)
             torch.distributed.all_reduce(local)
-            values.update({n: v / self.world_size for n, v in zip(names, local.tolist())})  # one host read
+            summed = local.tolist()  # one host read
+            values.update({n: v / self.world_size for n, v in zip(names, summed)})
+            counts = summed[len(names):]
+        seqs, tokens, predictions = counts
+        values["sequences_per_second"] = seqs / max(seconds, 1e-9)
+        values["real_tokens_per_second"] = tokens / max(seconds, 1e-9)
         if not self.nsp_weight:  # MLM-only data: the NSP head sees all-zero labels, its figures mean nothing
             del values["nsp_loss"], values["nsp_accuracy"]
         if self.config.peak_tflops:
             # Two MFUs (FlopCounter): mfu_model counts the dense model on full-length sequences, as
             # published figures do; mfu_executed what ran, at the window's mean real length and
-            # masked count (a length-grouped batch pads at most 7 tokens; their FLOPs are not counted).
+            # masked count (executed_flops_per_sequence).
             peak = self.config.peak_tflops * 1e12 * self.world_size
-            mean_length = tokens / max(seqs, 1)
-            predictions = sum(m.predictions for m in window) * self.world_size / max(seqs, 1)
             model_flops = self.flops.model_per_sequence(self.manifest["max_seq_length"])
             values["mfu_model"] = values["sequences_per_second"] * model_flops / peak
-            values["mfu_executed"] = (values["sequences_per_second"]
-                                      * self.flops.executed_per_sequence(mean_length, predictions) / peak)
+            values["mfu_executed"] = (values["sequences_per_second"] * self.executed_flops_per_sequence(
+                tokens / max(seqs, 1), predictions / max(seqs, 1)) / peak)
         if self.is_rank0:
             # a value the window has none of (the norm when every update was skipped) is null
             append_history(self.config.run_dir, "metrics.jsonl", {"step": self.step, **values})

@@ -95,24 +95,30 @@ def test_model_flops_make_the_published_target_50_percent_mfu():
     assert 5700 * flops.model_per_sequence(128) / 989.5e12 == pytest.approx(0.50, abs=0.001)
 
 
-def test_trainer_logs_both_mfus_named(tmp_path):
-    from types import SimpleNamespace
+@pytest.mark.parametrize("compiled", [False, True])
+def test_trainer_logs_both_mfus_named(tmp_path, compiled):
+    from types import MethodType, SimpleNamespace
 
     from pipeline.trainer import StepMetrics, Trainer
 
     flops = FlopCounter.for_config(bert_base(32000))
     trainer = SimpleNamespace(  # what Trainer._log reads
         world_size=1, is_rank0=True, step=10, nsp_weight=1.0, flops=flops, manifest={"max_seq_length": 128},
-        config=SimpleNamespace(peak_tflops=989.5, run_dir=str(tmp_path), steps=10),
+        config=SimpleNamespace(peak_tflops=989.5, run_dir=str(tmp_path), steps=10, compile=compiled),
         scheduler=SimpleNamespace(get_last_lr=lambda: [1e-4]), loader=SimpleNamespace(real_token_share=0.8),
         engine=SimpleNamespace(fp16_enabled=lambda: False))
+    trainer.executed_flops_per_sequence = MethodType(Trainer.executed_flops_per_sequence, trainer)
     # 10 steps of 256 sequences of 100 real tokens, 15 masked, in the time of 5,700 sequences/s
     window = [StepMetrics(1.0, 0.5, 0.5, 0.1, 0.5, real_tokens=256 * 100, sequences=256, predictions=256 * 15)] * 10
     values = Trainer._log(trainer, window, 2560 / 5700, None)
     assert "mfu" not in values
+    assert values["sequences_per_second"] == pytest.approx(5700) and values["real_tokens_per_second"] == pytest.approx(
+        570000)
     assert values["mfu_model"] == pytest.approx(0.50, abs=0.001)
-    assert values["mfu_executed"] == pytest.approx(5700 * flops.executed_per_sequence(100, 15) / 989.5e12)
-    assert values["mfu_executed"] < 0.7 * values["mfu_model"]
+    # what ran: compiled, every batch padded to max_seq_length (the MLM head still on the 15 masked)
+    length = 128 if compiled else 100
+    assert values["mfu_executed"] == pytest.approx(5700 * flops.executed_per_sequence(length, 15) / 989.5e12)
+    assert values["mfu_executed"] < (0.85 if compiled else 0.7) * values["mfu_model"]
 
 
 def test_sparse_head_gives_the_stock_logits_at_the_masked_positions():
