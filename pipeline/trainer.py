@@ -188,7 +188,10 @@ class Trainer:
                 checkpoint.saved_bytes(config.checkpoint_dir, self.resume_tag) if self.resume_tag
                 else checkpoint.estimated_bytes(self.engine),
                 f"{'the next' if self.resume_tag else 'the first'} checkpoint", kept=bool(self.resume_tag))
-        self.loader = PretrainingLoader(self.dataset, self.sampler)
+        # Pinned only for a GPU engine: pinning opens a CUDA context, which CPU ranks on a GPU
+        # node (DS_ACCELERATOR=cpu) would each open on GPU 0.
+        self.loader = PretrainingLoader(self.dataset, self.sampler,
+                                        pin_memory=getattr(self.engine.device, "type", None) == "cuda")
 
     @property
     def is_rank0(self) -> bool:
