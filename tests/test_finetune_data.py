@@ -292,6 +292,11 @@ def test_dropped_labels_are_counted_on_the_real_reviews():
 # ------------------------------------------------------------------ bad data: file and line named
 def test_missing_column_names_the_file_and_the_columns(tmp_path):
     path = write(tmp_path / "d.csv")
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("review, sentiment\ngood film,1\nbad film,0\n")
+    with pytest.raises(FinetuneDataError, match=r"spaced\.csv: no column 'sentiment' \(columns: review,  sentiment\); "
+                                                 r"column ' sentiment' has spaces around its name: remove them"):
+        load_task_data(data=str(spaced), text_column="review", label_column="sentiment")
     with pytest.raises(FinetuneDataError, match=r"d\.csv: no column 'sentence' \(columns: text, other, label, score\)"):
         load_task_data(data=path, text_column="sentence")
     with pytest.raises(FinetuneDataError, match="no column 'pair2'"):

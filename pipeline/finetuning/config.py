@@ -190,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip rows with this label (repeatable; '' for blank labels); skipped rows are "
                            "counted and logged")
     data.add_argument("--validation-fraction", type=float, default=d.validation_fraction,
-                      help="share of --train split off for validation when no --validation file is given")
+                      help="share of --train (or --data) split off for validation when no --validation file is given")
     data.add_argument("--test-fraction", type=float, default=d.test_fraction,
-                      help="share of --train split off for test when no --test file is given")
+                      help="share of --train (or --data) split off for test when no --test file is given")
     data.add_argument("--split-seed", type=int, help="seed of those splits (default: --seed; set it to keep the "
                                                      "same split across a sweep of seeds)%(default).0s")
     data.add_argument("--max-seq-length", type=int, help="tokens per example (default: the tokenizer's, i.e. the "

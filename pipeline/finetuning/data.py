@@ -453,9 +453,13 @@ def _check_table(table: Table, needed: Sequence[str]) -> None:
         raise FinetuneDataError(f"{table.source}: the file has no rows")
     for column in needed:
         if column not in table.columns:
+            # "review, sentiment" as a CSV header names a column " sentiment"
+            spaced = [name for name in table.columns if str(name).strip() == column]
             raise FinetuneDataError(f"{table.source}: no column {column!r} (columns: "
-                                    f"{', '.join(map(str, table.columns)) or 'none'}); set the matching "
-                                    "--text-column / --text-pair-column / --label-column")
+                                    f"{', '.join(map(str, table.columns)) or 'none'}); "
+                                    + (f"column {spaced[0]!r} has spaces around its name: remove them from the "
+                                       "header" if spaced else
+                                       "set the matching --text-column / --text-pair-column / --label-column"))
         for value, where in zip(table.columns[column], table.where):
             if value is _NO_KEY:
                 raise FinetuneDataError(f"{where}: no key {column!r} in this row (other rows have it)")
