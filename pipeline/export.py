@@ -34,7 +34,7 @@ import sys
 if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline import checkpoint  # noqa: E402
+from pipeline import checkpoint, model_card  # noqa: E402
 from pipeline.engine import flat  # noqa: E402
 from pipeline.output_path import built_beside, file_beside  # noqa: E402
 from preprocessing import cli_parser  # noqa: E402
@@ -309,9 +309,23 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
     return out
 
 
+def masked_lm_only(model):
+    """``BertForMaskedLM`` with a ``BertForPreTraining``'s encoder and MLM head: what an MLM-only run
+    (no NSP term, so a next-sentence head and pooler that never learned) is exported as, so that
+    ``AutoModelForPreTraining`` does not load that head as if it were trained."""
+    from transformers import BertForMaskedLM
+
+    masked_lm = BertForMaskedLM(model.config)
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(("bert.pooler.", "cls.seq_relationship."))}
+    masked_lm.load_state_dict(state, strict=True)
+    return masked_lm  # save_pretrained records its class as the architecture
+
+
 def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, checkpoints: str,
                   train_config: dict, pretrain_run_id: str | None) -> None:
-    model.save_pretrained(temp, safe_serialization=True)
+    objective = manifest.get("objective", "mlm-nsp")
+    (masked_lm_only(model) if objective == "mlm" else model).save_pretrained(temp, safe_serialization=True)
     tokenizer_dir = os.path.join(data_dir, manifest["tokenizer"].get("path", "tokenizer"))
     for name in sorted(os.listdir(tokenizer_dir)):
         source = os.path.join(tokenizer_dir, name)
@@ -326,9 +340,11 @@ def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, che
             "model": train_config.get("model"), "tokenizer_fingerprint": manifest["tokenizer"].get("fingerprint"),
             "save_id": checkpoint.read_meta(checkpoints, tag).get("save_id"),
             # the script conversion the text went through: fine-tuning applies it to its texts too
-            "convert": manifest.get("convert")}
+            "convert": manifest.get("convert"), "objective": objective, "language": manifest.get("language"),
+            "max_seq_length": manifest["max_seq_length"]}
     with open(os.path.join(temp, TRAINING_INFO), "w") as f:
         json.dump(info, f, indent=2)
+    model_card.write_card(temp, model_card.pretrained_card(model.config, info, manifest))
 
 
 def main(argv=None) -> int:

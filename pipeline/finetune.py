@@ -116,7 +116,7 @@ def finetune(config, finetuner) -> int:
         if finetuner.is_rank0:
             model_dir = os.path.join(config.output_dir, "model")
             with writing("the fine-tuned model", model_dir, AGAIN):
-                finetuner.save_model(model_dir)
+                finetuner.save_model(model_dir, report["test"])
             with writing("the report", config.output_dir, f"the model is saved in {model_dir}; fine-tune again for "
                                                           "its report"):
                 paths = write_report(report, config.output_dir)

@@ -115,6 +115,9 @@ def built_beside(path: str) -> Iterator[str]:
     try:
         os.chmod(temp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the folder from the other users
         yield temp
+        for name in os.listdir(temp):  # transformers 5 writes model.safetensors 0600: the others could not load it
+            if os.path.isfile(file := os.path.join(temp, name)):
+                os.chmod(file, 0o666 & ~current_umask())
         remove(path)
         os.replace(temp, path)
     finally:

@@ -408,14 +408,22 @@ def write_tokenizer(model_proto: bytes, out_dir: str, max_seq_length: int) -> No
         clean_up_tokenization_spaces=False,
     )
     tokenizer.save_pretrained(out_dir)
-    # transformers 5 records its class as "TokenizersBackend", a name transformers 4 cannot
-    # resolve; "PreTrainedTokenizerFast" (an alias of it in 5) loads the same in both.
+    make_tokenizer_config_portable(out_dir)
+    with open(os.path.join(out_dir, SPM_MODEL_FILE), "wb") as f:
+        f.write(model_proto)
+
+
+def make_tokenizer_config_portable(out_dir: str) -> None:
+    """Rewrites what transformers 5's ``save_pretrained`` put in ``tokenizer_config.json`` that
+    transformers 4 cannot load or that says where it was loaded from: the class recorded as
+    "TokenizersBackend", a name 4 cannot resolve ("PreTrainedTokenizerFast", an alias of it in 5,
+    loads the same in both), and ``is_local``/``local_files_only`` of a tokenizer read from a folder."""
     config_path = os.path.join(out_dir, "tokenizer_config.json")
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
     with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")
-    with open(os.path.join(out_dir, SPM_MODEL_FILE), "wb") as f:
-        f.write(model_proto)

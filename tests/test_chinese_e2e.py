@@ -235,6 +235,11 @@ def test_the_served_mlflow_model_converts_traditional_input_as_fine_tuning_did(z
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient()
     [run] = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+    # The saved model says which conversion its input needs, for embed.py, a later fine-tuning and
+    # a reader of its card (before, only the export it came from did).
+    info = json.load(open(out / "model" / "training_info.json"))
+    assert (info["convert"], info["language"], info["finetune_run_id"]) == ("t2s", "zh", run.info.run_id)
+    assert "OpenCC `t2s`" in (out / "model" / "README.md").read_text() and (out / "model" / "spm.model").is_file()
     served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     to_traditional = Converter("s2t")
     simplified = [r["text"] for r in rows[-40:]]

@@ -4,6 +4,7 @@ AutoModelForPreTraining, AutoTokenizer and pipeline("fill-mask")."""
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -85,6 +86,25 @@ def test_tokenizer_and_fill_mask_load_from_the_export(exported):
     fill = pipeline("fill-mask", model=out)
     predictions = fill(f"The city lies on the {fill.tokenizer.mask_token}.")
     assert len(predictions) == 5 and all("token_str" in p and p["score"] >= 0 for p in predictions)
+
+
+def test_the_export_says_what_it_is_and_every_user_can_read_it(exported, data_dir):
+    """A model card for the Hub (what to load it with, the trained length, the data's files, the
+    run ids), the objective and length in training_info.json, and files readable by all:
+    transformers 5 writes model.safetensors 0600, which other users of a shared disk could not load."""
+    _, out, _ = exported
+    manifest = json.load(open(os.path.join(data_dir, "manifest.json")))
+    info = json.load(open(os.path.join(out, "training_info.json")))
+    assert (info["objective"], info["max_seq_length"], info["language"]) == (
+        "mlm-nsp", manifest["max_seq_length"], manifest["language"])
+    card = open(os.path.join(out, "README.md")).read()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: fill-mask\n")
+    assert f"at most **{manifest['max_seq_length']} tokens**" in card and "AutoModelForPreTraining.from_pretrained" in card
+    assert "not `BertTokenizer` or `BertTokenizerFast`" in card and "`run-123`" in card
+    assert f"`{os.path.basename(manifest['input']['paths'][0])}`" in card and "license:" in card
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(os.stat(os.path.join(out, n)).st_mode) for n in os.listdir(out)} == {0o666 & ~umask}
 
 
 def test_cli_exports_a_given_tag_to_a_given_dir(exported, tmp_path):

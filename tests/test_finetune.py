@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ import torch
 from pipeline import export
 from pipeline.finetuning.config import FinetuneConfig
 from pipeline.finetuning.data import read_table, stratified_split
-from pipeline.finetuning.model import ModelSourceError, load_tokenizer
+from pipeline.finetuning.model import ModelSourceError, load_tokenizer, model_lineage, spm_fingerprint
 from pipeline.engine import free_port
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
@@ -134,6 +135,21 @@ def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predi
     assert ("warnings" in report) == (len(set(predictions)) == 1)
     assert model.config.id2label == {0: "fresh", 1: "rotten"} and model.config.label2id == {"fresh": 0, "rotten": 1}
     assert os.path.isfile(os.path.join(model_dir, "tokenizer.json"))
+    # What it is, for a later fine-tuning, embed.py and the Hub: training_info.json, the SentencePiece
+    # model, a tokenizer config transformers 4 loads too, a model card; every file readable by all
+    # (transformers 5 writes model.safetensors 0600).
+    info = json.load(open(os.path.join(model_dir, "training_info.json")))
+    assert info["kind"] == "finetuned" and info["labels"] == ["fresh", "rotten"] and info["max_seq_length"] == 64
+    assert info["pretrain_run_id"] == "pretrain-run-123" and info["model"] == finetuner.hf_dir
+    assert info["tokenizer_fingerprint"] == spm_fingerprint(model_dir) == spm_fingerprint(finetuner.hf_dir)
+    tokenizer_config = json.load(open(os.path.join(model_dir, "tokenizer_config.json")))
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "is_local" not in tokenizer_config
+    card = open(os.path.join(model_dir, "README.md")).read()
+    assert "pipeline_tag: text-classification" in card and "`fresh`, `rotten`" in card and "max_length=64" in card
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(os.stat(os.path.join(model_dir, n)).st_mode) for n in os.listdir(model_dir)} == {0o666 & ~umask}
+    assert model_lineage(model_dir) == {"model_kind": "finetuned", "pretrain_run_id": "pretrain-run-123"}
     assert [os.path.basename(p) for p in paths] == ["report.json", "confusion_matrix.png"]
     assert open(paths[1], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(paths[0]))["test"] == report["test"]

@@ -172,6 +172,16 @@ def test_mlm_only_training_and_a_fill_mask_export(mlm_data, tmp_path, monkeypatc
     assert logged and not [k for row in logged for k in row if "nsp" in k], logged[-1]
     assert np.mean([m.mlm_loss for m in seen[-5:]]) < np.mean([m.mlm_loss for m in seen[:5]]) - 0.5
     out = export_checkpoint(str(tmp_path / "run"), out_dir=str(tmp_path / "hf"))
+    # Saved as BertForMaskedLM: the NSP head and pooler never learned, and AutoModelForPreTraining
+    # would otherwise load them as trained.
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as saved:
+        names = set(saved.keys())
+    assert not [n for n in names if "pooler" in n or "seq_relationship" in n] and "cls.predictions.bias" in names
+    assert json.load(open(os.path.join(out, "config.json")))["architectures"] == ["BertForMaskedLM"]
+    assert json.load(open(os.path.join(out, "training_info.json")))["objective"] == "mlm"
+    assert "AutoModelForMaskedLM.from_pretrained" in open(os.path.join(out, "README.md")).read()
     model = AutoModelForMaskedLM.from_pretrained(out)
     fill = pipeline("fill-mask", model=model, tokenizer=out)
     predictions = fill("The river flows into the [MASK].")

@@ -41,8 +41,13 @@ def read_training_info(hf_dir: str) -> dict:
 
 def model_lineage(model_dir: str) -> dict[str, str]:
     """Run ids the model dir's files record: ``training_info.json`` (an export: pretraining and
-    preprocessing runs) or, for finetune.py's ``OUTPUT_DIR/model``, the ``report.json`` beside it."""
-    info = {k: read_training_info(model_dir).get(k) for k in ("pretrain_run_id", "data_run_id")}
+    preprocessing runs; finetune.py's ``OUTPUT_DIR/model``: ``kind`` finetuned, and its own run) or,
+    for a fine-tuned model saved before it had one, the ``report.json`` beside it."""
+    recorded = read_training_info(model_dir)
+    if recorded.get("kind") == "finetuned":
+        info = {k: recorded.get(k) for k in ("finetune_run_id", "pretrain_run_id", "data_run_id")}
+        return {"model_kind": "finetuned", **{k: str(v) for k, v in info.items() if v}}
+    info = {k: recorded.get(k) for k in ("pretrain_run_id", "data_run_id")}
     kind = "pretrained" if os.path.isfile(os.path.join(model_dir, export.TRAINING_INFO)) else "unknown"
     report_path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "report.json")
     if kind == "unknown" and os.path.isfile(report_path):

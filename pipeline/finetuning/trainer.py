@@ -16,9 +16,11 @@ without another collective.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -32,8 +34,10 @@ from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, 
                              loss_scale, optimizer_step, zero0_masters)
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, check_output_dir
 from pipeline.finetuning.data import Examples, load_prediction_inputs, load_task_data
+from pipeline import model_card
+from pipeline.export import TRAINING_INFO
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
-                                       read_training_info, resolve_model_dir)
+                                       read_training_info, resolve_model_dir, spm_fingerprint)
 from pipeline.length_batches import WINDOW_BATCHES, length_grouped
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
                               constant_prediction_warning, json_line, one_class_warning, per_class_report,
@@ -42,6 +46,7 @@ from pipeline.model import forward_attention_mask
 from pipeline.output_path import built_beside, file_beside
 from pipeline.tokenized import Ragged, tokenize
 from pipeline.tracking import config_params
+from preprocessing.vocab import SPM_MODEL_FILE, make_tokenizer_config_portable
 from preprocessing.write_failure import writing
 
 log = logging.getLogger(__name__)
@@ -150,6 +155,14 @@ class EpochResult:
     validation: dict[str, float]
     seconds: float
     sequences: int
+
+
+def finetune_run_id() -> str | None:
+    """The active MLflow run's id (rank 0 of a tracked run), so that what uses the saved model
+    (embed.py, a later fine-tuning) can name its lineage."""
+    mlflow = sys.modules.get("mlflow")  # imported only where a run is tracked
+    active = mlflow.active_run() if mlflow is not None else None
+    return active.info.run_id if active is not None else None
 
 
 def untrained_positions_warning(max_length: int, tokenizer, init: str) -> str | None:
@@ -546,10 +559,7 @@ class Finetuner:
             # Every flag as resolved, so that a run without MLflow can be repeated from its report.
             "settings": config_params(self.config),
         }
-        mlflow = sys.modules.get("mlflow")  # imported only where a run is tracked (rank 0)
-        active = mlflow.active_run() if mlflow is not None else None
-        # The fine-tuning run's id, so that what uses the saved model (embed.py) can name its lineage.
-        report["finetune_run_id"] = active.info.run_id if active is not None else None
+        report["finetune_run_id"] = finetune_run_id()
         if self.task == "classification":
             k = len(self.data.labels)
             report["labels"] = self.data.labels
@@ -603,14 +613,29 @@ class Finetuner:
             log.info("predictions for %d rows of %s: %s", len(data), spec, path)
         return written
 
-    def save_model(self, directory: str) -> str:
-        """The best weights in Hugging Face format, fp32, with the tokenizer and the label mapping;
-        the folder appears under its name only once it is whole (a full disk leaves none)."""
+    def save_model(self, directory: str, test_metrics: dict | None = None) -> str:
+        """The best weights in Hugging Face format, fp32, with the tokenizer and the label mapping,
+        ``training_info.json`` (what the model is, its lineage, the script conversion its texts
+        need) and a model card; the folder appears under its name only once it is whole (a full
+        disk leaves none)."""
         model = self.engine.module.float()  # after train(), already the best epoch's fp32 masters
+        source = read_training_info(self.hf_dir)
+        tokenizer_dir = self.config.tokenizer or self.hf_dir
+        info = {"kind": "finetuned", "task": self.task, "labels": self.data.labels, "max_seq_length": self.max_length,
+                "model": self.hf_dir, "finetune_run_id": finetune_run_id(),
+                "pretrain_run_id": self.lineage.get("pretrain_run_id"), "data_run_id": self.lineage.get("data_run_id"),
+                "tokenizer_fingerprint": source.get("tokenizer_fingerprint") or spm_fingerprint(tokenizer_dir),
+                "convert": self.convert, "language": source.get("language")}
         with built_beside(directory) as temp:
             model.save_pretrained(temp, safe_serialization=True)
             # The tokenizer keeps the pretraining length as its model_max_length: a later fine-tuning
             # from this model reads it as such (default length, untrained positions). The length this
-            # run used is report.json's max_seq_length and the logged MLflow model's max_length.
+            # run used is training_info.json's and report.json's max_seq_length.
             self.tokenizer.save_pretrained(temp)
+            make_tokenizer_config_portable(temp)
+            if os.path.isfile(spm := os.path.join(tokenizer_dir, SPM_MODEL_FILE)):  # save_pretrained leaves it out
+                shutil.copyfile(spm, os.path.join(temp, SPM_MODEL_FILE))
+            with open(os.path.join(temp, TRAINING_INFO), "w") as f:
+                json.dump(info, f, indent=2)
+            model_card.write_card(temp, model_card.finetuned_card(model.config, info, test_metrics))
         return directory
