@@ -58,8 +58,11 @@ def mean_mlm(metrics):
 @pytest.mark.parametrize("ds_config", [BF16_ADAM, FP16_ADAM, FP16_LAMB, BF16_ZERO3],
                          ids=["bf16-adam", "fp16-adam", "fp16-lamb", "bf16-zero3-adam"])
 def test_each_shipped_gpu_config_learns_on_the_gpu(data_dir, tmp_path, ds_config):
-    # LAMB scales each layer's step by its weight norm over its update norm (clamped to [0.01, 10]):
-    # on BERT's 0.02-scale initial weights that factor is near 0.01, hence its larger rate.
+    # LAMB scales each weight matrix's step by its weight norm over its update norm (clamped to
+    # [0.01, 10]): on BERT's 0.02-scale initial weights that factor is near 0.01, hence its larger
+    # rate. Biases and LayerNorm take a ratio of 1 (pipeline/param_groups.py), so full steps of this
+    # rate: checked on the CPU with FusedLamb's update transcribed to torch (fp32, 3 seeds), the MLM
+    # loss falls 1.31-1.52 nats at 1e-1 with every weight finite, 0.9 at 3e-2, 0.35 at 1e-2.
     rate = 1e-1 if ds_config == FP16_LAMB else 2e-3
     trainer = Trainer(config(data_dir, tmp_path, steps=40, warmup_steps=4, ds_config=ds_config, learning_rate=rate))
     assert trainer.engine.device.type == "cuda"
