@@ -134,14 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=cli_parser.DefaultsFormatter,
     )
     io = p.add_argument_group("input and output")
-    io.add_argument("--input", nargs="+", default=list(d.inputs), metavar="PATH",
+    # extend: "--input a --input b" reads both (argparse's default kept only b, without a word)
+    io.add_argument("--input", nargs="+", action="extend", metavar="PATH",
                     help="files, folders (a local one with its subfolders) or globs, local or any Beam "
                          "filesystem (gs://, s3://); a folder's files of no input format (README, LICENSE) "
                          "and empty files are skipped with a warning. Format by "
                          "extension: .xml/.xml.bz2 MediaWiki dumps (multistream files are split "
                          "across workers), .txt[.gz|.bz2] (documents separated by blank lines), "
                          ".jsonl[.gz|.bz2] (see --text-field), .parquet. Default: the bundled "
-                         "Wikipedia sample and Jane Austen's novels (a chapter per document)")
+                         "Wikipedia sample and Jane Austen's novels (a chapter per document). Repeatable")
     io.add_argument("--output", default=d.output, metavar="DIR",
                     help="output directory (local or gs://...); an existing manifest there is "
                          "removed when the pipeline starts (after the flags and inputs are checked: a "
@@ -267,7 +268,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PreprocessConfig, list[str]]
             "config.json whose max_position_embeddings is at least %d", args.max_seq_length, PRESET_POSITIONS,
             args.max_seq_length)
     values = vars(args)
-    values["inputs"] = tuple(values.pop("input"))
+    values["inputs"] = tuple(values.pop("input") or PreprocessConfig.inputs)
     # The flags of ExampleConfig's fields, but --whole-word-mask: PreprocessConfig's own (a segmenter).
     example_flags = {f.name for f in dataclasses.fields(ExampleConfig)} - {"whole_word_mask"}
     try:

@@ -60,3 +60,11 @@ def test_an_installed_console_script_names_itself(monkeypatch):
     assert PARSERS["pretrain"]().prog == "bert-pretrain"
     monkeypatch.setattr("sys.argv", ["pipeline/pretrain.py"])
     assert PARSERS["pretrain"]().prog == "python pipeline/pretrain.py"
+
+
+def test_every_input_of_a_repeated_input_flag_is_read():
+    """argparse's default action kept the last --input alone: the files of the first were dropped
+    without a word (one input file read, exit 0)."""
+    config, _ = options.parse_args(["--input", "a.txt", "b.txt", "--input", "c.parquet", "--text-field", "body"])
+    assert config.inputs == ("a.txt", "b.txt", "c.parquet")
+    assert options.parse_args([])[0].inputs == options.PreprocessConfig.inputs  # the bundled samples
