@@ -252,11 +252,19 @@ def read_shard_counts(output: str) -> list[tuple[str, int]]:
 # single sentence (no A/B split point): far above half means most sentences fill the target
 # length alone, and NSP degenerates into "is there a second sentence at all".
 LOPSIDED_RANDOM_NEXT = 0.6
+# Far below half: random B segments come from other documents of a bucket, and there are few.
+SCARCE_RANDOM_NEXT = 0.3
 
 
-def random_next_warning(counters: dict[str, int], max_seq_length: int) -> str | None:
+def random_next_warning(counters: dict[str, int], max_seq_length: int, objective: str = "mlm-nsp") -> str | None:
     """A hint when the NSP labels are lopsided, naming the flag that fixes it."""
     share = counters.get("random-next", 0) / max(counters.get("instances", 0), 1)
+    if objective == "mlm-nsp" and counters.get("instances") and share < SCARCE_RANDOM_NEXT:
+        documents = counters.get("documents-read", 0)
+        return (f"warning: {share:.0%} of examples have a random next segment (the recipe aims at 50%): it is "
+                f"drawn from another document, and the input has {documents:,} document{'s' * (documents != 1)} "
+                "(in .txt, only a blank line ends one); give the corpus's documents apart, or use --objective "
+                "mlm, which needs no pairs")
     if share <= LOPSIDED_RANDOM_NEXT:
         return None
     head = (f"warning: {share:.0%} of examples have a random next segment (the recipe aims at 50%): a chunk "
@@ -279,7 +287,7 @@ def random_next_warning(counters: dict[str, int], max_seq_length: int) -> str | 
 # The counters that are totals or statistics; every other one counts input skipped or changed.
 TOTALS = frozenset({"documents-read", "pages-read", "read-tasks", "sentences", "characters", "tokens", "instances",
                     "instance-tokens", "masked-tokens", "random-next", "short-target-document-passes",
-                    "truncated-tokens"})
+                    "truncated-tokens", "unk-tokens"})
 
 
 # Google's chunks overshoot their target by part of a sentence, so truncate_seq_pair cuts 9-15%
@@ -324,6 +332,25 @@ def vocabulary_warning(summary: Summary) -> str | None:
             "smaller --vocab-size to match")
 
 
+# A vocabulary trained on the corpus leaves out the rarest characters, 1 - --character-coverage
+# of them (0.05% at the default); far more [UNK] means a vocabulary made for other text.
+MANY_UNKNOWN = 0.01
+
+
+def unknown_tokens_warning(counters: dict[str, int], tokenizer_given: bool) -> str | None:
+    """A hint when the vocabulary does not cover the text: an English vocabulary given to Chinese
+    text made a third of the tokens [UNK], and the run said nothing."""
+    unknown, tokens = counters.get("unk-tokens", 0), counters.get("tokens", 0)
+    if unknown <= MANY_UNKNOWN * tokens:
+        return None
+    head = f"warning: {unknown / tokens:.1%} of the input tokens are [UNK] ({unknown:,} of {tokens:,})"
+    if tokenizer_given:
+        return (f"{head}: the --tokenizer vocabulary lacks many of this text's characters (made for another "
+                "language or script?); leave --tokenizer out to train one on this corpus")
+    return (f"{head}: the vocabulary leaves out characters rarer than --character-coverage keeps; raise it "
+            "(at most 1.0), or check --language and the input's encoding")
+
+
 # A UTF-8 corpus has few invalid lines (none in the bundled samples); many mean another encoding.
 MANY_INVALID_UTF8 = 0.05
 
@@ -353,6 +380,7 @@ def format_summary(summary: Summary) -> str:
         ("examples", c.get("instances", 0)),
         ("masked tokens", c.get("masked-tokens", 0)),
         *([("tokens cut to fit", c["truncated-tokens"])] if "truncated-tokens" in c else []),
+        ("[UNK] tokens", c.get("unk-tokens", 0)),
         ("random-next share", f"{c.get('random-next', 0) / max(c.get('instances', 1), 1):.3f}"),
         ("vocabulary size", m["tokenizer"]["vocab_size"]),
         ("shards", len(m["shards"])),
@@ -361,8 +389,9 @@ def format_summary(summary: Summary) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {v:>,}" if isinstance(v, int) else f"  {k:<{width}}  {v:>}" for k, v in rows]
-    for warning in (encoding_warning(c), random_next_warning(c, m["max_seq_length"]),
-                    truncation_warning(c, m["max_seq_length"]), vocabulary_warning(summary)):
+    for warning in (encoding_warning(c), random_next_warning(c, m["max_seq_length"], m.get("objective", "mlm-nsp")),
+                    truncation_warning(c, m["max_seq_length"]), vocabulary_warning(summary),
+                    unknown_tokens_warning(c, tokenizer_given=summary.vocab_size_asked is None)):
         if warning:
             lines.append(warning)
     lines.append(f"\nWrote {m['num_examples']:,} examples to {summary.output}")

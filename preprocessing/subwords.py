@@ -215,6 +215,7 @@ class Encoder:
             self.offset_unit = "char"
         self.prefixless = model.prefixless
         self.special_ids = ids
+        self.unk_id = ids[vocab.UNK]
         self.info = examples.VocabInfo(
             vocab_size=size, cls_id=ids[vocab.CLS], sep_id=ids[vocab.SEP], mask_id=ids[vocab.MASK],
             special_ids=tuple(sorted(ids.values())), word_start=word_start)

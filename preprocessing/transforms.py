@@ -327,6 +327,10 @@ def tokenize(doc: SentenceDocument, encoder: subwords.Encoder, counts: collectio
         counts["skipped-empty-after-tokenizing"] += 1
         return None
     counts["tokens"] += sum(map(len, pieces))
+    # A vocabulary made for other text (--tokenizer) turns this text's characters into [UNK]
+    unknown = int(np.count_nonzero(np.concatenate(pieces) == encoder.unk_id))
+    if unknown:
+        counts["unk-tokens"] += unknown
     return examples.Document(key=doc.key, sentences=pieces, word_starts=starts)
 
 

@@ -651,3 +651,18 @@ def test_short_max_seq_length_makes_nsp_lopsided_and_the_summary_says_so(corpus,
     warning = random_next_warning(novels, 64)
     assert "sentences average 31 tokens, so at --max-seq-length 64 a chunk often holds one sentence" in warning
     assert "a larger --max-seq-length" in warning and "documents average" not in warning
+
+
+def test_one_document_leaves_nsp_without_random_next_segments_and_the_summary_says_so(corpus):
+    """A .txt of one sentence per line and no blank line is one document: no other to draw a random
+    B from, every NSP label 0, and the summary said nothing."""
+    from preprocessing.driver import random_next_warning
+
+    docs, vocab = corpus
+    one = passes(docs[:1], vocab, ex.ExampleConfig(), dupes=1)
+    counters = {"instances": len(one), "random-next": int(one.next_sentence_labels.sum()), "documents-read": 1}
+    assert len(one) >= 10 and counters["random-next"] == 0
+    warning = random_next_warning(counters, 128)
+    assert warning.startswith("warning: 0% of examples have a random next segment (the recipe aims at 50%): it is "
+                              "drawn from another document, and the input has 1 document (in .txt, only a blank")
+    assert random_next_warning(counters, 128, objective="mlm") is None  # packed rows have no pairs

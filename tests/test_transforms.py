@@ -290,3 +290,23 @@ def test_a_read_task_that_never_reported_stops_the_manifest():
 def test_counts_merge_is_a_sum():
     assert transforms.merge_counts([{"a": 1}, {"a": 2, "b": 3}, {}]) == {"a": 3, "b": 3}
     assert json.dumps(transforms.merge_counts([])) == "{}"
+
+
+def test_unknown_tokens_are_counted_and_a_vocabulary_for_other_text_is_warned_of(spm_proto):
+    """An English vocabulary (--tokenizer) on Chinese text: a third of the ids were [UNK], unsaid."""
+    from preprocessing.driver import unknown_tokens_warning
+
+    encoder = transforms.load_model(subwords.TokenizerModel(subwords.SENTENCEPIECE, spm_proto))
+    counts = collections.Counter()
+    english = transforms.tokenize(SentenceDocument("en", ("It is a truth universally acknowledged.",)), encoder, counts)
+    assert counts["unk-tokens"] == 0 and english is not None
+    assert unknown_tokens_warning(counts, tokenizer_given=True) is None
+    chinese = transforms.tokenize(SentenceDocument("zh", ("春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。")), encoder,
+                                  counts)
+    unknown = sum(int((s == encoder.unk_id).sum()) for s in chinese.sentences)
+    # SentencePiece makes a run of unknown characters one [UNK]: 4 here, between the punctuation
+    assert unknown == 4 and counts["unk-tokens"] == unknown
+    warning = unknown_tokens_warning(counts, tokenizer_given=True)
+    assert warning.startswith(f"warning: {unknown / counts['tokens']:.1%} of the input tokens are [UNK] ({unknown:,} "
+                              f"of {counts['tokens']:,}): the --tokenizer vocabulary lacks")
+    assert "raise it" in unknown_tokens_warning(counts, tokenizer_given=False)
