@@ -164,7 +164,7 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     if "://" not in config.output and os.path.exists(config.output) and not os.path.isdir(config.output):
         raise inputs.InputError(f"--output {config.output}: a file, not a folder; the data dir is written there")
     check_writable(config.output)
-    tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes)
+    tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes, output=config.output)
     inputs.check_inputs(tasks, config.text_field)
     config = resolve_language(config, tasks)
     given = subwords.load_given(config.tokenizer) if config.tokenizer else None

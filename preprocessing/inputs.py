@@ -104,9 +104,11 @@ def detect_format(path: str) -> tuple[str, str | None]:
     return found
 
 
-def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]:
+def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | None = None) -> list[ReadTask]:
     """Expands paths/globs into read tasks of about ``split_bytes`` each where the
-    format allows, in a stable order: by path, then by position in the file."""
+    format allows, in a stable order: by path, then by position in the file. Files under a local
+    ``output`` folder are left out: a previous run's shards and tokenizer files would be read as
+    input (a Parquet shard refused for its columns, tokenizer.json taken for a jsonl)."""
     files: dict[str, int] = {}
     # A local folder named without its trailing slash is matched as a file of unknown format;
     # with the slash, Beam lists its files (one level: a local folder is walked here instead, and
@@ -143,6 +145,15 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int) -> list[ReadTask]
                                  f"extensions: {', '.join(SUPPORTED_EXTENSIONS)}")
         for meta in listed:
             files.setdefault(meta.path, meta.size_in_bytes)
+    if output and "://" not in output:
+        inside = [path for path in files if "://" not in path
+                  and os.path.abspath(path).startswith(os.path.join(os.path.abspath(output), ""))]
+        if inside:
+            log.warning("%d file(s) under --output %s left out of the input: %s", len(inside), output,
+                        ", ".join(inside[:5]) + (" …" if len(inside) > 5 else ""))
+            files = {path: size for path, size in files.items() if path not in inside}
+            if not files:
+                raise InputError(f"--input: every file matched is under --output {output}, the output of this run")
     # A pipe lists with size 0 (and would be read while still being written, or never): said as such.
     special = [path for path in files if "://" not in path and os.path.exists(path) and not os.path.isfile(path)]
     if special:

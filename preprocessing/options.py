@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="same input + seed = identical output, for any number of workers")
     out = p.add_argument_group("shards")
     out.add_argument("--num-shards", type=int, default=d.num_shards,
-                     help="Parquet shards of equal size (±1 row); 0 = one per --rows-per-shard rows")
+                     help="Parquet shards of equal size (±1 row), at most one per example; 0 = one per "
+                          "--rows-per-shard rows")
     out.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard,
                      help="target rows per shard when --num-shards is 0")
     track = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 import uuid
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from preprocessing.examples import SCHEMA, InstanceBatch
+
+log = logging.getLogger(__name__)
 
 PARTS_DIR = "parts"
 COUNTERS_FILE = "counters.json"
@@ -140,6 +143,10 @@ class ShardLayout:
         total = sum(p.rows for p in ordered)
         if total == 0:
             return ShardLayout(ordered, 0)
+        if num_shards > total:  # empty shards, which the ±1 row promise does not mean
+            log.warning("--num-shards %d is more than the %d examples made: %d shards of one example each",
+                        num_shards, total, total)
+            num_shards = total
         return ShardLayout(ordered, num_shards or max(1, math.ceil(total / rows_per_shard)))
 
     @property

@@ -458,6 +458,21 @@ def test_a_folder_input_skips_its_readme_with_a_warning_but_a_named_file_is_an_e
         inputs.plan_read_tasks([str(tmp_path)], 1 << 20)
 
 
+def test_an_output_inside_the_input_folder_is_left_out_of_the_input(tmp_path, caplog):
+    """The second run of --input corpus --output corpus/out read the first's shards as input and
+    stopped on their columns (and would have taken tokenizer.json for a jsonl)."""
+    (tmp_path / "doc.txt").write_text("The first document.\n")
+    for name in ("out/shards/part-00000-of-00001.parquet", "out/tokenizer/tokenizer.json", "outer.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    with caplog.at_level("WARNING", logger="preprocessing.inputs"):
+        tasks = inputs.plan_read_tasks([str(tmp_path)], 1 << 20, output=str(tmp_path / "out"))
+    assert [t.name for t in tasks] == ["doc.txt", "outer.txt"]  # a name that only begins like it stays
+    assert f"2 file(s) under --output {tmp_path / 'out'} left out of the input" in caplog.text
+    with pytest.raises(InputError, match=r"every file matched is under --output"):
+        inputs.plan_read_tasks([str(tmp_path / "out")], 1 << 20, output=str(tmp_path / "out"))
+
+
 def test_lines_of_chinese_and_japanese_are_joined_without_a_space(tmp_path):
     # before: "他说今天的天气非常 好。", a space inside a word, read by SentencePiece as a boundary
     (tmp_path / "zh.txt").write_text("他说今天的天气非常\n好。\nThe end\nof it.\n東京は\n大きい。\n\nnext\n")
