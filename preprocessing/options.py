@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "and empty files are skipped with a warning. Format by "
                          "extension: .xml/.xml.bz2 MediaWiki dumps (multistream files are split "
                          "across workers), .txt[.gz|.bz2] (documents separated by blank lines), "
-                         ".jsonl[.gz|.bz2] (see --text-field), .parquet. Default: the bundled "
+                         ".jsonl/.json[.gz|.bz2] (JSON lines, see --text-field), .parquet; no .xz or "
+                         ".zst (decompress those first). Default: the bundled "
                          "Wikipedia sample and Jane Austen's novels (a chapter per document). Repeatable")
     io.add_argument("--output", default=d.output, metavar="DIR",
                     help="output directory (local or gs://...); an existing manifest there is "
@@ -166,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "each by one worker; a compressed text file or single-stream dump is one unit")
     vocab = p.add_argument_group("vocabulary")
     vocab.add_argument("--vocab-size", type=int, default=d.vocab_size,
-                       help="SentencePiece vocabulary size, special tokens included (a small "
-                            "corpus may give fewer pieces; the manifest has the real size)")
+                       help="SentencePiece vocabulary size, special tokens included, at least 100 (a "
+                            "small corpus may give fewer pieces; the manifest has the real size)")
     vocab.add_argument("--model-type", choices=vocab_lib.MODEL_TYPES, default=d.model_type,
                        help="SentencePiece model type")
     vocab.add_argument("--tokenizer", metavar="PATH",
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the vocabulary sample; a smaller corpus is sampled whole")
     ex = p.add_argument_group("examples (Google's create_pretraining_data recipe)")
     ex.add_argument("--max-seq-length", type=int, default=d.examples.max_seq_length,
-                    help="tokens per example, [CLS] and both [SEP] included")
+                    help="tokens per example, [CLS] and both [SEP] included; at least 8")
     ex.add_argument("--objective", choices=OBJECTIVES, default=d.examples.objective,
                     help="mlm-nsp: Google's sentence pairs with the next-sentence label; mlm: RoBERTa's "
                          "FULL-SENTENCES rows, whole sentences packed across documents ([SEP] between "
