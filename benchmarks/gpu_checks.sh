@@ -23,11 +23,16 @@ if [[ -n ${BERT_PIPELINE_TEST_DATA:-} ]]; then
   BERT_PIPELINE_TEST_DATA=$(realpath -m "$BERT_PIPELINE_TEST_DATA")
   export BERT_PIPELINE_TEST_DATA
 fi
-cd "$(dirname "$0")/.." || exit 2
 python=${PYTHON:-$(command -v python || command -v python3)}
-# The environment's own tools first: DeepSpeed's build looks ninja up on PATH.
-PATH="$(dirname "$python"):$PATH"
+[[ $python == */* ]] && python=$(realpath -ms "$python") # relative: from where it was run (a venv link kept)
+cd "$(dirname "$0")/.." || exit 2
+# DeepSpeed's build looks ninja up on PATH: pip installs it beside a virtualenv's Python, which an
+# unactivated environment leaves off PATH (only then is that folder put first).
+if [[ $python == */* && -x $(dirname "$python")/ninja ]] && ! command -v ninja >/dev/null; then
+  PATH="$(dirname "$python"):$PATH"
+fi
 export PATH DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
+extensions=${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}
 
 if ! cuda=$("$python" -c 'import torch; print(torch.cuda.is_available())' 2>&1); then
   echo "gpu_checks.sh: error: $python cannot import torch: $(tail -n 1 <<<"$cuda")" >&2
@@ -47,13 +52,14 @@ cat "$out/machine.txt"
 
 # The build once, bounded, before anything needs it: a build killed half-way leaves a lock in
 # torch's extensions folder on which every later build would wait.
-ds_config=ds_configs/gpu_base_bf16_zero1_fused-adam.json
+shipped=ds_configs/gpu_base_bf16_zero1_fused-adam.json
+ds_config=$shipped
 timeout "${BUILD_S:-120}" "$python" -c 'from deepspeed.ops.op_builder import FusedAdamBuilder, FusedLambBuilder
 FusedAdamBuilder().load(); FusedLambBuilder().load()' >"$out/build.log" 2>&1
 built=$?
 if ((built != 0)); then
   if ((built == 124)); then
-    find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -path '*fused_*' -delete 2>/dev/null
+    find "$extensions" -name lock -path '*fused_*' -delete 2>/dev/null
   fi
   echo "gpu_checks.sh: DeepSpeed could not build its fused optimizers (exit $built; $out/build.log):" \
     "$(grep -v '^\s*$' "$out/build.log" | tail -n 1)" >&2
@@ -61,12 +67,15 @@ if ((built != 0)); then
   "$python" -c 'import json, sys
 config = json.load(open(sys.argv[1]))
 config["optimizer"]["params"].update(torch_adam=True, fused=True)
-json.dump(config, open(sys.argv[2], "w"), indent=2)' ds_configs/gpu_base_bf16_zero1_fused-adam.json "$ds_config"
+json.dump(config, open(sys.argv[2], "w"), indent=2)' "$shipped" "$ds_config"
 fi
 
 timeout "${GPU_TESTS_S:-180}" "$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 |
   tee "$out/gpu_tests.log"
 tests=${PIPESTATUS[0]}
+if ((tests == 124)); then # killed, perhaps mid-build: its lock would stall the rows' builds
+  find "$extensions" -name lock -path '*fused_*' -delete 2>/dev/null
+fi
 
 # One literal command line: tests/test_documented_commands.py checks its flags on any machine.
 for compile in "" --compile; do

@@ -344,7 +344,7 @@ def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, che
             "max_seq_length": manifest["max_seq_length"]}
     with open(os.path.join(temp, TRAINING_INFO), "w") as f:
         json.dump(info, f, indent=2)
-    model_card.write_card(temp, model_card.pretrained_card(model.config, info, manifest))
+    model_card.write_card(temp, model_card.pretrained_card(model.config, info, manifest, train_config.get("init_from")))
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,15 @@ def _front_matter(pipeline_tag: str, language: str | None, tags: list[str]) -> s
     return "\n".join(lines)
 
 
+def _shown(value) -> str:
+    """A field as the card prints it: what is not known (a run without MLflow) says so."""
+    return f"`{value}`" if value not in (None, "") else "not tracked"
+
+
+LICENCE = ("The licence of a model follows from its training text's: add a `license:` line to the front matter "
+           "above before publishing")
+
+
 def _architecture(config) -> str:
     return (f"BERT, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
             f"{config.num_attention_heads} attention heads, vocabulary {config.vocab_size}")
@@ -42,8 +51,9 @@ def _tokenizer_section(convert: str | None) -> str:
     return text
 
 
-def pretrained_card(config, info: dict, manifest: dict) -> str:
-    """The card of a pretraining export: ``info`` is its training_info.json, ``manifest`` the data dir's."""
+def pretrained_card(config, info: dict, manifest: dict, init_from: str | None = None) -> str:
+    """The card of a pretraining export: ``info`` is its training_info.json, ``manifest`` the data dir's,
+    ``init_from`` the weights a continued pretraining began from."""
     objective = manifest.get("objective", "mlm-nsp")
     masked_lm = objective == "mlm"
     masking = manifest.get("masking") or {}
@@ -51,14 +61,16 @@ def pretrained_card(config, info: dict, manifest: dict) -> str:
     shown = ", ".join(f"`{name}`" for name in inputs[:10]) + (f" and {len(inputs) - 10} more" if len(inputs) > 10
                                                                else "")
     load_class = "AutoModelForMaskedLM" if masked_lm else "AutoModelForPreTraining"
+    steps = f" for {info['step']} steps" if info.get("step") is not None else ""
     length = manifest["max_seq_length"]
     return "\n".join([
         _front_matter("fill-mask", manifest.get("language"), ["bert", "pretraining", "bert-pipeline"]),
-        f"# BERT pretrained from scratch ({info.get('tag')})",
+        f"# A pretrained BERT ({info.get('tag')})",
         "",
-        f"{_architecture(config)}. Objective: {OBJECTIVES.get(objective, objective)}; "
+        f"{_architecture(config)}. " + (f"Pretraining continued from `{init_from}`. " if init_from else "") +
+        f"Objective: {OBJECTIVES.get(objective, objective)}; "
         f"{masking.get('mode', 'static')} masking of {masking.get('masked_lm_prob', 0.15):g} of the tokens"
-        f"{', whole words' if masking.get('whole_word_mask') else ''}. Trained for {info.get('step')} steps on "
+        f"{', whole words' if masking.get('whole_word_mask') else ''}. Trained{steps} on "
         f"sequences of at most **{length} tokens**: the position embeddings past {length} are untrained, so "
         f"truncate input to {length} tokens (the tokenizer's `model_max_length`).",
         "",
@@ -79,13 +91,13 @@ def pretrained_card(config, info: dict, manifest: dict) -> str:
         "## Data",
         "",
         f"{manifest.get('num_examples', 'unknown')} training examples made from {shown or 'the input files'} "
-        f"(language `{manifest.get('language')}`). The licence of a model follows from its training text's: "
-        "state it here (`license:` above) before publishing; Wikipedia text, for one, is CC BY-SA.",
+        f"(language {_shown(manifest.get('language'))}). {LICENCE}; Wikipedia text, for one, is CC BY-SA.",
         "",
         "## Lineage",
         "",
-        f"MLflow runs: preprocessing `{info.get('data_run_id')}`, pretraining `{info.get('pretrain_run_id')}`. "
-        "`training_info.json` holds the checkpoint, the data dir and the tokenizer fingerprint.",
+        f"MLflow runs: preprocessing {_shown(info.get('data_run_id'))}, pretraining "
+        f"{_shown(info.get('pretrain_run_id'))}. `training_info.json` holds the checkpoint, the data dir and the "
+        "tokenizer fingerprint.",
         "",
     ])
 
@@ -118,10 +130,13 @@ def finetuned_card(config, info: dict, test_metrics: dict | None) -> str:
         _tokenizer_section(info.get("convert")),
         "## Lineage",
         "",
-        f"Fine-tuned from `{info.get('model')}`. MLflow runs: preprocessing `{info.get('data_run_id')}`, "
-        f"pretraining `{info.get('pretrain_run_id')}`, fine-tuning `{info.get('finetune_run_id')}`. The licence of "
-        "the model follows from its pretraining and fine-tuning data's: state it (`license:` above) before "
-        "publishing. `training_info.json` holds these fields; `report.json` beside this folder, the whole report.",
+        (f"Fine-tuned from `{info.get('model')}`" if info.get("init", "pretrained") == "pretrained" else
+         f"Trained from random weights in the architecture of `{info.get('model')}` (a baseline, not pretrained)")
+        + f". MLflow runs: preprocessing {_shown(info.get('data_run_id'))}, pretraining "
+        f"{_shown(info.get('pretrain_run_id'))}, fine-tuning {_shown(info.get('finetune_run_id'))}"
+        + (f" (after fine-tuning {_shown(info['parent_finetune_run_id'])})" if info.get("parent_finetune_run_id")
+           else "") + f". {LICENCE}, pretraining's and fine-tuning's. `training_info.json` holds these fields; "
+        "`report.json` beside this folder, the whole report.",
         "",
     ])
 

@@ -38,6 +38,7 @@ class Summary:
     wall_seconds: float
     run_id: str | None
     vocab_size_asked: int | None = None  # --vocab-size of a trained vocabulary; None with --tokenizer
+    num_shards_asked: int = 0  # --num-shards (0: by --rows-per-shard)
 
 
 def resolve_language(config: PreprocessConfig, tasks: list[inputs.ReadTask]) -> PreprocessConfig:
@@ -201,7 +202,7 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         path = manifest.write_manifest(config.output, data)
         run.log_results(counters, wall, config.output)
     return Summary(config.output, path, data, counters, wall, run.run_id,
-                   None if config.tokenizer else config.vocab_size)
+                   None if config.tokenizer else config.vocab_size, config.num_shards)
 
 
 def check_reachable_by_workers(config: PreprocessConfig, beam_args: list[str]) -> None:
@@ -263,8 +264,8 @@ def random_next_warning(counters: dict[str, int], max_seq_length: int, objective
         documents = counters.get("documents-read", 0)
         return (f"warning: {share:.0%} of examples have a random next segment (the recipe aims at 50%): it is "
                 f"drawn from another document, and the input has {documents:,} document{'s' * (documents != 1)} "
-                "(in .txt, only a blank line ends one); give the corpus's documents apart, or use --objective "
-                "mlm, which needs no pairs")
+                "(in .txt, only a blank line ends one); separate its documents (a blank line between them in a .txt), "
+                "or use --objective mlm, which needs no pairs")
     if share <= LOPSIDED_RANDOM_NEXT:
         return None
     head = (f"warning: {share:.0%} of examples have a random next segment (the recipe aims at 50%): a chunk "
@@ -332,6 +333,16 @@ def vocabulary_warning(summary: Summary) -> str | None:
             "smaller --vocab-size to match")
 
 
+def shards_warning(summary: Summary) -> str | None:
+    """--num-shards above the examples made gives a shard per example (parts.ShardLayout), not
+    empty shards: said, since the manifest then lists fewer shards than asked."""
+    made = len(summary.manifest.get("shards", ()))
+    if not summary.num_shards_asked or made >= summary.num_shards_asked:
+        return None
+    return (f"warning: --num-shards {summary.num_shards_asked} is more than the {made:,} examples made: "
+            f"{made:,} shards of one example each")
+
+
 # A vocabulary trained on the corpus leaves out the rarest characters, 1 - --character-coverage
 # of them (0.05% at the default); far more [UNK] means a vocabulary made for other text.
 MANY_UNKNOWN = 0.01
@@ -391,7 +402,8 @@ def format_summary(summary: Summary) -> str:
     lines = [f"  {k:<{width}}  {v:>,}" if isinstance(v, int) else f"  {k:<{width}}  {v:>}" for k, v in rows]
     for warning in (encoding_warning(c), random_next_warning(c, m["max_seq_length"], m.get("objective", "mlm-nsp")),
                     truncation_warning(c, m["max_seq_length"]), vocabulary_warning(summary),
-                    unknown_tokens_warning(c, tokenizer_given=summary.vocab_size_asked is None)):
+                    unknown_tokens_warning(c, tokenizer_given=summary.vocab_size_asked is None),
+                    shards_warning(summary)):
         if warning:
             lines.append(warning)
     lines.append(f"\nWrote {m['num_examples']:,} examples to {summary.output}")

@@ -145,9 +145,8 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
                                  f"extensions: {', '.join(SUPPORTED_EXTENSIONS)}")
         for meta in listed:
             files.setdefault(meta.path, meta.size_in_bytes)
-    if output and "://" not in output:
-        inside = [path for path in files if "://" not in path
-                  and os.path.abspath(path).startswith(os.path.join(os.path.abspath(output), ""))]
+    if output:
+        inside = [path for path in files if _is_under(path, output)]
         if inside:
             log.warning("%d file(s) under --output %s left out of the input: %s", len(inside), output,
                         ", ".join(inside[:5]) + (" …" if len(inside) > 5 else ""))
@@ -173,6 +172,13 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
         tasks.extend(dataclasses.replace(task, name=names[path])
                      for task in _file_tasks(path, fmt, compression, size, split_bytes))
     return tasks
+
+
+def _is_under(path: str, folder: str) -> bool:
+    """Whether ``path`` lies in ``folder``: local paths resolved (a symlink to it too), URLs as text."""
+    if "://" in folder or "://" in path:
+        return path.startswith(folder.rstrip("/") + "/")
+    return os.path.realpath(path).startswith(os.path.join(os.path.realpath(folder), ""))
 
 
 def _walk(folder: str) -> list[FileMetadata]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import logging
 import math
 import uuid
 from collections.abc import Sequence
@@ -29,8 +28,6 @@ from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from preprocessing.examples import SCHEMA, InstanceBatch
-
-log = logging.getLogger(__name__)
 
 PARTS_DIR = "parts"
 COUNTERS_FILE = "counters.json"
@@ -143,10 +140,7 @@ class ShardLayout:
         total = sum(p.rows for p in ordered)
         if total == 0:
             return ShardLayout(ordered, 0)
-        if num_shards > total:  # empty shards, which the ±1 row promise does not mean
-            log.warning("--num-shards %d is more than the %d examples made: %d shards of one example each",
-                        num_shards, total, total)
-            num_shards = total
+        num_shards = min(num_shards, total)  # not empty shards; the summary says so (driver.shards_warning)
         return ShardLayout(ordered, num_shards or max(1, math.ceil(total / rows_per_shard)))
 
     @property

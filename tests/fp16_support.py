@@ -4,7 +4,9 @@ everywhere (on a CPU without those, at bf16's speed: both ~10x slower than fp32 
 DeepSpeed's fp16 path (loss scaler, fp16 optimizers, checkpoints) is the same Python on a GPU and
 a CPU, so the tests let the accelerator take fp16 on every CPU (``take_fp16_on_any_cpu``, done on
 import here and by tests/pretrain_with_faults.py in a launched process): tests/test_fp16.py and the
-other fp16 tests run on every machine, not only where the CPU has fp16 units. A module of its
+other fp16 tests run on every machine, not only where the CPU has fp16 units. The patch holds
+for the whole test process once a test module imports this one: no test expects DeepSpeed to
+refuse fp16 on a CPU (one that did would have to undo it). A module of its
 own, not in conftest.py: asking imports DeepSpeed, whose start-up line would reach the output of
 every subprocess that imports a test module."""
 

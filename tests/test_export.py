@@ -13,6 +13,7 @@ import torch
 
 from pipeline import checkpoint, export
 from pipeline.engine import DEFAULT_DS_CONFIG
+from pipeline.output_path import current_umask
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
@@ -100,11 +101,12 @@ def test_the_export_says_what_it_is_and_every_user_can_read_it(exported, data_di
     card = open(os.path.join(out, "README.md")).read()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: fill-mask\n")
     assert f"at most **{manifest['max_seq_length']} tokens**" in card and "AutoModelForPreTraining.from_pretrained" in card
-    assert "not `BertTokenizer` or `BertTokenizerFast`" in card and "`run-123`" in card
-    assert f"`{os.path.basename(manifest['input']['paths'][0])}`" in card and "license:" in card
-    umask = os.umask(0)
-    os.umask(umask)
-    assert {stat.S_IMODE(os.stat(os.path.join(out, n)).st_mode) for n in os.listdir(out)} == {0o666 & ~umask}
+    assert "not `BertTokenizer` or `BertTokenizerFast`" in card and "pretraining `run-123`" in card
+    assert "preprocessing not tracked" in card and "`None`" not in card  # the data dir's run: --no-mlflow
+    assert f"`{os.path.basename(manifest['input']['paths'][0])}`" in card and "Pretraining continued" not in card
+    # the licence is the user's to state: asked for, not guessed
+    assert "license" not in card.split("---")[1] and "add a `license:` line to the front matter" in card
+    assert {stat.S_IMODE(os.stat(os.path.join(out, n)).st_mode) for n in os.listdir(out)} == {0o666 & ~current_umask()}
 
 
 def test_cli_exports_a_given_tag_to_a_given_dir(exported, tmp_path):

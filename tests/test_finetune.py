@@ -22,6 +22,7 @@ from pipeline.finetuning.config import FinetuneConfig
 from pipeline.finetuning.data import read_table, stratified_split
 from pipeline.finetuning.model import ModelSourceError, load_tokenizer, model_lineage, spm_fingerprint
 from pipeline.engine import free_port
+from pipeline.output_path import current_umask
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import Trainer
 
@@ -146,9 +147,9 @@ def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predi
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "is_local" not in tokenizer_config
     card = open(os.path.join(model_dir, "README.md")).read()
     assert "pipeline_tag: text-classification" in card and "`fresh`, `rotten`" in card and "max_length=64" in card
-    umask = os.umask(0)
-    os.umask(umask)
-    assert {stat.S_IMODE(os.stat(os.path.join(model_dir, n)).st_mode) for n in os.listdir(model_dir)} == {0o666 & ~umask}
+    assert {stat.S_IMODE(os.stat(os.path.join(model_dir, n)).st_mode) for n in os.listdir(model_dir)} == {
+        0o666 & ~current_umask()}
+    assert info["init"] == "pretrained" and "Fine-tuned from" in card and "fine-tuning not tracked" in card
     assert model_lineage(model_dir) == {"model_kind": "finetuned", "pretrain_run_id": "pretrain-run-123"}
     assert [os.path.basename(p) for p in paths] == ["report.json", "confusion_matrix.png"]
     assert open(paths[1], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -246,6 +246,10 @@ def test_a_seeded_split_keeps_every_class_in_train_and_names_those_it_cannot_sco
         val, test, train = stratified_split(keys, [0.1, 0.1], seed=seed)
         assert {keys[i] for i in train} == set(keys)
         assert [collections.Counter(keys[i] for i in part) for part in (val, test)] == [{"big1": 10, "big2": 10}] * 2
+    # Regression's strata (target deciles) keep no row back: 10 rows still split 1/1/8.
+    assert [len(part) for part in stratified_split(list(range(10)), [0.1, 0.1], seed=0, keep_one=False)] == [1, 1, 8]
+    scores = load_task_data(data=write(tmp_path / "scores.csv", [{"text": f"t{i}", "label": i + 0.5} for i in range(10)]))
+    assert scores.task == "regression" and [len(scores.splits[s]) for s in ("train", "validation", "test")] == [8, 1, 1]
     with caplog.at_level("WARNING"):
         data = load_task_data(data=write(tmp_path / "tail.csv", rows))
     assert len(data.labels) == 22 and set(data.splits["train"].labels.tolist()) == set(range(22))

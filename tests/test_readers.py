@@ -471,6 +471,9 @@ def test_an_output_inside_the_input_folder_is_left_out_of_the_input(tmp_path, ca
     assert f"2 file(s) under --output {tmp_path / 'out'} left out of the input" in caplog.text
     with pytest.raises(InputError, match=r"every file matched is under --output"):
         inputs.plan_read_tasks([str(tmp_path / "out")], 1 << 20, output=str(tmp_path / "out"))
+    # an object store's folder, listed recursively, as text
+    assert inputs._is_under("gs://b/corpus/out/shards/part-0.parquet", "gs://b/corpus/out/")
+    assert not inputs._is_under("gs://b/corpus/outer.txt", "gs://b/corpus/out")
 
 
 def test_lines_of_chinese_and_japanese_are_joined_without_a_space(tmp_path):

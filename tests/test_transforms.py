@@ -228,13 +228,20 @@ def test_shard_sizes_differ_by_at_most_one(total, num_shards):
     assert sum(sizes) == total and max(sizes) - min(sizes) <= 1
 
 
-def test_more_shards_than_examples_are_one_example_each_not_empty_shards(caplog):
+def test_more_shards_than_examples_are_one_example_each_not_empty_shards():
+    from preprocessing.driver import Summary, shards_warning
+
     parts_ = (parts.PartInfo(0, "a", 3), parts.PartInfo(1, "b", 2))
-    with caplog.at_level("WARNING", logger="preprocessing.parts"):
-        layout = parts.ShardLayout.plan(parts_, 500, 1000)
+    layout = parts.ShardLayout.plan(parts_, 500, 1000)
     assert layout.num_shards == 5 and [layout.shard_range(s) for s in range(5)] == [(i, i + 1) for i in range(5)]
-    assert "--num-shards 500 is more than the 5 examples made: 5 shards of one example each" in caplog.text
     assert parts.ShardLayout.plan(parts_, 4, 1000).num_shards == 4 and parts.ShardLayout.plan(parts_, 0, 2).num_shards == 3
+
+    def summary(asked):
+        return Summary("out", "out/manifest.json", {"shards": [{}] * 5}, {}, 1.0, None, None, asked)
+
+    assert shards_warning(summary(500)) == ("warning: --num-shards 500 is more than the 5 examples made: 5 shards of "
+                                            "one example each")
+    assert shards_warning(summary(5)) is None and shards_warning(summary(0)) is None
 
 
 def test_read_part_rows_reads_any_slice_across_row_groups(tmp_path, spm_proto):

@@ -588,14 +588,15 @@ def _texts(table: Table, column: str) -> list[str]:
     return out
 
 
-def stratified_split(keys: Sequence, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+def stratified_split(keys: Sequence, fractions: Sequence[float], seed: int, keep_one: bool = True) -> list[np.ndarray]:
     """Row indices for each fraction, then the rest, drawn per key (class) with ``seed``.
 
     Part k holds round(fraction_k · n) rows in all; each key gets its share of them,
     floor(fraction_k · n_key) plus one for the keys with the largest remainders, so class
-    shares are kept as closely as whole rows allow. Every key keeps at least one row in the
-    rest (the train split): a class with no train row would get an output unit it never trains
-    on, its rows scored as errors. Indices come back sorted.
+    shares are kept as closely as whole rows allow. With ``keep_one`` every key keeps at least
+    one row in the rest (the train split): a class with no train row would get an output unit it
+    never trains on, its rows scored as errors (regression's strata, target deciles, need not).
+    Indices come back sorted.
     """
     keys = np.asarray([str(k) for k in keys])
     rng = np.random.default_rng(seed)
@@ -603,16 +604,17 @@ def stratified_split(keys: Sequence, fractions: Sequence[float], seed: int) -> l
     rows = {key: rng.permutation(np.flatnonzero(keys == key)) for key in names}
     left = {key: len(rows[key]) for key in names}
     taken = {key: 0 for key in names}
+    kept = 1 if keep_one else 0
     tie_break = dict(zip(names, rng.permutation(len(names))))  # equal remainders: a seeded draw, not key order
     parts = []
     for fraction in fractions:
         quota = {key: fraction * len(rows[key]) for key in names}
-        counts = {key: min(int(quota[key]), left[key] - 1) for key in names}  # one row stays in the rest
+        counts = {key: min(int(quota[key]), left[key] - kept) for key in names}
         extra = int(round(fraction * len(keys))) - sum(counts.values())
         for key in sorted(names, key=lambda k: (counts[k] - quota[k], tie_break[k])):  # largest remainder first
             if extra <= 0:
                 break
-            if left[key] - counts[key] > 1:
+            if left[key] - counts[key] > kept:
                 counts[key] += 1
                 extra -= 1
         part = []
@@ -719,7 +721,7 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
         whole = splits["train"]
         strata = whole.labels if task == "classification" else _quantile_bins(whole.labels)
         fractions = [validation_fraction if s == "validation" else test_fraction for s in missing]
-        parts = stratified_split(strata, fractions, seed)
+        parts = stratified_split(strata, fractions, seed, keep_one=task == "classification")
         for split, rows in zip(missing, parts):
             splits[split] = whole.take(rows)
             sources[split] = f"{sources['train']} (seeded split)"
@@ -733,7 +735,7 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
             if not len(splits[split]) and round(fraction * len(whole)) and task == "classification":
                 raise FinetuneDataError(f"{tables['train'].source}: no class has a row to spare for the {split} "
                                         f"split ({len(labels)} classes in {len(whole)} rows; each keeps one in "
-                                        "train): give --validation and --test files")
+                                        f"train): give a --{split} file")
         for split in ("train", *missing):
             if not len(splits[split]):
                 raise FinetuneDataError(f"{tables['train'].source}: too few rows ({len(whole)}) to split off "

@@ -209,12 +209,13 @@ class Finetuner:
         # The flags and the data are checked before the process group starts (DeepSpeed's start-up,
         # tens of seconds on a first run): every rank reads the same files and fails the same way.
         check_output_dir(config.output_dir, config.model)
+        self.split_seed = settings.seed if config.split_seed is None else config.split_seed
         self.data = load_task_data(
             data=config.data, train=config.train, validation=config.validation, test=config.test,
             validation_split=config.validation_split, test_split=config.test_split, text_column=config.text_column, text_pair_column=config.text_pair_column,
             label_column=config.label_column, task=config.task, drop_labels=config.drop_labels,
             validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
-            seed=settings.seed if config.split_seed is None else config.split_seed)
+            seed=self.split_seed)
         self.task = self.data.task
         self.to_predict = load_prediction_inputs(config.predict, data=config.data, task=self.task,
                                                  text_column=config.text_column,
@@ -300,8 +301,7 @@ class Finetuner:
     def _log_splits(self) -> None:
         """A line per split: its rows, where they came from (a seeded cut of train says how), the
         rows --drop-label took out and those cut at the length; report.json has the same."""
-        config = self.config
-        seed = config.engine.seed if config.split_seed is None else config.split_seed
+        config, seed = self.config, self.split_seed
         for name, encoded in self.splits.items():
             source = self.data.split_from[name]
             if source.endswith("(seeded split)"):
@@ -622,7 +622,8 @@ class Finetuner:
         source = read_training_info(self.hf_dir)
         tokenizer_dir = self.config.tokenizer or self.hf_dir
         info = {"kind": "finetuned", "task": self.task, "labels": self.data.labels, "max_seq_length": self.max_length,
-                "model": self.hf_dir, "finetune_run_id": finetune_run_id(),
+                "model": self.hf_dir, "init": self.config.init, "finetune_run_id": finetune_run_id(),
+                "parent_finetune_run_id": self.lineage.get("finetune_run_id"),
                 "pretrain_run_id": self.lineage.get("pretrain_run_id"), "data_run_id": self.lineage.get("data_run_id"),
                 "tokenizer_fingerprint": source.get("tokenizer_fingerprint") or spm_fingerprint(tokenizer_dir),
                 "convert": self.convert, "language": source.get("language")}
