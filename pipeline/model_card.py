@@ -30,8 +30,9 @@ def _shown(value) -> str:
     return f"`{value}`" if value not in (None, "") else "not tracked"
 
 
-LICENCE = ("The licence of a model follows from its training text's: add a `license:` line to the front matter "
-           "above before publishing")
+def _licence(texts: str) -> str:
+    return (f"The licence of a model follows from its {texts}: add a `license:` line to the front matter above "
+            "before publishing")
 
 
 def _architecture(config) -> str:
@@ -39,11 +40,15 @@ def _architecture(config) -> str:
             f"{config.num_attention_heads} attention heads, vocabulary {config.vocab_size}")
 
 
-def _tokenizer_section(convert: str | None) -> str:
-    text = ("## Tokenizer\n\nA SentencePiece vocabulary (`spm.model`, and `tokenizer.json` for Hugging Face). Load it "
-            "with `AutoTokenizer` (a `PreTrainedTokenizerFast`), not `BertTokenizer` or `BertTokenizerFast`, which "
-            "would read the vocabulary as WordPiece and give other ids without an error. Input format: "
-            "`[CLS] A [SEP] B [SEP]`, token type ids 0 then 1.\n")
+def _tokenizer_section(convert: str | None, kind: str) -> str:
+    if kind == "wordpiece":  # a published BERT's own vocabulary (continued pretraining)
+        text = ("## Tokenizer\n\nA WordPiece vocabulary (`tokenizer.json`), loaded with `AutoTokenizer`. Input "
+                "format: `[CLS] A [SEP] B [SEP]`, token type ids 0 then 1.\n")
+    else:
+        text = ("## Tokenizer\n\nA SentencePiece vocabulary (`spm.model`, and `tokenizer.json` for Hugging Face). "
+                "Load it with `AutoTokenizer` (a `PreTrainedTokenizerFast`), not `BertTokenizer` or "
+                "`BertTokenizerFast`, which would read the vocabulary as WordPiece and give other ids without an "
+                "error. Input format: `[CLS] A [SEP] B [SEP]`, token type ids 0 then 1.\n")
     if convert:
         text += (f"\nThe training text was converted with OpenCC `{convert}` (e.g. Traditional to Simplified "
                  "Chinese): convert input the same way first (`opencc.OpenCC(\"" + convert + "\").convert(text)`), "
@@ -87,11 +92,12 @@ def pretrained_card(config, info: dict, manifest: dict, init_from: str | None = 
          "Saved as `BertForPreTraining` (the MLM and next-sentence heads, the pooler); a sequence classifier "
          "takes the encoder and pooler."),
         "",
-        _tokenizer_section(manifest.get("convert")),
+        _tokenizer_section(manifest.get("convert"), manifest["tokenizer"].get("kind", "sentencepiece")),
         "## Data",
         "",
         f"{manifest.get('num_examples', 'unknown')} training examples made from {shown or 'the input files'} "
-        f"(language {_shown(manifest.get('language'))}). {LICENCE}; Wikipedia text, for one, is CC BY-SA.",
+        f"(language {_shown(manifest.get('language'))}). " + _licence("training text's")
+        + "; Wikipedia text, for one, is CC BY-SA.",
         "",
         "## Lineage",
         "",
@@ -119,15 +125,14 @@ def finetuned_card(config, info: dict, test_metrics: dict | None) -> str:
         f"{_architecture(config)}. {what} Fine-tuned on texts of at most **{length} tokens** (truncate input "
         f"to {length}: `truncation=True, max_length={length}`).",
         "",
-        f"Test split: {scores}." if scores else "",
-        "",
+        *([f"Test split: {scores}.", ""] if scores else []),
         "```python",
         "from transformers import pipeline",
         "",
         f"classify = pipeline(\"text-classification\", model=PATH, truncation=True, max_length={length})",
         "```",
         "",
-        _tokenizer_section(info.get("convert")),
+        _tokenizer_section(info.get("convert"), info.get("tokenizer_kind", "sentencepiece")),
         "## Lineage",
         "",
         (f"Fine-tuned from `{info.get('model')}`" if info.get("init", "pretrained") == "pretrained" else
@@ -135,8 +140,8 @@ def finetuned_card(config, info: dict, test_metrics: dict | None) -> str:
         + f". MLflow runs: preprocessing {_shown(info.get('data_run_id'))}, pretraining "
         f"{_shown(info.get('pretrain_run_id'))}, fine-tuning {_shown(info.get('finetune_run_id'))}"
         + (f" (after fine-tuning {_shown(info['parent_finetune_run_id'])})" if info.get("parent_finetune_run_id")
-           else "") + f". {LICENCE}, pretraining's and fine-tuning's. `training_info.json` holds these fields; "
-        "`report.json` beside this folder, the whole report.",
+           else "") + f". {_licence('pretraining and fine-tuning texts')}. `training_info.json` holds these "
+        "fields; `report.json` beside this folder, the whole report.",
         "",
     ])
 

@@ -253,6 +253,8 @@ def test_our_own_export_continues_its_run_with_lineage(data_dir, tmp_path, monke
     assert saved["model"] == os.path.join(out, "config.json") and saved["pretrain_run_id"] == run.info.run_id
     info = json.load(open(tmp_path / "continued" / "hf" / "step00000001" / "training_info.json"))
     assert info["pretrain_run_id"] == run.info.run_id
+    card = (tmp_path / "continued" / "hf" / "step00000001" / "README.md").read_text()
+    assert f"Pretraining continued from `{out}`." in card and f"pretraining `{run.info.run_id}`" in card
     # The published model's folder deleted or moved after the run: the export still rebuilds the
     # architecture, from the config train_config.json recorded (it read the moved config.json).
     os.rename(out, out + "-moved")

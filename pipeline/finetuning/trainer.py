@@ -626,7 +626,9 @@ class Finetuner:
                 "parent_finetune_run_id": self.lineage.get("finetune_run_id"),
                 "pretrain_run_id": self.lineage.get("pretrain_run_id"), "data_run_id": self.lineage.get("data_run_id"),
                 "tokenizer_fingerprint": source.get("tokenizer_fingerprint") or spm_fingerprint(tokenizer_dir),
-                "convert": self.convert, "language": source.get("language")}
+                "convert": self.convert, "language": source.get("language"),
+                "tokenizer_kind": "sentencepiece" if os.path.isfile(os.path.join(tokenizer_dir, SPM_MODEL_FILE))
+                else "wordpiece"}
         with built_beside(directory) as temp:
             model.save_pretrained(temp, safe_serialization=True)
             # The tokenizer keeps the pretraining length as its model_max_length: a later fine-tuning
