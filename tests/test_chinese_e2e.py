@@ -103,19 +103,24 @@ def zh_dynamic_data(tmp_path_factory) -> str:
     return out
 
 
-def test_more_shards_than_rows_keep_the_word_starts_column(tmp_path):
-    """An empty shard was written without the column, and the data dir was refused for it."""
+def test_more_shards_than_rows_give_a_shard_per_row_with_the_word_starts_column(tmp_path):
+    """--num-shards 40 for a few rows: empty shards were written (once without the column, and the
+    data dir was refused for it); now a shard per row, said in the summary."""
     from pipeline.data import PretrainingDataset
 
     poems = tmp_path / "three.txt"
     poems.write_text("春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。\n\n床前明月光，疑是地上霜。举头望明月，低头思故乡。"
                      "\n\n白日依山尽，黄河入海流。欲穷千里目，更上一层楼。\n", encoding="utf-8")
     out = tmp_path / "data"
-    subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", str(poems),
-                    "--output", str(out), "--language", "zh", "--whole-word-mask", "--masking", "dynamic",
-                    "--vocab-size", "100", "--num-shards", "40", "--no-mlflow"], check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", str(poems),
+                           "--output", str(out), "--language", "zh", "--whole-word-mask", "--masking", "dynamic",
+                           "--vocab-size", "100", "--num-shards", "40", "--no-mlflow"], check=True, capture_output=True,
+                          text=True)
     shards = sorted((out / "shards").iterdir())
-    assert len(shards) == 40 and sum(pq.ParquetFile(s).metadata.num_rows == 0 for s in shards) > 30
+    rows = json.load(open(out / "manifest.json"))["num_examples"]
+    assert 0 < len(shards) == rows < 40 and all(pq.ParquetFile(s).metadata.num_rows == 1 for s in shards)
+    assert f"warning: --num-shards 40 is more than the {rows} examples made: {rows} shards of one example each" in (
+        proc.stdout + proc.stderr)
     assert all("word_starts" in pq.read_schema(s).names for s in shards)
     dataset = PretrainingDataset(str(out))
     assert len(dataset.word_starts) == len(dataset.input_ids) > 0
