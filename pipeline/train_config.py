@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder (Inductor). Batches are then padded to the data's "
                         "max_seq_length so that one graph serves every step; the first steps are slower "
-                        "while it compiles. Checkpoints and exports are the same as without it")
+                        "while it compiles. Checkpoints and exports are the same as without it. Not with a ZeRO "
+                        "stage 3 config, whose parameter gathering keeps the layers from compiling")
     p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log no MLflow run")
     p.add_argument("--experiment", type=experiment_flag, default=d.experiment, help=EXPERIMENT_HELP)
     p.add_argument("--run-name", help="MLflow run name (default: MLflow's generated one)")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, hf_init, run_lock
 from pipeline.data import PretrainingDataset, PretrainingLoader
 from pipeline.data_dir import DataDirError, read_manifest
+from pipeline.ds_config import DsConfigError
 from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, ScaledBackward, StopFlag, agree,
                              ensure_distributed_env, gradient_norm, init_distributed, initialize, keeps_no_grad_norm,
                              loss_scale, optimizer_step, unscaled_grad_norm)
@@ -122,6 +123,13 @@ class Trainer:
         self.nsp_weight = 0.0 if objective == "mlm" else 1.0
         settings = config.engine  # EngineConfig (self.engine: the DeepSpeed engine it builds)
         self.batches = settings.batches(self.world_size)
+        self.ds_config = settings.deepspeed_config(self.batches)
+        if config.compile and checkpoint.zero_stage(self.ds_config) == 3:
+            # Measured on CPU (2 ranks): ZeRO-3's parameter hooks change the grad mode around every
+            # layer, torch._dynamo recompiles each until its limit and then runs them eager.
+            raise DsConfigError(f"--compile with ZeRO stage 3 (--ds-config {settings.ds_config}): DeepSpeed's "
+                                "parameter gathering keeps torch.compile from compiling the layers; use a stage "
+                                "0-2 config, or leave out --compile")
         torch.manual_seed(settings.seed)
         if hf_init.is_hf_dir(config.init_from):  # before a model of the wrong size or vocabulary is built
             hf_init.check(config.init_from, config.model, self.manifest, config.data)
@@ -145,7 +153,6 @@ class Trainer:
             self.resumed_from_run_id = saved.get("pretrain_run_id")
             if not self.init_info:
                 self.init_info = {k: saved[k] for k in ("init_from", "init_from_run_id") if saved.get(k)}
-        self.ds_config = settings.deepspeed_config(self.batches)
         if self.resume_tag:  # the tokenizer first: another one changes the vocabulary size too
             self._check_tokenizer(config.checkpoint_dir, self.resume_tag, f"{config.checkpoint_dir}/{self.resume_tag}",
                                   "use the same data, or a new --run-dir")

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from pipeline.ds_config import DsConfigError
 from pipeline.export import export_checkpoint, write_train_config
 from pipeline.model import PRESETS
 from pipeline.train_config import TrainConfig
@@ -64,3 +65,14 @@ def export_state(run_dir):
     from transformers import BertForPreTraining
 
     return BertForPreTraining.from_pretrained(export_checkpoint(str(run_dir))).state_dict()
+
+
+def test_compile_with_zero3_is_refused_before_the_engine_starts(data_dir, tmp_path):
+    """ZeRO-3's parameter hooks flip the grad mode around every layer: torch._dynamo recompiles
+    each up to its limit and runs it eager (2 CPU ranks: the eager losses, recompile warnings)."""
+    config = TrainConfig.from_flat(data=data_dir, run_dir=str(tmp_path / "run"), model="tiny", steps=2,
+                                   global_batch_size=16, micro_batch_size=8, learning_rate=2e-3, mlflow=False,
+                                   compile=True, ds_config="ds_configs/cpu_fp32_zero3_torch-adamw.json")
+    with pytest.raises(DsConfigError, match=r"--compile with ZeRO stage 3 \(--ds-config ds_configs/cpu_fp32_zero3"):
+        Trainer(config)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
