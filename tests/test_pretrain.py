@@ -381,12 +381,21 @@ def test_two_ranks_under_the_deepspeed_launcher_give_one_ranks_losses(data_dir, 
     model.write_text(json.dumps({**PRESETS["tiny"], "hidden_dropout_prob": 0.0,
                                  "attention_probs_dropout_prob": 0.0}))
     common = ["--data", data_dir, "--model", str(model), "--steps", "6", "--global-batch-size", "16",
-              "--micro-batch-size", "8", "--log-every", "1", "--no-mlflow", "--learning-rate", "2e-3"]
+              "--micro-batch-size", "8", "--log-every", "1", "--no-mlflow", "--learning-rate", "2e-3",
+              "--peak-tflops", "1"]
     one = _run_pretrain([*common, "--run-dir", str(tmp_path / "one")], 1, tmp_path)
     launched = _run_pretrain([*common, "--run-dir", str(tmp_path / "ds")], 2, tmp_path, launcher="deepspeed")
     assert [m["step"] for m in one] == [m["step"] for m in launched] == list(range(1, 7))
     for a, c in zip(one, launched):
         assert c["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
+        # The rates count every rank's rows, the same rows as one rank's (rank 0's counts times 2
+        # would give rank 0's mean length): real tokens per sequence and the FLOPs per sequence
+        # behind both MFUs (over 2 GPUs' peak) are one rank's.
+        assert c["real_tokens_per_second"] / c["sequences_per_second"] == pytest.approx(
+            a["real_tokens_per_second"] / a["sequences_per_second"], rel=1e-9)
+        for mfu in ("mfu_model", "mfu_executed"):
+            assert 2 * c[mfu] / c["sequences_per_second"] == pytest.approx(a[mfu] / a["sequences_per_second"],
+                                                                           rel=1e-9)
     assert one[-1]["loss"] < one[0]["loss"]
 
 
