@@ -106,9 +106,10 @@ def detect_format(path: str) -> tuple[str, str | None]:
 
 def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | None = None) -> list[ReadTask]:
     """Expands paths/globs into read tasks of about ``split_bytes`` each where the
-    format allows, in a stable order: by path, then by position in the file. Files under a local
-    ``output`` folder are left out: a previous run's shards and tokenizer files would be read as
-    input (a Parquet shard refused for its columns, tokenizer.json taken for a jsonl)."""
+    format allows, in a stable order: by path, then by position in the file. Files under the
+    ``output`` folder (local, symlinked or remote) are left out: a previous run's shards and
+    tokenizer files would be read as input (a Parquet shard refused for its columns,
+    tokenizer.json taken for a jsonl)."""
     files: dict[str, int] = {}
     # A local folder named without its trailing slash is matched as a file of unknown format;
     # with the slash, Beam lists its files (one level: a local folder is walked here instead, and

@@ -621,14 +621,14 @@ class Finetuner:
         model = self.engine.module.float()  # after train(), already the best epoch's fp32 masters
         source = read_training_info(self.hf_dir)
         tokenizer_dir = self.config.tokenizer or self.hf_dir
+        spm = os.path.join(tokenizer_dir, SPM_MODEL_FILE)  # save_pretrained leaves it out: copied below
         info = {"kind": "finetuned", "task": self.task, "labels": self.data.labels, "max_seq_length": self.max_length,
                 "model": self.hf_dir, "init": self.config.init, "finetune_run_id": finetune_run_id(),
                 "parent_finetune_run_id": self.lineage.get("finetune_run_id"),
                 "pretrain_run_id": self.lineage.get("pretrain_run_id"), "data_run_id": self.lineage.get("data_run_id"),
                 "tokenizer_fingerprint": source.get("tokenizer_fingerprint") or spm_fingerprint(tokenizer_dir),
                 "convert": self.convert, "language": source.get("language"),
-                "tokenizer_kind": "sentencepiece" if os.path.isfile(os.path.join(tokenizer_dir, SPM_MODEL_FILE))
-                else "wordpiece"}
+                "tokenizer_kind": "sentencepiece" if os.path.isfile(spm) else "wordpiece"}
         with built_beside(directory) as temp:
             model.save_pretrained(temp, safe_serialization=True)
             # The tokenizer keeps the pretraining length as its model_max_length: a later fine-tuning
@@ -636,7 +636,7 @@ class Finetuner:
             # run used is training_info.json's and report.json's max_seq_length.
             self.tokenizer.save_pretrained(temp)
             make_tokenizer_config_portable(temp)
-            if os.path.isfile(spm := os.path.join(tokenizer_dir, SPM_MODEL_FILE)):  # save_pretrained leaves it out
+            if info["tokenizer_kind"] == "sentencepiece":
                 shutil.copyfile(spm, os.path.join(temp, SPM_MODEL_FILE))
             with open(os.path.join(temp, TRAINING_INFO), "w") as f:
                 json.dump(info, f, indent=2)
