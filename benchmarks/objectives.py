@@ -1,6 +1,6 @@
 """Pretraining objectives side by side, at equal CPU time: which gives the better model?
 
-    python benchmarks/objectives.py                       # 4 objectives x 3 min, ~35 min on 2 cores
+    python benchmarks/objectives.py                       # 4 objectives x 3 min, ~23 min on 2 idle cores
     python benchmarks/objectives.py --minutes 10 --seeds 1 2 3 4 5
 
 The same corpus (the bundled Wikipedia sample, Austen's novels and the unlabelled text of the
