@@ -8,7 +8,8 @@ preprocessing/run_beam.py also passes Apache Beam's flags on, so those count as 
 A renamed flag, or an example sized for one process shown on eight, then fails here instead of
 on a user's first run. The scripts in benchmarks/*.sh are read whole: a GPU check that passed a
 flag the benchmark no longer takes would otherwise fail only on a GPU. A command whose text
-leaves flags out ("…") or shows placeholders (FILE, N) has its flags checked, not its batch.
+leaves flags out ("…") or shows placeholders (FILE, N) has its flags checked, not its batch. A
+whole benchmark command also passes the flags its script requires.
 """
 
 import ast
@@ -97,8 +98,9 @@ class Command(NamedTuple):
         return tuple(m.group() for m in (re.match(r"--[a-zA-Z][\w-]*", a) for a in self.args) if m)
 
 
-def documented_commands() -> list[Command]:
-    """Each command line the docs show that runs one of the project's scripts with flags, once."""
+def documented_commands(bare: bool = False) -> list[Command]:
+    """Each command line the docs show that runs one of the project's scripts with flags, once;
+    with ``bare``, also those that run one without flags (``python benchmarks/host_ops.py``)."""
     commands = {}
     for source, text in doc_texts():
         text = re.sub(r"\\\n\s*#?", " ", text)  # continuation lines, in comments too
@@ -122,7 +124,8 @@ def documented_commands() -> list[Command]:
                     args.append(arg)
                 command = Command(source, tuple(tokens[start:i]), script, tuple(a for a in args if a not in ("…", "...")),
                                   any(a in ("…", "...") or re.fullmatch(r"[A-Z][A-Z_]*", a) for a in args))
-                if command.flags:  # none: a file named in prose, or nothing to check
+                # With no flag and no launcher: a file named in prose.
+                if command.flags or (bare and command.launcher):
                     commands.setdefault(command[:4], command)
     return list(commands.values())
 
@@ -138,7 +141,18 @@ def known_flags():
     helps = json.loads(line[-1][len("HELP_JSON "):])
     flags = {script: set(re.findall(r"(?<![\w-])--[a-zA-Z][\w-]*", text)) for script, text in helps.items()}
     flags["preprocessing/run_beam.py"] |= beam_flags()
-    return commands, flags
+    # Bare commands of the scripts the flagged ones run: a `python script.py` must still pass the
+    # script's required flags.
+    bare = [c for c in documented_commands(bare=True) if not c.flags and c.script in helps]
+    return commands, flags, (commands + bare, {script: required_flags(text) for script, text in helps.items()})
+
+
+def required_flags(help_text: str) -> set[str]:
+    """The flags argparse's usage line shows outside brackets: the required ones."""
+    usage = help_text.split("\n\n")[0]
+    while (shorter := re.sub(r"\[[^\[\]]*\]", "", usage)) != usage:  # nested optional groups, innermost first
+        usage = shorter
+    return set(re.findall(r"(?<![\w-])--[a-zA-Z][\w-]*", usage))
 
 
 def beam_flags() -> set[str]:
@@ -154,7 +168,7 @@ def beam_flags() -> set[str]:
 
 
 def test_the_docs_show_commands_of_every_entry_script(known_flags):
-    commands, _ = known_flags
+    commands, _, _ = known_flags
     shown = {c.script for c in commands}
     for script in ("preprocessing/run_beam.py", "pipeline/pretrain.py", "pipeline/finetune.py",
                    "pipeline/export.py", "pipeline/embed.py", "pipeline/report.py",
@@ -166,11 +180,22 @@ def test_the_docs_show_commands_of_every_entry_script(known_flags):
 
 
 def test_every_documented_flag_is_one_its_script_knows(known_flags):
-    commands, flags = known_flags
+    commands, flags, _ = known_flags
     for script, known in flags.items():
         assert "--help" in known, f"{script} --help printed no flags"
     unknown = [f"{c.source}: {c.script} {flag}" for c in commands for flag in c.flags if flag not in flags[c.script]]
     assert not unknown, "flags the docs show that the script does not take:\n" + "\n".join(unknown)
+
+
+def test_every_whole_benchmark_command_passes_its_required_flags(known_flags):
+    # The benchmarks' commands only: the stages' names stand in the prose alone ("`python
+    # pipeline/pretrain.py` trains ..."), and their sbatch scripts pass --data from DATA_DIR.
+    _, _, (commands, required) = known_flags
+    assert required["benchmarks/host_ops.py"] == {"--ds-config"}  # the usage line was read
+    missing = [f"{c.source}: {' '.join(c.launcher)} {c.script} {' '.join(c.args)}: no {', '.join(sorted(need))}"
+               for c in commands if c.script.startswith("benchmarks/") and not c.partial
+               and (need := required[c.script] - set(c.flags))]
+    assert not missing, "documented commands that would stop at a missing required flag:\n" + "\n".join(missing)
 
 
 def option(tokens, *names, default=None):
