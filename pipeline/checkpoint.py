@@ -122,10 +122,11 @@ def _barrier() -> None:
 
 
 def save(engine, directory: str, step: int, client_state: dict, keep: int, is_rank0: bool,
-         meta: dict | None = None) -> str:
+         meta: dict | None = None, before_marking=None) -> str:
     """Saves tag ``step…`` on every rank, then marks it complete and points ``latest`` at it.
 
     ``meta`` (small, JSON) goes into the marker, readable without loading the checkpoint.
+    ``before_marking(tag)``: rank 0's last check before it vouches for the tag (it may raise).
     CheckpointWriteError when a file cannot be written (the tag stays unmarked).
     """
     tag = tag_for(step)
@@ -139,6 +140,8 @@ def save(engine, directory: str, step: int, client_state: dict, keep: int, is_ra
         engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
         _barrier()  # every rank's shards are on disk before the tag is declared complete
         if is_rank0:
+            if before_marking:
+                before_marking(tag)
             # save_id tells this save of the tag from an earlier one of the same name (another branch),
             # for what was derived from it (an export beside the run).
             _write_marker(directory, tag, {"tag": tag, "step": step, "save_id": uuid.uuid4().hex, **(meta or {})})

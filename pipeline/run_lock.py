@@ -17,8 +17,10 @@ Faults that corrupt a run without an error of their own:
 - two fine-tunings into one ``--output-dir``: the second clears the first's report and model
   at its start, and their saves interleave. Fine-tuning's rank 0 holds ``OUTPUT_DIR/.lock``
   the same way (its other ranks write nothing there, so there is no token to compare).
-- Lustre mounted with ``localflock`` locks per node only: two jobs on different nodes are not
-  kept apart there (and nothing says so).
+- a file system that locks per node only (Lustre with ``localflock``, NFS mounted ``nolock`` or
+  with ``local_lock``) grants the lock to a second job on another node too. The second job
+  writes its own token into the lock file; the first, which re-reads it before declaring each
+  checkpoint complete (``check_still_held``), stops there, so only one of them goes on.
 """
 
 from __future__ import annotations
@@ -138,11 +140,14 @@ def check_free(run_dir: str, flag: str = "--run-dir") -> None:
     script's check before any rank starts: the ranks take the lock themselves)."""
     path = os.path.join(run_dir, LOCK_FILE)
     try:
-        fd = os.open(path, os.O_RDONLY)  # flock needs no write access
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return  # no lock file, or none this user can read: the ranks' own acquire decides
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Shared: it conflicts with the holder's exclusive lock as well, and needs no write access.
+        # On NFS, where Linux emulates flock with POSIX locks, an exclusive one on a read-only
+        # descriptor fails with EBADF, which would read as "free".
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise _in_use(run_dir, flag, path) from None
@@ -201,6 +206,29 @@ def check_shared(run_dir: str, rank: int, world_size: int, device="cpu") -> None
                           f"{_ranks(others)} of {world_size} do not see the {LOCK_FILE} rank 0 wrote there ({here}); "
                           "put the run dir on a file system every node mounts (not node-local disk such as /tmp), "
                           "and pass every rank the same --run-dir")
+
+
+def held_token(run_dir: str) -> int | None:
+    """The token in ``RUN_DIR/.lock`` now: rank 0's own, read after ``check_shared``; None without one."""
+    token = _read(os.path.join(run_dir, LOCK_FILE)).get("token")
+    return token if isinstance(token, int) and token > 0 else None
+
+
+def check_still_held(run_dir: str, token: int | None, what: str) -> None:
+    """Raises RunDirError if another run has written its token into ``RUN_DIR/.lock`` since this
+    one took it: on a file system that grants locks per node (NFS mounted ``nolock`` or with
+    ``local_lock``), a second job on another node takes the lock too, and the two would write one
+    checkpoints folder. Checked before each checkpoint is declared complete; nothing to check
+    without a token (a Trainer built without the command's lock)."""
+    if token is None:
+        return
+    path = os.path.join(run_dir, LOCK_FILE)
+    holder = _read(path)
+    if holder.get("token") != token:
+        raise RunDirError(f"--run-dir {run_dir}: another run took {path} while this one was running "
+                          f"({_describe(holder)}): two runs are writing this folder, as where the file system "
+                          "grants locks per node (NFS mounted nolock or with local_lock); this run stops without "
+                          f"marking {what} complete. Let one run go on, and mount the folder with working locks")
 
 
 def _ranks(ranks: list[int]) -> str:

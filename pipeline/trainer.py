@@ -171,6 +171,7 @@ class Trainer:
         # Before a checkpoint is loaded or anything written: a node that sees another run dir would
         # resume alone.
         run_lock.check_shared(config.run_dir, self.rank, self.world_size, self.engine.device)
+        self._lock_token = run_lock.held_token(config.run_dir) if self.is_rank0 else None
         self.sampler = BatchSampler(self.dataset.lengths[:self.train_rows], settings.micro_batch_size,
                                     rank=self.rank, world_size=self.world_size, seed=settings.seed,
                                     accumulation_steps=self.batches.accumulation_steps)
@@ -362,7 +363,8 @@ class Trainer:
                 # lineage: the run that wrote this tag, and the weights the run's first phase began from
                 "pretrain_run_id": self.run_id, **self.init_info}
         tag = checkpoint.save(self.engine, self.config.checkpoint_dir, self.step, client,
-                              self.config.keep_checkpoints, self.is_rank0, meta)
+                              self.config.keep_checkpoints, self.is_rank0, meta,
+                              lambda tag: run_lock.check_still_held(self.config.run_dir, self._lock_token, tag))
         self._saved_at, self._saved_step = time.monotonic(), self.step
         if self.is_rank0 and self.step < self.config.steps:
             # The older tags are pruned only once the next one is written: it needs room of its own.

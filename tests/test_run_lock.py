@@ -130,6 +130,36 @@ def test_a_sigterm_in_start_up_ends_the_rank_at_the_rendezvous_a_usr1_waits_for_
     assert ("error: stopped by SIGTERM before the ranks met: nothing to checkpoint" in proc.stderr) != entered
 
 
+def test_a_run_whose_lock_another_run_took_stops_before_marking_its_next_checkpoint(data_dir, tmp_path,
+                                                                                     monkeypatch):
+    """Where the file system grants locks per node (NFS mounted nolock), a second job on another
+    node acquires the run dir too and writes its token: the first stops at its next save, without
+    vouching for a tag the two may both be writing."""
+    import json
+
+    from pipeline.train_config import parse_args
+    from pipeline.trainer import Trainer
+
+    set_one_process_world(monkeypatch)
+    lock = run_lock.acquire(str(tmp_path))
+    config = parse_args([*_args(data_dir, tmp_path), "--steps", "4", "--checkpoint-every", "2"])
+    trainer = Trainer(config)
+    other = {"token": lock.token + 1, "host": "node2", "pid": 4242, "slurm_job_id": "77", "started": "then"}
+
+    def another_run_takes_the_lock(t, metrics):
+        if t.step == 3:  # after this run's step-2 checkpoint
+            (tmp_path / ".lock").write_text(json.dumps(other))
+
+    with pytest.raises(run_lock.RunDirError, match=rf"--run-dir {tmp_path}: another run took {tmp_path}/.lock while "
+                                                   r"this one was running \(pid 4242 on node2, SLURM job 77, started "
+                                                   r"then\): .* without marking step00000004 complete"):
+        trainer.train(on_step=another_run_takes_the_lock)
+    lock.release()
+    checkpoints = str(tmp_path / "checkpoints")
+    assert checkpoint.complete_tags(checkpoints) == [checkpoint.tag_for(2)]
+    assert checkpoint.find_latest(checkpoints) == checkpoint.tag_for(2)
+
+
 def test_abandoning_removes_the_folders_acquire_made_and_only_those(tmp_path, monkeypatch):
     kept = tmp_path / "kept"
     kept.mkdir()
