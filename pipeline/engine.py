@@ -195,6 +195,20 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
         deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
+@contextlib.contextmanager
+def waiting_longer(minutes: float, then_minutes: float):
+    """The process group's collectives started inside wait up to ``minutes`` for a peer, and
+    ``then_minutes`` (--dist-timeout-minutes) again after: for one rank's long, known piece of
+    work that the others wait on, without slowing the detection of a hung rank for the whole run."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d._set_pg_timeout(datetime.timedelta(minutes=minutes))
+    try:
+        yield
+    finally:
+        distributed_c10d._set_pg_timeout(datetime.timedelta(minutes=then_minutes))
+
+
 def end_distributed() -> None:
     """This process's part in the process group ends here, after a successful run, while the
     interpreter is still whole (what torchtitan does at a clean exit). Left to the interpreter's

@@ -24,7 +24,7 @@ from pipeline.data_dir import DataDirError, read_manifest
 from pipeline.ds_config import DsConfigError
 from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, ScaledBackward, StopFlag, agree,
                              ensure_distributed_env, gradient_norm, init_distributed, initialize, keeps_no_grad_norm,
-                             loss_scale, optimizer_step, unscaled_grad_norm)
+                             loss_scale, optimizer_step, unscaled_grad_norm, waiting_longer)
 from pipeline.metrics import json_line, keep_steps_up_to
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.param_groups import group_settings
@@ -87,6 +87,11 @@ def append_history(run_dir: str, name: str, values: dict) -> None:
     with writing("the run's history", path, "rerun: it resumes from the newest complete checkpoint"), \
             open(path, "a") as f:
         f.write(json_line(values))
+
+
+# How long the other ranks wait for rank 0's conversion to a universal checkpoint at a resume on
+# another number of processes (Trainer._universal_tag), when --dist-timeout-minutes is shorter.
+UNIVERSAL_CONVERSION_MINUTES = 60.0
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -326,15 +331,21 @@ class Trainer:
     def _universal_tag(self, tag: str) -> str:
         """Rank 0 converts ``tag`` to a universal checkpoint (once); every rank then loads that."""
         failed = None
-        if self.is_rank0:
-            log.info("%s/%s was saved by %s: regrouping its ZeRO partitions for %d (a universal checkpoint, "
-                     "once)", self.config.checkpoint_dir, tag, checkpoint.processes(self.resume_plan.saved_world_size),
-                     self.world_size)
-            try:
-                checkpoint.to_universal(self.config.checkpoint_dir, tag)
-            except Exception as err:  # the other ranks must not wait for a conversion that never ends
-                failed = err
-        if agree([failed is not None], self.world_size, self.engine.device)[0]:
+        # The conversion writes files per weight and moment, serially: on a busy shared file system
+        # it may outlast --dist-timeout-minutes, after which the waiting ranks would give up, and every
+        # resubmission would start it over. They wait for it up to UNIVERSAL_CONVERSION_MINUTES.
+        timeout = self.config.engine.dist_timeout_minutes
+        with waiting_longer(max(timeout, UNIVERSAL_CONVERSION_MINUTES), timeout):
+            if self.is_rank0:
+                log.info("%s/%s was saved by %s: regrouping its ZeRO partitions for %d (a universal checkpoint, "
+                         "once)", self.config.checkpoint_dir, tag,
+                         checkpoint.processes(self.resume_plan.saved_world_size), self.world_size)
+                try:
+                    checkpoint.to_universal(self.config.checkpoint_dir, tag)
+                except Exception as err:  # the other ranks must not wait for a conversion that never ends
+                    failed = err
+            failed_anywhere = agree([failed is not None], self.world_size, self.engine.device)[0]
+        if failed_anywhere:
             raise failed or RuntimeError(f"rank 0 failed to convert {self.config.checkpoint_dir}/{tag} to a "
                                          "universal checkpoint (see its log)")
         return tag + checkpoint.UNIVERSAL

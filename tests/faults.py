@@ -13,6 +13,8 @@ between runs):
 - ``kill-during-save:S``: ``kill -9`` once DeepSpeed wrote step S's checkpoint files, before the
   tag is marked complete
 - ``enospc-during-save:S``: a disk that filled up while step S was saved (the last file cut short)
+- ``slow-universal:SECONDS``: the conversion to a universal checkpoint takes SECONDS longer (a
+  busy shared file system)
 
 In a test's own process: ``inject(monkeypatch, fault)``. In a launched one (torchrun, or a plain
 ``python``): ``tests/pretrain_with_faults.py`` in place of ``pipeline/pretrain.py``.
@@ -70,11 +72,13 @@ def _save_fault(fault: str, directory: str, tag: str) -> None:
 
 
 def install(setattr=setattr) -> None:
-    """Wraps ``Trainer.train_step`` and DeepSpeed's ``save_checkpoint`` (through ``setattr``:
-    ``monkeypatch.setattr`` undoes it after the test). Once per process is enough."""
+    """Wraps ``Trainer.train_step``, DeepSpeed's ``save_checkpoint`` and ``checkpoint.to_universal``
+    (through ``setattr``: ``monkeypatch.setattr`` undoes it after the test). Once per process is enough."""
+    import time
+
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from pipeline import trainer
+    from pipeline import checkpoint, trainer
 
     if getattr(trainer.Trainer.train_step, "injects_faults", False):
         return
@@ -106,9 +110,17 @@ def install(setattr=setattr) -> None:
         _save_fault(os.environ.get(ENV, ""), save_dir, tag)
         return result
 
+    def slow_to_universal(directory, tag):
+        kind, _, seconds = os.environ.get(ENV, "").partition(":")
+        if kind == "slow-universal":
+            time.sleep(float(seconds))
+        return to_universal(directory, tag)
+
+    to_universal = checkpoint.to_universal
     faulty_train_step.injects_faults = True
     setattr(trainer.Trainer, "train_step", faulty_train_step)
     setattr(DeepSpeedEngine, "save_checkpoint", faulty_save_checkpoint)
+    setattr(checkpoint, "to_universal", slow_to_universal)
 
 
 def inject(monkeypatch, fault: str) -> None:

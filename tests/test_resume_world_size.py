@@ -16,6 +16,7 @@ from pipeline.pretrain import main as pretrain
 from pipeline.train_config import parse_args
 from pipeline.trainer import Trainer
 
+from . import faults
 from .test_fp16 import ds_config as fp16_config
 from .test_pretrain import _run_pretrain
 from tests.conftest import REPO, set_one_process_world
@@ -79,7 +80,12 @@ def test_a_run_resumes_on_another_number_of_processes_with_the_same_losses(data_
         "latest", "step00000003", "step00000006", "zero_to_fp32.py", "zero_to_torch.py"]
 
     branch(tmp_path / "one", tmp_path / "one_to_two")
-    one_to_two = _run_pretrain(argv(data_dir, no_dropout, tmp_path / "one_to_two"), 2, tmp_path)
+    # Rank 0's conversion to a universal checkpoint outlasts --dist-timeout-minutes (6 s), as on a
+    # busy shared file system: rank 1 waits for it rather than failing, and the run goes on.
+    monkeypatch.setenv(faults.ENV, "slow-universal:10")
+    one_to_two = _run_pretrain([*argv(data_dir, no_dropout, tmp_path / "one_to_two"), "--dist-timeout-minutes", "0.1"],
+                               2, tmp_path, script=os.path.join(REPO, "tests", "pretrain_with_faults.py"))
+    monkeypatch.delenv(faults.ENV)
 
     expected = after(one)
     assert [m["step"] for m in two_to_one] == [m["step"] for m in one_to_two] == list(range(AT + 1, STEPS + 1))
