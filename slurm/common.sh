@@ -126,8 +126,13 @@ set_master() {
   fi
   export MASTER_ADDR=${MASTER_ADDR:-${addr:-$first}}
   if [[ -n "${MASTER_PORT:-}" ]]; then
-    export MASTER_PORT
-    return
+    if [[ "${SLURMD_NODENAME:-}" != "$first" ]] || ! port_in_use "$MASTER_PORT"; then
+      export MASTER_PORT
+      return
+    fi
+    # One left in the submitting shell by torchrun (29500): every rank's rendezvous would fail to bind
+    log "warning: MASTER_PORT=$MASTER_PORT from the environment is in use on $first: choosing a free port" \
+      "(unset MASTER_PORT before sbatch to let this script choose)"
   fi
   # Below the Linux ephemeral range (32768+) and unique among running jobs unless their ids are
   # 15000 apart; a requeued job keeps its id and so its port. This shell runs on the first node
@@ -186,7 +191,8 @@ srun_ranks() {
   # shellcheck disable=SC2016
   # --wait=0: no site WaitTime may end the ranks still at work once one has exited 0 (rank 0
   # writes the export, fine-tuning's rank 0 the model, after the others are done).
-  srun --label --kill-on-bad-exit=1 --wait=0 "${extra[@]}" bash -c \
+  # ${a[@]+"${a[@]}"}: an empty array under set -u is an unbound variable to bash before 4.4 (RHEL 7)
+  srun --label --kill-on-bad-exit=1 --wait=0 ${extra[@]+"${extra[@]}"} bash -c \
     'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank "$@" &
   SRUN_PID=$!
 }

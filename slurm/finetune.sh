@@ -65,7 +65,7 @@ prepare_ranks
 args=(--model "$MODEL" --output-dir "$OUTPUT_DIR" --run-name "${RUN_NAME:-$SLURM_JOB_NAME-$SLURM_JOB_ID}")
 [[ -z "${DS_CONFIG:-}" ]] || args+=(--ds-config "$DS_CONFIG")
 read -r -a finetune_args <<<"${FINETUNE_ARGS:-}"
-args+=("${finetune_args[@]}" "$@")
+args+=(${finetune_args[@]+"${finetune_args[@]}"} "$@") # empty: unbound before bash 4.4
 check_flags pipeline.finetuning.config "${args[@]}"
 # An OUTPUT_DIR fine-tuning would damage (a pretraining run dir, MODEL itself, a file), in
 # fine-tuning's words: the lock check would call a busy pretraining run dir only "in use".

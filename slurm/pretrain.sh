@@ -108,7 +108,7 @@ args=(--data "$DATA_DIR" --run-dir "$RUN_DIR" --run-name "${RUN_NAME:-$SLURM_JOB
 [[ -z "${INIT_FROM:-}" ]] || args+=(--init-from "$INIT_FROM")
 args+=(--checkpoint-minutes "${CHECKPOINT_MINUTES:-30}")
 read -r -a train_args <<<"${TRAIN_ARGS:-}"
-args+=("${train_args[@]}" "$@")
+args+=(${train_args[@]+"${train_args[@]}"} "$@") # empty: unbound before bash 4.4
 check_flags pipeline.train_config "${args[@]}"
 check_free --run-dir "$RUN_DIR"
 

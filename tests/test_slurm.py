@@ -436,6 +436,8 @@ time.sleep(60)" > {tmp_path}/held.txt &
 until grep -q held {tmp_path}/held.txt; do sleep 0.1; done
 set_master
 echo "default $port chosen $MASTER_PORT"
+(MASTER_PORT=$port; set_master; echo "inherited $port chosen $MASTER_PORT")
+(MASTER_PORT=$((port + 7)); set_master; echo "inherited $((port + 7)) kept $MASTER_PORT")
 kill %1
 """)
     proc = slurm_cluster.run("sbatch", "--parsable", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--time=5",
@@ -448,6 +450,10 @@ kill %1
     # The next free one (the one after, unless that too is taken on this shared machine).
     assert chosen != default and 15000 <= chosen <= 29999, out
     assert f"port {default} is in use on " in out
+    # A MASTER_PORT passed on from the submitting shell (torchrun's 29500) is kept only while free.
+    assert f"warning: MASTER_PORT={default} from the environment is in use on " in out
+    assert f"inherited {default} chosen {chosen}" in out
+    assert f"inherited {default + 7} kept {default + 7}" in out
 
 
 def test_scripts_are_shellcheck_clean():
