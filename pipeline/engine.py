@@ -101,7 +101,8 @@ def add_engine_flags(group, engine: EngineConfig, seed_help: str | None = None) 
                             "fails: the last resort when a rank hangs without exiting, or a node is lost with no "
                             "launcher to end the rest (a rank that exits is noticed in seconds). It must exceed the "
                             "longest wait a healthy run has: one rank's checkpoint write or export, a first-run op "
-                            "build (10 = DeepSpeed's default)")
+                            "build (10 = DeepSpeed's default). A resume's conversion to another number of "
+                            "processes is waited for up to 60 whatever this is")
 
 
 def add_launcher_flag(parser: argparse.ArgumentParser) -> None:
