@@ -102,7 +102,7 @@ def add_engine_flags(group, engine: EngineConfig, seed_help: str | None = None) 
                             "launcher to end the rest (a rank that exits is noticed in seconds). It must exceed the "
                             "longest wait a healthy run has: one rank's checkpoint write or export, a first-run op "
                             "build (10 = DeepSpeed's default). A resume's conversion to another number of "
-                            "processes is waited for up to 60 whatever this is")
+                            "processes is waited for up to 60 minutes, or this if longer")
 
 
 def add_launcher_flag(parser: argparse.ArgumentParser) -> None:
@@ -200,7 +200,8 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
 def waiting_longer(minutes: float, then_minutes: float):
     """The process group's collectives started inside wait up to ``minutes`` for a peer, and
     ``then_minutes`` (--dist-timeout-minutes) again after: for one rank's long, known piece of
-    work that the others wait on, without slowing the detection of a hung rank for the whole run."""
+    work that the others wait on, without slowing the detection of a hung rank for the whole run.
+    torch sets it on gloo and NCCL groups only; on another backend it warns and nothing changes."""
     from torch.distributed import distributed_c10d
 
     distributed_c10d._set_pg_timeout(datetime.timedelta(minutes=minutes))

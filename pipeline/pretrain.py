@@ -109,7 +109,8 @@ def train(config, trainer: Trainer) -> int:
         status = "FINISHED" if code == 0 else "KILLED"
     except NonFiniteLoss as err:  # raised by every rank at the same step: one line each, no traceback
         print(f"error: rank {trainer.rank}: {err}", file=sys.stderr)
-    except (CheckpointWriteError, WriteFailure) as err:  # a full disk: one line; the newest checkpoint resumes
+    # A full disk, or another job in the run dir (rank 0 only): one line; the newest checkpoint resumes
+    except (CheckpointWriteError, WriteFailure, RunDirError) as err:
         code = 1  # also after a finished training whose export failed
         print(f"error: rank {trainer.rank}: {err}", file=sys.stderr)
         # Not agreed with the other ranks (they may have written their files): this rank exits at once

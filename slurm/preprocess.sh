@@ -54,7 +54,7 @@ workers=${SLURM_CPUS_PER_TASK:-1}
 args=(--output "$DATA_DIR" --direct_num_workers="$workers" --direct_running_mode=multi_processing)
 if [[ -n "${INPUT:-}" ]]; then
   read -r -a inputs <<<"$INPUT"
-  args+=(--input "${inputs[@]}")
+  args+=(--input ${inputs[@]+"${inputs[@]}"}) # empty: unbound before bash 4.4
 fi
 args+=("$@")
 

@@ -80,10 +80,11 @@ def test_a_run_resumes_on_another_number_of_processes_with_the_same_losses(data_
         "latest", "step00000003", "step00000006", "zero_to_fp32.py", "zero_to_torch.py"]
 
     branch(tmp_path / "one", tmp_path / "one_to_two")
-    # Rank 0's conversion to a universal checkpoint outlasts --dist-timeout-minutes (6 s), as on a
-    # busy shared file system: rank 1 waits for it rather than failing, and the run goes on.
-    monkeypatch.setenv(faults.ENV, "slow-universal:10")
-    one_to_two = _run_pretrain([*argv(data_dir, no_dropout, tmp_path / "one_to_two"), "--dist-timeout-minutes", "0.1"],
+    # Rank 0's conversion to a universal checkpoint outlasts --dist-timeout-minutes (15 s, which the
+    # run's other waits stay well within), as on a busy shared file system: rank 1 waits for it
+    # rather than failing, and the run goes on.
+    monkeypatch.setenv(faults.ENV, "slow-universal:20")
+    one_to_two = _run_pretrain([*argv(data_dir, no_dropout, tmp_path / "one_to_two"), "--dist-timeout-minutes", "0.25"],
                                2, tmp_path, script=os.path.join(REPO, "tests", "pretrain_with_faults.py"))
     monkeypatch.delenv(faults.ENV)
 

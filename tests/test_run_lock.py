@@ -131,7 +131,7 @@ def test_a_sigterm_in_start_up_ends_the_rank_at_the_rendezvous_a_usr1_waits_for_
 
 
 def test_a_run_whose_lock_another_run_took_stops_before_marking_its_next_checkpoint(data_dir, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, capsys):
     """Where the file system grants locks per node (NFS mounted nolock), a second job on another
     node acquires the run dir too and writes its token: the first stops at its next save, without
     vouching for a tag the two may both be writing."""
@@ -145,19 +145,37 @@ def test_a_run_whose_lock_another_run_took_stops_before_marking_its_next_checkpo
     config = parse_args([*_args(data_dir, tmp_path), "--steps", "4", "--checkpoint-every", "2"])
     trainer = Trainer(config)
     other = {"token": lock.token + 1, "host": "node2", "pid": 4242, "slurm_job_id": "77", "started": "then"}
+    train_step = trainer.train_step
 
-    def another_run_takes_the_lock(t, metrics):
-        if t.step == 3:  # after this run's step-2 checkpoint
+    def another_run_takes_the_lock():
+        metrics = train_step()
+        if trainer.step == 3:  # step 3 computed, after this run's step-2 checkpoint
             (tmp_path / ".lock").write_text(json.dumps(other))
+        return metrics
 
-    with pytest.raises(run_lock.RunDirError, match=rf"--run-dir {tmp_path}: another run took {tmp_path}/.lock while "
-                                                   r"this one was running \(pid 4242 on node2, SLURM job 77, started "
-                                                   r"then\): .* without marking step00000004 complete"):
-        trainer.train(on_step=another_run_takes_the_lock)
+    monkeypatch.setattr(trainer, "train_step", another_run_takes_the_lock)
+    assert pretrain.train(config, trainer) == 1
     lock.release()
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(  # one line, no traceback
+        f"error: rank 0: --run-dir {tmp_path}: another run took {tmp_path}/.lock while this one was running (pid "
+        "4242 on node2, SLURM job 77, started then): two runs are writing this folder"), err[-5:]
+    assert "without marking step00000004 complete" in err[-1] and "Traceback" not in "\n".join(err)
     checkpoints = str(tmp_path / "checkpoints")
     assert checkpoint.complete_tags(checkpoints) == [checkpoint.tag_for(2)]
     assert checkpoint.find_latest(checkpoints) == checkpoint.tag_for(2)
+
+
+def test_only_another_runs_token_stops_a_run_a_lock_file_read_badly_is_warned_of(tmp_path, caplog):
+    lock = run_lock.acquire(str(tmp_path))
+    run_lock.check_still_held(str(tmp_path), lock.token, "step00000002")  # its own token: goes on
+    (tmp_path / ".lock").write_text('{"tok')  # half written, or a read failing for a moment (NFS)
+    run_lock.check_still_held(str(tmp_path), lock.token, "step00000002")
+    assert "could not read this run's token back before marking step00000002 complete" in caplog.text
+    (tmp_path / ".lock").write_text('{"token": %d}' % (lock.token + 1))
+    with pytest.raises(run_lock.RunDirError, match="another run took"):
+        run_lock.check_still_held(str(tmp_path), lock.token, "step00000002")
+    lock.release()
 
 
 def test_abandoning_removes_the_folders_acquire_made_and_only_those(tmp_path, monkeypatch):
