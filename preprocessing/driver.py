@@ -177,6 +177,10 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         raise inputs.InputError(f"--output {config.output}: a folder of other files ({shown}) and no data dir "
                                 "(no manifest.json); a run would delete its tokenizer/ and parts/ if it has "
                                 "them: name a new or empty folder")
+    # Beam checks the options when the Pipeline is made (Dataflow's --region, --temp_location):
+    # before the previous data dir is deleted, which a run refused for a missing option took along.
+    options = PipelineOptions(beam_args)
+    pipeline = beam.Pipeline(runner=local_runner.runner_for(options), options=options)
     if manifest.holds_data_dir(config.output):
         # Said before it happens: a run that then fails (no text in the inputs, say) leaves none.
         log.warning("--output %s holds a data dir: it is deleted now (its manifest first, then its shards, "
@@ -185,11 +189,9 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
 
     with tracking.preprocess_run(config, beam_args) as run:
         started = time.monotonic()
-        options = PipelineOptions(beam_args)
-        pipeline = beam.Pipeline(runner=local_runner.runner_for(options), options=options)
         transforms.build_pipeline(pipeline, tasks, config, given)
         result = pipeline.run()
-        result.wait_until_finish()
+        wait_or_cancel(result, options)
         wall = time.monotonic() - started
         counters = read_counters(config.output)
         manifest.delete_dir(config.output, parts.PARTS_DIR)  # the shards are written
@@ -203,6 +205,29 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         run.log_results(counters, wall, config.output)
     return Summary(config.output, path, data, counters, wall, run.run_id,
                    None if config.tokenizer else config.vocab_size, config.num_shards)
+
+
+def wait_or_cancel(result, options) -> None:
+    """Waits for the job; stopped meanwhile (Ctrl-C, SIGTERM), cancels a job that runs elsewhere.
+    The manifest is written here once the job ends, so a job left running without this process
+    would write shards nobody can use, and into the --output a rerun deletes first (a local
+    runner's workers end with this process)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    try:
+        result.wait_until_finish()
+    except BaseException:
+        runner = str(options.view_as(StandardOptions).runner or "")
+        if runner and not any(name in runner for name in ("Direct", "FnApiRunner", "Interactive")):
+            job = getattr(result, "job_id", lambda: None)()
+            try:
+                result.cancel()
+                log.warning("cancelled the %s job%s: this process writes the manifest once the job ends", runner,
+                            f" {job}" if job else "")
+            except Exception as err:  # noqa: BLE001 - the stop goes on; the job must be cancelled by hand
+                log.warning("could not cancel the %s job%s (%s): cancel it by hand before rerunning", runner,
+                            f" {job}" if job else "", err)
+        raise
 
 
 def check_reachable_by_workers(config: PreprocessConfig, beam_args: list[str]) -> None:

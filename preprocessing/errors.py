@@ -23,6 +23,9 @@ def explain(err: BaseException) -> str | None:
     """The user-facing message for ``err``, or None for an unexpected error."""
     if isinstance(err, ValueError) and str(err).startswith("Unexpected pipeline runner"):
         return f"--runner: {err}"  # a typo in the runner's name (Beam lists the valid ones)
+    if isinstance(err, ValueError) and str(err).startswith("Pipeline has validations errors"):
+        found = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        return f"Beam's options: {'; '.join(found)}"  # Dataflow without --region, say
     seen = err
     while seen is not None:
         if isinstance(seen, _KNOWN):

@@ -232,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     track = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
     track.add_argument("--no-mlflow", dest="mlflow", action="store_false",
                        help="do not log an MLflow run%(default).0s")
+    # Beam's own --experiment (an alias of --experiments) is shadowed by this one
     track.add_argument("--experiment", type=mlflow_experiment.experiment_flag, default=d.experiment,
-                       help=mlflow_experiment.HELP)
+                       help=mlflow_experiment.HELP + "; Beam's experiments go in --experiments, as Beam's "
+                            "--experiment alias is this flag here")
     track.add_argument("--run-name", help="MLflow run name")
     return p
 

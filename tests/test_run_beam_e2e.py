@@ -164,6 +164,23 @@ def test_failed_run_leaves_no_manifest(tmp_path):
     assert f"--output {output} holds a data dir: it is deleted now" in proc.stderr
 
 
+def test_beam_options_beam_refuses_leave_the_previous_data_dir_whole(tmp_path):
+    """Beam checks its options when the pipeline is made (Dataflow's --region and --temp_location):
+    a run refused there deleted the previous data dir at that --output first."""
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "manifest.json").write_text("{}")  # a previous run's
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text('{"text": "One sentence here. And another one."}\n' * 5)
+    # An option Beam refuses on this machine's runner too (Dataflow's need a Google Cloud project)
+    proc = run_beam(["--input", str(corpus), "--output", str(output), "--no-mlflow", "--environment_type", "PROCESS"],
+                    check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: Beam's options: Option process_command is required for environment type PROCESS.")
+    assert (output / "manifest.json").read_text() == "{}" and "is deleted now" not in proc.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--input", "/nonexistent/*.xml.bz2"], "no file matches"),
     (["--masked-lm-prob", "1.5"], "--masked-lm-prob must be in (0, 1)"),
