@@ -216,7 +216,7 @@ def wait_or_cancel(result, options) -> None:
 
     try:
         result.wait_until_finish()
-    except BaseException:
+    except KeyboardInterrupt:  # run_beam.py raises it for SIGTERM too; a failed job has ended already
         runner = str(options.view_as(StandardOptions).runner or "")
         if runner and not any(name in runner for name in ("Direct", "FnApiRunner", "Interactive")):
             job = getattr(result, "job_id", lambda: None)()
