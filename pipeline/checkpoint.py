@@ -95,6 +95,28 @@ def space_warning(directory: str, need: int, what: str, kept: bool = True) -> st
             "fails and a resume goes back to the checkpoint before")
 
 
+def check_same_resume(directory: str, tag: str | None, rank: int, world_size: int, device="cpu") -> None:
+    """Every rank must resume from the same tag (or none): each chose it alone from what its node
+    sees of ``directory``, and a node shown a stale state of a network file system would load
+    another step, or start afresh, beside the others. CheckpointError on every rank otherwise
+    (one all-reduce, which every rank must call)."""
+    if world_size == 1:
+        return
+    import hashlib
+
+    seen = torch.zeros(world_size, dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
+    seen[rank] = int(hashlib.sha256(tag.encode()).hexdigest()[:15], 16) + 1 if tag else 0
+    torch.distributed.all_reduce(seen)
+    seen = seen.tolist()
+    others = [r for r, value in enumerate(seen) if value != seen[0]]
+    if others:
+        mine = f"{tag} here" if tag else "no checkpoint here"
+        raise CheckpointError(f"{directory}: the ranks chose different checkpoints to resume from: rank(s) "
+                              f"{', '.join(map(str, others[:8]))} of {world_size} did not choose rank 0's (rank {rank}: "
+                              f"{mine}), as where a node sees a stale state of a network file system; rerun, or "
+                              "name the checkpoint with --resume STEP")
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 

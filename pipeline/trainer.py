@@ -176,6 +176,8 @@ class Trainer:
         # Before a checkpoint is loaded or anything written: a node that sees another run dir would
         # resume alone.
         run_lock.check_shared(config.run_dir, self.rank, self.world_size, self.engine.device)
+        checkpoint.check_same_resume(config.checkpoint_dir, self.resume_tag, self.rank, self.world_size,
+                                     self.engine.device)
         self._lock_token = run_lock.held_token(config.run_dir) if self.is_rank0 else None
         self.sampler = BatchSampler(self.dataset.lengths[:self.train_rows], settings.micro_batch_size,
                                     rank=self.rank, world_size=self.world_size, seed=settings.seed,

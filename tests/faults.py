@@ -15,6 +15,8 @@ between runs):
 - ``enospc-during-save:S``: a disk that filled up while step S was saved (the last file cut short)
 - ``slow-universal:SECONDS``: the conversion to a universal checkpoint takes SECONDS longer (a
   busy shared file system)
+- ``no-checkpoints-on-rank:R``: rank R sees no checkpoint to resume from (a node shown a stale
+  state of a network file system)
 
 In a test's own process: ``inject(monkeypatch, fault)``. In a launched one (torchrun, or a plain
 ``python``): ``tests/pretrain_with_faults.py`` in place of ``pipeline/pretrain.py``.
@@ -110,17 +112,23 @@ def install(setattr=setattr) -> None:
         _save_fault(os.environ.get(ENV, ""), save_dir, tag)
         return result
 
+    def stale_resume_tag(self):
+        if os.environ.get(ENV, "") == f"no-checkpoints-on-rank:{self.rank}":
+            return None
+        return resume_tag(self)
+
     def slow_to_universal(directory, tag):
         kind, _, seconds = os.environ.get(ENV, "").partition(":")
         if kind == "slow-universal":
             time.sleep(float(seconds))
         return to_universal(directory, tag)
 
-    to_universal = checkpoint.to_universal
+    to_universal, resume_tag = checkpoint.to_universal, trainer.Trainer._resume_tag
     faulty_train_step.injects_faults = True
     setattr(trainer.Trainer, "train_step", faulty_train_step)
     setattr(DeepSpeedEngine, "save_checkpoint", faulty_save_checkpoint)
     setattr(checkpoint, "to_universal", slow_to_universal)
+    setattr(trainer.Trainer, "_resume_tag", stale_resume_tag)
 
 
 def inject(monkeypatch, fault: str) -> None:

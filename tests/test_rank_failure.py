@@ -73,6 +73,28 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_a_checkpoint(data
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "step00000004")
 
 
+@pytest.mark.e2e
+def test_ranks_that_would_resume_from_different_checkpoints_stop_before_loading(data_dir, tmp_path, monkeypatch):
+    """Each rank picks its checkpoint from what its node sees of the run dir: a node shown a stale
+    state of a network file system (here rank 1, shown none) would start afresh beside rank 0's
+    resume, and the two would train apart."""
+    from pipeline import pretrain
+
+    from .conftest import set_one_process_world
+
+    zero0 = os.path.join(REPO, "ds_configs", "cpu_fp32_zero0_torch-adamw.json")  # its files load on 2 ranks as is
+    with monkeypatch.context() as m:
+        set_one_process_world(m)
+        assert pretrain.main(["--data", data_dir, "--run-dir", str(tmp_path), "--steps", "2", "--global-batch-size",
+                              "16", "--micro-batch-size", "8", "--ds-config", zero0, "--no-mlflow"]) == 0
+    code, output, _ = _launch(data_dir, tmp_path, "no-checkpoints-on-rank:1", "--ds-config", zero0)
+    assert code != 0, output[-3000:]
+    message = "the ranks chose different checkpoints to resume from: rank(s) 1 of 2 did not choose rank 0's"
+    assert f"{message} (rank 0: step00000002 here)" in output and f"{message} (rank 1: no checkpoint here)" in output
+    assert "]: Traceback" not in output  # one line on each rank, no crash (torchrun prints its own)
+    assert checkpoint.complete_tags(str(tmp_path / "checkpoints")) == ["step00000002"]  # nothing trained or saved
+
+
 def test_the_process_group_timeout_is_a_positive_number_of_minutes_in_both_stages(capsys):
     from pipeline.engine import EngineConfigError
     from pipeline.finetuning.config import parse_args as finetune_args
