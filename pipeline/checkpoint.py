@@ -104,15 +104,14 @@ def check_same_resume(directory: str, tag: str | None, rank: int, world_size: in
         return
     import hashlib
 
-    seen = torch.zeros(world_size, dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
-    seen[rank] = int(hashlib.sha256(tag.encode()).hexdigest()[:15], 16) + 1 if tag else 0
-    torch.distributed.all_reduce(seen)
-    seen = seen.tolist()
-    others = [r for r, value in enumerate(seen) if value != seen[0]]
+    from pipeline.engine import named_ranks, unlike_rank0
+
+    _, others = unlike_rank0(int(hashlib.sha256(tag.encode()).hexdigest()[:15], 16) + 1 if tag else 0, rank,
+                             world_size, device)
     if others:
         mine = f"{tag} here" if tag else "no checkpoint here"
         raise CheckpointError(f"{directory}: the ranks chose different checkpoints to resume from: rank(s) "
-                              f"{', '.join(map(str, others[:8]))} of {world_size} did not choose rank 0's (rank {rank}: "
+                              f"{named_ranks(others)} of {world_size} did not choose rank 0's (rank {rank}: "
                               f"{mine}), as where a node sees a stale state of a network file system; rerun, or "
                               "name the checkpoint with --resume STEP")
 

@@ -494,6 +494,22 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def unlike_rank0(value: int, rank: int, world_size: int, device="cpu") -> tuple[int, list[int]]:
+    """Rank 0's ``value`` (an int64) and the ranks whose own differs from it: one all-reduce,
+    which every rank must call (ranks that must have read the same thing compare it)."""
+    import torch
+
+    seen = torch.zeros(world_size, dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
+    seen[rank] = value
+    torch.distributed.all_reduce(seen)
+    seen = seen.tolist()
+    return seen[0], [r for r, mine in enumerate(seen) if mine != seen[0]]
+
+
+def named_ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+
+
 def agree(flags: list[float], world_size: int, device="cpu") -> list[float]:
     """Each value's maximum over the ranks, so a flag is set if it is set on any rank: one
     all-reduce, which every rank must call."""

@@ -186,24 +186,19 @@ def check_shared(run_dir: str, rank: int, world_size: int, device="cpu") -> None
     compare."""
     if world_size == 1:
         return
-    import torch
+    from pipeline.engine import named_ranks, unlike_rank0
 
-    seen = torch.zeros(world_size, dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
     # A collective first, as a barrier: a rank may reach this before rank 0 has written its token
     # (the ranks need not have met yet: under torchrun the rendezvous is the launcher's), and would
     # read the previous run's.
-    torch.distributed.all_reduce(seen)
+    unlike_rank0(0, rank, world_size, device)
     token = _read(os.path.join(run_dir, LOCK_FILE)).get("token")
-    seen[rank] = token if isinstance(token, int) and 0 < token < 2 ** 62 + 1 else 0
-    torch.distributed.all_reduce(seen)
-    seen = seen.tolist()
-    if not seen[0]:
-        return
-    others = [r for r, value in enumerate(seen) if value != seen[0]]
-    if others:
+    rank0, others = unlike_rank0(token if isinstance(token, int) and 0 < token < 2 ** 62 + 1 else 0, rank, world_size,
+                                 device)
+    if rank0 and others:
         here = f"this is rank {rank} on {socket.gethostname()}"
         raise RunDirError(f"--run-dir {run_dir} is not the same folder on every rank: rank(s) "
-                          f"{_ranks(others)} of {world_size} do not see the {LOCK_FILE} rank 0 wrote there ({here}); "
+                          f"{named_ranks(others)} of {world_size} do not see the {LOCK_FILE} rank 0 wrote there ({here}); "
                           "put the run dir on a file system every node mounts (not node-local disk such as /tmp), "
                           "and pass every rank the same --run-dir")
 
@@ -236,5 +231,3 @@ def check_still_held(run_dir: str, token: int | None, what: str) -> None:
                           f"marking {what} complete. Let one run go on, and mount the folder with working locks")
 
 
-def _ranks(ranks: list[int]) -> str:
-    return ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
