@@ -191,7 +191,7 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
         started = time.monotonic()
         transforms.build_pipeline(pipeline, tasks, config, given)
         result = pipeline.run()
-        wait_or_cancel(result, options)
+        wait_or_cancel(result, beam_args)
         wall = time.monotonic() - started
         counters = read_counters(config.output)
         manifest.delete_dir(config.output, parts.PARTS_DIR)  # the shards are written
@@ -207,18 +207,16 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
                    None if config.tokenizer else config.vocab_size, config.num_shards)
 
 
-def wait_or_cancel(result, options) -> None:
+def wait_or_cancel(result, beam_args: list[str]) -> None:
     """Waits for the job; stopped meanwhile (Ctrl-C, SIGTERM), cancels a job that runs elsewhere.
     The manifest is written here once the job ends, so a job left running without this process
     would write shards nobody can use, and into the --output a rerun deletes first (a local
     runner's workers end with this process)."""
-    from apache_beam.options.pipeline_options import StandardOptions
-
     try:
         result.wait_until_finish()
     except KeyboardInterrupt:  # run_beam.py raises it for SIGTERM too; a failed job has ended already
-        runner = str(options.view_as(StandardOptions).runner or "")
-        if runner and not any(name in runner for name in ("Direct", "FnApiRunner", "Interactive")):
+        if worker_package.job_runs_elsewhere(beam_args):
+            runner = worker_package.flag_value(beam_args, "--runner")
             job = getattr(result, "job_id", lambda: None)()
             try:
                 result.cancel()

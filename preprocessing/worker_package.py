@@ -28,6 +28,17 @@ def flag_value(beam_args: list[str], flag: str) -> str:
     return value
 
 
+# Runners whose jobs a job server runs (Dataflow's is the service itself)
+JOB_SERVER_RUNNERS = ("flink", "spark", "portable", "prism")
+
+
+def job_runs_elsewhere(beam_args: list[str]) -> bool:
+    """Whether the job is run by a service or job server that goes on without this process
+    (Dataflow, Flink, Spark, Prism, the PortableRunner), rather than in it (the local runners)."""
+    runner = flag_value(beam_args, "--runner").lower()
+    return "dataflow" in runner or any(name in runner for name in JOB_SERVER_RUNNERS)
+
+
 def remote_workers(beam_args: list[str]) -> bool:
     """Whether the runner's workers are other machines or containers, which must be given the code:
     Dataflow; Flink, Spark, Prism and the PortableRunner unless their workers run in this process
@@ -35,7 +46,7 @@ def remote_workers(beam_args: list[str]) -> bool:
     runner = flag_value(beam_args, "--runner").lower()
     if "dataflow" in runner:
         return True
-    if not any(name in runner for name in ("flink", "spark", "portable", "prism")):
+    if not any(name in runner for name in JOB_SERVER_RUNNERS):
         return False
     environment = flag_value(beam_args, "--environment_type").upper()
     if environment:

@@ -132,6 +132,33 @@ def test_dataflow_gets_the_preprocessing_only_setup_file():
     assert {"setup.py", "requirements-worker.txt", "__init__.py", "transforms.py"} <= set(os.listdir(staged))
 
 
+def test_a_stop_cancels_a_job_that_runs_elsewhere_not_a_local_one(caplog):
+    """Dataflow's or a job server's job goes on without the launcher, which writes the manifest
+    once it ends: a stop while waiting cancels it. No such service is reachable from the tests, so
+    the job's result is stood in for by its PipelineResult interface."""
+    from preprocessing import driver
+
+    class RemoteJob:
+        cancelled = False
+
+        def wait_until_finish(self):
+            raise KeyboardInterrupt  # what run_beam.py raises for Ctrl-C and SIGTERM
+
+        def cancel(self):
+            self.cancelled = True
+
+        def job_id(self):
+            return "2026-12-07_01_00_00-1"
+
+    for args, cancels in ((["--runner=DataflowRunner"], True), (["--runner", "FlinkRunner"], True),
+                          (["--runner=PortableRunner"], True), (["--runner=FnApiRunner"], False)):
+        job = RemoteJob()
+        with pytest.raises(KeyboardInterrupt):  # the stop goes on as before
+            driver.wait_or_cancel(job, args)
+        assert job.cancelled == cancels, args
+    assert "cancelled the DataflowRunner job 2026-12-07_01_00_00-1" in caplog.text
+
+
 def test_worker_requirements_are_pinned_to_what_an_index_has():
     """Extras and markers kept; a local build or a package not installed here keeps its range."""
     from preprocessing.worker_package import pinned
