@@ -193,7 +193,8 @@ def measure(spec: dict) -> dict:
     sequences = sum(m.sequences for m in timed)
     mean_tokens = sum(m.real_tokens for m in timed) / sequences
     flops_model = trainer.flops.model_per_sequence(trainer.manifest["max_seq_length"])
-    flops_executed = trainer.executed_flops_per_sequence(mean_tokens, sum(m.predictions for m in timed) / sequences)
+    flops_executed = trainer.executed_flops_per_sequence(mean_tokens, sum(m.predictions for m in timed) / sequences,
+                                                         sum(m.squared_tokens for m in timed) / sequences)
     seq_per_s = sequences / seconds
     fp16 = trainer.engine.fp16_enabled()
     return {"seq_per_s": seq_per_s, "tokens_per_s": seq_per_s * mean_tokens,

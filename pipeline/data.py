@@ -211,7 +211,8 @@ class PretrainingLoader:
     stops it. ``prefetch=0`` assembles in the caller's thread. ``state_dict()`` is the
     position of the next batch the *caller* receives, whatever the thread has prepared.
     ``real_token_share`` / ``last_real_token_share``: non-pad share of all tokens
-    delivered / of the last batch.
+    delivered / of the last batch; ``last_squared_tokens``: the sum of the last batch's real
+    lengths squared (attention's FLOPs grow with it).
     """
 
     def __init__(self, dataset: PretrainingDataset, sampler: BatchSampler, prefetch: int = 4,
@@ -220,6 +221,7 @@ class PretrainingLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.real_tokens = self.total_tokens = 0
         self.last_real_token_share = float("nan")
+        self.last_squared_tokens = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
@@ -263,7 +265,9 @@ class PretrainingLoader:
             epoch, b, batch = item
         # the sampler's state follows what the caller has received
         self.sampler.epoch, self.sampler.batch = (epoch, b + 1) if b + 1 < len(self.sampler) else (epoch + 1, 0)
-        real, total = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+        lengths = batch["attention_mask"].sum(-1)
+        real, total = int(lengths.sum()), batch["attention_mask"].numel()
+        self.last_squared_tokens = int(lengths.square().sum())
         self.real_tokens += real
         self.total_tokens += total
         self.last_real_token_share = real / total

@@ -49,6 +49,7 @@ class StepMetrics:
     real_tokens: int
     sequences: int
     predictions: int = 0  # masked tokens the MLM head ran on
+    squared_tokens: int = 0  # the sum over sequences of their real length squared (attention's FLOPs)
     grad_norm: float = float("nan")
     loss_scale: float = float("nan")
     applied: bool = True  # False when DeepSpeed skipped the update (fp16 overflow, or bf16 with its check on)
@@ -397,10 +398,12 @@ class Trainer:
         """
         totals = torch.zeros(3, device=self.engine.device)
         counts = torch.zeros(4, dtype=torch.long, device=self.engine.device)
+        squared = 0  # counted by the loader, on the host: no operation more for the device
         step_scale = loss_scale(self.engine)  # the one the step's gradients carry; the step may change it
         own_norm = None
         for micro in range(self.batches.accumulation_steps):
             mlm, nsp_loss, batch_counts = pretraining_losses(self.engine, next(self.loader))
+            squared += self.loader.last_squared_tokens
             loss = mlm + nsp_loss * self.nsp_weight
             self.backward(loss)
             if self._own_grad_norm and micro == self.batches.accumulation_steps - 1:
@@ -431,7 +434,7 @@ class Trainer:
             grad_norm = host[7]
         scale = loss_scale(self.engine)
         return StepMetrics(loss / n, mlm / n, nsp_loss / n, hits / max(masked, 1), nsp_hits / seqs, real, seqs,
-                           masked, float("nan") if grad_norm is None else float(grad_norm),
+                           masked, squared, float("nan") if grad_norm is None else float(grad_norm),
                            float("nan") if scale is None else float(scale), self.engine.was_step_applied(),
                            grad_norm is not None)
 
@@ -564,17 +567,19 @@ class Trainer:
             if tracker:
                 tracker.log_metrics(values, self.step)
 
-    def executed_flops_per_sequence(self, real_tokens: float, predictions: float) -> float:
-        """FLOPs run per sequence (FlopCounter.executed_per_sequence) at a mean real length: with
-        --compile every batch is padded to max_seq_length, which is then what runs. The padding
-        of a length-grouped batch (at most 7 tokens) is not counted, and attention is counted at
-        the mean length squared, short of the mean of the squares by the lengths' variance."""
-        length = self.manifest["max_seq_length"] if self.config.compile else real_tokens
-        return self.flops.executed_per_sequence(length, predictions)
+    def executed_flops_per_sequence(self, real_tokens: float, predictions: float, squared_tokens: float) -> float:
+        """FLOPs run per sequence (FlopCounter.executed_per_sequence), given the mean real length,
+        masked count and real length squared: with --compile every batch is padded to
+        max_seq_length, which is then what runs. The padding of a length-grouped batch (at most 7
+        tokens) is not counted."""
+        if self.config.compile:
+            real_tokens = self.manifest["max_seq_length"]
+            squared_tokens = real_tokens * real_tokens
+        return self.flops.executed_per_sequence(real_tokens, predictions, squared_tokens)
 
     def _log(self, window: list[StepMetrics], seconds: float, tracker) -> None:
         counts = [float(sum(m.sequences for m in window)), float(sum(m.real_tokens for m in window)),
-                  float(sum(m.predictions for m in window))]
+                  float(sum(m.predictions for m in window)), float(sum(m.squared_tokens for m in window))]
         values = {
             "loss": float(np.mean([m.loss for m in window])),
             "mlm_loss": float(np.mean([m.mlm_loss for m in window])),
@@ -600,20 +605,20 @@ class Trainer:
             summed = local.tolist()  # one host read
             values.update({n: v / self.world_size for n, v in zip(names, summed)})
             counts = summed[len(names):]
-        seqs, tokens, predictions = counts
+        seqs, tokens, predictions, squared = counts
         values["sequences_per_second"] = seqs / max(seconds, 1e-9)
         values["real_tokens_per_second"] = tokens / max(seconds, 1e-9)
         if not self.nsp_weight:  # MLM-only data: the NSP head sees all-zero labels, its figures mean nothing
             del values["nsp_loss"], values["nsp_accuracy"]
         if self.config.peak_tflops:
             # Two MFUs (FlopCounter): mfu_model counts the dense model on full-length sequences, as
-            # published figures do; mfu_executed what ran, at the window's mean real length and
-            # masked count (executed_flops_per_sequence).
+            # published figures do; mfu_executed what ran, at the window's mean real length, masked
+            # count and length squared (executed_flops_per_sequence).
             peak = self.config.peak_tflops * 1e12 * self.world_size
             model_flops = self.flops.model_per_sequence(self.manifest["max_seq_length"])
             values["mfu_model"] = values["sequences_per_second"] * model_flops / peak
             values["mfu_executed"] = (values["sequences_per_second"] * self.executed_flops_per_sequence(
-                tokens / max(seqs, 1), predictions / max(seqs, 1)) / peak)
+                tokens / max(seqs, 1), predictions / max(seqs, 1), squared / max(seqs, 1)) / peak)
         if self.is_rank0:
             # a value the window has none of (the norm when every update was skipped) is null
             append_history(self.config.run_dir, "metrics.jsonl", {"step": self.step, **values})

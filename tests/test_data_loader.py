@@ -188,6 +188,18 @@ def test_prefetch_gives_the_same_batches_and_stops(dataset):
     assert threading.active_count() == before  # close() ended the thread
 
 
+def test_the_loader_counts_each_batchs_real_lengths_squared(dataset):
+    # attention's FLOPs grow with each sequence's length squared (FlopCounter), not the mean's
+    squared, lengths, sampler = 0, [], BatchSampler(dataset.lengths, 32, seed=2)
+    with PretrainingLoader(dataset, sampler, prefetch=2) as loader:
+        for batch in itertools.islice(loader, len(sampler)):  # an epoch, one at a time: last_ is this batch's
+            batch_lengths = batch["attention_mask"].sum(-1).tolist()
+            assert loader.last_squared_tokens == sum(t * t for t in batch_lengths)
+            squared, lengths = squared + loader.last_squared_tokens, lengths + batch_lengths
+    # the dump sample's lengths: the square of the mean length would undercount attention by 1.9%
+    assert squared > 1.015 * sum(lengths) ** 2 / len(lengths)
+
+
 def pages(array, starts, stops):
     """The page numbers (in this process's address space) holding each span of a mapped array."""
     size = os.sysconf("SC_PAGE_SIZE")

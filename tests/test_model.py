@@ -87,6 +87,16 @@ def test_model_and_executed_flops_by_hand_for_bert_base_at_128():
     assert flops.executed_per_sequence(100, 15) / flops.model_per_sequence(128) == pytest.approx(0.631, abs=0.001)
 
 
+def test_executed_flops_of_mixed_lengths_are_the_mean_of_each_sequences():
+    flops = FlopCounter.for_config(bert_base(32000))
+    lengths, masked = [64, 128, 96, 32], [10, 20, 15, 5]
+    each = sum(flops.executed_per_sequence(t, p) for t, p in zip(lengths, masked)) / 4
+    mean = flops.executed_per_sequence(sum(lengths) / 4, sum(masked) / 4, sum(t * t for t in lengths) / 4)
+    assert mean == pytest.approx(each, rel=1e-12)
+    # the square of the mean length undercounts attention by the lengths' variance
+    assert flops.executed_per_sequence(80, 12.5) == pytest.approx(each - 12 * 12 * 768 * 1280, rel=1e-12)
+
+
 def test_model_flops_make_the_published_target_50_percent_mfu():
     # The benchmark's vocabulary, 32,000: 5,700 sequences/s of BERT-base at 128 on a 989.5
     # TFLOP/s H100/H200 is 50% model-FLOPs MFU (86.8 GFLOP a sequence).
@@ -109,7 +119,8 @@ def test_trainer_logs_both_mfus_named(tmp_path, compiled):
         engine=SimpleNamespace(fp16_enabled=lambda: False))
     trainer.executed_flops_per_sequence = MethodType(Trainer.executed_flops_per_sequence, trainer)
     # 10 steps of 256 sequences of 100 real tokens, 15 masked, in the time of 5,700 sequences/s
-    window = [StepMetrics(1.0, 0.5, 0.5, 0.1, 0.5, real_tokens=256 * 100, sequences=256, predictions=256 * 15)] * 10
+    window = [StepMetrics(1.0, 0.5, 0.5, 0.1, 0.5, real_tokens=256 * 100, sequences=256, predictions=256 * 15,
+                          squared_tokens=256 * 100**2)] * 10
     values = Trainer._log(trainer, window, 2560 / 5700, None)
     assert "mfu" not in values
     assert values["sequences_per_second"] == pytest.approx(5700) and values["real_tokens_per_second"] == pytest.approx(
