@@ -347,6 +347,18 @@ def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, che
     model_card.write_card(temp, model_card.pretrained_card(model.config, info, manifest, train_config.get("init_from")))
 
 
+# The tokenizer files an export (and a fine-tuned model) carries beside its weights.
+TOKENIZER_FILES = ("tokenizer", "vocab", "spm", "special_tokens", "sentencepiece")
+
+
+def estimated_bytes(parameters: int, tokenizer_dir: str) -> int:
+    """About what an export of a model of ``parameters`` weights takes on disk (a fine-tuned model
+    too): the safetensors in fp32, and the tokenizer's files in ``tokenizer_dir``."""
+    tokenizer = sum(os.path.getsize(os.path.join(tokenizer_dir, name)) for name in os.listdir(tokenizer_dir)
+                    if name.startswith(TOKENIZER_FILES) and os.path.isfile(os.path.join(tokenizer_dir, name)))
+    return 4 * parameters + tokenizer
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = cli_parser.Parser(

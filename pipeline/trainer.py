@@ -25,6 +25,7 @@ from pipeline.ds_config import DsConfigError
 from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, ScaledBackward, StopFlag, agree,
                              ensure_distributed_env, gradient_norm, init_distributed, initialize, keeps_no_grad_norm,
                              loss_scale, optimizer_step, unscaled_grad_norm, waiting_longer)
+from pipeline.export import estimated_bytes
 from pipeline.metrics import json_line, keep_steps_up_to
 from pipeline.model import FlopCounter, build_model, forward_attention_mask, model_config
 from pipeline.param_groups import group_settings
@@ -32,7 +33,7 @@ from pipeline.read_ahead import one_batch_ahead
 from pipeline.sampler import BatchSampler, eval_batches, training_rows
 from pipeline.train_config import TrainConfig
 from preprocessing.examples import OBJECTIVES
-from preprocessing.write_failure import writing
+from preprocessing.write_failure import disk_usage, same_file_system, writing
 
 log = logging.getLogger(__name__)
 EXIT_STOPPED = 3  # a stop signal was honoured: checkpoint written, the job can requeue
@@ -200,10 +201,11 @@ class Trainer:
         self._saved_at, self._saved_step = time.monotonic(), None
         self._resume()
         if self.is_rank0:  # said while there is time to free space, not at the first save
-            self._warn_if_short_of_space(
-                checkpoint.saved_bytes(config.checkpoint_dir, self.resume_tag) if self.resume_tag
-                else checkpoint.estimated_bytes(self.engine),
-                f"{'the next' if self.resume_tag else 'the first'} checkpoint", kept=bool(self.resume_tag))
+            need = (checkpoint.saved_bytes(config.checkpoint_dir, self.resume_tag) if self.resume_tag
+                    else checkpoint.estimated_bytes(self.engine))
+            if not self._warn_if_short_of_space(need, f"{'the next' if self.resume_tag else 'the first'} checkpoint",
+                                                kept=bool(self.resume_tag)):
+                self._warn_if_export_short_of_space(need)
         # Pinned only for a GPU engine: pinning opens a CUDA context, which CPU ranks on a GPU
         # node (DS_ACCELERATOR=cpu) would each open on GPU 0.
         self.loader = PretrainingLoader(self.dataset, self.sampler,
@@ -386,10 +388,25 @@ class Trainer:
                                          f"the next checkpoint (as large as {tag})")
         return tag
 
-    def _warn_if_short_of_space(self, need: int, what: str, kept: bool = True) -> None:
+    def _warn_if_short_of_space(self, need: int, what: str, kept: bool = True) -> bool:
         warning = checkpoint.space_warning(self.config.checkpoint_dir, need, what, kept)
         if warning:
             log.warning("%s", warning)
+        return warning is not None
+
+    def _warn_if_export_short_of_space(self, checkpoint_bytes: int) -> None:
+        """The Hugging Face export comes last, beside the last checkpoint when both share a file
+        system: a disk with room for the checkpoints alone fails it after the whole run."""
+        hf = os.path.join(self.config.run_dir, "hf")
+        export = estimated_bytes(self.parameters, os.path.join(self.config.data, self.manifest["tokenizer"]["path"]))
+        beside = checkpoint_bytes if same_file_system(hf, self.config.checkpoint_dir) else 0
+        usage = disk_usage(hf)
+        if usage is not None and usage.free < export + beside:
+            log.warning("%s has %s MiB free, and the Hugging Face export at the end of the run takes about %s MiB%s: "
+                        "free space there before then, or the export fails (the last checkpoint stays: export it "
+                        "with python pipeline/export.py %s)", hf, f"{usage.free / 2**20:,.0f}",
+                        f"{export / 2**20:,.0f}", f" beside a checkpoint of {beside / 2**20:,.0f} MiB" if beside else "",
+                        self.config.run_dir)
 
     def train_step(self) -> StepMetrics:
         """One optimizer step: DeepSpeed's accumulation over the micro-batches.

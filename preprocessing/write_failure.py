@@ -60,17 +60,30 @@ def refused_write(err: BaseException, path: str) -> OSError | None:
     return None
 
 
-def disk_usage(path: str):
-    """``shutil.disk_usage`` where ``path`` is, or its nearest existing parent; None if unknown."""
+def nearest_existing(path: str) -> str:
+    """``path``, or its nearest parent that exists: where a path yet to be made will be written."""
     while path and not os.path.exists(path):
         parent = os.path.dirname(path)
         if parent == path:
             break
         path = parent
+    return path or "."
+
+
+def disk_usage(path: str):
+    """``shutil.disk_usage`` where ``path`` is, or its nearest existing parent; None if unknown."""
     try:
-        return shutil.disk_usage(path or ".")
+        return shutil.disk_usage(nearest_existing(path))
     except OSError:
         return None
+
+
+def same_file_system(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` (or their nearest existing parents) are on one file system."""
+    try:
+        return os.stat(nearest_existing(a)).st_dev == os.stat(nearest_existing(b)).st_dev
+    except OSError:
+        return False
 
 
 def nearly_full(path: str) -> bool:

@@ -17,6 +17,7 @@ from preprocessing import driver
 
 from pipeline import checkpoint, embed, finetune, pretrain
 from pipeline.checkpoint import CheckpointWriteError
+from pipeline.export import estimated_bytes, export_checkpoint, write_train_config
 from pipeline.finetuning.trainer import Finetuner, warn_if_short_of_space
 from pipeline.trainer import Trainer
 
@@ -140,6 +141,29 @@ def test_the_checkpoint_size_estimated_at_the_start_is_what_the_engine_saves(dat
     saved = checkpoint.saved_bytes(str(tmp_path / "checkpoints"), checkpoint.tag_for(1))
     # The optimizer's moments, ZeRO's fp32 master and the module's own copy: 12-16 bytes a weight.
     assert saved == pytest.approx(estimate, rel=0.02), (saved, estimate)
+
+
+def test_a_disk_with_room_for_the_checkpoint_but_not_the_export_beside_it_is_warned_of_at_the_start(
+        data_dir, small_disk, monkeypatch, caplog):
+    set_one_process_world(monkeypatch)
+    run_dir = os.path.join(small_disk.path, "run")
+    small_disk.fill(leave=7 << 20)  # the first checkpoint (6.2 MiB) fits, not with the export beside it
+    settings = config(data_dir, run_dir, steps=1, eval_shards=0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.trainer"):
+        trainer = Trainer(settings)
+    assert len(caplog.messages) == 1 and re.fullmatch(
+        rf"{re.escape(run_dir)}/hf has 7 MiB free, and the Hugging Face export at the end of the run takes about "
+        r"\d MiB beside a checkpoint of 6 MiB: free space there before then, or the export fails \(the last "
+        rf"checkpoint stays: export it with python pipeline/export\.py {re.escape(run_dir)}\)",
+        caplog.messages[0]), caplog.messages
+    # the estimate is what the export takes
+    small_disk.free()
+    estimate = estimated_bytes(trainer.parameters, os.path.join(data_dir, "tokenizer"))
+    write_train_config(settings)  # as pretrain.py does
+    assert trainer.train() == 0
+    out = export_checkpoint(run_dir)
+    exported = sum(os.path.getsize(os.path.join(out, name)) for name in os.listdir(out))
+    assert exported == pytest.approx(estimate, rel=0.03), (exported, estimate)
 
 
 def test_a_checkpoint_disk_too_full_for_the_next_save_is_warned_of_before_it_fails(

@@ -35,7 +35,7 @@ from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, 
 from pipeline.finetuning.config import FinetuneConfig, FinetuneConfigError, check_output_dir
 from pipeline.finetuning.data import Examples, load_prediction_inputs, load_task_data
 from pipeline import model_card
-from pipeline.export import TRAINING_INFO
+from pipeline.export import TRAINING_INFO, estimated_bytes
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
                                        read_training_info, resolve_model_dir, spm_fingerprint)
 from pipeline.length_batches import WINDOW_BATCHES, length_grouped
@@ -131,13 +131,7 @@ def clear_previous_outputs(output_dir: str) -> list[str]:
 def warn_if_short_of_space(output_dir: str, model, model_dir: str) -> None:
     """The model is written at the end, and fine-tuning keeps no checkpoint: an output disk too full
     for it would lose the whole run. Said at the start, while there is time to free space."""
-    import shutil
-
-    weights = 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # saved in fp32
-    tokenizer = sum(os.path.getsize(os.path.join(model_dir, name)) for name in os.listdir(model_dir)
-                    if name.startswith(("tokenizer", "vocab", "spm", "special_tokens", "sentencepiece"))
-                    and os.path.isfile(os.path.join(model_dir, name)))
-    need = weights + tokenizer
+    need = estimated_bytes(sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()), model_dir)
     try:
         free = shutil.disk_usage(output_dir).free
     except OSError:
