@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import cli_parser, language, mlflow_experiment, vocab as vocab_lib
+from preprocessing import cli_parser, language, mlflow_experiment, parts, vocab as vocab_lib
 from preprocessing.examples import MASKINGS, OBJECTIVES, ConfigError, ExampleConfig
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("shards")
     out.add_argument("--num-shards", type=int, default=d.num_shards,
                      help="Parquet shards of equal size (±1 row), at most one per example; 0 = one per "
-                          "--rows-per-shard rows")
+                          f"--rows-per-shard rows. A shard over {parts.SHUFFLE_IN_MEMORY_ROWS:,} rows is shuffled "
+                          "through the worker's local disk (TMPDIR), not in memory")
     out.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard,
                      help="target rows per shard when --num-shards is 0")
     track = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")

@@ -414,12 +414,11 @@ class WriteExampleParts(beam.PTransform):
 
 # ---------------------------------------------------------------------------- shards
 def _assemble_and_write(shard: int, layout: parts.ShardLayout, config: PreprocessConfig):
-    table = parts.assemble_shard(layout, shard, config.seed)
     name = parts.shard_name(shard, layout.num_shards)
     path = f"{config.output.rstrip('/')}/shards/{name}"
-    parts.write_atomically(path, parts.encode_shard(table))
-    log.info("wrote %s (%d rows)", path, table.num_rows)
-    return name, table.num_rows
+    rows = parts.write_shard(layout, shard, config.seed, path)
+    log.info("wrote %s (%d rows)", path, rows)
+    return name, rows
 
 
 class AssembleShards(beam.PTransform):

@@ -4,6 +4,9 @@ TestPipeline + assert_that where a step is a Beam transform."""
 import collections
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import apache_beam as beam
 import numpy as np
@@ -18,7 +21,7 @@ from preprocessing import examples, inputs, parts, subwords, transforms, vocab
 from preprocessing.documents import RawDocument, SentenceDocument
 from preprocessing.options import PreprocessConfig
 
-from .conftest import AUSTEN, WIKI_SAMPLE
+from .conftest import AUSTEN, REPO, WIKI_SAMPLE
 
 
 def pipeline():
@@ -326,3 +329,66 @@ def test_unknown_tokens_are_counted_and_a_vocabulary_for_other_text_is_warned_of
     assert warning.startswith(f"warning: {unknown / counts['tokens']:.1%} of the input tokens are [UNK] ({unknown:,} "
                               f"of {counts['tokens']:,}): the --tokenizer vocabulary lacks")
     assert "raise it" in unknown_tokens_warning(counts, tokenizer_given=False)
+
+
+def test_a_shard_larger_than_memory_allows_is_shuffled_through_disk_completely_and_uniformly(made, tmp_path):
+    tasks, config, records = made
+    parts_dir = os.path.join(config.output, parts.PARTS_DIR)
+    infos = [parts.PartInfo(i, os.path.join(parts_dir, parts.part_name(i)),
+                            pq.ParquetFile(os.path.join(parts_dir, parts.part_name(i))).metadata.num_rows)
+             for i in range(len(tasks))]
+    layout = parts.ShardLayout.plan(infos, 2, 0)
+    start, stop = layout.shard_range(1)
+
+    def write(name, in_memory_rows):
+        path = str(tmp_path / name)
+        assert parts.write_shard(layout, 1, config.seed, path, in_memory_rows) == stop - start
+        return path, pq.read_table(path)
+
+    _, in_memory = write("memory.parquet", stop - start)
+    path, through_disk = write("disk.parquet", 300)  # 18 buckets of about 150 rows
+    assert through_disk.schema == in_memory.schema
+    assert sorted(os.listdir(tmp_path)) == ["disk.parquet", "memory.parquet"]  # no temporary left
+    assert write("again.parquet", 300)[1].equals(through_disk)  # the same bytes from the same seed
+    assert pq.ParquetFile(path).metadata.row_group(0).num_rows <= parts.ROW_GROUP_ROWS
+
+    def keys(table):
+        return [tuple(ids) + tuple(positions) for ids, positions in zip(
+            table.column("input_ids").to_pylist(), table.column("masked_lm_positions").to_pylist())]
+
+    ordered = keys(pa.concat_tables([parts.read_part_rows(p.path, lo, hi) for p, lo, hi in layout.slices(1)]))
+    shuffled = keys(through_disk)
+    assert sorted(shuffled) == sorted(ordered) and shuffled != keys(in_memory)
+    # every row lands anywhere: each tenth of the output mixes rows from every tenth of the input
+    where = {key: i for i, key in enumerate(ordered)}
+    tenths = np.array([where[key] * 10 // len(ordered) for key in shuffled])
+    for chunk in np.array_split(tenths, 10):
+        counts = np.bincount(chunk, minlength=10)
+        assert counts.min() > 0.5 * len(chunk) / 10 and counts.max() < 1.5 * len(chunk) / 10, counts
+    assert abs(np.corrcoef(np.arange(len(tenths)), tenths)[0, 1]) < 0.1
+
+
+def test_shuffling_through_disk_holds_one_bucket_not_the_shard(made, tmp_path):
+    """pyarrow's own peak allocation, in a process of its own, for one shard of ~3,000 rows."""
+    tasks, config, _ = made
+    script = textwrap.dedent(f"""
+        import os, sys, pyarrow as pa, pyarrow.parquet as pq
+        sys.path.insert(0, {REPO!r})
+        from preprocessing import parts
+        d = {os.path.join(config.output, parts.PARTS_DIR)!r}
+        infos = [parts.PartInfo(i, os.path.join(d, parts.part_name(i)),
+                                pq.ParquetFile(os.path.join(d, parts.part_name(i))).metadata.num_rows)
+                 for i in range({len(tasks)})]
+        layout = parts.ShardLayout.plan(infos, 2, 0)
+        parts.write_shard(layout, 1, 1, {str(tmp_path / "shard.parquet")!r}, int(sys.argv[1]))
+        print(pa.default_memory_pool().max_memory())
+    """)
+
+    def peak(in_memory_rows):
+        proc = subprocess.run([sys.executable, "-c", script, str(in_memory_rows)], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return int(proc.stdout.split()[-1])
+
+    whole, buckets = peak(10**9), peak(300)
+    assert buckets < 0.4 * whole, (buckets, whole)
