@@ -707,6 +707,25 @@ def test_class_ids_are_refused_for_a_regression_task(pretrained, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_class_ids_are_refused_where_the_models_are_not_the_class_labels(pretrained, tmp_path):
+    import datasets
+
+    from pipeline.finetuning.config import FinetuneConfigError
+    from pipeline.finetuning.trainer import Finetuner
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "neutral", "pos"])})
+    datasets.Dataset.from_dict({"text": [f"review {i}" for i in range(40)], "label": [0, 1, 2, 0] * 10},
+                               features=features).save_to_disk(str(tmp_path / "three"))
+    # without "neutral", the model's id 1 is "pos", the ClassLabel's 2
+    with pytest.raises(FinetuneConfigError, match=r"--predict-as id: the model's class ids are not the ClassLabel's, "
+                                                  r"which has classes train has no row of \('neutral'\)"):
+        Finetuner(FinetuneConfig.from_flat(model=pretrained, data=str(tmp_path / "three"), drop_labels=["neutral"],
+                                           predict=[str(tmp_path / "three")], predict_as="id",
+                                           output_dir=str(tmp_path / "out"), mlflow=False))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_tokenizer_that_is_not_the_models_is_refused(pretrained, tmp_path):
     from transformers import AutoConfig
 

@@ -338,7 +338,7 @@ def test_non_numeric_regression_target_names_file_and_line(tmp_path):
     jsonl = tmp_path / "scores.jsonl"
     jsonl.write_text('{"text": "a", "label": 1.5}\n{"text": "b", "label": null}\n')
     with pytest.raises(FinetuneDataError, match=r"scores\.jsonl:2: column 'label' is blank"):
-        load_task_data(train=str(jsonl), validation=str(jsonl), test=str(jsonl), task="regression")
+        load_task_data(data=str(jsonl), task="regression")
 
 
 def test_malformed_rows_and_formats(tmp_path):
@@ -668,3 +668,72 @@ def test_a_jsonl_text_that_is_a_list_is_refused_not_trained_on_as_its_repr(tmp_p
     pq.write_table(table, tmp_path / "d.parquet")
     with pytest.raises(FinetuneDataError, match=r"d\.parquet.* column 'label' holds a list, not a label"):
         load_task_data(data=str(tmp_path / "d.parquet"))
+
+
+def test_a_class_label_class_without_train_rows_is_no_class_of_the_model(tmp_path, caplog):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "neutral", "pos"])})
+
+    def split(labels):
+        return datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(len(labels))], "label": labels},
+                                          features=features)
+
+    datasets.DatasetDict({"train": split([0, 1, 2] * 20), "test": split([0, 2] * 5)}).save_to_disk(str(tmp_path / "a"))
+    data = load_task_data(data=str(tmp_path / "a"), drop_labels=["neutral"], seed=1)
+    # the ClassLabel's order, less the dropped class: no "neutral" output to predict or score
+    assert data.labels == ["neg", "pos"] and data.classes_left_out == ["neutral"]
+    assert data.splits["test"].labels.tolist() == [0, 1] * 5
+    assert "1 of the ClassLabel's 3 classes have no train row ('neutral')" in caplog.text
+    # a class that only the test split has is never trained: refused as for a csv
+    datasets.DatasetDict({"train": split([0, 2] * 20), "test": split([0, 1, 2] * 3)}).save_to_disk(str(tmp_path / "b"))
+    with pytest.raises(FinetuneDataError, match=r"b\[test\]: row 2: label 'neutral' in column 'label' does not occur "
+                                                r"in the train split \(labels: neg, pos\)"):
+        load_task_data(data=str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("flag", ["validation", "test"])
+def test_a_held_out_file_that_is_the_train_file_is_refused(tmp_path, flag):
+    train = write(tmp_path / "train.csv")
+    os.symlink(train, tmp_path / "same.csv")
+    with pytest.raises(FinetuneDataError, match=rf"--{flag} .*same\.csv is the --train file: its rows would be "
+                                                "trained on"):
+        load_task_data(train=train, **{flag: str(tmp_path / "same.csv")})
+
+
+def test_binary_parquet_columns_are_read_as_utf8_text(tmp_path):
+    from pipeline.finetuning.data import iter_records
+
+    rows = [{"text": f"wörd {i}".encode(), "label": [b"neg", b"pos"][i % 2]} for i in range(20)]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("text", pa.binary()), ("label", pa.binary())]))
+    pq.write_table(table, tmp_path / "spark.parquet")
+    data = load_task_data(data=str(tmp_path / "spark.parquet"), seed=1)
+    assert data.labels == ["neg", "pos"]
+    assert sorted(sum((data.splits[s].texts for s in data.splits), [])) == sorted(f"wörd {i}" for i in range(20))
+    assert [r["text"] for r, _ in iter_records(str(tmp_path / "spark.parquet"))][:2] == ["wörd 0", "wörd 1"]
+    rows[3]["text"] = b"caf\xe9"  # Latin-1
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), tmp_path / "latin1.parquet")
+    with pytest.raises(FinetuneDataError, match=r"latin1\.parquet: row 4: column 'text' is binary and not UTF-8 text"):
+        read_table(str(tmp_path / "latin1.parquet"))
+
+
+def test_json_that_is_not_json_lines_is_told_so(tmp_path):
+    (tmp_path / "records.json").write_text(json.dumps(ROWS[:5]))  # pandas' orient="records", one line
+    with pytest.raises(FinetuneDataError, match=r"records\.json:1: a JSON object per line is expected, got list; "
+                                                "a JSON array is not read"):
+        read_table(str(tmp_path / "records.json"))
+    columns = {k: {str(i): r[k] for i, r in enumerate(ROWS[:5])} for k in ROWS[0]}  # pandas' to_json default
+    (tmp_path / "columns.json").write_text(json.dumps(columns))
+    with pytest.raises(FinetuneDataError, match=r"columns\.json: one JSON object of columns \(pandas' to_json "
+                                                r"default\), not one object a row: write JSON Lines"):
+        read_table(str(tmp_path / "columns.json"))
+
+
+def test_a_fractional_score_where_train_had_whole_ones_suggests_regression(tmp_path):
+    train = write(tmp_path / "train.csv", [{"text": f"t{i}", "score": i % 6} for i in range(30)])
+    dev = write(tmp_path / "dev.csv", [{"text": "a", "score": 2.5}])
+    with pytest.raises(FinetuneDataError, match=r"label '2\.5' .* \(labels: 0, 1, 2, 3, 4, 5\); if the column is a "
+                                                "score, pass --task regression"):
+        load_task_data(train=train, validation=dev, label_column="score")
+    assert load_task_data(train=train, validation=dev, label_column="score", task="regression").task == "regression"

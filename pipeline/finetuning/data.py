@@ -93,6 +93,9 @@ class TaskData:
     splits: dict[str, Examples]
     dropped: dict[str, int]  # rows skipped by --drop-label, per split
     split_from: dict[str, str]  # per split: the file it was read from, or "train (seeded split)"
+    # A ClassLabel's classes that train has no row of (dropped, or absent): the model's ids then
+    # skip them, and differ from the ClassLabel's own (what --predict-as id must not claim).
+    classes_left_out: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -240,8 +243,9 @@ def _jsonl_rows(path: str, compression: str | None):
                         if line_no == 1 and line.lstrip().startswith("[") else "")
                 raise FinetuneDataError(f"{path}:{line_no}: not valid JSON ({err.msg}){hint}") from None
             if not isinstance(row, dict):
+                hint = "; a JSON array is not read: write one JSON object per line (JSON Lines)" if line_no == 1 else ""
                 raise FinetuneDataError(f"{path}:{line_no}: a JSON object per line is expected, got "
-                                        f"{type(row).__name__}")
+                                        f"{type(row).__name__}{hint}")
             yield row, f"{path}:{line_no}"
 
 
@@ -250,18 +254,37 @@ def _read_jsonl(path: str, compression: str | None) -> Table:
     for row, at in _jsonl_rows(path, compression):
         rows.append(row)
         where.append(at)
+    if len(rows) == 1 and len(rows[0]) > 1 and all(isinstance(v, dict) for v in rows[0].values()):
+        raise FinetuneDataError(f"{path}: one JSON object of columns (pandas' to_json default), not one object a "
+                                "row: write JSON Lines, e.g. df.to_json(path, orient='records', lines=True)")
     names = list(dict.fromkeys(k for row in rows for k in row))
     return Table(path, {n: [row.get(n, _NO_KEY) for row in rows] for n in names}, where)
 
 
 def _read_parquet(path: str) -> Table:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for a corrupt file
         raise FinetuneDataError(f"{path}: not a readable Parquet file ({err})") from None
-    return Table(path, table.to_pydict(), [f"{path}: row {i + 1}" for i in range(table.num_rows)])
+    where = [f"{path}: row {i + 1}" for i in range(table.num_rows)]
+    columns = table.to_pydict()
+    for field in table.schema:
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            # strings written without Parquet's UTF8 annotation (Spark, Hive): their Python spelling
+            # ("b'pos'") would be trained on
+            columns[field.name] = [_utf8(value, at, field.name) for value, at in zip(columns[field.name], where)]
+    return Table(path, columns, where)
+
+
+def _utf8(value: bytes | None, where: str, column: str) -> str | None:
+    try:
+        return None if value is None else value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise FinetuneDataError(f"{where}: column {column!r} is binary and not UTF-8 text (byte {err.start}: "
+                                f"{err.reason})") from None
 
 
 def _class_names(feature, values: list) -> list:
@@ -403,6 +426,7 @@ def iter_records(path: str, batch_rows: int = 4096):
         return
     fmt, compression = _format_of(path)
     if fmt == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         def unreadable(err):  # pyarrow raises several types for a corrupt file
@@ -420,8 +444,11 @@ def iter_records(path: str, batch_rows: int = 4096):
                 raise unreadable(err) from None
             if batch is None:
                 return
+            binary = [f.name for f in batch.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
             for record in batch.to_pylist():
                 row += 1
+                for name in binary:  # as _read_parquet: text, not its Python spelling
+                    record[name] = _utf8(record[name], f"{path}: row {row}", name)
                 yield record, f"{path}: row {row}"
     try:
         if fmt == "jsonl":
@@ -659,6 +686,11 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
             tables = {"train": read_table(data)}
         sources = {name: data for name in tables}
     else:
+        for flag, path in (("--validation", validation), ("--test", test)):
+            if path and os.path.realpath(path) == os.path.realpath(train):
+                raise FinetuneDataError(f"{flag} {path} is the --train file: its rows would be trained on, and the "
+                                        "scores would not measure held-out data; give a held-out file, or leave "
+                                        f"{flag} out for a seeded split of train")
         tables = {name: read_table(path) for name, path in (("train", train), ("validation", validation),
                                                             ("test", test)) if path}
         sources = {name: t.source for name, t in tables.items()}
@@ -706,9 +738,18 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
         task = infer_task(tables["train"].columns[label_column])
         _check_no_stray_non_finite(tables["train"], label_column)
     labels: list[str] = []
+    left_out: list[str] = []
     if task == "classification":
-        labels = (tables["train"].class_names.get(label_column)
-                  or _sort_labels(_label_key(v) for v in tables["train"].columns[label_column]))
+        trained = {_label_key(v) for v in tables["train"].columns[label_column]}
+        # A ClassLabel's order (its ids), less the classes train has no row of: a class that is
+        # never trained would be predicted never, yet scored, and a dropped one would stay a class.
+        named = tables["train"].class_names.get(label_column)
+        labels = [n for n in named if n in trained] if named else _sort_labels(trained)
+        left_out = [n for n in named or () if n not in trained]
+        if left_out:
+            log.warning("%s: %d of the ClassLabel's %d classes have no train row (%s): the model has the other %d, "
+                        "whose ids differ from the ClassLabel's", tables["train"].source, len(left_out), len(named),
+                        ", ".join(map(repr, left_out[:10])) + (", …" if len(left_out) > 10 else ""), len(labels))
         if len(labels) < 2:
             raise FinetuneDataError(f"{tables['train'].source}: column {label_column!r} has one label "
                                     f"({labels[0]!r}); classification needs two or more")
@@ -742,7 +783,7 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
                                         f"{', '.join(missing)} and keep a train split")
         if task == "classification":
             _warn_of_classes_left_out(splits, missing, labels)
-    return TaskData(task, labels, {name: splits[name] for name in SPLITS}, dropped, sources)
+    return TaskData(task, labels, {name: splits[name] for name in SPLITS}, dropped, sources, left_out)
 
 
 def _warn_of_classes_left_out(splits: dict, cut: Sequence[str], labels: Sequence[str]) -> None:
@@ -763,8 +804,11 @@ def _examples(table: Table, task: str, mapping: dict[str, int], text_column: str
         if task == "classification":
             key = _label_key(value)
             if key not in mapping:
+                scores = _is_number(key) and all(_is_number(k) for k in mapping)
                 raise FinetuneDataError(f"{where}: label {key!r} in column {label_column!r} does not occur "
-                                        f"in the train split (labels: {', '.join(mapping)})")
+                                        f"in the train split (labels: {', '.join(mapping)})"
+                                        + ("; if the column is a score, pass --task regression (train's whole "
+                                           "numbers read as classes)" if scores else ""))
             values.append(mapping[key])
         else:
             if not _is_number(value):

@@ -222,6 +222,10 @@ class Finetuner:
                                       f"({len(self.data.labels)} labels; --task regression if the labels are scores)")
         if self.task == "regression" and config.predict_as == "id":
             raise FinetuneConfigError("--predict-as id: a regression task predicts scores, not classes")
+        if config.predict_as == "id" and config.predict and self.data.classes_left_out:
+            raise FinetuneConfigError(
+                f"--predict-as id: the model's class ids are not the ClassLabel's, which has classes train has no "
+                f"row of ({', '.join(map(repr, self.data.classes_left_out[:10]))}); predict as labels instead")
         if self.metric == "f1_binary" and len(self.data.labels) != 2:
             raise FinetuneConfigError(f"--metric f1_binary needs two labels; the data has {len(self.data.labels)}")
         with self.stop.killable():
