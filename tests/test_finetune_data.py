@@ -283,6 +283,28 @@ def test_labels_of_any_type_map_to_one_id(tmp_path):
     assert data.split_from == {"train": str(train), "validation": validation, "test": str(test)}
 
 
+def test_booleans_are_one_class_whether_json_parquet_or_pandas_csv_text(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 3 == 0}) + "\n" for i in range(30)))
+    validation = write(tmp_path / "validation.csv", [{"text": "x", "label": "True"}, {"text": "y", "label": "False"}])
+    test = tmp_path / "test.parquet"
+    pq.write_table(pa.table({"text": ["z", "w"], "label": [False, True]}), test)
+    data = load_task_data(train=str(train), validation=validation, test=str(test))
+    assert data.labels == ["false", "true"]  # the names a prediction is written as, not 0 and 1
+    assert data.splits["validation"].labels.tolist() == [1, 0] and data.splits["test"].labels.tolist() == [0, 1]
+
+
+def test_an_int_label_column_of_minus_ones_is_a_labelled_split(tmp_path):
+    import datasets
+
+    train = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(40)], "label": [-1, 1] * 20})
+    test = datasets.Dataset.from_dict({"text": ["u", "v", "w"], "label": [-1, -1, -1]})
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "dd"))
+    data = load_task_data(data=str(tmp_path / "dd"), seed=1)
+    assert data.labels == ["-1", "1"] and data.splits["test"].labels.tolist() == [0, 0, 0]
+    assert data.split_from["test"] == f"{tmp_path}/dd"  # the saved split, not a seeded cut of train
+
+
 def test_dropped_labels_are_counted_on_the_real_reviews():
     data = load_task_data(data=ROTTEN_TOMATOES, label_column="category", drop_labels=["plot"], seed=42)
     assert data.labels == ["fresh", "rotten"]

@@ -515,15 +515,18 @@ def _check_no_blank_labels(table: Table, column: str) -> None:
 
 
 def _label_key(value) -> str:
-    """One spelling per label: 1, 1.0 and "1" from csv, jsonl or parquet are the same class;
-    blank (empty, spaces, null, NaN) is ""."""
+    """One spelling per label: 1, 1.0 and "1" from csv, jsonl or parquet are the same class, and
+    so are a boolean and its text as pandas writes it to a csv ("True": "true"); blank (empty,
+    spaces, null, NaN) is ""."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, bool):
-        return str(int(value))
+        return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     text = str(value).strip()
+    if text.lower() in ("true", "false"):
+        return text.lower()
     if _WHOLE_DECIMAL.fullmatch(text):  # "1.0" in a csv is the 1.0 of a jsonl: "1"
         return str(int(text.split(".")[0]))
     return text
@@ -701,8 +704,10 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
     for name, table in list(tables.items()):
         _check_table(table, needed)
         values = table.columns[label_column]
+        # -1.0 as a float only: a ClassLabel's -1 is blank already (_class_names), and an int column's
+        # -1 may be a class
         if data is not None and name != "train" and (all(_label_key(v) == "" for v in values)
-                                                     or all(_is_number(v) and float(v) == -1 for v in values)):
+                                                     or all(isinstance(v, float) and v == -1 for v in values)):
             # A saved DatasetDict's unlabelled split (GLUE's test splits hold -1, or -1.0 for STS-B's
             # scores): nothing to score on, so it is made from train as if it were absent, and said.
             split_name = table.source[len(data) + 1:-1]  # "DIR[test]" → "test"
