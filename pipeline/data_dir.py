@@ -4,6 +4,7 @@ and the Parquet shards it lists)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 
@@ -12,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
+FOOTER_READERS = 16  # shard footers read at once (read_manifest)
 LIST_COLUMNS = ("input_ids", "segment_ids", "masked_lm_positions", "masked_lm_ids")
 SCALAR_COLUMNS = ("next_sentence_labels",)
 # Contract 2's value types; the flat arrays keep them.
@@ -58,8 +60,8 @@ def read_manifest(data_dir: str) -> dict:
         _check_inside(path, f"shards[{i}].path", shard.get("path") if isinstance(shard, dict) else None)
     if isinstance(manifest["tokenizer"], dict) and "path" in manifest["tokenizer"]:
         _check_inside(path, "tokenizer.path", manifest["tokenizer"]["path"])
-    total = 0
-    for i, shard in enumerate(manifest["shards"]):
+    def footer_rows(i: int) -> int:
+        shard = manifest["shards"][i]
         shard_path = os.path.join(data_dir, shard["path"])
         if not os.path.isfile(shard_path):
             raise DataDirError(f"{path}: shards[{i}] {shard['path']!r} is listed but {shard_path} is missing")
@@ -67,7 +69,13 @@ def read_manifest(data_dir: str) -> dict:
         if rows != shard["rows"]:
             raise DataDirError(f"{path}: shards[{i}].rows is {shard['rows']} but {shard_path} has {rows} rows "
                                "(the shard was rewritten or truncated after the manifest)")
-        total += rows
+        return rows
+
+    # Every rank reads every footer at start: English Wikipedia has thousands of shards, each an
+    # open and a read that wait on a network file system's latency, not on the GIL. In order, so
+    # the first bad shard is the one named.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=FOOTER_READERS) as pool:
+        total = sum(pool.map(footer_rows, range(len(manifest["shards"]))))
     if total != manifest["num_examples"]:
         raise DataDirError(f"{path}: num_examples is {manifest['num_examples']} but the shards hold {total} rows")
     return manifest
