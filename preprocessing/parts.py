@@ -38,9 +38,9 @@ COUNTERS_FILE = "counters.json"
 # Rows per Parquet row group in part files and shards. A shard's assembly reads whole
 # row groups of the parts it overlaps, so this bounds what it reads beyond its slice.
 ROW_GROUP_ROWS = 8192
-# A shard of up to this many rows is shuffled in memory, at about 3.3 KB a row at the peak
-# (430 MB here; the default --rows-per-shard is half of it). A larger one goes through buckets
-# on local disk (``write_shard``), so that a worker's memory does not grow with the shard.
+# A shard of up to this many rows is shuffled in memory, at about 2 KB a row more at the peak
+# (benchmarks/shard_shuffle.py; the default --rows-per-shard is half of it). A larger one goes
+# through buckets on local disk (``write_shard``), so that a worker's memory does not grow with it.
 SHUFFLE_IN_MEMORY_ROWS = 131072
 
 
