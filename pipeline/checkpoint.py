@@ -431,6 +431,8 @@ RESUME_INVARIANTS = {
     "zero_class": ("--ds-config's zero_optimization.stage", "DeepSpeed loads the optimizer state as it was "
                    "partitioned: stages 1 and 2 load each other's, 0 and 3 only their own; change it in a new "
                    "--run-dir with --init-from"),
+    "precision": ("--ds-config's bf16/fp16", "DeepSpeed saves the optimizer state in the precision's own files and "
+                  "layout; change it in a new --run-dir with --init-from"),
 }
 
 

@@ -115,6 +115,14 @@ def load_ds_config(path: str) -> dict:
     return config
 
 
+def precision(config: dict) -> str:
+    """bf16, fp16 or fp32: what the file turns on, as DeepSpeed reads it ("enabled": "auto" is off)."""
+    for name, section in (("bf16", config.get("bf16", config.get("bfloat16"))), ("fp16", config.get("fp16"))):
+        if isinstance(section, dict) and section.get("enabled") is True:
+            return name
+    return "fp32"
+
+
 def _check_unchecked_bf16(config: dict, path: str) -> None:
     """bf16 without DeepSpeed's overflow check relies on the gradient norm to see NaN gradients."""
     bf16 = config.get("bf16", config.get("bfloat16", {}))

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, hf_init, run_lock
 from pipeline.data import PretrainingDataset, PretrainingLoader
 from pipeline.data_dir import DataDirError, read_manifest
-from pipeline.ds_config import DsConfigError
+from pipeline.ds_config import DsConfigError, precision
 from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, ScaledBackward, StopFlag, agree,
                              ensure_distributed_env, gradient_norm, init_distributed, initialize, keeps_no_grad_norm,
                              loss_scale, optimizer_step, unscaled_grad_norm, waiting_longer)
@@ -51,6 +51,8 @@ class StepMetrics:
     sequences: int
     predictions: int = 0  # masked tokens the MLM head ran on
     squared_tokens: int = 0  # the sum over sequences of their real length squared (attention's FLOPs)
+    padded_tokens: int = 0  # the tokens the batches held, padding included
+    learning_rate: float = float("nan")  # the rate this step's update used
     grad_norm: float = float("nan")
     loss_scale: float = float("nan")
     applied: bool = True  # False when DeepSpeed skipped the update (fp16 overflow, or bf16 with its check on)
@@ -362,7 +364,8 @@ class Trainer:
         return {"model_config": {k: getattr(self.model_config, k) for k in architecture},
                 "micro_batch_size": self.config.engine.micro_batch_size, "seed": self.config.engine.seed,
                 "train_rows": self.train_rows,
-                "zero_class": checkpoint.zero_class(checkpoint.zero_stage(self.ds_config))}
+                "zero_class": checkpoint.zero_class(checkpoint.zero_stage(self.ds_config)),
+                "precision": precision(self.ds_config)}
 
     def save(self) -> str:
         # Every rank's RNG state, gathered so that any rank can restore its own.
@@ -416,6 +419,8 @@ class Trainer:
         totals = torch.zeros(3, device=self.engine.device)
         counts = torch.zeros(4, dtype=torch.long, device=self.engine.device)
         squared = 0  # counted by the loader, on the host: no operation more for the device
+        padded_before = self.loader.total_tokens
+        rate = self.scheduler.get_last_lr()[0]  # before the boundary step moves the schedule on
         step_scale = loss_scale(self.engine)  # the one the step's gradients carry; the step may change it
         own_norm = None
         for micro in range(self.batches.accumulation_steps):
@@ -430,7 +435,8 @@ class Trainer:
                 optimizer_step(self.engine)
             except LossScaleFloor as err:
                 raise NonFiniteLoss(f"{err} at step {self.step + 1}: stopping every rank; the last checkpoint holds "
-                                    "the weights from before (lower --learning-rate, or use bf16)") from err
+                                    "the weights from before (lower --learning-rate; or bf16, in a new --run-dir "
+                                    "with --init-from this one)") from err
             totals += torch.stack([loss.detach(), mlm.detach(), nsp_loss.detach()])
             counts += batch_counts
         self.step += 1
@@ -451,7 +457,8 @@ class Trainer:
             grad_norm = host[7]
         scale = loss_scale(self.engine)
         return StepMetrics(loss / n, mlm / n, nsp_loss / n, hits / max(masked, 1), nsp_hits / seqs, real, seqs,
-                           masked, squared, float("nan") if grad_norm is None else float(grad_norm),
+                           masked, squared, self.loader.total_tokens - padded_before, rate,
+                           float("nan") if grad_norm is None else float(grad_norm),
                            float("nan") if scale is None else float(scale), self.engine.was_step_applied(),
                            grad_norm is not None)
 
@@ -480,7 +487,8 @@ class Trainer:
 
     def train(self, tracker=None, on_step=None) -> int:
         """Runs to ``--steps``; returns 0, or EXIT_STOPPED after a stop signal's checkpoint."""
-        started, window = time.monotonic(), []
+        # The log window's training time: evaluations and saves inside it are taken out.
+        started, window, paused = time.monotonic(), [], 0.0
         if self.step >= self.config.steps and self.is_rank0:
             log.warning("resumed at step %d, which --steps %d does not pass: nothing to train (raise --steps to "
                         "continue); the checkpoint is evaluated and exported as it is", self.step, self.config.steps)
@@ -495,14 +503,16 @@ class Trainer:
                 if on_step:
                     on_step(self, metrics)
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                    values = self._log(window, time.monotonic() - started, tracker)
+                    values = self._log(window, time.monotonic() - started - paused, tracker)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", mlm_acc=f"{values['mlm_accuracy']:.3f}")
                     window = []
+                if not window:
+                    started, paused = time.monotonic(), 0.0
                 if self.eval_shards and self.config.eval_every and self.step % self.config.eval_every == 0 \
                         and self.step < self.config.steps:
+                    began = time.monotonic()
                     self._log_eval(self.evaluate(), tracker)
-                if not window:
-                    started = time.monotonic()  # throughput counts training time only
+                    paused += time.monotonic() - began
                 # One all-reduce a step settles what every rank must do alike: a stop (a signal may
                 # reach some ranks only), a time-based save (clocks differ), and a non-finite loss (one
                 # rank's batch can poison its loss alone; had that rank raised by itself, the others
@@ -527,7 +537,9 @@ class Trainer:
                                     os.path.join(self.config.checkpoint_dir, tag), EXIT_STOPPED)
                     return EXIT_STOPPED
                 if timely or (self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0):
+                    began = time.monotonic()
                     self.save()
+                    paused += time.monotonic() - began
             if self.eval_shards:
                 self.final_eval = {"step": self.step, **self.evaluate()}
                 if self.is_rank0:  # a rerun of a finished run evaluates its last step again: once in the file
@@ -557,7 +569,8 @@ class Trainer:
         if self._skipped >= MAX_SKIPPED_UPDATES:
             raise NonFiniteLoss(f"{self._skipped} updates in a row skipped up to step {self.step} (gradients not "
                                 "finite; fp16: even at the minimum loss scale): stopping every rank; the last "
-                                "checkpoint holds the weights from before (lower --learning-rate, or use bf16)")
+                                "checkpoint holds the weights from before (lower --learning-rate; or bf16, in a new --run-dir with "
+                                "--init-from this one)")
         if bad_rank is None:
             self._nonfinite = 0
             return
@@ -596,16 +609,17 @@ class Trainer:
 
     def _log(self, window: list[StepMetrics], seconds: float, tracker) -> None:
         counts = [float(sum(m.sequences for m in window)), float(sum(m.real_tokens for m in window)),
-                  float(sum(m.predictions for m in window)), float(sum(m.squared_tokens for m in window))]
+                  float(sum(m.predictions for m in window)), float(sum(m.squared_tokens for m in window)),
+                  float(sum(m.padded_tokens for m in window))]
         values = {
             "loss": float(np.mean([m.loss for m in window])),
             "mlm_loss": float(np.mean([m.mlm_loss for m in window])),
             "nsp_loss": float(np.mean([m.nsp_loss for m in window])),
             "mlm_accuracy": float(np.mean([m.mlm_accuracy for m in window])),
             "nsp_accuracy": float(np.mean([m.nsp_accuracy for m in window])),
-            "learning_rate": self.scheduler.get_last_lr()[0],
-            "sequences_per_second": None, "real_tokens_per_second": None,  # once summed over the ranks
-            "real_token_share": self.loader.real_token_share,
+            "learning_rate": window[-1].learning_rate,
+            # once summed over the ranks
+            "sequences_per_second": None, "real_tokens_per_second": None, "real_token_share": None,
             # over the applied updates: a skipped one reports inf (fp16 overflow), which would blank it
             "grad_norm": float(np.mean(finite_norms)) if (finite_norms := [
                 m.grad_norm for m in window if np.isfinite(m.grad_norm)]) else float("nan"),
@@ -616,15 +630,16 @@ class Trainer:
         if self.world_size > 1:
             # Every rank saw different micro-batches: report the global means, and the sums of what
             # every rank ran (ranks' batches differ in length).
-            names = ["loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "real_token_share"]
+            names = ["loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy"]
             local = torch.tensor([values[n] for n in names] + counts, dtype=torch.float64, device=self.engine.device)
             torch.distributed.all_reduce(local)
             summed = local.tolist()  # one host read
             values.update({n: v / self.world_size for n, v in zip(names, summed)})
             counts = summed[len(names):]
-        seqs, tokens, predictions, squared = counts
+        seqs, tokens, predictions, squared, padded = counts
         values["sequences_per_second"] = seqs / max(seconds, 1e-9)
         values["real_tokens_per_second"] = tokens / max(seconds, 1e-9)
+        values["real_token_share"] = tokens / padded if padded else float("nan")
         if not self.nsp_weight:  # MLM-only data: the NSP head sees all-zero labels, its figures mean nothing
             del values["nsp_loss"], values["nsp_accuracy"]
         if self.config.peak_tflops:

@@ -139,12 +139,38 @@ def test_a_resume_that_changes_what_it_must_keep_stops_with_one_line(data_dir, t
                                   "'num_attention_heads': 2, 'num_hidden_layers': 2}, this run has {'hidden_size': 256"),
             (["--ds-config", os.path.join(REPO, "ds_configs", "cpu_fp32_zero0_torch-adamw.json")],
              "was saved with --ds-config's zero_optimization.stage giving 1 or 2, this run has 0"),
+            # before: FileNotFoundError for bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt, a traceback
+            (["--ds-config", os.path.join(REPO, "ds_configs", "cpu_bf16_zero2_torch-adamw.json")],
+             "was saved with --ds-config's bf16/fp16 giving fp32, this run has bf16: a resume keeps it"),
             # another data dir, or the held-out shards given back to training (before: "--eval-shards" alone)
             (["--eval-shards", "0"], "was saved with --data and --eval-shards giving ")):
         code = pretrain(["--data", data_dir, "--run-dir", str(tmp_path), "--steps", "4", "--global-batch-size", "16",
                          "--micro-batch-size", "8", "--no-mlflow", *flags])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith(f"error: {tag} {message}") and "Traceback" not in err, err[-2000:]
+
+
+def test_the_logged_rates_count_training_time_and_the_rate_each_update_used(data_dir, tmp_path, monkeypatch):
+    import time
+
+    def slowed(method):
+        def slow(self, *args, **kwargs):
+            time.sleep(1.0)
+            return method(self, *args, **kwargs)
+        return slow
+
+    # an evaluation and a save inside each window of 4 steps, a second each (before: counted in)
+    monkeypatch.setattr(Trainer, "evaluate", slowed(Trainer.evaluate))
+    monkeypatch.setattr(Trainer, "save", slowed(Trainer.save))
+    trainer = Trainer(config(data_dir, tmp_path, steps=8, warmup_steps=0, log_every=4, eval_every=2,
+                             checkpoint_every=3))
+    assert trainer.train() == 0
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    for line in lines:
+        assert 64 / line["sequences_per_second"] < 0.8, line  # 4 steps of 16 sequences, well under a second
+        assert 0.9 < line["real_token_share"] <= 1.0
+    # the rate of the window's last update, not the next one's: linear decay from 2e-3 over 8 steps
+    assert [line["learning_rate"] for line in lines] == pytest.approx([2e-3 * 5 / 8, 2e-3 * 1 / 8])
 
 
 def test_time_based_checkpoints(data_dir, tmp_path):
