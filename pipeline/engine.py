@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import math
 import os
 import signal
 import sys
@@ -46,10 +47,15 @@ class EngineConfig:
     dist_timeout_minutes: float = 10.0
 
     def __post_init__(self):
+        # inf passes a comparison: an infinite rate made every weight inf in one update, under a finite loss
         checks = [
-            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
+            (0 < self.learning_rate < math.inf, f"--learning-rate must be a finite number > 0, got {self.learning_rate}"),
+            (0 <= self.weight_decay < math.inf,
+             f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"),
             (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
-            (self.dist_timeout_minutes > 0, f"--dist-timeout-minutes must be > 0, got {self.dist_timeout_minutes}"),
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
+            (0 < self.dist_timeout_minutes < math.inf,
+             f"--dist-timeout-minutes must be a finite number > 0, got {self.dist_timeout_minutes}"),
         ]
         for ok, message in checks:
             if not ok:

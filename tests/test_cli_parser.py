@@ -20,6 +20,11 @@ PARSE = {"run_beam": options.parse_args, "pretrain": train_config.parse_args,
     ("pretrain", ["--steps", "2"], "the following arguments are required: --data"),
     ("finetune", ["--model", "m", "--data", "d.csv", "--metric", "foo"], "--metric must be one of accuracy,"),
     ("pretrain", ["--data", "d", "--steps", "0"], "--steps must be"),
+    # inf passed "> 0": every weight became inf in the first update, and the run exported them
+    ("pretrain", ["--data", "d", "--learning-rate", "inf"], "--learning-rate must be a finite number > 0, got inf"),
+    ("finetune", ["--model", "m", "--data", "d.csv", "--weight-decay", "-1"],
+     "--weight-decay must be a finite number >= 0, got -1.0"),
+    ("pretrain", ["--data", "d", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),  # was a sampler traceback
     ("embed", ["--model", "m", "--input", "x.csv"], "the following arguments are required: --out"),
     # A rerun deletes the previous outputs by pattern: "run[1]" deleted those of "run1".
     ("run_beam", ["--output", "data/run[1]"], "--output data/run[1]: a folder name with * ? or ["),

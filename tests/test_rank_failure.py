@@ -104,8 +104,8 @@ def test_the_process_group_timeout_is_a_positive_number_of_minutes_in_both_stage
     assert parse_args(["--data", "d"]).engine.dist_timeout_minutes == 10  # DeepSpeed's default
     assert finetune_args(["--model", "m", "--data", "d.csv", "--dist-timeout-minutes", "30"]
                          ).engine.dist_timeout_minutes == 30
-    with pytest.raises(EngineConfigError, match="--dist-timeout-minutes must be > 0, got 0"):
+    with pytest.raises(EngineConfigError, match="--dist-timeout-minutes must be a finite number > 0, got 0"):
         TrainConfig.from_flat(data="d", dist_timeout_minutes=0)
     with pytest.raises(SystemExit):
         finetune_args(["--model", "m", "--data", "d.csv", "--dist-timeout-minutes", "-1"])
-    assert "--dist-timeout-minutes must be > 0, got -1" in capsys.readouterr().err
+    assert "--dist-timeout-minutes must be a finite number > 0, got -1" in capsys.readouterr().err
