@@ -194,6 +194,11 @@ class Trainer:
                                f"{self.eval_shards} of {shards} shards) are fewer than the processes "
                                f"({self.world_size}): hold out more shards, pass --eval-shards 0, or preprocess with "
                                "fewer --num-shards")
+        if config.eval_every and not self.eval_shards and self.is_rank0:
+            why = "--eval-shards 0" if config.eval_shards == 0 else f"the data dir has {shards} shard"
+            log.warning("--eval-every %d: nothing is held out (%s), so no evaluation runs; hold out a shard with "
+                        "--eval-shards 1 (a small corpus: preprocess with --num-shards 2 or more)", config.eval_every,
+                        why)
         self.step = 0
         self.flops = FlopCounter.for_config(self.model_config)
         self.final_eval: dict[str, float] = {}
@@ -540,13 +545,15 @@ class Trainer:
                     began = time.monotonic()
                     self.save()
                     paused += time.monotonic() - began
+            # Saved before the final evaluation: a failure in it (out of memory, a full disk under
+            # eval.jsonl, a second Ctrl-C) keeps the trained steps
+            if self._saved_step != self.step:
+                self.save()
             if self.eval_shards:
                 self.final_eval = {"step": self.step, **self.evaluate()}
                 if self.is_rank0:  # a rerun of a finished run evaluates its last step again: once in the file
                     keep_steps_up_to(os.path.join(self.config.run_dir, "eval.jsonl"), self.step - 1)
                 self._log_eval(self.final_eval, tracker)
-            if self._saved_step != self.step:
-                self.save()
             return 0
         finally:
             bar.close()

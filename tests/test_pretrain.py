@@ -173,6 +173,18 @@ def test_the_logged_rates_count_training_time_and_the_rate_each_update_used(data
     assert [line["learning_rate"] for line in lines] == pytest.approx([2e-3 * 5 / 8, 2e-3 * 1 / 8])
 
 
+def test_an_eval_cadence_without_held_out_rows_is_warned_of(data_dir, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.trainer"):
+        trainer = Trainer(config(data_dir, tmp_path, steps=2, eval_shards=0, eval_every=1))
+        assert trainer.train() == 0
+    assert caplog.messages == ["--eval-every 1: nothing is held out (--eval-shards 0), so no evaluation runs; hold "
+                               "out a shard with --eval-shards 1 (a small corpus: preprocess with --num-shards 2 or "
+                               "more)"]
+    assert not (tmp_path / "eval.jsonl").exists()
+
+
 def test_time_based_checkpoints(data_dir, tmp_path):
     trainer = Trainer(config(data_dir, tmp_path, steps=3, checkpoint_minutes=1e-6, keep_checkpoints=5))
     assert trainer.train() == 0
