@@ -331,20 +331,26 @@ def _write_export(model, manifest: dict, data_dir: str, temp: str, tag: str, che
         source = os.path.join(tokenizer_dir, name)
         if os.path.isfile(source) and not name.startswith("."):  # a write attempt's leftover
             shutil.copy2(source, os.path.join(temp, name))
+    meta = checkpoint.read_meta(checkpoints, tag)
+    # The weights the run began from, as the tag's marker recorded them: train_config.json is the
+    # latest start's flags, and a resume ignores --init-from (or is given none). Markers from before
+    # the resume checks (no train_rows) did not record it.
+    init_from = meta.get("init_from") if "train_rows" in meta else train_config.get("init_from")
     info = {"tag": tag, "step": int(tag[len("step"):]) if tag[len("step"):].isdigit() else None,
             "data_run_id": manifest.get("data_run_id"),
             # The run that wrote the tag (its marker's); older checkpoints: the run dir's latest start.
-            "pretrain_run_id": pretrain_run_id or checkpoint.read_meta(checkpoints, tag).get("pretrain_run_id")
-            or train_config.get("pretrain_run_id"),
+            "pretrain_run_id": pretrain_run_id or meta.get("pretrain_run_id") or train_config.get("pretrain_run_id"),
+            "init_from": init_from, "init_from_run_id": meta.get("init_from_run_id"),
+            "train_rows": meta.get("train_rows"),
             "checkpoint": os.path.join(checkpoints, tag), "data_dir": os.path.abspath(data_dir),
             "model": train_config.get("model"), "tokenizer_fingerprint": manifest["tokenizer"].get("fingerprint"),
-            "save_id": checkpoint.read_meta(checkpoints, tag).get("save_id"),
+            "save_id": meta.get("save_id"),
             # the script conversion the text went through: fine-tuning applies it to its texts too
             "convert": manifest.get("convert"), "objective": objective, "language": manifest.get("language"),
             "max_seq_length": manifest["max_seq_length"]}
     with open(os.path.join(temp, TRAINING_INFO), "w") as f:
         json.dump(info, f, indent=2)
-    model_card.write_card(temp, model_card.pretrained_card(model.config, info, manifest, train_config.get("init_from")))
+    model_card.write_card(temp, model_card.pretrained_card(model.config, info, manifest, init_from))
 
 
 # The tokenizer files an export (and a fine-tuned model) carries beside its weights.

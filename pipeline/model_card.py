@@ -95,7 +95,9 @@ def pretrained_card(config, info: dict, manifest: dict, init_from: str | None = 
         _tokenizer_section(manifest.get("convert"), manifest["tokenizer"].get("kind", "sentencepiece")),
         "## Data",
         "",
-        f"{manifest.get('num_examples', 'unknown')} training examples made from {shown or 'the input files'} "
+        (f"{info['train_rows']} training examples of the {manifest.get('num_examples')} made"
+         if info.get("train_rows") is not None else f"{manifest.get('num_examples', 'unknown')} examples made")
+        + f" from {shown or 'the input files'} "
         f"(language {_shown(manifest.get('language'))}). " + _licence("training text's")
         + "; Wikipedia text, for one, is CC BY-SA.",
         "",

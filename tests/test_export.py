@@ -104,9 +104,26 @@ def test_the_export_says_what_it_is_and_every_user_can_read_it(exported, data_di
     assert "not `BertTokenizer` or `BertTokenizerFast`" in card and "pretraining `run-123`" in card
     assert "preprocessing not tracked" in card and "`None`" not in card  # the data dir's run: --no-mlflow
     assert f"`{os.path.basename(manifest['input']['paths'][0])}`" in card and "Pretraining continued" not in card
+    # the rows trained on, not the held-out shard's too
+    assert info["train_rows"] < manifest["num_examples"]
+    assert f"{info['train_rows']} training examples of the {manifest['num_examples']} made from" in card
     # the licence is the user's to state: asked for, not guessed
     assert "license" not in card.split("---")[1] and "add a `license:` line to the front matter" in card
     assert {stat.S_IMODE(os.stat(os.path.join(out, n)).st_mode) for n in os.listdir(out)} == {0o666 & ~current_umask()}
+
+
+def test_the_card_names_the_weights_the_checkpoint_began_from_not_the_latest_flags(exported, data_dir, tmp_path):
+    first, _, _ = exported
+    # phase 2 from the first run, then resumed without --init-from: still continued from it
+    train(data_dir, tmp_path / "phase2", steps=2, init_from=str(first))
+    train(data_dir, tmp_path / "phase2", steps=3)
+    card = open(os.path.join(export.export_checkpoint(str(tmp_path / "phase2")), "README.md")).read()
+    assert f"Pretraining continued from `{first}/checkpoints/step00000004`." in card  # the very checkpoint
+    # a run of its own, resumed with an --init-from that the resume ignores: not continued from it
+    train(data_dir, tmp_path / "own", steps=2)
+    train(data_dir, tmp_path / "own", steps=3, init_from=str(first))
+    card = open(os.path.join(export.export_checkpoint(str(tmp_path / "own")), "README.md")).read()
+    assert "Pretraining continued" not in card
 
 
 def test_cli_exports_a_given_tag_to_a_given_dir(exported, tmp_path):
