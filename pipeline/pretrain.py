@@ -18,6 +18,7 @@ the rest (a rank that hangs without exiting).
 import logging
 import os
 import sys
+import time
 
 if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +66,16 @@ def main(argv=None) -> int:
             lock.release()
 
 
+def summary(trainer: Trainer, export: str, seconds: float) -> str:
+    """The run's last line: where its step, checkpoint, held-out figures and export are."""
+    held_out = trainer.final_eval
+    figures = (f"; held-out loss {held_out['eval_loss']:.4f}, MLM accuracy {held_out['eval_mlm_accuracy']:.4f}"
+               if held_out else "")
+    took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    return (f"finished at step {trainer.step} in {took}: checkpoint "
+            f"{os.path.join(trainer.config.checkpoint_dir, os.path.basename(export))}{figures}; export {export}")
+
+
 def train(config, trainer: Trainer) -> int:
     """Trains, exports on rank 0, and tracks it in MLflow; the exit code."""
     done = trainer.finished_export()
@@ -94,7 +105,7 @@ def train(config, trainer: Trainer) -> int:
                             **architecture_params(trainer.model_config, trainer.parameters)})
         tracker.log_json(trainer.ds_config, "ds_config.json")
         tracker.log_json(trainer.model_config.to_dict(), "model_config.json")
-    status, code, agreed = "FAILED", 1, True
+    status, code, agreed, started = "FAILED", 1, True, time.monotonic()
     try:
         if trainer.is_rank0:
             write_train_config(config, tracker.run_id if tracker else None)  # what the export rebuilds from
@@ -105,7 +116,9 @@ def train(config, trainer: Trainer) -> int:
         # after save()'s barriers have put every rank's shards on disk. The other ranks exit 0 meanwhile,
         # which ends no one; if the export fails, rank 0 alone exits 1 and nobody waits for it.
         if code == 0 and trainer.is_rank0:
-            logging.getLogger(__name__).info("Hugging Face export: %s", export_checkpoint(config.run_dir))
+            out = export_checkpoint(config.run_dir)
+            logging.getLogger(__name__).info("Hugging Face export: %s", out)
+            logging.getLogger(__name__).info("%s", summary(trainer, out, time.monotonic() - started))
         status = "FINISHED" if code == 0 else "KILLED"
     except NonFiniteLoss as err:  # raised by every rank at the same step: one line each, no traceback
         print(f"error: rank {trainer.rank}: {err}", file=sys.stderr)

@@ -373,6 +373,7 @@ class Trainer:
                 "precision": precision(self.ds_config)}
 
     def save(self) -> str:
+        began = time.monotonic()
         # Every rank's RNG state, gathered so that any rank can restore its own.
         states = [None] * self.world_size
         if self.world_size > 1:
@@ -389,6 +390,9 @@ class Trainer:
         tag = checkpoint.save(self.engine, self.config.checkpoint_dir, self.step, client,
                               self.config.keep_checkpoints, self.is_rank0, meta,
                               lambda tag: run_lock.check_still_held(self.config.run_dir, self._lock_token, tag))
+        if self.is_rank0:
+            log.info("saved checkpoint %s (%.2f s)", os.path.join(self.config.checkpoint_dir, tag),
+                     time.monotonic() - began)
         self._saved_at, self._saved_step = time.monotonic(), self.step
         if self.is_rank0 and self.step < self.config.steps:
             # The older tags are pruned only once the next one is written: it needs room of its own.
