@@ -42,17 +42,27 @@ class Summary:
     num_shards_asked: int = 0  # --num-shards (0: by --rows-per-shard)
 
 
+DUMP_LANGUAGES_READ = 8  # dumps whose xml:lang is compared with the run's language (a request each, if remote)
+
+
 def resolve_language(config: PreprocessConfig, tasks: list[inputs.ReadTask]) -> PreprocessConfig:
     """``--language`` (else the first MediaWiki dump's ``xml:lang``, else en) and what
     ``--whole-word-mask auto`` means for it, fixed before the pipeline starts."""
     code = config.language
+    dumps = list(dict.fromkeys(t.path for t in tasks if t.format == "wiki"))[:DUMP_LANGUAGES_READ]
+    languages = {path: inputs.dump_language(path) for path in dumps}
     if code is None:
         dump = next((t for t in tasks if t.format == "wiki"), None)
-        code = (inputs.dump_language(dump.path) if dump else None) or "en"
+        code = (languages[dump.path] if dump else None) or "en"
         log.info("language: %s (%s; --language sets another)", code,
                  f"the xml:lang of {dump.path}" if dump else "the default")
     else:
         dump = None
+    others = [f"{path} ({lang})" for path, lang in languages.items() if lang and lang != code]
+    if others:  # one language's sentence rules, dump tables and vocabulary settings for all
+        log.warning("the language is %s (%s), but the xml:lang of %s: %s's sentence rules and dump tables read "
+                    "them; preprocess each language apart, or pass the --language they share", code,
+                    "--language" if config.language else "the first dump's", ", ".join(others[:5]), code)
     warning = sentences.unknown_language_warning(code)
     if warning:
         log.warning("%s", warning)

@@ -119,10 +119,16 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
     # pattern's dirname, which is then empty. Named from the working directory, it matches.
     matched = [p + "**" if "://" in p and p.endswith("/") else "./" + p if "://" not in p and "/" not in p else p
                for p in patterns]
-    for pattern, result in zip(patterns, FileSystems.match(matched)):
-        listed = sorted(result.metadata_list, key=lambda m: m.path)
+    for pattern, match in zip(patterns, matched):
+        if "://" not in pattern and re.search(r"[*?\[]", pattern) and os.path.isfile(pattern):
+            # a file's own name: "book [1813].txt" is no glob
+            listed = [FileMetadata(pattern, os.path.getsize(pattern))]
+        else:
+            listed = sorted(_match(pattern, match).metadata_list, key=lambda m: m.path)
         if "://" not in pattern and pattern.endswith("/"):
             listed = _walk(pattern)  # its subfolders too: a corpus is often split into folders
+        if "://" not in pattern:
+            _refuse_dangling_links(pattern)
         else:  # an object store's "folder" markers (empty keys ending in "/") are no files
             listed = [m for m in listed if not m.path.endswith("/")]
         if "://" in pattern and pattern.endswith("/"):  # as a local folder: no hidden file or folder
@@ -146,6 +152,7 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
                                  f"extensions: {', '.join(SUPPORTED_EXTENSIONS)}")
         for meta in listed:
             files.setdefault(meta.path, meta.size_in_bytes)
+    files = _without_second_names(files)
     if output:
         inside = [path for path in files if _is_under(path, output)]
         if inside:
@@ -173,6 +180,56 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
         tasks.extend(dataclasses.replace(task, name=names[path])
                      for task in _file_tasks(path, fmt, compression, size, split_bytes))
     return tasks
+
+
+def _match(pattern: str, match: str):
+    """Beam's listing of one --input, or an InputError naming it: a scheme Beam has no file
+    system for (file://, hf://) or an object store it cannot reach was a traceback."""
+    try:
+        return FileSystems.match([match])[0]
+    except Exception as err:  # ValueError (no such scheme), BeamIOError (credentials, network), ...
+        message = " ".join(str(err).split())
+        raise InputError(f"--input {pattern}: cannot list it ({message[:300]}); local files are named by their "
+                         "path, remote ones as gs://, s3://, hdfs:// or another scheme of an installed Beam file "
+                         "system") from None
+
+
+def _refuse_dangling_links(pattern: str) -> None:
+    """A link whose file is missing (git-annex or DVC content not fetched, a pruned cache) would be
+    left out of the listing, and the corpus trained on without it."""
+    import glob
+
+    candidates = glob.glob(pattern) if not pattern.endswith("/") else []
+    if pattern.endswith("/"):
+        for root, dirs, names in os.walk(pattern):  # as _walk: no hidden file or folder
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            candidates += [os.path.join(root, name) for name in names if not name.startswith(".")]
+    for path in candidates:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise InputError(f"--input {pattern}: {path} is a link to {os.readlink(path)}, which does not exist "
+                             "(content not fetched, or moved?): fetch it, or remove the link")
+
+
+def _without_second_names(files: dict[str, int]) -> dict[str, int]:
+    """Each local file once, under the first name it was listed by: a file named twice (a
+    folder and a file in it, a symlink to a folder) would be read twice, byte-identical
+    examples of the same document ids."""
+    seen: dict[str, str] = {}
+    again = []
+    for path in files:
+        if "://" in path:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            again.append(f"{path} (= {seen[real]})")
+        else:
+            seen[real] = path
+    if again:
+        log.warning("%d input file(s) listed under a second name, read once: %s", len(again),
+                    ", ".join(again[:5]) + (" …" if len(again) > 5 else ""))
+        firsts = set(seen.values())
+        files = {path: size for path, size in files.items() if "://" in path or path in firsts}
+    return files
 
 
 def _is_under(path: str, folder: str) -> bool:
@@ -320,11 +377,40 @@ def read_task(task: ReadTask, text_field: str, max_line_bytes: int
 REMOTE_HEADS = 8
 
 
+# What a compressed file begins with: a name that says .gz of a file that is not gzip lost the
+# whole file to one "truncated-files" count, the run otherwise a success.
+MAGIC = {"gzip": (b"\x1f\x8b", "gzip", ".gz"), "bz2": (b"BZh", "bzip2", ".bz2")}
+
+
 def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
     """Cheap checks before launching the pipeline, so bad input fails in seconds."""
-    for path in dict.fromkeys(task.path for task in tasks if "://" not in task.path):
+    local = {task.path: task for task in tasks if "://" not in task.path}
+    for path, task in local.items():
         if not os.access(path, os.R_OK):  # else a worker's PermissionError, as a Beam traceback
             raise InputError(f"--input {path}: not readable (permission denied)")
+        if task.compression in MAGIC:
+            magic, what, suffix = MAGIC[task.compression]
+            with open(path, "rb") as f:
+                if f.read(len(magic)) != magic:
+                    raise InputError(f"{path}: not a {what} file (no {what} header at byte 0), though its name ends in "
+                                     f"{suffix}: rename it, or compress it")
+    for path, task in local.items():
+        if task.format == "wiki" and task.compression != "gzip":
+            with _open_raw(path) as raw:
+                if not wiki_dump.is_dump_head(wiki_dump.dump_head(raw, path)):
+                    # read as a dump, it gave no page and no count: the file left out unsaid
+                    raise InputError(f"{path}: not a MediaWiki XML dump (no <mediawiki> or <page> element at its "
+                                     "start); a .xml input is read as one: give plain text as .txt, one JSON object "
+                                     "a line as .jsonl")
+    heads = [task for task in local.values() if task.format in ("text", "jsonl")]
+    heads += [task for task in {t.path: t for t in tasks if "://" in t.path and t.format in ("text", "jsonl")}
+              .values()][:REMOTE_HEADS]
+    for task in heads:
+        with _open_raw(task.path) as raw:
+            try:
+                text_formats.check_encoding_head(_decompressed(raw, task.compression), task.path)
+            except (EOFError, OSError):
+                pass  # a truncated or corrupt file: its reader keeps what it can, and counts the rest
     for path in dict.fromkeys(task.path for task in tasks if task.format == "parquet"):
         with _open_raw(path) as raw:
             text_formats.check_parquet_column(raw, path, text_field)

@@ -401,11 +401,13 @@ def _check_column(parquet: pq.ParquetFile, path: str, text_field: str) -> None:
 
 def _holds_text(kind: pa.DataType) -> bool:
     """A string column, however Arrow stores it: plain, large, a view, or dictionary-encoded
-    (pandas' Categorical written with to_parquet)."""
+    (pandas' Categorical written with to_parquet); or binary, read as UTF-8: strings written
+    without Parquet's UTF8 annotation (Spark, Hive)."""
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or (
-        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind))
+        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind)) or pa.types.is_binary(
+        kind) or pa.types.is_large_binary(kind)
 
 
 def open_parquet(f: BinaryIO, path: str) -> pq.ParquetFile:
@@ -418,6 +420,21 @@ def open_parquet(f: BinaryIO, path: str) -> pq.ParquetFile:
 
 
 HEAD_ROWS = 100  # rows of a jsonl file read before the pipeline starts
+ENCODING_HEAD_BYTES = 4096
+
+
+def check_encoding_head(f: BinaryIO, path: str) -> None:
+    """Refuses, naming the file, text that is not UTF-8 in a way no line-by-line count would
+    show: UTF-16 or UTF-32 (Notepad's "Unicode", PowerShell's ">") read as UTF-8 gives ASCII
+    with a NUL between the letters, which has no blank line or sentence end to split at, and
+    would be trained on as garbage."""
+    head = f.read(ENCODING_HEAD_BYTES)
+    convert = f"convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8 {path} > {os.path.basename(path)}.utf8)"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(f"{path}: UTF-16 text (it begins with a UTF-16 byte-order mark), not UTF-8: {convert}")
+    if b"\x00" in head:
+        raise InputError(f"{path}: NUL bytes in its first {len(head):,} bytes: UTF-16 or UTF-32 text without a "
+                         f"byte-order mark, or not text at all; if it is UTF-16, {convert}")
 _HEAD_LINE_BYTES = 1 << 20
 
 
@@ -427,7 +444,7 @@ def check_jsonl_head(f: BinaryIO, path: str, text_field: str) -> None:
     left the whole file out, each row a counted skip, the run otherwise a success), or when it
     is one JSON array. Checked before the previous output is deleted."""
     fields: dict[str, None] = {}
-    rows = objects = 0
+    rows = objects = nested = 0
     while rows < HEAD_ROWS:
         raw = f.readline(_HEAD_LINE_BYTES)
         if not raw:
@@ -446,9 +463,15 @@ def check_jsonl_head(f: BinaryIO, path: str, text_field: str) -> None:
             continue
         if isinstance(record, dict):
             objects += 1
-            if text_field in record:  # a string, or a null or number the pipeline counts as a skip
-                return
+            if text_field in record and not isinstance(record[text_field], (dict, list)):
+                return  # a string, or a null or number the pipeline counts as a skip
+            if text_field in record:
+                nested += 1
             fields.update(dict.fromkeys(record))
+    if nested:
+        raise InputError(f"{path}: field {text_field!r} holds an object or a list, not text, in its first {rows} rows "
+                         "(a nested field is not read): name a top-level text field with --text-field, or flatten "
+                         f"it first, e.g. jq -c '{{text: .{text_field}.text}}'")
     if objects:
         shown = ", ".join(map(repr, list(fields)[:10])) + (" …" if len(fields) > 10 else "")
         raise InputError(f"{path}: none of its first {rows} rows has a {text_field!r} field (their fields: "
@@ -499,6 +522,14 @@ def read_parquet(f: BinaryIO, path: str, text_field: str, first_group: int = 0,
     row = sum(metadata.row_group(g).num_rows for g in range(first_group))  # index in the whole file
     for group in range(first_group, last):
         for value in _row_group_texts(parquet, path, text_field, group):
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield Problem("invalid-utf8-rows", f"{path}: row {row}'s {text_field!r} is not UTF-8 text "
+                                                       f"(byte {err.start}); skipped")
+                    row += 1
+                    continue
             if isinstance(value, str):
                 yield RawDocument(f"{name}#{row}", value)
             else:

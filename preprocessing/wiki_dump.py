@@ -344,14 +344,25 @@ def read_site(f: BinaryIO, path: str) -> WikiSite:
     ``xml:lang`` if there is one. Raises InputError, naming the file, when the
     siteinfo is there but is not well-formed XML.
     """
-    f.seek(0)
-    first = f.read(3)
-    f.seek(0)
-    head = _bz2_head(f, path) if first == b"BZh" else _xml_head(f)
+    head = dump_head(f, path)
     try:
         return parse_siteinfo(head)
     except SiteInfoError as err:
         raise InputError(f"{path}: {err}") from err
+
+
+def dump_head(f: BinaryIO, path: str) -> bytes:
+    """The XML at the start of ``f`` (bzip2 or not, told by its magic), up to ``</siteinfo>``
+    or the first ``<page>``; from byte 0, whatever the caller reads next."""
+    f.seek(0)
+    first = f.read(3)
+    f.seek(0)
+    return _bz2_head(f, path) if first == b"BZh" else _xml_head(f)
+
+
+def is_dump_head(head: bytes) -> bool:
+    """Whether a head (``dump_head``) is a MediaWiki export's."""
+    return b"<mediawiki" in head or _PAGE_OPEN in head
 
 
 def _xml_head(f: BinaryIO) -> bytes:

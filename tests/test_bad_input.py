@@ -558,3 +558,99 @@ def test_chinese_text_without_a_language_is_said_to_need_one(caplog):
         assert bool(warnings) == said, (args, caplog.messages)
     share = driver.unspaced_share(inputs.plan_read_tasks([poems], 1 << 26), "text")
     assert share > 0.9 and driver.unspaced_share(inputs.plan_read_tasks([AUSTEN], 1 << 26), "text") == 0
+
+
+def _utf16(path):
+    path.write_bytes("A first sentence here. A second one.\n\nAnother document.\n".encode("utf-16"))
+
+
+def _nul_bytes(path):
+    path.write_bytes("Without a byte-order mark.\n".encode("utf-16-le"))
+
+
+def _not_gzip(path):
+    path.write_text("Plain text, though the name says gzip.\n")
+
+
+def _not_a_dump(path):
+    path.write_text("<TEI><text><p>A scholarly edition, not a wiki.</p></text></TEI>\n")
+
+
+def _nested_field(path):
+    path.write_text("".join(json.dumps({"content": {"text": f"Row {i}."}}) + "\n" for i in range(3)))
+
+
+@pytest.mark.parametrize("name, make, message", [
+    # before: read as ASCII with a NUL between the letters, trained on as garbage, the warnings
+    # blaming punctuation and --character-coverage
+    ("notepad.txt", _utf16, "UTF-16 text (it begins with a UTF-16 byte-order mark), not UTF-8: convert it to UTF-8 "
+                            "first (iconv -f UTF-16 -t UTF-8"),
+    ("powershell.jsonl", _nul_bytes, "NUL bytes in its first 54 bytes: UTF-16 or UTF-32 text without a byte-order "
+                                     "mark, or not text at all"),
+    # before: one "truncated-files" count and exit 0, the file's documents all lost
+    ("plain.txt.gz", _not_gzip, "not a gzip file (no gzip header at byte 0), though its name ends in .gz"),
+    # before: read as a dump, no page, no count, exit 0
+    ("edition.xml", _not_a_dump, "not a MediaWiki XML dump (no <mediawiki> or <page> element at its start)"),
+    # before: accepted by the head check, then "no sentences to train" after the old output was deleted
+    ("nested.jsonl", _nested_field, "field 'content' holds an object or a list, not text, in its first 3 rows"),
+])
+def test_input_no_reader_can_read_as_text_is_refused_before_the_old_output_goes(tmp_path, capsys, name, make,
+                                                                               message):
+    make(tmp_path / name)
+    previous = tmp_path / "out"
+    (previous / "shards").mkdir(parents=True)
+    (previous / "manifest.json").write_text("{}")
+    flags = ["--text-field", "content"] if name == "nested.jsonl" else []
+    assert run_beam.main(["--input", str(tmp_path / name), AUSTEN, "--output", str(previous), "--no-mlflow",
+                          *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {tmp_path / name}: {message}")
+    assert sorted(os.listdir(previous)) == ["manifest.json", "shards"]  # the previous data dir is whole
+
+
+def test_inputs_are_listed_once_whole_and_by_their_own_names(tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (corpus / name).write_text(f"The text of {name}.\n")
+    os.symlink(corpus, tmp_path / "link")
+    # a file named twice (the folder, a file in it, a link to the folder) is read once
+    with caplog.at_level(logging.WARNING, logger="preprocessing.inputs"):
+        tasks = inputs.plan_read_tasks([str(corpus), str(corpus / "./a.txt"), str(tmp_path / "link")], 1 << 26)
+    assert sorted(t.path for t in tasks) == [str(corpus / "a.txt"), str(corpus / "b.txt")]
+    assert "2 input file(s) listed under a second name, read once" in caplog.text  # the link's two
+    # a file whose name holds glob characters, named as it is
+    (tmp_path / "book [1813].txt").write_text("It is a truth universally acknowledged.\n")
+    assert [t.path for t in inputs.plan_read_tasks([str(tmp_path / "book [1813].txt")], 1 << 26)] == [
+        str(tmp_path / "book [1813].txt")]
+    # a link whose content was never fetched (git-annex, DVC): refused, not left out unsaid
+    os.symlink(tmp_path / "annex" / "missing", corpus / "c.txt")
+    for given in (str(corpus), str(corpus / "*.txt")):
+        with pytest.raises(InputError, match=rf"{re.escape(str(corpus / 'c.txt'))} is a link to .*annex/missing, "
+                                             "which does not exist"):
+            inputs.plan_read_tasks([given], 1 << 26)
+    # a scheme Beam has no file system for: one line, not a traceback
+    with pytest.raises(InputError, match=r"--input file:///tmp/x\.txt: cannot list it \("):
+        inputs.plan_read_tasks(["file:///tmp/x.txt"], 1 << 26)
+
+
+def test_a_binary_parquet_text_column_is_read_as_utf8_and_a_row_that_is_not_is_counted(tmp_path):
+    texts = ["Première phrase. Deuxième phrase.".encode(), b"caf\xe9 latin-1", None]
+    pq.write_table(pa.table({"text": pa.array(texts, pa.binary())}), tmp_path / "spark.parquet")
+    with open(tmp_path / "spark.parquet", "rb") as f:
+        items = list(text_formats.read_parquet(f, str(tmp_path / "spark.parquet"), "text"))
+    assert [text for _, text in documents(items)] == ["Première phrase. Deuxième phrase."]
+    assert [p.reason for p in problems(items)] == ["invalid-utf8-rows", "parquet-null-text"]
+
+
+def test_a_language_other_than_the_dumps_is_said(caplog):
+    from preprocessing.driver import resolve_language
+    from preprocessing.options import PreprocessConfig
+
+    tasks = inputs.plan_read_tasks([WIKI_SAMPLE], 1 << 26)
+    with caplog.at_level(logging.WARNING, logger="preprocessing.driver"):
+        assert resolve_language(PreprocessConfig(language="de"), tasks).language == "de"
+    assert f"the language is de (--language), but the xml:lang of {WIKI_SAMPLE} (en)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="preprocessing.driver"):
+        assert resolve_language(PreprocessConfig(), tasks).language == "en"
+    assert "xml:lang of" not in caplog.text
