@@ -539,6 +539,8 @@ class Trainer:
                 self._check_finite(metrics, (2 * n - bad if bad > n else n - bad) if bad else None, bool(applied),
                                    bad_loss=bad > n)
                 if stop:
+                    if window:  # the steps since the last log line: metrics.jsonl skipped them (every rank agreed)
+                        self._log(window, time.monotonic() - started - paused, tracker)
                     tag = self.save()
                     if self.is_rank0:
                         log.warning("stopped at step %d with checkpoint %s saved; the same command resumes from it "

@@ -66,8 +66,10 @@ def test_stopped_run_resumes_to_the_same_losses(data_dir, tmp_path):
     whole, code = losses_of(Trainer(config(data_dir, tmp_path / "whole")))
     assert code == 0 and len(whole) == 8
 
-    first, code = losses_of(Trainer(config(data_dir, tmp_path / "split")), stop_at=3)
+    first, code = losses_of(Trainer(config(data_dir, tmp_path / "split", log_every=2)), stop_at=3)
     assert code == EXIT_STOPPED and len(first) == 3
+    # step 3, after the last log line at step 2, is logged at the stop (before: a gap in the history)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "split" / "metrics.jsonl")] == [2, 3]
     rest, code = losses_of(Trainer(config(data_dir, tmp_path / "split")))
     assert code == 0
     assert first + rest == whole  # exactly: same samples, same masks, same RNG, same optimizer state
