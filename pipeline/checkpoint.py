@@ -441,11 +441,12 @@ def zero_class(stage: int) -> str:
     return {0: "0", 1: "1 or 2", 2: "1 or 2"}.get(stage, str(stage))
 
 
-def check_invariants(directory: str, tag: str, now: dict) -> None:
+def check_invariants(directory: str, tag: str, now: dict, given_init_from: bool = False) -> None:
     """CheckpointError, before any engine exists, when this run differs from ``tag`` in what a
     resume cannot change (``RESUME_INVARIANTS``). Before, a changed model, micro-batch or ZeRO
     stage failed with a traceback, some only after the engine had loaded the whole checkpoint.
-    Tags saved before a field was recorded are not checked for it."""
+    Tags saved before a field was recorded are not checked for it. ``given_init_from``: this run
+    was given --init-from (a changed model is then not for want of it)."""
     meta = read_meta(directory, tag)
     for field, (flag, why) in RESUME_INVARIANTS.items():
         if field in meta and field in now and meta[field] != now[field]:
@@ -453,6 +454,10 @@ def check_invariants(directory: str, tag: str, now: dict) -> None:
             if isinstance(saved, dict) and isinstance(have, dict):  # name the differing keys only
                 keys = sorted(k for k in {*saved, *have} if saved.get(k) != have.get(k))
                 saved, have = ({k: d.get(k) for k in keys} for d in (saved, have))
+            if field == "model_config" and meta.get("init_from") and not given_init_from:
+                # --model's default is the preset, not the architecture of the weights the run began from
+                why = (f"the run began from --init-from {meta['init_from']}: pass it again, which names that "
+                       "architecture (a resume does not load its weights)")
             raise CheckpointError(f"{directory}/{tag} was saved with {flag} giving {saved}, this run has {have}: "
                                   f"a resume keeps it ({why})")
 

@@ -165,7 +165,8 @@ class Trainer:
         if self.resume_tag:  # the tokenizer first: another one changes the vocabulary size too
             self._check_tokenizer(config.checkpoint_dir, self.resume_tag, f"{config.checkpoint_dir}/{self.resume_tag}",
                                   "use the same data, or a new --run-dir")
-            checkpoint.check_invariants(config.checkpoint_dir, self.resume_tag, self._invariants())
+            checkpoint.check_invariants(config.checkpoint_dir, self.resume_tag, self._invariants(),
+                                        given_init_from=bool(config.init_from))
         # Decided before the engine exists: loading another world size's ZeRO partitions is an engine setting.
         self.resume_plan = self.resume_tag and checkpoint.plan_resume(
             config.checkpoint_dir, self.resume_tag, self.world_size, self.ds_config, settings.ds_config,

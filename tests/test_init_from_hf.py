@@ -112,6 +112,15 @@ def test_weights_load_exactly_and_the_first_loss_is_the_saved_models(data_dir, p
     assert trainer.init_info == {"init_from": pretraining_dir, "init_from_run_id": None}
     expected = first_batch_loss(trainer, pretraining_dir)
     assert train_losses(trainer)[0] == pytest.approx(expected, rel=1e-5)
+    # resumed without --init-from: --model's default is the preset, not this architecture; the error
+    # says what is (before: only that --model differed, though none was given)
+    from pipeline.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"a resume keeps it \(the run began from --init-from "
+                                              rf"{pretraining_dir}: pass it again"):
+        Trainer(config(data_dir, tmp_path, steps=2))
+    resumed = Trainer(config(data_dir, tmp_path, steps=2, init_from=pretraining_dir))
+    assert resumed.step == 1 and len(train_losses(resumed)) == 1
 
 
 def test_masked_lm_bin_with_old_layer_norm_names_loads_and_warns(data_dir, manifest, tmp_path, caplog):
