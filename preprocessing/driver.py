@@ -299,11 +299,34 @@ LOPSIDED_RANDOM_NEXT = 0.6
 SCARCE_RANDOM_NEXT = 0.3
 
 
+# Buckets of documents never span read tasks: files of one document each leave no other to pair with.
+JOIN_FILES = ("join small files into one, a blank line between documents (awk 'FNR==1 && NR>1 {print \"\"} 1' "
+              "DIR/*.txt > corpus.txt)")
+# Chunks skipped for want of another document in their bucket, as a share of the chunks made or
+# skipped, above which it is said even where the random-next share is fine (a few such files
+# among many documents).
+SINGLE_DOCUMENT_SKIPS = 0.05
+
+
+def single_document_warning(counters: dict[str, int]) -> str | None:
+    skipped = counters.get("skipped-instances-single-document-bucket", 0)
+    if skipped <= SINGLE_DOCUMENT_SKIPS * (skipped + counters.get("instances", 0)):
+        return None
+    return (f"warning: {skipped:,} chunks were skipped, as their bucket held one document and so no other to draw "
+            "a random next segment from: read tasks (a file each, or a --split-bytes range) of a single document; "
+            f"{JOIN_FILES}")
+
+
 def random_next_warning(counters: dict[str, int], max_seq_length: int, objective: str = "mlm-nsp") -> str | None:
     """A hint when the NSP labels are lopsided, naming the flag that fixes it."""
     share = counters.get("random-next", 0) / max(counters.get("instances", 0), 1)
     if objective == "mlm-nsp" and counters.get("instances") and share < SCARCE_RANDOM_NEXT:
-        documents = counters.get("documents-read", 0)
+        documents, tasks = counters.get("documents-read", 0), counters.get("read-tasks", 0)
+        if tasks > 1 and documents < 2 * tasks:
+            return (f"warning: {share:.0%} of examples have a random next segment (the recipe aims at 50%): it is "
+                    f"drawn from another document of the same read task, and the {tasks:,} read tasks (a file "
+                    f"each, or a --split-bytes range) hold {documents:,} documents, about one each; "
+                    f"{JOIN_FILES}, or use --objective mlm, which needs no pairs")
         return (f"warning: {share:.0%} of examples have a random next segment (the recipe aims at 50%): it is "
                 f"drawn from another document, and the input has {documents:,} document{'s' * (documents != 1)} "
                 "(in .txt, only a blank line ends one); separate its documents (a blank line between them in a .txt), "
@@ -443,6 +466,7 @@ def format_summary(summary: Summary) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {v:>,}" if isinstance(v, int) else f"  {k:<{width}}  {v:>}" for k, v in rows]
     for warning in (encoding_warning(c), random_next_warning(c, m["max_seq_length"], m.get("objective", "mlm-nsp")),
+                    single_document_warning(c),
                     truncation_warning(c, m["max_seq_length"]), vocabulary_warning(summary),
                     unknown_tokens_warning(c, tokenizer_given=summary.vocab_size_asked is None),
                     shards_warning(summary)):

@@ -10,6 +10,7 @@ deviations wide.
 import bz2
 import dataclasses
 import io
+import json
 import os
 import pickle
 import random
@@ -666,3 +667,30 @@ def test_one_document_leaves_nsp_without_random_next_segments_and_the_summary_sa
     assert warning.startswith("warning: 0% of examples have a random next segment (the recipe aims at 50%): it is "
                               "drawn from another document, and the input has 1 document (in .txt, only a blank")
     assert random_next_warning(counters, 128, objective="mlm") is None  # packed rows have no pairs
+
+
+def test_files_of_one_document_each_are_said_to_need_joining(tmp_path):
+    """A folder of files of one document each (paragraphs on single lines): buckets never span
+    files, so no chunk had another document to draw a random B from; the warning told the user to
+    separate documents that already were (before), or said nothing where other input hid it."""
+    from preprocessing import run_beam
+
+    with bz2.open(AUSTEN, "rt", encoding="utf-8") as f:
+        chapters = [c for c in f.read().split("\n\n\n") if len(c) > 5000][:12]
+    assert len(chapters) == 12
+    corpus = tmp_path / "chapters"
+    corpus.mkdir()
+    for i, chapter in enumerate(chapters):  # one document a file: no blank line inside
+        (corpus / f"{i:02d}.txt").write_text(re.sub(r"\n\s*\n", "\n", chapter.strip()) + "\n")
+    out = tmp_path / "out"
+    assert run_beam.main(["--input", str(corpus), "--output", str(out), "--vocab-size", "2000", "--no-mlflow"]) == 0
+    counters = json.load(open(out / "manifest.json"))["counters"]
+    assert counters["documents-read"] == counters["read-tasks"] == 12 and counters["random-next"] == 0
+    from preprocessing.driver import random_next_warning, single_document_warning
+
+    warning = random_next_warning(counters, 128)
+    assert "the 12 read tasks (a file each, or a --split-bytes range) hold 12 documents, about one each" in warning
+    assert "join small files into one" in warning
+    assert single_document_warning(counters).startswith(
+        f"warning: {counters['skipped-instances-single-document-bucket']:,} chunks were skipped")
+    assert single_document_warning({"instances": 1000, "skipped-instances-single-document-bucket": 10}) is None
