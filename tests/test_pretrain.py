@@ -83,8 +83,8 @@ def test_a_resume_takes_this_runs_learning_rate_and_weight_decay(data_dir, tmp_p
     assert trainer.train() == 0
     logged = {m["step"]: m["learning_rate"] for m in map(json.loads, open(tmp_path / "metrics.jsonl"))}
     schedule = linear_warmup_decay(8, 2)  # this run's --steps and --warmup-steps at the saved step
-    for step in (5, 8):
-        assert logged[step] == pytest.approx(4e-4 * schedule(step), rel=1e-6)
+    for step in (5, 8):  # the rate step N's update used: the schedule at N - 1 updates done
+        assert logged[step] == pytest.approx(4e-4 * schedule(step - 1), rel=1e-6)
 
 
 def test_a_branch_from_an_earlier_tag_sets_the_later_ones_aside(data_dir, tmp_path):
