@@ -176,7 +176,8 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     if "://" not in config.output and os.path.exists(config.output) and not os.path.isdir(config.output):
         raise inputs.InputError(f"--output {config.output}: a file, not a folder; the data dir is written there")
     check_writable(config.output)
-    tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes, output=config.output)
+    skipped: dict[str, list[str]] = {}
+    tasks = inputs.plan_read_tasks(config.inputs, config.split_bytes, output=config.output, skipped=skipped)
     inputs.check_inputs(tasks, config.text_field)
     config = resolve_language(config, tasks)
     given = subwords.load_given(config.tokenizer) if config.tokenizer else None
@@ -210,7 +211,7 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
 
         shards = read_shard_counts(config.output)
         data = manifest.build_manifest(config, input_paths, given or _trained_tokenizer(config.output),
-                                       shards, counters, run.run_id)
+                                       shards, counters, run.run_id, skipped)
         _check_complete(data, counters, len(tasks))
         path = manifest.write_manifest(config.output, data)
         run.log_results(counters, wall, config.output)

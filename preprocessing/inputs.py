@@ -104,12 +104,15 @@ def detect_format(path: str) -> tuple[str, str | None]:
     return found
 
 
-def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | None = None) -> list[ReadTask]:
+def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | None = None,
+                    skipped: dict[str, list[str]] | None = None) -> list[ReadTask]:
     """Expands paths/globs into read tasks of about ``split_bytes`` each where the
     format allows, in a stable order: by path, then by position in the file. Files under the
     ``output`` folder (local, symlinked or remote) are left out: a previous run's shards and
     tokenizer files would be read as input (a Parquet shard refused for its columns,
-    tokenizer.json taken for a jsonl)."""
+    tokenizer.json taken for a jsonl). ``skipped``, if given, gets the files matched but not read,
+    by reason (each warned of here), for the manifest."""
+    skipped = {} if skipped is None else skipped
     files: dict[str, int] = {}
     # A local folder named without its trailing slash is matched as a file of unknown format;
     # with the slash, Beam lists its files (one level: a local folder is walked here instead, and
@@ -147,18 +150,20 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
                             ", ".join(posixpath.basename(m.path) for m in other[:10]) + (" …" if len(other) > 10
                                                                                          else ""))
                 listed = [m for m in listed if _format_of(m.path) is not None]
+                skipped.setdefault("no-input-format", []).extend(m.path for m in other)
             if not listed:
                 raise InputError(f"--input {pattern!r}: no file of an input format in this folder; supported "
                                  f"extensions: {', '.join(SUPPORTED_EXTENSIONS)}")
         for meta in listed:
             files.setdefault(meta.path, meta.size_in_bytes)
-    files = _without_second_names(files)
+    files = _without_second_names(files, skipped)
     if output:
         inside = [path for path in files if _is_under(path, output)]
         if inside:
             log.warning("%d file(s) under --output %s left out of the input: %s", len(inside), output,
                         ", ".join(inside[:5]) + (" …" if len(inside) > 5 else ""))
             files = {path: size for path, size in files.items() if path not in inside}
+            skipped["under-output"] = inside
             if not files:
                 raise InputError(f"--input: every file matched is under --output {output}, the output of this run")
     # A pipe lists with size 0 (and would be read while still being written, or never): said as such.
@@ -173,6 +178,7 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
         log.warning("%d empty input file(s) skipped: %s", len(empty),
                     ", ".join(empty[:10]) + (" …" if len(empty) > 10 else ""))
         files = {path: size for path, size in files.items() if size}
+        skipped["empty"] = empty
     names = document_names(list(files))
     tasks: list[ReadTask] = []
     for path, size in files.items():
@@ -210,7 +216,7 @@ def _refuse_dangling_links(pattern: str) -> None:
                              "(content not fetched, or moved?): fetch it, or remove the link")
 
 
-def _without_second_names(files: dict[str, int]) -> dict[str, int]:
+def _without_second_names(files: dict[str, int], skipped: dict[str, list[str]]) -> dict[str, int]:
     """Each local file once, under the first name it was listed by: a file named twice (a
     folder and a file in it, a symlink to a folder) would be read twice, byte-identical
     examples of the same document ids."""
@@ -228,6 +234,7 @@ def _without_second_names(files: dict[str, int]) -> dict[str, int]:
         log.warning("%d input file(s) listed under a second name, read once: %s", len(again),
                     ", ".join(again[:5]) + (" …" if len(again) > 5 else ""))
         firsts = set(seen.values())
+        skipped["second-name"] = [path for path in files if "://" not in path and path not in firsts]
         files = {path: size for path, size in files.items() if "://" in path or path in firsts}
     return files
 

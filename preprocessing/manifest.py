@@ -47,7 +47,7 @@ def input_fingerprint(paths: Sequence[str]) -> str:
 
 def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokenizer: subwords.TokenizerModel,
                    shards: Sequence[tuple[str, int]], counters: dict[str, int],
-                   data_run_id: str | None) -> dict:
+                   data_run_id: str | None, skipped_inputs: dict[str, list[str]] | None = None) -> dict:
     given = config.tokenizer is not None
     if tokenizer.kind == subwords.SENTENCEPIECE and given:  # its own type, not --model-type's default
         model_type = vocab.read_model(tokenizer.data).model_type
@@ -93,7 +93,12 @@ def build_manifest(config: PreprocessConfig, input_paths: Sequence[str], tokeniz
         "docs_per_bucket": config.docs_per_bucket,
         "split_bytes": config.split_bytes,
         "seed": config.seed,
-        "input": {"paths": sorted(map(recorded_path, input_paths)), "fingerprint": input_fingerprint(input_paths)},
+        "input": {"paths": sorted(map(recorded_path, input_paths)), "fingerprint": input_fingerprint(input_paths),
+                  # files matched but not read, by reason (a folder's README, an empty file, ...): a
+                  # count and the first of them, so the manifest says what the corpus left out
+                  **({"skipped": {reason: {"count": len(paths), "paths": sorted(map(recorded_path, paths))[:100]}
+                                  for reason, paths in sorted(skipped_inputs.items()) if paths}}
+                     if skipped_inputs and any(skipped_inputs.values()) else {})},
         "columns": columns,
         "num_examples": sum(rows for _, rows in shards),
         "shards": [{"path": path, "rows": rows} for path, rows in shards],

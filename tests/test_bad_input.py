@@ -614,9 +614,12 @@ def test_inputs_are_listed_once_whole_and_by_their_own_names(tmp_path, caplog):
         (corpus / name).write_text(f"The text of {name}.\n")
     os.symlink(corpus, tmp_path / "link")
     # a file named twice (the folder, a file in it, a link to the folder) is read once
+    skipped = {}
     with caplog.at_level(logging.WARNING, logger="preprocessing.inputs"):
-        tasks = inputs.plan_read_tasks([str(corpus), str(corpus / "./a.txt"), str(tmp_path / "link")], 1 << 26)
+        tasks = inputs.plan_read_tasks([str(corpus), str(corpus / "./a.txt"), str(tmp_path / "link")], 1 << 26,
+                                       skipped=skipped)
     assert sorted(t.path for t in tasks) == [str(corpus / "a.txt"), str(corpus / "b.txt")]
+    assert skipped == {"second-name": [str(tmp_path / "link" / "a.txt"), str(tmp_path / "link" / "b.txt")]}
     assert "2 input file(s) listed under a second name, read once" in caplog.text  # the link's two
     # a file whose name holds glob characters, named as it is
     (tmp_path / "book [1813].txt").write_text("It is a truth universally acknowledged.\n")

@@ -682,9 +682,15 @@ def test_files_of_one_document_each_are_said_to_need_joining(tmp_path):
     corpus.mkdir()
     for i, chapter in enumerate(chapters):  # one document a file: no blank line inside
         (corpus / f"{i:02d}.txt").write_text(re.sub(r"\n\s*\n", "\n", chapter.strip()) + "\n")
+    (corpus / "README.md").write_text("Chapters of Pride and Prejudice.\n")  # no corpus file
+    (corpus / "13.txt").write_text("")  # a failed download
     out = tmp_path / "out"
     assert run_beam.main(["--input", str(corpus), "--output", str(out), "--vocab-size", "2000", "--no-mlflow"]) == 0
-    counters = json.load(open(out / "manifest.json"))["counters"]
+    manifest = json.load(open(out / "manifest.json"))
+    # what the folder held but the corpus left out, by reason
+    assert manifest["input"]["skipped"] == {"empty": {"count": 1, "paths": [str(corpus / "13.txt")]},
+                                            "no-input-format": {"count": 1, "paths": [str(corpus / "README.md")]}}
+    counters = manifest["counters"]
     assert counters["documents-read"] == counters["read-tasks"] == 12 and counters["random-next"] == 0
     from preprocessing.driver import random_next_warning, single_document_warning
 
