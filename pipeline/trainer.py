@@ -411,7 +411,8 @@ class Trainer:
         """The Hugging Face export comes last, beside the last checkpoint when both share a file
         system: a disk with room for the checkpoints alone fails it after the whole run."""
         hf = os.path.join(self.config.run_dir, "hf")
-        export = estimated_bytes(self.parameters, os.path.join(self.config.data, self.manifest["tokenizer"]["path"]))
+        export = estimated_bytes(self.parameters,
+                                 os.path.join(self.config.data, self.manifest["tokenizer"].get("path", "tokenizer")))
         beside = checkpoint_bytes if same_file_system(hf, self.config.checkpoint_dir) else 0
         usage = disk_usage(hf)
         if usage is not None and usage.free < export + beside:

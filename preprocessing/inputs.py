@@ -210,8 +210,8 @@ def _refuse_dangling_links(pattern: str) -> None:
         for root, dirs, names in os.walk(pattern):  # as _walk: no hidden file or folder
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             candidates += [os.path.join(root, name) for name in names if not name.startswith(".")]
-    for path in candidates:
-        if os.path.islink(path) and not os.path.exists(path):
+    for path in candidates:  # a link of no input format (an image, say) would be skipped anyway
+        if _format_of(path) is not None and os.path.islink(path) and not os.path.exists(path):
             raise InputError(f"--input {pattern}: {path} is a link to {os.readlink(path)}, which does not exist "
                              "(content not fetched, or moved?): fetch it, or remove the link")
 
@@ -434,7 +434,9 @@ def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
 
 
 def dump_language(path: str) -> str | None:
-    """The ``xml:lang`` of a MediaWiki dump's root element, read from its head (en when
-    the dump does not say)."""
+    """The ``xml:lang`` of a MediaWiki dump's root element, read from its head; None when the
+    dump does not say (read as English)."""
+    from preprocessing.wiki_site import declared_language
+
     with _open_raw(path) as raw:
-        return wiki_dump.read_site(raw, path).language
+        return declared_language(wiki_dump.dump_head(raw, path))

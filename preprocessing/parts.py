@@ -42,6 +42,7 @@ ROW_GROUP_ROWS = 8192
 # (benchmarks/shard_shuffle.py; the default --rows-per-shard is half of it). A larger one goes
 # through buckets on local disk (``write_shard``), so that a worker's memory does not grow with it.
 SHUFFLE_IN_MEMORY_ROWS = 131072
+SCRATCH_BUCKETS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +232,9 @@ def write_shard(layout: ShardLayout, shard: int, seed: int, path: str,
         write_atomically(path, encode_shard(table))
         return table.num_rows
     rng = np.random.default_rng([seed, shard])
-    count = math.ceil(2 * (stop - start) / in_memory_rows)
+    # at most SCRATCH_BUCKETS files open at once: a bucket grows past in_memory_rows / 2 only for
+    # a shard of over 33M rows (--num-shards 1 over a big corpus)
+    count = min(math.ceil(2 * (stop - start) / in_memory_rows), SCRATCH_BUCKETS)
     with tempfile.TemporaryDirectory(prefix="shard-shuffle-") as scratch:
         names, writers = [os.path.join(scratch, f"{b}.parquet") for b in range(count)], [None] * count
         for part, lo, hi in layout.slices(shard):

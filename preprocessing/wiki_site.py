@@ -201,14 +201,19 @@ _XML_LANG = re.compile(rb"""\sxml:lang\s*=\s*["']([^"']*)["']""")
 _SITEINFO = re.compile(rb"<siteinfo\b.*?</siteinfo\s*>", re.S)
 
 
+def declared_language(header: bytes) -> str | None:
+    """The ``xml:lang`` of a dump head's ``<mediawiki …>`` tag; None when it has none."""
+    root = _ROOT_TAG.search(header)
+    lang = _XML_LANG.search(root[0]) if root else None
+    return lang[1].decode("utf-8", "replace") if lang else None
+
+
 def parse_siteinfo(header: bytes) -> WikiSite:
     """The site described by a dump's head: the ``<mediawiki …>`` start tag and the
     ``<siteinfo>`` block (UTF-8 bytes; what follows them is ignored). A head without a
     siteinfo gives the language's tables with canonical names; no ``xml:lang``, English.
     Raises ``SiteInfoError`` when the siteinfo block is not well-formed XML."""
-    root = _ROOT_TAG.search(header)
-    lang = _XML_LANG.search(root[0]) if root else None
-    language = lang[1].decode("utf-8", "replace") if lang else "en"
+    language = declared_language(header) or "en"
     block = _SITEINFO.search(header)
     if not block:
         return site_for(language, _CANONICAL_NAMES)

@@ -625,7 +625,10 @@ def test_inputs_are_listed_once_whole_and_by_their_own_names(tmp_path, caplog):
     (tmp_path / "book [1813].txt").write_text("It is a truth universally acknowledged.\n")
     assert [t.path for t in inputs.plan_read_tasks([str(tmp_path / "book [1813].txt")], 1 << 26)] == [
         str(tmp_path / "book [1813].txt")]
-    # a link whose content was never fetched (git-annex, DVC): refused, not left out unsaid
+    # a link whose content was never fetched (git-annex, DVC): refused, not left out unsaid; one of
+    # no input format would be skipped anyway
+    os.symlink(tmp_path / "annex" / "figure", corpus / "figure.png")
+    assert len(inputs.plan_read_tasks([str(corpus)], 1 << 26)) == 2
     os.symlink(tmp_path / "annex" / "missing", corpus / "c.txt")
     for given in (str(corpus), str(corpus / "*.txt")):
         with pytest.raises(InputError, match=rf"{re.escape(str(corpus / 'c.txt'))} is a link to .*annex/missing, "
@@ -645,7 +648,7 @@ def test_a_binary_parquet_text_column_is_read_as_utf8_and_a_row_that_is_not_is_c
     assert [p.reason for p in problems(items)] == ["invalid-utf8-rows", "parquet-null-text"]
 
 
-def test_a_language_other_than_the_dumps_is_said(caplog):
+def test_a_language_other_than_the_dumps_is_said(caplog, tmp_path):
     from preprocessing.driver import resolve_language
     from preprocessing.options import PreprocessConfig
 
@@ -656,4 +659,14 @@ def test_a_language_other_than_the_dumps_is_said(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="preprocessing.driver"):
         assert resolve_language(PreprocessConfig(), tasks).language == "en"
+    assert "xml:lang of" not in caplog.text
+    # a dump that declares no language is read as English, but names none to differ from
+    with bz2.open(WIKI_SAMPLE, "rb") as f:
+        head = f.read()
+    undeclared = re.sub(rb'\sxml:lang="[^"]*"', b"", head, count=1)
+    assert undeclared != head
+    (tmp_path / "old.xml").write_bytes(undeclared)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="preprocessing.driver"):
+        resolve_language(PreprocessConfig(language="de"), inputs.plan_read_tasks([str(tmp_path / "old.xml")], 1 << 26))
     assert "xml:lang of" not in caplog.text

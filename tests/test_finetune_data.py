@@ -715,6 +715,21 @@ def test_a_class_label_class_without_train_rows_is_no_class_of_the_model(tmp_pat
         load_task_data(data=str(tmp_path / "b"))
 
 
+def test_class_label_names_that_are_booleans_or_numbers_keep_their_classes(tmp_path):
+    import datasets
+
+    # SuperGLUE BoolQ's label: ClassLabel(names=["False", "True"])
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["False", "True"])})
+    datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(30)], "label": [i % 2 for i in range(30)]},
+                               features=features).save_to_disk(str(tmp_path / "boolq"))
+    data = load_task_data(data=str(tmp_path / "boolq"), seed=1)
+    assert data.labels == ["False", "True"] and data.classes_left_out == []
+    whole = np.concatenate([data.splits[s].labels for s in ("train", "validation", "test")])
+    texts = sum((data.splits[s].texts for s in ("train", "validation", "test")), [])
+    assert all(label == int(text[1:]) % 2 for label, text in zip(whole, texts))  # the dataset's own ids
+
+
 @pytest.mark.parametrize("flag", ["validation", "test"])
 def test_a_held_out_file_that_is_the_train_file_is_refused(tmp_path, flag):
     train = write(tmp_path / "train.csv")
@@ -727,8 +742,11 @@ def test_a_held_out_file_that_is_the_train_file_is_refused(tmp_path, flag):
 def test_binary_parquet_columns_are_read_as_utf8_text(tmp_path):
     from pipeline.finetuning.data import iter_records
 
-    rows = [{"text": f"wörd {i}".encode(), "label": [b"neg", b"pos"][i % 2]} for i in range(20)]
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("text", pa.binary()), ("label", pa.binary())]))
+    # a binary column the task does not read (a digest) may hold any bytes
+    rows = [{"text": f"wörd {i}".encode(), "label": [b"neg", b"pos"][i % 2], "digest": bytes([255, i])}
+            for i in range(20)]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("text", pa.binary()), ("label", pa.binary()),
+                                                         ("digest", pa.binary())]))
     pq.write_table(table, tmp_path / "spark.parquet")
     data = load_task_data(data=str(tmp_path / "spark.parquet"), seed=1)
     assert data.labels == ["neg", "pos"]
@@ -736,8 +754,9 @@ def test_binary_parquet_columns_are_read_as_utf8_text(tmp_path):
     assert [r["text"] for r, _ in iter_records(str(tmp_path / "spark.parquet"))][:2] == ["wörd 0", "wörd 1"]
     rows[3]["text"] = b"caf\xe9"  # Latin-1
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), tmp_path / "latin1.parquet")
-    with pytest.raises(FinetuneDataError, match=r"latin1\.parquet: row 4: column 'text' is binary and not UTF-8 text"):
-        read_table(str(tmp_path / "latin1.parquet"))
+    with pytest.raises(FinetuneDataError, match=r"latin1\.parquet: row 4: column 'text' is binary and not UTF-8 text "
+                                                r"\(byte 3: "):
+        load_task_data(data=str(tmp_path / "latin1.parquet"))
 
 
 def test_json_that_is_not_json_lines_is_told_so(tmp_path):

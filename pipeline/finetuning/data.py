@@ -275,16 +275,26 @@ def _read_parquet(path: str) -> Table:
         if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
             # strings written without Parquet's UTF8 annotation (Spark, Hive): their Python spelling
             # ("b'pos'") would be trained on
-            columns[field.name] = [_utf8(value, at, field.name) for value, at in zip(columns[field.name], where)]
+            columns[field.name] = [_utf8(value) for value in columns[field.name]]
     return Table(path, columns, where)
 
 
-def _utf8(value: bytes | None, where: str, column: str) -> str | None:
+def _utf8(value: bytes | None) -> str | bytes | None:
+    """A binary cell as text where it is UTF-8; other bytes (a hash, an embedding) stay bytes,
+    refused only where read as a text or a label (as_text, _check_scalar_labels)."""
     try:
         return None if value is None else value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
+
+
+def _not_utf8(value: bytes, where: str, column: str) -> FinetuneDataError:
+    try:
+        value.decode("utf-8")
+        reason = "binary"
     except UnicodeDecodeError as err:
-        raise FinetuneDataError(f"{where}: column {column!r} is binary and not UTF-8 text (byte {err.start}: "
-                                f"{err.reason})") from None
+        reason = f"byte {err.start}: {err.reason}"
+    return FinetuneDataError(f"{where}: column {column!r} is binary and not UTF-8 text ({reason})")
 
 
 def _class_names(feature, values: list) -> list:
@@ -448,7 +458,7 @@ def iter_records(path: str, batch_rows: int = 4096):
             for record in batch.to_pylist():
                 row += 1
                 for name in binary:  # as _read_parquet: text, not its Python spelling
-                    record[name] = _utf8(record[name], f"{path}: row {row}", name)
+                    record[name] = _utf8(record[name])
                 yield record, f"{path}: row {row}"
     try:
         if fmt == "jsonl":
@@ -503,6 +513,8 @@ def _check_scalar_labels(table: Table, column: str) -> None:
         if _is_container(value):
             raise FinetuneDataError(f"{where}: column {column!r} holds a {type(value).__name__}, not a label; "
                                     "multi-label data is not supported: one label a row")
+        if isinstance(value, bytes):
+            raise _not_utf8(value, where, column)
 
 
 def _check_no_blank_labels(table: Table, column: str) -> None:
@@ -593,6 +605,8 @@ def as_text(value, where: str, column: str) -> str:
     if _is_container(value):
         raise FinetuneDataError(f"{where}: column {column!r} holds a {type(value).__name__}, not text; join its "
                                 "parts into one string first")
+    if isinstance(value, bytes):
+        raise _not_utf8(value, where, column)
     text = str(value)
     try:
         text.encode("utf-8")
@@ -749,16 +763,17 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
         # A ClassLabel's order (its ids), less the classes train has no row of: a class that is
         # never trained would be predicted never, yet scored, and a dropped one would stay a class.
         named = tables["train"].class_names.get(label_column)
-        labels = [n for n in named if n in trained] if named else _sort_labels(trained)
-        left_out = [n for n in named or () if n not in trained]
+        labels = [n for n in named if _label_key(n) in trained] if named else _sort_labels(trained)
+        left_out = [n for n in named or () if _label_key(n) not in trained]
         if left_out:
             log.warning("%s: %d of the ClassLabel's %d classes have no train row (%s): the model has the other %d, "
                         "whose ids differ from the ClassLabel's", tables["train"].source, len(left_out), len(named),
                         ", ".join(map(repr, left_out[:10])) + (", …" if len(left_out) > 10 else ""), len(labels))
         if len(labels) < 2:
-            raise FinetuneDataError(f"{tables['train'].source}: column {label_column!r} has one label "
-                                    f"({labels[0]!r}); classification needs two or more")
-    mapping = {label: i for i, label in enumerate(labels)}
+            raise FinetuneDataError(f"{tables['train'].source}: column {label_column!r} has "
+                                    f"{f'one label ({labels[0]!r})' if labels else 'no label'}; classification needs "
+                                    "two or more")
+    mapping = {_label_key(label): i for i, label in enumerate(labels)}  # as _examples looks a row's label up
     splits = {name: _examples(table, task, mapping, text_column, text_pair_column, label_column)
               for name, table in tables.items()}
 
