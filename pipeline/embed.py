@@ -217,7 +217,10 @@ def cli() -> None:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stopped)
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: the same line as SIGTERM, not a traceback
+        stopped(signal.SIGINT, None)
 
 
 if __name__ == "__main__":

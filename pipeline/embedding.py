@@ -176,7 +176,8 @@ def check_out(out: str, source: str) -> None:
     from pipeline.output_path import OutputPathError, check_output_file
 
     try:
-        check_output_file("--out", out, "embeddings.parquet")
+        # a Parquet file: any other name (labels.csv) was replaced by Parquet bytes without a word
+        check_output_file("--out", out, "embeddings.parquet", suffixes=(".parquet",))
     except OutputPathError as err:
         raise EmbedError(str(err)) from None
     if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):

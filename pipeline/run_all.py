@@ -70,6 +70,8 @@ def write_review_task(out: str, labelled: int, seed: int) -> dict[str, str]:
     files = {name: write(f"{name}.csv", split.texts, [data.labels[i] for i in split.labels])
              for name, split in data.splits.items() if name != "train"}
     train = data.splits["train"]
+    if labelled > len(train):
+        raise ValueError(f"--labelled {labelled}: the bundled train split has {len(train)} reviews")
     few = stratified_split(train.labels, [labelled / len(train)], seed=seed + 1)[0]
     files["train"] = write("train_few.csv", [train.texts[i] for i in few], [data.labels[train.labels[i]] for i in few])
 
@@ -137,14 +139,20 @@ def main(argv=None) -> int:
     p.add_argument("--experiment", type=experiment_flag, default="bert-pipeline-demo",
                    help="MLflow experiment of the four runs")
     p.add_argument("--seed", type=int, default=42, help="every stage's seed, and the review sample's")
+    p.add_argument("--no-mlflow", action="store_true", help="track nothing (every stage's --no-mlflow)")
     args = p.parse_args(argv)
+    if args.labelled < 2:  # else an empty train file, refused by fine-tuning only after pretraining
+        p.error(f"--labelled must be >= 2 (one review of each class), got {args.labelled}")
 
     work = os.path.abspath(args.workdir)
     data, run, logs = os.path.join(work, "data"), os.path.join(work, "pretrain"), os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     started = time.perf_counter()
-    task = write_review_task(os.path.join(work, "reviews"), args.labelled, args.seed)
-    mlflow_flags = ["--experiment", args.experiment]
+    try:
+        task = write_review_task(os.path.join(work, "reviews"), args.labelled, args.seed)
+    except ValueError as err:
+        p.error(str(err))
+    mlflow_flags = ["--no-mlflow"] if args.no_mlflow else ["--experiment", args.experiment]
 
     seconds = {"preprocess": run_stage("preprocess", [
         os.path.join(REPO, "preprocessing", "run_beam.py"), "--input", WIKI, AUSTEN, task["unlabelled"],
@@ -170,7 +178,7 @@ def main(argv=None) -> int:
     final_eval = [json.loads(line) for line in open(os.path.join(run, "eval.jsonl"))][-1]
     manifest = json.load(open(os.path.join(data, "manifest.json")))
     exports = sorted(os.listdir(os.path.join(run, "hf")))
-    runs = mlflow_runs(args.experiment)
+    runs = {} if args.no_mlflow else mlflow_runs(args.experiment)
     print("\n" + "=" * 78)
     print(f"Done in {time.perf_counter() - started:.0f} s: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
@@ -191,7 +199,8 @@ def main(argv=None) -> int:
           f"reports {os.path.relpath(os.path.join(work, 'finetune-*', 'report.json'))}")
     if runs:
         print("MLflow runs:   " + ", ".join(f"{k} {v[:12]}" for k, v in sorted(runs.items())))
-    print("See them:      " + browse_hint())
+    if not args.no_mlflow:
+        print("See them:      " + browse_hint())
     return 0
 
 

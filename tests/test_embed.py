@@ -277,10 +277,18 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
     assert f"--out {tmp_path}: a folder; --out names the file to write" in capsys.readouterr().err
     # found before the model loads and the input is read; before: after all the embedding, or never
     # (an --out naming the input replaced the texts with their embeddings)
-    for out_arg, message in (("", "--out '': empty; --out names the file to write"),
-                             (str(ok), f"--out {ok} is --input: writing the embeddings would replace the texts"),
-                             (str(ok / "o.parquet"), f"--out {ok / 'o.parquet'}: {ok} is a file, not a folder")):
-        assert main(["--model", BUNDLE, "--input", str(ok), "--out", out_arg, "--no-mlflow"]) == 2
+    # (a name not ending in .parquet: before, labels.csv was replaced by Parquet bytes)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["fine"]}), tmp_path / "ok.parquet")
+    for given, out_arg, message in (
+            (ok, "", "--out '': empty; --out names the file to write"),
+            (ok, str(ok), f"--out {ok}: name a .parquet file"),
+            (tmp_path / "ok.parquet", str(tmp_path / "ok.parquet"),
+             f"--out {tmp_path / 'ok.parquet'} is --input: writing the embeddings would replace the texts"),
+            (ok, str(ok / "o.parquet"), f"--out {ok / 'o.parquet'}: {ok} is a file, not a folder")):
+        assert main(["--model", BUNDLE, "--input", str(given), "--out", out_arg, "--no-mlflow"]) == 2
         assert message in capsys.readouterr().err
     assert ok.read_text() == "text\nfine\n"
     # A model dir without its weights (a copy cut short): one line, not the library's OSError traceback.

@@ -79,3 +79,18 @@ def test_three_stages_run_end_to_end_and_their_runs_are_linked(mlflow_server, tm
     assert {"ds_config.json", "final_eval.json"} <= {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     info = json.load(open(next((work / "pretrain" / "hf").iterdir()) / "training_info.json"))
     assert info["pretrain_run_id"] == pretrain.info.run_id and info["data_run_id"] == data.info.run_id
+
+
+@pytest.mark.parametrize("labelled, message", [
+    ("0", "--labelled must be >= 2 (one review of each class), got 0"),
+    ("999999", "--labelled 999999: the bundled train split has "),
+])
+def test_a_labelled_count_the_reviews_cannot_give_is_refused_before_any_stage(tmp_path, capsys, labelled, message):
+    """Before: 0 wrote an empty train file, refused by fine-tuning after the pretraining; 999999
+    took every review and reported 999,999."""
+    from pipeline.run_all import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--labelled", labelled, "--workdir", str(tmp_path / "demo"), "--no-mlflow"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "demo" / "data").exists()
