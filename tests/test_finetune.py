@@ -580,7 +580,7 @@ def test_sentence_pairs_and_regression(pretrained, tmp_path):
                                               text_pair_column="review", label_column="same_film",
                                               output_dir=str(tmp_path / "pair"), epochs=1, mlflow=False,
                                               global_batch_size=16, micro_batch_size=16))
-    assert pair.task == "classification" and pair.data.labels == ["0", "1"]
+    assert pair.task == "classification" and pair.data.labels == ["false", "true"]  # JSON booleans, named
     train = pair.splits["train"]
     assert all(1 in types for types in train.token_type_ids)  # the review is segment B
     assert max(len(ids) for ids in train.input_ids) == 64 and train.truncated > 0  # long plots, counted
