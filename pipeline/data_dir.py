@@ -4,7 +4,6 @@ and the Parquet shards it lists)."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 
@@ -12,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from preprocessing.footers import read_footers
+
 SUPPORTED_FORMAT_VERSIONS = (1,)
-FOOTER_READERS = 16  # shard footers read at once (read_manifest)
 LIST_COLUMNS = ("input_ids", "segment_ids", "masked_lm_positions", "masked_lm_ids")
 SCALAR_COLUMNS = ("next_sentence_labels",)
 # Contract 2's value types; the flat arrays keep them.
@@ -71,11 +71,8 @@ def read_manifest(data_dir: str) -> dict:
                                "(the shard was rewritten or truncated after the manifest)")
         return rows
 
-    # Every rank reads every footer at start: English Wikipedia has thousands of shards, each an
-    # open and a read that wait on a network file system's latency, not on the GIL. In order, so
-    # the first bad shard is the one named.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=FOOTER_READERS) as pool:
-        total = sum(pool.map(footer_rows, range(len(manifest["shards"]))))
+    # Every rank reads every footer at start.
+    total = sum(read_footers(footer_rows, range(len(manifest["shards"]))))
     if total != manifest["num_examples"]:
         raise DataDirError(f"{path}: num_examples is {manifest['num_examples']} but the shards hold {total} rows")
     return manifest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 from preprocessing import (inputs, language, local_runner, manifest, parts, sentences, subwords, tracking,
                            transforms, vocab, worker_package, write_failure)
 from preprocessing.documents import RawDocument
+from preprocessing.footers import read_footers
 from preprocessing.mlflow_experiment import browse_hint
 from preprocessing.options import PreprocessConfig
 
@@ -282,14 +282,7 @@ def read_shard_counts(output: str) -> list[tuple[str, int]]:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             return f"shards/{os.path.basename(path)}", pq.ParquetFile(f).metadata.num_rows
 
-    # Each footer is two small reads: on an object store (gs://, s3://) a round trip of tens of
-    # milliseconds, so English Wikipedia's ~300 shards one after another would keep the launcher
-    # waiting 10-30 s more after the pipeline is done. The reads wait on the network, not the GIL.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=FOOTER_READERS) as pool:
-        return list(pool.map(rows, paths))
-
-
-FOOTER_READERS = 16
+    return read_footers(rows, paths)
 
 
 # Google's recipe makes B a random span ~50% of the time, and always when a chunk holds a
