@@ -543,20 +543,24 @@ class Trainer:
                 if stop:
                     if window:  # the steps since the last log line: metrics.jsonl skipped them (every rank agreed)
                         self._log(window, time.monotonic() - started - paused, tracker)
-                    tag = self.save()
-                    if self.is_rank0:
-                        log.warning("stopped at step %d with checkpoint %s saved; the same command resumes from it "
-                                    "(exit %d: slurm/pretrain.sh requeues)", self.step,
-                                    os.path.join(self.config.checkpoint_dir, tag), EXIT_STOPPED)
-                    return EXIT_STOPPED
+                    return self._stopped(self.save())
                 if timely or (self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0):
                     began = time.monotonic()
-                    self.save()
+                    tag = self.save()
                     paused += time.monotonic() - began
+                    # A signal that came during the save stops the run now: otherwise one more step
+                    # and a second save, which the time between SLURM's warning and its kill
+                    # (slurm/pretrain.sh) is not sized for.
+                    if agree([self.stop.requested], n, self.engine.device)[0]:
+                        return self._stopped(tag)
             # Saved before the final evaluation: a failure in it (out of memory, a full disk under
             # eval.jsonl, a second Ctrl-C) keeps the trained steps
-            if self._saved_step != self.step:
-                self.save()
+            tag = self.save() if self._saved_step != self.step else checkpoint.tag_for(self.step)
+            # A stop signal that came since the last step (the time limit's warning): the final
+            # evaluation and export may outlast the warning, and a job killed in them is not
+            # requeued. The requeued job resumes at the last step, then evaluates and exports.
+            if agree([self.stop.requested], self.world_size, self.engine.device)[0]:
+                return self._stopped(tag)
             if self.eval_shards:
                 self.final_eval = {"step": self.step, **self.evaluate()}
                 if self.is_rank0:  # a rerun of a finished run evaluates its last step again: once in the file
@@ -567,6 +571,14 @@ class Trainer:
             bar.close()
             self.loader.close()
             self.stop.uninstall_interrupt()
+
+    def _stopped(self, tag: str) -> int:
+        """EXIT_STOPPED, logged: a stop signal was honoured with checkpoint ``tag`` saved."""
+        if self.is_rank0:
+            log.warning("stopped at step %d with checkpoint %s saved; the same command resumes from it "
+                        "(exit %d: slurm/pretrain.sh requeues)", self.step,
+                        os.path.join(self.config.checkpoint_dir, tag), EXIT_STOPPED)
+        return EXIT_STOPPED
 
     def _check_finite(self, metrics: StepMetrics, bad_rank: int | None, applied: bool,
                       bad_loss: bool = True) -> None:

@@ -75,6 +75,38 @@ def test_stopped_run_resumes_to_the_same_losses(data_dir, tmp_path):
     assert first + rest == whole  # exactly: same samples, same masks, same RNG, same optimizer state
 
 
+def signal_during_save(trainer, at_step):
+    """The steps ``trainer`` saves at, with a stop signal arriving inside its save at ``at_step``."""
+    saved, save = [], trainer.save
+
+    def save_and_signal():
+        saved.append(trainer.step)
+        if trainer.step == at_step:
+            trainer.stop.requested = True  # the handler runs while the checkpoint is written
+        return save()
+
+    trainer.save = save_and_signal
+    return saved
+
+
+def test_a_stop_signal_during_a_periodic_save_stops_after_it_not_after_another_step(data_dir, tmp_path):
+    trainer = Trainer(config(data_dir, tmp_path, checkpoint_every=2))
+    saved = signal_during_save(trainer, 4)
+    assert trainer.train() == EXIT_STOPPED
+    # before: step 5 and a second save, past what SLURM's warning before its kill is sized for
+    assert trainer.step == 4 and saved == [2, 4]
+    assert checkpoint.find_latest(str(tmp_path / "checkpoints")) == checkpoint.tag_for(4)
+
+
+def test_a_stop_signal_after_the_last_step_requeues_before_the_final_evaluation(data_dir, tmp_path):
+    trainer = Trainer(config(data_dir, tmp_path, steps=4, eval_shards=1))
+    signal_during_save(trainer, 4)  # the final save, the last step's
+    assert trainer.train() == EXIT_STOPPED and not trainer.final_eval
+    # the requeued job resumes at the last step: it evaluates, trains nothing more
+    again = Trainer(config(data_dir, tmp_path, steps=4, eval_shards=1))
+    assert again.train() == 0 and again.step == 4 and again.final_eval["step"] == 4
+
+
 def test_a_resume_takes_this_runs_learning_rate_and_weight_decay(data_dir, tmp_path):
     assert Trainer(config(data_dir, tmp_path, steps=4, learning_rate=1e-3, weight_decay=0.01)).train() == 0
     # before: DeepSpeed restored the saved peak rate, so this run kept training at 1e-3
