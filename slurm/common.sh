@@ -17,7 +17,7 @@
 # on a slow start). Remembered here; acted on when the ranks would start (srun_ranks), or passed
 # on to them if it comes while they start (wait_forwarding_signals).
 _EARLY_SIGNAL=""
-trap '_EARLY_SIGNAL=USR1' USR1
+trap '[[ $_EARLY_SIGNAL == TERM ]] || _EARLY_SIGNAL=USR1' USR1  # a TERM stays the reason
 trap '_EARLY_SIGNAL=TERM' TERM
 
 log() {
@@ -201,7 +201,9 @@ STOP_SIGNAL=""
 _SIGNALLED=0
 
 _forward() {
-  STOP_SIGNAL=$1
+  # A SIGTERM (scancel, the time limit) stays the reason: a later USR1 (the time limit's warning)
+  # must not turn a cancelled job into a requeued one.
+  [[ "$STOP_SIGNAL" == TERM ]] || STOP_SIGNAL=$1
   _SIGNALLED=1
   log "received SIG$1: ${ON_STOP:-every rank checkpoints at the end of its current step, then exits 3}"
   # As USR1 whatever came (the ranks treat both alike): srun passes USR1 on to every task, but
@@ -223,7 +225,10 @@ wait_forwarding_signals() {
     wait "$SRUN_PID" || code=$?
     ((_SIGNALLED)) || break
   done
-  trap - USR1 TERM
+  # srun is gone: a USR1 now (a repeated scancel --signal=USR1) would kill this shell before it
+  # requeues a job whose ranks checkpointed; ignored instead. TERM keeps its default: the job ends.
+  trap '' USR1
+  trap - TERM
   return "$code"
 }
 

@@ -456,6 +456,28 @@ kill %1
     assert f"inherited {default + 7} kept {default + 7}" in out
 
 
+def test_a_cancelled_job_stays_cancelled_through_a_later_usr1_and_a_usr1_after_srun_is_ignored(tmp_path):
+    """slurm/common.sh's signal forwarding in plain bash (no cluster needed): a job cancelled by
+    SIGTERM whose time-limit warning (USR1) comes before its ranks exit must not requeue itself,
+    and a USR1 after srun ended must not kill the shell before it requeues a checkpointed job."""
+    script = tmp_path / "signals.sh"
+    script.write_text(f"""set -uo pipefail
+source {REPO}/slurm/common.sh
+(trap '' USR1; exec sleep 3) &  # stands for srun, which passes USR1 on and lives until its tasks end
+SRUN_PID=$!
+(sleep 0.5; kill -TERM $$; sleep 0.5; kill -USR1 $$) &
+code=0
+wait_forwarding_signals || code=$?
+echo "srun exited $code, stop signal $STOP_SIGNAL"
+kill -USR1 $$
+echo "alive after a late USR1"
+""")
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["srun exited 0, stop signal TERM", "alive after a late USR1"], proc.stdout
+    assert proc.stderr.count("received SIGTERM") == 1 and proc.stderr.count("received SIGUSR1") == 1
+
+
 def test_scripts_are_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
