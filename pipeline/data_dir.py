@@ -13,6 +13,10 @@ import pyarrow.parquet as pq
 
 from preprocessing.footers import read_footers
 
+# preprocessing/manifest.py's PREVIOUS (importing it would load Apache Beam into every rank): where
+# a rerun keeps the data dir it replaces until its own manifest is written.
+PREVIOUS = ".previous"
+
 SUPPORTED_FORMAT_VERSIONS = (1,)
 LIST_COLUMNS = ("input_ids", "segment_ids", "masked_lm_positions", "masked_lm_ids")
 SCALAR_COLUMNS = ("next_sentence_labels",)
@@ -40,6 +44,11 @@ def read_manifest(data_dir: str) -> dict:
                 os.path.join(data_dir, "checkpoints")):
             raise DataDirError(f"{data_dir} is a pretraining run dir, not a data dir: pass the --output of "
                                "preprocessing/run_beam.py (the run's train_config.json names the data it used)")
+        previous = os.path.join(data_dir, PREVIOUS)
+        if os.path.isfile(os.path.join(previous, "manifest.json")):
+            raise DataDirError(f"{data_dir} has no manifest.json: a preprocessing run into it is running or was "
+                               f"killed; the data dir it replaces is kept in {previous} (a run that fails puts it "
+                               "back; rerun preprocessing/run_beam.py with this --output)")
         raise DataDirError(f"{data_dir} has no manifest.json: the preprocessing run did not finish "
                            "(rerun preprocessing/run_beam.py with this --output)")
     try:

@@ -14,6 +14,9 @@ Faults that corrupt a run without an error of their own:
   token into the lock file before it starts; once the ranks have met, every rank reads it
   back, and a rank that reads another token, or none, ends the run on every rank before a
   checkpoint is loaded or anything is written.
+- two preprocessing runs into one local ``--output``: the second deletes the first's parts and
+  shards, and the first then writes its manifest, with its own settings, over the second's
+  shards. ``preprocessing/driver.py`` holds ``OUTPUT/.lock`` the same way.
 - two fine-tunings into one ``--output-dir``: the second clears the first's report and model
   at its start, and their saves interleave. Fine-tuning's rank 0 holds ``OUTPUT_DIR/.lock``
   the same way (its other ranks write nothing there, so there is no token to compare).
@@ -83,7 +86,9 @@ def _remove_folders(created: Sequence[str]) -> None:
 
 # What a second run into the folder would do, by the flag that names it.
 HARM = {"--run-dir": "two runs writing one run dir corrupt each other's checkpoints",
-        "--output-dir": "a second fine-tuning into it clears this one's report and model"}
+        "--output-dir": "a second fine-tuning into it clears this one's report and model",
+        "--output": "a second preprocessing run into it deletes this one's shards, and one run's manifest "
+                    "would describe the other's"}
 
 
 def acquire(run_dir: str, flag: str = "--run-dir") -> RunLock:

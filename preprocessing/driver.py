@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -17,6 +19,7 @@ import pyarrow.parquet as pq
 
 from preprocessing import (inputs, language, local_runner, manifest, parts, sentences, subwords, tracking,
                            transforms, vocab, worker_package, write_failure)
+from pipeline import run_lock  # stdlib only; the launcher runs from a checkout, workers never import this
 from preprocessing.documents import RawDocument
 from preprocessing.footers import read_footers
 from preprocessing.mlflow_experiment import browse_hint
@@ -138,11 +141,16 @@ def check_writable(output: str) -> None:
     usage = write_failure.disk_usage(existing)
     if usage is None or usage.total == 0:  # a file system that does not say (some FUSE mounts)
         return
-    # A rerun deletes the previous run's outputs first (a disk that filled up under it, say): theirs is free too.
-    free = usage.free + _previous_outputs_bytes(output)
+    # A previous data dir is kept until this run's manifest is written; an unfinished run's files
+    # are deleted first (a disk that filled up under it, say): theirs is free.
+    previous = _previous_outputs_bytes(output)
+    kept = previous if manifest.holds_data_dir(output) else 0
+    free = usage.free + previous - kept
     if free < FULL_BYTES:
+        hint = (f"; the data dir already there ({kept / 2**20:.0f} MiB) is kept until this run succeeds: delete "
+                "it first to give this run its room" if kept else "")
         raise inputs.InputError(f"--output {output}: the file system of {existing} is full ({free / 2**20:.1f} "
-                                "MiB free): free space there, or name an --output on another disk")
+                                f"MiB free): free space there, or name an --output on another disk{hint}")
     if free < NEARLY_FULL_BYTES:
         log.warning("--output %s: the file system of %s has %.0f MiB free; a data dir of a real corpus takes far "
                     "more (shards of dupe-factor copies of its text), and a full disk ends the run only when "
@@ -164,6 +172,26 @@ def _previous_outputs_bytes(output: str) -> int:
         for root, _, files in os.walk(path):
             total += sum(size(os.path.join(root, f)) for f in files)
     return total
+
+
+@contextlib.contextmanager
+def _holding(output: str) -> Iterator[None]:
+    """Holds a local OUTPUT for this run (OUTPUT/.lock, as a pretraining run dir's): a second run
+    into it deleted the first's parts and shards, and the first then wrote its manifest, with its
+    own settings, over the second's shards. An object store has no locks: nothing is held."""
+    if "://" in output:
+        yield
+        return
+    try:
+        lock = run_lock.acquire(output, "--output")
+    except run_lock.RunDirError as err:
+        raise inputs.InputError(str(err)) from None
+    try:
+        yield
+    except BaseException:
+        lock.abandon()  # an --output this run made, holding nothing else, is removed
+        raise
+    lock.release()
 
 
 def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
@@ -193,28 +221,24 @@ def run(config: PreprocessConfig, beam_args: list[str]) -> Summary:
     # before the previous data dir is deleted, which a run refused for a missing option took along.
     options = PipelineOptions(beam_args)
     pipeline = beam.Pipeline(runner=local_runner.runner_for(options), options=options)
-    if manifest.holds_data_dir(config.output):
-        # Said before it happens: a run that then fails (no text in the inputs, say) leaves none.
-        log.warning("--output %s holds a data dir: it is deleted now (its manifest first, then its shards, "
-                    "tokenizer and the trainer's flat copy), and this run writes its own", config.output)
-    manifest.remove_stale_outputs(config.output)
+    with _holding(config.output), manifest.replacing(config.output) as replacement:
+        with tracking.preprocess_run(config, beam_args) as run:
+            started = time.monotonic()
+            transforms.build_pipeline(pipeline, tasks, config, given)
+            result = pipeline.run()
+            wait_or_cancel(result, beam_args)
+            wall = time.monotonic() - started
+            counters = read_counters(config.output)
+            manifest.delete_dir(config.output, parts.PARTS_DIR)  # the shards are written
+            manifest.delete_leftover_temporaries(config.output)
 
-    with tracking.preprocess_run(config, beam_args) as run:
-        started = time.monotonic()
-        transforms.build_pipeline(pipeline, tasks, config, given)
-        result = pipeline.run()
-        wait_or_cancel(result, beam_args)
-        wall = time.monotonic() - started
-        counters = read_counters(config.output)
-        manifest.delete_dir(config.output, parts.PARTS_DIR)  # the shards are written
-        manifest.delete_leftover_temporaries(config.output)
-
-        shards = read_shard_counts(config.output)
-        data = manifest.build_manifest(config, input_paths, given or _trained_tokenizer(config.output),
-                                       shards, counters, run.run_id, skipped)
-        _check_complete(data, counters, len(tasks))
-        path = manifest.write_manifest(config.output, data)
-        run.log_results(counters, wall, config.output)
+            shards = read_shard_counts(config.output)
+            data = manifest.build_manifest(config, input_paths, given or _trained_tokenizer(config.output),
+                                           shards, counters, run.run_id, skipped)
+            _check_complete(data, counters, len(tasks))
+            path = manifest.write_manifest(config.output, data)
+            replacement.written()
+            run.log_results(counters, wall, config.output)
     return Summary(config.output, path, data, counters, wall, run.run_id,
                    None if config.tokenizer else config.vocab_size, config.num_shards)
 

@@ -51,6 +51,11 @@ def refused_write(err: BaseException, output: str) -> str | None:
     if code is None:
         return None
     advice = "free space there" if code in (errno.ENOSPC, errno.EDQUOT) else "write --output elsewhere"
+    if getattr(err, "restored_previous", False):  # driver.run put the data dir this run replaced back
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            advice += " (the previous data dir stays until a run finishes: delete it to give the run its room)"
+        return (f"cannot write {path or f'in --output {output}'}: {REFUSED[code]}; {output} holds the previous "
+                f"data dir again, whole (this run's files are deleted): {advice}, then rerun into the same --output")
     return (f"cannot write {path or f'in --output {output}'}: {REFUSED[code]}; the data dir {output} is not "
             f"complete (a finished one has manifest.json): {advice}, then rerun into the same --output")
 

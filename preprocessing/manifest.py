@@ -6,17 +6,22 @@ last, atomically (temp file + rename), so a data dir without one is incomplete.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from preprocessing import examples, subwords, vocab
 from preprocessing.options import PreprocessConfig
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -147,6 +152,95 @@ def foreign_entries(output: str) -> list[str]:
 
 def holds_data_dir(output: str) -> bool:
     return FileSystems.exists(FileSystems.join(output, MANIFEST))
+
+
+# OUTPUT/.previous: a local data dir set aside while a rerun writes OUTPUT, until its manifest is
+# written. Hidden, so that foreign_entries passes over it.
+PREVIOUS = ".previous"
+SET_ASIDE = (MANIFEST, "shards", "tokenizer", "flat")  # the manifest first: OUTPUT stops looking complete
+
+
+class Replacement:
+    """A run's hold on the data dir it replaces (``replacing``)."""
+
+    def __init__(self, output: str, kept: bool):
+        self.output, self.kept, self.done = output, kept, False
+
+    def written(self) -> None:
+        """This run's manifest is written: the data dir it replaces goes."""
+        self.done = True
+        if self.kept:
+            drop_previous(self.output)
+
+
+@contextlib.contextmanager
+def replacing(output: str) -> Iterator[Replacement]:
+    """Clears OUTPUT for the run inside; a previous local data dir is kept aside and put back if
+    the run raises (Ctrl-C and SIGTERM, as KeyboardInterrupt, too) before ``written``. The
+    exception then carries ``restored_previous``, for the run's last line."""
+    if "://" in output and holds_data_dir(output):
+        # Said before it happens: a run that then fails (no text in the inputs, say) leaves none.
+        log.warning("--output %s holds a data dir: it is deleted now (its manifest first, then its shards, "
+                    "tokenizer and the trainer's flat copy), and this run writes its own", output)
+    replacement = Replacement(output, set_aside_previous(output))
+    if replacement.kept:
+        log.info("--output %s: the previous data dir is kept in %s until this run's manifest is written; a run "
+                 "that fails puts it back", output, os.path.join(output, PREVIOUS))
+    try:
+        yield replacement
+    except BaseException as err:
+        if replacement.kept and not replacement.done:
+            restore_previous(output)
+            err.restored_previous = True
+            log.warning("--output %s: this run did not finish; the previous data dir is back in place", output)
+        raise
+
+
+def set_aside_previous(output: str) -> bool:
+    """Clears OUTPUT for a run; True if a previous data dir was kept for ``restore_previous``.
+
+    A local data dir is moved into OUTPUT/.previous, by renames (no copy, no room): a run that
+    fails afterwards (a submission refused, input found bad late, Ctrl-C, a full disk) used to
+    take the last good data with it. Its parts/ (a killed run's intermediates) are deleted. An
+    OUTPUT/.previous that a run killed outright (kill -9, a node's crash) left is the last complete
+    data dir, kept; the unfinished run's files are deleted. In an object store (gs://, s3://),
+    where a rename is a copy, the previous outputs are deleted, manifest first, as they were."""
+    if "://" in output:
+        remove_stale_outputs(output)
+        return False
+    previous = os.path.join(output, PREVIOUS)
+    if os.path.isdir(previous) and not os.path.exists(os.path.join(previous, MANIFEST)):
+        shutil.rmtree(previous)  # killed before its first rename: nothing was moved into it
+    if os.path.isdir(previous) and os.path.exists(os.path.join(output, MANIFEST)):
+        shutil.rmtree(previous)  # killed after its manifest was written: OUTPUT is the newer data dir
+    if os.path.isdir(previous):
+        remove_stale_outputs(output)
+        return True
+    if not os.path.exists(os.path.join(output, MANIFEST)):
+        remove_stale_outputs(output)
+        return False
+    os.makedirs(previous)
+    for name in SET_ASIDE:
+        if os.path.lexists(os.path.join(output, name)):
+            os.rename(os.path.join(output, name), os.path.join(previous, name))
+    delete_dir(output, "parts")
+    return True
+
+
+def restore_previous(output: str) -> None:
+    """Puts the data dir ``set_aside_previous`` kept back in place of a failed run's files."""
+    previous = os.path.join(output, PREVIOUS)
+    for name in DATA_DIR_ENTRIES - {MANIFEST}:
+        shutil.rmtree(os.path.join(output, name), ignore_errors=True)
+    for name in reversed(SET_ASIDE):  # the manifest last: complete only once whole again
+        if os.path.lexists(os.path.join(previous, name)):
+            os.replace(os.path.join(previous, name), os.path.join(output, name))
+    os.rmdir(previous)
+
+
+def drop_previous(output: str) -> None:
+    """Deletes the data dir ``set_aside_previous`` kept, once this run's manifest is written."""
+    shutil.rmtree(os.path.join(output, PREVIOUS), ignore_errors=True)
 
 
 def remove_stale_outputs(output: str) -> None:

@@ -140,15 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "filesystem (gs://, s3://); a folder's files of no input format (README, LICENSE) "
                          "and empty files are skipped with a warning. Format by "
                          "extension: .xml/.xml.bz2 MediaWiki dumps (multistream files are split "
-                         "across workers), .txt[.gz|.bz2] (documents separated by blank lines), "
-                         ".jsonl/.json[.gz|.bz2] (JSON lines, see --text-field), .parquet; no .xz or "
-                         ".zst (decompress those first). Default: the bundled "
+                         "across workers), .txt[.gz|.bz2|.zst|.xz] (documents separated by blank "
+                         "lines), .jsonl/.json[.gz|.bz2|.zst|.xz] (JSON lines, see --text-field), "
+                         ".parquet. Default: the bundled "
                          "Wikipedia sample and Jane Austen's novels (a chapter per document). Repeatable")
     io.add_argument("--output", default=d.output, metavar="DIR",
-                    help="output directory (local or gs://...); an existing manifest there is "
-                         "removed when the pipeline starts (after the flags and inputs are checked: a "
-                         "run refused before leaves the previous output whole), so a failed run never "
-                         "looks complete. A local folder of other files without a manifest is refused")
+                    help="output directory (local or gs://...). A local data dir already there is "
+                         "moved into DIR/.previous when the pipeline starts and deleted once this run's "
+                         "manifest is written; a run that fails or is stopped puts it back. In gs:// or "
+                         "s3:// it is deleted at the start (after the flags and inputs are checked), so a "
+                         "failed run never looks complete. A local DIR is held by one run at a time "
+                         "(DIR/.lock); a local folder of other files without a manifest is refused")
     io.add_argument("--language", metavar="CODE",
                     help="the corpus's language (ISO code: en, de, zh, zh-hans, ...): it selects the "
                          "sentence rules (CJK full stops, German abbreviations and ordinals), the "

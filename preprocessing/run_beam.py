@@ -64,16 +64,20 @@ def main(argv=None) -> int:
             else:
                 why, advice = (f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals()
                                else f"exit {code}", "")
-            print(f"error: a worker process of the local runner ended ({why}): the data dir {config.output} is not "
-                  f"complete; rerun into the same --output{advice}", file=sys.stderr)
+            print(f"error: a worker process of the local runner ended ({why}): {_output_state(err, config.output)}; "
+                  f"rerun into the same --output{advice}", file=sys.stderr)
             return 1
         if interrupted(err):  # Ctrl-C, scancel, timeout: said, and the data dir's state with it
             name = signal.Signals(stop.get("signum", signal.SIGINT)).name
-            if "://" not in config.output and os.path.exists(os.path.join(config.output, "manifest.json")):
-                state = "it has its manifest.json, so it is complete (its MLflow run may lack what came after)"
+            if getattr(err, "restored_previous", False):
+                state = f"{_output_state(err, config.output)}; rerun into the same --output"
+            elif "://" not in config.output and os.path.exists(os.path.join(config.output, "manifest.json")):
+                state = (f"the data dir {config.output} has its manifest.json, so it is complete (its MLflow run "
+                         "may lack what came after)")
             else:
-                state = "not complete (a finished one has manifest.json); rerun into the same --output"
-            print(f"error: stopped by {name}: the data dir {config.output} is {state}", file=sys.stderr)
+                state = (f"the data dir {config.output} is not complete (a finished one has manifest.json); rerun "
+                         "into the same --output")
+            print(f"error: stopped by {name}: {state}", file=sys.stderr)
             _exit_past_the_vocabulary_training(128 + stop.get("signum", signal.SIGINT))
             return 128 + stop.get("signum", signal.SIGINT)
         if not isinstance(err, Exception):
@@ -92,6 +96,13 @@ def main(argv=None) -> int:
             signal.signal(signum, handler)
     print(driver.format_summary(summary))
     return 0
+
+
+def _output_state(err: BaseException, output: str) -> str:
+    """What a run that did not finish left at ``output``."""
+    if getattr(err, "restored_previous", False):
+        return f"{output} holds the previous data dir again, whole (this run's files are deleted)"
+    return f"the data dir {output} is not complete"
 
 
 def _exit_past_the_vocabulary_training(code: int) -> None:

@@ -4,6 +4,7 @@ sampler.py) on a real data dir written by preprocessing/run_beam.py from the dum
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -648,6 +649,19 @@ def test_missing_manifest(broken):
     os.remove(os.path.join(broken, "manifest.json"))
     with pytest.raises(DataDirError, match="has no manifest.json: the preprocessing run did not finish"):
         read_manifest(broken)
+
+
+def test_a_data_dir_a_rerun_is_replacing_says_where_the_previous_one_waits(broken):
+    from preprocessing import manifest
+
+    manifest.set_aside_previous(broken)  # what a preprocessing rerun into it does first
+    previous = os.path.join(broken, manifest.PREVIOUS)
+    with pytest.raises(DataDirError, match=re.escape(
+            f"{broken} has no manifest.json: a preprocessing run into it is running or was killed; the data dir "
+            f"it replaces is kept in {previous} (a run that fails puts it back;")):
+        read_manifest(broken)
+    manifest.restore_previous(broken)
+    read_manifest(broken)
 
 
 def test_a_run_dir_passed_as_the_data_dir_is_named_so(tmp_path):

@@ -104,6 +104,24 @@ def test_an_output_disk_full_from_the_start_is_refused_before_the_input_is_read(
     assert "vocabulary" not in proc.stderr and small_disk.files() == []  # nothing read, trained or made
 
 
+def test_a_rerun_that_fills_the_disk_puts_the_previous_data_dir_back_whole(small_disk, data_dir):
+    out = os.path.join(small_disk.path, "data")
+    shutil.copytree(data_dir, out)
+    before = {os.path.relpath(os.path.join(root, f), out): open(os.path.join(root, f), "rb").read()
+              for root, _, files in os.walk(out) for f in files}
+    small_disk.fill(leave=5 << 20)
+    proc = run_beam_on(out, "--dupe-factor", "5")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith(
+        f": no space left on device; {out} holds the previous data dir again, whole (this run's files are deleted): "
+        "free space there (the previous data dir stays until a run finishes: delete it to give the run its room), "
+        "then rerun into the same --output"), proc.stderr[-3000:]
+    after = {os.path.relpath(os.path.join(root, f), out): open(os.path.join(root, f), "rb").read()
+             for root, _, files in os.walk(out) for f in files if f != ".lock"}
+    assert after == before
+
+
 def test_a_disk_that_fills_up_under_preprocessing_is_one_line_and_no_manifest(small_disk):
     out = os.path.join(small_disk.path, "data")
     small_disk.fill(leave=5 << 20)  # room to start (a nearly full disk is warned of), not for the shards

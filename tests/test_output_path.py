@@ -104,3 +104,62 @@ def test_only_a_refused_write_of_the_output_becomes_one_line(tmp_path):
     with pytest.raises(KeyError):
         with writing("the export", out):
             raise KeyError("a bug")
+
+
+def _data_dir_files(folder) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+            for root, _, files in os.walk(folder) for f in files}
+
+
+def _fake_data_dir(folder, tag: str) -> None:
+    for name in ("shards/part-00000-of-00001.parquet", "tokenizer/spm.model", "flat/input_ids.npy", "manifest.json"):
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(f"{tag} {name}")
+
+
+def test_a_rerun_keeps_the_previous_data_dir_until_it_finishes_and_a_failure_puts_it_back(tmp_path):
+    from preprocessing import manifest
+
+    out = str(tmp_path / "data")
+    _fake_data_dir(out, "old")
+    before = _data_dir_files(out)
+    assert manifest.set_aside_previous(out)
+    # renamed, not copied: OUTPUT no longer looks complete, and the old files are whole beside it
+    assert sorted(os.listdir(out)) == [".previous"] and _data_dir_files(os.path.join(out, ".previous")) == before
+    _fake_data_dir(out, "new")  # the failed run wrote all but its manifest
+    os.remove(os.path.join(out, "manifest.json"))
+    os.makedirs(os.path.join(out, "parts"))
+    manifest.restore_previous(out)
+    assert _data_dir_files(out) == before and sorted(os.listdir(out)) == ["flat", "manifest.json", "shards", "tokenizer"]
+    # a run that finishes drops it
+    assert manifest.set_aside_previous(out)
+    _fake_data_dir(out, "new")
+    manifest.drop_previous(out)
+    assert _data_dir_files(out) == {name: f"new {name}".encode() for name in before}
+
+
+def test_what_a_rerun_killed_outright_left_is_sorted_out_by_the_next_run(tmp_path):
+    from preprocessing import manifest
+
+    out = str(tmp_path / "data")
+    # killed while it ran: .previous is the last complete data dir; the killed run's shards go
+    _fake_data_dir(out, "old")
+    manifest.set_aside_previous(out)
+    _fake_data_dir(out, "killed")
+    os.remove(os.path.join(out, "manifest.json"))
+    kept = _data_dir_files(os.path.join(out, ".previous"))
+    assert manifest.set_aside_previous(out)
+    assert _data_dir_files(os.path.join(out, ".previous")) == kept
+    assert not any(content.startswith(b"killed") for content in _data_dir_files(out).values())
+    manifest.restore_previous(out)
+    assert _data_dir_files(out) == kept
+    # killed between its manifest and dropping .previous: OUTPUT is the newer, complete one
+    manifest.set_aside_previous(out)
+    _fake_data_dir(out, "newer")
+    assert manifest.set_aside_previous(out)
+    assert _data_dir_files(os.path.join(out, ".previous")) == {name: f"newer {name}".encode() for name in kept}
+    # killed before its first rename: an empty .previous is no data dir
+    fresh = str(tmp_path / "fresh")
+    os.makedirs(os.path.join(fresh, ".previous"))
+    assert not manifest.set_aside_previous(fresh) and os.listdir(fresh) == []

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,7 +96,9 @@ def test_many_tasks_buckets_and_shards_are_identical_for_any_worker_count(multis
     counters = manifest["counters"]
     assert counters["read-tasks"] > 20 and counters["documents-read"] == 98
     assert counters == json.load(open(os.path.join(two, "manifest.json")))["counters"]
-    assert sorted(os.listdir(one)) == ["manifest.json", "shards", "tokenizer"]  # parts removed
+    # parts removed; .lock, which held the folder for the run, stays (removing a lock file another
+    # process may have opened would let two runs hold it)
+    assert sorted(os.listdir(one)) == [".lock", "manifest.json", "shards", "tokenizer"]
 
 
 def test_output_loads_with_datasets_and_autotokenizer(one_worker_run):
@@ -150,18 +153,46 @@ def test_a_given_tokenizer_is_used_not_retrained(data_dir, tmp_path):
         open(os.path.join(data_dir, "tokenizer", "spm.model"), "rb").read()
 
 
-def test_failed_run_leaves_no_manifest(tmp_path):
-    output = tmp_path / "out"
-    output.mkdir()
-    (output / "manifest.json").write_text("{}")  # a previous run's
+def test_a_failed_run_leaves_no_manifest_and_a_failed_rerun_the_previous_data_dir_whole(data_dir, tmp_path):
     corpus = tmp_path / "rows.jsonl"
     corpus.write_text('{"text": " ", "body": "blank text, which only the pipeline finds"}\n' * 50)
-    proc = run_beam(["--input", str(corpus), "--output", str(output), "--no-mlflow"], check=False)
+    fresh = tmp_path / "fresh"
+    proc = run_beam(["--input", str(corpus), "--output", str(fresh), "--no-mlflow"], check=False)
     assert proc.returncode == 2
     assert "error: no sentences to train the vocabulary on: the input has no text" in proc.stderr
-    assert not (output / "manifest.json").exists()
-    # said before the pipeline ran, so a failed rerun does not take the old data dir unannounced
-    assert f"--output {output} holds a data dir: it is deleted now" in proc.stderr
+    assert not (fresh / "manifest.json").exists()
+
+    # A rerun found its input bad only once the pipeline ran: it used to delete the previous data
+    # dir first. Now that dir waits in OUTPUT/.previous and comes back, byte for byte.
+    output = tmp_path / "out"
+    shutil.copytree(data_dir, output)
+    before = {p.relative_to(output): hashlib.sha256(p.read_bytes()).hexdigest() for p in output.rglob("*")
+              if p.is_file()}
+    proc = run_beam(["--input", str(corpus), "--output", str(output), "--no-mlflow"], check=False)
+    assert proc.returncode == 2 and "no sentences to train the vocabulary on" in proc.stderr
+    assert f"--output {output}: the previous data dir is kept in {output / '.previous'}" in proc.stderr
+    assert f"--output {output}: this run did not finish; the previous data dir is back in place" in proc.stderr
+    after = {p.relative_to(output): hashlib.sha256(p.read_bytes()).hexdigest() for p in output.rglob("*")
+             if p.is_file() and p.name != ".lock"}
+    assert after == before and not (output / ".previous").exists()
+
+
+def test_a_second_run_into_an_output_in_use_is_refused(tmp_path):
+    """Two runs into one --output: the second deleted the first's shards, and the first then wrote
+    its manifest, with its own settings, over the second's shards."""
+    from pipeline import run_lock
+
+    output = tmp_path / "out"
+    held = run_lock.acquire(str(output), "--output")  # a run that is still going
+    try:
+        proc = run_beam([*COMMON, "--output", str(output), "--no-mlflow"], check=False)
+    finally:
+        held.release()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: --output {output} is in use by another run (pid {os.getpid()} on "), proc.stderr[-3000:]
+    assert "a second preprocessing run into it deletes this one's shards" in proc.stderr
+    assert os.listdir(output) == [".lock"]
 
 
 def test_beam_options_beam_refuses_leave_the_previous_data_dir_whole(tmp_path):
