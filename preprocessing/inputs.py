@@ -14,7 +14,7 @@ only on the file and ``--split-bytes``, never on the number of workers:
   in it (see ``wiki_dump``);
 - Parquet: runs of consecutive row groups (a row group is never cut).
 
-Compressed text and JSON lines (.gz, .bz2) and uncompressed XML are one task per file.
+Compressed text and JSON lines (.gz, .bz2, .zst, .xz) and uncompressed XML are one task per file.
 
 Document ids begin with the file's *name*: its path relative to the deepest folder
 holding all the input files (``document_names``). Two inputs called ``part-0.txt`` in
@@ -28,6 +28,7 @@ import bz2
 import dataclasses
 import gzip
 import logging
+import lzma
 import os
 import posixpath
 import re
@@ -36,10 +37,12 @@ from typing import BinaryIO
 
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
+import zstandard
 
 from preprocessing import text_formats, wiki_dump
 from preprocessing.documents import Problem, RawDocument
 from preprocessing.text_formats import InputError
+from preprocessing.zstd_reader import ZstdReader
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +52,18 @@ _FORMATS = (
     (".xml", "wiki", None),
     (".txt.bz2", "text", "bz2"),
     (".txt.gz", "text", "gzip"),
+    (".txt.zst", "text", "zstd"),
+    (".txt.xz", "text", "xz"),
     (".txt", "text", None),
     (".jsonl.bz2", "jsonl", "bz2"),
     (".jsonl.gz", "jsonl", "gzip"),
+    (".jsonl.zst", "jsonl", "zstd"),
+    (".jsonl.xz", "jsonl", "xz"),
     (".jsonl", "jsonl", None),
     (".json.bz2", "jsonl", "bz2"),
     (".json.gz", "jsonl", "gzip"),
+    (".json.zst", "jsonl", "zstd"),
+    (".json.xz", "jsonl", "xz"),
     (".json", "jsonl", None),
     (".parquet", "parquet", None),
 )
@@ -340,11 +349,19 @@ def _open_raw(path: str) -> BinaryIO:
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
+# What a decompressor raises on a truncated or corrupt file.
+CORRUPT = (EOFError, OSError, lzma.LZMAError, zstandard.ZstdError)
+
+
 def _decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
     if compression == "bz2":
         return bz2.BZ2File(raw)  # reads multistream files too
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw)
+    if compression == "zstd":
+        return ZstdReader(raw)
+    if compression == "xz":
+        return lzma.LZMAFile(raw)
     return raw
 
 
@@ -375,8 +392,8 @@ def read_task(task: ReadTask, text_field: str, max_line_bytes: int
             else:
                 yield from text_formats.read_jsonl(f, task.path, text_field, max_line_bytes,
                                                    task.start, task.end, task.doc_name)
-        except (EOFError, OSError) as err:
-            # gzip/bz2 raise on a truncated or corrupt file: keep what came before.
+        except CORRUPT as err:
+            # gzip/bz2/xz/zstd raise on a truncated or corrupt file: keep what came before.
             yield Problem("truncated-files", f"{task.path}: {err} (truncated or corrupt file); "
                                              "the documents before it were kept")
 
@@ -386,7 +403,8 @@ REMOTE_HEADS = 8
 
 # What a compressed file begins with: a name that says .gz of a file that is not gzip lost the
 # whole file to one "truncated-files" count, the run otherwise a success.
-MAGIC = {"gzip": (b"\x1f\x8b", "gzip", ".gz"), "bz2": (b"BZh", "bzip2", ".bz2")}
+MAGIC = {"gzip": (b"\x1f\x8b", "gzip", ".gz"), "bz2": (b"BZh", "bzip2", ".bz2"),
+         "zstd": (b"\x28\xb5\x2f\xfd", "zstd", ".zst"), "xz": (b"\xfd7zXZ\x00", "xz", ".xz")}
 
 
 def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
@@ -416,7 +434,7 @@ def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
         with _open_raw(task.path) as raw:
             try:
                 text_formats.check_encoding_head(_decompressed(raw, task.compression), task.path)
-            except (EOFError, OSError):
+            except CORRUPT:
                 pass  # a truncated or corrupt file: its reader keeps what it can, and counts the rest
     for path in dict.fromkeys(task.path for task in tasks if task.format == "parquet"):
         with _open_raw(path) as raw:
@@ -429,7 +447,7 @@ def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
         with _open_raw(task.path) as raw:
             try:
                 text_formats.check_jsonl_head(_decompressed(raw, task.compression), task.path, text_field)
-            except (EOFError, OSError):
+            except CORRUPT:
                 pass  # a truncated or corrupt file: its reader keeps what it can, and counts the rest
 
 

@@ -234,6 +234,42 @@ def test_truncated_gzip_text_keeps_earlier_documents(tmp_path):
     assert 100 < sum(isinstance(i, RawDocument) for i in items) < 20000
 
 
+def _zstd_in_two_frames(data: bytes) -> bytes:
+    """As ``zstd a; zstd b; cat a.zst b.zst`` makes, or a crawl that appends a frame a batch."""
+    import zstandard
+
+    half = len(data) // 2
+    return zstandard.ZstdCompressor().compress(data[:half]) + zstandard.ZstdCompressor().compress(data[half:])
+
+
+@pytest.mark.parametrize("suffix", [".zst", ".xz"])
+def test_zstd_and_xz_text_and_jsonl_read_as_their_bz2_originals(austen_txt, tmp_path, suffix):
+    import lzma
+
+    compress = {".zst": _zstd_in_two_frames, ".xz": lzma.compress}[suffix]
+    text = open(austen_txt, "rb").read()
+    path = tmp_path / f"austen-novels.txt{suffix}"
+    path.write_bytes(compress(text))
+    assert [(i.replace(suffix, ".bz2"), t) for i, t in documents(read_all(str(path)))] == documents(read_all(AUSTEN))
+    rows = [{"text": f"Row {i} says something."} for i in range(3000)]
+    path = tmp_path / f"rows.jsonl{suffix}"
+    path.write_bytes(compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    inputs.check_inputs(inputs.plan_read_tasks([str(path)], 1 << 20), "text")
+    assert [t for _, t in documents(read_all(str(path)))] == [r["text"] for r in rows]
+    # truncated: what came before is kept, and the file is counted, named
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) * 3 // 4])  # inside the second zstd frame
+    items = read_all(str(path))
+    assert [p.reason for p in problems(items)] == ["truncated-files"] and str(path) in problems(items)[0].message
+    assert 0 < sum(isinstance(i, RawDocument) for i in items) < 3000
+    # a name that says so of a file that is not
+    path.write_text('{"text": "plain"}\n')
+    what = {".zst": "zstd", ".xz": "xz"}[suffix]
+    with pytest.raises(InputError, match=f"not a {what} file \\(no {what} header at byte 0\\), though its name ends "
+                                         f"in \\{suffix}"):
+        inputs.check_inputs(inputs.plan_read_tasks([str(path)], 1 << 20), "text")
+
+
 # ------------------------------------------------ files split into read tasks
 # A task reads the documents that begin in its range, so the tasks of a file, read in
 # order, give exactly what one reader of the whole file gives, whatever the cut points.
