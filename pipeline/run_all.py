@@ -1,7 +1,7 @@
 """The whole pipeline on the bundled real samples: preprocess -> pretrain -> fine-tune, then a summary.
 
     python pipeline/run_all.py                      # 3 to 5 minutes on 2 CPU cores
-    python pipeline/run_all.py --workdir runs/demo --pretrain-steps 3000
+    python pipeline/run_all.py --workdir runs/demo --pretrain-steps 3000 --overwrite
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python pipeline/run_all.py
 
 Each stage is the user-facing command, run as a subprocess and printed as it runs, so the
@@ -28,6 +28,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,8 @@ REVIEWS = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2
 
 from preprocessing import cli_parser  # noqa: E402 - after the path set-up
 from preprocessing.mlflow_experiment import browse_hint, experiment_flag  # noqa: E402
+# What main() writes under --workdir, and --overwrite deletes.
+STAGE_OUTPUTS = ("data", "pretrain", "finetune-pretrained", "finetune-random", "reviews", "logs")
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -140,11 +143,23 @@ def main(argv=None) -> int:
                    help="MLflow experiment of the four runs")
     p.add_argument("--seed", type=int, default=42, help="every stage's seed, and the review sample's")
     p.add_argument("--no-mlflow", action="store_true", help="track nothing (every stage's --no-mlflow)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what an earlier run_all.py left in --workdir first (its data, pretraining run, "
+                        "fine-tuned models, reviews and logs); without it such a --workdir is refused")
     args = p.parse_args(argv)
     if args.labelled < 2:  # else an empty train file, refused by fine-tuning only after pretraining
         p.error(f"--labelled must be >= 2 (one review of each class), got {args.labelled}")
 
     work = os.path.abspath(args.workdir)
+    earlier = [name for name in STAGE_OUTPUTS if os.path.lexists(os.path.join(work, name))]
+    if earlier and not args.overwrite:
+        # The stages would resume it: a finished pretraining "already finished", an unfinished one
+        # continued with the old flags' checkpoint, fine-tuning replaced; a summary of mixed runs.
+        p.error(f"--workdir {args.workdir} holds an earlier run ({', '.join(earlier)}): pass --overwrite to "
+                "replace it, or another --workdir")
+    for name in earlier:
+        path = os.path.join(work, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     data, run, logs = os.path.join(work, "data"), os.path.join(work, "pretrain"), os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     started = time.perf_counter()

@@ -94,3 +94,23 @@ def test_a_labelled_count_the_reviews_cannot_give_is_refused_before_any_stage(tm
         main(["--labelled", labelled, "--workdir", str(tmp_path / "demo"), "--no-mlflow"])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "demo" / "data").exists()
+
+
+def test_a_workdir_of_an_earlier_run_is_refused_unless_overwrite(tmp_path, capsys):
+    """Before: a second run resumed the first's pretraining (with its flags' checkpoint, or "already
+    finished"), and the summary mixed the two runs."""
+    from pipeline.run_all import main
+
+    work = tmp_path / "demo"
+    (work / "pretrain" / "checkpoints").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--workdir", str(work), "--no-mlflow"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"python pipeline/run_all.py: error: --workdir {work} holds an earlier run (pretrain): pass --overwrite to "
+        "replace it, or another --workdir (--help lists the flags)")
+    # --overwrite deletes the stages' outputs only (then refused here for --labelled, before any stage)
+    with pytest.raises(SystemExit):
+        main(["--workdir", str(work), "--no-mlflow", "--overwrite", "--labelled", "999999"])
+    assert not (work / "pretrain").exists() and (work / "notes.txt").read_text() == "mine"
