@@ -741,6 +741,18 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(pretrained, tmp_path):
     config.vocab_size = 4096
     with pytest.raises(ModelSourceError, match=r"the tokenizer has 4000 tokens but the model in .* has vocab_size 4096"):
         load_tokenizer(hf_dir, None, config)
+    # a model folder copied without its tokenizer files: transformers made a tokenizer of the 5 special
+    # tokens, refused as "the tokenizer has 5 tokens but the model has vocab_size 4000"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(hf_dir, name), bare / name)
+    config.vocab_size = 4000
+    with pytest.raises(ModelSourceError, match=re.escape(
+            f"--model {bare}: no tokenizer files there (tokenizer.json, tokenizer_config.json, vocab.txt, vocab.json "
+            "or a SentencePiece .model): pass --tokenizer with the folder of the one it was pretrained with")):
+        load_tokenizer(str(bare), None, config)
+    assert len(load_tokenizer(str(bare), hf_dir, config)) == 4000  # its tokenizer given: fine
 
 
 def test_fine_tuning_past_the_pretrained_length_is_flagged(pretrained, tmp_path):

@@ -107,16 +107,26 @@ def default_max_length(tokenizer, model_config) -> int:
     return min(default if default and default < 1e9 else limit, limit)
 
 
+# What a folder holding a tokenizer has (besides a SentencePiece *.model).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
 def load_tokenizer(hf_dir: str, tokenizer_dir: str | None, model_config):
     """The tokenizer, refused when it is not the model's: vocabulary size, [PAD] id, fingerprint."""
     from transformers import AutoTokenizer
 
     path = tokenizer_dir or hf_dir
+    flag = "--tokenizer" if tokenizer_dir else "--model"
+    if os.path.isdir(path) and not any(name in TOKENIZER_FILES or name.endswith(".model") for name in os.listdir(path)):
+        # transformers then makes a tokenizer of its special tokens alone (5 of them): refused below
+        # for its vocabulary size, which blamed the wrong thing
+        raise ModelSourceError(f"{flag} {path}: no tokenizer files there ({', '.join(TOKENIZER_FILES)} or a "
+                               "SentencePiece .model): pass --tokenizer with the folder of the one it was pretrained "
+                               "with (the data dir's tokenizer/)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ModelSourceError(f"--tokenizer {path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
-    flag = "--tokenizer" if tokenizer_dir else "--model"
+        raise ModelSourceError(f"{flag} {path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
     if len(tokenizer) != model_config.vocab_size:
         raise ModelSourceError(f"{flag} {path}: the tokenizer has {len(tokenizer)} tokens but the model in {hf_dir} "
                                f"has vocab_size {model_config.vocab_size}: use the tokenizer it was pretrained with")
