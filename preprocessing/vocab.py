@@ -349,14 +349,18 @@ def build_backend_tokenizer(model_proto: bytes):
     # made-up stacks of 2+ combining marks on one letter (zalgo text), which no setting fixes.
     steps = [normalizers.NFC(), normalizers.Precompiled(model.precompiled_charsmap)] \
         if model.precompiled_charsmap else []
-    prefix = [normalizers.Prepend("▁")] if model.add_dummy_prefix else []  # SentencePiece's add_dummy_prefix
+    # SentencePiece's add_dummy_prefix puts "▁" before the text, not before each piece of it after a
+    # special token: "the [MASK]." gave "[MASK]", "▁", "." (an extra token pretraining never showed
+    # after a mask) with a "▁" prepended to every piece. So the pre-tokenizer prepends it, to the
+    # first piece only, and a piece after a special token keeps its leading space ("[MASK] city":
+    # " city", "▁city"); a first piece begins with none (stripped), so it gets exactly one.
     backend.normalizer = normalizers.Sequence(steps + [
         normalizers.Replace(Regex(" {2,}"), " "),
-        normalizers.Replace(Regex(r"\A +| +\z"), ""),
-        *prefix,
+        normalizers.Replace(Regex(r"\A +| +\z" if not model.add_dummy_prefix else r" +\z"), ""),
         normalizers.Replace(" ", "▁"),
     ])
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if model.add_dummy_prefix else "never", split=True)
     # "always" drops the "▁" the normalizer put before the text; without one, nothing is dropped.
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always" if model.add_dummy_prefix
                                          else "never", split=True)

@@ -163,7 +163,11 @@ def test_literal_special_tokens_map_to_their_ids(tokenizers, model_type):
             tok.mask_token_id) == (0, 1, 2, 3, 4)
     ids = tok("It is a truth universally [MASK] that a single man")["input_ids"]
     assert ids == [2, *sp.encode("It is a truth universally"), 4, *sp.encode("that a single man"), 3]
-    assert tok("[CLS]x[SEP]", add_special_tokens=False)["input_ids"] == [2, *sp.encode("x"), 3]
+    assert tok("[CLS] x [SEP]", add_special_tokens=False)["input_ids"] == [2, *sp.encode("x"), 3]
+    # After a mask, text goes on as pretraining showed it: "[MASK]." is the mask, then ".", where the
+    # masked word stood; before, a stray "▁" came between them (a token pretraining never put there).
+    assert tok("the [MASK].")["input_ids"] == [2, *sp.encode("the"), 4, sp.piece_to_id("."), 3]
+    assert tok("the [MASK], as")["input_ids"] == [2, *sp.encode("the"), 4, sp.piece_to_id(","), *sp.encode("as"), 3]
 
 
 @pytest.mark.parametrize("model_type", vocab.MODEL_TYPES)
