@@ -122,6 +122,13 @@ def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predi
     assert report["rows_dropped"] == {"train": 40, "validation": 0, "test": 0}
     assert report["rows"] == {"train": 480, "validation": 60, "test": 60}
     assert report["labels"] == ["fresh", "rotten"] and report["epochs_run"] == 2
+    # each epoch's learning_rate is the rate its last update used (before: the next one's, 0 at the end)
+    from pipeline.engine import linear_warmup_decay
+
+    factor = linear_warmup_decay(finetuner.total_steps, int(finetuner.config.warmup_fraction * finetuner.total_steps))
+    logged = [json.loads(line)["learning_rate"] for line in open(tmp_path / "metrics.jsonl")]
+    assert logged == pytest.approx([1e-3 * factor(e * finetuner.steps_per_epoch - 1) for e in (1, 2)])
+    assert logged[-1] > 0
     assert best.epoch == report["best_epoch"] and report["history"][1]["train_loss"] < report["history"][0]["train_loss"]
     cm = np.array(report["confusion_matrix"])
     assert cm.sum() == 60 and cm.sum(axis=1).tolist() == np.bincount(finetuner.splits["test"].labels).tolist()

@@ -268,6 +268,7 @@ class Finetuner:
         self.backward = ScaledBackward(self.engine)
         self.step = 0
         self._own_grad_norm = keeps_no_grad_norm(self.engine)  # ZeRO-0's plain optimizer keeps none
+        self._last_rate = float("nan")  # the learning rate of the last update (logged per epoch)
         self._skipped_before, self._skipped_in_a_row = 0, 0
         self.history: list[EpochResult] = []
         self.best: EpochResult | None = None
@@ -360,8 +361,10 @@ class Finetuner:
                 labels = inputs.pop("labels")
                 loss = task_loss(self.engine(**inputs).logits, labels, self.task)
                 self.backward(loss)
-                if self._own_grad_norm and micro == len(micro_batches) - 1:
-                    own_norm = gradient_norm(self.engine.module.parameters())  # before the step zeroes them
+                if micro == len(micro_batches) - 1:
+                    self._last_rate = self.scheduler.get_last_lr()[0]  # the update's, before the schedule moves on
+                    if self._own_grad_norm:
+                        own_norm = gradient_norm(self.engine.module.parameters())  # before the step zeroes them
                 try:
                     optimizer_step(self.engine)
                 except LossScaleFloor as err:
@@ -520,7 +523,8 @@ class Finetuner:
 
     def _log_epoch(self, result: EpochResult, improved: bool, tracker) -> None:
         values = {"train/loss": result.train_loss, "train/sequences_per_second": result.sequences / result.seconds,
-                  "learning_rate": self.scheduler.get_last_lr()[0],
+                  # the rate the epoch's last update used (the schedule's next one was 0 at the end)
+                  "learning_rate": self._last_rate,
                   # updates skipped so far (fp16 overflow; ZeRO's overflow check): a skipped one also
                   # leaves the learning-rate schedule a step behind
                   "train/skipped_steps": float(self.engine.skipped_steps),
