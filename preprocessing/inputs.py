@@ -27,6 +27,7 @@ from __future__ import annotations
 import bz2
 import dataclasses
 import gzip
+import io
 import logging
 import lzma
 import os
@@ -42,7 +43,7 @@ import zstandard
 from preprocessing import text_formats, wiki_dump
 from preprocessing.documents import Problem, RawDocument
 from preprocessing.text_formats import InputError
-from preprocessing.zstd_reader import ZstdReader
+from preprocessing.zstd_reader import FRAME_MAGIC, ZstdReader, starts_like_zstd
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +360,7 @@ def _decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw)
     if compression == "zstd":
-        return ZstdReader(raw)
+        return io.BufferedReader(ZstdReader(raw), 1 << 20)
     if compression == "xz":
         return lzma.LZMAFile(raw)
     return raw
@@ -404,7 +405,7 @@ REMOTE_HEADS = 8
 # What a compressed file begins with: a name that says .gz of a file that is not gzip lost the
 # whole file to one "truncated-files" count, the run otherwise a success.
 MAGIC = {"gzip": (b"\x1f\x8b", "gzip", ".gz"), "bz2": (b"BZh", "bzip2", ".bz2"),
-         "zstd": (b"\x28\xb5\x2f\xfd", "zstd", ".zst"), "xz": (b"\xfd7zXZ\x00", "xz", ".xz")}
+         "xz": (b"\xfd7zXZ\x00", "xz", ".xz")}
 
 
 def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
@@ -413,12 +414,13 @@ def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
     for path, task in local.items():
         if not os.access(path, os.R_OK):  # else a worker's PermissionError, as a Beam traceback
             raise InputError(f"--input {path}: not readable (permission denied)")
-        if task.compression in MAGIC:
-            magic, what, suffix = MAGIC[task.compression]
+        if task.compression in MAGIC or task.compression == "zstd":
+            magic, what, suffix = MAGIC.get(task.compression, (FRAME_MAGIC, "zstd", ".zst"))
             with open(path, "rb") as f:
-                if f.read(len(magic)) != magic:
-                    raise InputError(f"{path}: not a {what} file (no {what} header at byte 0), though its name ends in "
-                                     f"{suffix}: rename it, or compress it")
+                head = f.read(len(magic))
+            if head != magic and not (task.compression == "zstd" and starts_like_zstd(head)):
+                raise InputError(f"{path}: not a {what} file (no {what} header at byte 0), though its name ends in "
+                                 f"{suffix}: rename it, or compress it")
     for path, task in local.items():
         if task.format == "wiki" and task.compression != "gzip":
             with _open_raw(path) as raw:

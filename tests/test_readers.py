@@ -235,11 +235,37 @@ def test_truncated_gzip_text_keeps_earlier_documents(tmp_path):
 
 
 def _zstd_in_two_frames(data: bytes) -> bytes:
-    """As ``zstd a; zstd b; cat a.zst b.zst`` makes, or a crawl that appends a frame a batch."""
+    """As ``zstd a; zstd b; cat a.zst b.zst`` makes, or a crawl that appends a frame a batch; each
+    after a skippable frame, as pzstd writes (its first bytes are no zstd frame's)."""
+    import struct
+
     import zstandard
 
     half = len(data) // 2
-    return zstandard.ZstdCompressor().compress(data[:half]) + zstandard.ZstdCompressor().compress(data[half:])
+    skippable = b"\x50\x2a\x4d\x18" + struct.pack("<I", 4) + b"pzst"
+    return b"".join(skippable + zstandard.ZstdCompressor().compress(part) for part in (data[:half], data[half:]))
+
+
+def test_a_highly_compressed_zstd_jsonl_is_checked_and_read_in_bounded_time_and_memory(tmp_path):
+    """Rows of one repeated letter (a ratio of thousands): the head check's readline read one byte at
+    a time and copied the rest of the buffer each time (minutes); one read decompressed it all."""
+    import tracemalloc
+
+    import zstandard
+
+    rows = [json.dumps({"text": "a" * 200_000 + f" row {i}."}) + "\n" for i in range(300)]
+    path = tmp_path / "repetitive.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress("".join(rows).encode()))
+    began = time.monotonic()
+    inputs.check_inputs(inputs.plan_read_tasks([str(path)], 1 << 20), "text")
+    tracemalloc.start()
+    count = 0
+    for item in inputs.read_task(inputs.plan_read_tasks([str(path)], 1 << 20)[0], "text", 1 << 20):
+        count += isinstance(item, RawDocument)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 300 and peak < 16 << 20, peak  # the stream is 60 MB
+    assert time.monotonic() - began < 60
 
 
 @pytest.mark.parametrize("suffix", [".zst", ".xz"])
