@@ -157,6 +157,7 @@ def holds_data_dir(output: str) -> bool:
 # OUTPUT/.previous: a local data dir set aside while a rerun writes OUTPUT, until its manifest is
 # written. Hidden, so that foreign_entries passes over it.
 PREVIOUS = ".previous"
+FAILED = ".failed"  # a failed run's files, on their way out when the previous data dir comes back
 SET_ASIDE = (MANIFEST, "shards", "tokenizer", "flat")  # the manifest first: OUTPUT stops looking complete
 
 
@@ -199,43 +200,53 @@ def replacing(output: str) -> Iterator[Replacement]:
 def set_aside_previous(output: str) -> bool:
     """Clears OUTPUT for a run; True if a previous data dir was kept for ``restore_previous``.
 
-    A local data dir is moved into OUTPUT/.previous, by renames (no copy, no room): a run that
-    fails afterwards (a submission refused, input found bad late, Ctrl-C, a full disk) used to
-    take the last good data with it. Its parts/ (a killed run's intermediates) are deleted. An
-    OUTPUT/.previous that a run killed outright (kill -9, a node's crash) left is the last complete
-    data dir, kept; the unfinished run's files are deleted. In an object store (gs://, s3://),
-    where a rename is a copy, the previous outputs are deleted, manifest first, as they were."""
-    if "://" in output:
+    A local data dir is moved into OUTPUT/.previous, by renames (no copy, no room), its manifest
+    first: a run that fails afterwards (a submission refused, input found bad late, Ctrl-C, a full
+    disk) used to take the last good data with it. Its parts/ (a killed run's intermediates) are
+    deleted. An OUTPUT/.previous that a run killed outright (kill -9, a node's crash) left is the
+    last complete data dir, kept, whole: its manifest moves first and back last, so what it lacks
+    and OUTPUT has is its own (a set-aside or a restore cut short), and is moved in; the unfinished
+    run's files are deleted. Deleted instead, manifest first, as before: the previous outputs in an
+    object store (gs://, s3://), where a rename is a copy, and a data dir whose shards, tokenizer or
+    flat copy is a link to another disk (a rename would move the link, not the files)."""
+    previous = os.path.join(output, PREVIOUS)
+    linked = [name for name in SET_ASIDE if os.path.islink(os.path.join(output, name))]
+    if "://" in output or linked:
+        if linked and os.path.exists(os.path.join(output, MANIFEST)):
+            log.warning("--output %s: %s is a link: the previous data dir is deleted now, not kept until this run "
+                        "succeeds", output, ", ".join(linked))
         remove_stale_outputs(output)
         return False
-    previous = os.path.join(output, PREVIOUS)
+    shutil.rmtree(os.path.join(output, FAILED), ignore_errors=True)  # a restore cut short left it
     if os.path.isdir(previous) and not os.path.exists(os.path.join(previous, MANIFEST)):
         shutil.rmtree(previous)  # killed before its first rename: nothing was moved into it
     if os.path.isdir(previous) and os.path.exists(os.path.join(output, MANIFEST)):
         shutil.rmtree(previous)  # killed after its manifest was written: OUTPUT is the newer data dir
-    if os.path.isdir(previous):
-        remove_stale_outputs(output)
-        return True
-    if not os.path.exists(os.path.join(output, MANIFEST)):
-        remove_stale_outputs(output)
+    if not os.path.isdir(previous) and not os.path.exists(os.path.join(output, MANIFEST)):
+        remove_stale_outputs(output)  # no data dir: an unfinished run's files
         return False
-    os.makedirs(previous)
+    os.makedirs(previous, exist_ok=True)
     for name in SET_ASIDE:
-        if os.path.lexists(os.path.join(output, name)):
+        if os.path.lexists(os.path.join(output, name)) and not os.path.lexists(os.path.join(previous, name)):
             os.rename(os.path.join(output, name), os.path.join(previous, name))
-    delete_dir(output, "parts")
+    remove_stale_outputs(output)  # parts/, and what an unfinished run wrote beside a kept data dir
     return True
 
 
 def restore_previous(output: str) -> None:
-    """Puts the data dir ``set_aside_previous`` kept back in place of a failed run's files."""
-    previous = os.path.join(output, PREVIOUS)
-    for name in DATA_DIR_ENTRIES - {MANIFEST}:
-        shutil.rmtree(os.path.join(output, name), ignore_errors=True)
+    """Puts the data dir ``set_aside_previous`` kept back in place of a failed run's files: those
+    are renamed out of the way first (deleting them could leave some behind, an NFS ``.nfs*``
+    file, and a rename onto a folder that is not empty fails), the kept manifest back last."""
+    previous, failed = os.path.join(output, PREVIOUS), os.path.join(output, FAILED)
+    os.makedirs(failed, exist_ok=True)
+    for name in DATA_DIR_ENTRIES:
+        if os.path.lexists(os.path.join(output, name)):
+            os.rename(os.path.join(output, name), os.path.join(failed, name))
     for name in reversed(SET_ASIDE):  # the manifest last: complete only once whole again
         if os.path.lexists(os.path.join(previous, name)):
-            os.replace(os.path.join(previous, name), os.path.join(output, name))
+            os.rename(os.path.join(previous, name), os.path.join(output, name))
     os.rmdir(previous)
+    shutil.rmtree(failed, ignore_errors=True)
 
 
 def drop_previous(output: str) -> None:

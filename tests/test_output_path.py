@@ -1,6 +1,7 @@
 """Outputs that appear under their name only once whole, and what killed writers leave beside them."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -163,3 +164,50 @@ def test_what_a_rerun_killed_outright_left_is_sorted_out_by_the_next_run(tmp_pat
     fresh = str(tmp_path / "fresh")
     os.makedirs(os.path.join(fresh, ".previous"))
     assert not manifest.set_aside_previous(fresh) and os.listdir(fresh) == []
+
+
+def test_a_set_aside_or_restore_cut_short_keeps_the_previous_data_dir_whole(tmp_path):
+    """Killed between its renames: the next run completes the set-aside from what OUTPUT still
+    holds, and a restore put back what it has (before, the next run deleted the old shards left
+    in OUTPUT, and a failure after that restored a manifest without shards: complete-looking)."""
+    from preprocessing import manifest
+
+    out = str(tmp_path / "data")
+    _fake_data_dir(out, "old")
+    before = _data_dir_files(out)
+    previous = os.path.join(out, ".previous")
+    os.makedirs(previous)
+    for name in ("manifest.json", "shards"):  # a set-aside killed after its second rename
+        os.rename(os.path.join(out, name), os.path.join(previous, name))
+    assert manifest.set_aside_previous(out)
+    assert _data_dir_files(previous) == before and os.listdir(out) == [".previous"]
+    # a failed run's files, then a restore killed after putting back flat/ and tokenizer/
+    _fake_data_dir(out, "failed")
+    os.remove(os.path.join(out, "manifest.json"))
+    failed = os.path.join(out, ".failed")
+    os.makedirs(failed)
+    for name in ("shards", "tokenizer", "flat"):
+        os.rename(os.path.join(out, name), os.path.join(failed, name))
+    for name in ("flat", "tokenizer"):
+        os.rename(os.path.join(previous, name), os.path.join(out, name))
+    assert manifest.set_aside_previous(out)
+    assert _data_dir_files(previous) == before and os.listdir(out) == [".previous"]
+    manifest.restore_previous(out)
+    assert _data_dir_files(out) == before
+
+
+def test_a_data_dir_with_linked_shards_is_deleted_through_the_link_as_before(tmp_path, caplog):
+    """A rename would move the link, not the shards: the run would write its shards on OUTPUT's own
+    disk, and the old ones, on the other, would never be deleted."""
+    import logging
+
+    from preprocessing import manifest
+
+    out, elsewhere = tmp_path / "data", tmp_path / "big_disk"
+    _fake_data_dir(str(out), "old")
+    shutil.move(str(out / "shards"), str(elsewhere))
+    os.symlink(elsewhere, out / "shards")
+    with caplog.at_level(logging.WARNING, logger="preprocessing.manifest"):
+        assert not manifest.set_aside_previous(str(out))
+    assert f"--output {out}: shards is a link: the previous data dir is deleted now" in caplog.text
+    assert (out / "shards").is_symlink() and os.listdir(elsewhere) == [] and not (out / "manifest.json").exists()
