@@ -500,7 +500,10 @@ class Trainer:
         """Runs to ``--steps``; returns 0, or EXIT_STOPPED after a stop signal's checkpoint."""
         # The log window's training time: evaluations and saves inside it are taken out.
         started, window, paused = time.monotonic(), [], 0.0
-        if self.step >= self.config.steps and self.is_rank0:
+        if self.step == self.config.steps and self.is_rank0:  # stopped after its last step (a time limit, say)
+            log.info("resumed at step %d, the last (--steps %d): the checkpoint is evaluated and exported",
+                     self.step, self.config.steps)
+        elif self.step > self.config.steps and self.is_rank0:
             log.warning("resumed at step %d, which --steps %d does not pass: nothing to train (raise --steps to "
                         "continue); the checkpoint is evaluated and exported as it is", self.step, self.config.steps)
         # On a terminal, a bar; in a batch log (SLURM), the metric lines every --log-every are the progress.
@@ -552,6 +555,8 @@ class Trainer:
                     # and a second save, which the time between SLURM's warning and its kill
                     # (slurm/pretrain.sh) is not sized for.
                     if agree([self.stop.requested], n, self.engine.device)[0]:
+                        if window:
+                            self._log(window, time.monotonic() - started - paused, tracker)
                         return self._stopped(tag)
             # Saved before the final evaluation: a failure in it (out of memory, a full disk under
             # eval.jsonl, a second Ctrl-C) keeps the trained steps

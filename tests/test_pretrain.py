@@ -1,6 +1,7 @@
 """The DeepSpeed trainer on real shards: it learns, and a stopped run resumes exactly."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -96,15 +97,20 @@ def test_a_stop_signal_during_a_periodic_save_stops_after_it_not_after_another_s
     # before: step 5 and a second save, past what SLURM's warning before its kill is sized for
     assert trainer.step == 4 and saved == [2, 4]
     assert checkpoint.find_latest(str(tmp_path / "checkpoints")) == checkpoint.tag_for(4)
+    # the steps since the last log line are logged at the stop, as at any stop
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [4]
 
 
-def test_a_stop_signal_after_the_last_step_requeues_before_the_final_evaluation(data_dir, tmp_path):
+def test_a_stop_signal_after_the_last_step_requeues_before_the_final_evaluation(data_dir, tmp_path, caplog):
     trainer = Trainer(config(data_dir, tmp_path, steps=4, eval_shards=1))
     signal_during_save(trainer, 4)  # the final save, the last step's
     assert trainer.train() == EXIT_STOPPED and not trainer.final_eval
-    # the requeued job resumes at the last step: it evaluates, trains nothing more
+    # the requeued job resumes at the last step: it evaluates, trains nothing more, and says so plainly
     again = Trainer(config(data_dir, tmp_path, steps=4, eval_shards=1))
-    assert again.train() == 0 and again.step == 4 and again.final_eval["step"] == 4
+    with caplog.at_level(logging.INFO, logger="pipeline.trainer"):
+        assert again.train() == 0 and again.step == 4 and again.final_eval["step"] == 4
+    assert "resumed at step 4, the last (--steps 4): the checkpoint is evaluated and exported" in caplog.text
+    assert "nothing to train" not in caplog.text
 
 
 def test_a_resume_takes_this_runs_learning_rate_and_weight_decay(data_dir, tmp_path):
