@@ -46,6 +46,7 @@ from preprocessing import cli_parser  # noqa: E402 - after the path set-up
 from preprocessing.mlflow_experiment import browse_hint, experiment_flag  # noqa: E402
 # What main() writes under --workdir, and --overwrite deletes.
 STAGE_OUTPUTS = ("data", "pretrain", "finetune-pretrained", "finetune-random", "reviews", "logs")
+MARKER = ".run_all"  # marks a --workdir as this script's, for --overwrite
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -124,6 +125,33 @@ def mlflow_runs(experiment: str) -> dict[str, str]:
     return newest
 
 
+def clear_earlier_run(p, work: str, flag: str, overwrite: bool) -> None:
+    """Refuses a --workdir holding an earlier run's outputs, or deletes them with --overwrite: the
+    stages would resume it (a finished pretraining "already finished", an unfinished one continued
+    from the old flags' checkpoint) and the summary would mix the two runs. Only a folder this
+    script marked as its own is cleared (--workdir . would otherwise take a project's data/ and
+    logs/), and not while a pretraining runs in it."""
+    from pipeline import run_lock
+
+    earlier = [name for name in STAGE_OUTPUTS if os.path.lexists(os.path.join(work, name))]
+    if earlier and not os.path.exists(os.path.join(work, MARKER)):
+        p.error(f"--workdir {flag} holds {', '.join(earlier)} that run_all.py did not write (no {MARKER} there): "
+                "pass a new --workdir")
+    if earlier and not overwrite:
+        p.error(f"--workdir {flag} holds an earlier run ({', '.join(earlier)}): pass --overwrite to replace it, or "
+                "another --workdir")
+    try:
+        run_lock.check_free(os.path.join(work, "pretrain"))
+    except run_lock.RunDirError as err:
+        p.error(str(err))
+    for name in earlier:
+        path = os.path.join(work, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, MARKER), "w") as f:
+        f.write("a working folder of pipeline/run_all.py: --overwrite clears its " + ", ".join(STAGE_OUTPUTS) + "\n")
+
+
 def main(argv=None) -> int:
     p = cli_parser.Parser(prog="python pipeline/run_all.py", description=__doc__.splitlines()[0],
                           formatter_class=cli_parser.DefaultsFormatter)
@@ -151,15 +179,7 @@ def main(argv=None) -> int:
         p.error(f"--labelled must be >= 2 (one review of each class), got {args.labelled}")
 
     work = os.path.abspath(args.workdir)
-    earlier = [name for name in STAGE_OUTPUTS if os.path.lexists(os.path.join(work, name))]
-    if earlier and not args.overwrite:
-        # The stages would resume it: a finished pretraining "already finished", an unfinished one
-        # continued with the old flags' checkpoint, fine-tuning replaced; a summary of mixed runs.
-        p.error(f"--workdir {args.workdir} holds an earlier run ({', '.join(earlier)}): pass --overwrite to "
-                "replace it, or another --workdir")
-    for name in earlier:
-        path = os.path.join(work, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    clear_earlier_run(p, work, args.workdir, args.overwrite)
     data, run, logs = os.path.join(work, "data"), os.path.join(work, "pretrain"), os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     started = time.perf_counter()

@@ -104,6 +104,13 @@ def test_a_workdir_of_an_earlier_run_is_refused_unless_overwrite(tmp_path, capsy
     work = tmp_path / "demo"
     (work / "pretrain" / "checkpoints").mkdir(parents=True)
     (work / "notes.txt").write_text("mine")
+    # a folder run_all.py did not make is never cleared, --overwrite or not
+    with pytest.raises(SystemExit):
+        main(["--workdir", str(work), "--no-mlflow", "--overwrite"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"python pipeline/run_all.py: error: --workdir {work} holds pretrain that run_all.py did not write (no .run_all")
+    assert (work / "pretrain" / "checkpoints").is_dir()
+    (work / ".run_all").write_text("")
     with pytest.raises(SystemExit) as exit_:
         main(["--workdir", str(work), "--no-mlflow"])
     assert exit_.value.code == 2
