@@ -585,8 +585,8 @@ def _nested_field(path):
     # blaming punctuation and --character-coverage
     ("notepad.txt", _utf16, "UTF-16 text (it begins with a UTF-16 byte-order mark), not UTF-8: convert it to UTF-8 "
                             "first (iconv -f UTF-16 -t UTF-8"),
-    ("powershell.jsonl", _nul_bytes, "NUL bytes in its first 54 bytes: UTF-16 or UTF-32 text without a byte-order "
-                                     "mark, or not text at all"),
+    ("powershell.jsonl", _nul_bytes, "NUL bytes in its first 54 bytes (27 of them): UTF-16 or UTF-32 text without a "
+                                     "byte-order mark, or not text at all"),
     # before: one "truncated-files" count and exit 0, the file's documents all lost
     ("plain.txt.gz", _not_gzip, "not a gzip file (no gzip header at byte 0), though its name ends in .gz"),
     # before: read as a dump, no page, no count, exit 0
@@ -605,6 +605,18 @@ def test_input_no_reader_can_read_as_text_is_refused_before_the_old_output_goes(
                           *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {tmp_path / name}: {message}")
     assert sorted(os.listdir(previous)) == ["manifest.json", "shards"]  # the previous data dir is whole
+
+
+def test_a_stray_nul_in_utf8_text_is_read_not_refused(tmp_path):
+    """A NUL or two in UTF-8 text (a bad export) was taken for UTF-16 and stopped the run."""
+    from preprocessing import inputs, text_formats
+
+    path = tmp_path / "export.txt"
+    path.write_bytes(b"A first document.\x00 It has a stray NUL.\n\nA second one, clean.\n")
+    tasks = inputs.plan_read_tasks([str(path)], 1 << 20)
+    inputs.check_inputs(tasks, "text")
+    docs = [d.text for d in inputs.read_task(tasks[0], "text", 1 << 20) if isinstance(d, text_formats.RawDocument)]
+    assert len(docs) == 2 and docs[1] == "A second one, clean."
 
 
 def test_inputs_are_listed_once_whole_and_by_their_own_names(tmp_path, caplog):
