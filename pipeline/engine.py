@@ -19,6 +19,7 @@ import datetime
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 
@@ -190,12 +191,35 @@ def check_gpu_for(local_rank: int) -> None:
                           "gives each task its own)")
 
 
+def _without_shm_build() -> None:
+    """On the CPU, DeepSpeed compiles a shared-memory all-reduce (``deepspeed_shm_comm``) at its
+    first start: a C++ compiler is needed, and 30-100 s go by. One process has nothing to reduce,
+    so it is not built then; nor where there is no compiler (a slim image), which failed with a
+    traceback from the build: several processes all-reduce through gloo there instead."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    compiler = os.environ.get("CXX", "c++")
+    if several and shutil.which(compiler):
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if several and os.environ.get("RANK", "0") == "0":
+        logging.getLogger(__name__).warning(
+            "no C++ compiler (%s): DeepSpeed's shared-memory all-reduce is not built, and the CPU processes "
+            "all-reduce through gloo, more slowly (install one, e.g. build-essential, for it)", compiler)
+
+
 def init_distributed(timeout_minutes: float | None = None) -> None:
     """The process group, before ``initialize``, which would otherwise create it with DeepSpeed's
     default timeout; the timeout bounds how long a rank waits in a collective for a peer that
     hangs without exiting."""
     import deepspeed
 
+    _without_shm_build()
     if timeout_minutes is None:
         deepspeed.init_distributed()
     else:

@@ -462,6 +462,27 @@ def _run_pretrain(args, nproc, tmp_path, launcher="torchrun", script=os.path.joi
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_pretraining_on_the_cpu_needs_no_cpp_compiler(data_dir, tmp_path, nproc):
+    """DeepSpeed compiled its shared-memory all-reduce at the first start on the CPU: a traceback
+    without a compiler (a slim image), 30-100 s with one. One process builds nothing; several
+    without a compiler all-reduce through gloo, said once."""
+    ext = tmp_path / "torch_extensions"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(ext))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           os.path.join(REPO, "pipeline", "pretrain.py"), "--data", data_dir, "--run-dir", str(run_dir), "--steps", "2",
+           "--global-batch-size", "8", "--micro-batch-size", str(8 // nproc), "--no-mlflow"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not ext.exists() and "built successfully" not in proc.stdout + proc.stderr  # nothing compiled
+    assert (proc.stderr.count("no C++ compiler") == 1) == (nproc == 2), proc.stderr[-3000:]
+    assert checkpoint.find_latest(str(run_dir / "checkpoints")) == checkpoint.tag_for(2)
+
+
+@pytest.mark.e2e
 def test_two_ranks_under_the_deepspeed_launcher_give_one_ranks_losses(data_dir, tmp_path):
     """gloo, ZeRO-2, the same global batch of 16: 1 rank x 2 micro-batches vs 2 ranks x 1 under
     the deepspeed launcher (which adds --local_rank=N; 2 ranks under torchrun are compared with 1
