@@ -47,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "deepspeed (rows split across them, rank 0 merges). Writes OUT: the id column and 'embedding' "
                     "(list<float32>) in input row order; logs one MLflow run (stage=embed).",
     )
-    p.add_argument("--model", required=True, help="Hugging Face model dir: config.json, weights and tokenizer")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face model dir (config.json, weights and tokenizer: an export, finetune.py's "
+                        "OUTPUT_DIR/model), or a pretraining run dir, whose newest checkpoint's export is used")
     p.add_argument("--input", required=True,
                    help="csv, tsv, jsonl (optionally .gz/.bz2/.xz), parquet or a saved datasets Dataset; a blank text is an error naming "
-                        "its line")
+                        "its line (the output has a row for each input row: filter blank rows out first)")
     p.add_argument("--out", required=True, help="output Parquet file (written to a temporary file, then renamed)")
     p.add_argument("--text-column", default=embedding.TEXT_COLUMN,
                    help="the column (or jsonl key) holding the texts (default: %(default)s)")
@@ -105,6 +107,7 @@ def main(argv=None) -> int:
             check_tracking(args.experiment)
         embedding.check_out(args.out, args.input)  # before hours of embedding
         embed_inputs.check_first_row(args.input, args.text_column, args.id_column)  # before the model loads
+        args.model = embedding.model_folder(args.model)
         model, tokenizer = embedding.load_model(args.model)
         converted, converter = embedding.script_converter(args.model)
         if converted:

@@ -73,6 +73,26 @@ def script_converter(model_dir: str):
     return (convert, Converter(convert)) if convert else (None, None)
 
 
+def model_folder(model_dir: str) -> str:
+    """The Hugging Face dir --model names: itself, or for a pretraining run dir (fine-tuning takes
+    one) the export pretraining wrote of its newest checkpoint."""
+    from pipeline import export
+    from pipeline.finetuning.model import is_hf_dir
+
+    if not os.path.isdir(model_dir) or is_hf_dir(model_dir):
+        return model_dir  # load_model says what is wrong with it
+    try:
+        run_dir, checkpoints, tag = export.resolve(model_dir)
+    except export.ExportError:
+        return model_dir
+    cached = os.path.join(run_dir, "hf", tag)
+    if not (is_hf_dir(cached) and export.is_export_of(cached, checkpoints, tag)):
+        raise EmbedError(f"--model {model_dir}: a pretraining run whose newest checkpoint, {tag}, has no export: "
+                         f"python pipeline/export.py {model_dir}, then pass the folder it writes")
+    log.info("--model %s: using the export of its newest checkpoint, %s", model_dir, cached)
+    return cached
+
+
 def load_model(model_dir: str):
     """(encoder in eval mode, tokenizer); the tokenizer checked against the model as fine-tuning does."""
     from transformers import AutoConfig, AutoModel

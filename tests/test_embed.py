@@ -461,3 +461,27 @@ def test_a_jsonl_row_without_the_text_key_is_named_as_such_wherever_it_is(tmp_pa
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(FinetuneDataError, match=rf"in\.jsonl:{1 if first else 4}: column 'text' holds a list, not text"):
         scan_inputs(str(path), "text")
+
+
+def test_a_pretraining_run_dir_embeds_with_its_newest_export(data_dir, tmp_path, capsys):
+    """Fine-tuning takes a pretraining run dir as --model; embed.py refused one, though the run had
+    written the export of its newest checkpoint."""
+    from pipeline import pretrain
+    from pipeline.embed import main
+
+    run = tmp_path / "run"
+    assert pretrain.main(["--data", data_dir, "--run-dir", str(run), "--steps", "2", "--global-batch-size", "8",
+                          "--micro-batch-size", "8", "--no-mlflow"]) == 0
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text\nThe film is a delight.\nA dull and overlong mess.\n")
+    out = tmp_path / "emb.parquet"
+    assert main(["--model", str(run), "--input", str(texts), "--out", str(out), "--no-mlflow"]) == 0
+    table = pq.read_table(out)
+    assert table.num_rows == 2
+    assert table.schema.metadata[b"model"].decode() == str(run / "hf" / "step00000002")
+    shutil.rmtree(run / "hf")
+    capsys.readouterr()
+    assert main(["--model", str(run), "--input", str(texts), "--out", str(out), "--no-mlflow"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --model {run}: a pretraining run whose newest checkpoint, step00000002, has no export: python "
+        f"pipeline/export.py {run}, then pass the folder it writes")
