@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import warnings
 
 from pipeline.metrics import finite_or_null, format_per_class, per_class_metrics
 from pipeline.output_path import file_beside
@@ -112,6 +114,31 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
     # so it asked huggingface.co (47 s of retries offline, and a stranger's card and licence
     # when such a repo exists). An absolute path is never a repo id.
     model_dir = os.path.abspath(model_dir)
+    with _quiet_model_logging():
+        _log_model(model_dir, task, max_length, convert, register_name, tracker, version)
+
+
+@contextlib.contextmanager
+def _quiet_model_logging():
+    """MLflow's model logging, without what a user can do nothing about: a warning, in raw ANSI
+    colour codes, that the served model's predict has no type hints, and a bar for each artifact
+    it downloads again to check the model."""
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+
+
+def _log_model(model_dir: str, task: str, max_length: int, convert: str | None, register_name: str | None,
+               tracker, version) -> None:
+    import mlflow
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if convert:

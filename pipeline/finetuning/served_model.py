@@ -31,7 +31,10 @@ class ConvertedTextClassifier(mlflow.pyfunc.PythonModel):
         self.classify = pipeline("text-classification", model=context.artifacts["model"], truncation=True,
                                  max_length=int(config["max_length"]), **extra)
 
-    def predict(self, context, model_input, params=None):
+    # The hint is the input pyfunc serving gives; _inputs takes a string, a dict, a list or a Series
+    # too. A DataFrame hint is one MLflow infers no schema from, so it checks and converts nothing;
+    # without a hint it printed a warning, in raw ANSI colour codes, at every fine-tuning.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         inputs = [self._converted(x) for x in _inputs(model_input)]
         return pd.DataFrame(self.classify(inputs), columns=["label", "score"])
 
