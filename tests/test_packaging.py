@@ -52,7 +52,7 @@ def test_worker_requirements_cover_what_preprocessing_imports():
     worker's requirements; the exceptions run only on the launcher: mlflow in tracking.py and
     mlflow_experiment.py (and only with MLflow on), packaging in worker_package.py (which pins the
     workers' requirements), grpc in local_runner.py (the local runner's driver; apache-beam's own
-    dependency)."""
+    dependency), pipeline in driver.py (the launcher's lock on --output, pipeline/run_lock.py)."""
     covered = {_name(r) for r in _requirements(WORKER_REQUIREMENTS)}
     distributions = importlib.metadata.packages_distributions()
     missing = []
@@ -70,7 +70,7 @@ def test_worker_requirements_cover_what_preprocessing_imports():
                 name = os.path.basename(path)
                 if top in sys.stdlib_module_names or top == "preprocessing" or (name, top) in (
                         ("tracking.py", "mlflow"), ("mlflow_experiment.py", "mlflow"), ("setup.py", "setuptools"),
-                        ("worker_package.py", "packaging"), ("local_runner.py", "grpc")):
+                        ("worker_package.py", "packaging"), ("local_runner.py", "grpc"), ("driver.py", "pipeline")):
                     continue
                 if not {_name(d) for d in distributions.get(top, [top])} & covered:
                     missing.append(f"{name}: {module}")
