@@ -463,12 +463,18 @@ def test_a_jsonl_row_without_the_text_key_is_named_as_such_wherever_it_is(tmp_pa
         scan_inputs(str(path), "text")
 
 
-def test_a_pretraining_run_dir_embeds_with_its_newest_export(data_dir, tmp_path, capsys):
+def test_a_pretraining_run_dir_embeds_with_its_newest_export(data_dir, tmp_path, capsys, monkeypatch):
     """Fine-tuning takes a pretraining run dir as --model; embed.py refused one, though the run had
     written the export of its newest checkpoint."""
     from pipeline import pretrain
     from pipeline.embed import main
 
+    from .conftest import set_one_process_world
+
+    # Set through monkeypatch, so undone after: pretrain.main would otherwise set RANK, WORLD_SIZE and
+    # MASTER_PORT in this process for good, and every later job (sbatch passes the environment on)
+    # would inherit them.
+    set_one_process_world(monkeypatch)
     run = tmp_path / "run"
     assert pretrain.main(["--data", data_dir, "--run-dir", str(run), "--steps", "2", "--global-batch-size", "8",
                           "--micro-batch-size", "8", "--no-mlflow"]) == 0
