@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import warnings
 
 from pipeline.metrics import finite_or_null, format_per_class, per_class_metrics
 from pipeline.output_path import file_beside
@@ -120,15 +119,13 @@ def log_to_mlflow(tracker, paths: list[str], model_dir: str | None, task: str, r
 
 @contextlib.contextmanager
 def _quiet_model_logging():
-    """MLflow's model logging, without what a user can do nothing about: a warning, in raw ANSI
-    colour codes, that the served model's predict has no type hints, and a bar for each artifact
-    it downloads again to check the model."""
+    """MLflow's model logging, without a progress bar for each artifact it downloads again to check
+    the model. (Its warning that predict has no type hints is answered by the type hint itself:
+    MLflow resets warning filters around that check, so a filter here would not hold.)"""
     saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
-            yield
+        yield
     finally:
         if saved is None:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
