@@ -29,6 +29,23 @@ class DataDirError(ValueError):
     """A data dir the trainer cannot use; the message names the file and field."""
 
 
+# What decides a data dir's examples, as its manifest records it. Left out: when and by which
+# MLflow run it was written, the input paths (the input fingerprint covers the files themselves)
+# and the counters (they follow from these).
+RECIPE_FIELDS = ("input", "tokenizer", "language", "convert", "max_seq_length", "objective", "masking",
+                 "dupe_factor", "short_seq_prob", "docs_per_bucket", "split_bytes", "seed", "num_examples",
+                 "shards")
+
+
+def data_recipe(manifest: dict) -> dict:
+    """The manifest's fields that decide the examples: equal for a rerun of the same preprocessing,
+    different once the corpus, tokenizer or any setting that shapes the examples changed."""
+    recipe = {field: manifest.get(field) for field in RECIPE_FIELDS}
+    if isinstance(recipe["input"], dict):
+        recipe["input"] = {"fingerprint": recipe["input"].get("fingerprint")}
+    return recipe
+
+
 def read_manifest(data_dir: str) -> dict:
     """The data dir's manifest.json, after checking it against the files beside it.
 

@@ -7,6 +7,7 @@ micro-batches DeepSpeed accumulates, then metrics, checkpoints and the stop chec
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, hf_init, run_lock
 from pipeline.data import PretrainingDataset, PretrainingLoader
-from pipeline.data_dir import DataDirError, read_manifest
+from pipeline.data_dir import RECIPE_FIELDS, DataDirError, data_recipe, read_manifest
 from pipeline.ds_config import DsConfigError, precision
 from pipeline.engine import (LossScaleFloor, MAX_SKIPPED_UPDATES, PAD_MULTIPLE, ScaledBackward, StopFlag, agree,
                              ensure_distributed_env, gradient_norm, init_distributed, initialize, keeps_no_grad_norm,
@@ -167,6 +168,7 @@ class Trainer:
                                   "use the same data, or a new --run-dir")
             checkpoint.check_invariants(config.checkpoint_dir, self.resume_tag, self._invariants(),
                                         given_init_from=bool(config.init_from))
+            self._warn_if_data_changed(saved)
         # Decided before the engine exists: loading another world size's ZeRO partitions is an engine setting.
         self.resume_plan = self.resume_tag and checkpoint.plan_resume(
             config.checkpoint_dir, self.resume_tag, self.world_size, self.ds_config, settings.ds_config,
@@ -265,6 +267,22 @@ class Trainer:
             raise DataDirError(f"{what} was trained with tokenizer {meta['tokenizer_fingerprint'][:12]}… but --data "
                              f"{self.config.data} has {fingerprint[:12]}… (manifest field tokenizer.fingerprint): "
                              f"{advice}")
+
+    def _warn_if_data_changed(self, saved: dict) -> None:
+        """A resume on a data dir rebuilt since the checkpoint (preprocessing rerun into the same
+        --output with another corpus or setting, the same tokenizer and row count) goes on, since
+        continuing on new data can be meant, but says so: its next examples are not the ones the
+        run would have seen, and its loss curve may jump there."""
+        if not self.is_rank0 or "data_recipe" not in saved:  # tags saved before the recipe was recorded
+            return
+        now = json.loads(json.dumps(data_recipe(self.manifest)))  # the marker's JSON types
+        changed = [field for field in RECIPE_FIELDS if saved["data_recipe"].get(field) != now.get(field)]
+        if changed:
+            log.warning("--data %s was rebuilt since checkpoint %s was saved (manifest.json differs in %s): "
+                        "training goes on from step %s on the new examples, not the ones this run began "
+                        "with. For those, rerun preprocessing as it was into another --output and resume "
+                        "with that as --data", self.config.data, self.resume_tag, ", ".join(changed),
+                        saved.get("step"))
 
     def _init_weights(self, model) -> dict:
         """Phase 2: the weights of another run's checkpoint, or continued pretraining of a Hugging
@@ -384,7 +402,8 @@ class Trainer:
         client = {"step": self.step, "sampler": self.loader.state_dict(), "rng": states}
         # What a resume on another number of processes checks before loading anything.
         meta = {"tokenizer_fingerprint": self.manifest["tokenizer"]["fingerprint"],
-                "data_run_id": self.manifest.get("data_run_id"), "world_size": self.world_size,
+                "data_run_id": self.manifest.get("data_run_id"), "data_recipe": data_recipe(self.manifest),
+                "world_size": self.world_size,
                 "global_batch_size": self.batches.global_batch_size, **self._invariants(),
                 # lineage: the run that wrote this tag, and the weights the run's first phase began from
                 "pretrain_run_id": self.run_id, **self.init_info}

@@ -190,6 +190,30 @@ def test_a_resume_that_changes_what_it_must_keep_stops_with_one_line(data_dir, t
         assert code == 2 and err.startswith(f"error: {tag} {message}") and "Traceback" not in err, err[-2000:]
 
 
+def test_a_resume_on_a_rebuilt_data_dir_says_so_and_on_a_moved_one_does_not(data_dir, tmp_path, caplog):
+    def resumed_warnings(data):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.trainer"):
+            trainer = Trainer(config(str(data), tmp_path / "run", steps=4))  # the check precedes any training
+        trainer.loader.close()
+        return caplog.messages
+
+    assert Trainer(config(data_dir, tmp_path / "run", steps=2)).train() == 0
+    moved = tmp_path / "moved"  # the same data dir elsewhere (a copy to node-local disk, say)
+    shutil.copytree(data_dir, moved, ignore=shutil.ignore_patterns(".lock"))
+    assert resumed_warnings(moved) == []
+    # Preprocessing rerun into the same --output with the same tokenizer and rows, but other masks:
+    # before, the requeued job went on on the new examples without a word.
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["masking"]["masked_lm_prob"] = 0.2
+    manifest["seed"] = 7
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    assert resumed_warnings(moved) == [
+        f"--data {moved} was rebuilt since checkpoint step00000002 was saved (manifest.json differs in masking, "
+        "seed): training goes on from step 2 on the new examples, not the ones this run began with. For those, "
+        "rerun preprocessing as it was into another --output and resume with that as --data"]
+
+
 def test_the_logged_rates_count_training_time_and_the_rate_each_update_used(data_dir, tmp_path, monkeypatch):
     import time
 
