@@ -36,7 +36,17 @@ def browse_hint(uri: str | None = None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+    return f"mlflow ui --backend-store-uri {_from_anywhere(uri)}  (then http://127.0.0.1:5000)"
+
+
+def _from_anywhere(uri: str) -> str:
+    """A local store's URI with an absolute path: the hint is read, and run, from another directory
+    than the run's (sqlite:///mlflow.db is relative to where the stage ran)."""
+    if uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    if ":" not in uri.split("/", 1)[0]:  # a plain directory: MLflow's file store
+        return os.path.abspath(uri)
+    return uri
 
 
 def announce_run(log, run_id: str, stage: str, experiment: str, uri: str) -> None:

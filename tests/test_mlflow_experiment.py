@@ -58,11 +58,15 @@ def test_runs_land_in_the_environment_s_experiment_unless_one_is_given(tmp_path,
     assert client.get_experiment_by_name(DEFAULT_EXPERIMENT) is None
 
 
-def test_the_browse_hint_serves_a_local_store_and_opens_a_server(monkeypatch):
+def test_the_browse_hint_serves_a_local_store_and_opens_a_server(monkeypatch, tmp_path):
     from preprocessing.mlflow_experiment import browse_hint
 
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert browse_hint() == "mlflow ui --backend-store-uri sqlite:///mlflow.db  (then http://127.0.0.1:5000)"
+    # absolute, so that the command works from wherever it is run (before: sqlite:///mlflow.db)
+    assert browse_hint() == f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db  (then http://127.0.0.1:5000)"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "runs/mlruns")
+    assert browse_hint().startswith(f"mlflow ui --backend-store-uri {tmp_path}/runs/mlruns  ")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x/mlflow.db")
     assert browse_hint().startswith("mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
