@@ -778,3 +778,46 @@ def test_a_fractional_score_where_train_had_whole_ones_suggests_regression(tmp_p
                                                 "score, pass --task regression"):
         load_task_data(train=train, validation=dev, label_column="score")
     assert load_task_data(train=train, validation=dev, label_column="score", task="regression").task == "regression"
+
+
+def test_labels_that_are_something_else_are_refused_or_warned_of(tmp_path, caplog):
+    reviews = [{"text": f"review {i}", "label": ("positive", "negative")[i % 2]} for i in range(40)]
+    # files joined with cat: before, the second header became a row of class "label"
+    joined = tmp_path / "joined.csv"
+    joined.write_text(open(write(tmp_path / "a.csv", reviews)).read() * 2)
+    with pytest.raises(FinetuneDataError, match=r"joined\.csv:42: the header line again, inside the data"):
+        load_task_data(data=str(joined))
+    # no header: before, the hint led to --label-column positive, which lost the first row unsaid
+    headless = tmp_path / "headless.csv"
+    headless.write_text("".join(f"{r['text']},{r['label']}\n" for r in reviews))
+    with pytest.raises(FinetuneDataError, match=r"no column 'text' \(columns: review 0, positive\); the first line "
+                                                r"looks like a row \('positive' is also a value below it\)"):
+        load_task_data(data=str(headless))
+    # a score column with "N/A" in every sixth row: before, a class per score and exit 0
+    scores = [{"text": f"t{i}", "score": "N/A" if i % 6 == 0 else f"{i / 7:.2f}"} for i in range(120)]
+    with pytest.raises(FinetuneDataError, match=r"reg\.csv:2: label 'N/A' in column 'score', a column of numbers "
+                                                r"\(20 such rows\)"):
+        load_task_data(data=write(tmp_path / "reg.csv", scores), label_column="score")
+    with caplog.at_level("WARNING", logger="pipeline.finetuning.data"):
+        commas = [{"text": f"t{i}", "score": f"{i % 30 // 3},{i % 3}5"} for i in range(90)]
+        read = load_task_data(data=write(tmp_path / "commas.csv", commas), label_column="score")
+        assert read.task == "classification" and len(read.labels) == 30
+        typo = reviews + [{"text": "one more", "label": "postive"}]
+        assert load_task_data(train=write(tmp_path / "typo.csv", typo), test=write(tmp_path / "t.csv", reviews)
+                              ).labels == ["negative", "positive", "postive"]
+    assert [m for m in caplog.messages if "split to hold one" not in m] == [
+        f"{tmp_path}/commas.csv: 30 classes in 90 train rows of column 'score', 3.0 rows a class: the labels are "
+        "numbers written with decimal commas (e.g. '0,5'), read as words: write them with decimal points for "
+        "--task regression",
+        f"{tmp_path}/typo.csv: 1 of the 3 classes in column 'label' have at most 2 train rows, beside 20 of the "
+        "largest: 'postive' (1 row); a typo or a stray value is a class of its own: fix those rows, or leave them "
+        "out with --drop-label"]
+
+
+def test_numeric_labels_spelled_two_ways_have_one_order_in_every_process():
+    from pipeline.finetuning.data import _sort_labels
+
+    # before: sorted by value alone, "0i" and "i" came in their set's order, which the hash seed
+    # sets per process, so two ranks could give one row two ids
+    keys = [spelling for i in range(1, 10) for spelling in (f"0{i}", str(i))]
+    assert _sort_labels(reversed(keys)) == _sort_labels(keys) == keys

@@ -16,6 +16,7 @@ file and seed give the same split on any machine and any number of processes.
 from __future__ import annotations
 
 import bz2
+import collections
 import csv
 import dataclasses
 import gzip
@@ -195,6 +196,9 @@ def _delimited_rows(path: str, compression: str | None, delimiter: str):
                                         f"({', '.join(header)}){hint}")
             if quoting == csv.QUOTE_NONE:
                 _refuse_csv_quoting(path, start, row)
+            if row == header:  # its cells would be a row: a class named like the label column
+                raise FinetuneDataError(f"{path}:{start}: the header line again, inside the data (files joined "
+                                        "with cat?); remove it")
             yield row, f"{path}:{start}"
 
 
@@ -492,10 +496,16 @@ def _check_table(table: Table, needed: Sequence[str]) -> None:
         if column not in table.columns:
             # "review, sentiment" as a CSV header names a column " sentiment"
             spaced = [name for name in table.columns if str(name).strip() == column]
+            # A file without a header: its first row named the columns, and a row would be lost to
+            # --label-column set to one of its cells.
+            as_data = [name for name, values in table.columns.items()
+                       if any(isinstance(v, str) and v == name for v in values)]
             raise FinetuneDataError(f"{table.source}: no column {column!r} (columns: "
                                     f"{', '.join(map(str, table.columns)) or 'none'}); "
                                     + (f"column {spaced[0]!r} has spaces around its name: remove them from the "
                                        "header" if spaced else
+                                       f"the first line looks like a row ({as_data[0]!r} is also a value below it): "
+                                       "add a header line naming the columns" if as_data else
                                        "set the matching --text-column / --text-pair-column / --label-column"))
         for value, where in zip(table.columns[column], table.where):
             if value is _NO_KEY:
@@ -544,7 +554,9 @@ def _label_key(value) -> str:
     return text
 
 
-_WHOLE_DECIMAL = re.compile(r"-?(0|[1-9]\d*)\.0*")  # as a float prints: no leading zero or plus
+# As a float prints: no leading zero or plus. Other spellings are kept, since a label may be a
+# code ("01", "250.10") whose spelling is its name.
+_WHOLE_DECIMAL = re.compile(r"-?(0|[1-9]\d*)\.0*")
 
 
 def _is_number(value) -> bool:
@@ -552,7 +564,7 @@ def _is_number(value) -> bool:
 
 
 def _check_no_stray_non_finite(table: Table, column: str) -> None:
-    """A column of numbers but for "nan" or "inf", or for a few words (at most a tenth of the rows)
+    """A column of numbers but for "nan" or "inf", or for words in fewer than half of the rows
     where some numbers are not whole, read as classes (one of them "nan" or "n/a"): a regression
     target with a hole in it, refused naming the row, unless --task says what the column is."""
     values = table.columns[column]
@@ -563,7 +575,8 @@ def _check_no_stray_non_finite(table: Table, column: str) -> None:
     # "nan"/"inf", or a few words ("n/a", "?") among numbers of which some are not whole: read as
     # classes, every distinct score would become a class of its own and the task a classification.
     fractional = any(ok and not float(v).is_integer() for v, ok in zip(values, finite))
-    if all(_parses_as_float(values[i]) for i in odd) or (fractional and len(odd) * 10 <= len(values)):
+    # (before: above a tenth of words, "N/A" every sixth row, the scores became a class each)
+    if all(_parses_as_float(values[i]) for i in odd) or (fractional and len(odd) * 2 < len(values)):
         raise FinetuneDataError(f"{table.where[odd[0]]}: label {values[odd[0]]!r} in column {column!r}, a column "
                                 f"of numbers ({len(odd)} such row{'s' if len(odd) > 1 else ''}): fix or drop those "
                                 "rows, or pass --task classification to make each value a class")
@@ -588,7 +601,7 @@ def infer_task(values: Sequence) -> str:
 def _sort_labels(keys) -> list[str]:
     keys = set(keys)
     if all(_is_number(k) for k in keys):
-        return sorted(keys, key=float)
+        return sorted(keys, key=lambda k: (float(k), k))  # "01" and "1": in one order in every process
     return sorted(keys)
 
 
@@ -773,6 +786,7 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
             raise FinetuneDataError(f"{tables['train'].source}: column {label_column!r} has "
                                     f"{f'one label ({labels[0]!r})' if labels else 'no label'}; classification needs "
                                     "two or more")
+        _warn_of_stray_classes(tables["train"], label_column, labels)
     mapping = {_label_key(label): i for i, label in enumerate(labels)}  # as _examples looks a row's label up
     splits = {name: _examples(table, task, mapping, text_column, text_pair_column, label_column)
               for name, table in tables.items()}
@@ -806,6 +820,39 @@ def load_task_data(*, data: str | None = None, train: str | None = None, validat
     return TaskData(task, labels, {name: splits[name] for name in SPLITS}, dropped, sources, left_out)
 
 
+# A class of at most this many train rows, beside one of ten times as many, reads as a typo
+# ("postive") or a stray value ("n/a") rather than a class.
+STRAY_CLASS_ROWS = 2
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")
+
+
+def _warn_of_stray_classes(train: Table, column: str, labels: Sequence[str]) -> None:
+    """One line when the train split's classes look like something else: a class for nearly every
+    row (a score read as classes), or a class of a row or two beside large ones (a typo)."""
+    counts = collections.Counter(_label_key(v) for v in train.columns[column])
+    rows = sum(counts.values())
+    if len(labels) * 5 > rows:  # most classes hold a row or two: nothing to learn them from
+        keys = list(counts)
+        if all(_DECIMAL_COMMA.fullmatch(k) for k in keys):
+            hint = ("the labels are numbers written with decimal commas (e.g. '0,5'), read as words: write them "
+                    "with decimal points for --task regression")
+        elif all(_is_number(k) for k in keys):
+            hint = "if the column is a score, pass --task regression"
+        else:
+            hint = "check that --label-column names the label"
+        log.warning("%s: %d classes in %d train rows of column %r, %.1f rows a class: %s", train.source,
+                    len(labels), rows, column, rows / len(labels), hint)
+        return
+    largest = max(counts.values())
+    stray = [key for key in labels if counts[_label_key(key)] <= STRAY_CLASS_ROWS]
+    if stray and largest >= 10 * STRAY_CLASS_ROWS:
+        shown = ", ".join(f"{key!r} ({counts[_label_key(key)]} row{'s' * (counts[_label_key(key)] > 1)})"
+                          for key in stray[:10]) + (", …" if len(stray) > 10 else "")
+        log.warning("%s: %d of the %d classes in column %r have at most %d train rows, beside %d of the largest: "
+                    "%s; a typo or a stray value is a class of its own: fix those rows, or leave them out with "
+                    "--drop-label", train.source, len(stray), len(labels), column, STRAY_CLASS_ROWS, largest, shown)
+
+
 def _warn_of_classes_left_out(splits: dict, cut: Sequence[str], labels: Sequence[str]) -> None:
     """One line naming the classes too rare for a split cut from train to hold a row of them: they
     are trained on, not scored there."""
@@ -824,7 +871,7 @@ def _examples(table: Table, task: str, mapping: dict[str, int], text_column: str
         if task == "classification":
             key = _label_key(value)
             if key not in mapping:
-                scores = _is_number(key) and all(_is_number(k) for k in mapping)
+                scores = _is_number(key) and all(_is_number(k) and float(k).is_integer() for k in mapping)
                 raise FinetuneDataError(f"{where}: label {key!r} in column {label_column!r} does not occur "
                                         f"in the train split (labels: {', '.join(mapping)})"
                                         + ("; if the column is a score, pass --task regression (train's whole "
