@@ -335,7 +335,8 @@ def single_document_warning(counters: dict[str, int]) -> str | None:
             f"{JOIN_FILES}")
 
 
-def random_next_warning(counters: dict[str, int], max_seq_length: int, objective: str = "mlm-nsp") -> str | None:
+def random_next_warning(counters: dict[str, int], max_seq_length: int, objective: str = "mlm-nsp",
+                        vocab_size: int | None = None) -> str | None:
     """A hint when the NSP labels are lopsided, naming the flag that fixes it."""
     share = counters.get("random-next", 0) / max(counters.get("instances", 0), 1)
     if objective == "mlm-nsp" and counters.get("instances") and share < SCARCE_RANDOM_NEXT:
@@ -356,11 +357,13 @@ def random_next_warning(counters: dict[str, int], max_seq_length: int, objective
     sentences = max(counters.get("sentences", 0), 1)
     per_sentence = counters.get("tokens", 0) / sentences
     if per_sentence > max_seq_length / 2:  # long sentences: each fills a chunk alone
-        return (f"{head}; sentences average {per_sentence:.0f} tokens, so most fill --max-seq-length "
-                f"{max_seq_length} on their own: a larger --max-seq-length gives NSP balanced labels")
+        return (f"{head}; sentences average {per_sentence:.0f} tokens{_fine_pieces(vocab_size)}, so most fill "
+                f"--max-seq-length {max_seq_length} on their own: a larger --max-seq-length gives NSP balanced "
+                "labels")
     per_document = sentences / max(counters.get("documents-read", 0), 1)
     if per_document * per_sentence >= 2 * max_seq_length:  # documents of many chunks: the chunks are short
-        return (f"{head}; sentences average {per_sentence:.0f} tokens, so at --max-seq-length {max_seq_length} "
+        return (f"{head}; sentences average {per_sentence:.0f} tokens{_fine_pieces(vocab_size)}, so at "
+                f"--max-seq-length {max_seq_length} "
                 "a chunk often holds one sentence, which cannot be split into two segments: a larger "
                 "--max-seq-length gives NSP balanced labels, or use --objective mlm, which needs no pairs")
     return (f"{head}; documents average {per_document:.1f} sentences (of {per_sentence:.0f} tokens), too few "
@@ -380,7 +383,7 @@ TOTALS = frozenset({"documents-read", "pages-read", "read-tasks", "sentences", "
 HEAVY_TRUNCATION = 0.3
 
 
-def truncation_warning(counters: dict[str, int], max_seq_length: int) -> str | None:
+def truncation_warning(counters: dict[str, int], max_seq_length: int, vocab_size: int | None = None) -> str | None:
     """A hint when truncation cuts far more than the recipe does, with the likely cause."""
     cut = counters.get("truncated-tokens", 0)
     kept = counters.get("instance-tokens", 0) - 3 * counters.get("instances", 0)  # [CLS] and two [SEP]s
@@ -390,12 +393,24 @@ def truncation_warning(counters: dict[str, int], max_seq_length: int) -> str | N
     sentences = max(counters.get("sentences", 0), 1)
     per_sentence = counters.get("tokens", 0) / sentences
     head = (f"warning: {share:.0%} of the segments' tokens were cut to fit --max-seq-length {max_seq_length} "
-            f"(the recipe cuts 9-15%); sentences average {per_sentence:.0f} tokens")
+            f"(the recipe cuts 9-15%); sentences average {per_sentence:.0f} tokens{_fine_pieces(vocab_size)}")
     if counters.get("characters", 0) / sentences <= PROSE_SENTENCE_CHARACTERS:  # sentences as prose has them
         return f"{head}, more than such a row holds: use a larger --max-seq-length (BERT's are 128 and 512)"
     return (f"{head}: text without end punctuation (. ! ? 。) reads as one long sentence per document, or "
             "text in a language whose sentence ends the rules do not know (--language); punctuate it, set "
             "--language, or use a larger --max-seq-length")
+
+
+# Below this many pieces a vocabulary splits words into noticeably more tokens (Austen's sentences:
+# 33 tokens at 1,712 pieces, 63 at 200), which a warning about sentence length should say.
+SMALL_VOCABULARY = 8000
+
+
+def _fine_pieces(vocab_size: int | None) -> str:
+    """What a small vocabulary adds to a sentence's length in tokens, said where that length is."""
+    if vocab_size is None or vocab_size >= SMALL_VOCABULARY:
+        return ""
+    return f" (a vocabulary of {vocab_size:,} pieces splits words finely; BERT's has 30,522)"
 
 
 # Sentences of prose are shorter than this, in characters, which no vocabulary changes (in tokens,
@@ -483,9 +498,11 @@ def format_summary(summary: Summary) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {v:>,}" if isinstance(v, int) else f"  {k:<{width}}  {v:>}" for k, v in rows]
-    for warning in (encoding_warning(c), random_next_warning(c, m["max_seq_length"], m.get("objective", "mlm-nsp")),
+    vocab = m["tokenizer"]["vocab_size"]
+    for warning in (encoding_warning(c), random_next_warning(c, m["max_seq_length"], m.get("objective", "mlm-nsp"),
+                                                             vocab),
                     single_document_warning(c),
-                    truncation_warning(c, m["max_seq_length"]), vocabulary_warning(summary),
+                    truncation_warning(c, m["max_seq_length"], vocab), vocabulary_warning(summary),
                     unknown_tokens_warning(c, tokenizer_given=summary.vocab_size_asked is None),
                     shards_warning(summary)):
         if warning:

@@ -446,6 +446,10 @@ def test_heavy_truncation_of_ordinary_sentences_names_the_length_not_the_punctua
     assert "sentences average 27 tokens, more than such a row holds: use a larger --max-seq-length" in warning
     counters["tokens"] = 63_000  # Austen's sentences with a 200-piece vocabulary: still the length's doing
     assert "use a larger --max-seq-length (BERT's" in truncation_warning(counters, 8)
+    # and the vocabulary's, which the line names where it is small
+    assert ("sentences average 63 tokens (a vocabulary of 200 pieces splits words finely; BERT's has 30,522), more "
+            "than such a row holds") in truncation_warning(counters, 8, vocab_size=200)
+    assert "pieces" not in truncation_warning(counters, 8, vocab_size=32_000)
     # at 64, punctuated prose too (before: told to punctuate it, as from 64 on whatever the text)
     assert "use a larger --max-seq-length (BERT's" in truncation_warning(counters, 64)
     counters["characters"] = 700_000  # paragraphs the rules could not split: 700 characters a "sentence"
