@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the column (or jsonl key) holding the texts (default: %(default)s)")
     p.add_argument("--id-column", default=None,
                    help="column copied to the output beside each embedding (default: 'id' when the input has it, "
-                        f"else a '{embed_inputs.ROW_COLUMN}' column with the 0-based row number)")
+                        f"else a '{embed_inputs.ROW_COLUMN}' column with the 0-based row number; "
+                        f"'{embed_inputs.ROW_COLUMN}' numbers the rows also where the input has an 'id')")
     p.add_argument("--pooling", choices=embedding.POOLINGS, default=embedding.POOLING,
                    help=f"{embedding.POOLING} (default): the [CLS] token's last hidden state; mean: the mean over the real tokens (not "
                         "padding)")

@@ -185,18 +185,24 @@ def scan_inputs(path: str, text_column: str, id_column: str | None = None, chunk
         raise FinetuneDataError(f"{first_blank}: column {text_column!r} is blank ({blank} row{'s' if blank > 1 else ''} "
                                 f"in {path}); every row needs a text (remove such rows first: an embedding per input "
                                 "row is the output's contract)")
-    if id_column is None and "id" not in columns:
+    if (id_column is None and "id" not in columns) or _numbers_rows(id_column, columns):
         return InputScan(path, rows, text_column, None)
     if blank_id:
-        raise FinetuneDataError(f"{blank_id}: column {id_name!r} (the id) is blank")
+        raise FinetuneDataError(f"{blank_id}: column {id_name!r} (the id) is blank; fill it in, or pass "
+                                f"--id-column {ROW_COLUMN} to number the rows instead")
     return InputScan(path, rows, text_column, id_name, declared if declared is not None else guess.result())
+
+
+def _numbers_rows(id_column: str | None, columns) -> bool:
+    """--id-column row on an input without such a column: the row numbers, also where it has an id."""
+    return id_column == ROW_COLUMN and ROW_COLUMN not in columns
 
 
 def _check_columns(path: str, columns, text_column: str, id_column: str | None) -> None:
     names = ", ".join(map(str, columns)) or "none"
     if text_column not in columns:
         raise FinetuneDataError(f"{path}: no column {text_column!r} (columns: {names}); set --text-column")
-    if id_column is not None and id_column not in columns:
+    if id_column is not None and id_column not in columns and not _numbers_rows(id_column, columns):
         raise FinetuneDataError(f"{path}: no column {id_column!r} (columns: {names}); set --id-column, or leave it "
                                 "out to number the rows")
 

@@ -257,11 +257,15 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
 
     blank = tmp_path / "blank.csv"
     blank.write_text("id,text\n1,fine\n2,\n3,  \n")
+    no_id = tmp_path / "no_id.csv"
+    no_id.write_text("id,text\n1,fine\n,also fine\n")
     out, ok = str(tmp_path / "o.parquet"), tmp_path / "ok.csv"
     cases = [
         (["--input", str(blank)], f"{blank}:3: column 'text' is blank (2 rows in {blank})"),
         (["--input", str(blank), "--text-column", "body"], f"{blank}: no column 'body' (columns: id, text)"),
         (["--input", str(blank), "--id-column", "key"], f"{blank}: no column 'key'"),
+        (["--input", str(no_id)], f"{no_id}:3: column 'id' (the id) is blank; fill it in, or pass --id-column row "
+                                  "to number the rows instead"),
         (["--input", str(tmp_path / "missing.csv")], "missing.csv: no such file or directory"),
         (["--input", str(tmp_path / "in.txt")], "in.txt: unknown format '.txt'"),
         (["--model", str(tmp_path), "--input", str(ok)], "not a Hugging Face model dir (no config.json)"),
@@ -271,6 +275,11 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
     for args, message in cases:
         assert main(["--model", BUNDLE, *args, "--out", out, "--no-mlflow"]) == 2
         assert message in capsys.readouterr().err
+    # the way out the line names (before: none but editing the file)
+    numbered = str(tmp_path / "numbered.parquet")
+    assert main(["--model", BUNDLE, "--input", str(no_id), "--id-column", "row", "--out", numbered,
+                 "--no-mlflow"]) == 0
+    assert pq.read_table(numbered).column("row").to_pylist() == [0, 1]
     assert main(["--model", BUNDLE, "--input", str(ok), "--max-length", "4096", "--out", out, "--no-mlflow"]) == 2
     assert "--max-length 4096: must be in 3..64" in capsys.readouterr().err
     assert main(["--model", BUNDLE, "--input", str(ok), "--out", str(tmp_path), "--no-mlflow"]) == 2
@@ -279,7 +288,6 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
     # (an --out naming the input replaced the texts with their embeddings)
     # (a name not ending in .parquet: before, labels.csv was replaced by Parquet bytes)
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["fine"]}), tmp_path / "ok.parquet")
     for given, out_arg, message in (
