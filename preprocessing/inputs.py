@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
+import glob
 import gzip
 import io
 import logging
@@ -128,6 +129,7 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
     # with the slash, Beam lists its files (one level: a local folder is walked here instead, and
     # a remote one is matched as "folder/**", everything under its prefix).
     patterns = [p.rstrip("/") + "/" if "://" not in p and os.path.isdir(p) else p for p in patterns]
+    patterns = [expanded for p in patterns for expanded in _with_matched_folders(p)]
     # A glob with no folder part ("*.txt") matched nothing: Beam's local listing starts in the
     # pattern's dirname, which is then empty. Named from the working directory, it matches.
     matched = [p + "**" if "://" in p and p.endswith("/") else "./" + p if "://" not in p and "/" not in p else p
@@ -167,6 +169,7 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
         for meta in listed:
             files.setdefault(meta.path, meta.size_in_bytes)
     files = _without_second_names(files, skipped)
+    _refuse_undecodable_names(files)
     if output:
         inside = [path for path in files if _is_under(path, output)]
         if inside:
@@ -180,14 +183,15 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
     special = [path for path in files if "://" not in path and os.path.exists(path) and not os.path.isfile(path)]
     if special:
         raise InputError(f"{special[0]}: not a regular file (a pipe, socket or device): save the text to a file first")
-    empty = [path for path, size in files.items() if size == 0]
+    empty = [path for path, size in files.items() if size == 0 or _compresses_nothing(path, size)]
     if empty and len(empty) == len(files):
         raise InputError(f"{empty[0]}: the file is empty" + (f" (and the {len(empty) - 1} other input files)"
                                                               if len(empty) > 1 else ""))
     if empty:  # one failed download among many files need not stop the run, but is said
         log.warning("%d empty input file(s) skipped: %s", len(empty),
                     ", ".join(empty[:10]) + (" …" if len(empty) > 10 else ""))
-        files = {path: size for path, size in files.items() if size}
+        left_out = set(empty)
+        files = {path: size for path, size in files.items() if path not in left_out}
         skipped["empty"] = empty
     names = document_names(list(files))
     tasks: list[ReadTask] = []
@@ -196,6 +200,53 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
         tasks.extend(dataclasses.replace(task, name=names[path])
                      for task in _file_tasks(path, fmt, compression, size, split_bytes))
     return tasks
+
+
+def _with_matched_folders(pattern: str) -> list[str]:
+    """A local glob, and each folder it matches as a folder of its own, read with its subfolders
+    as a named one is: Beam's listing of a glob holds its files alone, so "corpus/*" left out
+    "corpus/news/" and Spark's "part.parquet/" folders unsaid (and matching folders alone, was
+    "no file matches")."""
+    if "://" in pattern or not re.search(r"[*?\[]", pattern) or os.path.exists(pattern):
+        return [pattern]
+    matched = sorted(glob.glob(pattern))
+    folders = [path.rstrip("/") + "/" for path in matched if os.path.isdir(path)]
+    if not folders:
+        return [pattern]
+    log.info("--input %s: %d folder(s) matched, read with their subfolders: %s", pattern, len(folders),
+             ", ".join(folders[:5]) + (" …" if len(folders) > 5 else ""))
+    return ([pattern] if any(os.path.isfile(path) for path in matched) else []) + folders
+
+
+# A compressed file this small may hold nothing: gzip's header and trailer alone are 20 bytes.
+_SMALL_COMPRESSED_BYTES = 128
+
+
+def _compresses_nothing(path: str, size: int) -> bool:
+    """A local compressed text or jsonl file of no content (``printf '' | gzip``): empty like a
+    file of 0 bytes, and skipped as one (it was read as a file of no documents, unsaid)."""
+    if "://" in path or size > _SMALL_COMPRESSED_BYTES:
+        return False
+    found = _format_of(path)
+    if found is None or found[1] is None or found[0] not in ("text", "jsonl"):
+        return False
+    try:
+        with _open_raw(path) as raw:
+            return _decompressed(raw, found[1]).read(1) == b""
+    except CORRUPT:
+        return False  # not valid compressed data: check_inputs names it, or its reader counts it
+
+
+def _refuse_undecodable_names(paths) -> None:
+    """A file name that is not UTF-8 (a Latin-1 "B\xfccher.txt" from an old zip) reaches Python
+    with surrogates, which no hash, log line or manifest can encode: a traceback mid-pipeline."""
+    for path in paths:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise InputError(f"{shown}: the file name is not UTF-8 (shown with \ufffd for its bad bytes): rename "
+                             "the file, e.g. convmv -f latin1 -t utf8 --notest -r FOLDER") from None
 
 
 def _match(pattern: str, match: str):
@@ -408,6 +459,23 @@ MAGIC = {"gzip": (b"\x1f\x8b", "gzip", ".gz"), "bz2": (b"BZh", "bzip2", ".bz2"),
          "xz": (b"\xfd7zXZ\x00", "xz", ".xz")}
 
 
+def _refuse_compressed_without_suffix(path: str) -> None:
+    """Compressed data in a file named as plain (a download saved as .txt) was read as text: its
+    bytes, a few counted as invalid UTF-8, trained into the vocabulary as junk pieces."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+    for magic, what, suffix in MAGIC.values():
+        # bzip2's "BZh" is text too: its block header follows the level digit
+        if head.startswith(magic) and (what != "bzip2" or head[4:10] == b"1AY&SY"):
+            break
+    else:
+        if not starts_like_zstd(head):
+            return
+        what, suffix = "zstd", ".zst"
+    raise InputError(f"{path}: {what} data, though its name does not end in {suffix}: add the suffix "
+                     f"({os.path.basename(path)}{suffix}) so that it is decompressed, or decompress it")
+
+
 def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
     """Cheap checks before launching the pipeline, so bad input fails in seconds."""
     local = {task.path: task for task in tasks if "://" not in task.path}
@@ -421,6 +489,8 @@ def check_inputs(tasks: Sequence[ReadTask], text_field: str) -> None:
             if head != magic and not (task.compression == "zstd" and starts_like_zstd(head)):
                 raise InputError(f"{path}: not a {what} file (no {what} header at byte 0), though its name ends in "
                                  f"{suffix}: rename it, or compress it")
+        elif task.compression is None and task.format != "parquet":
+            _refuse_compressed_without_suffix(path)
     for path, task in local.items():
         if task.format == "wiki" and task.compression != "gzip":
             with _open_raw(path) as raw:

@@ -33,6 +33,18 @@ DEFAULT_INPUTS = (
 DUPE_FACTORS = {"static": 5, "dynamic": 1}
 
 
+def _is_language_code(value: str) -> bool:
+    """What the sentence rules take (checked here: in the pipeline it failed on a worker, a Beam
+    traceback; "de_DE.UTF-8", $LANG's value, is the likely one)."""
+    from preprocessing.sentences import rules_for
+
+    try:
+        rules_for(value)
+        return True
+    except ValueError:
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
     inputs: tuple[str, ...] = DEFAULT_INPUTS
@@ -99,6 +111,10 @@ class PreprocessConfig:
         _check(0.98 <= self.character_coverage <= 1.0,
                f"--character-coverage must be in [0.98, 1], got {self.character_coverage}")
         _check(self.language is None or bool(self.language.strip()), "--language must not be empty")
+        _check(self.language is None or _is_language_code(self.language),
+               f"--language {self.language!r}: not a language code (e.g. de, zh-cn, en-GB)"
+               + (f"; a locale's name: for its language, --language {self.language.split('.')[0].replace('_', '-')}"
+                  if "." in (self.language or "") else ""))
         # An empty --output is the working directory to Beam's join: a rerun's clean-up would delete
         # ./manifest.json, ./shards and ./tokenizer there.
         _check(bool(self.output.strip()), "--output must name a folder (it is empty)")

@@ -374,23 +374,38 @@ def _json_array(path: str) -> InputError:
                       f"{_jq_command(os.path.basename(path))}")
 
 
-def _jq_command(file: str) -> str:
-    """The jq command that writes a JSON array's elements as JSON lines (jq reads no .gz or .bz2)."""
+def _jq_command(file: str, program: str = ".[]") -> str:
+    """The jq command that writes a JSON array's elements (or ``program``'s output) as JSON lines;
+    jq reads no compressed file, so one is decompressed into it."""
     stem, reader = file, None
-    for ext, tool in ((".gz", "zcat"), (".bz2", "bzcat")):
+    for ext, tool in COMPRESSED_READERS:
         if stem.endswith(ext):
             stem, reader = stem[:-len(ext)], tool
     stem = stem.removesuffix(".jsonl").removesuffix(".json")
     out = f"{stem}.jsonl" if f"{stem}.jsonl" != file else f"{stem}.lines.jsonl"  # never > its own input
     if reader:
-        return f"{reader} {file} | jq -c '.[]' > {out}"
-    return f"jq -c '.[]' {file} > {out}"
+        return f"{reader} {file} | jq -c '{program}' > {out}"
+    return f"jq -c '{program}' {file} > {out}"
+
+
+# The command that writes a compressed input's bytes to stdout, by its suffix.
+COMPRESSED_READERS = ((".gz", "zcat"), (".bz2", "bzcat"), (".xz", "xzcat"), (".zst", "zstdcat"))
+
+
+def _flatten_command(file: str, field: str, example) -> str:
+    """jq that makes a nested ``field`` a top-level "text": a list's strings joined by lines, an
+    object's first string member (by the first row's example)."""
+    if isinstance(example, list):
+        return _jq_command(file, f'{{text: (.{field} | map(tostring) | join("\\n"))}}')
+    member = next((k for k, v in example.items() if isinstance(v, str)), "text")
+    return _jq_command(file, f"{{text: .{field}.{member}}}")
 
 
 def _check_column(parquet: pq.ParquetFile, path: str, text_field: str) -> None:
     columns = parquet.schema_arrow.names
     if text_field not in columns:
-        raise InputError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)}); "
+        # repr: a name with a byte-order mark (pandas' read_csv of a BOM'd csv) shows as what it is
+        raise InputError(f"{path}: no column {text_field!r} (columns: {', '.join(map(repr, columns))}); "
                          "pass the right one with --text-field")
     kind = parquet.schema_arrow.field(text_field).type
     if not _holds_text(kind):  # else every row was skipped as missing its text
@@ -423,13 +438,31 @@ HEAD_ROWS = 100  # rows of a jsonl file read before the pipeline starts
 ENCODING_HEAD_BYTES = 4096
 
 
+def _iconv_command(path: str, encoding: str) -> str:
+    """iconv that writes ``path``'s text as UTF-8 to a file of the same input format (a compressed
+    one decompressed first: iconv reads its bytes as they are)."""
+    file, reader = os.path.basename(path), None
+    stem = file
+    for ext, tool in COMPRESSED_READERS:
+        if stem.endswith(ext):
+            stem, reader = stem[:-len(ext)], tool
+    base, dot, ext = stem.rpartition(".")
+    out = f"{base}.utf8.{ext}" if dot else f"{stem}.utf8.txt"
+    if reader:
+        return f"{reader} {path} | iconv -f {encoding} -t UTF-8 > {out}"
+    return f"iconv -f {encoding} -t UTF-8 {path} > {out}"
+
+
 def check_encoding_head(f: BinaryIO, path: str) -> None:
     """Refuses, naming the file, text that is not UTF-8 in a way no line-by-line count would
     show: UTF-16 or UTF-32 (Notepad's "Unicode", PowerShell's ">") read as UTF-8 gives ASCII
     with a NUL between the letters, which has no blank line or sentence end to split at, and
     would be trained on as garbage."""
     head = f.read(ENCODING_HEAD_BYTES)
-    convert = f"convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8 {path} > {os.path.basename(path)}.utf8)"
+    convert = f"convert it to UTF-8 first ({_iconv_command(path, 'UTF-16')})"
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # before UTF-16's, which it begins with
+        raise InputError(f"{path}: UTF-32 text (it begins with a UTF-32 byte-order mark), not UTF-8: convert it to "
+                         f"UTF-8 first ({_iconv_command(path, 'UTF-32')})")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise InputError(f"{path}: UTF-16 text (it begins with a UTF-16 byte-order mark), not UTF-8: {convert}")
     # UTF-16 or UTF-32 of Latin text has a NUL in every second or more of its bytes; a stray NUL or
@@ -448,6 +481,7 @@ def check_jsonl_head(f: BinaryIO, path: str, text_field: str) -> None:
     is one JSON array. Checked before the previous output is deleted."""
     fields: dict[str, None] = {}
     rows = objects = nested = 0
+    example = None  # the first nested value, for the flattening command
     while rows < HEAD_ROWS:
         raw = f.readline(_HEAD_LINE_BYTES)
         if not raw:
@@ -470,11 +504,12 @@ def check_jsonl_head(f: BinaryIO, path: str, text_field: str) -> None:
                 return  # a string, or a null or number the pipeline counts as a skip
             if text_field in record:
                 nested += 1
+                example = record[text_field] if example is None else example
             fields.update(dict.fromkeys(record))
     if nested:
         raise InputError(f"{path}: field {text_field!r} holds an object or a list, not text, in its first {rows} rows "
                          "(a nested field is not read): name a top-level text field with --text-field, or flatten "
-                         f"it first, e.g. jq -c '{{text: .{text_field}.text}}'")
+                         f"it first, e.g. {_flatten_command(os.path.basename(path), text_field, example)}")
     if objects:
         shown = ", ".join(map(repr, list(fields)[:10])) + (" …" if len(fields) > 10 else "")
         raise InputError(f"{path}: none of its first {rows} rows has a {text_field!r} field (their fields: "

@@ -580,6 +580,22 @@ def _not_a_dump(path):
     path.write_text("<TEI><text><p>A scholarly edition, not a wiki.</p></text></TEI>\n")
 
 
+def _list_field(path):
+    path.write_text("".join(json.dumps({"content": [f"Row {i}.", "More."]}) + "\n" for i in range(3)))
+
+
+def _gzip_named_txt(path):
+    path.write_bytes(gzip.compress(b"Ein Satz. Noch ein Satz.\n\nEin zweites Dokument.\n"))
+
+
+def _utf32(path):
+    path.write_bytes("A line of text.\n".encode("utf-32"))
+
+
+def _utf16_gzip(path):
+    path.write_bytes(gzip.compress("A line of text.\n".encode("utf-16")))
+
+
 def _nested_field(path):
     path.write_text("".join(json.dumps({"content": {"text": f"Row {i}."}}) + "\n" for i in range(3)))
 
@@ -597,6 +613,19 @@ def _nested_field(path):
     ("edition.xml", _not_a_dump, "not a MediaWiki XML dump (no <mediawiki> or <page> element at its start)"),
     # before: accepted by the head check, then "no sentences to train" after the old output was deleted
     ("nested.jsonl", _nested_field, "field 'content' holds an object or a list, not text, in its first 3 rows"),
+    ("paragraphs.jsonl", _list_field, "field 'content' holds an object or a list, not text, in its first 3 rows (a "
+                                      "nested field is not read): name a top-level text field with --text-field, or "
+                                      "flatten it first, e.g. jq -c '{text: (.content | map(tostring) | "
+                                      "join(\"\\n\"))}' paragraphs.jsonl > paragraphs.lines.jsonl"),
+    # before: a download saved as .txt was read as its compressed bytes, a vocabulary of junk pieces
+    ("download.txt", _gzip_named_txt, "gzip data, though its name does not end in .gz: add the suffix "
+                                      "(download.txt.gz)"),
+    # before: called UTF-16, and the command given left a NUL between the letters
+    ("utf32.txt", _utf32, "UTF-32 text (it begins with a UTF-32 byte-order mark), not UTF-8: convert it to UTF-8 "
+                          "first (iconv -f UTF-32 -t UTF-8"),
+    # before: iconv on the compressed bytes, into a name no input format has
+    ("notepad.txt.gz", _utf16_gzip, "UTF-16 text (it begins with a UTF-16 byte-order mark), not UTF-8: convert it to "
+                                    "UTF-8 first (zcat "),
 ])
 def test_input_no_reader_can_read_as_text_is_refused_before_the_old_output_goes(tmp_path, capsys, name, make,
                                                                                message):
@@ -604,7 +633,7 @@ def test_input_no_reader_can_read_as_text_is_refused_before_the_old_output_goes(
     previous = tmp_path / "out"
     (previous / "shards").mkdir(parents=True)
     (previous / "manifest.json").write_text("{}")
-    flags = ["--text-field", "content"] if name == "nested.jsonl" else []
+    flags = ["--text-field", "content"] if name in ("nested.jsonl", "paragraphs.jsonl") else []
     assert run_beam.main(["--input", str(tmp_path / name), AUSTEN, "--output", str(previous), "--no-mlflow",
                           *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {tmp_path / name}: {message}")

@@ -30,6 +30,9 @@ PARSE = {"run_beam": options.parse_args, "pretrain": train_config.parse_args,
     ("run_beam", ["--output", "data/run[1]"], "--output data/run[1]: a folder name with * ? or ["),
     # Beam joins "" to the working directory, whose manifest.json and shards/ a rerun would delete
     ("run_beam", ["--output", ""], "--output must name a folder (it is empty)"),
+    # $LANG's value: before, a Beam traceback from a worker
+    ("run_beam", ["--language", "de_DE.UTF-8"], "--language 'de_DE.UTF-8': not a language code (e.g. de, zh-cn, "
+                                                "en-GB); a locale's name: for its language, --language de-DE"),
     ("finetune", ["--model", "m", "--data", "d", "--validation-split", ""], "--validation-split/--test-split: empty"),
     ("finetune", ["--model", "m", "--data", "d", "--predict", "a.csv", "--predict", "./a.csv"],
      "--predict: the same input given twice"),

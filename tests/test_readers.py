@@ -205,7 +205,11 @@ def test_parquet_text_column_and_missing_column_error(tmp_path):
         ("docs.parquet#0", "Doc one."), ("docs.parquet#2", "Doc three.")]
     assert [p.reason for p in problems(items)] == ["parquet-null-text"]
     tasks = inputs.plan_read_tasks([str(path)], 1 << 20)
-    with pytest.raises(InputError, match=r"docs\.parquet: no column 'text' \(columns: content\)"):
+    with pytest.raises(InputError, match=r"docs\.parquet: no column 'text' \(columns: 'content'\)"):
+        inputs.check_inputs(tasks, "text")
+    # pandas' read_csv of a csv with a byte-order mark, saved: before, "no column 'text' (columns: text)"
+    pq.write_table(pa.table({"\ufefftext": ["Doc one."]}), path)
+    with pytest.raises(InputError, match=r"no column 'text' \(columns: '\\ufefftext'\)"):
         inputs.check_inputs(tasks, "text")
     # A number column: every row was skipped as "has no text", the run then found none.
     pq.write_table(pa.table({"n": [1, 2, 3], "content": ["a", "b", "c"]}), path)
@@ -554,12 +558,40 @@ def test_a_folder_input_reads_its_subfolders_and_skips_empty_files_with_a_warnin
     (tmp_path / "inner" / "b.jsonl").write_text('{"text": "One level down."}\n')
     (tmp_path / "inner" / "deep" / "c.txt").write_text("Two levels down.\n")
     (tmp_path / "inner" / "empty.txt").write_text("")
+    (tmp_path / "inner" / "nothing.txt.gz").write_bytes(gzip.compress(b""))  # before: read as no documents, unsaid
     (tmp_path / ".git" / "HEAD.txt").write_text("ref: refs/heads/main\n")  # hidden folders are no corpus
     with caplog.at_level("WARNING", logger="preprocessing.inputs"):
         tasks = inputs.plan_read_tasks([str(tmp_path)], 1 << 20)
     assert [t.name for t in tasks] == ["a.txt", "inner/b.jsonl", "inner/deep/c.txt"]
-    assert f"1 empty input file(s) skipped: {tmp_path / 'inner' / 'empty.txt'}" in caplog.text
+    assert (f"2 empty input file(s) skipped: {tmp_path / 'inner' / 'empty.txt'}, "
+            f"{tmp_path / 'inner' / 'nothing.txt.gz'}") in caplog.text
     texts = [text for task in tasks for _, text in documents(inputs.read_task(task, "text", 1 << 20))]
     assert texts == ["Top level.", "One level down.", "Two levels down."]
     with pytest.raises(InputError, match=r"empty\.txt: the file is empty$"):
         inputs.plan_read_tasks([str(tmp_path / "inner" / "empty.txt")], 1 << 20)
+
+
+def test_a_glob_reads_the_folders_it_matches_with_their_subfolders(tmp_path):
+    """Beam's listing of a glob holds files alone: "corpus/*" left corpus/news/ out, and Spark's
+    part.parquet/ folders, unsaid."""
+    (tmp_path / "news" / "2024").mkdir(parents=True)
+    (tmp_path / "spark.parquet").mkdir()
+    (tmp_path / "a.txt").write_text("The first document.\n")
+    (tmp_path / "news" / "b.jsonl").write_text('{"text": "News."}\n')
+    (tmp_path / "news" / "2024" / "c.txt").write_text("Later news.\n")
+    pq.write_table(pa.table({"text": ["Spark row."]}), tmp_path / "spark.parquet" / "part-0.snappy.parquet")
+    tasks = inputs.plan_read_tasks([str(tmp_path / "*")], 1 << 20)
+    assert sorted(os.path.relpath(t.path, tmp_path) for t in tasks) == [
+        "a.txt", "news/2024/c.txt", "news/b.jsonl", "spark.parquet/part-0.snappy.parquet"]
+    # folders alone (before: "no file matches")
+    assert len(inputs.plan_read_tasks([str(tmp_path / "n*")], 1 << 20)) == 2
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path):
+    folder = os.fsencode(tmp_path / "latin1")
+    os.mkdir(folder)
+    with open(os.path.join(folder, b"B\xfccher.txt"), "wb") as f:  # as an old zip unpacks "Bücher.txt"
+        f.write(b"Ein Satz.\n")
+    # before: UnicodeEncodeError from the document hash, inside the pipeline
+    with pytest.raises(InputError, match=r"latin1/B\ufffdcher\.txt: the file name is not UTF-8"):
+        inputs.plan_read_tasks([str(tmp_path / "latin1")], 1 << 20)
