@@ -86,10 +86,15 @@ def model_folder(model_dir: str) -> str:
     except export.ExportError:
         return model_dir
     cached = os.path.join(run_dir, "hf", tag)
+    # a run dir or its checkpoints/ resolve to the newest tag; a tag dir to itself
+    one_tag = os.path.realpath(model_dir) == os.path.realpath(os.path.join(checkpoints, tag))
     if not (is_hf_dir(cached) and export.is_export_of(cached, checkpoints, tag)):
-        raise EmbedError(f"--model {model_dir}: a pretraining run whose newest checkpoint, {tag}, has no export: "
-                         f"python pipeline/export.py {model_dir}, then pass the folder it writes")
-    log.info("--model %s: using the export of its newest checkpoint, %s", model_dir, cached)
+        what = f"a pretraining checkpoint, {tag}, without an" if one_tag else \
+            f"a pretraining run whose newest checkpoint, {tag}, has no"
+        raise EmbedError(f"--model {model_dir}: {what} export: python pipeline/export.py {model_dir}, then pass the "
+                         "folder it writes")
+    log.info("--model %s: using the export of %s, %s", model_dir, "that checkpoint" if one_tag else
+             "its newest checkpoint", cached)
     return cached
 
 

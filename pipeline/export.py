@@ -202,6 +202,15 @@ def load_weights(model, checkpoints: str, tag: str, model_name: str) -> None:
         state = fp32_state_dict(checkpoints, tag, model)
     except ModelMismatch as err:
         raise ExportError(f"{checkpoints}/{tag} does not fit {model_name}: {err}") from None
+    except ExportError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        # A file damaged in place (its size, which the marker checks, unchanged): torch's or
+        # DeepSpeed's traceback, from deep in the load.
+        raise ExportError(f"{checkpoints}/{tag}: a checkpoint file cannot be read ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}); the tag is damaged: "
+                          f"use an earlier one (complete tags: "
+                          f"{', '.join(checkpoint.complete_tags(checkpoints)) or 'none'})") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes differ: another model
@@ -257,6 +266,18 @@ def check_out_dir(out: str, overwrite: bool) -> None:
                       "another --out")
 
 
+def _refuse_out_over_sources(out: str, sources: dict[str, str]) -> None:
+    """The export replaces --out whole, --overwrite or not: an --out that is, or holds, what it is
+    made from would delete it (--out RUN_DIR --overwrite left the run its export alone)."""
+    inside = os.path.realpath(out)
+    for what, path in sources.items():
+        source = os.path.realpath(path)
+        if source == inside or source.startswith(inside.rstrip(os.sep) + os.sep):
+            raise ExportError(f"--out {out}: {'is' if source == inside else 'holds'} the {what} the export is made "
+                              f"from ({path}), which replacing it would delete; export to another --out "
+                              "(by default RUN_DIR/hf/TAG)")
+
+
 def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, out_dir: str | None = None,
                       data_dir: str | None = None, pretrain_run_id: str | None = None,
                       overwrite: bool = False) -> str:
@@ -292,6 +313,7 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
         raise ExportError(f"{checkpoints}/{tag} was trained with tokenizer {trained_with[:12]}… but {data_dir} has "
                           f"{str(manifest['tokenizer'].get('fingerprint'))[:12]}… (manifest field "
                           "tokenizer.fingerprint): export with --data naming the data dir it was trained on")
+    _refuse_out_over_sources(out, {"run dir": run_dir, "checkpoint dir": checkpoints, "data dir": data_dir})
     model = build_model(model_config(train_config.get("model", TrainConfig.model), manifest,
                                      values=train_config.get("model_config")))
     log.info("exporting %s/%s", checkpoints, tag)

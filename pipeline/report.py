@@ -151,7 +151,8 @@ def report(run_id: str, out: str | None = None, tracking_uri: str | None = None,
     uri = tracking_uri or mlflow.get_tracking_uri()
     check_local_store(uri)
     try:
-        check_tracking_server(uri, timeout=10.0)  # a server that does not answer: MLflow retries for minutes
+        check_tracking_server(uri, timeout=10.0, given_as="--tracking-uri" if tracking_uri else "MLFLOW_TRACKING_URI",
+                              way_out="")  # a server that does not answer: MLflow retries for minutes
         client = mlflow.MlflowClient(tracking_uri=uri)
         return _draw_run(client, full_run_id(client, run_id, uri), out, log_artifact)
     except (MlflowException, TrackingServerError) as err:

@@ -120,7 +120,8 @@ def fail_fast() -> None:
     os.environ.update(_HTTP_FAILED)
 
 
-def check_tracking_server(uri: str | None = None, timeout: float = 10.0) -> None:
+def check_tracking_server(uri: str | None = None, timeout: float = 10.0, given_as: str = "MLFLOW_TRACKING_URI",
+                          way_out: str = ", or pass --no-mlflow") -> None:
     """An http(s) tracking URI must answer before a stage starts its work: MLflow's client retries
     for minutes, then fails with a traceback after the stage's whole start-up (data conversion,
     DeepSpeed). A local database (sqlite:, postgresql:, …) needs no server; a folder, which
@@ -128,8 +129,11 @@ def check_tracking_server(uri: str | None = None, timeout: float = 10.0) -> None
     stage's start-up; "127.0.0.1:5000" without http:// reads as one)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if uri and ("://" not in uri and uri not in _BARE_SCHEMES or uri.startswith("file:")):
-        raise TrackingServerError(f"MLFLOW_TRACKING_URI {uri}: a folder, where MLflow 3 keeps no runs; name a server "
-                                  "(http://HOST:PORT) or a database (sqlite:///PATH.db), or pass --no-mlflow")
+        if os.path.isfile(uri):  # a database file named by its path
+            raise TrackingServerError(f"{given_as} {uri}: a file's path; name a database by its URI: "
+                                      f"sqlite:///{os.path.abspath(uri)}")
+        raise TrackingServerError(f"{given_as} {uri}: a folder, where MLflow 3 keeps no runs; name a server "
+                                  f"(http://HOST:PORT) or a database (sqlite:///PATH.db){way_out}")
     if not uri.startswith(("http://", "https://")):
         return
     for name, value in _HTTP_START.items():
@@ -144,7 +148,7 @@ def check_tracking_server(uri: str | None = None, timeout: float = 10.0) -> None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise TrackingServerError(f"MLflow tracking server {uri} does not answer ({reason}): start it, set "
-                                  "MLFLOW_TRACKING_URI to one that runs, or pass --no-mlflow") from None
+                                  f"{given_as} to one that runs{way_out}") from None
 
 
 def check_tracking(experiment: str | None) -> None:

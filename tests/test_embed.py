@@ -499,3 +499,6 @@ def test_a_pretraining_run_dir_embeds_with_its_newest_export(data_dir, tmp_path,
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: --model {run}: a pretraining run whose newest checkpoint, step00000002, has no export: python "
         f"pipeline/export.py {run}, then pass the folder it writes")
+    tag = run / "checkpoints" / "step00000002"  # a tag dir is that checkpoint, newest or not
+    assert main(["--model", str(tag), "--input", str(texts), "--out", str(out), "--no-mlflow"]) == 2
+    assert f"--model {tag}: a pretraining checkpoint, step00000002, without an export" in capsys.readouterr().err

@@ -150,6 +150,30 @@ def test_a_data_dir_with_another_tokenizer_is_refused(exported, data_dir, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_over_what_the_export_is_made_from_is_refused_even_with_overwrite(exported, data_dir, tmp_path):
+    run_dir, _, _ = exported
+    before = sorted(os.listdir(run_dir))
+    # before: --out RUN_DIR --overwrite replaced the run (checkpoints, metrics) with its export
+    for out, message in ((run_dir, f"is the run dir the export is made from \\({run_dir}\\)"),
+                         (run_dir.parent, "holds the run dir"), (data_dir, "is the data dir")):
+        with pytest.raises(export.ExportError, match=rf"--out {out}: {message}"):
+            export.export_checkpoint(str(run_dir), out_dir=str(out), overwrite=True)
+    assert sorted(os.listdir(run_dir)) == before
+
+
+def test_a_checkpoint_file_damaged_in_place_is_one_line_naming_the_tag(exported, tmp_path):
+    run_dir, _, _ = exported
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("hf"))
+    [optim] = (copy / "checkpoints" / "step00000004").glob("*optim_states.pt")
+    with open(optim, "r+b") as f:  # the size the marker checks is kept
+        f.write(b"\0" * 64)
+    # before: torch's "mmap can only be used with files saved with torch.save" traceback
+    with pytest.raises(export.ExportError, match=r"step00000004: a checkpoint file cannot be read \(.*\); the tag "
+                                                 r"is damaged: use an earlier one \(complete tags: step00000004\)"):
+        export.export_checkpoint(str(copy), out_dir=str(tmp_path / "out"))
+
+
 def test_cli_help():
     proc = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "export.py"), "--help"],
                           capture_output=True, text=True)

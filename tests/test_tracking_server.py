@@ -54,6 +54,17 @@ def test_a_folder_as_the_tracking_uri_is_refused_in_one_line(uri):
         check_tracking_server(fine)  # no server to ask
 
 
+def test_a_database_file_named_by_its_path_is_told_its_uri(tmp_path):
+    from pipeline.report import ReportError, report
+
+    database = tmp_path / "mlflow.db"
+    database.write_bytes(b"")
+    # before: "MLFLOW_TRACKING_URI …: a folder, …, or pass --no-mlflow", a flag report.py lacks
+    with pytest.raises(ReportError, match=rf"--tracking-uri {database}: a file's path; name a database by its URI: "
+                                          rf"sqlite:///{database}$"):
+        report("0123abcd", out=str(tmp_path / "r.png"), tracking_uri=str(database))
+
+
 @pytest.mark.e2e
 def test_a_server_gone_mid_run_costs_the_run_seconds_not_minutes(data_dir, tmp_path):
     """The tracking server dies while pretraining runs: the run finishes and exports, the calls
