@@ -441,16 +441,25 @@ ENCODING_HEAD_BYTES = 4096
 def _iconv_command(path: str, encoding: str) -> str:
     """iconv that writes ``path``'s text as UTF-8 to a file of the same input format (a compressed
     one decompressed first: iconv reads its bytes as they are)."""
-    file, reader = os.path.basename(path), None
-    stem = file
-    for ext, tool in COMPRESSED_READERS:
-        if stem.endswith(ext):
-            stem, reader = stem[:-len(ext)], tool
-    base, dot, ext = stem.rpartition(".")
-    out = f"{base}.utf8.{ext}" if dot else f"{stem}.utf8.txt"
+    reader = _reader_of(path)
+    out = _converted_name(path, "utf8")
     if reader:
         return f"{reader} {path} | iconv -f {encoding} -t UTF-8 > {out}"
     return f"iconv -f {encoding} -t UTF-8 {path} > {out}"
+
+
+def _reader_of(path: str) -> str | None:
+    return next((tool for ext, tool in COMPRESSED_READERS if path.endswith(ext)), None)
+
+
+def _converted_name(path: str, mark: str) -> str:
+    """The name of ``path``'s converted, uncompressed copy, in the same input format:
+    notes.txt.gz -> notes.MARK.txt."""
+    stem = os.path.basename(path)
+    for ext, _ in COMPRESSED_READERS:
+        stem = stem.removesuffix(ext)
+    base, dot, ext = stem.rpartition(".")
+    return f"{base}.{mark}.{ext}" if dot else f"{stem}.{mark}.txt"
 
 
 def check_encoding_head(f: BinaryIO, path: str) -> None:
@@ -465,6 +474,13 @@ def check_encoding_head(f: BinaryIO, path: str) -> None:
                          f"UTF-8 first ({_iconv_command(path, 'UTF-32')})")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise InputError(f"{path}: UTF-16 text (it begins with a UTF-16 byte-order mark), not UTF-8: {convert}")
+    # Classic Mac OS line ends (CR alone): read by "\n", the whole file was one line, its paragraphs
+    # and documents merged (or, past --max-line-bytes, dropped as one oversized line).
+    if b"\n" not in head and head.count(b"\r") >= 2:
+        reader, out = _reader_of(path), _converted_name(path, "lf")
+        convert = f"{reader} {path} | tr '\\r' '\\n' > {out}" if reader else f"tr '\\r' '\\n' < {path} > {out}"
+        raise InputError(f"{path}: its lines end in CR alone (classic Mac OS), not LF or CRLF: convert them "
+                         f"first, e.g. {convert}")
     # UTF-16 or UTF-32 of Latin text has a NUL in every second or more of its bytes; a stray NUL or
     # two in UTF-8 text (a bad export) stopped the run, though SentencePiece's normalization drops it.
     nuls = head.count(b"\x00")

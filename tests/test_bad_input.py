@@ -588,6 +588,10 @@ def _gzip_named_txt(path):
     path.write_bytes(gzip.compress(b"Ein Satz. Noch ein Satz.\n\nEin zweites Dokument.\n"))
 
 
+def _cr_lines(path):
+    path.write_bytes(b"Erster Satz hier. Zweiter Satz.\rDritter Satz.\r\rNeues Dokument hier.\r")
+
+
 def _utf32(path):
     path.write_bytes("A line of text.\n".encode("utf-32"))
 
@@ -623,6 +627,9 @@ def _nested_field(path):
     # before: called UTF-16, and the command given left a NUL between the letters
     ("utf32.txt", _utf32, "UTF-32 text (it begins with a UTF-32 byte-order mark), not UTF-8: convert it to UTF-8 "
                           "first (iconv -f UTF-32 -t UTF-8"),
+    # before: one line, its paragraphs and documents merged
+    ("mac.txt", _cr_lines, "its lines end in CR alone (classic Mac OS), not LF or CRLF: convert them first, e.g. "
+                           "tr '\\r' '\\n' < "),
     # before: iconv on the compressed bytes, into a name no input format has
     ("notepad.txt.gz", _utf16_gzip, "UTF-16 text (it begins with a UTF-16 byte-order mark), not UTF-8: convert it to "
                                     "UTF-8 first (zcat "),
