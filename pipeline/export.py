@@ -204,9 +204,11 @@ def load_weights(model, checkpoints: str, tag: str, model_name: str) -> None:
         raise ExportError(f"{checkpoints}/{tag} does not fit {model_name}: {err}") from None
     except ExportError:
         raise
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
         # A file damaged in place (its size, which the marker checks, unchanged): torch's or
-        # DeepSpeed's traceback, from deep in the load.
+        # DeepSpeed's traceback, from deep in the load. Not memory or permissions: no tag would do.
+        if isinstance(err, RuntimeError) and not any(sign in str(err) for sign in _DAMAGED):
+            raise
         raise ExportError(f"{checkpoints}/{tag}: a checkpoint file cannot be read ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}); the tag is damaged: "
                           f"use an earlier one (complete tags: "
@@ -221,6 +223,10 @@ def load_weights(model, checkpoints: str, tag: str, model_name: str) -> None:
         raise ExportError(f"{checkpoints}/{tag} does not match {model_name}: "
                           f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
     model.tie_weights()
+
+
+# What torch says of a checkpoint file that is not the zip archive torch.save wrote.
+_DAMAGED = ("PytorchStreamReader", "central directory", "torch.save", "zip archive", "load key")
 
 
 def is_own_export(path: str) -> bool:
@@ -267,15 +273,30 @@ def check_out_dir(out: str, overwrite: bool) -> None:
 
 
 def _refuse_out_over_sources(out: str, sources: dict[str, str]) -> None:
-    """The export replaces --out whole, --overwrite or not: an --out that is, or holds, what it is
-    made from would delete it (--out RUN_DIR --overwrite left the run its export alone)."""
-    inside = os.path.realpath(out)
+    """The export replaces --out whole, --overwrite or not: an --out that is, holds, or lies in
+    what it is made from would delete it, or part of it (--out RUN_DIR --overwrite left the run its
+    export alone; --out RUN/checkpoints/TAG, the tag). In the run dir only RUN/hf/, where the
+    exports go, and paths not there yet are free."""
+    target = os.path.realpath(out)
+    # What to name: the source --out is; else the outermost one it holds; else the innermost it lies in.
+    found = []
     for what, path in sources.items():
         source = os.path.realpath(path)
-        if source == inside or source.startswith(inside.rstrip(os.sep) + os.sep):
-            raise ExportError(f"--out {out}: {'is' if source == inside else 'holds'} the {what} the export is made "
-                              f"from ({path}), which replacing it would delete; export to another --out "
-                              "(by default RUN_DIR/hf/TAG)")
+        if _within(source, target):
+            found.append(((0, 0) if source == target else (1, len(source)), "is" if source == target else "holds",
+                          what, path))
+        elif _within(target, source) and not (
+                what == "run dir" and (_within(target, os.path.join(source, "hf")) or not os.path.lexists(out))):
+            found.append(((2, -len(source)), "lies in", what, path))
+    if found:
+        _, where, what, path = min(found, key=lambda f: f[0])
+        raise ExportError(f"--out {out}: {where} the {what} the export is made from ({path}), which replacing "
+                          "it would damage; export to another --out (by default RUN_DIR/hf/TAG)")
+
+
+def _within(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies under it (both resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, out_dir: str | None = None,

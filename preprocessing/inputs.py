@@ -129,7 +129,20 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
     # with the slash, Beam lists its files (one level: a local folder is walked here instead, and
     # a remote one is matched as "folder/**", everything under its prefix).
     patterns = [p.rstrip("/") + "/" if "://" not in p and os.path.isdir(p) else p for p in patterns]
-    patterns = [expanded for p in patterns for expanded in _with_matched_folders(p)]
+    # A local glob's folders, as folders of their own: lenient (an empty one or one of images is
+    # skipped with a warning, not an error), and none at or under --output.
+    globbed: dict[str, str] = {}  # folder pattern -> the glob it came from
+    expanded = []
+    for pattern in patterns:
+        folders = _matched_folders(pattern, output)
+        if folders is None:
+            expanded.append(pattern)
+            continue
+        files_too = any(os.path.isfile(path) for path in glob.glob(pattern))
+        expanded.extend(([pattern] if files_too else []) + folders)
+        globbed.update(dict.fromkeys(folders, pattern))
+    patterns = expanded
+    read_by_glob: dict[str, int] = {}
     # A glob with no folder part ("*.txt") matched nothing: Beam's local listing starts in the
     # pattern's dirname, which is then empty. Named from the working directory, it matches.
     matched = [p + "**" if "://" in p and p.endswith("/") else "./" + p if "://" not in p and "/" not in p else p
@@ -150,6 +163,9 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
             base = re.match(r"[^*?\[]*", pattern).group(0)
             base = base[:base.rfind("/") + 1]  # the folder the listing starts in, before any glob
             listed = [m for m in listed if not any(part.startswith(".") for part in m.path[len(base):].split("/"))]
+        if not listed and pattern in globbed:
+            log.warning("--input %s: folder %s holds no file; skipped", globbed[pattern], pattern)
+            continue
         if not listed:
             raise InputError(f"--input {pattern!r}: no file matches")
         if pattern.endswith("/"):
@@ -163,11 +179,19 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
                                                                                          else ""))
                 listed = [m for m in listed if _format_of(m.path) is not None]
                 skipped.setdefault("no-input-format", []).extend(m.path for m in other)
+            if not listed and pattern in globbed:
+                continue
             if not listed:
                 raise InputError(f"--input {pattern!r}: no file of an input format in this folder; supported "
                                  f"extensions: {', '.join(SUPPORTED_EXTENSIONS)}")
+        if pattern in globbed:
+            read_by_glob[globbed[pattern]] = read_by_glob.get(globbed[pattern], 0) + len(listed)
         for meta in listed:
             files.setdefault(meta.path, meta.size_in_bytes)
+    for glob_pattern in dict.fromkeys(globbed.values()):
+        if glob_pattern not in patterns and not read_by_glob.get(glob_pattern):
+            raise InputError(f"--input {glob_pattern!r}: no file of an input format matches (only folders "
+                             "without one)")
     files = _without_second_names(files, skipped)
     _refuse_undecodable_names(files)
     if output:
@@ -202,20 +226,23 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
     return tasks
 
 
-def _with_matched_folders(pattern: str) -> list[str]:
-    """A local glob, and each folder it matches as a folder of its own, read with its subfolders
-    as a named one is: Beam's listing of a glob holds its files alone, so "corpus/*" left out
-    "corpus/news/" and Spark's "part.parquet/" folders unsaid (and matching folders alone, was
-    "no file matches")."""
+def _matched_folders(pattern: str, output: str | None) -> list[str] | None:
+    """The folders a local glob matches, each to be read with its subfolders as a named one is
+    (None: no glob, or no folder). Beam's listing of a glob holds its files alone, so "corpus/*"
+    left "corpus/news/" and Spark's "part.parquet/" folders out unsaid (and matching folders
+    alone, was "no file matches"). Folders at or under --output are no corpus."""
     if "://" in pattern or not re.search(r"[*?\[]", pattern) or os.path.exists(pattern):
-        return [pattern]
-    matched = sorted(glob.glob(pattern))
-    folders = [path.rstrip("/") + "/" for path in matched if os.path.isdir(path)]
+        return None
+    # with a trailing "/", glob lists folders alone: no stat of each of a million files
+    folders = sorted(path.rstrip("/") + "/" for path in glob.glob(pattern.rstrip("/") + "/"))
+    if output and "://" not in output:
+        folders = [f for f in folders
+                   if not _is_under(f, output) and os.path.realpath(f) != os.path.realpath(output)]
     if not folders:
-        return [pattern]
-    log.info("--input %s: %d folder(s) matched, read with their subfolders: %s", pattern, len(folders),
-             ", ".join(folders[:5]) + (" …" if len(folders) > 5 else ""))
-    return ([pattern] if any(os.path.isfile(path) for path in matched) else []) + folders
+        return None
+    log.warning("--input %s: %d folder(s) matched, read with their subfolders: %s", pattern, len(folders),
+                ", ".join(folders[:5]) + (" …" if len(folders) > 5 else ""))
+    return folders
 
 
 # A compressed file this small may hold nothing: gzip's header and trailer alone are 20 bytes.

@@ -42,6 +42,8 @@ def browse_hint(uri: str | None = None) -> str:
 def _from_anywhere(uri: str) -> str:
     """A local store's URI with an absolute path: the hint is read, and run, from another directory
     than the run's (sqlite:///mlflow.db is relative to where the stage ran)."""
+    if uri in _BARE_SCHEMES:  # databricks: a scheme of its own, no path
+        return uri
     if uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
         return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     if ":" not in uri.split("/", 1)[0]:  # a plain directory: MLflow's file store

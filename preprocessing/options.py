@@ -33,6 +33,16 @@ DEFAULT_INPUTS = (
 DUPE_FACTORS = {"static": 5, "dynamic": 1}
 
 
+def _locale_hint(value: str | None) -> str:
+    """For a locale's name ($LANG's value), the language code in it, if it names one."""
+    if not value or "." not in value:
+        return ""
+    code = value.split(".")[0].replace("_", "-")
+    if code.upper() in ("C", "POSIX"):  # Docker's C.UTF-8: no language at all
+        return "; a locale's name, which names no language: pass the corpus's language code"
+    return f"; a locale's name: for its language, --language {code}"
+
+
 def _is_language_code(value: str) -> bool:
     """What the sentence rules take (checked here: in the pipeline it failed on a worker, a Beam
     traceback; "de_DE.UTF-8", $LANG's value, is the likely one)."""
@@ -112,9 +122,7 @@ class PreprocessConfig:
                f"--character-coverage must be in [0.98, 1], got {self.character_coverage}")
         _check(self.language is None or bool(self.language.strip()), "--language must not be empty")
         _check(self.language is None or _is_language_code(self.language),
-               f"--language {self.language!r}: not a language code (e.g. de, zh-cn, en-GB)"
-               + (f"; a locale's name: for its language, --language {self.language.split('.')[0].replace('_', '-')}"
-                  if "." in (self.language or "") else ""))
+               f"--language {self.language!r}: not a language code (e.g. de, zh-cn, en-GB)" + _locale_hint(self.language))
         # An empty --output is the working directory to Beam's join: a rerun's clean-up would delete
         # ./manifest.json, ./shards and ./tokenizer there.
         _check(bool(self.output.strip()), "--output must name a folder (it is empty)")

@@ -379,7 +379,7 @@ def _jq_command(file: str, program: str = ".[]") -> str:
     jq reads no compressed file, so one is decompressed into it."""
     stem, reader = file, None
     for ext, tool in COMPRESSED_READERS:
-        if stem.endswith(ext):
+        if stem.lower().endswith(ext):
             stem, reader = stem[:-len(ext)], tool
     stem = stem.removesuffix(".jsonl").removesuffix(".json")
     out = f"{stem}.jsonl" if f"{stem}.jsonl" != file else f"{stem}.lines.jsonl"  # never > its own input
@@ -395,10 +395,13 @@ COMPRESSED_READERS = ((".gz", "zcat"), (".bz2", "bzcat"), (".xz", "xzcat"), (".z
 def _flatten_command(file: str, field: str, example) -> str:
     """jq that makes a nested ``field`` a top-level "text": a list's strings joined by lines, an
     object's first string member (by the first row's example)."""
+    path = f".{json.dumps(field)}"  # quoted: a name such as "my-field" is no jq identifier
     if isinstance(example, list):
-        return _jq_command(file, f'{{text: (.{field} | map(tostring) | join("\\n"))}}')
-    member = next((k for k, v in example.items() if isinstance(v, str)), "text")
-    return _jq_command(file, f"{{text: .{field}.{member}}}")
+        return _jq_command(file, f'{{text: ({path} | map(tostring) | join("\\n"))}}')
+    # its "text" member, else its longest string (an id is shorter than the text beside it)
+    strings = {k: v for k, v in example.items() if isinstance(v, str)}
+    member = "text" if "text" in strings or not strings else max(strings, key=lambda k: len(strings[k]))
+    return _jq_command(file, f"{{text: {path}.{json.dumps(member)}}}")
 
 
 def _check_column(parquet: pq.ParquetFile, path: str, text_field: str) -> None:
@@ -438,6 +441,11 @@ HEAD_ROWS = 100  # rows of a jsonl file read before the pipeline starts
 ENCODING_HEAD_BYTES = 4096
 
 
+# How far a head with CRs but no LF is read for one: a line longer than this (--max-line-bytes'
+# default) is dropped anyway, so CRs alone that far are line ends, not a long line's stray CRs.
+CR_ONLY_BYTES = 1 << 20
+
+
 def _iconv_command(path: str, encoding: str) -> str:
     """iconv that writes ``path``'s text as UTF-8 to a file of the same input format (a compressed
     one decompressed first: iconv reads its bytes as they are)."""
@@ -449,7 +457,7 @@ def _iconv_command(path: str, encoding: str) -> str:
 
 
 def _reader_of(path: str) -> str | None:
-    return next((tool for ext, tool in COMPRESSED_READERS if path.endswith(ext)), None)
+    return next((tool for ext, tool in COMPRESSED_READERS if path.lower().endswith(ext)), None)
 
 
 def _converted_name(path: str, mark: str) -> str:
@@ -457,7 +465,7 @@ def _converted_name(path: str, mark: str) -> str:
     notes.txt.gz -> notes.MARK.txt."""
     stem = os.path.basename(path)
     for ext, _ in COMPRESSED_READERS:
-        stem = stem.removesuffix(ext)
+        stem = stem[:-len(ext)] if stem.lower().endswith(ext) else stem
     base, dot, ext = stem.rpartition(".")
     return f"{base}.{mark}.{ext}" if dot else f"{stem}.{mark}.txt"
 
@@ -476,7 +484,7 @@ def check_encoding_head(f: BinaryIO, path: str) -> None:
         raise InputError(f"{path}: UTF-16 text (it begins with a UTF-16 byte-order mark), not UTF-8: {convert}")
     # Classic Mac OS line ends (CR alone): read by "\n", the whole file was one line, its paragraphs
     # and documents merged (or, past --max-line-bytes, dropped as one oversized line).
-    if b"\n" not in head and head.count(b"\r") >= 2:
+    if b"\n" not in head and head.count(b"\r") >= 2 and b"\n" not in f.read(CR_ONLY_BYTES):
         reader, out = _reader_of(path), _converted_name(path, "lf")
         convert = f"{reader} {path} | tr '\\r' '\\n' > {out}" if reader else f"tr '\\r' '\\n' < {path} > {out}"
         raise InputError(f"{path}: its lines end in CR alone (classic Mac OS), not LF or CRLF: convert them "

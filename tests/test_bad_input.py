@@ -619,7 +619,7 @@ def _nested_field(path):
     ("nested.jsonl", _nested_field, "field 'content' holds an object or a list, not text, in its first 3 rows"),
     ("paragraphs.jsonl", _list_field, "field 'content' holds an object or a list, not text, in its first 3 rows (a "
                                       "nested field is not read): name a top-level text field with --text-field, or "
-                                      "flatten it first, e.g. jq -c '{text: (.content | map(tostring) | "
+                                      "flatten it first, e.g. jq -c '{text: (.\"content\" | map(tostring) | "
                                       "join(\"\\n\"))}' paragraphs.jsonl > paragraphs.lines.jsonl"),
     # before: a download saved as .txt was read as its compressed bytes, a vocabulary of junk pieces
     ("download.txt", _gzip_named_txt, "gzip data, though its name does not end in .gz: add the suffix "
@@ -722,3 +722,12 @@ def test_a_language_other_than_the_dumps_is_said(caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="preprocessing.driver"):
         resolve_language(PreprocessConfig(language="de"), inputs.plan_read_tasks([str(tmp_path / "old.xml")], 1 << 26))
     assert "xml:lang of" not in caplog.text
+
+
+def test_long_lines_with_stray_crs_are_not_taken_for_classic_mac_text(tmp_path):
+    from preprocessing.text_formats import check_encoding_head
+
+    path = tmp_path / "flat.txt"  # CRLF text flattened with tr '\n' ' ': 6 KB lines of stray CRs
+    path.write_bytes((b"A sentence.\r" * 500 + b"\n") * 3)
+    with open(path, "rb") as f:
+        check_encoding_head(f, str(path))

@@ -33,6 +33,8 @@ PARSE = {"run_beam": options.parse_args, "pretrain": train_config.parse_args,
     # $LANG's value: before, a Beam traceback from a worker
     ("run_beam", ["--language", "de_DE.UTF-8"], "--language 'de_DE.UTF-8': not a language code (e.g. de, zh-cn, "
                                                 "en-GB); a locale's name: for its language, --language de-DE"),
+    ("run_beam", ["--language", "C.UTF-8"], "--language 'C.UTF-8': not a language code (e.g. de, zh-cn, en-GB); a "
+                                            "locale's name, which names no language: pass the corpus's language code"),
     ("finetune", ["--model", "m", "--data", "d", "--validation-split", ""], "--validation-split/--test-split: empty"),
     ("finetune", ["--model", "m", "--data", "d", "--predict", "a.csv", "--predict", "./a.csv"],
      "--predict: the same input given twice"),

@@ -155,7 +155,10 @@ def test_an_out_over_what_the_export_is_made_from_is_refused_even_with_overwrite
     before = sorted(os.listdir(run_dir))
     # before: --out RUN_DIR --overwrite replaced the run (checkpoints, metrics) with its export
     for out, message in ((run_dir, f"is the run dir the export is made from \\({run_dir}\\)"),
-                         (run_dir.parent, "holds the run dir"), (data_dir, "is the data dir")):
+                         (run_dir.parent, "holds the run dir"), (data_dir, "is the data dir"),
+                         (run_dir / "checkpoints" / "step00000004", "lies in the checkpoint dir"),
+                         (os.path.join(data_dir, "tokenizer"), "lies in the data dir"),
+                         (run_dir / "train_config.json", "lies in the run dir")):
         with pytest.raises(export.ExportError, match=rf"--out {out}: {message}"):
             export.export_checkpoint(str(run_dir), out_dir=str(out), overwrite=True)
     assert sorted(os.listdir(run_dir)) == before

@@ -793,6 +793,15 @@ def test_labels_that_are_something_else_are_refused_or_warned_of(tmp_path, caplo
     with pytest.raises(FinetuneDataError, match=r"no column 'text' \(columns: review 0, positive\); the first line "
                                                 r"looks like a row \('positive' is also a value below it\)"):
         load_task_data(data=str(headless))
+    # codes, a third of them not numbers (ICD-9's V and E codes): classes, as before
+    codes = [{"text": f"t{i}", "code": ("250.01", "401.9", "V58.67")[i % 3]} for i in range(60)]
+    assert load_task_data(data=write(tmp_path / "codes.csv", codes), label_column="code").labels == [
+        "250.01", "401.9", "V58.67"]
+    # a headerless file whose first row recurs: the missing header is named, not a joined file
+    repeated = tmp_path / "repeated.csv"
+    repeated.write_text("".join(f"{r['text']},{r['label']}\n" for r in reviews[:2] * 3))
+    with pytest.raises(FinetuneDataError, match=r"no column 'text' .*the first line looks like a row"):
+        load_task_data(data=str(repeated))
     # a score column with "N/A" in every sixth row: before, a class per score and exit 0
     scores = [{"text": f"t{i}", "score": "N/A" if i % 6 == 0 else f"{i / 7:.2f}"} for i in range(120)]
     with pytest.raises(FinetuneDataError, match=r"reg\.csv:2: label 'N/A' in column 'score', a column of numbers "
@@ -807,8 +816,8 @@ def test_labels_that_are_something_else_are_refused_or_warned_of(tmp_path, caplo
                               ).labels == ["negative", "positive", "postive"]
     assert [m for m in caplog.messages if "split to hold one" not in m] == [
         f"{tmp_path}/commas.csv: 30 classes in 90 train rows of column 'score', 3.0 rows a class: the labels are "
-        "numbers written with decimal commas (e.g. '0,5'), read as words: write them with decimal points for "
-        "--task regression",
+        "numbers written with commas (decimal commas, e.g. '0,5', or thousands separators), read as words: write "
+        "them as plain numbers with decimal points for --task regression",
         f"{tmp_path}/typo.csv: 1 of the 3 classes in column 'label' have at most 2 train rows, beside 20 of the "
         "largest: 'postive' (1 row); a typo or a stray value is a class of its own: fix those rows, or leave them "
         "out with --drop-label"]

@@ -65,6 +65,8 @@ def test_the_browse_hint_serves_a_local_store_and_opens_a_server(monkeypatch, tm
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # absolute, so that the command works from wherever it is run (before: sqlite:///mlflow.db)
     assert browse_hint() == f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db  (then http://127.0.0.1:5000)"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "databricks")  # a scheme, not a folder here
+    assert browse_hint().startswith("mlflow ui --backend-store-uri databricks  ")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "runs/mlruns")
     assert browse_hint().startswith(f"mlflow ui --backend-store-uri {tmp_path}/runs/mlruns  ")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x/mlflow.db")

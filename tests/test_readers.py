@@ -585,6 +585,17 @@ def test_a_glob_reads_the_folders_it_matches_with_their_subfolders(tmp_path):
         "a.txt", "news/2024/c.txt", "news/b.jsonl", "spark.parquet/part-0.snappy.parquet"]
     # folders alone (before: "no file matches")
     assert len(inputs.plan_read_tasks([str(tmp_path / "n*")], 1 << 20)) == 2
+    # a folder of no corpus, an empty one, and the run's own --output among them: skipped, not errors
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "p.png").write_bytes(b"\x89PNG")
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    (tmp_path / "out" / "shards" / "part-00000-of-00001.parquet").write_bytes(b"PAR1")
+    tasks = inputs.plan_read_tasks([str(tmp_path / "*")], 1 << 20, output=str(tmp_path / "out"))
+    assert len(tasks) == 4
+    with pytest.raises(InputError, match=r"--input '.*/\[it\]\*': no file of an input format matches \(only "
+                                         r"folders without one\)"):
+        inputs.plan_read_tasks([str(tmp_path / "[it]*")], 1 << 20)
 
 
 def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path):

@@ -196,9 +196,6 @@ def _delimited_rows(path: str, compression: str | None, delimiter: str):
                                         f"({', '.join(header)}){hint}")
             if quoting == csv.QUOTE_NONE:
                 _refuse_csv_quoting(path, start, row)
-            if row == header:  # its cells would be a row: a class named like the label column
-                raise FinetuneDataError(f"{path}:{start}: the header line again, inside the data (files joined "
-                                        "with cat?); remove it")
             yield row, f"{path}:{start}"
 
 
@@ -510,6 +507,13 @@ def _check_table(table: Table, needed: Sequence[str]) -> None:
         for value, where in zip(table.columns[column], table.where):
             if value is _NO_KEY:
                 raise FinetuneDataError(f"{where}: no key {column!r} in this row (other rows have it)")
+    # Checked once the columns are found (a headerless file's first row may recur as data): a row
+    # that repeats the header would be a class named like the label column.
+    names = list(table.columns)
+    for i, where in enumerate(table.where):
+        if all(isinstance(table.columns[name][i], str) and table.columns[name][i] == name for name in names):
+            raise FinetuneDataError(f"{where}: the header line again, inside the data (files joined with cat?); "
+                                    "remove it")
 
 
 def _is_container(value) -> bool:
@@ -563,9 +567,13 @@ def _is_number(value) -> bool:
     return _parses_as_float(value) and math.isfinite(float(value))
 
 
+# How a missing score is written in a spreadsheet export.
+MISSING_SCORE = frozenset({"n/a", "na", "#n/a", "?", "-", "--", "none", "null", "nil", "missing", "unknown", "x"})
+
+
 def _check_no_stray_non_finite(table: Table, column: str) -> None:
-    """A column of numbers but for "nan" or "inf", or for words in fewer than half of the rows
-    where some numbers are not whole, read as classes (one of them "nan" or "n/a"): a regression
+    """A column of numbers but for "nan" or "inf", or for a few words (at most a tenth of the rows;
+    a placeholder such as "N/A", in fewer than half) where some numbers are not whole, read as classes (one of them "nan" or "n/a"): a regression
     target with a hole in it, refused naming the row, unless --task says what the column is."""
     values = table.columns[column]
     finite = [_is_number(v) for v in values]
@@ -575,8 +583,11 @@ def _check_no_stray_non_finite(table: Table, column: str) -> None:
     # "nan"/"inf", or a few words ("n/a", "?") among numbers of which some are not whole: read as
     # classes, every distinct score would become a class of its own and the task a classification.
     fractional = any(ok and not float(v).is_integer() for v, ok in zip(values, finite))
-    # (before: above a tenth of words, "N/A" every sixth row, the scores became a class each)
-    if all(_parses_as_float(values[i]) for i in odd) or (fractional and len(odd) * 2 < len(values)):
+    # Beyond a tenth of the rows, only a placeholder for a missing score ("N/A" every sixth row:
+    # before, the scores became a class each): codes such as ICD's 250.00 beside V58.67 are classes.
+    placeholders = all(_label_key(values[i]).lower() in MISSING_SCORE for i in odd)
+    if all(_parses_as_float(values[i]) for i in odd) or (
+            fractional and (len(odd) * 10 <= len(values) or (placeholders and len(odd) * 2 < len(values)))):
         raise FinetuneDataError(f"{table.where[odd[0]]}: label {values[odd[0]]!r} in column {column!r}, a column "
                                 f"of numbers ({len(odd)} such row{'s' if len(odd) > 1 else ''}): fix or drop those "
                                 "rows, or pass --task classification to make each value a class")
@@ -834,8 +845,9 @@ def _warn_of_stray_classes(train: Table, column: str, labels: Sequence[str]) -> 
     if len(labels) * 5 > rows:  # most classes hold a row or two: nothing to learn them from
         keys = list(counts)
         if all(_DECIMAL_COMMA.fullmatch(k) for k in keys):
-            hint = ("the labels are numbers written with decimal commas (e.g. '0,5'), read as words: write them "
-                    "with decimal points for --task regression")
+            hint = ("the labels are numbers written with commas (decimal commas, e.g. '0,5', or thousands "
+                    "separators), read as words: write them as plain numbers with decimal points for --task "
+                    "regression")
         elif all(_is_number(k) for k in keys):
             hint = "if the column is a score, pass --task regression"
         else:
