@@ -138,7 +138,7 @@ def plan_read_tasks(patterns: Sequence[str], split_bytes: int, output: str | Non
         if folders is None:
             expanded.append(pattern)
             continue
-        files_too = any(os.path.isfile(path) for path in glob.glob(pattern))
+        files_too = any(os.path.isfile(path) for path in glob.iglob(pattern))  # stops at the first
         expanded.extend(([pattern] if files_too else []) + folders)
         globbed.update(dict.fromkeys(folders, pattern))
     patterns = expanded
@@ -291,8 +291,6 @@ def _match(pattern: str, match: str):
 def _refuse_dangling_links(pattern: str) -> None:
     """A link whose file is missing (git-annex or DVC content not fetched, a pruned cache) would be
     left out of the listing, and the corpus trained on without it."""
-    import glob
-
     candidates = glob.glob(pattern) if not pattern.endswith("/") else []
     if pattern.endswith("/"):
         for root, dirs, names in os.walk(pattern):  # as _walk: no hidden file or folder

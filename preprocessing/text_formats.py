@@ -377,10 +377,7 @@ def _json_array(path: str) -> InputError:
 def _jq_command(file: str, program: str = ".[]") -> str:
     """The jq command that writes a JSON array's elements (or ``program``'s output) as JSON lines;
     jq reads no compressed file, so one is decompressed into it."""
-    stem, reader = file, None
-    for ext, tool in COMPRESSED_READERS:
-        if stem.lower().endswith(ext):
-            stem, reader = stem[:-len(ext)], tool
+    stem, reader = _decompressed(file)
     stem = stem.removesuffix(".jsonl").removesuffix(".json")
     out = f"{stem}.jsonl" if f"{stem}.jsonl" != file else f"{stem}.lines.jsonl"  # never > its own input
     if reader:
@@ -390,6 +387,14 @@ def _jq_command(file: str, program: str = ".[]") -> str:
 
 # The command that writes a compressed input's bytes to stdout, by its suffix.
 COMPRESSED_READERS = ((".gz", "zcat"), (".bz2", "bzcat"), (".xz", "xzcat"), (".zst", "zstdcat"))
+
+
+def _decompressed(name: str) -> tuple[str, str | None]:
+    """``name`` without its compression suffix, and the command that decompresses it (None if plain)."""
+    for ext, tool in COMPRESSED_READERS:
+        if name.lower().endswith(ext):
+            return name[:-len(ext)], tool
+    return name, None
 
 
 def _flatten_command(file: str, field: str, example) -> str:
@@ -449,23 +454,17 @@ CR_ONLY_BYTES = 1 << 20
 def _iconv_command(path: str, encoding: str) -> str:
     """iconv that writes ``path``'s text as UTF-8 to a file of the same input format (a compressed
     one decompressed first: iconv reads its bytes as they are)."""
-    reader = _reader_of(path)
+    reader = _decompressed(path)[1]
     out = _converted_name(path, "utf8")
     if reader:
         return f"{reader} {path} | iconv -f {encoding} -t UTF-8 > {out}"
     return f"iconv -f {encoding} -t UTF-8 {path} > {out}"
 
 
-def _reader_of(path: str) -> str | None:
-    return next((tool for ext, tool in COMPRESSED_READERS if path.lower().endswith(ext)), None)
-
-
 def _converted_name(path: str, mark: str) -> str:
     """The name of ``path``'s converted, uncompressed copy, in the same input format:
     notes.txt.gz -> notes.MARK.txt."""
-    stem = os.path.basename(path)
-    for ext, _ in COMPRESSED_READERS:
-        stem = stem[:-len(ext)] if stem.lower().endswith(ext) else stem
+    stem = _decompressed(os.path.basename(path))[0]
     base, dot, ext = stem.rpartition(".")
     return f"{base}.{mark}.{ext}" if dot else f"{stem}.{mark}.txt"
 
@@ -485,7 +484,7 @@ def check_encoding_head(f: BinaryIO, path: str) -> None:
     # Classic Mac OS line ends (CR alone): read by "\n", the whole file was one line, its paragraphs
     # and documents merged (or, past --max-line-bytes, dropped as one oversized line).
     if b"\n" not in head and head.count(b"\r") >= 2 and b"\n" not in f.read(CR_ONLY_BYTES):
-        reader, out = _reader_of(path), _converted_name(path, "lf")
+        reader, out = _decompressed(path)[1], _converted_name(path, "lf")
         convert = f"{reader} {path} | tr '\\r' '\\n' > {out}" if reader else f"tr '\\r' '\\n' < {path} > {out}"
         raise InputError(f"{path}: its lines end in CR alone (classic Mac OS), not LF or CRLF: convert them "
                          f"first, e.g. {convert}")
