@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pickle
+import shlex
 import shutil
 import sys
 
@@ -344,7 +345,8 @@ def export_checkpoint(run_dir_or_checkpoint_dir: str, tag: str | None = None, ou
     # A temporary dir of its own beside ``out`` (never a name someone else could be using); a crash
     # leaves only it behind.
     # A full disk: one line, and the checkpoint (complete, never touched here) exports again later.
-    again = f"python pipeline/export.py {os.path.join(checkpoints, tag)}" + (f" --out {out}" if out_dir else "")
+    again = shlex.join(["python", "pipeline/export.py", os.path.join(checkpoints, tag)] + (["--out", out] if out_dir else [])
+                     + (["--data", data_dir] if given else []) + (["--overwrite"] if overwrite else []))
     # A finished export replaces the older one (or, with overwrite, whatever was there) whole.
     with writing("the Hugging Face export", out, f"export it again: {again}"), built_beside(out) as temp:
         _write_export(model, manifest, data_dir, temp, tag, checkpoints, train_config, pretrain_run_id)

@@ -2,11 +2,13 @@
 disk during a save, an export over someone's directory, a pickle payload in a checkpoint,
 manifest paths that leave the data dir, corrupt shards."""
 
+import errno
 import json
 import logging
 import os
 import pickle
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -235,6 +237,33 @@ def test_export_refuses_a_directory_it_did_not_make(run_copy, tmp_path, capsys):
     # Its own export, and the default RUN_DIR/hf/<tag>, are replaced without --overwrite.
     assert export.main([str(run_dir), "--out", str(mine)]) == 0
     assert export.export_checkpoint(str(run_dir)) == export.export_checkpoint(str(run_dir))
+
+
+def test_a_full_disk_during_an_export_names_the_command_that_exports_it_again(
+        data_dir, run_copy, tmp_path, monkeypatch, capsys):
+    # The data dir given by --data and an --out that needed --overwrite: the printed command must
+    # carry both, or it fails where the first one did not.
+    run_dir, _ = run_copy
+    moved = tmp_path / "data moved"
+    shutil.copytree(data_dir, moved)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not an export")
+    real = export._write_export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "_write_export", full)
+    assert export.main([str(run_dir), "--out", str(mine), "--data", str(moved), "--overwrite"]) == 1
+    again = capsys.readouterr().err.strip().split("export it again: ")[1]
+    assert again.startswith("python pipeline/export.py ") and "'" in again  # the space is quoted
+
+    monkeypatch.setattr(export, "_write_export", real)
+    args = shlex.split(again)[2:]
+    assert args[args.index("--data") + 1] == str(moved) and "--overwrite" in args
+    assert export.main(args) == 0
+    assert (mine / "model.safetensors").exists() and not (mine / "notes.txt").exists()
 
 
 class _Payload:
