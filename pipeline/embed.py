@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a file: see pipeline/__init__.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipeline import embed_inputs, embedding  # noqa: E402
-from pipeline.engine import LaunchError, check_gpu_for  # noqa: E402
+from pipeline.engine import LaunchError, add_launcher_flag, ensure_distributed_env  # noqa: E402
 from pipeline.finetuning.data import FinetuneDataError  # noqa: E402
 from pipeline.finetuning.model import ModelSourceError, model_lineage  # noqa: E402
 from preprocessing import cli_parser  # noqa: E402
@@ -77,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log no MLflow run")
     tr.add_argument("--experiment", type=experiment_flag, help=EXPERIMENT_HELP)
     tr.add_argument("--run-name", help="MLflow run name (default: MLflow's generated one)")
-    # The deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same.
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    add_launcher_flag(p)
     return p
 
 
@@ -99,11 +98,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    # torchrun and the deepspeed launcher set these (and MASTER_ADDR/PORT); a plain run is one process.
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
-                                    (("RANK", 0), ("LOCAL_RANK", args.local_rank or 0), ("WORLD_SIZE", 1)))
     # Every check before the process group: a bad file or flag fails on every rank alike, at once.
     try:
+        # torchrun and the deepspeed launcher set RANK, LOCAL_RANK and WORLD_SIZE; a plain run is one
+        # process; mpirun's copies without them would each embed the whole input into --out.
+        rank, local_rank, world_size = ensure_distributed_env()
         if args.mlflow and rank == 0:
             check_tracking(args.experiment)
         embedding.check_out(args.out, args.input)  # before hours of embedding
@@ -117,7 +116,6 @@ def main(argv=None) -> int:
         max_length = embedding.resolve_max_length(args.max_length, tokenizer, model.config)
         if args.bf16 and not torch.cuda.is_available():
             raise embedding.EmbedError("--bf16: no CUDA device; on CPU the embeddings are computed in fp32")
-        check_gpu_for(local_rank)
         # The whole input, checked (the flags and model first: this pass reads every row)
         scan = embed_inputs.scan_inputs(args.input, args.text_column, args.id_column, args.chunk_rows)
     except USER_ERRORS as err:

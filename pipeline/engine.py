@@ -146,23 +146,25 @@ class LaunchError(RuntimeError):
 MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
-def ensure_distributed_env() -> tuple[int, int, int]:
+def ensure_distributed_env(slurm_script: str | None = None) -> tuple[int, int, int]:
     """(rank, local rank, world size); a plain ``python`` run becomes a 1-process world.
 
     DeepSpeed otherwise tries MPI discovery and fails without mpi4py. A 1-process world's
     rendezvous port is a free one, so two plain runs on one machine (or one beside a
     torchrun job on the default 29500) do not collide. Refused (LaunchError), before anything
     is read: several processes started by MPI without WORLD_SIZE, each of which would train
-    alone as rank 0 into the same run dir; and a LOCAL_RANK with no GPU of that number.
+    alone as rank 0 into the same run dir (``slurm_script``: the stage's own, named as a way out);
+    and a LOCAL_RANK with no GPU of that number.
     """
     if "WORLD_SIZE" not in os.environ:
         for name in MPI_WORLD_SIZE:
             value = os.environ.get(name, "")
             if value.isdigit() and int(value) > 1:
-                raise LaunchError(f"one of {value} processes ({name}={value}) without "
-                                  "WORLD_SIZE: each would train alone as rank 0 of 1; launch with torchrun, the "
-                                  "deepspeed launcher's default mode or slurm/pretrain.sh, which set RANK, "
-                                  "LOCAL_RANK and WORLD_SIZE")
+                launchers = "torchrun, the deepspeed launcher's default mode" + (f" or {slurm_script}"
+                                                                                 if slurm_script else "")
+                raise LaunchError(f"one of {value} processes ({name}={value}) without WORLD_SIZE: each would "
+                                  f"run alone as rank 0 of 1, into the same output; launch with {launchers}, "
+                                  "which set RANK, LOCAL_RANK and WORLD_SIZE")
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")

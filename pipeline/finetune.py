@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     lock = None
     try:
         try:
-            if ensure_distributed_env()[0] == 0:
+            if ensure_distributed_env("slurm/finetune.sh")[0] == 0:
                 if config.mlflow:
                     check_tracking(config.experiment)
                 # Rank 0 holds OUTPUT_DIR until the run ends: a second fine-tuning into it would clear

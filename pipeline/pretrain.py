@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         try:
             # Rank 0 holds the run dir until the run ends: a second run into it is refused here, and
             # the other ranks check that they see the same folder (pipeline/run_lock.py).
-            is_rank0 = ensure_distributed_env()[0] == 0
+            is_rank0 = ensure_distributed_env("slurm/pretrain.sh")[0] == 0
             if config.mlflow and is_rank0:
                 check_tracking(config.experiment)
             lock = acquire(config.run_dir) if is_rank0 else None

@@ -106,7 +106,7 @@ class NonFiniteLoss(FloatingPointError):
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.rank, self.local_rank, self.world_size = ensure_distributed_env()
+        self.rank, self.local_rank, self.world_size = ensure_distributed_env("slurm/pretrain.sh")
         # From the start: a stop signal during start-up (loading, engine, resume) is honoured
         # after the first step instead of killing the rank (but in the rendezvous, StopFlag.killable).
         self.stop = StopFlag("checkpointing at the end of this step")

@@ -19,7 +19,7 @@ from pipeline.engine import free_port
 from pipeline.finetuning.data import read_table, stratified_split
 from pipeline.finetuning.model import model_lineage
 
-from .conftest import REPO
+from .conftest import REPO, set_one_process_world
 
 BUNDLE = os.path.join(REPO, "tests", "data", "pretrained_reviews")  # a pretraining export (make_bundle.py)
 ROTTEN_TOMATOES = os.path.join(REPO, "pipeline", "sample_data", "rotten_tomatoes.csv.bz2")
@@ -36,8 +36,7 @@ def _clean_env(**extra):
 
 @pytest.fixture(autouse=True)
 def one_process(monkeypatch):
-    for key in DIST_ENV:
-        monkeypatch.delenv(key, raising=False)
+    set_one_process_world(monkeypatch)  # what main() sets in this process is put back after each test
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +320,37 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tmp_path, capsys):
     for flag in ("--model", "--input", "--out", "--text-column", "--id-column", "--pooling", "--normalize",
                  "--batch-size", "--max-length", "--bf16", "--no-mlflow", "--experiment", "--run-name"):
         assert flag in help_text
+
+
+def test_an_mpi_launch_without_world_size_is_refused_before_any_output(tmp_path):
+    # mpirun starts N copies; without WORLD_SIZE each would embed the whole input into one --out.
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text\nfine\n")
+    out = tmp_path / "emb.parquet"
+    proc = subprocess.run([sys.executable, SCRIPT, "--model", BUNDLE, "--input", str(texts), "--out", str(out),
+                           "--no-mlflow"], capture_output=True, text=True,
+                          env=_clean_env(OMPI_COMM_WORLD_SIZE="2"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: one of 2 processes (OMPI_COMM_WORLD_SIZE=2) without WORLD_SIZE: "
+                                  "each would run alone as rank 0 of 1, into the same output; launch with "
+                                  "torchrun, the deepspeed launcher's default mode, which"), proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_a_damaged_training_info_is_named(tmp_path, capsys):
+    from pipeline.embed import main
+
+    model = tmp_path / "hf"
+    shutil.copytree(BUNDLE, model)
+    (model / "training_info.json").write_text('{"pretrain_run_id": "p1", "conv')  # a copy cut short
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text\nfine\n")
+    args = ["--model", str(model), "--input", str(texts), "--out", str(tmp_path / "emb.parquet"), "--no-mlflow"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith(f"error: {model / 'training_info.json'}: unreadable (")
+    (model / "training_info.json").write_text("[]")
+    assert main(args) == 2
+    assert "training_info.json: a JSON list, not the object pipeline/export.py writes" in capsys.readouterr().err
 
 
 def test_lineage_from_an_export_and_from_a_fine_tuned_model(tmp_path):

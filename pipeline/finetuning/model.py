@@ -32,11 +32,19 @@ def is_hf_dir(path: str) -> bool:
 
 
 def read_training_info(hf_dir: str) -> dict:
+    """The model dir's ``training_info.json`` ({} if it has none); a damaged one is named, not a traceback."""
     path = os.path.join(hf_dir, export.TRAINING_INFO)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"{path}: unreadable ({str(err).splitlines()[0]}); restore it, or export the "
+                               "checkpoint again with pipeline/export.py") from None
+    if not isinstance(info, dict):
+        raise ModelSourceError(f"{path}: a JSON {type(info).__name__}, not the object pipeline/export.py writes")
+    return info
 
 
 def model_lineage(model_dir: str) -> dict[str, str]:

@@ -199,7 +199,7 @@ class Finetuner:
         self.stop = StopFlag("stopping every rank at the end of this optimizer step (fine-tuning keeps no "
                              "checkpoint)")
         self.stop.install()
-        self.rank, self.local_rank, self.world_size = ensure_distributed_env()
+        self.rank, self.local_rank, self.world_size = ensure_distributed_env("slurm/finetune.sh")
         # The flags and the data are checked before the process group starts (DeepSpeed's start-up,
         # tens of seconds on a first run): every rank reads the same files and fails the same way.
         check_output_dir(config.output_dir, config.model)
