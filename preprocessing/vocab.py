@@ -20,7 +20,6 @@ input is written.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import itertools
 import json
@@ -189,11 +188,6 @@ def _explain_training_error(message: str, vocab_size: int, coverage: float = CHA
                 f"the characters that cover {coverage:.2%} of its text (--character-coverage) need "
                 f"{sizes.group(2)} ids; raise --vocab-size to at least that")
     return f"SentencePiece could not train the vocabulary (--vocab-size {vocab_size}): {reason}"
-
-
-def tokenizer_fingerprint(model_proto: bytes) -> str:
-    """sha256 (hex) of the serialized model: what a data dir's manifest records."""
-    return hashlib.sha256(model_proto).hexdigest()
 
 
 # ---------------------------------------------------------------------------- reading the model

@@ -20,7 +20,7 @@ import torch
 from pipeline import export
 from pipeline.finetuning.config import FinetuneConfig
 from pipeline.finetuning.data import read_table, stratified_split
-from pipeline.finetuning.model import ModelSourceError, load_tokenizer, model_lineage, spm_fingerprint
+from pipeline.finetuning.model import ModelSourceError, load_tokenizer, model_lineage, tokenizer_fingerprint
 from pipeline.engine import free_port
 from pipeline.output_path import current_umask
 from pipeline.train_config import TrainConfig
@@ -149,7 +149,7 @@ def test_finetunes_a_deepspeed_checkpoint_and_reports_what_the_saved_model_predi
     info = json.load(open(os.path.join(model_dir, "training_info.json")))
     assert info["kind"] == "finetuned" and info["labels"] == ["fresh", "rotten"] and info["max_seq_length"] == 64
     assert info["pretrain_run_id"] == "pretrain-run-123" and info["model"] == finetuner.hf_dir
-    assert info["tokenizer_fingerprint"] == spm_fingerprint(model_dir) == spm_fingerprint(finetuner.hf_dir)
+    assert info["tokenizer_fingerprint"] == tokenizer_fingerprint(model_dir) == tokenizer_fingerprint(finetuner.hf_dir)
     tokenizer_config = json.load(open(os.path.join(model_dir, "tokenizer_config.json")))
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "is_local" not in tokenizer_config
     card = open(os.path.join(model_dir, "README.md")).read()

@@ -25,7 +25,7 @@ import os
 import pytest
 
 from benchmarks.pretraining_helps import BUNDLE, compare, review_task, summary
-from pipeline.finetuning.model import spm_fingerprint
+from pipeline.finetuning.model import tokenizer_fingerprint
 
 # Five seeds: the mean gain's standard error is about 0.9 points, so MARGIN is two of them.
 MARGIN, SEEDS = 0.02, (1, 2, 3, 4, 5)
@@ -62,7 +62,7 @@ def test_bundle_was_pretrained_on_train_split_text_only(task):
     assert len(held_out) > 2500
     assert not [t for t in held_out if " ".join(t.split()) in lines]
     # and the bundle's tokenizer is the one its pretraining data was made with
-    assert spm_fingerprint(BUNDLE) == provenance()["data_manifest"]["tokenizer"]["fingerprint"]
+    assert tokenizer_fingerprint(BUNDLE) == provenance()["data_manifest"]["tokenizer"]["fingerprint"]
 
 
 def masked_token_accuracy(model, tokenizer, sentences: list[str], seed: int = 0) -> tuple[float, float]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from preprocessing import vocab
+from preprocessing import subwords, vocab
 
 from .conftest import AUSTEN
 
@@ -94,9 +94,10 @@ def test_special_tokens_have_fixed_ids(protos, model_type):
 def test_training_is_deterministic(corpus, protos, model_type):
     again = vocab.train_sentencepiece(iter(corpus[0]), VOCAB_SIZE, model_type)
     assert again == protos[model_type]
-    assert vocab.tokenizer_fingerprint(again) == hashlib.sha256(again).hexdigest()
-    assert vocab.tokenizer_fingerprint(again) != vocab.tokenizer_fingerprint(
-        vocab.train_sentencepiece(corpus[0], VOCAB_SIZE - 1, model_type))
+    fingerprint = subwords.TokenizerModel(subwords.SENTENCEPIECE, again).fingerprint
+    assert fingerprint == hashlib.sha256(again).hexdigest()
+    assert fingerprint != subwords.TokenizerModel(subwords.SENTENCEPIECE, vocab.train_sentencepiece(
+        corpus[0], VOCAB_SIZE - 1, model_type)).fingerprint
 
 
 def test_a_small_corpus_gives_a_smaller_vocabulary(corpus):

@@ -13,7 +13,6 @@ against the SentencePiece fingerprint recorded in ``training_info.json``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -98,13 +97,22 @@ def resolve_model_dir(model: str, output_dir: str, is_rank0: bool, barrier) -> s
     return out
 
 
-def spm_fingerprint(tokenizer_dir: str) -> str | None:
-    """sha256 of ``spm.model`` (what a data dir's manifest records), if the dir has one."""
-    path = os.path.join(tokenizer_dir, "spm.model")
-    if not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def tokenizer_fingerprint(tokenizer_dir: str) -> str | None:
+    """The fingerprint a data dir's manifest records for the tokenizer in ``tokenizer_dir``: of its
+    ``spm.model`` or, for a WordPiece vocabulary, of its ``tokenizer.json`` (None: neither there)."""
+    from preprocessing.subwords import SENTENCEPIECE, WORDPIECE, WORDPIECE_FILE, TokenizerModel
+    from preprocessing.vocab import SPM_MODEL_FILE
+
+    for name, kind in ((SPM_MODEL_FILE, SENTENCEPIECE), (WORDPIECE_FILE, WORDPIECE)):
+        path = os.path.join(tokenizer_dir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                return TokenizerModel(kind, data).fingerprint
+            except ValueError:  # a damaged tokenizer.json: AutoTokenizer names it when it loads
+                return None
+    return None
 
 
 def default_max_length(tokenizer, model_config) -> int:
@@ -141,8 +149,8 @@ def load_tokenizer(hf_dir: str, tokenizer_dir: str | None, model_config):
     if model_config.pad_token_id is not None and tokenizer.pad_token_id != model_config.pad_token_id:
         raise ModelSourceError(f"{flag} {path}: [PAD] is id {tokenizer.pad_token_id} but the model in {hf_dir} has "
                                f"pad_token_id {model_config.pad_token_id}")
-    expected = read_training_info(hf_dir).get("tokenizer_fingerprint") or spm_fingerprint(hf_dir)
-    actual = spm_fingerprint(path)
+    expected = read_training_info(hf_dir).get("tokenizer_fingerprint") or tokenizer_fingerprint(hf_dir)
+    actual = tokenizer_fingerprint(path)
     if expected and actual and expected != actual:
         raise ModelSourceError(f"{flag} {path}: tokenizer fingerprint {actual[:12]}… differs from the one the model "
                                f"in {hf_dir} was pretrained with ({expected[:12]}…, training_info.json "

@@ -37,7 +37,7 @@ from pipeline.finetuning.data import Examples, load_prediction_inputs, load_task
 from pipeline import model_card
 from pipeline.export import TRAINING_INFO, estimated_bytes
 from pipeline.finetuning.model import (build_classifier, default_max_length, load_tokenizer, model_lineage,
-                                       read_training_info, resolve_model_dir, spm_fingerprint)
+                                       read_training_info, resolve_model_dir, tokenizer_fingerprint)
 from pipeline.length_batches import WINDOW_BATCHES, length_grouped
 from pipeline.metrics import (CLASSIFICATION_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS, confusion_matrix,
                               constant_prediction_warning, json_line, one_class_warning, per_class_report,
@@ -628,7 +628,7 @@ class Finetuner:
                 "model": self.hf_dir, "init": self.config.init, "finetune_run_id": finetune_run_id(),
                 "parent_finetune_run_id": self.lineage.get("finetune_run_id"),
                 "pretrain_run_id": self.lineage.get("pretrain_run_id"), "data_run_id": self.lineage.get("data_run_id"),
-                "tokenizer_fingerprint": source.get("tokenizer_fingerprint") or spm_fingerprint(tokenizer_dir),
+                "tokenizer_fingerprint": source.get("tokenizer_fingerprint") or tokenizer_fingerprint(tokenizer_dir),
                 "convert": self.convert, "language": source.get("language"),
                 "tokenizer_kind": "sentencepiece" if os.path.isfile(spm) else "wordpiece"}
         with built_beside(directory) as temp:
