@@ -19,7 +19,6 @@ PREVIOUS = ".previous"
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
 LIST_COLUMNS = ("input_ids", "segment_ids", "masked_lm_positions", "masked_lm_ids")
-SCALAR_COLUMNS = ("next_sentence_labels",)
 # Contract 2's value types; the flat arrays keep them.
 COLUMN_DTYPES = {"input_ids": np.int32, "segment_ids": np.int8, "masked_lm_positions": np.int32,
                  "masked_lm_ids": np.int32, "next_sentence_labels": np.int8}

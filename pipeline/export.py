@@ -5,8 +5,9 @@
 
 The export (default ``RUN_DIR/hf/<tag>``) holds ``model.safetensors`` + ``config.json``
 (``save_pretrained``), the data dir's tokenizer files and ``training_info.json`` (tag,
-step, data_run_id, pretrain_run_id), so that ``AutoModelForPreTraining``,
-``AutoTokenizer`` and ``pipeline("fill-mask")`` load it and fine-tuning knows its inputs.
+step, data_run_id, pretrain_run_id), so that ``AutoModelForPreTraining`` (an ``mlm`` run's:
+``AutoModelForMaskedLM``, which loads either), ``AutoTokenizer`` and ``pipeline("fill-mask")`` load
+it and fine-tuning knows its inputs.
 An existing output dir is replaced whole, but only when it is empty or an earlier export
 (it holds ``training_info.json``); anything else needs ``--overwrite``.
 
@@ -203,8 +204,6 @@ def load_weights(model, checkpoints: str, tag: str, model_name: str) -> None:
         state = fp32_state_dict(checkpoints, tag, model)
     except ModelMismatch as err:
         raise ExportError(f"{checkpoints}/{tag} does not fit {model_name}: {err}") from None
-    except ExportError:
-        raise
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
         # A file damaged in place (its size, which the marker checks, unchanged): torch's or
         # DeepSpeed's traceback, from deep in the load. Not memory or permissions: no tag would do.
@@ -420,7 +419,8 @@ def main(argv=None) -> int:
         formatter_class=cli_parser.DefaultsFormatter,
         prog="python pipeline/export.py",
         description="Export a pretrain.py checkpoint in Hugging Face format (safetensors + config + "
-                    "tokenizer), loadable with AutoModelForPreTraining.from_pretrained and pipeline('fill-mask').")
+                    "tokenizer), loadable with AutoModelForPreTraining.from_pretrained (an --objective mlm run's: "
+                    "AutoModelForMaskedLM, which loads either) and pipeline('fill-mask').")
     p.add_argument("run_dir", help="the --run-dir of pipeline/pretrain.py (or its checkpoints/ or one tag dir)")
     p.add_argument("--tag", help="checkpoint tag, e.g. step00000200, or its step, 200 (default: the newest "
                                  "complete one)")

@@ -1,4 +1,4 @@
-"""Pretrain BERT (MLM + NSP) with DeepSpeed on the shards of preprocessing/run_beam.py.
+"""Pretrain BERT (MLM + NSP, or MLM alone) with DeepSpeed on the shards of preprocessing/run_beam.py.
 
     python pipeline/pretrain.py --data output/data --run-dir runs/tiny --steps 200
     torchrun --nproc_per_node 8 pipeline/pretrain.py --data … --model base \

@@ -1,4 +1,4 @@
-"""Draw a run's curves from MLflow to one PNG: losses, accuracies, throughput, learning rate.
+"""Draw a run's curves from MLflow to one image (PNG, PDF or SVG): losses, accuracies, throughput, learning rate.
 
     python pipeline/report.py RUN_ID                         # -> RUN_ID.png
     python pipeline/report.py RUN_ID --out curves.png --log-artifact
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
                    "logs its own at its start, and run_all.py's summary lists them)")
     p.add_argument("--out", help="the image to write: .png, .pdf or .svg (default: RUN_ID.png)%(default).0s")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)%(default).0s")
-    p.add_argument("--log-artifact", action="store_true", help="also attach the PNG to the run")
+    p.add_argument("--log-artifact", action="store_true", help="also attach the image to the run")
     args = p.parse_args(argv)
     try:
         print(report(args.run_id, args.out, args.tracking_uri, args.log_artifact))

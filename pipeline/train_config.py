@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = d.engine
     p = cli_parser.Parser(
         prog="python pipeline/pretrain.py",
-        description="Pretrain BERT (MLM + NSP) with DeepSpeed on the shards of preprocessing/run_beam.py. "
+        description="Pretrain BERT (MLM + NSP, or MLM alone, as the data was made) with DeepSpeed on the shards of preprocessing/run_beam.py. "
                     "Runs as one process, or under torchrun / deepspeed / srun (one process per GPU).",
         formatter_class=cli_parser.DefaultsFormatter)
     p.add_argument("--data", required=True, help="data dir written by preprocessing/run_beam.py")

@@ -1,4 +1,5 @@
-"""Masked BERT MLM + NSP training instances from tokenized documents: Google's algorithm, fast.
+"""Masked BERT MLM + NSP training instances from tokenized documents: Google's algorithm, fast
+(``--objective mlm``'s packed rows: ``pack_full_sentences``).
 
 This is ``create_instances_from_document`` + ``create_masked_lm_predictions`` from
 google-research/bert ``create_pretraining_data.py`` (commit eedf571), as pure seeded

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python preprocessing/run_beam.py",
         description=(
             "Turn a corpus into sharded, masked BERT pretraining examples (MLM + NSP, "
-            "Google's recipe) with a SentencePiece vocabulary trained on it. Writes "
+            "Google's recipe, or MLM alone: --objective mlm) with a SentencePiece vocabulary trained on it. Writes "
             "OUTPUT/tokenizer/, OUTPUT/shards/*.parquet and, last, OUTPUT/manifest.json. "
             "Flags not listed here go to Apache Beam (e.g. --runner=DataflowRunner, "
             "--direct_num_workers=4 --direct_running_mode=multi_processing); the default "
