@@ -118,11 +118,14 @@ _SECTION_JOINERS: dict[str, frozenset[str]] = {
 }
 
 # Default conversion variant, and each variant's fallbacks, as MediaWiki's zh converter
-# orders them (LanguageZh.php), cut to what a text-only cleaner needs.
+# orders them (ZhConverter::getFallbacks): a Hong Kong reader of a rule that names only zh-cn
+# and zh-tw sees the zh-tw text, not the mainland one.
 _DEFAULT_VARIANT = {"zh": "zh-cn"}
 _VARIANT_FALLBACKS: dict[str, tuple[str, ...]] = {
-    "zh-cn": ("zh-hans",), "zh-sg": ("zh-hans",), "zh-my": ("zh-hans",),
-    "zh-tw": ("zh-hant",), "zh-hk": ("zh-hant",), "zh-mo": ("zh-hant",),
+    "zh-hans": ("zh-cn", "zh-sg", "zh-my"), "zh-hant": ("zh-tw", "zh-hk", "zh-mo"),
+    "zh-cn": ("zh-hans", "zh-sg", "zh-my"), "zh-sg": ("zh-hans", "zh-cn", "zh-my"),
+    "zh-my": ("zh-hans", "zh-sg", "zh-cn"), "zh-tw": ("zh-hant", "zh-hk", "zh-mo"),
+    "zh-hk": ("zh-hant", "zh-mo", "zh-tw"), "zh-mo": ("zh-hant", "zh-hk", "zh-tw"),
 }
 
 

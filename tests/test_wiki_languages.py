@@ -76,8 +76,8 @@ def test_site_tables_and_defaults():
     de = site_for("de")
     assert {"einzelnachweise", "weblinks", "literatur", "siehe auch"} <= de.non_prose_sections
     assert {"参考文献", "外部链接", "参见", "注释"} <= ZH.non_prose_sections
-    assert (ZH.variant, ZH.variants) == ("zh-cn", ("zh-cn", "zh-hans", "zh"))
-    assert dataclasses.replace(ZH, variant="zh-tw").variants == ("zh-tw", "zh-hant", "zh")
+    assert (ZH.variant, ZH.variants) == ("zh-cn", ("zh-cn", "zh-hans", "zh-sg", "zh-my", "zh"))
+    assert dataclasses.replace(ZH, variant="zh-tw").variants == ("zh-tw", "zh-hant", "zh-hk", "zh-mo", "zh")
     from preprocessing.transforms import _site_for
 
     for code in ("zh-TW", "zh_TW", "zh-Hant-TW"):  # before: zh_TW and zh-Hant-TW kept zh-cn
@@ -307,6 +307,15 @@ def test_conversion_markup(wikitext, prose):
 def test_variant_choice(variant, prose):
     site = dataclasses.replace(ZH, variant=variant)
     assert clean_wikitext("-{zh-hans:计算机;zh-hant:計算機;zh-tw:電腦}-", site) == prose
+
+
+@pytest.mark.parametrize("variant, prose", [
+    # MediaWiki's fallbacks: a rule naming regions alone is shown in the nearest one of the same script
+    ("zh-hk", "印表機"), ("zh-hant", "印表機"), ("zh-mo", "印表機"), ("zh-sg", "打印机"), ("zh-hans", "打印机"),
+])
+def test_a_variant_falls_back_to_a_region_of_its_own_script(variant, prose):
+    site = dataclasses.replace(ZH, variant=variant)
+    assert clean_wikitext("-{zh-cn:打印机; zh-tw:印表機}-", site) == prose
 
 
 def test_conversion_markup_is_text_on_wikis_without_a_converter():
