@@ -61,7 +61,9 @@ def resolve_language(config: PreprocessConfig, tasks: list[inputs.ReadTask]) -> 
                  f"the xml:lang of {dump.path}" if dump else "the default")
     else:
         dump = None
-    others = [f"{path} ({lang})" for path, lang in languages.items() if lang and lang != code]
+    # A variant of the dump's language (zh-tw of a zh dump, de-CH of a de one) is no other language.
+    others = [f"{path} ({lang})" for path, lang in languages.items()
+              if lang and language.base_language(lang) != language.base_language(code)]
     if others:  # one language's sentence rules, dump tables and vocabulary settings for all
         log.warning("the language is %s (%s), but the xml:lang of %s: %s's sentence rules and dump tables read "
                     "them; preprocess each language apart, or pass the --language they share", code,
@@ -69,13 +71,16 @@ def resolve_language(config: PreprocessConfig, tasks: list[inputs.ReadTask]) -> 
     warning = sentences.unknown_language_warning(code)
     if warning:
         log.warning("%s", warning)
-    if config.language is None and dump is None:
+    # Also a --language given: "ch" (Chamorro) or "en" for Chinese, an easy slip, gave English rules
+    # (a document a sentence, no word boundary) with no word of why.
+    if dump is None and not language.written_without_spaces(code):
         unspaced = unspaced_share(tasks, config.text_field)
         if unspaced > UNSPACED_TEXT:
             log.warning("%.0f%% of the first input's characters are of a script written without spaces (Chinese, "
-                        "Japanese, Thai, …), yet the language is %s: its sentence ends (。！？) and words are "
+                        "Japanese, Thai, …), yet the language is %s (%s): its sentence ends (。！？) and words are "
                         "not found by %s's rules; pass --language (zh, ja, th, …), and --whole-word-mask for "
-                        "Chinese", 100 * unspaced, code, code)
+                        "Chinese", 100 * unspaced, code, "--language" if config.language else "the default",
+                        code)
     wwm = config.whole_word_mask
     if wwm == "auto":
         wwm = language.default_segmenter(code)

@@ -16,9 +16,11 @@ CHINESE = ("zh", "zho", "chi", "cmn", "yue", "wuu", "gan", "hsn", "lzh")
 # Thai, Lao, Myanmar, Khmer, Tibetan. Korean is written with spaces.
 UNSPACED_LANGUAGES = (*CHINESE, "ja", "jpn", "th", "tha", "lo", "lao", "my", "mya", "bur", "km", "khm",
                       "bo", "bod", "tib")
-# OpenCC's conversions (opencc on PyPI ships their tables): Traditional → Simplified and
-# back, and the regional variants.
-CONVERSIONS = ("t2s", "s2t", "tw2s", "hk2s", "s2tw", "s2hk", "t2tw", "t2hk", "tw2sp", "s2twp")
+# OpenCC's conversions (opencc on PyPI ships their tables; all of these since 1.1.6, the oldest
+# release allowed): Traditional → Simplified and back, the regional variants to and from
+# Traditional, and Japanese shinjitai to and from Traditional.
+CONVERSIONS = ("t2s", "s2t", "tw2s", "hk2s", "s2tw", "s2hk", "t2tw", "t2hk", "tw2sp", "s2twp", "tw2t", "hk2t",
+               "t2jp", "jp2t")
 WHOLE_WORD_CHOICES = ("none", "auto", "pieces", "jieba")
 
 

@@ -553,7 +553,9 @@ def test_chinese_text_without_a_language_is_said_to_need_one(caplog):
 
     poems = os.path.join(SAMPLE_DIR, "chinese-poetry.txt.bz2")
     for args, said in ((["--input", poems], True), (["--input", poems, "--language", "zh"], False),
-                       (["--input", AUSTEN], False)):
+                       (["--input", AUSTEN], False), (["--input", poems, "--language", "ch"], True),
+                       (["--input", poems, "--language", "zh_TW"], False), (["--input", AUSTEN, "--language", "de"],
+                                                                            False)):
         config, _ = parse_args(args)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="preprocessing.driver"):
@@ -712,6 +714,12 @@ def test_a_language_other_than_the_dumps_is_said(caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="preprocessing.driver"):
         assert resolve_language(PreprocessConfig(), tasks).language == "en"
     assert "xml:lang of" not in caplog.text
+    # a variant of the dump's language (the docs' zh-tw for a zhwiki dump) is not another one
+    for variant in ("en-GB", "en_us"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="preprocessing.driver"):
+            assert resolve_language(PreprocessConfig(language=variant), tasks).language == variant
+        assert "xml:lang of" not in caplog.text, variant
     # a dump that declares no language is read as English, but names none to differ from
     with bz2.open(WIKI_SAMPLE, "rb") as f:
         head = f.read()

@@ -128,3 +128,13 @@ def test_whole_word_default_by_language():
     assert language.Converter("t2s")("舉頭望明月，低頭思故鄉。") == "举头望明月，低头思故乡。"
     with pytest.raises(ValueError, match="--convert"):
         language.Converter("x2y")
+
+
+@pytest.mark.parametrize("name", language.CONVERSIONS)
+def test_every_listed_conversion_loads_and_converts(name):
+    # OpenCC's tables ship with the wheel; a name listed here but missing there failed mid-pipeline.
+    # (a name without its table raises here); a character for a character, as the offsets assume
+    text = "臺灣的軟體與網絡，台湾的软件与网络。"
+    converted = language.Converter(name)(text)
+    assert len(converted) == len(text) and converted[8] == "，" and converted[-1] == "。", (name, converted)
+    assert converted != text or name in ("t2tw", "tw2t", "t2hk", "hk2t", "t2jp", "jp2t"), name
