@@ -55,12 +55,16 @@ def announce_run(log, run_id: str, stage: str, experiment: str, uri: str) -> Non
     """Says the run's id once, at its start: the id that report.py and the lineage tags of later
     stages take, and the one to look for when a stage stops early. A password in the URI is not
     logged."""
+    log.info("MLflow run %s (stage %s, experiment %r, store %s)", run_id, stage, experiment, _without_password(uri))
+
+
+def _without_password(uri: str) -> str:
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(uri)
     if parts.username or parts.password:
-        uri = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-    log.info("MLflow run %s (stage %s, experiment %r, store %s)", run_id, stage, experiment, uri)
+        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return uri
 
 
 def tracking_errors() -> tuple[type[BaseException], ...]:
@@ -143,6 +147,7 @@ def check_tracking_server(uri: str | None = None, timeout: float = 10.0, given_a
     import urllib.error
     import urllib.request
 
+    uri = _without_password(uri)  # urllib reads "user:password@host" as a host name, and it is no one's to see
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
     except urllib.error.HTTPError:
@@ -163,8 +168,12 @@ def check_tracking(experiment: str | None) -> None:
     name = experiment_name(experiment)
     try:
         found = mlflow.MlflowClient().get_experiment_by_name(name)
-    except tracking_errors():
-        return  # the stage's own start says what fails
+    except tracking_errors() as err:
+        # A server whose /health answers but whose API fails (its database down behind it, a login
+        # it asks for: 401): before, the stage's start-up ran, then MLflow's chained tracebacks.
+        uri = mlflow.get_tracking_uri()
+        raise TrackingServerError(f"MLflow tracking store {_without_password(uri)} fails ({tracking_failure(err)[:300]}): "
+                                  "fix it, set MLFLOW_TRACKING_URI to one that works, or pass --no-mlflow") from None
     if found is not None and found.lifecycle_stage == "deleted":
         raise TrackingServerError(f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore "
                                   f"--experiment-id {found.experiment_id}) or name another with --experiment")

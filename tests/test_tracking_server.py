@@ -140,3 +140,35 @@ def test_a_metrics_batch_that_fails_in_mlflow_s_queue_is_counted(tmp_path, monke
     assert "MLflow could not record the metrics of step 2 in run" in caplog.text, caplog.text
     assert f"MLflow run {tracker.run_id} is missing what 1 call(s) could not record" in caplog.text, caplog.text
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(tracker.run_id, "loss")] == [1, 3]
+
+
+def test_a_server_whose_api_fails_behind_a_live_health_check_is_refused_in_one_line(monkeypatch):
+    """MLflow's /health does not ask its database, and a server behind a login answers /health but
+    401 to the API: before, each stage's start-up ran, then MLflow's chained tracebacks."""
+    import http.server
+    import threading
+
+    from preprocessing.mlflow_experiment import check_tracking
+
+    class LoginWall(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 401)
+            self.end_headers()
+            self.wfile.write(b"OK" if self.path == "/health" else b"Unauthorized")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginWall)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://user:secret@127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        with pytest.raises(TrackingServerError) as caught:
+            check_tracking("any")
+    finally:
+        server.shutdown()
+    message = str(caught.value)
+    assert message.startswith(f"MLflow tracking store http://127.0.0.1:{server.server_port} fails (") and "401" in message
+    assert message.endswith("fix it, set MLFLOW_TRACKING_URI to one that works, or pass --no-mlflow")
+    assert "secret" not in message and "\n" not in message

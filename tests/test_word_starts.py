@@ -23,6 +23,19 @@ def test_inside_word_marks_word_interiors_in_bytes_and_chars():
     assert len(nbytes) == len(SENTENCE.encode()) and nbytes.sum() > chars.sum()  # 3 bytes a character
 
 
+def test_traditional_text_is_segmented_into_the_words_of_its_simplified_copy():
+    """jieba's dictionary is Simplified: Traditional text was cut 臺/灣是 and 半導/體/製/造/業."""
+    traditional = "臺灣是位於東亞的島嶼，半導體製造業發達。"
+    simplified = language.Converter("t2s")(traditional)
+    assert simplified == "台湾是位于东亚的岛屿，半导体制造业发达。"
+    for unit in ("char", "byte"):
+        assert (word_starts.inside_word(traditional, unit) == word_starts.inside_word(simplified, unit)).all()
+    chars = word_starts.inside_word(traditional, "char")
+    for word in ("臺灣", "半導體", "製造業"):
+        at = traditional.index(word)
+        assert not chars[at] and chars[at + 1:at + len(word)].all() and not chars[at + len(word)], word
+
+
 def test_tokens_inside_a_word_continue_it_and_spanning_tokens_start_where_they_begin():
     # Character tokens (WordPiece splits every Han character): 清华大学 is one word of four.
     begins = list(range(len(SENTENCE)))
