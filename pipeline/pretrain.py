@@ -99,6 +99,8 @@ def train(config, trainer: Trainer) -> int:
             tags["resumed_at_step"] = str(trainer.step)
         tracker = Tracker("pretrain", config.experiment, config.run_name, tags)
         trainer.run_id = tracker.run_id
+        if trainer.resumed_from_run_id:
+            tracker.end_stale(str(trainer.resumed_from_run_id))
         tracker.log_params({**config_params(config), "world_size": trainer.world_size,
                             "accumulation_steps": trainer.batches.accumulation_steps,
                             "eval_shards_used": trainer.eval_shards, "train_rows": trainer.train_rows,

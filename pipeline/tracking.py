@@ -115,11 +115,26 @@ class Tracker:
             self._mlflow.log_artifact(path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.attempt(f"the run's end ({status})", self._mlflow.end_run, status=status)
+        ended = self.attempt(f"the run's end ({status})", self._mlflow.end_run, status=status)
         self._count_failed_batches(wait=5.0)  # end_run has flushed the queue: each is done, or about to be
         if self.failures:
             log.warning("MLflow run %s is missing what %d call(s) could not record (the first is warned about "
-                        "above); the stage's own files are complete", self.run_id, self.failures)
+                        "above)%s; the stage's own files are complete", self.run_id, self.failures,
+                        "" if ended else f", and its status still reads RUNNING; once the store is back, "
+                        f"python -c \"import mlflow; mlflow.MlflowClient().set_terminated('{self.run_id}', "
+                        f"'{status}')\" ends it")
+
+    def end_stale(self, run_id: str) -> None:
+        """The run a resume continues, if MLflow still shows it RUNNING (its job killed, or its store
+        gone at its end): marked KILLED, so that no run reads as running for ever. Only one job
+        writes a run dir at a time (its lock), so that run is over."""
+        client = self._mlflow.MlflowClient()
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+                log.info("MLflow run %s, which this one resumes, read RUNNING: marked KILLED", run_id)
+        except tracking_errors() as err:  # another store's run, or deleted: nothing to mark
+            log.info("MLflow run %s, which this one resumes, was not checked (%s)", run_id, tracking_failure(err))
 
 
 # The model config's fields logged as params (model_hidden_size, …).

@@ -172,3 +172,24 @@ def test_a_server_whose_api_fails_behind_a_live_health_check_is_refused_in_one_l
     assert message.startswith(f"MLflow tracking store http://127.0.0.1:{server.server_port} fails (") and "401" in message
     assert message.endswith("fix it, set MLFLOW_TRACKING_URI to one that works, or pass --no-mlflow")
     assert "secret" not in message and "\n" not in message
+
+
+def test_a_resume_marks_the_run_it_continues_killed_if_it_still_reads_running(tmp_path, monkeypatch):
+    """A job killed (kill -9, a node lost) or whose store was gone at its end left its run RUNNING
+    for ever; the resume knows that run's id, and the run dir's lock says no one else writes it."""
+    import mlflow
+
+    from pipeline.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("stale")
+    killed, finished = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.set_terminated(finished, "FINISHED")
+    tracker = Tracker("pretrain", "stale", None, {})
+    for run_id in (killed, finished, "0123456789abcdef0123456789abcdef"):  # the last: no such run
+        tracker.end_stale(run_id)
+    tracker.finish()
+    assert [client.get_run(r).info.status for r in (killed, finished, tracker.run_id)] == [
+        "KILLED", "FINISHED", "FINISHED"]
+    assert tracker.failures == 0
