@@ -1059,10 +1059,13 @@ def test_mlflow_run_artifacts_and_registered_model(pretrained, reviews, tmp_path
     report = json.load(open(tmp_path / "out" / "report.json"))
     assert run.data.metrics["test/accuracy"] == pytest.approx(report["test"]["accuracy"])
     assert report["finetune_run_id"] == run.info.run_id
-    for split in ("test", "validation"):
+    for split, logged_as in (("test", "test"), ("validation", "best_validation")):
         for label in ("fresh", "rotten"):
-            assert run.data.metrics[f"{split}/f1/{label}"] == pytest.approx(
+            assert run.data.metrics[f"{logged_as}/f1/{label}"] == pytest.approx(
                 report["per_class"][split]["classes"][label]["f1"])
+    # the kept model's validation figures, apart from the epochs' series (whose latest is the last epoch's)
+    assert run.data.metrics["best_epoch"] == report["best_epoch"]
+    assert run.data.metrics["best_validation/accuracy"] == pytest.approx(report["validation"]["accuracy"])
     assert run.data.metrics["test/f1_weighted"] == pytest.approx(report["per_class"]["test"]["weighted_avg"]["f1"])
     assert "weighted avg" in proc.stdout  # the per-class table at the end of the run
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -177,7 +177,7 @@ def test_the_reports_per_class_figures_are_logged_as_metrics(tmp_path):
 
     from pipeline.finetuning.report import log_per_class_metrics
 
-    report = {"best_epoch": 3, "per_class": {
+    report = {"best_epoch": 3, "validation": {"accuracy": 0.85, "loss": 0.4}, "per_class": {
         split: metrics.per_class_report(np.array([[5, 1], [2, 12]]), ["fresh", "rot ten"]) for split in
         ("validation", "test")}}
     path = tmp_path / "report.json"
@@ -194,10 +194,13 @@ def test_the_reports_per_class_figures_are_logged_as_metrics(tmp_path):
     (values, step), = tracker.logged
     assert step == 3
     assert values["test/f1/fresh"] == pytest.approx(2 * 5 / (2 * 5 + 1 + 2))
-    assert values["validation/recall/rot_ten"] == pytest.approx(12 / 14) and values["test/support/rot_ten"] == 14
-    path.write_text(json.dumps({"best_epoch": 1}))  # regression: no per-class figures, nothing logged
+    assert values["best_validation/recall/rot_ten"] == pytest.approx(12 / 14) and values["test/support/rot_ten"] == 14
+    # the kept epoch's own figures, apart from the epochs' validation/ series (whose latest is the last epoch's)
+    assert values["best_epoch"] == 3 and values["best_validation/accuracy"] == 0.85
+    assert not any(name.startswith("validation/") for name in values)
+    path.write_text(json.dumps({"best_epoch": 1, "validation": {"mse": 0.5, "pearson": None}}))  # regression
     log_per_class_metrics(tracker, str(path))
-    assert len(tracker.logged) == 1
+    assert tracker.logged[1] == ({"best_epoch": 1.0, "best_validation/mse": 0.5}, 1)
 
 
 def test_a_classifier_that_gives_every_row_one_label_is_warned_about():

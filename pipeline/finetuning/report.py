@@ -63,15 +63,19 @@ def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: str,
 
 
 def log_per_class_metrics(tracker, report_path: str) -> None:
-    """``test/f1/<label>``, ``validation/recall/<label>``, ``test/precision_weighted`` … from the
-    report just written, at the best epoch's step as the other test metrics."""
+    """The kept model's figures from the report just written, at the best epoch's step as the test
+    metrics: ``best_epoch``, its validation metrics as ``best_validation/accuracy`` …, and
+    ``test/f1/<label>``, ``best_validation/recall/<label>``, ``test/precision_weighted`` …. Under
+    ``validation/`` they mixed with the epochs' series, whose latest value (the one MLflow's run
+    table shows and sorts by) is the last epoch's, not the kept one's."""
     with open(report_path) as f:
         report = json.load(f)
-    values = {}
+    values = {"best_epoch": float(report["best_epoch"]),
+              **{f"best_validation/{k}": v for k, v in (report.get("validation") or {}).items()
+                 if isinstance(v, (int, float))}}
     for split, per_class in report.get("per_class", {}).items():
-        values.update(per_class_metrics(per_class, split))
-    if values:
-        tracker.log_metrics(values, report["best_epoch"])
+        values.update(per_class_metrics(per_class, "best_validation" if split == "validation" else split))
+    tracker.log_metrics(values, report["best_epoch"])
 
 
 def pip_requirements() -> list[str]:
