@@ -110,19 +110,16 @@ def run_stage(name: str, cmd: list[str], log_dir: str) -> float:
     return seconds
 
 
-def mlflow_runs(experiment: str) -> dict[str, str]:
-    """The newest run id per stage in the experiment (where this script just logged them)."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return {}
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=20)
-    newest: dict[str, str] = {}
-    for run in runs:
-        newest.setdefault(f"{run.data.tags.get('stage')}/{run.info.run_name}", run.info.run_id)
-    return newest
+def recorded_runs(manifest: dict, export_dir: str, finetune_dirs: dict[str, str]) -> dict[str, str]:
+    """This run's MLflow run ids, from the stages' own outputs (the manifest, the export's
+    training_info.json, each report.json). Not the newest runs of their names in the experiment:
+    on a shared server those may be someone else's, or an earlier demo's where logging failed."""
+    with open(os.path.join(export_dir, "training_info.json")) as f:
+        ids = {"preprocess/demo": manifest.get("data_run_id"), "pretrain/demo": json.load(f).get("pretrain_run_id")}
+    for init, out in finetune_dirs.items():
+        with open(os.path.join(out, "report.json")) as f:
+            ids[f"finetune/demo-{init}"] = json.load(f).get("finetune_run_id")
+    return {name: run_id for name, run_id in ids.items() if run_id}
 
 
 def clear_earlier_run(p, work: str, flag: str, overwrite: bool) -> None:
@@ -213,7 +210,9 @@ def main(argv=None) -> int:
     final_eval = [json.loads(line) for line in open(os.path.join(run, "eval.jsonl"))][-1]
     manifest = json.load(open(os.path.join(data, "manifest.json")))
     exports = sorted(os.listdir(os.path.join(run, "hf")))
-    runs = {} if args.no_mlflow else mlflow_runs(args.experiment)
+    runs = {} if args.no_mlflow else recorded_runs(
+        manifest, os.path.join(run, "hf", exports[-1]),
+        {init: os.path.join(work, f"finetune-{init}") for init in ("pretrained", "random")})
     print("\n" + "=" * 78)
     print(f"Done in {time.perf_counter() - started:.0f} s: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))

@@ -64,6 +64,9 @@ def test_three_stages_run_end_to_end_and_their_runs_are_linked(mlflow_server, tm
     assert set(runs) == {("preprocess", "demo"), ("pretrain", "demo"), ("finetune", "demo-pretrained"),
                          ("finetune", "demo-random")}
     assert all(r.info.status == "FINISHED" for r in runs.values())
+    # the summary names these runs, read from the stages' outputs (not the newest of each name)
+    listed = ", ".join(f"{stage}/{name} {run.info.run_id[:12]}" for (stage, name), run in sorted(runs.items()))
+    assert f"MLflow runs:   {listed}" in out, out
     data, pretrain = runs[("preprocess", "demo")], runs[("pretrain", "demo")]
     manifest = json.load(open(work / "data" / "manifest.json"))
     assert manifest["data_run_id"] == data.info.run_id
