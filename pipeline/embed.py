@@ -69,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=embed_inputs.CHUNK_ROWS,
                    help="rows a process reads, embeds and writes at a time (its memory: their texts, tokens and "
                         "vectors); the chunks are dealt to the processes in turn (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", "--max-seq-length", dest="max_length", type=int, default=None,
                    help="tokens per text, longer ones cut and counted (default: the tokenizer's, i.e. the "
-                        "pretraining length)")
+                        "pretraining length; --max-seq-length: the other stages' name for it)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (default fp32; refused on CPU)")
     tr = p.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI selects the server)")
     tr.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log no MLflow run")

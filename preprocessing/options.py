@@ -183,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--convert", choices=language.CONVERSIONS, metavar="CONVERSION",
                     help="convert the script with OpenCC before tokenizing, e.g. t2s (Traditional to "
                          "Simplified Chinese); one of " + ", ".join(language.CONVERSIONS) + "%(default).0s")
-    io.add_argument("--text-field", default=d.text_field,
-                    help="the text field of .jsonl rows / text column of .parquet files")
+    io.add_argument("--text-field", "--text-column", dest="text_field", default=d.text_field,
+                    help="the text field of .jsonl rows / text column of .parquet files (--text-column: "
+                         "fine-tuning's and embed.py's name for it)")
     io.add_argument("--max-line-bytes", type=int, default=d.max_line_bytes,
                     help="longer lines in text/jsonl files are skipped and counted")
     io.add_argument("--split-bytes", type=int, default=d.split_bytes,
