@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face model dir (config.json, weights and tokenizer: an export, finetune.py's "
                         "OUTPUT_DIR/model), or a pretraining run dir, whose newest checkpoint's export is used")
     p.add_argument("--input", required=True,
-                   help="csv, tsv, jsonl (optionally .gz/.bz2/.xz), parquet or a saved datasets Dataset; a blank text is an error naming "
+                   help="csv, tsv, jsonl (optionally .gz/.bz2/.xz/.zst), parquet or a saved datasets Dataset; a blank text is an error naming "
                         "its line (the output has a row for each input row: filter blank rows out first)")
     p.add_argument("--out", required=True, help="output Parquet file (written to a temporary file, then renamed)")
     p.add_argument("--text-column", default=embedding.TEXT_COLUMN,

@@ -509,14 +509,20 @@ def test_tsv_cells_keep_their_quotes_as_glue_files_need(tmp_path):
     assert read_table(str(csv_path)).columns["sentence"] == ["a, b"]
 
 
-@pytest.mark.parametrize("name", ["d.csv.gz", "d.jsonl.bz2", "d.tsv.xz"])
+@pytest.mark.parametrize("name", ["d.csv.gz", "d.jsonl.bz2", "d.tsv.xz", "d.jsonl.zst"])
 def test_a_truncated_or_corrupt_archive_names_the_file(tmp_path, name):
     import lzma
 
+    import zstandard
+
     rows = "".join(json.dumps({"text": f"row {i} " * 20, "label": "ab"[i % 2]}) + "\n" for i in range(200)).encode()
-    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[os.path.splitext(name)[1]]
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+                ".zst": zstandard.ZstdCompressor().compress}[os.path.splitext(name)[1]]
     whole = compress(rows)
     path = tmp_path / name
+    if name.startswith("d.jsonl"):  # whole, it reads as the same rows
+        path.write_bytes(whole)
+        assert len(read_table(str(path)).columns["text"]) == 200
     path.write_bytes(whole[:len(whole) // 2])  # a copy cut short
     with pytest.raises(FinetuneDataError, match=rf"{name}: not a readable \.\w+ file \("):
         read_table(str(path))

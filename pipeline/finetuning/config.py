@@ -39,7 +39,7 @@ def prediction_name(spec: str) -> str:
     """The name a --predict input's predictions are written under: a file's name without its
     extensions (dev.tsv.gz → dev), or a split's name (test_matched)."""
     name = os.path.basename(os.path.normpath(spec))
-    for suffixes in ((".gz", ".bz2", ".xz"), (".csv", ".tsv", ".jsonl", ".json", ".parquet")):
+    for suffixes in ((".gz", ".bz2", ".xz", ".zst"), (".csv", ".tsv", ".jsonl", ".json", ".parquet")):
         stem, ext = os.path.splitext(name)
         if ext in suffixes and stem:
             name = stem
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reinit-pooler", action="store_true",
                    help="start the pooler (the [CLS] dense + tanh layer, trained on next-sentence prediction) fresh, "
                         "as Zhang et al. 2021 do for few-sample fine-tuning")
-    data = p.add_argument_group("data (csv, tsv, jsonl, optionally .gz/.bz2/.xz; parquet; or a datasets.save_to_disk dir)")
+    data = p.add_argument_group("data (csv, tsv, jsonl, optionally .gz/.bz2/.xz/.zst; parquet; or a datasets.save_to_disk dir)")
     data.add_argument("--data", help="one file or saved dataset; missing validation/test splits are split off "
                                      "train (seeded, stratified)")
     data.add_argument("--train", help="train split file (instead of --data)")

@@ -36,7 +36,23 @@ from pipeline.finetuning.config import FinetuneConfig, prediction_name
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
-_OPENERS = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}
+def _zstd_open(path: str, mode: str, **text):
+    """A .zst file as text, frame after frame, a cut one an EOFError (preprocessing's reader)."""
+    import io
+
+    from preprocessing.zstd_reader import ZstdReader
+
+    return io.TextIOWrapper(io.BufferedReader(ZstdReader(open(path, "rb"))), **text)
+
+
+_OPENERS = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open, ".zst": _zstd_open}
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a truncated or corrupt compressed file (or one named as one that is not) raises."""
+    import zstandard
+
+    return (EOFError, OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError)
 
 
 class FinetuneDataError(ValueError):
@@ -117,7 +133,7 @@ def _format_of(path: str) -> tuple[str, str | None]:
     formats = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
     if ext not in formats:
         raise FinetuneDataError(f"{path}: unknown format {ext or '(no extension)'!r}: use .csv, .tsv or .jsonl "
-                                "(optionally .gz/.bz2/.xz), .parquet, or a datasets.save_to_disk dir")
+                                "(optionally .gz/.bz2/.xz/.zst), .parquet, or a datasets.save_to_disk dir")
     if formats[ext] == "parquet" and compression:  # Parquet compresses inside the file
         raise FinetuneDataError(f"{path}: a compressed .parquet file is not read: Parquet compresses its own "
                                 "columns; decompress it")
@@ -342,8 +358,8 @@ def read_table(path: str) -> Table:
         if fmt == "jsonl":
             return _read_jsonl(path, compression)
         return _read_delimited(path, compression, "," if fmt == "csv" else "\t")
-    except (EOFError, OSError, lzma.LZMAError, zlib.error) as err:
-        # a truncated or corrupt .gz/.bz2/.xz, or a file whose name says it is one and is not
+    except _read_errors() as err:
+        # a truncated or corrupt .gz/.bz2/.xz/.zst, or a file whose name says it is one and is not
         what = f"a readable {compression} file" if compression else "readable"
         raise FinetuneDataError(f"{path}: not {what} ({err})") from None
 
@@ -469,7 +485,7 @@ def iter_records(path: str, batch_rows: int = 4096):
         header = next(rows)
         for cells, at in rows:
             yield dict(zip(header, cells)), at
-    except (EOFError, OSError, lzma.LZMAError, zlib.error) as err:
+    except _read_errors() as err:
         what = f"a readable {compression} file" if compression else "readable"
         raise FinetuneDataError(f"{path}: not {what} ({err})") from None
 
