@@ -4,8 +4,9 @@
     python pipeline/report.py RUN_ID --out curves.png --log-artifact
     MLFLOW_TRACKING_URI=http://host:5000 python pipeline/report.py RUN_ID
 
-Works for any stage's run: every metric with a history (two or more points) becomes a
-line, and metrics are grouped into panels by what they measure, so a pretraining run shows
+For the stages that log series, pretraining and fine-tuning (preprocessing and embedding log
+single figures, and are refused in one line): every metric with a history (two or more points)
+becomes a line, and metrics are grouped into panels by what they measure, so a pretraining run shows
 its train/eval losses together and a fine-tuning run its per-epoch validation metrics. A
 metric of one point (the final held-out evaluation, a fine-tuning's test scores) is drawn as a
 point in the panel of its kind, where one has a line. A resumed pretraining run is drawn with
