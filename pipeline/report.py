@@ -227,13 +227,22 @@ def _all_pages(search):
             return
 
 
+def title_of(run, earlier: int) -> str:
+    """The figure's title: the run, its stage, the runs it resumed, and its status unless it
+    finished (a curve that stops early then reads as a run that did, not one that ended)."""
+    run_id = run.info.run_id
+    title = f"{run.info.run_name or run_id} · stage {run.data.tags.get('stage', '?')} · run {run_id[:12]}"
+    if earlier:
+        title += f" · with the {earlier} run{'s' if earlier > 1 else ''} it resumed"
+    if run.info.status != "FINISHED":
+        title += f" · {run.info.status}"
+    return title
+
+
 def _draw_run(client, run_id: str, out: str, log_artifact: bool) -> str:
     curves = histories(client, run_id)
     run = client.get_run(run_id)
-    title = f"{run.info.run_name or run_id} · stage {run.data.tags.get('stage', '?')} · run {run_id[:12]}"
-    earlier = len(resume_chain(client, run)) - 1
-    if earlier:
-        title += f" · with the {earlier} run{'s' if earlier > 1 else ''} it resumed"
+    title = title_of(run, len(resume_chain(client, run)) - 1)
     # fine-tuning logs by epoch (its MLflow step); the other stages by optimizer step
     path = draw(curves, title, out, "epoch" if run.data.tags.get("stage") == "finetune" else "step")
     if log_artifact:

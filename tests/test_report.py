@@ -81,6 +81,12 @@ def test_report_draws_the_run_from_a_real_server(mlflow_server, tmp_path):
     # the first run's evaluation at step 10, which the second trained again but did not evaluate, is left out
     assert curves["eval_loss"] == [(5, 3.0)] and curves["mlm_accuracy"] == [(s, 0.05 * s) for s in range(1, 9)]
     assert report(third, str(tmp_path / "resumed.png"), mlflow_server) == str(tmp_path / "resumed.png")
+    # a run that did not finish says so (its curve stops early); a finished one does not
+    from pipeline.report import title_of
+
+    assert title_of(client.get_run(third), 2).endswith(f"run {third[:12]} · with the 2 runs it resumed · RUNNING")
+    client.set_terminated(third, "FINISHED")
+    assert title_of(client.get_run(third), 2).endswith("it resumed")
 
     empty = client.create_run(experiment).info.run_id
     with pytest.raises(ReportError, match="no metric with two or more points"):
