@@ -84,7 +84,7 @@ def resolve_language(config: PreprocessConfig, tasks: list[inputs.ReadTask]) -> 
     wwm = config.whole_word_mask
     if wwm == "auto":
         wwm = language.default_segmenter(code)
-    return dataclasses.replace(config, language=code, whole_word_mask=wwm)
+    return dataclasses.replace(config, language=language.canonical_code(code), whole_word_mask=wwm)
 
 
 # Above this share of unspaced-script characters (language.UNSPACED_SCRIPT), a text without

@@ -24,6 +24,22 @@ CONVERSIONS = ("t2s", "s2t", "tw2s", "hk2s", "s2tw", "s2hk", "t2tw", "t2hk", "tw
 WHOLE_WORD_CHOICES = ("none", "auto", "pieces", "jieba")
 
 
+def canonical_code(code: str) -> str:
+    """BCP 47's spelling of a code given as ``zh_tw``, ``ZH-hant`` or ``de-ch``: ``zh-TW``,
+    ``zh-Hant``, ``de-CH`` (language lower, script title, region upper), as the manifest and the
+    model card's ``language:`` record it; the tables read it case-blind."""
+    parts = code.strip().replace("_", "-").split("-")
+    out = [parts[0].lower()]
+    for part in parts[1:]:
+        if len(part) == 4 and part.isalpha():
+            out.append(part.title())
+        elif len(part) == 2 and part.isalpha() or len(part) == 3 and part.isdigit():
+            out.append(part.upper())
+        else:
+            out.append(part.lower())
+    return "-".join(out)
+
+
 def base_language(code: str) -> str:
     """``zh-hans`` → ``zh``, ``de-CH`` → ``de``: the part the rule tables are keyed by."""
     return code.replace("_", "-").split("-", 1)[0].lower()

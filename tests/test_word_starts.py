@@ -132,6 +132,11 @@ def test_a_bucket_may_not_mix_segmented_and_plain_documents():
         ex.Bucket([docs[1], plain])
 
 
+def test_language_codes_are_recorded_as_bcp_47_spells_them():
+    assert [language.canonical_code(c) for c in ("zh_tw", "ZH-hant", "de-ch", "zh-Hant-TW", "es-419", "en", " de ")] == [
+        "zh-TW", "zh-Hant", "de-CH", "zh-Hant-TW", "es-419", "en", "de"]
+
+
 def test_whole_word_default_by_language():
     assert language.default_segmenter("zh") == "jieba"
     assert language.default_segmenter("zh-hans") == "jieba"
