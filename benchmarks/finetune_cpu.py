@@ -209,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--files", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     check_timing_arguments(p, args)
+    if not 0 <= args.lr_warmup < args.steps:
+        p.error(f"--lr-warmup {args.lr_warmup} must be at least 0 and below --steps {args.steps}")
 
     if args.worker:
         result = run_ours(args) if args.worker == "ours" else run_hf(args)

@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4, 5])
     args = p.parse_args(argv)
+    if len(set(args.seeds)) < 2:
+        p.error("--seeds: at least two different seeds (the spread over seeds is the point)")
     with open(os.path.join(BUNDLE, "provenance.json")) as f:
         split_seed = json.load(f)["seed"]
     with tempfile.TemporaryDirectory(prefix="group_by_length_") as root:

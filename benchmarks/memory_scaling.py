@@ -102,6 +102,14 @@ def main() -> None:
     args = parser.parse_args()
     root = args.keep or tempfile.mkdtemp(prefix="memory-scaling-")
     os.makedirs(root, exist_ok=True)
+    try:
+        measure(args, root)
+    finally:
+        if not args.keep:  # its dumps and data dirs: about 10 GB for the default sizes
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def measure(args, root: str) -> None:
     print(f"{os.cpu_count()} CPUs; dupe_factor 5, max_seq_length 128, 1 preprocessing worker; "
           f"tiny BERT, {args.steps} steps on 2 processes; work dir {root}")
     print(f"{'copies':>6} {'input tokens':>13} {'examples':>10} {'preprocess peak':>16} {'time':>7} "

@@ -59,8 +59,12 @@ def command(dump: str, output: str, workers: int, tokenizer: str | None, extra: 
 def run(dump: str, output: str, workers: int, tokenizer: str | None, extra: list[str]) -> tuple[float, dict]:
     cmd = command(dump, output, workers, tokenizer, extra)
     started = time.monotonic()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.monotonic() - started
+    if proc.returncode:  # run_beam.py's own one-line error (a bad --vocab-size, a full disk), not a traceback here
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")] or proc.stderr.splitlines()
+        raise SystemExit(f"preprocess_throughput.py: run_beam.py failed (exit {proc.returncode}): "
+                         f"{errors[-1] if errors else 'no output'}")
     with open(os.path.join(output, "manifest.json")) as f:
         return wall, json.load(f)
 
@@ -74,6 +78,8 @@ def main() -> None:
                         help="rounds of runs, alternating the worker counts; the speed-up is the "
                              "ratio of the median times (this VM's speed drifts by a fifth)")
     args = parser.parse_args()
+    if args.copies < 1 or args.repeats < 1 or min(args.workers) < 1:
+        parser.error("--copies, --repeats and --workers must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         dump = os.path.join(tmp, "enwiki-bench-multistream.xml.bz2")
         build_dump(dump, args.copies)
@@ -87,16 +93,21 @@ def main() -> None:
               f"{vocab_wall:.1f} s = {manifest['counters']['tokens'] / vocab_wall:,.0f} tokens/s (1 worker)")
         tokenizer = os.path.join(tmp, "vocab", "tokenizer")
         walls: dict[int, list[float]] = {w: [] for w in args.workers}
-        # Rounds alternate the worker counts, so that a machine that drifts slower or
+        # Rounds alternate the order of the worker counts, so that a machine that drifts slower or
         # faster during the benchmark shifts both sides of the ratio alike.
         for rnd in range(args.repeats):
-            for workers in args.workers:
+            for workers in (args.workers if rnd % 2 == 0 else args.workers[::-1]):
                 wall, manifest = run(dump, os.path.join(tmp, f"w{workers}-{rnd}"), workers, tokenizer, [])
                 walls[workers].append(wall)
                 tokens = manifest["counters"]["tokens"]
                 print(f"{workers} worker(s): {tokens:,} input tokens → {manifest['num_examples']:,} examples "
                       f"in {wall:.1f} s = {tokens / wall:,.0f} tokens/s = "
                       f"{tokens / wall / workers:,.0f} tokens/s per worker")
+        if 1 in walls and args.repeats > 1:
+            for workers, rounds in walls.items():
+                if workers > 1:
+                    print(f"speed-up {workers} workers vs 1 by round: "
+                          + ", ".join(f"{one / many:.2f}x" for one, many in zip(walls[1], rounds)))
         median = {w: statistics.median(v) for w, v in walls.items()}
         if args.repeats > 1:
             for workers, wall in median.items():
