@@ -141,6 +141,9 @@ def main(argv=None) -> int:
         p.error("--steps must be >= 2: the first step is left out")
     if args.accumulation < 1:
         p.error("--accumulation must be >= 1")
+    missing = [path for path in args.ds_config if not os.path.isfile(path)]
+    if missing:  # before the plain loop's minutes
+        p.error(f"--ds-config {missing[0]}: no such file")
     n = args.accumulation
     rows = [("plain PyTorch loop", count_plain(args.model, args.micro_batch, args.steps, n))]
     for path in args.ds_config:

@@ -67,6 +67,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=400_000, help="rows in the shard")
     p.add_argument("--data", help="a data dir whose rows fill the parts (default: the bundled sample's)")
     args = p.parse_args()
+    if args.rows <= parts.SHUFFLE_IN_MEMORY_ROWS:  # below it, both rows would be the in-memory path
+        p.error(f"--rows must be above {parts.SHUFFLE_IN_MEMORY_ROWS:,}, the most a shard is shuffled in memory")
+    if args.data and not os.path.isfile(os.path.join(args.data, "manifest.json")):
+        p.error(f"--data {args.data}: no manifest.json there (a data dir of preprocessing/run_beam.py)")
     with tempfile.TemporaryDirectory(prefix="shard_shuffle_") as tmp:
         paths = write_parts(args.data or sample_data_dir(tmp), args.rows, tmp)
         print(f"one shard of {args.rows:,} rows from {len(paths)} parts")
