@@ -373,8 +373,11 @@ def main(argv=None) -> int:
     for path in args.data:  # before the first row's minutes, not a traceback in its worker
         if not os.path.isfile(os.path.join(path, "manifest.json")):
             p.error(f"--data {path}: no manifest.json there (a data dir of preprocessing/run_beam.py)")
-    if args.ds_config and not os.path.isfile(args.ds_config):
-        p.error(f"--ds-config {args.ds_config}: no such file")
+    if args.ds_config:
+        try:
+            precision_of(args.ds_config)
+        except (OSError, ValueError, AttributeError) as err:
+            p.error(f"--ds-config {args.ds_config}: not a DeepSpeed config ({err})")
     # SIGTERM (a scheduler, `timeout`) ends the run through run_worker's cleanup, not around it.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -66,9 +66,17 @@ def test_cpu_smoke_run_writes_a_row_per_configuration(data_dir, tmp_path):
                                                               ("mini-128-fp32", "skipped")]
     assert [r["status"] for r in rows[:2]] == ["ok", "ok"]
     assert rows[2]["message"] == "killed after 1 s" and rows[2]["seq_per_s"] is None
-    proc, rows = bench(tmp_path, "--only", "tiny-128-fp32", "--ds-config", str(tmp_path / "missing.json"))
+    # a config DeepSpeed refuses (a worker's error): a row of its own, and the run goes on
+    (tmp_path / "unknown.json").write_text('{"optimizer": {"type": "NoSuchOptimizer", "params": {}}}')
+    proc, rows = bench(tmp_path, "--only", "tiny-128-fp32", "--ds-config", str(tmp_path / "unknown.json"))
     assert proc.returncode == 1 and len(rows) == 5
-    assert rows[-1]["status"] == "error" and rows[-1]["message"].endswith("missing.json does not exist")
+    assert rows[-1]["status"] == "error" and rows[-1]["message"], rows[-1]
+    # one that is not there, or not JSON: refused before any row's minutes
+    for name, text in (("missing.json", None), ("broken.json", '{"optimizer": ')):
+        if text:
+            (tmp_path / name).write_text(text)
+        proc, rows = bench(tmp_path, "--only", "tiny-128-fp32", "--ds-config", str(tmp_path / name))
+        assert proc.returncode == 2 and len(rows) == 5 and f"{name}: not a DeepSpeed config (" in proc.stderr
 
 
 def test_a_crashed_configuration_is_an_oom_or_error_row():
