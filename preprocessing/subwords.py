@@ -256,9 +256,22 @@ def manifest_fields(model: TokenizerModel, model_type: str) -> dict:
         "special_ids": {t.strip("[]").lower(): i for t, i in encoder.special_ids.items()},
     }
     if model.kind == WORDPIECE:
-        normalizer = json.loads(model.data)["normalizer"] or {}
-        fields["lowercase"] = bool(normalizer.get("lowercase", False))
+        fields["lowercase"] = lowercases(json.loads(model.data)["normalizer"])
     return fields
+
+
+def lowercases(normalizer: dict | None) -> bool:
+    """Whether a tokenizer.json's normalizer lowercases: BERT's own (``BertNormalizer``,
+    ``lowercase``), or a ``Lowercase`` step, alone or in a ``Sequence`` (the layout of the
+    tokenizers library's BERT recipe, NFD + Lowercase + StripAccents), which was read as cased:
+    the data dir's tokenizer then did not lowercase what the data was encoded lowercased."""
+    if not normalizer:
+        return False
+    if normalizer.get("type") == "Lowercase":
+        return True
+    if normalizer.get("type") == "Sequence":
+        return any(lowercases(step) for step in normalizer.get("normalizers") or ())
+    return bool(normalizer.get("lowercase", False))
 
 
 # ---------------------------------------------------------------------------- writing
@@ -273,7 +286,7 @@ def write_files(model: TokenizerModel, out_dir: str, max_seq_length: int) -> Non
     from transformers import BertTokenizerFast
 
     backend = Tokenizer.from_str(model.data.decode("utf-8"))
-    lowercase = bool((json.loads(model.data)["normalizer"] or {}).get("lowercase", False))
+    lowercase = lowercases(json.loads(model.data)["normalizer"])
     tokenizer = BertTokenizerFast(tokenizer_object=backend, do_lower_case=lowercase,
                                   model_max_length=max_seq_length, unk_token=vocab.UNK, pad_token=vocab.PAD,
                                   cls_token=vocab.CLS, sep_token=vocab.SEP, mask_token=vocab.MASK)

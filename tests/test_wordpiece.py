@@ -260,3 +260,33 @@ def test_fine_tuning_refuses_a_wordpiece_tokenizer_other_than_the_models(wordpie
     with pytest.raises(ModelSourceError, match=rf"--tokenizer {other}: tokenizer fingerprint \w+… differs from "
                                                "the one the model"):
         load_tokenizer(str(model), str(other), config)
+
+
+def test_a_sequence_normalizer_that_lowercases_is_read_as_uncased(tmp_path):
+    """The tokenizers library's BERT recipe normalizes with NFD + Lowercase + StripAccents in a
+    Sequence: read as cased, the data dir's tokenizer left "Elizabeth" as it is, an [UNK] to an
+    uncased vocabulary, while the rows were encoded lowercased."""
+    from tokenizers import BertWordPieceTokenizer, Tokenizer, normalizers
+    from transformers import AutoTokenizer
+
+    from preprocessing import subwords
+
+    with bz2.open(AUSTEN, "rt", encoding="utf-8") as f:
+        text = f.read(300_000).split("\n\n")
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(text, vocab_size=2000, show_progress=False,
+                                special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    backend = Tokenizer.from_str(trainer._tokenizer.to_str())
+    backend.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(),
+                                               normalizers.StripAccents()])
+    given = tmp_path / "uncased"
+    given.mkdir()
+    backend.save(str(given / "tokenizer.json"))
+    model = subwords.load_given(str(given))
+    assert subwords.manifest_fields(model, "wordpiece")["lowercase"] is True
+    subwords.write_files(model, str(tmp_path / "written"), 128)
+    written = AutoTokenizer.from_pretrained(str(tmp_path / "written"))
+    sentence = "Elizabeth walked to PARIS with Mr. Darcy."
+    ids = subwords.Encoder(model).encode([sentence])[0]
+    assert written(sentence, add_special_tokens=False)["input_ids"] == ids
+    assert written.unk_token_id not in ids
