@@ -49,6 +49,13 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self):
+        if self.init_from and not os.path.exists(self.init_from):
+            # before: the default preset silently, then a resume's "saved with --model giving
+            # {hidden_size: 128}, this run has 64" when a published BERT's folder had moved
+            raise TrainConfigError(f"--init-from {self.init_from}: no such file or directory: name a pretrain.py "
+                                   "run dir (or its checkpoints/, or one checkpoint) or a Hugging Face BERT folder "
+                                   "(config.json and weights); a resume of a run continued from it needs it too, "
+                                   "for its architecture")
         if self.model is None:
             # Continued pretraining of a Hugging Face BERT: its own architecture. Resolved here, so that
             # train_config.json (what the export rebuilds the model from) records it.

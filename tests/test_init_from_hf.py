@@ -227,6 +227,23 @@ def test_an_explicit_model_of_another_architecture_is_a_one_line_error(data_dir,
     assert "Traceback" not in proc.stderr
 
 
+def test_an_init_from_that_is_missing_or_holds_no_checkpoint_is_named_as_the_flag(data_dir, tmp_path):
+    # before: the default preset taken in silence (a resume then blamed --model), and export's
+    # advice "pass the --run-dir of pipeline/pretrain.py", read as this run's --run-dir
+    from pipeline.export import ExportError
+    from pipeline.train_config import TrainConfigError
+
+    missing = str(tmp_path / "moved-away")
+    with pytest.raises(TrainConfigError, match=rf"--init-from {missing}: no such file or directory: name a "):
+        config(data_dir, tmp_path / "run", init_from=missing)
+    unfinished = tmp_path / "phase1"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ExportError, match=rf"^--init-from {unfinished}: {unfinished}/checkpoints has no complete "
+                                          "checkpoint") as err:
+        Trainer(config(data_dir, tmp_path / "run", init_from=str(unfinished)))
+    assert "--run-dir" not in str(err.value)
+
+
 def test_our_own_export_continues_its_run_with_lineage(data_dir, tmp_path, monkeypatch):
     from pipeline import pretrain
 
