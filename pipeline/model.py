@@ -65,9 +65,12 @@ def model_config(preset_or_path: str, manifest: dict, max_position_embeddings: i
         raise ModelConfigError(f"{preset_or_path}: hidden_size {config.hidden_size} is not a multiple of "
                                f"num_attention_heads {config.num_attention_heads}")
     if manifest["max_seq_length"] > config.max_position_embeddings:
-        raise ModelConfigError(f"max_seq_length {manifest['max_seq_length']} of the data exceeds the model's "
-                               f"max_position_embeddings {config.max_position_embeddings}: give --model a "
-                               f"config.json whose max_position_embeddings is at least {manifest['max_seq_length']}")
+        # A published BERT's own config (--init-from) cannot grow its positions: a shorter length can.
+        raise ModelConfigError(f"max_seq_length {manifest['max_seq_length']} of the data exceeds the "
+                               f"max_position_embeddings {config.max_position_embeddings} of {preset_or_path}: "
+                               f"preprocess with --max-seq-length {config.max_position_embeddings} or less, or, "
+                               f"for a model trained from scratch, give --model a config.json whose "
+                               f"max_position_embeddings is at least {manifest['max_seq_length']}")
     return config
 
 

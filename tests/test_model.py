@@ -46,8 +46,9 @@ def test_config_file_that_disagrees_with_the_tokenizer_is_refused(tmp_path):
 def test_unknown_preset_and_too_long_data_are_clear_errors():
     with pytest.raises(ModelConfigError, match="--model 'huge': not a preset"):
         model_config("huge", MANIFEST)
-    with pytest.raises(ModelConfigError, match="max_seq_length 1024 of the data exceeds the model's "
-                       "max_position_embeddings 512: give --model a config.json whose max_position_embeddings "
+    with pytest.raises(ModelConfigError, match="max_seq_length 1024 of the data exceeds the "
+                       "max_position_embeddings 512 of tiny: preprocess with --max-seq-length 512 or less, or, "
+                       "for a model trained from scratch, give --model a config.json whose max_position_embeddings "
                        "is at least 1024"):
         model_config("tiny", {**MANIFEST, "max_seq_length": 1024})
 
