@@ -129,6 +129,11 @@ def _wordpiece_json(path: str) -> bytes:
         raise InputError(f"--tokenizer {path}: a {model.get('type')} tokenizer.json; only WordPiece (BERT) "
                          "tokenizers are read this way, SentencePiece models as spm.model")
     _check_special_tokens(path, backend.get_vocab(with_added_tokens=True))
+    words = [t for t in backend.get_vocab(with_added_tokens=False) if t not in vocab.SPECIAL_TOKENS]
+    if not words:  # what a BertTokenizerFast(vocab_file=...) may save: it failed in a Beam worker, a traceback
+        raise InputError(f"--tokenizer {path}: its tokenizer.json holds the special tokens alone, no vocabulary"
+                         + ("; pass the vocab.txt beside it" if os.path.isdir(local) and os.path.isfile(
+                             os.path.join(local, "vocab.txt")) else ""))
     backend.no_truncation()
     backend.no_padding()
     return backend.to_str().encode("utf-8")

@@ -290,3 +290,21 @@ def test_a_sequence_normalizer_that_lowercases_is_read_as_uncased(tmp_path):
     ids = subwords.Encoder(model).encode([sentence])[0]
     assert written(sentence, add_special_tokens=False)["input_ids"] == ids
     assert written.unk_token_id not in ids
+
+
+def test_a_tokenizer_json_of_special_tokens_alone_is_refused_at_the_start(bert_vocab_dir, tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordPiece
+
+    from preprocessing import subwords
+    from preprocessing.text_formats import InputError
+
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    specials = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
+    Tokenizer(WordPiece(specials, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
+    (folder / "vocab.txt").write_text(open(os.path.join(bert_vocab_dir, "vocab.txt")).read())
+    with pytest.raises(InputError, match=rf"--tokenizer {folder}: its tokenizer.json holds the special tokens "
+                                         "alone, no vocabulary; pass the vocab.txt beside it"):
+        subwords.load_given(str(folder))
+    assert subwords.load_given(str(folder / "vocab.txt")).kind == subwords.WORDPIECE
