@@ -143,11 +143,12 @@ def _barrier() -> None:
 
 
 def save(engine, directory: str, step: int, client_state: dict, keep: int, is_rank0: bool,
-         meta: dict | None = None, before_marking=None) -> str:
+         meta: dict | None = None, before_marking=None, exports: str | None = None) -> str:
     """Saves tag ``step…`` on every rank, then marks it complete and points ``latest`` at it.
 
     ``meta`` (small, JSON) goes into the marker, readable without loading the checkpoint.
     ``before_marking(tag)``: rank 0's last check before it vouches for the tag (it may raise).
+    ``exports``: the run's ``hf/`` folder, whose exports of an abandoned branch go aside with it.
     CheckpointWriteError when a file cannot be written (the tag stays unmarked).
     """
     tag = tag_for(step)
@@ -175,7 +176,7 @@ def save(engine, directory: str, step: int, client_state: dict, keep: int, is_ra
             raise
         raise _write_error(directory, tag, failure) from None
     if is_rank0:
-        prune(directory, keep, tag)
+        prune(directory, keep, tag, exports)
     _barrier()
     return tag
 
@@ -321,7 +322,7 @@ def find_latest(directory: str) -> str | None:
 ABANDONED = "abandoned-"
 
 
-def prune(directory: str, keep: int, current: str | None = None) -> None:
+def prune(directory: str, keep: int, current: str | None = None, exports: str | None = None) -> None:
     """Keeps the newest ``keep`` complete tags; removes older ones, abandoned partial saves and
     damaged tags older than the newest good one.
 
@@ -329,14 +330,16 @@ def prune(directory: str, keep: int, current: str | None = None) -> None:
     left by resuming from an earlier tag. Kept as the newest, they made the next save prune the
     tag it had just written, and ``latest``'s fallback, ``--resume auto`` and the export pick the
     old branch's weights. They are renamed ``abandoned-<tag>`` (left for the user to delete),
-    which no resume or export looks at."""
+    which no resume or export looks at; so are their exports in ``exports`` (``hf/<tag>``, the
+    highest-numbered export there, which named a checkpoint that was no longer there)."""
     tags = complete_tags(directory)
     if current is not None and current in tags:
         for later in [t for t in tags if t > current]:
-            for name in (later, later + UNIVERSAL):  # a universal copy goes with its tag
-                if os.path.isdir(os.path.join(directory, name)):
-                    shutil.rmtree(os.path.join(directory, ABANDONED + name), ignore_errors=True)  # an older branch's
-                    os.rename(os.path.join(directory, name), os.path.join(directory, ABANDONED + name))
+            # a universal copy goes with its tag, and so does its export
+            for folder, name in ((directory, later), (directory, later + UNIVERSAL), (exports, later)):
+                if folder and os.path.isdir(os.path.join(folder, name)):
+                    shutil.rmtree(os.path.join(folder, ABANDONED + name), ignore_errors=True)  # an older branch's
+                    os.rename(os.path.join(folder, name), os.path.join(folder, ABANDONED + name))
             aside = os.path.join(directory, ABANDONED + later)
             log.warning("%s is from a branch this run left when it resumed from an earlier step: renamed %s "
                         "(delete it when it is no longer needed)", os.path.join(directory, later), aside)

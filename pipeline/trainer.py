@@ -412,7 +412,8 @@ class Trainer:
                 "pretrain_run_id": self.run_id, **self.init_info}
         tag = checkpoint.save(self.engine, self.config.checkpoint_dir, self.step, client,
                               self.config.keep_checkpoints, self.is_rank0, meta,
-                              lambda tag: run_lock.check_still_held(self.config.run_dir, self._lock_token, tag))
+                              lambda tag: run_lock.check_still_held(self.config.run_dir, self._lock_token, tag),
+                              exports=os.path.join(self.config.run_dir, "hf"))
         if self.is_rank0:
             log.info("saved checkpoint %s (%.2f s)", os.path.join(self.config.checkpoint_dir, tag),
                      time.monotonic() - began)

@@ -130,6 +130,7 @@ def test_a_branch_from_an_earlier_tag_sets_the_later_ones_aside(data_dir, tmp_pa
     assert Trainer(config(data_dir, tmp_path, steps=6, checkpoint_every=2, keep_checkpoints=5)).train() == 0
     assert checkpoint.complete_tags(directory) == ["step00000002", "step00000004", "step00000006"]
     os.makedirs(os.path.join(directory, "step00000004" + checkpoint.UNIVERSAL))  # as a resume elsewhere made
+    os.makedirs(tmp_path / "hf" / "step00000006")  # the first run's export, as pretrain.py writes it
     # Back to step 2 (a loss spike after it, say), on to step 3. Before: the save of step 3 was pruned
     # at once as older than step 6, and latest's fallback, --resume auto and the export took step 6.
     branch = Trainer(config(data_dir, tmp_path, steps=3, resume="2", keep_checkpoints=5))  # the step, or its tag
@@ -139,6 +140,7 @@ def test_a_branch_from_an_earlier_tag_sets_the_later_ones_aside(data_dir, tmp_pa
     assert checkpoint.find_latest(directory) == "step00000003"
     assert sorted(n for n in os.listdir(directory) if n.startswith(checkpoint.ABANDONED)) == [
         "abandoned-step00000004", "abandoned-step00000004.universal", "abandoned-step00000006"]
+    assert os.listdir(tmp_path / "hf") == ["abandoned-step00000006"]  # not the newest-looking export
     with pytest.raises(checkpoint.CheckpointError, match=r"--resume none: .* holds checkpoints of an earlier run "
                                                          r"\(step00000002 … step00000003\)"):
         Trainer(config(data_dir, tmp_path, steps=3, resume="none"))
