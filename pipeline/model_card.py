@@ -76,8 +76,12 @@ def pretrained_card(config, info: dict, manifest: dict, init_from: str | None = 
         f"Objective: {OBJECTIVES.get(objective, objective)}; "
         f"{masking.get('mode', 'static')} masking of {masking.get('masked_lm_prob', 0.15):g} of the tokens"
         f"{', whole words' if masking.get('whole_word_mask') else ''}. Trained{steps} on "
-        f"sequences of at most **{length} tokens**: the position embeddings past {length} are untrained, so "
-        f"truncate input to {length} tokens (the tokenizer's `model_max_length`).",
+        f"sequences of at most **{length} tokens**" + (
+            f" in this run; the weights it continued from may have trained the positions past {length} "
+            f"(a published BERT's 512): see their own card before giving it longer input than the tokenizer's "
+            f"`model_max_length` ({length})." if init_from else
+            f": the position embeddings past {length} are untrained, so truncate input to {length} tokens "
+            "(the tokenizer's `model_max_length`)."),
         "",
         "```python",
         f"from transformers import AutoTokenizer, {load_class}, pipeline",

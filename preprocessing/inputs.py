@@ -317,8 +317,9 @@ class _RealPaths:
     def __call__(self, path: str) -> str:
         real = self._files.get(path)
         if real is None:
-            folder, name = os.path.split(os.path.abspath(path))
-            real = os.path.join(self.folder(folder), name)
+            # not abspath first: it drops "link/.." as text, where the link leads elsewhere
+            folder, name = os.path.split(path)
+            real = os.path.join(self.folder(folder or "."), name)
             self._files[path] = real = os.path.realpath(real) if os.path.islink(real) else real
         return real
 

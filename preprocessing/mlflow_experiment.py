@@ -62,8 +62,8 @@ def _without_password(uri: str) -> str:
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(uri)
-    if parts.username or parts.password:
-        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    if "@" in parts.netloc:  # the host as written after it: an IPv6 host keeps its brackets
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return uri
 
 

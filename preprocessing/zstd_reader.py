@@ -27,9 +27,10 @@ class ZstdReader(io.RawIOBase):
     """A readable binary stream of ``raw``'s decompressed frames, in order. Wrap it in an
     ``io.BufferedReader`` for ``readline``: a raw stream's reads one byte at a time."""
 
-    def __init__(self, raw: BinaryIO):
+    def __init__(self, raw: BinaryIO, close_raw: bool = False):
         super().__init__()
         self._raw = raw
+        self._close_raw = close_raw  # a file this reader was given to own (fine-tuning's tables)
         self._frame = zstandard.ZstdDecompressor().decompressobj()
         self._in_frame = False  # fed bytes of a frame not yet ended
         self._ready = bytearray()
@@ -39,6 +40,11 @@ class ZstdReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        if self._close_raw and not self.closed:
+            self._raw.close()
+        super().close()
 
     def readinto(self, b) -> int:
         while self._at == len(self._ready):

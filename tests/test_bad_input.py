@@ -675,6 +675,15 @@ def test_inputs_are_listed_once_whole_and_by_their_own_names(tmp_path, caplog):
     assert sorted(t.path for t in tasks) == [str(corpus / "a.txt"), str(corpus / "b.txt")]
     assert skipped == {"second-name": [str(tmp_path / "link" / "a.txt"), str(tmp_path / "link" / "b.txt")]}
     assert "2 input file(s) listed under a second name, read once" in caplog.text  # the link's two
+    # "link/.." is where the link leads, then up: not the link's own folder (os.path.abspath's reading)
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "x.txt").write_text("The file beside the link's target.\n")
+    (corpus / "x.txt").write_text("The file beside the link.\n")
+    os.symlink(tmp_path / "d" / "sub", corpus / "linkdir")
+    both = inputs.plan_read_tasks([str(corpus / "x.txt"), str(corpus / "linkdir" / ".." / "x.txt")], 1 << 26)
+    assert len(both) == 2
+    os.remove(corpus / "x.txt")
+    os.remove(corpus / "linkdir")
     # a file whose name holds glob characters, named as it is
     (tmp_path / "book [1813].txt").write_text("It is a truth universally acknowledged.\n")
     assert [t.path for t in inputs.plan_read_tasks([str(tmp_path / "book [1813].txt")], 1 << 26)] == [

@@ -101,6 +101,7 @@ def test_the_export_says_what_it_is_and_every_user_can_read_it(exported, data_di
     card = open(os.path.join(out, "README.md")).read()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: fill-mask\n")
     assert f"at most **{manifest['max_seq_length']} tokens**" in card and "AutoModelForPreTraining.from_pretrained" in card
+    assert f"the position embeddings past {manifest['max_seq_length']} are untrained" in card  # a run from scratch
     assert "not `BertTokenizer` or `BertTokenizerFast`" in card and "pretraining `run-123`" in card
     assert "preprocessing not tracked" in card and "`None`" not in card  # the data dir's run: --no-mlflow
     assert f"`{os.path.basename(manifest['input']['paths'][0])}`" in card and "Pretraining continued" not in card

@@ -281,6 +281,8 @@ def test_our_own_export_continues_its_run_with_lineage(data_dir, tmp_path, monke
     assert info["pretrain_run_id"] == run.info.run_id
     card = (tmp_path / "continued" / "hf" / "step00000001" / "README.md").read_text()
     assert f"Pretraining continued from `{out}`." in card and f"pretraining `{run.info.run_id}`" in card
+    # the positions past this run's length are the published model's, not "untrained"
+    assert "may have trained the positions past" in card and "are untrained" not in card
     # The published model's folder deleted or moved after the run: the export still rebuilds the
     # architecture, from the config train_config.json recorded (it read the moved config.json).
     os.rename(out, out + "-moved")

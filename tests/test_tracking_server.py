@@ -193,3 +193,11 @@ def test_a_resume_marks_the_run_it_continues_killed_if_it_still_reads_running(tm
     assert [client.get_run(r).info.status for r in (killed, finished, tracker.run_id)] == [
         "KILLED", "FINISHED", "FINISHED"]
     assert tracker.failures == 0
+
+
+def test_a_password_is_taken_out_of_a_uri_with_its_host_as_written():
+    from preprocessing.mlflow_experiment import _without_password
+
+    assert _without_password("http://user:secret@[::1]:5000/x") == "http://[::1]:5000/x"  # brackets kept
+    assert _without_password("https://me@Tracking.Example.com") == "https://Tracking.Example.com"
+    assert _without_password("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

@@ -233,23 +233,25 @@ def test_a_vocab_txt_with_a_token_on_two_lines_keeps_every_lines_id(tmp_path, ca
 
 
 def test_fine_tuning_refuses_a_wordpiece_tokenizer_other_than_the_models(wordpiece_data, tmp_path):
-    """Same size, same [PAD]: only the fingerprint tells two WordPiece vocabularies apart (it was
+    """Same size, same [PAD]: only the ids tell two WordPiece vocabularies apart (the fingerprint was
     checked for SentencePiece alone, and another WordPiece tokenizer fine-tuned on shifted ids)."""
     import shutil
 
     from transformers import BertConfig
 
-    from pipeline.finetuning.model import ModelSourceError, load_tokenizer, tokenizer_fingerprint
+    from pipeline.finetuning.model import ModelSourceError, load_tokenizer
 
     given = os.path.join(wordpiece_data, "tokenizer")
     with open(os.path.join(wordpiece_data, "manifest.json")) as f:
         recorded = json.load(f)["tokenizer"]
-    assert tokenizer_fingerprint(given) == recorded["fingerprint"]
-    model = tmp_path / "model"  # what an export records of its tokenizer, beside a config
+    model = tmp_path / "model"  # an export: a config, what it records, and its tokenizer's files
     config = BertConfig(vocab_size=recorded["vocab_size"], pad_token_id=0)
     config.save_pretrained(model)
     (model / "training_info.json").write_text(json.dumps({"tokenizer_fingerprint": recorded["fingerprint"]}))
+    for name in os.listdir(given):
+        shutil.copy(os.path.join(given, name), model / name)
     assert len(load_tokenizer(str(model), given, config)) == recorded["vocab_size"]
+    assert len(load_tokenizer(str(model), None, config)) == recorded["vocab_size"]
 
     other = tmp_path / "other"
     shutil.copytree(given, other)
@@ -257,8 +259,8 @@ def test_fine_tuning_refuses_a_wordpiece_tokenizer_other_than_the_models(wordpie
     vocab = spec["model"]["vocab"]
     vocab["Emma"], vocab["[unused0]"] = vocab["[unused0]"], vocab["Emma"]
     (other / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
-    with pytest.raises(ModelSourceError, match=rf"--tokenizer {other}: tokenizer fingerprint \w+… differs from "
-                                               "the one the model"):
+    with pytest.raises(ModelSourceError, match=rf"--tokenizer {other}: its vocabulary is not the one the model "
+                                               r"in .* was pretrained with: token 'Emma' is id 1 there but \d+ in the model's"):
         load_tokenizer(str(model), str(other), config)
 
 

@@ -36,13 +36,15 @@ from pipeline.finetuning.config import FinetuneConfig, prediction_name
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
+
+
 def _zstd_open(path: str, mode: str, **text):
     """A .zst file as text, frame after frame, a cut one an EOFError (preprocessing's reader)."""
     import io
 
     from preprocessing.zstd_reader import ZstdReader
 
-    return io.TextIOWrapper(io.BufferedReader(ZstdReader(open(path, "rb"))), **text)
+    return io.TextIOWrapper(io.BufferedReader(ZstdReader(open(path, "rb"), close_raw=True)), **text)
 
 
 _OPENERS = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open, ".zst": _zstd_open}

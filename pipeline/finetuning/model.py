@@ -98,21 +98,19 @@ def resolve_model_dir(model: str, output_dir: str, is_rank0: bool, barrier) -> s
 
 
 def tokenizer_fingerprint(tokenizer_dir: str) -> str | None:
-    """The fingerprint a data dir's manifest records for the tokenizer in ``tokenizer_dir``: of its
-    ``spm.model`` or, for a WordPiece vocabulary, of its ``tokenizer.json`` (None: neither there)."""
-    from preprocessing.subwords import SENTENCEPIECE, WORDPIECE, WORDPIECE_FILE, TokenizerModel
+    """The fingerprint a data dir's manifest records for the SentencePiece tokenizer in
+    ``tokenizer_dir``: its ``spm.model``'s (None: none there). A WordPiece tokenizer.json's
+    fingerprint moves with how the file was saved (its added tokens' flags, which
+    ``BertTokenizerFast`` rewrites), so a WordPiece tokenizer is compared by its ids instead
+    (``load_tokenizer``)."""
+    from preprocessing.subwords import SENTENCEPIECE, TokenizerModel
     from preprocessing.vocab import SPM_MODEL_FILE
 
-    for name, kind in ((SPM_MODEL_FILE, SENTENCEPIECE), (WORDPIECE_FILE, WORDPIECE)):
-        path = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                data = f.read()
-            try:
-                return TokenizerModel(kind, data).fingerprint
-            except ValueError:  # a damaged tokenizer.json: AutoTokenizer names it when it loads
-                return None
-    return None
+    path = os.path.join(tokenizer_dir, SPM_MODEL_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return TokenizerModel(SENTENCEPIECE, f.read()).fingerprint
 
 
 def default_max_length(tokenizer, model_config) -> int:
@@ -155,7 +153,33 @@ def load_tokenizer(hf_dir: str, tokenizer_dir: str | None, model_config):
         raise ModelSourceError(f"{flag} {path}: tokenizer fingerprint {actual[:12]}… differs from the one the model "
                                f"in {hf_dir} was pretrained with ({expected[:12]}…, training_info.json "
                                "tokenizer_fingerprint): use that tokenizer")
+    if actual is None and tokenizer_dir and _has_tokenizer(hf_dir):
+        _check_same_ids(tokenizer, path, flag, hf_dir)
     return tokenizer
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return os.path.isdir(folder) and any(name in TOKENIZER_FILES or name.endswith(".model")
+                                         for name in os.listdir(folder))
+
+
+def _check_same_ids(tokenizer, path: str, flag: str, hf_dir: str) -> None:
+    """A tokenizer without a SentencePiece model (a WordPiece vocabulary) against the model's own
+    (an export ships the one it was pretrained with): the same size and [PAD] alone let another
+    vocabulary's ids through, every token then meaning another."""
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(hf_dir).get_vocab()
+    except (OSError, ValueError):
+        return  # the model dir's own files do not load: nothing to compare with
+    given = tokenizer.get_vocab()
+    if given != own:
+        token = min((t for t in given.keys() | own.keys() if given.get(t) != own.get(t)),
+                    key=lambda t: (min(given.get(t, 1 << 62), own.get(t, 1 << 62)), t))
+        raise ModelSourceError(f"{flag} {path}: its vocabulary is not the one the model in {hf_dir} was pretrained "
+                               f"with: token {token!r} is id {given.get(token)} there but {own.get(token)} in the "
+                               "model's tokenizer: use that tokenizer")
 
 
 def build_classifier(hf_dir: str, task: str, labels: list[str], init: str, reinit_pooler: bool = False):
