@@ -589,6 +589,9 @@ class Trainer:
             # requeued. The requeued job resumes at the last step, then evaluates and exports.
             if agree([self.stop.requested], self.world_size, self.engine.device)[0]:
                 return self._stopped(tag)
+            # From here no step is left to stop at: a signal now is said as what it leads to.
+            self.stop.action = (f"the last step is saved ({tag}); the final evaluation and export finish, "
+                                "then the run ends")
             if self.eval_shards:
                 self.final_eval = {"step": self.step, **self.evaluate()}
                 if self.is_rank0:  # a rerun of a finished run evaluates its last step again: once in the file

@@ -113,6 +113,25 @@ def test_a_stop_signal_after_the_last_step_requeues_before_the_final_evaluation(
     assert "nothing to train" not in caplog.text
 
 
+def test_a_signal_during_the_final_evaluation_is_said_as_what_it_leads_to(data_dir, tmp_path, monkeypatch, caplog):
+    # before: "checkpointing at the end of this step", with no step left; the run then finished, exit 0
+    import signal
+
+    trainer = Trainer(config(data_dir, tmp_path, steps=2, eval_shards=1, eval_batches=1))
+    evaluate = trainer.evaluate
+
+    def signalled_first():
+        os.kill(os.getpid(), signal.SIGUSR1)  # a time limit's warning, as SLURM sends it
+        return evaluate()
+
+    monkeypatch.setattr(trainer, "evaluate", signalled_first)
+    with caplog.at_level(logging.WARNING, logger="pipeline.engine"):
+        assert trainer.train() == 0
+    assert (f"received signal {int(signal.SIGUSR1)}: the last step is saved (step00000002); the final evaluation "
+            "and export finish, then the run ends") in caplog.text, caplog.text
+    assert trainer.final_eval["step"] == 2
+
+
 def test_a_resume_takes_this_runs_learning_rate_and_weight_decay(data_dir, tmp_path):
     assert Trainer(config(data_dir, tmp_path, steps=4, learning_rate=1e-3, weight_decay=0.01)).train() == 0
     # before: DeepSpeed restored the saved peak rate, so this run kept training at 1e-3
