@@ -58,10 +58,14 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _mlflow_http_settings():
-    """A stage run in the test's process bounds MLflow's HTTP retries, and drops them once a call
-    fails (preprocessing/mlflow_experiment.py): process-wide settings, put back after each test."""
-    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+def _process_wide_settings():
+    """What a stage run in the test's process sets for the whole process, put back after each test:
+    MLflow's HTTP retries, bounded and then dropped once a call fails
+    (preprocessing/mlflow_experiment.py), and a one-process world's RANK, WORLD_SIZE and
+    MASTER_PORT (engine.ensure_distributed_env). Left set, the latter reached the SLURM jobs of a
+    later test: two jobs side by side took the same inherited port, and a bare srun was a world of 1."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+             "MASTER_ADDR", "MASTER_PORT")
     before = {name: os.environ.get(name) for name in names}
     yield
     for name, value in before.items():

@@ -63,6 +63,8 @@ class SlurmCluster:
         for key in [k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if key != "SLURM_CONF":  # a test run inside a SLURM job must not leak that job's settings
                 del self.env[key]
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # nor a torchrun shell's
+            self.env.pop(key, None)
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs = []
 

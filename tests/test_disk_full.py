@@ -76,7 +76,8 @@ def test_a_tracking_store_that_fills_up_is_warned_about_and_the_run_still_export
     assert repeated and all(repeated.count(name) == 1 for name in repeated), repeated
 
 
-def test_a_full_disk_under_the_embeddings_leaves_no_file(small_disk, tmp_path, capsys):
+def test_a_full_disk_under_the_embeddings_leaves_no_file(small_disk, tmp_path, monkeypatch, capsys):
+    set_one_process_world(monkeypatch)
     texts = tmp_path / "texts.csv"
     texts.write_text("text\nThe film is a delight.\nA dull and overlong mess.\n")
     out = os.path.join(small_disk.path, "emb.parquet")
