@@ -73,19 +73,26 @@ def write_train_config(config, pretrain_run_id: str | None = None) -> str:
     return path
 
 
-def resolve(path: str, tag: str | None = None) -> tuple[str, str, str]:
+def resolve(path: str, tag: str | None = None, given_as: str | None = None) -> tuple[str, str, str]:
     """(run dir, checkpoints dir, tag) from a run dir, its ``checkpoints/`` or one tag dir.
 
     Without ``tag``: the newest complete one (a damaged one is skipped with a warning). A given tag
     without a COMPLETE marker, or whose marker does not vouch for its files, is refused.
+    ``given_as``: the flag of another stage that named ``path`` (``--init-from``), said first in an
+    error, which then gives no advice about exporting.
     """
+    shown = path
+
+    def refused(message: str, export_advice: str = "") -> ExportError:
+        return ExportError(f"{given_as} {shown}: {message}" if given_as else message + export_advice)
+
     path = os.path.abspath(path)
     if tag is not None and tag.isdigit():  # --tag 200, as --resume 200 takes it
         tag = checkpoint.tag_for(int(tag))
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ExportError(f"{path} is a file, not a folder (pass the --run-dir of pipeline/pretrain.py)")
+        raise refused(f"{path} is a file, not a folder", " (pass the --run-dir of pipeline/pretrain.py)")
     if not os.path.isdir(path):
-        raise ExportError(f"{path} does not exist (pass the --run-dir of pipeline/pretrain.py)")
+        raise refused(f"{path} does not exist", " (pass the --run-dir of pipeline/pretrain.py)")
     if os.path.isfile(os.path.join(path, checkpoint.COMPLETE)) or (
             os.path.basename(path).startswith("step") and os.path.basename(os.path.dirname(path)) == "checkpoints"):
         checkpoints, path_tag = os.path.dirname(path), os.path.basename(path)
@@ -97,14 +104,14 @@ def resolve(path: str, tag: str | None = None) -> tuple[str, str, str]:
     elif os.path.basename(path) == "checkpoints" or os.path.exists(os.path.join(path, checkpoint.LATEST)):
         checkpoints = path
     else:
-        raise ExportError(f"{path} has no checkpoints/ folder: no complete checkpoint to export "
-                          "(pass the --run-dir of a pipeline/pretrain.py run that finished a save)")
+        raise refused(f"{path} has no checkpoints/ folder: no complete checkpoint",
+                      " to export (pass the --run-dir of a pipeline/pretrain.py run that finished a save)")
     run_dir = os.path.dirname(checkpoints)
     if tag is None:
         tag = checkpoint.find_latest(checkpoints)
         if tag is None:
-            raise ExportError(f"{checkpoints} has no complete checkpoint (no step*/ with a "
-                              f"{checkpoint.COMPLETE} marker): train until a save finishes, then export")
+            raise refused(f"{checkpoints} has no complete checkpoint (no step*/ with a {checkpoint.COMPLETE} marker)",
+                          ": train until a save finishes, then export")
     elif not os.path.isfile(os.path.join(checkpoints, tag, checkpoint.COMPLETE)):
         have = checkpoint.complete_tags(checkpoints)
         raise ExportError(f"{os.path.join(checkpoints, tag)} is not a complete checkpoint (missing, or its "
@@ -113,7 +120,7 @@ def resolve(path: str, tag: str | None = None) -> tuple[str, str, str]:
         try:  # a damaged marker, or files missing or shorter than it lists
             checkpoint.read_meta(checkpoints, tag)
         except checkpoint.CheckpointError as err:
-            raise ExportError(str(err)) from None
+            raise refused(str(err)) from None
     return run_dir, checkpoints, tag
 
 

@@ -287,15 +287,12 @@ class Trainer:
     def _init_weights(self, model) -> dict:
         """Phase 2: the weights of another run's checkpoint, or continued pretraining of a Hugging
         Face BERT directory; optimizer and schedule start fresh."""
-        from pipeline.export import TRAIN_CONFIG, ExportError, load_weights, read_train_config, resolve
+        from pipeline.export import TRAIN_CONFIG, load_weights, read_train_config, resolve
 
         if hf_init.is_hf_dir(self.config.init_from):
             return hf_init.load_weights(model, self.config.init_from)
 
-        try:
-            run_dir, checkpoints, tag = resolve(self.config.init_from)
-        except ExportError as err:  # its advice is export's ("pass the --run-dir"): this is --init-from
-            raise ExportError(f"--init-from {self.config.init_from}: {str(err).split(' (pass the')[0]}") from None
+        run_dir, checkpoints, tag = resolve(self.config.init_from, given_as="--init-from")
         self._check_tokenizer(checkpoints, tag, f"--init-from {checkpoints}/{tag}",
                               "preprocess the phase-2 corpus with --tokenizer <phase-1 data dir>/tokenizer/spm.model")
         previous = read_train_config(run_dir) if os.path.isfile(os.path.join(run_dir, TRAIN_CONFIG)) else {}

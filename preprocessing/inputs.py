@@ -331,20 +331,21 @@ class _RealPaths:
 
 
 def _without_second_names(files: dict[str, int], skipped: dict[str, list[str]],
-                          realpath=os.path.realpath) -> dict[str, int]:
+                          real: _RealPaths | None = None) -> dict[str, int]:
     """Each local file once, under the first name it was listed by: a file named twice (a
     folder and a file in it, a symlink to a folder) would be read twice, byte-identical
     examples of the same document ids."""
+    real = real or _RealPaths()
     seen: dict[str, str] = {}
     again = []
     for path in files:
         if "://" in path:
             continue
-        real = realpath(path)
-        if real in seen:
-            again.append(f"{path} (= {seen[real]})")
+        resolved = real(path)
+        if resolved in seen:
+            again.append(f"{path} (= {seen[resolved]})")
         else:
-            seen[real] = path
+            seen[resolved] = path
     if again:
         log.warning("%d input file(s) listed under a second name, read once: %s", len(again),
                     ", ".join(again[:5]) + (" …" if len(again) > 5 else ""))

@@ -30,8 +30,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from preprocessing.language import Converter
+
 log = logging.getLogger(__name__)
 _JIEBA = None
+_TO_SIMPLIFIED = Converter("t2s")  # its OpenCC tables load on the first sentence, once per process
 
 
 def _jieba():
@@ -49,10 +52,8 @@ def _jieba():
 def inside_word(sentence: str, unit: str) -> np.ndarray:
     """bool per offset unit (``"byte"``: UTF-8 bytes, ``"char"``: characters) of
     ``sentence``: True where the unit lies inside a jieba word, after its first character."""
-    from preprocessing.language import Converter
-
     inside = np.zeros(len(sentence.encode("utf-8")) if unit == "byte" else len(sentence), bool)
-    simplified = Converter("t2s")(sentence)
+    simplified = _TO_SIMPLIFIED(sentence)
     segmented = simplified if len(simplified) == len(sentence) else sentence
     at = char = 0
     for word in _jieba().cut(segmented, HMM=True):

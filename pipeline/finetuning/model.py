@@ -131,7 +131,7 @@ def load_tokenizer(hf_dir: str, tokenizer_dir: str | None, model_config):
 
     path = tokenizer_dir or hf_dir
     flag = "--tokenizer" if tokenizer_dir else "--model"
-    if os.path.isdir(path) and not any(name in TOKENIZER_FILES or name.endswith(".model") for name in os.listdir(path)):
+    if os.path.isdir(path) and not _has_tokenizer(path):
         # transformers then makes a tokenizer of its special tokens alone (5 of them): refused below
         # for its vocabulary size, which blamed the wrong thing
         raise ModelSourceError(f"{flag} {path}: no tokenizer files there ({', '.join(TOKENIZER_FILES)} or a "
